@@ -1,0 +1,167 @@
+"""Atomic writes and run records: every output says how it was made, and none is half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sftscope.errors import SftscopeError
+
+TRACKED_PACKAGES = (
+    "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
+    "numpy", "pandas",
+)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            pass
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (dataclasses, paths and numpy scalars are converted)."""
+    return write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, with a clear error when it is missing or corrupt."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise SftscopeError(f"{path} does not exist") from e
+    except json.JSONDecodeError as e:
+        raise SftscopeError(f"{path} is not valid JSON ({e.msg}); delete it or fix it") from e
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table atomically; the suffix picks CSV, Parquet or JSON (records)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".csv":
+            df.to_csv(tmp, index=False)
+        elif path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        elif path.suffix == ".json":
+            df.to_json(tmp, orient="records", indent=1)
+        else:
+            raise SftscopeError(f"unknown table format {path.suffix!r}: use .csv, .parquet or .json")
+    return path
+
+
+def write_tables(df: pd.DataFrame, out_dir: str | Path, stem: str,
+                 formats: tuple[str, ...] = ("csv",)) -> list[Path]:
+    """Write ``stem.<fmt>`` for each requested format."""
+    return [write_table(df, Path(out_dir) / f"{stem}.{fmt}") for fmt in formats]
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that change numbers, for every run record."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "sftscope": _own_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _own_version() -> str:
+    from sftscope import __version__
+
+    return __version__
+
+
+def run_record(command: str, config: Any, **extra: Any) -> dict[str, Any]:
+    """The common header of every ``run.json``: command, config, versions, host, time."""
+    return {
+        "command": command,
+        "argv": sys.argv,
+        "config": _jsonable(config),
+        "versions": package_versions(),
+        "host": {"platform": platform.platform(), "machine": platform.machine()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **_jsonable(extra),
+    }
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Short hash of any JSON-able object (cache keys, job ids)."""
+    blob = json.dumps(_jsonable(obj), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+class Timer:
+    """Named wall-clock sections, reported in run records (``with timer("capture"): ...``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0

@@ -1,0 +1,1 @@
+"""Loading: architectures (where things are), models and pairs, datasets."""
