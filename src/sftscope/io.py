@@ -95,7 +95,8 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
         elif path.suffix == ".json":
             df.to_json(tmp, orient="records", indent=1)
         else:
-            raise SftscopeError(f"unknown table format {path.suffix!r}: use .csv, .parquet or .json")
+            raise SftscopeError(
+                f"unknown table format {path.suffix!r}: use .csv, .parquet or .json")
     return path
 
 

@@ -73,7 +73,8 @@ def parse_blocks(spec: str, n_blocks: int) -> list[int]:
             raise SftscopeError(f"block list {spec!r}: range {part} runs backwards")
         if hi >= n_blocks:
             raise SftscopeError(
-                f"block list {spec!r}: block {hi} does not exist (the model has blocks 0..{n_blocks - 1})"
+                f"block list {spec!r}: block {hi} does not exist "
+                f"(the model has blocks 0..{n_blocks - 1})"
             )
         blocks.update(range(lo, hi + 1))
     if not blocks:

@@ -1,0 +1,3 @@
+from sftscope.cli import main
+
+main()

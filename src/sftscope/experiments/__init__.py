@@ -1,0 +1,1 @@
+"""Experiments: the Python API behind each command (analyze, weights, probe, swap, tune, ...)."""

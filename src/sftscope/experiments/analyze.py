@@ -1,0 +1,263 @@
+"""``sftscope analyze``: every layer-wise metric of a Base/SFT pair, streamed.
+
+Base runs, then SFT runs (never both in memory); each capture is cached, so a second analysis
+with other dataset-level options does not run the models again.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sftscope import metrics as M
+from sftscope.capture.stream import TOKEN_METRICS, CaptureConfig, CaptureResult, cache_key, capture
+from sftscope.errors import SftscopeError
+from sftscope.io import Timer, run_record, write_json, write_table
+from sftscope.load import data as D
+from sftscope.load.models import (
+    LoadOptions,
+    check_pair,
+    check_tokenizers,
+    fingerprint,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
+from sftscope.progress import say
+
+DATASET_METRICS = ("dataset_entropy", "effective_rank", "effective_rank_norm", "rank_deficiency",
+                   "rank_deficiency_frac", "spectral_norm", "condition_number", "l2_norm")
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """Everything ``analyze`` needs; mirrored one-to-one by the CLI flags."""
+
+    base: str
+    sft: str
+    data: str
+    out: str
+    base_revision: str | None = None
+    sft_revision: str | None = None
+    tokenizer: str = "base"
+    dtype: str = "auto"
+    device: str = "cpu"
+    device_map: str | None = None
+    n_token: int = 100
+    n_pooled: int = 1000
+    max_length: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    chat_template: bool = False
+    text_field: str | None = None
+    template: str | None = None
+    split: str | None = None
+    preset: str = "default"
+    alpha: float = 1.0
+    normalisation: str = "max"
+    pooling: str = "mean"
+    cka_unbiased: bool = False
+    bootstrap: int = 0
+    cache_dir: str | None = None
+    formats: tuple[str, ...] = ("csv",)
+
+
+def default_cache_dir() -> Path:
+    """``$SFTSCOPE_CACHE`` or ``~/.cache/sftscope``."""
+    return Path(os.environ.get("SFTSCOPE_CACHE", "~/.cache/sftscope")).expanduser()
+
+
+def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
+    return M.get_options(cfg.preset, alpha=cfg.alpha, normalisation=cfg.normalisation,
+                         pooling=cfg.pooling, cka_unbiased=cfg.cka_unbiased)
+
+
+def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[str]]:
+    """Load, subsample and tokenize the data; notes say what was truncated or short."""
+    if cfg.n_pooled < 1 or cfg.n_token < 0:
+        raise SftscopeError("--n-pooled must be >= 1 and --n-token >= 0")
+    samples = D.load_samples(cfg.data, text_field=cfg.text_field, template=cfg.template,
+                             n=cfg.n_pooled, seed=cfg.seed, split=cfg.split)
+    tok = D.tokenize(samples, tokenizer, cfg.max_length, chat_template=cfg.chat_template)
+    notes = []
+    if len(samples) < cfg.n_pooled:
+        notes.append(f"data has {len(samples)} samples, fewer than --n-pooled {cfg.n_pooled}")
+    if tok.n_truncated:
+        notes.append(f"{tok.n_truncated} of {len(tok)} texts were longer than --max-length "
+                     f"{cfg.max_length} tokens and were truncated")
+    return tok, notes
+
+
+def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,
+                   ccfg: CaptureConfig, pad_id: int, label: str,
+                   max_token_id: int) -> tuple[CaptureResult, dict]:
+    fp = fingerprint(spec, revision)
+    key = cache_key(fp, tok, ccfg)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    path = cache / f"states-{key}.safetensors"
+    from sftscope.capture.stream import load_cached
+
+    hit = load_cached(path)
+    if hit is not None:
+        say(f"[dim]{label}: states from cache {path}[/]")
+        hit.info["cached"] = True
+        return hit, fp
+    model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
+                                         device_map=cfg.device_map))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if max_token_id >= rows:
+        raise SftscopeError(
+            f"the data uses token id {max_token_id} but {label} has only {rows} embedding rows "
+            f"(added tokens of the SFT tokenizer?); use --tokenizer base or --no-chat-template"
+        )
+    try:
+        res = capture(model, tok, ccfg, pad_id, cache_path=path, label=label)
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return res, fp
+
+
+def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
+                       bootstrap: int = 0, seed: int = 0) -> pd.DataFrame:
+    """Rows (layer, metric, model, value, ci_low, ci_high) of one model's metrics."""
+    rows = []
+    for j in range(res.n_states):
+        for name in TOKEN_METRICS:
+            vals = res.token[name][j]
+            vals = vals[~torch.isnan(vals)]
+            if len(vals) == 0:
+                continue
+            lo = hi = float("nan")
+            if bootstrap and len(vals) > 1:
+                lo, hi = M.bootstrap_ci(vals.numpy(), n_boot=bootstrap, seed=seed)
+            v = float(vals.mean())
+            rows.append((j, name, model, v, lo, hi))
+            if name == "curvature":
+                rows.append((j, "curvature_pi", model, v / np.pi, lo / np.pi, hi / np.pi))
+        z = res.pooled(opts.pooling)[j]
+        for name, v in M.dataset_metrics(z, opts).items():
+            rows.append((j, name, model, float(v), float("nan"), float("nan")))
+    return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
+
+
+def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
+               single: pd.DataFrame, bootstrap: int = 0, seed: int = 0) -> pd.DataFrame:
+    """Pair metrics per layer (CKA, cosine, mean shift) and SFT-minus-base deltas."""
+    rows = []
+    for j in range(rb.n_states):
+        zb, zs = rb.pooled(opts.pooling)[j], rs.pooled(opts.pooling)[j]
+        vals = {
+            "cka": M.cka(zb, zs, unbiased=opts.cka_unbiased),
+            "cosine_similarity": M.cosine_similarity(zb, zs),
+            "mean_shift": M.mean_shift(zb, zs),
+            "mean_shift_relative": M.mean_shift_relative(zb, zs),
+        }
+        for name, v in vals.items():
+            lo = hi = float("nan")
+            if bootstrap and zb.shape[0] > 3:
+                fn = _pair_fn(name, zb, zs, opts)
+                lo, hi = M.bootstrap_ci(fn, n=zb.shape[0], n_boot=bootstrap, seed=seed)
+            rows.append((j, name, "pair", float(v), lo, hi))
+        for name in TOKEN_METRICS:  # sample-level delta: mean of per-sample differences
+            d = (rs.token[name][j] - rb.token[name][j])
+            d = d[~torch.isnan(d)]
+            if len(d):
+                rows.append((j, f"delta_{name}", "pair", float(d.mean()), float("nan"),
+                             float("nan")))
+    wide = single.pivot_table(index=["layer", "metric"], columns="model", values="value")
+    for (j, name), r in wide.iterrows():
+        if name in DATASET_METRICS and {"base", "sft"} <= set(r.index):
+            rows.append((j, f"delta_{name}", "pair", float(r["sft"] - r["base"]),
+                         float("nan"), float("nan")))
+    return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
+
+
+def _pair_fn(name: str, zb: torch.Tensor, zs: torch.Tensor, opts: M.MetricOptions):
+    fns = {"cka": lambda a, b: M.cka(a, b, unbiased=opts.cka_unbiased),
+           "cosine_similarity": M.cosine_similarity, "mean_shift": M.mean_shift,
+           "mean_shift_relative": M.mean_shift_relative}
+    f = fns[name]
+    return lambda idx: float(f(zb[torch.as_tensor(idx)], zs[torch.as_tensor(idx)]))
+
+
+def correlation_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Pearson correlation between metrics across layers, per model (the paper's Figure 5)."""
+    out = []
+    for model, grp in metrics.groupby("model"):
+        wide = grp.pivot_table(index="layer", columns="metric", values="value")
+        corr = M.correlation_matrix(wide)
+        for a in corr.index:
+            for b in corr.columns:
+                out.append((model, a, b, float(corr.loc[a, b])))
+    return pd.DataFrame(out, columns=["model", "metric_a", "metric_b", "r"])
+
+
+def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
+    """Run the whole analysis and write ``metrics.csv``, ``correlation.csv`` and ``run.json``."""
+    timer = Timer()
+    out = Path(cfg.out)
+    opts = _options(cfg)
+    with timer("validate"):
+        info = check_pair(load_config(cfg.base, cfg.base_revision),
+                          load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft)
+        tok_b = load_tokenizer(cfg.base, cfg.base_revision)
+        tok_s = load_tokenizer(cfg.sft, cfg.sft_revision)
+        notes = list(info.notes) + check_tokenizers(tok_b, tok_s)
+        if cfg.tokenizer == "base":
+            tokenizer = tok_b
+        elif cfg.tokenizer == "sft":
+            tokenizer = tok_s
+        else:
+            tokenizer = load_tokenizer(cfg.tokenizer)
+            notes += check_tokenizers(tok_b, tokenizer)
+    with timer("data"):
+        tok, data_notes = prepare_data(cfg, tokenizer)
+    notes += data_notes
+    for n in notes:
+        say(f"[yellow]note:[/] {n}")
+    ccfg = CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
+                         normalisation=opts.normalisation, ridge=opts.ridge,
+                         sparsity_eps=opts.sparsity_eps)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    max_id = max(max(s) for s in tok.input_ids)
+    with timer("capture_base"):
+        rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base",
+                                  max_id)
+    with timer("capture_sft"):
+        rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft",
+                                  max_id)
+    with timer("metrics"):
+        single = pd.concat([single_model_table(rb, opts, "base", cfg.bootstrap, cfg.seed),
+                            single_model_table(rs, opts, "sft", cfg.bootstrap, cfg.seed)])
+        pair = pair_table(rb, rs, opts, single, cfg.bootstrap, cfg.seed)
+        table = pd.concat([single, pair], ignore_index=True)
+        table = table.sort_values(["model", "metric", "layer"], kind="stable")
+        corr = correlation_table(table[table.model.isin(["base", "sft"])
+                                       | table.metric.isin(["cka", "cosine_similarity",
+                                                            "mean_shift"])])
+    for fmt in cfg.formats:
+        write_table(table, out / f"metrics.{fmt}")
+        write_table(corr, out / f"correlation.{fmt}")
+    n_tok_used = min(cfg.n_token, len(tok))
+    skipped = int(torch.isnan(rb.token["curvature"][0, :n_tok_used]).sum()) if n_tok_used else 0
+    write_json(out / "run.json", run_record(
+        "analyze", asdict(replace(cfg, formats=list(cfg.formats))),
+        n_blocks=info.n_blocks, hidden_size=info.hidden_size, model_type=info.model_type,
+        models={"base": fp_b, "sft": fp_s}, metric_options=asdict(opts),
+        layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b (before final norm)",
+        data={"source": cfg.data, "n_pooled": len(tok), "n_token": n_tok_used,
+              "n_truncated": tok.n_truncated, "max_length": cfg.max_length,
+              "curvature_samples_skipped": skipped},
+        seeds={"data": cfg.seed, "bootstrap": cfg.seed}, notes=notes,
+        capture={"base": rb.info, "sft": rs.info}, timings=timer.seconds,
+    ))
+    return table

@@ -1,0 +1,232 @@
+"""Load models and Base/SFT pairs from hub ids or local folders, and validate a pair."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftscope.errors import SftscopeError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: revision, dtype, device or accelerate ``device_map``."""
+
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    device_map: str | None = None
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+
+def is_local(spec: str) -> bool:
+    """True when ``spec`` names an existing path (a folder or a file)."""
+    return os.path.exists(os.path.expanduser(spec))
+
+
+def check_source(spec: str, what: str = "model") -> str:
+    """Return a usable source: an existing local folder, or something shaped like a hub id."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")) and what == "model":
+            raise SftscopeError(
+                f"{what} folder {spec} has no config.json; point at a Hugging Face model folder"
+            )
+        return path
+    if os.path.exists(path):
+        raise SftscopeError(f"{what} {spec} is a file; give a model folder or a hub id")
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise SftscopeError(f"{what} folder {spec} does not exist; check the path")
+    return spec
+
+
+def _hub_error(spec: str, err: Exception) -> SftscopeError:
+    return SftscopeError(
+        f"could not load {spec!r}: not a local folder, and the hub did not provide it "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); pass a local folder "
+        f"or check the id/revision and your network"
+    )
+
+
+def resolve_dtype(name: str) -> Any:
+    """Map a dtype name to a torch dtype (or ``"auto"``)."""
+    if name not in DTYPES:
+        raise SftscopeError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_config(spec: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model config alone (cheap): used to validate a pair before loading weights."""
+    from transformers import AutoConfig
+
+    src = check_source(spec)
+    try:
+        return AutoConfig.from_pretrained(src, revision=revision,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if is_local(spec):
+            raise SftscopeError(f"{spec}: config.json could not be read ({e})") from e
+        raise _hub_error(spec, e) from e
+
+
+def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "right"):
+    """The tokenizer of a model folder or hub id, with a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    src = check_source(spec, what="tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=revision)
+    except (OSError, ValueError) as e:
+        if is_local(spec):
+            raise SftscopeError(
+                f"{spec} has no usable tokenizer ({str(e).splitlines()[0][:160]}); "
+                f"save one with tokenizer.save_pretrained or pass --tokenizer"
+            ) from e
+        raise _hub_error(spec, e) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(spec: str, opts: LoadOptions | None = None):
+    """Load a ``*ForCausalLM`` in eval mode on ``opts.device`` (or sharded by ``device_map``)."""
+    from transformers import AutoModelForCausalLM
+
+    opts = opts or LoadOptions()
+    src = check_source(spec)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(opts.dtype), "revision": opts.revision,
+                              "trust_remote_code": opts.trust_remote_code}
+    if opts.attn_implementation:
+        kwargs["attn_implementation"] = opts.attn_implementation
+    if opts.device_map:
+        kwargs["device_map"] = opts.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        if is_local(spec):
+            raise SftscopeError(f"{spec}: the model could not be loaded "
+                                f"({str(e).splitlines()[0][:200]})") from e
+        raise _hub_error(spec, e) from e
+    if not opts.device_map:
+        model.to(opts.device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def input_device(model) -> torch.device:
+    """Where inputs go: the embedding's device (works with accelerate ``device_map``)."""
+    return model.get_input_embeddings().weight.device
+
+
+def fingerprint(spec: str, revision: str | None = None) -> dict[str, Any]:
+    """Identify a model for run records and cache keys without hashing gigabytes.
+
+    Local folders: SHA-256 of config.json plus, per weight file, its size and a hash of its
+    first and last MiB. Hub ids: the id and revision.
+    """
+    path = Path(os.path.expanduser(spec))
+    if not path.is_dir():
+        return {"source": spec, "revision": revision, "local": False}
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir()
+                   if p.suffix in (".json", ".safetensors", ".bin") and p.is_file())
+    for p in files:
+        h.update(p.name.encode())
+        size = p.stat().st_size
+        h.update(str(size).encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return {"source": str(path.resolve()), "revision": revision, "local": True,
+            "hash": h.hexdigest()[:24]}
+
+
+@dataclass
+class PairInfo:
+    """What was checked about a Base/SFT pair before any compute."""
+
+    n_blocks: int
+    hidden_size: int
+    model_type: str
+    vocab_base: int
+    vocab_sft: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def added_vocab(self) -> int:
+        return max(0, self.vocab_sft - self.vocab_base)
+
+
+def _get(cfg: Any, *names: str) -> Any:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def check_pair(base_cfg: Any, sft_cfg: Any, base: str = "base", sft: str = "sft") -> PairInfo:
+    """Refuse pairs that cannot be compared layer by layer; report a larger SFT vocabulary."""
+    lb = _get(base_cfg, "num_hidden_layers", "n_layer")
+    ls = _get(sft_cfg, "num_hidden_layers", "n_layer")
+    db = _get(base_cfg, "hidden_size", "n_embd")
+    ds = _get(sft_cfg, "hidden_size", "n_embd")
+    if lb != ls:
+        raise SftscopeError(
+            f"the pair does not match: {base} has {lb} blocks, {sft} has {ls}; "
+            f"compare a model with its own fine-tuned version"
+        )
+    if db != ds:
+        raise SftscopeError(
+            f"the pair does not match: hidden size {db} ({base}) vs {ds} ({sft})"
+        )
+    vb, vs = int(base_cfg.vocab_size), int(sft_cfg.vocab_size)
+    info = PairInfo(n_blocks=int(lb), hidden_size=int(db),
+                    model_type=str(getattr(base_cfg, "model_type", "")),
+                    vocab_base=vb, vocab_sft=vs)
+    if getattr(base_cfg, "model_type", None) != getattr(sft_cfg, "model_type", None):
+        info.notes.append(f"model types differ: {base_cfg.model_type} vs {sft_cfg.model_type}")
+    if vs > vb:
+        info.notes.append(f"SFT vocabulary has {vs - vb} added tokens ({vb} -> {vs})")
+    elif vs < vb:
+        raise SftscopeError(
+            f"the SFT vocabulary ({vs}) is smaller than the base's ({vb}); "
+            f"the pair does not share token ids"
+        )
+    return info
+
+
+def check_tokenizers(tok_base, tok_sft, sample: int | None = None) -> list[str]:
+    """Refuse tokenizers that map a shared id to different tokens; return notes."""
+    n = min(len(tok_base), len(tok_sft))
+    ids = range(n) if sample is None or sample >= n else range(0, n, max(1, n // sample))
+    a = tok_base.convert_ids_to_tokens(list(ids))
+    b = tok_sft.convert_ids_to_tokens(list(ids))
+    bad = [(i, x, y) for i, x, y in zip(ids, a, b) if x != y]
+    if bad:
+        i, x, y = bad[0]
+        raise SftscopeError(
+            f"the base and SFT tokenizers disagree on {len(bad)} shared ids (first: id {i} is "
+            f"{x!r} vs {y!r}); the pair must share a tokenizer (choose one with --tokenizer)"
+        )
+    notes = []
+    if len(tok_sft) != len(tok_base):
+        notes.append(f"tokenizers differ in size ({len(tok_base)} vs {len(tok_sft)}); "
+                     f"shared ids agree")
+    return notes

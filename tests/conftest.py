@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny tokenizer and tiny saved models of real families (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SFTSCOPE_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from sftscope.load.tiny import train_tokenizer
+
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """Factory: ``model_dir(family, seed=0, **config)`` -> a saved tiny model folder (cached)."""
+    from sftscope.load.tiny import save_tiny_model
+
+    made: dict[tuple, Path] = {}
+
+    def make(family: str = "llama", seed: int = 0, **cfg) -> Path:
+        key = (family, seed, tuple(sorted(cfg.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{family}-{seed}")
+            made[key] = save_tiny_model(out, family, seed=seed, tokenizer=tokenizer, **cfg)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture()
+def gsm8k_file(tmp_path) -> Path:
+    """A small local file in GSM8K's fields."""
+    import json
+
+    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many apples now?",
+             "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"}
+            for a, b in [(3, 4), (12, 7), (5, 5), (20, 1), (9, 8), (6, 2), (11, 3), (4, 4)]]
+    p = tmp_path / "gsm8k.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
