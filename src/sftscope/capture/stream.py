@@ -137,8 +137,9 @@ class _Reducer:
 
     def __call__(self, j: int, h: torch.Tensor) -> None:
         m, count, last = self._mask_on(h.device)
-        hf = h.float()
-        mean = torch.einsum("btd,bt->bd", hf, m.to(hf.dtype)) / count[:, None].to(hf.dtype)
+        # torch.where, not a product: a padded position may hold NaN (NaN * 0 = NaN).
+        hf = torch.where(m[..., None].bool(), h.float(), 0.0)
+        mean = hf.sum(1) / count[:, None].to(hf.dtype)
         lastv = hf[torch.arange(hf.shape[0], device=h.device), last]
         tok = None
         if self.tok_rows:

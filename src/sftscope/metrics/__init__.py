@@ -1,0 +1,94 @@
+"""Pure metric functions (tensors in, floats or small tensors out), exactly as METRICS.md.
+
+- ``entropy``: options and presets, matrix alpha-entropy, prompt and dataset entropy.
+- ``spectral``: singular-value metrics of the pooled matrix ``Z`` (one pass: ``dataset_metrics``).
+- ``geometry``: pooling, sparsity, curvature, and the base-vs-SFT pair metrics (CKA, cosine, ...).
+- ``stats``: bootstrap / t / Wilson intervals, paired t-test, correlation across layers.
+
+Batched ``*_batch`` functions take padded ``H [B, T, D]`` plus a real-token mask ``[B, T]``
+and are what the streaming capture calls; padding never changes their results.
+"""
+
+from sftscope.metrics.entropy import (
+    PRESETS,
+    MetricOptions,
+    alpha_entropy,
+    alpha_entropy_batch,
+    dataset_entropy,
+    get_options,
+    gram_spectrum_batch,
+    normalise_entropy,
+    pad_samples,
+    prompt_entropy,
+    prompt_entropy_batch,
+)
+from sftscope.metrics.geometry import (
+    CKAAccumulator,
+    cka,
+    cosine_similarity,
+    cosine_similarity_batch,
+    curvature,
+    curvature_batch,
+    delta,
+    l2_norm,
+    mean_shift,
+    mean_shift_relative,
+    pool_batch,
+    sparsity,
+    sparsity_batch,
+)
+from sftscope.metrics.spectral import (
+    condition_number,
+    dataset_metrics,
+    effective_rank,
+    rank_deficiency,
+    spectral_norm,
+    spectrum,
+)
+from sftscope.metrics.stats import (
+    bootstrap_ci,
+    correlation_matrix,
+    correlation_pairs,
+    mean_ci,
+    paired_ttest,
+    proportion_ci,
+)
+
+__all__ = [
+    "PRESETS",
+    "CKAAccumulator",
+    "MetricOptions",
+    "alpha_entropy",
+    "alpha_entropy_batch",
+    "bootstrap_ci",
+    "cka",
+    "condition_number",
+    "correlation_matrix",
+    "correlation_pairs",
+    "cosine_similarity",
+    "cosine_similarity_batch",
+    "curvature",
+    "curvature_batch",
+    "dataset_entropy",
+    "dataset_metrics",
+    "delta",
+    "effective_rank",
+    "get_options",
+    "gram_spectrum_batch",
+    "l2_norm",
+    "mean_ci",
+    "mean_shift",
+    "mean_shift_relative",
+    "normalise_entropy",
+    "pad_samples",
+    "paired_ttest",
+    "pool_batch",
+    "prompt_entropy",
+    "prompt_entropy_batch",
+    "proportion_ci",
+    "rank_deficiency",
+    "sparsity",
+    "sparsity_batch",
+    "spectral_norm",
+    "spectrum",
+]

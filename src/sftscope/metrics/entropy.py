@@ -1,0 +1,286 @@
+"""Matrix alpha-entropy (the shared core) and the prompt-level entropy (METRICS.md).
+
+Everything spectral runs in float64. Token-level functions take padded batches
+``H: [B, T, D]`` with a mask of real tokens ``[B, T]``; padded positions never change a result
+(left or right padding, real tokens need not be contiguous).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+from sftscope.errors import SftscopeError
+
+NORMALISATIONS = ("max", "logN", "logD", "raw")
+ERANK_WEIGHTS = ("sigma", "sigma2")
+RANK_TOLS = ("eps", "reference")
+POOLINGS = ("mean", "last")
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """Every metric choice that METRICS.md leaves open, in one immutable place.
+
+    ``default`` follows METRICS.md; the ``reference`` preset reproduces the authors' code
+    where it differs (ridge on the Gram diagonal, sigma^2 effective-rank weights, 1 % rank rule).
+    """
+
+    alpha: float = 1.0  # order of the matrix entropy (1 = Shannon / von Neumann)
+    normalisation: str = "max"  # "max" | "logN" | "logD" | "raw"
+    ridge: float = 0.0  # added to the Gram diagonal before the spectrum (reference: 1e-6)
+    erank_weights: str = "sigma"  # "sigma" (Roy-Vetterli) | "sigma2" (reference)
+    rank_tol: str = "eps"  # "eps" (numerical rank) | "reference" (sigma > 0.01 sigma_max)
+    sparsity_eps: float = 0.01  # |x| < sparsity_eps * max|X_n| counts as zero
+    pooling: str = "mean"  # "mean" | "last": how token rows become one row of Z
+    cka_unbiased: bool = False  # debiased HSIC (Song et al. 2012) instead of the biased one
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("normalisation", self.normalisation, NORMALISATIONS),
+            ("erank_weights", self.erank_weights, ERANK_WEIGHTS),
+            ("rank_tol", self.rank_tol, RANK_TOLS),
+            ("pooling", self.pooling, POOLINGS),
+        )
+        for name, value, valid in checks:
+            if value not in valid:
+                raise SftscopeError(
+                    f"unknown {name} {value!r}; use one of {', '.join(valid)}"
+                )
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise SftscopeError(f"alpha must be a finite number >= 0, got {self.alpha}")
+        if self.ridge < 0:
+            raise SftscopeError(f"ridge must be >= 0, got {self.ridge}")
+        if not self.sparsity_eps > 0:
+            raise SftscopeError(f"sparsity_eps must be > 0, got {self.sparsity_eps}")
+
+
+PRESETS: dict[str, MetricOptions] = {
+    "default": MetricOptions(),
+    "reference": MetricOptions(ridge=1e-6, erank_weights="sigma2", rank_tol="reference"),
+}
+
+
+def get_options(name: str = "default", **overrides: object) -> MetricOptions:
+    """The preset ``name`` with ``overrides`` applied (unknown names fail with the valid ones)."""
+    if name not in PRESETS:
+        raise SftscopeError(
+            f"unknown metric preset {name!r}; use one of {', '.join(sorted(PRESETS))}"
+        )
+    valid = {f.name for f in fields(MetricOptions)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise SftscopeError(
+            f"unknown metric option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+        )
+    return replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- numerics helpers
+
+
+def to_f64(x: Tensor) -> Tensor:
+    """``x`` as float64, on CPU when the device has no float64 (e.g. MPS)."""
+    try:
+        return x.to(torch.float64)
+    except (RuntimeError, TypeError):
+        return x.detach().cpu().to(torch.float64)
+
+
+def eigvalsh(k: Tensor) -> Tensor:
+    """Eigenvalues (ascending) of symmetric ``k`` in float64; CPU fallback if the device fails."""
+    k = to_f64(k)
+    try:
+        return torch.linalg.eigvalsh(k)
+    except RuntimeError:
+        return torch.linalg.eigvalsh(k.cpu()).to(k.device)
+
+
+def svdvals(z: Tensor) -> Tensor:
+    """Singular values (descending) of ``z`` in float64; CPU fallback if the device fails."""
+    z = to_f64(z)
+    try:
+        return torch.linalg.svdvals(z)
+    except RuntimeError:
+        return torch.linalg.svdvals(z.cpu()).to(z.device)
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """Rows scaled to unit L2 norm; zero rows stay zero (they add only zero eigenvalues)."""
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def _check_mask(h: Tensor, mask: Tensor) -> Tensor:
+    if h.ndim != 3:
+        raise SftscopeError(f"expected hidden states [B, T, D], got shape {tuple(h.shape)}")
+    if mask.shape != h.shape[:2]:
+        raise SftscopeError(
+            f"mask shape {tuple(mask.shape)} does not match hidden states {tuple(h.shape[:2])}"
+        )
+    return mask.to(device=h.device).bool()
+
+
+def _as_samples(xs: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(xs, Tensor):
+        if xs.ndim == 2:
+            return [xs]
+        if xs.ndim == 3:
+            return list(xs)
+        raise SftscopeError(f"expected [T, D] or a list of [T_n, D] tensors, got {tuple(xs.shape)}")
+    out = list(xs)
+    for x in out:
+        if x.ndim != 2:
+            raise SftscopeError(f"each sample must be [T_n, D], got shape {tuple(x.shape)}")
+    return out
+
+
+def pad_samples(xs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Right-pad ``[T_n, D]`` samples into ``H [B, T, D]`` and a bool mask ``[B, T]``."""
+    samples = _as_samples(xs)
+    if not samples:
+        raise SftscopeError("no samples given")
+    t_max = max(x.shape[0] for x in samples)
+    d = samples[0].shape[1]
+    h = samples[0].new_zeros((len(samples), t_max, d))
+    mask = torch.zeros((len(samples), t_max), dtype=torch.bool, device=samples[0].device)
+    for i, x in enumerate(samples):
+        if x.shape[1] != d:
+            raise SftscopeError(f"samples have different widths ({x.shape[1]} vs {d})")
+        h[i, : x.shape[0]] = x
+        mask[i, : x.shape[0]] = True
+    return h, mask
+
+
+# ----------------------------------------------------------------------------- entropy core
+
+
+def alpha_entropy_batch(eigs: Tensor, alpha: float = 1.0) -> Tensor:
+    """Matrix alpha-entropy of each row of eigenvalues ``[..., k]`` -> ``[...]`` (float64).
+
+    Eigenvalues are clamped at 0 and normalised to ``p = lambda / sum(lambda)``; only ``p > 0``
+    enters, so padding with exact zeros never changes a value. ``alpha == 1`` uses the exact
+    Shannon limit ``-sum p log p``. An all-zero spectrum has entropy 0.
+    """
+    lam = to_f64(eigs).clamp_min(0.0)
+    total = lam.sum(dim=-1, keepdim=True)
+    p = lam / torch.where(total > 0, total, torch.ones_like(total))
+    pos = p > 0
+    safe = torch.where(pos, p, torch.ones_like(p))
+    if alpha == 1.0:
+        return -(torch.where(pos, p * torch.log(safe), torch.zeros_like(p))).sum(dim=-1)
+    power = torch.where(pos, safe**alpha, torch.zeros_like(p)).sum(dim=-1)
+    out = torch.log(torch.where(power > 0, power, torch.ones_like(power))) / (1.0 - alpha)
+    return out
+
+
+def alpha_entropy(eigs: Tensor, alpha: float = 1.0) -> float:
+    """Matrix alpha-entropy ``S_alpha`` (natural log) of one PSD spectrum ``eigs [k]``.
+
+    ``S_alpha = log(sum p^alpha) / (1 - alpha)``, ``S_1 = -sum p log p`` with ``0 log 0 = 0``.
+    """
+    if eigs.ndim != 1:
+        raise SftscopeError(f"alpha_entropy takes one spectrum [k], got {tuple(eigs.shape)}")
+    return float(alpha_entropy_batch(eigs, alpha))
+
+
+def entropy_normaliser(rows: Tensor | float, dim: int, how: str) -> Tensor | float:
+    """The divisor of ``normalise_entropy``: log(min(rows, D)), log rows, log D or 1."""
+    if how == "raw":
+        return 1.0
+    if how == "logD":
+        return math.log(dim)
+    if isinstance(rows, Tensor):
+        rows64 = to_f64(rows)
+        if how == "logN":
+            return torch.log(rows64)
+        if how == "max":
+            return torch.log(rows64.clamp_max(float(dim)))
+    else:
+        if how == "logN":
+            return math.log(rows) if rows > 0 else -math.inf
+        if how == "max":
+            return math.log(min(rows, dim)) if rows > 0 else -math.inf
+    raise SftscopeError(f"unknown normalisation {how!r}; use one of {', '.join(NORMALISATIONS)}")
+
+
+def normalise_entropy(
+    s: Tensor | float, rows: Tensor | int, dim: int, how: str = "max"
+) -> Tensor | float:
+    """Scale an entropy ``s`` by ``log(min(rows, dim))`` (max), ``log rows``, ``log dim`` or 1.
+
+    Makes entropies of different sizes comparable (1 = flat spectrum). The value is NaN where
+    the divisor is 0 or undefined (one row, or ``D == 1``): such a matrix has no spread to measure.
+    """
+    norm = entropy_normaliser(rows, dim, how)
+    if isinstance(s, Tensor) or isinstance(norm, Tensor):
+        s_t = to_f64(torch.as_tensor(s))
+        n_t = torch.as_tensor(norm, dtype=torch.float64, device=s_t.device)
+        return torch.where(n_t > 0, s_t / torch.where(n_t > 0, n_t, 1.0), torch.nan)
+    return float(s) / norm if norm > 0 else math.nan
+
+
+def gram_spectrum_batch(x: Tensor, n_rows: Tensor, ridge: float = 0.0) -> Tensor:
+    """Spectrum of each sample's ``X_n X_nᵀ + ridge I_{T_n}`` from zero-padded rows ``x [B,T,D]``.
+
+    ``x`` holds each sample's real rows with every other row exactly zero, so the padded Gram's
+    spectrum is the sample's spectrum plus zeros. Uses the ``T x T`` Gram when ``T <= D`` and the
+    ``D x D`` form otherwise (same non-zero spectrum). Returns ``[B, T]`` float64: entries
+    ``< T_n`` (descending) are the ``T_n x T_n`` spectrum including the ridge, the rest are 0.
+    """
+    x = to_f64(x)
+    b, t, d = x.shape
+    k = x @ x.transpose(1, 2) if t <= d else x.transpose(1, 2) @ x
+    lam = eigvalsh(k).flip(-1).clamp_min(0.0)  # descending, [B, min(T, D)]
+    if lam.shape[-1] < t:
+        lam = torch.cat([lam, lam.new_zeros((b, t - lam.shape[-1]))], dim=-1)
+    lam = lam.to(x.device)
+    slot = torch.arange(t, device=x.device)[None, :]
+    real = slot < n_rows.to(x.device)[:, None]
+    # rank <= min(T_n, D), so only the first T_n slots may be non-zero; zero the rest exactly
+    return torch.where(real, lam + ridge, torch.zeros_like(lam))
+
+
+def prompt_entropy_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None) -> Tensor:
+    """Prompt entropy of every sample of a padded batch -> ``[B]`` float64 (NaN if ``T_n < 2``).
+
+    Rows (real tokens) scaled to unit norm, ``S_alpha`` of ``X̂ X̂ᵀ`` normalised by
+    ``log(min(T_n, D))`` (per ``opts.normalisation``): how spread the prompt's tokens are.
+    """
+    opts = opts or MetricOptions()
+    m = _check_mask(h, mask)
+    h64 = to_f64(h)
+    # where, not multiply: padded slots may hold NaN/inf (fully masked attention rows)
+    zero = torch.zeros((), dtype=h64.dtype, device=h64.device)
+    x = torch.where(m.to(h64.device)[..., None], unit_rows(h64), zero)
+    n_rows = m.sum(dim=1)
+    lam = gram_spectrum_batch(x, n_rows, opts.ridge)
+    s = alpha_entropy_batch(lam, opts.alpha)
+    out = normalise_entropy(s, n_rows.to(s.device), h.shape[-1], opts.normalisation)
+    assert isinstance(out, Tensor)
+    return torch.where(n_rows.to(out.device) > 0, out, torch.nan)
+
+
+def prompt_entropy(xs: Tensor | Sequence[Tensor], opts: MetricOptions | None = None) -> float:
+    """Mean prompt entropy over samples (``[T, D]`` or a list of ``[T_n, D]``), NaNs skipped."""
+    vals = torch.cat([prompt_entropy_batch(*pad_samples([x]), opts) for x in _as_samples(xs)])
+    return float(torch.nanmean(vals)) if bool((~vals.isnan()).any()) else math.nan
+
+
+def dataset_entropy(z: Tensor, opts: MetricOptions | None = None) -> float:
+    """Entropy of the pooled matrix ``Z [N, D]``: rows to unit norm, ``S_alpha(Ẑ Ẑᵀ)``, normalised.
+
+    How spread the samples are at this layer (1 = as spread as ``min(N, D)`` directions allow).
+    """
+    opts = opts or MetricOptions()
+    if z.ndim != 2:
+        raise SftscopeError(f"expected pooled states [N, D], got shape {tuple(z.shape)}")
+    n = z.shape[0]
+    zn = unit_rows(to_f64(z))[None]
+    lam = gram_spectrum_batch(zn, torch.tensor([n], device=zn.device), opts.ridge)
+    s = float(alpha_entropy_batch(lam, opts.alpha)[0])
+    return float(normalise_entropy(s, n, z.shape[1], opts.normalisation))

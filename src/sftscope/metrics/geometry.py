@@ -1,0 +1,318 @@
+"""Token geometry (sparsity, curvature, pooling) and base-vs-SFT pair metrics (METRICS.md).
+
+Batched functions take padded ``H [B, T, D]`` (any float dtype, any device) and a mask of real
+tokens ``[B, T]``; padded positions never change a result, whatever they hold and wherever
+they are (left, right or in between).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sftscope.errors import SftscopeError
+from sftscope.metrics.entropy import (
+    MetricOptions,
+    _as_samples,
+    _check_mask,
+    pad_samples,
+    to_f64,
+)
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def pool_batch(h: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
+    """One row per sample from its real tokens: masked mean or last real token -> ``[B, D]``.
+
+    Builds the pooled matrix ``Z`` of METRICS.md. Output dtype is at least float32 (the mean is
+    accumulated in it); every sample needs at least one real token.
+    """
+    m = _check_mask(h, mask)
+    counts = m.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise SftscopeError("a sample has no real tokens (empty prompt?); drop it before pooling")
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    if how == "mean":
+        x = torch.where(m[..., None], h.to(dtype), torch.zeros((), dtype=dtype, device=h.device))
+        return x.sum(dim=1) / counts[:, None].to(dtype)
+    if how == "last":
+        pos = torch.arange(h.shape[1], device=h.device)[None, :]
+        last = torch.where(m, pos, torch.full_like(pos, -1)).max(dim=1).values
+        return h[torch.arange(h.shape[0], device=h.device), last].to(dtype)
+    raise SftscopeError(f"unknown pooling {how!r}; use mean or last")
+
+
+# ----------------------------------------------------------------------------- sparsity
+
+
+def sparsity_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None) -> Tensor:
+    """Per sample, the fraction of real-token entries with ``|x| < eps * max|X_n|`` -> ``[B]``.
+
+    How many near-zero coordinates a layer's states have (float64; NaN where ``T_n == 0``).
+    An all-zero sample gives 0 (strict ``<`` against a zero threshold).
+    """
+    opts = opts or MetricOptions()
+    m = _check_mask(h, mask)
+    h64 = to_f64(h)
+    m = m.to(h64.device)
+    a = torch.where(m[..., None], h64.abs(), torch.zeros((), dtype=h64.dtype, device=h64.device))
+    thr = opts.sparsity_eps * a.amax(dim=(1, 2))
+    small = ((a < thr[:, None, None]) & m[..., None]).sum(dim=(1, 2)).to(torch.float64)
+    total = m.sum(dim=1).to(torch.float64) * h.shape[-1]
+    return torch.where(total > 0, small / total.clamp_min(1.0), torch.nan)
+
+
+def sparsity(xs: Tensor | Sequence[Tensor], opts: MetricOptions | None = None) -> float:
+    """Mean over samples (``[T, D]`` or a list of ``[T_n, D]``) of the per-sample sparsity."""
+    vals = torch.cat([sparsity_batch(*pad_samples([x]), opts) for x in _as_samples(xs)])
+    return float(torch.nanmean(vals)) if bool((~vals.isnan()).any()) else math.nan
+
+
+# ----------------------------------------------------------------------------- curvature
+
+
+def _angle(a: Tensor, b: Tensor) -> Tensor:
+    """Angle between unit vectors, ``2 atan2(|a-b|, |a+b|)``: arccos(a·b) without its
+    loss of precision near 0 and pi."""
+    return 2.0 * torch.atan2(
+        torch.linalg.vector_norm(a - b, dim=-1), torch.linalg.vector_norm(a + b, dim=-1)
+    )
+
+
+def curvature_batch(h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean turning angle (radians) of each sample's token trajectory -> ``([B], valid [B])``.
+
+    ``v_t = x_{t+1} - x_t`` over consecutive real tokens, ``theta_t = angle(v_t, v_{t+1})``:
+    how sharply the residual stream turns from token to token (0 = straight line). Angles that
+    touch a zero-length step (two identical consecutive states) are undefined and skipped. A
+    sample is invalid (NaN) when it has fewer than 3 real tokens or no defined angle.
+    """
+    m = _check_mask(h, mask)
+    b, t, _ = h.shape
+    n_rows = m.sum(dim=1)
+    # move real tokens to the front, in order (stable sort), so any padding layout works
+    order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
+    x = torch.gather(to_f64(h), 1, order[..., None].expand(-1, -1, h.shape[-1]))
+    if t < 3:
+        nan = torch.full((b,), math.nan, dtype=torch.float64, device=x.device)
+        return nan, torch.zeros(b, dtype=torch.bool, device=x.device)
+    v = x[:, 1:] - x[:, :-1]  # [B, T-1, D]
+    norm = torch.linalg.vector_norm(v, dim=-1)
+    u = v / torch.where(norm > 0, norm, torch.ones_like(norm))[..., None]
+    theta = _angle(u[:, :-1], u[:, 1:])  # [B, T-2]
+    slot = torch.arange(t - 2, device=x.device)[None, :]
+    ok = (slot < (n_rows.to(x.device) - 2)[:, None]) & (norm[:, :-1] > 0) & (norm[:, 1:] > 0)
+    count = ok.sum(dim=1)
+    total = torch.where(ok, theta, torch.zeros_like(theta)).sum(dim=1)
+    valid = count > 0
+    mean = torch.where(valid, total / count.clamp_min(1).to(torch.float64), torch.nan)
+    return mean, valid
+
+
+def curvature(xs: Tensor | Sequence[Tensor]) -> tuple[float, int]:
+    """Mean over valid samples of the per-sample mean angle (radians), and the number skipped."""
+    vals = [curvature_batch(*pad_samples([x])) for x in _as_samples(xs)]
+    means = torch.cat([v[0] for v in vals])
+    valid = torch.cat([v[1] for v in vals])
+    skipped = int((~valid).sum())
+    return (float(means[valid].mean()) if bool(valid.any()) else math.nan), skipped
+
+
+# ----------------------------------------------------------------------------- pair metrics
+
+
+def _pair(zb: Tensor, zs: Tensor) -> tuple[Tensor, Tensor]:
+    if zb.ndim != 2 or zs.ndim != 2 or zb.shape[0] != zs.shape[0]:
+        raise SftscopeError(
+            f"expected two [N, D] matrices with the same rows, got {tuple(zb.shape)} and "
+            f"{tuple(zs.shape)}"
+        )
+    a = to_f64(zb)
+    return a, to_f64(zs).to(a.device)
+
+
+def _row_cos(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise cosine in float64; a zero row gives 0."""
+    na = torch.linalg.vector_norm(a, dim=-1)
+    nb = torch.linalg.vector_norm(b, dim=-1)
+    den = na * nb
+    return (a * b).sum(dim=-1) / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def cosine_similarity(zb: Tensor, zs: Tensor) -> float:
+    """Mean over rows of ``cos(zb_n, zs_n)``: do base and SFT point the same way per sample?
+
+    Works for pooled rows or for token rows (``[sum T_n, D]``); a zero row counts as 0.
+    """
+    if zb.shape != zs.shape:
+        raise SftscopeError(f"shapes differ: {tuple(zb.shape)} vs {tuple(zs.shape)}")
+    a, b = to_f64(zb), to_f64(zs)
+    return float(_row_cos(a, b.to(a.device)).mean())
+
+
+def cosine_similarity_batch(hb: Tensor, hs: Tensor, mask: Tensor) -> Tensor:
+    """Per sample, mean token cosine between base and SFT states over real tokens -> ``[B]``.
+
+    For the ``token`` option: the mean over all real tokens is ``sum(out * T_n) / sum(T_n)``.
+    """
+    m = _check_mask(hb, mask)
+    if hb.shape != hs.shape:
+        raise SftscopeError(f"shapes differ: {tuple(hb.shape)} vs {tuple(hs.shape)}")
+    c = _row_cos(to_f64(hb), to_f64(hs).to(hb.device))
+    c = torch.where(m.to(c.device), c, torch.zeros_like(c))
+    n = m.sum(dim=1).to(c.device)
+    return torch.where(n > 0, c.sum(dim=1) / n.clamp_min(1).to(torch.float64), torch.nan)
+
+
+def mean_shift(zb: Tensor, zs: Tensor) -> float:
+    """``|| mean_n zs_n - mean_n zb_n ||_2``: how far SFT moved the centre of the samples."""
+    a, b = _pair(zb, zs)
+    return float(torch.linalg.vector_norm(b.mean(dim=0) - a.mean(dim=0)))
+
+
+def mean_shift_relative(zb: Tensor, zs: Tensor) -> float:
+    """``mean_shift / || mean_n zb_n ||_2`` (NaN when the base mean is 0): scale-free shift."""
+    a, b = _pair(zb, zs)
+    base = float(torch.linalg.vector_norm(a.mean(dim=0)))
+    shift = float(torch.linalg.vector_norm(b.mean(dim=0) - a.mean(dim=0)))
+    return shift / base if base > 0 else math.nan
+
+
+def l2_norm(z: Tensor) -> float:
+    """Mean over rows of ``||z_n||_2``: the typical scale of the states at this layer."""
+    if z.ndim != 2:
+        raise SftscopeError(f"expected pooled states [N, D], got shape {tuple(z.shape)}")
+    return float(torch.linalg.vector_norm(to_f64(z), dim=1).mean())
+
+
+def delta(
+    base_value: float | Tensor | np.ndarray, sft_value: float | Tensor | np.ndarray
+) -> float:
+    """SFT minus base. For per-sample arrays, the mean of the per-sample differences (NaN pairs
+    skipped), so skipped samples in either model never bias the difference."""
+    if isinstance(base_value, Tensor):
+        base_value = base_value.detach().cpu().double().numpy()
+    if isinstance(sft_value, Tensor):
+        sft_value = sft_value.detach().cpu().double().numpy()
+    b = np.asarray(base_value, dtype=np.float64)
+    s = np.asarray(sft_value, dtype=np.float64)
+    if b.ndim == 0 and s.ndim == 0:
+        return float(s - b)
+    if b.shape != s.shape:
+        raise SftscopeError(f"per-sample values differ in shape: {b.shape} vs {s.shape}")
+    d = s - b
+    d = d[~np.isnan(d)]
+    return float(d.mean()) if d.size else math.nan
+
+
+# ----------------------------------------------------------------------------- CKA
+
+
+def _centre(x: Tensor) -> Tensor:
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def _unbiased_hsic(k: Tensor, l_: Tensor) -> Tensor:
+    """Debiased HSIC estimator of Song et al. (2012) on N x N Grams (diagonals dropped)."""
+    n = k.shape[0]
+    k = k - torch.diag(torch.diagonal(k))
+    l_ = l_ - torch.diag(torch.diagonal(l_))
+    term1 = (k * l_).sum()
+    term2 = k.sum() * l_.sum() / ((n - 1) * (n - 2))
+    term3 = 2.0 / (n - 2) * (k.sum(dim=0) * l_.sum(dim=0)).sum()
+    return (term1 + term2 - term3) / (n * (n - 3))
+
+
+def _cka_from(num: float, den_b: float, den_s: float) -> float:
+    den = den_b * den_s
+    return num / den if den > 0 else math.nan
+
+
+def cka(zb: Tensor, zs: Tensor, unbiased: bool = False) -> float:
+    """Linear CKA between base and SFT rows: 1 = same geometry up to rotation and scale.
+
+    Biased: ``||Zsᶜᵀ Zbᶜ||²_F / (||Zbᶜᵀ Zbᶜ||_F ||Zsᶜᵀ Zsᶜ||_F)`` on column-centred matrices,
+    through the cheaper of the ``N x N`` and ``D x D`` forms. ``unbiased``: debiased HSIC
+    (N x N Grams, needs N > 3; can be NaN on tiny N when a self-HSIC estimate is negative).
+    """
+    a, b = _pair(zb, zs)
+    a, b = _centre(a), _centre(b)
+    n = a.shape[0]
+    if unbiased:
+        if n <= 3:
+            raise SftscopeError(f"unbiased CKA needs more than 3 samples, got {n}")
+        k, l_ = a @ a.T, b @ b.T
+        hkl = float(_unbiased_hsic(k, l_))
+        hkk = float(_unbiased_hsic(k, k))
+        hll = float(_unbiased_hsic(l_, l_))
+        if hkk <= 0 or hll <= 0:
+            return math.nan
+        return hkl / math.sqrt(hkk * hll)
+    if n <= max(a.shape[1], b.shape[1]):
+        k, l_ = a @ a.T, b @ b.T
+        num = float((k * l_).sum())
+        return _cka_from(num, float(torch.linalg.norm(k)), float(torch.linalg.norm(l_)))
+    num = float(torch.linalg.norm(b.T @ a) ** 2)
+    return _cka_from(num, float(torch.linalg.norm(a.T @ a)), float(torch.linalg.norm(b.T @ b)))
+
+
+class CKAAccumulator:
+    """Biased linear CKA accumulated over minibatches, exactly equal to ``cka`` on all rows.
+
+    Keeps float64 sums of X, Y, XᵀY, XᵀX and YᵀY (the HSIC terms), never per-batch CKA, so
+    column centring over the full set is exact. Rows are shifted by the first batch's means
+    before summing (CKA is translation invariant) to avoid cancellation. Memory: three
+    ``D x D`` float64 matrices on the device of the first batch.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._shift_x: Tensor | None = None
+        self._shift_y: Tensor | None = None
+        self._sx: Tensor | None = None
+        self._sy: Tensor | None = None
+        self._xy: Tensor | None = None
+        self._xx: Tensor | None = None
+        self._yy: Tensor | None = None
+
+    def update(self, xb: Tensor, xs: Tensor) -> None:
+        """Add a batch of paired rows (base ``[n, Db]``, SFT ``[n, Ds]``)."""
+        x, y = _pair(xb, xs)
+        if self._shift_x is None:
+            self._shift_x = x.mean(dim=0)
+            self._shift_y = y.mean(dim=0)
+            self._sx = torch.zeros_like(self._shift_x)
+            self._sy = torch.zeros_like(self._shift_y)
+            self._xy = x.new_zeros((x.shape[1], y.shape[1]))
+            self._xx = x.new_zeros((x.shape[1], x.shape[1]))
+            self._yy = y.new_zeros((y.shape[1], y.shape[1]))
+        assert self._shift_y is not None and self._sx is not None and self._sy is not None
+        assert self._xy is not None and self._xx is not None and self._yy is not None
+        if x.shape[1] != self._sx.shape[0] or y.shape[1] != self._sy.shape[0]:
+            raise SftscopeError("batch width differs from earlier batches")
+        x = x.to(self._sx.device) - self._shift_x
+        y = y.to(self._sx.device) - self._shift_y
+        self.n += x.shape[0]
+        self._sx += x.sum(dim=0)
+        self._sy += y.sum(dim=0)
+        self._xy += x.T @ y
+        self._xx += x.T @ x
+        self._yy += y.T @ y
+
+    def result(self) -> float:
+        """CKA of all rows seen so far (NaN before any row or for a constant input)."""
+        if self.n == 0 or self._sx is None:
+            return math.nan
+        assert self._sy is not None and self._xy is not None
+        assert self._xx is not None and self._yy is not None
+        n = float(self.n)
+        cxy = self._xy - torch.outer(self._sx, self._sy) / n
+        cxx = self._xx - torch.outer(self._sx, self._sx) / n
+        cyy = self._yy - torch.outer(self._sy, self._sy) / n
+        num = float(torch.linalg.norm(cxy) ** 2)
+        return _cka_from(num, float(torch.linalg.norm(cxx)), float(torch.linalg.norm(cyy)))
