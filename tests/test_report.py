@@ -1,0 +1,396 @@
+"""Report: synthetic run folders of every command -> one self-contained HTML with every figure."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sftscope.errors import SftscopeError
+from sftscope.segments import PAPER_MASKS, segment_bounds
+
+SECTIONS = [
+    "Base vs SFT similarity by depth (Fig. 1)",
+    "Single-model metrics by depth (Fig. 2)",
+    "Logit lens: next-token prediction by depth (Fig. 3)",
+    "Weight change by block (Fig. 4)",
+    "Correlation of metrics across layers (Fig. 5)",
+    "Layer swapping (Fig. 6)",
+    "Segment LoRA sweep (Fig. 7)",
+    "Evaluation scores",
+    "Patterns of the paper",
+    "Run configuration",
+]
+FIGURES = ["fig1_pair_metrics", "fig2_single_metrics", "fig3_logit_lens", "fig4_weight_change",
+           "fig4b_weight_modules", "fig5_correlation", "fig6_swap", "fig7_sweep",
+           "fig7b_inverted_u"]
+PAIRS = {16: ("allenai/OLMo-2-0425-1B", "allenai/OLMo-2-0425-1B-SFT"),
+         32: ("allenai/OLMo-2-1124-7B", "allenai/OLMo-2-1124-7B-SFT")}
+EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.I)
+
+
+# ----------------------------------------------------------------------------- synthetic runs
+
+
+def _run_json(folder: Path, command: str, n_blocks: int | None, extra: dict | None = None,
+              **config) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rec = {"command": command, "argv": ["sftscope", command], "config": config,
+           "versions": {"python": "3.11", "sftscope": "0.1.0", "torch": "2.5.0"},
+           "created": "2026-01-01T00:00:00", **(extra or {})}
+    if n_blocks is not None:
+        rec["n_blocks"] = n_blocks
+    (folder / "run.json").write_text(json.dumps(rec))
+
+
+def _ids(n_blocks: int) -> dict:
+    base, sft = PAIRS[n_blocks]
+    return {"base": base, "sft": sft}
+
+
+def make_analyze(folder: Path, n_blocks: int, paper_like: bool = True, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    _run_json(folder, "analyze", n_blocks, dataset="gsm8k", **_ids(n_blocks))
+    rows = []
+    for j in range(n_blocks + 1):
+        x = j / n_blocks
+        late = max(0.0, (x - 0.8) / 0.2)
+        drop = 0.3 if n_blocks <= 16 else 0.4  # deeper model: larger drop at the top
+        cka = 0.995 - 0.002 * x - drop * late**2 if paper_like else 0.9 - 0.01 * x
+        pair = {"cka": cka, "cosine_similarity": 0.99 - 0.25 * late**2,
+                "mean_shift": 0.5 + 40 * late**3 + rng.uniform(0, 0.05)}
+        for m, v in pair.items():
+            rows.append((j, m, "pair", v, v - 0.01, v + 0.01))
+        for model, f in (("base", 1.0), ("sft", 1.03)):
+            single = {"effective_rank_norm": f * (0.2 + 0.5 * np.sin(np.pi * x) ** 0.5),
+                      "effective_rank": f * 300 * (0.2 + 0.5 * np.sin(np.pi * x) ** 0.5),
+                      "prompt_entropy": f * (0.6 + 0.2 * x),
+                      "dataset_entropy": f * (0.7 - 0.1 * x),
+                      "spectral_norm": f * (10 + 600 * late**3),
+                      "condition_number": f * (1e4 * (1 - 0.9 * np.sin(np.pi * x)))}
+            for m, v in single.items():
+                rows.append((j, m, model, v, np.nan, np.nan))
+    pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"]) \
+        .to_csv(folder / "metrics.csv", index=False)
+    names = ["cka", "cosine_similarity", "mean_shift", "effective_rank_norm", "spectral_norm"]
+    corr = []
+    for model in ("base", "sft", "pair"):
+        for i, a in enumerate(names):
+            for b in names[i:]:
+                r = 1.0 if a == b else float(np.tanh(rng.normal(0, 1)))
+                corr += [(model, a, b, r)] + ([(model, b, a, r)] if a != b else [])
+    df = pd.DataFrame(corr, columns=["model", "metric_a", "metric_b", "r"])
+    df.to_csv(folder / "correlation.csv", index=False)
+    return folder
+
+
+def make_weights(folder: Path, n_blocks: int, j_shaped: bool = True) -> Path:
+    _run_json(folder, "weights", n_blocks, **_ids(n_blocks))
+    rows = []
+    for b in range(n_blocks):
+        x = (b + 0.5) / n_blocks
+        rel = (0.05 + 0.08 * x**3) * (1 if n_blocks <= 16 else 1.15) if j_shaped else 0.08
+        for mod, f in (("attn", 1.0), ("q", 1.1), ("k", 0.9), ("v", 1.2), ("o", 0.8),
+                       ("mlp", 0.7)):
+            rows.append((b, mod, "relative", rel * f))
+            rows.append((b, mod, "frobenius", rel * f * 40))
+            rows.append((b, mod, "stable_rank", 3.0))
+    rows.append(("", "embed", "relative", 0.01))
+    rows.append(("", "lm_head", "relative", 0.02))
+    pd.DataFrame(rows, columns=["block", "module", "metric", "value"]).to_csv(
+        folder / "weights.csv", index=False)
+    return folder
+
+
+def make_probe(folder: Path, n_blocks: int, sharp: bool = True) -> Path:
+    _run_json(folder, "probe", n_blocks, dataset="mmlu", **_ids(n_blocks))
+    rows = []
+    for j in range(n_blocks + 1):
+        x = j / n_blocks
+        top = 0.6 if n_blocks <= 16 else 0.7
+        acc = 0.01 + top * max(0.0, (x - 0.8) / 0.2) ** 1.5 if sharp else 0.6 * x
+        for model, f in (("base", 0.9), ("sft", 1.0)):
+            a = acc * f
+            rows.append((j, model, "accuracy", a, a - 0.02, a + 0.02, 500))
+            rows.append((j, model, "loss", 10 - 7 * a / 0.6, np.nan, np.nan, 500))
+            rows.append((j, model, "answer_rank", 5000 * (1 - a) ** 8 + 1, np.nan, np.nan, 50))
+        rows.append((j, "pair", "agreement", 0.3 + 0.6 * x, np.nan, np.nan, 500))
+    pd.DataFrame(rows, columns=["layer", "model", "metric", "value", "ci_low", "ci_high", "n"]) \
+        .to_csv(folder / "probe.csv", index=False)
+    return folder
+
+
+def make_swap(folder: Path, n_blocks: int, inverted_u: bool = True) -> Path:
+    """As ``sftscope swap`` writes it: originals (direction none, mask 00000), hybrids."""
+    _run_json(folder, "swap", n_blocks, data="mmlu", segments=5, head="base", **_ids(n_blocks))
+    cols = ["config", "direction", "mask", "head", "metric", "value", "ci_low", "ci_high", "n"]
+    rows = []
+    refs = {"base": 0.520, "sft": 0.540}
+    for k, v in refs.items():
+        rows.append((k, "none", "00000", k, "accuracy", v, v - 0.01, v + 0.01, 1000))
+        rows.append((k, "none", "00000", k, "loss", 3 - v, 2.9 - v, 3.1 - v, 1000))
+    shape = [-0.004, 0.002, 0.003, 0.001, -0.006] if inverted_u else [
+        0.004, -0.002, -0.003, -0.001, 0.006]
+    for direction, host, donor in (("sft-into-base", "base", "sft"),
+                                   ("base-into-sft", "sft", "base")):
+        masks = ["".join("1" if j == i else "0" for j in range(5)) for i in range(5)]
+        for mask in [*masks, "01110"] + (["00000"] if donor == "base" else []):
+            d = shape[masks.index(mask)] if mask in masks else 0.002
+            v = refs[host] + d
+            cfg = f"{host}<-{donor}[{mask}]"
+            rows.append((cfg, direction, mask, "base", "accuracy", v, v - 0.01, v + 0.01, 1000))
+            rows.append((cfg, direction, mask, "base", "loss", 3 - v, 2.9 - v, 3.1 - v, 1000))
+    pd.DataFrame(rows, columns=cols).to_csv(folder / "swap.csv", index=False)
+    return folder
+
+
+def make_sweep(folder: Path, n_blocks: int, paper_like: bool = True) -> Path:
+    _run_json(folder, "sweep", n_blocks, {"primary_metric": "flexible"},
+              model=PAIRS[n_blocks][0], segments=5, rank=64)
+    paper = {"11111": 0.28, "10000": 0.22, "01000": 0.375, "00100": 0.31, "00010": 0.27,
+             "00001": 0.135, "01100": 0.33, "00110": 0.30, "01110": 0.32}
+    flat = {m: 0.30 - 0.01 * i for i, m in enumerate(PAPER_MASKS[5])}
+    scores = paper if paper_like else flat
+    rows = []
+    for m in PAPER_MASKS[5]:
+        v = scores[m]
+        n_active = sum(hi - lo for bit, (lo, hi) in zip(m, segment_bounds(n_blocks, 5))
+                       if bit == "1")
+        p = np.nan if m == "11111" else 0.04
+        rows.append((m, "0;1;2", 1_000_000 * n_active // n_blocks, "strict", v, v - 0.03,
+                     v + 0.03, 1319, p))
+        rows.append((m, "0;1;2", 1_000_000 * n_active // n_blocks, "flexible", v + 0.02,
+                     v - 0.01, v + 0.05, 1319, p))
+    pd.DataFrame(rows, columns=["mask", "seeds", "trainable_params", "metric", "mean",
+                                "ci_low", "ci_high", "n_items", "p_value"]).to_csv(
+        folder / "summary.csv", index=False)
+    return folder
+
+
+def make_scores(folder: Path, command: str, n_blocks: int) -> Path:
+    _run_json(folder, command, n_blocks, model=PAIRS[n_blocks][1], tasks=["gsm8k", "mmlu"])
+    pd.DataFrame([("gsm8k", "strict", 0.28, 0.26, 0.30, 1319),
+                  ("gsm8k", "flexible", 0.31, 0.29, 0.33, 1319),
+                  ("mmlu", "accuracy", 0.52, 0.51, 0.53, 14042)],
+                 columns=["task", "metric", "value", "ci_low", "ci_high", "n"]).to_csv(
+        folder / "scores.csv", index=False)
+    (folder / "predictions-gsm8k.jsonl").write_text('{"id": 0}\n')
+    return folder
+
+
+def make_all(root: Path) -> list[Path]:
+    runs = []
+    for L in (16, 32):
+        runs += [make_analyze(root / f"analyze{L}", L, seed=L), make_weights(root / f"w{L}", L),
+                 make_probe(root / f"probe{L}", L), make_swap(root / f"swap{L}", L)]
+    runs += [make_sweep(root / "sweep32", 32), make_scores(root / "eval16", "eval", 16)]
+    # A demo folder: run.json of its own and one sub-folder per step; a tune run with scores.
+    demo = root / "demo"
+    _run_json(demo, "demo", None)
+    make_sweep(demo / "sweep", 16)
+    make_scores(demo / "tune", "tune", 16)
+    runs.append(demo)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    from sftscope.report import build_report
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = make_all(root)
+    out = build_report(runs, out=root / "out" / "report.html")
+    return root, runs, out
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def _assert_not_blank(png: Path) -> None:
+    from matplotlib.image import imread
+
+    img = imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert float(img[..., :3].std()) > 0.01, f"{png} looks blank"
+
+
+def test_full_report_has_every_section_and_figure(full_report):
+    root, runs, out = full_report
+    html = out.read_text(encoding="utf-8")
+    for heading in SECTIONS:
+        assert heading in html, heading
+    assert "No swap results" not in html and "No mask-sweep" not in html
+    n_img = len(re.findall(r"<img\b", html))
+    assert n_img == len(FIGURES)
+    assert html.count("data:image/png;base64,") == len(FIGURES)
+    assert not EXTERNAL.search(html)
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html and "@import" not in html and "url(" not in html
+    assert "<details" in html and "findings" in html.lower()
+    # Legend names come from the configs; both depths appear.
+    assert "OLMo-2-0425-1B" in html and "OLMo-2-1124-7B" in html
+    figdir = runs[0] / "figures"
+    for stem in FIGURES:
+        _assert_not_blank(figdir / f"{stem}.png")
+    for stem in ("fig1_pair_metrics", "fig4_weight_change", "fig6_swap", "fig7_sweep",
+                 "eval_scores", "paper_patterns"):
+        assert (figdir / f"{stem}.csv").is_file()
+    t = pd.read_csv(figdir / "fig1_pair_metrics.csv")
+    assert {"run", "layer", "rel_depth", "cka", "cka ci_low"} <= set(t.columns)
+    assert t["rel_depth"].max() == pytest.approx(1.0) and len(t) == 17 + 33
+    w = pd.read_csv(figdir / "fig4_weight_change.csv")
+    assert w["rel_depth"].min() == pytest.approx(0.5 / 32)
+    scores = pd.read_csv(figdir / "eval_scores.csv")
+    assert set(scores["task"]) == {"gsm8k", "mmlu"} and len(scores) == 6  # eval + demo's tune
+    sweep = pd.read_csv(figdir / "fig7_sweep.csv", dtype={"mask": str})
+    assert "01000" in set(sweep["mask"])
+
+
+def test_findings_numbers(full_report):
+    _, _, out = full_report
+    html = out.read_text(encoding="utf-8")
+    assert "CKA stays above" in html
+    assert re.search(r"weight change is largest at block 31 \(relative depth 0\.98", html)
+    assert "flexible: best mask 01000 0.395" in html
+
+
+def test_analyze_only_marks_other_sections_absent(tmp_path):
+    from sftscope.report import build_report
+
+    run = make_analyze(tmp_path / "a", 16)
+    out = build_report([run], formats="png,pdf")
+    assert out == run / "report.html"
+    assert (run / "figures" / "fig1_pair_metrics.pdf").read_bytes()[:5] == b"%PDF-"
+    html = out.read_text(encoding="utf-8")
+    for heading in SECTIONS:
+        assert heading in html
+    assert "No swap results in these runs" in html
+    assert "No logit-lens (probe) results" in html
+    assert "No weight-change results" in html
+    assert "No mask-sweep results" in html
+    assert "No evaluation scores" in html
+    assert len(re.findall(r"<img\b", html)) == 3  # Fig. 1, 2, 5
+    _assert_not_blank(run / "figures" / "fig1_pair_metrics.png")
+
+
+def test_paper_patterns_hold_on_paper_like_data(tmp_path):
+    from sftscope.report import paper_patterns
+
+    runs = [make_analyze(tmp_path / "a", 32), make_weights(tmp_path / "w", 32),
+            make_probe(tmp_path / "p", 32), make_swap(tmp_path / "s", 32),
+            make_sweep(tmp_path / "sw", 32)]
+    pats = paper_patterns(runs)
+    assert len(pats) == 5
+    for p in pats:
+        assert set(p) == {"pattern", "holds", "evidence"}
+        assert p["holds"] is True, p
+    assert "01000" in pats[4]["evidence"] and "0.395" in pats[4]["evidence"]
+    assert "(flexible)" in pats[4]["evidence"]  # the sweep's primary metric from run.json
+    assert "x" in pats[1]["evidence"]
+
+
+def test_paper_patterns_fail_on_contrary_data(tmp_path):
+    from sftscope.report import paper_patterns
+
+    runs = [make_analyze(tmp_path / "a", 16, paper_like=False),
+            make_weights(tmp_path / "w", 16, j_shaped=False),
+            make_probe(tmp_path / "p", 16, sharp=False),
+            make_swap(tmp_path / "s", 16, inverted_u=False),
+            make_sweep(tmp_path / "sw", 16, paper_like=False)]
+    pats = paper_patterns(runs)
+    assert [p["holds"] for p in pats] == [False] * 5, pats
+    # Only analyze data: the others have no data (None).
+    only = paper_patterns([runs[0]])
+    assert only[0]["holds"] is False and [p["holds"] for p in only[1:]] == [None] * 4
+    assert "no run has" in only[3]["evidence"]
+
+
+def test_plot_functions_take_plain_tables(tmp_path):
+    from matplotlib.figure import Figure
+
+    from sftscope.report import plots
+
+    a = make_analyze(tmp_path / "a", 16)
+    fig = plots.plot_pair_metrics(pd.read_csv(a / "metrics.csv"))
+    assert isinstance(fig, Figure) and len(fig.axes) >= 3
+    assert "j / L" in fig.axes[0].get_xlabel()
+    w = make_weights(tmp_path / "w", 16)
+    fig = plots.plot_weight_change(pd.read_csv(w / "weights.csv"))
+    assert "block" in fig.axes[0].get_xlabel()
+    s = make_sweep(tmp_path / "s", 16)
+    assert isinstance(plots.plot_sweep_bars(pd.read_csv(s / "summary.csv")), Figure)
+
+
+def _cli(args: list[str]) -> int:
+    from sftscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    return e.value.code
+
+
+def test_cli_report_and_bad_input(tmp_path, capsys):
+    run = make_probe(tmp_path / "p", 16)
+    assert _cli(["report", str(run), "--out", str(tmp_path / "r.html"),
+                 "--figures-dir", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "r.html").is_file() and (tmp_path / "figs" / "fig3_logit_lens.png").is_file()
+    capsys.readouterr()
+
+    cases = {
+        "missing": tmp_path / "nope",
+        "file": tmp_path / "r.html",
+        "no run.json": tmp_path / "empty",
+        "no table": tmp_path / "tune-only",
+    }
+    (tmp_path / "empty").mkdir()
+    _run_json(tmp_path / "tune-only", "tune", 16)
+    for what, path in cases.items():
+        assert _cli(["report", str(path)]) == 2, what
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sftscope: error:") and len(err.splitlines()) == 1, (what, err)
+        assert "Traceback" not in err
+    assert _cli(["report", str(run), "--formats", "png,gif"]) == 2
+    bad = make_swap(tmp_path / "bad", 16)
+    pd.DataFrame({"x": [1]}).to_csv(bad / "swap.csv", index=False)
+    assert _cli(["report", str(bad)]) == 2
+    assert "lacks column" in capsys.readouterr().err
+    with pytest.raises(SftscopeError):
+        from sftscope.report import build_report
+
+        build_report([tmp_path / "nope"])
+
+
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(full_report, tmp_path):
+    _, _, out = full_report
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+              "--no-first-run", "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
+              f"--user-data-dir={tmp_path / 'profile'}"]
+    url = out.resolve().as_uri()
+    shot = tmp_path / "shot.png"
+    r = subprocess.run(common + [f"--screenshot={shot}", "--window-size=1280,2000",
+                                 "--enable-logging=stderr", "--v=0", url],
+                       capture_output=True, text=True, timeout=90)
+    assert shot.is_file(), r.stderr[-2000:]
+    _assert_not_blank(shot)
+    page_errors = [ln for ln in r.stderr.splitlines()
+                   if "Uncaught" in ln or ("CONSOLE" in ln and "file://" in ln)]
+    assert not page_errors, page_errors
+    dom = subprocess.run(common + ["--dump-dom", url], capture_output=True, text=True,
+                         timeout=90)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert len(re.findall(r"<img\b", dom.stdout)) == len(FIGURES)
+    assert dom.stdout.count('src="data:image/png;base64,') == len(FIGURES)
+    for heading in SECTIONS:
+        assert heading in dom.stdout.replace("&amp;", "&")
