@@ -1,0 +1,323 @@
+"""``sftscope swap``: hybrids of a Base/SFT pair, built by exchanging decoder blocks.
+
+For each mask (segment ``i`` of ``K`` covers blocks ``[(i*L)//K, ((i+1)*L)//K)``, bottom segment
+first) the blocks of the selected segments of the *host* are replaced by the *donor*'s, by
+module reference (no weight copies): SFT blocks into the base (``base<-sft[01000]``) and base
+blocks into the SFT model (``sft<-base[01000]``). The host keeps its embeddings; the final norm
+and the LM head come from the model the user names (``head``). The models are restored after
+each hybrid (try/finally), so their outputs afterwards are bit-identical to before.
+
+Each hybrid and both originals are evaluated on the data: teacher-forced next-token accuracy,
+loss and perplexity over real tokens and, for multiple-choice (MMLU-style) data, the choice
+accuracy by the log-likelihood of the option letters after the prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from sftscope.errors import SftscopeError
+from sftscope.experiments.lens import (
+    DEFAULT_CHUNK,
+    ChoiceSlot,
+    LensSums,
+    check_vocab,
+    choice_slots,
+    lens_pass,
+    model_bytes,
+    pair_tokenizer,
+    prepare_data,
+    ratio_ci,
+    release,
+    resolve_device,
+)
+from sftscope.io import Timer, run_record, write_json, write_table
+from sftscope.load.arch import arch_for, get_blocks, get_final_norm, get_head, get_submodule
+from sftscope.load.data import TokenizedSet
+from sftscope.load.models import LoadOptions, check_pair, fingerprint, load_config, load_model
+from sftscope.metrics.stats import proportion_ci
+from sftscope.progress import say
+from sftscope.segments import mask_blocks, mask_group, parse_mask, segment_bounds
+
+SWAP_COLUMNS = ["config", "direction", "mask", "head", "metric", "value", "ci_low", "ci_high",
+                "n"]
+MASK_GROUPS = ("singles", "paper", "all")
+DIRECTIONS = {"sft-into-base": ("base", "sft"), "base-into-sft": ("sft", "base")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Module surgery
+
+
+def _devices(mod: nn.Module) -> set[str]:
+    return {str(p.device) for p in mod.parameters()} | {str(b.device) for b in mod.buffers()}
+
+
+def _signature(mod: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(n, tuple(p.shape), str(p.dtype)) for n, p in mod.named_parameters()]
+
+
+def check_swappable(base: nn.Module, sft: nn.Module) -> int:
+    """Refuse a pair whose blocks cannot be exchanged; return the number of blocks."""
+    if type(base) is not type(sft):
+        raise SftscopeError(f"the pair cannot be swapped: {type(base).__name__} vs "
+                            f"{type(sft).__name__}; both models must have the same architecture")
+    bb, sb = get_blocks(base), get_blocks(sft)
+    if len(bb) != len(sb):
+        raise SftscopeError(f"the pair cannot be swapped: {len(bb)} vs {len(sb)} blocks")
+    for b, (x, y) in enumerate(zip(bb, sb, strict=True)):
+        if type(x) is not type(y) or _signature(x) != _signature(y):
+            diff = next(((p, q) for p, q in zip(_signature(x), _signature(y), strict=False)
+                         if p != q), None)
+            what = f" ({diff[0][0]}: {diff[0][1:]} vs {diff[1][1:]})" if diff else ""
+            raise SftscopeError(f"the pair cannot be swapped: block {b} differs between the "
+                                f"models{what}")
+    if _signature(get_final_norm(base)) != _signature(get_final_norm(sft)):
+        raise SftscopeError("the pair cannot be swapped: the final norms differ in shape")
+    hb, hs = get_head(base), get_head(sft)
+    if hb.weight.shape[1:] != hs.weight.shape[1:]:
+        raise SftscopeError("the pair cannot be swapped: the LM heads take different inputs")
+    return len(bb)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_submodule(root, parent) if parent else root, name, module)
+
+
+def _head_path(model: nn.Module) -> str:
+    head = get_head(model)
+    for name, mod in model.named_modules():
+        if mod is head:
+            return name
+    raise SftscopeError(f"the LM head of {type(model).__name__} is not a submodule; cannot swap it")
+
+
+def _same_devices(a: nn.Module, b: nn.Module, what: str, host: str, donor: str) -> None:
+    da, db = _devices(a), _devices(b)
+    if da != db:
+        raise SftscopeError(
+            f"{what} of {donor} is on {', '.join(sorted(db))} but {host}'s is on "
+            f"{', '.join(sorted(da))}; a swapped-in module must sit where the one it replaces "
+            f"does: load both models with the same --device or --device-map"
+        )
+
+
+@contextlib.contextmanager
+def swapped(host: nn.Module, donor: nn.Module, blocks: Sequence[int], *, head: bool = False,
+            names: tuple[str, str] = ("host", "donor")) -> Iterator[nn.Module]:
+    """``host`` with ``donor``'s ``blocks`` (and, with ``head``, its final norm and LM head).
+
+    Module references are assigned into the host's ``ModuleList`` (no copies); everything is
+    put back on exit, also on errors. Run hybrids with ``use_cache=False`` (blocks keep their
+    ``layer_idx``, the same index in both models).
+    """
+    spec = arch_for(host)
+    hb, db = get_blocks(host, spec), get_blocks(donor)
+    blocks = sorted(set(int(b) for b in blocks))
+    bad = [b for b in blocks if not 0 <= b < len(hb)]
+    if bad:
+        raise SftscopeError(f"block {bad[0]} does not exist (blocks 0..{len(hb) - 1})")
+    for b in blocks:
+        _same_devices(hb[b], db[b], f"block {b}", *names)
+    if head:
+        _same_devices(get_head(host), get_head(donor), "the LM head", *names)
+        _same_devices(get_final_norm(host), get_final_norm(donor), "the final norm", *names)
+    saved_blocks = {b: hb[b] for b in blocks}
+    saved_mods: dict[str, nn.Module] = {}
+    try:
+        for b in blocks:
+            hb[b] = db[b]
+        if head:
+            if spec.final_norm:
+                saved_mods[spec.final_norm] = get_final_norm(host, spec)
+                _set_module(host, spec.final_norm, get_final_norm(donor))
+            path = _head_path(host)
+            saved_mods[path] = get_head(host, spec)
+            _set_module(host, path, get_head(donor))
+        yield host
+    finally:
+        for b, mod in saved_blocks.items():
+            hb[b] = mod
+        for path, mod in saved_mods.items():
+            _set_module(host, path, mod)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def _rows(sums: LensSums, config: str, direction: str, mask: str, head: str, level: float,
+          n_boot: int, seed: int) -> list[dict[str, Any]]:
+    rows = []
+
+    def add(metric, value, lo, hi, n):
+        rows.append({"config": config, "direction": direction, "mask": mask, "head": head,
+                     "metric": metric, "value": float(value), "ci_low": float(lo),
+                     "ci_high": float(hi), "n": int(n)})
+
+    n_tok = int(sums.tokens.sum())
+    if n_tok:
+        k = int(round(sums.correct[:, 0].sum()))
+        add("accuracy", k / n_tok, *proportion_ci(k, n_tok, level), n_tok)
+        loss = sums.loss[:, 0].sum() / n_tok
+        lo, hi = ratio_ci(sums.loss[:, 0], sums.tokens, level, n_boot, seed)
+        add("loss", loss, lo, hi, n_tok)
+        add("perplexity", math.exp(loss), math.exp(lo) if not math.isnan(lo) else math.nan,
+            math.exp(hi) if not math.isnan(hi) else math.nan, n_tok)
+    has_c = sums.has_choice
+    if has_c.any():
+        v = sums.choice_correct[has_c, 0]
+        k = int(v.sum())
+        add("choice_accuracy", k / v.size, *proportion_ci(k, v.size, level), v.size)
+    return rows
+
+
+def swap_masks(segments: int, n_blocks: int, masks: str | Sequence[str] | None) -> list[str]:
+    """The one-segment masks of ``segments``, then the extra ``masks`` (validated)."""
+    segment_bounds(n_blocks, segments)
+    out = ["".join("1" if j == i else "0" for j in range(segments)) for i in range(segments)]
+    if masks:
+        text = masks if isinstance(masks, str) else ",".join(masks)
+        for item in (p.strip() for p in text.split(",") if p.strip()):
+            if item not in MASK_GROUPS:
+                parse_mask(item, segments)  # the clearest message for a malformed mask
+            out += mask_group(item, segments)
+    return list(dict.fromkeys(out))
+
+
+def evaluate_swaps(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *,
+                   segments: int, masks: Sequence[str], head: str = "base",
+                   directions: Sequence[str] = tuple(DIRECTIONS),
+                   choices: Sequence[ChoiceSlot | None] | None = None, batch_size: int = 8,
+                   chunk_elements: int = DEFAULT_CHUNK, level: float = 0.95,
+                   n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, int]:
+    """Evaluate both loaded originals and each hybrid (``masks`` x ``directions``).
+
+    When the head comes from the donor, the head-only hybrid (mask of zeros) is evaluated too,
+    so the effect of the blocks can be told from the effect of the head. Returns the table and
+    the number of blocks. The models are left as they were.
+    """
+    n_blocks = check_swappable(base, sft)
+    models = {"base": base, "sft": sft}
+    none = "0" * segments
+    rows: list[dict[str, Any]] = []
+
+    def run(model: nn.Module, label: str) -> LensSums:
+        return lens_pass(model, tok, pad_id, batch_size=batch_size, layers=[n_blocks],
+                         choices=choices, chunk_elements=chunk_elements, description=label)
+
+    for k in ("base", "sft"):
+        rows += _rows(run(models[k], k), k, "none", none, k, level, n_boot, seed)
+    for direction in directions:
+        host_k, donor_k = DIRECTIONS[direction]
+        head_from_donor = head == donor_k
+        for mask in ([none] if head_from_donor else []) + list(masks):
+            config = f"{host_k}<-{donor_k}[{mask}]"
+            with swapped(models[host_k], models[donor_k], mask_blocks(mask, n_blocks),
+                         head=head_from_donor, names=(host_k, donor_k)) as hybrid:
+                sums = run(hybrid, config)
+            rows += _rows(sums, config, direction, mask, head, level, n_boot, seed)
+    return pd.DataFrame(rows, columns=SWAP_COLUMNS), n_blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment
+
+
+def swap(*, base: str, sft: str, data: str, out: str | Path | None = None, segments: int = 5,
+         masks: str | Sequence[str] | None = None, head: str = "base",
+         directions: str = "both", tokenizer: str | None = None, max_length: int = 512,
+         batch_size: int = 8, n: int | None = 100, seed: int = 0, dtype: str = "auto",
+         device: str = "cpu", device_map: str | None = None, chat_template: bool = False,
+         text_field: str | None = None, template: str | None = None, split: str | None = None,
+         level: float = 0.95, n_boot: int = 1000, chunk_elements: int = DEFAULT_CHUNK,
+         base_revision: str | None = None, sft_revision: str | None = None) -> pd.DataFrame:
+    """Evaluate both originals and every block-swapped hybrid; return the tidy table.
+
+    ``masks``: extra masks or groups (``01000,00110``, ``paper``, ``all``) besides the
+    one-segment masks. ``head``: ``base`` or ``sft``, the model whose final norm and LM head
+    every hybrid uses. ``directions``: ``both``, ``sft-into-base`` or ``base-into-sft``.
+    Columns: ``SWAP_COLUMNS``. With ``out``: writes ``swap.csv`` and ``run.json`` there.
+    """
+    timer = Timer()
+    if head not in ("base", "sft"):
+        raise SftscopeError(f"--head must be base or sft, got {head!r}")
+    if directions == "both":
+        dirs = list(DIRECTIONS)
+    elif directions in DIRECTIONS:
+        dirs = [directions]
+    else:
+        raise SftscopeError(f"--directions must be both, sft-into-base or base-into-sft, "
+                            f"got {directions!r}")
+    device = resolve_device(device)
+    specs = {"base": base, "sft": sft}
+    revs = {"base": base_revision, "sft": sft_revision}
+    with timer("validate"):
+        cfgs = {k: load_config(v, revision=revs[k]) for k, v in specs.items()}
+        info = check_pair(cfgs["base"], cfgs["sft"], base, sft)
+        if cfgs["base"].model_type != cfgs["sft"].model_type:
+            raise SftscopeError(f"the pair cannot be swapped: model types "
+                                f"{cfgs['base'].model_type} and {cfgs['sft'].model_type} differ")
+        mask_list = swap_masks(segments, info.n_blocks, masks)
+        notes = list(info.notes)
+        tokz, tok_notes = pair_tokenizer(tokenizer, specs, revs, chat_template)
+        notes += tok_notes
+        samples, tok, data_notes = prepare_data(
+            data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
+            text_field=text_field, template=template, split=split)
+        notes += data_notes
+        choices: list[ChoiceSlot | None] = [None] * len(samples)
+        if any(s.meta.get("letter") for s in samples):
+            choices, n_amb = choice_slots(samples, tok, tokz, chat_template)
+            if n_amb:
+                notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the "
+                             f"option letters do not start with distinct tokens")
+    for note in notes:
+        say(f"[yellow]note:[/] {note}")
+    pad_id = tokz.pad_token_id if tokz.pad_token_id is not None else 0
+    opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map)
+            for k in specs}
+    models: dict[str, nn.Module] = {}
+    nbytes = 0
+    try:
+        with timer("load"):
+            for k, spec in specs.items():
+                models[k] = load_model(spec, opts[k])
+                nbytes += model_bytes(models[k])
+                check_vocab(models[k], tok, k)
+        with timer("evaluate"):
+            df, n_blocks = evaluate_swaps(
+                models["base"], models["sft"], tok, pad_id, segments=segments, masks=mask_list,
+                head=head, directions=dirs, choices=choices, batch_size=batch_size,
+                chunk_elements=chunk_elements, level=level, n_boot=n_boot, seed=seed)
+    finally:
+        models.clear()
+        release(nbytes)
+    if out is not None:
+        out = Path(out)
+        config = dict(base=base, sft=sft, data=data, segments=segments, masks=masks, head=head,
+                      directions=directions, tokenizer=tokenizer, max_length=max_length,
+                      batch_size=batch_size, n=n, seed=seed, dtype=dtype, device=device,
+                      device_map=device_map, chat_template=chat_template, text_field=text_field,
+                      template=template, split=split, level=level, n_boot=n_boot,
+                      base_revision=base_revision, sft_revision=sft_revision)
+        bounds = segment_bounds(n_blocks, segments)
+        write_table(df, out / "swap.csv")
+        write_json(out / "run.json", run_record(
+            "swap", config, n_blocks=n_blocks, segments=segments,
+            segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=mask_list,
+            head=head, embeddings="host (the model receiving the blocks)",
+            models={k: fingerprint(v, revs[k]) for k, v in specs.items()},
+            n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
+            n_truncated=tok.n_truncated, n_choice_items=sum(c is not None for c in choices),
+            notes=notes, timings=timer.seconds))
+    return df
+

@@ -1,0 +1,268 @@
+"""Logit-lens probing: parity with the model's logits, hand-checked values, padding, the pair's
+agreement, answer slots, and the ``probe`` command end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sftscope.cli import main
+from sftscope.errors import SftscopeError
+from sftscope.experiments.lens import (
+    PROBE_COLUMNS,
+    Lens,
+    answer_slots,
+    choice_slots,
+    lens_logits,
+    prepare_data,
+    probe,
+)
+from sftscope.load import data as D
+from sftscope.load.arch import get_blocks, get_final_norm, get_head
+from sftscope.load.models import load_model, load_tokenizer
+from sftscope.load.tiny import save_tiny_model, train_tokenizer
+
+LETTER_TEXT = [f"Question: What is {a} plus {b}?\nA. {a + b}\nB. {a}\nC. {b}\nD. 0\nAnswer: {x}"
+               for a, b, x in [(1, 2, "A"), (3, 4, "B"), (5, 6, "C"), (7, 8, "D")]] * 6
+
+
+def _enc(tok, texts):
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("family,cfg", [("llama", {}), ("gpt2", {}), ("olmo2", {}),
+                                        ("gemma2", {"final_logit_softcapping": 30.0})])
+def test_lens_last_layer_is_model_logits(model_dir, family, cfg):
+    path = model_dir(family, **cfg)
+    model = load_model(str(path))
+    tok = load_tokenizer(str(path))
+    enc = _enc(tok, ["Question: What is 3 plus 4?\nAnswer: 7", "The fox"])
+    layers = lens_logits(model, enc["input_ids"], enc["attention_mask"])
+    assert len(layers) == len(get_blocks(model)) + 1
+    with torch.no_grad():
+        ref = model(**enc, use_cache=False).logits.float()
+    torch.testing.assert_close(layers[-1], ref, rtol=1e-6, atol=1e-6)
+    if family == "gemma2":
+        lens = Lens(model)
+        assert lens.cap == 30.0
+        assert layers[-1].abs().max() <= 30.0
+    if family == "gpt2":  # tied: the head's weight is the embedding matrix, ln_f is the norm
+        assert get_head(model).weight is model.get_input_embeddings().weight
+        assert get_final_norm(model) is model.transformer.ln_f
+
+
+def _direct(model, tok_set: D.TokenizedSet, answers):
+    """Per layer (accuracy count, loss sum, n tokens, answer probs) by a plain full computation
+    through ``output_hidden_states`` (j < L) and the model's own logits (j = L)."""
+    n_layers = len(get_blocks(model))
+    norm, head = get_final_norm(model), get_head(model)
+    correct = np.zeros(n_layers + 1)
+    loss = np.zeros(n_layers + 1)
+    probs: list[list[float]] = [[] for _ in range(n_layers + 1)]
+    n_tok = 0
+    for ids, slot in zip(tok_set.input_ids, answers, strict=True):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            out = model(input_ids=x, output_hidden_states=True, use_cache=False)
+            per_layer = [head(norm(h)) for h in out.hidden_states[:n_layers]] + [out.logits]
+        n_tok += len(ids) - 1
+        for j, logits in enumerate(per_layer):
+            lg = logits[0, :-1].float()
+            tgt = x[0, 1:]
+            correct[j] += (lg.argmax(-1) == tgt).sum().item()
+            loss[j] += F.cross_entropy(lg, tgt, reduction="sum").item()
+            if slot is not None:
+                probs[j].append(logits[0, slot.position].float().softmax(-1)[slot.target].item())
+    return correct, loss, n_tok, probs
+
+
+def _value(df, layer, model, metric):
+    row = df[(df.layer == layer) & (df.model == model) & (df.metric == metric)]
+    assert len(row) == 1, (layer, model, metric)
+    return row.iloc[0]
+
+
+def test_probe_matches_direct_computation(model_dir, gsm8k_file):
+    base, sft = model_dir("llama", seed=0), model_dir("llama", seed=1)
+    df = probe(data=f"gsm8k:{gsm8k_file}", base=str(base), sft=str(sft), n=6, batch_size=4,
+               max_length=64, n_boot=50)
+    assert list(df.columns) == PROBE_COLUMNS
+    tokz = load_tokenizer(str(base))
+    samples, tok_set, _ = prepare_data(f"gsm8k:{gsm8k_file}", tokz, n=6, seed=0, max_length=64,
+                                       chat_template=False, text_field=None, template=None)
+    answers = answer_slots(samples, tok_set, tokz)
+    assert all(a is not None for a in answers)
+    top1 = {}
+    for label, path in (("base", base), ("sft", sft)):
+        model = load_model(str(path))
+        correct, loss, n_tok, probs = _direct(model, tok_set, answers)
+        for j in range(len(correct)):
+            acc = _value(df, j, label, "accuracy")
+            assert acc.n == n_tok
+            assert acc.value == pytest.approx(correct[j] / n_tok, abs=1e-12)
+            assert acc.ci_low <= acc.value <= acc.ci_high
+            assert _value(df, j, label, "loss").value == pytest.approx(loss[j] / n_tok, rel=1e-5)
+            ap = _value(df, j, label, "answer_prob")
+            assert ap.n == 6
+            assert ap.value == pytest.approx(np.mean(probs[j]), rel=1e-4)
+        top1[label] = [torch.stack(lens_logits(model, torch.tensor([ids])))[:, 0, :-1].argmax(-1)
+                       for ids in tok_set.input_ids]
+    n_layers = top1["base"][0].shape[0]
+    for j in range(n_layers):
+        same = sum(int((b[j] == s[j]).sum()) for b, s in zip(top1["base"], top1["sft"],
+                                                             strict=True))
+        agr = _value(df, j, "pair", "agreement")
+        assert agr.value == pytest.approx(same / agr.n, abs=1e-12)
+
+
+def test_hand_checkable_zero_head(tmp_path, model_dir, tokenizer, gsm8k_file):
+    """A zero LM head gives uniform logits at every layer: loss = log V, answer prob = 1/V,
+    answer rank 1, and accuracy 0 (argmax is token 0, the pad token, never a target)."""
+    model = load_model(str(model_dir("llama")))
+    with torch.no_grad():
+        get_head(model).weight.zero_()
+    path = tmp_path / "zero"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    df = probe(data=f"gsm8k:{gsm8k_file}", model=str(path), n=4, batch_size=2, n_boot=20)
+    vocab = len(tokenizer)
+    assert set(df.model) == {"zero"}
+    assert sorted(df.layer.unique()) == list(range(len(get_blocks(model)) + 1))
+    for metric, expected in (("loss", math.log(vocab)), ("answer_prob", 1 / vocab),
+                             ("answer_rank", 1.0), ("accuracy", 0.0)):
+        vals = df[df.metric == metric].value.to_numpy()
+        np.testing.assert_allclose(vals, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_padding_invariance_and_self_agreement(model_dir, gsm8k_file):
+    path = str(model_dir("olmo2"))
+    kw = dict(data=f"gsm8k:{gsm8k_file}", n=8, max_length=64, n_boot=20)
+    one = probe(model=path, batch_size=1, **kw)
+    four = probe(model=path, batch_size=4, **kw)
+    pd.testing.assert_frame_equal(one[["layer", "model", "metric", "n"]],
+                                  four[["layer", "model", "metric", "n"]])
+    acc = one.metric == "accuracy"
+    np.testing.assert_array_equal(one[acc].value, four[acc].value)
+    np.testing.assert_allclose(one.value, four.value, rtol=1e-4, atol=1e-6)
+    pair = probe(base=path, sft=path, batch_size=3, **kw)
+    agr = pair[pair.metric == "agreement"]
+    assert (agr.model == "pair").all() and np.all(agr.value == 1.0)
+    b = pair[pair.model == "base"].reset_index(drop=True)
+    s = pair[pair.model == "sft"].reset_index(drop=True)
+    np.testing.assert_array_equal(b.value, s.value)
+
+
+def test_answer_and_choice_slots(tmp_path):
+    tok = train_tokenizer(LETTER_TEXT)
+    for c in "ABCD":
+        assert len(tok(" " + c)["input_ids"]) == 1
+    rows = [{"question": "What is 3 plus 4?", "choices": ["7", "3", "4", "0"], "answer": 0},
+            {"question": "What is 5 plus 6?", "choices": ["5", "11", "6", "0"], "answer": 1}]
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text("\n".join(json.dumps(r) for r in rows))
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 3 plus 4?", "answer": "3+4=7\n#### 17"}))
+    samples, ts, _ = prepare_data(f"mmlu:{mmlu}", tok, n=None, seed=0, max_length=128,
+                                  chat_template=False, text_field=None, template=None)
+    slots = answer_slots(samples, ts, tok)
+    choices, n_amb = choice_slots(samples, ts, tok)
+    assert n_amb == 0
+    for s, ids, plen, slot, ch in zip(samples, ts.input_ids, ts.prompt_lengths, slots, choices,
+                                      strict=True):
+        assert slot.position == plen - 1 and tok.decode([slot.target]) == " " + s.meta["letter"]
+        assert ids[plen] == slot.target
+        assert [tok.decode([t]) for t in ch.candidates] == [" A", " B", " C", " D"]
+        assert "ABCD"[ch.correct] == s.meta["letter"]
+    samples, ts, _ = prepare_data(f"gsm8k:{gsm}", tok, n=None, seed=0, max_length=128,
+                                  chat_template=False, text_field=None, template=None)
+    (slot,) = answer_slots(samples, ts, tok)
+    # The final number's first content token ("1" of 17), right after the prompt.
+    assert tok.decode([slot.target]) == "1"
+    assert slot.position in (ts.prompt_lengths[0] - 1, ts.prompt_lengths[0])
+
+
+def test_choice_accuracy_matches_direct(tmp_path):
+    tok = train_tokenizer(LETTER_TEXT)
+    path = save_tiny_model(tmp_path / "m", "llama", seed=3, tokenizer=tok)
+    rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a), str(b), "0"],
+             "answer": i % 4} for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8),
+                                                           (2, 2), (9, 1)])]
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text("\n".join(json.dumps(r) for r in rows))
+    df = probe(data=f"mmlu:{mmlu}", model=str(path), n=None, batch_size=4, n_boot=20)
+    model = load_model(str(path))
+    samples, ts, _ = prepare_data(f"mmlu:{mmlu}", tok, n=None, seed=0, max_length=512,
+                                  chat_template=False, text_field=None, template=None)
+    choices, _ = choice_slots(samples, ts, tok)
+    n_layers = len(get_blocks(model))
+    hits = 0
+    for ids, ch in zip(ts.input_ids, choices, strict=True):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, ch.position]
+        hits += int(int(logits[list(ch.candidates)].argmax()) == ch.correct)
+    row = _value(df, n_layers, "m", "choice_accuracy")
+    assert row.n == len(rows) and row.value == pytest.approx(hits / len(rows))
+
+
+def _cli(args, capsys):
+    capsys.readouterr()  # drop what fixtures printed (model saving)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    return e.value.code, capsys.readouterr()
+
+
+def test_probe_cli_end_to_end(tmp_path, model_dir, gsm8k_file, capsys):
+    out = tmp_path / "run"
+    code, _ = _cli(["probe", "--base", str(model_dir("gpt2")), "--sft",
+                    str(model_dir("gpt2", seed=1)), "--data", f"gsm8k:{gsm8k_file}",
+                    "--out", str(out), "--n", "5", "--batch-size", "2", "--max-length", "160",
+                    "--bootstrap", "20"], capsys)
+    assert code == 0
+    df = pd.read_csv(out / "probe.csv")
+    assert list(df.columns) == PROBE_COLUMNS
+    assert set(df.model) == {"base", "sft", "pair"}
+    assert {"accuracy", "loss", "answer_prob", "answer_rank", "agreement"} <= set(df.metric)
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"] == "probe" and run["n_blocks"] == 4
+    assert sorted(df.layer.unique()) == list(range(5))
+
+
+@pytest.mark.parametrize("case", ["missing", "both", "neither", "empty", "no_text"])
+def test_probe_bad_input_one_line(tmp_path, model_dir, gsm8k_file, capsys, case):
+    path = str(model_dir("llama"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    data = f"gsm8k:{gsm8k_file}"
+    args = {"missing": ["--model", str(tmp_path / "nope"), "--data", data],
+            "both": ["--model", path, "--base", path, "--sft", path, "--data", data],
+            "neither": ["--data", data],
+            "empty": ["--model", path, "--data", str(empty)],
+            "no_text": ["--model", path, "--data", str(gsm8k_file)]}[case]
+    code, cap = _cli(["probe", *args, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sftscope: error:"), cap.err
+    assert "Traceback" not in cap.err
+    assert not (tmp_path / "o" / "probe.csv").exists()
+
+
+def test_api_errors(model_dir, gsm8k_file):
+    with pytest.raises(SftscopeError, match="--batch-size"):
+        probe(model=str(model_dir("llama")), data=f"gsm8k:{gsm8k_file}", batch_size=0)
+    with pytest.raises(SftscopeError, match="--n"):
+        probe(model=str(model_dir("llama")), data=f"gsm8k:{gsm8k_file}", n=0)
+
+
+def test_chunked_lens_equals_unchunked(model_dir, gsm8k_file):
+    path = str(model_dir("llama"))
+    kw = dict(model=path, data=f"gsm8k:{gsm8k_file}", n=4, batch_size=4, n_boot=20)
+    big = probe(**kw)
+    small = probe(chunk_elements=1, **kw)  # one row per chunk
+    np.testing.assert_allclose(big.value, small.value, rtol=1e-5, atol=1e-7)
+
