@@ -1,0 +1,808 @@
+"""Mid-Block Efficient Tuning: LoRA on the blocks a mask selects, at an equal parameter budget.
+
+- Blocks: a mask over ``K`` depth segments (bottom segment first) or an explicit block list.
+- Modules: the attention projections of the architecture map (q, k, v, o; a fused qkv for
+  GPT-2 / NeoX / Phi-3), optionally the MLP; given to PEFT as block-relative paths
+  (``self_attn.q_proj``, ``attn.c_proj``) with ``layers_to_transform`` + ``layers_pattern``.
+  Block-relative paths rather than leaf names because a leaf name can be ambiguous (GPT-2 has
+  ``attn.c_proj`` and ``mlp.c_proj``). The adapted modules are checked by walking the model.
+- Budget: ``rank`` is the full-depth rank; a mask with ``m`` of ``L`` blocks gets
+  ``round(rank * L / m)``, so the trainable parameters stay within a few percent.
+- Scale: ``alpha = alpha_ratio * rank`` (constant ``alpha/r``) by default; ``rslora`` uses
+  ``alpha = alpha_ratio * sqrt(full rank)`` with PEFT's ``alpha/sqrt(r)`` (equal to the default
+  at full depth, rank-stabilised elsewhere); a fixed ``alpha`` (the ``reference`` preset: 128)
+  reproduces the research code.
+- Training: transformers ``Trainer`` with completion-only loss (labels -100 on prompt and pad).
+  Blocks below the lowest adapted block get no backward pass: nothing there requires a gradient
+  and input gradients are never forced (gradient checkpointing is non-reentrant, so it does not
+  need them either).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sftscope.errors import SftscopeError
+from sftscope.experiments.evaluate import EvalConfig, EvalResult
+from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
+from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks
+from sftscope.progress import enabled as progress_enabled
+from sftscope.progress import say
+from sftscope.segments import mask_blocks, parse_blocks, parse_mask
+
+PRESETS = ("default", "reference")
+REFERENCE_ALPHA = 128.0
+REFERENCE_MAX_LENGTH = 128
+REPORT_TO = ("none", "tensorboard", "wandb")
+META_FILE = "sftscope.json"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Everything ``tune`` needs; mirrored one-to-one by ``sftscope tune`` flags.
+
+    Give ``mask`` (with ``segments`` = its length by default) or ``blocks`` (``"6-11,14"``).
+    ``rank`` is the full-depth budget. ``n_train`` examples are a seeded (``data_seed``)
+    subsample of ``train`` (``None`` = all). ``max_length=None`` keeps every example whole.
+    ``eval_task`` is ``gsm8k``, ``gsm8k:PATH``, ``mmlu:PATH`` or ``perplexity:SOURCE``.
+    The ``reference`` preset sets, for fields left at their defaults: alpha 128, max length
+    128, loss on the whole text, and 0-shot / 64-token / 100-item evaluation.
+    """
+
+    model: str
+    train: str
+    out: str
+    mask: str | None = None
+    segments: int | None = None
+    blocks: str | None = None
+    rank: float = 64
+    alpha_ratio: float = 2.0
+    alpha: float | None = None
+    rslora: bool = False
+    mlp: bool = False
+    dropout: float = 0.05
+    lr: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    micro_batch_size: int = 8
+    warmup_steps: float = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    completion_only: bool = True
+    chat_template: bool = False
+    n_train: int | None = 2000
+    data_seed: int = 0
+    train_split: str = "train"
+    text_field: str | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    save_steps: int = 100
+    save_total_limit: int = 2
+    keep_checkpoints: bool = False
+    logging_steps: int = 10
+    resume: bool = False
+    report_to: str = "none"
+    revision: str | None = None
+    tokenizer: str | None = None
+    preset: str = "default"
+    run_eval: bool = True
+    eval_task: str | None = None
+    eval_limit: int | None = None
+    eval_shots: int | None = None
+    eval_fewshot_data: str | None = None
+    eval_max_new_tokens: int = 256
+    eval_batch_size: int = 16
+
+
+@dataclass
+class TuneResult:
+    """What was trained, how big it is, how it went, and where it is."""
+
+    out: str
+    adapter_dir: str
+    model: str
+    mask: str | None
+    segments: int | None
+    blocks: list[int]
+    n_blocks: int
+    full_rank: float
+    rank: int
+    alpha: float
+    scaling: float
+    rslora: bool
+    mlp: bool
+    modules: list[str]
+    trainable_params: int
+    full_depth_params: int
+    budget_ratio: float
+    seed: int
+    dtype: str
+    n_train: int
+    n_truncated: int
+    max_length: int
+    longest_example: int
+    steps: int
+    train_loss: float | None
+    loss_history: list[float]
+    step_time_s: float | None
+    resumed_from: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+    eval: EvalResult | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TuneResult:
+        """Rebuild from ``asdict`` output (as stored in run.json under ``result``)."""
+        d = dict(d)
+        if d.get("eval") is not None:
+            d["eval"] = EvalResult.from_dict(d["eval"])
+        return cls(**d)
+
+
+# ------------------------------------------------------------------ configuration
+
+def resolve_config(cfg: TuneConfig) -> TuneConfig:
+    """Apply the preset to fields left at their defaults and check the plain values."""
+    if cfg.preset not in PRESETS:
+        raise SftscopeError(f"unknown preset {cfg.preset!r}; use {' or '.join(PRESETS)}")
+    if cfg.preset == "reference":
+        d = TuneConfig(model="", train="", out="")
+        ch: dict[str, Any] = {}
+        if cfg.alpha is None:
+            ch["alpha"] = REFERENCE_ALPHA
+        if cfg.max_length is None:
+            ch["max_length"] = REFERENCE_MAX_LENGTH
+        if cfg.completion_only == d.completion_only:
+            ch["completion_only"] = False
+        if cfg.eval_shots is None:
+            ch["eval_shots"] = 0
+        if cfg.eval_max_new_tokens == d.eval_max_new_tokens:
+            ch["eval_max_new_tokens"] = 64
+        if cfg.eval_limit is None:
+            ch["eval_limit"] = 100
+        cfg = replace(cfg, **ch)
+    if (cfg.mask is None) == (cfg.blocks is None):
+        raise SftscopeError("give either --mask (e.g. 01000) or --blocks (e.g. 6-11), not both")
+    if cfg.rank <= 0:
+        raise SftscopeError(f"--rank must be positive, got {cfg.rank}")
+    if cfg.alpha is not None and cfg.alpha <= 0:
+        raise SftscopeError(f"--alpha must be positive, got {cfg.alpha}")
+    if cfg.alpha_ratio <= 0:
+        raise SftscopeError(f"--alpha-ratio must be positive, got {cfg.alpha_ratio}")
+    if not 0 <= cfg.dropout < 1:
+        raise SftscopeError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.batch_size < 1 or cfg.micro_batch_size < 1:
+        raise SftscopeError("--batch-size and --micro-batch-size must be >= 1")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise SftscopeError(f"--max-length must be >= 2, got {cfg.max_length}")
+    if cfg.report_to not in REPORT_TO:
+        raise SftscopeError(f"--report-to {cfg.report_to!r}: use {', '.join(REPORT_TO)}")
+    if cfg.mask is not None:
+        parse_mask(cfg.mask, cfg.segments)
+    return cfg
+
+
+def select_blocks(cfg: TuneConfig, n_blocks: int) -> list[int]:
+    """The adapted blocks: from the mask (bottom segment first) or the explicit list."""
+    if cfg.mask is not None:
+        mask = parse_mask(cfg.mask, cfg.segments)
+        blocks = mask_blocks(mask, n_blocks)
+    else:
+        blocks = parse_blocks(str(cfg.blocks), n_blocks)
+    if not blocks:
+        raise SftscopeError("the selection adapts no block; set at least one 1 in the mask")
+    return blocks
+
+
+def budget_rank(full_rank: float, n_blocks: int, n_active: int) -> int:
+    """``round(full_rank * n_blocks / n_active)`` (half up): the equal-budget rank."""
+    if n_active < 1:
+        raise SftscopeError("the selection adapts no block; set at least one 1 in the mask")
+    exact = full_rank * n_blocks / n_active
+    rank = int(math.floor(exact + 0.5))
+    if rank < 1:
+        raise SftscopeError(f"--rank {full_rank} over {n_blocks} blocks gives rank {exact:.3g} "
+                            f"on {n_active} blocks, which rounds to 0; raise --rank")
+    return rank
+
+
+def lora_alpha(cfg: TuneConfig, rank: int) -> tuple[float, float]:
+    """``(alpha, scaling)`` for the adapted rank (see the module docstring)."""
+    if cfg.alpha is not None:
+        alpha = float(cfg.alpha)
+    elif cfg.rslora:
+        alpha = cfg.alpha_ratio * math.sqrt(cfg.rank)
+    else:
+        alpha = cfg.alpha_ratio * rank
+    scaling = alpha / math.sqrt(rank) if cfg.rslora else alpha / rank
+    return alpha, scaling
+
+
+# ------------------------------------------------------------------ targets and adapters
+
+def target_paths(spec: ArchSpec, mlp: bool = False) -> list[str]:
+    """Block-relative paths of the modules LoRA targets (attention; MLP too if asked)."""
+    paths = [spec.attn[r] for r in ATTN_ROLES if r in spec.attn]
+    if spec.fused_qkv:
+        paths.append(spec.fused_qkv)
+    if mlp:
+        paths += list(spec.mlp.values())
+    return sorted(dict.fromkeys(paths))
+
+
+def module_in_out(mod: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or a GPT-2 Conv1D (weight ``(in, out)``)."""
+    if isinstance(mod, nn.Linear):
+        return mod.in_features, mod.out_features
+    w = getattr(mod, "weight", None)
+    if type(mod).__name__ == "Conv1D" and w is not None and w.dim() == 2:
+        return int(w.shape[0]), int(w.shape[1])
+    raise SftscopeError(f"{type(mod).__name__} is not a linear layer LoRA can adapt")
+
+
+def lora_targets(model: nn.Module, blocks: list[int], mlp: bool = False,
+                 spec: ArchSpec | None = None) -> list[str]:
+    """Full module names that will get adapters; fails if the model lacks any of them."""
+    spec = spec or arch_for(model)
+    rels = target_paths(spec, mlp)
+    kind = "attention" + (" or MLP" if mlp else "")
+    if not rels:
+        raise SftscopeError(f"{type(model).__name__} has no {kind} projections in the "
+                            f"architecture map ({spec.family}); add them to "
+                            f"sftscope/load/arch.py")
+    names = []
+    for b in blocks:
+        for rel in rels:
+            path = f"{spec.blocks}.{b}.{rel}"
+            try:
+                mod = model.get_submodule(path)
+            except AttributeError as e:
+                raise SftscopeError(
+                    f"{type(model).__name__} has no module {path!r}: the model does not have "
+                    f"the {kind} projections LoRA targets ({', '.join(rels)})") from e
+            module_in_out(mod)
+            names.append(path)
+    return names
+
+
+def lora_param_count(model: nn.Module, names: list[str], rank: float) -> int:
+    """LoRA parameters of rank ``rank`` on the named modules: ``rank * (in + out)`` each."""
+    return int(round(sum(rank * sum(module_in_out(model.get_submodule(n))) for n in names)))
+
+
+def adapted_modules(model: nn.Module) -> list[str]:
+    """Names (relative to the base model) of the modules that hold a LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            for prefix in ("base_model.model.", "base_model."):
+                if name.startswith(prefix):
+                    name = name[len(prefix):]
+                    break
+            out.append(name)
+    return sorted(out)
+
+
+def trainable_params(model: nn.Module) -> int:
+    """Number of parameters that require a gradient."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def apply_lora(model: nn.Module, blocks: list[int], *, rank: int, alpha: float,
+               dropout: float = 0.05, mlp: bool = False, rslora: bool = False,
+               spec: ArchSpec | None = None):
+    """Wrap ``model`` with LoRA on the target modules of ``blocks``; returns the PEFT model.
+
+    Checks by walking the model that exactly the expected modules got adapters, and removes
+    any input-gradient hook PEFT may have added (none is needed; see the module docstring).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    spec = spec or arch_for(model)
+    expected = lora_targets(model, blocks, mlp, spec)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_paths(spec, mlp),
+        layers_to_transform=sorted(blocks), layers_pattern=spec.blocks.split(".")[-1],
+        bias="none", task_type="CAUSAL_LM", use_rslora=rslora, fan_in_fan_out=spec.conv1d,
+    )
+    try:
+        with warnings.catch_warnings():  # PEFT reads a deprecated transformers attribute
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise SftscopeError(f"PEFT could not place LoRA on {type(model).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}") from e
+    _drop_input_grad_hooks(peft_model)
+    got = adapted_modules(peft_model)
+    if got != sorted(expected):
+        extra = sorted(set(got) - set(expected))[:3]
+        missing = sorted(set(expected) - set(got))[:3]
+        raise SftscopeError(f"LoRA landed on the wrong modules (unexpected: {extra}, missing: "
+                            f"{missing}); the architecture map does not fit this model")
+    return peft_model
+
+
+def _drop_input_grad_hooks(model: nn.Module) -> None:
+    """Remove ``enable_input_require_grads`` hooks: they would make every block below the
+    lowest adapted one take part in the backward pass for nothing."""
+    for mod in model.modules():
+        if getattr(mod, "_require_grads_hooks", None) and hasattr(mod,
+                                                                  "disable_input_require_grads"):
+            mod.disable_input_require_grads()
+
+
+def has_input_grad_hook(model: nn.Module) -> bool:
+    """True if any sub-model forces its input embeddings to require a gradient."""
+    return any(getattr(m, "_require_grads_hooks", None) for m in model.modules())
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, without forcing input gradients."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    _drop_input_grad_hooks(model)
+
+
+# ------------------------------------------------------------------ loading an adapter
+
+def adapter_folder(adapter: str | Path) -> Path:
+    """The PEFT folder: ``adapter`` itself or ``adapter/adapter`` (a tune run folder)."""
+    p = Path(os.path.expanduser(str(adapter)))
+    if not p.exists():
+        raise SftscopeError(f"adapter {adapter} does not exist; give the adapter folder "
+                            f"(RUN/adapter of a tune run)")
+    if (p / "adapter_config.json").is_file():
+        return p
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    raise SftscopeError(f"adapter {adapter} has no adapter_config.json; give a PEFT adapter "
+                        f"folder (RUN/adapter of a tune run)")
+
+
+def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    st = folder / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(st), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        except Exception as e:  # corrupt file
+            raise SftscopeError(f"adapter weights {st} could not be read ({e})") from e
+    b = folder / "adapter_model.bin"
+    if b.is_file():
+        sd = torch.load(b, map_location="cpu", weights_only=True)
+        return {k: tuple(v.shape) for k, v in sd.items()}
+    raise SftscopeError(f"adapter {folder} has no adapter_model.safetensors or .bin")
+
+
+def check_adapter(model: nn.Module, adapter: str | Path, base: str | None = None,
+                  revision: str | None = None, allow_other_base: bool = False) -> Path:
+    """Refuse an adapter made for another base: compare the target modules and every LoRA
+    matrix's shape with ``model``, then the recorded base fingerprint (same shapes, other
+    weights). Returns the adapter folder."""
+    from sftscope.load.models import fingerprint
+
+    folder = adapter_folder(adapter)
+    cfg = read_json(folder / "adapter_config.json")
+    made_for = cfg.get("base_model_name_or_path")
+    names = dict(model.named_modules())
+    for key, shape in _adapter_shapes(folder).items():
+        for tag, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+            if tag not in key:
+                continue
+            path = key.split(tag)[0]
+            for prefix in ("base_model.model.", "base_model."):
+                if path.startswith(prefix):
+                    path = path[len(prefix):]
+                    break
+            mod = names.get(path)
+            if mod is None:
+                raise SftscopeError(
+                    f"adapter {adapter} was made for another base ({made_for}): it adapts "
+                    f"{path}, which {type(model).__name__} does not have")
+            fin, fout = module_in_out(mod)
+            want = fin if dim == 1 else fout
+            if len(shape) != 2 or shape[dim] != want:
+                raise SftscopeError(
+                    f"adapter {adapter} was made for another base ({made_for}): {path} has "
+                    f"{'input' if dim == 1 else 'output'} size {want} in this model but "
+                    f"{shape[dim] if len(shape) == 2 else shape} in the adapter")
+    meta_path = folder / META_FILE
+    if meta_path.is_file() and base is not None and not allow_other_base:
+        meta = read_json(meta_path)
+        theirs = (meta.get("base_fingerprint") or {}).get("hash")
+        ours = fingerprint(base, revision).get("hash")
+        if theirs and ours and theirs != ours:
+            raise SftscopeError(
+                f"adapter {adapter} was trained on another base ({made_for}, fingerprint "
+                f"{theirs}) than {base} (fingerprint {ours}); pass the base it was made for, "
+                f"or --allow-other-base if the weights are the same model")
+    return folder
+
+
+def load_adapter(model: nn.Module, adapter: str | Path, base: str | None = None, *,
+                 revision: str | None = None, allow_other_base: bool = False):
+    """Check the adapter against ``model`` and load it (PEFT errors become one clear line)."""
+    from peft import PeftModel
+
+    folder = check_adapter(model, adapter, base, revision, allow_other_base)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError, OSError, AttributeError) as e:
+        raise SftscopeError(f"adapter {adapter} does not fit this base model: "
+                            f"{str(e).splitlines()[0][:200]}") from e
+    peft_model.eval()
+    return peft_model
+
+
+# ------------------------------------------------------------------ data
+
+@dataclass
+class TrainSet:
+    """Tokenized training examples and what truncation did."""
+
+    examples: list[dict[str, list[int]]]
+    max_length: int
+    longest: int
+    n_truncated: int
+    n_dropped: int
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict[str, list[int]]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.rows[i]
+
+
+class PadCollator:
+    """Right-pads ``input_ids``; ``labels`` are -100 on padding (and already on the prompt)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, feats: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in feats)
+        ids = torch.full((len(feats), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(feats), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(feats), width), dtype=torch.long)
+        for i, f in enumerate(feats):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def build_train_set(samples, tokenizer, *, completion_only: bool = True,
+                    chat_template: bool = False, max_length: int | None = None,
+                    model_max: int | None = None) -> TrainSet:
+    """Tokenize ``prompt`` and ``completion`` separately (the boundary is exact), append EOS,
+    and mask the prompt from the loss when ``completion_only``. Samples without a prompt
+    (plain text) are trained on the whole text. ``max_length=None``: the longest example
+    (capped at the model's position limit); truncation and dropped examples are counted."""
+    from sftscope.load.data import render
+
+    eos = tokenizer.eos_token_id
+    rows: list[tuple[list[int], int]] = []
+    for s in samples:
+        text, prompt = render(s, tokenizer, chat_template)
+        special = not chat_template
+        if prompt is not None and text.startswith(prompt):
+            p_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+            c_ids = tokenizer(text[len(prompt):], add_special_tokens=False)["input_ids"]
+            ids, n_prompt = list(p_ids) + list(c_ids), len(p_ids)
+        else:
+            ids, n_prompt = list(tokenizer(text, add_special_tokens=special)["input_ids"]), 0
+        if eos is not None:
+            ids.append(int(eos))
+        rows.append((ids, n_prompt if completion_only else 0))
+    longest = max((len(r[0]) for r in rows), default=0)
+    limit = max_length or longest
+    if model_max is not None:
+        limit = min(limit, model_max)
+    examples, n_cut, n_drop = [], 0, 0
+    for ids, n_prompt in rows:
+        if len(ids) > limit:
+            ids, n_cut = ids[:limit], n_cut + 1
+        labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
+        if all(t == -100 for t in labels[1:]):
+            n_drop += 1  # nothing left to learn from (the completion was cut off)
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+    if not examples:
+        raise SftscopeError(f"no training example keeps any completion token at max length "
+                            f"{limit}; raise --max-length")
+    return TrainSet(examples, limit, longest, n_cut, n_drop)
+
+
+# ------------------------------------------------------------------ the run
+
+def is_main_process() -> bool:
+    """True on the process that writes files and evaluates (rank 0 under accelerate/torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(msg: str) -> None:
+    if is_main_process():
+        say(msg)
+
+
+def _config_hash(cfg: TuneConfig) -> str:
+    d = asdict(cfg)
+    for k in ("resume", "out", "keep_checkpoints", "report_to", "logging_steps"):
+        d.pop(k, None)
+    return stable_hash(d)
+
+
+def _resolve_dtype(name: str) -> str:
+    from sftscope.experiments.evaluate import auto_dtype
+    from sftscope.load.models import DTYPES
+
+    dt = auto_dtype(name, "cuda" if torch.cuda.is_available() else "cpu")
+    if dt not in DTYPES or dt == "auto":
+        raise SftscopeError(f"unknown dtype {name!r}; use auto, float32 or bfloat16")
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16",
+            torch.float16: "float16"}[DTYPES[dt]]
+
+
+def parse_eval_task(spec: str) -> tuple[str, str | None]:
+    """``gsm8k`` / ``gsm8k:PATH`` / ``mmlu:PATH`` / ``perplexity:SOURCE`` -> (task, data)."""
+    from sftscope.experiments.tasks import TASKS
+
+    name, sep, rest = spec.partition(":")
+    if name not in TASKS:
+        raise SftscopeError(f"--eval-task {spec!r}: use gsm8k, gsm8k:PATH, mmlu:PATH or "
+                            f"perplexity:SOURCE")
+    if name == "perplexity":
+        return name, rest or None
+    return name, spec if sep else None
+
+
+def _block_ranges(blocks: list[int]) -> str:
+    parts, start = [], blocks[0]
+    for a, b in zip(blocks, blocks[1:] + [None]):
+        if b != a + 1:
+            parts.append(f"{start}-{a}" if a != start else f"{start}")
+            start = b
+    return ",".join(parts)
+
+
+def _check_reporter(name: str) -> list[str]:
+    if name == "none":
+        return []
+    import importlib.util
+
+    mods = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[name]
+    if not any(importlib.util.find_spec(m) for m in mods):
+        raise SftscopeError(f"--report-to {name} needs the {mods[0]} package; install it or "
+                            f"use --report-to none")
+    return [name]
+
+
+def _existing_run(cfg: TuneConfig, out: Path) -> TuneResult | None:
+    """A finished run with the same settings (resume), or an error if ``out`` is taken."""
+    rec_path = out / "run.json"
+    if rec_path.is_file():
+        rec = read_json(rec_path)
+        if rec.get("command") == "tune" and rec.get("finished"):
+            if not cfg.resume:
+                raise SftscopeError(f"{out} already holds a finished tune run; pass --resume to "
+                                    f"reuse it or choose another --out")
+            if rec.get("config_hash") != _config_hash(cfg):
+                raise SftscopeError(f"{out} holds a tune run with other settings; choose "
+                                    f"another --out")
+            return TuneResult.from_dict(rec["result"])
+    started = out / "tune-config.json"
+    if started.is_file() and is_main_process():  # rank 0 writes it: other ranks may see it
+        if not cfg.resume:
+            raise SftscopeError(f"{out} holds an unfinished tune run; pass --resume to continue "
+                                f"it from its last checkpoint, or choose another --out")
+        if read_json(started).get("config_hash") != _config_hash(cfg):
+            raise SftscopeError(f"{out} holds an unfinished run with other settings; --resume "
+                                f"needs the same settings, or choose another --out")
+    return None
+
+
+def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
+    """Train segment LoRA, save ``RUN/adapter`` and ``RUN/run.json``, then evaluate.
+
+    Deterministic for a seed (LoRA init, data order, dropout). With ``resume`` a killed run
+    continues from its last Trainer checkpoint and a finished run is returned as recorded.
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from sftscope.load.data import load_samples
+    from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
+
+    cfg = resolve_config(config)
+    out = Path(os.path.expanduser(cfg.out))
+    done = _existing_run(cfg, out)
+    if done is not None:
+        _say(f"{out} is already finished; returning its recorded result")
+        return done
+    reporters = _check_reporter(cfg.report_to)
+    eval_task = parse_eval_task(cfg.eval_task) if cfg.eval_task else None
+    if eval_task is None and cfg.train == "gsm8k":
+        eval_task = ("gsm8k", None)  # the hub dataset's test split
+    timer = Timer()
+    dtype = _resolve_dtype(cfg.dtype)
+    with timer("load_model"):
+        tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=cfg.revision)
+        model = load_model(cfg.model, LoadOptions(revision=cfg.revision, dtype=dtype))
+    spec = arch_for(model)
+    n_blocks = len(get_blocks(model, spec))
+    blocks = select_blocks(cfg, n_blocks)
+    rank = budget_rank(cfg.rank, n_blocks, len(blocks))
+    alpha, scaling = lora_alpha(cfg, rank)
+    names = lora_targets(model, blocks, cfg.mlp, spec)
+    all_names = lora_targets(model, list(range(n_blocks)), cfg.mlp, spec)
+    full_params = lora_param_count(model, all_names, cfg.rank)
+    narrow = min(min(module_in_out(model.get_submodule(n))) for n in names)
+
+    with timer("tokenize"):
+        samples = load_samples(cfg.train, text_field=cfg.text_field, n=cfg.n_train or None,
+                               seed=cfg.data_seed, split=cfg.train_split)
+        from sftscope.experiments.evaluate import max_context
+
+        data = build_train_set(samples, tok, completion_only=cfg.completion_only,
+                               chat_template=cfg.chat_template, max_length=cfg.max_length,
+                               model_max=max_context(model))
+    _say(f"training data: {len(data.examples)} examples, longest {data.longest} tokens, max "
+         f"length {data.max_length}, {data.n_truncated} truncated, {data.n_dropped} dropped "
+         f"(no completion token left)")
+
+    set_seed(cfg.seed)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    model = apply_lora(model, blocks, rank=rank, alpha=alpha, dropout=cfg.dropout, mlp=cfg.mlp,
+                       rslora=cfg.rslora, spec=spec)
+    n_train_params = trainable_params(model)
+    sel = (f"mask {cfg.mask} of {len(cfg.mask)} segments" if cfg.mask else
+           f"blocks {cfg.blocks}")
+    _say(f"LoRA on blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks): "
+         f"{', '.join(target_paths(spec, cfg.mlp))} -> {len(names)} modules")
+    _say(f"rank {rank} (full-depth budget rank {cfg.rank:g} x {n_blocks} blocks), alpha "
+         f"{alpha:g}, scale {scaling:.4g}{' (rsLoRA)' if cfg.rslora else ''}")
+    _say(f"trainable parameters: {n_train_params:,} (full-depth budget {full_params:,}; "
+         f"{100 * n_train_params / full_params:.1f} %)")
+    if rank > narrow:
+        _say(f"note: rank {rank} exceeds the narrowest adapted projection ({narrow}); the "
+             f"extra rank adds parameters but no expressiveness")
+
+    micro = min(cfg.micro_batch_size, cfg.batch_size)
+    ckpt_dir = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        write_json(out / "tune-config.json", {"config": cfg, "config_hash": _config_hash(cfg)})
+    last = get_last_checkpoint(str(ckpt_dir)) if (cfg.resume and ckpt_dir.is_dir()) else None
+    if cfg.resume:
+        _say(f"resuming from {last}" if last else "no checkpoint yet: starting from step 0")
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=1, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps else -1, learning_rate=cfg.lr,
+        lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps, optim="adamw_torch",
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        bf16=dtype == "bfloat16", fp16=dtype == "float16", logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        report_to=reporters, disable_tqdm=not progress_enabled(), seed=cfg.seed,
+        data_seed=cfg.seed, remove_unused_columns=False, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False, activation_checkpointing=False,
+    )
+    world = max(1, int(args.world_size))  # processes that really train together (DDP, FSDP)
+    if cfg.batch_size % (micro * world):
+        raise SftscopeError(f"--batch-size {cfg.batch_size} is not a multiple of "
+                            f"--micro-batch-size {micro} x {world} processes; change one")
+    args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
+    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
+                      data_collator=PadCollator(_pad_id(tok)), callbacks=callbacks)
+    with timer("train"):
+        output = trainer.train(resume_from_checkpoint=last)
+    steps = int(trainer.state.global_step)
+    runtime = float(output.metrics.get("train_runtime", 0.0))
+    history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    adapter_dir = out / "adapter"
+    with timer("save"):
+        trainer.save_model(str(adapter_dir))
+        if is_main_process():
+            write_json(adapter_dir / META_FILE, {
+                "base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
+                "mask": cfg.mask, "segments": len(cfg.mask) if cfg.mask else None,
+                "blocks": blocks, "rank": rank, "alpha": alpha, "rslora": cfg.rslora,
+                "modules": names})
+    model = trainer.model
+    got = adapted_modules(model)
+    result = TuneResult(
+        out=str(out), adapter_dir=str(adapter_dir), model=cfg.model, mask=cfg.mask,
+        segments=len(cfg.mask) if cfg.mask else None, blocks=blocks, n_blocks=n_blocks,
+        full_rank=float(cfg.rank), rank=rank, alpha=alpha, scaling=scaling, rslora=cfg.rslora,
+        mlp=cfg.mlp, modules=got, trainable_params=n_train_params, full_depth_params=full_params,
+        budget_ratio=n_train_params / full_params, seed=cfg.seed, dtype=dtype,
+        n_train=len(data.examples), n_truncated=data.n_truncated, max_length=data.max_length,
+        longest_example=data.longest, steps=steps,
+        train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        loss_history=history, step_time_s=runtime / steps if steps else None,
+        resumed_from=last, timings=timer.seconds,
+    )
+
+    def record() -> None:  # training is recorded before the evaluation, which may fail
+        result.timings = dict(timer.seconds)
+        write_json(out / "run.json", run_record(
+            "tune", cfg, config_hash=_config_hash(cfg), model_fingerprint=fingerprint(
+                cfg.model, cfg.revision), n_blocks=n_blocks, mask=cfg.mask, blocks=blocks,
+            rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
+            full_depth_params=full_params, seed=cfg.seed, processes=world,
+            grad_accumulation=args.gradient_accumulation_steps, timings=result.timings,
+            result=result, finished=True))
+
+    if not is_main_process():
+        return result
+    record()
+    (out / "tune-config.json").unlink(missing_ok=True)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if not cfg.run_eval:
+        return result
+    if eval_task is None:
+        _say("no --eval-task given: skipping evaluation")
+    elif world > 1 and (getattr(trainer, "is_fsdp_enabled", False)
+                        or getattr(trainer, "is_deepspeed_enabled", False)):
+        _say(f"evaluation skipped: the model is sharded over {world} processes; run "
+             f"`sftscope eval --model {cfg.model} --adapter {adapter_dir}`")
+    else:
+        result.eval = _evaluate_after(model, tok, cfg, eval_task, timer)
+        record()
+    return result
+
+
+def _pad_id(tok) -> int:
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    return int(tok.eos_token_id) if tok.eos_token_id is not None else 0
+
+
+def _evaluate_after(model, tok, cfg: TuneConfig, eval_task: tuple[str, str | None],
+                    timer: Timer) -> EvalResult:
+    """Evaluate the model just trained (no reload), into the run folder."""
+    from sftscope.experiments.evaluate import evaluate_model, format_scores
+
+    task, data = eval_task
+    model.eval()
+    model.config.use_cache = True
+    ecfg = EvalConfig(model=cfg.model, task=task, data=data, out=cfg.out,
+                      adapter=str(Path(cfg.out) / "adapter"), shots=cfg.eval_shots,
+                      fewshot_data=cfg.eval_fewshot_data, limit=cfg.eval_limit,
+                      max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
+                      chat_template=cfg.chat_template)
+    with timer("eval"):
+        res = evaluate_model(model, tok, ecfg)
+    _say(format_scores(res))
+    return res
