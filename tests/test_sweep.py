@@ -1,0 +1,276 @@
+"""sweep: resumable jobs, refusing mixed settings, sharding, and the summary statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sftscope.errors import SftscopeError
+from sftscope.experiments.sweep import (
+    SUMMARY_COLUMNS,
+    JobOutput,
+    SweepConfig,
+    paired_p,
+    pigeonhole_ci,
+    run_sweep,
+    summarize,
+    validate_suggestions,
+)
+from sftscope.metrics.stats import proportion_ci
+
+N_ITEMS = 20
+
+
+def _cfg(model, data, out, **kw) -> SweepConfig:
+    kw.setdefault("segments", 2)
+    kw.setdefault("masks", "singles")
+    kw.setdefault("seeds", 2)
+    kw.setdefault("n_boot", 200)
+    return SweepConfig(out=str(out), model=str(model), train=data, eval=data, **kw)
+
+
+class FakeJob:
+    """Deterministic per-item scores: mask 10 is right on every item, 01 on a third, 11 on
+    half; counts calls per job; optionally 'killed' (raises) at call number ``kill_at``."""
+
+    def __init__(self, kill_at: int | None = None) -> None:
+        self.calls: Counter[str] = Counter()
+        self.n = 0
+        self.kill_at = kill_at
+
+    def __call__(self, job) -> JobOutput:
+        self.n += 1
+        self.calls[job.name] += 1
+        (job.dir / "partial.txt").write_text(f"attempt {job.attempt}")
+        if self.kill_at is not None and self.n == self.kill_at:
+            raise KeyboardInterrupt  # the process dies in the middle of this job
+        assert job.dir.name == f"{job.mask}-s{job.seed}"
+        rate = {"10": 1.0, "01": 1 / 3, "11": 0.5}.get(job.mask, 0.25)
+        vals = [float(i < round(rate * N_ITEMS)) for i in range(N_ITEMS)]
+        return JobOutput.from_scores({"accuracy": vals}, trainable_params=100 + len(job.mask))
+
+
+@pytest.fixture()
+def tiny(model_dir):
+    return model_dir("llama")  # 4 blocks
+
+
+@pytest.fixture()
+def data(gsm8k_file):
+    return f"gsm8k:{gsm8k_file}"
+
+
+def test_resume_after_kill(tiny, data, tmp_path):
+    out = tmp_path / "run"
+    killer = FakeJob(kill_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(_cfg(tiny, data, out), job_fn=killer)
+    # seed-major order: 11-s0, 10-s0, 01-s0 finished; 11-s1 was killed mid-way
+    done = sorted(p.parent.name for p in out.glob("jobs/*/result.json"))
+    assert done == ["01-s0", "10-s0", "11-s0"]
+    assert (out / "jobs/11-s1/job.json").is_file()
+    assert not (out / "jobs/11-s1/result.json").exists()
+    assert "KeyboardInterrupt" in json.loads((out / "jobs/11-s1/job.json").read_text())["error"]
+
+    again = FakeJob()
+    res = run_sweep(_cfg(tiny, data, out), job_fn=again)
+    assert set(again.calls) == {"11-s1", "10-s1", "01-s1"}  # finished jobs are not re-run
+    assert all(c == 1 for c in again.calls.values())
+    assert (out / "jobs/11-s1/partial.txt").read_text() == "attempt 2"
+    assert sorted(res.skipped) == ["01-s0", "10-s0", "11-s0"] and not res.pending
+    res = run_sweep(_cfg(tiny, data, out), job_fn=again)  # nothing left to do
+    assert sum(again.calls.values()) == 3 and res.ran == []
+
+    s = pd.read_csv(out / "summary.csv", dtype={"mask": str})
+    assert list(s.columns) == SUMMARY_COLUMNS
+    assert list(s["mask"]) == ["11", "10", "01"]
+    row = s.set_index("mask")
+    assert row.loc["10", "mean"] == 1.0 and row.loc["10", "seeds"] == 2
+    assert row.loc["10", "n_items"] == N_ITEMS and row.loc["10", "trainable_params"] == 102
+    assert math.isnan(row.loc["11", "p_value"]) and row.loc["10", "p_value"] < 1e-3
+    pos = pd.read_csv(out / "position.csv", dtype={"mask": str})
+    assert list(pos["segment"]) == [0, 1] and list(pos["mask"]) == ["10", "01"]
+    assert list(pos["depth"]) == [0.25, 0.75] and list(pos["first_block"]) == [0, 2]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["command"] == "sweep" and rec["n_blocks"] == 4
+
+
+def test_refuses_other_settings(tiny, model_dir, data, tmp_path, gsm8k_file):
+    out = tmp_path / "run"
+    run_sweep(_cfg(tiny, data, out, masks="10", seeds=1, tune={"rank": 8}), job_fn=FakeJob())
+    # adding masks and seeds is fine
+    run_sweep(_cfg(tiny, data, out, masks="01", seeds=2, tune={"rank": 8}), job_fn=FakeJob())
+    with pytest.raises(SftscopeError, match="tune option rank is 8 there but 16 now"):
+        run_sweep(_cfg(tiny, data, out, tune={"rank": 16}), job_fn=FakeJob())
+    other = model_dir("llama", seed=1)
+    with pytest.raises(SftscopeError, match="model is .* there but"):
+        run_sweep(_cfg(other, data, out, tune={"rank": 8}), job_fn=FakeJob())
+    edited = tmp_path / "other.jsonl"
+    edited.write_text(gsm8k_file.read_text().replace("apples", "pears"))
+    with pytest.raises(SftscopeError, match="training data") as e:
+        run_sweep(SweepConfig(out=str(out), model=str(tiny), train=f"gsm8k:{edited}",
+                              eval=data, segments=2, tune={"rank": 8}), job_fn=FakeJob())
+    assert "\n" not in str(e.value)
+    with pytest.raises(SftscopeError, match="segments is 2 there but 4 now"):
+        run_sweep(_cfg(tiny, data, out, segments=4, masks="1000", tune={"rank": 8}),
+                  job_fn=FakeJob())
+    with pytest.raises(SftscopeError, match="eval option limit"):
+        run_sweep(_cfg(tiny, data, out, tune={"rank": 8}, evaluation={"limit": 3}),
+                  job_fn=FakeJob())
+
+
+def test_bad_input(tiny, data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SftscopeError, match="valid groups are singles, paper, all"):
+        run_sweep(_cfg(tiny, data, out, masks="singles,middle"), job_fn=FakeJob())
+    with pytest.raises(SftscopeError, match="has 3 characters but --segments is 2"):
+        run_sweep(_cfg(tiny, data, out, masks="010"), job_fn=FakeJob())
+    with pytest.raises(SftscopeError, match="larger than the model's 4 blocks"):
+        run_sweep(_cfg(tiny, data, out, segments=5, masks="10000"), job_fn=FakeJob())
+    with pytest.raises(SftscopeError, match="unknown tune option"):
+        run_sweep(_cfg(tiny, data, out, tune={"rnak": 8}), job_fn=FakeJob())
+    with pytest.raises(SftscopeError, match="--job-index"):
+        run_sweep(_cfg(tiny, data, out, job_index=2, num_jobs=2), job_fn=FakeJob())
+    assert not (out / "sweep.json").exists()  # nothing written on bad input
+
+
+def test_cli_errors_are_one_line(tiny, data, tmp_path, capsys):
+    from sftscope.cli import main
+
+    base = ["sweep", "--model", str(tiny), "--train", data, "--eval", data, "--out",
+            str(tmp_path / "r"), "--segments", "2"]
+    for extra, text in ((["--masks", "bogus"], "valid groups are"),
+                        (["--masks", "01000"], "has 5 characters but --segments is 2"),
+                        (["--segments", "9", "--masks", "singles"], "larger than the model")):
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and text in err[0]
+
+
+def test_shards_then_summarize(tiny, data, tmp_path):
+    out = tmp_path / "run"
+    fns = [FakeJob(), FakeJob()]
+    r0 = run_sweep(_cfg(tiny, data, out, job_index=0, num_jobs=2), job_fn=fns[0])
+    assert r0.pending and not (out / "summary.csv").exists()  # other shard not done yet
+    run_sweep(_cfg(tiny, data, out, job_index=1, num_jobs=2), job_fn=fns[1])
+    assert not set(fns[0].calls) & set(fns[1].calls)
+    assert len(fns[0].calls) + len(fns[1].calls) == 6
+    res = run_sweep(SweepConfig(out=str(out), summarize_only=True, n_boot=200))
+    assert res.ran == [] and not res.pending
+    assert set(pd.read_csv(out / "summary.csv", dtype={"mask": str})["mask"]) == {"11", "10",
+                                                                                  "01"}
+
+
+def _items(masks: dict[str, np.ndarray]) -> pd.DataFrame:
+    rows = []
+    for mask, y in masks.items():
+        y = np.atleast_2d(y)
+        for s in range(y.shape[0]):
+            rows += [(mask, s, str(i), "accuracy", float(v)) for i, v in enumerate(y[s])]
+    return pd.DataFrame(rows, columns=["mask", "seed", "item", "metric", "value"])
+
+
+def test_statistics_known_answers():
+    n = 100
+    half = (np.arange(n) % 2).astype(float)
+    items = _items({"11111": half, "01000": np.ones(n), "00100": half.copy()})
+    s = summarize(items, n_blocks=10, n_boot=2000).set_index("mask")
+    assert list(s.index) == ["11111", "01000", "00100"]
+    # all correct: mean 1; a constant has no bootstrap spread, so the Wilson interval of 100/100
+    assert s.loc["01000", "mean"] == 1.0
+    assert (s.loc["01000", "ci_low"], s.loc["01000", "ci_high"]) == pytest.approx(
+        proportion_ci(100, 100))
+    assert s.loc["01000", "ci_low"] == pytest.approx(0.963, abs=1e-3)
+    # half correct: mean 0.5, the bootstrap interval is close to +-1.96 * 0.05
+    assert s.loc["11111", "mean"] == 0.5
+    assert s.loc["11111", "ci_low"] == pytest.approx(0.40, abs=0.02)
+    assert s.loc["11111", "ci_high"] == pytest.approx(0.60, abs=0.02)
+    # p-values: NaN for the baseline itself, tiny for all-correct, exactly 1 for identical
+    assert math.isnan(s.loc["11111", "p_value"])
+    assert s.loc["01000", "p_value"] < 1e-10 and s.loc["01000", "delta"] == 0.5
+    assert s.loc["00100", "p_value"] == 1.0 and s.loc["00100", "delta"] == 0.0
+    assert s.loc["01000", "blocks"] == "2-3" and s.loc["01000", "n_items"] == n
+
+
+def test_statistics_seeds_and_items():
+    rng = np.random.default_rng(0)
+    n, seeds = 200, 3
+    # per-seed level shifts: the interval must widen compared with one seed alone
+    y = np.stack([(rng.random(n) < p).astype(float) for p in (0.3, 0.5, 0.7)])
+    one = pigeonhole_ci(y[1:2], n_boot=2000)
+    both = pigeonhole_ci(y, n_boot=2000)
+    assert both[1] - both[0] > 1.5 * (one[1] - one[0])
+    assert both[0] < y.mean() < both[1]
+    # pairing uses shared seeds and items only; the per-item seed mean is the unit
+    a = _items({"01": y})
+    b = _items({"11": y[:2]})
+    p, delta, n_pairs = paired_p(a, b)
+    assert n_pairs == n and delta == 0.0 and p == 1.0
+    b2 = _items({"11": np.zeros((seeds, n))})
+    p2, d2, _ = paired_p(a, b2)
+    assert d2 == pytest.approx(y.mean()) and p2 < 1e-10
+    assert math.isnan(paired_p(a, _items({"11": np.zeros((1, n))}).assign(seed=9))[0])
+
+
+def test_validate_suggestions_ranks():
+    summary = pd.DataFrame({"mask": ["11111", "10000", "01000", "00100", "00010", "00001"],
+                            "metric": "accuracy", "mean": [0.28, 0.22, 0.375, 0.3, 0.27, 0.135]})
+    v = validate_suggestions(summary, {"pair": "01000", "angular": "00100",
+                                       "gradient": "01100"}, "accuracy",
+                             {"angular": np.array([0.2, 0.9, 0.7, 0.5, 0.1])}).set_index(
+                                 "method")
+    assert v.loc["pair", "rank"] == 1 and v.loc["pair", "n_masks"] == 6
+    assert v.loc["angular", "rank"] == 2 and v.loc["angular", "best_mask"] == "01000"
+    assert v.loc["angular", "best_score"] == 0.375
+    assert not v.loc["gradient", "in_sweep"] and math.isnan(v.loc["gradient", "rank"])
+    assert v.loc["angular", "spearman_singles"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_end_to_end_real_jobs(tiny, data, tmp_path):
+    """Two masks x one seed with the real tune + evaluate (a few steps, 2 eval items)."""
+    out = tmp_path / "run"
+    cfg = SweepConfig(
+        out=str(out), model=str(tiny), train=data, eval=data, segments=2, masks="10,11",
+        seeds=1, tune={"rank": 4, "max_steps": 2, "batch_size": 2, "micro_batch_size": 2,
+                       "n_train": 4, "dtype": "float32", "save_steps": 1},
+        evaluation={"limit": 2, "shots": 0, "max_new_tokens": 8, "device": "cpu"},
+        n_boot=100)
+    res = run_sweep(cfg)
+    assert sorted(res.ran) == ["10-s0", "11-s0"]
+    s = res.summary
+    assert set(s["metric"]) == {"exact_match_strict", "exact_match_flexible"}
+    assert set(s["n_items"]) == {2} and set(s["seeds"]) == {1}
+    assert s["trainable_params"].notna().all()
+    p = s.set_index(["mask", "metric"])["trainable_params"]
+    assert abs(p[("10", "exact_match_flexible")] / p[("11", "exact_match_flexible")] - 1) < 0.1
+    assert res.primary_metric == "exact_match_flexible"
+    assert s["metric"].iloc[0] == "exact_match_flexible"
+    assert (out / "jobs/10-s0/tune/adapter/adapter_config.json").is_file()
+    assert (out / "jobs/10-s0/eval/predictions-gsm8k.jsonl").is_file()
+    again = run_sweep(cfg)  # resumes: nothing to do
+    assert again.ran == []
+
+
+def test_validate_suggest(tiny, data, tmp_path):
+    out = tmp_path / "run"
+    res = run_sweep(_cfg(tiny, data, out, seeds=1, validate_suggest=True,
+                         suggest={"n_samples": 4, "grad_samples": 4, "device": "cpu"}),
+                    job_fn=FakeJob())
+    v = pd.read_csv(out / "suggest_validation.csv", dtype={"mask": str, "best_mask": str})
+    assert set(v["method"]) == {"angular", "gradient", "combined"}
+    assert list(v.columns[:7]) == ["method", "mask", "rank", "n_masks", "score", "best_mask",
+                                   "best_score"]
+    assert (v["n_masks"] == 3).all() and (v["best_mask"] == "10").all()
+    assert (v["best_score"] == 1.0).all()
+    for r in v.itertuples():  # every proposal of 2 segments is a swept mask here
+        assert r.in_sweep and 1 <= r.rank <= 3
+        assert r.score == res.summary.set_index("mask").loc[r.mask, "mean"]
+    assert (out / "suggest" / "suggest.json").is_file()
