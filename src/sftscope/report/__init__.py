@@ -29,6 +29,9 @@ __all__ = [
 ]
 
 # Table name -> (file stem, columns the report needs, command that writes it).
+# Aggregate rows of weights.csv (sums over modules), left out when modules are compared.
+AGGREGATE_MODULES = ("attn", "mlp", "total", "other")
+
 TABLES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "metrics": ("metrics", ("layer", "metric", "model", "value"), "analyze"),
     "correlation": ("correlation", ("model", "metric_a", "metric_b", "r"), "analyze"),
@@ -631,7 +634,8 @@ def _weight_findings(df: pd.DataFrame) -> list[str]:
                 f"{_f(float(early['value'].mean()))} over the first 20 % of blocks vs "
                 f"{_f(float(late['value'].mean()))} over the last 20 %")
         metric = what.split(" ", 1)[1] if " " in what else ""
-        per_mod = g[(g["metric"].astype(str) == metric) & (g["module"].astype(str) != "attn")]
+        per_mod = g[(g["metric"].astype(str) == metric)
+                    & ~g["module"].astype(str).isin(AGGREGATE_MODULES)]
         if per_mod["module"].nunique() > 1:
             means = per_mod.groupby(per_mod["module"].astype(str))["value"].mean()
             text += (f"; of the modules, {means.idxmax()} changes most on average "
