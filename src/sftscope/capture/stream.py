@@ -25,6 +25,7 @@ from sftscope.io import atomic_path, stable_hash
 from sftscope.load.arch import get_blocks
 from sftscope.load.data import TokenizedSet, iter_batches
 from sftscope.load.models import input_device
+from sftscope.metrics.entropy import to_f64
 from sftscope.progress import track
 
 TOKEN_METRICS = ("prompt_entropy", "sparsity", "curvature")
@@ -144,7 +145,8 @@ class _Reducer:
         tok = None
         if self.tok_rows:
             rows = torch.tensor(self.tok_rows, device=h.device)
-            hs, ms = h.index_select(0, rows), m.index_select(0, rows)
+            # one float64 copy of the token rows feeds all three metrics
+            hs, ms = to_f64(h.index_select(0, rows)), m.index_select(0, rows)
             ent = M.prompt_entropy_batch(hs, ms, self.opts)
             spa = M.sparsity_batch(hs, ms, self.opts)
             curv, valid = M.curvature_batch(hs, ms)
