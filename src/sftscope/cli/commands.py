@@ -1,3 +1,14 @@
-"""Imports every command module so each registers on the app (one line per command)."""
+"""Imports every command module so each registers on the app."""
 
-from sftscope.cli import analyze  # noqa: F401
+from sftscope.cli import (  # noqa: F401
+    analyze,
+    demo,
+    evaluate,
+    probe,
+    report,
+    suggest,
+    swap,
+    sweep,
+    tune,
+    weights,
+)

@@ -1,0 +1,556 @@
+"""Train the demo Base/SFT pair on a CPU in minutes: a real pair with real training dynamics.
+
+``build_demo_pair`` generates the corpus (``demo.corpus``), trains a byte-level BPE tokenizer
+(digits split), pre-trains a small decoder of a real family (Llama by default, 10 blocks) as the
+BASE on the pre-training text, then fully fine-tunes a copy as the SFT model on
+``Question: ...\\nAnswer: <worked solution>\\n#### N`` records (loss on the completion only) with
+25 % pre-training text mixed in. Both are saved as ordinary Hugging Face folders with the same
+tokenizer, and cached: a second call with the same settings reads ``manifest.json`` and returns
+at once; ``force=True`` retrains.
+
+Training goes through ``transformers.Trainer`` (no checkpoints written; progress bars unless
+``SFTSCOPE_NO_PROGRESS`` is set). Fixed seed and fixed step counts make the pair reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftscope import __version__
+from sftscope.demo.corpus import (
+    FILES,
+    Corpus,
+    cut_completion,
+    extract_hash_answer,
+    extract_last_number,
+    format_prompt,
+    make_corpus,
+    write_corpus,
+)
+from sftscope.errors import SftscopeError
+from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
+from sftscope.progress import enabled as progress_enabled
+from sftscope.progress import say
+
+DEMO_FAMILIES = ("llama", "olmo2")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """Sizes and steps of the demo pair (``FULL`` and ``QUICK`` are the two presets).
+
+    Steps are fixed (not time-based) so the pair is reproducible; tokens per step are
+    ``batch_size * seq_len``.
+    """
+
+    n_layers: int = 10
+    hidden: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    intermediate: int = 256
+    vocab_size: int = 768
+    seq_len: int = 128
+    batch_size: int = 16
+    base_steps: int = 1700
+    base_lr: float = 3e-3
+    sft_steps: int = 300
+    sft_lr: float = 1e-3
+    sft_pretrain_mix: float = 0.25
+    warmup_frac: float = 0.05
+    n_pretrain: int = 30_000
+    n_sft: int = 3_000
+    n_test: int = 200
+    n_train: int = 500
+    n_general: int = 200
+    max_number: int = 50
+    eval_items: int = 50
+    eval_new_tokens: int = 64
+    threads: int = 0
+    """torch threads while building (0: leave torch's setting). Not part of the cache key. One
+    thread is as fast as two for the quick preset's tiny matrices and far faster on a busy
+    machine, where two OpenMP threads wait on each other at every operation."""
+
+
+FULL = PairConfig()
+QUICK = PairConfig(
+    hidden=32, intermediate=64, vocab_size=512, seq_len=96, batch_size=8, base_steps=80,
+    base_lr=3e-3, sft_steps=40, sft_lr=2e-3, n_pretrain=1_500, n_sft=300, n_test=40, n_train=60,
+    n_general=40, eval_items=16, eval_new_tokens=24, threads=1,
+)
+
+
+@dataclass
+class DemoPair:
+    """Where the demo pair lies and how it was made (``cached`` says it was found, not trained).
+
+    ``metrics`` holds, for ``base`` and ``sft``: mean completion loss on the held-out test items
+    (``test_loss_*``), token loss on held-out general text (``general_loss_*``), and on
+    ``eval_items`` test items by greedy generation: ``format_*`` (share with a ``#### N``
+    line), ``strict_acc_*`` (``#### N`` correct) and ``flex_acc_*`` (last number correct).
+    """
+
+    out_dir: Path
+    base_dir: Path
+    sft_dir: Path
+    data_dir: Path
+    data_files: dict[str, Path]
+    seed: int
+    family: str
+    quick: bool
+    key: str
+    cached: bool
+    config: dict[str, Any]
+    n_blocks: int
+    n_params: int
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    loss_history: dict[str, list[list[float]]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class _Blocks(torch.utils.data.Dataset):
+    """Fixed-length training blocks: ``input_ids`` and ``labels`` (-100 = no loss)."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def _encode(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids without special tokens, padding or truncation (fast, batched)."""
+    bt = tok.backend_tokenizer
+    if bt.padding is not None or bt.truncation is not None:
+        # a padded ``tok(...)`` call leaves padding switched on in the backend: use a clean copy
+        from tokenizers import Tokenizer
+
+        bt = Tokenizer.from_str(bt.to_str())
+        bt.no_padding()
+        bt.no_truncation()
+    return [e.ids for e in bt.encode_batch(texts, add_special_tokens=False)]
+
+
+def _pack_stream(docs: list[list[int]], eos: int, seq_len: int) -> torch.Tensor:
+    """Concatenate documents (each ending in EOS) and cut into ``seq_len`` blocks."""
+    flat = [t for d in docs for t in (*d, eos)]
+    n = len(flat) // seq_len
+    if n == 0:
+        raise SftscopeError("the demo pre-training text is shorter than one block; raise "
+                            "n_pretrain")
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _sft_examples(tok, records: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels of SFT records: no loss on the prompt, loss on answer + EOS.
+
+    Prompt and completion are encoded apart and joined, exactly the split a caller sees when it
+    tokenizes ``Question: ...\nAnswer:`` and then generates (the completion starts with a space).
+    """
+    prompts = _encode(tok, [format_prompt(r["question"]) for r in records])
+    comps = _encode(tok, [" " + r["answer"] for r in records])
+    return [(p + c + [tok.eos_token_id], [-100] * len(p) + c + [tok.eos_token_id])
+            for p, c in zip(prompts, comps)]
+
+
+def _pack_sft(examples: list[tuple[list[int], list[int]]], pad: int,
+              seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy packing of whole examples into blocks; the tail of a block is padding (no loss).
+
+    Right padding under causal attention changes nothing before it, so no mask is needed.
+    """
+    blocks: list[tuple[list[int], list[int]]] = []
+    cur_i: list[int] = []
+    cur_l: list[int] = []
+    for ids, lab in examples:
+        ids, lab = ids[:seq_len], lab[:seq_len]
+        if len(cur_i) + len(ids) > seq_len:
+            blocks.append((cur_i, cur_l))
+            cur_i, cur_l = [], []
+        cur_i, cur_l = cur_i + ids, cur_l + lab
+    if cur_i:
+        blocks.append((cur_i, cur_l))
+    ids_t = torch.full((len(blocks), seq_len), pad, dtype=torch.long)
+    lab_t = torch.full((len(blocks), seq_len), -100, dtype=torch.long)
+    for i, (a, b) in enumerate(blocks):
+        ids_t[i, : len(a)] = torch.tensor(a)
+        lab_t[i, : len(b)] = torch.tensor(b)
+    return ids_t, lab_t
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _train(model, dataset: torch.utils.data.Dataset, *, steps: int, lr: float, cfg: PairConfig,
+           seed: int, work_dir: Path, name: str) -> list[list[float]]:
+    """Train ``model`` in place with ``transformers.Trainer``; returns ``[[step, loss], ...]``."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    show = progress_enabled()
+    args = TrainingArguments(
+        output_dir=str(work_dir / f"trainer-{name}"), max_steps=steps,
+        per_device_train_batch_size=cfg.batch_size, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, int(cfg.warmup_frac * steps)),
+        weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch",
+        logging_steps=max(1, steps // 10), save_strategy="no", report_to="none",
+        disable_tqdm=not show, seed=seed, data_seed=seed, use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.remove_callback(PrinterCallback)
+    if show:
+        say(f"[bold]demo pair[/]: training {name} ({steps} steps)")
+    trainer.train()
+    model.eval()
+    return [[float(h["step"]), float(h["loss"])] for h in trainer.state.log_history if "loss" in h]
+
+
+def _new_model(family: str, vocab_size: int, cfg: PairConfig, seed: int):
+    from sftscope.load.tiny import build_tiny_model
+
+    return build_tiny_model(
+        family, vocab_size, seed=seed, n_layers=cfg.n_layers, hidden=cfg.hidden,
+        n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, intermediate=cfg.intermediate,
+        max_positions=_max_positions(cfg),
+    )
+
+
+def _max_positions(cfg: PairConfig) -> int:
+    return max(256, cfg.seq_len * 2)
+
+
+def _save(model, tok, target: Path) -> None:
+    """Save model + tokenizer as a Hugging Face folder, replacing ``target`` only when done."""
+    from transformers import GenerationConfig
+
+    model.config.use_cache = True  # training turned it off; generation wants the KV cache
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=64,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        target.chmod(0o755)  # mkdtemp makes it private; a model folder is for everyone to read
+        for f in target.iterdir():
+            f.chmod(0o644)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def completion_loss(model, tok, records: list[dict[str, str]], batch_size: int = 32) -> float:
+    """Mean loss per answer token (prompt not scored) of ``question``/``answer`` records."""
+    total, count = 0.0, 0
+    for i in range(0, len(records), batch_size):
+        ex = _sft_examples(tok, records[i: i + batch_size])
+        n = max(len(a) for a, _ in ex)
+        ids = torch.full((len(ex), n), tok.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(ex), n), -100, dtype=torch.long)
+        for j, (a, b) in enumerate(ex):
+            ids[j, : len(a)] = torch.tensor(a)
+            lab[j, : len(b)] = torch.tensor(b)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        tgt = lab[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+            reduction="sum").item()
+        count += int((tgt != -100).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def text_loss(model, tok, texts: list[str], batch_size: int = 32) -> float:
+    """Mean next-token loss over plain texts (each scored on its own)."""
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        enc = _encode(tok, texts[i: i + batch_size])
+        n = max(len(e) for e in enc)
+        ids = torch.full((len(enc), n), tok.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(enc), n), -100, dtype=torch.long)
+        for j, e in enumerate(enc):
+            ids[j, : len(e)] = torch.tensor(e)
+            lab[j, : len(e)] = torch.tensor(e)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        tgt = lab[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+            reduction="sum").item()
+        count += int((tgt != -100).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_answers(model, tok, questions: list[str], max_new_tokens: int = 40,
+                     batch_size: int = 50) -> list[str]:
+    """Greedy completions of ``Question: ...\\nAnswer:`` prompts, cut at a new question."""
+    out: list[str] = []
+    for i in range(0, len(questions), batch_size):
+        enc = _encode(tok, [format_prompt(q) for q in questions[i: i + batch_size]])
+        n = max(len(e) for e in enc)
+        ids = torch.full((len(enc), n), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), n), dtype=torch.long)
+        for j, e in enumerate(enc):  # left padding, so every prompt ends where generation starts
+            ids[j, n - len(e):] = torch.tensor(e)
+            mask[j, n - len(e):] = 1
+        gen = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        out += [cut_completion(t) for t in tok.batch_decode(gen[:, n:], skip_special_tokens=True)]
+    return out
+
+
+def answer_scores(completions: list[str], records: list[dict[str, str]]) -> dict[str, float]:
+    """Shares: ``format`` (has ``#### N``), ``strict_acc`` (it is right), ``flex_acc`` (the last
+    number is right)."""
+    n = max(len(records), 1)
+    gold = [extract_hash_answer(r["answer"]) for r in records]
+    hashed = [extract_hash_answer(c) for c in completions]
+    last = [extract_last_number(c) for c in completions]
+    return {
+        "format": sum(h is not None for h in hashed) / n,
+        "strict_acc": sum(h == g for h, g in zip(hashed, gold)) / n,
+        "flex_acc": sum(x == g for x, g in zip(last, gold)) / n,
+    }
+
+
+def evaluate_pair(base, sft, tok, corpus: Corpus, cfg: PairConfig) -> dict[str, float]:
+    """Held-out losses and (cheap) greedy-generation accuracy of both models."""
+    metrics: dict[str, float] = {}
+    items = corpus.gsm8k_test[: cfg.eval_items]
+    for name, model in (("base", base), ("sft", sft)):
+        model.eval()
+        metrics[f"test_loss_{name}"] = completion_loss(model, tok, corpus.gsm8k_test)
+        metrics[f"general_loss_{name}"] = text_loss(model, tok, [r["text"] for r in corpus.general])
+        if items:
+            comps = generate_answers(model, tok, [r["question"] for r in items],
+                                     cfg.eval_new_tokens)
+            for k, v in answer_scores(comps, items).items():
+                metrics[f"{k}_{name}"] = v
+    metrics["eval_items"] = len(items)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the pair
+
+
+def pair_settings(seed: int, family: str, cfg: PairConfig) -> dict[str, Any]:
+    """Everything that decides the pair (hashed into the cache key with the package version)."""
+    config = dataclasses.asdict(cfg)
+    config.pop("threads")
+    return {"seed": seed, "family": family, "config": config, "sftscope": __version__}
+
+
+def _cached(out_dir: Path, key: str) -> dict[str, Any] | None:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        man = read_json(path)
+    except SftscopeError:
+        return None
+    if man.get("key") != key:
+        return None
+    need = [out_dir / "base" / "config.json", out_dir / "sft" / "config.json",
+            out_dir / "base" / "model.safetensors", out_dir / "sft" / "model.safetensors"]
+    need += [out_dir / "data" / f for f in FILES.values()]
+    return man if all(p.exists() for p in need) else None
+
+
+def _pair_from_manifest(out_dir: Path, man: dict[str, Any], cached: bool) -> DemoPair:
+    data_dir = out_dir / "data"
+    return DemoPair(
+        out_dir=out_dir, base_dir=out_dir / "base", sft_dir=out_dir / "sft", data_dir=data_dir,
+        data_files={k: data_dir / f for k, f in FILES.items()}, seed=man["config"]["seed"],
+        family=man["config"]["family"], quick=man["quick"], key=man["key"], cached=cached,
+        config=man["config"]["config"], n_blocks=man["n_blocks"], n_params=man["n_params"],
+        tokenizer=man["tokenizer"], tokens=man["tokens"], timings=man["timings"],
+        cpu_seconds=man.get("cpu_seconds", {}), metrics=man["metrics"],
+        loss_history=man.get("loss_history", {}),
+    )
+
+
+def build_demo_pair(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
+                    family: str = "llama", force: bool = False,
+                    config: PairConfig | None = None, threads: int | None = None) -> DemoPair:
+    """Train (or find cached) the demo Base/SFT pair under ``out_dir``.
+
+    Layout: ``base/`` and ``sft/`` (Hugging Face folders, same tokenizer), ``data/`` (the corpus
+    as JSONL, see ``demo.corpus.FILES``) and ``manifest.json`` (run record + cache key).
+    ``quick`` picks the CI-sized preset (~30 s); ``config`` overrides the preset entirely;
+    ``threads`` overrides ``config.threads`` (torch threads while training; not in the cache key).
+    """
+    if family not in DEMO_FAMILIES:
+        raise SftscopeError(f"demo family {family!r} is not supported; use one of "
+                            f"{', '.join(DEMO_FAMILIES)}")
+    cfg = config or (QUICK if quick else FULL)
+    if threads is not None:
+        cfg = dataclasses.replace(cfg, threads=threads)
+    if cfg.n_layers < 10:
+        raise SftscopeError(f"the demo pair needs >= 10 blocks (five segments), got "
+                            f"n_layers={cfg.n_layers}")
+    out_dir = Path(out_dir)
+    settings = pair_settings(seed, family, cfg)
+    key = stable_hash(settings)
+    if not force and (man := _cached(out_dir, key)) is not None:
+        if progress_enabled():
+            say(f"[bold]demo pair[/]: found in {out_dir} (cached; force=True retrains)")
+        return _pair_from_manifest(out_dir, man, cached=True)
+    if not force and not (out_dir / MANIFEST).exists() and any(
+            (out_dir / d).exists() for d in ("base", "sft")):
+        raise SftscopeError(f"{out_dir} has base/ or sft/ folders but no demo manifest; choose "
+                            "an empty folder or pass force=True to overwrite them")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (out_dir / MANIFEST).unlink()  # stale from now on; written again when done
+    with _torch_threads(cfg.threads), _hf_bars(progress_enabled()):
+        return _train_pair(out_dir, seed=seed, family=family, cfg=cfg, quick=quick,
+                           settings=settings, key=key)
+
+
+@contextlib.contextmanager
+def _hf_bars(show: bool):
+    """Hide transformers' own progress bars (loading, saving) when sftscope's are off."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run with ``n`` torch threads (0: unchanged), then restore the previous setting."""
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick: bool,
+                settings: dict[str, Any], key: str) -> DemoPair:
+    from transformers import AutoModelForCausalLM
+
+    from sftscope.load.tiny import train_tokenizer
+
+    timer = Timer()
+    cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        c0 = time.process_time()
+        with timer(name):
+            yield
+        cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
+
+    t_all, c_all = time.perf_counter(), time.process_time()
+    with phase("corpus"):
+        corpus = make_corpus(seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft,
+                             n_test=cfg.n_test, n_train=cfg.n_train, n_general=cfg.n_general,
+                             max_number=cfg.max_number)
+        files = write_corpus(corpus, out_dir / "data")
+    with phase("tokenizer"):
+        sample = corpus.pretrain[:5000] + [f"{format_prompt(r['question'])} {r['answer']}"
+                                           for r in corpus.sft[:1000]]
+        tok = train_tokenizer(sample, vocab_size=cfg.vocab_size)
+        tok.model_max_length = _max_positions(cfg)
+        pre_ids = _encode(tok, corpus.pretrain)
+        base_blocks = _pack_stream(pre_ids, tok.eos_token_id, cfg.seq_len)
+        sft_ids, sft_lab = _pack_sft(_sft_examples(tok, corpus.sft), tok.pad_token_id,
+                                     cfg.seq_len)
+        n_mix = _mix_blocks(sft_lab, cfg)
+        mix = base_blocks[torch.randperm(len(base_blocks),
+                                         generator=torch.Generator().manual_seed(seed))[:n_mix]]
+        sft_set = _Blocks(torch.cat([sft_ids, mix]), torch.cat([sft_lab, mix]))
+    work = Path(tempfile.mkdtemp(prefix=".train.", dir=out_dir))
+    try:
+        random.seed(seed)
+        model = _new_model(family, len(tok), cfg, seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        with phase("base"):
+            base_hist = _train(model, _Blocks(base_blocks, base_blocks), steps=cfg.base_steps,
+                               lr=cfg.base_lr, cfg=cfg, seed=seed, work_dir=work, name="base")
+        with phase("save"):
+            _save(model, tok, out_dir / "base")
+        base = AutoModelForCausalLM.from_pretrained(out_dir / "base")
+        sft = AutoModelForCausalLM.from_pretrained(out_dir / "base")
+        with phase("sft"):
+            sft_hist = _train(sft, sft_set, steps=cfg.sft_steps, lr=cfg.sft_lr, cfg=cfg,
+                              seed=seed, work_dir=work, name="sft")
+        with phase("save"):
+            _save(sft, tok, out_dir / "sft")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with phase("eval"):
+        metrics = evaluate_pair(base, sft, tok, corpus, cfg)
+    timer.seconds["total"] = time.perf_counter() - t_all
+    cpu["total"] = time.process_time() - c_all
+    step_tokens = cfg.batch_size * cfg.seq_len
+    tokens = {
+        "base_trained": cfg.base_steps * step_tokens,
+        "sft_trained": cfg.sft_steps * step_tokens,
+        "pretrain_corpus": sum(len(d) + 1 for d in pre_ids),
+        "sft_blocks": int(len(sft_ids)), "sft_mix_blocks": int(n_mix),
+    }
+    for name in ("base", "sft"):
+        tokens[f"{name}_tokens_per_s"] = round(tokens[f"{name}_trained"]
+                                               / max(timer.seconds[name], 1e-9))
+    man = run_record(
+        "demo_pair", settings, key=key, quick=quick, n_blocks=cfg.n_layers, n_params=n_params,
+        tokenizer={"vocab_size": len(tok), "kind": "byte-level BPE, digits split",
+                   "prompt_format": format_prompt("{question}"),
+                   "eos_token": tok.eos_token, "pad_token": tok.pad_token},
+        tokens=tokens, timings={k: round(v, 2) for k, v in timer.seconds.items()},
+        cpu_seconds={k: round(v, 2) for k, v in cpu.items()}, torch_threads=torch.get_num_threads(),
+        metrics={k: round(v, 4) for k, v in metrics.items()},
+        loss_history={"base": base_hist, "sft": sft_hist},
+        files={k: str(p.relative_to(out_dir)) for k, p in files.items()},
+    )
+    write_json(out_dir / MANIFEST, man)
+    return _pair_from_manifest(out_dir, read_json(out_dir / MANIFEST), cached=False)
+
+
+def _mix_blocks(sft_labels: torch.Tensor, cfg: PairConfig) -> int:
+    """Pre-training blocks to add so they are ``sft_pretrain_mix`` of the SFT tokens."""
+    if cfg.sft_pretrain_mix <= 0:
+        return 0
+    f = min(cfg.sft_pretrain_mix, 0.9)
+    return int(math.ceil(len(sft_labels) * f / (1 - f)))

@@ -1,0 +1,173 @@
+"""``sftscope demo``: the whole pipeline, offline, on a CPU, on a pair it trains itself.
+
+Steps: build (or find cached) the demo Base/SFT pair, then analyze, weights, probe, swap and a
+small mask sweep on it (which also ranks the training-free mask proposals), then one report.
+Every step writes an ordinary run folder under ``out`` that any other command (and
+``sftscope report``) can read; finished work is reused on the next run (cached pair, cached
+captures, finished sweep jobs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftscope.io import run_record, write_json
+from sftscope.progress import say
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Size and scope of the demo; ``quick`` is the reduced size the tests run."""
+
+    out: str = "sftscope-demo"
+    seed: int = 0
+    quick: bool = False
+    family: str = "llama"
+    force: bool = False
+    segments: int = 5
+    sweep_masks: str = "singles"
+    sweep_seeds: int = 1
+    skip: tuple[str, ...] = ()
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        if self.quick:
+            return {"n_pooled": 24, "n_token": 12, "n_probe": 12, "n_swap": 12,
+                    "tune_steps": 4, "n_train": 32, "eval_limit": 4, "new_tokens": 24}
+        return {"n_pooled": 200, "n_token": 100, "n_probe": 100, "n_swap": 100,
+                "tune_steps": 40, "n_train": 400, "eval_limit": 40, "new_tokens": 48}
+
+
+STEPS = ("analyze", "weights", "probe", "swap", "sweep", "report")
+
+
+@dataclass
+class DemoResult:
+    """Where everything went and how long each step took."""
+
+    out: Path
+    report: Path | None
+    runs: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    pair: dict[str, Any] = field(default_factory=dict)
+    patterns: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_demo(cfg: DemoConfig) -> DemoResult:
+    """Run every step of the demo and write ``out/report.html`` and ``out/run.json``."""
+    from sftscope.demo.pair import build_demo_pair
+
+    out = Path(cfg.out)
+    bad = set(cfg.skip) - set(STEPS)
+    if bad:
+        from sftscope.errors import SftscopeError
+
+        raise SftscopeError(f"--skip {', '.join(sorted(bad))}: unknown step; "
+                            f"steps are {', '.join(STEPS)}")
+    res = DemoResult(out=out, report=None)
+    size = cfg.sizes
+    t0 = time.perf_counter()
+    pair = build_demo_pair(out / "pair", seed=cfg.seed, quick=cfg.quick, family=cfg.family,
+                           force=cfg.force)
+    res.timings["pair" + (" (cached)" if pair.cached else "")] = time.perf_counter() - t0
+    res.pair = {"base": str(pair.base_dir), "sft": str(pair.sft_dir), "cached": pair.cached,
+                "n_blocks": pair.n_blocks, "n_params": pair.n_params, "metrics": pair.metrics,
+                "timings": pair.timings}
+    base, sft = str(pair.base_dir), str(pair.sft_dir)
+    test = f"gsm8k:{pair.data_files['gsm8k_test']}"
+    train = f"gsm8k:{pair.data_files['gsm8k_train']}"
+    general = str(pair.data_files["general"])
+    cache = out / "cache"
+
+    def step(name: str, fn) -> None:
+        if name in cfg.skip:
+            return
+        say(f"[bold]demo: {name}[/]")
+        t = time.perf_counter()
+        path = fn(out / name)
+        res.timings[name] = time.perf_counter() - t
+        if path is not None:
+            res.runs[name] = Path(path)
+
+    def do_analyze(run: Path) -> Path:
+        from sftscope.experiments.analyze import AnalyzeConfig, analyze
+
+        analyze(AnalyzeConfig(base=base, sft=sft, data=test, out=str(run),
+                              n_pooled=size["n_pooled"], n_token=size["n_token"],
+                              max_length=256, batch_size=16, seed=cfg.seed,
+                              cache_dir=str(cache)))
+        return run
+
+    def do_weights(run: Path) -> Path:
+        from sftscope.experiments.weights import run_weights
+
+        run_weights(run, base, sft)
+        return run
+
+    def do_probe(run: Path) -> Path:
+        from sftscope.experiments.lens import probe
+
+        probe(data=test, base=base, sft=sft, out=run, n=size["n_probe"], seed=cfg.seed,
+              max_length=256, batch_size=16, n_boot=200)
+        return run
+
+    def do_swap(run: Path) -> Path:
+        from sftscope.experiments.swap import swap
+
+        swap(base=base, sft=sft, data=test, out=run, segments=cfg.segments,
+             n=size["n_swap"], seed=cfg.seed, max_length=256, batch_size=16, n_boot=200)
+        return run
+
+    def do_sweep(run: Path) -> Path:
+        from sftscope.experiments.sweep import SweepConfig, run_sweep
+
+        run_sweep(SweepConfig(
+            out=str(run), model=base, train=train, eval=test, segments=cfg.segments,
+            masks=cfg.sweep_masks, seeds=cfg.sweep_seeds, sft=sft,
+            validate_suggest=True,
+            tune={"rank": 8, "lr": 2e-3, "max_steps": size["tune_steps"], "batch_size": 16,
+                  "micro_batch_size": 16, "n_train": size["n_train"], "save_steps": 1000},
+            evaluation={"limit": size["eval_limit"], "shots": 0,
+                        "max_new_tokens": size["new_tokens"], "batch_size": 16},
+            suggest={"n_samples": min(64, size["n_pooled"])},
+        ))
+        suggestion = run / "suggest" / "suggest.json"
+        if suggestion.is_file():
+            from sftscope.io import read_json
+
+            rec = read_json(suggestion)
+            say(f"suggested mask {rec.get('mask')} ({rec.get('method')}): {rec.get('reason')}")
+        return run
+
+    step("analyze", do_analyze)
+    step("weights", do_weights)
+    step("probe", do_probe)
+    step("swap", do_swap)
+    step("sweep", do_sweep)
+    if "report" not in cfg.skip and res.runs:
+        from sftscope.report import build_report, paper_patterns
+
+        t = time.perf_counter()
+        order = [res.runs[k] for k in STEPS if k in res.runs and True]
+        res.report = build_report(order, out=out / "report.html",
+                                  figures_dir=out / "figures",
+                                  title="sftscope demo: a toy Base/SFT pair trained on this CPU")
+        res.patterns = paper_patterns(order)
+        res.timings["report"] = time.perf_counter() - t
+    res.timings["total"] = time.perf_counter() - t0
+    write_json(out / "run.json", run_record(
+        "demo", asdict(cfg), seeds={"demo": cfg.seed}, pair=res.pair,
+        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings,
+        general_text=general, patterns=res.patterns))
+    return res
+
+
+def time_summary(res: DemoResult) -> str:
+    """Where the time went, one line per step."""
+    total = res.timings.get("total", 0.0) or 1.0
+    lines = [f"  {k:<16} {v:7.1f} s  {100 * v / total:5.1f} %"
+             for k, v in res.timings.items() if k != "total"]
+    return "\n".join(lines + [f"  {'total':<16} {total:7.1f} s"])
