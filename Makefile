@@ -3,7 +3,7 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo lint bench
+.PHONY: install test demo lint
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
@@ -18,6 +18,3 @@ demo: install
 
 lint:
 	$(PYTHON) -m ruff check src tests bench
-
-bench: install
-	$(PYTHON) bench/run_all.py

@@ -13,6 +13,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def pytest_configure(config) -> None:
+    """Tiny models run fastest on one thread (no OpenMP spin-waits on a busy 2-core box)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from sftscope.load.tiny import train_tokenizer
