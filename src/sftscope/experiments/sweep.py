@@ -245,15 +245,9 @@ def expand_masks(spec: str, k: int, baseline: bool = True) -> list[str]:
 
 def parse_eval(spec: str) -> tuple[str, str | None]:
     """``gsm8k:PATH`` / ``gsm8k`` / ``mmlu:PATH`` / ``perplexity:SOURCE`` -> (task, data)."""
-    from sftscope.experiments.tasks import TASKS
+    from sftscope.experiments.tune import parse_eval_task
 
-    name, sep, rest = spec.partition(":")
-    if name not in TASKS:
-        raise SftscopeError(f"--eval {spec!r}: use gsm8k, gsm8k:PATH, mmlu:PATH or "
-                            f"perplexity:SOURCE (tasks: {', '.join(TASKS)})")
-    if name == "perplexity":
-        return name, rest or None
-    return name, spec if sep else None
+    return parse_eval_task(spec, flag="--eval")
 
 
 def _check_keys(given: dict[str, Any], cls: type, job_keys: Sequence[str], what: str) -> None:

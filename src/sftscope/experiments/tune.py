@@ -569,14 +569,14 @@ def _resolve_dtype(name: str) -> str:
             torch.float16: "float16"}[DTYPES[dt]]
 
 
-def parse_eval_task(spec: str) -> tuple[str, str | None]:
+def parse_eval_task(spec: str, flag: str = "--eval-task") -> tuple[str, str | None]:
     """``gsm8k`` / ``gsm8k:PATH`` / ``mmlu:PATH`` / ``perplexity:SOURCE`` -> (task, data)."""
     from sftscope.experiments.tasks import TASKS
 
     name, sep, rest = spec.partition(":")
     if name not in TASKS:
-        raise SftscopeError(f"--eval-task {spec!r}: use gsm8k, gsm8k:PATH, mmlu:PATH or "
-                            f"perplexity:SOURCE")
+        raise SftscopeError(f"{flag} {spec!r}: use gsm8k, gsm8k:PATH, mmlu:PATH or "
+                            f"perplexity:SOURCE (tasks: {', '.join(TASKS)})")
     if name == "perplexity":
         return name, rest or None
     return name, spec if sep else None

@@ -73,6 +73,7 @@ from sftscope.load.arch import (
     REGISTRY,
     ArchSpec,
     fused_qkv_sizes,
+    n_layers,
     spec_for_config,
     split_fused_qkv,
 )
@@ -243,14 +244,6 @@ def _load_config(folder: Path) -> Any:
             raise SftscopeError(f"{cfg_path} is not valid JSON ({e})") from e
 
 
-def _n_layers(config: Any) -> int | None:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        val = getattr(config, key, None)
-        if isinstance(val, int):
-            return val
-    return None
-
-
 def _infer_spec(names: list[str], config: Any) -> ArchSpec:
     """A spec from tensor names alone for model types the registry does not know."""
     counts: dict[str, set[int]] = defaultdict(set)
@@ -263,7 +256,7 @@ def _infer_spec(names: list[str], config: Any) -> ArchSpec:
             f"unknown architecture (model_type {getattr(config, 'model_type', '?')!r}): no "
             f"numbered decoder blocks among the tensor names; add an ArchSpec to load/arch.py"
         )
-    want = _n_layers(config)
+    want = n_layers(config)
     blocks = max(counts, key=lambda p: (len(counts[p]) == want, len(counts[p])))
     parent = blocks.rsplit(".", 1)[0] + "." if "." in blocks else ""
     patterns = {"q": r"q_proj$", "k": r"k_proj$", "v": r"v_proj$",
@@ -797,7 +790,7 @@ def _plan(base: Checkpoint, sft: Checkpoint | None, notes: list[str]) -> list[_I
 
 def _n_blocks(ckpt: Checkpoint, items: list[_Item]) -> int:
     found = [it.slot.block for it in items if it.slot.block is not None]
-    cfg = _n_layers(ckpt.config)
+    cfg = n_layers(ckpt.config)
     return max(cfg or 0, (max(found) + 1) if found else 0)
 
 

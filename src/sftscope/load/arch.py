@@ -110,7 +110,8 @@ def _model_type(obj: Any) -> str:
     return str(getattr(cfg, "model_type", "") or "")
 
 
-def _n_layers(config: Any) -> int | None:
+def n_layers(config: Any) -> int | None:
+    """Decoder block count from a config, whatever the family calls it."""
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         val = getattr(config, key, None)
         if isinstance(val, int):
@@ -136,16 +137,16 @@ def arch_for(model: nn.Module) -> ArchSpec:
 
 
 def _infer_spec(model: nn.Module) -> ArchSpec:
-    n_layers = _n_layers(model.config)
+    n_expected = n_layers(model.config)
     blocks_path = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and n_layers is not None and len(mod) == n_layers:
+        if isinstance(mod, nn.ModuleList) and n_expected is not None and len(mod) == n_expected:
             blocks_path = name
             break
     if blocks_path is None:
         raise SftscopeError(
             f"unknown architecture {type(model).__name__} (model_type "
-            f"{_model_type(model)!r}): no list of {n_layers} decoder blocks found; "
+            f"{_model_type(model)!r}): no list of {n_expected} decoder blocks found; "
             f"add an ArchSpec for it to sftscope/load/arch.py"
         )
     parent = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
