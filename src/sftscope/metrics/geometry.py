@@ -95,9 +95,12 @@ def curvature_batch(h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     m = _check_mask(h, mask)
     b, t, _ = h.shape
     n_rows = m.sum(dim=1)
-    # move real tokens to the front, in order (stable sort), so any padding layout works
-    order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
-    x = torch.gather(to_f64(h), 1, order[..., None].expand(-1, -1, h.shape[-1]))
+    x = to_f64(h)
+    if t > 1 and bool((m[:, 1:] & ~m[:, :-1]).any()):
+        # real tokens not already first (left padding, holes): move them to the front, in
+        # order (stable sort), so any padding layout works
+        order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
+        x = torch.gather(x, 1, order[..., None].expand(-1, -1, h.shape[-1]))
     if t < 3:
         nan = torch.full((b,), math.nan, dtype=torch.float64, device=x.device)
         return nan, torch.zeros(b, dtype=torch.bool, device=x.device)
