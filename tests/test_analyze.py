@@ -224,3 +224,19 @@ def test_config_file_mirrors_flags(model_dir, gsm8k_file, tmp_path):
     assert e.value.code == 0
     rec = json.loads((tmp_path / "r" / "run.json").read_text())
     assert rec["config"]["n_token"] == 3 and rec["config"]["n_pooled"] == 5
+
+
+def test_reference_preset_reproduces_research_code(model_dir, gsm8k_file, tmp_path):
+    """reference: j = 0..L-1 only, padding counted in token metrics, sigma^2 effective rank."""
+    base, sft = model_dir("llama", seed=0), model_dir("llama", seed=1)
+    data = f"gsm8k:{gsm8k_file}"
+    default = analyze(_cfg(base, sft, data, tmp_path / "d", tmp_path / "c"))
+    ref = analyze(_cfg(base, sft, data, tmp_path / "r", tmp_path / "c", preset="reference"))
+    n = int(default.layer.max())
+    assert int(ref.layer.max()) == n - 1
+    rec = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert rec["metric_options"]["erank_weights"] == "sigma2"
+    key = ["layer", "metric", "model"]
+    both = default.merge(ref, on=key, suffixes=("_d", "_r"))
+    ent = both[(both.metric == "prompt_entropy") & (both.model == "base")]
+    assert (ent.value_d - ent.value_r).abs().max() > 1e-6  # padding now enters the metric

@@ -42,6 +42,7 @@ class CaptureConfig:
     normalisation: str = "max"
     ridge: float = 0.0
     sparsity_eps: float = 0.01
+    include_padding: bool = False  # reference preset: research code counted padded positions
     checkpoint_every_s: float = 60.0
 
     def key_fields(self) -> dict:
@@ -113,13 +114,14 @@ class _Reducer:
     """Receives hidden states from the hooks and reduces them on their device."""
 
     def __init__(self, n_states: int, n: int, dim: int, n_token: int,
-                 opts: M.MetricOptions) -> None:
+                 opts: M.MetricOptions, include_padding: bool = False) -> None:
         self.pooled_mean = torch.zeros(n_states, n, dim, dtype=torch.float32)
         self.pooled_last = torch.zeros(n_states, n, dim, dtype=torch.float32)
         self.token = {k: torch.full((n_states, n_token), float("nan"), dtype=torch.float64)
                       for k in TOKEN_METRICS}
         self.n_token = n_token
         self.opts = opts
+        self.include_padding = include_padding
         self._batch: dict[int, tuple] = {}
 
     def start(self, mask: torch.Tensor, index: list[int]) -> None:
@@ -147,6 +149,8 @@ class _Reducer:
             rows = torch.tensor(self.tok_rows, device=h.device)
             # one float64 copy of the token rows feeds all three metrics
             hs, ms = to_f64(h.index_select(0, rows)), m.index_select(0, rows)
+            if self.include_padding:
+                ms = torch.ones_like(ms)
             ent = M.prompt_entropy_batch(hs, ms, self.opts)
             spa = M.sparsity_batch(hs, ms, self.opts)
             curv, valid = M.curvature_batch(hs, ms)
@@ -182,7 +186,7 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
         raise SftscopeError("no samples to capture")
     n_blocks = len(get_blocks(model))
     dim = int(model.get_input_embeddings().weight.shape[1])
-    red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options())
+    red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options(), cfg.include_padding)
     n_batches = (n + cfg.batch_size - 1) // cfg.batch_size
     start = 0
     partial = cache_path.with_suffix(".partial.safetensors") if cache_path else None

@@ -224,9 +224,10 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     notes += data_notes
     for n in notes:
         say(f"[yellow]note:[/] {n}")
+    reference = cfg.preset == "reference"
     ccfg = CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
                          normalisation=opts.normalisation, ridge=opts.ridge,
-                         sparsity_eps=opts.sparsity_eps)
+                         sparsity_eps=opts.sparsity_eps, include_padding=reference)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_id = max(max(s) for s in tok.input_ids)
     with timer("capture_base"):
@@ -240,6 +241,8 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                             single_model_table(rs, opts, "sft", cfg.bootstrap, cfg.seed)])
         pair = pair_table(rb, rs, opts, single, cfg.bootstrap, cfg.seed)
         table = pd.concat([single, pair], ignore_index=True)
+        if reference:  # the research code kept j = 0..L-1 (no output of the last block)
+            table = table[table.layer < info.n_blocks]
         table = table.sort_values(["model", "metric", "layer"], kind="stable")
         corr = correlation_table(table[table.model.isin(["base", "sft"])
                                        | table.metric.isin(["cka", "cosine_similarity",
@@ -253,7 +256,9 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         "analyze", asdict(replace(cfg, formats=list(cfg.formats))),
         n_blocks=info.n_blocks, hidden_size=info.hidden_size, model_type=info.model_type,
         models={"base": fp_b, "sft": fp_s}, metric_options=asdict(opts),
-        layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b (before final norm)",
+        layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b (before final norm)"
+        + ("; reference preset: j = 0..L-1 only, padding counted in token metrics"
+           if reference else ""),
         data={"source": cfg.data, "n_pooled": len(tok), "n_token": n_tok_used,
               "n_truncated": tok.n_truncated, "max_length": cfg.max_length,
               "curvature_samples_skipped": skipped},
