@@ -19,7 +19,7 @@ def eval_command(
                                     "local FILE in the task's fields; perplexity: any text "
                                     "source (default wikitext)."),
     out: Path | None = typer.Option(None, help="Run folder for scores.csv, "
-                                    "predictions-<task>.jsonl and run.json."),
+                                    "predictions-TASK.jsonl and run.json."),
     adapter: str | None = typer.Option(None, help="LoRA adapter folder (RUN/adapter of a tune "
                                        "run, or the run folder)."),
     split: str | None = typer.Option(None, help="Split of a hub dataset (default test)."),

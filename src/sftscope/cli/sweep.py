@@ -31,7 +31,7 @@ def parse_kv(pairs: list[str] | None, flag: str) -> dict[str, Any]:
 
 @app.command()
 def sweep(
-    out: Path = typer.Option(..., help="Sweep folder: sweep.json, jobs/<mask>-s<seed>/, "
+    out: Path = typer.Option(..., help="Sweep folder: sweep.json, jobs/MASK-sSEED/, "
                              "summary.csv, position.csv, run.json."),
     model: str | None = typer.Option(None, help="Base model to tune: local folder or hub id "
                                      "(optional with --summarize-only)."),
@@ -103,7 +103,7 @@ def sweep(
     formats: str = formats_option(),
 ) -> None:
     """Tune (equal-budget segment LoRA) and evaluate every mask x seed, each a resumable job in
-    OUT/jobs/<mask>-s<seed>/; then write summary.csv (mean and CI over seeds and items, p-value
+    OUT/jobs/MASK-sSEED/; then write summary.csv (mean and CI over seeds and items, p-value
     paired against 11111) and position.csv (one-segment masks by depth).
 
     Run the same command again to resume: finished jobs are never repeated, an unfinished one
@@ -111,10 +111,13 @@ def sweep(
 
     Several GPUs: one process per device, then merge:
 
-      CUDA_VISIBLE_DEVICES=0 sftscope sweep ... --job-index 0 --num-jobs 4 &
-      ...
-      CUDA_VISIBLE_DEVICES=3 sftscope sweep ... --job-index 3 --num-jobs 4 &
-      wait; sftscope sweep ... --summarize-only
+    `CUDA_VISIBLE_DEVICES=0 sftscope sweep ... --job-index 0 --num-jobs 4 &`
+
+    `...`
+
+    `CUDA_VISIBLE_DEVICES=3 sftscope sweep ... --job-index 3 --num-jobs 4 &`
+
+    `wait; sftscope sweep ... --summarize-only`
     """
     from sftscope.experiments.sweep import SweepConfig, run_sweep
     from sftscope.progress import say
