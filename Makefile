@@ -14,7 +14,7 @@ test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 demo: install
-	sftscope demo --out sftscope-demo
+	$(PYTHON) -m sftscope demo --out sftscope-demo
 
 lint:
 	$(PYTHON) -m ruff check src tests bench
