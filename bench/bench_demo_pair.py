@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sftscope.demo.pair import FULL, QUICK, build_demo_pair
+    from sftscope.progress import enabled
+
+    if not enabled():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     cfg = QUICK if args.quick else FULL
     over = dict(kv.split("=", 1) for kv in args.set)

@@ -152,6 +152,8 @@ def test_quick_pair_is_a_real_trained_pair(quick_pair):
     assert h["base"][-1][1] < h["base"][0][1] - 1.0
     assert h["sft"][-1][1] < h["sft"][0][1]
     assert pair.metrics["test_loss_sft"] < pair.metrics["test_loss_base"]
+    # the SFT learned the answer format the base never saw (seed 0: about 0.8 against 0.0)
+    assert pair.metrics["format_sft"] >= pair.metrics["format_base"] + 0.3
     man = json.loads((pair.out_dir / "manifest.json").read_text())
     assert man["command"] == "demo_pair" and man["key"] == pair.key and man["n_blocks"] >= 10
 
@@ -192,3 +194,5 @@ def test_tiny_pair_is_reproducible_and_force_retrains(tmp_path):
         file_sha256(a.sft_dir / "model.safetensors")
     other = build_demo_pair(tmp_path / "a", config=cfg, seed=1)  # new settings: not the cache
     assert not other.cached and other.key != a.key
+    olmo = build_demo_pair(tmp_path / "olmo", config=cfg, family="olmo2")
+    assert json.loads((olmo.sft_dir / "config.json").read_text())["model_type"] == "olmo2"

@@ -9,7 +9,15 @@ tokenizer, and cached: a second call with the same settings reads ``manifest.jso
 at once; ``force=True`` retrains.
 
 Training goes through ``transformers.Trainer`` (no checkpoints written; progress bars unless
-``SFTSCOPE_NO_PROGRESS`` is set). Fixed seed and fixed step counts make the pair reproducible.
+``SFTSCOPE_NO_PROGRESS`` is set); it costs ~3 % over a bare loop at the full size, ~15 % at the
+quick size. Fixed seed and fixed step counts make the pair reproducible (byte-identical).
+
+``FULL``: 10 blocks, hidden 64 (0.71M parameters), 3400 base steps of 8 x 128 tokens, 600 SFT
+steps; ~4 minutes on two idle cores. The base learns two-digit arithmetic partly and answers
+``The answer is 14.``; the SFT writes the worked solution and ``#### N`` (format 0 % -> 100 %,
+held-out accuracy ~10 % -> ~75 % over seeds 0-2). Small batches matter: the same tokens in
+16-sequence batches (half the steps) left seed 1 without arithmetic (30 %). ``QUICK`` (~17 s,
+hidden 32): learns the format, not the arithmetic.
 """
 
 from __future__ import annotations
@@ -63,10 +71,10 @@ class PairConfig:
     intermediate: int = 256
     vocab_size: int = 768
     seq_len: int = 128
-    batch_size: int = 16
-    base_steps: int = 1700
+    batch_size: int = 8
+    base_steps: int = 3400
     base_lr: float = 3e-3
-    sft_steps: int = 300
+    sft_steps: int = 600
     sft_lr: float = 1e-3
     sft_pretrain_mix: float = 0.25
     warmup_frac: float = 0.05
@@ -86,9 +94,9 @@ class PairConfig:
 
 FULL = PairConfig()
 QUICK = PairConfig(
-    hidden=32, intermediate=64, vocab_size=512, seq_len=96, batch_size=8, base_steps=80,
-    base_lr=3e-3, sft_steps=40, sft_lr=2e-3, n_pretrain=1_500, n_sft=300, n_test=40, n_train=60,
-    n_general=40, eval_items=16, eval_new_tokens=24, threads=1,
+    hidden=32, intermediate=64, vocab_size=512, seq_len=96, batch_size=8, base_steps=250,
+    sft_steps=120, sft_lr=2e-3, n_pretrain=1_500, n_sft=300, n_test=40, n_train=60,
+    n_general=40, eval_items=16, eval_new_tokens=32, threads=1,
 )
 
 
@@ -545,11 +553,17 @@ def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick
         files={k: str(p.relative_to(out_dir)) for k, p in files.items()},
     )
     write_json(out_dir / MANIFEST, man)
+    if progress_enabled():
+        m = metrics
+        say(f"[bold]demo pair[/]: base/ and sft/ saved in {out_dir} "
+            f"({timer.seconds['total']:.0f} s; answer format base {m.get('format_base', 0):.0%} "
+            f"-> sft {m.get('format_sft', 0):.0%}, accuracy "
+            f"{m.get('flex_acc_base', 0):.0%} -> {m.get('strict_acc_sft', 0):.0%})")
     return _pair_from_manifest(out_dir, read_json(out_dir / MANIFEST), cached=False)
 
 
 def _mix_blocks(sft_labels: torch.Tensor, cfg: PairConfig) -> int:
-    """Pre-training blocks to add so they are ``sft_pretrain_mix`` of the SFT tokens."""
+    """Pre-training blocks to add so they are ``sft_pretrain_mix`` of the SFT phase's blocks."""
     if cfg.sft_pretrain_mix <= 0:
         return 0
     f = min(cfg.sft_pretrain_mix, 0.9)
