@@ -11,7 +11,7 @@ install:
 
 test: install
 	$(PYTHON) -m ruff check src tests bench
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m pytest -p no:cacheprovider
 
 demo: install
 	$(PYTHON) -m sftscope demo --out sftscope-demo
