@@ -12,12 +12,11 @@ import torch
 
 from sftscope.demo.corpus import (
     FILES,
-    extract_hash_answer,
-    extract_last_number,
     make_corpus,
     write_corpus,
 )
 from sftscope.errors import SftscopeError
+from sftscope.experiments.tasks import extract_flexible, extract_strict
 from sftscope.io import file_sha256
 
 EQ = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
@@ -32,7 +31,7 @@ def _check_record(rec: dict) -> list[tuple[str, int, int]]:
     assert rec["question"].endswith("?")
     lines = rec["answer"].split("\n")
     assert re.fullmatch(r"#### \d+", lines[-1])
-    n = int(extract_hash_answer(rec["answer"]))
+    n = int(extract_strict(rec["answer"]))
     eqs = [m for line in lines[:-1] for m in EQ.findall(line)]
     assert eqs, rec
     for a, op, b, c in eqs:
@@ -79,17 +78,17 @@ def test_max_number_bounds_every_problem():
     for rec in c.sft + c.gsm8k_test + c.gsm8k_train:
         for _op, a, b in _check_record(rec):
             assert a <= 30 and b <= 30
-        assert int(extract_hash_answer(rec["answer"])) <= 30
+        assert int(extract_strict(rec["answer"])) <= 30
     with pytest.raises(SftscopeError, match="max_number"):
         make_corpus(max_number=5)
 
 
 def test_answer_extraction():
-    assert extract_hash_answer("3 + 4 = 7.\n#### 7") == "7"
-    assert extract_hash_answer("#### 1,234") == "1234"
-    assert extract_hash_answer("The answer is 7.") is None
-    assert extract_last_number("3 + 4 = 7. So 7.") == "7"
-    assert extract_last_number("none") is None
+    assert extract_strict("3 + 4 = 7.\n#### 7") == "7"
+    assert extract_strict("#### 1,234") == "1234"
+    assert extract_strict("The answer is 7.") is None
+    assert extract_flexible("3 + 4 = 7. So 7.") == "7"
+    assert extract_flexible("none") is None
 
 
 def test_bad_requests_are_clear_errors(tmp_path):

@@ -23,7 +23,6 @@ Splits (what each is for):
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -447,30 +446,3 @@ def write_corpus(corpus: Corpus, out_dir: str | Path) -> dict[str, Path]:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
         paths[name] = write_text(out_dir / FILES[name], text)
     return paths
-
-
-# ----------------------------------------------------------------------------- answers
-
-_HASH = re.compile(r"####\s*(-?[\d,]+(?:\.\d+)?)")
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_hash_answer(text: str) -> str | None:
-    """The ``#### N`` answer (GSM8K strict match), commas removed; None when absent."""
-    m = _HASH.search(text)
-    return m.group(1).replace(",", "").rstrip(".") if m else None
-
-
-def extract_last_number(text: str) -> str | None:
-    """The last number in ``text`` (GSM8K flexible match); None when there is none."""
-    nums = _NUM.findall(text)
-    return nums[-1].replace(",", "").rstrip(".") if nums else None
-
-
-def cut_completion(text: str) -> str:
-    """A generated answer up to where a new question or a blank line would start."""
-    for stop in ("\n\n", "Question:"):
-        i = text.find(stop)
-        if i >= 0:
-            text = text[:i]
-    return text

@@ -40,15 +40,14 @@ from sftscope import __version__
 from sftscope.demo.corpus import (
     FILES,
     Corpus,
-    cut_completion,
-    extract_hash_answer,
-    extract_last_number,
     format_prompt,
     make_corpus,
     write_corpus,
 )
 from sftscope.errors import SftscopeError
+from sftscope.experiments.tasks import extract_flexible, extract_strict, trim_at_stop
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
+from sftscope.load.data import pad_batch
 from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
 
@@ -274,47 +273,37 @@ def _save(model, tok, target: Path) -> None:
 
 # ----------------------------------------------------------------------------- evaluation
 
+# A generated answer ends where a new question or a blank line would start.
+DEMO_STOP = ("\n\n", "Question:")
+
 
 @torch.no_grad()
+def _mean_loss(model, pad_id: int, examples: list[tuple[list[int], list[int]]],
+               batch_size: int) -> float:
+    """Mean next-token loss over the labelled tokens of ``(ids, labels)`` pairs (-100 = skip)."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        ids, _ = pad_batch([a for a, _ in chunk], pad_id)
+        lab, _ = pad_batch([b for _, b in chunk], -100)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        tgt = lab[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+            reduction="sum").item()
+        count += int((tgt != -100).sum())
+    return total / max(count, 1)
+
+
 def completion_loss(model, tok, records: list[dict[str, str]], batch_size: int = 32) -> float:
     """Mean loss per answer token (prompt not scored) of ``question``/``answer`` records."""
-    total, count = 0.0, 0
-    for i in range(0, len(records), batch_size):
-        ex = _sft_examples(tok, records[i: i + batch_size])
-        n = max(len(a) for a, _ in ex)
-        ids = torch.full((len(ex), n), tok.pad_token_id, dtype=torch.long)
-        lab = torch.full((len(ex), n), -100, dtype=torch.long)
-        for j, (a, b) in enumerate(ex):
-            ids[j, : len(a)] = torch.tensor(a)
-            lab[j, : len(b)] = torch.tensor(b)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        tgt = lab[:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-            reduction="sum").item()
-        count += int((tgt != -100).sum())
-    return total / max(count, 1)
+    return _mean_loss(model, tok.pad_token_id, _sft_examples(tok, records), batch_size)
 
 
-@torch.no_grad()
 def text_loss(model, tok, texts: list[str], batch_size: int = 32) -> float:
     """Mean next-token loss over plain texts (each scored on its own)."""
-    total, count = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        enc = _encode(tok, texts[i: i + batch_size])
-        n = max(len(e) for e in enc)
-        ids = torch.full((len(enc), n), tok.pad_token_id, dtype=torch.long)
-        lab = torch.full((len(enc), n), -100, dtype=torch.long)
-        for j, e in enumerate(enc):
-            ids[j, : len(e)] = torch.tensor(e)
-            lab[j, : len(e)] = torch.tensor(e)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        tgt = lab[:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-            reduction="sum").item()
-        count += int((tgt != -100).sum())
-    return total / max(count, 1)
+    return _mean_loss(model, tok.pad_token_id, [(e, e) for e in _encode(tok, texts)],
+                      batch_size)
 
 
 @torch.no_grad()
@@ -324,17 +313,15 @@ def generate_answers(model, tok, questions: list[str], max_new_tokens: int = 40,
     out: list[str] = []
     for i in range(0, len(questions), batch_size):
         enc = _encode(tok, [format_prompt(q) for q in questions[i: i + batch_size]])
-        n = max(len(e) for e in enc)
-        ids = torch.full((len(enc), n), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(enc), n), dtype=torch.long)
-        for j, e in enumerate(enc):  # left padding, so every prompt ends where generation starts
-            ids[j, n - len(e):] = torch.tensor(e)
-            mask[j, n - len(e):] = 1
+        # left padding, so every prompt ends where generation starts
+        ids, mask = pad_batch(enc, tok.pad_token_id, side="left")
+        n = ids.shape[1]
         gen = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )
-        out += [cut_completion(t) for t in tok.batch_decode(gen[:, n:], skip_special_tokens=True)]
+        texts = tok.batch_decode(gen[:, n:], skip_special_tokens=True)
+        out += [trim_at_stop(t, DEMO_STOP) for t in texts]
     return out
 
 
@@ -342,9 +329,9 @@ def answer_scores(completions: list[str], records: list[dict[str, str]]) -> dict
     """Shares: ``format`` (has ``#### N``), ``strict_acc`` (it is right), ``flex_acc`` (the last
     number is right)."""
     n = max(len(records), 1)
-    gold = [extract_hash_answer(r["answer"]) for r in records]
-    hashed = [extract_hash_answer(c) for c in completions]
-    last = [extract_last_number(c) for c in completions]
+    gold = [extract_strict(r["answer"]) for r in records]
+    hashed = [extract_strict(c) for c in completions]
+    last = [extract_flexible(c) for c in completions]
     return {
         "format": sum(h is not None for h in hashed) / n,
         "strict_acc": sum(h == g for h, g in zip(hashed, gold)) / n,
