@@ -23,11 +23,11 @@ from sftscope.load import data as D
 from sftscope.load.models import (
     LoadOptions,
     check_pair,
-    check_tokenizers,
+    check_vocab,
     fingerprint,
     load_config,
     load_model,
-    load_tokenizer,
+    pair_tokenizer,
 )
 from sftscope.progress import say
 
@@ -95,8 +95,7 @@ def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[st
 
 
 def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,
-                   ccfg: CaptureConfig, pad_id: int, label: str,
-                   max_token_id: int) -> tuple[CaptureResult, dict]:
+                   ccfg: CaptureConfig, pad_id: int, label: str) -> tuple[CaptureResult, dict]:
     fp = fingerprint(spec, revision)
     key = cache_key(fp, tok, ccfg)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -110,12 +109,7 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
         return hit, fp
     model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
                                          device_map=cfg.device_map))
-    rows = model.get_input_embeddings().weight.shape[0]
-    if max_token_id >= rows:
-        raise SftscopeError(
-            f"the data uses token id {max_token_id} but {label} has only {rows} embedding rows "
-            f"(added tokens of the SFT tokenizer?); use --tokenizer base or --no-chat-template"
-        )
+    check_vocab(model, tok.input_ids, label)
     try:
         res = capture(model, tok, ccfg, pad_id, cache_path=path, label=label)
     finally:
@@ -209,16 +203,10 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     with timer("validate"):
         info = check_pair(load_config(cfg.base, cfg.base_revision),
                           load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft)
-        tok_b = load_tokenizer(cfg.base, cfg.base_revision)
-        tok_s = load_tokenizer(cfg.sft, cfg.sft_revision)
-        notes = list(info.notes) + check_tokenizers(tok_b, tok_s)
-        if cfg.tokenizer == "base":
-            tokenizer = tok_b
-        elif cfg.tokenizer == "sft":
-            tokenizer = tok_s
-        else:
-            tokenizer = load_tokenizer(cfg.tokenizer)
-            notes += check_tokenizers(tok_b, tokenizer)
+        tokenizer, tok_notes = pair_tokenizer(
+            cfg.base, cfg.sft, cfg.tokenizer,
+            revisions={"base": cfg.base_revision, "sft": cfg.sft_revision})
+        notes = list(info.notes) + tok_notes
     with timer("data"):
         tok, data_notes = prepare_data(cfg, tokenizer)
     notes += data_notes
@@ -229,13 +217,10 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                          normalisation=opts.normalisation, ridge=opts.ridge,
                          sparsity_eps=opts.sparsity_eps, include_padding=reference)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    max_id = max(max(s) for s in tok.input_ids)
     with timer("capture_base"):
-        rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base",
-                                  max_id)
+        rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base")
     with timer("capture_sft"):
-        rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft",
-                                  max_id)
+        rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft")
     with timer("metrics"):
         single = pd.concat([single_model_table(rb, opts, "base", cfg.bootstrap, cfg.seed),
                             single_model_table(rs, opts, "sft", cfg.bootstrap, cfg.seed)])

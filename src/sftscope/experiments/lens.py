@@ -43,12 +43,13 @@ from sftscope.load.arch import (
 from sftscope.load.models import (
     LoadOptions,
     check_pair,
-    check_tokenizers,
+    check_vocab,
     fingerprint,
     input_device,
     load_config,
     load_model,
     load_tokenizer,
+    pair_tokenizer,
 )
 from sftscope.metrics.stats import bootstrap_ci, mean_ci, proportion_ci
 from sftscope.progress import say, track
@@ -503,33 +504,6 @@ def pick_tokenizer(choice: str | None, default: str, specs: dict[str, str],
     return load_tokenizer(choice)
 
 
-def pair_tokenizer(choice: str | None, specs: dict[str, str], revs: dict[str, str | None],
-                   chat_template: bool) -> tuple[Any, list[str]]:
-    """The tokenizer both models of a pair see (default: base's; SFT's with a chat template),
-    after checking that the two tokenizers agree on their shared ids."""
-    tb = load_tokenizer(specs["base"], revision=revs.get("base"))
-    ts = load_tokenizer(specs["sft"], revision=revs.get("sft"))
-    notes = check_tokenizers(tb, ts, sample=4096)
-    if choice is None:
-        return (ts if chat_template else tb), notes
-    if choice == "base":
-        return tb, notes
-    if choice == "sft":
-        return ts, notes
-    return load_tokenizer(choice), notes
-
-
-def check_vocab(model: nn.Module, tok: D.TokenizedSet, label: str) -> None:
-    """Refuse token ids the model has no embedding for."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    top = max((max(ids) for ids in tok.input_ids if ids), default=0)
-    if top >= rows:
-        raise SftscopeError(
-            f"the data uses token id {top} but {label} has only {rows} embedding rows (added "
-            f"tokens of another tokenizer?); use the tokenizer of {label} or drop --chat-template"
-        )
-
-
 def model_bytes(model: nn.Module) -> int:
     """Bytes held by a model's parameters."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -587,7 +561,8 @@ def probe(*, data: str, model: str | None = None, base: str | None = None,
             info = check_pair(cfgs["base"], cfgs["sft"], base, sft)
             notes += info.notes
         if pair:
-            tokz, tok_notes = pair_tokenizer(tokenizer, specs, revs, chat_template)
+            tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
+                                             revisions=revs, chat_template=chat_template)
             notes += tok_notes
         else:
             tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs)
@@ -613,7 +588,7 @@ def probe(*, data: str, model: str | None = None, base: str | None = None,
             m = load_model(spec, opts[k])
         nbytes = model_bytes(m)
         try:
-            check_vocab(m, tok, k)
+            check_vocab(m, tok.input_ids, k)
             n_blocks = n_blocks_of(m)
             with timer(f"pass_{k}"):
                 sums = lens_pass(m, tok, pad_id, batch_size=batch_size, answers=answers,

@@ -28,11 +28,9 @@ from sftscope.experiments.lens import (
     DEFAULT_CHUNK,
     ChoiceSlot,
     LensSums,
-    check_vocab,
     choice_slots,
     lens_pass,
     model_bytes,
-    pair_tokenizer,
     prepare_data,
     ratio_ci,
     release,
@@ -41,7 +39,15 @@ from sftscope.experiments.lens import (
 from sftscope.io import Timer, run_record, write_json, write_table
 from sftscope.load.arch import arch_for, get_blocks, get_final_norm, get_head, get_submodule
 from sftscope.load.data import TokenizedSet
-from sftscope.load.models import LoadOptions, check_pair, fingerprint, load_config, load_model
+from sftscope.load.models import (
+    LoadOptions,
+    check_pair,
+    check_vocab,
+    fingerprint,
+    load_config,
+    load_model,
+    pair_tokenizer,
+)
 from sftscope.metrics.stats import proportion_ci
 from sftscope.progress import say
 from sftscope.segments import mask_blocks, mask_group, parse_mask, segment_bounds
@@ -268,7 +274,8 @@ def swap(*, base: str, sft: str, data: str, out: str | Path | None = None, segme
                                 f"{cfgs['base'].model_type} and {cfgs['sft'].model_type} differ")
         mask_list = swap_masks(segments, info.n_blocks, masks)
         notes = list(info.notes)
-        tokz, tok_notes = pair_tokenizer(tokenizer, specs, revs, chat_template)
+        tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
+                                         revisions=revs, chat_template=chat_template)
         notes += tok_notes
         samples, tok, data_notes = prepare_data(
             data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
@@ -292,7 +299,7 @@ def swap(*, base: str, sft: str, data: str, out: str | Path | None = None, segme
             for k, spec in specs.items():
                 models[k] = load_model(spec, opts[k])
                 nbytes += model_bytes(models[k])
-                check_vocab(models[k], tok, k)
+                check_vocab(models[k], tok.input_ids, k)
         with timer("evaluate"):
             df, n_blocks = evaluate_swaps(
                 models["base"], models["sft"], tok, pad_id, segments=segments, masks=mask_list,

@@ -230,3 +230,36 @@ def check_tokenizers(tok_base, tok_sft, sample: int | None = None) -> list[str]:
         notes.append(f"tokenizers differ in size ({len(tok_base)} vs {len(tok_sft)}); "
                      f"shared ids agree")
     return notes
+
+
+def pair_tokenizer(base: str, sft: str, choice: str | None = None, *,
+                   revisions: dict[str, str | None] | None = None,
+                   chat_template: bool = False) -> tuple[Any, list[str]]:
+    """The one tokenizer both models of a pair see, after checking the pair's tokenizers agree.
+
+    ``choice``: ``base``, ``sft``, a path, or None (base's; SFT's with a chat template, whose
+    added tokens only the SFT model knows). A tokenizer from a path is checked against base's.
+    """
+    revs = revisions or {}
+    tb = load_tokenizer(base, revision=revs.get("base"))
+    ts = load_tokenizer(sft, revision=revs.get("sft"))
+    notes = check_tokenizers(tb, ts)
+    if choice is None:
+        return (ts if chat_template else tb), notes
+    if choice == "base":
+        return tb, notes
+    if choice == "sft":
+        return ts, notes
+    tok = load_tokenizer(choice)
+    return tok, notes + check_tokenizers(tb, tok)
+
+
+def check_vocab(model, input_ids: list[list[int]], label: str) -> None:
+    """Refuse token ids the model has no embedding row for."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    top = max((max(ids) for ids in input_ids if ids), default=0)
+    if top >= rows:
+        raise SftscopeError(
+            f"the data uses token id {top} but {label} has only {rows} embedding rows (added "
+            f"tokens of another tokenizer?); use the tokenizer of {label} or drop --chat-template"
+        )
