@@ -23,7 +23,7 @@ FAMILIES = ["llama", "mistral", "olmo2", "qwen2", "gpt2"]
 
 
 def _cfg(base, sft, data, out, cache, **kw) -> AnalyzeConfig:
-    kw = {"n_token": 6, "n_pooled": 8, "max_length": 48, "batch_size": 3, **kw}
+    kw = {"n_token": 6, "limit": 8, "max_length": 48, "batch_size": 3, **kw}
     return AnalyzeConfig(base=str(base), sft=str(sft), data=str(data), out=str(out),
                          cache_dir=str(cache), **kw)
 
@@ -223,7 +223,7 @@ def test_config_file_mirrors_flags(model_dir, gsm8k_file, tmp_path):
               str(tmp_path / "r")])
     assert e.value.code == 0
     rec = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert rec["config"]["n_token"] == 3 and rec["config"]["n_pooled"] == 5
+    assert rec["config"]["n_token"] == 3 and rec["config"]["limit"] == 5
 
 
 def test_reference_preset_reproduces_research_code(model_dir, gsm8k_file, tmp_path):

@@ -377,7 +377,7 @@ def test_cli_bad_inputs_exit_2(model_dir, gsm8k_file, tmp_path, capsys):
         (["tune", "--model", path, "--train", f"gsm8k:{tmp_path / 'no.jsonl'}", "--out",
           str(tmp_path / "t"), "--mask", "01"], "does not exist"),
         (["eval", "--model", path, "--data", str(tmp_path / "no.jsonl")], "does not exist"),
-        (["eval", "--model", path, "--task", "hellaswag"], "unknown task"),
+        (["eval", "--model", path, "--task", "hellaswag"], "unknown --task"),
         (["eval", "--model", path, "--adapter", str(empty), "--data", str(gsm8k_file)],
          "adapter_config.json"),
     ]

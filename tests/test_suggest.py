@@ -44,7 +44,7 @@ def data(gsm8k_file):
 
 
 def _cfg(base, data, **kw) -> SuggestConfig:
-    kw.setdefault("n_samples", 8)
+    kw.setdefault("limit", 8)
     kw.setdefault("grad_samples", 8)
     return SuggestConfig(base=str(base), data=data, segments=K, device="cpu", **kw)
 

@@ -30,8 +30,8 @@ def _cfg(model, data, out, **kw) -> SweepConfig:
     kw.setdefault("segments", 2)
     kw.setdefault("masks", "singles")
     kw.setdefault("seeds", 2)
-    kw.setdefault("n_boot", 200)
-    return SweepConfig(out=str(out), model=str(model), train=data, eval=data, **kw)
+    kw.setdefault("bootstrap", 200)
+    return SweepConfig(out=str(out), model=str(model), train=data, task=data, **kw)
 
 
 class FakeJob:
@@ -114,7 +114,7 @@ def test_refuses_other_settings(tiny, model_dir, data, tmp_path, gsm8k_file):
     edited.write_text(gsm8k_file.read_text().replace("apples", "pears"))
     with pytest.raises(SftscopeError, match="training data") as e:
         run_sweep(SweepConfig(out=str(out), model=str(tiny), train=f"gsm8k:{edited}",
-                              eval=data, segments=2, tune={"rank": 8}), job_fn=FakeJob())
+                              task=data, segments=2, tune={"rank": 8}), job_fn=FakeJob())
     assert "\n" not in str(e.value)
     with pytest.raises(SftscopeError, match="segments is 2 there but 4 now"):
         run_sweep(_cfg(tiny, data, out, segments=4, masks="1000", tune={"rank": 8}),
@@ -162,7 +162,7 @@ def test_shards_then_summarize(tiny, data, tmp_path):
     run_sweep(_cfg(tiny, data, out, job_index=1, num_jobs=2), job_fn=fns[1])
     assert not set(fns[0].calls) & set(fns[1].calls)
     assert len(fns[0].calls) + len(fns[1].calls) == 6
-    res = run_sweep(SweepConfig(out=str(out), summarize_only=True, n_boot=200))
+    res = run_sweep(SweepConfig(out=str(out), summarize_only=True, bootstrap=200))
     assert res.ran == [] and not res.pending
     assert set(pd.read_csv(out / "summary.csv", dtype={"mask": str})["mask"]) == {"11", "10",
                                                                                   "01"}
@@ -238,11 +238,11 @@ def test_end_to_end_real_jobs(tiny, data, tmp_path):
     """Two masks x one seed with the real tune + evaluate (a few steps, 2 eval items)."""
     out = tmp_path / "run"
     cfg = SweepConfig(
-        out=str(out), model=str(tiny), train=data, eval=data, segments=2, masks="10,11",
+        out=str(out), model=str(tiny), train=data, task=data, segments=2, masks="10,11",
         seeds=1, tune={"rank": 4, "max_steps": 2, "batch_size": 2, "micro_batch_size": 2,
                        "n_train": 4, "dtype": "float32", "save_steps": 1},
         evaluation={"limit": 2, "shots": 0, "max_new_tokens": 8, "device": "cpu"},
-        n_boot=100)
+        bootstrap=100)
     res = run_sweep(cfg)
     assert sorted(res.ran) == ["10-s0", "11-s0"]
     s = res.summary

@@ -368,16 +368,16 @@ def _bad_inputs(root: Path, llama_pair: Path) -> dict[str, tuple[list[str], str]
     save_file({"x": torch.zeros(2)}, no_cfg / "adapter_model.safetensors")
     b = ["weights", "--out", str(root / "run"), "--base", str(base)]
     return {
-        "architecture": (b + ["--sft", str(gpt2)], "different architectures"),
-        "shape": (b + ["--sft", str(wide)], "shape mismatch"),
+        "architecture": (b + ["--sft", str(gpt2)], "a gpt2 model"),
+        "shape": (b + ["--sft", str(wide)], "hidden size 32"),
         "missing shard": (b + ["--sft", str(missing_shard)], "missing shard"),
         "truncated": (b + ["--sft", str(truncated)], "truncated"),
         "pickle": (b + ["--sft", str(pickled)], "save_pretrained"),
         "missing folder": (b + ["--sft", str(root / "nope")], "does not exist"),
         "adapter config": (b + ["--adapter", str(no_cfg)], "adapter_config.json"),
-        "both": (b + ["--sft", str(base), "--adapter", str(no_cfg)], "exactly one"),
+        "both": (b + ["--sft", str(base), "--adapter", str(no_cfg)], "not both"),
         "hub offline": (b + ["--sft", "some-org/some-model"], "pass a local folder"),
-        "format": (b + ["--sft", str(base), "--formats", "xlsx"], "unknown table format"),
+        "format": (b + ["--sft", str(base), "--formats", "xlsx"], "unknown format xlsx"),
     }
 
 

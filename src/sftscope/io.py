@@ -13,11 +13,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from sftscope.errors import SftscopeError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TRACKED_PACKAGES = (
     "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
@@ -25,9 +26,20 @@ TRACKED_PACKAGES = (
 )
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under the process umask (``mkstemp`` would give 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` only on success.
+
+    The file gets the mode the umask gives any new file. A failed write (full disk, read-only
+    folder) leaves the previous file, if any, untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,6 +47,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _file_mode())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

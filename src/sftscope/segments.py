@@ -58,9 +58,9 @@ def mask_blocks(mask: str, n_blocks: int) -> list[int]:
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
-def parse_blocks(spec: str, n_blocks: int) -> list[int]:
-    """Parse an explicit block list such as ``6-11,14`` (inclusive ranges, 0-based)."""
-    blocks: set[int] = set()
+def parse_blocks_syntax(spec: str) -> list[tuple[int, int]]:
+    """The inclusive ranges of a block list such as ``6-11,14`` (syntax only)."""
+    ranges: list[tuple[int, int]] = []
     for part in spec.replace(" ", "").split(","):
         m = _RANGE.match(part)
         if not m:
@@ -71,6 +71,14 @@ def parse_blocks(spec: str, n_blocks: int) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if lo > hi:
             raise SftscopeError(f"block list {spec!r}: range {part} runs backwards")
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_blocks(spec: str, n_blocks: int) -> list[int]:
+    """Parse an explicit block list such as ``6-11,14`` (inclusive ranges, 0-based)."""
+    blocks: set[int] = set()
+    for lo, hi in parse_blocks_syntax(spec):
         if hi >= n_blocks:
             raise SftscopeError(
                 f"block list {spec!r}: block {hi} does not exist "

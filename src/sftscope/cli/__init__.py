@@ -1,102 +1,117 @@
-"""Command-line interface: thin commands over the Python API.
+"""Command-line interface: commands generated from the typed configs, thin over the Python API.
 
-Every command module registers itself on ``app``. ``sftscope --config FILE <command>`` reads
-defaults for any flag from a YAML/TOML/JSON file (a section per command, keys are the flag
-names with ``_`` or ``-``), so a config file mirrors the CLI exactly.
+``sftscope --config FILE <command>`` (or ``<command> --config FILE``) reads defaults for any flag
+from a YAML/TOML/JSON file with a section per command, keys being flag names (``-`` or ``_``);
+flags given on the command line win. Bad input of any kind -- a typo'd flag, a wrong type, a
+missing file, a wrong kind of model -- is one line on stderr and exit status 2, decided before
+torch or transformers are imported.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
-import typer
 
+from sftscope import __version__
 from sftscope.errors import SftscopeError
 
-app = typer.Typer(
-    name="sftscope",
-    help="Where, in depth, did fine-tuning change the model? Layer-wise analysis of Base/SFT "
-    "pairs, logit-lens probing, layer swapping and Mid-Block (segment) LoRA tuning.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+INTERRUPTED = "interrupted; run the same command again to resume"
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a config file into ``{command: {flag: value}}``."""
-    if not path.is_file():
-        raise SftscopeError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+class _Group(click.Group):
+    """Unknown commands get a did-you-mean; bare ``sftscope`` prints help."""
 
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            import tomllib
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and name not in self.commands and not name.startswith("-"):
+            from sftscope.config.core import did_you_mean
 
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            import json
-
-            data = json.loads(text)
-        else:
-            raise SftscopeError(f"config file {path}: use .yaml, .toml or .json")
-    except SftscopeError:
-        raise
-    except Exception as e:  # parser errors of three libraries
-        raise SftscopeError(f"config file {path} could not be parsed: {e}") from e
-    if not isinstance(data, dict):
-        raise SftscopeError(f"config file {path} must map command names to their options")
-    return {str(cmd): {str(k).replace("-", "_"): v for k, v in (opts or {}).items()}
-            for cmd, opts in data.items()}
+            raise click.UsageError(f"unknown command {name!r}"
+                                   + did_you_mean(name, self.commands)
+                                   + f"; commands: {', '.join(self.commands)}")
+        return super().resolve_command(ctx, args)
 
 
-@app.callback()
-def _root(
-    ctx: typer.Context,
-    config: Path | None = typer.Option(
-        None, "--config", help="YAML/TOML/JSON file with a section per command; its keys are "
-        "flag names and set their defaults (flags given on the command line win).",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-) -> None:
+@click.group(cls=_Group, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config", default=None, metavar="FILE",
+              help="YAML/TOML/JSON file with a section per command; its keys are flag names "
+              "and set their defaults (flags given on the command line win).")
+@click.option("--quiet", "-q", is_flag=True, default=False, help="No progress display.")
+@click.version_option(__version__, "--version", prog_name="sftscope")
+@click.pass_context
+def app(ctx: click.Context, config: str | None, quiet: bool) -> None:
+    """Where, in depth, did fine-tuning change the model? Layer-wise analysis of Base/SFT
+    pairs, logit-lens probing, layer swapping and Mid-Block (segment) LoRA tuning.
+
+    Every command has --help. Bad input: one line on stderr, exit status 2."""
     if quiet:
         import os
 
         os.environ["SFTSCOPE_NO_PROGRESS"] = "1"
+    ctx.ensure_object(dict)
     if config is not None:
-        ctx.default_map = load_config_file(config)
+        from sftscope.cli.build import load_config_file
+
+        ctx.obj["config"] = load_config_file(Path(config))
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
-# Command modules register themselves on import.
-from sftscope.cli import commands  # noqa: E402,F401
+def _register() -> None:
+    from sftscope.cli.build import make_command
+    from sftscope.cli.runners import COMMANDS
+
+    for name, (cls, runner, text) in COMMANDS.items():
+        short = text.strip().splitlines()[0].rstrip(".")
+        app.add_command(make_command(name, cls, runner, text, short_help=short))
+
+
+_register()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"sftscope: error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors are one line and exit status 2, never a traceback."""
-    command = typer.main.get_command(app)
+    from sftscope.runs import DISK_ERRNOS, disk_error
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        rv = command.main(args=argv, prog_name="sftscope", standalone_mode=False)
-    except SftscopeError as e:
-        print(f"sftscope: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.NoArgsIsHelpError as e:
-        e.show()
-        sys.exit(0)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2)
+        rv = app.main(args=args, prog_name="sftscope", standalone_mode=False)
+    except click.exceptions.Exit as e:  # --help, --version
+        sys.exit(e.exit_code)
+    except click.exceptions.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx is not None else "sftscope"
+        msg = " ".join(e.format_message().split())
+        _fail(f"{msg[:1].lower() + msg[1:]}; see '{cmd} --help'")
     except click.exceptions.Abort:
-        print("sftscope: aborted", file=sys.stderr)
+        print(f"sftscope: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
-        print("sftscope: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"sftscope: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
+    except SftscopeError as e:
+        if type(e).__name__ == "Interrupted":
+            print(f"sftscope: {e}", file=sys.stderr)
+            sys.exit(130)
+        _fail(" ".join(str(e).split()))
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            _fail(str(disk_error(e)))
+        raise
+    except MemoryError:
+        _fail("out of memory; use a smaller --batch-size or --limit, or a larger machine")
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -10,38 +10,16 @@ captures, finished sweep jobs).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftscope.io import run_record, write_json
+from sftscope.config.commands import DEMO_STEPS, DemoConfig
+from sftscope.io import run_record
 from sftscope.progress import say
+from sftscope.runs import check_out, finish_run
 
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Size and scope of the demo; ``quick`` is the reduced size the tests run."""
-
-    out: str = "sftscope-demo"
-    seed: int = 0
-    quick: bool = False
-    family: str = "llama"
-    force: bool = False
-    segments: int = 5
-    sweep_masks: str = "singles"
-    sweep_seeds: int = 1
-    skip: tuple[str, ...] = ()
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        if self.quick:
-            return {"n_pooled": 24, "n_token": 12, "n_probe": 12, "n_swap": 12,
-                    "tune_steps": 4, "n_train": 32, "eval_limit": 4, "new_tokens": 24}
-        return {"n_pooled": 200, "n_token": 100, "n_probe": 100, "n_swap": 100,
-                "tune_steps": 40, "n_train": 400, "eval_limit": 40, "new_tokens": 48}
-
-
-STEPS = ("analyze", "weights", "probe", "swap", "sweep", "report")
+STEPS = DEMO_STEPS
 
 
 @dataclass
@@ -61,12 +39,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from sftscope.demo.pair import build_demo_pair
 
     out = Path(cfg.out)
-    bad = set(cfg.skip) - set(STEPS)
-    if bad:
-        from sftscope.errors import SftscopeError
-
-        raise SftscopeError(f"--skip {', '.join(sorted(bad))}: unknown step; "
-                            f"steps are {', '.join(STEPS)}")
+    check_out(out, "demo", cfg, overwrite=True)
     res = DemoResult(out=out, report=None)
     size = cfg.sizes
     t0 = time.perf_counter()
@@ -96,43 +69,44 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         from sftscope.experiments.analyze import AnalyzeConfig, analyze
 
         analyze(AnalyzeConfig(base=base, sft=sft, data=test, out=str(run),
-                              n_pooled=size["n_pooled"], n_token=size["n_token"],
+                              limit=size["n_pooled"], n_token=size["n_token"],
                               max_length=256, batch_size=16, seed=cfg.seed,
-                              cache_dir=str(cache)))
+                              cache_dir=str(cache), overwrite=True))
         return run
 
     def do_weights(run: Path) -> Path:
         from sftscope.experiments.weights import run_weights
 
-        run_weights(run, base, sft)
+        run_weights(run, base, sft, overwrite=True)
         return run
 
     def do_probe(run: Path) -> Path:
         from sftscope.experiments.lens import probe
 
-        probe(data=test, base=base, sft=sft, out=run, n=size["n_probe"], seed=cfg.seed,
-              max_length=256, batch_size=16, n_boot=200)
+        probe(data=test, base=base, sft=sft, out=str(run), limit=size["n_probe"],
+              seed=cfg.seed, max_length=256, batch_size=16, bootstrap=200, overwrite=True)
         return run
 
     def do_swap(run: Path) -> Path:
         from sftscope.experiments.swap import swap
 
-        swap(base=base, sft=sft, data=test, out=run, segments=cfg.segments,
-             n=size["n_swap"], seed=cfg.seed, max_length=256, batch_size=16, n_boot=200)
+        swap(base=base, sft=sft, data=test, out=str(run), segments=cfg.segments,
+             limit=size["n_swap"], seed=cfg.seed, max_length=256, batch_size=16,
+             bootstrap=200, overwrite=True)
         return run
 
     def do_sweep(run: Path) -> Path:
         from sftscope.experiments.sweep import SweepConfig, run_sweep
 
         run_sweep(SweepConfig(
-            out=str(run), model=base, train=train, eval=test, segments=cfg.segments,
+            out=str(run), model=base, train=train, task=test, segments=cfg.segments,
             masks=cfg.sweep_masks, seeds=cfg.sweep_seeds, sft=sft,
             validate_suggest=True,
             tune={"rank": 8, "lr": 2e-3, "max_steps": size["tune_steps"], "batch_size": 16,
                   "micro_batch_size": 16, "n_train": size["n_train"], "save_steps": 1000},
             evaluation={"limit": size["eval_limit"], "shots": 0,
                         "max_new_tokens": size["new_tokens"], "batch_size": 16},
-            suggest={"n_samples": min(64, size["n_pooled"])},
+            suggest={"limit": min(64, size["n_pooled"])},
         ))
         suggestion = run / "suggest" / "suggest.json"
         if suggestion.is_file():
@@ -158,8 +132,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         res.patterns = paper_patterns(order)
         res.timings["report"] = time.perf_counter() - t
     res.timings["total"] = time.perf_counter() - t0
-    write_json(out / "run.json", run_record(
-        "demo", asdict(cfg), seeds={"demo": cfg.seed}, pair=res.pair,
+    finish_run(out, run_record(
+        "demo", cfg.record(), seeds={"demo": cfg.seed}, pair=res.pair,
         runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings,
         general_text=general, patterns=res.patterns))
     return res

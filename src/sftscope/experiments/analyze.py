@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,8 @@ import torch
 
 from sftscope import metrics as M
 from sftscope.capture.stream import TOKEN_METRICS, CaptureConfig, CaptureResult, cache_key, capture
-from sftscope.errors import SftscopeError
-from sftscope.io import Timer, run_record, write_json, write_table
+from sftscope.config.commands import AnalyzeConfig
+from sftscope.io import Timer, run_record, write_table
 from sftscope.load import data as D
 from sftscope.load.models import (
     LoadOptions,
@@ -29,43 +29,15 @@ from sftscope.load.models import (
     load_model,
     pair_tokenizer,
 )
+from sftscope.load.runtime import pad_id as pad_id_of
+from sftscope.load.runtime import resolve_device, resolve_dtype
 from sftscope.progress import say
+from sftscope.runs import check_out, finish_run, start_run
+
+__all__ = ["AnalyzeConfig", "analyze", "correlation_table", "pair_table", "single_model_table"]
 
 DATASET_METRICS = ("dataset_entropy", "effective_rank", "effective_rank_norm", "rank_deficiency",
                    "rank_deficiency_frac", "spectral_norm", "condition_number", "l2_norm")
-
-
-@dataclass(frozen=True)
-class AnalyzeConfig:
-    """Everything ``analyze`` needs; mirrored one-to-one by the CLI flags."""
-
-    base: str
-    sft: str
-    data: str
-    out: str
-    base_revision: str | None = None
-    sft_revision: str | None = None
-    tokenizer: str = "base"
-    dtype: str = "auto"
-    device: str = "cpu"
-    device_map: str | None = None
-    n_token: int = 100
-    n_pooled: int = 1000
-    max_length: int = 512
-    batch_size: int = 8
-    seed: int = 0
-    chat_template: bool = False
-    text_field: str | None = None
-    template: str | None = None
-    split: str | None = None
-    preset: str = "default"
-    alpha: float = 1.0
-    normalisation: str = "max"
-    pooling: str = "mean"
-    cka_unbiased: bool = False
-    bootstrap: int = 0
-    cache_dir: str | None = None
-    formats: tuple[str, ...] = ("csv",)
 
 
 def default_cache_dir() -> Path:
@@ -80,14 +52,12 @@ def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
 
 def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[str]]:
     """Load, subsample and tokenize the data; notes say what was truncated or short."""
-    if cfg.n_pooled < 1 or cfg.n_token < 0:
-        raise SftscopeError("--n-pooled must be >= 1 and --n-token >= 0")
     samples = D.load_samples(cfg.data, text_field=cfg.text_field, template=cfg.template,
-                             n=cfg.n_pooled, seed=cfg.seed, split=cfg.split)
+                             n=cfg.limit, seed=cfg.seed, split=cfg.split)
     tok = D.tokenize(samples, tokenizer, cfg.max_length, chat_template=cfg.chat_template)
     notes = []
-    if len(samples) < cfg.n_pooled:
-        notes.append(f"data has {len(samples)} samples, fewer than --n-pooled {cfg.n_pooled}")
+    if cfg.limit is not None and len(samples) < cfg.limit:
+        notes.append(f"data has {len(samples)} samples, fewer than --limit {cfg.limit}")
     if tok.n_truncated:
         notes.append(f"{tok.n_truncated} of {len(tok)} texts were longer than --max-length "
                      f"{cfg.max_length} tokens and were truncated")
@@ -200,9 +170,13 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     timer = Timer()
     out = Path(cfg.out)
     opts = _options(cfg)
+    check_out(out, "analyze", cfg, overwrite=cfg.overwrite)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     with timer("validate"):
         info = check_pair(load_config(cfg.base, cfg.base_revision),
-                          load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft)
+                          load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
+                          allow_mixed=cfg.allow_mixed_pair)
         tokenizer, tok_notes = pair_tokenizer(
             cfg.base, cfg.sft, cfg.tokenizer,
             revisions={"base": cfg.base_revision, "sft": cfg.sft_revision})
@@ -215,8 +189,10 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     reference = cfg.preset == "reference"
     ccfg = CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
                          normalisation=opts.normalisation, ridge=opts.ridge,
-                         sparsity_eps=opts.sparsity_eps, include_padding=reference)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                         sparsity_eps=opts.sparsity_eps, include_padding=reference,
+                         checkpoint_every_s=cfg.checkpoint_every)
+    pad_id = pad_id_of(tokenizer)
+    start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
     with timer("capture_base"):
         rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base")
     with timer("capture_sft"):
@@ -237,14 +213,14 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         write_table(corr, out / f"correlation.{fmt}")
     n_tok_used = min(cfg.n_token, len(tok))
     skipped = int(torch.isnan(rb.token["curvature"][0, :n_tok_used]).sum()) if n_tok_used else 0
-    write_json(out / "run.json", run_record(
-        "analyze", asdict(replace(cfg, formats=list(cfg.formats))),
+    finish_run(out, run_record(
+        "analyze", cfg.record(), resolved={"device": device, "dtype": str(dtype)},
         n_blocks=info.n_blocks, hidden_size=info.hidden_size, model_type=info.model_type,
         models={"base": fp_b, "sft": fp_s}, metric_options=asdict(opts),
         layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b (before final norm)"
         + ("; reference preset: j = 0..L-1 only, padding counted in token metrics"
            if reference else ""),
-        data={"source": cfg.data, "n_pooled": len(tok), "n_token": n_tok_used,
+        data={"source": cfg.data, "n_samples": len(tok), "n_token": n_tok_used,
               "n_truncated": tok.n_truncated, "max_length": cfg.max_length,
               "curvature_samples_skipped": skipped},
         seeds={"data": cfg.seed, "bootstrap": cfg.seed}, notes=notes,

@@ -17,53 +17,24 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 import torch
 
+from sftscope.config.commands import EvalConfig
+from sftscope.config.core import defaults
 from sftscope.errors import SftscopeError
 from sftscope.experiments import tasks as T
-from sftscope.io import Timer, atomic_path, run_record, write_json, write_table
+from sftscope.io import Timer, atomic_path, run_record, write_table
+from sftscope.load.runtime import dtype_name, resolve_device, resolve_dtype
+from sftscope.load.sources import BLOCK_KEYS, get_key
 from sftscope.metrics.stats import mean_ci, proportion_ci
 from sftscope.progress import track
+from sftscope.runs import check_out, finish_run, start_run
 
-PRESETS = ("default", "reference")
 SCORE_COLUMNS = ["task", "metric", "value", "ci_low", "ci_high", "n"]
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Everything ``evaluate`` needs; mirrored one-to-one by ``sftscope eval`` flags.
-
-    ``shots=None`` means the task default (GSM8K 5, MMLU 0). ``out=None`` writes nothing.
-    The ``reference`` preset reproduces the research code (0-shot, 64 new tokens, 100 items)
-    for every field left at its default.
-    """
-
-    model: str
-    task: str = "gsm8k"
-    data: str | None = None
-    out: str | None = None
-    adapter: str | None = None
-    split: str | None = None
-    shots: int | None = None
-    fewshot_data: str | None = None
-    fewshot_seed: int = T.FEWSHOT_SEED
-    limit: int | None = None
-    max_new_tokens: int = 256
-    batch_size: int = 16
-    max_length: int = 1024
-    text_field: str | None = None
-    chat_template: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    revision: str | None = None
-    tokenizer: str | None = None
-    level: float = 0.95
-    allow_other_base: bool = False
-    preset: str = "default"
 
 
 @dataclass
@@ -118,11 +89,9 @@ class EvalResult:
 
 def resolve_config(cfg: EvalConfig) -> EvalConfig:
     """Apply the preset (to fields left at their defaults) and the task's default shots."""
-    if cfg.preset not in PRESETS:
-        raise SftscopeError(f"unknown preset {cfg.preset!r}; use {' or '.join(PRESETS)}")
     T.task_source(cfg.task, cfg.data)  # validates the task name
     if cfg.preset == "reference":
-        d = EvalConfig(model=cfg.model)
+        d = SimpleNamespace(**defaults(EvalConfig))
         changes: dict[str, Any] = {}
         if cfg.shots is None:
             changes["shots"] = 0
@@ -133,32 +102,10 @@ def resolve_config(cfg: EvalConfig) -> EvalConfig:
         cfg = replace(cfg, **changes)
     if cfg.shots is None:
         cfg = replace(cfg, shots=T.DEFAULT_SHOTS[cfg.task])
-    if cfg.shots < 0:
-        raise SftscopeError(f"--shots must be >= 0, got {cfg.shots}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise SftscopeError(f"--limit must be >= 1, got {cfg.limit}")
-    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise SftscopeError("--batch-size and --max-new-tokens must be >= 1")
     return cfg
 
 
 # ------------------------------------------------------------------ devices and loading
-
-def auto_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def auto_dtype(dtype: str, device: str) -> str:
-    """``auto`` -> bfloat16 on a bf16-capable GPU, float32 otherwise."""
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
-
 
 def model_device(model) -> torch.device:
     """Where inputs go (the input embedding's device)."""
@@ -576,9 +523,11 @@ def evaluate(config: EvalConfig) -> EvalResult:
     from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 
     cfg = resolve_config(config)
+    if cfg.out is not None:
+        check_out(cfg.out, "eval", cfg, overwrite=cfg.overwrite)
     timer = Timer()
-    device = auto_device(cfg.device)
-    dtype = auto_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.device)
+    dtype = dtype_name(resolve_dtype(cfg.dtype, device))
     if cfg.adapter is not None:
         adapter_folder(cfg.adapter)  # fail before loading the model
     with timer("load_model"):
@@ -588,19 +537,17 @@ def evaluate(config: EvalConfig) -> EvalResult:
         if cfg.adapter is not None:
             model = load_adapter(model, cfg.adapter, cfg.model, revision=cfg.revision,
                                  allow_other_base=cfg.allow_other_base)
+    if cfg.out is not None:
+        start_run(cfg.out, "eval", EvalConfig.OUTPUTS)
     res = evaluate_model(model, tok, cfg, timer=timer)
     if cfg.out is not None:
-        write_json(Path(cfg.out) / "run.json", run_record(
-            "eval", cfg, model=fingerprint(cfg.model, cfg.revision), adapter=cfg.adapter,
+        finish_run(Path(cfg.out), run_record(
+            "eval", cfg.record(), model=fingerprint(cfg.model, cfg.revision), adapter=cfg.adapter,
             n_blocks=_n_blocks(model), device=device, dtype=dtype, result=res,
             timings=timer.seconds, finished=True))
     return res
 
 
 def _n_blocks(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int):
-            return v
-    return None
+    v = get_key(getattr(model, "config", {}) or {}, BLOCK_KEYS)
+    return int(v) if isinstance(v, int) else None

@@ -16,7 +16,6 @@ text the position after it is used, otherwise the last prompt token.
 
 from __future__ import annotations
 
-import gc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,10 @@ import torch
 from torch import nn
 
 from sftscope.capture.hooks import hidden_state_hooks, inner_model
+from sftscope.config.commands import ProbeConfig
+from sftscope.config.core import build
 from sftscope.errors import SftscopeError
-from sftscope.io import Timer, run_record, write_json, write_table
+from sftscope.io import Timer, run_record, write_tables
 from sftscope.load import data as D
 from sftscope.load.arch import (
     apply_softcap,
@@ -51,8 +52,11 @@ from sftscope.load.models import (
     load_tokenizer,
     pair_tokenizer,
 )
+from sftscope.load.runtime import model_bytes, release, resolve_device
+from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import bootstrap_ci, mean_ci, proportion_ci
 from sftscope.progress import say, track
+from sftscope.runs import check_out, finish_run, start_run
 
 PROBE_COLUMNS = ["layer", "model", "metric", "value", "ci_low", "ci_high", "n"]
 DEFAULT_CHUNK = 1 << 24  # logits elements per lens chunk (64 MiB in float32)
@@ -461,13 +465,6 @@ def sums_table(sums: LensSums, model: str, level: float = 0.95, n_boot: int = 10
 # Shared set-up (probe and swap)
 
 
-def resolve_device(device: str) -> str:
-    """``auto``: CUDA when available, else CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def model_label(spec: str) -> str:
     """A short name for a model: the folder name or the hub id."""
     p = Path(spec).expanduser()
@@ -504,48 +501,34 @@ def pick_tokenizer(choice: str | None, default: str, specs: dict[str, str],
     return load_tokenizer(choice)
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes held by a model's parameters."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def release(nbytes: int, threshold: int = 1 << 28) -> None:
-    """After the last reference to a model is dropped: collect its reference cycles (HF models
-    have some) and empty the CUDA cache, when it was big enough to matter (a full collection
-    costs about half a second in a large process)."""
-    if nbytes >= threshold or (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------------
 # The experiment
 
 
-def probe(*, data: str, model: str | None = None, base: str | None = None,
-          sft: str | None = None, out: str | Path | None = None, tokenizer: str | None = None,
-          max_length: int = 512, batch_size: int = 8, n: int | None = 100, seed: int = 0,
-          dtype: str = "auto", device: str = "cpu", device_map: str | None = None,
-          chat_template: bool = False, text_field: str | None = None,
-          template: str | None = None, split: str | None = None, level: float = 0.95,
-          n_boot: int = 1000, chunk_elements: int = DEFAULT_CHUNK,
-          revision: str | None = None, base_revision: str | None = None,
-          sft_revision: str | None = None) -> pd.DataFrame:
+def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     """Logit-lens probe of one model (``model``) or of a pair (``base`` and ``sft``).
 
-    Returns the tidy table (``PROBE_COLUMNS``): per layer ``j = 0..L`` the teacher-forced
-    next-token ``accuracy`` and ``loss``, ``answer_prob``/``answer_rank`` for tasks with a known
-    answer, ``choice_accuracy`` for multiple-choice data and, for a pair, the top-1
-    ``agreement`` of base and SFT (model ``pair``). The pair's models are loaded one after the
-    other (the base's top-1 ids are kept, small ints). With ``out``: writes ``probe.csv`` and
-    ``run.json`` there.
+    Takes a :class:`ProbeConfig`, or its fields as keywords (aliases such as ``n`` and
+    ``n_boot`` accepted). Returns the tidy table (``PROBE_COLUMNS``): per layer ``j = 0..L`` the
+    teacher-forced next-token ``accuracy`` and ``loss``, ``answer_prob``/``answer_rank`` for
+    tasks with a known answer, ``choice_accuracy`` for multiple-choice data and, for a pair, the
+    top-1 ``agreement`` of base and SFT (model ``pair``). The pair's models are loaded one after
+    the other (the base's top-1 ids are kept, small ints). With ``out``: writes ``probe.csv``
+    and ``run.json`` there.
     """
+    cfg = config if config is not None else build(ProbeConfig, options)
+    if cfg.out is not None:
+        check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
+    data, model, base, sft, out = cfg.data, cfg.model, cfg.base, cfg.sft, cfg.out
+    tokenizer, max_length, batch_size, n, seed = (cfg.tokenizer, cfg.max_length, cfg.batch_size,
+                                                  cfg.limit, cfg.seed)
+    dtype, device, device_map, chat_template = cfg.dtype, cfg.device, cfg.device_map, \
+        cfg.chat_template
+    text_field, template, split, level, n_boot = (cfg.text_field, cfg.template, cfg.split,
+                                                  cfg.level, cfg.bootstrap)
+    chunk_elements, revision = cfg.chunk_elements, cfg.revision
+    base_revision, sft_revision = cfg.base_revision, cfg.sft_revision
     timer = Timer()
-    if model is not None and (base is not None or sft is not None):
-        raise SftscopeError("give either --model, or --base and --sft, not both")
-    if model is None and (base is None or sft is None):
-        raise SftscopeError("give --model, or both --base and --sft")
     pair = model is None
     if pair:
         specs = {"base": base, "sft": sft}
@@ -558,7 +541,8 @@ def probe(*, data: str, model: str | None = None, base: str | None = None,
         cfgs = {k: load_config(v, revision=revs[k]) for k, v in specs.items()}
         notes: list[str] = []
         if pair:
-            info = check_pair(cfgs["base"], cfgs["sft"], base, sft)
+            info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
+                              allow_mixed=cfg.allow_mixed_pair)
             notes += info.notes
         if pair:
             tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
@@ -577,9 +561,11 @@ def probe(*, data: str, model: str | None = None, base: str | None = None,
                          f"option letters do not start with distinct tokens")
     for note in notes:
         say(f"[yellow]note:[/] {note}")
-    pad_id = tokz.pad_token_id if tokz.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokz)
     opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map)
             for k in specs}
+    if out is not None:
+        start_run(out, "probe", ProbeConfig.OUTPUTS)
     tables = []
     ref_top1 = None
     n_blocks = None
@@ -609,15 +595,9 @@ def probe(*, data: str, model: str | None = None, base: str | None = None,
                         kind="stable").reset_index(drop=True)
     if out is not None:
         out = Path(out)
-        config = dict(data=data, model=model, base=base, sft=sft, tokenizer=tokenizer,
-                      max_length=max_length, batch_size=batch_size, n=n, seed=seed, dtype=dtype,
-                      device=device, device_map=device_map, chat_template=chat_template,
-                      text_field=text_field, template=template, split=split, level=level,
-                      n_boot=n_boot, revision=revision, base_revision=base_revision,
-                      sft_revision=sft_revision)
-        write_table(df, out / "probe.csv")
-        write_json(out / "run.json", run_record(
-            "probe", config, n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
+        write_tables(df, out, "probe", cfg.formats)
+        finish_run(out, run_record(
+            "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
             models={k: fingerprint(v, revs[k]) for k, v in specs.items()},
             n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
             n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),

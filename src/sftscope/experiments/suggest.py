@@ -59,9 +59,8 @@ eligible, chosen) and ``run.json``.
 
 from __future__ import annotations
 
-import gc
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +68,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sftscope.config.commands import SuggestConfig
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer, run_record, write_json, write_table
+from sftscope.load.arch import n_layers
+from sftscope.load.runtime import model_bytes, release
+from sftscope.load.runtime import pad_id as pad_id_of
+from sftscope.runs import check_out, finish_run, start_run
 from sftscope.segments import segment_bounds
 
 METHODS = ("pair", "angular", "gradient", "combined")
@@ -78,39 +82,6 @@ CHOICES = ("auto", *METHODS)
 SCORE_COLUMNS = ["method", "signal", "segment", "first_block", "last_block", "depth", "value",
                  "score", "eligible", "chosen"]
 FALLBACK_DEPTH = 0.3
-
-
-@dataclass(frozen=True)
-class SuggestConfig:
-    """Everything ``suggest`` needs; mirrored one-to-one by the ``sftscope suggest`` flags."""
-
-    base: str
-    data: str
-    out: str | None = None
-    sft: str | None = None
-    segments: int = 5
-    method: str = "auto"
-    max_active: int = 2
-    pick: str = "run"
-    edges: str = "auto"
-    edge_factor: float = 3.0
-    extend: float = 0.75
-    n_samples: int = 64
-    grad_samples: int = 16
-    batch_size: int = 4
-    max_length: int = 256
-    seed: int = 0
-    base_revision: str | None = None
-    sft_revision: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    text_field: str | None = None
-    template: str | None = None
-    split: str | None = None
-    chat_template: bool = False
-    formats: tuple[str, ...] = ("csv",)
 
 
 @dataclass
@@ -146,31 +117,6 @@ class Suggestion:
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def check_config(cfg: SuggestConfig) -> SuggestConfig:
-    """Validate the options (before any model is loaded)."""
-    if cfg.method not in CHOICES:
-        raise SftscopeError(f"unknown --method {cfg.method!r}; use one of {', '.join(CHOICES)}")
-    if cfg.method == "pair" and not cfg.sft:
-        raise SftscopeError("--method pair needs --sft (the fine-tuned model); without it use "
-                            "angular, gradient or combined")
-    if cfg.pick not in ("run", "top"):
-        raise SftscopeError(f"unknown --pick {cfg.pick!r}; use run or top")
-    if cfg.edges not in ("auto", "allow", "exclude"):
-        raise SftscopeError(f"unknown --edges {cfg.edges!r}; use auto, allow or exclude")
-    if cfg.max_active < 1 or cfg.max_active > cfg.segments:
-        raise SftscopeError(f"--max-active must be between 1 and --segments ({cfg.segments}), "
-                            f"got {cfg.max_active}")
-    if cfg.edge_factor < 1:
-        raise SftscopeError(f"--edge-factor must be >= 1, got {cfg.edge_factor}")
-    if not 0 < cfg.extend <= 1:
-        raise SftscopeError(f"--extend must be in (0, 1], got {cfg.extend}")
-    if cfg.n_samples < 2 or cfg.grad_samples < 1 or cfg.batch_size < 1:
-        raise SftscopeError("--n-samples must be >= 2, --grad-samples and --batch-size >= 1")
-    if cfg.segments < 1:
-        raise SftscopeError(f"--segments must be at least 1, got {cfg.segments}")
-    return cfg
 
 
 def methods_to_run(cfg: SuggestConfig) -> list[str]:
@@ -465,19 +411,16 @@ def _growth(per_state: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
 
 
 def _load(spec: str, revision: str | None, cfg: SuggestConfig):
-    from sftscope.experiments.evaluate import auto_device, auto_dtype
     from sftscope.load.models import LoadOptions, load_model
 
-    device = auto_device(cfg.device)
-    return load_model(spec, LoadOptions(revision=revision, dtype=auto_dtype(cfg.dtype, device),
-                                        device=device, device_map=cfg.device_map))
+    return load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
+                                        device_map=cfg.device_map))
 
 
 def _free(model) -> None:
+    nbytes = model_bytes(model)
     del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release(nbytes)
 
 
 def _describe(method: str, segs: list[int], why: str, bounds, n_blocks: int,
@@ -524,28 +467,26 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     )
     from sftscope.progress import say
 
-    cfg = check_config(cfg)
+    if cfg.out is not None:
+        check_out(cfg.out, "suggest", cfg, overwrite=cfg.overwrite)
     timer = Timer()
     notes: list[str] = []
     want = methods_to_run(cfg)
+    n_samples = cfg.limit if cfg.limit is not None else 64
     with timer("validate"):
         base_cfg = load_config(cfg.base, cfg.base_revision)
-        n_blocks = None
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(getattr(base_cfg, key, None), int):
-                n_blocks = int(getattr(base_cfg, key))
-                break
+        n_blocks = n_layers(base_cfg)
         if n_blocks is None:
             raise SftscopeError(f"{cfg.base}: the config names no number of blocks")
         bounds = segment_bounds(n_blocks, cfg.segments)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.base, cfg.base_revision)
         if "pair" in want:
             info = check_pair(base_cfg, load_config(cfg.sft, cfg.sft_revision), cfg.base,
-                              cfg.sft)
+                              cfg.sft, allow_mixed=cfg.allow_mixed_pair)
             notes += info.notes
             notes += check_tokenizers(tokenizer, load_tokenizer(cfg.sft, cfg.sft_revision))
     with timer("data"):
-        n_need = max(cfg.n_samples if ("pair" in want or "angular" in want) else 0,
+        n_need = max(n_samples if ("pair" in want or "angular" in want) else 0,
                      cfg.grad_samples if "gradient" in want else 0)
         samples = D.load_samples(cfg.data, text_field=cfg.text_field, template=cfg.template,
                                  n=n_need, seed=cfg.seed, split=cfg.split)
@@ -553,14 +494,14 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
         if tok.n_truncated:
             notes.append(f"{tok.n_truncated} of {len(tok)} texts were longer than --max-length "
                          f"{cfg.max_length} tokens and were truncated")
-        tok_states = D.TokenizedSet(tok.input_ids[:cfg.n_samples],
-                                    tok.prompt_lengths[:cfg.n_samples], 0, tok.max_length)
+        tok_states = D.TokenizedSet(tok.input_ids[:n_samples],
+                                    tok.prompt_lengths[:n_samples], 0, tok.max_length)
         tok_grad = D.TokenizedSet(tok.input_ids[:cfg.grad_samples],
                                   tok.prompt_lengths[:cfg.grad_samples], 0, tok.max_length)
         if "gradient" in want and not any(tok_grad.prompt_lengths):
             notes.append("the data has no prompt/answer fields: the gradient method uses the "
                          "loss on every token")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     tables: list[pd.DataFrame] = []
     method_scores: dict[str, np.ndarray] = {}
     models_fp = {"base": fingerprint(cfg.base, cfg.base_revision)}
@@ -658,6 +599,7 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
         say(f"[yellow]note:[/] {n}")
     if cfg.out is not None:
         out = Path(cfg.out)
+        start_run(out, "suggest", SuggestConfig.OUTPUTS)
         for fmt in cfg.formats:
             write_table(table, out / f"suggest.{fmt}")
         write_json(out / "suggest.json", {
@@ -667,8 +609,8 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
             "rule": {"edges": cfg.edges, "edge_factor": cfg.edge_factor, "pick": cfg.pick,
                      "max_active": cfg.max_active, "extend": cfg.extend},
         })
-        write_json(out / "run.json", run_record(
-            "suggest", asdict(replace(cfg, formats=list(cfg.formats))), n_blocks=n_blocks,
+        finish_run(out, run_record(
+            "suggest", cfg.record(), n_blocks=n_blocks,
             models=models_fp, data={"source": cfg.data, "n_states": len(tok_states),
                                     "n_gradient": len(tok_grad)},
             suggestion={"mask": best.mask, "method": chosen}, notes=notes,

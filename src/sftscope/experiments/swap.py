@@ -23,6 +23,8 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from sftscope.config.commands import SwapConfig
+from sftscope.config.core import build
 from sftscope.errors import SftscopeError
 from sftscope.experiments.lens import (
     DEFAULT_CHUNK,
@@ -30,13 +32,10 @@ from sftscope.experiments.lens import (
     LensSums,
     choice_slots,
     lens_pass,
-    model_bytes,
     prepare_data,
     ratio_ci,
-    release,
-    resolve_device,
 )
-from sftscope.io import Timer, run_record, write_json, write_table
+from sftscope.io import Timer, run_record, write_tables
 from sftscope.load.arch import arch_for, get_blocks, get_final_norm, get_head, get_submodule
 from sftscope.load.data import TokenizedSet
 from sftscope.load.models import (
@@ -48,8 +47,11 @@ from sftscope.load.models import (
     load_model,
     pair_tokenizer,
 )
+from sftscope.load.runtime import model_bytes, release, resolve_device
+from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import proportion_ci
 from sftscope.progress import say
+from sftscope.runs import check_out, finish_run, start_run
 from sftscope.segments import mask_blocks, mask_group, parse_mask, segment_bounds
 
 SWAP_COLUMNS = ["config", "direction", "mask", "head", "metric", "value", "ci_low", "ci_high",
@@ -238,37 +240,38 @@ def evaluate_swaps(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: i
 # The experiment
 
 
-def swap(*, base: str, sft: str, data: str, out: str | Path | None = None, segments: int = 5,
-         masks: str | Sequence[str] | None = None, head: str = "base",
-         directions: str = "both", tokenizer: str | None = None, max_length: int = 512,
-         batch_size: int = 8, n: int | None = 100, seed: int = 0, dtype: str = "auto",
-         device: str = "cpu", device_map: str | None = None, chat_template: bool = False,
-         text_field: str | None = None, template: str | None = None, split: str | None = None,
-         level: float = 0.95, n_boot: int = 1000, chunk_elements: int = DEFAULT_CHUNK,
-         base_revision: str | None = None, sft_revision: str | None = None) -> pd.DataFrame:
+def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     """Evaluate both originals and every block-swapped hybrid; return the tidy table.
 
-    ``masks``: extra masks or groups (``01000,00110``, ``paper``, ``all``) besides the
-    one-segment masks. ``head``: ``base`` or ``sft``, the model whose final norm and LM head
-    every hybrid uses. ``directions``: ``both``, ``sft-into-base`` or ``base-into-sft``.
-    Columns: ``SWAP_COLUMNS``. With ``out``: writes ``swap.csv`` and ``run.json`` there.
+    Takes a :class:`SwapConfig` or its fields as keywords. ``masks``: extra masks or groups
+    (``01000,00110``, ``paper``, ``all``) besides the one-segment masks. ``head``: ``base`` or
+    ``sft``, the model whose final norm and LM head every hybrid uses. ``directions``:
+    ``both``, ``sft-into-base`` or ``base-into-sft``. Columns: ``SWAP_COLUMNS``. With ``out``:
+    writes ``swap.csv`` and ``run.json`` there.
     """
+    cfg = config if config is not None else build(SwapConfig, options)
+    if cfg.out is not None:
+        check_out(cfg.out, "swap", cfg, overwrite=cfg.overwrite)
+    base, sft, data, out, segments, masks = (cfg.base, cfg.sft, cfg.data, cfg.out, cfg.segments,
+                                             cfg.masks)
+    head, directions, tokenizer, max_length = cfg.head, cfg.directions, cfg.tokenizer, \
+        cfg.max_length
+    batch_size, n, seed, dtype, device = (cfg.batch_size, cfg.limit, cfg.seed, cfg.dtype,
+                                          cfg.device)
+    device_map, chat_template, text_field, template = (cfg.device_map, cfg.chat_template,
+                                                       cfg.text_field, cfg.template)
+    split, level, n_boot, chunk_elements = cfg.split, cfg.level, cfg.bootstrap, \
+        cfg.chunk_elements
+    base_revision, sft_revision = cfg.base_revision, cfg.sft_revision
     timer = Timer()
-    if head not in ("base", "sft"):
-        raise SftscopeError(f"--head must be base or sft, got {head!r}")
-    if directions == "both":
-        dirs = list(DIRECTIONS)
-    elif directions in DIRECTIONS:
-        dirs = [directions]
-    else:
-        raise SftscopeError(f"--directions must be both, sft-into-base or base-into-sft, "
-                            f"got {directions!r}")
+    dirs = list(DIRECTIONS) if directions == "both" else [directions]
     device = resolve_device(device)
     specs = {"base": base, "sft": sft}
     revs = {"base": base_revision, "sft": sft_revision}
     with timer("validate"):
         cfgs = {k: load_config(v, revision=revs[k]) for k, v in specs.items()}
-        info = check_pair(cfgs["base"], cfgs["sft"], base, sft)
+        info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
+                          allow_mixed=cfg.allow_mixed_pair)
         if cfgs["base"].model_type != cfgs["sft"].model_type:
             raise SftscopeError(f"the pair cannot be swapped: model types "
                                 f"{cfgs['base'].model_type} and {cfgs['sft'].model_type} differ")
@@ -289,9 +292,11 @@ def swap(*, base: str, sft: str, data: str, out: str | Path | None = None, segme
                              f"option letters do not start with distinct tokens")
     for note in notes:
         say(f"[yellow]note:[/] {note}")
-    pad_id = tokz.pad_token_id if tokz.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokz)
     opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map)
             for k in specs}
+    if out is not None:
+        start_run(out, "swap", SwapConfig.OUTPUTS)
     models: dict[str, nn.Module] = {}
     nbytes = 0
     try:
@@ -310,16 +315,10 @@ def swap(*, base: str, sft: str, data: str, out: str | Path | None = None, segme
         release(nbytes)
     if out is not None:
         out = Path(out)
-        config = dict(base=base, sft=sft, data=data, segments=segments, masks=masks, head=head,
-                      directions=directions, tokenizer=tokenizer, max_length=max_length,
-                      batch_size=batch_size, n=n, seed=seed, dtype=dtype, device=device,
-                      device_map=device_map, chat_template=chat_template, text_field=text_field,
-                      template=template, split=split, level=level, n_boot=n_boot,
-                      base_revision=base_revision, sft_revision=sft_revision)
         bounds = segment_bounds(n_blocks, segments)
-        write_table(df, out / "swap.csv")
-        write_json(out / "run.json", run_record(
-            "swap", config, n_blocks=n_blocks, segments=segments,
+        write_tables(df, out, "swap", cfg.formats)
+        finish_run(out, run_record(
+            "swap", cfg.record(), n_blocks=n_blocks, segments=segments,
             segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=mask_list,
             head=head, embeddings="host (the model receiving the blocks)",
             models={k: fingerprint(v, revs[k]) for k, v in specs.items()},

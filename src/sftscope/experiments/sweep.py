@@ -73,15 +73,26 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from sftscope.config.commands import (
+    SWEEP_EVAL_KEYS,
+    SWEEP_SUGGEST_KEYS,
+    SWEEP_TUNE_KEYS,
+    EvalConfig,
+    SuggestConfig,
+    SweepConfig,
+    TuneConfig,
+)
+from sftscope.config.core import check_fields, defaults
 from sftscope.errors import SftscopeError
 from sftscope.io import read_json, run_record, write_json, write_table
+from sftscope.runs import folder_command
 from sftscope.segments import mask_blocks, mask_group, parse_mask, segment_bounds
 
 SUMMARY_COLUMNS = ["mask", "seeds", "trainable_params", "metric", "mean", "ci_low", "ci_high",
@@ -102,39 +113,6 @@ EVAL_FREE_KEYS = ("device", "device_map", "batch_size", "allow_other_base")
 # Tune options that the evaluation inherits unless the eval options set them.
 SHARED_KEYS = ("revision", "tokenizer", "chat_template", "dtype", "preset")
 PRIMARY = {"gsm8k": "exact_match_flexible", "mmlu": "accuracy", "perplexity": "loss_after"}
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """Everything ``run_sweep`` needs; mirrored by the ``sftscope sweep`` flags.
-
-    ``seeds``: a count (``3`` = seeds 0, 1, 2), a comma list (``"0,5,7"``) or a sequence.
-    ``tune``/``evaluation``: ``TuneConfig``/``EvalConfig`` fields passed through to every job
-    (the job sets model, data, mask, seed and folders). ``model``/``train``/``eval`` may be
-    left out with ``summarize_only`` (taken from ``sweep.json``).
-    """
-
-    out: str
-    model: str | None = None
-    train: str | None = None
-    eval: str | None = None
-    segments: int = 5
-    masks: str = "paper"
-    seeds: Any = 3
-    tune: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)
-    metric: str | None = None
-    baseline: bool = True
-    job_index: int = 0
-    num_jobs: int = 1
-    summarize_only: bool = False
-    validate_suggest: bool = False
-    sft: str | None = None
-    suggest: dict[str, Any] = field(default_factory=dict)
-    level: float = 0.95
-    n_boot: int = 2000
-    boot_seed: int = 0
-    formats: tuple[str, ...] = ("csv",)
 
 
 @dataclass
@@ -250,26 +228,12 @@ def parse_eval(spec: str) -> tuple[str, str | None]:
     return parse_eval_task(spec, flag="--eval")
 
 
-def _check_keys(given: dict[str, Any], cls: type, job_keys: Sequence[str], what: str) -> None:
-    names = {f.name for f in fields(cls)}
-    bad = [k for k in given if k not in names]
-    if bad:
-        valid = sorted(names - set(job_keys))
-        raise SftscopeError(f"unknown {what} option(s) {', '.join(bad)}; valid: "
-                            f"{', '.join(valid)}")
-    fixed = [k for k in given if k in job_keys]
-    if fixed:
-        raise SftscopeError(f"{what} option(s) {', '.join(fixed)} are set by the sweep for each "
-                            f"job; use the sweep's own flags (--model, --train, --masks, --seeds)")
-
-
 def tune_options(cfg: SweepConfig) -> dict[str, Any]:
     """The full tune options of every job (TuneConfig defaults + the given ones)."""
-    from sftscope.experiments.tune import TuneConfig
-
-    _check_keys(cfg.tune, TuneConfig, TUNE_JOB_KEYS, "tune")
-    d = asdict(TuneConfig(model="", train="", out="", **cfg.tune))
-    for k in TUNE_JOB_KEYS:
+    given = check_fields(TuneConfig, cfg.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
+    d = {**defaults(TuneConfig), **given}
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    for k in (*TUNE_JOB_KEYS, *SWEEP_TUNE_KEYS):
         d.pop(k, None)
     for k in [k for k in d if k.startswith("eval_")]:  # the sweep evaluates separately
         d.pop(k)
@@ -278,15 +242,13 @@ def tune_options(cfg: SweepConfig) -> dict[str, Any]:
 
 def eval_options(cfg: SweepConfig) -> dict[str, Any]:
     """The full evaluation options of every job (EvalConfig defaults + given + shared)."""
-    from sftscope.experiments.evaluate import EvalConfig
-
-    _check_keys(cfg.evaluation, EvalConfig, EVAL_JOB_KEYS, "eval")
-    given = dict(cfg.evaluation)
+    given = check_fields(EvalConfig, cfg.evaluation, what="eval", exclude=SWEEP_EVAL_KEYS)
     for k in SHARED_KEYS:
         if k in cfg.tune and k not in given:
             given[k] = cfg.tune[k]
-    d = asdict(EvalConfig(model="", **given))
-    for k in EVAL_JOB_KEYS:
+    d = {**defaults(EvalConfig), **given}
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    for k in (*EVAL_JOB_KEYS, *SWEEP_EVAL_KEYS):
         d.pop(k, None)
     return d
 
@@ -325,19 +287,19 @@ def sweep_settings(cfg: SweepConfig) -> dict[str, Any]:
     """What every job of a sweep shares; ``sweep.json`` holds it and new runs must match."""
     from sftscope.load.models import fingerprint
 
-    if not cfg.model or not cfg.train or not cfg.eval:
-        raise SftscopeError("a sweep needs --model, --train and --eval (only --summarize-only "
+    if not cfg.model or not cfg.train or not cfg.task:
+        raise SftscopeError("a sweep needs --model, --train and --task (only --summarize-only "
                             "of an existing sweep may leave them out)")
     topts = tune_options(cfg)
     eopts = eval_options(cfg)
     n_blocks = _n_blocks_of(cfg.model, topts.get("revision"))
     segment_bounds(n_blocks, cfg.segments)  # segments > blocks: a clear error
-    task, data = parse_eval(cfg.eval)
+    task, data = parse_eval(cfg.task)
     fp = fingerprint(cfg.model, topts.get("revision"))
     return {
         "model": cfg.model, "model_fingerprint": fp, "n_blocks": n_blocks,
         "train": _data_identity(cfg.train),
-        "eval": {"task": task, "spec": cfg.eval, "data": _data_identity(data)},
+        "eval": {"task": task, "spec": cfg.task, "data": _data_identity(data)},
         "segments": cfg.segments, "tune": topts, "eval_options": eopts,
     }
 
@@ -375,6 +337,8 @@ def _show(name: str, s: dict[str, Any], v: Any) -> str:
         d = s.get("train") if name == "training data" else (s.get("eval") or {}).get("data")
         d = d or {}
         return f"{d.get('source')}" + (f" (sha256 {d['sha256'][:12]})" if d.get("sha256") else "")
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
     return json.dumps(v) if not isinstance(v, str) else v
 
 
@@ -393,6 +357,15 @@ def compare_settings(old: dict[str, Any], new: dict[str, Any], where: str) -> No
             f"recorded in {where}/sweep.json")
 
 
+def any_progress(out: Path) -> bool:
+    """True when some job of the sweep finished or saved a training checkpoint."""
+    jobs = out / "jobs"
+    if not jobs.is_dir():
+        return False
+    return any((j / "result.json").is_file() or any(j.glob("tune/checkpoints/checkpoint-*"))
+               for j in jobs.iterdir() if j.is_dir())
+
+
 def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
     """Compare with ``RUN/sweep.json`` (refusing other settings) or create it."""
     out = Path(cfg.out)
@@ -402,11 +375,24 @@ def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
         old = read_json(path)
         if not isinstance(old, dict) or "settings" not in old:
             raise SftscopeError(f"{path} is not a sweep record; use another --out")
-        compare_settings(old["settings"], new, str(out))
-        return old["settings"]
+        try:
+            compare_settings(old["settings"], new, str(out))
+            return old["settings"]
+        except SftscopeError:
+            if any_progress(out) or cfg.summarize_only:
+                raise
+            # no job finished or checkpointed: nothing to lose, the new settings replace them
+            from sftscope.progress import say
+
+            say(f"note: {out}/sweep.json had other settings but no job made progress; "
+                f"starting the sweep afresh with these settings")
     if cfg.summarize_only:
         raise SftscopeError(f"{out} holds no sweep (no sweep.json); run the sweep first")
-    if out.is_dir() and any(out.iterdir()) and not (out / "jobs").is_dir():
+    owner = folder_command(out) if out.is_dir() else None
+    if owner not in (None, "sweep"):
+        raise SftscopeError(f"--out {out} is a `{owner}` run folder; give the sweep a folder of "
+                            f"its own")
+    if out.is_dir() and any(out.iterdir()) and not (out / "jobs").is_dir() and owner is None:
         raise SftscopeError(f"{out} exists and is not a sweep folder; choose an empty or new "
                             f"--out")
     write_json(path, {"settings": new, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -541,8 +527,8 @@ def read_predictions(path: str | Path, task: str) -> pd.DataFrame:
 
 def tune_and_evaluate(job: Job) -> JobOutput:
     """The default job: ``tune`` (resuming from its checkpoint) then ``evaluate`` the adapter."""
-    from sftscope.experiments.evaluate import EvalConfig, evaluate
-    from sftscope.experiments.tune import TuneConfig, tune
+    from sftscope.experiments.evaluate import evaluate
+    from sftscope.experiments.tune import tune
 
     s = job.settings
     topts = {k: v for k, v in s["tune"].items()}
@@ -793,13 +779,14 @@ def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metri
 
 def _run_validation(cfg: SweepConfig, settings: dict[str, Any], summary: pd.DataFrame,
                     metric: str) -> pd.DataFrame:
-    from sftscope.experiments.suggest import SuggestConfig, suggest
+    from sftscope.experiments.suggest import suggest
 
-    opts = dict(cfg.suggest)
+    opts = check_fields(SuggestConfig, cfg.suggest, what="suggest", exclude=SWEEP_SUGGEST_KEYS)
     opts.setdefault("method", "combined")
     for k in ("tokenizer", "chat_template"):  # the tokens the jobs trained on
         if settings["tune"].get(k) is not None:
             opts.setdefault(k, settings["tune"][k])
+    opts.setdefault("split", settings["tune"].get("train_split", "train"))
     scfg = SuggestConfig(base=settings["model"], data=settings["train"]["source"],
                          sft=cfg.sft, segments=settings["segments"],
                          out=str(Path(cfg.out) / "suggest"),
@@ -824,9 +811,7 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     from sftscope.progress import say
 
     out = Path(cfg.out)
-    if cfg.level <= 0 or cfg.level >= 1:
-        raise SftscopeError(f"--level must be between 0 and 1, got {cfg.level}")
-    full_cfg = bool(cfg.model and cfg.train and cfg.eval)
+    full_cfg = bool(cfg.model and cfg.train and cfg.task)
     seeds = parse_seeds(cfg.seeds)
     if full_cfg or not cfg.summarize_only:
         masks = expand_masks(cfg.masks, cfg.segments, cfg.baseline)  # before anything is written
@@ -874,7 +859,7 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     task = (settings.get("eval") or {}).get("task")
     metric = primary_metric(list(items["metric"].unique()) if not items.empty else [], task,
                             cfg.metric) if not items.empty else None
-    summary = summarize(items, params, settings["n_blocks"], cfg.level, cfg.n_boot,
+    summary = summarize(items, params, settings["n_blocks"], cfg.level, cfg.bootstrap,
                         cfg.boot_seed, metric_order=[metric] if metric else [])
     position = position_table(summary, settings["n_blocks"])
     validation = None
@@ -891,13 +876,13 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
                 for fmt in cfg.formats:
                     write_table(validation, out / f"suggest_validation.{fmt}")
         write_json(out / "run.json", run_record(
-            "sweep", asdict(replace(cfg, formats=list(cfg.formats))), n_blocks=settings[
+            "sweep", cfg.record(), n_blocks=settings[
                 "n_blocks"], settings=settings, masks=masks, seeds=seeds,
             jobs_done=done_names, jobs_pending=pending, primary_metric=metric,
             statistics={"ci": "two-way (seeds x items) percentile bootstrap; Wilson for "
                               "constant binary scores", "p_value": "paired t-test of per-item "
                         "differences vs 11111, averaged over shared seeds",
-                        "level": cfg.level, "n_boot": cfg.n_boot, "boot_seed": cfg.boot_seed}))
+                        "level": cfg.level, "n_boot": cfg.bootstrap, "boot_seed": cfg.boot_seed}))
         if pending:
             say(f"[yellow]note:[/] {len(pending)} of {len(jobs)} jobs are not finished "
                 f"({', '.join(pending[:4])}{', ...' if len(pending) > 4 else ''}); the summary "

@@ -22,88 +22,31 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from sftscope.config.commands import EvalConfig, TuneConfig
+from sftscope.config.core import changed, defaults
 from sftscope.errors import SftscopeError
-from sftscope.experiments.evaluate import EvalConfig, EvalResult
+from sftscope.experiments.evaluate import EvalResult
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks
+from sftscope.load.runtime import pad_id
 from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
 
-PRESETS = ("default", "reference")
 REFERENCE_ALPHA = 128.0
 REFERENCE_MAX_LENGTH = 128
-REPORT_TO = ("none", "tensorboard", "wandb")
 META_FILE = "sftscope.json"
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """Everything ``tune`` needs; mirrored one-to-one by ``sftscope tune`` flags.
-
-    Give ``mask`` (with ``segments`` = its length by default) or ``blocks`` (``"6-11,14"``).
-    ``rank`` is the full-depth budget. ``n_train`` examples are a seeded (``data_seed``)
-    subsample of ``train`` (``None`` = all). ``max_length=None`` keeps every example whole.
-    ``eval_task`` is ``gsm8k``, ``gsm8k:PATH``, ``mmlu:PATH`` or ``perplexity:SOURCE``.
-    The ``reference`` preset sets, for fields left at their defaults: alpha 128, max length
-    128, loss on the whole text, and 0-shot / 64-token / 100-item evaluation.
-    """
-
-    model: str
-    train: str
-    out: str
-    mask: str | None = None
-    segments: int | None = None
-    blocks: str | None = None
-    rank: float = 64
-    alpha_ratio: float = 2.0
-    alpha: float | None = None
-    rslora: bool = False
-    mlp: bool = False
-    dropout: float = 0.05
-    lr: float = 1e-4
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 32
-    micro_batch_size: int = 8
-    warmup_steps: float = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int | None = None
-    completion_only: bool = True
-    chat_template: bool = False
-    n_train: int | None = 2000
-    data_seed: int = 0
-    train_split: str = "train"
-    text_field: str | None = None
-    seed: int = 0
-    dtype: str = "auto"
-    gradient_checkpointing: bool = False
-    save_steps: int = 100
-    save_total_limit: int = 2
-    keep_checkpoints: bool = False
-    logging_steps: int = 10
-    resume: bool = False
-    report_to: str = "none"
-    revision: str | None = None
-    tokenizer: str | None = None
-    preset: str = "default"
-    run_eval: bool = True
-    eval_task: str | None = None
-    eval_limit: int | None = None
-    eval_shots: int | None = None
-    eval_fewshot_data: str | None = None
-    eval_max_new_tokens: int = 256
-    eval_batch_size: int = 16
 
 
 @dataclass
@@ -154,10 +97,8 @@ class TuneResult:
 
 def resolve_config(cfg: TuneConfig) -> TuneConfig:
     """Apply the preset to fields left at their defaults and check the plain values."""
-    if cfg.preset not in PRESETS:
-        raise SftscopeError(f"unknown preset {cfg.preset!r}; use {' or '.join(PRESETS)}")
     if cfg.preset == "reference":
-        d = TuneConfig(model="", train="", out="")
+        d = SimpleNamespace(**defaults(TuneConfig))
         ch: dict[str, Any] = {}
         if cfg.alpha is None:
             ch["alpha"] = REFERENCE_ALPHA
@@ -172,24 +113,6 @@ def resolve_config(cfg: TuneConfig) -> TuneConfig:
         if cfg.eval_limit is None:
             ch["eval_limit"] = 100
         cfg = replace(cfg, **ch)
-    if (cfg.mask is None) == (cfg.blocks is None):
-        raise SftscopeError("give either --mask (e.g. 01000) or --blocks (e.g. 6-11), not both")
-    if cfg.rank <= 0:
-        raise SftscopeError(f"--rank must be positive, got {cfg.rank}")
-    if cfg.alpha is not None and cfg.alpha <= 0:
-        raise SftscopeError(f"--alpha must be positive, got {cfg.alpha}")
-    if cfg.alpha_ratio <= 0:
-        raise SftscopeError(f"--alpha-ratio must be positive, got {cfg.alpha_ratio}")
-    if not 0 <= cfg.dropout < 1:
-        raise SftscopeError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.batch_size < 1 or cfg.micro_batch_size < 1:
-        raise SftscopeError("--batch-size and --micro-batch-size must be >= 1")
-    if cfg.max_length is not None and cfg.max_length < 2:
-        raise SftscopeError(f"--max-length must be >= 2, got {cfg.max_length}")
-    if cfg.report_to not in REPORT_TO:
-        raise SftscopeError(f"--report-to {cfg.report_to!r}: use {', '.join(REPORT_TO)}")
-    if cfg.mask is not None:
-        parse_mask(cfg.mask, cfg.segments)
     return cfg
 
 
@@ -541,6 +464,22 @@ def build_train_set(samples, tokenizer, *, completion_only: bool = True,
 
 # ------------------------------------------------------------------ the run
 
+def finite_loss_callback():
+    """A TrainerCallback that stops training with one clear error on a NaN/Inf logged loss."""
+    from transformers import TrainerCallback
+
+    class FiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise SftscopeError(
+                    f"training loss became {loss} at step {state.global_step}; stopped before "
+                    f"saving: check the model's weights and data, lower --lr, or use --dtype "
+                    f"float32")
+
+    return FiniteLoss()
+
+
 def is_main_process() -> bool:
     """True on the process that writes files and evaluates (rank 0 under accelerate/torchrun)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -552,21 +491,13 @@ def _say(msg: str) -> None:
 
 
 def _config_hash(cfg: TuneConfig) -> str:
-    d = asdict(cfg)
-    for k in ("resume", "out", "keep_checkpoints", "report_to", "logging_steps"):
-        d.pop(k, None)
-    return stable_hash(d)
+    return stable_hash(cfg.result_settings())
 
 
 def _resolve_dtype(name: str) -> str:
-    from sftscope.experiments.evaluate import auto_dtype
-    from sftscope.load.models import DTYPES
+    from sftscope.load.runtime import dtype_name, resolve_dtype
 
-    dt = auto_dtype(name, "cuda" if torch.cuda.is_available() else "cpu")
-    if dt not in DTYPES or dt == "auto":
-        raise SftscopeError(f"unknown dtype {name!r}; use auto, float32 or bfloat16")
-    return {torch.float32: "float32", torch.bfloat16: "bfloat16",
-            torch.float16: "float16"}[DTYPES[dt]]
+    return dtype_name(resolve_dtype(name, "cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def parse_eval_task(spec: str, flag: str = "--eval-task") -> tuple[str, str | None]:
@@ -603,27 +534,126 @@ def _check_reporter(name: str) -> list[str]:
     return [name]
 
 
+def _settings_diff(old: dict[str, Any], cfg: TuneConfig) -> str | None:
+    """The first setting that differs from a recorded config (ignoring volatile ones)."""
+    new = cfg.result_settings()
+    old = {k: v for k, v in old.items() if k in new or k not in cfg.record()}
+    diff = changed({k: v for k, v in old.items() if k != "out"},
+                   {k: v for k, v in new.items() if k != "out"})
+    if not diff:
+        return None
+    k = diff[0]
+    more = f"; {len(diff) - 1} more differ" if len(diff) > 1 else ""
+    return f"{k}: {old.get(k)!r} there, {new.get(k)!r} now{more}"
+
+
+def checkpoint_steps(ckpt_dir: Path) -> list[Path]:
+    """Trainer checkpoints, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_ok(path: Path) -> bool:
+    """A checkpoint whose files are whole: trainer state parses, safetensors open, zips check."""
+    import json
+    import zipfile
+
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        for f in path.iterdir():
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), "pt") as h:
+                    for k in h.keys():  # noqa: SIM118
+                        h.get_slice(k)
+            elif f.suffix in (".pt", ".pth", ".bin") and zipfile.is_zipfile(f):
+                with zipfile.ZipFile(f) as z:
+                    if z.testzip() is not None:
+                        return False
+            elif f.suffix in (".pt", ".pth", ".bin"):
+                return False
+    except Exception:  # any unreadable piece makes the checkpoint unusable
+        return False
+    return True
+
+
+def last_good_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint that is whole; a truncated newer one is skipped (and named)."""
+    for p in checkpoint_steps(ckpt_dir):
+        if checkpoint_ok(p):
+            return str(p)
+        _say(f"[yellow]note:[/] checkpoint {p.name} is incomplete (killed while saving?); "
+             f"falling back to the previous one")
+    return None
+
+
+def _clear(out: Path) -> None:
+    """Remove what a previous tune run left in ``out`` (only files tune writes)."""
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    shutil.rmtree(out / "merged", ignore_errors=True)
+    for name in ("run.json", "tune-config.json", "scores.csv", "dynamics.csv"):
+        (out / name).unlink(missing_ok=True)
+    for p in out.glob("predictions-*.jsonl"):
+        p.unlink(missing_ok=True)
+
+
 def _existing_run(cfg: TuneConfig, out: Path) -> TuneResult | None:
-    """A finished run with the same settings (resume), or an error if ``out`` is taken."""
+    """A finished run to reuse (--resume, same settings), or None to train; refuses to mix.
+
+    A run killed before its first checkpoint, or refused by validation, blocks nothing: there
+    is nothing to lose, so a corrected command simply starts over.
+    """
+    from sftscope.runs import folder_command
+
+    owner = folder_command(out) if out.is_dir() else None
+    if owner not in (None, "tune"):
+        raise SftscopeError(f"--out {out} is a `{owner}` run folder; give tune a folder of its "
+                            f"own")
     rec_path = out / "run.json"
     if rec_path.is_file():
         rec = read_json(rec_path)
         if rec.get("command") == "tune" and rec.get("finished"):
+            if cfg.overwrite:
+                if is_main_process():
+                    _clear(out)
+                return None
+            diff = _settings_diff(rec.get("config") or {}, cfg)
+            if diff:
+                raise SftscopeError(f"--out {out} holds a finished tune run made with other "
+                                    f"settings ({diff}); add --overwrite to replace it, or "
+                                    f"choose another --out")
             if not cfg.resume:
-                raise SftscopeError(f"{out} already holds a finished tune run; pass --resume to "
-                                    f"reuse it or choose another --out")
-            if rec.get("config_hash") != _config_hash(cfg):
-                raise SftscopeError(f"{out} holds a tune run with other settings; choose "
-                                    f"another --out")
+                raise SftscopeError(f"--out {out} already holds a finished tune run with these "
+                                    f"settings; --resume returns it, --overwrite trains again")
             return TuneResult.from_dict(rec["result"])
     started = out / "tune-config.json"
     if started.is_file() and is_main_process():  # rank 0 writes it: other ranks may see it
+        ckpts = checkpoint_steps(out / "checkpoints")
+        if cfg.overwrite or not ckpts:
+            if not cfg.overwrite:
+                _say("note: the earlier attempt in this folder saved no checkpoint; starting "
+                     "over")
+            _clear(out)
+            return None
+        rec = read_json(started)
+        diff = _settings_diff(rec.get("config") or {}, cfg)
+        step = ckpts[0].name.split("-")[-1]
+        if diff:
+            raise SftscopeError(f"--out {out} holds an unfinished tune run (checkpoint at step "
+                                f"{step}) made with other settings ({diff}); --overwrite "
+                                f"discards it and starts over, or choose another --out")
         if not cfg.resume:
-            raise SftscopeError(f"{out} holds an unfinished tune run; pass --resume to continue "
-                                f"it from its last checkpoint, or choose another --out")
-        if read_json(started).get("config_hash") != _config_hash(cfg):
-            raise SftscopeError(f"{out} holds an unfinished run with other settings; --resume "
-                                f"needs the same settings, or choose another --out")
+            raise SftscopeError(f"--out {out} holds an unfinished tune run (checkpoint at step "
+                                f"{step}); add --resume to continue it, or --overwrite to "
+                                f"start over")
     return None
 
 
@@ -635,7 +665,6 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
     """
     from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from sftscope.load.data import load_samples
     from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
@@ -700,8 +729,9 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        write_json(out / "tune-config.json", {"config": cfg, "config_hash": _config_hash(cfg)})
-    last = get_last_checkpoint(str(ckpt_dir)) if (cfg.resume and ckpt_dir.is_dir()) else None
+        write_json(out / "tune-config.json", {"command": "tune", "config": cfg.record(),
+                                              "config_hash": _config_hash(cfg)})
+    last = last_good_checkpoint(ckpt_dir) if cfg.resume else None
     if cfg.resume:
         _say(f"resuming from {last}" if last else "no checkpoint yet: starting from step 0")
     args = TrainingArguments(
@@ -716,6 +746,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         data_seed=cfg.seed, remove_unused_columns=False, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False, activation_checkpointing=False,
+        logging_nan_inf_filter=False,  # a NaN loss must show, never be hidden in the average
     )
     world = max(1, int(args.world_size))  # processes that really train together (DDP, FSDP)
     if cfg.batch_size % (micro * world):
@@ -723,9 +754,14 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                             f"--micro-batch-size {micro} x {world} processes; change one")
     args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
-                      data_collator=PadCollator(_pad_id(tok)), callbacks=callbacks)
+                      data_collator=PadCollator(pad_id(tok)),
+                      callbacks=[finite_loss_callback(), *(callbacks or [])])
     with timer("train"):
         output = trainer.train(resume_from_checkpoint=last)
+    if output.training_loss is not None and not math.isfinite(output.training_loss):
+        raise SftscopeError(f"training loss is {output.training_loss} (not finite); nothing was "
+                            f"saved: check the model's weights and data, lower --lr, or use "
+                            f"--dtype float32")
     steps = int(trainer.state.global_step)
     runtime = float(output.metrics.get("train_runtime", 0.0))
     history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
@@ -756,7 +792,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     def record() -> None:  # training is recorded before the evaluation, which may fail
         result.timings = dict(timer.seconds)
         write_json(out / "run.json", run_record(
-            "tune", cfg, config_hash=_config_hash(cfg), model_fingerprint=fingerprint(
+            "tune", cfg.record(), config_hash=_config_hash(cfg), model_fingerprint=fingerprint(
                 cfg.model, cfg.revision), n_blocks=n_blocks, mask=cfg.mask, blocks=blocks,
             rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
             full_depth_params=full_params, seed=cfg.seed, processes=world,
@@ -781,12 +817,6 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         result.eval = _evaluate_after(model, tok, cfg, eval_task, timer)
         record()
     return result
-
-
-def _pad_id(tok) -> int:
-    if tok.pad_token_id is not None:
-        return int(tok.pad_token_id)
-    return int(tok.eos_token_id) if tok.eos_token_id is not None else 0
 
 
 def _evaluate_after(model, tok, cfg: TuneConfig, eval_task: tuple[str, str | None],

@@ -67,6 +67,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from sftscope.config.commands import WeightsConfig
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer
 from sftscope.load.arch import (
@@ -77,6 +78,7 @@ from sftscope.load.arch import (
     spec_for_config,
     split_fused_qkv,
 )
+from sftscope.load.runtime import resolve_device
 from sftscope.progress import track
 
 COLUMNS = ["block", "module", "metric", "value"]
@@ -1146,35 +1148,36 @@ def weight_change(
 
 
 def run_weights(
-    out: str | os.PathLike,
-    base: str | os.PathLike | None,
+    config: WeightsConfig | str | os.PathLike,
+    base: str | os.PathLike | None = None,
     sft: str | os.PathLike | None = None,
     adapter: str | os.PathLike | None = None,
-    *,
-    low_rank: bool = True,
-    top_k: int = 8,
-    device: str = "cpu",
-    max_rank: int = 64,
-    exact_max: int = 512,
-    formats: tuple[str, ...] = ("csv",),
+    **options: Any,
 ) -> pd.DataFrame:
     """``weight_change`` plus its run folder: ``out/weights.<fmt>`` and ``out/run.json``
-    (atomic writes; what ``sftscope weights`` does)."""
+    (atomic writes; what ``sftscope weights`` does). Takes a :class:`WeightsConfig`, or
+    ``(out, base, sft, adapter, **options)``."""
     from sftscope import io
+    from sftscope.runs import check_out, finish_run, start_run
 
-    config = dict(base=None if base is None else str(base),
-                  sft=None if sft is None else str(sft),
-                  adapter=None if adapter is None else str(adapter), out=str(out),
-                  low_rank=low_rank, top_k=top_k, max_rank=max_rank, exact_max=exact_max,
-                  device=device, formats=list(formats))
+    if isinstance(config, WeightsConfig):
+        cfg = config
+    else:
+        cfg = WeightsConfig(out=str(config), base=None if base is None else str(base),
+                            sft=None if sft is None else str(sft),
+                            adapter=None if adapter is None else str(adapter), **options)
+    check_out(cfg.out, "weights", cfg, overwrite=cfg.overwrite)
+    device = resolve_device(cfg.device)
+    start_run(cfg.out, "weights", WeightsConfig.OUTPUTS)
     timer = Timer()
     with timer("total"):
-        table = weight_change(base, sft, adapter, low_rank=low_rank, top_k=top_k, device=device,
-                              max_rank=max_rank, exact_max=exact_max)
+        table = weight_change(cfg.base, cfg.sft, cfg.adapter, low_rank=cfg.low_rank,
+                              top_k=cfg.top_k, device=device, max_rank=cfg.max_rank,
+                              exact_max=cfg.exact_max)
     with timer("write"):
-        io.write_tables(table, out, "weights", tuple(formats))
+        io.write_tables(table, cfg.out, "weights", cfg.formats)
     attrs = dict(table.attrs)
     timings = {**attrs.pop("timings", {}), **timer.seconds}
-    io.write_json(Path(out) / "run.json", io.run_record(
-        "weights", config, n_blocks=attrs.pop("n_blocks", 0), timings=timings, **attrs))
+    finish_run(cfg.out, io.run_record(
+        "weights", cfg.record(), n_blocks=attrs.pop("n_blocks", 0), timings=timings, **attrs))
     return table

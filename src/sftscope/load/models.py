@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sftscope.errors import SftscopeError
+from sftscope.load.runtime import input_device, resolve_device, resolve_dtype
+from sftscope.load.sources import PairInfo, check_model, check_pair, is_local, looks_like_path
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+__all__ = ["LoadOptions", "PairInfo", "check_pair", "check_source", "input_device",
+           "load_config", "load_model", "load_tokenizer", "pair_tokenizer", "check_vocab",
+           "check_tokenizers", "fingerprint", "is_local", "resolve_dtype"]
 
 
 @dataclass(frozen=True)
@@ -25,31 +23,16 @@ class LoadOptions:
 
     revision: str | None = None
     dtype: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"
     device_map: str | None = None
     attn_implementation: str | None = None
     trust_remote_code: bool = False
 
 
-def is_local(spec: str) -> bool:
-    """True when ``spec`` names an existing path (a folder or a file)."""
-    return os.path.exists(os.path.expanduser(spec))
-
-
 def check_source(spec: str, what: str = "model") -> str:
-    """Return a usable source: an existing local folder, or something shaped like a hub id."""
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")) and what == "model":
-            raise SftscopeError(
-                f"{what} folder {spec} has no config.json; point at a Hugging Face model folder"
-            )
-        return path
-    if os.path.exists(path):
-        raise SftscopeError(f"{what} {spec} is a file; give a model folder or a hub id")
-    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
-        raise SftscopeError(f"{what} folder {spec} does not exist; check the path")
-    return spec
+    """A usable source: an existing local folder (with a causal-LM config), or a hub id."""
+    src = check_model(spec, what)
+    return src.path or src.spec
 
 
 def _hub_error(spec: str, err: Exception) -> SftscopeError:
@@ -58,13 +41,6 @@ def _hub_error(spec: str, err: Exception) -> SftscopeError:
         f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); pass a local folder "
         f"or check the id/revision and your network"
     )
-
-
-def resolve_dtype(name: str) -> Any:
-    """Map a dtype name to a torch dtype (or ``"auto"``)."""
-    if name not in DTYPES:
-        raise SftscopeError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def load_config(spec: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -85,7 +61,13 @@ def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "
     """The tokenizer of a model folder or hub id, with a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    src = check_source(spec, what="tokenizer")
+    src = os.path.expanduser(spec)
+    if not os.path.isdir(src):
+        if os.path.exists(src):
+            raise SftscopeError(f"tokenizer {spec} is a file; give a folder or a hub id")
+        if looks_like_path(spec):
+            raise SftscopeError(f"tokenizer folder {spec} does not exist; check the path")
+        src = spec
     try:
         tok = AutoTokenizer.from_pretrained(src, revision=revision)
     except (OSError, ValueError) as e:
@@ -107,7 +89,9 @@ def load_model(spec: str, opts: LoadOptions | None = None):
 
     opts = opts or LoadOptions()
     src = check_source(spec)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(opts.dtype), "revision": opts.revision,
+    device = resolve_device(opts.device)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(opts.dtype, device),
+                              "revision": opts.revision,
                               "trust_remote_code": opts.trust_remote_code}
     if opts.attn_implementation:
         kwargs["attn_implementation"] = opts.attn_implementation
@@ -121,15 +105,10 @@ def load_model(spec: str, opts: LoadOptions | None = None):
                                 f"({str(e).splitlines()[0][:200]})") from e
         raise _hub_error(spec, e) from e
     if not opts.device_map:
-        model.to(opts.device)
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def input_device(model) -> torch.device:
-    """Where inputs go: the embedding's device (works with accelerate ``device_map``)."""
-    return model.get_input_embeddings().weight.device
 
 
 def fingerprint(spec: str, revision: str | None = None) -> dict[str, Any]:
@@ -155,61 +134,6 @@ def fingerprint(spec: str, revision: str | None = None) -> dict[str, Any]:
                 h.update(f.read())
     return {"source": str(path.resolve()), "revision": revision, "local": True,
             "hash": h.hexdigest()[:24]}
-
-
-@dataclass
-class PairInfo:
-    """What was checked about a Base/SFT pair before any compute."""
-
-    n_blocks: int
-    hidden_size: int
-    model_type: str
-    vocab_base: int
-    vocab_sft: int
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def added_vocab(self) -> int:
-        return max(0, self.vocab_sft - self.vocab_base)
-
-
-def _get(cfg: Any, *names: str) -> Any:
-    for n in names:
-        v = getattr(cfg, n, None)
-        if v is not None:
-            return v
-    return None
-
-
-def check_pair(base_cfg: Any, sft_cfg: Any, base: str = "base", sft: str = "sft") -> PairInfo:
-    """Refuse pairs that cannot be compared layer by layer; report a larger SFT vocabulary."""
-    lb = _get(base_cfg, "num_hidden_layers", "n_layer")
-    ls = _get(sft_cfg, "num_hidden_layers", "n_layer")
-    db = _get(base_cfg, "hidden_size", "n_embd")
-    ds = _get(sft_cfg, "hidden_size", "n_embd")
-    if lb != ls:
-        raise SftscopeError(
-            f"the pair does not match: {base} has {lb} blocks, {sft} has {ls}; "
-            f"compare a model with its own fine-tuned version"
-        )
-    if db != ds:
-        raise SftscopeError(
-            f"the pair does not match: hidden size {db} ({base}) vs {ds} ({sft})"
-        )
-    vb, vs = int(base_cfg.vocab_size), int(sft_cfg.vocab_size)
-    info = PairInfo(n_blocks=int(lb), hidden_size=int(db),
-                    model_type=str(getattr(base_cfg, "model_type", "")),
-                    vocab_base=vb, vocab_sft=vs)
-    if getattr(base_cfg, "model_type", None) != getattr(sft_cfg, "model_type", None):
-        info.notes.append(f"model types differ: {base_cfg.model_type} vs {sft_cfg.model_type}")
-    if vs > vb:
-        info.notes.append(f"SFT vocabulary has {vs - vb} added tokens ({vb} -> {vs})")
-    elif vs < vb:
-        raise SftscopeError(
-            f"the SFT vocabulary ({vs}) is smaller than the base's ({vb}); "
-            f"the pair does not share token ids"
-        )
-    return info
 
 
 def check_tokenizers(tok_base, tok_sft, sample: int | None = None) -> list[str]:

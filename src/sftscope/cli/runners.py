@@ -1,0 +1,203 @@
+"""What each command does once its config is valid: call the Python API, print a summary.
+
+Thin by design: every computation lives in ``sftscope.experiments``; heavy imports happen here,
+inside the functions, after validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sftscope.config import commands as C
+
+
+def _say(msg: str) -> None:
+    from sftscope.progress import say
+
+    say(msg)
+
+
+def analyze(cfg: C.AnalyzeConfig) -> None:
+    from sftscope.experiments.analyze import analyze as run
+
+    table = run(cfg)
+    _say(f"wrote {Path(cfg.out) / 'metrics.csv'} ({len(table)} rows) and "
+         f"{Path(cfg.out) / 'run.json'}")
+
+
+def weights(cfg: C.WeightsConfig) -> None:
+    from sftscope.experiments.weights import run_weights
+
+    table = run_weights(cfg)
+    names = ", ".join(str(Path(cfg.out) / f"weights.{f}") for f in cfg.formats)
+    _say(f"wrote {names} ({len(table)} rows) and {Path(cfg.out) / 'run.json'}")
+
+
+def probe(cfg: C.ProbeConfig) -> None:
+    from sftscope.experiments.lens import probe as run
+
+    table = run(cfg)
+    if cfg.out:
+        _say(f"wrote {Path(cfg.out) / 'probe.csv'} ({len(table)} rows) and "
+             f"{Path(cfg.out) / 'run.json'}")
+    else:
+        print(table.to_string(index=False))
+
+
+def swap(cfg: C.SwapConfig) -> None:
+    from sftscope.experiments.swap import swap as run
+
+    table = run(cfg)
+    if cfg.out:
+        _say(f"wrote {Path(cfg.out) / 'swap.csv'} ({len(table)} rows) and "
+             f"{Path(cfg.out) / 'run.json'}")
+    else:
+        print(table.to_string(index=False))
+
+
+def tune(cfg: C.TuneConfig) -> None:
+    from sftscope.experiments.tune import is_main_process
+    from sftscope.experiments.tune import tune as run
+
+    res = run(cfg)
+    if is_main_process():
+        _say(f"wrote {res.adapter_dir} ({res.trainable_params:,} trainable parameters, rank "
+             f"{res.rank}, {res.steps} steps) and {Path(res.out) / 'run.json'}")
+
+
+def evaluate(cfg: C.EvalConfig) -> None:
+    from sftscope.experiments.evaluate import evaluate as run
+    from sftscope.experiments.evaluate import format_scores
+
+    res = run(cfg)
+    print(format_scores(res))
+    if cfg.out:
+        _say(f"wrote {Path(cfg.out) / 'scores.csv'}, {res.predictions_path} and "
+             f"{Path(cfg.out) / 'run.json'}")
+
+
+def sweep(cfg: C.SweepConfig) -> None:
+    from sftscope.experiments.sweep import run_sweep
+
+    res = run_sweep(cfg)
+    if not res.summary.empty:
+        m = res.primary_metric
+        sub = res.summary[res.summary["metric"] == m] if m else res.summary
+        for r in sub.itertuples(index=False):
+            p = "" if r.p_value != r.p_value else f", p={r.p_value:.3g} vs full depth"
+            _say(f"  {r.mask}  {r.metric} {r.mean:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}] "
+                 f"({r.seeds} seed(s) x {r.n_items} items{p})")
+    if res.validation is not None:
+        for r in res.validation.itertuples(index=False):
+            where = (f"rank {int(r.rank)} of {r.n_masks}" if r.in_sweep
+                     else "not among the swept masks")
+            _say(f"  suggest {r.method}: {r.mask} -> {where} (best {r.best_mask} "
+                 f"{r.best_score:.4f})")
+    if res.written:
+        _say(f"wrote {Path(cfg.out) / 'summary.csv'} and {Path(cfg.out) / 'position.csv'}")
+
+
+def suggest(cfg: C.SuggestConfig) -> None:
+    from sftscope.experiments.suggest import suggest as run
+
+    res = run(cfg)
+    for m in res.proposals.values():
+        sc = res.method_scores(m.method).sort_values("segment")
+        prof = " ".join(f"{v:.2f}" for v in sc["score"])
+        _say(f"  {m.method:9s} {m.mask}  segment scores (bottom first): {prof}")
+    _say(f"[bold]suggested mask {res.mask}[/] ({res.method})")
+    _say(f"reason: {res.reason}")
+    if cfg.out:
+        _say(f"wrote {Path(cfg.out) / 'suggest.json'}, {Path(cfg.out) / 'suggest.csv'} and "
+             f"{Path(cfg.out) / 'run.json'}")
+
+
+def report(cfg: C.ReportConfig) -> None:
+    import os
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    from sftscope.report import build_report
+
+    path = build_report(list(cfg.runs), out=cfg.out, formats=cfg.figure_formats,
+                        figures_dir=cfg.figures_dir, title=cfg.title)
+    figdir = cfg.figures_dir if cfg.figures_dir is not None else Path(cfg.runs[0]) / "figures"
+    _say(f"report: {path}")
+    _say(f"figures and tables: {figdir}")
+
+
+def demo(cfg: C.DemoConfig) -> None:
+    from sftscope.demo.run import run_demo, time_summary
+
+    res = run_demo(cfg)
+    _say("where the time went:\n" + time_summary(res))
+    for p in res.patterns:
+        mark = {True: "shows", False: "does not show", None: "cannot tell"}.get(
+            p.get("holds"), str(p.get("verdict", "")))
+        _say(f"  {mark:>13}: {p['pattern']} ({p['evidence']})")
+    if res.report:
+        _say(f"report: {res.report}")
+
+
+# name -> (config class, runner, help)
+COMMANDS: dict[str, tuple[type, Any, str]] = {
+    "analyze": (C.AnalyzeConfig, analyze, """Every layer-wise metric of a Base/SFT pair.
+
+Streams both models over the data (one forward pass per batch, hooks on every block, base then
+SFT) and writes metrics.csv, correlation.csv and run.json. layer = hidden state j (0 =
+embeddings, j = b+1 = after block b, before the final norm). An interrupted run resumes;
+captured states are cached for re-analysis."""),
+    "weights": (C.WeightsConfig, weights, """Weight change per block and module.
+
+Base vs SFT, or a LoRA adapter.
+
+Streams both checkpoints tensor by tensor (never a whole model in memory) and writes
+weights.csv: block = decoder block (0-based), module = q/k/v/o, MLP projections, attn, embed,
+final_norm, lm_head, ...; metric = frobenius, relative and the low-rank metrics (sv1..,
+effective_rank, energy_rank90, ...)."""),
+    "probe": (C.ProbeConfig, probe, """Logit lens at every hidden state j = 0..L.
+
+The lens applies the final norm and the LM head: next-token accuracy and loss over real tokens,
+answer-token probability and rank after the prompt (gsm8k:, mmlu:), MMLU choice accuracy and,
+for a pair, base/SFT top-1 agreement. Writes probe.csv and run.json."""),
+    "swap": (C.SwapConfig, swap, """Swap the blocks of each segment between base and SFT.
+
+Module references, no copies; both directions; embeddings stay with the host, final norm and
+head from --head. Every hybrid and both originals are evaluated: token accuracy, loss,
+perplexity, MMLU choice accuracy. Writes swap.csv and run.json."""),
+    "tune": (C.TuneConfig, tune, """Segment (Mid-Block) LoRA at the full-depth parameter budget.
+
+Trains LoRA on the blocks a mask selects, saves RUN/adapter (PEFT) and RUN/run.json, then
+evaluates. Several GPUs: `accelerate launch -m sftscope tune ...`; the Trainer runs DDP, FSDP
+or DeepSpeed from accelerate's config, and --batch-size stays the effective batch over all
+processes."""),
+    "eval": (C.EvalConfig, evaluate, """Score a model (optionally with a LoRA adapter) on a task.
+
+GSM8K as lm-evaluation-harness scores it, MMLU by log-likelihood, perplexity retention. Every
+score has its item count and a confidence interval (Wilson for accuracies, Student t for
+losses)."""),
+    "sweep": (C.SweepConfig, sweep, """Tune and evaluate every mask x seed, with statistics.
+
+Each job is a resumable folder OUT/jobs/MASK-sSEED/; then summary.csv (mean and CI over seeds
+and items, p-value paired against 11111) and position.csv (one-segment masks by depth). Run the
+same command again to resume; a folder made with other settings is refused. Several GPUs: one
+process per device with --job-index I --num-jobs N, then --summarize-only. Any tune flag
+(--rank, --lr, ...) and eval flag (--eval-limit, ...) passes through to every job."""),
+    "suggest": (C.SuggestConfig, suggest, """Propose a LoRA mask before any training.
+
+With the reason.
+
+Signals computed without training: pair (where an SFT model changed the base, per segment),
+angular (how much each base block turns the hidden state), gradient (task-loss gradient of the
+attention projections), combined (rank average). Edge segments are proposed only on an
+overwhelming signal. Check a proposal with `sftscope sweep ... --validate-suggest`."""),
+    "report": (C.ReportConfig, report, """One self-contained HTML report of run folders.
+
+The paper's figures for whatever the runs hold, with tables, findings and a checklist of the
+paper's patterns, each verdict with its rule and numbers; needs no network."""),
+    "demo": (C.DemoConfig, demo, """The whole pipeline offline on a CPU, ending in a report.
+
+Trains a small Base model on a generated corpus and fine-tunes a copy (the SFT model), both
+saved as ordinary Hugging Face folders, then runs analyze, weights, probe, swap and a mask sweep
+on the pair and writes one HTML report. A second run reuses the pair and finished work."""),
+}

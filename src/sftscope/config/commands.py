@@ -1,0 +1,586 @@
+"""One config per command, composed from the shared ingredients (torch-free).
+
+``Config -> run -> Result``: each experiment's entry point takes one of these; the CLI builds
+its flags from the fields; ``run.json`` records ``config.record()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from sftscope.config.core import Config, at_least, in_range, non_empty, opt, positive
+from sftscope.config.ingredients import (
+    PRESETS,
+    Cache,
+    DataSpec,
+    OneModel,
+    Output,
+    PairModels,
+    Runtime,
+    Stats,
+    base_opt,
+    batch_size_opt,
+    bootstrap_opt,
+    chat_template_opt,
+    check_data_source,
+    check_pair_sources,
+    device_opt,
+    dtype_opt,
+    formats_opt,
+    level_opt,
+    limit_opt,
+    max_length_opt,
+    out_opt,
+    preset_opt,
+    revision_opt,
+    segments_opt,
+    sft_opt,
+    split_opt,
+    text_field_opt,
+)
+from sftscope.errors import SftscopeError
+
+MASK_GROUPS = ("singles", "paper", "all")
+TASKS = ("gsm8k", "mmlu", "perplexity")
+
+
+def mask_list(value: str) -> str | None:
+    """A check: mask groups (singles, paper, all) or masks such as 01000, comma-separated."""
+    items = [p.strip() for p in value.split(",") if p.strip()]
+    if not items:
+        return "names no mask; use singles, paper, all or masks such as 01000"
+    for item in items:
+        if item not in MASK_GROUPS and (set(item) - {"0", "1"} or "1" not in item):
+            return (f"has {item!r}: valid groups are singles, paper, all; or give masks of 0/1 "
+                    f"with at least one 1 (bottom segment first, e.g. 01000)")
+    return None
+
+
+def task_spec(value: str) -> str | None:
+    """A check: ``TASK`` or ``TASK:SOURCE`` with a known task."""
+    name = value.split(":", 1)[0]
+    if name not in TASKS:
+        from sftscope.config.core import did_you_mean
+
+        return (f"names unknown task {name!r}; use {', '.join(TASKS)} (optionally TASK:FILE)"
+                + did_you_mean(name, TASKS))
+    return None
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnalyzeConfig(PairModels, DataSpec, Runtime, Stats, Output, Cache):
+    """Everything ``analyze`` needs."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*")
+
+    limit: int | None = limit_opt(1000)
+    n_token: int = opt(100, "Samples (the first of the selection) that also get token-level "
+                       "metrics: prompt entropy, sparsity, curvature.", check=at_least(0))
+    bootstrap: int = bootstrap_opt(0)
+    preset: str = preset_opt()
+    alpha: float = opt(1.0, "Order of the matrix alpha-entropy (1 = von Neumann).",
+                       check=at_least(0))
+    normalisation: str = opt("max", "Entropy normalisation: max = log min(rows, D), logN, "
+                             "logD, raw.", choices=("max", "logN", "logD", "raw"))
+    pooling: str = opt("mean", "One vector per sample: masked mean of its tokens, or its last "
+                       "token.", choices=("mean", "last"))
+    cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightsConfig(Output):
+    """Everything ``weights`` needs."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("weights.*",)
+
+    base: str | None = opt(None, "Base checkpoint: local folder or hub id (optional with "
+                           "--adapter: it adds the relative rows).")
+    sft: str | None = opt(None, "Fine-tuned checkpoint: local folder or hub id.")
+    adapter: str | None = opt(None, "PEFT LoRA folder (adapter_config.json + "
+                              "adapter_model.safetensors), instead of --sft.")
+    allow_mixed_pair: bool = opt(False, "Allow checkpoints of different architectures.")
+    low_rank: bool = opt(True, "Also measure how low-rank each module's change is (SVD); "
+                         "--no-low-rank streams only.")
+    top_k: int = opt(8, "Largest singular values reported per module (sv1..svK).",
+                     check=at_least(1))
+    max_rank: int = opt(64, "Rank of the randomized SVD for matrices larger than --exact-max "
+                        "on their smaller side.", check=at_least(1))
+    exact_max: int = opt(512, "Exact SVD when a matrix's smaller side is at most this.",
+                         check=at_least(1))
+    device: str = device_opt()
+
+    def check(self) -> None:
+        from sftscope.load.sources import check_folder
+
+        if self.sft is None and self.adapter is None:
+            raise SftscopeError("give --sft (a fine-tuned checkpoint) or --adapter (a LoRA "
+                                "folder)")
+        if self.sft is not None and self.adapter is not None:
+            raise SftscopeError("give --sft or --adapter, not both")
+        if self.sft is not None and self.base is None:
+            raise SftscopeError("--sft needs --base (the checkpoint it was fine-tuned from)")
+        if self.adapter is not None:
+            check_folder(self.adapter, "adapter folder")
+        check_pair_sources(self.base, self.sft, self.allow_mixed_pair)
+
+
+# ----------------------------------------------------------------------------- probe, swap
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig(PairModels, DataSpec, Runtime, Stats, Output):
+    """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``)."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("probe.*",)
+
+    model: str | None = opt(None, "One model to probe: local folder or hub id (or give "
+                            "--base and --sft).")
+    revision: str | None = revision_opt("model")
+    base: str | None = base_opt(required=False)
+    sft: str | None = sft_opt(required=False)
+    out: str | None = out_opt(required=False)
+    limit: int | None = limit_opt(100)
+    chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
+                              check=at_least(1), cli=False, volatile=True)
+
+    def check(self) -> None:
+        from sftscope.load.sources import check_model
+
+        if self.model is not None and (self.base is not None or self.sft is not None):
+            raise SftscopeError("give either --model, or --base and --sft, not both")
+        if self.model is None and (self.base is None or self.sft is None):
+            raise SftscopeError("give --model, or both --base and --sft")
+        if self.model is not None:
+            check_model(self.model)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
+    """Everything ``swap`` needs."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("swap.*",)
+
+    out: str | None = out_opt(required=False)
+    limit: int | None = limit_opt(100)
+    segments: int = segments_opt(5)
+    masks: str | None = opt(None, "Extra masks besides the K one-segment masks: 01000,00110 "
+                            "(bottom segment first), or paper, all.", check=mask_list)
+    head: str = opt("base", "Final norm and LM head of every hybrid: base or sft.",
+                    choices=("base", "sft"))
+    directions: str = opt("both", "Which hybrids: both, sft-into-base or base-into-sft.",
+                          choices=("both", "sft-into-base", "base-into-sft"))
+    chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
+                              check=at_least(1), cli=False, volatile=True)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(OneModel, Runtime):
+    """Everything ``evaluate`` needs. ``shots=None``: the task's default; ``out=None``: no files.
+
+    The ``reference`` preset reproduces the research code (0-shot, 64 new tokens, 100 items)
+    for every field left at its default.
+    """
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("scores.*", "predictions-*.jsonl")
+
+    task: str = opt("gsm8k", "gsm8k (generation, strict and flexible exact match as "
+                    "lm-evaluation-harness), mmlu (log-likelihood of the answer letters) or "
+                    "perplexity (token loss, adapter off vs on).", choices=TASKS,
+                    aliases=("tasks",))
+    data: str | None = opt(None, "Items: the hub dataset (default), NAME:FILE or a local FILE "
+                           "in the task's fields; perplexity: any text source (default "
+                           "wikitext).")
+    out: str | None = out_opt(required=False)
+    formats: tuple[str, ...] = formats_opt()
+    overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
+                          "settings.", volatile=True)
+    adapter: str | None = opt(None, "LoRA adapter folder (RUN/adapter of a tune run, or the "
+                              "run folder).")
+    split: str | None = split_opt()
+    shots: int | None = opt(None, "Few-shot examples (default: gsm8k 5, mmlu 0).",
+                            check=at_least(0), aliases=("num_fewshot",))
+    fewshot_data: str | None = opt(None, "Shot pool: a local file in the task's fields "
+                                   "(default: the hub train/dev split, or the evaluated file "
+                                   "without the item itself).", aliases=("train_data",))
+    fewshot_seed: int = opt(1234, "Seed of the shot draws (lm-eval: 1234).")
+    limit: int | None = opt(None, "Evaluate the first N items only.", check=at_least(1))
+    max_new_tokens: int = opt(256, "Generation budget per item.", check=at_least(1))
+    batch_size: int = batch_size_opt(16)
+    max_length: int = max_length_opt(1024)
+    text_field: str | None = text_field_opt()
+    chat_template: bool = chat_template_opt()
+    level: float = level_opt()
+    allow_other_base: bool = opt(False, "Load an adapter recorded for another base of the "
+                                 "same shapes.")
+    preset: str = opt("default", "default, or reference (0-shot, 64 new tokens, 100 items: the "
+                      "research code).", choices=PRESETS)
+
+    def check(self) -> None:
+        from sftscope.load.sources import check_folder
+
+        if self.adapter is not None:
+            check_folder(self.adapter, "adapter folder")
+        if self.data is not None:
+            check_data_source(self.data)
+        if self.fewshot_data is not None:
+            check_data_source(self.fewshot_data)
+
+
+# ----------------------------------------------------------------------------- tune
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig(OneModel):
+    """Everything ``tune`` needs.
+
+    Give ``mask`` (``segments`` = its length by default) or ``blocks`` (``"6-11,14"``).
+    ``rank`` is the full-depth budget. ``n_train`` examples are a seeded (``data_seed``)
+    subsample of ``train`` (0 = all). ``max_length=None`` keeps every example whole.
+    The ``reference`` preset sets, for fields left at their defaults: alpha 128, max length
+    128, loss on the whole text, and 0-shot / 64-token / 100-item evaluation.
+    """
+
+    train: str = opt(help="Training data: gsm8k (hub), gsm8k:FILE (question/answer fields), "
+                     "or a .jsonl/.csv/.parquet/.txt file of text.", check=non_empty)
+    out: str = out_opt()
+    mask: str | None = opt(None, "Segments to adapt, bottom segment first, e.g. 01000 (the "
+                           "second fifth). Or use --blocks.")
+    segments: int | None = segments_opt(None)
+    blocks: str | None = opt(None, "Explicit 0-based blocks instead of a mask, e.g. 6-11,14.")
+    rank: float = opt(64, "Full-depth LoRA rank (the budget): m of L blocks get rank "
+                      "round(rank*L/m).", check=positive)
+    alpha_ratio: float = opt(2.0, "alpha = ratio x rank (constant alpha/r).", check=positive)
+    alpha: float | None = opt(None, "Fixed alpha for every mask (the research code's 128; "
+                              "overrides --alpha-ratio).", check=positive)
+    rslora: bool = opt(False, "Rank-stabilised scale alpha/sqrt(r), alpha = ratio x sqrt(full "
+                       "rank).")
+    mlp: bool = opt(False, "Adapt the MLP projections too (default: attention q, k, v, o).")
+    dropout: float = opt(0.05, "LoRA dropout.", check=in_range(0, 1, hi_open=True))
+    lr: float = opt(1e-4, "Learning rate (AdamW, linear decay).", check=positive)
+    epochs: float = opt(1.0, "Epochs over the training examples.", check=at_least(0))
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.",
+                                check=at_least(1))
+    batch_size: int = opt(32, "Effective batch (micro batch x accumulation x processes).",
+                          check=at_least(1))
+    micro_batch_size: int = opt(8, "Examples per forward pass per device.", check=at_least(1))
+    warmup_steps: float = opt(0, "Warm-up steps (a value < 1 is a ratio of the steps).",
+                              check=at_least(0))
+    weight_decay: float = opt(0.0, "AdamW weight decay.", check=at_least(0))
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.", check=positive)
+    max_length: int | None = max_length_opt(None)
+    completion_only: bool = opt(True, "Loss on the answer only (prompt tokens masked); "
+                                "--no-completion-only trains on all text.")
+    chat_template: bool = chat_template_opt()
+    n_train: int | None = opt(2000, "Training examples (seeded subsample; 0 = all).",
+                              check=at_least(0))
+    data_seed: int = opt(0, "Seed of the training subsample.")
+    train_split: str = opt("train", "Split of a hub dataset.")
+    text_field: str | None = text_field_opt()
+    seed: int = opt(0, "Seed of LoRA init, data order and dropout.")
+    dtype: str = dtype_opt()
+    gradient_checkpointing: bool = opt(False, "Non-reentrant activation checkpointing (no "
+                                       "forced input gradients).")
+    save_steps: int = opt(100, "Checkpoint every N steps (for --resume).", check=at_least(1),
+                          volatile=True)
+    save_total_limit: int = opt(2, "Trainer checkpoints kept while training.",
+                                check=at_least(1), volatile=True)
+    keep_checkpoints: bool = opt(False, "Keep RUN/checkpoints after success.", volatile=True)
+    logging_steps: int = opt(10, "Log the loss every N steps.", check=at_least(1),
+                             volatile=True)
+    resume: bool = opt(False, "Continue a killed run from its last checkpoint (a finished run "
+                       "is reused).", volatile=True)
+    overwrite: bool = opt(False, "Start over in --out, discarding a finished or unfinished run "
+                          "made with other settings.", volatile=True)
+    report_to: str = opt("none", "Trainer logging: none, tensorboard or wandb.",
+                         choices=REPORT_TO, volatile=True)
+    preset: str = opt("default", "default, or reference: the research code (alpha 128, "
+                      "128-token truncation, loss on the whole text, 0-shot eval with 64 new "
+                      "tokens on 100 items).", choices=PRESETS)
+    run_eval: bool = opt(True, "Evaluate after training (--no-eval skips it).",
+                         aliases=("eval",))
+    eval_task: str | None = opt(None, "Evaluate after training: gsm8k, gsm8k:FILE, mmlu:FILE "
+                                "or perplexity:SOURCE (default gsm8k when training on hub "
+                                "gsm8k).", check=task_spec)
+    eval_limit: int | None = opt(None, "Evaluate the first N items only.", check=at_least(1))
+    eval_shots: int | None = opt(None, "Few-shot examples (default: gsm8k 5, mmlu 0).",
+                                 check=at_least(0))
+    eval_fewshot_data: str | None = opt(None, "Shot pool for the evaluation (a local file in "
+                                        "the task's fields).", aliases=("fewshot_data",))
+    eval_max_new_tokens: int = opt(256, "Generation budget of the evaluation.",
+                                   check=at_least(1))
+    eval_batch_size: int = opt(16, "Prompts per generate call.", check=at_least(1))
+
+    def check(self) -> None:
+        from sftscope.segments import parse_blocks_syntax, parse_mask
+
+        if (self.mask is None) == (self.blocks is None):
+            raise SftscopeError("give either --mask (e.g. 01000) or --blocks (e.g. 6-11), "
+                                "not both")
+        if self.mask is not None:
+            parse_mask(self.mask, self.segments)
+        if self.blocks is not None:
+            parse_blocks_syntax(self.blocks)
+            if self.segments is not None:
+                raise SftscopeError("--segments goes with --mask, not with --blocks")
+        if self.epochs == 0 and not self.max_steps:
+            raise SftscopeError("--epochs 0 without --max-steps trains zero steps; give "
+                                "--epochs > 0 or --max-steps N")
+        if self.micro_batch_size > self.batch_size:
+            raise SftscopeError(f"--micro-batch-size {self.micro_batch_size} is larger than "
+                                f"the effective --batch-size {self.batch_size}")
+        check_data_source(self.train)
+        if self.eval_fewshot_data is not None:
+            check_data_source(self.eval_fewshot_data)
+        if self.eval_task is not None and ":" in self.eval_task:
+            check_data_source(self.eval_task.split(":", 1)[1])
+
+
+# ----------------------------------------------------------------------------- suggest
+
+SUGGEST_METHODS = ("auto", "pair", "angular", "gradient", "combined")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuggestConfig(PairModels, DataSpec, Runtime):
+    """Everything ``suggest`` needs (``sft`` optional: it enables the pair method)."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("suggest.*",)
+
+    sft: str | None = sft_opt(required=False)
+    split: str | None = opt("train", "Split of a hub dataset: the training split by default, "
+                            "so no evaluation item is seen.")
+    out: str | None = out_opt(required=False)
+    formats: tuple[str, ...] = formats_opt()
+    overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
+                          "settings.", volatile=True)
+    limit: int | None = limit_opt(64)
+    max_length: int = max_length_opt(256)
+    batch_size: int = batch_size_opt(4)
+    segments: int = segments_opt(5)
+    method: str = opt("auto", "auto (= combined), pair, angular, gradient or combined (rank "
+                      "average of the available methods).", choices=SUGGEST_METHODS)
+    max_active: int = opt(2, "Most segments in the proposal.", check=at_least(1))
+    pick: str = opt("run", "run: a contiguous run grown from the best segment; top: the best "
+                    "--max-active segments.", choices=("run", "top"))
+    edges: str = opt("auto", "auto: bottom/top segments only when their score is "
+                     "--edge-factor times the best interior one; allow; exclude.",
+                     choices=("auto", "allow", "exclude"))
+    edge_factor: float = opt(3.0, "How much an edge segment must beat the best interior one "
+                             "to be proposed.", check=at_least(1))
+    extend: float = opt(0.75, "A neighbour joins the run when it scores at least this "
+                        "fraction of the best segment.", check=in_range(0, 1, lo_open=True))
+    grad_samples: int = opt(16, "Texts for the gradient signal.", check=at_least(1))
+
+    def check(self) -> None:
+        if self.method == "pair" and not self.sft:
+            raise SftscopeError("--method pair needs --sft (the fine-tuned model); without it "
+                                "use angular, gradient or combined")
+        if self.max_active > self.segments:
+            raise SftscopeError(f"--max-active must be between 1 and --segments "
+                                f"({self.segments}), got {self.max_active}")
+        if self.limit is not None and self.limit < 2:
+            raise SftscopeError(f"--limit must be at least 2 for the hidden-state signals, "
+                                f"got {self.limit}")
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+# what the sweep sets for each job itself (not pass-through options)
+SWEEP_TUNE_KEYS = ("model", "train", "out", "mask", "segments", "blocks", "seed", "resume",
+                   "overwrite", "run_eval", "eval_task", "eval_limit", "eval_shots",
+                   "eval_fewshot_data", "eval_max_new_tokens", "eval_batch_size")
+SWEEP_EVAL_KEYS = ("model", "task", "data", "out", "adapter", "overwrite", "formats")
+SWEEP_SUGGEST_KEYS = ("base", "sft", "data", "out", "segments", "split", "overwrite",
+                      "formats")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig(Config):
+    """Everything ``run_sweep`` needs.
+
+    ``seeds``: a count (``3`` = seeds 0, 1, 2) or a comma list (``"0,5,7"``). ``tune`` and
+    ``evaluation``: ``TuneConfig``/``EvalConfig`` fields passed to every job (the job sets model,
+    data, mask, seed and folders). ``model``/``train``/``task`` may be left out with
+    ``summarize_only`` (taken from ``sweep.json``).
+    """
+
+    out: str = opt(help="Sweep folder: sweep.json, jobs/MASK-sSEED/, summary.csv, "
+                   "position.csv, run.json.", check=non_empty)
+    model: str | None = opt(None, "Base model to tune: local folder or hub id (optional with "
+                            "--summarize-only).")
+    train: str | None = opt(None, "Training data: gsm8k, gsm8k:FILE, or a "
+                            ".jsonl/.csv/.parquet/.txt file.")
+    task: str | None = opt(None, "Evaluation: gsm8k, gsm8k:FILE, mmlu:FILE or "
+                           "perplexity:SOURCE.", check=task_spec, aliases=("eval",))
+    segments: int = segments_opt(5)
+    masks: str = opt("paper", "Mask groups or masks, comma-separated: singles (one segment "
+                     "each + full depth), paper (the paper's masks for K = 3, 5, 10), all "
+                     "(every non-empty mask), or masks like 01000,01100.", check=mask_list)
+    seeds: str = opt("3", "A count (3 = seeds 0,1,2) or a comma list (0,5,7).",
+                     numbers_as_text=True)
+    baseline: bool = opt(True, "Add the full-depth mask 11111 if missing (the p-values are "
+                         "against it).")
+    tune: dict[str, Any] = opt(help="tune options for every job.", factory=dict,
+                               expand="tune")
+    evaluation: dict[str, Any] = opt(help="eval options for every job.", factory=dict,
+                                     expand="eval")
+    metric: str | None = opt(None, "Metric for ranking and validation (default: the task's "
+                             "primary metric).")
+    job_index: int = opt(0, "This process runs jobs I, I+N, I+2N, ... (one process per GPU).",
+                         check=at_least(0), volatile=True, envvar="SFTSCOPE_JOB_INDEX")
+    num_jobs: int = opt(1, "Number of processes N sharing the job list.", check=at_least(1),
+                        volatile=True, envvar="SFTSCOPE_NUM_JOBS")
+    summarize_only: bool = opt(False, "Run no job: merge the finished jobs into summary.csv "
+                               "and position.csv.", volatile=True)
+    validate_suggest: bool = opt(False, "Also run suggest (on the training split) and report "
+                                 "where each proposal ranks among the swept masks.")
+    sft: str | None = opt(None, "An SFT model of the same base, for the pair method of "
+                          "--validate-suggest.")
+    suggest: dict[str, Any] = opt(help="suggest options for --validate-suggest.",
+                                  factory=dict, expand="suggest")
+    level: float = level_opt()
+    bootstrap: int = bootstrap_opt(2000)
+    boot_seed: int = opt(0, "Seed of the bootstrap.")
+    formats: tuple[str, ...] = formats_opt()
+
+    def check(self) -> None:
+        from sftscope.load.sources import check_model
+
+        if self.job_index >= self.num_jobs:
+            raise SftscopeError(f"--job-index {self.job_index} must be below --num-jobs "
+                                f"{self.num_jobs}")
+        seeds = self.seeds.replace(" ", "")
+        if not seeds or not all(p.lstrip("-").isdigit() for p in seeds.split(",")):
+            raise SftscopeError(f"--seeds {self.seeds!r}: give a count (3) or a comma list of "
+                                f"integers (0,5,7)")
+        if "," not in seeds and int(seeds) < 1:
+            raise SftscopeError(f"--seeds {self.seeds!r}: the count must be at least 1")
+        if not self.summarize_only:
+            missing = [n for n in ("model", "train", "task") if not getattr(self, n)]
+            if missing:
+                raise SftscopeError(f"missing --{missing[0]} (needed unless --summarize-only)")
+        if self.model:
+            check_model(self.model)
+        if self.sft:
+            check_model(self.sft, "SFT model")
+        if self.train:
+            check_data_source(self.train)
+        if self.task and ":" in self.task:
+            check_data_source(self.task.split(":", 1)[1])
+        from sftscope.config.core import check_fields
+
+        check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
+        check_fields(EvalConfig, self.evaluation, what="eval", exclude=SWEEP_EVAL_KEYS)
+        check_fields(SuggestConfig, self.suggest, what="suggest", exclude=SWEEP_SUGGEST_KEYS)
+        # masks must have K characters
+        for item in self.masks.split(","):
+            item = item.strip()
+            if item and item not in MASK_GROUPS and len(item) != self.segments:
+                raise SftscopeError(f"--masks {item!r} has {len(item)} characters but "
+                                    f"--segments is {self.segments}")
+
+
+# ----------------------------------------------------------------------------- demo, report
+
+DEMO_STEPS = ("analyze", "weights", "probe", "swap", "sweep", "report")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig(Config):
+    """Size and scope of the demo; ``quick`` is the reduced size the tests run."""
+
+    out: str = opt("sftscope-demo", "Folder for the pair, every run and report.html.",
+                   check=non_empty)
+    seed: int = opt(0, "Seed of the corpus, training and analyses.")
+    quick: bool = opt(False, "Reduced size (about a minute; what the tests run).")
+    family: str = opt("llama", "Architecture of the demo pair.", choices=("llama", "olmo2"))
+    force: bool = opt(False, "Retrain the pair even if a cached one exists.", volatile=True)
+    segments: int = segments_opt(5)
+    sweep_masks: str = opt("singles", "Masks of the small sweep: singles, paper, all, or a "
+                           "list such as 01000,11111.", check=mask_list)
+    sweep_seeds: int = opt(1, "Seeds per mask in the sweep.", check=at_least(1))
+    skip: tuple[str, ...] = opt((), "Steps to leave out, comma-separated: "
+                                + ", ".join(DEMO_STEPS) + ".", factory=tuple)
+
+    def check(self) -> None:
+        bad = [s for s in self.skip if s not in DEMO_STEPS]
+        if bad:
+            raise SftscopeError(f"--skip {bad[0]!r}: unknown step; steps are "
+                                f"{', '.join(DEMO_STEPS)}")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        if self.quick:
+            return {"n_pooled": 24, "n_token": 12, "n_probe": 12, "n_swap": 12,
+                    "tune_steps": 4, "n_train": 32, "eval_limit": 4, "new_tokens": 24}
+        return {"n_pooled": 200, "n_token": 100, "n_probe": 100, "n_swap": 100,
+                "tune_steps": 40, "n_train": 400, "eval_limit": 40, "new_tokens": 48}
+
+
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+def figure_formats(value: tuple[str, ...]) -> str | None:
+    bad = [f for f in value if f not in FIGURE_FORMATS]
+    if bad or not value:
+        return f"has unknown format {', '.join(bad) or '(none)'}; use png, pdf, svg"
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(Config):
+    """Everything ``report`` needs."""
+
+    runs: tuple[str, ...] = opt(help="Run folders written by sftscope commands (analyze, "
+                                "weights, probe, swap, eval, tune, suggest, sweep, demo); "
+                                "several runs are overlaid on relative-depth axes.",
+                                positional=True)
+    out: str | None = opt(None, "HTML file to write (default: report.html in the first RUN).")
+    figure_formats: tuple[str, ...] = opt(("png",), "Figure files to write, comma-separated: "
+                                          "png, pdf, svg (the HTML always embeds PNG).",
+                                          check=figure_formats, aliases=("formats",))
+    figures_dir: str | None = opt(None, "Folder for figures and the CSV behind each (default: "
+                                  "figures/ in the first RUN).")
+    title: str | None = opt(None, "Report title.")
+
+    def check(self) -> None:
+        import os
+
+        if not self.runs:
+            raise SftscopeError("give at least one run folder")
+        for r in self.runs:
+            p = os.path.expanduser(r)
+            if not os.path.isdir(p):
+                raise SftscopeError(f"run folder {r} does not exist" if not os.path.exists(p)
+                                    else f"{r} is a file; give run folders")
+        if self.out is not None and os.path.isdir(os.path.expanduser(self.out)):
+            raise SftscopeError(f"--out {self.out} is a folder; give the HTML file to write "
+                                f"(e.g. {os.path.join(self.out, 'report.html')})")
+
+
+COMMANDS: dict[str, type[Config]] = {
+    "analyze": AnalyzeConfig, "weights": WeightsConfig, "probe": ProbeConfig,
+    "swap": SwapConfig, "tune": TuneConfig, "eval": EvalConfig, "sweep": SweepConfig,
+    "suggest": SuggestConfig, "report": ReportConfig, "demo": DemoConfig,
+}
+
+
+def config_class(command: str) -> type[Config]:
+    """The config class of a command name."""
+    return COMMANDS[command]
+
+
+__all__ = [*(c.__name__ for c in COMMANDS.values()), "COMMANDS", "config_class"]

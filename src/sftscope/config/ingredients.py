@@ -1,0 +1,300 @@
+"""Config ingredients shared by the commands: each option is declared once, here.
+
+A command's config composes the ingredients it needs (``class AnalyzeConfig(PairModels,
+DataSpec, Runtime, Stats, Output)``); the CLI flag, its default, its help text and its checks
+come from the one declaration. Every ingredient's ``_check`` runs on construction (torch-free).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from sftscope.config.core import Config, at_least, in_range, non_empty, opt
+from sftscope.errors import SftscopeError
+
+# ----------------------------------------------------------------------------- value checks
+
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+TABLE_FORMATS = ("csv", "parquet", "json")
+PRESETS = ("default", "reference")
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu|npu)(:\d+)?)$")
+
+
+def device_name(value: str) -> str | None:
+    """A check: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (availability is checked once
+    torch is imported)."""
+    if _DEVICE.match(value):
+        return None
+    return f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
+
+
+def device_map_value(value: str) -> str | None:
+    """A check: an accelerate device-map strategy or a JSON file mapping modules to devices."""
+    if value in DEVICE_MAPS or value.endswith(".json"):
+        return None
+    return (f"{value!r} is not a device map; use {', '.join(DEVICE_MAPS)} or a .json file of "
+            f"module -> device")
+
+
+def table_formats(value: tuple[str, ...]) -> str | None:
+    """A check: a non-empty list of table formats."""
+    bad = [f for f in value if f not in TABLE_FORMATS]
+    if bad or not value:
+        return (f"has unknown format {', '.join(bad) or '(none)'}; use "
+                f"{', '.join(TABLE_FORMATS)}")
+    return None
+
+
+def template_text(value: str) -> str | None:
+    """A check: a format string over named record fields only."""
+    try:
+        check_template(value)
+    except SftscopeError as e:
+        return str(e)
+    return None
+
+
+def check_template(template: str) -> None:
+    """Refuse positional fields, unbalanced braces and unusable format specs (provisional)."""
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise SftscopeError(f"--template {template!r} is not a valid format string ({e}); "
+                            f"write fields as {{name}} and a literal brace as {{{{ or }}}}") from e
+    names = [f for _, f, _, _ in parts if f is not None]
+    if not names:
+        raise SftscopeError(f"--template {template!r} names no field; write e.g. "
+                            f"'Q: {{question}}'")
+    for f in names:
+        if f == "" or f.split(".")[0].split("[")[0].isdigit():
+            raise SftscopeError(f"--template {template!r} has a positional field {{{f}}}; "
+                                f"name the record field, e.g. {{question}}")
+
+
+def check_data_source(data: str) -> None:
+    """A local data file exists and is a file (provisional; registered names pass)."""
+    name, sep, rest = data.partition(":")
+    path = rest if sep and name.isidentifier() and len(name) > 1 else data
+    if not sep and "/" not in data and "." not in data:
+        return  # a registered name: checked when it is read
+    p = os.path.expanduser(path)
+    if not os.path.exists(p):
+        raise SftscopeError(f"data file {path} does not exist; check the path")
+    if os.path.isdir(p):
+        raise SftscopeError(f"data {path} is a folder; give a .jsonl, .csv, .parquet or .txt "
+                            f"file")
+
+
+# ----------------------------------------------------------------------------- shared fields
+# Each option used by several commands is declared by one function here: one name, one help,
+# one check (a command may pass another default where its work needs one).
+
+MODEL_HELP = "local folder or hub id"
+DATA_HELP = ("Data: a registered name (gsm8k, mmlu, wikitext, ifeval, humaneval, mt_bench, "
+             "toxigen; needs a reachable hub), NAME:FILE for that format on a local file "
+             "(gsm8k:test.jsonl), or a local .jsonl/.csv/.parquet/.txt file (with --text-field "
+             "or --template).")
+
+
+def base_opt(required: bool = True) -> Any:
+    return opt(dataclasses.MISSING if required else None, "Base model: " + MODEL_HELP + ".",
+               check=non_empty)
+
+
+def sft_opt(required: bool = True) -> Any:
+    return opt(dataclasses.MISSING if required else None,
+               "Fine-tuned (SFT) model of the same base: " + MODEL_HELP + ".", check=non_empty)
+
+
+def revision_opt(of: str) -> Any:
+    return opt(None, f"Hub revision (branch, tag or commit) of the {of}.")
+
+
+def tokenizer_opt(pair: bool) -> Any:
+    if pair:
+        return opt(None, "Tokenizer the models see: base, sft or a folder (default: the "
+                   "base's; the SFT's with --chat-template).")
+    return opt(None, "Tokenizer folder or hub id (default: the model's).")
+
+
+def limit_opt(default: int | None) -> Any:
+    """The sample count of every command (lm-eval's name; the old names are aliases)."""
+    return opt(default, "Number of samples: a seeded subsample of the data (all when unset).",
+               check=at_least(1), aliases=("n", "n_pooled", "n_samples"))
+
+
+def max_length_opt(default: int | None = 512) -> Any:
+    return opt(default, "Longest text in tokens (longer texts are truncated and counted).",
+               check=at_least(2))
+
+
+def batch_size_opt(default: int = 8) -> Any:
+    return opt(default, "Texts per forward pass.", check=at_least(1), volatile=True)
+
+
+def chat_template_opt() -> Any:
+    return opt(False, "Wrap prompts in the tokenizer's chat template.")
+
+
+def text_field_opt() -> Any:
+    return opt(None, "Field holding the text (generic files).")
+
+
+def split_opt(default: str | None = None) -> Any:
+    return opt(default, "Split of a hub dataset (default: the dataset's own).")
+
+
+def dtype_opt() -> Any:
+    return opt("auto", "Weights and activations: auto (bfloat16 on a bf16 GPU, else float32), "
+               "float32, bfloat16 or float16.", choices=DTYPE_NAMES)
+
+
+def device_opt() -> Any:
+    return opt("auto", "Device: auto (a GPU when one is visible, else cpu), cpu, cuda, cuda:N "
+               "or mps.", check=device_name, volatile=True)
+
+
+def segments_opt(default: int | None = 5) -> Any:
+    return opt(default, "Equal depth segments K (a mask has K characters, bottom segment "
+               "first).", check=at_least(1))
+
+
+def level_opt() -> Any:
+    return opt(0.95, "Confidence level of the intervals.",
+               check=in_range(0, 1, lo_open=True, hi_open=True))
+
+
+def bootstrap_opt(default: int = 1000) -> Any:
+    return opt(default, "Bootstrap resamples for the intervals (0 = none).", check=at_least(0),
+               aliases=("n_boot",))
+
+
+def formats_opt() -> Any:
+    return opt(("csv",), "Table formats, comma-separated: csv, parquet, json.",
+               check=table_formats, aliases=("format",), volatile=True)
+
+
+def out_opt(required: bool = True) -> Any:
+    return opt(dataclasses.MISSING if required else None,
+               "Run folder (created; run.json is written last and marks a finished run).",
+               check=non_empty, required=not required)
+
+
+def preset_opt() -> Any:
+    return opt("default", "default, or reference: the authors' research-code choices "
+               "(docs/metrics.md).", choices=PRESETS)
+
+
+# ----------------------------------------------------------------------------- ingredients
+
+
+def check_pair_sources(base: str | None, sft: str | None, allow_mixed: bool) -> None:
+    """Both models exist (or look like hub ids) and can be compared layer by layer."""
+    from sftscope.load.sources import check_model, check_pair
+
+    b = check_model(base, "base model") if base else None
+    s = check_model(sft, "SFT model") if sft else None
+    if b is not None and s is not None and b.kind == "folder" and s.kind == "folder":
+        check_pair(b.config, s.config, base or "base", sft or "sft", allow_mixed=allow_mixed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairModels(Config):
+    """A Base model and its fine-tuned version, compared layer by layer."""
+
+    base: str = base_opt()
+    sft: str = sft_opt()
+    base_revision: str | None = revision_opt("base model")
+    sft_revision: str | None = revision_opt("SFT model")
+    tokenizer: str | None = tokenizer_opt(pair=True)
+    allow_mixed_pair: bool = opt(False, "Allow a base and SFT model of different architectures "
+                                 "(equal depth and width): a deliberate cross-family comparison.")
+
+    def _check(self) -> None:
+        check_pair_sources(self.base, self.sft, self.allow_mixed_pair)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneModel(Config):
+    """One model (tuned, evaluated or probed)."""
+
+    model: str = opt(help="Model: " + MODEL_HELP + ".", check=non_empty)
+    revision: str | None = revision_opt("model")
+    tokenizer: str | None = tokenizer_opt(pair=False)
+
+    def _check(self) -> None:
+        from sftscope.load.sources import check_model
+
+        if self.model:
+            check_model(self.model)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec(Config):
+    """Which texts, how they are formatted, subsampled and tokenised."""
+
+    data: str = opt(help=DATA_HELP, check=non_empty)
+    split: str | None = split_opt()
+    text_field: str | None = text_field_opt()
+    template: str | None = opt(None, "Python format string over record fields, e.g. "
+                               "'Q: {question}\\nA: {answer}' (named fields only).",
+                               check=template_text)
+    chat_template: bool = chat_template_opt()
+    max_length: int = max_length_opt(512)
+    limit: int | None = limit_opt(None)
+    seed: int = opt(0, "Seed of the sample selection (and of the bootstrap).")
+    skip_bad_records: bool = opt(False, "Skip records with missing or empty fields (counted) "
+                                 "instead of refusing the data.")
+
+    def _check(self) -> None:
+        check_data_source(self.data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime(Config):
+    """Where and in what precision the models run."""
+
+    device: str = device_opt()
+    dtype: str = dtype_opt()
+    device_map: str | None = opt(None, "accelerate device map: auto shards a model larger than "
+                                 "one device over the visible GPUs (and CPU).",
+                                 check=device_map_value, volatile=True)
+    batch_size: int = batch_size_opt(8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stats(Config):
+    """Confidence intervals."""
+
+    level: float = level_opt()
+    bootstrap: int = bootstrap_opt(1000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Output(Config):
+    """The run folder and the table formats."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()  # file patterns a rerun replaces (set per command)
+
+    out: str = out_opt()
+    formats: tuple[str, ...] = formats_opt()
+    overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
+                          "settings.", volatile=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cache(Config):
+    """Captured states, cached and checkpointed."""
+
+    cache_dir: str | None = opt(None, "Where captured states are cached (default "
+                                "$SFTSCOPE_CACHE or ~/.cache/sftscope).", volatile=True)
+    checkpoint_every: float = opt(60.0, "Seconds between checkpoints of a capture in progress "
+                                  "(Ctrl-C also checkpoints).", check=at_least(1),
+                                  volatile=True)

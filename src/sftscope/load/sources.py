@@ -1,0 +1,185 @@
+"""What a model reference points at, checked without importing torch or transformers.
+
+The CLI calls these before any heavy import: a wrong path, a model that is not a causal LM, or a
+pair that cannot be compared layer by layer is refused in well under a second, with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftscope.errors import SftscopeError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Encoder-only families: they load through AutoModelForCausalLM only as a deliberate decoder.
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta",
+                 "deberta-v2", "camembert", "mpnet", "ernie", "modernbert", "esm", "vit", "clip",
+                 "big_bird", "longformer", "funnel", "layoutlm", "squeezebert", "mobilebert"}
+BLOCK_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def expand(spec: str) -> str:
+    return os.path.expanduser(str(spec))
+
+
+def is_local(spec: str) -> bool:
+    """True when ``spec`` names an existing path (a folder or a file)."""
+    return os.path.exists(expand(spec))
+
+
+def looks_like_path(spec: str) -> bool:
+    """Written as a path (``./x``, ``/x``, ``~/x``, ``x/y/z``, ``C:\\x``) rather than a hub id."""
+    s = str(spec)
+    return (s.startswith((".", "/", "~", "\\")) or s.count("/") > 1 or "\\" in s
+            or not _HUB_ID.match(s))
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of a model folder as a dict, with one clear error when it is unusable."""
+    path = Path(expand(str(folder))) / "config.json"
+    if not path.is_file():
+        raise SftscopeError(f"model folder {folder} has no config.json; point at a Hugging Face "
+                            f"model folder (save_pretrained output)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SftscopeError(f"{path} could not be read ({type(e).__name__}: {e}); "
+                            f"repair or re-save the model") from e
+    if not isinstance(cfg, dict):
+        raise SftscopeError(f"{path} is not a JSON object; repair or re-save the model")
+    return cfg
+
+
+def get_key(cfg: Any, keys: tuple[str, ...]) -> Any:
+    """The first of ``keys`` present in a config (a dict or a transformers config object)."""
+    for k in keys:
+        v = cfg.get(k) if isinstance(cfg, dict) else getattr(cfg, k, None)
+        if v is not None:
+            return v
+    text = cfg.get("text_config") if isinstance(cfg, dict) else getattr(cfg, "text_config", None)
+    if text is not None and text is not cfg:
+        return get_key(text, keys)
+    return None
+
+
+def model_class(cfg: dict[str, Any]) -> str:
+    """The class the checkpoint was saved from (or its model_type)."""
+    archs = cfg.get("architectures") or []
+    return str(archs[0]) if archs else f"model_type {cfg.get('model_type', '?')!r}"
+
+
+def check_causal(cfg: dict[str, Any], spec: str) -> None:
+    """Refuse a checkpoint that is not a decoder-only causal language model, naming its class."""
+    archs = [str(a) for a in (cfg.get("architectures") or [])]
+    mtype = str(cfg.get("model_type", ""))
+    if cfg.get("is_encoder_decoder"):
+        raise SftscopeError(f"{spec} is an encoder-decoder model ({model_class(cfg)}); sftscope "
+                            f"analyses decoder-only causal language models")
+    if archs and not any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
+        raise SftscopeError(f"{spec} is a {archs[0]}, not a causal language model "
+                            f"(*ForCausalLM); point at a decoder-only LM checkpoint")
+    if mtype in ENCODER_TYPES and not cfg.get("is_decoder"):
+        raise SftscopeError(f"{spec} is an encoder model ({model_class(cfg)}), not a causal "
+                            f"language model; point at a decoder-only LM checkpoint")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A checked model reference: a local folder (config read) or a hub id (checked later)."""
+
+    spec: str
+    kind: str  # "folder" | "hub"
+    path: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_blocks(self) -> int | None:
+        v = get_key(self.config, BLOCK_KEYS)
+        return int(v) if isinstance(v, int) else None
+
+
+def check_model(spec: str, what: str = "model") -> ModelSource:
+    """A model folder (with a causal-LM config.json) or something shaped like a hub id."""
+    spec = str(spec)
+    path = expand(spec)
+    if os.path.isdir(path):
+        cfg = read_config_json(path)
+        check_causal(cfg, spec)
+        return ModelSource(spec, "folder", path, cfg)
+    if os.path.exists(path):
+        raise SftscopeError(f"{what} {spec} is a file; give a model folder or a hub id")
+    if looks_like_path(spec):
+        raise SftscopeError(f"{what} folder {spec} does not exist; check the path")
+    return ModelSource(spec, "hub")
+
+
+def check_folder(spec: str, what: str) -> str:
+    """An existing local folder (e.g. an adapter), or one clear error."""
+    path = expand(spec)
+    if not os.path.exists(path):
+        raise SftscopeError(f"{what} {spec} does not exist; check the path")
+    if not os.path.isdir(path):
+        raise SftscopeError(f"{what} {spec} is a file; give a folder")
+    return path
+
+
+@dataclass
+class PairInfo:
+    """What was checked about a Base/SFT pair before any compute."""
+
+    n_blocks: int
+    hidden_size: int
+    model_type: str
+    vocab_base: int
+    vocab_sft: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def added_vocab(self) -> int:
+        return max(0, self.vocab_sft - self.vocab_base)
+
+
+def check_pair(base_cfg: Any, sft_cfg: Any, base: str = "base", sft: str = "sft", *,
+               allow_mixed: bool = False) -> PairInfo:
+    """Refuse pairs that cannot be compared layer by layer; report a larger SFT vocabulary.
+
+    Configs may be dicts (config.json) or transformers config objects.
+    """
+    def mtype(c: Any) -> str:
+        return str((c.get("model_type") if isinstance(c, dict) else getattr(c, "model_type", ""))
+                   or "")
+
+    lb, ls = get_key(base_cfg, BLOCK_KEYS), get_key(sft_cfg, BLOCK_KEYS)
+    db, ds = get_key(base_cfg, HIDDEN_KEYS), get_key(sft_cfg, HIDDEN_KEYS)
+    tb, ts = mtype(base_cfg), mtype(sft_cfg)
+    notes: list[str] = []
+    if tb != ts:
+        if not allow_mixed:
+            raise SftscopeError(
+                f"the pair does not match: {base} is a {tb or '?'} model, {sft} a {ts or '?'} "
+                f"model; compare a model with its own fine-tuned version (--allow-mixed-pair "
+                f"compares different architectures of equal depth and width on purpose)")
+        notes.append(f"model types differ: {tb} vs {ts} (--allow-mixed-pair)")
+    if lb is None or db is None:
+        raise SftscopeError(f"{base}: its config names no block count or hidden size")
+    if lb != ls:
+        raise SftscopeError(f"the pair does not match: {base} has {lb} blocks, {sft} has {ls}; "
+                            f"compare a model with its own fine-tuned version")
+    if db != ds:
+        raise SftscopeError(f"the pair does not match: hidden size {db} ({base}) vs {ds} ({sft})")
+    vb = get_key(base_cfg, ("vocab_size",))
+    vs = get_key(sft_cfg, ("vocab_size",))
+    vb, vs = int(vb or 0), int(vs or 0)
+    if vs > vb:
+        notes.append(f"SFT vocabulary has {vs - vb} added tokens ({vb} -> {vs})")
+    elif vs < vb:
+        raise SftscopeError(f"the SFT vocabulary ({vs}) is smaller than the base's ({vb}); "
+                            f"the pair does not share token ids")
+    return PairInfo(int(lb), int(db), tb, vb, vs, notes)

@@ -1,0 +1,158 @@
+"""Run folders: who owns a folder, when a run is finished, and what a rerun may replace.
+
+Protocol (every command that writes a run folder):
+
+1. ``check_out`` (torch-free, writes nothing) runs with the rest of the validation: ``--out``
+   must not be a file, must be writable, must not be another command's run folder, must not be
+   in use by a live process, and a *finished* run of the same command with other settings is
+   replaced only with ``--overwrite`` (the error names the first setting that differs).
+2. ``start_run`` (after validation) creates the folder, removes the previous run's ``run.json``
+   and output files of this command, and writes the marker ``.sftscope-run.json`` (status
+   ``running``, pid, host). A killed run leaves the marker without ``run.json``: it never looks
+   finished, and the same command restarts (or resumes, where the command can).
+3. ``run.json`` is written last (``finish_run``): its presence marks a finished run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sftscope.config.core import Config, changed
+from sftscope.errors import SftscopeError
+
+MARKER = ".sftscope-run.json"
+RUN_JSON = "run.json"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def folder_command(out: str | Path) -> str | None:
+    """The command whose run folder ``out`` is (from run.json or the marker), or None."""
+    out = Path(out)
+    for name in (RUN_JSON, MARKER):
+        rec = _read(out / name)
+        if rec and isinstance(rec.get("command"), str):
+            return rec["command"]
+    return None
+
+
+def _alive(rec: Mapping[str, Any]) -> bool:
+    pid = rec.get("pid")
+    if not isinstance(pid, int) or rec.get("host") != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _writable_dir(path: Path) -> Path:
+    """The nearest existing ancestor of ``path`` (to check that it can be created)."""
+    p = path
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    return p
+
+
+def check_out(out: str | Path, command: str, config: Config, *, overwrite: bool = False) -> None:
+    """Refuse an unusable ``--out`` before any work (see the module docstring)."""
+    settings = config.result_settings()
+    volatile = set(config.record()) - set(settings)
+    out = Path(os.path.expanduser(str(out)))
+    if out.exists() and not out.is_dir():
+        raise SftscopeError(f"--out {out} is a file; give a folder for the run")
+    anc = _writable_dir(out)
+    if anc.exists() and not anc.is_dir():
+        raise SftscopeError(f"--out {out}: {anc} is a file, so the folder cannot be made")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise SftscopeError(f"--out {out}: {anc} is not writable; choose another folder")
+    if not out.is_dir():
+        return
+    owner = folder_command(out)
+    if owner is not None and owner != command:
+        raise SftscopeError(f"--out {out} is a `{owner}` run folder; give `{command}` a folder "
+                            f"of its own (e.g. {out.parent / command})")
+    marker = _read(out / MARKER)
+    if marker and marker.get("status") == "running" and _alive(marker):
+        raise SftscopeError(f"--out {out} is in use by process {marker.get('pid')} (started "
+                            f"{marker.get('started', '?')}); wait for it or choose another --out")
+    done = _read(out / RUN_JSON)
+    if done is None or owner != command or overwrite:
+        return
+    old = done.get("config") if isinstance(done.get("config"), dict) else {}
+    skip = set(volatile) | {"out"}
+    diff = [k for k in changed({k: v for k, v in old.items() if k not in skip},
+                               {k: v for k, v in settings.items() if k not in skip})]
+    if diff:
+        k = diff[0]
+        raise SftscopeError(
+            f"--out {out} holds a finished `{command}` run made with other settings "
+            f"({k}: {old.get(k)!r} there, {settings.get(k)!r} now"
+            + (f"; {len(diff) - 1} more differ" if len(diff) > 1 else "")
+            + "); add --overwrite to replace it, or choose another --out")
+
+
+def start_run(out: str | Path, command: str, outputs: Iterable[str] = ()) -> Path:
+    """Create the run folder, clear the previous run of this command, write the marker."""
+    out = Path(os.path.expanduser(str(out)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for pattern in (RUN_JSON, *outputs):
+            for p in glob.glob(str(out / pattern)):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(p)
+        from sftscope.io import write_json
+
+        write_json(out / MARKER, {"command": command, "status": "running", "pid": os.getpid(),
+                                  "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except OSError as e:
+        raise disk_error(e, out) from e
+    return out
+
+
+def finish_run(out: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write ``run.json`` (last, atomically) and mark the run finished."""
+    from sftscope.io import write_json
+
+    out = Path(out)
+    path = write_json(out / RUN_JSON, record)
+    marker = _read(out / MARKER) or {}
+    marker.setdefault("command", record.get("command"))
+    marker.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    with contextlib.suppress(OSError):
+        write_json(out / MARKER, marker)
+    return path
+
+
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def disk_error(e: OSError, where: str | Path | None = None) -> SftscopeError:
+    """One line for a failed write: what, where, and what to do."""
+    what = DISK_ERRNOS.get(e.errno or -1, e.strerror or type(e).__name__)
+    path = e.filename or where
+    return SftscopeError(f"cannot write {path}: {what}; free space or choose another --out "
+                         f"(finished work is kept: run the same command again)")
