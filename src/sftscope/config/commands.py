@@ -19,6 +19,8 @@ from sftscope.config.ingredients import (
     PairModels,
     Runtime,
     Stats,
+    adapter_opt,
+    allow_mixed_opt,
     base_opt,
     batch_size_opt,
     bootstrap_opt,
@@ -38,6 +40,7 @@ from sftscope.config.ingredients import (
     sft_opt,
     split_opt,
     text_field_opt,
+    train_opt,
 )
 from sftscope.errors import SftscopeError
 
@@ -82,8 +85,8 @@ class AnalyzeConfig(PairModels, DataSpec, Runtime, Stats, Output, Cache):
                        "metrics: prompt entropy, sparsity, curvature.", check=at_least(0))
     bootstrap: int = bootstrap_opt(0)
     preset: str = preset_opt()
-    alpha: float = opt(1.0, "Order of the matrix alpha-entropy (1 = von Neumann).",
-                       check=at_least(0))
+    entropy_alpha: float = opt(1.0, "Order alpha of the matrix entropy (1 = von Neumann).",
+                               check=at_least(0))
     normalisation: str = opt("max", "Entropy normalisation: max = log min(rows, D), logN, "
                              "logD, raw.", choices=("max", "logN", "logD", "raw"))
     pooling: str = opt("mean", "One vector per sample: masked mean of its tokens, or its last "
@@ -103,9 +106,8 @@ class WeightsConfig(Output):
     base: str | None = opt(None, "Base checkpoint: local folder or hub id (optional with "
                            "--adapter: it adds the relative rows).")
     sft: str | None = opt(None, "Fine-tuned checkpoint: local folder or hub id.")
-    adapter: str | None = opt(None, "PEFT LoRA folder (adapter_config.json + "
-                              "adapter_model.safetensors), instead of --sft.")
-    allow_mixed_pair: bool = opt(False, "Allow checkpoints of different architectures.")
+    adapter: str | None = adapter_opt()
+    allow_mixed_pair: bool = allow_mixed_opt()
     low_rank: bool = opt(True, "Also measure how low-rank each module's change is (SVD); "
                          "--no-low-rank streams only.")
     top_k: int = opt(8, "Largest singular values reported per module (sv1..svK).",
@@ -204,8 +206,7 @@ class EvalConfig(OneModel, Runtime):
     formats: tuple[str, ...] = formats_opt()
     overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
                           "settings.", volatile=True)
-    adapter: str | None = opt(None, "LoRA adapter folder (RUN/adapter of a tune run, or the "
-                              "run folder).")
+    adapter: str | None = adapter_opt()
     split: str | None = split_opt()
     shots: int | None = opt(None, "Few-shot examples (default: gsm8k 5, mmlu 0).",
                             check=at_least(0), aliases=("num_fewshot",))
@@ -252,8 +253,7 @@ class TuneConfig(OneModel):
     128, loss on the whole text, and 0-shot / 64-token / 100-item evaluation.
     """
 
-    train: str = opt(help="Training data: gsm8k (hub), gsm8k:FILE (question/answer fields), "
-                     "or a .jsonl/.csv/.parquet/.txt file of text.", check=non_empty)
+    train: str = train_opt()
     out: str = out_opt()
     mask: str | None = opt(None, "Segments to adapt, bottom segment first, e.g. 01000 (the "
                            "second fifth). Or use --blocks.")
@@ -421,8 +421,7 @@ class SweepConfig(Config):
                    "position.csv, run.json.", check=non_empty)
     model: str | None = opt(None, "Base model to tune: local folder or hub id (optional with "
                             "--summarize-only).")
-    train: str | None = opt(None, "Training data: gsm8k, gsm8k:FILE, or a "
-                            ".jsonl/.csv/.parquet/.txt file.")
+    train: str | None = train_opt(required=False)
     task: str | None = opt(None, "Evaluation: gsm8k, gsm8k:FILE, mmlu:FILE or "
                            "perplexity:SOURCE.", check=task_spec, aliases=("eval",))
     segments: int = segments_opt(5)

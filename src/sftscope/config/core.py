@@ -260,7 +260,7 @@ class Config:
                     + did_you_mean(str(value), m["choices"]))
             if m["check"] is not None and (msg := m["check"](value)):
                 raise SftscopeError(f"{flag(f.name)} {msg}")
-        for klass in reversed(type(self).__mro__):  # each ingredient's own rules
+        for klass in type(self).__mro__:  # each ingredient's own rules, in base order
             own = klass.__dict__.get("_check")
             if own is not None:
                 own(self)
@@ -308,13 +308,15 @@ def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
             raise SftscopeError(f"{flag(origin[name])} and {flag(k)} name the same option"
                                 f"{where}; give one")
         kwargs[name], origin[name] = value, k
+    check_fields(cls, kwargs)  # what was given is checked before what is missing
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                and f.name not in kwargs]
     if missing:
         f0 = {f.name: f for f in dataclasses.fields(cls)}[missing[0]]
         what = meta(f0)["help"].split(".")[0]
-        raise SftscopeError(f"missing {flag(missing[0])}{where}" + (f" ({what})" if what else ""))
+        name = missing[0].upper() if meta(f0)["positional"] else flag(missing[0])
+        raise SftscopeError(f"missing {name}{where}" + (f" ({what})" if what else ""))
     return cls(**kwargs)
 
 

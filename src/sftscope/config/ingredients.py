@@ -124,6 +124,22 @@ def tokenizer_opt(pair: bool) -> Any:
     return opt(None, "Tokenizer folder or hub id (default: the model's).")
 
 
+def adapter_opt() -> Any:
+    return opt(None, "PEFT LoRA adapter folder (RUN/adapter of a tune run, or the tune run "
+               "folder itself).")
+
+
+def train_opt(required: bool = True) -> Any:
+    return opt(dataclasses.MISSING if required else None,
+               "Training data: gsm8k (hub), gsm8k:FILE (question/answer fields), or a "
+               ".jsonl/.csv/.parquet/.txt file of text.", check=non_empty)
+
+
+def allow_mixed_opt() -> Any:
+    return opt(False, "Allow a base and SFT model of different architectures (equal depth and "
+               "width): a deliberate cross-family comparison.")
+
+
 def limit_opt(default: int | None) -> Any:
     """The sample count of every command (lm-eval's name; the old names are aliases)."""
     return opt(default, "Number of samples: a seeded subsample of the data (all when unset).",
@@ -214,8 +230,7 @@ class PairModels(Config):
     base_revision: str | None = revision_opt("base model")
     sft_revision: str | None = revision_opt("SFT model")
     tokenizer: str | None = tokenizer_opt(pair=True)
-    allow_mixed_pair: bool = opt(False, "Allow a base and SFT model of different architectures "
-                                 "(equal depth and width): a deliberate cross-family comparison.")
+    allow_mixed_pair: bool = allow_mixed_opt()
 
     def _check(self) -> None:
         check_pair_sources(self.base, self.sft, self.allow_mixed_pair)

@@ -46,7 +46,7 @@ def default_cache_dir() -> Path:
 
 
 def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
-    return M.get_options(cfg.preset, alpha=cfg.alpha, normalisation=cfg.normalisation,
+    return M.get_options(cfg.preset, alpha=cfg.entropy_alpha, normalisation=cfg.normalisation,
                          pooling=cfg.pooling, cka_unbiased=cfg.cka_unbiased)
 
 
