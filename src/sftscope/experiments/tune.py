@@ -40,8 +40,7 @@ from sftscope.experiments.evaluate import EvalResult
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks
 from sftscope.load.runtime import pad_id
-from sftscope.progress import enabled as progress_enabled
-from sftscope.progress import say
+from sftscope.progress import say, trainer_callback
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
 
 REFERENCE_ALPHA = 128.0
@@ -742,7 +741,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         bf16=dtype == "bfloat16", fp16=dtype == "float16", logging_steps=cfg.logging_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        report_to=reporters, disable_tqdm=not progress_enabled(), seed=cfg.seed,
+        report_to=reporters, disable_tqdm=True, seed=cfg.seed,
         data_seed=cfg.seed, remove_unused_columns=False, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False, activation_checkpointing=False,
@@ -755,7 +754,12 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
                       data_collator=PadCollator(pad_id(tok)),
-                      callbacks=[finite_loss_callback(), *(callbacks or [])])
+                      callbacks=[finite_loss_callback(), trainer_callback("train"),
+                                 *(callbacks or [])])
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):  # raw log dicts and tqdm: we report instead
+        trainer.remove_callback(cb)
     with timer("train"):
         output = trainer.train(resume_from_checkpoint=last)
     if output.training_loss is not None and not math.isfinite(output.training_loss):

@@ -97,8 +97,11 @@ def load_model(spec: str, opts: LoadOptions | None = None):
         kwargs["attn_implementation"] = opts.attn_implementation
     if opts.device_map:
         kwargs["device_map"] = opts.device_map
+    from sftscope.progress import quiet_libraries
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        with quiet_libraries():
+            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         if is_local(spec):
             raise SftscopeError(f"{spec}: the model could not be loaded "
