@@ -21,8 +21,8 @@ import torch
 os.environ.setdefault("SFTSCOPE_NO_PROGRESS", "1")
 
 from sftscope.experiments.evaluate import generate  # noqa: E402
-from sftscope.experiments.tasks import gsm8k_prompt  # noqa: E402
 from sftscope.load.tiny import build_tiny_model, train_tokenizer  # noqa: E402
+from sftscope.tasks.gsm8k import prompt as gsm8k_prompt  # noqa: E402
 
 
 def prompts(n: int, shots: int, seed: int = 0) -> list[str]:

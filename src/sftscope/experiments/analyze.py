@@ -82,16 +82,11 @@ def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[st
     """Load, subsample and tokenize the data; notes say what was truncated or short."""
     if cfg.n_pooled < 1 or cfg.n_token < 0:
         raise SftscopeError("--n-pooled must be >= 1 and --n-token >= 0")
-    samples = D.load_samples(cfg.data, text_field=cfg.text_field, template=cfg.template,
-                             n=cfg.n_pooled, seed=cfg.seed, split=cfg.split)
-    tok = D.tokenize(samples, tokenizer, cfg.max_length, chat_template=cfg.chat_template)
-    notes = []
-    if len(samples) < cfg.n_pooled:
-        notes.append(f"data has {len(samples)} samples, fewer than --n-pooled {cfg.n_pooled}")
-    if tok.n_truncated:
-        notes.append(f"{tok.n_truncated} of {len(tok)} texts were longer than --max-length "
-                     f"{cfg.max_length} tokens and were truncated")
-    return tok, notes
+    prep = D.prepare(cfg.data, tokenizer, text_field=cfg.text_field, template=cfg.template,
+                     split=cfg.split, n=cfg.n_pooled, seed=cfg.seed, max_length=cfg.max_length,
+                     chat_template=cfg.chat_template,
+                     skip_bad=bool(getattr(cfg, "skip_bad", False)))
+    return prep.tokens, prep.notes
 
 
 def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,
