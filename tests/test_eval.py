@@ -400,3 +400,81 @@ def test_cli_bad_inputs_exit_2(model_dir, gsm8k_file, tmp_path, capsys):
         lines = cap.err.strip().splitlines()
         assert lines[-1].startswith("sftscope: error:") and msg in lines[-1], (args, cap.err)
         assert "Traceback" not in cap.err
+
+
+# ------------------------------------------------------------------ re-scoring saved completions
+
+def _write_lines(path, lines):
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def test_rescore_needs_no_model(tmp_path, monkeypatch):
+    import sftscope.load.models as LM
+
+    def no(*a, **k):
+        raise AssertionError("re-scoring loaded a model or tokenizer")
+
+    monkeypatch.setattr(LM, "load_model", no)
+    monkeypatch.setattr(LM, "load_tokenizer", no)
+    src = _write_lines(tmp_path / "saved.jsonl", [
+        {"completion": " 3 * 6 = 18\n#### 18\n\nQuestion: next?\n#### 5", "answer": "#### 18"},
+        {"completion": " It is 72.0</s>#### 72", "answer": "so\n#### 72", "question": "Q2"},
+        {"completion": "", "answer": "#### 1"},
+    ])
+    out = tmp_path / "run"
+    res = E.evaluate(E.EvalConfig(task="gsm8k", rescore=str(src), out=str(out)))
+    preds = _records(out / "predictions-gsm8k.jsonl")
+    assert [p["index"] for p in preds] == [0, 1, 2]
+    assert [p["completion"] for p in preds] == [" 3 * 6 = 18\n#### 18\n\n", " It is 72.0", ""]
+    assert [(p["strict_match"], p["flexible_extract"], p["numeric_match"]) for p in preds] == \
+        [(True, True, True), (False, False, True), (False, False, False)]
+    assert preds[1]["question"] == "Q2" and preds[2]["flexible_extracted"] == "[invalid]"
+    assert res.score("flexible_extract").value == pytest.approx(1 / 3)
+    assert res.score("numeric_match").value == pytest.approx(2 / 3)
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["command"] == "eval" and rec["rescored_from"] == str(src)
+    assert rec["result"]["n"] == 3
+    assert (out / "scores.csv").read_text().splitlines()[1].startswith("gsm8k,strict_match,")
+    with pytest.raises(SftscopeError, match="needs --model"):
+        E.evaluate(E.EvalConfig(task="gsm8k", data=str(src)))
+
+
+def test_rescore_own_predictions_round_trip(tokenizer, gsm8k_file, tmp_path):
+    recs = _records(gsm8k_file)
+    mixed = {r["question"]: (f" {r['answer']}" if i % 2 else f" It is {i}.0")
+             for i, r in enumerate(recs)}
+    first = E.evaluate_model(_oracle(tokenizer, mixed), tokenizer, E.EvalConfig(
+        model="oracle", data=str(gsm8k_file), out=str(tmp_path / "a"), shots=0, batch_size=4,
+        max_new_tokens=48))
+    again = E.rescore(E.EvalConfig(task="gsm8k", rescore=first.predictions_path,
+                                   out=str(tmp_path / "b")))
+    assert again.table().equals(first.table())
+    assert _records(again.predictions_path) == _records(first.predictions_path)
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("{not json", "line 2: not valid JSON"),
+    ("[1, 2]", "line 2: is not a JSON object"),
+    ({"answer": "#### 1"}, "line 2: needs 'completion'"),
+    ({"completion": 5, "answer": "#### 1"}, "line 2: needs 'completion', the generated text "
+                                            "(a string, got int)"),
+    ({"completion": "1"}, "line 2: lacks field 'answer'"),
+    ({"completion": "1", "answer": None}, "line 2: field 'answer' is null"),
+])
+def test_rescore_bad_lines_name_their_number(tmp_path, line, msg):
+    src = _write_lines(tmp_path / "s.jsonl", [{"completion": "1", "answer": "#### 1"}, line])
+    with pytest.raises(SftscopeError, match=re.escape(msg)):
+        E.rescore(E.EvalConfig(task="gsm8k", rescore=str(src)))
+
+
+def test_rescore_refusals(tmp_path):
+    with pytest.raises(SftscopeError, match="does not generate"):
+        E.rescore(E.EvalConfig(task="mmlu", rescore=str(tmp_path / "x.jsonl")))
+    with pytest.raises(SftscopeError, match="does not exist"):
+        E.rescore(E.EvalConfig(task="gsm8k", rescore=str(tmp_path / "x.jsonl")))
+    with pytest.raises(SftscopeError, match="did you mean gsm8k"):
+        E.rescore(E.EvalConfig(task="gsm8", rescore=str(tmp_path / "x.jsonl")))
+    empty = _write_lines(tmp_path / "e.jsonl", [])
+    with pytest.raises(SftscopeError, match="no line to score"):
+        E.rescore(E.EvalConfig(task="gsm8k", rescore=str(empty)))

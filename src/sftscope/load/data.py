@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftscope.errors import SftscopeError
-from sftscope.tasks import LETTERS, get_task
+from sftscope.tasks import LETTERS, get_task, task_names
 from sftscope.tasks.base import is_missing, text_problem
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["LETTERS", "REGISTRY", "Batch", "DatasetSpec", "Prepared", "RecordSet", "Sample",
            "TokenizedSet", "chat_prompt", "check_source", "check_template", "iter_batches",
            "load_records", "load_samples", "pad_batch", "parse_source", "prepare",
-           "read_records", "read_samples", "render", "tokenize"]
+           "read_records", "read_samples", "render", "spec_of", "tokenize"]
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 KNOWN_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet") + TEXT_SUFFIXES
@@ -71,7 +71,9 @@ def _task_format(name: str) -> Formatter:
         problem = task.problem(r)
         if problem:
             raise BadRecord(problem)
-        assert task.analysis_sample is not None
+        if task.analysis_sample is None:
+            raise SftscopeError(f"the {name} format has no analysis text; give --text-field "
+                                f"or --template")
         s = task.analysis_sample(r)
         return Sample(s.text, s.prompt, s.answer, dict(s.meta))
     return fmt
@@ -266,11 +268,22 @@ def read_hub(spec: DatasetSpec, split: str | None = None) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+def spec_of(name: str) -> DatasetSpec | None:
+    """The registered dataset called ``name``: one of ``REGISTRY`` or any task with hub data
+    (a task added as one file is a data format too)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name in task_names() and get_task(name).hub is not None:
+        return _task_spec(name)
+    return None
+
+
 def parse_source(source: str) -> tuple[DatasetSpec | None, Path | None]:
     """Split a data source into (registered format, local path)."""
     name, _, rest = source.partition(":")
-    if name in REGISTRY:
-        return REGISTRY[name], (Path(rest).expanduser() if rest else None)
+    spec = spec_of(name)
+    if spec is not None:
+        return spec, (Path(rest).expanduser() if rest else None)
     return None, Path(source).expanduser()
 
 

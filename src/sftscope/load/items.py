@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sftscope.errors import SftscopeError
-from sftscope.load.data import REGISTRY, RecordSet, check_source, load_records, parse_source
+from sftscope.load.data import RecordSet, check_source, load_records, parse_source, spec_of
 from sftscope.tasks import FEWSHOT_SEED, Task, get_task
 from sftscope.tasks.base import pick_shots, text_problem
 
@@ -40,7 +40,7 @@ def task_source(task: str, data: str | None) -> str:
     if not t.has_items:
         return data
     name, sep, _ = data.partition(":")
-    if sep and name in REGISTRY:
+    if sep and spec_of(name) is not None:
         if name != t.name:
             raise SftscopeError(f"--data {data} is in {name} format but the task is {t.name}; "
                                 f"use --task {name} or give {t.name}:PATH")
