@@ -100,12 +100,6 @@ class Task:
         """Whether the task scores records with answers (not plain text)."""
         return self.kind != "loss"
 
-    def validate(self, record: Any, where: str) -> None:
-        """Refuse a record that is not an object, lacks a field or has a bad value."""
-        problem = self.problem(record)
-        if problem:
-            raise SftscopeError(f"{where}: {problem}")
-
     def problem(self, record: Any) -> str | None:
         """What is wrong with a record for this task (None: nothing)."""
         if not isinstance(record, dict):

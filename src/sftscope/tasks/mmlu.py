@@ -124,11 +124,14 @@ def analysis_sample(record: dict) -> AnalysisSample:
     letter = LETTERS[gold_index(record)]
     return AnalysisSample(block(record), f" {letter}",
                           {"letter": letter, "n_choices": len(choices_of(record)),
-                           "subject": record.get("subject") or ""})
+                           "subject": "" if is_missing(record.get("subject"))
+                           else str(record["subject"])})
 
 
 def describe(record: dict) -> dict[str, Any]:
-    return {"question": record.get("question"), "subject": record.get("subject") or ""}
+    subject = record.get("subject")
+    return {"question": record.get("question"),
+            "subject": "" if is_missing(subject) else str(subject)}
 
 
 def item_values(row: dict) -> dict[str, float | None]:
