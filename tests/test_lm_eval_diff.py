@@ -296,3 +296,50 @@ def test_mmlu_encoding_and_loglik_agree_with_hflm(mmlu_setup):
     ours = [v for row in E.choice_logprobs(model, tok, contexts, conts, batch_size=3)
             for v in row]
     assert ours == pytest.approx(theirs, abs=1e-4)
+    # several-token continuations, and a context ending in whitespace (the other path)
+    ctx2 = [contexts[0], contexts[1] + "\n"]
+    conts2 = [[" none of these", " 1 and 1"], [" A", "B. two"]]
+    assert any(len(encode_pair(tok, c, x)[1]) > 1 for c, xs in zip(ctx2, conts2) for x in xs)
+    reqs = [Instance("loglikelihood", {}, (c, x), j) for c, xs in zip(ctx2, conts2)
+            for j, x in enumerate(xs)]
+    theirs = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
+    ours = [v for row in E.choice_logprobs(model, tok, ctx2, conts2, batch_size=2) for v in row]
+    assert ours == pytest.approx(theirs, abs=1e-4)
+    # a model with a short context: both left-truncate the same way (and we count it)
+    short = save_tiny_model(root / "short", "llama", tokenizer=tok, max_positions=24)
+    lm = HFLM(pretrained=str(short), device="cpu", batch_size=2)
+    assert lm.max_length == 24
+    model = load_model(str(short))
+    for cs in (conts[:2], conts2):
+        reqs = [Instance("loglikelihood", {}, (c, x), j) for c, xs in zip(ctx2, cs)
+                for j, x in enumerate(xs)]
+        theirs = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
+        got, n_cut = E.choice_scores(model, tok, ctx2, cs, batch_size=2)
+        assert [v for row in got for v in row] == pytest.approx(theirs, abs=1e-4)
+        assert n_cut == 2
+
+
+@pytest.mark.slow
+def test_gsm8k_generation_agrees_with_hflm(model_dir, tmp_path):
+    """Greedy completions of 5-shot prompts: HFLM.generate_until (the yaml's stop strings and
+    EOS, 32 tokens) and our generate + stops give the same text on a tiny random model."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from sftscope.load.models import load_model, load_tokenizer
+
+    folder = model_dir("llama")
+    tok = load_tokenizer(str(folder))
+    cfg = _yaml(TASKS_DIR / "gsm8k" / "gsm8k.yaml")
+    task = _task(cfg, {"train": _gsm_docs("train", 12), "test": _gsm_docs("test", 4)})
+    task.set_fewshot_seed(1234)
+    prompts = [task.fewshot_context(d, 5) for d in task.test_docs()]
+    gen_kwargs = {**cfg["generation_kwargs"], "max_gen_toks": 32}
+    lm = HFLM(pretrained=str(folder), device="cpu", batch_size=1)
+    theirs = lm.generate_until([Instance("generate_until", {}, (p, dict(gen_kwargs)), 0)
+                                for p in prompts], disable_tqdm=True)
+    model = load_model(str(folder))
+    stops = G.STOPS + (E.eos_text(tok),)
+    ours = E.generate(model, tok, prompts, max_new_tokens=32, batch_size=1, stops=stops)
+    assert [g.completion for g in ours] == theirs
+    assert any(g.new_tokens > 3 for g in ours)
