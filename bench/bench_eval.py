@@ -21,8 +21,9 @@ import torch
 os.environ.setdefault("SFTSCOPE_NO_PROGRESS", "1")
 
 from sftscope.experiments.evaluate import generate  # noqa: E402
-from sftscope.experiments.tasks import gsm8k_prompt  # noqa: E402
 from sftscope.load.tiny import build_tiny_model, train_tokenizer  # noqa: E402
+from sftscope.tasks.gsm8k import STOPS  # noqa: E402
+from sftscope.tasks.gsm8k import prompt as gsm8k_prompt  # noqa: E402
 
 
 def prompts(n: int, shots: int, seed: int = 0) -> list[str]:
@@ -57,14 +58,14 @@ def main() -> None:
     print(f"llama, {a.layers} blocks, hidden {a.hidden}; {a.n} prompts of {min(lens)}-"
           f"{max(lens)} tokens, {a.new} new tokens max, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}")
-    generate(model, tok, ps[:2], max_new_tokens=4, batch_size=2)  # warm-up
+    generate(model, tok, ps[:2], max_new_tokens=4, batch_size=2, stops=STOPS)  # warm-up
     ref = None
     print(f"{'batch':>6} {'seconds':>8} {'new tokens':>10} {'tokens/s':>9} {'cpu s':>7} "
           f"{'speed-up':>8}  same as one-by-one")
     base = None
     for bs in [int(b) for b in a.batches.split(",")]:
         t0, c0 = time.perf_counter(), time.process_time()
-        gens = generate(model, tok, ps, max_new_tokens=a.new, batch_size=bs)
+        gens = generate(model, tok, ps, max_new_tokens=a.new, batch_size=bs, stops=STOPS)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         n_new = sum(g.new_tokens for g in gens)
         rate = n_new / secs

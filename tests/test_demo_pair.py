@@ -16,8 +16,8 @@ from sftscope.demo.corpus import (
     write_corpus,
 )
 from sftscope.errors import SftscopeError
-from sftscope.experiments.tasks import extract_flexible, extract_strict
 from sftscope.io import file_sha256
+from sftscope.tasks.gsm8k import extract_flexible, extract_strict
 
 EQ = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPS = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}

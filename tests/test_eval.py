@@ -12,8 +12,11 @@ import torch
 
 from sftscope.errors import SftscopeError
 from sftscope.experiments import evaluate as E
-from sftscope.experiments import tasks as T
+from sftscope.load import items as I
 from sftscope.load.models import load_model
+from sftscope.tasks import gsm8k as G
+from sftscope.tasks import mmlu as M
+from sftscope.tasks.base import trim_at_stop
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,69 +29,74 @@ def _one_thread():
 
 # ------------------------------------------------------------------ extraction
 
+# lm-eval-exact: ``72.0`` is not ``72`` and ``-3`` needs its sign; the old Decimal matching
+# survives only as ``numeric_match``.
 @pytest.mark.parametrize("completion,strict,flexible", [
     (" He has 3 + 4 = 7 apples.\n#### 7", "7", "7"),
     (" So 1,000 + 234 = 1,234.\n#### 1,234", "1234", "1234"),
-    (" It costs $5.\n#### $5", "5", "5"),
+    (" It costs $5.\n#### $5", None, "5"),
     (" The change is -3 degrees.\n#### -3", "-3", "-3"),
-    (" She pays $-2.50 then.", None, "-2.5"),
-    (" Total 72.0 dollars\n#### 72.00", "72", "72"),
+    (" She pays $-2.50 then.", None, "-2.50"),
+    (" Total 72.0 dollars\n#### 72.00", "72.00", "72.00"),
     (" 3 apples and 4 pears make 7 fruits.", None, "7"),
     (" I do not know.", None, None),
     (" #### 12\nThen 5 more: 17", "12", "17"),
     (" The answer is 18.", None, "18"),
 ])
 def test_extraction(completion, strict, flexible):
-    assert T.extract_strict(completion) == strict
-    assert T.extract_flexible(completion) == flexible
+    assert G.extract_strict(completion) == strict
+    assert G.extract_flexible(completion) == flexible
 
 
 def test_normalize_and_score():
-    assert T.normalize_number("72.0") == T.normalize_number("72") == "72"
-    assert T.normalize_number("$1,234.50") == "1234.5"
-    assert T.normalize_number("-0") == "0"
-    assert T.gsm8k_target("Step.\n#### 1,080") == "1080"
-    s = T.score_gsm8k(" 5 + 2 = 7\n#### 7.0", "7")
-    assert s == {"strict": "7", "flexible": "7", "strict_correct": True,
-                 "flexible_correct": True}
-    assert T.score_gsm8k(" it is 7", "7")["strict_correct"] is False
-    assert T.score_gsm8k(" nothing", None)["flexible_correct"] is False
-    assert T.trim_at_stop(" 7\n\nQuestion: next") == " 7\n\n"
+    assert G.gold("Step.\n#### 1,080") == "1080"
+    s = G.score(" 5 + 2 = 7\n#### 7.0", {"answer": "so\n#### 7"})
+    assert s["target"] == "7" and s["strict_extracted"] == "7.0"
+    assert s["strict_match"] is False and s["flexible_extract"] is False  # lm-eval: 7.0 != 7
+    assert s["numeric_match"] is True
+    s = G.score(" 5 + 2 = 7\n#### 7", {"answer": "#### 7"})
+    assert s["strict_match"] and s["flexible_extract"] and s["numeric_match"]
+    s = G.score(" it is 7", {"answer": "#### 7"})
+    assert s["strict_extracted"] == "[invalid]" and s["strict_match"] is False
+    assert s["flexible_extract"] is True
+    assert G.score(" nothing", {"answer": "#### 7"})["flexible_extracted"] == "[invalid]"
+    assert trim_at_stop(" 7\n\nQuestion: next", G.STOPS) == " 7\n\n"
+    assert trim_at_stop(" 7</s>junk<|im_end|>", G.STOPS) == " 7"
 
 
 # ------------------------------------------------------------------ prompts and shots
 
 def test_gsm8k_prompt_and_shots(gsm8k_file):
-    items = T.load_task_items("gsm8k", str(gsm8k_file), shots=3, limit=5)
+    items = I.load_task_items("gsm8k", str(gsm8k_file), shots=3, limit=5)
     assert len(items.records) == 5 and len(items.shots) == 5
     for r, shots in zip(items.records, items.shots):
         assert len(shots) == 3 and r not in shots  # same file: the item itself is excluded
-    again = T.load_task_items("gsm8k", f"gsm8k:{gsm8k_file}", shots=3, limit=5)
+    again = I.load_task_items("gsm8k", f"gsm8k:{gsm8k_file}", shots=3, limit=5)
     assert again.shots == items.shots  # seeded (1234)
-    other = T.load_task_items("gsm8k", str(gsm8k_file), shots=3, limit=5, fewshot_seed=7)
+    other = I.load_task_items("gsm8k", str(gsm8k_file), shots=3, limit=5, fewshot_seed=7)
     assert other.shots != items.shots
-    p = T.gsm8k_prompt(items.records[0], items.shots[0])
+    p = G.prompt(items.records[0], items.shots[0])
     s0 = items.shots[0][0]
     assert p.startswith(f"Question: {s0['question']}\nAnswer: {s0['answer']}\n\nQuestion: ")
     assert p.endswith(f"\n\nQuestion: {items.records[0]['question']}\nAnswer:")
     assert p.count("\n\n") == 3
-    pool = T.load_task_items("gsm8k", str(gsm8k_file), shots=2, fewshot_data=str(gsm8k_file))
+    pool = I.load_task_items("gsm8k", str(gsm8k_file), shots=2, fewshot_data=str(gsm8k_file))
     assert pool.shot_source == f"gsm8k:{gsm8k_file}"
     with pytest.raises(SftscopeError, match="shot records"):
-        T.load_task_items("gsm8k", str(gsm8k_file), shots=8)
+        I.load_task_items("gsm8k", str(gsm8k_file), shots=8)
 
 
 def test_task_source_errors(tmp_path):
     with pytest.raises(SftscopeError, match="unknown task"):
-        T.task_source("hellaswag", None)
+        I.task_source("hellaswag", None)
     with pytest.raises(SftscopeError, match="mmlu format"):
-        T.task_source("gsm8k", "mmlu:x.jsonl")
+        I.task_source("gsm8k", "mmlu:x.jsonl")
     with pytest.raises(SftscopeError, match="does not exist"):
-        T.load_task_items("gsm8k", str(tmp_path / "missing.jsonl"))
+        I.load_task_items("gsm8k", str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"q": 1}) + "\n")
     with pytest.raises(SftscopeError, match="lacks field"):
-        T.load_task_items("gsm8k", str(bad))
+        I.load_task_items("gsm8k", str(bad))
 
 
 # ------------------------------------------------------------------ an oracle model
@@ -161,18 +169,19 @@ def test_gsm8k_oracle_scores_one(tokenizer, gsm8k_file, tmp_path):
                        shots=2, batch_size=3, max_new_tokens=64)
     res = E.evaluate_model(model, tokenizer, cfg)
     assert res.n == len(recs)
-    for metric in ("exact_match_strict", "exact_match_flexible"):
+    for metric in ("strict_match", "flexible_extract", "numeric_match"):
         s = res.score(metric)
         assert s.value == 1.0 and s.n == len(recs)
         assert 0.6 < s.ci_low < 1.0 and s.ci_high == 1.0  # Wilson, n = 8
     preds = _records(res.predictions_path)
     assert [p["completion"] for p in preds] == [f" {r['answer']}\n\n" for r in recs]
-    assert all(p["strict"] == p["target"] for p in preds)
+    assert all(p["strict_match"] and p["flexible_extract"] for p in preds)
+    assert all(p["answer"] == r["answer"] for p, r in zip(preds, recs))
     assert len(set(model.seen_widths)) > 1  # left-padded batches of different widths
     table = json.loads(json.dumps(res.table().to_dict("records")))
-    assert {r["metric"] for r in table} == {"exact_match_strict", "exact_match_flexible"}
+    assert [r["metric"] for r in table] == ["strict_match", "flexible_extract", "numeric_match"]
     csv = (tmp_path / "scores.csv").read_text().splitlines()
-    assert csv[0] == "task,metric,value,ci_low,ci_high,n" and len(csv) == 3
+    assert csv[0] == "task,metric,value,ci_low,ci_high,n" and len(csv) == 4
 
 
 def test_gsm8k_oracle_wrong_and_flexible_only(tokenizer, gsm8k_file):
@@ -180,13 +189,13 @@ def test_gsm8k_oracle_wrong_and_flexible_only(tokenizer, gsm8k_file):
     wrong = {r["question"]: " It is 1000.\n#### 1000" for r in recs}
     res = E.evaluate_model(_oracle(tokenizer, wrong), tokenizer, E.EvalConfig(
         model="oracle", data=str(gsm8k_file), shots=0, batch_size=4, max_new_tokens=32))
-    assert res.score("exact_match_strict").value == 0.0
-    assert res.score("exact_match_flexible").value == 0.0
-    loose = {r["question"]: f" The answer is {T.gsm8k_target(r['answer'])}." for r in recs}
+    assert res.score("strict_match").value == 0.0
+    assert res.score("flexible_extract").value == 0.0
+    loose = {r["question"]: f" The answer is {G.gold(r['answer'])}." for r in recs}
     res = E.evaluate_model(_oracle(tokenizer, loose), tokenizer, E.EvalConfig(
         model="oracle", data=str(gsm8k_file), shots=0, batch_size=8, max_new_tokens=32))
-    assert res.score("exact_match_strict").value == 0.0
-    assert res.score("exact_match_flexible").value == 1.0
+    assert res.score("strict_match").value == 0.0
+    assert res.score("flexible_extract").value == 1.0
 
 
 def test_generate_batched_matches_one_by_one(model_dir, tokenizer):
@@ -254,7 +263,7 @@ def test_mmlu_loglik_on_stubs(tokenizer, mmlu_file, tmp_path):
     preds = _records(tmp_path / "predictions-mmlu.jsonl")
     assert preds[0]["target"] == "B" and preds[0]["prediction"] == "B"
     assert set(preds[0]["logprobs"]) == set("ABCD")
-    prompt = T.mmlu_prompt(recs[0], [recs[1]])
+    prompt = M.prompt(recs[0], [recs[1]])
     assert prompt.startswith("The following are multiple choice questions (with answers) "
                              "about arithmetic.\n\nWhich number is four?\nA. one\n")
     assert "Answer: D\n\nWhich number is two?" in prompt and prompt.endswith("D. four\nAnswer:")
@@ -353,7 +362,7 @@ def test_cli_eval_writes_files(model_dir, gsm8k_file, tmp_path, capsys):
                       str(gsm8k_file), "--shots", "1", "--limit", "3", "--max-new-tokens", "4",
                       "--out", str(out), "--device", "cpu"], capsys)
     assert code == 0, cap.err
-    assert "exact_match_flexible" in cap.out
+    assert "flexible_extract" in cap.out
     rec = json.loads((out / "run.json").read_text())
     assert rec["command"] == "eval" and rec["result"]["n"] == 3 and rec["n_blocks"] == 4
     assert len((out / "predictions-gsm8k.jsonl").read_text().splitlines()) == 3
@@ -391,3 +400,81 @@ def test_cli_bad_inputs_exit_2(model_dir, gsm8k_file, tmp_path, capsys):
         lines = cap.err.strip().splitlines()
         assert lines[-1].startswith("sftscope: error:") and msg in lines[-1], (args, cap.err)
         assert "Traceback" not in cap.err
+
+
+# ------------------------------------------------------------------ re-scoring saved completions
+
+def _write_lines(path, lines):
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def test_rescore_needs_no_model(tmp_path, monkeypatch):
+    import sftscope.load.models as LM
+
+    def no(*a, **k):
+        raise AssertionError("re-scoring loaded a model or tokenizer")
+
+    monkeypatch.setattr(LM, "load_model", no)
+    monkeypatch.setattr(LM, "load_tokenizer", no)
+    src = _write_lines(tmp_path / "saved.jsonl", [
+        {"completion": " 3 * 6 = 18\n#### 18\n\nQuestion: next?\n#### 5", "answer": "#### 18"},
+        {"completion": " It is 72.0</s>#### 72", "answer": "so\n#### 72", "question": "Q2"},
+        {"completion": "", "answer": "#### 1"},
+    ])
+    out = tmp_path / "run"
+    res = E.evaluate(E.EvalConfig(task="gsm8k", rescore=str(src), out=str(out)))
+    preds = _records(out / "predictions-gsm8k.jsonl")
+    assert [p["index"] for p in preds] == [0, 1, 2]
+    assert [p["completion"] for p in preds] == [" 3 * 6 = 18\n#### 18\n\n", " It is 72.0", ""]
+    assert [(p["strict_match"], p["flexible_extract"], p["numeric_match"]) for p in preds] == \
+        [(True, True, True), (False, False, True), (False, False, False)]
+    assert preds[1]["question"] == "Q2" and preds[2]["flexible_extracted"] == "[invalid]"
+    assert res.score("flexible_extract").value == pytest.approx(1 / 3)
+    assert res.score("numeric_match").value == pytest.approx(2 / 3)
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["command"] == "eval" and rec["rescored_from"] == str(src)
+    assert rec["result"]["n"] == 3
+    assert (out / "scores.csv").read_text().splitlines()[1].startswith("gsm8k,strict_match,")
+    with pytest.raises(SftscopeError, match="needs --model"):
+        E.evaluate(E.EvalConfig(task="gsm8k", data=str(src)))
+
+
+def test_rescore_own_predictions_round_trip(tokenizer, gsm8k_file, tmp_path):
+    recs = _records(gsm8k_file)
+    mixed = {r["question"]: (f" {r['answer']}" if i % 2 else f" It is {i}.0")
+             for i, r in enumerate(recs)}
+    first = E.evaluate_model(_oracle(tokenizer, mixed), tokenizer, E.EvalConfig(
+        model="oracle", data=str(gsm8k_file), out=str(tmp_path / "a"), shots=0, batch_size=4,
+        max_new_tokens=48))
+    again = E.rescore(E.EvalConfig(task="gsm8k", rescore=first.predictions_path,
+                                   out=str(tmp_path / "b")))
+    assert again.table().equals(first.table())
+    assert _records(again.predictions_path) == _records(first.predictions_path)
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("{not json", "line 2: not valid JSON"),
+    ("[1, 2]", "line 2: is not a JSON object"),
+    ({"answer": "#### 1"}, "line 2: needs 'completion'"),
+    ({"completion": 5, "answer": "#### 1"}, "line 2: needs 'completion', the generated text "
+                                            "(a string, got int)"),
+    ({"completion": "1"}, "line 2: lacks field 'answer'"),
+    ({"completion": "1", "answer": None}, "line 2: field 'answer' is null"),
+])
+def test_rescore_bad_lines_name_their_number(tmp_path, line, msg):
+    src = _write_lines(tmp_path / "s.jsonl", [{"completion": "1", "answer": "#### 1"}, line])
+    with pytest.raises(SftscopeError, match=re.escape(msg)):
+        E.rescore(E.EvalConfig(task="gsm8k", rescore=str(src)))
+
+
+def test_rescore_refusals(tmp_path):
+    with pytest.raises(SftscopeError, match="does not generate"):
+        E.rescore(E.EvalConfig(task="mmlu", rescore=str(tmp_path / "x.jsonl")))
+    with pytest.raises(SftscopeError, match="does not exist"):
+        E.rescore(E.EvalConfig(task="gsm8k", rescore=str(tmp_path / "x.jsonl")))
+    with pytest.raises(SftscopeError, match="did you mean gsm8k"):
+        E.rescore(E.EvalConfig(task="gsm8", rescore=str(tmp_path / "x.jsonl")))
+    empty = _write_lines(tmp_path / "e.jsonl", [])
+    with pytest.raises(SftscopeError, match="no line to score"):
+        E.rescore(E.EvalConfig(task="gsm8k", rescore=str(empty)))

@@ -246,13 +246,13 @@ def test_end_to_end_real_jobs(tiny, data, tmp_path):
     res = run_sweep(cfg)
     assert sorted(res.ran) == ["10-s0", "11-s0"]
     s = res.summary
-    assert set(s["metric"]) == {"exact_match_strict", "exact_match_flexible"}
+    assert set(s["metric"]) == {"strict_match", "flexible_extract", "numeric_match"}
     assert set(s["n_items"]) == {2} and set(s["seeds"]) == {1}
     assert s["trainable_params"].notna().all()
     p = s.set_index(["mask", "metric"])["trainable_params"]
-    assert abs(p[("10", "exact_match_flexible")] / p[("11", "exact_match_flexible")] - 1) < 0.1
-    assert res.primary_metric == "exact_match_flexible"
-    assert s["metric"].iloc[0] == "exact_match_flexible"
+    assert abs(p[("10", "flexible_extract")] / p[("11", "flexible_extract")] - 1) < 0.1
+    assert res.primary_metric == "flexible_extract"
+    assert s["metric"].iloc[0] == "flexible_extract"
     assert (out / "jobs/10-s0/tune/adapter/adapter_config.json").is_file()
     assert (out / "jobs/10-s0/eval/predictions-gsm8k.jsonl").is_file()
     again = run_sweep(cfg)  # resumes: nothing to do

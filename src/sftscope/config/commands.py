@@ -45,7 +45,12 @@ from sftscope.config.ingredients import (
 from sftscope.errors import SftscopeError
 
 MASK_GROUPS = ("singles", "paper", "all")
-TASKS = ("gsm8k", "mmlu", "perplexity")
+
+
+def task_names() -> tuple[str, ...]:
+    from sftscope.tasks import task_names as names
+
+    return names()
 
 
 def mask_list(value: str) -> str | None:
@@ -63,12 +68,30 @@ def mask_list(value: str) -> str | None:
 def task_spec(value: str) -> str | None:
     """A check: ``TASK`` or ``TASK:SOURCE`` with a known task."""
     name = value.split(":", 1)[0]
-    if name not in TASKS:
+    if name not in task_names():
         from sftscope.config.core import did_you_mean
 
-        return (f"names unknown task {name!r}; use {', '.join(TASKS)} (optionally TASK:FILE)"
-                + did_you_mean(name, TASKS))
+        return (f"names unknown task {name!r}; use {', '.join(task_names())} (optionally "
+                f"TASK:FILE)" + did_you_mean(name, task_names()))
     return None
+
+
+def task_name(value: str) -> str | None:
+    """A check: a registered evaluation task."""
+    if value in task_names():
+        return None
+    from sftscope.config.core import did_you_mean
+
+    return (f"is an unknown task {value!r}; use one of {', '.join(task_names())}"
+            + did_you_mean(value, task_names()))
+
+
+def check_task_spec(spec: str, *, split: str | None = None) -> None:
+    """``TASK`` or ``TASK:SOURCE``: the task's data file is usable (torch-free)."""
+    from sftscope.load.items import check_task_data
+
+    name, _, data = spec.partition(":")
+    check_task_data(name, data or None, split=split)
 
 
 # ----------------------------------------------------------------------------- analyze
@@ -195,10 +218,16 @@ class EvalConfig(OneModel, Runtime):
 
     OUTPUTS: ClassVar[tuple[str, ...]] = ("scores.*", "predictions-*.jsonl")
 
-    task: str = opt("gsm8k", "gsm8k (generation, strict and flexible exact match as "
-                    "lm-evaluation-harness), mmlu (log-likelihood of the answer letters) or "
-                    "perplexity (token loss, adapter off vs on).", choices=TASKS,
-                    aliases=("tasks",))
+    model: str | None = opt(None, "Model: local folder or hub id (not needed with --rescore).")
+    task: str = opt("gsm8k", "gsm8k (generation, strict_match and flexible_extract exactly as "
+                    "lm-evaluation-harness 0.4 scores them), mmlu (log-likelihood of the answer "
+                    "letters, in context) or perplexity (token loss, adapter off vs on).",
+                    check=task_name, aliases=("tasks",))
+    rescore: str | None = opt(None, "Score saved completions again without loading a model: a "
+                              "JSONL file whose lines have completion and answer, or eval's "
+                              "own predictions-TASK.jsonl.")
+    skip_bad_records: bool = opt(False, "Skip records with missing or empty fields (counted) "
+                                 "instead of refusing the data.")
     data: str | None = opt(None, "Items: the hub dataset (default), NAME:FILE or a local FILE "
                            "in the task's fields; perplexity: any text source (default "
                            "wikitext).")
@@ -227,14 +256,19 @@ class EvalConfig(OneModel, Runtime):
                       "research code).", choices=PRESETS)
 
     def check(self) -> None:
+        from sftscope.load.items import check_task_data
         from sftscope.load.sources import check_folder
 
+        if self.model is None and self.rescore is None:
+            raise SftscopeError("eval needs --model (or --rescore FILE to score saved "
+                                "completions)")
+        if self.rescore is not None and (self.model is not None or self.adapter is not None):
+            raise SftscopeError("--rescore scores saved completions without a model; drop "
+                                "--model/--adapter, or drop --rescore to generate anew")
         if self.adapter is not None:
             check_folder(self.adapter, "adapter folder")
-        if self.data is not None:
-            check_data_source(self.data)
-        if self.fewshot_data is not None:
-            check_data_source(self.fewshot_data)
+        check_task_data(self.task, self.data, split=self.split, fewshot_data=self.fewshot_data,
+                        text_field=self.text_field, rescore=self.rescore)
 
 
 # ----------------------------------------------------------------------------- tune
@@ -340,11 +374,9 @@ class TuneConfig(OneModel):
         if self.micro_batch_size > self.batch_size:
             raise SftscopeError(f"--micro-batch-size {self.micro_batch_size} is larger than "
                                 f"the effective --batch-size {self.batch_size}")
-        check_data_source(self.train)
-        if self.eval_fewshot_data is not None:
-            check_data_source(self.eval_fewshot_data)
+        check_data_source(self.train, split=self.train_split, text_field=self.text_field)
         if self.eval_task is not None and ":" in self.eval_task:
-            check_data_source(self.eval_task.split(":", 1)[1])
+            check_task_spec(self.eval_task)
 
 
 # ----------------------------------------------------------------------------- suggest
@@ -478,7 +510,7 @@ class SweepConfig(Config):
         if self.train:
             check_data_source(self.train)
         if self.task and ":" in self.task:
-            check_data_source(self.task.split(":", 1)[1])
+            check_task_spec(self.task)
         from sftscope.config.core import check_fields
 
         check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)

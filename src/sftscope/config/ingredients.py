@@ -8,7 +8,6 @@ come from the one declaration. Every ingredient's ``_check`` runs on constructio
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,44 +51,20 @@ def table_formats(value: tuple[str, ...]) -> str | None:
 
 def template_text(value: str) -> str | None:
     """A check: a format string over named record fields only."""
+    from sftscope.load.data import check_template
+
     try:
         check_template(value)
     except SftscopeError as e:
-        return str(e)
+        return str(e).replace(f"--template {value!r}: ", "")
     return None
 
 
-def check_template(template: str) -> None:
-    """Refuse positional fields, unbalanced braces and unusable format specs (provisional)."""
-    import string
+def check_data_source(data: str, **kw: Any) -> None:
+    """A local data file exists, has a known format and the fields needed (torch-free)."""
+    from sftscope.load.data import check_source
 
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise SftscopeError(f"--template {template!r} is not a valid format string ({e}); "
-                            f"write fields as {{name}} and a literal brace as {{{{ or }}}}") from e
-    names = [f for _, f, _, _ in parts if f is not None]
-    if not names:
-        raise SftscopeError(f"--template {template!r} names no field; write e.g. "
-                            f"'Q: {{question}}'")
-    for f in names:
-        if f == "" or f.split(".")[0].split("[")[0].isdigit():
-            raise SftscopeError(f"--template {template!r} has a positional field {{{f}}}; "
-                                f"name the record field, e.g. {{question}}")
-
-
-def check_data_source(data: str) -> None:
-    """A local data file exists and is a file (provisional; registered names pass)."""
-    name, sep, rest = data.partition(":")
-    path = rest if sep and name.isidentifier() and len(name) > 1 else data
-    if not sep and "/" not in data and "." not in data:
-        return  # a registered name: checked when it is read
-    p = os.path.expanduser(path)
-    if not os.path.exists(p):
-        raise SftscopeError(f"data file {path} does not exist; check the path")
-    if os.path.isdir(p):
-        raise SftscopeError(f"data {path} is a folder; give a .jsonl, .csv, .parquet or .txt "
-                            f"file")
+    check_source(data, **kw)
 
 
 # ----------------------------------------------------------------------------- shared fields
@@ -269,7 +244,8 @@ class DataSpec(Config):
                                  "instead of refusing the data.")
 
     def _check(self) -> None:
-        check_data_source(self.data)
+        check_data_source(self.data, split=self.split, text_field=self.text_field,
+                          template=self.template)
 
 
 @dataclass(frozen=True, kw_only=True)

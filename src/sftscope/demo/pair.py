@@ -45,11 +45,12 @@ from sftscope.demo.corpus import (
     write_corpus,
 )
 from sftscope.errors import SftscopeError
-from sftscope.experiments.tasks import extract_flexible, extract_strict, trim_at_stop
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.data import pad_batch
 from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
+from sftscope.tasks.base import trim_at_stop
+from sftscope.tasks.gsm8k import extract_flexible, extract_strict
 
 DEMO_FAMILIES = ("llama", "olmo2")
 MANIFEST = "manifest.json"

@@ -52,16 +52,10 @@ def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
 
 def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[str]]:
     """Load, subsample and tokenize the data; notes say what was truncated or short."""
-    samples = D.load_samples(cfg.data, text_field=cfg.text_field, template=cfg.template,
-                             n=cfg.limit, seed=cfg.seed, split=cfg.split)
-    tok = D.tokenize(samples, tokenizer, cfg.max_length, chat_template=cfg.chat_template)
-    notes = []
-    if cfg.limit is not None and len(samples) < cfg.limit:
-        notes.append(f"data has {len(samples)} samples, fewer than --limit {cfg.limit}")
-    if tok.n_truncated:
-        notes.append(f"{tok.n_truncated} of {len(tok)} texts were longer than --max-length "
-                     f"{cfg.max_length} tokens and were truncated")
-    return tok, notes
+    prep = D.prepare(cfg.data, tokenizer, text_field=cfg.text_field, template=cfg.template,
+                     split=cfg.split, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
+                     chat_template=cfg.chat_template, skip_bad=cfg.skip_bad_records)
+    return prep.tokens, prep.notes
 
 
 def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,

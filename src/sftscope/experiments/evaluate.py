@@ -1,11 +1,15 @@
-"""Evaluate a model (optionally with a LoRA adapter): GSM8K, MMLU, perplexity.
+"""Evaluate a model (optionally with a LoRA adapter) on a registered task (``sftscope.tasks``).
 
-- GSM8K (lm-evaluation-harness ``gsm8k`` v3 conventions): 5 seeded shots, greedy, batched
-  left-padded ``model.generate`` up to 256 new tokens, stop at ``Question:`` or EOS; strict and
-  flexible exact match.
-- MMLU: log-likelihood of `` A``..`` D`` after ``Answer:`` (0- or k-shot).
-- perplexity (retention): mean token loss on general text with the adapter disabled (before)
-  and enabled (after), and the paired delta.
+What the evaluator does depends on the task's kind; what is asked and how it is scored is the
+task module's (one file per task):
+- ``generate`` (GSM8K, lm-evaluation-harness ``gsm8k`` v3): seeded shots, greedy, batched
+  left-padded ``model.generate`` up to 256 new tokens, cut at the task's stop strings or EOS,
+  scored by the task (GSM8K: lm-eval's ``strict_match`` and ``flexible_extract``, plus
+  ``numeric_match``). Saved completions can be re-scored without a model (``rescore``).
+- ``choice`` (MMLU): log-likelihood of each continuation after the prompt, tokenised in
+  context as lm-eval does; accuracy of the argmax.
+- ``loss`` (perplexity, retention): mean token loss on general text with the adapter disabled
+  (before) and enabled (after), and the paired delta.
 Every score carries its item count and a confidence interval (Wilson for accuracies, Student t
 over items for losses). Files: ``scores.csv``, ``predictions-<task>.jsonl``, ``run.json``.
 """
@@ -26,13 +30,15 @@ import torch
 from sftscope.config.commands import EvalConfig
 from sftscope.config.core import defaults
 from sftscope.errors import SftscopeError
-from sftscope.experiments import tasks as T
 from sftscope.io import Timer, atomic_path, run_record, write_table
+from sftscope.load.data import chat_prompt
 from sftscope.load.runtime import dtype_name, resolve_device, resolve_dtype
 from sftscope.load.sources import BLOCK_KEYS, get_key
 from sftscope.metrics.stats import mean_ci, proportion_ci
 from sftscope.progress import track
 from sftscope.runs import check_out, finish_run, start_run
+from sftscope.tasks import Task, get_task
+from sftscope.tasks.base import encode_pair, encode_prompt, trim_at_stop
 
 SCORE_COLUMNS = ["task", "metric", "value", "ci_low", "ci_high", "n"]
 
@@ -66,9 +72,11 @@ class EvalResult:
     generated_tokens: int = 0
     tokens_per_s: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    rescored_from: str | None = None
 
     def score(self, metric: str) -> Score:
-        """The score named ``metric`` (e.g. ``exact_match_flexible``, ``accuracy``)."""
+        """The score named ``metric`` (e.g. ``flexible_extract``, ``accuracy``)."""
         for s in self.scores:
             if s.metric == metric:
                 return s
@@ -89,7 +97,14 @@ class EvalResult:
 
 def resolve_config(cfg: EvalConfig) -> EvalConfig:
     """Apply the preset (to fields left at their defaults) and the task's default shots."""
-    T.task_source(cfg.task, cfg.data)  # validates the task name
+    from sftscope.load.items import task_source
+
+    task = get_task(cfg.task)
+    task_source(task.name, cfg.data)
+    if cfg.rescore is not None and task.kind != "generate":
+        raise SftscopeError(f"--rescore re-scores generated text; task {task.name} does not "
+                            f"generate (re-scoring works for "
+                            f"{', '.join(_generate_tasks()) or 'no task'})")
     if cfg.preset == "reference":
         d = SimpleNamespace(**defaults(EvalConfig))
         changes: dict[str, Any] = {}
@@ -101,8 +116,14 @@ def resolve_config(cfg: EvalConfig) -> EvalConfig:
             changes["limit"] = 100
         cfg = replace(cfg, **changes)
     if cfg.shots is None:
-        cfg = replace(cfg, shots=T.DEFAULT_SHOTS[cfg.task])
+        cfg = replace(cfg, shots=task.default_shots)
     return cfg
+
+
+def _generate_tasks() -> list[str]:
+    from sftscope.tasks import all_tasks
+
+    return [t.name for t in all_tasks() if t.kind == "generate"]
 
 
 # ------------------------------------------------------------------ devices and loading
@@ -174,14 +195,22 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def eos_text(tokenizer) -> str | None:
+    """The EOS token as text (lm-eval adds it to every task's stop strings)."""
+    eos = tokenizer.eos_token_id
+    return tokenizer.decode([eos], skip_special_tokens=False) if eos is not None else None
+
+
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
-             batch_size: int = 16, stops: tuple[str, ...] = T.GSM8K_STOP,
+             batch_size: int = 16, stops: tuple[str, ...] = (),
              description: str = "generating") -> list[Generation]:
     """Greedy completions of ``prompts``: batched, left-padded, stopped at a stop string or EOS.
 
-    Prompts are sorted by length (longest first, so memory problems show up at once) and
+    Prompts are tokenised as lm-eval's HFLM does (no second BOS after a rendered chat
+    template), sorted by length (longest first, so memory problems show up at once) and
     returned in input order. Prompts longer than the context minus ``max_new_tokens`` lose
-    their oldest tokens (counted in ``truncated``), as lm-eval does.
+    their oldest tokens (counted in ``truncated``), as lm-eval does. The text is cut at each
+    stop string in turn (lm-eval's post-processing).
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -195,7 +224,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
     enc: list[list[int]] = []
     truncated: list[bool] = []
     for p in prompts:
-        ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        ids = encode_prompt(tokenizer, p)
         cut = limit is not None and len(ids) > limit - max_new_tokens
         if cut:
             ids = ids[len(ids) - max(1, limit - max_new_tokens):]
@@ -225,7 +254,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
                 # generated tokens end at the first EOS, or at padding after a stop string
                 n = next((k for k, t in enumerate(row) if t in eos or t == pad_id), len(row))
                 raw = tokenizer.decode(row[:n], skip_special_tokens=True)
-                out[i] = Generation(T.trim_at_stop(raw, stops), raw, len(enc[i]), n,
+                out[i] = Generation(trim_at_stop(raw, stops), raw, len(enc[i]), n,
                                     truncated[i])
     finally:
         model.train(was_training)
@@ -236,7 +265,10 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
 
 def _sequence_logprobs(model, rows: list[list[int]], starts: list[int], pad_id: int,
                        batch_size: int, description: str) -> list[float]:
-    """Sum of log-probabilities of ``row[start:]`` given ``row[:start]``, for each row."""
+    """Sum of log-probabilities of ``row[start:]`` given ``row[:start]``, for each row.
+
+    The model reads ``row[:-1]`` (the last token is only predicted), as lm-eval feeds it.
+    """
     from sftscope.load.data import pad_batch
 
     dev = model_device(model)
@@ -244,7 +276,7 @@ def _sequence_logprobs(model, rows: list[list[int]], starts: list[int], pad_id: 
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in track(batches, description):
-        ids, mask = pad_batch([rows[i] for i in batch], pad_id, side="right")
+        ids, mask = pad_batch([rows[i][:-1] for i in batch], pad_id, side="right")
         with torch.no_grad():
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
         for r, i in enumerate(batch):  # only the continuation positions, in float32
@@ -276,30 +308,54 @@ def _last_logprobs(model, rows: list[list[int]], pad_id: int, batch_size: int,
     return torch.stack([t for t in out if t is not None])
 
 
-def choice_logprobs(model, tokenizer, contexts: list[str], choices: list[list[str]],
-                    batch_size: int = 16) -> list[list[float]]:
-    """Log-likelihood of each continuation given its context (lm-eval ``loglikelihood``).
+def choice_scores(model, tokenizer, contexts: list[str], choices: list[list[str]],
+                  batch_size: int = 16) -> tuple[list[list[float]], int]:
+    """Log-likelihood of each continuation given its context (lm-eval ``loglikelihood``), and
+    how many contexts lost their oldest tokens to the model's position limit.
 
-    Continuations are tokenized on their own and appended to the context tokens. When every
-    continuation is a single token, one forward pass per context scores all of them.
+    Each pair is tokenised as lm-eval's ``_encode_pair`` does (the continuation's ids are those
+    it has after the context, not alone). When every continuation is one token, one forward
+    pass per context scores all of them.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ctx = [tokenizer(c, add_special_tokens=True)["input_ids"] for c in contexts]
-    cont = [[tokenizer(x, add_special_tokens=False)["input_ids"] for x in cs] for cs in choices]
-    if all(len(t) == 1 for cs in cont for t in cs):
+    limit = max_context(model)
+    pairs = [[encode_pair(tokenizer, c, x) for x in cs] for c, cs in zip(contexts, choices)]
+    for c, ps in zip(contexts, pairs):
+        if any(not cont for _, cont in ps):
+            raise SftscopeError(f"a choice has no token of its own after the context "
+                                f"{c[-40:]!r}; the continuations must add text")
+    n_cut = 0
+    if all(len(cont) == 1 for ps in pairs for _, cont in ps):
+        ctx = [ps[0][0] for ps in pairs]
+        if limit is not None:
+            n_cut = sum(len(c) > limit for c in ctx)
+            ctx = [c[-limit:] for c in ctx]
         lp = _last_logprobs(model, ctx, pad_id, batch_size, "scoring choices")
-        return [[float(lp[i, t[0]]) for t in cs] for i, cs in enumerate(cont)]
+        return [[float(lp[i, cont[0]]) for _, cont in ps] for i, ps in enumerate(pairs)], n_cut
     rows, starts, where = [], [], []
-    for i, cs in enumerate(cont):
-        for j, t in enumerate(cs):
-            rows.append(ctx[i] + t)
-            starts.append(len(ctx[i]))
+    cut_ctx: set[int] = set()
+    for i, ps in enumerate(pairs):
+        for j, (ctx_ids, cont) in enumerate(ps):
+            row = ctx_ids + cont
+            start = len(ctx_ids)
+            if limit is not None and len(row) > limit + 1:
+                drop = len(row) - (limit + 1)
+                row, start = row[drop:], max(1, start - drop)
+                cut_ctx.add(i)
+            rows.append(row)
+            starts.append(start)
             where.append((i, j))
     flat = _sequence_logprobs(model, rows, starts, pad_id, batch_size, "scoring choices")
-    res = [[0.0] * len(cs) for cs in cont]
+    res = [[0.0] * len(ps) for ps in pairs]
     for (i, j), v in zip(where, flat):
         res[i][j] = v
-    return res
+    return res, len(cut_ctx)
+
+
+def choice_logprobs(model, tokenizer, contexts: list[str], choices: list[list[str]],
+                    batch_size: int = 16) -> list[list[float]]:
+    """The log-likelihoods of :func:`choice_scores`."""
+    return choice_scores(model, tokenizer, contexts, choices, batch_size)[0]
 
 
 def text_losses(model, tokenizer, texts: list[str], *, max_length: int = 1024,
@@ -353,83 +409,90 @@ def _exp(x: float) -> float:
     return math.exp(min(x, 700.0)) if not math.isnan(x) else math.nan
 
 
-def _run_gsm8k(model, tokenizer, cfg: EvalConfig, timer: Timer
-               ) -> tuple[list[Score], list[dict], dict[str, Any]]:
+Run = tuple[list[Score], list[dict], dict[str, Any]]
+
+
+def score_completions(task: Task, records: list[dict], completions: list[str], level: float,
+                      extras: list[dict] | None = None) -> tuple[list[Score], list[dict]]:
+    """Score (stop-trimmed) completions of a generation task: one Wilson-interval accuracy per
+    task metric, and one predictions row per item (in order) with the task's booleans."""
+    assert task.score is not None
+    preds = []
+    for i, (r, c) in enumerate(zip(records, completions)):
+        row = {"index": i, **(task.describe(r) if task.describe else {}), "completion": c,
+               **task.score(c, r)}
+        row.update(extras[i] if extras else {})
+        preds.append(row)
+    n = len(preds)
+    scores = [_accuracy(task.name, m, sum(bool(p[m]) for p in preds), n, level)
+              for m in task.metrics]
+    return scores, preds
+
+
+def _prompts(task: Task, items, tokenizer, chat: bool) -> list[str]:
+    assert task.prompt is not None
+    prompts = [task.prompt(r, shots) for r, shots in zip(items.records, items.shots)]
+    return [chat_prompt(tokenizer, p) for p in prompts] if chat else prompts
+
+
+def _items(task: Task, cfg: EvalConfig, timer: Timer):
+    from sftscope.load.items import load_task_items
+
     with timer("load_data"):
-        items = T.load_task_items("gsm8k", cfg.data, split=cfg.split, limit=cfg.limit,
-                                  shots=cfg.shots or 0, fewshot_data=cfg.fewshot_data,
-                                  fewshot_seed=cfg.fewshot_seed)
-    prompts = [T.gsm8k_prompt(r, items.shots[i] if items.shots else None)
-               for i, r in enumerate(items.records)]
-    if cfg.chat_template:
-        prompts = [_chat(tokenizer, p) for p in prompts]
+        return load_task_items(task.name, cfg.data, split=cfg.split, limit=cfg.limit,
+                               shots=cfg.shots or 0, fewshot_data=cfg.fewshot_data,
+                               fewshot_seed=cfg.fewshot_seed, skip_bad=cfg.skip_bad_records)
+
+
+def _run_generate(task: Task, model, tokenizer, cfg: EvalConfig, timer: Timer) -> Run:
+    items = _items(task, cfg, timer)
+    prompts = _prompts(task, items, tokenizer, cfg.chat_template)
+    eos = eos_text(tokenizer)
+    stops = tuple(task.stops) + ((eos,) if eos and eos not in task.stops else ())
     t0 = time.perf_counter()
     with timer("generate"):
         gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.batch_size, description="gsm8k")
+                        batch_size=cfg.batch_size, stops=stops, description=task.name)
     secs = time.perf_counter() - t0
-    preds, k_strict, k_flex = [], 0, 0
-    for i, (r, g) in enumerate(zip(items.records, gens)):
-        target = T.gsm8k_target(str(r["answer"]))
-        s = T.score_gsm8k(g.completion, target)
-        k_strict += s["strict_correct"]
-        k_flex += s["flexible_correct"]
-        preds.append({"index": i, "question": r["question"], "target": target,
-                      "completion": g.completion, **s, "prompt_tokens": g.prompt_tokens,
-                      "new_tokens": g.new_tokens, "truncated": g.truncated})
-    n = len(preds)
-    scores = [_accuracy("gsm8k", "exact_match_strict", k_strict, n, cfg.level),
-              _accuracy("gsm8k", "exact_match_flexible", k_flex, n, cfg.level)]
+    extras = [{"prompt_tokens": g.prompt_tokens, "new_tokens": g.new_tokens,
+               "truncated": g.truncated} for g in gens]
+    scores, preds = score_completions(task, items.records, [g.completion for g in gens],
+                                      cfg.level, extras)
     new_tokens = sum(g.new_tokens for g in gens)
     info = {"shot_source": items.shot_source, "n_truncated": sum(g.truncated for g in gens),
-            "generated_tokens": new_tokens,
+            "generated_tokens": new_tokens, "notes": items.notes,
             "tokens_per_s": new_tokens / secs if secs > 0 else None}
     return scores, preds, info
 
 
-def _chat(tokenizer, prompt: str) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise SftscopeError("--chat-template is on but the tokenizer has no chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def _run_mmlu(model, tokenizer, cfg: EvalConfig, timer: Timer
-              ) -> tuple[list[Score], list[dict], dict[str, Any]]:
-    from sftscope.load.data import LETTERS
-
-    with timer("load_data"):
-        items = T.load_task_items("mmlu", cfg.data, split=cfg.split, limit=cfg.limit,
-                                  shots=cfg.shots or 0, fewshot_data=cfg.fewshot_data,
-                                  fewshot_seed=cfg.fewshot_seed)
-    contexts = [T.mmlu_prompt(r, items.shots[i] if items.shots else None)
-                for i, r in enumerate(items.records)]
-    if cfg.chat_template:
-        contexts = [_chat(tokenizer, c) for c in contexts]
-    letters = [list(LETTERS[: len(T.mmlu_choices(r))]) for r in items.records]
+def _run_choice(task: Task, model, tokenizer, cfg: EvalConfig, timer: Timer) -> Run:
+    assert task.continuations and task.labels and task.gold_index
+    items = _items(task, cfg, timer)
+    contexts = _prompts(task, items, tokenizer, cfg.chat_template)
+    conts = [task.continuations(r) for r in items.records]
     with timer("score"):
-        lps = choice_logprobs(model, tokenizer, contexts, [[f" {x}" for x in ls]
-                                                           for ls in letters], cfg.batch_size)
+        lps, n_cut = choice_scores(model, tokenizer, contexts, conts, cfg.batch_size)
     preds, k = [], 0
-    for i, (r, ls, lp) in enumerate(zip(items.records, letters, lps)):
-        gold = T.mmlu_answer(r)
-        pred = ls[max(range(len(lp)), key=lambda j: lp[j])]
+    for i, (r, lp) in enumerate(zip(items.records, lps)):
+        labels = task.labels(r)
+        gold = labels[task.gold_index(r)]
+        pred = labels[max(range(len(lp)), key=lambda j: lp[j])]  # ties: the first, as argmax
         k += pred == gold
-        preds.append({"index": i, "question": r["question"], "subject": r.get("subject", ""),
+        preds.append({"index": i, **(task.describe(r) if task.describe else {}),
                       "target": gold, "prediction": pred, "correct": pred == gold,
-                      "logprobs": dict(zip(ls, lp))})
-    return ([_accuracy("mmlu", "accuracy", k, len(preds), cfg.level)], preds,
-            {"shot_source": items.shot_source})
+                      "logprobs": dict(zip(labels, lp))})
+    return ([_accuracy(task.name, task.primary, k, len(preds), cfg.level)], preds,
+            {"shot_source": items.shot_source, "n_truncated": n_cut, "notes": items.notes})
 
 
-def _run_perplexity(model, tokenizer, cfg: EvalConfig, timer: Timer
-                    ) -> tuple[list[Score], list[dict], dict[str, Any]]:
-    from sftscope.load.data import load_samples
+def _run_loss(task: Task, model, tokenizer, cfg: EvalConfig, timer: Timer) -> Run:
+    from sftscope.load.data import read_samples
+    from sftscope.load.items import task_source
 
-    source = T.task_source("perplexity", cfg.data)
+    source = task_source(task.name, cfg.data)
     with timer("load_data"):
-        samples = load_samples(source, text_field=cfg.text_field, n=cfg.limit,
-                               split=cfg.split, shuffle=False)
+        samples, notes = read_samples(source, text_field=cfg.text_field, n=cfg.limit,
+                                      split=cfg.split, shuffle=False, skip_bad=cfg.skip_bad_records)
     texts = [s.text for s in samples]
     has_adapter = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
     with timer("score"):
@@ -446,28 +509,55 @@ def _run_perplexity(model, tokenizer, cfg: EvalConfig, timer: Timer
         after = (text_losses(model, tokenizer, texts, max_length=cfg.max_length,
                              batch_size=cfg.batch_size, description="loss (adapter on)")[0]
                  if has_adapter else before)
-    task, lv = "perplexity", cfg.level
+    name, lv = task.name, cfg.level
     if has_adapter:
         delta = [a - b for a, b in zip(after, before)]
-        scores = [_mean(task, "loss_before", before, lv), _mean(task, "loss_after", after, lv),
-                  _mean(task, "loss_delta", delta, lv),
-                  _mean(task, "ppl_before", before, lv, _exp),
-                  _mean(task, "ppl_after", after, lv, _exp),
-                  _mean(task, "ppl_ratio", delta, lv, _exp)]
+        scores = [_mean(name, "loss_before", before, lv), _mean(name, "loss_after", after, lv),
+                  _mean(name, "loss_delta", delta, lv),
+                  _mean(name, "ppl_before", before, lv, _exp),
+                  _mean(name, "ppl_after", after, lv, _exp),
+                  _mean(name, "ppl_ratio", delta, lv, _exp)]
     else:
-        scores = [_mean(task, "loss", before, lv), _mean(task, "ppl", before, lv, _exp)]
+        scores = [_mean(name, "loss", before, lv), _mean(name, "ppl", before, lv, _exp)]
     preds = [{"index": i, "text": t[:200], "tokens": c, "loss_before": b, "loss_after": a}
              for i, (t, c, b, a) in enumerate(zip(texts, counts, before, after))]
-    return scores, preds, {"n_truncated": n_cut}
+    return scores, preds, {"n_truncated": n_cut, "notes": notes}
 
 
-RUNNERS = {"gsm8k": _run_gsm8k, "mmlu": _run_mmlu, "perplexity": _run_perplexity}
+def _run(task: Task, model, tokenizer, cfg: EvalConfig, timer: Timer) -> Run:
+    """The evaluator of the task's kind."""
+    if task.kind == "generate":
+        return _run_generate(task, model, tokenizer, cfg, timer)
+    if task.kind == "choice":
+        return _run_choice(task, model, tokenizer, cfg, timer)
+    return _run_loss(task, model, tokenizer, cfg, timer)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, default=str) + "\n")
+
+
+def _result(cfg: EvalConfig, scores: list[Score], preds: list[dict], info: dict[str, Any],
+            timer: Timer) -> EvalResult:
+    """The result, with ``scores.csv`` and ``predictions-<task>.jsonl`` written when
+    ``cfg.out`` is set."""
+    res = EvalResult(task=cfg.task, scores=scores, n=len(preds), out=cfg.out,
+                     adapter=cfg.adapter, shots=cfg.shots or 0,
+                     shot_source=info.get("shot_source"),
+                     n_truncated=int(info.get("n_truncated", 0)),
+                     generated_tokens=int(info.get("generated_tokens", 0)),
+                     tokens_per_s=info.get("tokens_per_s"), timings=timer.seconds,
+                     notes=list(info.get("notes") or []),
+                     rescored_from=info.get("rescored_from"))
+    if cfg.out is not None:
+        out = Path(cfg.out)
+        res.predictions_path = str(out / f"predictions-{cfg.task}.jsonl")
+        _write_jsonl(Path(res.predictions_path), preds)
+        res.scores_path = str(out / "scores.csv")
+        write_table(_merge_scores(out / "scores.csv", res.table(), cfg.task), out / "scores.csv")
+    return res
 
 
 def evaluate_model(model, tokenizer, cfg: EvalConfig, *, timer: Timer | None = None
@@ -479,20 +569,45 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, *, timer: Timer | None = N
     """
     cfg = resolve_config(cfg)
     timer = timer or Timer()
-    scores, preds, info = RUNNERS[cfg.task](model, tokenizer, cfg, timer)
-    res = EvalResult(task=cfg.task, scores=scores, n=len(preds), out=cfg.out,
-                     adapter=cfg.adapter, shots=cfg.shots or 0,
-                     shot_source=info.get("shot_source"),
-                     n_truncated=int(info.get("n_truncated", 0)),
-                     generated_tokens=int(info.get("generated_tokens", 0)),
-                     tokens_per_s=info.get("tokens_per_s"), timings=timer.seconds)
-    if cfg.out is not None:
-        out = Path(cfg.out)
-        res.predictions_path = str(out / f"predictions-{cfg.task}.jsonl")
-        _write_jsonl(Path(res.predictions_path), preds)
-        res.scores_path = str(out / "scores.csv")
-        write_table(_merge_scores(out / "scores.csv", res.table(), cfg.task), out / "scores.csv")
+    scores, preds, info = _run(get_task(cfg.task), model, tokenizer, cfg, timer)
+    res = _result(cfg, scores, preds, info, timer)
+    for note in res.notes:
+        _say(f"[yellow]note:[/] {note}")
     return res
+
+
+def rescore(config: EvalConfig) -> EvalResult:
+    """Score saved completions again (``config.rescore``, a JSONL file) without a model or a
+    tokenizer: each line's ``completion`` is cut at the task's stop strings and scored against
+    its ``answer``. Writes the same files as ``evaluate`` (predictions in input order)."""
+    from sftscope.load.items import read_completions
+
+    cfg = resolve_config(config)
+    if cfg.rescore is None:
+        raise SftscopeError("rescore needs a file of completions (--rescore FILE.jsonl)")
+    if cfg.out is not None:
+        check_out(cfg.out, "eval", cfg, overwrite=cfg.overwrite)
+    task = get_task(cfg.task)
+    timer = Timer()
+    with timer("load_data"):
+        comp = read_completions(cfg.rescore, task.name, limit=cfg.limit)
+    if cfg.out is not None:
+        start_run(cfg.out, "eval", EvalConfig.OUTPUTS)
+    with timer("score"):
+        texts = [trim_at_stop(c, task.stops) for c in comp.completions]
+        scores, preds = score_completions(task, comp.records, texts, cfg.level, comp.extras)
+    res = _result(cfg, scores, preds, {"rescored_from": comp.path}, timer)
+    if cfg.out is not None:
+        finish_run(Path(cfg.out), run_record(
+            "eval", cfg.record(), model=None, adapter=None, rescored_from=comp.path, result=res,
+            timings=timer.seconds, finished=True))
+    return res
+
+
+def _say(msg: str) -> None:
+    from sftscope.progress import say
+
+    say(msg)
 
 
 def _merge_scores(path: Path, new: pd.DataFrame, task: str) -> pd.DataFrame:
@@ -518,11 +633,16 @@ def format_scores(res: EvalResult) -> str:
 
 
 def evaluate(config: EvalConfig) -> EvalResult:
-    """Load the model (and adapter), evaluate, and write scores, predictions and run.json."""
+    """Load the model (and adapter), evaluate, and write scores, predictions and run.json.
+    With ``config.rescore`` no model is loaded: see :func:`rescore`."""
+    if config.rescore is not None:
+        return rescore(config)
     from sftscope.experiments.tune import adapter_folder, load_adapter
     from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 
     cfg = resolve_config(config)
+    if not cfg.model:
+        raise SftscopeError("eval needs --model (or --rescore FILE to score saved completions)")
     if cfg.out is not None:
         check_out(cfg.out, "eval", cfg, overwrite=cfg.overwrite)
     timer = Timer()

@@ -473,21 +473,19 @@ def model_label(spec: str) -> str:
 
 def prepare_data(data: str, tokenizer, *, n: int | None, seed: int, max_length: int,
                  chat_template: bool, text_field: str | None, template: str | None,
-                 split: str | None = None) -> tuple[list[D.Sample], D.TokenizedSet, list[str]]:
-    """Load, subsample and tokenize; notes say what was truncated."""
+                 split: str | None = None, skip_bad: bool = False
+                 ) -> tuple[list[D.Sample], D.TokenizedSet, list[str]]:
+    """``load.data.prepare`` (the one data path) plus what next-token probing needs: at
+    least two tokens somewhere."""
     if n is not None and n < 1:
         raise SftscopeError(f"--n must be at least 1, got {n}")
     if max_length < 2:
         raise SftscopeError(f"--max-length must be at least 2, got {max_length}")
-    samples = D.load_samples(data, text_field=text_field, template=template, n=n, seed=seed,
-                             split=split)
-    tok = D.tokenize(samples, tokenizer, max_length, chat_template=chat_template)
+    samples, tok, notes = D.prepare(data, tokenizer, text_field=text_field, template=template,
+                                    split=split, n=n, seed=seed, max_length=max_length,
+                                    chat_template=chat_template, skip_bad=skip_bad)
     if not any(len(ids) > 1 for ids in tok.input_ids):
         raise SftscopeError(f"data {data}: no text has two tokens or more; nothing to predict")
-    notes = []
-    if tok.n_truncated:
-        notes.append(f"{tok.n_truncated} of {len(tok)} texts were longer than --max-length "
-                     f"{max_length} tokens and were truncated")
     return samples, tok, notes
 
 
@@ -552,7 +550,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
             tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs)
         samples, tok, data_notes = prepare_data(
             data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
-            text_field=text_field, template=template, split=split)
+            text_field=text_field, template=template, split=split,
+            skip_bad=cfg.skip_bad_records)
         notes += data_notes
         answers = answer_slots(samples, tok, tokz, chat_template)
         choices, n_amb = choice_slots(samples, tok, tokz, chat_template)

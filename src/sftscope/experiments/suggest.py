@@ -488,12 +488,11 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     with timer("data"):
         n_need = max(n_samples if ("pair" in want or "angular" in want) else 0,
                      cfg.grad_samples if "gradient" in want else 0)
-        samples = D.load_samples(cfg.data, text_field=cfg.text_field, template=cfg.template,
-                                 n=n_need, seed=cfg.seed, split=cfg.split)
-        tok = D.tokenize(samples, tokenizer, cfg.max_length, chat_template=cfg.chat_template)
-        if tok.n_truncated:
-            notes.append(f"{tok.n_truncated} of {len(tok)} texts were longer than --max-length "
-                         f"{cfg.max_length} tokens and were truncated")
+        _, tok, data_notes = D.prepare(
+            cfg.data, tokenizer, text_field=cfg.text_field, template=cfg.template,
+            split=cfg.split, n=n_need or None, seed=cfg.seed, max_length=cfg.max_length,
+            chat_template=cfg.chat_template, skip_bad=cfg.skip_bad_records)
+        notes += data_notes
         tok_states = D.TokenizedSet(tok.input_ids[:n_samples],
                                     tok.prompt_lengths[:n_samples], 0, tok.max_length)
         tok_grad = D.TokenizedSet(tok.input_ids[:cfg.grad_samples],

@@ -282,7 +282,8 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
         notes += tok_notes
         samples, tok, data_notes = prepare_data(
             data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
-            text_field=text_field, template=template, split=split)
+            text_field=text_field, template=template, split=split,
+            skip_bad=cfg.skip_bad_records)
         notes += data_notes
         choices: list[ChoiceSlot | None] = [None] * len(samples)
         if any(s.meta.get("letter") for s in samples):

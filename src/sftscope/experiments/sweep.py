@@ -58,8 +58,8 @@ correctness, 0/1, for accuracies).
   ``seed_sd`` (standard deviation of the per-seed means), ``blocks``.
 
 Rows are ordered full depth first, then one-segment masks bottom to top, then wider masks;
-the primary metric (``--metric``, else ``exact_match_flexible`` for GSM8K, ``accuracy`` for
-MMLU) comes first, and ``--validate-suggest`` ranks by it.
+the primary metric (``--metric``, else the task's own: ``flexible_extract`` for GSM8K,
+``accuracy`` for MMLU) comes first, and ``--validate-suggest`` ranks by it.
 
 Position (``position.csv``): the one-segment masks with their segment index, block range and
 the relative depth of the centre of their blocks (``(lo + hi) / 2 / L``).
@@ -94,6 +94,7 @@ from sftscope.errors import SftscopeError
 from sftscope.io import read_json, run_record, write_json, write_table
 from sftscope.runs import folder_command
 from sftscope.segments import mask_blocks, mask_group, parse_mask, segment_bounds
+from sftscope.tasks import all_tasks
 
 SUMMARY_COLUMNS = ["mask", "seeds", "trainable_params", "metric", "mean", "ci_low", "ci_high",
                    "n_items", "p_value", "delta", "seed_sd", "blocks"]
@@ -112,7 +113,8 @@ TUNE_FREE_KEYS = ("keep_checkpoints", "report_to", "logging_steps")
 EVAL_FREE_KEYS = ("device", "device_map", "batch_size", "allow_other_base")
 # Tune options that the evaluation inherits unless the eval options set them.
 SHARED_KEYS = ("revision", "tokenizer", "chat_template", "dtype", "preset")
-PRIMARY = {"gsm8k": "exact_match_flexible", "mmlu": "accuracy", "perplexity": "loss_after"}
+# The primary metric of each task (its home is the task module, ``sftscope.tasks``).
+PRIMARY = {t.name: t.primary for t in all_tasks()}
 
 
 @dataclass
@@ -505,17 +507,11 @@ def read_predictions(path: str | Path, task: str) -> pd.DataFrame:
             if line.strip():
                 rows.append(json.loads(line))
     out = []
+    t = {x.name: x for x in all_tasks()}.get(task)
     for i, r in enumerate(rows):
         item = r.get("index", i)
-        if task == "gsm8k":
-            vals = {"exact_match_strict": r.get("strict_correct"),
-                    "exact_match_flexible": r.get("flexible_correct")}
-        elif task == "mmlu":
-            vals = {"accuracy": r.get("correct")}
-        elif task == "perplexity":
-            a, b = r.get("loss_after"), r.get("loss_before")
-            vals = {"loss_after": a, "loss_delta": (a - b) if a is not None and b is not None
-                    else None}
+        if t is not None and t.item_values is not None:
+            vals = t.item_values(r)
         else:
             vals = {k: v for k, v in r.items() if k.endswith("correct")}
         for m, v in vals.items():

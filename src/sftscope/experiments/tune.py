@@ -501,13 +501,13 @@ def _resolve_dtype(name: str) -> str:
 
 def parse_eval_task(spec: str, flag: str = "--eval-task") -> tuple[str, str | None]:
     """``gsm8k`` / ``gsm8k:PATH`` / ``mmlu:PATH`` / ``perplexity:SOURCE`` -> (task, data)."""
-    from sftscope.experiments.tasks import TASKS
+    from sftscope.tasks import get_task, task_names
 
     name, sep, rest = spec.partition(":")
-    if name not in TASKS:
+    if name not in task_names():
         raise SftscopeError(f"{flag} {spec!r}: use gsm8k, gsm8k:PATH, mmlu:PATH or "
-                            f"perplexity:SOURCE (tasks: {', '.join(TASKS)})")
-    if name == "perplexity":
+                            f"perplexity:SOURCE (tasks: {', '.join(task_names())})")
+    if not get_task(name).has_items:
         return name, rest or None
     return name, spec if sep else None
 

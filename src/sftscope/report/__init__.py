@@ -22,6 +22,7 @@ from sftscope import io
 from sftscope.errors import SftscopeError
 from sftscope.report import plots
 from sftscope.report.html import FigureBlock, Section, TableBlock, render_page
+from sftscope.tasks import primary_metric_of
 
 __all__ = [
     "Run", "TABLES", "build_report", "load_run", "load_runs", "paper_patterns", "parse_formats",
@@ -281,7 +282,12 @@ def _series(df: pd.DataFrame, metric: str, model: str | None = None) -> pd.DataF
 
 
 def _primary_metric(metrics: Iterable[str]) -> str | None:
+    """A task's own primary metric when one is there (``sftscope.tasks``), else the first
+    accuracy-like metric, else the first."""
     ms = list(dict.fromkeys(str(m) for m in metrics))
+    chosen = primary_metric_of(ms)
+    if chosen is not None:
+        return chosen
     for m in ms:
         if "acc" in m.lower() and "agree" not in m.lower():
             return m

@@ -1,0 +1,240 @@
+"""What an evaluation task is, and the helpers every task shares (no torch, no file I/O).
+
+A task module (``sftscope/tasks/<name>.py``) defines one module-level ``TASK = Task(...)``:
+where its data lives, which fields a record needs, how a record becomes a prompt (and an
+analysis sample), how an answer is scored, and which metric is primary. The registry in
+``sftscope.tasks`` finds every such module, so adding a task is adding one file.
+
+Kinds, and what the evaluator does with each:
+- ``generate``: greedy completion of ``prompt(record, shots)`` until ``stops`` or EOS, then
+  ``score(completion, record)`` (per-item fields, with one boolean per metric);
+- ``choice``: log-likelihood of each of ``continuations(record)`` after the prompt, tokenised
+  in context as lm-evaluation-harness does (:func:`encode_pair`); correct = argmax is gold;
+- ``loss``: mean token loss of the texts of any text source (no prompt, no answer).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sftscope.errors import SftscopeError
+
+LETTERS = "ABCDEFGHIJ"
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
+KINDS = ("generate", "choice", "loss")
+SAMPLERS = ("random", "first_n")
+
+
+@dataclass(frozen=True)
+class HubData:
+    """Where a dataset lives on the Hugging Face hub (id, config, default split)."""
+
+    hub: str
+    config: str | None
+    split: str
+
+
+@dataclass(frozen=True)
+class AnalysisSample:
+    """What analysis needs from one record: the prompt, the answer after it, metadata."""
+
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation task. Only ``name``, ``kind``, ``metrics`` and ``primary`` are always
+    needed; the callables a kind uses are listed in the module docstring."""
+
+    name: str
+    kind: str
+    summary: str
+    metrics: tuple[str, ...]
+    primary: str
+    default_data: str
+    lower_is_better: bool = False
+    hub: HubData | None = None
+    fields: tuple[str, ...] = ()
+    gold_fields: tuple[str, ...] = ()
+    shot_split: str | None = None
+    default_shots: int = 0
+    shot_sampler: str = "random"
+    shot_key: Callable[[dict], Any] | None = None
+    stops: tuple[str, ...] = ()
+    check: Callable[[dict], str | None] | None = None
+    prompt: Callable[[dict, Sequence[dict]], str] | None = None
+    score: Callable[[str, dict], dict[str, Any]] | None = None
+    continuations: Callable[[dict], list[str]] | None = None
+    labels: Callable[[dict], list[str]] | None = None
+    gold_index: Callable[[dict], int] | None = None
+    analysis_sample: Callable[[dict], AnalysisSample] | None = None
+    describe: Callable[[dict], dict[str, Any]] | None = None
+    item_values: Callable[[dict], dict[str, float | None]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"task {self.name}: kind {self.kind!r} is not one of {KINDS}")
+        if self.primary not in self.metrics:
+            raise ValueError(f"task {self.name}: primary {self.primary!r} is not a metric")
+        if self.shot_sampler not in SAMPLERS:
+            raise ValueError(f"task {self.name}: shot_sampler {self.shot_sampler!r}")
+        need = {"generate": ("prompt", "score", "check"),
+                "choice": ("prompt", "continuations", "labels", "gold_index", "check"),
+                "loss": ()}[self.kind]
+        missing = [n for n in need if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"task {self.name} ({self.kind}) lacks {', '.join(missing)}")
+
+    @property
+    def has_items(self) -> bool:
+        """Whether the task scores records with answers (not plain text)."""
+        return self.kind != "loss"
+
+    def problem(self, record: Any) -> str | None:
+        """What is wrong with a record for this task (None: nothing)."""
+        if not isinstance(record, dict):
+            return f"is not an object (got {type(record).__name__})"
+        missing = [f for f in self.fields if f not in record]
+        if missing:
+            return (f"lacks field(s) {', '.join(missing)} that the {self.name} task needs "
+                    f"(it has: {', '.join(map(str, record)) or 'no fields'})")
+        return self.check(record) if self.check is not None else None
+
+
+# ------------------------------------------------------------------ values of records
+
+def is_missing(value: Any) -> bool:
+    """None, NaN (pandas fills empty CSV cells with it) or a blank string."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def text_problem(record: dict, name: str) -> str | None:
+    """A text field must be a non-blank string (a number is accepted as its text)."""
+    v = record.get(name)
+    if is_missing(v):
+        return f"field {name!r} is {_show(v)}"
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return f"field {name!r} is a {type(v).__name__}, not text"
+    return None
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN (an empty cell)"
+    return "empty"
+
+
+# ------------------------------------------------------------------ stops and tokenisation
+
+def trim_at_stop(text: str, stops: Sequence[str]) -> str:
+    """Cut ``text`` at the stop strings, one after the other (lm-eval's
+    ``postprocess_generated_text``: ``text.split(stop)[0]`` for each non-empty stop)."""
+    for s in stops:
+        if s:
+            text = text.split(s)[0]
+    return text
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a log-likelihood context as lm-eval's HFLM ``tok_encode``: special tokens
+    are added unless the text already starts with the prefix token (BOS, else EOS)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
+        else tokenizer.eos_token_id
+    special = True
+    if prefix is not None and text.startswith(tokenizer.decode([prefix])):
+        special = False
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a generation prompt as HFLM ``tok_batch_encode``: no special tokens when
+    the text already starts with the BOS token (a rendered chat template)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids as lm-eval's ``_encode_pair`` (causal models).
+
+    Whitespace at the end of the context moves to the continuation, the two are tokenised
+    together and the continuation is what follows the context's own ids: a SentencePiece
+    tokenizer gives `` A`` other ids in context than alone.
+    """
+    if not context:
+        raise SftscopeError("a log-likelihood context is empty; the prompt must not be empty")
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = encode(tokenizer, context + continuation)
+    ctx = encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+# ------------------------------------------------------------------ shots
+
+def pick_shots(items: Sequence[dict], pool: Sequence[dict], n: int, *, sampler: str = "random",
+               key: Callable[[dict], Any] | None = None, seed: int = FEWSHOT_SEED,
+               same_pool: bool = False) -> list[list[dict]]:
+    """The shots of each item, as lm-eval's samplers draw them.
+
+    ``random``: one ``Random(seed)`` for the whole run and one ``sample(pool, n)`` per item in
+    item order; when the pool is the evaluated set, ``n + 1`` are drawn and the item removed.
+    ``first_n``: the first ``n`` pool records with the item's ``key`` (MMLU: the same subject),
+    the item itself left out when the pool is the evaluated set.
+    Raises when a pool is too small.
+    """
+    if n <= 0:
+        return [[] for _ in items]
+    out: list[list[dict]] = []
+    if sampler == "first_n":
+        groups: dict[Any, list[dict]] = {}
+        for r in pool:
+            groups.setdefault(key(r) if key else None, []).append(r)
+        for it in items:
+            k = key(it) if key else None
+            cand = groups.get(k, [])
+            if same_pool:
+                cand = [r for r in cand if r != it]
+            if len(cand) < n:
+                what = f" with {k!r}" if key else ""
+                raise SftscopeError(f"{n}-shot prompts need {n} shot records{what} but the shot "
+                                    f"pool has {len(cand)}; lower --shots or give "
+                                    f"--fewshot-data")
+            out.append(list(cand[:n]))
+        return out
+    need = n + (1 if same_pool else 0)
+    if len(pool) < need:
+        raise SftscopeError(f"{n}-shot prompts need {need} shot records but the shot pool has "
+                            f"{len(pool)}; lower --shots or give --fewshot-data")
+    rnd = random.Random(seed)
+    pool = list(pool)
+    for it in items:
+        if not same_pool:
+            out.append(rnd.sample(pool, n))
+            continue
+        drawn = [r for r in rnd.sample(pool, need) if r != it][:n]
+        if len(drawn) < n:  # the item occurs more than once in the pool
+            rest = [r for r in pool if r != it]
+            if len(rest) < n:
+                raise SftscopeError(f"{n}-shot prompts need {n} shot records other than the "
+                                    f"item but the shot pool has {len(rest)}")
+            drawn = rnd.sample(rest, n)
+        out.append(drawn)
+    return out
