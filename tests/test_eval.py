@@ -476,5 +476,5 @@ def test_rescore_refusals(tmp_path):
     with pytest.raises(SftscopeError, match="did you mean gsm8k"):
         E.rescore(E.EvalConfig(task="gsm8", rescore=str(tmp_path / "x.jsonl")))
     empty = _write_lines(tmp_path / "e.jsonl", [])
-    with pytest.raises(SftscopeError, match="no line to score"):
+    with pytest.raises(SftscopeError, match="is empty"):
         E.rescore(E.EvalConfig(task="gsm8k", rescore=str(empty)))

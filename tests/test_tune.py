@@ -39,7 +39,7 @@ def _cfg(model, train, out, **kw):
 
 def test_adapters_exactly_on_selected_blocks_llama(llama10):
     model = load_model(str(llama10))
-    blocks = TU.select_blocks(_cfg(llama10, "x", "y", mask="01000"), 10)
+    blocks = TU.select_blocks(_cfg(llama10, "gsm8k", "y", mask="01000"), 10)
     assert blocks == [2, 3]
     peft = TU.apply_lora(model, blocks, rank=8, alpha=16)
     names = TU.adapted_modules(peft)
@@ -70,7 +70,7 @@ def test_equal_budget_parameter_counts(llama10):
     spec = arch_for(model)
     counts = {}
     for mask in ("11111", "01000", "01110", "00001"):
-        blocks = TU.select_blocks(_cfg(llama10, "x", "y", mask=mask), 10)
+        blocks = TU.select_blocks(_cfg(llama10, "gsm8k", "y", mask=mask), 10)
         rank = TU.budget_rank(8, 10, len(blocks))
         names = TU.lora_targets(model, blocks, spec=spec)
         counts[mask] = TU.lora_param_count(model, names, rank)
@@ -90,14 +90,14 @@ def test_budget_rank_and_alpha():
     assert TU.budget_rank(1, 10, 4) == 3  # 2.5 rounds half up
     with pytest.raises(SftscopeError, match="rounds to 0"):
         TU.budget_rank(0.04, 10, 10)
-    cfg = TU.TuneConfig(model="m", train="t", out="o", mask="01000", rank=8)
+    cfg = TU.TuneConfig(model="m", train="gsm8k", out="o", mask="01000", rank=8)
     assert TU.lora_alpha(cfg, 40) == (80.0, 2.0)
-    ref = TU.resolve_config(TU.TuneConfig(model="m", train="t", out="o", mask="01000",
+    ref = TU.resolve_config(TU.TuneConfig(model="m", train="gsm8k", out="o", mask="01000",
                                           preset="reference"))
     assert (ref.alpha, ref.max_length, ref.completion_only) == (128.0, 128, False)
     assert (ref.eval_shots, ref.eval_max_new_tokens, ref.eval_limit) == (0, 64, 100)
     assert TU.lora_alpha(ref, 40)[1] == pytest.approx(128 / 40)
-    rs = TU.TuneConfig(model="m", train="t", out="o", mask="11111", rank=16, rslora=True)
+    rs = TU.TuneConfig(model="m", train="gsm8k", out="o", mask="11111", rank=16, rslora=True)
     assert TU.lora_alpha(rs, 16)[1] == pytest.approx(2.0)  # equals the default at full depth
 
 
@@ -117,10 +117,10 @@ def test_model_without_target_modules(llama10):
 def test_bad_masks():
     for mask, msg in (("0120", "0 and 1"), ("00000", "no segment"), ("0100", "characters")):
         with pytest.raises(SftscopeError, match=msg):
-            TU.resolve_config(TU.TuneConfig(model="m", train="t", out="o", mask=mask,
+            TU.resolve_config(TU.TuneConfig(model="m", train="gsm8k", out="o", mask=mask,
                                             segments=5))
     with pytest.raises(SftscopeError, match="either --mask"):
-        TU.resolve_config(TU.TuneConfig(model="m", train="t", out="o"))
+        TU.resolve_config(TU.TuneConfig(model="m", train="gsm8k", out="o"))
 
 
 # ------------------------------------------------------------------ backward cost

@@ -76,16 +76,6 @@ def task_spec(value: str) -> str | None:
     return None
 
 
-def task_name(value: str) -> str | None:
-    """A check: a registered evaluation task."""
-    if value in task_names():
-        return None
-    from sftscope.config.core import did_you_mean
-
-    return (f"is an unknown task {value!r}; use one of {', '.join(task_names())}"
-            + did_you_mean(value, task_names()))
-
-
 def check_task_spec(spec: str, *, split: str | None = None) -> None:
     """``TASK`` or ``TASK:SOURCE``: the task's data file is usable (torch-free)."""
     from sftscope.load.items import check_task_data
@@ -222,7 +212,7 @@ class EvalConfig(OneModel, Runtime):
     task: str = opt("gsm8k", "gsm8k (generation, strict_match and flexible_extract exactly as "
                     "lm-evaluation-harness 0.4 scores them), mmlu (log-likelihood of the answer "
                     "letters, in context) or perplexity (token loss, adapter off vs on).",
-                    check=task_name, aliases=("tasks",))
+                    choices=task_names, aliases=("tasks",))
     rescore: str | None = opt(None, "Score saved completions again without loading a model: a "
                               "JSONL file whose lines have completion and answer, or eval's "
                               "own predictions-TASK.jsonl.")

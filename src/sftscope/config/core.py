@@ -28,7 +28,8 @@ _META = "sftscope"
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, check: Check | None = None,
-        choices: Iterable[str] | None = None, aliases: Iterable[str] = (),
+        choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
+        aliases: Iterable[str] = (),
         positional: bool = False, volatile: bool = False, numbers_as_text: bool = False,
         cli: bool = True, required: bool = False, factory: Callable[[], Any] | None = None,
         metavar: str | None = None, expand: str | None = None,
@@ -44,7 +45,9 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, check: Check | No
     required on the command line although the API accepts the default. ``expand`` (for a dict
     field) names the config class whose fields become this command's pass-through flags.
     """
-    meta = {"help": help, "check": check, "choices": tuple(choices) if choices else None,
+    if choices is not None and not callable(choices):
+        choices = tuple(choices)
+    meta = {"help": help, "check": check, "choices": choices,
             "aliases": tuple(aliases), "positional": positional, "volatile": volatile,
             "numbers_as_text": numbers_as_text, "cli": cli, "required": required,
             "metavar": metavar, "expand": expand, "envvar": envvar}
@@ -54,8 +57,12 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, check: Check | No
 
 
 def meta(f: dataclasses.Field) -> dict[str, Any]:
-    """The :func:`opt` metadata of a field (empty defaults for plain fields)."""
-    return f.metadata.get(_META) or {"help": "", "check": None, "choices": None, "aliases": (),
+    """The :func:`opt` metadata of a field (empty defaults for plain fields); ``choices`` given
+    as a function (a registry that can grow) is called now."""
+    m = f.metadata.get(_META)
+    if m is not None and callable(m["choices"]):
+        return {**m, "choices": tuple(m["choices"]())}
+    return m or {"help": "", "check": None, "choices": None, "aliases": (),
                                     "positional": False, "volatile": False,
                                     "numbers_as_text": False, "cli": True, "required": False,
                                     "metavar": None, "expand": None, "envvar": None}
