@@ -50,7 +50,7 @@ from sftscope.load.models import (
 )
 from sftscope.metrics.stats import proportion_ci
 from sftscope.progress import say
-from sftscope.segments import mask_blocks, mask_group, parse_mask, segment_bounds
+from sftscope.segments import mask_blocks, mask_group, masks_as_text, parse_mask, segment_bounds
 
 SWAP_COLUMNS = ["config", "direction", "mask", "head", "metric", "value", "ci_low", "ci_high",
                 "n"]
@@ -317,7 +317,7 @@ def swap(*, base: str, sft: str, data: str, out: str | Path | None = None, segme
                       template=template, split=split, level=level, n_boot=n_boot,
                       base_revision=base_revision, sft_revision=sft_revision)
         bounds = segment_bounds(n_blocks, segments)
-        write_table(df, out / "swap.csv")
+        write_table(masks_as_text(df), out / "swap.csv")  # masks as m0100: text for any reader
         write_json(out / "run.json", run_record(
             "swap", config, n_blocks=n_blocks, segments=segments,
             segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=mask_list,
