@@ -90,15 +90,21 @@ def _iv(x: float, lo: float | None, hi: float | None) -> tuple[float, float]:
 
 
 def compare(a: float, b: float, margin: float = 0.0, a_ci: tuple | None = None,
-            b_ci: tuple | None = None) -> str:
-    """Claim ``a > b + margin`` judged with the intervals (``None`` = exact numbers)."""
+            b_ci: tuple | None = None, strict: bool = True) -> str:
+    """Claim ``a > b + margin`` (``a >= b + margin`` when not ``strict``: a tie at the
+    threshold counts) judged with the intervals (``None`` = exact numbers)."""
     if not (np.isfinite(a) and np.isfinite(b)):
         return UNCLEAR
     a_lo, a_hi = _iv(a, *(a_ci or (None, None)))
     b_lo, b_hi = _iv(b, *(b_ci or (None, None)))
-    if a_lo - b_hi > margin:
+    low, high = a_lo - b_hi, a_hi - b_lo
+
+    def ok(d: float) -> bool:
+        return d > margin and not _ge(margin, d) if strict else _ge(d, margin)
+
+    if ok(low):
         return HOLDS
-    if a_hi - b_lo <= margin:
+    if not ok(high):
         return FAILS
     return UNCLEAR
 
@@ -128,6 +134,11 @@ def compare_p(a: float, b: float, p: float | None) -> str:
 
 def exact(ok: bool) -> str:
     return HOLDS if ok else FAILS
+
+
+def _ge(a: float, b: float, rel: float = 1e-9) -> bool:
+    """``a >= b`` where an exact tie counts (rounding of the inputs aside)."""
+    return bool(a >= b - rel * max(abs(a), abs(b), 1e-300))
 
 
 def combine(claims: Sequence[tuple[str, str]], rule: str, numbers: str,
@@ -195,7 +206,7 @@ def cka_rule(depth: Sequence[float], cka: Sequence[float], ci_low: Sequence[floa
         return None if lo is None else (lo[i], hi[i])
 
     c1 = at_least(y[ie], CKA_HIGH, ci(ie))
-    c2 = compare(y[ie], y[il], CKA_DROP, ci(ie), ci(il))
+    c2 = compare(y[ie], y[il], CKA_DROP, ci(ie), ci(il), strict=False)
 
     def show(i: int) -> str:
         ci_txt = "" if lo is None or not np.isfinite(lo[i]) else f" [{_f(lo[i])}, {_f(hi[i])}]"
@@ -264,8 +275,8 @@ def j_shape_rule(depth: Sequence[float], change: Sequence[float]) -> Verdict:
                        "the bottom blocks did not change, so the ratio is undefined "
                        "(frozen or untrained blocks?)")
     claims = [("bottom > 0", exact(e.bottom > 0)),
-              (f"top >= {J_RATIO}x bottom", exact(e.top >= J_RATIO * e.bottom)),
-              ("rise at the top", exact(e.top - e.middle >= e.middle - e.bottom))]
+              (f"top >= {J_RATIO}x bottom", exact(_ge(e.top, J_RATIO * e.bottom))),
+              ("rise at the top", exact(_ge(e.top - e.middle, e.middle - e.bottom)))]
     return combine(claims, J_RULE, numbers)
 
 

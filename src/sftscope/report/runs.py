@@ -347,16 +347,21 @@ def _has_own(folder: Path) -> bool:
         folder / "suggest.json").is_file()
 
 
-def _reduced_notice(record: dict[str, Any], folder: Path) -> str | None:
+def reduced_notice(sizes: dict[str, Any] | None = None, where: str = "") -> str:
+    """The notice a reduced (``--quick``) demo's report opens with."""
+    size = ", ".join(f"{k} {v}" for k, v in (sizes or {}).items())
+    return (f"Reduced demo{f' ({where})' if where else ''} (--quick): every step ran at a tiny "
+            f"size{f' ({size})' if size else ''} to check that the pipeline runs, not to "
+            "measure anything. Its numbers, figures and verdicts say nothing about the paper's "
+            "patterns; run `sftscope demo` without --quick for the full-size demo.")
+
+
+def _demo_notice(record: dict[str, Any], folder: Path) -> str | None:
     cfg = record.get("config") or {}
     if record.get("command") != "demo" or not (record.get("reduced") or cfg.get("quick")):
         return None
-    sizes = record.get("sizes") or {}
-    size = ", ".join(f"{k} {v}" for k, v in sizes.items()) if isinstance(sizes, dict) else ""
-    return (f"Reduced demo ({folder}, --quick): every step ran at a tiny size"
-            + (f" ({size})" if size else "") + ", to check the pipeline runs, not to measure "
-            "anything. Its numbers, figures and verdicts say nothing about the paper's "
-            "patterns; run `sftscope demo` without --quick for the full-size demo.")
+    sizes = record.get("sizes") if isinstance(record.get("sizes"), dict) else None
+    return reduced_notice(sizes, str(folder))
 
 
 def load_runs(paths: Iterable[str | Path]) -> RunSet:
@@ -388,7 +393,7 @@ def load_runs(paths: Iterable[str | Path]) -> RunSet:
                 record = _record(p)
             except SftscopeError:
                 record = {}
-            notice = _reduced_notice(record, p)
+            notice = _demo_notice(record, p)
             if notice:
                 runs.notices.append(notice)
             seen.add(p.resolve())

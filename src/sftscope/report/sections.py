@@ -328,6 +328,12 @@ def sweep_findings(data: FigureData) -> list[str]:
     many = _many(s)
     out = []
     for row in s.to_dict("records"):
+        size = N._size_text(row["items"], row["seeds"])
+        if row["all_same"]:
+            out.append(_prefix(row[RUN], many) + f"{row['metric']}: every one of the "
+                       f"{row['n_masks']} masks scores {f(row['best_mean'])}{size}, so there is "
+                       "nothing to compare.")
+            continue
         text = (f"{row['metric']}: best mask {row['best']} {f(row['best_mean'])}, worst "
                 f"{row['worst']} {f(row['worst_mean'])}")
         if row["full"]:
@@ -336,9 +342,7 @@ def sweep_findings(data: FigureData) -> list[str]:
                     else "")
             text += (f"; full depth {row['full']} {f(row['full_mean'])}; {row['n_beat']} of "
                      f"{row['n_masks'] - 1} masks beat it{ptxt}")
-        text += N._size_text(row["items"], row["seeds"])
-        if row["all_zero"]:
-            text += "; every mask scores 0, so there is nothing to compare"
+        text += size
         out.append(_prefix(row[RUN], many) + text + ".")
     return out
 
@@ -378,10 +382,15 @@ def suggest_findings(data: FigureData) -> list[str]:
     val = data.extra.get("validation")
     if val is not None and len(val):
         for row in val.to_dict("records"):
-            out.append(_prefix(row[RUN], True) + f"{row['method']} proposal {row['mask']} ranks "
-                       f"{f(row['rank'], 0)} of {row.get('n_masks', '?')} swept masks "
-                       f"({row.get('metric', '')} {f(row.get('score'))}; best "
-                       f"{row.get('best_mask', '')} {f(row.get('best_score'))}).")
+            best = f"best {row.get('best_mask', '')} {f(row.get('best_score'))}"
+            if np.isfinite(pd.to_numeric(row.get("rank"), errors="coerce")):
+                where = (f"ranks {f(row['rank'], 0)} of {row.get('n_masks', '?')} swept masks "
+                         f"({row.get('metric', '')} {f(row.get('score'))}; {best})")
+            else:
+                where = (f"was not among the {row.get('n_masks', '?')} swept masks "
+                         f"({row.get('metric', '')}: {best})")
+            out.append(_prefix(row[RUN], True) + f"{row['method']} proposal {row['mask']} "
+                       f"{where}.")
     return out
 
 
