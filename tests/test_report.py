@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from sftscope.errors import SftscopeError
-from sftscope.segments import PAPER_MASKS, masks_from_text, segment_bounds
+from sftscope.segments import PAPER_MASKS, masks_as_text, masks_from_text, segment_bounds
 
 SECTIONS = [
     "Base vs SFT similarity by depth (Fig. 1)",
@@ -262,6 +262,11 @@ def test_findings_numbers(full_report):
     assert "falls to 0.693 at the top" in html
     assert re.search(r"weight change is largest at block 31 \(relative depth 0\.98", html)
     assert "flexible: best mask 01000 0.395" in html
+    # every verdict is printed with its rule and the numbers it was applied to
+    text = _text(html)
+    assert "rule: J-shape: mean relative change of the top 20% of blocks >= 1.5x" in text
+    assert "here: [OLMo-2-0425-1B vs ...-SFT] attn relative: bottom 0.050" in text
+    assert html.count('<span class="ok">yes</span>') == 5 and '<span class="na">' not in html
 
 
 def test_analyze_only_marks_other_sections_absent(tmp_path):
@@ -329,6 +334,20 @@ def test_plot_functions_take_plain_tables(tmp_path):
     assert "block" in fig.axes[0].get_xlabel()
     s = make_sweep(tmp_path / "s", 16)
     assert isinstance(plots.plot_sweep_bars(pd.read_csv(s / "summary.csv")), Figure)
+    assert isinstance(plots.plot_inverted_u(pd.read_csv(s / "summary.csv")), Figure)
+    p = make_probe(tmp_path / "p", 16)
+    assert len(plots.plot_logit_lens(pd.read_csv(p / "probe.csv")).axes) >= 2
+    assert len(plots.plot_single_metrics(pd.read_csv(a / "metrics.csv")).axes) >= 5
+    assert len(plots.plot_correlation(pd.read_csv(a / "correlation.csv")).axes) >= 3
+    assert len(plots.plot_weight_heatmap(pd.read_csv(w / "weights.csv")).axes) >= 1
+    # a swap table in the written form (m0100 masks) read with a plain read_csv
+    sw = make_swap(tmp_path / "sw", 16)
+    t = masks_as_text(pd.read_csv(sw / "swap.csv", dtype={"mask": str}))
+    t.to_csv(sw / "swap.csv", index=False)
+    fig = plots.plot_swap(pd.read_csv(sw / "swap.csv"))
+    xs = sorted({round(float(x), 3) for ax in fig.axes[:1] for ln in ax.get_lines()
+                 for x in ln.get_xdata() if len(ln.get_xdata()) == 5})
+    assert xs == [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
 def _cli(args: list[str]) -> int:

@@ -280,3 +280,33 @@ def test_compare_ties_and_thresholds():
     assert R.at_least(0.96, 0.95, (0.94, 0.98)) == R.UNCLEAR
     assert R.compare_p(0.4, 0.3, 0.01) == R.HOLDS and R.compare_p(0.4, 0.3, 0.2) == R.UNCLEAR
     assert R.compare_p(0.2, 0.3, 0.01) == R.FAILS and R.compare_p(0.4, 0.3, None) == R.UNCLEAR
+
+
+def test_figure_draws_the_numbers_the_sentence_cites():
+    from sftscope.report import plots
+
+    y = 0.99 - 0.3 * np.clip((STATES - 0.8) / 0.2, 0, None) ** 2
+    data = N.pair_data(_metrics(y))
+    fig = plots.plot_pair_metrics(data)
+    (line,) = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == L + 1]
+    np.testing.assert_allclose(line.get_ydata(), data.frame.sort_values("rel_depth")["value"])
+    row = data.summary.iloc[0]
+    sentence = " ".join(pair_findings(data))
+    assert f"falls to {row['last']:.3f} at the top" in sentence
+    assert line.get_ydata()[-1] == pytest.approx(row["last"])
+    assert f"{row['boundary']:.3f} at j/L = {row['boundary_depth']:.2f}" in sentence
+
+
+def test_weight_sentence_and_j_rule_share_the_edge_means():
+    from sftscope.report import patterns
+    from sftscope.report.sections import weight_findings
+
+    w = pd.DataFrame({"block": np.arange(L), "module": "attn", "metric": "relative",
+                      "value": 0.05 + 0.10 * BLOCKS ** 4})
+    data = N.weight_data(w)
+    row = data.summary.iloc[0]
+    text = weight_findings(data)[0]
+    v = patterns.check_j_shape(w)
+    for value in (row["bottom"], row["top"]):
+        assert f"{value:.3f}" in text and f"{value:.3f}" in v.numbers
+    assert v.verdict == R.YES
