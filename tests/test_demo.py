@@ -9,6 +9,7 @@ import pytest
 
 from sftscope.cli import main
 from sftscope.demo.run import STEPS, DemoConfig, run_demo
+from sftscope.segments import masks_from_text
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def test_demo_quick_end_to_end_and_cached(tmp_path, monkeypatch):
     assert len(rec["patterns"]) == 5 and all("evidence" in p for p in rec["patterns"])
     # Each step left an ordinary run folder that other commands read.
     assert not pd.read_csv(out / "analyze" / "metrics.csv").empty
-    summary = pd.read_csv(out / "sweep" / "summary.csv", dtype={"mask": str})
+    summary = masks_from_text(pd.read_csv(out / "sweep" / "summary.csv"))
     assert {"11111", "01000"} <= set(summary["mask"])
     assert (out / "sweep" / "suggest_validation.csv").exists()
 

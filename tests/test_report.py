@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from sftscope.errors import SftscopeError
-from sftscope.segments import PAPER_MASKS, segment_bounds
+from sftscope.segments import PAPER_MASKS, masks_as_text, masks_from_text, segment_bounds
 
 SECTIONS = [
     "Base vs SFT similarity by depth (Fig. 1)",
@@ -137,6 +137,7 @@ def make_swap(folder: Path, n_blocks: int, inverted_u: bool = True) -> Path:
         rows.append((k, "none", "00000", k, "loss", 3 - v, 2.9 - v, 3.1 - v, 1000))
     shape = [-0.004, 0.002, 0.003, 0.001, -0.006] if inverted_u else [
         0.004, -0.002, -0.003, -0.001, 0.006]
+    half = 0.002  # CI half-width: the effect (0.007) is outside the noise
     for direction, host, donor in (("sft-into-base", "base", "sft"),
                                    ("base-into-sft", "sft", "base")):
         masks = ["".join("1" if j == i else "0" for j in range(5)) for i in range(5)]
@@ -144,8 +145,9 @@ def make_swap(folder: Path, n_blocks: int, inverted_u: bool = True) -> Path:
             d = shape[masks.index(mask)] if mask in masks else 0.002
             v = refs[host] + d
             cfg = f"{host}<-{donor}[{mask}]"
-            rows.append((cfg, direction, mask, "base", "accuracy", v, v - 0.01, v + 0.01, 1000))
-            rows.append((cfg, direction, mask, "base", "loss", 3 - v, 2.9 - v, 3.1 - v, 1000))
+            rows.append((cfg, direction, mask, "base", "accuracy", v, v - half, v + half, 1000))
+            rows.append((cfg, direction, mask, "base", "loss", 3 - v, 3 - v - half,
+                         3 - v + half, 1000))
     pd.DataFrame(rows, columns=cols).to_csv(folder / "swap.csv", index=False)
     return folder
 
@@ -248,16 +250,23 @@ def test_full_report_has_every_section_and_figure(full_report):
     assert w["rel_depth"].min() == pytest.approx(0.5 / 32)
     scores = pd.read_csv(figdir / "eval_scores.csv")
     assert set(scores["task"]) == {"gsm8k", "mmlu"} and len(scores) == 6  # eval + demo's tune
-    sweep = pd.read_csv(figdir / "fig7_sweep.csv", dtype={"mask": str})
-    assert "01000" in set(sweep["mask"])
+    sweep = pd.read_csv(figdir / "fig7_sweep.csv")  # masks stay text: m01000
+    assert "m01000" in set(sweep["mask"])
+    assert "01000" in set(masks_from_text(sweep)["mask"])
 
 
 def test_findings_numbers(full_report):
     _, _, out = full_report
     html = out.read_text(encoding="utf-8")
-    assert "CKA stays above" in html
+    assert "CKA is at least 0.994 over the first 80 % of depth" in html
+    assert "falls to 0.693 at the top" in html
     assert re.search(r"weight change is largest at block 31 \(relative depth 0\.98", html)
     assert "flexible: best mask 01000 0.395" in html
+    # every verdict is printed with its rule and the numbers it was applied to
+    text = _text(html)
+    assert "rule: J-shape: mean relative change of the top 20% of blocks >= 1.5x" in text
+    assert "here: [OLMo-2-0425-1B vs ...-SFT] attn relative: bottom 0.050" in text
+    assert html.count('<span class="ok">yes</span>') == 5 and '<span class="na">' not in html
 
 
 def test_analyze_only_marks_other_sections_absent(tmp_path):
@@ -288,8 +297,8 @@ def test_paper_patterns_hold_on_paper_like_data(tmp_path):
     pats = paper_patterns(runs)
     assert len(pats) == 5
     for p in pats:
-        assert set(p) == {"pattern", "holds", "evidence"}
-        assert p["holds"] is True, p
+        assert {"pattern", "holds", "evidence", "verdict", "rule", "numbers"} <= set(p)
+        assert p["holds"] is True and p["verdict"] == "yes", p
     assert "01000" in pats[4]["evidence"] and "0.395" in pats[4]["evidence"]
     assert "(flexible)" in pats[4]["evidence"]  # the sweep's primary metric from run.json
     assert "x" in pats[1]["evidence"]
@@ -325,6 +334,20 @@ def test_plot_functions_take_plain_tables(tmp_path):
     assert "block" in fig.axes[0].get_xlabel()
     s = make_sweep(tmp_path / "s", 16)
     assert isinstance(plots.plot_sweep_bars(pd.read_csv(s / "summary.csv")), Figure)
+    assert isinstance(plots.plot_inverted_u(pd.read_csv(s / "summary.csv")), Figure)
+    p = make_probe(tmp_path / "p", 16)
+    assert len(plots.plot_logit_lens(pd.read_csv(p / "probe.csv")).axes) >= 2
+    assert len(plots.plot_single_metrics(pd.read_csv(a / "metrics.csv")).axes) >= 5
+    assert len(plots.plot_correlation(pd.read_csv(a / "correlation.csv")).axes) >= 3
+    assert len(plots.plot_weight_heatmap(pd.read_csv(w / "weights.csv")).axes) >= 1
+    # a swap table in the written form (m0100 masks) read with a plain read_csv
+    sw = make_swap(tmp_path / "sw", 16)
+    t = masks_as_text(pd.read_csv(sw / "swap.csv", dtype={"mask": str}))
+    t.to_csv(sw / "swap.csv", index=False)
+    fig = plots.plot_swap(pd.read_csv(sw / "swap.csv"))
+    xs = sorted({round(float(x), 3) for ax in fig.axes[:1] for ln in ax.get_lines()
+                 for x in ln.get_xdata() if len(ln.get_xdata()) == 5})
+    assert xs == [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
 def _cli(args: list[str]) -> int:
@@ -394,3 +417,178 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
     assert dom.stdout.count('src="data:image/png;base64,') == len(FIGURES)
     for heading in SECTIONS:
         assert heading in dom.stdout.replace("&amp;", "&")
+
+
+# ----------------------------------------------------------------------------- every run folder
+
+
+def make_suggest(folder: Path, n_blocks: int = 10, k: int = 5) -> Path:
+    """As ``sftscope suggest`` writes it: suggest.csv, suggest.json, run.json."""
+    _run_json(folder, "suggest", n_blocks, base="org/tiny-base", segments=k)
+    rows = []
+    chosen = {"angular": (1, 2), "gradient": (2,), "combined": (1, 2)}
+    for method, signal in (("angular", "angular_distance"), ("gradient", "grad_norm"),
+                           ("combined", "rank_angular")):
+        scores = np.array([0.4, 0.9, 1.0, 0.6, 0.8])
+        for name in (signal, "score"):
+            for i in range(k):
+                lo, hi = segment_bounds(n_blocks, k)[i]
+                rows.append((method, name, i, lo, hi - 1, (lo + hi) / 2 / n_blocks,
+                             scores[i] * 0.1, scores[i], 0 < i < k - 1, i in chosen[method]))
+    pd.DataFrame(rows, columns=["method", "signal", "segment", "first_block", "last_block",
+                                "depth", "value", "score", "eligible", "chosen"]).to_csv(
+        folder / "suggest.csv", index=False)
+    (folder / "suggest.json").write_text(json.dumps({
+        "mask": "01100", "method": "combined", "reason": "combined: 01100 because REASON-TEXT",
+        "segments": k, "n_blocks": n_blocks,
+        "proposals": {m: {"method": m, "mask": "".join("1" if i in c else "0" for i in range(k)),
+                          "blocks": [], "reason": f"{m} reason"} for m, c in chosen.items()}}))
+    return folder
+
+
+def make_tune(folder: Path, mask: str = "01100", n_blocks: int = 10) -> Path:
+    """As ``sftscope tune`` writes run.json (result with loss_history, budget)."""
+    result = {"mask": mask, "segments": len(mask), "blocks": [2, 3, 4, 5], "n_blocks": n_blocks,
+              "full_rank": 4.0, "rank": 10, "alpha": 20.0, "trainable_params": 8960,
+              "full_depth_params": 8960, "budget_ratio": 1.0, "steps": 5, "seed": 0,
+              "train_loss": 5.84, "n_train": 8,
+              "loss_history": [5.93, 5.87, 5.81, 5.80, 5.78]}
+    _run_json(folder, "tune", n_blocks, {"result": result, "mask": mask, "rank": 10,
+                                        "trainable_params": 8960, "finished": True},
+              model="org/tiny-base", train="gsm8k", mask=mask, logging_steps=1)
+    (folder / "adapter").mkdir()
+    return folder
+
+
+def _text(html: str) -> str:
+    import html as H
+
+    return H.unescape(re.sub(r"<[^>]+>", " ", html))
+
+
+def test_suggest_and_tune_folders(tmp_path):
+    from sftscope.report import build_report
+
+    runs = [make_suggest(tmp_path / "suggest"), make_tune(tmp_path / "tune")]
+    out = build_report(runs, out=tmp_path / "r.html", figures_dir=tmp_path / "figs")
+    text = _text(out.read_text(encoding="utf-8"))
+    assert "Training-free mask proposal (Fig. 8)" in text and "Segment LoRA runs (Fig. 9)" in text
+    assert "Proposed mask 01100: combined: 01100 because REASON-TEXT" in text
+    assert "Each method's proposal: angular 01100, gradient 00100, combined 01100" in text
+    assert "mask 01100 (blocks 2-5); rank 10; 8,960 trainable parameters, 100.0 % of the " \
+           "full-depth budget 8,960; loss 5.930 -> 5.780" in text
+    for stem in ("fig8_suggest", "fig9_loss"):
+        _assert_not_blank(tmp_path / "figs" / f"{stem}.png")
+    curve = pd.read_csv(tmp_path / "figs" / "fig9_loss.csv")
+    assert list(curve["step"]) == [1, 2, 3, 4, 5]
+    assert pd.read_csv(tmp_path / "figs" / "tune_runs.csv")["mask"].iloc[0] == "m01100"
+    assert "Not used" not in text
+
+
+def test_tune_loss_curve_prefers_trainer_state(tmp_path):
+    from sftscope.report import load_run
+
+    run = make_tune(tmp_path / "tune")
+    ck = run / "checkpoints" / "checkpoint-4"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": [
+        {"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.0}, {"step": 4, "train_runtime": 1}]}))
+    r = load_run(run)
+    assert list(r.tables["loss_curve"]["step"]) == [2, 4]
+    assert r.tables["loss_curve"]["source"].iloc[0] == "trainer_state.json"
+    assert r.tables["tune"]["budget_ratio"].iloc[0] == 1.0
+
+
+def test_unusable_folders_are_skipped_with_a_note(tmp_path, capsys):
+    from sftscope.report import build_report
+
+    good = make_probe(tmp_path / "good", 16)
+    _run_json(tmp_path / "unknown", "frobnicate", 16)
+    bad = make_swap(tmp_path / "corrupt", 16)
+    (bad / "swap.csv").write_text('config,mask\n"never closed\n')
+    half = make_analyze(tmp_path / "half", 16)
+    (half / "correlation.csv").write_text("model,metric_a\nbase\n")  # lacks columns
+    (tmp_path / "norun").mkdir()
+    paths = [good, tmp_path / "unknown", bad, half, tmp_path / "norun", tmp_path / "missing"]
+    capsys.readouterr()
+    out = build_report(paths, out=tmp_path / "r.html")
+    err = capsys.readouterr().err
+    text = _text(out.read_text(encoding="utf-8"))
+    assert "Not used:" in text
+    for why in ("command 'frobnicate' is not one the report reads", "swap.csv could not be read",
+                "correlation.csv lacks column(s)", "norun has no run.json",
+                "missing does not exist"):
+        assert why in text, why
+        assert why in err, why
+    assert err.count("sftscope: note:") == 5
+    # the usable parts are all there: the probe run and the analyze run's metrics
+    assert "Logit lens: next-token prediction by depth (Fig. 3)" in text
+    assert "CKA is at least" in text and "No metric correlations" in text
+
+
+def test_all_folders_unusable_is_one_error(tmp_path):
+    from sftscope.report import build_report
+
+    _run_json(tmp_path / "unknown", "frobnicate", 16)
+    with pytest.raises(SftscopeError, match="no run folder is usable: .*frobnicate.*nope"):
+        build_report([tmp_path / "unknown", tmp_path / "nope"])
+
+
+def make_zero_sweep(folder: Path) -> Path:
+    """A quick demo's sweep: every score 0, one seed, 4 items."""
+    _run_json(folder, "sweep", 10, {"primary_metric": "exact_match_flexible"}, model="tiny",
+              segments=5)
+    rows = [(m, 1, 17920, metric, 0.0, 0.0, 0.49, 4, np.nan if m == "11111" else 1.0)
+            for metric in ("exact_match_flexible", "exact_match_strict")
+            for m in ["11111", "10000", "01000", "00100", "00010", "00001"]]
+    pd.DataFrame(rows, columns=["mask", "seeds", "trainable_params", "metric", "mean", "ci_low",
+                                "ci_high", "n_items", "p_value"]).to_csv(
+        folder / "summary.csv", index=False)
+    return folder
+
+
+def test_reduced_demo_says_so_and_empty_panels_say_why(tmp_path):
+    from sftscope.report import build_report, paper_patterns, plots
+
+    demo = tmp_path / "demo"
+    _run_json(demo, "demo", None, {"reduced": True, "sizes": {"eval_limit": 4}}, quick=True)
+    make_zero_sweep(demo / "sweep")
+    out = build_report([demo])
+    text = _text(out.read_text(encoding="utf-8"))
+    assert "Reduced demo" in text and "(eval_limit 4)" in text and "--quick" in text
+    assert ("every mask scores 0 on exact_match_flexible (4 items, 1 seed), so its bars have no "
+            "height") in text
+    (e,) = [p for p in paper_patterns([demo / "sweep"]) if p["pattern"].startswith("(e)")]
+    assert e["verdict"] == "inconclusive" and e["holds"] is None
+    assert "1 seed(s) (needs 2)" in e["why"] and "4 items (needs 100)" in e["why"]
+    fig = plots.plot_sweep_bars(pd.read_csv(demo / "sweep" / "summary.csv"))
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any("every mask scores 0 on exact_match_flexible" in t for t in notes), notes
+
+
+def test_probability_band_is_clipped_in_the_report(tmp_path):
+    from sftscope.report import build_report
+
+    run = make_probe(tmp_path / "p", 16)
+    df = pd.read_csv(run / "probe.csv")
+    extra = df[df["metric"] == "accuracy"].assign(metric="answer_prob")
+    extra["ci_low"] = extra["value"] - 0.05  # a t interval below 0, as the demo's
+    pd.concat([df, extra]).to_csv(run / "probe.csv", index=False)
+    out = build_report([run])
+    t = pd.read_csv(run / "figures" / "fig3_logit_lens.csv")
+    assert t["answer_prob ci_low"].min() >= 0 and t["accuracy ci_low"].min() >= 0
+    text = _text(out.read_text(encoding="utf-8"))
+    assert "of answer_prob fell outside its range [0, 1]" in text
+
+
+def test_old_tables_with_plain_or_numeric_masks(tmp_path):
+    """Tables written before the m-prefix (plain 00100) still read as masks."""
+    from sftscope.report import load_run, plots
+
+    run = make_sweep(tmp_path / "sw", 16)
+    r = load_run(run)
+    assert "01000" in set(r.tables["summary"]["mask"])
+    # a summary read without dtype (00100 -> 100) is repaired from the longest mask
+    fig = plots.plot_sweep_bars(pd.read_csv(run / "summary.csv"))
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert "00100" in labels and "01000" in labels

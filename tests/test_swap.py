@@ -16,6 +16,7 @@ from sftscope.experiments.swap import SWAP_COLUMNS, check_swappable, swap, swapp
 from sftscope.load.arch import get_blocks, get_final_norm, get_head
 from sftscope.load.models import load_model
 from sftscope.load.tiny import build_tiny_model, save_tiny_model, train_tokenizer
+from sftscope.segments import masks_from_text
 
 LETTER_TEXT = [f"Question: What is {a} plus {b}?\nA. {a + b}\nB. {a}\nC. {b}\nD. 0\nAnswer: {x}"
                for a, b, x in [(1, 2, "A"), (3, 4, "B"), (5, 6, "C"), (7, 8, "D")]] * 6
@@ -136,7 +137,7 @@ def test_swap_table(pair, tmp_path):
                                np.exp(vals("base").loc["loss", "value"]))
     n_items = vals("base").loc["choice_accuracy", "n"]
     assert n_items == 6
-    saved = pd.read_csv(out / "swap.csv", dtype={"mask": str})
+    saved = masks_from_text(pd.read_csv(out / "swap.csv"))
     assert list(saved.columns) == SWAP_COLUMNS and len(saved) == len(df)
     assert set(saved["mask"]) == {"00", "10", "01", "11"}
     run = json.loads((out / "run.json").read_text())
@@ -171,7 +172,7 @@ def test_swap_cli_end_to_end(pair, tmp_path, capsys):
                       f"mmlu:{mmlu}", "--out", str(out), "--segments", "4", "--masks", "0110",
                       "--directions", "sft-into-base", "--bootstrap", "10"], capsys)
     assert code == 0, cap.err
-    df = pd.read_csv(out / "swap.csv", dtype={"mask": str})
+    df = masks_from_text(pd.read_csv(out / "swap.csv"))
     assert list(df.columns) == SWAP_COLUMNS
     assert set(df["mask"]) == {"0000", "1000", "0100", "0010", "0001", "0110"}
 

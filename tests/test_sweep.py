@@ -22,6 +22,7 @@ from sftscope.experiments.sweep import (
     validate_suggestions,
 )
 from sftscope.metrics.stats import proportion_ci
+from sftscope.segments import masks_from_text
 
 N_ITEMS = 20
 
@@ -86,14 +87,14 @@ def test_resume_after_kill(tiny, data, tmp_path):
     res = run_sweep(_cfg(tiny, data, out), job_fn=again)  # nothing left to do
     assert sum(again.calls.values()) == 3 and res.ran == []
 
-    s = pd.read_csv(out / "summary.csv", dtype={"mask": str})
+    s = masks_from_text(pd.read_csv(out / "summary.csv"))
     assert list(s.columns) == SUMMARY_COLUMNS
     assert list(s["mask"]) == ["11", "10", "01"]
     row = s.set_index("mask")
     assert row.loc["10", "mean"] == 1.0 and row.loc["10", "seeds"] == 2
     assert row.loc["10", "n_items"] == N_ITEMS and row.loc["10", "trainable_params"] == 102
     assert math.isnan(row.loc["11", "p_value"]) and row.loc["10", "p_value"] < 1e-3
-    pos = pd.read_csv(out / "position.csv", dtype={"mask": str})
+    pos = masks_from_text(pd.read_csv(out / "position.csv"))
     assert list(pos["segment"]) == [0, 1] and list(pos["mask"]) == ["10", "01"]
     assert list(pos["depth"]) == [0.25, 0.75] and list(pos["first_block"]) == [0, 2]
     rec = json.loads((out / "run.json").read_text())
@@ -164,7 +165,7 @@ def test_shards_then_summarize(tiny, data, tmp_path):
     assert len(fns[0].calls) + len(fns[1].calls) == 6
     res = run_sweep(SweepConfig(out=str(out), summarize_only=True, bootstrap=200))
     assert res.ran == [] and not res.pending
-    assert set(pd.read_csv(out / "summary.csv", dtype={"mask": str})["mask"]) == {"11", "10",
+    assert set(masks_from_text(pd.read_csv(out / "summary.csv"))["mask"]) == {"11", "10",
                                                                                   "01"}
 
 
@@ -264,7 +265,7 @@ def test_validate_suggest(tiny, data, tmp_path):
     res = run_sweep(_cfg(tiny, data, out, seeds=1, validate_suggest=True,
                          suggest={"n_samples": 4, "grad_samples": 4, "device": "cpu"}),
                     job_fn=FakeJob())
-    v = pd.read_csv(out / "suggest_validation.csv", dtype={"mask": str, "best_mask": str})
+    v = masks_from_text(pd.read_csv(out / "suggest_validation.csv"))
     assert set(v["method"]) == {"angular", "gradient", "combined"}
     assert list(v.columns[:7]) == ["method", "mask", "rank", "n_masks", "score", "best_mask",
                                    "best_score"]

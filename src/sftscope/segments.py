@@ -128,3 +128,92 @@ def mask_group(name: str, k: int) -> list[str]:
 def relative_depth(j: int, n_states: int) -> float:
     """Hidden-state index ``j`` of ``0..n_states-1`` as a fraction of depth (0 = embeddings)."""
     return j / max(n_states - 1, 1)
+
+
+# ----------------------------------------------------------------------------- masks in tables
+#
+# A mask such as ``00100`` looks like a number to any CSV reader: ``pd.read_csv`` turns it into
+# the integer 100. Every table sftscope writes therefore stores masks with a one-letter prefix,
+# ``m00100``, which every reader keeps as text; readers accept both forms (and repair the
+# integer form when the number of segments is known).
+
+MASK_PREFIX = "m"
+MASK_COLUMNS = ("mask", "best_mask")
+
+
+def is_mask(value: object) -> bool:
+    """A non-empty string of ``0``/``1`` (no prefix)."""
+    return isinstance(value, str) and bool(value) and set(value) <= {"0", "1"}
+
+
+def mask_text(mask: object) -> str:
+    """A mask as written in tables: ``01000`` -> ``m01000`` (anything else unchanged)."""
+    m = mask_from_text(mask)
+    return f"{MASK_PREFIX}{m}" if is_mask(m) else m
+
+
+def mask_from_text(value: object, k: int | None = None) -> str:
+    """A mask read back from a table: ``m01000``, ``01000``, or the number a CSV reader made of
+    it (``1000``, ``1000.0``; left-padded with zeros to ``k`` segments when ``k`` is given).
+    Empty cells give ``""``; text that is not a mask is returned stripped."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return ""
+        if value.is_integer():
+            value = int(value)
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        s = str(value)
+        return s.zfill(k) if k and is_mask(s) and len(s) < k else s
+    s = str(value).strip()
+    if s.lower() in ("", "nan", "none"):
+        return ""
+    if s[:1] == MASK_PREFIX and is_mask(s[1:]):
+        return s[1:]
+    if s.endswith(".0") and is_mask(s[:-2]):  # a float column written back as text
+        s = s[:-2]
+        return s.zfill(k) if k and len(s) < k else s
+    return s
+
+
+def masks_as_text(df, columns: tuple[str, ...] = MASK_COLUMNS):
+    """A copy of ``df`` with its mask columns in the table form (``m01000``), for writers."""
+    out = df.copy()
+    for c in columns:
+        if c in out.columns:
+            out[c] = out[c].map(mask_text)
+    return out
+
+
+def masks_from_text(df, k: int | None = None, columns: tuple[str, ...] = MASK_COLUMNS):
+    """A copy of ``df`` with its mask columns as plain masks (``01000``), for readers."""
+    out = df.copy()
+    for c in columns:
+        if c in out.columns:
+            out[c] = out[c].map(lambda v: mask_from_text(v, k)).astype(object)
+    return out
+
+
+def mask_centre(mask: str) -> float | None:
+    """Mean relative depth ``(i + 0.5) / K`` of the segments a mask selects (None if none)."""
+    if not is_mask(mask) or "1" not in mask:
+        return None
+    k = len(mask)
+    pos = [(i + 0.5) / k for i, c in enumerate(mask) if c == "1"]
+    return sum(pos) / len(pos)
+
+
+def mask_sort_key(mask: object) -> tuple:
+    """The one order of masks in tables and plots: full depth first, then by the number of
+    selected segments (one-segment masks first), then by the depth of their centre (bottom
+    first), then by text; anything that is not a mask comes last."""
+    m = mask_from_text(mask)
+    if not is_mask(m):
+        return (2, 0, 0.0, m)
+    ones = m.count("1")
+    if ones == len(m):
+        return (0, 0, 0.0, m)
+    return (1, ones, mask_centre(m) or 0.0, m)

@@ -128,15 +128,24 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         order = [res.runs[k] for k in STEPS if k in res.runs and True]
         res.report = build_report(order, out=out / "report.html",
                                   figures_dir=out / "figures",
-                                  title="sftscope demo: a toy Base/SFT pair trained on this CPU")
+                                  title="sftscope demo: a toy Base/SFT pair trained on this CPU",
+                                  notices=[reduced_notice(cfg)] if cfg.quick else [])
         res.patterns = paper_patterns(order)
         res.timings["report"] = time.perf_counter() - t
     res.timings["total"] = time.perf_counter() - t0
     finish_run(out, run_record(
-        "demo", cfg.record(), seeds={"demo": cfg.seed}, pair=res.pair,
+        "demo", cfg.record(), reduced=cfg.quick, sizes=size, seeds={"demo": cfg.seed},
+        pair=res.pair,
         runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings,
         general_text=general, patterns=res.patterns))
     return res
+
+
+def reduced_notice(cfg: DemoConfig) -> str:
+    """What the report of a ``--quick`` demo says first: its numbers measure nothing."""
+    from sftscope.report.runs import reduced_notice as notice
+
+    return notice(cfg.sizes)
 
 
 def time_summary(res: DemoResult) -> str:

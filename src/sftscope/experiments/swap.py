@@ -52,7 +52,7 @@ from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import proportion_ci
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, start_run
-from sftscope.segments import mask_blocks, mask_group, parse_mask, segment_bounds
+from sftscope.segments import mask_blocks, mask_group, masks_as_text, parse_mask, segment_bounds
 
 SWAP_COLUMNS = ["config", "direction", "mask", "head", "metric", "value", "ci_low", "ci_high",
                 "n"]
@@ -317,7 +317,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     if out is not None:
         out = Path(out)
         bounds = segment_bounds(n_blocks, segments)
-        write_tables(df, out, "swap", cfg.formats)
+        write_tables(masks_as_text(df), out, "swap", cfg.formats)  # masks as m0100: text
         finish_run(out, run_record(
             "swap", cfg.record(), n_blocks=n_blocks, segments=segments,
             segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=mask_list,

@@ -57,12 +57,16 @@ correctness, 0/1, for accuracies).
   get NaN. Extra columns: ``delta`` (mean minus the ``11111`` mean on the shared pairs),
   ``seed_sd`` (standard deviation of the per-seed means), ``blocks``.
 
-Rows are ordered full depth first, then one-segment masks bottom to top, then wider masks;
-the primary metric (``--metric``, else the task's own: ``flexible_extract`` for GSM8K,
-``accuracy`` for MMLU) comes first, and ``--validate-suggest`` ranks by it.
+Rows are ordered by ``segments.mask_sort_key`` (full depth first, then by the number of
+segments, one-segment masks bottom to top first); the primary metric (``--metric``, else the
+task's own: ``flexible_extract`` for GSM8K, ``accuracy`` for MMLU) comes first, and
+``--validate-suggest`` ranks by it.
 
 Position (``position.csv``): the one-segment masks with their segment index, block range and
 the relative depth of the centre of their blocks (``(lo + hi) / 2 / L``).
+
+Masks in the written tables carry the table prefix (``m01000``, ``segments.mask_text``) so that a
+plain ``pd.read_csv`` keeps them as text; the returned DataFrames hold plain masks.
 """
 
 from __future__ import annotations
@@ -92,8 +96,16 @@ from sftscope.config.commands import (
 from sftscope.config.core import check_fields, defaults
 from sftscope.errors import SftscopeError
 from sftscope.io import read_json, run_record, write_json, write_table
+from sftscope.metric_registry import lower_is_better
 from sftscope.runs import folder_command
-from sftscope.segments import mask_blocks, mask_group, parse_mask, segment_bounds
+from sftscope.segments import (
+    mask_blocks,
+    mask_group,
+    mask_sort_key,
+    masks_as_text,
+    parse_mask,
+    segment_bounds,
+)
 from sftscope.tasks import all_tasks
 
 SUMMARY_COLUMNS = ["mask", "seeds", "trainable_params", "metric", "mean", "ci_low", "ci_high",
@@ -624,14 +636,6 @@ def _span(blocks: list[int]) -> str:
     return span(blocks)
 
 
-def mask_order(mask: str) -> tuple:
-    """Full depth first, then one-segment masks bottom to top, then wider masks."""
-    ones = mask.count("1")
-    if ones == len(mask):
-        return (0, 0, mask)
-    return (1, ones, mask.index("1") if ones else 0, mask[::-1])
-
-
 def summarize(items: pd.DataFrame, params: dict[str, int | None] | None = None,
               n_blocks: int | None = None, level: float = 0.95, n_boot: int = 2000,
               boot_seed: int = 0, metric_order: Sequence[str] = ()) -> pd.DataFrame:
@@ -641,7 +645,7 @@ def summarize(items: pd.DataFrame, params: dict[str, int | None] | None = None,
     items = items.copy()
     items["item"] = items["item"].astype(str)
     params = params or {}
-    masks = sorted(dict.fromkeys(items["mask"]), key=mask_order)
+    masks = sorted(dict.fromkeys(items["mask"]), key=mask_sort_key)
     k = len(masks[0])
     full = "1" * k
     metrics = list(dict.fromkeys([*[m for m in metric_order if m in set(items["metric"])],
@@ -687,12 +691,6 @@ def position_table(summary: pd.DataFrame, n_blocks: int) -> pd.DataFrame:
                      "seeds": r.seeds})
     df = pd.DataFrame(rows, columns=POSITION_COLUMNS)
     return df.sort_values(["metric", "segment"], kind="stable").reset_index(drop=True)
-
-
-def lower_is_better(metric: str) -> bool:
-    """Loss-like metrics rank the other way."""
-    m = metric.lower()
-    return "loss" in m or "ppl" in m or "perplexity" in m
 
 
 def primary_metric(metrics: Sequence[str], task: str | None, wanted: str | None) -> str | None:
@@ -862,15 +860,15 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     write_summary = cfg.summarize_only or cfg.num_jobs == 1 or not pending
     if write_summary:
         for fmt in cfg.formats:
-            write_table(summary, out / f"summary.{fmt}")
-            write_table(position, out / f"position.{fmt}")
+            write_table(masks_as_text(summary), out / f"summary.{fmt}")
+            write_table(masks_as_text(position), out / f"position.{fmt}")
         if cfg.validate_suggest:
             if summary.empty or metric is None:
                 say("[yellow]note:[/] no finished job yet: nothing to validate suggestions on")
             else:
                 validation = _run_validation(cfg, settings, summary, metric)
                 for fmt in cfg.formats:
-                    write_table(validation, out / f"suggest_validation.{fmt}")
+                    write_table(masks_as_text(validation), out / f"suggest_validation.{fmt}")
         write_json(out / "run.json", run_record(
             "sweep", cfg.record(), n_blocks=settings[
                 "n_blocks"], settings=settings, masks=masks, seeds=seeds,

@@ -52,6 +52,14 @@ code, pre { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, mono
             font-size: .88em; }
 pre { background: var(--soft); padding: 8px; overflow: auto; max-height: 420px; }
 .note { color: var(--muted); font-size: .85em; }
+.notice { background: #fff4e5; border: 1px solid #f0b429; border-left: 6px solid #f0b429;
+          border-radius: 5px; padding: 10px 14px; margin: 12px 0; font-weight: 600; }
+.skipped { background: #fdecea; border-left: 4px solid var(--bad); padding: 6px 14px;
+           margin: 8px 0; font-size: .9em; }
+.notes { border-left: 4px solid #f0b429; padding: 4px 14px; margin: 6px 0 10px;
+         font-size: .9em; }
+.notes p { margin: 3px 0; }
+.rule { color: var(--muted); font-size: .88em; }
 """
 
 
@@ -84,6 +92,7 @@ class Section:
     figures: list[FigureBlock] = field(default_factory=list)
     tables: list[TableBlock] = field(default_factory=list)
     absent: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def esc(value: Any) -> str:
@@ -133,6 +142,9 @@ def section_html(sec: Section, number: int) -> str:
     if sec.findings:
         parts.append('<div class="findings"><strong>Findings.</strong>'
                      + "".join(f"<p>{esc(f)}</p>" for f in sec.findings) + "</div>")
+    if sec.notes:
+        parts.append('<div class="notes"><strong>Read with care.</strong>'
+                     + "".join(f"<p>{esc(n)}</p>" for n in sec.notes) + "</div>")
     for fig in sec.figures:
         files = ", ".join(f"<code>{esc(p)}</code>" for p in fig.files)
         parts.append(f"<figure>{img_tag(fig.png, fig.title)}<figcaption>{esc(fig.title)}"
@@ -159,17 +171,21 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
+VERDICT_CLASS = {"yes": "ok", "no": "bad", "inconclusive": "na"}
+
+
 def patterns_table(patterns: list[dict[str, Any]]) -> str:
+    """Pattern, verdict, and the rule with the numbers it was applied to."""
     rows = []
     for p in patterns:
-        holds = p.get("holds")
-        mark = ('<span class="ok">yes</span>' if holds is True else
-                '<span class="bad">no</span>' if holds is False else
-                '<span class="na">no data</span>')
+        verdict = str(p.get("verdict") or {True: "yes", False: "no"}.get(p.get("holds"),
+                                                                         "inconclusive"))
+        mark = f'<span class="{VERDICT_CLASS.get(verdict, "na")}">{esc(verdict)}</span>'
+        rule = (f'<div class="rule">rule: {esc(p["rule"])}</div>' if p.get("rule") else "")
         rows.append(f"<tr><td>{esc(p['pattern'])}</td><td>{mark}</td>"
-                    f"<td>{esc(p['evidence'])}</td></tr>")
+                    f"<td>{rule}<div>here: {esc(p['evidence'])}</div></td></tr>")
     return ('<table class="patterns"><thead><tr><th>pattern of the paper</th>'
-            "<th>shown here?</th><th>evidence</th></tr></thead><tbody>"
+            "<th>verdict</th><th>rule, numbers and verdict</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
 
 
@@ -192,8 +208,10 @@ def config_html(runs: list[dict[str, Any]]) -> str:
 
 
 def render_page(title: str, runs: list[dict[str, Any]], patterns: list[dict[str, Any]],
-                sections: list[Section], notes: list[str] | None = None) -> str:
-    """The whole report as one HTML string."""
+                sections: list[Section], notes: list[str] | None = None,
+                notices: list[str] | None = None, skipped: list[str] | None = None) -> str:
+    """The whole report as one HTML string; ``notices`` (e.g. a reduced demo) open the page,
+    ``skipped`` lists the folders and tables that could not be used."""
     nav = "\n".join(f'<a href="#{esc(s.key)}">{i}. {esc(s.title)}</a>'
                     for i, s in enumerate(sections, 1))
     nav += '\n<a href="#patterns">Patterns of the paper</a><a href="#config">Run configuration</a>'
@@ -203,15 +221,20 @@ def render_page(title: str, runs: list[dict[str, Any]], patterns: list[dict[str,
         f"{len(runs)} run folder(s). x axes are relative depth: hidden state j / L for "
         "per-layer tables, block (b + 0.5) / L for per-block tables; the dotted vertical line "
         "marks 80 % of depth (the paper's \"final 20 %\").</p>",
-        f"<nav>{nav}</nav>",
-        "<h2 id=\"runs-list\">Runs</h2>",
-        runs_table(runs),
     ]
+    body += [f'<div class="notice">{esc(n)}</div>' for n in notices or []]
+    body += [f"<nav>{nav}</nav>", "<h2 id=\"runs-list\">Runs</h2>", runs_table(runs)]
+    if skipped:
+        body.append('<div class="skipped"><strong>Not used:</strong>'
+                    + "".join(f"<p>{esc(s)}</p>" for s in skipped) + "</div>")
     for n in notes or []:
         body.append(f'<p class="note">{esc(n)}</p>')
     body.append('<h2 id="patterns">Patterns of the paper</h2>'
-                '<p class="sub">Which of the paper\'s depth patterns these runs show, with the '
-                "numbers (thresholds in sftscope.report.paper_patterns).</p>"
+                '<p class="sub">Which of the paper\'s depth patterns these runs show. Each verdict '
+                "comes from the stated rule applied to the numbers beside it: yes when every "
+                "condition holds beyond the confidence intervals (or p &lt; 0.05), no when one "
+                "fails beyond them, inconclusive when they overlap, p &gt;= 0.05, or the sample "
+                "is below the stated minimum (rules in sftscope.report.rules).</p>"
                 + patterns_table(patterns))
     body += [section_html(s, i) for i, s in enumerate(sections, 1)]
     body.append('<h2 id="config">Run configuration</h2>' + config_html(runs))

@@ -1,11 +1,16 @@
 """The paper's figures from tidy tables: each function takes DataFrames and returns a Figure.
 
 Every function accepts the table exactly as its command writes it (``pd.read_csv("metrics.csv")``
-works in a notebook) plus two optional columns the report adds when it overlays runs:
-``run`` (legend label, one colour per run) and ``n_blocks`` (the depth ``L``; without it ``L`` is
-inferred as the largest hidden-state index, or the largest block + 1). The x axis is always a
-relative depth so models of different depth overlay: hidden state ``j / L`` for per-layer tables,
-block ``(b + 0.5) / L`` for per-block tables and segment centre ``(i + 0.5) / K`` for masks.
+works in a notebook) or the :class:`~sftscope.report.numbers.FigureData` the report computed
+from it (so a figure draws exactly the numbers its findings cite), plus two optional columns the
+report adds when it overlays runs: ``run`` (legend label, one colour per run) and ``n_blocks``
+(the depth ``L``; without it ``L`` is inferred as the largest hidden-state index, or the largest
+block + 1). The x axis is always a relative depth so models of different depth overlay: hidden
+state ``j / L`` for per-layer tables, block ``(b + 0.5) / L`` for per-block tables and segment
+centre ``(i + 0.5) / K`` for masks. Scales, labels and the better direction of each metric come
+from :mod:`sftscope.metric_registry`; intervals are clipped to the metric's range
+(:func:`~sftscope.report.numbers.clip_to_range`). A panel with nothing to show (every value 0,
+one seed...) carries a note saying why.
 
 Figures are plain :class:`matplotlib.figure.Figure` objects on the Agg canvas, never registered
 with pyplot: nothing to close, no global backend switch, safe in threads and notebooks.
@@ -14,31 +19,52 @@ with pyplot: nothing to close, no global backend switch, safe in threads and not
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from sftscope.metric_registry import label as metric_label
+from sftscope.metric_registry import lower_is_better, use_log
+from sftscope.report import numbers as N
+from sftscope.report.numbers import (
+    DEFAULT_RUN,
+    RUN,
+    FigureData,
+    pair_metric_names,
+    run_labels,
+    single_metric_names,
+    single_position,
+    split_swap,
+    swap_host,
+    swap_is_original,
+    swap_original_name,
+    swap_panels,
+    weight_module,
+    with_depth,
+)
+from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key
+
+__all__ = [
+    "DEFAULT_RUN", "DPI", "RUN", "FigureData", "correlation_matrix", "is_mask", "lower_is_better",
+    "mask_centre", "mask_sort_key", "mask_str", "pair_metric_names", "palette",
+    "plot_correlation", "plot_inverted_u", "plot_logit_lens", "plot_loss_curves",
+    "plot_pair_metrics", "plot_single_metrics", "plot_suggest", "plot_swap", "plot_sweep_bars",
+    "plot_weight_change", "plot_weight_heatmap", "run_labels", "single_metric_names",
+    "single_position", "split_swap", "swap_host", "swap_is_original", "swap_original_name",
+    "swap_panels", "weight_module", "with_depth",
+]
+
 DPI = 110
-RUN = "run"
-DEFAULT_RUN = "run"
 LAYER_AXIS = "hidden state j / L  (0 = embeddings, 1 = last block output)"
 BLOCK_AXIS = "block (b + 0.5) / L"
 SEGMENT_AXIS = "swapped segment centre (i + 0.5) / K  (block depth)"
 MASK_AXIS = "trained segment centre (i + 0.5) / K  (block depth)"
-
-PAIR_ORDER = ("cka", "cosine_similarity", "mean_shift", "mean_shift_relative", "cka_unbiased")
-SINGLE_ORDER = ("effective_rank_norm", "prompt_entropy", "dataset_entropy", "spectral_norm",
-                "condition_number")
-SINGLE_EXTRA = ("effective_rank", "rank_deficiency", "rank_deficiency_frac", "l2_norm",
-                "sparsity", "curvature")
-LOG_METRICS = ("spectral_norm", "condition_number", "mean_shift", "answer_rank", "perplexity")
 MODEL_STYLE = {"base": "-", "sft": "--", "pair": ":"}
 DIRECTION_STYLES = ("-", "--", "-.", ":")
-LOWER_IS_BETTER = ("loss", "nll", "ppl", "perplexity", "cross_entropy", "error", "rank")
+mask_str = mask_from_text  # masks as text, from any form a reader made of them
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -53,21 +79,6 @@ def palette(labels: Iterable[str]) -> dict[str, str]:
     return {lab: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, lab in enumerate(labels)}
 
 
-def run_labels(df: pd.DataFrame) -> list[str]:
-    """Run labels in order of appearance (one default label when the column is absent)."""
-    if RUN not in df.columns:
-        return [DEFAULT_RUN]
-    return list(dict.fromkeys(df[RUN].astype(str)))
-
-
-def _with_run(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.copy()
-    if RUN not in df.columns:
-        df[RUN] = DEFAULT_RUN
-    df[RUN] = df[RUN].astype(str)
-    return df
-
-
 def _colors(df: pd.DataFrame, colors: dict[str, str] | None) -> dict[str, str]:
     pal = palette(run_labels(df))
     if colors:
@@ -75,38 +86,9 @@ def _colors(df: pd.DataFrame, colors: dict[str, str] | None) -> dict[str, str]:
     return pal
 
 
-def lower_is_better(metric: str) -> bool:
-    """Loss-like metrics (loss, perplexity, rank...) are better when smaller."""
-    m = str(metric).lower()
-    return any(tok in m for tok in LOWER_IS_BETTER)
-
-
-def with_depth(df: pd.DataFrame, index: str = "layer") -> pd.DataFrame:
-    """Add ``rel_depth``: ``layer / L`` (hidden states) or ``(block + 0.5) / L`` (blocks).
-
-    ``L`` comes from an ``n_blocks`` column when present, else from the table itself (largest
-    hidden-state index, or largest block + 1), per run. Rows whose index is not a number (the
-    embeddings or LM head in ``weights.csv``) are dropped.
-    """
-    df = _with_run(df)
-    df[index] = pd.to_numeric(df[index], errors="coerce")
-    df = df[df[index].notna() & (df[index] >= 0)].copy()
-    if "rel_depth" in df.columns and df["rel_depth"].notna().all():
-        return df
-    depth = []
-    for _, g in df.groupby(RUN, sort=False):
-        n = None
-        if "n_blocks" in g.columns:
-            nb = pd.to_numeric(g["n_blocks"], errors="coerce").dropna()
-            if len(nb):
-                n = float(nb.iloc[0])
-        if not n:
-            n = float(g[index].max()) if index == "layer" else float(g[index].max()) + 1
-        n = max(n, 1.0)
-        rel = g[index] / n if index == "layer" else (g[index] + 0.5) / n
-        depth.append(rel)
-    df["rel_depth"] = pd.concat(depth) if depth else pd.Series(dtype=float)
-    return df
+def _data(table: pd.DataFrame | FigureData, make: Callable[[pd.DataFrame], FigureData]
+          ) -> FigureData:
+    return table if isinstance(table, FigureData) else make(table)
 
 
 def _grid(n: int, ncols: int = 3, w: float = 4.4, h: float = 3.3,
@@ -131,14 +113,28 @@ def _depth_axes(ax, xlabel: str) -> None:
     ax.tick_params(labelsize=8)
 
 
-def _nice(metric: str) -> str:
-    return str(metric).replace("_", " ")
-
-
-def _maybe_log(ax, values: pd.Series, metric: str) -> None:
+def _maybe_log(ax, values: pd.Series, metric: str, table: str | None = None) -> None:
     v = pd.to_numeric(values, errors="coerce").dropna()
-    if metric in LOG_METRICS and len(v) and (v > 0).all() and v.max() / v.min() > 30:
+    if use_log(metric, v.tolist(), table):
         ax.set_yscale("log")
+
+
+def panel_note(ax, text: str) -> None:
+    """A note inside a panel that has nothing (or nothing visible) to show, saying why."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8,
+            color="0.25", wrap=True,
+            bbox={"boxstyle": "round,pad=0.4", "fc": "#fff8e1", "ec": "0.6", "lw": 0.6})
+
+
+def _flat_note(ax, values: Iterable[pd.Series], what: str) -> None:
+    """Note a panel whose values are all missing or all 0."""
+    vals = [pd.to_numeric(v, errors="coerce") for v in values]
+    v = pd.concat(vals) if vals else pd.Series(dtype=float)
+    v = v[np.isfinite(v)]
+    if v.empty:
+        panel_note(ax, f"no finite {what} value: nothing to draw")
+    elif (v == 0).all():
+        panel_note(ax, f"{what} is 0 everywhere: the line lies on the x axis")
 
 
 def _line(ax, g: pd.DataFrame, color: str, ls: str, label: str | None, ycol: str = "value",
@@ -179,34 +175,34 @@ def _empty(title: str, message: str) -> Figure:
     return fig
 
 
-def _ordered(present: Iterable[str], order: Sequence[str], extra: Sequence[str] = (),
-             limit: int = 9) -> list[str]:
-    present = list(dict.fromkeys(present))
-    out = [m for m in order if m in present] + [m for m in extra if m in present]
-    return out[:limit]
+def _nice(metric: str, table: str | None = None) -> str:
+    return metric_label(metric, table)
+
+
+def _yerr(g: pd.DataFrame, y: np.ndarray) -> np.ndarray | None:
+    if not {"ci_low", "ci_high"} <= set(g.columns) or g.empty:
+        return None
+    lo = pd.to_numeric(g["ci_low"], errors="coerce").to_numpy(float)
+    hi = pd.to_numeric(g["ci_high"], errors="coerce").to_numpy(float)
+    if not (np.isfinite(lo) | np.isfinite(hi)).any():
+        return None
+    lo = np.where(np.isfinite(lo), np.maximum(y - lo, 0), 0)
+    hi = np.where(np.isfinite(hi), np.maximum(hi - y, 0), 0)
+    return np.vstack([lo, hi])
 
 
 # ----------------------------------------------------------------------------- Fig. 1-3
 
 
-def pair_metric_names(metrics: pd.DataFrame) -> list[str]:
-    """Pair metrics Fig. 1 plots, in the paper's order (delta_* metrics stay in the tables)."""
-    df = metrics
-    if "model" in df.columns:
-        df = df[df["model"].astype(str) == "pair"]
-    present = [m for m in dict.fromkeys(df["metric"].astype(str)) if not m.startswith("delta_")]
-    return _ordered(present, PAIR_ORDER, [m for m in present if m not in PAIR_ORDER], limit=6)
-
-
-def plot_pair_metrics(metrics: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
+def plot_pair_metrics(metrics: pd.DataFrame | FigureData,
+                      colors: dict[str, str] | None = None) -> Figure:
     """Fig. 1: base-vs-SFT similarity (CKA, cosine, mean shift) by depth, CI bands if given."""
     title = "Fig. 1 - Base vs SFT representations by depth (x: hidden state j / L)"
-    names = pair_metric_names(metrics)
-    if not names:
+    data = _data(metrics, N.pair_data)
+    names = data.extra.get("names") or []
+    if not names or data.empty:
         return _empty(title, "no pair metrics (model = pair) in this table")
-    df = with_depth(metrics, "layer")
-    if "model" in df.columns:
-        df = df[df["model"].astype(str) == "pair"]
+    df = data.frame
     pal = _colors(df, colors)
     runs = run_labels(df)
     fig, axes = _grid(len(names), title=title)
@@ -219,36 +215,20 @@ def plot_pair_metrics(metrics: pd.DataFrame, colors: dict[str, str] | None = Non
         ax.set_title(_nice(metric), fontsize=10)
         _depth_axes(ax, LAYER_AXIS)
         _maybe_log(ax, sub["value"], metric)
+        _flat_note(ax, [sub["value"]], _nice(metric))
     _legend(fig, _run_handles(runs, pal))
     return fig
 
 
-def single_metric_names(metrics: pd.DataFrame) -> list[str]:
-    """Single-model metrics Fig. 2 plots (effective rank normalised when available)."""
-    df = metrics
-    if "model" in df.columns:
-        df = df[df["model"].astype(str).isin(["base", "sft"])]
-    present = list(dict.fromkeys(df["metric"].astype(str)))
-    extra = [m for m in SINGLE_EXTRA if m in present]
-    if "effective_rank_norm" in present:
-        extra = [m for m in extra if m != "effective_rank"]
-    else:
-        extra = [m for m in extra if m != "effective_rank"]
-        if "effective_rank" in present:
-            extra = ["effective_rank", *extra]
-    rest = [m for m in present if m not in SINGLE_ORDER and m not in SINGLE_EXTRA
-            and not m.startswith("delta_")]
-    return _ordered(present, SINGLE_ORDER, [*extra, *rest], limit=9)
-
-
-def plot_single_metrics(metrics: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
+def plot_single_metrics(metrics: pd.DataFrame | FigureData,
+                        colors: dict[str, str] | None = None) -> Figure:
     """Fig. 2: single-model metrics by depth, base solid and SFT dashed, one panel each."""
     title = "Fig. 2 - Single-model metrics by depth, base (solid) vs SFT (dashed), x: j / L"
-    names = single_metric_names(metrics)
-    if not names:
+    data = _data(metrics, N.single_data)
+    names = data.extra.get("names") or []
+    if not names or data.empty:
         return _empty(title, "no single-model metrics (model = base/sft) in this table")
-    df = with_depth(metrics, "layer")
-    df = df[df["model"].astype(str).isin(["base", "sft"])]
+    df = data.frame
     pal = _colors(df, colors)
     runs = run_labels(df)
     fig, axes = _grid(len(names), title=title)
@@ -262,37 +242,27 @@ def plot_single_metrics(metrics: pd.DataFrame, colors: dict[str, str] | None = N
         ax.set_title(_nice(metric), fontsize=10)
         _depth_axes(ax, LAYER_AXIS)
         _maybe_log(ax, sub["value"], metric)
+        _flat_note(ax, [sub["value"]], _nice(metric))
     _legend(fig, _run_handles(runs, pal) + _style_handles({"base": "-", "SFT": "--"}))
     return fig
 
 
-def _probe_kind(metric: str) -> str:
-    m = metric.lower()
-    if "agree" in m:
-        return "agreement"
-    if "acc" in m:
-        return "accuracy"
-    if "loss" in m or "nll" in m or "entropy" in m:
-        return "loss"
-    return "other"
-
-
-def plot_logit_lens(probe: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
+def plot_logit_lens(probe: pd.DataFrame | FigureData,
+                    colors: dict[str, str] | None = None) -> Figure:
     """Fig. 3: logit-lens next-token accuracy (base, SFT, agreement) and loss by depth."""
     title = "Fig. 3 - Logit lens: next-token prediction from each hidden state (x: j / L)"
-    if probe.empty:
+    data = _data(probe, N.lens_data)
+    if data.empty:
         return _empty(title, "empty probe table")
-    df = with_depth(probe, "layer")
-    if "model" not in df.columns:
-        df["model"] = "sft"
-    df["model"] = df["model"].astype(str)
+    df = data.frame
     pal = _colors(df, colors)
     runs = run_labels(df)
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
-    acc = [m for m in metrics if _probe_kind(m) == "accuracy"]
-    agree = [m for m in metrics if _probe_kind(m) == "agreement"]
-    loss = [m for m in metrics if _probe_kind(m) == "loss"]
-    other = [m for m in metrics if _probe_kind(m) == "other"]
+    kind = {m: N.probe_kind(m) for m in metrics}
+    acc = [m for m in metrics if kind[m] == "accuracy"]
+    agree = [m for m in metrics if kind[m] == "agreement"]
+    loss = [m for m in metrics if kind[m] == "loss"]
+    other = [m for m in metrics if kind[m] == "other"]
     # Panels: each accuracy metric (agreement overlaid on the first), each loss, the rest.
     panels: list[tuple[str, list[str]]] = []
     for i, m in enumerate(acc):
@@ -310,7 +280,7 @@ def plot_logit_lens(probe: pd.DataFrame, colors: dict[str, str] | None = None) -
             vals.append(sub["value"])
             for r in runs:
                 for model, g in sub[sub[RUN] == r].groupby("model", sort=False):
-                    is_agree = _probe_kind(metric) == "agreement"
+                    is_agree = kind[metric] == "agreement"
                     ls = ":" if is_agree else MODEL_STYLE.get(model, "-.")
                     key = "agreement (base vs SFT)" if is_agree else (
                         {"base": "base", "sft": "SFT"}.get(model, model))
@@ -318,10 +288,12 @@ def plot_logit_lens(probe: pd.DataFrame, colors: dict[str, str] | None = None) -
                     _line(ax, g, pal[r], ls, None)
         ax.set_title(_nice(name) + (" + agreement" if len(members) > 1 else ""), fontsize=10)
         _depth_axes(ax, LAYER_AXIS)
-        if _probe_kind(name) in ("accuracy", "agreement"):
-            ax.set_ylim(-0.02, max(1.0, float(pd.concat(vals).max()) + 0.02) if vals else 1.02)
+        if kind[name] in ("accuracy", "agreement"):
+            top = float(pd.concat(vals).max()) if vals else 1.0
+            ax.set_ylim(-0.02, max(1.0, top + 0.02) if np.isfinite(top) else 1.02)
         elif vals:
             _maybe_log(ax, pd.concat(vals), name)
+        _flat_note(ax, vals, _nice(name))
     _legend(fig, _run_handles(runs, pal) + _style_handles(styles_used))
     return fig
 
@@ -329,24 +301,17 @@ def plot_logit_lens(probe: pd.DataFrame, colors: dict[str, str] | None = None) -
 # ----------------------------------------------------------------------------- Fig. 4
 
 
-def weight_module(weights: pd.DataFrame) -> str | None:
-    """The module Fig. 4 plots: ``attn`` (all attention projections together) when present."""
-    mods = list(dict.fromkeys(weights["module"].astype(str))) if len(weights) else []
-    if not mods:
-        return None
-    return "attn" if "attn" in mods else mods[0]
-
-
-def plot_weight_change(weights: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
+def plot_weight_change(weights: pd.DataFrame | FigureData,
+                       colors: dict[str, str] | None = None) -> Figure:
     """Fig. 4: attention weight change by block, relative and Frobenius, one line per run."""
     title = "Fig. 4 - Weight change Base -> SFT by block (x: block (b + 0.5) / L)"
-    df = with_depth(weights, "block")
-    module = weight_module(df)
-    if module is None:
+    data = _data(weights, N.weight_data)
+    module = data.extra.get("module")
+    if module is None or data.empty:
         return _empty(title, "no per-block rows in weights table")
-    df = df[df["module"].astype(str) == module]
+    df = data.frame
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
-    names = _ordered(metrics, ("relative", "frobenius")) or metrics[:2]
+    names = [m for m in ("relative", "frobenius") if m in metrics] or metrics[:2]
     pal = _colors(df, colors)
     runs = run_labels(df)
     fig, axes = _grid(len(names), ncols=2, w=5.2, title=title)
@@ -356,16 +321,18 @@ def plot_weight_change(weights: pd.DataFrame, colors: dict[str, str] | None = No
             g = sub[sub[RUN] == r]
             if len(g):
                 _line(ax, g, pal[r], "-", r)
-        ax.set_title(f"{module}: {_nice(metric)}", fontsize=10)
+        ax.set_title(f"{module}: {_nice(metric, 'weights')}", fontsize=10)
         _depth_axes(ax, BLOCK_AXIS)
+        _flat_note(ax, [sub["value"]], f"{module} {metric} change")
     _legend(fig, _run_handles(runs, pal))
     return fig
 
 
-def plot_weight_heatmap(weights: pd.DataFrame, metric: str | None = None) -> Figure:
+def plot_weight_heatmap(weights: pd.DataFrame | FigureData, metric: str | None = None) -> Figure:
     """Fig. 4b: per-module weight change, one heatmap (module x block) per run."""
     title = "Fig. 4b - Weight change per module (x: block (b + 0.5) / L)"
-    df = with_depth(weights, "block")
+    df = weights.extra["all"] if isinstance(weights, FigureData) else with_depth(weights,
+                                                                                 "block")
     if df.empty:
         return _empty(title, "no per-block rows in weights table")
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
@@ -398,6 +365,8 @@ def plot_weight_heatmap(weights: pd.DataFrame, metric: str | None = None) -> Fig
         ax.set_title(r, fontsize=10)
         ax.tick_params(labelsize=8)
         fig.colorbar(im, ax=ax, label=metric, fraction=0.04, pad=0.01)
+        if np.all(np.nan_to_num(mat) == 0):
+            panel_note(ax, f"every module's {metric} change is 0 or missing")
     return fig
 
 
@@ -422,13 +391,15 @@ def correlation_matrix(corr: pd.DataFrame) -> pd.DataFrame:
 MODEL_ORDER = ("base", "sft", "pair")
 
 
-def plot_correlation(corr: pd.DataFrame) -> Figure:
+def plot_correlation(corr: pd.DataFrame | FigureData) -> Figure:
     """Fig. 5: Pearson correlation across layers between metrics; one row per run, one
     annotated heatmap per model (base, SFT, pair)."""
     title = "Fig. 5 - Correlation of metrics across layers (Pearson r)"
+    if isinstance(corr, FigureData):
+        corr = corr.frame
     if corr.empty:
         return _empty(title, "empty correlation table")
-    df = _with_run(corr)
+    df = N.with_run(corr)
     if "model" not in df.columns:
         df["model"] = "all"
     df["model"] = df["model"].astype(str)
@@ -473,132 +444,10 @@ def plot_correlation(corr: pd.DataFrame) -> Figure:
     return fig
 
 
-# ----------------------------------------------------------------------------- masks
-
-
-def mask_str(value: object) -> str:
-    """Masks as strings; CSV readers may have turned ``01000`` into ``1000``."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    s = str(value).strip()
-    if s.endswith(".0") and set(s[:-2]) <= {"0", "1"}:
-        s = s[:-2]
-    return s
-
-
-def is_mask(s: str) -> bool:
-    return bool(s) and set(s) <= {"0", "1"}
-
-
-def single_position(mask: str) -> float | None:
-    """Relative depth of the centre of a one-segment mask, else None."""
-    if is_mask(mask) and mask.count("1") == 1:
-        k = len(mask)
-        return (mask.index("1") + 0.5) / k
-    return None
-
-
-def mask_centre(mask: str) -> float | None:
-    """Mean relative depth of the selected segments of any mask."""
-    if not is_mask(mask) or "1" not in mask:
-        return None
-    k = len(mask)
-    pos = [(i + 0.5) / k for i, c in enumerate(mask) if c == "1"]
-    return float(np.mean(pos))
-
-
-def mask_sort_key(mask: str) -> tuple:
-    """Full depth first, then one-segment masks bottom to top, then the others."""
-    if not is_mask(mask):
-        return (3, 0, mask)
-    if set(mask) == {"1"}:
-        return (0, 0, mask)
-    if mask.count("1") == 1:
-        return (1, mask.index("1") / len(mask), mask)
-    return (2, mask.count("1"), (mask_centre(mask) or 0), mask)
-
-
 # ----------------------------------------------------------------------------- Fig. 6
 
-ORIGINAL_NAMES = ("original", "originals", "reference", "base", "sft", "none", "unswapped")
 
-
-def swap_is_original(config: object, direction: object, mask: object) -> bool:
-    """Rows that describe an unswapped model (the reference lines of Fig. 6).
-
-    Any of: ``config`` names a model or says ``original``; ``direction`` is empty, ``none`` or
-    ``original``; the mask is empty or all zeros (nothing swapped).
-    """
-    c = "" if pd.isna(config) else str(config).strip().lower()
-    d = "" if pd.isna(direction) else str(direction).strip().lower()
-    m = mask_str(mask)
-    if c in ORIGINAL_NAMES or c.startswith("original"):
-        return True
-    if d in ("", "none", "original", "nan"):
-        return True
-    return not m or (is_mask(m) and "1" not in m)
-
-
-def swap_host(direction: object) -> str | None:
-    """The model receiving the blocks: ``sft-into-base`` -> base, ``sft->base`` -> base."""
-    d = "" if pd.isna(direction) else str(direction).strip().lower()
-    m = re.search(r"into[-_ ]?(base|sft)", d)
-    if m:
-        return m.group(1)
-    if "->" in d:
-        return d.split("->")[-1].strip() or None
-    if "<-" in d:
-        return d.split("<-")[0].strip() or None
-    return None
-
-
-def swap_original_name(row: pd.Series) -> str:
-    """A short name for a reference row: ``base``, ``sft``, or the host with the other head
-    when no block is swapped (``base + sft head``)."""
-    c = "" if pd.isna(row.get("config")) else str(row.get("config")).strip()
-    if c.lower() in ("base", "sft"):
-        return c.lower()
-    d = "" if pd.isna(row.get("direction")) else str(row.get("direction")).strip()
-    host = swap_host(d)
-    if host and d.lower() not in ("none", "original"):
-        head = _head_text(row.get("head"))
-        return f"{host} + {head} head" if head and head != host else host
-    for name in (c, d):
-        low = name.lower()
-        if "base" in low and "sft" not in low:
-            return "base"
-        if "sft" in low and "base" not in low:
-            return "sft"
-    return c or d or "original"
-
-
-def split_swap(swap: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(swapped rows, original rows) of a swap table, masks as strings."""
-    df = _with_run(swap)
-    for col in ("config", "direction", "head"):
-        if col not in df.columns:
-            df[col] = ""
-    df["mask"] = df["mask"].map(mask_str) if "mask" in df.columns else ""
-    orig = [swap_is_original(c, d, m) for c, d, m in zip(df["config"], df["direction"],
-                                                          df["mask"])]
-    orig = pd.Series(orig, index=df.index)
-    return df[~orig].copy(), df[orig].copy()
-
-
-def _head_text(h: object) -> str:
-    return "" if pd.isna(h) or str(h) in ("", "nan") else str(h)
-
-
-def swap_panels(swapped: pd.DataFrame) -> list[tuple[str, str]]:
-    """(metric, head) panels of Fig. 6 (head '' when the table has one head)."""
-    metrics = list(dict.fromkeys(swapped["metric"].astype(str)))
-    heads = list(dict.fromkeys(_head_text(h) for h in swapped["head"]))
-    if len(heads) <= 1:
-        return [(m, heads[0] if heads else "") for m in metrics][:6]
-    return [(m, h) for m in metrics for h in heads][:6]
-
-
-def plot_swap(swap: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
+def plot_swap(swap: pd.DataFrame | FigureData, colors: dict[str, str] | None = None) -> Figure:
     """Fig. 6: metric after swapping one segment of blocks, both directions, with CIs.
 
     One-segment masks are lines over the segment centre; multi-segment masks are hollow
@@ -606,11 +455,13 @@ def plot_swap(swap: pd.DataFrame, colors: dict[str, str] | None = None) -> Figur
     models are horizontal reference lines in the run's colour (base dotted, SFT dash-dot).
     """
     title = "Fig. 6 - Layer swapping: score after swapping one segment of blocks"
-    swapped, orig = split_swap(swap)
+    data = _data(swap, N.swap_data)
+    swapped, orig = data.extra["swapped"], data.extra["orig"]
     if swapped.empty:
         return _empty(title, "no swapped configurations in this table")
-    pal = _colors(pd.concat([swapped, orig]), colors)
-    runs = [r for r in run_labels(pd.concat([swapped, orig])) if r in pal]
+    both = pd.concat([swapped, orig])
+    pal = _colors(both, colors)
+    runs = [r for r in run_labels(both) if r in pal]
     directions = list(dict.fromkeys(swapped["direction"].astype(str)))
     dstyle = {d: DIRECTION_STYLES[i % len(DIRECTION_STYLES)] for i, d in enumerate(directions)}
     ostyle = {"base": (0, (1, 1.5)), "sft": "-."}
@@ -620,7 +471,7 @@ def plot_swap(swap: pd.DataFrame, colors: dict[str, str] | None = None) -> Figur
     for ax, (metric, head) in zip(axes, panels):
         sub = swapped[swapped["metric"].astype(str) == metric]
         if head:
-            sub = sub[sub["head"].map(_head_text) == head]
+            sub = sub[sub["head"].map(N.head_text) == head]
         for r in runs:
             for d in directions:
                 g = sub[(sub[RUN] == r) & (sub["direction"].astype(str) == d)].copy()
@@ -630,12 +481,10 @@ def plot_swap(swap: pd.DataFrame, colors: dict[str, str] | None = None) -> Figur
                 single = g[g["pos"].notna()].sort_values("pos")
                 y = pd.to_numeric(single["value"], errors="coerce").to_numpy(float)
                 x = single["pos"].to_numpy(float)
-                yerr = _yerr(single, y)
                 if len(single):
-                    ax.errorbar(x, y, yerr=yerr, color=pal[r], ls=dstyle[d], lw=1.6,
-                                marker="o", ms=4, capsize=3, elinewidth=1)
-                multi = g[g["pos"].isna()]
-                for row in multi.itertuples(index=False):
+                    ax.errorbar(x, y, yerr=_yerr(single, y), color=pal[r], ls=dstyle[d],
+                                lw=1.6, marker="o", ms=4, capsize=3, elinewidth=1)
+                for row in g[g["pos"].isna()].itertuples(index=False):
                     m = str(row.mask)
                     xc = mask_centre(m)
                     if xc is None or set(m) == {"1"}:
@@ -647,13 +496,14 @@ def plot_swap(swap: pd.DataFrame, colors: dict[str, str] | None = None) -> Figur
             o = orig[(orig[RUN] == r) & (orig["metric"].astype(str) == metric)].copy()
             o["oname"] = [swap_original_name(row) for _, row in o.iterrows()]
             for name, og in o.groupby("oname", sort=False):
-                same_head = og[og["head"].map(_head_text) == head]
+                same_head = og[og["head"].map(N.head_text) == head]
                 row = (same_head if len(same_head) else og).iloc[0]
                 ls = ostyle.get(name, (0, (4, 2, 1, 2)))
                 orig_names.setdefault(name, ls)
                 ax.axhline(float(row["value"]), color=pal[r], ls=ls, lw=1.1, alpha=0.85)
         ax.set_title(_nice(metric) + (f"  (head: {head})" if head else ""), fontsize=10)
         _depth_axes(ax, SEGMENT_AXIS)
+        _maybe_log(ax, sub["value"], metric)
     handles = _run_handles(runs, pal) + _style_handles({f"swap {d}": s for d, s in dstyle.items()})
     handles += [Line2D([], [], color="0.3", ls=s, lw=1.1,
                        label=f"original {n}" if n in ("base", "sft") else f"no swap: {n}")
@@ -662,55 +512,28 @@ def plot_swap(swap: pd.DataFrame, colors: dict[str, str] | None = None) -> Figur
     return fig
 
 
-def _yerr(g: pd.DataFrame, y: np.ndarray) -> np.ndarray | None:
-    if not {"ci_low", "ci_high"} <= set(g.columns) or g.empty:
-        return None
-    lo = pd.to_numeric(g["ci_low"], errors="coerce").to_numpy(float)
-    hi = pd.to_numeric(g["ci_high"], errors="coerce").to_numpy(float)
-    if not (np.isfinite(lo) | np.isfinite(hi)).any():
-        return None
-    lo = np.where(np.isfinite(lo), np.maximum(y - lo, 0), 0)
-    hi = np.where(np.isfinite(hi), np.maximum(hi - y, 0), 0)
-    return np.vstack([lo, hi])
-
-
 # ----------------------------------------------------------------------------- Fig. 7
 
 
-def _sweep_frame(summary: pd.DataFrame) -> pd.DataFrame:
-    df = _with_run(summary)
-    df["mask"] = df["mask"].map(mask_str)
-    if "metric" not in df.columns:
-        df["metric"] = "score"
-    df["metric"] = df["metric"].astype(str)
-    return df
-
-
-def _sweep_metrics(df: pd.DataFrame, limit: int = 3) -> list[str]:
-    """Metrics of a sweep, the sweep's primary metric (run.json) first."""
-    metrics = list(dict.fromkeys(df["metric"]))
-    if "primary_metric" in df.columns:
-        first = [m for m in dict.fromkeys(df["primary_metric"].dropna().astype(str))
-                 if m in metrics]
-        metrics = first + [m for m in metrics if m not in first]
-    return metrics[:limit]
-
-
-def plot_sweep_bars(summary: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
-    """Fig. 7: score per LoRA mask with CIs; full depth highlighted, p-values annotated."""
+def plot_sweep_bars(summary: pd.DataFrame | FigureData,
+                    colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 7: score per LoRA mask with CIs; full depth highlighted, p-values annotated; a
+    panel whose scores are all 0 (or all equal) says so instead of showing empty bars."""
     title = "Fig. 7 - Segment LoRA sweep: score by mask (bottom segment first)"
-    df = _sweep_frame(summary)
+    data = _data(summary, N.sweep_data)
+    df = data.frame
     if df.empty:
         return _empty(title, "empty sweep summary")
     pal = _colors(df, colors)
     runs = run_labels(df)
-    metrics = _sweep_metrics(df)
+    metrics = N.sweep_metrics(df)
     masks = sorted(dict.fromkeys(df["mask"]), key=mask_sort_key)
     w = max(6.5, 0.55 * len(masks) * max(1, len(runs)) + 2)
     fig = Figure(figsize=(min(w, 16), 3.8 * len(metrics) + 0.9), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(metrics), 1, squeeze=False).ravel()
     fig.suptitle(title, fontsize=12, fontweight="bold")
     width = 0.8 / max(1, len(runs))
+    summ = data.summary
     for ax, metric in zip(axes, metrics):
         sub = df[df["metric"] == metric]
         top = 0.0
@@ -738,7 +561,8 @@ def plot_sweep_bars(summary: pd.DataFrame, colors: dict[str, str] | None = None)
             if yerr is not None:
                 ax.errorbar(xs, y, yerr=yerr, fmt="none", ecolor="0.2", capsize=2.5, lw=0.9)
             hi = y + (yerr[1] if yerr is not None else 0)
-            top = max(top, float(np.nanmax(hi)))
+            if np.isfinite(hi).any():
+                top = max(top, float(np.nanmax(hi)))
             for x, h, (mask, row) in zip(xs, hi, zip(gr.index, rows)):
                 p = row.get("p_value") if hasattr(row, "get") else None
                 if p is not None and pd.notna(p) and set(str(mask)) != {"1"}:
@@ -759,25 +583,48 @@ def plot_sweep_bars(summary: pd.DataFrame, colors: dict[str, str] | None = None)
                       "p = test vs full depth", fontsize=8.5)
         ax.grid(axis="y", alpha=0.25)
         ax.tick_params(axis="y", labelsize=8)
+        note = _sweep_note(summ, metric)
+        if note:
+            panel_note(ax, note)
     _legend(fig, _run_handles(runs, pal))
     return fig
+
+
+def _sweep_note(summ: pd.DataFrame, metric: str) -> str:
+    """Why a sweep panel shows nothing to compare (every run's scores all 0 or all equal)."""
+    if summ is None or summ.empty:
+        return ""
+    rows = summ[summ["metric"] == metric]
+    if rows.empty:
+        return ""
+    size = N._size_text(float(rows["items"].min()), float(rows["seeds"].min()))
+    if rows["all_zero"].all():
+        return (f"every mask scores 0 on {metric}{size}:\n"
+                "the bars have no height, nothing to compare")
+    if rows["all_same"].all():
+        return f"every mask scores the same on {metric}{size}"
+    return ""
 
 
 def _p_text(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
 
 
-def plot_inverted_u(summary: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
+def plot_inverted_u(summary: pd.DataFrame | FigureData,
+                    colors: dict[str, str] | None = None) -> Figure:
     """Fig. 7b: score by position of a one-segment mask; full depth as a dashed line."""
     title = "Fig. 7b - Score by trained segment position (one-segment masks)"
-    df = _sweep_frame(summary)
+    data = _data(summary, N.sweep_data)
+    df = data.frame.copy()
+    if df.empty:
+        return _empty(title, "empty sweep summary")
     df["pos"] = df["mask"].map(single_position)
     single = df[df["pos"].notna()]
     if single.empty:
         return _empty(title, "no one-segment masks in this sweep")
     pal = _colors(df, colors)
     runs = run_labels(df)
-    metrics = [m for m in _sweep_metrics(df, limit=99) if m in set(single["metric"])][:3]
+    metrics = [m for m in N.sweep_metrics(df, limit=99) if m in set(single["metric"])][:3]
     fig, axes = _grid(len(metrics), ncols=3, w=5.0, h=3.5, title=title)
     for ax, metric in zip(axes, metrics):
         for r in runs:
@@ -793,5 +640,76 @@ def plot_inverted_u(summary: pd.DataFrame, colors: dict[str, str] | None = None)
                 ax.axhline(float(full["mean"].iloc[0]), color=pal[r], ls="--", lw=1)
         ax.set_title(_nice(metric), fontsize=10)
         _depth_axes(ax, MASK_AXIS)
+        note = _sweep_note(data.summary, metric)
+        if note:
+            panel_note(ax, note)
     _legend(fig, _run_handles(runs, pal) + _style_handles({"full depth (11...1)": "--"}))
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 8-9
+
+
+def plot_suggest(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 8: each suggest method's per-segment score (higher = a better segment to tune) by
+    segment depth; the segments its proposal trains are filled, ineligible ones crossed."""
+    title = "Fig. 8 - Training-free mask proposal: per-segment score of each method"
+    df = data.frame
+    if df.empty or "signal" not in df.columns:
+        return _empty(title, "no per-segment scores (suggest.csv)")
+    sc = df[df["signal"].astype(str) == "score"]
+    runs = run_labels(sc)
+    methods = list(dict.fromkeys(sc["method"].astype(str)))
+    fig, axes = _grid(len(runs), ncols=2, w=5.4, h=3.4, title=title)
+    mcol = palette(methods)
+    for ax, r in zip(axes, runs):
+        g = sc[sc[RUN] == r]
+        for m in methods:
+            gm = g[g["method"].astype(str) == m].sort_values("depth")
+            if gm.empty:
+                continue
+            x, y = gm["depth"].to_numpy(float), gm["score"].to_numpy(float)
+            ax.plot(x, y, color=mcol[m], lw=1.6, marker="o", ms=3, label=m)
+            ch = gm["chosen"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+            el = gm["eligible"].astype(str).str.lower().isin(["true", "1"]).to_numpy() if (
+                "eligible" in gm.columns) else np.ones(len(gm), bool)
+            ax.plot(x[ch], y[ch], ls="none", marker="o", ms=8, color=mcol[m], alpha=0.45)
+            ax.plot(x[~el], y[~el], ls="none", marker="x", ms=7, color="0.3")
+        ax.set_title(r, fontsize=10)
+        ax.set_ylabel("score (1 = best segment)", fontsize=8.5)
+        _depth_axes(ax, "segment centre depth (blocks)")
+        _flat_note(ax, [g["score"]], "every method's score")
+    handles = [Line2D([], [], color=mcol[m], lw=2, label=m) for m in methods]
+    handles += [Line2D([], [], ls="none", marker="o", ms=8, color="0.5", alpha=0.45,
+                       label="proposed (trained) segment"),
+                Line2D([], [], ls="none", marker="x", ms=7, color="0.3",
+                       label="not eligible (edge rule)")]
+    _legend(fig, handles, ncol=min(len(handles), 4))
+    return fig
+
+
+def plot_loss_curves(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 9: training loss by step of each tune run (one line per run)."""
+    title = "Fig. 9 - Segment LoRA training loss"
+    df = data.frame
+    if df.empty:
+        return _empty(title, "no logged training loss")
+    pal = _colors(df, colors)
+    runs = run_labels(df)
+    fig, axes = _grid(1, ncols=1, w=7.5, h=3.6, title=title)
+    ax = axes[0]
+    summ = data.summary.set_index(RUN) if len(data.summary) else pd.DataFrame()
+    for r in runs:
+        g = df[df[RUN] == r].sort_values("step")
+        lab = r
+        if r in summ.index and "mask" in summ.columns and summ.loc[r, "mask"]:
+            lab = f"{r} ({summ.loc[r, 'mask']})"
+        ax.plot(g["step"], g["loss"], color=pal[r], lw=1.6, marker="o" if len(g) <= 40 else None,
+                ms=3, label=lab)
+    ax.set_xlabel("optimizer step", fontsize=8.5)
+    ax.set_ylabel("training loss", fontsize=8.5)
+    ax.grid(alpha=0.25)
+    if len(df) and df.groupby(RUN).size().max() <= 1:
+        panel_note(ax, "one logged loss per run: points, not curves")
+    ax.legend(fontsize=8, frameon=False)
     return fig

@@ -1,0 +1,734 @@
+"""The numbers behind each figure: one function per figure computes them, and both the figure
+(:mod:`sftscope.report.plots`) and its findings sentences (:mod:`sftscope.report.sections`)
+use the result, so a sentence can only cite what the figure draws.
+
+Each ``*_data`` function takes the tidy table(s) as the commands write them (plus the report's
+optional ``run``/``n_blocks`` columns) and returns a :class:`FigureData`: ``frame`` (exactly
+the rows the figure draws, with ``rel_depth`` and intervals clipped to the metric's range),
+``summary`` (one row per curve / group: the values the sentences cite) and ``notes`` (what a
+reader must know: clipped intervals, flat or empty panels and why).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sftscope.metric_registry import lower_is_better, metric_spec, ordered
+from sftscope.report.rules import LENS_RISE, TOP, edge_means
+from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key
+
+RUN = "run"
+DEFAULT_RUN = "run"
+TREND_TOL = 0.02        # a top value within 2 % of the curve's range of the 80 % value: "level"
+AGGREGATE_MODULES = ("attn", "mlp", "total", "other")
+ORIGINAL_NAMES = ("original", "originals", "reference", "base", "sft", "none", "unswapped")
+
+
+@dataclass
+class FigureData:
+    """What one figure draws (``frame``), the numbers its sentences cite (``summary``), notes."""
+
+    frame: pd.DataFrame
+    summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return self.frame is None or self.frame.empty
+
+
+# ----------------------------------------------------------------------------- basics
+
+
+def run_labels(df: pd.DataFrame) -> list[str]:
+    """Run labels in order of appearance (one default label when the column is absent)."""
+    if RUN not in df.columns:
+        return [DEFAULT_RUN]
+    return list(dict.fromkeys(df[RUN].astype(str)))
+
+
+def with_run(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    if RUN not in df.columns:
+        df[RUN] = DEFAULT_RUN
+    df[RUN] = df[RUN].astype(str)
+    return df
+
+
+def with_depth(df: pd.DataFrame, index: str = "layer") -> pd.DataFrame:
+    """Add ``rel_depth``: ``layer / L`` (hidden states) or ``(block + 0.5) / L`` (blocks).
+
+    ``L`` comes from an ``n_blocks`` column when present, else from the table itself (largest
+    hidden-state index, or largest block + 1), per run. Rows whose index is not a number (the
+    embeddings or LM head in ``weights.csv``) are dropped.
+    """
+    df = with_run(df)
+    df[index] = pd.to_numeric(df[index], errors="coerce")
+    df = df[df[index].notna() & (df[index] >= 0)].copy()
+    if "rel_depth" in df.columns and df["rel_depth"].notna().all():
+        return df
+    depth = []
+    for _, g in df.groupby(RUN, sort=False):
+        n = None
+        if "n_blocks" in g.columns:
+            nb = pd.to_numeric(g["n_blocks"], errors="coerce").dropna()
+            if len(nb):
+                n = float(nb.iloc[0])
+        if not n:
+            n = float(g[index].max()) if index == "layer" else float(g[index].max()) + 1
+        n = max(n, 1.0)
+        rel = g[index] / n if index == "layer" else (g[index] + 0.5) / n
+        depth.append(rel)
+    df["rel_depth"] = pd.concat(depth) if depth else pd.Series(dtype=float)
+    return df
+
+
+def numeric(df: pd.DataFrame, cols: Iterable[str]) -> pd.DataFrame:
+    df = df.copy()
+    for c in cols:
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def clip_to_range(df: pd.DataFrame, table: str | None = None, value: str = "value",
+                  cols: Sequence[str] = ("ci_low", "ci_high")) -> tuple[pd.DataFrame, list[str]]:
+    """Interval ends outside the metric's range (a probability below 0, an accuracy above 1)
+    are set to the bound, so no figure or sentence shows an impossible band; one note per
+    metric says how many were clipped (the run's own table keeps the computed values)."""
+    df = numeric(df, [value, *cols])
+    notes = []
+    if "metric" not in df.columns:
+        return df, notes
+    for metric, idx in df.groupby(df["metric"].astype(str), sort=False).groups.items():
+        lo, hi = metric_spec(metric, table).bounds
+        if lo is None and hi is None:
+            continue
+        n = 0
+        for c in [value, *cols]:
+            if c not in df.columns:
+                continue
+            v = df.loc[idx, c]
+            bad = (v < lo if lo is not None else False) | (v > hi if hi is not None else False)
+            n += int(np.asarray(bad).sum())
+            df.loc[idx, c] = v.clip(lower=lo, upper=hi)
+        if n:
+            rng = f"[{_b(lo)}, {_b(hi)}]"
+            notes.append(f"{n} interval end(s) of {metric} fell outside its range {rng} and are "
+                         f"drawn and reported clipped to it (the run's table keeps the computed "
+                         f"values)")
+    return df, notes
+
+
+def _b(x: float | None) -> str:
+    return "inf" if x is None else f"{x:g}"
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+def trend_word(boundary: float, last: float, lo: float, hi: float) -> str:
+    """``falls``, ``rises`` or ``stays level``: the top value against the value at 80 % of
+    depth, with a tolerance of ``TREND_TOL`` of the curve's range. A curve whose last value is
+    its largest can only rise or stay level."""
+    if not (np.isfinite(boundary) and np.isfinite(last)):
+        return "n/a"
+    tol = TREND_TOL * (hi - lo) if np.isfinite(hi - lo) else 0.0
+    if last < boundary - tol:
+        return "falls"
+    if last > boundary + tol:
+        return "rises"
+    return "stays level"
+
+
+PROFILE_COLUMNS = ["n", "first", "first_depth", "early_min", "early_min_depth", "early_max",
+                   "early_max_depth", "early_median", "boundary", "boundary_depth", "last",
+                   "last_depth", "min", "min_depth", "max", "max_depth", "top_trend",
+                   "half_peak_depth", "lens_early_mean", "nan"]
+
+
+def profile(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """The numbers a depth curve is described by: first, the first-80 % min/max, the value at
+    80 % (``boundary``), the top (``last``), global min/max, the trend at the top, the depth
+    where half the peak is first reached and the mean up to ``LENS_RISE``."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    out: dict[str, Any] = dict.fromkeys(PROFILE_COLUMNS, math.nan)
+    out["nan"] = int((~keep).sum())
+    x, y = x[keep], y[keep]
+    out["n"] = int(len(y))
+    out["top_trend"] = "n/a"
+    if not len(y):
+        return out
+    o = np.argsort(x, kind="stable")
+    x, y = x[o], y[o]
+    early = x <= TOP
+    out.update(first=y[0], first_depth=x[0], last=y[-1], last_depth=x[-1],
+               min=y.min(), min_depth=x[int(np.argmin(y))], max=y.max(),
+               max_depth=x[int(np.argmax(y))])
+    if early.any():
+        ye, xe = y[early], x[early]
+        out.update(early_min=ye.min(), early_min_depth=xe[int(np.argmin(ye))],
+                   early_max=ye.max(), early_max_depth=xe[int(np.argmax(ye))],
+                   early_median=float(np.median(ye)), boundary=ye[-1], boundary_depth=xe[-1])
+        if (~early).any():
+            out["top_trend"] = trend_word(ye[-1], y[-1], y.min(), y.max())
+    peak = y.max()
+    if peak > 0:
+        out["half_peak_depth"] = float(x[y >= 0.5 * peak].min())
+    lens_early = y[x <= LENS_RISE]
+    if len(lens_early):
+        out["lens_early_mean"] = float(lens_early.mean())
+    return out
+
+
+def profiles(frame: pd.DataFrame, keys: Sequence[str], x: str = "rel_depth",
+             y: str = "value") -> pd.DataFrame:
+    """One :func:`profile` row per group of ``keys``."""
+    rows = []
+    if frame.empty:
+        return pd.DataFrame(columns=[*keys, *PROFILE_COLUMNS])
+    for k, g in frame.groupby(list(keys), sort=False):
+        k = k if isinstance(k, tuple) else (k,)
+        rows.append({**dict(zip(keys, k)), **profile(g[x], g[y])})
+    return pd.DataFrame(rows, columns=[*keys, *PROFILE_COLUMNS])
+
+
+# ----------------------------------------------------------------------------- Fig. 1-3
+
+
+def pair_metric_names(metrics: pd.DataFrame) -> list[str]:
+    """Pair metrics Fig. 1 plots, in the registry's order (delta_* metrics stay in tables)."""
+    df = metrics
+    if "model" in df.columns:
+        df = df[df["model"].astype(str) == "pair"]
+    present = [m for m in dict.fromkeys(df["metric"].astype(str)) if not m.startswith("delta_")]
+    return ordered(present)[:6]
+
+
+def single_metric_names(metrics: pd.DataFrame) -> list[str]:
+    """Single-model metrics Fig. 2 plots (effective rank normalised when available)."""
+    df = metrics
+    if "model" in df.columns:
+        df = df[df["model"].astype(str).isin(["base", "sft"])]
+    present = [m for m in dict.fromkeys(df["metric"].astype(str)) if not m.startswith("delta_")]
+    if "effective_rank_norm" in present:
+        present = [m for m in present if m != "effective_rank"]
+    return ordered(present)[:9]
+
+
+def pair_data(metrics: pd.DataFrame) -> FigureData:
+    """Fig. 1: base-vs-SFT pair metrics by depth, one profile per run and metric."""
+    names = pair_metric_names(metrics) if len(metrics) else []
+    df = with_depth(metrics, "layer") if len(metrics) else with_run(metrics)
+    if "model" in df.columns:
+        df = df[df["model"].astype(str) == "pair"]
+    df = df[df["metric"].astype(str).isin(names)] if names else df.iloc[0:0]
+    df, notes = clip_to_range(df)
+    summ = profiles(df, [RUN, "metric"])
+    return FigureData(df, summ, notes + _flat_notes(summ, "metric"), {"names": names})
+
+
+def single_data(metrics: pd.DataFrame) -> FigureData:
+    """Fig. 2: single-model metrics, base vs SFT; ``extra['gaps']`` the largest relative
+    base-vs-SFT gap per metric."""
+    names = single_metric_names(metrics) if len(metrics) else []
+    df = with_depth(metrics, "layer") if len(metrics) else with_run(metrics)
+    if "model" in df.columns:
+        df = df[df["model"].astype(str).isin(["base", "sft"])]
+    df = df[df["metric"].astype(str).isin(names)] if names else df.iloc[0:0]
+    df, notes = clip_to_range(df)
+    summ = profiles(df, [RUN, "model", "metric"])
+    gaps = []
+    for (r, m), g in df.groupby([RUN, df["metric"].astype(str)], sort=False):
+        b = g[g["model"].astype(str) == "base"][["layer", "rel_depth", "value"]]
+        s = g[g["model"].astype(str) == "sft"][["layer", "value"]]
+        j = b.merge(s, on="layer", suffixes=("_b", "_s")).dropna()
+        if j.empty:
+            continue
+        gap = (j["value_s"] - j["value_b"]).abs() / j["value_b"].abs().clip(lower=1e-12)
+        i = gap.idxmax()
+        gaps.append({RUN: r, "metric": m, "gap": float(gap[i]),
+                     "depth": float(j.loc[i, "rel_depth"])})
+    return FigureData(df, summ, notes + _flat_notes(summ, "metric"),
+                      {"names": names, "gaps": pd.DataFrame(gaps)})
+
+
+def probe_kind(metric: str) -> str:
+    """accuracy / agreement / loss / other, from the metric registry."""
+    kind = metric_spec(metric).kind
+    if kind in ("accuracy",):
+        return "accuracy"
+    if kind == "agreement":
+        return "agreement"
+    if kind in ("loss", "perplexity"):
+        return "loss"
+    return "other"
+
+
+def lens_data(probe: pd.DataFrame) -> FigureData:
+    """Fig. 3: logit-lens metrics by depth; one profile per run, model and metric."""
+    df = with_depth(probe, "layer")
+    if "model" not in df.columns:
+        df["model"] = "sft"
+    df["model"] = df["model"].astype(str)
+    df["metric"] = df["metric"].astype(str)
+    df, notes = clip_to_range(df)
+    summ = profiles(df, [RUN, "model", "metric"])
+    flat = summ[(summ["max"] == 0) & (summ["min"] == 0)]
+    for row in flat.itertuples(index=False):
+        notes.append(f"{row.run}: {row.model} {row.metric} is 0 at every layer, so its curve "
+                     f"lies on the x axis")
+    return FigureData(df, summ, notes)
+
+
+def _flat_notes(summ: pd.DataFrame, what: str) -> list[str]:
+    out = []
+    for row in summ.itertuples(index=False):
+        d = row._asdict()
+        if d["n"] == 0:
+            out.append(f"{d[RUN]}: {d[what]} has no finite value, so its panel is empty")
+        elif d["min"] == d["max"] == 0:
+            out.append(f"{d[RUN]}: {d[what]} is 0 at every layer")
+    return out
+
+
+# ----------------------------------------------------------------------------- Fig. 4
+
+
+def weight_module(weights: pd.DataFrame) -> str | None:
+    """The module Fig. 4 plots: ``attn`` (all attention projections together) when present."""
+    mods = list(dict.fromkeys(weights["module"].astype(str))) if len(weights) else []
+    if not mods:
+        return None
+    return "attn" if "attn" in mods else mods[0]
+
+
+def weight_metric(df: pd.DataFrame) -> str:
+    metrics = list(dict.fromkeys(df["metric"].astype(str)))
+    for m in ("relative", "frobenius"):
+        if m in metrics:
+            return m
+    return metrics[0] if metrics else ""
+
+
+def weight_data(weights: pd.DataFrame) -> FigureData:
+    """Fig. 4: weight change per block; ``summary`` per run: the bottom / middle / top means
+    (``rules.edge_means``, as the J rule uses them) and the block of the largest change."""
+    df = with_depth(weights, "block")
+    df = numeric(df, ["value"])
+    module = weight_module(df)
+    main = df[df["module"].astype(str) == module] if module else df.iloc[0:0]
+    metric = weight_metric(main) if len(main) else ""
+    rows, notes = [], []
+    for r, g in main[main["metric"].astype(str) == metric].groupby(RUN, sort=False):
+        g = g.dropna(subset=["value"]).sort_values("rel_depth")
+        if g.empty:
+            continue
+        e = edge_means(g["value"].to_numpy(float))
+        top = g.loc[g["value"].idxmax()]
+        row = {RUN: r, "module": module, "metric": metric, "bottom": e.bottom,
+               "middle": e.middle, "top": e.top, "ratio": e.ratio, "n_edge": e.n_edge,
+               "n_blocks": e.n, "max_block": int(top["block"]), "max_depth": top["rel_depth"],
+               "max": float(top["value"]), "most_module": None, "most_value": math.nan,
+               "least_module": None, "least_value": math.nan}
+        per_mod = df[(df[RUN] == r) & (df["metric"].astype(str) == metric)
+                     & ~df["module"].astype(str).isin(AGGREGATE_MODULES)]
+        if per_mod["module"].nunique() > 1:
+            means = per_mod.groupby(per_mod["module"].astype(str))["value"].mean()
+            row.update(most_module=means.idxmax(), most_value=float(means.max()),
+                       least_module=means.idxmin(), least_value=float(means.min()))
+        if (g["value"] == 0).all():
+            notes.append(f"{r}: every block's {module} {metric} change is 0, so the curve lies "
+                         "on the x axis (are the two checkpoints the same?)")
+        rows.append(row)
+    blockless = numeric(with_run(weights), ["block"])
+    blockless = blockless[blockless["block"].isna()]
+    return FigureData(main, pd.DataFrame(rows), notes,
+                      {"module": module, "metric": metric, "all": df, "blockless": blockless})
+
+
+# ----------------------------------------------------------------------------- Fig. 5
+
+
+def correlation_data(corr: pd.DataFrame) -> FigureData:
+    """Fig. 5: the correlation table; ``summary`` the three strongest pairs per run and model
+    (a metric against its own variant, e.g. effective_rank ~ _norm, left out)."""
+    df = with_run(corr)
+    if "model" not in df.columns:
+        df["model"] = "all"
+    df["model"] = df["model"].astype(str)
+    df = numeric(df, ["r"])
+    rows = []
+    for (r, m), g in df.groupby([RUN, "model"], sort=False):
+        a_, b_ = g["metric_a"].astype(str), g["metric_b"].astype(str)
+        related = [x.startswith(y) or y.startswith(x) for x, y in zip(a_, b_)]
+        g = g[~np.array(related, dtype=bool)].dropna(subset=["r"])
+        if g.empty:
+            continue
+        key = [tuple(sorted((str(a), str(b)))) for a, b in zip(g["metric_a"], g["metric_b"])]
+        g = g.assign(key=key).drop_duplicates("key")
+        g = g.reindex(g["r"].abs().sort_values(ascending=False).index).head(3)
+        for a, b, v in zip(g["metric_a"], g["metric_b"], g["r"]):
+            rows.append({RUN: r, "model": m, "metric_a": a, "metric_b": b, "r": float(v)})
+    return FigureData(df, pd.DataFrame(rows))
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def infer_k(values: Iterable[object]) -> int | None:
+    """The number of segments of a mask column (the longest 0/1 text), to repair masks that a
+    reader turned into numbers."""
+    lengths = [len(mask_from_text(v)) for v in values if is_mask(mask_from_text(v))]
+    return max(lengths) if lengths else None
+
+
+def plain_masks(df: pd.DataFrame, col: str = "mask") -> pd.DataFrame:
+    df = df.copy()
+    if col in df.columns:
+        k = infer_k(df[col])
+        df[col] = df[col].map(lambda v: mask_from_text(v, k)).astype(object)
+    return df
+
+
+def single_position(mask: str) -> float | None:
+    """Relative depth of the centre of a one-segment mask, else None."""
+    if is_mask(mask) and mask.count("1") == 1:
+        return (mask.index("1") + 0.5) / len(mask)
+    return None
+
+
+def primary_metric(metrics: Iterable[str]) -> str | None:
+    """A task's own primary metric when one is there (``sftscope.tasks``), else the first
+    accuracy-like score (by the registry), else the first metric."""
+    from sftscope.tasks import primary_metric_of
+
+    ms = list(dict.fromkeys(str(m) for m in metrics))
+    chosen = primary_metric_of(ms)
+    if chosen is not None:
+        return chosen
+    for m in ms:
+        if metric_spec(m).kind == "accuracy":
+            return m
+    return ms[0] if ms else None
+
+
+def score(metric: str, values: np.ndarray | float) -> np.ndarray:
+    """Higher is better after this (loss-like metrics are negated)."""
+    v = np.asarray(values, float)
+    return -v if lower_is_better(metric) else v
+
+
+# ----------------------------------------------------------------------------- Fig. 6
+
+
+def swap_is_original(config: object, direction: object, mask: object) -> bool:
+    """Rows that describe an unswapped model (the reference lines of Fig. 6).
+
+    Any of: ``config`` names a model or says ``original``; ``direction`` is empty, ``none`` or
+    ``original``; the mask is empty or all zeros (nothing swapped).
+    """
+    c = "" if pd.isna(config) else str(config).strip().lower()
+    d = "" if pd.isna(direction) else str(direction).strip().lower()
+    m = mask_from_text(mask)
+    if c in ORIGINAL_NAMES or c.startswith("original"):
+        return True
+    if d in ("", "none", "original", "nan"):
+        return True
+    return not m or (is_mask(m) and "1" not in m)
+
+
+def swap_host(direction: object) -> str | None:
+    """The model receiving the blocks: ``sft-into-base`` -> base, ``sft->base`` -> base."""
+    d = "" if pd.isna(direction) else str(direction).strip().lower()
+    m = re.search(r"into[-_ ]?(base|sft)", d)
+    if m:
+        return m.group(1)
+    if "->" in d:
+        return d.split("->")[-1].strip() or None
+    if "<-" in d:
+        return d.split("<-")[0].strip() or None
+    return None
+
+
+def head_text(h: object) -> str:
+    return "" if pd.isna(h) or str(h) in ("", "nan") else str(h)
+
+
+def swap_original_name(row: pd.Series) -> str:
+    """A short name for a reference row: ``base``, ``sft``, or the host with the other head
+    when no block is swapped (``base + sft head``)."""
+    c = "" if pd.isna(row.get("config")) else str(row.get("config")).strip()
+    if c.lower() in ("base", "sft"):
+        return c.lower()
+    d = "" if pd.isna(row.get("direction")) else str(row.get("direction")).strip()
+    host = swap_host(d)
+    if host and d.lower() not in ("none", "original"):
+        head = head_text(row.get("head"))
+        return f"{host} + {head} head" if head and head != host else host
+    for name in (c, d):
+        low = name.lower()
+        if "base" in low and "sft" not in low:
+            return "base"
+        if "sft" in low and "base" not in low:
+            return "sft"
+    return c or d or "original"
+
+
+def split_swap(swap: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(swapped rows, original rows) of a swap table, masks as plain strings."""
+    df = with_run(swap)
+    for col in ("config", "direction", "head"):
+        if col not in df.columns:
+            df[col] = ""
+    if "mask" in df.columns:
+        df = plain_masks(df)
+    else:
+        df["mask"] = ""
+    orig = [swap_is_original(c, d, m) for c, d, m in zip(df["config"], df["direction"],
+                                                          df["mask"])]
+    orig = pd.Series(orig, index=df.index)
+    return df[~orig].copy(), df[orig].copy()
+
+
+def swap_panels(swapped: pd.DataFrame) -> list[tuple[str, str]]:
+    """(metric, head) panels of Fig. 6 (head '' when the table has one head)."""
+    metrics = list(dict.fromkeys(swapped["metric"].astype(str)))
+    heads = list(dict.fromkeys(head_text(h) for h in swapped["head"]))
+    if len(heads) <= 1:
+        return [(m, heads[0] if heads else "") for m in metrics][:6]
+    return [(m, h) for m in metrics for h in heads][:6]
+
+
+def swap_singles(swapped: pd.DataFrame) -> dict[tuple[str, str, str, str], pd.DataFrame]:
+    """(run, direction, head, metric) -> one-segment swaps of the primary metric with their
+    segment index ``seg``, for the most common K."""
+    out: dict[tuple[str, str, str, str], pd.DataFrame] = {}
+    if swapped.empty:
+        return out
+    metric = primary_metric(swapped["metric"])
+    sub = swapped[swapped["metric"].astype(str) == metric].copy()
+    sub["pos"] = sub["mask"].map(single_position)
+    sub = sub[sub["pos"].notna()]
+    sub["value"] = pd.to_numeric(sub["value"], errors="coerce")
+    keys = [sub[RUN], sub["direction"].astype(str), sub["head"].map(head_text)]
+    for (r, d, h), g in sub.groupby(keys, sort=False):
+        k = g["mask"].str.len().mode().iloc[0]
+        g = g[g["mask"].str.len() == k].sort_values("pos")
+        g = g.assign(seg=g["mask"].map(lambda m: m.index("1")))
+        out[(str(r), d, h, str(metric))] = g
+    return out
+
+
+def swap_data(swap: pd.DataFrame) -> FigureData:
+    """Fig. 6: swapped and original rows; ``summary`` per run / direction / head: the best and
+    worst one-segment swap of the primary metric and the host's unswapped value."""
+    df, notes = clip_to_range(with_run(swap))
+    swapped, orig = split_swap(df)
+    rows = []
+    for (r, d, h, metric), g in swap_singles(swapped).items():
+        if g.empty:
+            continue
+        sc = score(metric, g["value"].to_numpy())
+        best, worst = g.iloc[int(np.nanargmax(sc))], g.iloc[int(np.nanargmin(sc))]
+        host = swap_host(d)
+        o = orig[(orig[RUN] == r) & (orig["metric"].astype(str) == metric)
+                 & (orig["config"].astype(str) == str(host))]
+        ref = float(pd.to_numeric(o["value"], errors="coerce").iloc[0]) if len(o) else math.nan
+        rows.append({RUN: r, "direction": d, "head": h, "metric": metric,
+                     "k": len(best["mask"]), "same": bool(np.nanmax(sc) == np.nanmin(sc)),
+                     "best_seg": int(best["seg"]), "best_mask": best["mask"],
+                     "best": float(best["value"]), "worst_seg": int(worst["seg"]),
+                     "worst_mask": worst["mask"], "worst": float(worst["value"]),
+                     "host": host, "host_value": ref})
+    return FigureData(pd.concat([swapped, orig]), pd.DataFrame(rows), notes,
+                      {"swapped": swapped, "orig": orig})
+
+
+# ----------------------------------------------------------------------------- Fig. 7
+
+
+def _seed_count(v: object) -> float:
+    """``seeds`` is a count (sweep) or a list such as ``0;1;2``."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return math.nan
+    s = str(v).strip()
+    try:
+        return float(int(float(s)))
+    except ValueError:
+        parts = [p for p in re.split(r"[;, ]+", s) if p]
+        return float(len(parts)) if parts else math.nan
+
+
+def sweep_metrics(df: pd.DataFrame, limit: int = 3) -> list[str]:
+    """Metrics of a sweep, the sweep's primary metric (run.json) first."""
+    metrics = list(dict.fromkeys(df["metric"].astype(str)))
+    if "primary_metric" in df.columns:
+        first = [m for m in dict.fromkeys(df["primary_metric"].dropna().astype(str))
+                 if m in metrics]
+        metrics = first + [m for m in metrics if m not in first]
+    return metrics[:limit]
+
+
+def sweep_primary(df: pd.DataFrame) -> str | None:
+    """The sweep's own primary metric (run.json) if present, else the first accuracy."""
+    metric = primary_metric(df["metric"].astype(str))
+    if "primary_metric" in df.columns:
+        chosen = df["primary_metric"].dropna().astype(str)
+        if len(chosen) and chosen.iloc[0] in set(df["metric"].astype(str)):
+            metric = chosen.iloc[0]
+    return metric
+
+
+def sweep_data(summary: pd.DataFrame) -> FigureData:
+    """Fig. 7: the sweep summary (masks plain, sorted by ``segments.mask_sort_key``);
+    ``summary`` per run and metric: best and worst mask, full depth, how many masks beat it,
+    the p-value of the best, seeds and items, and whether every score is 0 or the same."""
+    df = plain_masks(with_run(summary))
+    if "metric" not in df.columns:
+        df["metric"] = "score"
+    df["metric"] = df["metric"].astype(str)
+    df, notes = clip_to_range(df, value="mean")
+    df["n_seeds"] = df["seeds"].map(_seed_count) if "seeds" in df.columns else math.nan
+    order = sorted(range(len(df)), key=lambda i: (mask_sort_key(df["mask"].iloc[i]),))
+    df = df.iloc[order].reset_index(drop=True)
+    rows = []
+    for (r, metric), g in df.groupby([RUN, "metric"], sort=False):
+        g = g.drop_duplicates("mask")
+        means = dict(zip(g["mask"], pd.to_numeric(g["mean"], errors="coerce")))
+        means = {m: float(v) for m, v in means.items() if np.isfinite(v)}
+        if not means:
+            continue
+        sc = {m: float(score(metric, v)) for m, v in means.items()}
+        best, worst = max(sc, key=sc.get), min(sc, key=sc.get)
+        full = next((m for m in means if is_mask(m) and set(m) == {"1"}), None)
+        beat = [m for m in means if full and sc[m] > sc[full]]
+        pv = dict(zip(g["mask"], pd.to_numeric(g.get("p_value", pd.Series(dtype=float)),
+                                               errors="coerce")))
+        seeds = pd.to_numeric(g["n_seeds"], errors="coerce").min()
+        items = (pd.to_numeric(g["n_items"], errors="coerce").min()
+                 if "n_items" in g.columns else math.nan)
+        vals = np.array(list(means.values()))
+        rows.append({RUN: r, "metric": metric, "primary": metric == sweep_primary(
+            df[df[RUN] == r]), "best": best, "best_mean": means[best],
+            "best_p": pv.get(best, math.nan), "worst": worst, "worst_mean": means[worst],
+            "full": full, "full_mean": means.get(full, math.nan) if full else math.nan,
+            "n_beat": len(beat), "n_masks": len(means), "seeds": seeds, "items": items,
+            "all_zero": bool(np.all(vals == 0)), "all_same": bool(np.all(vals == vals[0]))})
+    summ = pd.DataFrame(rows)
+    for row in summ.itertuples(index=False):
+        size = _size_text(row.items, row.seeds)
+        if row.all_zero:
+            notes.append(f"{row.run}: every mask scores 0 on {row.metric}{size}, so its bars "
+                         "have no height: nothing to compare (too few items or steps to learn "
+                         "the task?)")
+        elif row.all_same:
+            notes.append(f"{row.run}: every mask scores the same on {row.metric}{size}")
+        elif np.isfinite(row.seeds) and row.seeds < 2:
+            notes.append(f"{row.run}: one seed per mask: the intervals do not include training "
+                         "randomness")
+    return FigureData(df, summ, list(dict.fromkeys(notes)))
+
+
+def _size_text(items: float, seeds: float) -> str:
+    parts = []
+    if np.isfinite(items):
+        parts.append(f"{int(items)} items")
+    if np.isfinite(seeds):
+        parts.append(f"{int(seeds)} seed{'s' if seeds != 1 else ''}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def mask_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The sweep table as the report writes it: a ``segment_centre`` column after the mask."""
+    t = df.drop(columns=["n_blocks", "primary_metric", "n_seeds"], errors="ignore").copy()
+    t.insert(t.columns.get_loc("mask") + 1, "segment_centre", t["mask"].map(mask_centre))
+    return t
+
+
+# ----------------------------------------------------------------------------- suggest, tune
+
+
+def suggest_data(runs: Sequence[Any]) -> FigureData:
+    """Fig. 8: per-segment scores of each suggest method (the ``score`` signal, higher = a
+    better segment to tune), the proposed masks and the printed reason (suggest.json)."""
+    frames, rows = [], []
+    for r in runs:
+        t = r.tables.get("suggest")
+        rec = r.extra.get("suggest") or {}
+        if t is not None and len(t):
+            t = numeric(t.copy(), ["segment", "first_block", "last_block", "depth", "value",
+                                   "score"])
+            t.insert(0, RUN, r.label)
+            frames.append(t)
+        if not rec and t is None:
+            continue
+        proposals = rec.get("proposals") or {}
+        for method, p in proposals.items():
+            rows.append({RUN: r.label, "method": method, "mask": mask_from_text(p.get("mask")),
+                         "chosen": method == rec.get("method"),
+                         "reason": p.get("reason", "")})
+        if not proposals and rec.get("mask"):
+            rows.append({RUN: r.label, "method": rec.get("method", ""),
+                         "mask": mask_from_text(rec["mask"]), "chosen": True,
+                         "reason": rec.get("reason", "")})
+        if rec.get("reason"):
+            rows.append({RUN: r.label, "method": "(chosen)", "mask": mask_from_text(
+                rec.get("mask")), "chosen": True, "reason": rec["reason"]})
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    notes = []
+    if len(frame):
+        sc = frame[frame["signal"].astype(str) == "score"]
+        for (r, m), g in sc.groupby([RUN, "method"], sort=False):
+            if (g["score"].fillna(0) == 0).all():
+                notes.append(f"{r}: method {m} scores 0 on every segment (a flat signal), so "
+                             "its proposal is the fallback segment")
+    return FigureData(frame, pd.DataFrame(rows), notes)
+
+
+def tune_data(runs: Sequence[Any]) -> FigureData:
+    """Fig. 9: training loss of each tune run; ``summary`` one row per run: mask, rank,
+    trainable parameters and their share of the full-depth budget, steps, first/last loss."""
+    curves, rows = [], []
+    for r in runs:
+        info = r.tables.get("tune")
+        curve = r.tables.get("loss_curve")
+        if info is None and curve is None:
+            continue
+        row = {RUN: r.label}
+        if info is not None and len(info):
+            row.update(info.iloc[0].to_dict())
+        if curve is not None and len(curve):
+            c = numeric(curve.copy(), ["step", "loss"]).dropna(subset=["loss"])
+            c.insert(0, RUN, r.label)
+            curves.append(c)
+            row.update(first_loss=float(c["loss"].iloc[0]), last_loss=float(c["loss"].iloc[-1]),
+                       logged=len(c), source=str(c["source"].iloc[0]) if "source" in c else "")
+        rows.append(row)
+    frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
+        columns=[RUN, "step", "loss"])
+    notes = []
+    summ = pd.DataFrame(rows)
+    for row in rows:
+        if "logged" not in row:
+            notes.append(f"{row[RUN]}: no loss was logged (fewer steps than logging_steps?), "
+                         "so it has no curve")
+        elif row.get("logged") == 1:
+            notes.append(f"{row[RUN]}: one logged loss only: a point, not a curve")
+    return FigureData(frame, summ, notes)
+
+
+def scores_data(scores: pd.DataFrame) -> FigureData:
+    """Evaluation scores with intervals clipped to each metric's range."""
+    df, notes = clip_to_range(with_run(scores))
+    return FigureData(df, df, notes)

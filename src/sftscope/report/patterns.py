@@ -1,0 +1,164 @@
+"""Which of the paper's depth patterns (a)-(e) the runs show, by the rules of
+:mod:`sftscope.report.rules`, with the rule, the numbers and the verdict side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sftscope.metric_registry import lower_is_better
+from sftscope.report import numbers as N
+from sftscope.report import rules as R
+from sftscope.report.runs import Run, as_runs, combined, spec_of
+
+
+def _col(df: pd.DataFrame, c: str) -> np.ndarray | None:
+    return pd.to_numeric(df[c], errors="coerce").to_numpy(float) if c in df.columns else None
+
+
+def check_cka(metrics: pd.DataFrame) -> R.Verdict:
+    """(a) on one run's ``metrics`` table."""
+    d = N.pair_data(metrics).frame
+    s = d[d["metric"].astype(str) == "cka"].sort_values("rel_depth") if len(d) else d
+    if s.empty:
+        return R.Verdict(R.INCONCLUSIVE, R.CKA_RULE, "no CKA rows", "no data")
+    return R.cka_rule(s["rel_depth"], _col(s, "value"), _col(s, "ci_low"), _col(s, "ci_high"))
+
+
+def check_j_shape(weights: pd.DataFrame) -> R.Verdict:
+    """(b) on one run's ``weights`` table (module ``attn``, metric ``relative`` if present)."""
+    data = N.weight_data(weights)
+    d = data.frame
+    s = d[d["metric"].astype(str) == data.extra["metric"]].sort_values("rel_depth")
+    if s.empty:
+        return R.Verdict(R.INCONCLUSIVE, R.J_RULE, "no per-block rows", "no data")
+    v = R.j_shape_rule(s["rel_depth"], _col(s, "value"))
+    return R.Verdict(v.verdict, v.rule, f"{data.extra['module']} {data.extra['metric']}: "
+                     f"{v.numbers}", v.why)
+
+
+def check_lens(probe: pd.DataFrame) -> R.Verdict:
+    """(c) on one run's ``probe`` table: the first accuracy metric of the SFT model (else the
+    base model, else any)."""
+    d = N.lens_data(probe).frame
+    acc = [m for m in dict.fromkeys(d["metric"]) if N.probe_kind(m) == "accuracy"]
+    if not acc:
+        return R.Verdict(R.INCONCLUSIVE, R.LENS_RULE, "no logit-lens accuracy", "no data")
+    for model in ("sft", "base", None):
+        s = d[d["metric"] == acc[0]]
+        if model is not None:
+            s = s[s["model"] == model]
+        if len(s):
+            s = s.sort_values("rel_depth")
+            v = R.lens_rule(s["rel_depth"], _col(s, "value"), _col(s, "ci_low"),
+                            _col(s, "ci_high"), _col(s, "n"))
+            return R.Verdict(v.verdict, v.rule, f"{model or 'model'} {acc[0]}: {v.numbers}",
+                             v.why)
+    return R.Verdict(R.INCONCLUSIVE, R.LENS_RULE, "no logit-lens accuracy", "no data")
+
+
+def check_swap(swap: pd.DataFrame) -> R.Verdict:
+    """(d) on one run's ``swap`` table: every direction (and head) must show it."""
+    swapped, _ = N.split_swap(N.clip_to_range(N.with_run(swap))[0])
+    verdicts = []
+    for (_r, d, h, metric), g in N.swap_singles(swapped).items():
+        k = int(g["mask"].str.len().iloc[0])
+        nan = np.full(len(g), np.nan)
+        lo = _col(g, "ci_low") if "ci_low" in g.columns else nan
+        hi = _col(g, "ci_high") if "ci_high" in g.columns else nan
+        pts = {int(s): R.Point(float(v), float(a), float(b))
+               for s, v, a, b in zip(g["seg"], _col(g, "value"), lo, hi)}
+        name = d + (f", head {h}" if h else "") + f" ({metric})"
+        verdicts.append(R.inverted_u_rule(pts, k, lower_is_better(metric), name))
+    if not verdicts:
+        return R.Verdict(R.INCONCLUSIVE, R.SWAP_RULE, "no one-segment swaps", "no data")
+    return R.all_of(verdicts, R.SWAP_RULE)
+
+
+def check_sweep(summary: pd.DataFrame) -> R.Verdict:
+    """(e) on one run's sweep ``summary`` (its primary metric)."""
+    d = N.sweep_data(summary).frame
+    metric = N.sweep_primary(d)
+    sub = d[d["metric"] == metric].drop_duplicates("mask")
+    rows = []
+    for row in sub.to_dict("records"):
+        seeds = row.get("n_seeds")
+        items = row.get("n_items")
+        rows.append(R.MaskScore(
+            mask=str(row["mask"]), mean=_num(row.get("mean")), lo=_num(row.get("ci_low")),
+            hi=_num(row.get("ci_high")), p_value=_num(row.get("p_value")),
+            seeds=int(seeds) if _finite(seeds) else None,
+            n_items=int(float(items)) if _finite(items) else None))
+    return R.sweep_rule(rows, lower_is_better(str(metric)), str(metric))
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _finite(v: Any) -> bool:
+    return np.isfinite(_num(v))
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    """One of the paper's patterns: its text, the run table it needs, and its check."""
+
+    pattern: str
+    table: str
+    rule: str
+    check: Callable[[pd.DataFrame], R.Verdict]
+
+
+PATTERNS: list[PatternSpec] = [
+    PatternSpec("(a) CKA between base and SFT stays high (~0.98) over the first 80 % of depth "
+                "and drops in the final ~20 %", "metrics", R.CKA_RULE, check_cka),
+    PatternSpec("(b) weight change is J-shaped: larger near the output than in early blocks",
+                "weights", R.J_RULE, check_j_shape),
+    PatternSpec("(c) logit-lens accuracy is near 0 for most of the depth and rises sharply in "
+                "the last ~20 %", "probe", R.LENS_RULE, check_lens),
+    PatternSpec("(d) swapping shows an inverted U: swapping edge segments hurts more than "
+                "middle ones", "swap", R.SWAP_RULE, check_swap),
+    PatternSpec("(e) segment LoRA sweep: a middle mask beats full depth (11111), edge masks are "
+                "worst", "summary", R.SWEEP_RULE, check_sweep),
+]
+
+
+def paper_patterns(runs: Iterable[Run | str | Path] | str | Path) -> list[dict[str, Any]]:
+    """Each pattern's ``verdict`` (yes / no / inconclusive) over the runs: yes when every run
+    with the data says yes, no when one says no, else inconclusive (also when no run has the
+    data). Keys: ``pattern``, ``verdict``, ``holds`` (True / False / None), ``rule`` (with its
+    thresholds), ``numbers``, ``why`` and ``evidence`` (per run: numbers -> verdict (why))."""
+    loaded = as_runs(runs)
+    out = []
+    for spec in PATTERNS:
+        results: list[tuple[str, R.Verdict]] = []
+        for r in loaded:
+            if r.tables.get(spec.table) is None or r.tables[spec.table].empty:
+                continue
+            df = combined([r], spec.table)
+            results.append((r.label, spec.check(df)))
+        many = len(results) > 1
+        if not results:
+            t = spec_of(spec.table)
+            none = f"no run has {t.stem}.csv (sftscope {t.command})"
+            v = R.Verdict(R.INCONCLUSIVE, spec.rule, none, "no data")
+            evidence = none
+        else:
+            verdicts = [x for _, x in results]
+            v = R.all_of(verdicts, spec.rule)
+            evidence = "; ".join(
+                (f"[{lab}] " if many else "") + f"{x.numbers} -> {x.verdict}"
+                + (f" ({x.why})" if x.why else "") for lab, x in results)
+        out.append({"pattern": spec.pattern, "verdict": v.verdict, "holds": v.holds,
+                    "rule": spec.rule, "numbers": v.numbers, "why": v.why,
+                    "evidence": evidence})
+    return out

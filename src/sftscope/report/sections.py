@@ -1,0 +1,548 @@
+"""The report's sections as a list of figure specs: adding a figure = adding a spec to ``SPECS``.
+
+A :class:`FigureSpec` names the run tables it reads, one ``prepare`` function that computes
+the numbers (:mod:`sftscope.report.numbers`), the figures drawn from them
+(:mod:`sftscope.report.plots`), the findings sentences written from the *same* numbers, and the
+tables written beside the figures. The findings functions below only format values of the
+``summary`` their figure's data carries: a sentence cannot cite a number the figure does not
+draw, and words such as "falls" / "rises" come from :func:`numbers.trend_word`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sftscope.metric_registry import label as metric_label
+from sftscope.report import numbers as N
+from sftscope.report import plots
+from sftscope.report.numbers import RUN, FigureData
+from sftscope.report.rules import LENS_RISE, TOP
+from sftscope.report.runs import Run, combined, spec_of
+
+Plot = Callable[[FigureData, dict[str, str]], Any]
+TableOut = tuple[str, str, pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One section of the report: what it reads, computes, draws, says and writes."""
+
+    key: str
+    title: str
+    intro: str
+    reads: tuple[str, ...]   # run tables (runs.TABLES / runs.DERIVED); any one is enough
+    what: str                 # "No {what} in these runs" when none is there
+    prepare: Callable[[Sequence[Run]], FigureData | None]
+    figures: tuple[tuple[str, str | Callable[[FigureData], str], Plot], ...] = ()
+    findings: Callable[[FigureData], list[str]] = lambda d: []
+    tables: Callable[[FigureData], list[TableOut]] = lambda d: []
+    notes: Callable[[FigureData], list[str]] = field(default=lambda d: d.notes)
+
+    def absent(self) -> str:
+        need = ", ".join(f"{spec_of(t).stem}{'' if '.' in spec_of(t).stem else '.csv'} "
+                         f"(`sftscope {spec_of(t).command}`)" for t in self.reads)
+        return f"No {self.what} in these runs (needs {need})."
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def f(x: Any, nd: int = 3) -> str:
+    """A number for a sentence (n/a for missing)."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    if not np.isfinite(x):
+        return "n/a"
+    if x != 0 and (abs(x) >= 1000 or abs(x) < 0.001):
+        return f"{x:.{nd}g}"
+    return f"{x:.{nd}f}"
+
+
+def _prefix(label: str, many: bool) -> str:
+    return f"[{label}] " if many else ""
+
+
+def _many(summary: pd.DataFrame) -> bool:
+    return RUN in summary.columns and summary[RUN].nunique() > 1
+
+
+def _wide(df: pd.DataFrame, index: list[str], column: str) -> pd.DataFrame:
+    """Pivot ``value`` (and CIs) to one column per ``column`` value, for reading."""
+    vals = [c for c in ("value", "ci_low", "ci_high") if c in df.columns
+            and pd.to_numeric(df[c], errors="coerce").notna().any()]
+    order = list(dict.fromkeys(df[column].astype(str)))
+    d = df.copy()
+    d[column] = d[column].astype(str)
+    for c in vals:
+        d[c] = pd.to_numeric(d[c], errors="coerce")
+    wide = d.pivot_table(index=index, columns=column, values=vals, aggfunc="first", sort=False)
+    cols = [(c, name) for name in order for c in vals if (c, name) in wide.columns]
+    wide = wide[cols]
+    wide.columns = [n if c == "value" else f"{n} {c}" for c, n in cols]
+    return wide.reset_index().sort_values(index, kind="stable").reset_index(drop=True)
+
+
+def _combined(name: str) -> Callable[[Sequence[Run]], pd.DataFrame]:
+    return lambda runs: combined(runs, name)
+
+
+def _or_none(make: Callable[[pd.DataFrame], FigureData], name: str
+             ) -> Callable[[Sequence[Run]], FigureData | None]:
+    def prepare(runs: Sequence[Run]) -> FigureData | None:
+        df = combined(runs, name)
+        if df.empty:
+            return None
+        data = make(df)
+        return None if data.empty else data
+    return prepare
+
+
+# ----------------------------------------------------------------------------- Fig. 1
+
+
+def trend_phrase(row: Any) -> str:
+    """``falls to 0.72`` / ``rises to 0.99`` / ``stays level at 0.98`` from a profile row."""
+    word = row["top_trend"]
+    if word == "stays level":
+        return f"stays level at {f(row['last'])}"
+    if word in ("falls", "rises"):
+        return f"{word} to {f(row['last'])}"
+    return f"is {f(row['last'])}"
+
+
+def pair_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    many = _many(s)
+    out = []
+    for r, g in s.groupby(RUN, sort=False):
+        parts = []
+        rows = {m: row for m, row in zip(g["metric"], g.to_dict("records"))}
+        if "cka" in rows:
+            c = rows["cka"]
+            if np.isfinite(c["boundary"]) and c["top_trend"] != "n/a":
+                parts.append(f"CKA is at least {f(c['early_min'])} over the first 80 % of depth "
+                             f"(j/L <= {TOP}), {f(c['boundary'])} at j/L = "
+                             f"{f(c['boundary_depth'], 2)}, and {trend_phrase(c)} at the top "
+                             f"(lowest {f(c['min'])} at j/L = {f(c['min_depth'], 2)})")
+            else:
+                parts.append(f"CKA ranges {f(c['min'])} to {f(c['max'])}")
+        if "cosine_similarity" in rows:
+            c = rows["cosine_similarity"]
+            parts.append(f"cosine similarity is lowest at j/L = {f(c['min_depth'], 2)} "
+                         f"({f(c['min'])})")
+        if "mean_shift" in rows:
+            c = rows["mean_shift"]
+            ratio = (f", {f(c['max'] / c['early_median'], 2)}x its median over the first 80 %"
+                     if np.isfinite(c["early_median"]) and c["early_median"] > 0 else "")
+            parts.append(f"mean shift is largest at j/L = {f(c['max_depth'], 2)} "
+                         f"({f(c['max'])}{ratio})")
+        if parts:
+            out.append(_prefix(r, many) + "; ".join(parts) + ".")
+    return out
+
+
+def pair_tables(data: FigureData) -> list[TableOut]:
+    return [("fig1_pair_metrics", "pair metrics by layer j",
+             _wide(data.frame, [RUN, "layer", "rel_depth"], "metric"))]
+
+
+# ----------------------------------------------------------------------------- Fig. 2
+
+
+def single_findings(data: FigureData) -> list[str]:
+    s, gaps, names = data.summary, data.extra["gaps"], data.extra["names"]
+    many = _many(s)
+    out = []
+    for r in N.run_labels(s) if len(s) else []:
+        parts = []
+        if len(gaps):
+            for row in gaps[gaps[RUN] == r].to_dict("records")[:6]:
+                parts.append(f"{row['metric']} {f(100 * row['gap'], 2)} % (j/L = "
+                             f"{f(row['depth'], 2)})")
+        if parts:
+            out.append(_prefix(r, many) + "Largest base-vs-SFT gap per metric: "
+                       + ", ".join(parts) + ".")
+        first = s[(s[RUN] == r) & (s["model"] == "base") & (s["metric"] == names[0])]
+        if len(first) and first["n"].iloc[0] >= 3:
+            row = first.iloc[0]
+            out.append(_prefix(r, many) + f"Base {names[0]} peaks at j/L = "
+                       f"{f(row['max_depth'], 2)} ({f(row['max'])}) and ends at "
+                       f"{f(row['last'])} in the last layer.")
+    return out
+
+
+def single_tables(data: FigureData) -> list[TableOut]:
+    return [("fig2_single_metrics", "single-model metrics by layer j",
+             _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
+
+
+# ----------------------------------------------------------------------------- Fig. 3
+
+
+def lens_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    many = _many(s)
+    out = []
+    for r, g in s.groupby(RUN, sort=False):
+        parts = []
+        acc = [m for m in dict.fromkeys(g["metric"]) if N.probe_kind(m) == "accuracy"]
+        for model in ("base", "sft"):
+            row = g[(g["model"] == model) & (g["metric"] == acc[0])] if acc else g.iloc[0:0]
+            if row.empty or row["n"].iloc[0] < 2:
+                continue
+            row = row.iloc[0]
+            name = "SFT" if model == "sft" else model
+            if not row["max"] > 0:
+                parts.append(f"{name} {acc[0]} is 0 at every layer")
+                continue
+            parts.append(f"{name} {acc[0]}: mean {f(row['lens_early_mean'])} over j/L <= "
+                         f"{LENS_RISE}, half of its peak {f(row['max'])} first reached at j/L "
+                         f"= {f(row['half_peak_depth'], 2)}, {f(row['last'])} at the top")
+        agree = [m for m in dict.fromkeys(g["metric"]) if N.probe_kind(m) == "agreement"]
+        if agree:
+            row = g[g["metric"] == agree[0]].iloc[0]
+            parts.append(f"base/SFT {agree[0]} is {f(row['last'])} at the top (min "
+                         f"{f(row['min'])})")
+        if parts:
+            out.append(_prefix(r, many) + "; ".join(parts) + ".")
+    return out
+
+
+def lens_tables(data: FigureData) -> list[TableOut]:
+    return [("fig3_logit_lens", "logit lens by layer j",
+             _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
+
+
+# ----------------------------------------------------------------------------- Fig. 4
+
+
+def weight_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    many = _many(s)
+    out = []
+    for row in s.to_dict("records"):
+        text = (f"{row['module']} {row['metric']} weight change is largest at block "
+                f"{row['max_block']} (relative depth {f(row['max_depth'], 2)}, {f(row['max'])}); "
+                f"mean {f(row['bottom'])} over the bottom {row['n_edge']} of {row['n_blocks']} "
+                f"blocks, {f(row['middle'])} in the middle, {f(row['top'])} over the top "
+                f"{row['n_edge']}")
+        if row.get("most_module"):
+            text += (f"; of the modules, {row['most_module']} changes most on average "
+                     f"({f(row['most_value'])}) and {row['least_module']} least "
+                     f"({f(row['least_value'])})")
+        out.append(_prefix(row[RUN], many) + text + ".")
+    return out
+
+
+def weight_tables(data: FigureData) -> list[TableOut]:
+    module, all_ = data.extra["module"], data.extra["all"]
+    out = [("fig4_weight_change", f"{module} weight change by block",
+            _wide(data.frame, [RUN, "block", "rel_depth"], "metric"))]
+    hm_metric = "relative" if "relative" in set(all_["metric"].astype(str)) else str(
+        all_["metric"].iloc[0])
+    hm = all_[all_["metric"].astype(str) == hm_metric]
+    out.append(("fig4b_weight_modules", f"{hm_metric} weight change per module and block",
+                _wide(hm, [RUN, "block", "rel_depth"], "module")))
+    bl = data.extra["blockless"]
+    if len(bl):
+        out.append(("weights_other_modules", "modules outside the blocks (embeddings, head, ...)",
+                    bl.drop(columns=["n_blocks"], errors="ignore")))
+    return out
+
+
+# ----------------------------------------------------------------------------- Fig. 5
+
+
+def corr_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    many = _many(s)
+    out = []
+    if s.empty:
+        return out
+    for (r, m), g in s.groupby([RUN, "model"], sort=False):
+        pairs = ", ".join(f"{a} ~ {b} r = {f(v, 2)}"
+                          for a, b, v in zip(g["metric_a"], g["metric_b"], g["r"]))
+        out.append(_prefix(str(r), many) + f"{m}: strongest correlations {pairs}.")
+    return out
+
+
+# ----------------------------------------------------------------------------- Fig. 6
+
+
+def swap_findings(data: FigureData) -> list[str]:
+    s, orig = data.summary, data.extra["orig"]
+    runs = N.run_labels(data.frame)
+    many = len(runs) > 1
+    out = []
+    for r in runs:
+        parts = []
+        rows = s[s[RUN] == r].to_dict("records") if len(s) else []
+        for row in rows:
+            name = row["direction"] + (f" (head {row['head']})" if row["head"] else "")
+            if row["same"]:
+                parts.append(f"{name}: every single-segment swap gives the same "
+                             f"{row['metric']} ({f(row['best'])})")
+                continue
+
+            def delta(v: float, row: dict = row) -> str:
+                ref = row["host_value"]
+                return f", {v - ref:+.4f} vs {row['host']}" if np.isfinite(ref) else ""
+
+            parts.append(f"{name}: best single segment {row['best_seg'] + 1}/{row['k']} "
+                         f"({row['best_mask']}, {f(row['best'])}{delta(row['best'])}), worst "
+                         f"{row['worst_seg'] + 1}/{row['k']} ({row['worst_mask']}, "
+                         f"{f(row['worst'])}{delta(row['worst'])}) [{row['metric']}]")
+        if rows:
+            metric = rows[0]["metric"]
+            o = orig[(orig[RUN] == r) & (orig["metric"].astype(str) == metric)]
+            if len(o):
+                refs = ", ".join(f"{N.swap_original_name(row)} {f(row['value'])}"
+                                 for _, row in o.iterrows())
+                parts.append(f"originals: {refs}")
+        if parts:
+            out.append(_prefix(r, many) + "; ".join(parts) + ".")
+    return out
+
+
+def swap_tables(data: FigureData) -> list[TableOut]:
+    t = data.frame.drop(columns=["n_blocks"], errors="ignore").copy()
+    t.insert(t.columns.get_loc("mask") + 1, "segment_centre", t["mask"].map(N.mask_centre))
+    return [("fig6_swap", "swap results", t.reset_index(drop=True))]
+
+
+# ----------------------------------------------------------------------------- Fig. 7
+
+
+def sweep_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    if s.empty:
+        return []
+    s = s[s["primary"]] if s["primary"].any() else s
+    many = _many(s)
+    out = []
+    for row in s.to_dict("records"):
+        size = N._size_text(row["items"], row["seeds"])
+        if row["all_same"]:
+            out.append(_prefix(row[RUN], many) + f"{row['metric']}: every one of the "
+                       f"{row['n_masks']} masks scores {f(row['best_mean'])}{size}, so there is "
+                       "nothing to compare.")
+            continue
+        text = (f"{row['metric']}: best mask {row['best']} {f(row['best_mean'])}, worst "
+                f"{row['worst']} {f(row['worst_mean'])}")
+        if row["full"]:
+            p = row["best_p"]
+            ptxt = (f", p = {f(p)} vs full depth" if np.isfinite(p) and row["best"] != row["full"]
+                    else "")
+            text += (f"; full depth {row['full']} {f(row['full_mean'])}; {row['n_beat']} of "
+                     f"{row['n_masks'] - 1} masks beat it{ptxt}")
+        text += size
+        out.append(_prefix(row[RUN], many) + text + ".")
+    return out
+
+
+def sweep_tables(data: FigureData) -> list[TableOut]:
+    return [("fig7_sweep", "sweep summary", N.mask_table(data.frame))]
+
+
+# ----------------------------------------------------------------------------- Fig. 8-9
+
+
+def suggest_prepare(runs: Sequence[Run]) -> FigureData | None:
+    have = [r for r in runs if "suggest" in r.tables or "suggest" in r.extra]
+    data = N.suggest_data(have) if have else None
+    if data is None or (data.empty and data.summary.empty):
+        return None
+    val = combined(runs, "validation")
+    data.extra["validation"] = val
+    return data
+
+
+def suggest_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    if s.empty:
+        return []
+    many = _many(s)
+    out = []
+    for r, g in s.groupby(RUN, sort=False):
+        chosen = g[g["method"] == "(chosen)"]
+        if len(chosen):
+            out.append(_prefix(r, many) + f"Proposed mask {chosen['mask'].iloc[0]}: "
+                       f"{chosen['reason'].iloc[0]}")
+        props = g[g["method"] != "(chosen)"]
+        if len(props):
+            out.append(_prefix(r, many) + "Each method's proposal: " + ", ".join(
+                f"{m} {k}" for m, k in zip(props["method"], props["mask"])) + ".")
+    val = data.extra.get("validation")
+    if val is not None and len(val):
+        for row in val.to_dict("records"):
+            best = f"best {row.get('best_mask', '')} {f(row.get('best_score'))}"
+            if np.isfinite(pd.to_numeric(row.get("rank"), errors="coerce")):
+                where = (f"ranks {f(row['rank'], 0)} of {row.get('n_masks', '?')} swept masks "
+                         f"({row.get('metric', '')} {f(row.get('score'))}; {best})")
+            else:
+                where = (f"was not among the {row.get('n_masks', '?')} swept masks "
+                         f"({row.get('metric', '')}: {best})")
+            out.append(_prefix(row[RUN], True) + f"{row['method']} proposal {row['mask']} "
+                       f"{where}.")
+    return out
+
+
+def suggest_tables(data: FigureData) -> list[TableOut]:
+    out = []
+    if len(data.frame):
+        out.append(("fig8_suggest", "per-segment scores of each method", data.frame))
+    if len(data.summary):
+        out.append(("suggest_proposals", "proposals and reasons", data.summary))
+    val = data.extra.get("validation")
+    if val is not None and len(val):
+        out.append(("suggest_validation", "proposals ranked among the swept masks",
+                    val.drop(columns=["n_blocks"], errors="ignore")))
+    return out
+
+
+def tune_prepare(runs: Sequence[Run]) -> FigureData | None:
+    have = [r for r in runs if "tune" in r.tables or "loss_curve" in r.tables]
+    return N.tune_data(have) if have else None
+
+
+def tune_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    many = _many(s)
+    out = []
+    for row in s.to_dict("records"):
+        parts = []
+        if row.get("mask"):
+            parts.append(f"mask {row['mask']}" + (f" (blocks {row['blocks']})"
+                                                  if row.get("blocks") else ""))
+        if row.get("rank") is not None and np.isfinite(float(row.get("rank") or np.nan)):
+            parts.append(f"rank {f(row['rank'], 0)}")
+        tp, full = row.get("trainable_params"), row.get("full_depth_params")
+        if tp is not None and np.isfinite(float(tp)):
+            txt = f"{int(tp):,} trainable parameters"
+            if full is not None and np.isfinite(float(full)) and float(full) > 0:
+                txt += f", {100 * float(tp) / float(full):.1f} % of the full-depth budget " \
+                       f"{int(full):,}"
+            parts.append(txt)
+        if "first_loss" in row and np.isfinite(row.get("first_loss", np.nan)):
+            parts.append(f"loss {f(row['first_loss'])} -> {f(row['last_loss'])} over "
+                         f"{row['logged']} logged step(s)"
+                         + (f" ({f(row['steps'], 0)} steps)" if row.get("steps") else ""))
+        if parts:
+            out.append(_prefix(row[RUN], many) + "; ".join(parts) + ".")
+    return out
+
+
+def tune_tables(data: FigureData) -> list[TableOut]:
+    out = [("tune_runs", "segment LoRA runs: mask, rank, budget", data.summary)]
+    if len(data.frame):
+        out.append(("fig9_loss", "training loss by step", data.frame))
+    return out
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def scores_findings(data: FigureData) -> list[str]:
+    df = data.frame
+    many = df[RUN].nunique() > 1
+    items = []
+    for d in df.head(8).to_dict("records"):
+        ci = ""
+        if pd.notna(d.get("ci_low")) and pd.notna(d.get("ci_high")):
+            ci = f" [{f(d['ci_low'])}, {f(d['ci_high'])}]"
+        n = f" (n = {int(d['n'])})" if pd.notna(d.get("n")) else ""
+        items.append(f"{_prefix(d[RUN], many)}{d['task']} {metric_label(d['metric'])}: "
+                     f"{f(d['value'])}{ci}{n}")
+    more = f" (+{len(df) - 8} more in the table)" if len(df) > 8 else ""
+    return ["; ".join(items) + more + "."] if items else []
+
+
+# ----------------------------------------------------------------------------- the list
+
+
+SPECS: list[FigureSpec] = [
+    FigureSpec(
+        "similarity", "Base vs SFT similarity by depth (Fig. 1)",
+        "Pair metrics on pooled hidden states, x = hidden state j / L; CI bands where the run "
+        "bootstrapped them.", ("metrics",),
+        "pair metrics (CKA, cosine similarity, mean shift)", _or_none(N.pair_data, "metrics"),
+        (("fig1_pair_metrics", "Fig. 1: CKA, cosine similarity and mean shift by depth",
+          plots.plot_pair_metrics),),
+        pair_findings, pair_tables),
+    FigureSpec(
+        "single", "Single-model metrics by depth (Fig. 2)",
+        "Base (solid) and SFT (dashed) computed separately, x = hidden state j / L.",
+        ("metrics",), "single-model metrics (effective rank, entropy, spectra)",
+        _or_none(N.single_data, "metrics"),
+        (("fig2_single_metrics", "Fig. 2: single-model metrics, base vs SFT",
+          plots.plot_single_metrics),),
+        single_findings, single_tables),
+    FigureSpec(
+        "logit-lens", "Logit lens: next-token prediction by depth (Fig. 3)",
+        "lm_head(final_norm(h_j)) at every hidden state j, x = j / L.", ("probe",),
+        "logit-lens (probe) results", _or_none(N.lens_data, "probe"),
+        (("fig3_logit_lens", "Fig. 3: logit-lens accuracy, agreement and loss",
+          plots.plot_logit_lens),),
+        lens_findings, lens_tables),
+    FigureSpec(
+        "weights", "Weight change by block (Fig. 4)",
+        "Base -> SFT parameter distance per block, x = block (b + 0.5) / L.", ("weights",),
+        "weight-change results", _or_none(N.weight_data, "weights"),
+        (("fig4_weight_change",
+          lambda d: f"Fig. 4: weight change of {d.extra['module']} by block",
+          plots.plot_weight_change),
+         ("fig4b_weight_modules", "Fig. 4b: weight change per module and block",
+          lambda d, colors: plots.plot_weight_heatmap(d))),
+        weight_findings, weight_tables),
+    FigureSpec(
+        "correlation", "Correlation of metrics across layers (Fig. 5)",
+        "Pearson r across layers between every pair of metrics, per model.", ("correlation",),
+        "metric correlations", _or_none(N.correlation_data, "correlation"),
+        (("fig5_correlation", "Fig. 5: metric correlation heatmaps",
+          lambda d, colors: plots.plot_correlation(d)),),
+        corr_findings,
+        lambda d: [("fig5_correlation", "Pearson r per metric pair",
+                    d.frame.drop(columns=["n_blocks"], errors="ignore"))]),
+    FigureSpec(
+        "swap", "Layer swapping (Fig. 6)",
+        "Blocks of one segment replaced by the other model's (both directions); horizontal "
+        "lines are the unswapped models.", ("swap",), "swap results",
+        _or_none(N.swap_data, "swap"),
+        (("fig6_swap", "Fig. 6: score after swapping segments", plots.plot_swap),),
+        swap_findings, swap_tables),
+    FigureSpec(
+        "sweep", "Segment LoRA sweep (Fig. 7)",
+        "Equal-budget LoRA on the segments of each mask (bottom segment first).",
+        ("summary",), "mask-sweep results", _or_none(N.sweep_data, "summary"),
+        (("fig7_sweep", "Fig. 7: score by mask with CIs", plots.plot_sweep_bars),
+         ("fig7b_inverted_u", "Fig. 7b: score by segment position (one-segment masks)",
+          plots.plot_inverted_u)),
+        sweep_findings, sweep_tables),
+    FigureSpec(
+        "suggest", "Training-free mask proposal (Fig. 8)",
+        "Per-segment score of each `sftscope suggest` method (higher = a better segment to "
+        "tune), the proposed masks and the reason printed for them; where a sweep checked the "
+        "proposals, where each ranks.", ("suggest",), "mask proposals", suggest_prepare,
+        (("fig8_suggest", "Fig. 8: per-segment scores of each suggest method",
+          plots.plot_suggest),),
+        suggest_findings, suggest_tables),
+    FigureSpec(
+        "tune", "Segment LoRA runs (Fig. 9)",
+        "Each `sftscope tune` run: mask, rank, trainable parameters against the full-depth "
+        "budget, and its training loss.", ("tune",), "tune runs", tune_prepare,
+        (("fig9_loss", "Fig. 9: training loss by step", plots.plot_loss_curves),),
+        tune_findings, tune_tables),
+    FigureSpec(
+        "eval", "Evaluation scores", "Task scores with confidence intervals.", ("scores",),
+        "evaluation scores", _or_none(N.scores_data, "scores"), (),
+        scores_findings,
+        lambda d: [("eval_scores", "evaluation scores",
+                    d.frame.drop(columns=["n_blocks"], errors="ignore"))]),
+]

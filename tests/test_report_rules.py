@@ -1,0 +1,312 @@
+"""The paper-pattern rules on constructed profiles, and findings that follow the plotted numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sftscope.report import numbers as N
+from sftscope.report import rules as R
+from sftscope.report.sections import pair_findings
+
+L = 20
+BLOCKS = (np.arange(L) + 0.5) / L  # block depth (b + 0.5) / L
+STATES = np.arange(L + 1) / L      # hidden state depth j / L
+
+
+# ----------------------------------------------------------------------------- (b) J-shape
+
+
+@pytest.mark.parametrize("name, profile, verdict", [
+    ("J-shape", 0.05 + 0.10 * BLOCKS ** 4, R.YES),
+    ("flat", np.full(L, 0.08), R.NO),
+    ("monotone rising (linear)", 0.02 + 0.10 * BLOCKS, R.YES),
+    ("monotone falling", 0.12 - 0.10 * BLOCKS, R.NO),
+    ("hump in the middle", 0.05 + 0.10 * np.sin(np.pi * BLOCKS), R.NO),
+    ("zero at both ends", np.where((BLOCKS > 0.2) & (BLOCKS < 0.8), 0.1, 0.0), R.NO),
+    ("bottom frozen, top changed", np.where(BLOCKS > 0.5, 0.1, 0.0), R.INCONCLUSIVE),
+    ("no change at all", np.zeros(L), R.INCONCLUSIVE),
+    ("ties: top exactly 1.5x bottom", np.r_[np.full(4, 0.04), np.full(12, 0.05),
+                                            np.full(4, 0.06)], R.YES),
+])
+def test_j_shape_rule(name, profile, verdict):
+    v = R.j_shape_rule(BLOCKS, profile)
+    assert v.verdict == verdict, (name, v.text())
+    assert "1.5x" in v.rule and "bottom > 0" in v.rule
+    assert "bottom" in v.numbers and "top" in v.numbers
+
+
+def test_j_shape_rule_nans_and_small_samples():
+    y = 0.05 + 0.10 * BLOCKS ** 4
+    y_nan = y.copy()
+    y_nan[[3, 9]] = np.nan
+    v = R.j_shape_rule(BLOCKS, y_nan)
+    assert v.verdict == R.YES and "2 NaN value(s) left out" in v.numbers
+    v = R.j_shape_rule(BLOCKS[:4], y[:4])
+    assert v.verdict == R.INCONCLUSIVE and "needs 5" in v.why
+    v = R.j_shape_rule(BLOCKS, np.full(L, np.nan))
+    assert v.verdict == R.INCONCLUSIVE
+
+
+def test_edge_means_is_what_the_rule_and_findings_use():
+    e = R.edge_means(np.arange(10.0))
+    assert (e.bottom, e.top, e.n_edge) == (0.5, 8.5, 2) and e.middle == pytest.approx(4.5)
+    assert math.isinf(R.edge_means([0, 1, 1, 1, 1]).ratio)
+
+
+# ----------------------------------------------------------------------------- (a) CKA
+
+
+def _cka(drop: float) -> np.ndarray:
+    late = np.clip((STATES - 0.8) / 0.2, 0, None)
+    return 0.99 - drop * late ** 2
+
+
+def test_cka_rule_profiles():
+    assert R.cka_rule(STATES, _cka(0.3)).verdict == R.YES
+    assert R.cka_rule(STATES, _cka(0.0)).verdict == R.NO           # flat: no drop
+    assert R.cka_rule(STATES, 0.9 + 0.09 * STATES).verdict == R.NO  # rising
+    assert R.cka_rule(STATES, 0.7 - 0.2 * STATES).verdict == R.NO   # low from the start
+    assert R.cka_rule(STATES, _cka(0.02)).verdict == R.YES          # a tie at the threshold
+    v = R.cka_rule(STATES, _cka(0.015))
+    assert v.verdict == R.NO and "drop" in v.why
+
+
+def test_cka_rule_uses_the_intervals():
+    y = _cka(0.05)
+    tight = R.cka_rule(STATES, y, y - 0.005, y + 0.005)
+    wide = R.cka_rule(STATES, y, y - 0.03, y + 0.03)
+    assert tight.verdict == R.YES
+    assert wide.verdict == R.INCONCLUSIVE and "overlap" in wide.why
+    # the early CKA's interval straddles the 0.95 threshold
+    y = np.full(L + 1, 0.955)
+    y[-3:] = 0.5
+    assert R.cka_rule(STATES, y, y - 0.02, y + 0.02).verdict == R.INCONCLUSIVE
+
+
+def test_cka_rule_minimums_and_nans():
+    assert R.cka_rule([0.0, 0.5, 1.0], [0.99, 0.99, 0.5]).verdict == R.INCONCLUSIVE
+    assert R.cka_rule(STATES[:10], _cka(0.3)[:10]).verdict == R.INCONCLUSIVE  # none above 0.8
+    y = _cka(0.3)
+    y[[1, 2]] = np.nan
+    v = R.cka_rule(STATES, y)
+    assert v.verdict == R.YES and "NaN" in v.numbers
+
+
+# ----------------------------------------------------------------------------- (c) lens
+
+
+def test_lens_rule_profiles():
+    sharp = 0.01 + 0.6 * np.clip((STATES - 0.8) / 0.2, 0, None) ** 1.5
+    assert R.lens_rule(STATES, sharp).verdict == R.YES
+    assert R.lens_rule(STATES, 0.6 * STATES).verdict == R.NO                  # steady rise
+    assert R.lens_rule(STATES, np.full(L + 1, 0.3)).verdict == R.NO           # flat
+    assert R.lens_rule(STATES, np.zeros(L + 1)).verdict == R.NO               # zero everywhere
+    assert R.lens_rule(STATES, 0.6 - 0.5 * STATES).verdict == R.NO            # falling
+    # zero everywhere with intervals: the absent rise is within the noise
+    z = np.zeros(L + 1)
+    assert R.lens_rule(STATES, z, z, z + 0.05).verdict == R.INCONCLUSIVE
+    # a real profile, but measured on 12 tokens per layer
+    v = R.lens_rule(STATES, sharp, n=np.full(L + 1, 12))
+    assert v.verdict == R.INCONCLUSIVE and "n = 12" in v.why and "needs 30" in v.why
+    # intervals as wide as the rise
+    v = R.lens_rule(STATES, sharp, sharp - 0.4, sharp + 0.4)
+    assert v.verdict == R.INCONCLUSIVE
+
+
+# ----------------------------------------------------------------------------- (d) swap
+
+
+def _pts(values, half=0.002):
+    return {i: R.Point(v, v - half, v + half) for i, v in enumerate(values)}
+
+
+def test_inverted_u_rule():
+    assert R.inverted_u_rule(_pts([0.50, 0.53, 0.54, 0.52, 0.49]), 5).verdict == R.YES
+    assert R.inverted_u_rule(_pts([0.55, 0.53, 0.52, 0.52, 0.56]), 5).verdict == R.NO
+    assert R.inverted_u_rule(_pts([0.50, 0.503, 0.50, 0.50, 0.49], half=0.01),
+                             5).verdict == R.INCONCLUSIVE
+    tie = {i: R.Point(0.5) for i in range(5)}  # exact ties, no interval
+    assert R.inverted_u_rule(tie, 5).verdict == R.NO
+    # loss: lower is better
+    loss = _pts([2.0, 1.8, 1.7, 1.9, 2.1])
+    assert R.inverted_u_rule(loss, 5, lower_is_better=True).verdict == R.YES
+    assert R.inverted_u_rule(loss, 5, lower_is_better=False).verdict == R.NO
+    # too few segments / a missing edge
+    assert R.inverted_u_rule(_pts([0.5, 0.6]), 2).verdict == R.INCONCLUSIVE
+    missing = _pts([0.5, 0.6, 0.55, 0.52])
+    assert R.inverted_u_rule(missing, 5).verdict == R.INCONCLUSIVE
+    nan = _pts([0.5, 0.6, 0.55, 0.52, float("nan")])
+    assert R.inverted_u_rule(nan, 5).verdict == R.INCONCLUSIVE
+
+
+def test_all_of():
+    y = R.Verdict(R.YES, "r", "a")
+    n = R.Verdict(R.NO, "r", "b", "fails: x")
+    i = R.Verdict(R.INCONCLUSIVE, "r", "c", "too small")
+    assert R.all_of([y, y], "r").verdict == R.YES
+    assert R.all_of([y, i], "r").verdict == R.INCONCLUSIVE
+    assert R.all_of([y, i, n], "r").verdict == R.NO
+    assert R.all_of([], "r").verdict == R.INCONCLUSIVE
+
+
+# ----------------------------------------------------------------------------- (e) sweep
+
+
+def _sweep(scores: dict[str, float], p: float = 0.01, seeds: int = 3, items: int = 500,
+           half: float = 0.01) -> list[R.MaskScore]:
+    return [R.MaskScore(m, v, v - half, v + half, math.nan if m == "11111" else p, seeds, items)
+            for m, v in scores.items()]
+
+
+PAPER = {"11111": 0.28, "10000": 0.22, "01000": 0.375, "00100": 0.31, "00010": 0.27,
+         "00001": 0.135}
+
+
+def test_sweep_rule_paper_like():
+    v = R.sweep_rule(_sweep(PAPER))
+    assert v.verdict == R.YES, v.text()
+    assert "01000 0.375" in v.numbers and "00001 0.135" in v.numbers
+
+
+def test_sweep_rule_the_issue_case_is_not_yes():
+    """The full demo: the edge mask 00001 best, three masks tied, 1 seed, 40 items, p >= 0.08."""
+    demo = {"11111": 0.10, "10000": 0.10, "01000": 0.075, "00100": 0.10, "00010": 0.05,
+            "00001": 0.125}
+    v = R.sweep_rule(_sweep(demo, p=0.08, seeds=1, items=40, half=0.1))
+    assert v.verdict == R.INCONCLUSIVE
+    assert "1 seed(s) (needs 2)" in v.why and "40 items (needs 100)" in v.why
+    # with enough data but p >= 0.05 it stays inconclusive
+    assert R.sweep_rule(_sweep(demo, p=0.08, half=0.1)).verdict == R.INCONCLUSIVE
+
+
+def test_sweep_rule_contrary_and_ties():
+    worse = dict(PAPER, **{"01000": 0.20, "00100": 0.21, "00010": 0.19})
+    assert R.sweep_rule(_sweep(worse, p=0.01)).verdict == R.NO
+    tied = dict.fromkeys(PAPER, 0.3)
+    v = R.sweep_rule(_sweep(tied, p=1.0))
+    assert v.verdict == R.INCONCLUSIVE
+    edge_not_worst = dict(PAPER, **{"00010": 0.05})  # a middle mask is the worst, clearly
+    assert R.sweep_rule(_sweep(edge_not_worst, half=0.005)).verdict == R.NO
+    # loss-like metric: lower is better
+    loss = {m: 1 - v for m, v in PAPER.items()}
+    assert R.sweep_rule(_sweep(loss), lower_is_better=True).verdict == R.YES
+    assert R.sweep_rule(_sweep({"11111": 0.3, "01000": 0.4})).verdict == R.INCONCLUSIVE
+
+
+def test_sweep_rule_single_seed_and_nan():
+    v = R.sweep_rule(_sweep(PAPER, seeds=1))
+    assert v.verdict == R.INCONCLUSIVE and "seed" in v.why
+    rows = _sweep(dict(PAPER, **{"00100": float("nan")}))
+    assert R.sweep_rule(rows).verdict == R.YES
+
+
+def test_verdict_text_has_rule_numbers_and_verdict():
+    v = R.j_shape_rule(BLOCKS, 0.05 + 0.10 * BLOCKS ** 4)
+    text = v.text()
+    assert text.startswith("J-shape: mean relative change of the top 20% of blocks >= 1.5x")
+    assert "; here bottom " in text and text.rstrip().endswith("-> yes")
+    assert v.holds is True
+    assert R.Verdict(R.INCONCLUSIVE, "r", "n").holds is None
+
+
+# ----------------------------------------------------------------------------- findings
+
+
+def test_trend_word_of_a_rising_curve_never_falls():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(3, 40))
+        x = np.sort(rng.uniform(0, 1, n))
+        x[-1] = 1.0
+        y = np.cumsum(rng.exponential(1, n) * (rng.uniform(size=n) > 0.3))
+        y = y * rng.uniform(1e-4, 10) + rng.normal(0, 5)
+        row = N.profile(x, y)
+        assert row["top_trend"] in ("rises", "stays level", "n/a"), (x, y, row)
+    assert N.trend_word(0.99, 0.7, 0.7, 0.99) == "falls"
+    assert N.trend_word(0.7, 0.99, 0.7, 0.99) == "rises"
+    assert N.trend_word(0.9, 0.9, 0.9, 0.9) == "stays level"
+
+
+def _metrics(cka: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"layer": np.arange(len(cka)), "metric": "cka", "model": "pair",
+                         "value": cka})
+
+
+def test_pair_findings_follow_the_plotted_curve():
+    rising = 0.90 + 0.02 * np.arange(L + 1) / L  # the issue: a curve that rises at the top
+    data = N.pair_data(_metrics(rising))
+    text = " ".join(pair_findings(data))
+    assert "falls" not in text and "rises to 0.920 at the top" in text
+    # the numbers the sentence cites are the ones in the figure's frame
+    assert data.frame["value"].iloc[-1] == pytest.approx(0.92)
+    falling = N.pair_data(_metrics(_cka(0.3)))
+    assert "falls to 0.690 at the top" in " ".join(pair_findings(falling))
+    flat = N.pair_data(_metrics(np.full(L + 1, 0.98)))
+    assert "stays level at 0.980" in " ".join(pair_findings(flat))
+
+
+def test_pair_findings_never_fall_for_random_rising_curves():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        y = np.sort(rng.uniform(0.5, 1.0, L + 1))
+        text = " ".join(pair_findings(N.pair_data(_metrics(y))))
+        assert "falls" not in text, (y, text)
+
+
+def test_probability_intervals_are_clipped_with_a_note():
+    probe = pd.DataFrame({"layer": [0, 1, 2], "model": "sft", "metric": "answer_prob",
+                          "value": [0.001, 0.01, 0.2], "ci_low": [-0.01, -0.002, 0.1],
+                          "ci_high": [0.012, 0.02, 1.3], "n": 12})
+    data = N.lens_data(probe)
+    assert data.frame["ci_low"].min() == 0.0 and data.frame["ci_high"].max() == 1.0
+    assert any("3 interval end(s) of answer_prob" in n and "[0, 1]" in n for n in data.notes)
+    # a metric without bounds is left alone
+    loss = probe.assign(metric="loss_delta")
+    assert N.lens_data(loss).frame["ci_low"].min() == -0.01
+
+
+def test_compare_ties_and_thresholds():
+    assert R.compare(0.5, 0.5) == R.FAILS                      # "beats" needs more than a tie
+    assert R.compare(0.3, 0.1, 0.2, strict=False) == R.HOLDS   # ">= margin": a tie counts
+    assert R.compare(0.3, 0.1, 0.2) == R.FAILS
+    assert R.compare(0.6, 0.5, 0.0, (0.55, 0.65), (0.45, 0.56)) == R.UNCLEAR
+    assert R.compare(0.6, 0.5, 0.0, (0.57, 0.63), (0.45, 0.55)) == R.HOLDS
+    assert R.compare(0.4, 0.5, 0.0, (0.35, 0.45), (0.47, 0.55)) == R.FAILS
+    assert R.compare(float("nan"), 0.5) == R.UNCLEAR
+    assert R.at_least(0.96, 0.95, (0.94, 0.98)) == R.UNCLEAR
+    assert R.compare_p(0.4, 0.3, 0.01) == R.HOLDS and R.compare_p(0.4, 0.3, 0.2) == R.UNCLEAR
+    assert R.compare_p(0.2, 0.3, 0.01) == R.FAILS and R.compare_p(0.4, 0.3, None) == R.UNCLEAR
+
+
+def test_figure_draws_the_numbers_the_sentence_cites():
+    from sftscope.report import plots
+
+    y = 0.99 - 0.3 * np.clip((STATES - 0.8) / 0.2, 0, None) ** 2
+    data = N.pair_data(_metrics(y))
+    fig = plots.plot_pair_metrics(data)
+    (line,) = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == L + 1]
+    np.testing.assert_allclose(line.get_ydata(), data.frame.sort_values("rel_depth")["value"])
+    row = data.summary.iloc[0]
+    sentence = " ".join(pair_findings(data))
+    assert f"falls to {row['last']:.3f} at the top" in sentence
+    assert line.get_ydata()[-1] == pytest.approx(row["last"])
+    assert f"{row['boundary']:.3f} at j/L = {row['boundary_depth']:.2f}" in sentence
+
+
+def test_weight_sentence_and_j_rule_share_the_edge_means():
+    from sftscope.report import patterns
+    from sftscope.report.sections import weight_findings
+
+    w = pd.DataFrame({"block": np.arange(L), "module": "attn", "metric": "relative",
+                      "value": 0.05 + 0.10 * BLOCKS ** 4})
+    data = N.weight_data(w)
+    row = data.summary.iloc[0]
+    text = weight_findings(data)[0]
+    v = patterns.check_j_shape(w)
+    for value in (row["bottom"], row["top"]):
+        assert f"{value:.3f}" in text and f"{value:.3f}" in v.numbers
+    assert v.verdict == R.YES
