@@ -30,7 +30,7 @@ def test_registry_names_and_lookup():
 
 def test_primary_metrics_come_from_the_tasks():
     from sftscope.experiments.sweep import PRIMARY
-    from sftscope.report import _primary_metric
+    from sftscope.report.numbers import primary_metric as _primary_metric
 
     g, m, p = (get_task(n) for n in ("gsm8k", "mmlu", "perplexity"))
     assert (g.primary, m.primary, p.primary) == ("flexible_extract", "accuracy", "loss_after")

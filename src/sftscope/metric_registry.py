@@ -106,6 +106,8 @@ _ENTRIES: list[MetricSpec] = [
     _m("flexible_extract", "accuracy", HIGHER, order=32, label="exact match (flexible)",
        bounds=UNIT),
     _m("strict_match", "accuracy", HIGHER, order=33, label="exact match (strict)", bounds=UNIT),
+    _m("numeric_match", "accuracy", HIGHER, order=34, label="numeric match (lenient, not lm-eval)",
+       bounds=UNIT),
     _m("agreement", "agreement", None, order=40, label="base/SFT agreement", bounds=UNIT),
     _m("answer_prob", "probability", HIGHER, order=50, label="answer probability",
        bounds=UNIT),
