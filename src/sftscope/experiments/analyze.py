@@ -138,7 +138,8 @@ def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
             if name == "curvature":
                 rows.append((j, "curvature_pi", model, v / np.pi, lo / np.pi, hi / np.pi))
         z = res.pooled(opts.pooling)[j]
-        for name, v in M.dataset_metrics(z, opts).items():
+        for name, v in M.dataset_metrics(z, opts,
+                                         compute_dtype=res.info.get("compute_dtype")).items():
             rows.append((j, name, model, float(v), float("nan"), float("nan")))
     return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
 
@@ -215,7 +216,11 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     reference = cfg.preset == "reference"
     ccfg = CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
                          normalisation=opts.normalisation, ridge=opts.ridge,
-                         sparsity_eps=opts.sparsity_eps, include_padding=reference)
+                         sparsity_eps=opts.sparsity_eps, sparsity_group=opts.sparsity_group,
+                         curvature_zero_steps=opts.curvature_zero_steps,
+                         curvature_cos_clip=opts.curvature_cos_clip,
+                         entropy_normalisations=opts.entropy_normalisations,
+                         include_padding=reference)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with timer("capture_base"):
         rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base")
