@@ -572,7 +572,7 @@ def format_scores(res: EvalResult) -> str:
 
 def evaluate(config: EvalConfig) -> EvalResult:
     """Load the model (and adapter), evaluate, and write scores, predictions and run.json."""
-    from sftscope.experiments.tune import adapter_folder, load_adapter
+    from sftscope.load.adapters import adapter_folder, load_adapter
     from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 
     cfg = resolve_config(config)
