@@ -264,10 +264,9 @@ TEXTS = [
 ]
 
 
-def test_tiny_model_reference_capture_matches_research_formulas(model_dir, tokenizer):
-    """The reference capture (padding counted, sparsity groups of ten spanning capture batches
-    of four) against the formulas applied to HF's hidden states of the same padded batches."""
-    model = load_model(str(model_dir("llama")))
+def tiny_model_report(model, tokenizer) -> tuple[dict[str, float], object]:
+    """Per metric, the worst relative difference between the reference capture and the
+    formulas over every layer ``j < L`` and sample; also returns the capture."""
     tok = D.tokenize([D.Sample(t) for t in TEXTS], tokenizer, 64)
     n = len(tok)
     pad = tokenizer.pad_token_id
@@ -276,7 +275,6 @@ def test_tiny_model_reference_capture_matches_research_formulas(model_dir, token
                         curvature_zero_steps=REF.curvature_zero_steps,
                         curvature_cos_clip=REF.curvature_cos_clip, include_padding=True)
     res = capture(model, tok, cfg, pad)
-    assert res.info["compute_dtype"] == "float32"
     n_layers = res.n_states - 1  # HF's last hidden state is after the final norm: j < L only
     padded: dict[int, list[np.ndarray]] = {j: [None] * n for j in range(n_layers)}
     for batch in D.iter_batches(tok, 4, pad, side="right"):
@@ -303,8 +301,19 @@ def test_tiny_model_reference_capture_matches_research_formulas(model_dir, token
     shifted = [(res.pooled_mean[j], res.pooled_mean[j] + 0.1 * res.pooled_mean[j - 1])
                for j in range(1, n_layers)]
     report.update(pair_report(shifted))
+    return report, res
+
+
+def test_tiny_model_reference_capture_matches_research_formulas(model_dir, tokenizer):
+    """The reference capture (padding counted, sparsity groups of ten spanning capture batches
+    of four) against the formulas applied to HF's hidden states of the same padded batches."""
+    model = load_model(str(model_dir("llama")))
+    report, res = tiny_model_report(model, tokenizer)
+    assert res.info["compute_dtype"] == "float32"
     assert max(report.values()) < TOL, report
     # padding positions entered: with the real-token mask the values differ
-    plain = capture(model, tok, CaptureConfig(batch_size=4, n_token=n), pad)
+    tok = D.tokenize([D.Sample(t) for t in TEXTS], tokenizer, 64)
+    plain = capture(model, tok, CaptureConfig(batch_size=4, n_token=len(tok)),
+                    tokenizer.pad_token_id)
     assert float((plain.token["prompt_entropy"] - res.token["prompt_entropy"]).abs()
                  .nan_to_num().max()) > 1e-6

@@ -14,7 +14,6 @@ and are what the streaming capture calls; padding never changes their results.
 from sftscope.metrics.entropy import (
     NORMALISATIONS,
     PRESETS,
-    REFERENCE_NOTES,
     MetricOptions,
     alpha_entropy,
     alpha_entropy_batch,
@@ -78,7 +77,6 @@ __all__ = [
     "MetricOptions",
     "NORMALISATIONS",
     "PRESETS",
-    "REFERENCE_NOTES",
     "SparsityGroups",
     "alpha_entropy",
     "alpha_entropy_batch",

@@ -28,8 +28,39 @@ POOLINGS = ("mean", "last")
 class MetricOptions:
     """Every metric choice that METRICS.md leaves open, in one immutable place.
 
-    ``default`` follows METRICS.md. ``reference`` reproduces the authors' research code (see
-    ``REFERENCE_NOTES`` for what it does, field by field, and why).
+    ``default`` follows METRICS.md. ``reference`` reproduces the authors' research code (its
+    ``metric_utils.py``; the entropy follows Skean et al.'s OFSkean/information_flow: the
+    spectrum of the Gram matrix of unit rows, normalised to sum to one). What it sets, and why:
+
+    - Token metrics count padding positions (the capture's ``include_padding``): the research
+      code stacks padded samples and never applies the attention mask to them.
+    - ``ridge = 1e-6``: prompt entropy is that of ``X̂X̂ᵀ / D + 1e-6 I_T`` (``X̂``: the padded
+      ``[T, D]`` sample's rows at unit norm), normalised by ``log(min(T, D))``. The ridge comes
+      after the division by ``D``: on ``X̂X̂ᵀ`` it is ``1e-6 * D`` (it used to be ``1e-6``).
+    - ``dataset_ridge = 1e-6``: dataset entropy gets the same ridge (``ẐẐᵀ / D + 1e-6 I_N``)
+      only when ``N <= D``; for ``N > D`` the research code takes ``sigma(Ẑ)^2``, no ridge.
+    - ``erank_weights = "sigma2"``: ``exp(H(sigma^2 / sum sigma^2))``, which the research code
+      reports only divided by ``min(N, D)`` (our ``effective_rank_norm``).
+    - ``rank_tol = "reference"``: rank ``#{sigma > 0.01 sigma_max}``; the research code
+      reports ``1 - rank / min(N, D)`` (our ``rank_deficiency_frac``).
+    - ``condition = "reference"``: ``sigma_max / (sigma_min + 1e-9)``, ``sigma_min`` the
+      smallest of all ``min(N, D)`` singular values, zeros included.
+    - ``sparsity_group = 10``: threshold ``0.01 * max|x|`` over a whole padded batch of 10
+      samples (the research code streams its sample files ten at a time, in order); each
+      sample's fraction uses its group's threshold, so a group's mean (equal lengths) is the
+      research code's batch value.
+    - ``curvature_zero_steps = "right_angle"``, ``curvature_cos_clip = 0.999``: the research
+      code takes ``arccos(clamp(cos(v_t, v_t+1), -0.999, 0.999))`` with torch's
+      ``cosine_similarity`` (norms floored at 1e-8): a zero-length step (between identical
+      padding states) has cosine 0, i.e. counts as ``pi/2``, and no angle is below
+      ``arccos 0.999``.
+    - Already equal: CKA (linear, biased), cosine similarity, mean shift, L2 norm (and its
+      std, ``ddof = 1``).
+    - Not reproduced, on purpose: float32 arithmetic (we use float64); its epsilons (eigenvalues
+      clamped at 1e-10 and ``+1e-10`` in the entropy, ``+1e-9`` in the effective rank and CKA),
+      which change values by less than 1e-5 relative on real states; 0 instead of NaN for
+      fewer than 2 (entropy) or 3 (curvature) positions; its mean over batches of ten, equal to
+      our mean over samples when every batch is full.
     """
 
     alpha: float = 1.0  # order of the matrix entropy (1 = Shannon / von Neumann)
@@ -87,45 +118,6 @@ class MetricOptions:
         return tuple(dict.fromkeys(x for x in self.entropy_normalisations
                                    if x != self.normalisation))
 
-
-REFERENCE_NOTES = """What ``--preset reference`` does, and why (the authors' research code: its
-``metric_utils.py`` computes every metric below; its entropy follows Skean et al.'s
-OFSkean/information_flow, where eigenvalues come from the Gram matrix of unit rows and are
-normalised to sum to one). Everything is computed in float64 here; the research code works in
-float32 on float16-stored states.
-
-- Token metrics count padding positions (capture ``include_padding``): the research code stacks
-  padded samples and never applies the attention mask to them.
-- ``ridge = 1e-6``: prompt entropy is the entropy of ``X̂X̂ᵀ / D + 1e-6 I_T`` (``X̂``: rows of the
-  padded ``[T, D]`` sample at unit norm). The ridge is added after the division by ``D``, so
-  on the unit-row Gram ``X̂X̂ᵀ`` it is ``1e-6 · D`` (it used to be added as 1e-6 there: ``D``
-  times too small). Normalised by ``log(min(T, D))``, ``T`` the padded length.
-- ``dataset_ridge = 1e-6``: dataset entropy gets the same ridge (``ẐẐᵀ / D + 1e-6 I_N``) only
-  when ``N <= D``; when ``N > D`` the research code takes ``σ(Ẑ)²`` and adds none.
-- The research code's eigenvalue floor (clamp at 1e-10, ``+1e-10`` inside the log and the
-  trace) is not reproduced: with the ridge every eigenvalue is at least ``1e-6``, and the
-  floor changes values by less than 1e-9 relative.
-- ``erank_weights = "sigma2"``: effective rank ``exp(H(σ² / Σσ²))``, reported by the research
-  code only divided by ``min(N, D)`` (our ``effective_rank_norm``). Its ``+1e-9`` terms are
-  negligible for any non-trivial ``Z`` and are not reproduced.
-- ``rank_tol = "reference"``: rank = ``#{σ > 0.01 σ_max}``; the research code reports
-  ``1 - rank / min(N, D)`` (our ``rank_deficiency_frac``).
-- ``condition = "reference"``: ``σ_max / (σ_min + 1e-9)`` with ``σ_min`` the smallest of all
-  ``min(N, D)`` singular values (zeros included).
-- ``sparsity_group = 10``: the threshold is ``0.01 · max|x|`` over a whole padded batch of 10
-  samples (the research code streams its sample files ten at a time, in sorted order); each
-  sample's fraction uses its group's threshold, so the mean over a group of equal-length
-  samples is the research code's batch value.
-- ``curvature_zero_steps = "right_angle"``, ``curvature_cos_clip = 0.999``: the research code
-  takes ``arccos(clamp(cos(v_t, v_t+1), -0.999, 0.999))`` with torch's ``cosine_similarity``
-  (norms floored at 1e-8), so a zero-length step (between identical padding states) has cosine
-  0 and counts as ``π/2``, and every angle lies in ``[arccos 0.999, arccos -0.999]``.
-- CKA (linear, biased), cosine similarity, mean shift and the L2 norm (mean; std with
-  ``ddof = 1``) already match the research code.
-- Not reproduced: it returns 0 (not NaN) for a batch with fewer than 3 (curvature) or 2
-  (entropy) positions, and averages per-batch values (equal to our per-sample mean when every
-  batch of 10 is full).
-"""
 
 PRESETS: dict[str, MetricOptions] = {
     "default": MetricOptions(),
