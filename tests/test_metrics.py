@@ -46,6 +46,7 @@ from sftscope.metrics import (
     sparsity_batch,
     spectral_norm,
     spectrum,
+    token_metrics_batch,
 )
 
 REF = PRESETS["reference"]
@@ -63,11 +64,11 @@ def np_entropy(lam: np.ndarray, alpha: float = 1.0) -> float:
 
 
 def np_prompt_entropy(x: np.ndarray, ridge: float = 0.0, alpha: float = 1.0) -> float:
-    """T x T Gram of unit rows, always (the reference never switches form)."""
+    """T x T Gram of unit rows divided by D, plus the ridge, always (never switches form)."""
     x = np.asarray(x, dtype=np.float64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     xh = x / np.where(norms > 0, norms, 1.0)
-    k = xh @ xh.T + ridge * np.eye(x.shape[0])
+    k = xh @ xh.T / x.shape[1] + ridge * np.eye(x.shape[0])
     s = np_entropy(np.linalg.eigvalsh(k), alpha)
     return s / np.log(min(x.shape[0], x.shape[1]))
 
@@ -374,7 +375,8 @@ def test_dataset_metrics_match_numpy(n, d):
     assert l2_norm(z) == pytest.approx(out["l2_norm"], rel=1e-12)
     torch.testing.assert_close(spectrum(z), torch.from_numpy(s))
     ref = dataset_metrics(z, REF)
-    zk = zh @ zh.T + 1e-6 * np.eye(n)
+    # the research code's ridge: on ẐẐᵀ / D, and only when N <= D
+    zk = zh @ zh.T / d + (1e-6 * np.eye(n) if n <= d else 0.0)
     assert ref["dataset_entropy"] == pytest.approx(
         np_entropy(np.linalg.eigvalsh(zk)) / np.log(min(n, d)), rel=1e-10
     )
@@ -405,6 +407,61 @@ def test_rank_deficiency_and_reference_rule():
     assert rank_deficiency(z, REF) == 4  # 0.005, 1e-3, 1e-9, 0 are <= 1 % of sigma_max
     assert dataset_metrics(z, REF)["rank_deficiency_frac"] == pytest.approx(1 - 4 / 8)
     assert condition_number(z) == pytest.approx(1.0 / 1e-9, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_deficiency_uses_the_compute_precision(dtype):
+    """Rank-r states computed in fp32 / bf16: their rounding noise is not a direction."""
+    n, d, r = 40, 24, 6
+    z64 = 3.0 * orth(n, seed=1)[:, :r] @ orth(d, seed=2)[:, :r].T  # r equal singular values
+    z = z64.to(dtype)
+    sigma = spectrum(z)
+    assert float(sigma[r]) > 1e-12  # the rounding noise is there...
+    assert rank_deficiency(z.double()) < d - r  # ...and float64's tolerance counts it
+    assert rank_deficiency(z) == d - r  # default: the dtype of the states given
+    stored = z.float()  # pooled states are kept in float32: say what they were computed in
+    assert rank_deficiency(stored, compute_dtype=dtype) == d - r
+    out = dataset_metrics(stored, compute_dtype=str(dtype).removeprefix("torch."))
+    assert out["rank_deficiency"] == d - r
+    assert out["rank_deficiency_frac"] == pytest.approx((d - r) / d)
+    assert condition_number(stored, compute_dtype=dtype) == pytest.approx(1.0, rel=2e-2)
+    assert rank_deficiency(z64) == d - r  # exact in float64 too
+
+
+def test_rank_undefined_where_the_precision_cannot_resolve_it():
+    z = rand(300, 200, seed=1).to(torch.bfloat16)  # 300 * eps(bf16) > 1
+    out = dataset_metrics(z.float(), compute_dtype="bfloat16")
+    assert math.isnan(out["rank_deficiency"]) and math.isnan(out["rank_deficiency_frac"])
+    assert math.isnan(out["condition_number"])
+    assert dataset_metrics(z.float(), REF)["rank_deficiency"] == 0  # the 1 % rule still works
+    with pytest.raises(SftscopeError, match="dtype"):
+        dataset_metrics(z.float(), compute_dtype="int8")
+
+
+def test_l2_norm_spread_and_several_normalisations():
+    z = torch.tensor([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]], dtype=torch.float64)
+    out = dataset_metrics(z, MetricOptions(entropy_normalisations=("max", "logN", "raw")))
+    norms = np.array([5.0, 1.0, 10.0])
+    assert out["l2_norm_std"] == pytest.approx(norms.std(ddof=1))
+    assert out["l2_norm_cv"] == pytest.approx(norms.std(ddof=1) / norms.mean())
+    raw = out["dataset_entropy_raw"]
+    assert "dataset_entropy_max" not in out  # the primary one is dataset_entropy
+    assert out["dataset_entropy"] == pytest.approx(raw / math.log(2))
+    assert out["dataset_entropy_logN"] == pytest.approx(raw / math.log(3))
+    opts = MetricOptions(normalisation="logN", entropy_normalisations="max logNlogD")
+    assert opts.entropy_normalisations == ("max", "logNlogD")
+    out2 = dataset_metrics(z, opts)
+    assert out2["dataset_entropy"] == pytest.approx(out["dataset_entropy_logN"])
+    assert out2["dataset_entropy_logNlogD"] == pytest.approx(raw / (math.log(3) * math.log(2)))
+    x = rand(7, 5, seed=3)
+    h, m = x[None], torch.ones(1, 7, dtype=torch.bool)
+    got = token_metrics_batch(h, m, MetricOptions(entropy_normalisations=("raw",)))
+    assert set(got) == {"prompt_entropy", "sparsity", "curvature", "prompt_entropy_raw"}
+    assert float(got["prompt_entropy_raw"][0]) == pytest.approx(
+        float(got["prompt_entropy"][0]) * math.log(5))
+    with pytest.raises(SftscopeError, match="normalisation"):
+        MetricOptions(entropy_normalisations=("logZ",))
+    assert math.isnan(dataset_metrics(z[:1])["l2_norm_std"])
 
 
 def test_condition_number_and_norms_of_diag():

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sftscope.errors import SftscopeError
-from sftscope.experiments.weights import erank, run_weights, weight_change
+from sftscope.experiments.weights import run_weights, weight_change
 from sftscope.load.tiny import build_tiny_model
+from sftscope.metrics.lowrank import effective_rank_of as erank
 
 LLAMA = dict(n_layers=3, hidden=32, n_heads=4)
 ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -60,7 +61,7 @@ def llama_pair(tmp_path_factory):
 
 def test_llama_matches_direct_computation(llama_pair):
     df = weight_change(llama_pair / "base", llama_pair / "sft", low_rank=False)
-    assert list(df.columns) == ["block", "module", "metric", "value"]
+    assert list(df.columns) == ["block", "module", "metric", "value", "method"]
     b_sd = load_file(llama_pair / "base" / "model.safetensors")
     s_sd = load_file(llama_pair / "sft" / "model.safetensors")
 
@@ -272,6 +273,40 @@ def test_lora_adapter_patterns_and_rslora(tmp_path):
         assert val(merged, blk, role) == pytest.approx(val(with_base, blk, role), rel=1e-4)
 
 
+def test_merged_folder_and_adapter_agree(tmp_path):
+    """The same LoRA update read from its adapter (exact r x r core) and from the merged
+    checkpoint (exact SVD of the dense change, fp32 rounding noise dropped): same spectra."""
+    expected = _lora(tmp_path, "llama", ["q_proj", "v_proj", "down_proj"], r=6, lora_alpha=12,
+                     rank_pattern={"layers.1.mlp.down_proj": 3})
+    top_k = 8
+    adapter = weight_change(tmp_path / "base", adapter=tmp_path / "adapter", top_k=top_k)
+    merged = weight_change(tmp_path / "base", tmp_path / "merged", top_k=top_k)
+    low = [f"sv{i}" for i in range(1, top_k + 1)] + ["effective_rank", "energy_rank90",
+                                                     "stable_rank", "residual_energy"]
+    for name in expected:
+        blk = int(name.split(".")[2])
+        role = {"q_proj": "q", "v_proj": "v", "down_proj": "down"}[name.split(".")[-1]]
+        rank = 3 if name == "model.layers.1.mlp.down_proj" else 6
+        for metric in low:
+            a, m = val(adapter, blk, role, metric), val(merged, blk, role, metric)
+            assert m == pytest.approx(a, rel=1e-6, abs=0), (name, metric)
+        assert val(adapter, blk, role, f"sv{rank}") > 0 and val(adapter, blk, role,
+                                                                f"sv{rank + 1}") == 0.0
+        sv = torch.linalg.svdvals(expected[name])
+        assert val(adapter, blk, role, "effective_rank") == pytest.approx(
+            float(erank(sv[:rank])), rel=1e-9)
+    for df in (adapter, merged):
+        low_rows = df[df["metric"].isin(low)]
+        assert set(low_rows["method"]) == {"exact"}
+        assert df[df["metric"].isin(["frobenius", "relative"])]["method"].isna().all()
+    # A dense change above exact_max is found by randomized SVD, and says so.
+    rand = weight_change(tmp_path / "base", tmp_path / "merged", top_k=4, exact_max=8,
+                         max_rank=8)
+    q = rand[(rand["block"] == 0) & (rand["module"] == "q") & rand["metric"].isin(low)]
+    assert set(q["method"]) == {"randomized"}  # 32 x 32 > max(exact_max, 2 * max_rank)
+    assert val(rand, 0, "q", "sv1") == pytest.approx(val(adapter, 0, "q", "sv1"), rel=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore:.*invalid shape")  # PEFT mistakes lora_B.bias for a shard
 def test_lora_on_gpt2_fused_qkv_with_bias(tmp_path):
     expected = _lora(tmp_path, "gpt2", ["c_attn"], r=4, lora_alpha=16, fan_in_fan_out=True,
@@ -328,7 +363,7 @@ def test_cli_writes_table_and_run_record(llama_pair, tmp_path, capsys):
     assert code == 0, err
     table = pd.read_csv(run / "weights.csv")
     api = weight_change(llama_pair / "base", llama_pair / "sft", top_k=3)
-    assert list(table.columns) == ["block", "module", "metric", "value"]
+    assert list(table.columns) == ["block", "module", "metric", "value", "method"]
     assert len(table) == len(api)
     assert table["value"].to_numpy() == pytest.approx(api["value"].to_numpy(), rel=1e-12,
                                                       nan_ok=True)

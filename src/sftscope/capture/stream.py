@@ -42,6 +42,10 @@ class CaptureConfig:
     normalisation: str = "max"
     ridge: float = 0.0
     sparsity_eps: float = 0.01
+    sparsity_group: int = 1
+    curvature_zero_steps: str = "skip"
+    curvature_cos_clip: float = 1.0
+    entropy_normalisations: tuple[str, ...] = ()
     include_padding: bool = False  # reference preset: research code counted padded positions
     checkpoint_every_s: float = 60.0
 
@@ -53,7 +57,11 @@ class CaptureConfig:
 
     def metric_options(self) -> M.MetricOptions:
         return M.MetricOptions(alpha=self.alpha, normalisation=self.normalisation,
-                               ridge=self.ridge, sparsity_eps=self.sparsity_eps)
+                               ridge=self.ridge, sparsity_eps=self.sparsity_eps,
+                               sparsity_group=self.sparsity_group,
+                               curvature_zero_steps=self.curvature_zero_steps,
+                               curvature_cos_clip=self.curvature_cos_clip,
+                               entropy_normalisations=tuple(self.entropy_normalisations))
 
 
 @dataclass
@@ -118,11 +126,19 @@ class _Reducer:
         self.pooled_mean = torch.zeros(n_states, n, dim, dtype=torch.float32)
         self.pooled_last = torch.zeros(n_states, n, dim, dtype=torch.float32)
         self.token = {k: torch.full((n_states, n_token), float("nan"), dtype=torch.float64)
-                      for k in TOKEN_METRICS}
+                      for k in M.token_metric_names(opts)}
         self.n_token = n_token
         self.opts = opts
         self.include_padding = include_padding
         self._batch: dict[int, tuple] = {}
+        # per layer: samples sharing one sparsity threshold (reference: groups of 10)
+        self._groups: dict[int, M.SparsityGroups] = {}
+        self.dtype: torch.dtype | None = None  # the precision the states are computed in
+
+    @property
+    def pending(self) -> bool:
+        """Some sparsity group is only partly seen (a checkpoint now would lose it)."""
+        return any(g.pending for g in self._groups.values())
 
     def start(self, mask: torch.Tensor, index: list[int]) -> None:
         self.mask = mask
@@ -139,6 +155,7 @@ class _Reducer:
         return self._masks[device]
 
     def __call__(self, j: int, h: torch.Tensor) -> None:
+        self.dtype = h.dtype
         m, count, last = self._mask_on(h.device)
         # torch.where, not a product: a padded position may hold NaN (NaN * 0 = NaN).
         hf = torch.where(m[..., None].bool(), h.float(), 0.0)
@@ -148,14 +165,14 @@ class _Reducer:
         if self.tok_rows:
             rows = torch.tensor(self.tok_rows, device=h.device)
             # one float64 copy of the token rows feeds all three metrics
-            hs, ms = to_f64(h.index_select(0, rows)), m.index_select(0, rows)
+            hr, ms = h.index_select(0, rows), m.index_select(0, rows)
+            hs = to_f64(hr)
             if self.include_padding:
                 ms = torch.ones_like(ms)
-            ent = M.prompt_entropy_batch(hs, ms, self.opts)
-            spa = M.sparsity_batch(hs, ms, self.opts)
-            curv, valid = M.curvature_batch(hs, ms)
-            curv = torch.where(valid, curv, torch.full_like(curv, float("nan")))
-            tok = (ent, spa, curv)
+            tok = M.token_metrics_batch(hs, ms, self.opts)
+            if self.opts.sparsity_group > 1:
+                grp = self._groups.setdefault(j, M.SparsityGroups(self.opts, self.n_token))
+                tok["sparsity"] = grp.add(self.index[self.tok_rows], hr, ms)
         self._batch[j] = (mean, lastv, tok)
 
     def finish(self) -> None:
@@ -165,8 +182,10 @@ class _Reducer:
             self.pooled_mean[j, self.index] = mean.cpu()
             self.pooled_last[j, self.index] = lastv.cpu()
             if tok is not None:
-                for name, val in zip(TOKEN_METRICS, tok):
-                    self.token[name][j, tok_idx] = val.detach().to("cpu", torch.float64)
+                for name, val in tok.items():
+                    # (indices, values) for samples whose sparsity group just completed
+                    idx, v = val if isinstance(val, tuple) else (tok_idx, val)
+                    self.token[name][j, idx] = v.detach().to("cpu", torch.float64)
         self._batch = {}
 
 
@@ -205,13 +224,16 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
             run(input_ids=batch.input_ids.to(device),
                 attention_mask=batch.attention_mask.to(device), use_cache=False)
             red.finish()
-            if partial is not None and time.perf_counter() - last_ckpt > cfg.checkpoint_every_s:
+            if partial is not None and not red.pending \
+                    and time.perf_counter() - last_ckpt > cfg.checkpoint_every_s:
                 _checkpoint(partial, red, tok, b + 1)
                 last_ckpt = time.perf_counter()
     n_tokens = torch.tensor([len(x) for x in tok.input_ids], dtype=torch.long)
     result = CaptureResult(red.pooled_mean, red.pooled_last, red.token, n_tokens,
                            {"seconds": time.perf_counter() - t0, "resumed_from_batch": start,
-                            "n_batches": n_batches, "cached": False})
+                            "n_batches": n_batches, "cached": False,
+                            "compute_dtype": str(red.dtype).removeprefix("torch.")
+                            if red.dtype is not None else None})
     if cache_path is not None:
         _save(cache_path, result.tensors(), {k: v for k, v in result.info.items()
                                              if k != "cached"})

@@ -86,6 +86,14 @@ def check_task_spec(spec: str, *, split: str | None = None) -> None:
 
 # ----------------------------------------------------------------------------- analyze
 
+ENTROPY_NORMS = ("max", "logN", "logD", "logNlogD", "raw")
+
+
+def entropy_norms(value: tuple[str, ...]) -> str | None:
+    """A check: names of entropy normalisations."""
+    bad = [v for v in value if v not in ENTROPY_NORMS]
+    return f"has unknown normalisation {bad[0]!r}; use {', '.join(ENTROPY_NORMS)}" if bad else None
+
 
 @dataclass(frozen=True, kw_only=True)
 class AnalyzeConfig(PairModels, DataSpec, Runtime, Stats, Output, Cache):
@@ -101,7 +109,10 @@ class AnalyzeConfig(PairModels, DataSpec, Runtime, Stats, Output, Cache):
     entropy_alpha: float = opt(1.0, "Order alpha of the matrix entropy (1 = von Neumann).",
                                check=at_least(0))
     normalisation: str = opt("max", "Entropy normalisation: max = log min(rows, D), logN, "
-                             "logD, raw.", choices=("max", "logN", "logD", "raw"))
+                             "logD, logNlogD, raw.", choices=ENTROPY_NORMS)
+    entropy_normalisations: tuple[str, ...] = opt((), "Further entropy normalisations reported "
+                                                  "in the same run as <metric>_<norm> rows, "
+                                                  "e.g. logN,raw.", check=entropy_norms)
     pooling: str = opt("mean", "One vector per sample: masked mean of its tokens, or its last "
                        "token.", choices=("mean", "last"))
     cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")

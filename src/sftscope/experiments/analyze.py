@@ -37,7 +37,12 @@ from sftscope.runs import check_out, finish_run, start_run
 __all__ = ["AnalyzeConfig", "analyze", "correlation_table", "pair_table", "single_model_table"]
 
 DATASET_METRICS = ("dataset_entropy", "effective_rank", "effective_rank_norm", "rank_deficiency",
-                   "rank_deficiency_frac", "spectral_norm", "condition_number", "l2_norm")
+                   "rank_deficiency_frac", "spectral_norm", "condition_number", "l2_norm",
+                   "l2_norm_std", "l2_norm_cv")
+
+
+def _is_dataset_metric(name: str) -> bool:
+    return name in DATASET_METRICS or name.startswith("dataset_entropy_")
 
 
 def default_cache_dir() -> Path:
@@ -47,7 +52,8 @@ def default_cache_dir() -> Path:
 
 def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
     return M.get_options(cfg.preset, alpha=cfg.entropy_alpha, normalisation=cfg.normalisation,
-                         pooling=cfg.pooling, cka_unbiased=cfg.cka_unbiased)
+                         pooling=cfg.pooling, cka_unbiased=cfg.cka_unbiased,
+                         entropy_normalisations=tuple(cfg.entropy_normalisations))
 
 
 def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[str]]:
@@ -89,7 +95,7 @@ def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
     """Rows (layer, metric, model, value, ci_low, ci_high) of one model's metrics."""
     rows = []
     for j in range(res.n_states):
-        for name in TOKEN_METRICS:
+        for name in res.token:
             vals = res.token[name][j]
             vals = vals[~torch.isnan(vals)]
             if len(vals) == 0:
@@ -102,7 +108,8 @@ def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
             if name == "curvature":
                 rows.append((j, "curvature_pi", model, v / np.pi, lo / np.pi, hi / np.pi))
         z = res.pooled(opts.pooling)[j]
-        for name, v in M.dataset_metrics(z, opts).items():
+        for name, v in M.dataset_metrics(z, opts,
+                                         compute_dtype=res.info.get("compute_dtype")).items():
             rows.append((j, name, model, float(v), float("nan"), float("nan")))
     return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
 
@@ -125,7 +132,9 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
                 fn = _pair_fn(name, zb, zs, opts)
                 lo, hi = M.bootstrap_ci(fn, n=zb.shape[0], n_boot=bootstrap, seed=seed)
             rows.append((j, name, "pair", float(v), lo, hi))
-        for name in TOKEN_METRICS:  # sample-level delta: mean of per-sample differences
+        for name in rb.token:  # sample-level delta: mean of per-sample differences
+            if name not in rs.token:
+                continue
             d = (rs.token[name][j] - rb.token[name][j])
             d = d[~torch.isnan(d)]
             if len(d):
@@ -133,7 +142,7 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
                              float("nan")))
     wide = single.pivot_table(index=["layer", "metric"], columns="model", values="value")
     for (j, name), r in wide.iterrows():
-        if name in DATASET_METRICS and {"base", "sft"} <= set(r.index):
+        if _is_dataset_metric(name) and {"base", "sft"} <= set(r.index):
             rows.append((j, f"delta_{name}", "pair", float(r["sft"] - r["base"]),
                          float("nan"), float("nan")))
     return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
@@ -183,14 +192,25 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     reference = cfg.preset == "reference"
     ccfg = CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
                          normalisation=opts.normalisation, ridge=opts.ridge,
-                         sparsity_eps=opts.sparsity_eps, include_padding=reference,
-                         checkpoint_every_s=cfg.checkpoint_every)
+                         sparsity_eps=opts.sparsity_eps, sparsity_group=opts.sparsity_group,
+                         curvature_zero_steps=opts.curvature_zero_steps,
+                         curvature_cos_clip=opts.curvature_cos_clip,
+                         entropy_normalisations=opts.entropy_normalisations,
+                         include_padding=reference, checkpoint_every_s=cfg.checkpoint_every)
     pad_id = pad_id_of(tokenizer)
     start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
     with timer("capture_base"):
         rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base")
     with timer("capture_sft"):
         rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft")
+    low = {str(r.info.get("compute_dtype")) for r in (rb, rs)} & {"bfloat16", "float16",
+                                                                    "torch.bfloat16",
+                                                                    "torch.float16"}
+    if low:
+        notes.append(f"states were computed in {', '.join(sorted(low))}: rank_deficiency and "
+                     f"condition_number are undefined at that precision (its rounding noise "
+                     f"reaches sigma_max) and are NaN; run with --dtype float32 for them")
+        say(f"[yellow]note:[/] {notes[-1]}")
     with timer("metrics"):
         single = pd.concat([single_model_table(rb, opts, "base", cfg.bootstrap, cfg.seed),
                             single_model_table(rs, opts, "sft", cfg.bootstrap, cfg.seed)])

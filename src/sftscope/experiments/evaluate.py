@@ -637,7 +637,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     With ``config.rescore`` no model is loaded: see :func:`rescore`."""
     if config.rescore is not None:
         return rescore(config)
-    from sftscope.experiments.tune import adapter_folder, load_adapter
+    from sftscope.load.adapters import adapter_folder, load_adapter
     from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 
     cfg = resolve_config(config)

@@ -38,6 +38,13 @@ from sftscope.config.core import changed, defaults
 from sftscope.errors import SftscopeError
 from sftscope.experiments.evaluate import EvalResult
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
+from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public API)
+    META_FILE,
+    adapter_folder,
+    check_adapter,
+    load_adapter,
+    module_in_out,
+)
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks
 from sftscope.load.runtime import pad_id
 from sftscope.progress import say, trainer_callback
@@ -45,7 +52,6 @@ from sftscope.segments import mask_blocks, parse_blocks, parse_mask
 
 REFERENCE_ALPHA = 128.0
 REFERENCE_MAX_LENGTH = 128
-META_FILE = "sftscope.json"
 
 
 @dataclass
@@ -163,16 +169,6 @@ def target_paths(spec: ArchSpec, mlp: bool = False) -> list[str]:
     return sorted(dict.fromkeys(paths))
 
 
-def module_in_out(mod: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear or a GPT-2 Conv1D (weight ``(in, out)``)."""
-    if isinstance(mod, nn.Linear):
-        return mod.in_features, mod.out_features
-    w = getattr(mod, "weight", None)
-    if type(mod).__name__ == "Conv1D" and w is not None and w.dim() == 2:
-        return int(w.shape[0]), int(w.shape[1])
-    raise SftscopeError(f"{type(mod).__name__} is not a linear layer LoRA can adapt")
-
-
 def lora_targets(model: nn.Module, blocks: list[int], mlp: bool = False,
                  spec: ArchSpec | None = None) -> list[str]:
     """Full module names that will get adapters; fails if the model lacks any of them."""
@@ -279,101 +275,6 @@ def enable_checkpointing(model: nn.Module) -> None:
     else:  # older transformers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     _drop_input_grad_hooks(model)
-
-
-# ------------------------------------------------------------------ loading an adapter
-
-def adapter_folder(adapter: str | Path) -> Path:
-    """The PEFT folder: ``adapter`` itself or ``adapter/adapter`` (a tune run folder)."""
-    p = Path(os.path.expanduser(str(adapter)))
-    if not p.exists():
-        raise SftscopeError(f"adapter {adapter} does not exist; give the adapter folder "
-                            f"(RUN/adapter of a tune run)")
-    if (p / "adapter_config.json").is_file():
-        return p
-    if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    raise SftscopeError(f"adapter {adapter} has no adapter_config.json; give a PEFT adapter "
-                        f"folder (RUN/adapter of a tune run)")
-
-
-def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    st = folder / "adapter_model.safetensors"
-    if st.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(st), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        except Exception as e:  # corrupt file
-            raise SftscopeError(f"adapter weights {st} could not be read ({e})") from e
-    b = folder / "adapter_model.bin"
-    if b.is_file():
-        sd = torch.load(b, map_location="cpu", weights_only=True)
-        return {k: tuple(v.shape) for k, v in sd.items()}
-    raise SftscopeError(f"adapter {folder} has no adapter_model.safetensors or .bin")
-
-
-def check_adapter(model: nn.Module, adapter: str | Path, base: str | None = None,
-                  revision: str | None = None, allow_other_base: bool = False) -> Path:
-    """Refuse an adapter made for another base: compare the target modules and every LoRA
-    matrix's shape with ``model``, then the recorded base fingerprint (same shapes, other
-    weights). Returns the adapter folder."""
-    from sftscope.load.models import fingerprint
-
-    folder = adapter_folder(adapter)
-    cfg = read_json(folder / "adapter_config.json")
-    made_for = cfg.get("base_model_name_or_path")
-    names = dict(model.named_modules())
-    for key, shape in _adapter_shapes(folder).items():
-        for tag, dim in ((".lora_A.", 1), (".lora_B.", 0)):
-            if tag not in key:
-                continue
-            path = key.split(tag)[0]
-            for prefix in ("base_model.model.", "base_model."):
-                if path.startswith(prefix):
-                    path = path[len(prefix):]
-                    break
-            mod = names.get(path)
-            if mod is None:
-                raise SftscopeError(
-                    f"adapter {adapter} was made for another base ({made_for}): it adapts "
-                    f"{path}, which {type(model).__name__} does not have")
-            fin, fout = module_in_out(mod)
-            want = fin if dim == 1 else fout
-            if len(shape) != 2 or shape[dim] != want:
-                raise SftscopeError(
-                    f"adapter {adapter} was made for another base ({made_for}): {path} has "
-                    f"{'input' if dim == 1 else 'output'} size {want} in this model but "
-                    f"{shape[dim] if len(shape) == 2 else shape} in the adapter")
-    meta_path = folder / META_FILE
-    if meta_path.is_file() and base is not None and not allow_other_base:
-        meta = read_json(meta_path)
-        theirs = (meta.get("base_fingerprint") or {}).get("hash")
-        ours = fingerprint(base, revision).get("hash")
-        if theirs and ours and theirs != ours:
-            raise SftscopeError(
-                f"adapter {adapter} was trained on another base ({made_for}, fingerprint "
-                f"{theirs}) than {base} (fingerprint {ours}); pass the base it was made for, "
-                f"or --allow-other-base if the weights are the same model")
-    return folder
-
-
-def load_adapter(model: nn.Module, adapter: str | Path, base: str | None = None, *,
-                 revision: str | None = None, allow_other_base: bool = False):
-    """Check the adapter against ``model`` and load it (PEFT errors become one clear line)."""
-    from peft import PeftModel
-
-    folder = check_adapter(model, adapter, base, revision, allow_other_base)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError, OSError, AttributeError) as e:
-        raise SftscopeError(f"adapter {adapter} does not fit this base model: "
-                            f"{str(e).splitlines()[0][:200]}") from e
-    peft_model.eval()
-    return peft_model
 
 
 # ------------------------------------------------------------------ data

@@ -9,7 +9,7 @@ nothing fits, a clear error names the model class.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import nn
 from sftscope.errors import SftscopeError
 
 ATTN_ROLES = ("q", "k", "v", "o")
+MLP_ROLES = ("gate", "up", "gate_up", "down", "fc_in", "fc_out")
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,83 @@ REGISTRY: list[ArchSpec] = [
 ]
 
 _BY_TYPE = {t: spec for spec in REGISTRY for t in spec.model_types}
-_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
+
+# What the generic fallback recognises, from module paths (loaded models) or tensor names
+# (checkpoints, adapters): block-relative projection paths by role, embeddings, final norms.
+ROLE_PATTERNS: dict[str, re.Pattern[str]] = {
+    role: re.compile(pat) for role, pat in {
+        "q": r"(^|\.)q_proj$", "k": r"(^|\.)k_proj$", "v": r"(^|\.)v_proj$",
+        "o": r"(^|\.)(o_proj|out_proj|dense)$", "gate": r"(^|\.)gate_proj$",
+        "up": r"(^|\.)up_proj$", "down": r"(^|\.)down_proj$", "fc_in": r"(^|\.)fc1$",
+        "fc_out": r"(^|\.)fc2$",
+    }.items()
+}
+EMBED_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings)$")
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f",
+                    "final_norm")
+_BLOCK_CHILD = re.compile(r"^(.*?)\.(\d+)\.")
+
+
+def infer_roles(subpaths: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Block-relative module paths -> ``(attn, mlp)`` role maps by ``ROLE_PATTERNS`` (the first
+    path of a role wins; attention roles never match a path inside the MLP)."""
+    attn: dict[str, str] = {}
+    mlp: dict[str, str] = {}
+    for sub in subpaths:
+        for role, pat in ROLE_PATTERNS.items():
+            target = mlp if role in MLP_ROLES else attn
+            if role in target or (target is attn and "mlp" in sub):
+                continue
+            if pat.search(sub):
+                target[role] = sub
+    return attn, mlp
+
+
+def spec_from_names(names: Iterable[str], config: Any) -> ArchSpec:
+    """A spec from tensor names alone (``path.param``), for model types the registry does not
+    know: the blocks are the numbered children whose count matches the config's layer count
+    (else the most numerous), roles by ``ROLE_PATTERNS``."""
+    names = list(names)
+    counts: dict[str, set[int]] = {}
+    for n in names:
+        m = _BLOCK_CHILD.match(n)
+        if m:
+            counts.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not counts:
+        raise SftscopeError(
+            f"unknown architecture (model_type {_model_type(config)!r}): no numbered decoder "
+            f"blocks among the tensor names; add an ArchSpec to load/arch.py"
+        )
+    want = n_layers(config)
+    blocks = max(counts, key=lambda p: (len(counts[p]) == want, len(counts[p])))
+    parent = blocks.rsplit(".", 1)[0] + "." if "." in blocks else ""
+    block_re = re.compile(rf"^{re.escape(blocks)}\.\d+\.(.+)$")
+    paths = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+    attn, mlp = infer_roles(m.group(1) for p in paths if (m := block_re.match(p)))
+    embed = next((p for p in paths if not block_re.match(p) and EMBED_PATTERN.search(p)), "")
+    norms = {parent + c for c in FINAL_NORM_NAMES}
+    final_norm = next((p for p in paths if p in norms), "")
+    return ArchSpec(family=f"generic:{_model_type(config)}",
+                    model_types=(_model_type(config),), blocks=blocks, embed=embed,
+                    final_norm=final_norm, attn=attn, mlp=mlp)
+
+
+def spec_for_paths(paths: Iterable[str]) -> ArchSpec:
+    """The registered spec whose block paths fit these module paths best (e.g. the modules a
+    LoRA adapter changes, with no base model at hand), else one inferred from them."""
+    paths = list(paths)
+    best, score = None, 0
+    for spec in REGISTRY:
+        roles = spec.module_roles()
+        pat = re.compile(rf"^{re.escape(spec.blocks)}\.\d+\.(.+)$")
+        n = sum(1 for p in paths if (m := pat.match(p)) and m.group(1) in roles)
+        if n > score:
+            best, score = spec, n
+    if best is None:
+        from types import SimpleNamespace
+
+        return spec_from_names([p + ".weight" for p in paths], SimpleNamespace(model_type=""))
+    return best
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -151,7 +228,7 @@ def _infer_spec(model: nn.Module) -> ArchSpec:
         )
     parent = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
     final_norm = ""
-    for cand in _NORM_NAMES:
+    for cand in FINAL_NORM_NAMES:
         path = f"{parent}.{cand}" if parent else cand
         try:
             model.get_submodule(path)
@@ -164,21 +241,8 @@ def _infer_spec(model: nn.Module) -> ArchSpec:
     head_mod = model.get_output_embeddings()
     head = names.get(id(head_mod), "lm_head") if head_mod is not None else "lm_head"
     block0 = model.get_submodule(f"{blocks_path}.0")
-    attn: dict[str, str] = {}
-    mlp: dict[str, str] = {}
-    patterns = {"q": r"(^|\.)q_proj$", "k": r"(^|\.)k_proj$", "v": r"(^|\.)v_proj$",
-                "o": r"(^|\.)(o_proj|out_proj|dense)$"}
-    mlp_patterns = {"gate": r"gate_proj$", "up": r"up_proj$", "down": r"down_proj$",
-                    "fc_in": r"fc1$", "fc_out": r"fc2$"}
-    for sub, mod in block0.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        for role, pat in patterns.items():
-            if re.search(pat, sub) and "mlp" not in sub and role not in attn:
-                attn[role] = sub
-        for role, pat in mlp_patterns.items():
-            if re.search(pat, sub) and role not in mlp:
-                mlp[role] = sub
+    attn, mlp = infer_roles(sub for sub, mod in block0.named_modules()
+                            if isinstance(mod, nn.Linear))
     return ArchSpec(family=f"generic:{type(model).__name__}", model_types=(_model_type(model),),
                     blocks=blocks_path, embed=embed, final_norm=final_norm, head=head,
                     attn=attn, mlp=mlp)

@@ -3,6 +3,8 @@
 - ``entropy``: options and presets, matrix alpha-entropy, prompt and dataset entropy.
 - ``spectral``: singular-value metrics of the pooled matrix ``Z`` (one pass: ``dataset_metrics``).
 - ``geometry``: pooling, sparsity, curvature, and the base-vs-SFT pair metrics (CKA, cosine, ...).
+- ``lowrank``: the one effective rank, numerical rank at a given precision, exact/randomized
+  and LoRA singular values, low-rank metrics of weight changes.
 - ``stats``: bootstrap / t / Wilson intervals, paired t-test, correlation across layers.
 
 Batched ``*_batch`` functions take padded ``H [B, T, D]`` plus a real-token mask ``[B, T]``
@@ -10,20 +12,24 @@ and are what the streaming capture calls; padding never changes their results.
 """
 
 from sftscope.metrics.entropy import (
+    NORMALISATIONS,
     PRESETS,
     MetricOptions,
     alpha_entropy,
     alpha_entropy_batch,
+    dataset_entropies,
     dataset_entropy,
     get_options,
     gram_spectrum_batch,
     normalise_entropy,
     pad_samples,
+    prompt_entropies_batch,
     prompt_entropy,
     prompt_entropy_batch,
 )
 from sftscope.metrics.geometry import (
     CKAAccumulator,
+    SparsityGroups,
     cka,
     cosine_similarity,
     cosine_similarity_batch,
@@ -31,11 +37,23 @@ from sftscope.metrics.geometry import (
     curvature_batch,
     delta,
     l2_norm,
+    l2_norm_spread,
     mean_shift,
     mean_shift_relative,
     pool_batch,
     sparsity,
     sparsity_batch,
+    token_metric_names,
+    token_metrics_batch,
+)
+from sftscope.metrics.lowrank import (
+    dense_svdvals,
+    dtype_eps,
+    effective_rank_of,
+    lora_svdvals,
+    numerical_rank,
+    rank_tolerance,
+    spectrum_metrics,
 )
 from sftscope.metrics.spectral import (
     condition_number,
@@ -55,9 +73,11 @@ from sftscope.metrics.stats import (
 )
 
 __all__ = [
-    "PRESETS",
     "CKAAccumulator",
     "MetricOptions",
+    "NORMALISATIONS",
+    "PRESETS",
+    "SparsityGroups",
     "alpha_entropy",
     "alpha_entropy_batch",
     "bootstrap_ci",
@@ -69,26 +89,38 @@ __all__ = [
     "cosine_similarity_batch",
     "curvature",
     "curvature_batch",
+    "dataset_entropies",
     "dataset_entropy",
     "dataset_metrics",
     "delta",
+    "dense_svdvals",
+    "dtype_eps",
     "effective_rank",
+    "effective_rank_of",
     "get_options",
     "gram_spectrum_batch",
     "l2_norm",
+    "l2_norm_spread",
+    "lora_svdvals",
     "mean_ci",
     "mean_shift",
     "mean_shift_relative",
     "normalise_entropy",
+    "numerical_rank",
     "pad_samples",
     "paired_ttest",
     "pool_batch",
+    "prompt_entropies_batch",
     "prompt_entropy",
     "prompt_entropy_batch",
     "proportion_ci",
     "rank_deficiency",
+    "rank_tolerance",
     "sparsity",
     "sparsity_batch",
     "spectral_norm",
     "spectrum",
+    "spectrum_metrics",
+    "token_metric_names",
+    "token_metrics_batch",
 ]

@@ -16,9 +16,11 @@ from torch import Tensor
 
 from sftscope.errors import SftscopeError
 
-NORMALISATIONS = ("max", "logN", "logD", "raw")
+NORMALISATIONS = ("max", "logN", "logD", "logNlogD", "raw")
 ERANK_WEIGHTS = ("sigma", "sigma2")
 RANK_TOLS = ("eps", "reference")
+CONDITIONS = ("nonzero", "reference")
+ZERO_STEPS = ("skip", "right_angle")
 POOLINGS = ("mean", "last")
 
 
@@ -26,25 +28,70 @@ POOLINGS = ("mean", "last")
 class MetricOptions:
     """Every metric choice that METRICS.md leaves open, in one immutable place.
 
-    ``default`` follows METRICS.md; the ``reference`` preset reproduces the authors' code
-    where it differs (ridge on the Gram diagonal, sigma^2 effective-rank weights, 1 % rank rule).
+    ``default`` follows METRICS.md. ``reference`` reproduces the authors' research code (its
+    ``metric_utils.py``; the entropy follows Skean et al.'s OFSkean/information_flow: the
+    spectrum of the Gram matrix of unit rows, normalised to sum to one). What it sets, and why:
+
+    - Token metrics count padding positions (the capture's ``include_padding``): the research
+      code stacks padded samples and never applies the attention mask to them.
+    - ``ridge = 1e-6``: prompt entropy is that of ``X̂X̂ᵀ / D + 1e-6 I_T`` (``X̂``: the padded
+      ``[T, D]`` sample's rows at unit norm), normalised by ``log(min(T, D))``. The ridge comes
+      after the division by ``D``: on ``X̂X̂ᵀ`` it is ``1e-6 * D`` (it used to be ``1e-6``).
+    - ``dataset_ridge = 1e-6``: dataset entropy gets the same ridge (``ẐẐᵀ / D + 1e-6 I_N``)
+      only when ``N <= D``; for ``N > D`` the research code takes ``sigma(Ẑ)^2``, no ridge.
+    - ``erank_weights = "sigma2"``: ``exp(H(sigma^2 / sum sigma^2))``, which the research code
+      reports only divided by ``min(N, D)`` (our ``effective_rank_norm``).
+    - ``rank_tol = "reference"``: rank ``#{sigma > 0.01 sigma_max}``; the research code
+      reports ``1 - rank / min(N, D)`` (our ``rank_deficiency_frac``).
+    - ``condition = "reference"``: ``sigma_max / (sigma_min + 1e-9)``, ``sigma_min`` the
+      smallest of all ``min(N, D)`` singular values, zeros included.
+    - ``sparsity_group = 10``: threshold ``0.01 * max|x|`` over a whole padded batch of 10
+      samples (the research code streams its sample files ten at a time, in order); each
+      sample's fraction uses its group's threshold, so a group's mean (equal lengths) is the
+      research code's batch value.
+    - ``curvature_zero_steps = "right_angle"``, ``curvature_cos_clip = 0.999``: the research
+      code takes ``arccos(clamp(cos(v_t, v_t+1), -0.999, 0.999))`` with torch's
+      ``cosine_similarity`` (norms floored at 1e-8): a zero-length step (between identical
+      padding states) has cosine 0, i.e. counts as ``pi/2``, and no angle is below
+      ``arccos 0.999``.
+    - Already equal: CKA (linear, biased), cosine similarity, mean shift, L2 norm (and its
+      std, ``ddof = 1``).
+    - Not reproduced, on purpose: float32 arithmetic (we use float64); its epsilons (eigenvalues
+      clamped at 1e-10 and ``+1e-10`` in the entropy, ``+1e-9`` in the effective rank and CKA),
+      which change values by less than 1e-5 relative on real states; 0 instead of NaN for
+      fewer than 2 (entropy) or 3 (curvature) positions; its mean over batches of ten, equal to
+      our mean over samples when every batch is full.
     """
 
     alpha: float = 1.0  # order of the matrix entropy (1 = Shannon / von Neumann)
-    normalisation: str = "max"  # "max" | "logN" | "logD" | "raw"
-    ridge: float = 0.0  # added to the Gram diagonal before the spectrum (reference: 1e-6)
+    normalisation: str = "max"  # "max" | "logN" | "logD" | "logNlogD" | "raw": the primary one
+    # further normalisations reported too, as <metric>_<norm> (e.g. dataset_entropy_logN)
+    entropy_normalisations: tuple[str, ...] = ()
+    ridge: float = 0.0  # prompt entropy: added to the diagonal of X̂X̂ᵀ / D (reference: 1e-6)
+    dataset_ridge: float = 0.0  # dataset entropy: added to ẐẐᵀ / D, only when N <= D (ref 1e-6)
     erank_weights: str = "sigma"  # "sigma" (Roy-Vetterli) | "sigma2" (reference)
-    rank_tol: str = "eps"  # "eps" (numerical rank) | "reference" (sigma > 0.01 sigma_max)
-    sparsity_eps: float = 0.01  # |x| < sparsity_eps * max|X_n| counts as zero
+    rank_tol: str = "eps"  # "eps" (numerical rank, compute dtype) | "reference" (> 1 % sigma_max)
+    condition: str = "nonzero"  # "nonzero" | "reference": sigma_max / (sigma_min + 1e-9), all sigma
+    sparsity_eps: float = 0.01  # |x| < sparsity_eps * max|x| counts as zero
+    sparsity_group: int = 1  # samples (in sample order) sharing one max|x| (reference: 10)
+    curvature_zero_steps: str = "skip"  # angles at a zero-length step: skipped | pi/2 (reference)
+    curvature_cos_clip: float = 1.0  # cos clamped to [-c, c] before arccos (reference: 0.999)
     pooling: str = "mean"  # "mean" | "last": how token rows become one row of Z
     cka_unbiased: bool = False  # debiased HSIC (Song et al. 2012) instead of the biased one
 
     def __post_init__(self) -> None:
+        extra = self.entropy_normalisations
+        if isinstance(extra, str):
+            extra = tuple(x for x in extra.replace(",", " ").split() if x)
+        object.__setattr__(self, "entropy_normalisations", tuple(extra))
         checks = (
             ("normalisation", self.normalisation, NORMALISATIONS),
             ("erank_weights", self.erank_weights, ERANK_WEIGHTS),
             ("rank_tol", self.rank_tol, RANK_TOLS),
+            ("condition", self.condition, CONDITIONS),
+            ("curvature_zero_steps", self.curvature_zero_steps, ZERO_STEPS),
             ("pooling", self.pooling, POOLINGS),
+            *(("entropy normalisation", x, NORMALISATIONS) for x in self.entropy_normalisations),
         )
         for name, value, valid in checks:
             if value not in valid:
@@ -53,15 +100,30 @@ class MetricOptions:
                 )
         if not (self.alpha >= 0 and math.isfinite(self.alpha)):
             raise SftscopeError(f"alpha must be a finite number >= 0, got {self.alpha}")
-        if self.ridge < 0:
-            raise SftscopeError(f"ridge must be >= 0, got {self.ridge}")
+        for name in ("ridge", "dataset_ridge"):
+            if not getattr(self, name) >= 0:
+                raise SftscopeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.sparsity_eps > 0:
             raise SftscopeError(f"sparsity_eps must be > 0, got {self.sparsity_eps}")
+        if not (isinstance(self.sparsity_group, int) and self.sparsity_group >= 1):
+            raise SftscopeError(f"sparsity_group must be an integer >= 1, got "
+                                f"{self.sparsity_group!r}")
+        if not 0 < self.curvature_cos_clip <= 1:
+            raise SftscopeError(f"curvature_cos_clip must be in (0, 1], got "
+                                f"{self.curvature_cos_clip}")
+
+    @property
+    def extra_normalisations(self) -> tuple[str, ...]:
+        """``entropy_normalisations`` without the primary one and without repeats."""
+        return tuple(dict.fromkeys(x for x in self.entropy_normalisations
+                                   if x != self.normalisation))
 
 
 PRESETS: dict[str, MetricOptions] = {
     "default": MetricOptions(),
-    "reference": MetricOptions(ridge=1e-6, erank_weights="sigma2", rank_tol="reference"),
+    "reference": MetricOptions(ridge=1e-6, dataset_ridge=1e-6, erank_weights="sigma2",
+                               rank_tol="reference", condition="reference", sparsity_group=10,
+                               curvature_zero_steps="right_angle", curvature_cos_clip=0.999),
 }
 
 
@@ -189,7 +251,8 @@ def alpha_entropy(eigs: Tensor, alpha: float = 1.0) -> float:
 
 
 def entropy_normaliser(rows: Tensor | float, dim: int, how: str) -> Tensor | float:
-    """The divisor of ``normalise_entropy``: log(min(rows, D)), log rows, log D or 1."""
+    """The divisor of ``normalise_entropy``: log(min(rows, D)), log rows, log D,
+    log rows * log D or 1."""
     if how == "raw":
         return 1.0
     if how == "logD":
@@ -198,11 +261,16 @@ def entropy_normaliser(rows: Tensor | float, dim: int, how: str) -> Tensor | flo
         rows64 = to_f64(rows)
         if how == "logN":
             return torch.log(rows64)
+        if how == "logNlogD":
+            return torch.log(rows64) * math.log(dim)
         if how == "max":
             return torch.log(rows64.clamp_max(float(dim)))
     else:
+        log_rows = math.log(rows) if rows > 0 else -math.inf
         if how == "logN":
-            return math.log(rows) if rows > 0 else -math.inf
+            return log_rows
+        if how == "logNlogD":
+            return log_rows * math.log(dim) if rows > 0 else -math.inf
         if how == "max":
             return math.log(min(rows, dim)) if rows > 0 else -math.inf
     raise SftscopeError(f"unknown normalisation {how!r}; use one of {', '.join(NORMALISATIONS)}")
@@ -211,7 +279,8 @@ def entropy_normaliser(rows: Tensor | float, dim: int, how: str) -> Tensor | flo
 def normalise_entropy(
     s: Tensor | float, rows: Tensor | int, dim: int, how: str = "max"
 ) -> Tensor | float:
-    """Scale an entropy ``s`` by ``log(min(rows, dim))`` (max), ``log rows``, ``log dim`` or 1.
+    """Scale an entropy ``s`` by ``log(min(rows, dim))`` (max), ``log rows``, ``log dim``,
+    ``log rows * log dim`` or 1.
 
     Makes entropies of different sizes comparable (1 = flat spectrum). The value is NaN where
     the divisor is 0 or undefined (one row, or ``D == 1``): such a matrix has no spread to measure.
@@ -245,24 +314,49 @@ def gram_spectrum_batch(x: Tensor, n_rows: Tensor, ridge: float = 0.0) -> Tensor
     return torch.where(real, lam + ridge, torch.zeros_like(lam))
 
 
-def prompt_entropy_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None) -> Tensor:
-    """Prompt entropy of every sample of a padded batch -> ``[B]`` float64 (NaN if ``T_n < 2``).
-
-    Rows (real tokens) scaled to unit norm, ``S_alpha`` of ``X̂ X̂ᵀ`` normalised by
-    ``log(min(T_n, D))`` (per ``opts.normalisation``): how spread the prompt's tokens are.
-    """
-    opts = opts or MetricOptions()
+def _prompt_raw(h: Tensor, mask: Tensor, opts: MetricOptions) -> tuple[Tensor, Tensor]:
+    """Unnormalised prompt entropy ``[B]`` and real-row counts ``[B]`` of a padded batch."""
     m = _check_mask(h, mask)
     h64 = to_f64(h)
     # where, not multiply: padded slots may hold NaN/inf (fully masked attention rows)
     zero = torch.zeros((), dtype=h64.dtype, device=h64.device)
     x = torch.where(m.to(h64.device)[..., None], unit_rows(h64), zero)
     n_rows = m.sum(dim=1)
-    lam = gram_spectrum_batch(x, n_rows, opts.ridge)
-    s = alpha_entropy_batch(lam, opts.alpha)
-    out = normalise_entropy(s, n_rows.to(s.device), h.shape[-1], opts.normalisation)
+    # the ridge is defined on X̂X̂ᵀ / D (research code); entropy ignores the scale, so it is
+    # ridge * D on X̂X̂ᵀ
+    lam = gram_spectrum_batch(x, n_rows, opts.ridge * h.shape[-1])
+    return alpha_entropy_batch(lam, opts.alpha), n_rows
+
+
+def _normalised(s: Tensor, n_rows: Tensor, dim: int, how: str) -> Tensor:
+    out = normalise_entropy(s, n_rows.to(s.device), dim, how)
     assert isinstance(out, Tensor)
     return torch.where(n_rows.to(out.device) > 0, out, torch.nan)
+
+
+def prompt_entropy_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None) -> Tensor:
+    """Prompt entropy of every sample of a padded batch -> ``[B]`` float64 (NaN if ``T_n < 2``).
+
+    Rows (real tokens) scaled to unit norm, ``S_alpha`` of ``X̂ X̂ᵀ`` (plus ``opts.ridge`` on
+    ``X̂ X̂ᵀ / D``) normalised by ``log(min(T_n, D))`` (per ``opts.normalisation``): how spread
+    the prompt's tokens are.
+    """
+    opts = opts or MetricOptions()
+    s, n_rows = _prompt_raw(h, mask, opts)
+    return _normalised(s, n_rows, h.shape[-1], opts.normalisation)
+
+
+def prompt_entropies_batch(h: Tensor, mask: Tensor,
+                           opts: MetricOptions | None = None) -> dict[str, Tensor]:
+    """``prompt_entropy`` (primary normalisation) plus ``prompt_entropy_<norm>`` for every
+    further normalisation in ``opts.entropy_normalisations``, from one spectrum per sample."""
+    opts = opts or MetricOptions()
+    s, n_rows = _prompt_raw(h, mask, opts)
+    d = h.shape[-1]
+    out = {"prompt_entropy": _normalised(s, n_rows, d, opts.normalisation)}
+    for how in opts.extra_normalisations:
+        out[f"prompt_entropy_{how}"] = _normalised(s, n_rows, d, how)
+    return out
 
 
 def prompt_entropy(xs: Tensor | Sequence[Tensor], opts: MetricOptions | None = None) -> float:
@@ -271,16 +365,35 @@ def prompt_entropy(xs: Tensor | Sequence[Tensor], opts: MetricOptions | None = N
     return float(torch.nanmean(vals)) if bool((~vals.isnan()).any()) else math.nan
 
 
+def _dataset_raw(z: Tensor, opts: MetricOptions) -> float:
+    if z.ndim != 2:
+        raise SftscopeError(f"expected pooled states [N, D], got shape {tuple(z.shape)}")
+    n, d = z.shape
+    zn = unit_rows(to_f64(z))[None]
+    # research code: ẐẐᵀ / D + ridge I when N <= D; sigma(Ẑ)^2 without a ridge when N > D
+    ridge = opts.dataset_ridge * d if n <= d else 0.0
+    lam = gram_spectrum_batch(zn, torch.tensor([n], device=zn.device), ridge)
+    return float(alpha_entropy_batch(lam, opts.alpha)[0])
+
+
 def dataset_entropy(z: Tensor, opts: MetricOptions | None = None) -> float:
     """Entropy of the pooled matrix ``Z [N, D]``: rows to unit norm, ``S_alpha(Ẑ Ẑᵀ)``, normalised.
 
     How spread the samples are at this layer (1 = as spread as ``min(N, D)`` directions allow).
+    ``opts.dataset_ridge`` is added to ``ẐẐᵀ / D`` when ``N <= D`` (as the research code does).
     """
     opts = opts or MetricOptions()
-    if z.ndim != 2:
-        raise SftscopeError(f"expected pooled states [N, D], got shape {tuple(z.shape)}")
-    n = z.shape[0]
-    zn = unit_rows(to_f64(z))[None]
-    lam = gram_spectrum_batch(zn, torch.tensor([n], device=zn.device), opts.ridge)
-    s = float(alpha_entropy_batch(lam, opts.alpha)[0])
-    return float(normalise_entropy(s, n, z.shape[1], opts.normalisation))
+    s = _dataset_raw(z, opts)
+    return float(normalise_entropy(s, z.shape[0], z.shape[1], opts.normalisation))
+
+
+def dataset_entropies(z: Tensor, opts: MetricOptions | None = None) -> dict[str, float]:
+    """``dataset_entropy`` (primary normalisation) plus ``dataset_entropy_<norm>`` for every
+    further normalisation in ``opts.entropy_normalisations``, from one spectrum."""
+    opts = opts or MetricOptions()
+    s = _dataset_raw(z, opts)
+    n, d = z.shape
+    out = {"dataset_entropy": float(normalise_entropy(s, n, d, opts.normalisation))}
+    for how in opts.extra_normalisations:
+        out[f"dataset_entropy_{how}"] = float(normalise_entropy(s, n, d, how))
+    return out

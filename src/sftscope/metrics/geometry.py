@@ -20,6 +20,7 @@ from sftscope.metrics.entropy import (
     _as_samples,
     _check_mask,
     pad_samples,
+    prompt_entropies_batch,
     to_f64,
 )
 
@@ -50,27 +51,109 @@ def pool_batch(h: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
 # ----------------------------------------------------------------------------- sparsity
 
 
-def sparsity_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None) -> Tensor:
-    """Per sample, the fraction of real-token entries with ``|x| < eps * max|X_n|`` -> ``[B]``.
-
-    How many near-zero coordinates a layer's states have (float64; NaN where ``T_n == 0``).
-    An all-zero sample gives 0 (strict ``<`` against a zero threshold).
-    """
-    opts = opts or MetricOptions()
+def _masked_abs(h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``|h|`` in float64 with every excluded position exactly 0, and the mask on its device."""
     m = _check_mask(h, mask)
     h64 = to_f64(h)
     m = m.to(h64.device)
-    a = torch.where(m[..., None], h64.abs(), torch.zeros((), dtype=h64.dtype, device=h64.device))
-    thr = opts.sparsity_eps * a.amax(dim=(1, 2))
+    zero = torch.zeros((), dtype=h64.dtype, device=h64.device)
+    return torch.where(m[..., None], h64.abs(), zero), m
+
+
+def sparsity_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None,
+                   groups: Tensor | None = None) -> Tensor:
+    """Per sample, the fraction of real-token entries with ``|x| < eps * max|x|`` -> ``[B]``.
+
+    How many near-zero coordinates a layer's states have (float64; NaN where ``T_n == 0``).
+    ``max|x|`` is the sample's own, or with ``groups`` (an id per sample, ``[B]``) the maximum
+    over all samples of its group in this batch (the research code's batch-wide threshold).
+    An all-zero sample gives 0 (strict ``<`` against a zero threshold).
+    """
+    opts = opts or MetricOptions()
+    a, m = _masked_abs(h, mask)
+    smax = a.amax(dim=(1, 2))
+    if groups is not None:
+        g = torch.as_tensor(groups, device=a.device).long()
+        if g.shape != smax.shape:
+            raise SftscopeError(f"groups must have one id per sample ({smax.shape[0]}), got "
+                                f"{tuple(g.shape)}")
+        _, inv = torch.unique(g, return_inverse=True)
+        gmax = smax.new_zeros(int(inv.max()) + 1).scatter_reduce(0, inv, smax, "amax")
+        smax = gmax[inv]
+    thr = opts.sparsity_eps * smax
     small = ((a < thr[:, None, None]) & m[..., None]).sum(dim=(1, 2)).to(torch.float64)
     total = m.sum(dim=1).to(torch.float64) * h.shape[-1]
     return torch.where(total > 0, small / total.clamp_min(1.0), torch.nan)
 
 
 def sparsity(xs: Tensor | Sequence[Tensor], opts: MetricOptions | None = None) -> float:
-    """Mean over samples (``[T, D]`` or a list of ``[T_n, D]``) of the per-sample sparsity."""
-    vals = torch.cat([sparsity_batch(*pad_samples([x]), opts) for x in _as_samples(xs)])
-    return float(torch.nanmean(vals)) if bool((~vals.isnan()).any()) else math.nan
+    """Mean over samples (``[T, D]`` or a list of ``[T_n, D]``) of the per-sample sparsity,
+    samples grouped in order by ``opts.sparsity_group`` for the threshold."""
+    opts = opts or MetricOptions()
+    samples = _as_samples(xs)
+    vals = []
+    size = opts.sparsity_group
+    for lo in range(0, len(samples), size):
+        h, m = pad_samples(samples[lo:lo + size])
+        vals.append(sparsity_batch(h, m, opts, groups=torch.zeros(h.shape[0], dtype=torch.long)))
+    out = torch.cat(vals)
+    return float(torch.nanmean(out)) if bool((~out.isnan()).any()) else math.nan
+
+
+class SparsityGroups:
+    """Sparsity with one threshold per group of ``opts.sparsity_group`` consecutive samples
+    (sample ``i`` is in group ``i // size``), fed batch by batch in any order.
+
+    A group is computed as soon as all of its members (indices below ``n``) have arrived;
+    until then its members' states are kept (in their own dtype, on their device), so at most
+    one group's worth of samples is held when batches arrive in sample order.
+    """
+
+    def __init__(self, opts: MetricOptions, n: int) -> None:
+        self.opts, self.n, self.size = opts, n, opts.sparsity_group
+        self._held: dict[int, dict[int, tuple[Tensor, Tensor]]] = {}
+
+    @property
+    def pending(self) -> bool:
+        """Whether some group has arrived only in part."""
+        return bool(self._held)
+
+    def _members(self, g: int) -> int:
+        return min(self.size, self.n - g * self.size)
+
+    def add(self, index: Sequence[int] | Tensor, h: Tensor,
+            mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Add samples ``index`` (``h [B, T, D]``, real-token ``mask [B, T]``); returns the
+        indices and sparsities (float64) of every sample whose group is now complete."""
+        m = _check_mask(h, mask)
+        idx = [int(i) for i in (index.tolist() if isinstance(index, Tensor) else index)]
+        if len(idx) != h.shape[0]:
+            raise SftscopeError(f"{len(idx)} sample indices for a batch of {h.shape[0]}")
+        done: list[int] = []
+        for row, i in enumerate(idx):
+            if not 0 <= i < self.n:
+                raise SftscopeError(f"sample index {i} outside 0..{self.n - 1}")
+            g = i // self.size
+            self._held.setdefault(g, {})[i] = (h[row], m[row])
+            if len(self._held[g]) == self._members(g):
+                done.append(g)
+        out_idx: list[int] = []
+        out_val: list[Tensor] = []
+        for g in done:
+            members = self._held.pop(g)
+            order = sorted(members)
+            hs, ms = pad_samples([members[i][0] for i in order])
+            # pad_samples' mask marks whole rows; the real-token masks are laid over it
+            mask_g = torch.zeros(ms.shape, dtype=torch.bool, device=ms.device)
+            for r, i in enumerate(order):
+                mask_g[r, : members[i][1].shape[0]] = members[i][1]
+            vals = sparsity_batch(hs, mask_g, self.opts,
+                                  groups=torch.zeros(len(order), dtype=torch.long))
+            out_idx += order
+            out_val.append(vals.cpu())
+        if not out_idx:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        return torch.tensor(out_idx, dtype=torch.long), torch.cat(out_val)
 
 
 # ----------------------------------------------------------------------------- curvature
@@ -84,14 +167,23 @@ def _angle(a: Tensor, b: Tensor) -> Tensor:
     )
 
 
-def curvature_batch(h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+_COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity's floor on each norm
+
+
+def curvature_batch(h: Tensor, mask: Tensor,
+                    opts: MetricOptions | None = None) -> tuple[Tensor, Tensor]:
     """Mean turning angle (radians) of each sample's token trajectory -> ``([B], valid [B])``.
 
     ``v_t = x_{t+1} - x_t`` over consecutive real tokens, ``theta_t = angle(v_t, v_{t+1})``:
-    how sharply the residual stream turns from token to token (0 = straight line). Angles that
-    touch a zero-length step (two identical consecutive states) are undefined and skipped. A
-    sample is invalid (NaN) when it has fewer than 3 real tokens or no defined angle.
+    how sharply the residual stream turns from token to token (0 = straight line). Default:
+    angles that touch a zero-length step (two identical consecutive states) are undefined and
+    skipped. ``opts.curvature_zero_steps == "right_angle"`` counts them as ``pi/2`` (the cosine
+    of a zero vector taken as 0, norms floored at 1e-8 as torch's ``cosine_similarity`` does),
+    and ``opts.curvature_cos_clip < 1`` clamps every cosine to ``[-c, c]`` before the arccos
+    (both as the research code). A sample is invalid (NaN) when it has fewer than 3 real tokens
+    or no defined angle.
     """
+    opts = opts or MetricOptions()
     m = _check_mask(h, mask)
     b, t, _ = h.shape
     n_rows = m.sum(dim=1)
@@ -106,10 +198,19 @@ def curvature_batch(h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         return nan, torch.zeros(b, dtype=torch.bool, device=x.device)
     v = x[:, 1:] - x[:, :-1]  # [B, T-1, D]
     norm = torch.linalg.vector_norm(v, dim=-1)
-    u = v / torch.where(norm > 0, norm, torch.ones_like(norm))[..., None]
-    theta = _angle(u[:, :-1], u[:, 1:])  # [B, T-2]
     slot = torch.arange(t - 2, device=x.device)[None, :]
-    ok = (slot < (n_rows.to(x.device) - 2)[:, None]) & (norm[:, :-1] > 0) & (norm[:, 1:] > 0)
+    ok = slot < (n_rows.to(x.device) - 2)[:, None]
+    skip_zero = opts.curvature_zero_steps == "skip"
+    if skip_zero and opts.curvature_cos_clip >= 1.0:
+        u = v / torch.where(norm > 0, norm, torch.ones_like(norm))[..., None]
+        theta = _angle(u[:, :-1], u[:, 1:])  # [B, T-2]
+    else:
+        floor = norm.clamp_min(_COS_EPS)
+        cos = (v[:, :-1] * v[:, 1:]).sum(dim=-1) / (floor[:, :-1] * floor[:, 1:])
+        clip = opts.curvature_cos_clip
+        theta = torch.arccos(cos.clamp(-clip, clip))
+    if skip_zero:
+        ok = ok & (norm[:, :-1] > 0) & (norm[:, 1:] > 0)
     count = ok.sum(dim=1)
     total = torch.where(ok, theta, torch.zeros_like(theta)).sum(dim=1)
     valid = count > 0
@@ -117,13 +218,37 @@ def curvature_batch(h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return mean, valid
 
 
-def curvature(xs: Tensor | Sequence[Tensor]) -> tuple[float, int]:
+def curvature(xs: Tensor | Sequence[Tensor],
+              opts: MetricOptions | None = None) -> tuple[float, int]:
     """Mean over valid samples of the per-sample mean angle (radians), and the number skipped."""
-    vals = [curvature_batch(*pad_samples([x])) for x in _as_samples(xs)]
+    vals = [curvature_batch(*pad_samples([x]), opts) for x in _as_samples(xs)]
     means = torch.cat([v[0] for v in vals])
     valid = torch.cat([v[1] for v in vals])
     skipped = int((~valid).sum())
     return (float(means[valid].mean()) if bool(valid.any()) else math.nan), skipped
+
+
+# ----------------------------------------------------------------------------- token metrics
+
+
+def token_metric_names(opts: MetricOptions | None = None) -> tuple[str, ...]:
+    """Names ``token_metrics_batch`` returns for ``opts``, in a stable order."""
+    opts = opts or MetricOptions()
+    extra = tuple(f"prompt_entropy_{how}" for how in opts.extra_normalisations)
+    return ("prompt_entropy", "sparsity", "curvature", *extra)
+
+
+def token_metrics_batch(h: Tensor, mask: Tensor,
+                        opts: MetricOptions | None = None) -> dict[str, Tensor]:
+    """Every token-level metric of a padded batch, per sample (``[B]`` float64, NaN where
+    undefined): prompt entropy (and its further normalisations), sparsity (each sample's own
+    threshold: group across batches with ``SparsityGroups``) and curvature."""
+    opts = opts or MetricOptions()
+    out = prompt_entropies_batch(h, mask, opts)
+    out["sparsity"] = sparsity_batch(h, mask, opts)
+    curv, valid = curvature_batch(h, mask, opts)
+    out["curvature"] = torch.where(valid, curv, torch.full_like(curv, math.nan))
+    return {k: out[k] for k in token_metric_names(opts)}
 
 
 # ----------------------------------------------------------------------------- pair metrics
@@ -191,6 +316,20 @@ def l2_norm(z: Tensor) -> float:
     if z.ndim != 2:
         raise SftscopeError(f"expected pooled states [N, D], got shape {tuple(z.shape)}")
     return float(torch.linalg.vector_norm(to_f64(z), dim=1).mean())
+
+
+def l2_norm_spread(z: Tensor) -> tuple[float, float]:
+    """Spread of the per-sample norms ``||z_n||_2``: sample standard deviation (``ddof = 1``,
+    as the research code's ``torch.std``) and coefficient of variation (std / mean); NaN with
+    fewer than 2 rows (and the CV where the mean is 0)."""
+    if z.ndim != 2:
+        raise SftscopeError(f"expected pooled states [N, D], got shape {tuple(z.shape)}")
+    norms = torch.linalg.vector_norm(to_f64(z), dim=1)
+    if norms.numel() < 2:
+        return math.nan, math.nan
+    std = float(norms.std(correction=1))
+    mean = float(norms.mean())
+    return std, (std / mean if mean > 0 else math.nan)
 
 
 def delta(

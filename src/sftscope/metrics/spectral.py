@@ -3,6 +3,10 @@
 ``dataset_metrics`` gets everything from two decompositions: singular values of raw ``Z``
 (effective rank, rank deficiency, spectral norm, condition number) and the spectrum of the
 row-normalised Gram (dataset entropy). The single-metric functions are for notebooks.
+
+Which singular values are "non-zero" (rank deficiency, condition number) depends on the
+precision the states were computed in: pass ``compute_dtype`` (recorded by the capture as
+``info["compute_dtype"]``); by default the dtype of ``Z`` itself.
 """
 
 from __future__ import annotations
@@ -13,16 +17,11 @@ import torch
 from torch import Tensor
 
 from sftscope.errors import SftscopeError
-from sftscope.metrics.entropy import (
-    MetricOptions,
-    alpha_entropy_batch,
-    dataset_entropy,
-    svdvals,
-    to_f64,
-)
-from sftscope.metrics.geometry import l2_norm
+from sftscope.metrics.entropy import MetricOptions, dataset_entropies, svdvals, to_f64
+from sftscope.metrics.geometry import l2_norm, l2_norm_spread
+from sftscope.metrics.lowrank import effective_rank_of, numerical_rank, rank_tolerance
 
-_EPS64 = float(torch.finfo(torch.float64).eps)
+DType = torch.dtype | str | None
 
 
 def _check_z(z: Tensor) -> Tensor:
@@ -36,26 +35,27 @@ def spectrum(z: Tensor) -> Tensor:
     return svdvals(_check_z(z))
 
 
-def _numerical_tol(sigma: Tensor, n: int, d: int) -> float:
+def _dtype(z: Tensor, compute_dtype: DType) -> DType:
+    return compute_dtype if compute_dtype is not None else z.dtype
+
+
+def _rank(sigma: Tensor, n: int, d: int, rank_tol: str, dtype: DType) -> int | None:
+    """Rank of ``Z``: ``#{sigma > 0.01 sigma_max}`` (reference) or the numerical rank at the
+    compute precision (None where that precision cannot resolve any direction)."""
+    if rank_tol == "reference":
+        smax = float(sigma.max()) if sigma.numel() else 0.0
+        return int((sigma > 0.01 * smax).sum()) if smax > 0 else 0
+    return numerical_rank(sigma, (n, d), dtype)
+
+
+def _condition(sigma: Tensor, n: int, d: int, rule: str, dtype: DType) -> float:
+    if rule == "reference":  # the research code: all singular values, zeros included
+        return float(sigma.max()) / (float(sigma.min()) + 1e-9)
     smax = float(sigma.max()) if sigma.numel() else 0.0
-    return smax * max(n, d) * _EPS64
-
-
-def _erank(sigma: Tensor, weights: str) -> float:
-    w = sigma.clamp_min(0.0) ** (2 if weights == "sigma2" else 1)
-    if float(w.sum()) <= 0:
-        return 0.0
-    return math.exp(float(alpha_entropy_batch(w, 1.0)))
-
-
-def _rank(sigma: Tensor, n: int, d: int, rank_tol: str) -> int:
-    smax = float(sigma.max()) if sigma.numel() else 0.0
-    tol = 0.01 * smax if rank_tol == "reference" else _numerical_tol(sigma, n, d)
-    return int((sigma > tol).sum()) if smax > 0 else 0
-
-
-def _condition(sigma: Tensor, n: int, d: int) -> float:
-    nonzero = sigma[sigma > _numerical_tol(sigma, n, d)]
+    tol = rank_tolerance(smax, (n, d), dtype) if smax > 0 else 0.0
+    if tol is None:
+        return math.nan
+    nonzero = sigma[sigma > tol]
     if nonzero.numel() == 0:
         return math.nan
     return float(nonzero.max() / nonzero.min())
@@ -69,20 +69,24 @@ def effective_rank(
     ``min(N, D)``."""
     opts = opts or MetricOptions()
     n, d = _check_z(z).shape
-    e = _erank(spectrum(z), opts.erank_weights)
+    e = effective_rank_of(spectrum(z), opts.erank_weights)
     return e / min(n, d) if normalised else e
 
 
 def rank_deficiency(
-    z: Tensor, opts: MetricOptions | None = None, *, fraction: bool = False
+    z: Tensor, opts: MetricOptions | None = None, *, fraction: bool = False,
+    compute_dtype: DType = None,
 ) -> float:
-    """``min(N, D) - rank(Z)`` (numerical rank, or the reference 1 % rule); ``fraction``
-    divides by ``min(N, D)``. Counts directions the layer collapsed."""
+    """``min(N, D) - rank(Z)``: directions the layer collapsed. Rank: ``#{sigma_i > sigma_max *
+    max(N, D) * eps(compute_dtype)}`` (NaN where ``max(N, D) * eps >= 1``), or the reference
+    1 % rule. ``fraction`` divides by ``min(N, D)``."""
     opts = opts or MetricOptions()
     n, d = _check_z(z).shape
     k = min(n, d)
-    missing = k - _rank(spectrum(z), n, d, opts.rank_tol)
-    return missing / k if fraction else float(missing)
+    rank = _rank(spectrum(z), n, d, opts.rank_tol, _dtype(z, compute_dtype))
+    if rank is None:
+        return math.nan
+    return (k - rank) / k if fraction else float(k - rank)
 
 
 def spectral_norm(z: Tensor) -> float:
@@ -90,34 +94,45 @@ def spectral_norm(z: Tensor) -> float:
     return float(spectrum(z).max())
 
 
-def condition_number(z: Tensor) -> float:
-    """``sigma_max / sigma_min`` over the numerically non-zero singular values (NaN if none):
-    how anisotropic the used directions are."""
+def condition_number(z: Tensor, opts: MetricOptions | None = None, *,
+                     compute_dtype: DType = None) -> float:
+    """``sigma_max / sigma_min`` over the numerically non-zero singular values (same tolerance
+    as ``rank_deficiency``; NaN if none): how anisotropic the used directions are. Reference:
+    ``sigma_max / (sigma_min + 1e-9)`` over all of them."""
+    opts = opts or MetricOptions()
     n, d = _check_z(z).shape
-    return _condition(spectrum(z), n, d)
+    return _condition(spectrum(z), n, d, opts.condition, _dtype(z, compute_dtype))
 
 
-def dataset_metrics(z: Tensor, opts: MetricOptions | None = None) -> dict[str, float]:
+def dataset_metrics(z: Tensor, opts: MetricOptions | None = None, *,
+                    compute_dtype: DType = None) -> dict[str, float]:
     """All dataset-level metrics of one pooled matrix, from one SVD of ``Z`` plus one spectrum of
     the row-normalised Gram.
 
-    Keys: dataset_entropy, effective_rank, effective_rank_norm, rank_deficiency,
-    rank_deficiency_frac, spectral_norm, condition_number, l2_norm.
+    Keys: dataset_entropy (+ dataset_entropy_<norm> for ``opts.entropy_normalisations``),
+    effective_rank, effective_rank_norm, rank_deficiency, rank_deficiency_frac, spectral_norm,
+    condition_number, l2_norm, l2_norm_std (``ddof = 1``), l2_norm_cv (std / mean).
+    ``compute_dtype``: the precision the states were computed in (default: ``z.dtype``).
     """
     opts = opts or MetricOptions()
     n, d = _check_z(z).shape
+    dtype = _dtype(z, compute_dtype)
     z64 = to_f64(z)
     sigma = svdvals(z64)
     k = min(n, d)
-    er = _erank(sigma, opts.erank_weights)
-    missing = k - _rank(sigma, n, d, opts.rank_tol)
+    er = effective_rank_of(sigma, opts.erank_weights)
+    rank = _rank(sigma, n, d, opts.rank_tol, dtype)
+    missing = math.nan if rank is None else float(k - rank)
+    std, cv = l2_norm_spread(z64)
     return {
-        "dataset_entropy": dataset_entropy(z64, opts),
+        **dataset_entropies(z64, opts),
         "effective_rank": er,
         "effective_rank_norm": er / k,
-        "rank_deficiency": float(missing),
+        "rank_deficiency": missing,
         "rank_deficiency_frac": missing / k,
         "spectral_norm": float(sigma.max()),
-        "condition_number": _condition(sigma, n, d),
+        "condition_number": _condition(sigma, n, d, opts.condition, dtype),
         "l2_norm": l2_norm(z64),
+        "l2_norm_std": std,
+        "l2_norm_cv": cv,
     }

@@ -1,0 +1,333 @@
+"""Reading Hugging Face checkpoints without loading a model: safetensors headers and shard
+indexes, tensor-by-tensor reads, canonical tensor names and what each tensor is.
+
+``Checkpoint(folder)`` parses ``config.json`` and every safetensors header (sharded
+checkpoints through ``model.safetensors.index.json``), checks each file against its header
+(a truncated or corrupt file fails before any work), and maps every tensor to its canonical
+name (relative to the ``*ForCausalLM`` object: wrapper prefixes stripped, legacy names
+aliased, a missing root prefix added). ``classify`` says which block and module a canonical
+name belongs to; ``fused_split_ok`` whether a fused qkv tensor can be split into q, k, v.
+Pickle checkpoints are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from torch import Tensor
+
+from sftscope.errors import SftscopeError
+from sftscope.load.arch import ArchSpec, fused_qkv_sizes, spec_for_config, spec_from_names
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_JUNK_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
+# Legacy checkpoint names that transformers renames at load time: family -> {old: new}.
+_ALIASES = {"gpt_neox": {"embed_out.": "lm_head."}}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def resolve_source(arg: str | os.PathLike, what: str) -> Path:
+    """A local folder for ``arg``: an existing path, else a hub id fetched with
+    ``huggingface_hub.snapshot_download`` (config and safetensors files only)."""
+    text = str(arg)
+    path = Path(os.path.expanduser(text))
+    if path.exists():
+        if not path.is_dir():
+            raise SftscopeError(f"{what} {text} is a file; give the model folder that holds it")
+        return path
+    if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+        raise SftscopeError(f"{what} folder {text} does not exist; check the path")
+    try:
+        import huggingface_hub
+
+        local = huggingface_hub.snapshot_download(
+            text, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.pt"],
+        )
+    except Exception as e:  # offline, unknown id, gated repo, ...: one clear line
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise SftscopeError(
+            f"{what} {text!r} is not a local folder and could not be fetched from the Hugging "
+            f"Face Hub ({type(e).__name__}: {first}); pass a local folder (download it where "
+            f"there is network, e.g. `hf download {text} --local-dir DIR`)"
+        ) from e
+    return Path(local)
+
+
+def pickle_error(folder: Path, name: str) -> SftscopeError:
+    """The error for a folder that holds only pickle weights (never unpickled)."""
+    return SftscopeError(
+        f"{folder} holds only pickle weights ({name}); sftscope never unpickles checkpoints. "
+        f"Convert once: AutoModelForCausalLM.from_pretrained('{folder}')"
+        f".save_pretrained(OUT, safe_serialization=True), then pass OUT"
+    )
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, name in the file, safetensors dtype, shape, bytes."""
+
+    file: Path
+    raw: str  # name inside the file
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte range in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header (8-byte length + JSON) and check it against the file size, so
+    that a truncated or corrupt file fails before any work is done."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than a safetensors header")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or n > size - 8 or n > 1 << 30:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except FileNotFoundError as e:
+        raise SftscopeError(f"checkpoint file {path} is missing; re-download the checkpoint") from e
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise SftscopeError(
+            f"checkpoint file {path} is corrupt or truncated ({e}); re-download or re-save it"
+        ) from e
+    if not isinstance(header, dict):
+        raise SftscopeError(f"checkpoint file {path} has a corrupt header; re-download it")
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    try:
+        end = 0
+        for name, meta in header.items():
+            lo, hi = (int(x) for x in meta["data_offsets"])
+            end = max(end, hi)
+            out[name] = TensorInfo(path, name, str(meta["dtype"]),
+                                    tuple(int(s) for s in meta["shape"]), 8 + n + lo, 8 + n + hi)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SftscopeError(f"checkpoint file {path} has a corrupt header ({e}); "
+                            f"re-download it") from e
+    if end != data_len:
+        raise SftscopeError(
+            f"checkpoint file {path} is truncated or corrupt: its header describes {end} bytes "
+            f"of tensor data but the file holds {data_len}; re-download or re-save it"
+        )
+    return out
+
+
+def weight_files(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a Hugging Face folder: ``model.safetensors``, the shards named by
+    ``model.safetensors.index.json``, or (no index) every ``*.safetensors`` file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SftscopeError(f"{index} is corrupt ({e}); re-download the checkpoint") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise SftscopeError(
+                f"{index} names {len(missing)} missing shard(s) ({', '.join(missing[:3])}); "
+                f"re-download the checkpoint"
+            )
+        headers = {f: read_header(folder / f) for f in files}
+        out = {}
+        for name, f in weight_map.items():
+            if name not in headers[f]:
+                raise SftscopeError(f"{index} says {name} is in {f}, but that shard does not "
+                                    f"hold it; re-download the checkpoint")
+            out[name] = headers[f][name]
+        return out
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() else sorted(
+        p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise pickle_error(folder, pickles[0])
+        raise SftscopeError(f"{folder} has no model.safetensors (or index); point at a Hugging "
+                            f"Face model folder")
+    out = {}
+    for f in files:
+        for name, info in read_header(f).items():
+            if name in out:
+                raise SftscopeError(f"tensor {name} is in both {out[name].file.name} and "
+                                    f"{f.name}; the folder mixes two checkpoints")
+            out[name] = info
+    return out
+
+
+def read_config(folder: Path) -> Any:
+    """The model config (transformers ``AutoConfig``; plain JSON for unknown model types)."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise SftscopeError(f"{folder} has no config.json; point at a Hugging Face model folder")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception:  # unknown model_type / custom code: the JSON is enough for us
+        try:
+            return SimpleNamespace(**json.loads(cfg_path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise SftscopeError(f"{cfg_path} is not valid JSON ({e})") from e
+
+
+def canonical_name(name: str, spec: ArchSpec | None) -> str:
+    """Checkpoint name -> name relative to the ``*ForCausalLM`` object: strip wrapper prefixes,
+    apply legacy aliases, add a missing root prefix (hub GPT-2 files say ``h.0...``)."""
+    for p in _JUNK_PREFIXES:
+        if name.startswith(p):
+            name = name[len(p):]
+    if spec is None:
+        return name
+    for fam_type in spec.model_types:
+        for old, new in _ALIASES.get(fam_type, {}).items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+    root = spec.blocks.split(".")[0] + "."
+    if "." in spec.blocks and not name.startswith(root) and not name.startswith(spec.head + "."):
+        name = root + name
+    return name
+
+
+class Checkpoint:
+    """One model folder: config, architecture spec and the byte layout of every tensor."""
+
+    def __init__(self, source: str | os.PathLike, what: str = "model") -> None:
+        self.folder = resolve_source(source, what)  # cheap when already a resolved folder
+        self.what = what
+        self.source = str(source)
+        self.config = read_config(self.folder)
+        self.model_type = str(getattr(self.config, "model_type", "") or "")
+        raw = weight_files(self.folder)
+        spec = spec_for_config(self.config)
+        if spec is not None:
+            probe = {canonical_name(n, spec) for n in raw}
+            if not any(n.startswith(spec.blocks + ".") for n in probe):
+                spec = None  # registry paths do not fit this checkpoint: infer
+        if spec is None:
+            spec = spec_from_names([canonical_name(n, None) for n in raw], self.config)
+        self.spec = spec
+        self.tensors: dict[str, TensorInfo] = {}
+        for n, info in raw.items():
+            c = canonical_name(n, spec)
+            if c in self.tensors:
+                raise SftscopeError(f"{self.folder}: tensors {self.tensors[c].raw} and {n} "
+                                    f"name the same parameter")
+            self.tensors[c] = info
+        self._fds: dict[Path, int] = {}
+
+    @property
+    def tied(self) -> bool:
+        """Output head = input embedding (config says so, or no head tensor is stored)."""
+        return bool(getattr(self.config, "tie_word_embeddings", False)) or (
+            f"{self.spec.head}.weight" not in self.tensors)
+
+    def get(self, name: str) -> Tensor:
+        """One tensor, read with ``safe_open`` (memory-mapped, released when dropped)."""
+        from safetensors import safe_open
+
+        info = self.tensors[name]
+        try:
+            with safe_open(str(info.file), framework="pt") as f:
+                return f.get_tensor(info.raw)
+        except Exception as e:  # safetensors raises its own error types on bad files
+            raise SftscopeError(
+                f"could not read {info.raw} from {info.file} ({type(e).__name__}: "
+                f"{str(e)[:160]}); the file is corrupt or truncated: re-download or re-save it"
+            ) from e
+
+    def nbytes(self, name: str) -> int:
+        """Stored size of one tensor in bytes."""
+        info = self.tensors[name]
+        return info.end - info.start
+
+    def advise(self, name: str) -> int:
+        """Ask the kernel to read a tensor's bytes ahead (overlaps disk reads with compute);
+        returns the tensor's size in bytes."""
+        info = self.tensors[name]
+        if hasattr(os, "posix_fadvise"):
+            try:
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+                os.posix_fadvise(fd, info.start, info.end - info.start, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+        return info.end - info.start
+
+    def close(self) -> None:
+        """Close the file descriptors opened for read-ahead."""
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
+# --------------------------------------------------------------------------- naming
+
+
+@dataclass(frozen=True)
+class Slot:
+    """What a tensor is: block (None outside the blocks), module role, parameter name."""
+
+    block: int | None
+    module: str
+    param: str  # weight, bias, ...
+
+
+@functools.lru_cache(maxsize=64)
+def _block_re(blocks: str) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(blocks)}\.(\d+)\.(.+)$")
+
+
+def classify(name: str, spec: ArchSpec) -> Slot | None:
+    """``(block, module, param)`` of a canonical tensor name; None for non-parameter buffers."""
+    path, _, param = name.rpartition(".")
+    if param in ("inv_freq", "masked_bias"):
+        return None
+    m = _block_re(spec.blocks).match(path)
+    if m:
+        sub = m.group(2)
+        if spec.conv1d and sub == "attn" and param == "bias":
+            return None  # GPT-2's causal-mask buffer in old checkpoints
+        role = spec.module_roles().get(sub, "other")
+        return Slot(int(m.group(1)), role, param)
+    if path == spec.embed:
+        return Slot(None, "embed", param)
+    if path in spec.extra_embeds:
+        return Slot(None, "pos_embed", param)
+    if spec.final_norm and path == spec.final_norm:
+        return Slot(None, "final_norm", param)
+    if path == spec.head:
+        return Slot(None, "lm_head", param)
+    return Slot(None, "other", param)
+
+
+def fused_split_ok(spec: ArchSpec, config: Any, shape: tuple[int, ...]) -> bool:
+    """Whether ``split_fused_qkv`` applies to a fused tensor of this shape and config."""
+    if spec.fused_layout not in ("concat", "neox") or isinstance(config, SimpleNamespace):
+        return False
+    rows = shape[1] if (spec.conv1d and len(shape) == 2) else shape[0]
+    try:
+        if spec.fused_layout == "concat":
+            return rows == sum(fused_qkv_sizes(config))
+        heads = int(config.num_attention_heads)
+        return rows % (3 * heads) == 0
+    except (AttributeError, TypeError, ValueError):
+        return False
