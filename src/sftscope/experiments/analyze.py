@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from sftscope import metrics as M
-from sftscope.capture.stream import TOKEN_METRICS, CaptureConfig, CaptureResult, cache_key, capture
+from sftscope.capture.stream import CaptureConfig, CaptureResult, cache_key, capture
 from sftscope.config.commands import AnalyzeConfig
 from sftscope.io import Timer, run_record, write_table
 from sftscope.load import data as D
