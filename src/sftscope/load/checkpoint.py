@@ -20,18 +20,26 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from sftscope.errors import SftscopeError
+from sftscope.load.sources import (  # noqa: F401  (re-exported: the checkpoint reading API)
+    PICKLE_SUFFIXES,
+    TensorInfo,
+    looks_like_path,
+    pickle_error,
+    read_header,
+    weight_files,
+)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
 from sftscope.load.arch import ArchSpec, fused_qkv_sizes, spec_for_config, spec_from_names
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _JUNK_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
 # Legacy checkpoint names that transformers renames at load time: family -> {old: new}.
 _ALIASES = {"gpt_neox": {"embed_out.": "lm_head."}}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
@@ -47,7 +55,7 @@ def resolve_source(arg: str | os.PathLike, what: str) -> Path:
         if not path.is_dir():
             raise SftscopeError(f"{what} {text} is a file; give the model folder that holds it")
         return path
-    if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+    if looks_like_path(text):
         raise SftscopeError(f"{what} folder {text} does not exist; check the path")
     try:
         import huggingface_hub
@@ -63,112 +71,6 @@ def resolve_source(arg: str | os.PathLike, what: str) -> Path:
             f"there is network, e.g. `hf download {text} --local-dir DIR`)"
         ) from e
     return Path(local)
-
-
-def pickle_error(folder: Path, name: str) -> SftscopeError:
-    """The error for a folder that holds only pickle weights (never unpickled)."""
-    return SftscopeError(
-        f"{folder} holds only pickle weights ({name}); sftscope never unpickles checkpoints. "
-        f"Convert once: AutoModelForCausalLM.from_pretrained('{folder}')"
-        f".save_pretrained(OUT, safe_serialization=True), then pass OUT"
-    )
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file, name in the file, safetensors dtype, shape, bytes."""
-
-    file: Path
-    raw: str  # name inside the file
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte range in the file
-    end: int
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header (8-byte length + JSON) and check it against the file size, so
-    that a truncated or corrupt file fails before any work is done."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than a safetensors header")
-            n = int.from_bytes(raw, "little")
-            if n <= 0 or n > size - 8 or n > 1 << 30:
-                raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            header = json.loads(f.read(n))
-    except FileNotFoundError as e:
-        raise SftscopeError(f"checkpoint file {path} is missing; re-download the checkpoint") from e
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise SftscopeError(
-            f"checkpoint file {path} is corrupt or truncated ({e}); re-download or re-save it"
-        ) from e
-    if not isinstance(header, dict):
-        raise SftscopeError(f"checkpoint file {path} has a corrupt header; re-download it")
-    header.pop("__metadata__", None)
-    data_len = size - 8 - n
-    out: dict[str, TensorInfo] = {}
-    try:
-        end = 0
-        for name, meta in header.items():
-            lo, hi = (int(x) for x in meta["data_offsets"])
-            end = max(end, hi)
-            out[name] = TensorInfo(path, name, str(meta["dtype"]),
-                                    tuple(int(s) for s in meta["shape"]), 8 + n + lo, 8 + n + hi)
-    except (KeyError, TypeError, ValueError) as e:
-        raise SftscopeError(f"checkpoint file {path} has a corrupt header ({e}); "
-                            f"re-download it") from e
-    if end != data_len:
-        raise SftscopeError(
-            f"checkpoint file {path} is truncated or corrupt: its header describes {end} bytes "
-            f"of tensor data but the file holds {data_len}; re-download or re-save it"
-        )
-    return out
-
-
-def weight_files(folder: Path) -> dict[str, TensorInfo]:
-    """Every tensor of a Hugging Face folder: ``model.safetensors``, the shards named by
-    ``model.safetensors.index.json``, or (no index) every ``*.safetensors`` file."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SftscopeError(f"{index} is corrupt ({e}); re-download the checkpoint") from e
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (folder / f).is_file()]
-        if missing:
-            raise SftscopeError(
-                f"{index} names {len(missing)} missing shard(s) ({', '.join(missing[:3])}); "
-                f"re-download the checkpoint"
-            )
-        headers = {f: read_header(folder / f) for f in files}
-        out = {}
-        for name, f in weight_map.items():
-            if name not in headers[f]:
-                raise SftscopeError(f"{index} says {name} is in {f}, but that shard does not "
-                                    f"hold it; re-download the checkpoint")
-            out[name] = headers[f][name]
-        return out
-    single = folder / "model.safetensors"
-    files = [single] if single.is_file() else sorted(
-        p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_model"))
-    if not files:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise pickle_error(folder, pickles[0])
-        raise SftscopeError(f"{folder} has no model.safetensors (or index); point at a Hugging "
-                            f"Face model folder")
-    out = {}
-    for f in files:
-        for name, info in read_header(f).items():
-            if name in out:
-                raise SftscopeError(f"tensor {name} is in both {out[name].file.name} and "
-                                    f"{f.name}; the folder mixes two checkpoints")
-            out[name] = info
-    return out
 
 
 def read_config(folder: Path) -> Any:

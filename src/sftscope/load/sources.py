@@ -21,6 +21,7 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta",
                  "deberta-v2", "camembert", "mpnet", "ernie", "modernbert", "esm", "vit", "clip",
                  "big_bird", "longformer", "funnel", "layoutlm", "squeezebert", "mobilebert"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 BLOCK_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 
@@ -90,6 +91,118 @@ def check_causal(cfg: dict[str, Any], spec: str) -> None:
                             f"language model; point at a decoder-only LM checkpoint")
 
 
+# ----------------------------------------------------------------------------- weight files
+
+
+def pickle_error(folder: Path, name: str) -> SftscopeError:
+    """The error for a folder that holds only pickle weights (never unpickled)."""
+    return SftscopeError(
+        f"{folder} holds only pickle weights ({name}); sftscope never unpickles checkpoints. "
+        f"Convert once: AutoModelForCausalLM.from_pretrained('{folder}')"
+        f".save_pretrained(OUT, safe_serialization=True), then pass OUT"
+    )
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, name in the file, safetensors dtype, shape, bytes."""
+
+    file: Path
+    raw: str  # name inside the file
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte range in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header (8-byte length + JSON) and check it against the file size, so
+    that a truncated or corrupt file fails before any work is done."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than a safetensors header")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or n > size - 8 or n > 1 << 30:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except FileNotFoundError as e:
+        raise SftscopeError(f"checkpoint file {path} is missing; re-download the checkpoint") from e
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise SftscopeError(
+            f"checkpoint file {path} is corrupt or truncated ({e}); re-download or re-save it"
+        ) from e
+    if not isinstance(header, dict):
+        raise SftscopeError(f"checkpoint file {path} has a corrupt header; re-download it")
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    try:
+        end = 0
+        for name, meta in header.items():
+            lo, hi = (int(x) for x in meta["data_offsets"])
+            end = max(end, hi)
+            out[name] = TensorInfo(path, name, str(meta["dtype"]),
+                                    tuple(int(s) for s in meta["shape"]), 8 + n + lo, 8 + n + hi)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SftscopeError(f"checkpoint file {path} has a corrupt header ({e}); "
+                            f"re-download it") from e
+    if end != data_len:
+        raise SftscopeError(
+            f"checkpoint file {path} is truncated or corrupt: its header describes {end} bytes "
+            f"of tensor data but the file holds {data_len}; re-download or re-save it"
+        )
+    return out
+
+
+def weight_files(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a Hugging Face folder: ``model.safetensors``, the shards named by
+    ``model.safetensors.index.json``, or (no index) every ``*.safetensors`` file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SftscopeError(f"{index} is corrupt ({e}); re-download the checkpoint") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise SftscopeError(
+                f"{index} names {len(missing)} missing shard(s) ({', '.join(missing[:3])}); "
+                f"re-download the checkpoint"
+            )
+        headers = {f: read_header(folder / f) for f in files}
+        out = {}
+        for name, f in weight_map.items():
+            if name not in headers[f]:
+                raise SftscopeError(f"{index} says {name} is in {f}, but that shard does not "
+                                    f"hold it; re-download the checkpoint")
+            out[name] = headers[f][name]
+        return out
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() else sorted(
+        p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise pickle_error(folder, pickles[0])
+        raise SftscopeError(f"{folder} has no model.safetensors (or index); point at a Hugging "
+                            f"Face model folder")
+    out = {}
+    for f in files:
+        for name, info in read_header(f).items():
+            if name in out:
+                raise SftscopeError(f"tensor {name} is in both {out[name].file.name} and "
+                                    f"{f.name}; the folder mixes two checkpoints")
+            out[name] = info
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """A checked model reference: a local folder (config read) or a hub id (checked later)."""
@@ -112,12 +225,26 @@ def check_model(spec: str, what: str = "model") -> ModelSource:
     if os.path.isdir(path):
         cfg = read_config_json(path)
         check_causal(cfg, spec)
+        check_weights(Path(path))
         return ModelSource(spec, "folder", path, cfg)
     if os.path.exists(path):
         raise SftscopeError(f"{what} {spec} is a file; give a model folder or a hub id")
     if looks_like_path(spec):
         raise SftscopeError(f"{what} folder {spec} does not exist; check the path")
     return ModelSource(spec, "hub")
+
+
+def check_weights(folder: Path) -> None:
+    """The folder's safetensors weights are all there and whole (headers against file sizes);
+    a folder with only pickle weights (``.bin``) is left to transformers to load."""
+    has_st = (folder / "model.safetensors.index.json").is_file() or any(
+        not p.name.startswith("adapter_model") for p in folder.glob("*.safetensors"))
+    if has_st:
+        weight_files(folder)
+        return
+    if not any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise SftscopeError(f"model folder {folder} has no weights (model.safetensors or "
+                            f"shards); re-save or re-download the model")
 
 
 def check_folder(spec: str, what: str) -> str:
