@@ -74,20 +74,31 @@ def _writable_dir(path: Path) -> Path:
     return p
 
 
-def check_out(out: str | Path, command: str, config: Config, *, overwrite: bool = False) -> None:
-    """Refuse an unusable ``--out`` before any work (see the module docstring)."""
-    settings = config.result_settings()
-    volatile = set(config.record()) - set(settings)
+def _can_write(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried: permission bits do not bind root,
+    and a read-only file system shows only on a write). The probe file is gone at once."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def check_folder(out: str | Path, command: str) -> Path:
+    """``out`` can hold a ``command`` run: not a file, writable, not another command's run
+    folder, not in use by a live process. Writes nothing."""
     out = Path(os.path.expanduser(str(out)))
     if out.exists() and not out.is_dir():
         raise SftscopeError(f"--out {out} is a file; give a folder for the run")
     anc = _writable_dir(out)
     if anc.exists() and not anc.is_dir():
         raise SftscopeError(f"--out {out}: {anc} is a file, so the folder cannot be made")
-    if not os.access(anc, os.W_OK | os.X_OK):
+    if not _can_write(anc):
         raise SftscopeError(f"--out {out}: {anc} is not writable; choose another folder")
     if not out.is_dir():
-        return
+        return out
     owner = folder_command(out)
     if owner is not None and owner != command:
         raise SftscopeError(f"--out {out} is a `{owner}` run folder; give `{command}` a folder "
@@ -96,6 +107,17 @@ def check_out(out: str | Path, command: str, config: Config, *, overwrite: bool 
     if marker and marker.get("status") == "running" and _alive(marker):
         raise SftscopeError(f"--out {out} is in use by process {marker.get('pid')} (started "
                             f"{marker.get('started', '?')}); wait for it or choose another --out")
+    return out
+
+
+def check_out(out: str | Path, command: str, config: Config, *, overwrite: bool = False) -> None:
+    """Refuse an unusable ``--out`` before any work (see the module docstring)."""
+    settings = config.result_settings()
+    volatile = set(config.record()) - set(settings)
+    out = check_folder(out, command)
+    if not out.is_dir():
+        return
+    owner = folder_command(out)
     done = _read(out / RUN_JSON)
     if done is None or owner != command or overwrite:
         return

@@ -226,6 +226,10 @@ def make_command(name: str, cls: type[Config], runner: Callable[[Any], Any], hel
         if cfg_file is not None:
             section = load_config_file(Path(cfg_file)).get(name, {})
         values = collect(cls, given, section)
+        for f in dataclasses.fields(cls):  # required on the command line, optional in the API
+            if meta(f)["required"] and values.get(f.name) is None:
+                raise SftscopeError(f"missing --{f.name.replace('_', '-')} "
+                                    f"({meta(f)['help'].split('.')[0]})")
         cfg = build(cls, values)
         return runner(cfg)
 

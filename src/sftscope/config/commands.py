@@ -6,6 +6,7 @@ its flags from the fields; ``run.json`` records ``config.record()``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -375,6 +376,11 @@ class TuneConfig(OneModel):
         if self.micro_batch_size > self.batch_size:
             raise SftscopeError(f"--micro-batch-size {self.micro_batch_size} is larger than "
                                 f"the effective --batch-size {self.batch_size}")
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if self.batch_size % (self.micro_batch_size * world):
+            raise SftscopeError(f"--batch-size {self.batch_size} is not a multiple of "
+                                f"--micro-batch-size {self.micro_batch_size} x {world} "
+                                f"processes; change one")
         check_data_source(self.train, split=self.train_split, text_field=self.text_field)
         if self.eval_task is not None and ":" in self.eval_task:
             check_task_spec(self.eval_task)

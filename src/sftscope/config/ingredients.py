@@ -196,6 +196,21 @@ def check_pair_sources(base: str | None, sft: str | None, allow_mixed: bool) -> 
         check_pair(b.config, s.config, base or "base", sft or "sft", allow_mixed=allow_mixed)
 
 
+def check_tokenizer_source(spec: str) -> None:
+    """A tokenizer folder that exists, or something shaped like a hub id."""
+    import os
+
+    from sftscope.load.sources import looks_like_path
+
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise SftscopeError(f"--tokenizer {spec} is a file; give a tokenizer folder or hub id")
+    if looks_like_path(spec):
+        raise SftscopeError(f"--tokenizer folder {spec} does not exist; check the path")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PairModels(Config):
     """A Base model and its fine-tuned version, compared layer by layer."""
@@ -209,6 +224,8 @@ class PairModels(Config):
 
     def _check(self) -> None:
         check_pair_sources(self.base, self.sft, self.allow_mixed_pair)
+        if self.tokenizer not in (None, "base", "sft"):
+            check_tokenizer_source(self.tokenizer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,6 +241,8 @@ class OneModel(Config):
 
         if self.model:
             check_model(self.model)
+        if self.tokenizer is not None:
+            check_tokenizer_source(self.tokenizer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,3 +308,11 @@ class Cache(Config):
     checkpoint_every: float = opt(60.0, "Seconds between checkpoints of a capture in progress "
                                   "(Ctrl-C also checkpoints).", check=at_least(1),
                                   volatile=True)
+
+    def _check(self) -> None:
+        import os
+
+        if self.cache_dir is not None:
+            path = os.path.expanduser(self.cache_dir)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise SftscopeError(f"--cache-dir {self.cache_dir} is a file; give a folder")

@@ -97,7 +97,7 @@ from sftscope.config.core import check_fields, defaults
 from sftscope.errors import SftscopeError
 from sftscope.io import read_json, run_record, write_json, write_table
 from sftscope.metric_registry import lower_is_better
-from sftscope.runs import folder_command
+from sftscope.runs import check_folder, folder_command
 from sftscope.segments import (
     mask_blocks,
     mask_group,
@@ -382,7 +382,7 @@ def any_progress(out: Path) -> bool:
 
 def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
     """Compare with ``RUN/sweep.json`` (refusing other settings) or create it."""
-    out = Path(cfg.out)
+    out = check_folder(cfg.out, "sweep")
     path = out / "sweep.json"
     new = sweep_settings(cfg)
     if path.is_file():
@@ -403,9 +403,6 @@ def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
     if cfg.summarize_only:
         raise SftscopeError(f"{out} holds no sweep (no sweep.json); run the sweep first")
     owner = folder_command(out) if out.is_dir() else None
-    if owner not in (None, "sweep"):
-        raise SftscopeError(f"--out {out} is a `{owner}` run folder; give the sweep a folder of "
-                            f"its own")
     if out.is_dir() and any(out.iterdir()) and not (out / "jobs").is_dir() and owner is None:
         raise SftscopeError(f"{out} exists and is not a sweep folder; choose an empty or new "
                             f"--out")

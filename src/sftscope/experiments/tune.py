@@ -48,6 +48,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks
 from sftscope.load.runtime import pad_id
 from sftscope.progress import say, trainer_callback
+from sftscope.runs import check_folder
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
 
 REFERENCE_ALPHA = 128.0
@@ -511,12 +512,6 @@ def _existing_run(cfg: TuneConfig, out: Path) -> TuneResult | None:
     A run killed before its first checkpoint, or refused by validation, blocks nothing: there
     is nothing to lose, so a corrected command simply starts over.
     """
-    from sftscope.runs import folder_command
-
-    owner = folder_command(out) if out.is_dir() else None
-    if owner not in (None, "tune"):
-        raise SftscopeError(f"--out {out} is a `{owner}` run folder; give tune a folder of its "
-                            f"own")
     rec_path = out / "run.json"
     if rec_path.is_file():
         rec = read_json(rec_path)
@@ -570,7 +565,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 
     cfg = resolve_config(config)
-    out = Path(os.path.expanduser(cfg.out))
+    out = check_folder(cfg.out, "tune")
     done = _existing_run(cfg, out)
     if done is not None:
         _say(f"{out} is already finished; returning its recorded result")
