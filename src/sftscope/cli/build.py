@@ -17,10 +17,12 @@ import click
 from sftscope.config.core import (
     Config,
     build,
+    check_fields,
     did_you_mean,
     field_names,
     kind_of,
     meta,
+    summary,
 )
 from sftscope.errors import SftscopeError
 
@@ -226,10 +228,11 @@ def make_command(name: str, cls: type[Config], runner: Callable[[Any], Any], hel
         if cfg_file is not None:
             section = load_config_file(Path(cfg_file)).get(name, {})
         values = collect(cls, given, section)
+        check_fields(cls, values)  # what was given, before what is missing
         for f in dataclasses.fields(cls):  # required on the command line, optional in the API
             if meta(f)["required"] and values.get(f.name) is None:
                 raise SftscopeError(f"missing --{f.name.replace('_', '-')} "
-                                    f"({meta(f)['help'].split('.')[0]})")
+                                    f"({summary(meta(f)['help'])})")
         cfg = build(cls, values)
         return runner(cfg)
 

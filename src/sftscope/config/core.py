@@ -73,6 +73,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def summary(help_text: str) -> str:
+    """The first sentence of a help text (for error messages)."""
+    first = help_text.split(". ")[0].split(": ")[0]
+    return first.rstrip(".")
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """`` (did you mean X?)`` for the closest candidate, or an empty string."""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
@@ -321,7 +327,7 @@ def build(cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
                and f.name not in kwargs]
     if missing:
         f0 = {f.name: f for f in dataclasses.fields(cls)}[missing[0]]
-        what = meta(f0)["help"].split(".")[0]
+        what = summary(meta(f0)["help"])
         name = missing[0].upper() if meta(f0)["positional"] else flag(missing[0])
         raise SftscopeError(f"missing {name}{where}" + (f" ({what})" if what else ""))
     return cls(**kwargs)

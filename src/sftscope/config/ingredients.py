@@ -174,8 +174,8 @@ def formats_opt() -> Any:
 
 def out_opt(required: bool = True) -> Any:
     return opt(dataclasses.MISSING if required else None,
-               "Run folder (created; run.json is written last and marks a finished run).",
-               check=non_empty, required=not required)
+               "Run folder (created; run.json is written last and marks a finished run)"
+               + ("." if required else "; without it nothing is written."), check=non_empty)
 
 
 def preset_opt() -> Any:
