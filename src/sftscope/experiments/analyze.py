@@ -7,7 +7,6 @@ with other dataset-level options does not run the models again.
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -16,18 +15,29 @@ import pandas as pd
 import torch
 
 from sftscope import metrics as M
-from sftscope.capture.stream import TOKEN_METRICS, CaptureConfig, CaptureResult, cache_key, capture
+from sftscope.capture.stream import (
+    TOKEN_METRICS,
+    CaptureConfig,
+    CaptureResult,
+    cache_key,
+    capture,
+    load_cached,
+)
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer, run_record, write_json, write_table
 from sftscope.load import data as D
+from sftscope.load.devices import check_device, check_dtype, device_type
 from sftscope.load.models import (
     LoadOptions,
     check_pair,
     check_vocab,
+    default_cache_dir,
+    dtype_name,
     fingerprint,
     load_config,
     load_model,
     pair_tokenizer,
+    resolved_dtype,
 )
 from sftscope.progress import say
 
@@ -65,12 +75,8 @@ class AnalyzeConfig:
     cka_unbiased: bool = False
     bootstrap: int = 0
     cache_dir: str | None = None
+    checkpoint_every: float = 60.0
     formats: tuple[str, ...] = ("csv",)
-
-
-def default_cache_dir() -> Path:
-    """``$SFTSCOPE_CACHE`` or ``~/.cache/sftscope``."""
-    return Path(os.environ.get("SFTSCOPE_CACHE", "~/.cache/sftscope")).expanduser()
 
 
 def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
@@ -94,14 +100,36 @@ def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[st
     return tok, notes
 
 
+def _load_settings(spec: str, revision: str | None, cfg: AnalyzeConfig) -> dict:
+    """How the model will run, as it enters the capture key: resolved dtype, device type."""
+    if cfg.device_map:
+        device = f"map:{cfg.device_map}:{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    else:
+        device = device_type(cfg.device)
+    return {"dtype": resolved_dtype(spec, cfg.dtype, revision), "device": device}
+
+
 def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,
                    ccfg: CaptureConfig, pad_id: int, label: str) -> tuple[CaptureResult, dict]:
-    fp = fingerprint(spec, revision)
-    key = cache_key(fp, tok, ccfg)
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    path = cache / f"states-{key}.safetensors"
-    from sftscope.capture.stream import load_cached
+    """The capture of one model: from the cache when one with the same key exists.
 
+    The key holds the model's content fingerprint, the exact ids and text options, the
+    resolved dtype and device type and the capture options, so nothing that changes the
+    states can reuse another run's file. Device and dtype are checked before the lookup.
+    """
+    check_device(cfg.device, require_torch=True)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    fp = fingerprint(spec, revision, memo_dir=cache)
+    revision = fp.get("commit") or revision  # load exactly the commit the key names
+    load = _load_settings(spec, revision, cfg)
+    data = {"max_length": cfg.max_length, "chat_template": cfg.chat_template,
+            "template": cfg.template, "text_field": cfg.text_field}
+
+    def path_for(load_settings: dict) -> Path:
+        key = cache_key(fp, tok, ccfg, load=load_settings, data=data, pad_id=pad_id)
+        return cache / f"states-{key}.safetensors"
+
+    path = path_for(load)
     hit = load_cached(path)
     if hit is not None:
         say(f"[dim]{label}: states from cache {path}[/]")
@@ -109,14 +137,19 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
         return hit, fp
     model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
                                          device_map=cfg.device_map))
-    check_vocab(model, tok.input_ids, label)
     try:
+        actual = dtype_name(next(model.parameters()).dtype)
+        if actual != load["dtype"]:  # the config did not say what transformers chose
+            load = {**load, "dtype": actual}
+            path = path_for(load)
+        check_vocab(model, tok.input_ids, label)
         res = capture(model, tok, ccfg, pad_id, cache_path=path, label=label)
     finally:
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    res.info["load"] = load
     return res, fp
 
 
@@ -200,6 +233,13 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     timer = Timer()
     out = Path(cfg.out)
     opts = _options(cfg)
+    check_dtype(cfg.dtype)  # bad run settings fail before any data or model work
+    check_device(cfg.device, require_torch=True)
+    reference = cfg.preset == "reference"
+    ccfg = CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
+                         normalisation=opts.normalisation, ridge=opts.ridge,
+                         sparsity_eps=opts.sparsity_eps, include_padding=reference,
+                         checkpoint_every=cfg.checkpoint_every)
     with timer("validate"):
         info = check_pair(load_config(cfg.base, cfg.base_revision),
                           load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft)
@@ -212,10 +252,6 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     notes += data_notes
     for n in notes:
         say(f"[yellow]note:[/] {n}")
-    reference = cfg.preset == "reference"
-    ccfg = CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
-                         normalisation=opts.normalisation, ridge=opts.ridge,
-                         sparsity_eps=opts.sparsity_eps, include_padding=reference)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with timer("capture_base"):
         rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base")
