@@ -102,6 +102,23 @@ def test_hub_fingerprint_uses_the_commit():
         "org/other", revision=sha)["hash"]
 
 
+def test_hub_fingerprint_resolves_a_branch_from_the_local_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fp = fingerprint("org/tiny")
+    assert fp["commit"] == commit and fp["revision"] is None
+    assert fp["hash"] == fingerprint("org/tiny", revision=commit)["hash"]
+    assert "hash" not in fingerprint("org/absent")  # unresolvable: no content identity
+
+
 # ----------------------------------------------------------------------------- validation
 
 

@@ -135,7 +135,8 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
         say(f"[dim]{label}: states from cache {path}[/]")
         hit.info["cached"] = True
         return hit, fp
-    model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
+    device = device_type("auto") if check_device(cfg.device) == "auto" else cfg.device
+    model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=device,
                                          device_map=cfg.device_map))
     try:
         actual = dtype_name(next(model.parameters()).dtype)

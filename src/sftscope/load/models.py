@@ -145,6 +145,9 @@ _CHUNK = 64 << 20   # tree-hash leaf: files are hashed in 64 MiB pieces, in para
 _READ = 8 << 20     # bytes per read
 _MEMO_NAME = "file-digests.json"
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
+# Changes whenever ``hash`` is computed differently: hashes of two schemes never compare.
+# (v1, before it: the first and last MiB of each weight file only.)
+FINGERPRINT_SCHEME = "content-v2"
 
 
 def _hash_range(fd: int, start: int, end: int, buf: bytearray) -> bytes:
@@ -285,6 +288,7 @@ def fingerprint(spec: str, revision: str | None = None,
                                "commit": commit}
         if commit:
             out["hash"] = hashlib.sha256(f"hub:{spec}@{commit}".encode()).hexdigest()[:24]
+            out["hash_scheme"] = FINGERPRINT_SCHEME
         return out
     memo = DigestMemo(Path(memo_dir).expanduser() / _MEMO_NAME if memo_dir is not None
                       else default_cache_dir() / _MEMO_NAME)
@@ -297,7 +301,8 @@ def fingerprint(spec: str, revision: str | None = None,
         h.update(f"\0{p.name}\0{size}\0{memo.digest(p)}".encode())
     memo.save()
     return {"source": str(path.resolve()), "revision": revision, "local": True,
-            "hash": h.hexdigest()[:24], "files": len(files), "bytes": total}
+            "hash": h.hexdigest()[:24], "hash_scheme": FINGERPRINT_SCHEME, "files": len(files),
+            "bytes": total}
 
 
 def resolved_dtype(spec: str, dtype: str, revision: str | None = None,
