@@ -155,13 +155,13 @@ def test_cache_and_resume(model_dir, gsm8k_file, tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(model.model), "forward", flaky)
     with pytest.raises(KeyboardInterrupt):
-        capture(model, ts, CaptureConfig(batch_size=2, n_token=6, checkpoint_every_s=0),
+        capture(model, ts, CaptureConfig(batch_size=2, n_token=6, checkpoint_every=0),
                 tok.pad_token_id, cache_path=path)
     assert path.with_suffix(".partial.safetensors").exists()
     monkeypatch.undo()
     resumed = capture(model, ts, CaptureConfig(batch_size=2, n_token=6), tok.pad_token_id,
                       cache_path=path)
-    assert resumed.info["resumed_from_batch"] == 2
+    assert resumed.info["resumed_samples"] == 4
     torch.testing.assert_close(resumed.pooled_mean, full.pooled_mean)
     for k in full.token:
         torch.testing.assert_close(resumed.token[k], full.token[k], equal_nan=True)

@@ -14,3 +14,17 @@ class SftscopeError(Exception):
 def fail(message: str) -> SftscopeError:
     """Build an error to ``raise``; keeps call sites short: ``raise fail("...")``."""
     return SftscopeError(message)
+
+
+INTERRUPTED_MESSAGE = "interrupted; run the same command again to resume"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A long run stopped by SIGINT/SIGTERM after saving its progress (a checkpoint).
+
+    A ``KeyboardInterrupt`` (so ``except Exception`` never swallows it) whose message is
+    ``INTERRUPTED_MESSAGE``; the CLI prints it as one line and exits 130.
+    """
+
+    def __init__(self, message: str = INTERRUPTED_MESSAGE) -> None:
+        super().__init__(message)

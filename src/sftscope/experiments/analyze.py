@@ -6,8 +6,6 @@ with other dataset-level options does not run the models again.
 
 from __future__ import annotations
 
-import gc
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +14,13 @@ import pandas as pd
 import torch
 
 from sftscope import metrics as M
-from sftscope.capture.stream import CaptureConfig, CaptureResult, cache_key, capture
+from sftscope.capture.stream import (
+    CaptureConfig,
+    CaptureResult,
+    cache_key,
+    capture,
+    load_cached,
+)
 from sftscope.config.commands import AnalyzeConfig
 from sftscope.io import Timer, run_record, write_table
 from sftscope.load import data as D
@@ -24,13 +28,14 @@ from sftscope.load.models import (
     LoadOptions,
     check_pair,
     check_vocab,
+    default_cache_dir,
     fingerprint,
     load_config,
     load_model,
     pair_tokenizer,
 )
+from sftscope.load.runtime import dtype_name, model_bytes, release, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
-from sftscope.load.runtime import resolve_device, resolve_dtype
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, start_run
 
@@ -43,11 +48,6 @@ DATASET_METRICS = ("dataset_entropy", "effective_rank", "effective_rank_norm", "
 
 def _is_dataset_metric(name: str) -> bool:
     return name in DATASET_METRICS or name.startswith("dataset_entropy_")
-
-
-def default_cache_dir() -> Path:
-    """``$SFTSCOPE_CACHE`` or ``~/.cache/sftscope``."""
-    return Path(os.environ.get("SFTSCOPE_CACHE", "~/.cache/sftscope")).expanduser()
 
 
 def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
@@ -64,14 +64,31 @@ def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[st
     return prep.tokens, prep.notes
 
 
+def _load_settings(cfg: AnalyzeConfig) -> dict:
+    """How the model will run, as it enters the capture key: resolved dtype and device type."""
+    device = resolve_device(cfg.device)
+    if cfg.device_map:
+        device = f"map:{cfg.device_map}:{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    return {"dtype": dtype_name(resolve_dtype(cfg.dtype, resolve_device(cfg.device))),
+            "device": device.split(":")[0] if not cfg.device_map else device}
+
+
 def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,
                    ccfg: CaptureConfig, pad_id: int, label: str) -> tuple[CaptureResult, dict]:
-    fp = fingerprint(spec, revision)
-    key = cache_key(fp, tok, ccfg)
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    path = cache / f"states-{key}.safetensors"
-    from sftscope.capture.stream import load_cached
+    """The capture of one model: from the cache when one with the same key exists.
 
+    The key holds the model's content fingerprint, the exact ids and text options, the
+    resolved dtype and device type and the capture options, so nothing that changes the
+    states can reuse another run's file.
+    """
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    fp = fingerprint(spec, revision, memo_dir=cache)
+    revision = fp.get("commit") or revision  # load exactly the commit the key names
+    load = _load_settings(cfg)
+    data = {"max_length": cfg.max_length, "chat_template": cfg.chat_template,
+            "template": cfg.template, "text_field": cfg.text_field}
+    key = cache_key(fp, tok, ccfg, load=load, data=data, pad_id=pad_id)
+    path = cache / f"states-{key}.safetensors"
     hit = load_cached(path)
     if hit is not None:
         say(f"[dim]{label}: states from cache {path}[/]")
@@ -79,14 +96,14 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
         return hit, fp
     model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
                                          device_map=cfg.device_map))
-    check_vocab(model, tok.input_ids, label)
+    nbytes = model_bytes(model)
     try:
+        check_vocab(model, tok.input_ids, label)
         res = capture(model, tok, ccfg, pad_id, cache_path=path, label=label)
     finally:
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release(nbytes)
+    res.info["load"] = load
     return res, fp
 
 
@@ -196,7 +213,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                          curvature_zero_steps=opts.curvature_zero_steps,
                          curvature_cos_clip=opts.curvature_cos_clip,
                          entropy_normalisations=opts.entropy_normalisations,
-                         include_padding=reference, checkpoint_every_s=cfg.checkpoint_every)
+                         include_padding=reference, checkpoint_every=cfg.checkpoint_every)
     pad_id = pad_id_of(tokenizer)
     start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
     with timer("capture_base"):

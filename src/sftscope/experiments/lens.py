@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.capture.hooks import hidden_state_hooks, inner_model
 from sftscope.config.commands import ProbeConfig
 from sftscope.config.core import build
@@ -55,7 +56,7 @@ from sftscope.load.models import (
 from sftscope.load.runtime import model_bytes, release, resolve_device
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import bootstrap_ci, mean_ci, proportion_ci
-from sftscope.progress import say, track
+from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, start_run
 
 PROBE_COLUMNS = ["layer", "model", "metric", "value", "ci_low", "ci_high", "n"]
@@ -267,62 +268,91 @@ def n_blocks_of(model: nn.Module) -> int:
     return len(get_blocks(model))
 
 
-@torch.inference_mode()
-def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size: int = 8,
-              layers: Sequence[int] | None = None,
-              answers: Sequence[AnswerSlot | None] | None = None,
-              choices: Sequence[ChoiceSlot | None] | None = None,
-              record_top1: bool = False, ref_top1: dict[int, np.ndarray] | None = None,
-              chunk_elements: int = DEFAULT_CHUNK, description: str = "lens") -> LensSums:
-    """Stream ``model`` over ``tok`` and reduce the lens at ``layers`` (default all ``0..L``).
+class _LensReducer:
+    """Hook callback of ``lens_pass``: per-sample lens sums of one batch at the chosen layers."""
 
-    Teacher-forced: position ``t`` predicts token ``t+1``; only pairs of real tokens count.
-    ``record_top1`` keeps the top-1 ids per real position (int32, for agreement later);
-    ``ref_top1`` (from such a pass over the same set) is compared with this model's top-1.
-    """
-    n_layers = n_blocks_of(model)
-    layers = list(range(n_layers + 1)) if layers is None else [int(j) for j in layers]
-    bad = [j for j in layers if not 0 <= j <= n_layers]
-    if bad:
-        raise SftscopeError(f"layer {bad[0]} does not exist; hidden states are 0..{n_layers}")
-    col = {j: c for c, j in enumerate(layers)}
-    n, n_cols = len(tok), len(layers)
-    if batch_size < 1:
-        raise SftscopeError(f"--batch-size must be at least 1, got {batch_size}")
-    lens = Lens(model)
-    out_dev = lens.device
-    rows_per_chunk = max(1, chunk_elements // max(lens.vocab, 1))
-    nan = np.full((n, n_cols), np.nan)
-    sums = LensSums(layers, np.zeros(n), np.zeros((n, n_cols)), np.zeros((n, n_cols)),
-                    nan.copy(), nan.copy(), nan.copy(),
-                    agree=np.zeros((n, n_cols)) if ref_top1 is not None else None,
-                    top1={} if record_top1 else None)
-    ctx: dict[str, Any] = {}
+    def __init__(self, sums: LensSums, lens: Lens, col: dict[int, int], rows_per_chunk: int,
+                 answers: Sequence[AnswerSlot | None] | None,
+                 choices: Sequence[ChoiceSlot | None] | None, record_top1: bool,
+                 ref_top1: dict[int, np.ndarray] | None) -> None:
+        self.sums, self.lens, self.col = sums, lens, col
+        self.rows_per_chunk = rows_per_chunk
+        self.answers, self.choices = answers, choices
+        self.record_top1, self.ref_top1 = record_top1, ref_top1
+        self.ctx: dict[str, Any] = {}
 
-    def on(name: str, device: torch.device) -> torch.Tensor:
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        ctx = self.ctx
         key = (name, str(device))
         if key not in ctx["cache"]:
             ctx["cache"][key] = ctx[name].to(device)
         return ctx["cache"][key]
 
-    def reduce(j: int, h: torch.Tensor) -> None:
-        c = col.get(j)
+    def start(self, batch: HookedBatch) -> None:
+        ctx, out_dev, n_cols = self.ctx, self.lens.device, len(self.col)
+        ids, mask = batch.input_ids, batch.mask
+        bsz = ids.shape[0]
+        valid = mask[:, :-1] & mask[:, 1:]
+        vb, vt = valid.nonzero(as_tuple=True)
+        ctx.clear()
+        ctx.update(cache={}, valid=valid, vb=vb, vt=vt, n_valid=int(vb.numel()),
+                   targets=ids[:, 1:][valid], row_sample=vb)
+        ctx.update({name: torch.zeros((n_cols, bsz), device=out_dev)
+                    for name in ("loss", "correct", "agree")})
+        if self.record_top1:
+            ctx["top1"] = torch.zeros((n_cols, int(vb.numel())), dtype=torch.long,
+                                      device=out_dev)
+        if self.ref_top1 is not None:
+            parts = [torch.as_tensor(self.ref_top1[i], dtype=torch.long) for i in batch.index]
+            ref = torch.cat(parts, dim=1) if parts else torch.zeros((n_cols, 0))
+            if ref.shape != (n_cols, int(vb.numel())):
+                raise SftscopeError("reference top-1 ids do not match this data; run both "
+                                    "models on the same tokenized samples")
+            ctx["ref"] = ref
+        a_rows = [(r, self.answers[i]) for r, i in enumerate(batch.index)
+                  if self.answers is not None and self.answers[i] is not None]
+        ctx["a_rows"] = a_rows
+        ctx["n_ans"] = len(a_rows)
+        if a_rows:
+            ctx.update(ab=torch.tensor([r for r, _ in a_rows]),
+                       at=torch.tensor([a.position for _, a in a_rows]),
+                       atarget=torch.tensor([a.target for _, a in a_rows]),
+                       aprob=torch.zeros((n_cols, len(a_rows)), device=out_dev),
+                       arank=torch.zeros((n_cols, len(a_rows)), device=out_dev))
+        c_rows = [(r, self.choices[i]) for r, i in enumerate(batch.index)
+                  if self.choices is not None and self.choices[i] is not None]
+        ctx["c_rows"] = c_rows
+        ctx["n_ch"] = len(c_rows)
+        if c_rows:
+            width = max(len(ch.candidates) for _, ch in c_rows)
+            cand = torch.full((len(c_rows), width), -1, dtype=torch.long)
+            for k, (_, ch) in enumerate(c_rows):
+                cand[k, : len(ch.candidates)] = torch.tensor(ch.candidates)
+            ctx.update(cb=torch.tensor([r for r, _ in c_rows]),
+                       ct=torch.tensor([ch.position for _, ch in c_rows]), ccand=cand,
+                       cright=torch.tensor([ch.correct for _, ch in c_rows]),
+                       ccorrect=torch.zeros((n_cols, len(c_rows)), device=out_dev))
+
+    def __call__(self, j: int, h: torch.Tensor) -> None:
+        c = self.col.get(j)
         if c is None:
             return
+        ctx, on, lens, out_dev = self.ctx, self._on, self.lens, self.lens.device
         dev = h.device
         if ctx["n_valid"]:
-            rows = h[on("vb", dev), on("vt", dev)]
+            rows = h[on("vb", dev), on("vt", dev)]  # real positions only: no padding enters
             tgt, rs = on("targets", out_dev), on("row_sample", out_dev)
             ref = on("ref", out_dev)[c] if "ref" in ctx else None
-            for s in range(0, rows.shape[0], rows_per_chunk):
-                e = min(s + rows_per_chunk, rows.shape[0])
+            step = self.rows_per_chunk
+            for s in range(0, rows.shape[0], step):
+                e = min(s + step, rows.shape[0])
                 logits = lens(rows[s:e])
                 t = tgt[s:e]
                 loss = logits.logsumexp(-1) - logits.gather(1, t[:, None])[:, 0]
                 top1 = logits.argmax(-1)
                 ctx["loss"][c].index_add_(0, rs[s:e], loss)
                 ctx["correct"][c].index_add_(0, rs[s:e], (top1 == t).float())
-                if record_top1:
+                if self.record_top1:
                     ctx["top1"][c, s:e] = top1
                 if ref is not None:
                     ctx["agree"][c].index_add_(0, rs[s:e], (top1 == ref[s:e]).float())
@@ -339,70 +369,65 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
             cand = cand.masked_fill(on("ccand", out_dev) < 0, -math.inf)
             ctx["ccorrect"][c] = (cand.argmax(-1) == on("cright", out_dev)).float()
 
-    n_batches = (n + batch_size - 1) // batch_size
-    with hidden_state_hooks(model, reduce):
-        for batch in track(D.iter_batches(tok, batch_size, pad_id), description, total=n_batches):
-            ids, mask = batch.input_ids, batch.attention_mask.bool()
-            bsz = ids.shape[0]
-            valid = mask[:, :-1] & mask[:, 1:]
-            vb, vt = valid.nonzero(as_tuple=True)
-            ctx.clear()
-            ctx.update(cache={}, vb=vb, vt=vt, n_valid=int(vb.numel()),
-                       targets=ids[:, 1:][valid], row_sample=vb)
-            ctx.update({name: torch.zeros((n_cols, bsz), device=out_dev)
-                        for name in ("loss", "correct", "agree")})
-            if record_top1:
-                ctx["top1"] = torch.zeros((n_cols, int(vb.numel())), dtype=torch.long,
-                                          device=out_dev)
-            if ref_top1 is not None:
-                parts = [torch.as_tensor(ref_top1[i], dtype=torch.long) for i in batch.index]
-                ref = torch.cat(parts, dim=1) if parts else torch.zeros((n_cols, 0))
-                if ref.shape != (n_cols, int(vb.numel())):
-                    raise SftscopeError("reference top-1 ids do not match this data; run both "
-                                        "models on the same tokenized samples")
-                ctx["ref"] = ref
-            a_rows = [(r, answers[i]) for r, i in enumerate(batch.index)
-                      if answers is not None and answers[i] is not None]
-            ctx["n_ans"] = len(a_rows)
-            if a_rows:
-                ctx.update(ab=torch.tensor([r for r, _ in a_rows]),
-                           at=torch.tensor([a.position for _, a in a_rows]),
-                           atarget=torch.tensor([a.target for _, a in a_rows]),
-                           aprob=torch.zeros((n_cols, len(a_rows)), device=out_dev),
-                           arank=torch.zeros((n_cols, len(a_rows)), device=out_dev))
-            c_rows = [(r, choices[i]) for r, i in enumerate(batch.index)
-                      if choices is not None and choices[i] is not None]
-            ctx["n_ch"] = len(c_rows)
-            if c_rows:
-                width = max(len(ch.candidates) for _, ch in c_rows)
-                cand = torch.full((len(c_rows), width), -1, dtype=torch.long)
-                for k, (_, ch) in enumerate(c_rows):
-                    cand[k, : len(ch.candidates)] = torch.tensor(ch.candidates)
-                ctx.update(cb=torch.tensor([r for r, _ in c_rows]),
-                           ct=torch.tensor([ch.position for _, ch in c_rows]), ccand=cand,
-                           cright=torch.tensor([ch.correct for _, ch in c_rows]),
-                           ccorrect=torch.zeros((n_cols, len(c_rows)), device=out_dev))
-            forward_states(model, ids, batch.attention_mask)
-            idx = np.asarray(batch.index)
-            sums.tokens[idx] += valid.sum(1).numpy()
-            sums.loss[idx] += ctx["loss"].double().cpu().numpy().T
-            sums.correct[idx] += ctx["correct"].double().cpu().numpy().T
-            if sums.agree is not None:
-                sums.agree[idx] += ctx["agree"].double().cpu().numpy().T
-            if a_rows:
-                ai = idx[[r for r, _ in a_rows]]
-                sums.answer_prob[ai] = ctx["aprob"].double().cpu().numpy().T
-                sums.answer_rank[ai] = ctx["arank"].double().cpu().numpy().T
-            if c_rows:
-                ci = idx[[r for r, _ in c_rows]]
-                sums.choice_correct[ci] = ctx["ccorrect"].double().cpu().numpy().T
-            if record_top1:
-                top = ctx["top1"].to(torch.int32).cpu().numpy()
-                counts = valid.sum(1).tolist()
-                start = 0
-                for i, cnt in zip(batch.index, counts, strict=True):
-                    sums.top1[i] = top[:, start:start + cnt].copy()
-                    start += cnt
+    def finish(self, batch: HookedBatch) -> None:
+        ctx, sums = self.ctx, self.sums
+        valid, a_rows, c_rows = ctx["valid"], ctx["a_rows"], ctx["c_rows"]
+        idx = np.asarray(batch.index)
+        sums.tokens[idx] += valid.sum(1).numpy()
+        sums.loss[idx] += ctx["loss"].double().cpu().numpy().T
+        sums.correct[idx] += ctx["correct"].double().cpu().numpy().T
+        if sums.agree is not None:
+            sums.agree[idx] += ctx["agree"].double().cpu().numpy().T
+        if a_rows:
+            ai = idx[[r for r, _ in a_rows]]
+            sums.answer_prob[ai] = ctx["aprob"].double().cpu().numpy().T
+            sums.answer_rank[ai] = ctx["arank"].double().cpu().numpy().T
+        if c_rows:
+            ci = idx[[r for r, _ in c_rows]]
+            sums.choice_correct[ci] = ctx["ccorrect"].double().cpu().numpy().T
+        if self.record_top1:
+            top = ctx["top1"].to(torch.int32).cpu().numpy()
+            counts = valid.sum(1).tolist()
+            start = 0
+            for i, cnt in zip(batch.index, counts, strict=True):
+                sums.top1[i] = top[:, start:start + cnt].copy()
+                start += cnt
+
+
+def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size: int = 8,
+              layers: Sequence[int] | None = None,
+              answers: Sequence[AnswerSlot | None] | None = None,
+              choices: Sequence[ChoiceSlot | None] | None = None,
+              record_top1: bool = False, ref_top1: dict[int, np.ndarray] | None = None,
+              chunk_elements: int = DEFAULT_CHUNK, description: str = "lens") -> LensSums:
+    """Stream ``model`` over ``tok`` and reduce the lens at ``layers`` (default all ``0..L``).
+
+    Teacher-forced: position ``t`` predicts token ``t+1``; only pairs of real tokens count.
+    ``record_top1`` keeps the top-1 ids per real position (int32, for agreement later);
+    ``ref_top1`` (from such a pass over the same set) is compared with this model's top-1.
+    One forward pass per batch through ``capture.engine.run_hooked`` (right padding; a
+    NaN/Inf at a real position stops the pass).
+    """
+    n_layers = n_blocks_of(model)
+    layers = list(range(n_layers + 1)) if layers is None else [int(j) for j in layers]
+    bad = [j for j in layers if not 0 <= j <= n_layers]
+    if bad:
+        raise SftscopeError(f"layer {bad[0]} does not exist; hidden states are 0..{n_layers}")
+    col = {j: c for c, j in enumerate(layers)}
+    n, n_cols = len(tok), len(layers)
+    if batch_size < 1:
+        raise SftscopeError(f"--batch-size must be at least 1, got {batch_size}")
+    lens = Lens(model)
+    rows_per_chunk = max(1, chunk_elements // max(lens.vocab, 1))
+    nan = np.full((n, n_cols), np.nan)
+    sums = LensSums(layers, np.zeros(n), np.zeros((n, n_cols)), np.zeros((n, n_cols)),
+                    nan.copy(), nan.copy(), nan.copy(),
+                    agree=np.zeros((n, n_cols)) if ref_top1 is not None else None,
+                    top1={} if record_top1 else None)
+    red = _LensReducer(sums, lens, col, rows_per_chunk, answers, choices, record_top1,
+                       ref_top1)
+    run_hooked(model, tok, batch_size, pad_id, red, description=description,
+               label=description)
     return sums
 
 

@@ -241,55 +241,45 @@ class _StateReducer:
         self.angular = angular
         self.prev: torch.Tensor | None = None
 
-    def start(self, mask: torch.Tensor, index: list[int]) -> None:
-        self.mask = mask
-        self.index = torch.tensor(index)
+    def start(self, batch) -> None:
+        self.batch = batch
+        self.index = torch.tensor(batch.index)
         self.prev = None
 
     def __call__(self, j: int, h: torch.Tensor) -> None:
-        hf = h.detach().float()
-        m = self.mask.to(hf.device).to(hf.dtype)
-        count = m.sum(1).clamp(min=1)
-        self.pooled[j, self.index] = (torch.einsum("btd,bt->bd", hf, m) / count[:, None]).cpu()
+        mean, _ = self.batch.pool(h)  # padded positions masked with torch.where
+        self.pooled[j, self.index] = mean.cpu()
         if not self.angular:
             return
+        hf = h.float()
         if self.prev is not None and j > 0:
             prev = self.prev.to(hf.device)  # blocks may sit on several devices
             cos = torch.nn.functional.cosine_similarity(prev, hf, dim=-1, eps=1e-12)
             ang = torch.arccos(cos.clamp(-1.0, 1.0)).double() / math.pi
-            tm = m.clone()
+            tm = self.batch.mask_on(hf.device).clone()
             if tm.shape[1] > 1:  # skip the first real token (attention sink) where others exist
-                first = tm.argmax(dim=1)
+                first = tm.to(torch.int8).argmax(dim=1)
                 several = tm.sum(1) > 1
-                tm[torch.arange(tm.shape[0])[several], first[several]] = 0
-            self.ang_sum[j - 1] += float((ang * tm.double()).sum())
+                tm[torch.arange(tm.shape[0], device=tm.device)[several], first[several]] = False
+            self.ang_sum[j - 1] += float(torch.where(tm, ang, 0.0).sum())
             self.ang_n[j - 1] += float(tm.sum())
         self.prev = hf
 
+    def finish(self, batch) -> None:
+        self.prev = None
 
-@torch.no_grad()
+
 def hidden_profile(model, tok, batch_size: int, pad_id: int, angular: bool = True,
                    label: str = "model") -> tuple[torch.Tensor, np.ndarray]:
     """One pass over ``tok``: pooled means ``[L+1, N, D]`` and per-block angular distance
     ``[L]`` (``arccos(cos(h_b, h_{b+1})) / pi``, token-weighted mean; NaN when not asked)."""
-    from sftscope.capture.hooks import hidden_state_hooks, inner_model
+    from sftscope.capture.engine import run_hooked
     from sftscope.load.arch import get_blocks
-    from sftscope.load.data import iter_batches
-    from sftscope.load.models import input_device
-    from sftscope.progress import track
 
     n_blocks = len(get_blocks(model))
     dim = int(model.get_input_embeddings().weight.shape[1])
     red = _StateReducer(n_blocks + 1, len(tok), dim, angular)
-    device = input_device(model)
-    run = inner_model(model)
-    n_batches = (len(tok) + batch_size - 1) // batch_size
-    with hidden_state_hooks(model, red):
-        for batch in track(iter_batches(tok, batch_size, pad_id), f"states {label}",
-                           total=n_batches):
-            red.start(batch.attention_mask, batch.index)
-            run(input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device), use_cache=False)
+    run_hooked(model, tok, batch_size, pad_id, red, description=f"states {label}", label=label)
     ang = (red.ang_sum / red.ang_n.clamp(min=1)).numpy()
     if not angular:
         ang = np.full(n_blocks, np.nan)

@@ -118,6 +118,10 @@ class SparsityGroups:
         """Whether some group has arrived only in part."""
         return bool(self._held)
 
+    def held(self) -> list[int]:
+        """Samples of groups that have arrived only in part."""
+        return sorted(i for members in self._held.values() for i in members)
+
     def _members(self, g: int) -> int:
         return min(self.size, self.n - g * self.size)
 
