@@ -175,7 +175,7 @@ def test_cache_key_covers_what_changes_states(tiny):
 
 
 def _cfg(base, sft, data, out, cache, **kw) -> AnalyzeConfig:
-    kw = {"n_token": 4, "n_pooled": 6, "max_length": 48, "batch_size": 3, **kw}
+    kw = {"n_token": 4, "limit": 6, "max_length": 48, "batch_size": 3, "device": "cpu", **kw}
     return AnalyzeConfig(base=str(base), sft=str(sft), data=str(data), out=str(out),
                          cache_dir=str(cache), **kw)
 
@@ -188,14 +188,14 @@ def test_analyze_dtype_device_and_cache(model_dir, gsm8k_file, tmp_path, monkeyp
     files = sorted(cache.glob("states-*.safetensors"))
     assert len(files) == 2
     # bad dtype / device: refused although a valid cache exists for the rest
-    for kw, needle in (({"dtype": "int7"}, "unknown dtype"),
-                       ({"device": "gpu"}, "unknown device")):
+    for kw, needle in (({"dtype": "int7"}, "unknown --dtype"),
+                       ({"device": "gpu"}, "is not a device")):
         with pytest.raises(SftscopeError, match=needle):
             analyze(_cfg(base, sft, data, tmp_path / "x", cache, **kw))
     if not torch.cuda.is_available():
-        with pytest.raises(SftscopeError, match="no CUDA device"):
+        with pytest.raises(SftscopeError, match="no CUDA GPU is visible"):
             analyze(_cfg(base, sft, data, tmp_path / "x", cache, device="cuda"))
-    # auto on a float32 checkpoint is float32: the same cache files
+    # auto on a CPU is float32: the same cache files
     seen = []
     monkeypatch.setattr("sftscope.experiments.analyze.capture",
                         lambda *a, **k: seen.append(1) or S.capture(*a, **k))

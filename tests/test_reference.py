@@ -320,30 +320,33 @@ def test_tiny_model_reference_capture_matches_research_formulas(model_dir, token
 
 
 def test_grouped_sparsity_survives_a_resumed_capture(model_dir, tokenizer, tmp_path, monkeypatch):
-    """Checkpoints are written only between groups, so a resumed capture loses no group."""
-    model = load_model(str(model_dir("llama")))
-    tok = D.tokenize([D.Sample(t) for t in TEXTS], tokenizer, 64)
-    cfg = CaptureConfig(batch_size=4, n_token=len(tok), sparsity_group=10, include_padding=True)
-    full = capture(model, tok, cfg, tokenizer.pad_token_id)
-    path = tmp_path / "states.safetensors"
-    calls = {"n": 0}
-    real_forward = type(model.model).forward
-
-    def flaky(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # after batch 5 (samples 0..19): the first moment with no open group
-            raise KeyboardInterrupt
-        return real_forward(self, *a, **k)
-
-    monkeypatch.setattr(type(model.model), "forward", flaky)
+    """A checkpoint taken while a sparsity group is half seen marks its samples not done, so
+    a resumed capture runs them again and loses no group (interrupted between and inside)."""
     from dataclasses import replace
 
-    with pytest.raises(KeyboardInterrupt):
-        capture(model, tok, replace(cfg, checkpoint_every_s=0), tokenizer.pad_token_id,
-                cache_path=path)
-    monkeypatch.undo()
-    resumed = capture(model, tok, cfg, tokenizer.pad_token_id, cache_path=path)
-    assert resumed.info["resumed_from_batch"] == 5
-    for k in full.token:
-        torch.testing.assert_close(resumed.token[k], full.token[k], equal_nan=True)
+    model = load_model(str(model_dir("llama")))
+    tok = D.tokenize([D.Sample(t) for t in TEXTS], tokenizer, 64)
+    cfg = CaptureConfig(batch_size=4, n_token=len(tok), sparsity_group=10, include_padding=True,
+                        overlap=False)
+    full = capture(model, tok, cfg, tokenizer.pad_token_id)
+    for stop_at in (6, 4):  # after samples 0..19 (no open group); after 0..11 (group 1 open)
+        path = tmp_path / f"states-{stop_at}.safetensors"
+        calls = {"n": 0}
+        real_forward = type(model.model).forward
+
+        def flaky(self, *a, calls=calls, stop_at=stop_at, real_forward=real_forward, **k):
+            calls["n"] += 1
+            if calls["n"] == stop_at:
+                raise KeyboardInterrupt
+            return real_forward(self, *a, **k)
+
+        monkeypatch.setattr(type(model.model), "forward", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            capture(model, tok, replace(cfg, checkpoint_every=0), tokenizer.pad_token_id,
+                    cache_path=path)
+        monkeypatch.undo()
+        resumed = capture(model, tok, cfg, tokenizer.pad_token_id, cache_path=path)
+        assert resumed.info["resumed_samples"] == (20 if stop_at == 6 else 10)
+        for k in full.token:
+            torch.testing.assert_close(resumed.token[k], full.token[k], equal_nan=True)
     assert not bool(resumed.token["sparsity"].isnan().any())

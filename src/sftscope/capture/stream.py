@@ -77,7 +77,8 @@ class CaptureConfig:
     def key_fields(self) -> dict:
         d = asdict(self)
         for k in self.RUN_ONLY:
-            d.pop(k)
+            if not (k == "batch_size" and self.include_padding):  # padding depends on batches
+                d.pop(k)
         return d
 
     def metric_options(self) -> M.MetricOptions:
@@ -420,6 +421,12 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
     if got is not None and got[1].get("n") == n and red.restore(got[0]):
         resumed = int(red.done.sum())
     todo = [i for i in range(n) if not bool(red.done[i])]
+    if cfg.include_padding and todo:
+        # padded positions count (reference preset): a sample's numbers depend on its batch,
+        # so a resume runs whole batches of the original chunking again (batch_size is in
+        # the key then)
+        first = (todo[0] // cfg.batch_size) * cfg.batch_size
+        todo = list(range(first, n))
     t0 = last_ckpt = time.perf_counter()
 
     def checkpoint() -> None:
