@@ -262,3 +262,61 @@ def test_full_tune_evaluates_the_model_folder(llama10, gsm8k_file, tmp_path):
     assert (out / "scores.csv").is_file()
     rec = json.loads((out / "run.json").read_text())
     assert rec["result"]["eval"]["adapter"] is None
+
+
+@pytest.mark.slow
+def test_two_process_ddp_full_tune(llama10, train_file, tmp_path):
+    """Two processes (DDP over gloo on the CPU): rank 0 alone writes; the recorded update is
+    the saved model's change; frozen weights stay bit-identical."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "SFTSCOPE_NO_PROGRESS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(TU.__file__).parents[2]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "sftscope", "tune", "--model", str(llama10), "--train", train_file,
+           "--out", str(out), "--mask", "00011", "--method", "full", "--batch-size", "4",
+           "--micro-batch-size", "2", "--max-steps", "2", "--n-train", "0", "--no-eval",
+           "--dynamics-every", "1", "--lr", "1e-3", "--dtype", "float32"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["processes"] == 2 and rec["grad_accumulation"] == 1
+    d = pd.read_csv(out / "dynamics.csv")
+    assert len(d) == 2 * 10 * 8 and not d.duplicated(["step", "block", "module"]).any()
+    base = load_model(str(llama10)).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(str(out / "model")).state_dict()
+    for k in base:
+        if not any(k.startswith(f"model.layers.{b}.") for b in (6, 7, 8, 9)):
+            assert torch.equal(base[k], tuned[k]), k
+    last = d[d["step"] == 2]
+    k = "model.layers.8.self_attn.o_proj.weight"
+    got = last[(last["block"] == 8) & (last["module"] == "o")]["update_norm"].iloc[0]
+    assert got == pytest.approx(torch.linalg.matrix_norm(tuned[k] - base[k]).item(), rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp2_sharded_norms_are_whole_tensor_norms(llama10, method):
+    """FSDP2 shards (2 CPU processes): the all-reduced shard sums equal the norms of the whole
+    gradients and updates (checked against ``full_tensor()`` in the worker)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("fsdp_dynamics_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(TU.__file__).parents[2]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", str(worker), str(llama10), method],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and f"OK {method}" in p.stdout, (p.stdout + p.stderr)[-3000:]

@@ -153,6 +153,7 @@ class DynamicsRecorder:
         self.disabled = False
         self.since_step = 0
         self.sharded = False
+        self.mode = "single"
         self._collect(model)
         if method == "full":
             params = self._params(model)
@@ -330,6 +331,7 @@ class DynamicsRecorder:
     def begin(self, model: nn.Module, global_step: int) -> None:
         """At the start of training (after the Trainer prepared the model)."""
         kind = _distributed_type()
+        self.mode = kind
         if kind == "deepspeed":
             self._disable("DeepSpeed keeps gradients in its own partitions; use DDP or FSDP "
                           "to record them")
@@ -358,7 +360,8 @@ class DynamicsRecorder:
         return {"file": DYNAMICS_FILE if not self.disabled else None, "every": self.every,
                 "rows": len(self.rows), "steps": sorted({r[0] for r in self.rows}),
                 "modules": sorted({m for _, m in self.keys}, key=_order),
-                "update_since_step": self.since_step, "notes": list(self.notes)}
+                "update_since_step": self.since_step, "processes": self.mode,
+                "sharded": self.sharded, "notes": list(self.notes)}
 
     def callback(self):
         """The ``transformers.TrainerCallback`` that drives this recorder."""
