@@ -427,6 +427,20 @@ def finite_loss_callback():
     return FiniteLoss()
 
 
+def no_final_checkpoint_callback():
+    """A TrainerCallback that skips the Trainer's checkpoint at the last step: the model is
+    saved right after it, and for full fine-tuning that checkpoint (the whole model and the
+    optimizer state) would be written only to be deleted."""
+    from transformers import TrainerCallback
+
+    class NoFinalCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_save = False
+
+    return NoFinalCheckpoint()
+
+
 def is_main_process() -> bool:
     """True on the process that writes files and evaluates (rank 0 under accelerate/torchrun)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -726,13 +740,23 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                       data_collator=PadCollator(pad_id(tok)),
                       callbacks=[finite_loss_callback(), trainer_callback("train"),
                                  *([recorder.callback()] if recorder else []),
+                                 *([no_final_checkpoint_callback()]
+                                   if full and not cfg.keep_checkpoints else []),
                                  *(callbacks or [])])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):  # raw log dicts and tqdm: we report instead
         trainer.remove_callback(cb)
-    with timer("train"):
-        output = trainer.train(resume_from_checkpoint=last)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the Trainer's checkpoint writes: we report instead
+    try:
+        with timer("train"):
+            output = trainer.train(resume_from_checkpoint=last)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if output.training_loss is not None and not math.isfinite(output.training_loss):
         raise SftscopeError(f"training loss is {output.training_loss} (not finite); nothing was "
                             f"saved: check the model's weights and data, lower --lr, or use "
