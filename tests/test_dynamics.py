@@ -320,3 +320,43 @@ def test_fsdp2_sharded_norms_are_whole_tensor_norms(llama10, method):
                         "--nproc_per_node", "2", str(worker), str(llama10), method],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and f"OK {method}" in p.stdout, (p.stdout + p.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gpt2_roles_fused_qkv(model_dir, method):
+    """GPT-2 (fused qkv, Conv1D weights stored (in, out)): rows by role, the LoRA update is
+    ||s B A|| whatever the orientation, the full update is the weights' change."""
+    from sftscope.experiments.dynamics import DynamicsRecorder
+
+    model = load_model(str(model_dir("gpt2", n_layers=4)))
+    spec = arch_for(model)
+    if method == "full":
+        TU.unfreeze_blocks(model, [2], spec)
+    else:
+        model = TU.apply_lora(model, [2], rank=4, alpha=8, mlp=True, spec=spec)
+    rec = DynamicsRecorder(model, spec, 4, every=1, method=method, path=None, write=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)  # a known update: 0.01 everywhere
+    x = torch.randint(5, 300, (2, 9))
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    rows = {(b, m): (g, u) for b, m, g, u in rec.measure(model)}
+    mods = {m for _, m in rows}
+    want = {"qkv", "o", "fc_in", "fc_out"} | ({"other"} if method == "full" else set())
+    assert mods == want
+    for (b, _), (g, u) in rows.items():
+        if b != 2:
+            assert u == 0.0 and math.isnan(g)
+            continue
+        assert g > 0 and u > 0
+    if method == "full":
+        w = model.get_submodule("transformer.h.2.attn.c_attn")
+        n = w.weight.numel() + w.bias.numel()
+        assert rows[(2, "qkv")][1] == pytest.approx(0.01 * math.sqrt(n), rel=1e-4)
+    else:
+        mod = model.get_submodule("base_model.model.transformer.h.2.mlp.c_fc")
+        a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+        want_u = torch.linalg.matrix_norm(mod.scaling["default"] * b @ a).item()
+        assert rows[(2, "fc_in")][1] == pytest.approx(want_u, rel=1e-5)

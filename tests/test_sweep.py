@@ -311,3 +311,9 @@ def test_sweep_recorded_before_new_tune_options_resumes(tiny, data, tmp_path):
     with pytest.raises(SftscopeError, match="tune option method is lora there but full now"):
         run_sweep(_cfg(tiny, data, out, masks="01", seeds=1, tune={"method": "full"}),
                   job_fn=FakeJob())
+
+
+def test_full_method_refuses_lora_options_before_any_job(tiny, data, tmp_path):
+    with pytest.raises(SftscopeError, match="--rank is a LoRA option"):
+        _cfg(tiny, data, tmp_path / "run", tune={"method": "full", "rank": 8})
+    assert not (tmp_path / "run").exists()

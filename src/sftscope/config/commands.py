@@ -537,7 +537,15 @@ class SweepConfig(Config):
             check_task_spec(self.task)
         from sftscope.config.core import check_fields
 
-        check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
+        tune = check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
+        if tune.get("method") == "full":
+            from sftscope.config.core import defaults, flag
+
+            d = defaults(TuneConfig)
+            given = [k for k in LORA_ONLY if k in tune and tune[k] != d[k]]
+            if given:
+                raise SftscopeError(f"{flag(given[0])} is a LoRA option; --method full trains "
+                                    f"the blocks' own weights: drop it (or use --method lora)")
         check_fields(EvalConfig, self.evaluation, what="eval", exclude=SWEEP_EVAL_KEYS)
         check_fields(SuggestConfig, self.suggest, what="suggest", exclude=SWEEP_SUGGEST_KEYS)
         # masks must have K characters
