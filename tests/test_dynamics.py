@@ -142,7 +142,10 @@ def test_dynamics_off_and_default(llama10, train_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_dynamics_resume_keeps_earlier_rows(llama10, train_file, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dynamics_resume_keeps_earlier_rows(llama10, train_file, tmp_path, method):
+    """A killed run resumed from its checkpoint: the rows up to the checkpoint are kept, and
+    the update is still measured from step 0 (the base weights, not the checkpoint's)."""
     from transformers import TrainerCallback
 
     class Kill(TrainerCallback):
@@ -150,7 +153,9 @@ def test_dynamics_resume_keeps_earlier_rows(llama10, train_file, tmp_path):
             if state.global_step == 3:
                 raise KeyboardInterrupt
 
-    kw = dict(mask="00110", max_steps=5, save_steps=2, dynamics_every=1)
+    kw = dict(mask="00110", max_steps=5, save_steps=2, dynamics_every=1, method=method)
+    if method == "full":
+        kw["lr"] = 1e-3
     ref = TU.tune(_cfg(llama10, train_file, tmp_path / "a", **kw))
     with pytest.raises(KeyboardInterrupt):
         TU.tune(_cfg(llama10, train_file, tmp_path / "b", **kw), callbacks=[Kill()])
@@ -163,6 +168,15 @@ def test_dynamics_resume_keeps_earlier_rows(llama10, train_file, tmp_path):
     assert ref.steps == 5
     pd.testing.assert_series_equal(a["update_norm"], b["update_norm"], rtol=1e-3,
                                    check_exact=False)
+    if method == "full":
+        from transformers import AutoModelForCausalLM
+
+        base = load_model(str(llama10)).state_dict()
+        tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "b" / "model")).state_dict()
+        k = "model.layers.5.mlp.up_proj.weight"
+        got = b[(b["step"] == 5) & (b["block"] == 5) & (b["module"] == "up")]["update_norm"]
+        assert got.iloc[0] == pytest.approx(torch.linalg.matrix_norm(tuned[k] - base[k]).item(),
+                                            rel=1e-4)
 
 
 # ------------------------------------------------------------------ full fine-tuning
