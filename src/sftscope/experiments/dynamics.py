@@ -155,7 +155,8 @@ class DynamicsRecorder:
         self.sharded = False
         self.mode = "single"
         self._collect(model)
-        if method == "full":
+        self.w0: dict[str, torch.Tensor] = {}
+        if method == "full" and _rank() == 0:  # DDP: only rank 0 measures (FSDP: see begin)
             params = self._params(model)
             self.w0 = {n: _local(params[n]).detach().clone() for n in self.param_keys}
 
