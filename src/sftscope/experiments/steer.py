@@ -148,8 +148,8 @@ def steering(model: nn.Module, layer: int, vector: torch.Tensor, scale: float,
 # ------------------------------------------------------------------ the run
 
 
-def _release(model: Any) -> None:
-    del model
+def _free_memory() -> None:
+    """Give freed model memory back (after the caller dropped its last reference)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -227,7 +227,8 @@ def steer(cfg: SteerConfig) -> SteerResult:
     with timer("capture_sft"):
         zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, prep.tokens, dtype, device, pad,
                                 "sft")
-        _release(sft_model)
+        del sft_model  # never both models in memory
+        _free_memory()
     with timer("capture_base"):
         zb, model = _pooled(cfg.base, cfg.base_revision, cfg, prep.tokens, dtype, device, pad,
                             "base")
@@ -312,6 +313,7 @@ def steer(cfg: SteerConfig) -> SteerResult:
         data={"source": cfg.data, "n_samples": len(prep.tokens),
               "n_truncated": prep.tokens.n_truncated, "n_prompts": len(prompts)},
         notes=notes, timings=timer.seconds, finished=True))
-    _release(model)
+    del model
+    _free_memory()
     return result
 
