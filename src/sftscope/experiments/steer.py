@@ -287,7 +287,8 @@ def steer(cfg: SteerConfig) -> SteerResult:
             lo, hi = proportion_ci(k, len(texts), cfg.level)
             rows.append({"scale": s, "metric": "same_as_unsteered", "value": k / len(texts),
                          "ci_low": lo, "ci_high": hi, "n": len(texts)})
-    table = pd.DataFrame(rows, columns=STEER_COLUMNS)
+    table = pd.DataFrame(rows, columns=STEER_COLUMNS).sort_values("scale", kind="stable")
+    table = table.reset_index(drop=True)
     for fmt in cfg.formats:
         write_table(table, out / f"steer.{fmt}")
     comp_path = None
