@@ -56,7 +56,7 @@ def test_shared_options_have_one_help_text():
                 seen.setdefault(f.name, set()).add(meta(f)["help"])
     # names whose meaning differs by design (documented in their help)
     differ = {"out", "batch_size", "split", "tokenizer", "preset", "overwrite", "data", "limit",
-              "model", "base", "sft", "seed", "masks", "task"}
+              "model", "base", "sft", "seed", "masks", "task", "method"}
     drift = {k: v for k, v in seen.items() if len(v) > 1 and k not in differ}
     assert not drift, drift
 
@@ -105,6 +105,11 @@ def _run(argv, capsys):
     (["analyze", "--bsae", "x"], "no such option"),
     (["analyze", "--batch-size"], "requires an argument"),
     (["tune", "--rank", "many"], "--rank expects a number"),
+    (["tune", "--model", "a/b", "--train", "gsm8k", "--out", "o", "--mask", "01000",
+      "--method", "full", "--rank", "8"], "--rank is a LoRA option"),
+    (["tune", "--method", "partial"], "unknown --method 'partial'"),
+    (["steer", "--base", "a/b", "--sft", "a/c", "--data", "gsm8k", "--out", "o",
+      "--layer", "3"], "needs --task"),
     (["probe", "--limit", "ten"], "--limit expects an integer"),
     (["swap", "--head", "middle"], "unknown --head 'middle'"),
     (["analyze", "--base", "a/b", "--sft", "a/c", "--data", "gsm8k"], "missing --out"),

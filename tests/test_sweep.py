@@ -275,3 +275,45 @@ def test_validate_suggest(tiny, data, tmp_path):
         assert r.in_sweep and 1 <= r.rank <= 3
         assert r.score == res.summary.set_index("mask").loc[r.mask, "mean"]
     assert (out / "suggest" / "suggest.json").is_file()
+
+
+def test_end_to_end_full_fine_tuning_jobs(tiny, data, tmp_path):
+    """--method full passes through to tune; the evaluation loads the job's model folder."""
+    out = tmp_path / "run"
+    cfg = SweepConfig(
+        out=str(out), model=str(tiny), train=data, task=data, segments=2, masks="01",
+        seeds=1, baseline=False, tune={"method": "full", "max_steps": 1, "batch_size": 2,
+                                       "micro_batch_size": 2, "n_train": 2,
+                                       "dtype": "float32", "lr": 1e-3},
+        evaluation={"limit": 2, "shots": 0, "max_new_tokens": 4, "device": "cpu"},
+        bootstrap=50)
+    res = run_sweep(cfg)
+    assert res.ran == ["01-s0"]
+    job = out / "jobs" / "01-s0"
+    assert (job / "tune" / "model" / "config.json").is_file()
+    assert not (job / "tune" / "adapter").exists()
+    ev = json.loads((job / "eval" / "run.json").read_text())
+    assert ev["config"]["model"] == str(job / "tune" / "model") and ev["config"]["adapter"] is None
+    result = json.loads((job / "result.json").read_text())
+    assert result["info"]["method"] == "full" and result["trainable_params"] > 0
+    assert (job / "tune" / "dynamics.csv").is_file()
+
+
+def test_sweep_recorded_before_new_tune_options_resumes(tiny, data, tmp_path):
+    """A sweep.json written before an option existed still matches its default."""
+    out = tmp_path / "run"
+    run_sweep(_cfg(tiny, data, out, masks="10", seeds=1), job_fn=FakeJob())
+    rec = json.loads((out / "sweep.json").read_text())
+    for k in ("method", "dynamics_every"):
+        rec["settings"]["tune"].pop(k)
+    (out / "sweep.json").write_text(json.dumps(rec))
+    run_sweep(_cfg(tiny, data, out, masks="01", seeds=1), job_fn=FakeJob())
+    with pytest.raises(SftscopeError, match="tune option method is lora there but full now"):
+        run_sweep(_cfg(tiny, data, out, masks="01", seeds=1, tune={"method": "full"}),
+                  job_fn=FakeJob())
+
+
+def test_full_method_refuses_lora_options_before_any_job(tiny, data, tmp_path):
+    with pytest.raises(SftscopeError, match="--rank is a LoRA option"):
+        _cfg(tiny, data, tmp_path / "run", tune={"method": "full", "rank": 8})
+    assert not (tmp_path / "run").exists()

@@ -129,6 +129,16 @@ _ENTRIES: list[MetricSpec] = [
        bounds=(0.0, None)),
     _m("answer_rank", "rank", LOWER, log=True, order=80, label="answer rank",
        bounds=(1.0, None)),
+    # steer.csv: what steering did to generation (descriptive)
+    _m("new_tokens", "generation", order=90, label="new tokens per completion",
+       bounds=(0.0, None)),
+    _m("same_as_unsteered", "generation", order=91, label="completions as unsteered",
+       bounds=UNIT),
+    # dynamics.csv (tune)
+    _m("update_norm", "dynamics", order=10, label="update norm ||W_t - W_0||",
+       bounds=(0.0, None), table="dynamics"),
+    _m("grad_norm", "dynamics", log=True, order=20, label="gradient norm", bounds=(0.0, None),
+       table="dynamics"),
     # suggest.csv signals: higher = a better segment to tune
     _m("score", "signal", HIGHER, order=10, label="segment score", table="suggest"),
     _m("angular_distance", "signal", HIGHER, order=20, label="angular distance",

@@ -62,8 +62,10 @@ def tune(cfg: C.TuneConfig) -> None:
 
     res = run(cfg)
     if is_main_process():
-        _say(f"wrote {res.adapter_dir} ({res.trainable_params:,} trainable parameters, rank "
-             f"{res.rank}, {res.steps} steps) and {Path(res.out) / 'run.json'}")
+        what = f"rank {res.rank}, " if res.method == "lora" else "full fine-tuning, "
+        extra = f", {Path(res.out) / 'dynamics.csv'}" if (res.dynamics or {}).get("file") else ""
+        _say(f"wrote {res.output_dir} ({res.trainable_params:,} trainable parameters, {what}"
+             f"{res.steps} steps){extra} and {Path(res.out) / 'run.json'}")
 
 
 def evaluate(cfg: C.EvalConfig) -> None:
@@ -111,6 +113,19 @@ def suggest(cfg: C.SuggestConfig) -> None:
     if cfg.out:
         _say(f"wrote {Path(cfg.out) / 'suggest.json'}, {Path(cfg.out) / 'suggest.csv'} and "
              f"{Path(cfg.out) / 'run.json'}")
+
+
+def steer(cfg: C.SteerConfig) -> None:
+    from sftscope.experiments.steer import steer as run
+
+    res = run(cfg)
+    for r in res.table.itertuples(index=False):
+        _say(f"  scale {r.scale:g}  {r.metric} {r.value:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}] "
+             f"(n={r.n})")
+    files = ", ".join(str(Path(cfg.out) / f"steer.{f}") for f in cfg.formats)
+    if res.completions_path:
+        files += f", {res.completions_path}"
+    _say(f"wrote {files} and {Path(cfg.out) / 'run.json'}")
 
 
 def report(cfg: C.ReportConfig) -> None:
@@ -165,12 +180,24 @@ for a pair, base/SFT top-1 agreement. Writes probe.csv and run.json."""),
 Module references, no copies; both directions; embeddings stay with the host, final norm and
 head from --head. Every hybrid and both originals are evaluated: token accuracy, loss,
 perplexity, MMLU choice accuracy. Writes swap.csv and run.json."""),
-    "tune": (C.TuneConfig, tune, """Segment (Mid-Block) LoRA at the full-depth parameter budget.
+    "tune": (C.TuneConfig, tune, """Segment (Mid-Block) LoRA at the full-depth budget, or full
+fine-tuning of chosen blocks.
 
-Trains LoRA on the blocks a mask selects, saves RUN/adapter (PEFT) and RUN/run.json, then
-evaluates. Several GPUs: `accelerate launch -m sftscope tune ...`; the Trainer runs DDP, FSDP
-or DeepSpeed from accelerate's config, and --batch-size stays the effective batch over all
-processes."""),
+--method lora (default) trains LoRA on the blocks a mask selects and saves RUN/adapter (PEFT);
+--method full trains every weight of those blocks (embeddings, head and the other blocks
+frozen, no backward pass below the lowest trained block) and saves RUN/model, an ordinary
+Hugging Face folder with its tokenizer. The research code's frozen-bottom runs (freeze the
+bottom floor(L*ratio) blocks, train the rest) are --method full with a mask such as 00111
+(ratio 2/5; a mask 0..01..1 of K segments freezes exactly floor(L*a/K) blocks) or --blocks
+8-31 for any split. Every run records RUN/dynamics.csv (per block and module: gradient norm
+and the norm of the weight change since step 0, every --dynamics-every steps) and RUN/run.json,
+then evaluates.
+
+Several GPUs: `accelerate launch -m sftscope tune ...`; the Trainer runs DDP, FSDP or DeepSpeed
+from accelerate's config, and --batch-size stays the effective batch over all processes. Full
+fine-tuning of a large model: FSDP with fsdp_use_orig_params: true (or fsdp_version: 2) and
+fsdp_state_dict_type: FULL_STATE_DICT, or DeepSpeed ZeRO-3 with zero3_save_16bit_model: true,
+so that RUN/model is one ordinary folder (dynamics are recorded under DDP and FSDP)."""),
     "eval": (C.EvalConfig, evaluate, """Score a model (optionally with a LoRA adapter) on a task.
 
 GSM8K as lm-evaluation-harness scores it, MMLU by log-likelihood, perplexity retention. Every
@@ -191,6 +218,14 @@ Signals computed without training: pair (where an SFT model changed the base, pe
 angular (how much each base block turns the hidden state), gradient (task-loss gradient of the
 attention projections), combined (rank average). Edge segments are proposed only on an
 overwhelming signal. Check a proposal with `sftscope sweep ... --validate-suggest`."""),
+    "steer": (C.SteerConfig, steer, """Steer the base model along the base->SFT shift of one layer.
+
+The vector at hidden state --layer j (0 = embeddings, j = b+1 = output of block b) is the mean
+over --data of SFT minus base pooled states (--direction mean) or the top principal component
+of the per-sample differences (pc1). Each --scales value s adds s times it to the base
+model's residual stream there (s = 0 is the unsteered base, exactly), then scores --task
+and/or generates on prompts (--generate). Writes steer.csv, steer.jsonl, the vector and
+run.json."""),
     "report": (C.ReportConfig, report, """One self-contained HTML report of run folders.
 
 The paper's figures for whatever the runs hold, with tables, findings and a checklist of the

@@ -30,11 +30,16 @@ from sftscope.config.ingredients import (
     check_pair_sources,
     device_opt,
     dtype_opt,
+    eval_fewshot_opt,
+    eval_limit_opt,
+    eval_shots_opt,
     formats_opt,
     level_opt,
     limit_opt,
     max_length_opt,
+    max_new_tokens_opt,
     out_opt,
+    pooling_opt,
     preset_opt,
     revision_opt,
     segments_opt,
@@ -114,8 +119,7 @@ class AnalyzeConfig(PairModels, DataSpec, Runtime, Stats, Output, Cache):
     entropy_normalisations: tuple[str, ...] = opt((), "Further entropy normalisations reported "
                                                   "in the same run as <metric>_<norm> rows, "
                                                   "e.g. logN,raw.", check=entropy_norms)
-    pooling: str = opt("mean", "One vector per sample: masked mean of its tokens, or its last "
-                       "token.", choices=("mean", "last"))
+    pooling: str = pooling_opt()
     cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")
 
 
@@ -246,7 +250,7 @@ class EvalConfig(OneModel, Runtime):
                                    "without the item itself).", aliases=("train_data",))
     fewshot_seed: int = opt(1234, "Seed of the shot draws (lm-eval: 1234).")
     limit: int | None = opt(None, "Evaluate the first N items only.", check=at_least(1))
-    max_new_tokens: int = opt(256, "Generation budget per item.", check=at_least(1))
+    max_new_tokens: int = max_new_tokens_opt(256)
     batch_size: int = batch_size_opt(16)
     max_length: int = max_length_opt(1024)
     text_field: str | None = text_field_opt()
@@ -276,6 +280,8 @@ class EvalConfig(OneModel, Runtime):
 # ----------------------------------------------------------------------------- tune
 
 REPORT_TO = ("none", "tensorboard", "wandb")
+TUNE_METHODS = ("lora", "full")
+LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,7 +289,9 @@ class TuneConfig(OneModel):
     """Everything ``tune`` needs.
 
     Give ``mask`` (``segments`` = its length by default) or ``blocks`` (``"6-11,14"``).
-    ``rank`` is the full-depth budget. ``n_train`` examples are a seeded (``data_seed``)
+    ``method``: ``lora`` (segment LoRA at an equal budget; ``rank`` is the full-depth budget)
+    or ``full`` (every weight of the selected blocks trains, everything else is frozen; the
+    LoRA options do not apply). ``n_train`` examples are a seeded (``data_seed``)
     subsample of ``train`` (0 = all). ``max_length=None`` keeps every example whole.
     The ``reference`` preset sets, for fields left at their defaults: alpha 128, max length
     128, loss on the whole text, and 0-shot / 64-token / 100-item evaluation.
@@ -291,8 +299,12 @@ class TuneConfig(OneModel):
 
     train: str = train_opt()
     out: str = out_opt()
-    mask: str | None = opt(None, "Segments to adapt, bottom segment first, e.g. 01000 (the "
-                           "second fifth). Or use --blocks.")
+    method: str = opt("lora", "lora: segment LoRA at the full-depth budget (RUN/adapter); full: "
+                      "train every weight of the selected blocks, everything else frozen "
+                      "(RUN/model, a Hugging Face folder).", choices=TUNE_METHODS)
+    mask: str | None = opt(None, "Segments to train, bottom segment first, e.g. 01000 (the "
+                           "second fifth); 00111 freezes the bottom 2/5 (the research code's "
+                           "frozen-bottom runs). Or use --blocks.")
     segments: int | None = segments_opt(None)
     blocks: str | None = opt(None, "Explicit 0-based blocks instead of a mask, e.g. 6-11,14.")
     rank: float = opt(64, "Full-depth LoRA rank (the budget): m of L blocks get rank "
@@ -304,7 +316,8 @@ class TuneConfig(OneModel):
                        "rank).")
     mlp: bool = opt(False, "Adapt the MLP projections too (default: attention q, k, v, o).")
     dropout: float = opt(0.05, "LoRA dropout.", check=in_range(0, 1, hi_open=True))
-    lr: float = opt(1e-4, "Learning rate (AdamW, linear decay).", check=positive)
+    lr: float = opt(1e-4, "Learning rate (AdamW, linear decay); full fine-tuning usually "
+                    "wants less (the research code: 2e-5).", check=positive)
     epochs: float = opt(1.0, "Epochs over the training examples.", check=at_least(0))
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.",
                                 check=at_least(1))
@@ -335,6 +348,10 @@ class TuneConfig(OneModel):
     keep_checkpoints: bool = opt(False, "Keep RUN/checkpoints after success.", volatile=True)
     logging_steps: int = opt(10, "Log the loss every N steps.", check=at_least(1),
                              volatile=True)
+    dynamics_every: int | None = opt(None, "Record per-block gradient and update norms in "
+                                     "RUN/dynamics.csv every N optimizer steps (default: every "
+                                     "--logging-steps; 0 = off).", check=at_least(0),
+                                     volatile=True)
     resume: bool = opt(False, "Continue a killed run from its last checkpoint (a finished run "
                        "is reused).", volatile=True)
     overwrite: bool = opt(False, "Start over in --out, discarding a finished or unfinished run "
@@ -349,11 +366,9 @@ class TuneConfig(OneModel):
     eval_task: str | None = opt(None, "Evaluate after training: gsm8k, gsm8k:FILE, mmlu:FILE "
                                 "or perplexity:SOURCE (default gsm8k when training on hub "
                                 "gsm8k).", check=task_spec)
-    eval_limit: int | None = opt(None, "Evaluate the first N items only.", check=at_least(1))
-    eval_shots: int | None = opt(None, "Few-shot examples (default: gsm8k 5, mmlu 0).",
-                                 check=at_least(0))
-    eval_fewshot_data: str | None = opt(None, "Shot pool for the evaluation (a local file in "
-                                        "the task's fields).", aliases=("fewshot_data",))
+    eval_limit: int | None = eval_limit_opt()
+    eval_shots: int | None = eval_shots_opt()
+    eval_fewshot_data: str | None = eval_fewshot_opt()
     eval_max_new_tokens: int = opt(256, "Generation budget of the evaluation.",
                                    check=at_least(1))
     eval_batch_size: int = opt(16, "Prompts per generate call.", check=at_least(1))
@@ -381,6 +396,14 @@ class TuneConfig(OneModel):
             raise SftscopeError(f"--batch-size {self.batch_size} is not a multiple of "
                                 f"--micro-batch-size {self.micro_batch_size} x {world} "
                                 f"processes; change one")
+        if self.method == "full":
+            from sftscope.config.core import defaults, flag
+
+            d = defaults(TuneConfig)
+            given = [k for k in LORA_ONLY if getattr(self, k) != d[k]]
+            if given:
+                raise SftscopeError(f"{flag(given[0])} is a LoRA option; --method full trains "
+                                    f"the blocks' own weights: drop it (or use --method lora)")
         check_data_source(self.train, split=self.train_split, text_field=self.text_field)
         if self.eval_task is not None and ":" in self.eval_task:
             check_task_spec(self.eval_task)
@@ -520,7 +543,15 @@ class SweepConfig(Config):
             check_task_spec(self.task)
         from sftscope.config.core import check_fields
 
-        check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
+        tune = check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
+        if tune.get("method") == "full":
+            from sftscope.config.core import defaults, flag
+
+            d = defaults(TuneConfig)
+            given = [k for k in LORA_ONLY if k in tune and tune[k] != d[k]]
+            if given:
+                raise SftscopeError(f"{flag(given[0])} is a LoRA option; --method full trains "
+                                    f"the blocks' own weights: drop it (or use --method lora)")
         check_fields(EvalConfig, self.evaluation, what="eval", exclude=SWEEP_EVAL_KEYS)
         check_fields(SuggestConfig, self.suggest, what="suggest", exclude=SWEEP_SUGGEST_KEYS)
         # masks must have K characters
@@ -529,6 +560,97 @@ class SweepConfig(Config):
             if item and item not in MASK_GROUPS and len(item) != self.segments:
                 raise SftscopeError(f"--masks {item!r} has {len(item)} characters but "
                                     f"--segments is {self.segments}")
+
+
+# ----------------------------------------------------------------------------- steer
+
+STEER_DIRECTIONS = ("mean", "pc1")
+
+
+def scale_list(value: str) -> str | None:
+    """A check: comma-separated numbers (steering scales), each once."""
+    items = [p.strip() for p in value.split(",") if p.strip()]
+    if not items:
+        return "names no scale; give numbers such as 0,1,2"
+    vals = []
+    for item in items:
+        try:
+            v = float(item)
+        except ValueError:
+            return f"has {item!r}, which is not a number; give numbers such as 0,1,2"
+        if v != v or v in (float("inf"), float("-inf")):
+            return f"has {item!r}; give finite numbers"
+        vals.append(v)
+    if len(set(vals)) != len(vals):
+        return "repeats a scale; give each scale once"
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SteerConfig(PairModels, DataSpec, Runtime, Output):
+    """Everything ``steer`` needs: the base->SFT vector at hidden state ``layer`` (from
+    ``data``), added ``scale`` times to the base model's residual stream, scored per scale on
+    ``task`` and/or by generating on prompts (``generate``)."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("steer.*", "steer_vector.safetensors")
+
+    layer: int = opt(help="Hidden state j where the vector is taken and added: j = b + 1 is "
+                     "the output of block b, 0 the embeddings (the input of block 0).",
+                     check=at_least(0))
+    limit: int | None = limit_opt(200)
+    direction: str = opt("mean", "mean: mean over samples of SFT minus base pooled states; "
+                         "pc1: top principal component of the per-sample differences "
+                         "(oriented along the mean, sized by their RMS along it).",
+                         choices=STEER_DIRECTIONS)
+    pooling: str = pooling_opt()
+    unit: bool = opt(False, "Scale the direction to norm 1 (the research code's PCA "
+                     "steering) instead of the size of the base-to-SFT shift.")
+    scales: str = opt("0,1,2", "Multiples of the vector added to the base model, "
+                      "comma-separated (0 = the unsteered base).", check=scale_list,
+                      numbers_as_text=True)
+    task: str | None = opt(None, "Score each scale on a task: gsm8k, gsm8k:FILE, mmlu:FILE or "
+                           "perplexity:SOURCE.", check=task_spec)
+    generate: bool = opt(False, "Generate greedy completions on prompts at each scale "
+                         "(steer.jsonl).")
+    prompts: str | None = opt(None, "Prompts for --generate: a data source whose samples' "
+                              "prompts (else texts) are used (default: --data).")
+    n_prompts: int = opt(8, "Prompts for --generate (the first N of the selection).",
+                         check=at_least(1))
+    max_new_tokens: int = max_new_tokens_opt(64)
+    eval_limit: int | None = eval_limit_opt()
+    eval_shots: int | None = eval_shots_opt()
+    eval_fewshot_data: str | None = eval_fewshot_opt()
+    level: float = level_opt()
+
+    def scale_values(self) -> list[float]:
+        """The scales as numbers, in the order given."""
+        return [float(p) for p in self.scales.split(",") if p.strip()]
+
+    def check(self) -> None:
+        from sftscope.load.sources import check_model
+
+        if self.task is None and not self.generate:
+            raise SftscopeError("steer needs --task (score each scale) or --generate "
+                                "(completions on prompts), or both")
+        if self.task is None:
+            for name in ("eval_limit", "eval_shots", "eval_fewshot_data"):
+                if getattr(self, name) is not None:
+                    from sftscope.config.core import flag
+
+                    raise SftscopeError(f"{flag(name)} applies to --task; give --task or "
+                                        f"drop it")
+        if self.direction == "pc1" and self.limit is not None and self.limit < 2:
+            raise SftscopeError(f"--direction pc1 needs at least 2 samples, got --limit "
+                                f"{self.limit}")
+        n = check_model(self.base, "base model").n_blocks
+        if n is not None and self.layer > n:
+            raise SftscopeError(f"--layer {self.layer} is outside the base model's hidden "
+                                f"states 0..{n} ({n} blocks; j = b + 1 is the output of "
+                                f"block b)")
+        if self.task is not None and ":" in self.task:
+            check_task_spec(self.task)
+        if self.prompts is not None:
+            check_data_source(self.prompts, text_field=self.text_field)
 
 
 # ----------------------------------------------------------------------------- demo, report
@@ -613,6 +735,7 @@ COMMANDS: dict[str, type[Config]] = {
     "analyze": AnalyzeConfig, "weights": WeightsConfig, "probe": ProbeConfig,
     "swap": SwapConfig, "tune": TuneConfig, "eval": EvalConfig, "sweep": SweepConfig,
     "suggest": SuggestConfig, "report": ReportConfig, "demo": DemoConfig,
+    "steer": SteerConfig,
 }
 
 

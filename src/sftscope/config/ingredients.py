@@ -178,6 +178,28 @@ def out_opt(required: bool = True) -> Any:
                + ("." if required else "; without it nothing is written."), check=non_empty)
 
 
+def eval_limit_opt() -> Any:
+    return opt(None, "Evaluate the first N items only.", check=at_least(1))
+
+
+def eval_shots_opt() -> Any:
+    return opt(None, "Few-shot examples (default: gsm8k 5, mmlu 0).", check=at_least(0))
+
+
+def eval_fewshot_opt() -> Any:
+    return opt(None, "Shot pool for the evaluation (a local file in the task's fields).",
+               aliases=("fewshot_data",))
+
+
+def max_new_tokens_opt(default: int = 256) -> Any:
+    return opt(default, "Generation budget per item.", check=at_least(1))
+
+
+def pooling_opt() -> Any:
+    return opt("mean", "One vector per sample: masked mean of its tokens, or its last token.",
+               choices=("mean", "last"))
+
+
 def preset_opt() -> Any:
     return opt("default", "default, or reference: the authors' research-code choices "
                "(docs/metrics.md).", choices=PRESETS)

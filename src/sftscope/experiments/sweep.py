@@ -121,7 +121,7 @@ TUNE_JOB_KEYS = ("model", "train", "out", "mask", "segments", "blocks", "seed", 
                  "run_eval")
 EVAL_JOB_KEYS = ("model", "task", "data", "out", "adapter")
 # Options that do not change results (they may differ between invocations).
-TUNE_FREE_KEYS = ("keep_checkpoints", "report_to", "logging_steps")
+TUNE_FREE_KEYS = ("keep_checkpoints", "report_to", "logging_steps", "dynamics_every")
 EVAL_FREE_KEYS = ("device", "device_map", "batch_size", "allow_other_base")
 # Tune options that the evaluation inherits unless the eval options set them.
 SHARED_KEYS = ("revision", "tokenizer", "chat_template", "dtype", "preset")
@@ -332,13 +332,35 @@ def _comparable(s: dict[str, Any]) -> dict[str, Any]:
     out["evaluation task"] = ev.get("task")
     data = ev.get("data") or {}
     out["evaluation data"] = data.get("sha256") or data.get("source")
-    for k, v in (s.get("tune") or {}).items():
+    # an option added to tune/eval since a sweep was recorded had its default value then
+    tune = {**_option_defaults(TuneConfig, s.get("tune")), **(s.get("tune") or {})}
+    evo = {**_option_defaults(EvalConfig, s.get("eval_options")), **(s.get("eval_options") or {})}
+    for k, v in tune.items():
         if k not in TUNE_FREE_KEYS:
             out[f"tune option {k}"] = v
-    for k, v in (s.get("eval_options") or {}).items():
+    for k, v in evo.items():
         if k not in EVAL_FREE_KEYS:
             out[f"eval option {k}"] = v
     return out
+
+
+def _option_defaults(cls: type, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """Defaults of the options a job config has that a recorded option set lacks (none when
+    nothing is recorded)."""
+    if not recorded:
+        return {}
+    fresh = (tune_defaults() if cls is TuneConfig else
+             {k: v for k, v in defaults(EvalConfig).items()
+              if k not in (*EVAL_JOB_KEYS, *SWEEP_EVAL_KEYS)})
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in fresh.items()
+            if k not in recorded}
+
+
+def tune_defaults() -> dict[str, Any]:
+    """The tune options a sweep records for every job, at their defaults."""
+    d = {k: v for k, v in defaults(TuneConfig).items()
+         if k not in (*TUNE_JOB_KEYS, *SWEEP_TUNE_KEYS) and not k.startswith("eval_")}
+    return d
 
 
 def _show(name: str, s: dict[str, Any], v: Any) -> str:
@@ -531,7 +553,9 @@ def read_predictions(path: str | Path, task: str) -> pd.DataFrame:
 
 
 def tune_and_evaluate(job: Job) -> JobOutput:
-    """The default job: ``tune`` (resuming from its checkpoint) then ``evaluate`` the adapter."""
+    """The default job: ``tune`` (resuming from its checkpoint) then ``evaluate`` what it
+    saved: the base with the adapter (LoRA), or the fine-tuned model folder (``method: full``,
+    which holds its tokenizer; the base's ``revision`` does not apply to it)."""
     from sftscope.experiments.evaluate import evaluate
     from sftscope.experiments.tune import tune
 
@@ -543,8 +567,14 @@ def tune_and_evaluate(job: Job) -> JobOutput:
     tres = tune(tcfg)
     task = s["eval"]["task"]
     data = (s["eval"].get("data") or {}).get("source")
-    ecfg = EvalConfig(model=s["model"], task=task, data=data, out=str(job.dir / "eval"),
-                      adapter=tres.adapter_dir, **s["eval_options"])
+    eopts = dict(s["eval_options"])
+    if tres.method == "full":
+        eopts["revision"] = None
+        ecfg = EvalConfig(model=str(tres.model_dir), task=task, data=data,
+                          out=str(job.dir / "eval"), **eopts)
+    else:
+        ecfg = EvalConfig(model=s["model"], task=task, data=data, out=str(job.dir / "eval"),
+                          adapter=tres.adapter_dir, **eopts)
     eres = evaluate(ecfg)
     if not eres.predictions_path:
         raise SftscopeError(f"job {job.name}: the evaluation wrote no predictions")
@@ -553,7 +583,7 @@ def tune_and_evaluate(job: Job) -> JobOutput:
         "rank": tres.rank, "alpha": tres.alpha, "steps": tres.steps,
         "train_loss": tres.train_loss, "resumed_from": tres.resumed_from,
         "scores": {sc.metric: sc.value for sc in eres.scores}, "n_eval": eres.n,
-        "adapter": tres.adapter_dir})
+        "method": tres.method, "adapter": tres.adapter_dir, "model_dir": tres.model_dir})
 
 
 # ----------------------------------------------------------------------------- statistics

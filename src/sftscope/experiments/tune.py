@@ -1,4 +1,5 @@
-"""Mid-Block Efficient Tuning: LoRA on the blocks a mask selects, at an equal parameter budget.
+"""Mid-Block Efficient Tuning: LoRA on the blocks a mask selects, at an equal parameter budget;
+or full fine-tuning of those blocks (``method="full"``).
 
 - Blocks: a mask over ``K`` depth segments (bottom segment first) or an explicit block list.
 - Modules: the attention projections of the architecture map (q, k, v, o; a fused qkv for
@@ -16,6 +17,20 @@
   Blocks below the lowest adapted block get no backward pass: nothing there requires a gradient
   and input gradients are never forced (gradient checkpointing is non-reentrant, so it does not
   need them either).
+- Full fine-tuning (``method="full"``): every weight of the selected blocks trains (norms and
+  biases included); embeddings, final norm, head and every other block are frozen, so the
+  backward pass stops at the lowest trained block as well. The result is a Hugging Face model
+  folder ``RUN/model`` (weights and tokenizer) instead of an adapter. A mask such as ``00111``
+  (bottom segment first) is the research code's "freeze the bottom floor(L * ratio) blocks"
+  run with ratio 2/5; ``--blocks 8-31`` gives any other split exactly.
+- Dynamics: ``RUN/dynamics.csv`` (per block and module: gradient norm and the norm of the
+  effective weight's change since step 0), see :mod:`sftscope.experiments.dynamics`.
+
+Large models on several GPUs (``accelerate launch -m sftscope tune ...``): the Trainer takes
+DDP, FSDP or DeepSpeed from accelerate's config. Full fine-tuning with FSDP needs
+``fsdp_use_orig_params: true`` (only part of the model trains; or FSDP2, ``fsdp_version: 2``)
+and ``fsdp_state_dict_type: FULL_STATE_DICT`` so that ``RUN/model`` is one ordinary folder;
+DeepSpeed ZeRO-3 needs ``zero3_save_16bit_model: true`` for the same reason.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from torch import nn
 from sftscope.config.commands import EvalConfig, TuneConfig
 from sftscope.config.core import changed, defaults
 from sftscope.errors import SftscopeError
+from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public API)
@@ -60,16 +76,16 @@ class TuneResult:
     """What was trained, how big it is, how it went, and where it is."""
 
     out: str
-    adapter_dir: str
+    adapter_dir: str | None
     model: str
     mask: str | None
     segments: int | None
     blocks: list[int]
     n_blocks: int
-    full_rank: float
-    rank: int
-    alpha: float
-    scaling: float
+    full_rank: float | None
+    rank: int | None
+    alpha: float | None
+    scaling: float | None
     rslora: bool
     mlp: bool
     modules: list[str]
@@ -89,6 +105,14 @@ class TuneResult:
     resumed_from: str | None
     timings: dict[str, float] = field(default_factory=dict)
     eval: EvalResult | None = None
+    method: str = "lora"
+    model_dir: str | None = None
+    dynamics: dict[str, Any] | None = None
+
+    @property
+    def output_dir(self) -> str:
+        """What was saved: the adapter folder (LoRA) or the model folder (full)."""
+        return str(self.model_dir if self.method == "full" else self.adapter_dir)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TuneResult:
@@ -106,7 +130,7 @@ def resolve_config(cfg: TuneConfig) -> TuneConfig:
     if cfg.preset == "reference":
         d = SimpleNamespace(**defaults(TuneConfig))
         ch: dict[str, Any] = {}
-        if cfg.alpha is None:
+        if cfg.alpha is None and cfg.method == "lora":
             ch["alpha"] = REFERENCE_ALPHA
         if cfg.max_length is None:
             ch["max_length"] = REFERENCE_MAX_LENGTH
@@ -254,6 +278,29 @@ def apply_lora(model: nn.Module, blocks: list[int], *, rank: int, alpha: float,
     return peft_model
 
 
+def unfreeze_blocks(model: nn.Module, blocks: list[int], spec: ArchSpec | None = None) -> int:
+    """Full fine-tuning: every parameter of ``blocks`` trains, every other one (embeddings,
+    final norm, head, other blocks) is frozen; returns the trainable parameter count. Nothing
+    below the lowest trained block requires a gradient, so the backward pass stops there."""
+    spec = spec or arch_for(model)
+    layers = get_blocks(model, spec)
+    model.requires_grad_(False)
+    for b in blocks:
+        layers[b].requires_grad_(True)
+    _drop_input_grad_hooks(model)
+    return trainable_params(model)
+
+
+def block_param_count(model: nn.Module, blocks: list[int], spec: ArchSpec | None = None) -> int:
+    """Parameters of ``blocks`` (each shared tensor once)."""
+    layers = get_blocks(model, spec or arch_for(model))
+    seen: dict[int, int] = {}
+    for b in blocks:
+        for p in layers[b].parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
 def _drop_input_grad_hooks(model: nn.Module) -> None:
     """Remove ``enable_input_require_grads`` hooks: they would make every block below the
     lowest adapted one take part in the backward pass for nothing."""
@@ -381,6 +428,20 @@ def finite_loss_callback():
     return FiniteLoss()
 
 
+def no_final_checkpoint_callback():
+    """A TrainerCallback that skips the Trainer's checkpoint at the last step: the model is
+    saved right after it, and for full fine-tuning that checkpoint (the whole model and the
+    optimizer state) would be written only to be deleted."""
+    from transformers import TrainerCallback
+
+    class NoFinalCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_save = False
+
+    return NoFinalCheckpoint()
+
+
 def is_main_process() -> bool:
     """True on the process that writes files and evaluates (rank 0 under accelerate/torchrun)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -439,6 +500,9 @@ def _settings_diff(old: dict[str, Any], cfg: TuneConfig) -> str | None:
     """The first setting that differs from a recorded config (ignoring volatile ones)."""
     new = cfg.result_settings()
     old = {k: v for k, v in old.items() if k in new or k not in cfg.record()}
+    # settings added since that run was recorded had their default then
+    old = {**{k: v for k, v in defaults(TuneConfig).items() if k in new and k not in old},
+           **old}
     diff = changed({k: v for k, v in old.items() if k != "out"},
                    {k: v for k, v in new.items() if k != "out"})
     if not diff:
@@ -500,7 +564,8 @@ def _clear(out: Path) -> None:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out / "adapter", ignore_errors=True)
     shutil.rmtree(out / "merged", ignore_errors=True)
-    for name in ("run.json", "tune-config.json", "scores.csv", "dynamics.csv"):
+    shutil.rmtree(out / "model", ignore_errors=True)
+    for name in ("run.json", "tune-config.json", "scores.csv", DYNAMICS_FILE):
         (out / name).unlink(missing_ok=True)
     for p in out.glob("predictions-*.jsonl"):
         p.unlink(missing_ok=True)
@@ -553,7 +618,8 @@ def _existing_run(cfg: TuneConfig, out: Path) -> TuneResult | None:
 
 
 def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
-    """Train segment LoRA, save ``RUN/adapter`` and ``RUN/run.json``, then evaluate.
+    """Train segment LoRA (``RUN/adapter``) or fine-tune the selected blocks in full
+    (``RUN/model``), record ``RUN/dynamics.csv`` and ``RUN/run.json``, then evaluate.
 
     Deterministic for a seed (LoRA init, data order, dropout). With ``resume`` a killed run
     continues from its last Trainer checkpoint and a finished run is returned as recorded.
@@ -582,12 +648,18 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     spec = arch_for(model)
     n_blocks = len(get_blocks(model, spec))
     blocks = select_blocks(cfg, n_blocks)
-    rank = budget_rank(cfg.rank, n_blocks, len(blocks))
-    alpha, scaling = lora_alpha(cfg, rank)
-    names = lora_targets(model, blocks, cfg.mlp, spec)
-    all_names = lora_targets(model, list(range(n_blocks)), cfg.mlp, spec)
-    full_params = lora_param_count(model, all_names, cfg.rank)
-    narrow = min(min(module_in_out(model.get_submodule(n))) for n in names)
+    full = cfg.method == "full"
+    if full:
+        rank = alpha = scaling = None
+        names = [f"{spec.blocks}.{b}" for b in blocks]
+        full_params = block_param_count(model, list(range(n_blocks)), spec)
+    else:
+        rank = budget_rank(cfg.rank, n_blocks, len(blocks))
+        alpha, scaling = lora_alpha(cfg, rank)
+        names = lora_targets(model, blocks, cfg.mlp, spec)
+        all_names = lora_targets(model, list(range(n_blocks)), cfg.mlp, spec)
+        full_params = lora_param_count(model, all_names, cfg.rank)
+        narrow = min(min(module_in_out(model.get_submodule(n))) for n in names)
 
     with timer("tokenize"):
         samples = load_samples(cfg.train, text_field=cfg.text_field, n=cfg.n_train or None,
@@ -605,20 +677,31 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    model = apply_lora(model, blocks, rank=rank, alpha=alpha, dropout=cfg.dropout, mlp=cfg.mlp,
-                       rslora=cfg.rslora, spec=spec)
-    n_train_params = trainable_params(model)
     sel = (f"mask {cfg.mask} of {len(cfg.mask)} segments" if cfg.mask else
            f"blocks {cfg.blocks}")
-    _say(f"LoRA on blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks): "
-         f"{', '.join(target_paths(spec, cfg.mlp))} -> {len(names)} modules")
-    _say(f"rank {rank} (full-depth budget rank {cfg.rank:g} x {n_blocks} blocks), alpha "
-         f"{alpha:g}, scale {scaling:.4g}{' (rsLoRA)' if cfg.rslora else ''}")
-    _say(f"trainable parameters: {n_train_params:,} (full-depth budget {full_params:,}; "
-         f"{100 * n_train_params / full_params:.1f} %)")
-    if rank > narrow:
-        _say(f"note: rank {rank} exceeds the narrowest adapted projection ({narrow}); the "
-             f"extra rank adds parameters but no expressiveness")
+    if full:
+        n_train_params = unfreeze_blocks(model, blocks, spec)
+        _say(f"full fine-tuning of blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks); "
+             f"embeddings, head and the other blocks frozen")
+        _say(f"trainable parameters: {n_train_params:,} ({100 * n_train_params / full_params:.1f}"
+             f" % of the {full_params:,} in all blocks)")
+    else:
+        model = apply_lora(model, blocks, rank=rank, alpha=alpha, dropout=cfg.dropout,
+                           mlp=cfg.mlp, rslora=cfg.rslora, spec=spec)
+        n_train_params = trainable_params(model)
+        _say(f"LoRA on blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks): "
+             f"{', '.join(target_paths(spec, cfg.mlp))} -> {len(names)} modules")
+        _say(f"rank {rank} (full-depth budget rank {cfg.rank:g} x {n_blocks} blocks), alpha "
+             f"{alpha:g}, scale {scaling:.4g}{' (rsLoRA)' if cfg.rslora else ''}")
+        _say(f"trainable parameters: {n_train_params:,} (full-depth budget {full_params:,}; "
+             f"{100 * n_train_params / full_params:.1f} %)")
+        if rank > narrow:
+            _say(f"note: rank {rank} exceeds the narrowest adapted projection ({narrow}); the "
+                 f"extra rank adds parameters but no expressiveness")
+    every = cfg.logging_steps if cfg.dynamics_every is None else cfg.dynamics_every
+    recorder = (DynamicsRecorder(model, spec, n_blocks, every=every, method=cfg.method,
+                                 path=out / DYNAMICS_FILE, write=is_main_process())
+                if every > 0 else None)
 
     micro = min(cfg.micro_batch_size, cfg.batch_size)
     ckpt_dir = out / "checkpoints"
@@ -651,13 +734,24 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
                       data_collator=PadCollator(pad_id(tok)),
                       callbacks=[finite_loss_callback(), trainer_callback("train"),
+                                 *([recorder.callback()] if recorder else []),
+                                 *([no_final_checkpoint_callback()]
+                                   if full and not cfg.keep_checkpoints else []),
                                  *(callbacks or [])])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):  # raw log dicts and tqdm: we report instead
         trainer.remove_callback(cb)
-    with timer("train"):
-        output = trainer.train(resume_from_checkpoint=last)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the Trainer's checkpoint writes: we report instead
+    try:
+        with timer("train"):
+            output = trainer.train(resume_from_checkpoint=last)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if output.training_loss is not None and not math.isfinite(output.training_loss):
         raise SftscopeError(f"training loss is {output.training_loss} (not finite); nothing was "
                             f"saved: check the model's weights and data, lower --lr, or use "
@@ -665,35 +759,55 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     steps = int(trainer.state.global_step)
     runtime = float(output.metrics.get("train_runtime", 0.0))
     history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    adapter_dir = out / "adapter"
+    adapter_dir = model_dir = None
+    meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
+            "method": cfg.method, "mask": cfg.mask,
+            "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
+            "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names}
     with timer("save"):
-        trainer.save_model(str(adapter_dir))
-        if is_main_process():
-            write_json(adapter_dir / META_FILE, {
-                "base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
-                "mask": cfg.mask, "segments": len(cfg.mask) if cfg.mask else None,
-                "blocks": blocks, "rank": rank, "alpha": alpha, "rslora": cfg.rslora,
-                "modules": names})
+        if full:
+            from sftscope.progress import quiet_libraries
+
+            model_dir = out / "model"
+            with quiet_libraries():
+                trainer.save_model(str(model_dir))
+            if is_main_process():
+                tok.save_pretrained(str(model_dir))
+                write_json(model_dir / META_FILE, meta)
+                # the Trainer's pickled arguments do not belong in a model folder
+                (model_dir / "training_args.bin").unlink(missing_ok=True)
+        else:
+            adapter_dir = out / "adapter"
+            trainer.save_model(str(adapter_dir))
+            if is_main_process():
+                write_json(adapter_dir / META_FILE, meta)
     model = trainer.model
-    got = adapted_modules(model)
+    got = names if full else adapted_modules(model)
+    if recorder is not None:
+        for note in recorder.notes:
+            _say(f"[yellow]note:[/] {note}")
     result = TuneResult(
-        out=str(out), adapter_dir=str(adapter_dir), model=cfg.model, mask=cfg.mask,
-        segments=len(cfg.mask) if cfg.mask else None, blocks=blocks, n_blocks=n_blocks,
-        full_rank=float(cfg.rank), rank=rank, alpha=alpha, scaling=scaling, rslora=cfg.rslora,
-        mlp=cfg.mlp, modules=got, trainable_params=n_train_params, full_depth_params=full_params,
+        out=str(out), adapter_dir=str(adapter_dir) if adapter_dir else None, model=cfg.model,
+        mask=cfg.mask, segments=len(cfg.mask) if cfg.mask else None, blocks=blocks,
+        n_blocks=n_blocks, full_rank=None if full else float(cfg.rank), rank=rank, alpha=alpha,
+        scaling=scaling, rslora=cfg.rslora and not full, mlp=cfg.mlp or full, modules=got,
+        trainable_params=n_train_params, full_depth_params=full_params,
         budget_ratio=n_train_params / full_params, seed=cfg.seed, dtype=dtype,
         n_train=len(data.examples), n_truncated=data.n_truncated, max_length=data.max_length,
         longest_example=data.longest, steps=steps,
         train_loss=float(output.training_loss) if output.training_loss is not None else None,
         loss_history=history, step_time_s=runtime / steps if steps else None,
-        resumed_from=last, timings=timer.seconds,
+        resumed_from=last, timings=timer.seconds, method=cfg.method,
+        model_dir=str(model_dir) if model_dir else None,
+        dynamics=recorder.info() if recorder is not None else None,
     )
 
     def record() -> None:  # training is recorded before the evaluation, which may fail
         result.timings = dict(timer.seconds)
         write_json(out / "run.json", run_record(
             "tune", cfg.record(), config_hash=_config_hash(cfg), model_fingerprint=fingerprint(
-                cfg.model, cfg.revision), n_blocks=n_blocks, mask=cfg.mask, blocks=blocks,
+                cfg.model, cfg.revision), n_blocks=n_blocks, method=cfg.method, mask=cfg.mask,
+            blocks=blocks,
             rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
             full_depth_params=full_params, seed=cfg.seed, processes=world,
             grad_accumulation=args.gradient_accumulation_steps, timings=result.timings,
@@ -711,8 +825,10 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         _say("no --eval-task given: skipping evaluation")
     elif world > 1 and (getattr(trainer, "is_fsdp_enabled", False)
                         or getattr(trainer, "is_deepspeed_enabled", False)):
+        how = (f"--model {model_dir}" if full else f"--model {cfg.model} --adapter "
+               f"{adapter_dir}")
         _say(f"evaluation skipped: the model is sharded over {world} processes; run "
-             f"`sftscope eval --model {cfg.model} --adapter {adapter_dir}`")
+             f"`sftscope eval {how}`")
     else:
         result.eval = _evaluate_after(model, tok, cfg, eval_task, timer)
         record()
@@ -727,8 +843,11 @@ def _evaluate_after(model, tok, cfg: TuneConfig, eval_task: tuple[str, str | Non
     task, data = eval_task
     model.eval()
     model.config.use_cache = True
-    ecfg = EvalConfig(model=cfg.model, task=task, data=data, out=cfg.out,
-                      adapter=str(Path(cfg.out) / "adapter"), shots=cfg.eval_shots,
+    full = cfg.method == "full"
+    ecfg = EvalConfig(model=str(Path(cfg.out) / "model") if full else cfg.model, task=task,
+                      data=data, out=cfg.out,
+                      adapter=None if full else str(Path(cfg.out) / "adapter"),
+                      shots=cfg.eval_shots,
                       fewshot_data=cfg.eval_fewshot_data, limit=cfg.eval_limit,
                       max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
                       chat_template=cfg.chat_template)

@@ -732,3 +732,191 @@ def scores_data(scores: pd.DataFrame) -> FigureData:
     """Evaluation scores with intervals clipped to each metric's range."""
     df, notes = clip_to_range(with_run(scores))
     return FigureData(df, df, notes)
+
+
+# ----------------------------------------------------------------------------- dynamics
+
+
+def _sum_sq(values: pd.Series) -> float:
+    """``sqrt(sum of squares)`` of the finite values; NaN when there is none."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(float)
+    v = v[np.isfinite(v)]
+    return float(np.sqrt(np.square(v).sum())) if len(v) else math.nan
+
+
+def dynamics_blocks(dynamics: pd.DataFrame) -> pd.DataFrame:
+    """Block totals of ``dynamics.csv`` per run and step: the modules' norms combined
+    (``sqrt`` of the sum of squares, the Frobenius norm of all of a block's recorded weights);
+    ``grad_norm`` NaN where no module of the block has a gradient (not trained)."""
+    df = numeric(with_run(dynamics), ["step", "block", "grad_norm", "update_norm", "n_blocks"])
+    df = df.dropna(subset=["step", "block"])
+    rows = []
+    for (r, step, block), g in df.groupby([RUN, "step", "block"], sort=True):
+        nb = pd.to_numeric(g["n_blocks"], errors="coerce").dropna() if "n_blocks" in g else []
+        rows.append({RUN: r, "n_blocks": float(nb.iloc[0]) if len(nb) else math.nan,
+                     "step": int(step), "block": int(block),
+                     "grad_norm": _sum_sq(g["grad_norm"]),
+                     "update_norm": _sum_sq(g["update_norm"])})
+    out = pd.DataFrame(rows, columns=[RUN, "n_blocks", "step", "block", "grad_norm",
+                                      "update_norm"])
+    if out.empty:
+        return out
+    if out["n_blocks"].isna().all():
+        out = out.drop(columns=["n_blocks"])
+    return with_depth(out, "block")
+
+
+def dynamics_data(dynamics: pd.DataFrame, weights: pd.DataFrame | None = None) -> FigureData:
+    """Fig. 10: training dynamics by depth, the paper's Fig. 4 made its way (the update of
+    each block while fine-tuning). ``frame``: block totals at each run's last recorded step;
+    ``extra['steps']``: block totals at every recorded step (the gradient heatmap);
+    ``extra['grad']``: each block's gradient norm averaged over the recorded steps;
+    ``extra['weights']``: Fig. 4's numbers when a weights run is in the report (base-vs-SFT
+    change beside the update); ``summary`` per run: where the update is largest, the
+    bottom / middle / top means over the trained blocks, the gradient at the top trained block
+    against the lowest, the module that changed most."""
+    steps = dynamics_blocks(dynamics)
+    notes: list[str] = []
+    if steps.empty:
+        return FigureData(steps, pd.DataFrame(), notes, {"steps": steps})
+    last = steps.groupby(RUN, sort=False)["step"].transform("max")
+    frame = steps[steps["step"] == last].reset_index(drop=True)
+    grad = (steps.groupby([RUN, "block"], sort=False)
+            .agg(grad_norm=("grad_norm", "mean"), rel_depth=("rel_depth", "first"))
+            .reset_index())
+    mods = numeric(with_run(dynamics), ["step", "block", "update_norm"])
+    rows = []
+    for r, g in frame.groupby(RUN, sort=False):
+        g = g.sort_values("block")
+        trained = g[g["update_norm"] > 0]
+        n_steps = int(steps[steps[RUN] == r]["step"].nunique())
+        row: dict[str, Any] = {RUN: r, "last_step": int(g["step"].iloc[0]),
+                               "n_steps": n_steps, "n_blocks": len(g),
+                               "n_trained": len(trained)}
+        if trained.empty:
+            notes.append(f"{r}: no block's weights changed by step {row['last_step']}, so the "
+                         "update curve lies on the x axis")
+            rows.append(row)
+            continue
+        top = trained.loc[trained["update_norm"].idxmax()]
+        e = edge_means(trained["update_norm"].to_numpy(float))
+        gr = grad[(grad[RUN] == r) & grad["block"].isin(trained["block"])].sort_values("block")
+        gr = gr[np.isfinite(gr["grad_norm"])]
+        row.update(first_trained=int(trained["block"].min()),
+                   last_trained=int(trained["block"].max()), max_block=int(top["block"]),
+                   max_depth=float(top["rel_depth"]), max=float(top["update_norm"]),
+                   bottom=e.bottom, middle=e.middle, top=e.top, n_edge=e.n_edge,
+                   grad_low=float(gr["grad_norm"].iloc[0]) if len(gr) else math.nan,
+                   grad_high=float(gr["grad_norm"].iloc[-1]) if len(gr) else math.nan)
+        row["grad_ratio"] = (row["grad_high"] / row["grad_low"]
+                             if np.isfinite(row["grad_low"]) and row["grad_low"] > 0
+                             else math.nan)
+        m = mods[(mods[RUN] == r) & (mods["step"] == row["last_step"])
+                 & (mods["update_norm"] > 0)]
+        if m["module"].nunique() > 1:
+            means = m.groupby(m["module"].astype(str))["update_norm"].mean()
+            row.update(most_module=means.idxmax(), most_value=float(means.max()),
+                       least_module=means.idxmin(), least_value=float(means.min()))
+        if n_steps == 1:
+            notes.append(f"{r}: one recorded step only (step {row['last_step']}): the gradient "
+                         "heatmap is a single row; record more with --dynamics-every")
+        rows.append(row)
+    extra: dict[str, Any] = {"steps": steps, "grad": grad, "weights": None}
+    if weights is not None and len(weights):
+        w = weight_data(weights)
+        extra["weights"] = None if w.empty else w
+    return FigureData(frame, pd.DataFrame(rows), notes, extra)
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def seed_data(seed_scores: pd.DataFrame, primary: dict[str, str] | None = None) -> FigureData:
+    """Fig. 7c: each seed's score per mask (the sweep's jobs), for the masks with at least two
+    seeds, in the sweep's primary metric. ``summary`` per run and mask: seeds, mean, standard
+    deviation, min, max; ``extra['runs']`` per run: the best mask by mean and in how many of
+    the seeds it is also the best, the most seed-sensitive mask, the median spread, and the
+    gap between the best mask and full depth against the spread."""
+    df = plain_masks(numeric(with_run(seed_scores), ["seed", "value"]))
+    df["metric"] = df["metric"].astype(str)
+    primary = primary or {}
+    keep = []
+    for r, g in df.groupby(RUN, sort=False):
+        metric = primary.get(r)
+        if metric not in set(g["metric"]):
+            metric = primary_metric(g["metric"])
+        keep.append(g[g["metric"] == metric])
+    df = pd.concat(keep, ignore_index=True) if keep else df.iloc[0:0]
+    counts = df.groupby([RUN, "mask"])["seed"].transform("nunique")
+    df = df[counts >= 2].copy()
+    if df.empty:
+        return FigureData(df)
+    order = sorted(dict.fromkeys(df["mask"]), key=mask_sort_key)
+    rows, runs = [], []
+    for r, g in df.groupby(RUN, sort=False):
+        metric = str(g["metric"].iloc[0])
+        stats = {}
+        for mask in [m for m in order if m in set(g["mask"])]:
+            v = g[g["mask"] == mask]["value"].to_numpy(float)
+            stats[mask] = {RUN: r, "metric": metric, "mask": mask, "seeds": len(v),
+                           "mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)),
+                           "min": float(np.nanmin(v)), "max": float(np.nanmax(v))}
+        rows += list(stats.values())
+        sc = {m: float(score(metric, s["mean"])) for m, s in stats.items()}
+        best = max(sc, key=sc.get)
+        wide = g.pivot_table(index="seed", columns="mask", values="value", aggfunc="mean")
+        wide = wide.dropna()  # seeds every mask has
+        n_common = len(wide)
+        best_in = 0
+        if n_common and best in wide.columns:
+            oriented = pd.DataFrame(score(metric, wide.to_numpy(float)), index=wide.index,
+                                    columns=wide.columns)
+            best_in = int((oriented.idxmax(axis=1) == best).sum())
+        sds = {m: s["sd"] for m, s in stats.items()}
+        vol = max(sds, key=sds.get)
+        full = next((m for m in stats if is_mask(m) and set(m) == {"1"}), None)
+        runs.append({RUN: r, "metric": metric, "n_masks": len(stats), "best": best,
+                     "best_mean": stats[best]["mean"], "best_sd": stats[best]["sd"],
+                     "best_in": best_in, "n_common": n_common, "most_variable": vol,
+                     "most_sd": sds[vol], "median_sd": float(np.median(list(sds.values()))),
+                     "full": full,
+                     "gap": (stats[best]["mean"] - stats[full]["mean"]) if full else math.nan,
+                     "full_sd": stats[full]["sd"] if full else math.nan})
+    notes = []
+    dropped = set(seed_scores["mask"].map(str)) - set(df["mask"])
+    if dropped:
+        notes.append(f"{len(dropped)} mask(s) with one seed are left out of the spread "
+                     "(it needs two seeds or more)")
+    df["mask_order"] = df["mask"].map({m: i for i, m in enumerate(order)})
+    return FigureData(df.sort_values(["mask_order", "seed"]).reset_index(drop=True),
+                      pd.DataFrame(rows), notes, {"runs": pd.DataFrame(runs), "order": order})
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+def steer_data(steer: pd.DataFrame) -> FigureData:
+    """Steering: score by scale per run and metric; ``summary`` the unsteered value (scale 0),
+    the best scale (by the metric's better direction) and its change from scale 0."""
+    df = numeric(with_run(steer), ["scale", "value", "ci_low", "ci_high", "n"])
+    df["metric"] = df["metric"].astype(str)
+    df = df.dropna(subset=["scale"])
+    df, notes = clip_to_range(df)
+    rows = []
+    for (r, metric), g in df.groupby([RUN, "metric"], sort=False):
+        g = g.dropna(subset=["value"]).sort_values("scale")
+        if g.empty:
+            continue
+        sc = score(metric, g["value"].to_numpy(float))
+        best = g.iloc[int(np.nanargmax(sc))]
+        zero = g[g["scale"] == 0]
+        z = float(zero["value"].iloc[0]) if len(zero) else math.nan
+        rows.append({RUN: r, "metric": metric, "is_score": metric_spec(metric).is_score,
+                     "n_scales": len(g), "unsteered": z, "best_scale": float(best["scale"]),
+                     "best": float(best["value"]),
+                     "delta": float(best["value"]) - z if np.isfinite(z) else math.nan,
+                     "first_scale": float(g["scale"].iloc[0]),
+                     "first": float(g["value"].iloc[0]), "last_scale": float(g["scale"].iloc[-1]),
+                     "last": float(g["value"].iloc[-1]),
+                     "same": bool(np.nanmax(sc) == np.nanmin(sc))})
+    return FigureData(df, pd.DataFrame(rows), notes)

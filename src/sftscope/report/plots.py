@@ -50,7 +50,8 @@ from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_ke
 __all__ = [
     "DEFAULT_RUN", "DPI", "RUN", "FigureData", "correlation_matrix", "is_mask", "lower_is_better",
     "mask_centre", "mask_sort_key", "mask_str", "pair_metric_names", "palette",
-    "plot_correlation", "plot_inverted_u", "plot_logit_lens", "plot_loss_curves",
+    "plot_correlation", "plot_dynamics", "plot_grad_heatmap", "plot_inverted_u",
+    "plot_logit_lens", "plot_loss_curves", "plot_seed_spread", "plot_steer",
     "plot_pair_metrics", "plot_single_metrics", "plot_suggest", "plot_swap", "plot_sweep_bars",
     "plot_weight_change", "plot_weight_heatmap", "run_labels", "single_metric_names",
     "single_position", "split_swap", "swap_host", "swap_is_original", "swap_original_name",
@@ -712,4 +713,163 @@ def plot_loss_curves(data: FigureData, colors: dict[str, str] | None = None) -> 
     if len(df) and df.groupby(RUN).size().max() <= 1:
         panel_note(ax, "one logged loss per run: points, not curves")
     ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 10
+
+
+def plot_dynamics(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 10: the update of each block at the last recorded step, the gradient norm by block
+    (mean over the recorded steps), and, when a weights run is in the report, the base-vs-SFT
+    weight change by block beside them."""
+    title = "Fig. 10 - Training dynamics by depth (x: block (b + 0.5) / L)"
+    df = data.frame
+    if df.empty:
+        return _empty(title, "no recorded dynamics (dynamics.csv)")
+    weights = data.extra.get("weights")
+    grad = data.extra["grad"]
+    runs = run_labels(df)
+    wruns = run_labels(weights.frame) if weights is not None else []
+    pal = _colors(pd.concat([df[[RUN]], weights.frame[[RUN]]]) if weights is not None
+                  else df, colors)
+    n = 3 if weights is not None else 2
+    fig, axes = _grid(n, ncols=n, w=4.6, h=3.4, title=title)
+    ax = axes[0]
+    for r in runs:
+        g = df[df[RUN] == r]
+        _line(ax, g, pal[r], "-", r, ycol="update_norm")
+    step = ", ".join(f"{int(s)}" for s in dict.fromkeys(df["step"]))
+    ax.set_title(f"weight change since step 0, at step {step}", fontsize=10)
+    _depth_axes(ax, BLOCK_AXIS)
+    _flat_note(ax, [df["update_norm"]], "the update norm")
+    ax = axes[1]
+    for r in runs:
+        g = grad[grad[RUN] == r]
+        _line(ax, g, pal[r], "-", r, ycol="grad_norm")
+    ax.set_title("gradient norm (mean over recorded steps)", fontsize=10)
+    _depth_axes(ax, BLOCK_AXIS)
+    _maybe_log(ax, grad["grad_norm"], "grad_norm", "dynamics")
+    _flat_note(ax, [grad["grad_norm"]], "the gradient norm")
+    if weights is not None:
+        ax = axes[2]
+        w = weights.frame
+        metric = weights.extra.get("metric", "")
+        for r in wruns:
+            _line(ax, w[(w[RUN] == r) & (w["metric"].astype(str) == metric)], pal[r], "--", r)
+        ax.set_title(f"base -> SFT: {weights.extra.get('module')} {_nice(metric, 'weights')}",
+                     fontsize=10)
+        _depth_axes(ax, BLOCK_AXIS)
+    handles = _run_handles(runs, pal)
+    if weights is not None:
+        handles += [Line2D([], [], color=pal[r], lw=2.2, ls="--", label=f"{r} (weights)")
+                    for r in wruns if r not in runs]
+    _legend(fig, handles)
+    return fig
+
+
+def plot_grad_heatmap(data: FigureData) -> Figure:
+    """Fig. 10b: gradient norm of every block (x) at every recorded step (y), one heatmap per
+    run; blank cells are blocks that do not train."""
+    from matplotlib.colors import LogNorm
+
+    title = "Fig. 10b - Gradient norm by block and step"
+    steps = data.extra.get("steps")
+    if steps is None or steps.empty:
+        return _empty(title, "no recorded dynamics (dynamics.csv)")
+    runs = run_labels(steps)
+    fig = Figure(figsize=(10, 2.6 * len(runs) + 0.8), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(runs), 1, squeeze=False).ravel()
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    for ax, r in zip(axes, runs):
+        g = steps[steps[RUN] == r]
+        nb = int(g["block"].max()) + 1
+        if "n_blocks" in g.columns and g["n_blocks"].notna().any():
+            nb = max(nb, int(g["n_blocks"].dropna().iloc[0]))
+        order = sorted(g["step"].unique())
+        mat = np.full((len(order), nb), np.nan)
+        for row in g.itertuples(index=False):
+            mat[order.index(row.step), int(row.block)] = float(row.grad_norm)
+        pos = mat[np.isfinite(mat) & (mat > 0)]
+        norm = LogNorm(pos.min(), pos.max()) if len(pos) and pos.max() > 100 * pos.min() else None
+        im = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest", norm=norm,
+                       extent=(0, 1, len(order) - 0.5, -0.5))
+        ticks = list(range(len(order)))
+        if len(ticks) > 12:
+            ticks = ticks[:: math.ceil(len(ticks) / 12)]
+        ax.set_yticks(ticks, [str(int(order[i])) for i in ticks], fontsize=8)
+        ax.set_ylabel("optimizer step", fontsize=8.5)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(BLOCK_AXIS + f"  ({nb} blocks)", fontsize=8.5)
+        ax.set_title(r, fontsize=10)
+        ax.tick_params(labelsize=8)
+        fig.colorbar(im, ax=ax, label="gradient norm", fraction=0.04, pad=0.01)
+        if not len(pos):
+            panel_note(ax, "no block has a non-zero gradient")
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 7c
+
+
+def plot_seed_spread(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 7c: every seed's score per mask (dots), the mean (bar) and the range (line)."""
+    title = "Fig. 7c - Seed robustness: each seed's score per mask"
+    df = data.frame
+    if df.empty:
+        return _empty(title, "no mask with two or more seeds")
+    runs = run_labels(df)
+    pal = _colors(df, colors)
+    fig, axes = _grid(len(runs), ncols=1, w=max(6.0, 0.55 * df["mask"].nunique() + 2),
+                      h=3.4, title=title)
+    for ax, r in zip(axes, runs):
+        g = df[df[RUN] == r]
+        masks = [m for m in data.extra["order"] if m in set(g["mask"])]
+        for i, m in enumerate(masks):
+            v = g[g["mask"] == m]["value"].to_numpy(float)
+            jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(1)
+            ax.plot(i + jitter, v, ls="none", marker="o", ms=4, color=pal[r], alpha=0.75)
+            ax.plot([i, i], [np.nanmin(v), np.nanmax(v)], color=pal[r], lw=1.2, alpha=0.6)
+            ax.plot([i - 0.25, i + 0.25], [np.nanmean(v)] * 2, color="0.15", lw=2)
+        ax.set_xticks(range(len(masks)), masks, fontsize=8, rotation=45 if len(masks) > 10
+                      else 0)
+        metric = str(g["metric"].iloc[0])
+        ax.set_ylabel(_nice(metric), fontsize=8.5)
+        ax.set_title(r, fontsize=10)
+        ax.grid(alpha=0.25, axis="y")
+        ax.tick_params(labelsize=8)
+    handles = [Line2D([], [], ls="none", marker="o", ms=5, color="0.4", label="one seed"),
+               Line2D([], [], color="0.15", lw=2, label="mean over seeds"),
+               Line2D([], [], color="0.4", lw=1.2, label="range")]
+    _legend(fig, handles, ncol=3)
+    return fig
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+def plot_steer(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
+    """Steering: each metric against the scale of the added base->SFT vector (0 = the base)."""
+    title = "Steering the base model along the base -> SFT shift"
+    df = data.frame
+    if df.empty:
+        return _empty(title, "no steering results (steer.csv)")
+    metrics = list(dict.fromkeys(df["metric"].astype(str)))[:6]
+    runs = run_labels(df)
+    pal = _colors(df, colors)
+    fig, axes = _grid(len(metrics), ncols=3, w=4.4, h=3.2, title=title)
+    for ax, metric in zip(axes, metrics):
+        for r in runs:
+            g = df[(df[RUN] == r) & (df["metric"] == metric)].sort_values("scale")
+            if g.empty:
+                continue
+            y = g["value"].to_numpy(float)
+            ax.errorbar(g["scale"].to_numpy(float), y, yerr=_yerr(g, y), color=pal[r],
+                        marker="o", ms=4, capsize=3, lw=1.6)
+        ax.axvline(0, color="0.55", ls=":", lw=0.9)
+        ax.set_title(_nice(metric), fontsize=10)
+        ax.set_xlabel("scale of the added vector (0 = unsteered base)", fontsize=8.5)
+        ax.grid(alpha=0.25)
+        ax.tick_params(labelsize=8)
+    _legend(fig, _run_handles(runs, pal))
     return fig

@@ -53,6 +53,9 @@ TABLES: dict[str, TableSpec] = {
                             "checks of the mask proposals against a sweep"),
     "suggest": TableSpec("suggest", ("method", "signal", "segment", "score"), "suggest",
                          "mask proposals (per-segment scores)"),
+    "dynamics": TableSpec("dynamics", ("step", "block", "module", "grad_norm", "update_norm"),
+                          "tune", "training dynamics (per-block gradient and update norms)"),
+    "steer": TableSpec("steer", ("scale", "metric", "value"), "steer", "steering results"),
 }
 # Tables built from other files of a run folder (run.json, trainer state), not read from CSV.
 DERIVED: dict[str, TableSpec] = {
@@ -60,8 +63,11 @@ DERIVED: dict[str, TableSpec] = {
                       "segment LoRA runs (mask, rank, budget)"),
     "loss_curve": TableSpec("run.json / trainer_state.json", ("step", "loss"), "tune",
                             "training loss curves"),
+    "seed_scores": TableSpec("jobs/*/result.json", ("mask", "seed", "metric", "value"), "sweep",
+                             "per-seed scores of a sweep"),
 }
-COMMANDS = ("analyze", "weights", "probe", "swap", "eval", "tune", "sweep", "suggest", "demo")
+COMMANDS = ("analyze", "weights", "probe", "swap", "eval", "tune", "sweep", "suggest", "demo",
+            "steer")
 SUFFIXES = (".csv", ".parquet", ".json")
 TEXT_COLUMNS = ("mask", "best_mask", "config", "direction", "head", "model", "metric", "module",
                 "task", "metric_a", "metric_b", "seeds", "method", "signal", "blocks")
@@ -164,13 +170,16 @@ def _tune_tables(folder: Path, record: dict[str, Any]) -> dict[str, pd.DataFrame
                 return src[key]
         return None
 
+    full = get("method") == "full"
     if get("trainable_params") is not None:
         mask = get("mask")
         blocks = get("blocks")
         out["tune"] = pd.DataFrame([{
+            "method": get("method") or "lora",
             "mask": mask_from_text(mask) if mask is not None else "",
             "blocks": _span(blocks) if isinstance(blocks, list) else (blocks or ""),
-            "rank": get("rank"), "alpha": get("alpha"), "full_rank": get("full_rank"),
+            "rank": None if full else get("rank"), "alpha": None if full else get("alpha"),
+            "full_rank": None if full else get("full_rank"),
             "trainable_params": get("trainable_params"),
             "full_depth_params": get("full_depth_params"), "budget_ratio": get("budget_ratio"),
             "steps": get("steps"), "train_loss": get("train_loss"), "seed": get("seed"),
@@ -186,6 +195,27 @@ def _tune_tables(folder: Path, record: dict[str, Any]) -> dict[str, pd.DataFrame
     if curve is not None and len(curve):
         out["loss_curve"] = curve
     return out
+
+
+def _seed_scores(folder: Path, k: int | None) -> pd.DataFrame | None:
+    """Per job of a sweep folder (``jobs/*/result.json``): mask, seed, metric and the job's
+    mean score (over its items), for the seed-robustness figure."""
+    rows = []
+    for p in sorted(folder.glob("jobs/*/result.json")):
+        try:
+            res = json.loads(p.read_text(encoding="utf-8"))
+            mask, seed = mask_from_text(res["mask"], k), int(res["seed"])
+            scores = res.get("scores") or {}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable job is the sweep's business; its summary says so
+        for metric, v in scores.items():
+            rows.append({"mask": mask, "seed": seed, "metric": str(metric),
+                         "value": float(v) if v is not None else np.nan})
+    if not rows:
+        return None
+    df = pd.DataFrame(rows, columns=["mask", "seed", "metric", "value"])
+    df["mask"] = df["mask"].astype(object)
+    return df
 
 
 def _trainer_state_curve(folder: Path) -> pd.DataFrame | None:
@@ -294,7 +324,7 @@ def _record(folder: Path) -> dict[str, Any]:
         raise SftscopeError(
             f"{folder} has no run.json, so it is not an sftscope run folder; give the folder an "
             "sftscope command wrote (--out of analyze, weights, probe, swap, eval, tune, sweep, "
-            "suggest, demo)")
+            "suggest, steer, demo)")
     record = io.read_json(rj)
     if not isinstance(record, dict) or not record.get("command"):
         raise SftscopeError(f"{rj} has no \"command\" field; it was not written by sftscope")
@@ -324,6 +354,10 @@ def load_run(path: str | Path) -> Run:
             errors.append(str(e))
     if run.command == "tune" or (folder / "adapter").is_dir():
         run.tables.update(_tune_tables(folder, record))
+    if run.command == "sweep" and (folder / "jobs").is_dir():
+        seeds = _seed_scores(folder, run.segments)
+        if seeds is not None:
+            run.tables["seed_scores"] = seeds
     sj = folder / "suggest.json"
     if sj.is_file():
         try:

@@ -418,17 +418,21 @@ def tune_findings(data: FigureData) -> list[str]:
     out = []
     for row in s.to_dict("records"):
         parts = []
+        full = row.get("method") == "full"
         if row.get("mask"):
-            parts.append(f"mask {row['mask']}" + (f" (blocks {row['blocks']})"
-                                                  if row.get("blocks") else ""))
+            parts.append(("full fine-tuning, " if full else "")
+                         + f"mask {row['mask']}" + (f" (blocks {row['blocks']})"
+                                                    if row.get("blocks") else ""))
+        elif full and row.get("blocks"):
+            parts.append(f"full fine-tuning of blocks {row['blocks']}")
         if row.get("rank") is not None and np.isfinite(float(row.get("rank") or np.nan)):
             parts.append(f"rank {f(row['rank'], 0)}")
-        tp, full = row.get("trainable_params"), row.get("full_depth_params")
+        tp, full_p = row.get("trainable_params"), row.get("full_depth_params")
         if tp is not None and np.isfinite(float(tp)):
             txt = f"{int(tp):,} trainable parameters"
-            if full is not None and np.isfinite(float(full)) and float(full) > 0:
-                txt += f", {100 * float(tp) / float(full):.1f} % of the full-depth budget " \
-                       f"{int(full):,}"
+            if full_p is not None and np.isfinite(float(full_p)) and float(full_p) > 0:
+                what = "all blocks' parameters" if full else "the full-depth budget"
+                txt += f", {100 * float(tp) / float(full_p):.1f} % of {what} {int(full_p):,}"
             parts.append(txt)
         if "first_loss" in row and np.isfinite(row.get("first_loss", np.nan)):
             parts.append(f"loss {f(row['first_loss'])} -> {f(row['last_loss'])} over "
@@ -443,6 +447,146 @@ def tune_tables(data: FigureData) -> list[TableOut]:
     out = [("tune_runs", "segment LoRA runs: mask, rank, budget", data.summary)]
     if len(data.frame):
         out.append(("fig9_loss", "training loss by step", data.frame))
+    return out
+
+
+# ----------------------------------------------------------------------------- Fig. 10
+
+
+def dynamics_prepare(runs: Sequence[Run]) -> FigureData | None:
+    dyn = combined(runs, "dynamics")
+    if dyn.empty:
+        return None
+    data = N.dynamics_data(dyn, combined(runs, "weights"))
+    return None if data.empty else data
+
+
+def dynamics_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    many = _many(s)
+    out = []
+    for row in s.to_dict("records"):
+        if not row.get("n_trained"):
+            continue
+        text = (f"At step {row['last_step']} (the last of {row['n_steps']} recorded), the "
+                f"update is largest at block {row['max_block']} (relative depth "
+                f"{f(row['max_depth'], 2)}, {f(row['max'])}); {row['n_trained']} of "
+                f"{row['n_blocks']} blocks trained (blocks {row['first_trained']}-"
+                f"{row['last_trained']})")
+        if row["n_trained"] >= 3:
+            text += (f", with mean update {f(row['bottom'])} over the lowest "
+                     f"{row['n_edge']}, {f(row['middle'])} in the middle and {f(row['top'])} "
+                     f"over the top {row['n_edge']} of them")
+        if np.isfinite(row.get("grad_ratio", np.nan)) and row["first_trained"] != row[
+                "last_trained"]:
+            text += (f"; the gradient norm (mean over the recorded steps) is "
+                     f"{f(row['grad_high'])} at block {row['last_trained']} and "
+                     f"{f(row['grad_low'])} at block {row['first_trained']} "
+                     f"({f(row['grad_ratio'], 2)}x)")
+        if row.get("most_module"):
+            text += (f"; of the modules, {row['most_module']} changed most on average "
+                     f"({f(row['most_value'])}) and {row['least_module']} least "
+                     f"({f(row['least_value'])})")
+        out.append(_prefix(row[RUN], many) + text + ".")
+    w = data.extra.get("weights")
+    if w is not None and len(w.summary):
+        for row in w.summary.to_dict("records"):
+            out.append(_prefix(row[RUN], True) + f"base -> SFT {row['module']} "
+                       f"{row['metric']} change (beside, dashed) is largest at relative depth "
+                       f"{f(row['max_depth'], 2)} ({f(row['max'])}).")
+    return out
+
+
+def dynamics_tables(data: FigureData) -> list[TableOut]:
+    steps = data.extra["steps"].drop(columns=["n_blocks"], errors="ignore")
+    return [("fig10_dynamics", "update and gradient norm per block at the last recorded step",
+             data.frame.drop(columns=["n_blocks"], errors="ignore")),
+            ("fig10b_grad_heatmap", "gradient and update norm per block and recorded step",
+             steps),
+            ("dynamics_runs", "where each run's update is largest", data.summary)]
+
+
+# ----------------------------------------------------------------------------- Fig. 7c
+
+
+def seeds_prepare(runs: Sequence[Run]) -> FigureData | None:
+    df = combined(runs, "seed_scores")
+    if df.empty:
+        return None
+    primary = {r.label: str(r.record["primary_metric"]) for r in runs
+               if r.record.get("primary_metric")}
+    data = N.seed_data(df, primary)
+    return None if data.empty else data
+
+
+def seeds_findings(data: FigureData) -> list[str]:
+    s = data.extra["runs"]
+    many = _many(s)
+    out = []
+    for row in s.to_dict("records"):
+        text = (f"{row['metric']} over seeds: best mask by mean {row['best']} "
+                f"({f(row['best_mean'])}, sd {f(row['best_sd'])})")
+        if row["n_common"]:
+            text += (f", also the best in {row['best_in']} of the {row['n_common']} seeds every "
+                     f"mask has")
+        text += (f"; the most seed-sensitive mask is {row['most_variable']} (sd "
+                 f"{f(row['most_sd'])}), the median sd over {row['n_masks']} masks "
+                 f"{f(row['median_sd'])}")
+        if row.get("full") and row["best"] != row["full"] and np.isfinite(row["gap"]):
+            text += (f"; the best mask's lead over full depth {row['full']} is "
+                     f"{f(row['gap'])}, {f(abs(row['gap']) / row['median_sd'], 2)}x the median "
+                     f"sd" if row["median_sd"] > 0 else
+                     f"; the best mask's lead over full depth {row['full']} is {f(row['gap'])}")
+        out.append(_prefix(row[RUN], many) + text + ".")
+    return out
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+def steer_prepare(runs: Sequence[Run]) -> FigureData | None:
+    df = combined(runs, "steer")
+    if df.empty:
+        return None
+    data = N.steer_data(df)
+    if data.empty:
+        return None
+    data.extra["vectors"] = {r.label: {**(r.record.get("vector") or {}),
+                                       "layer": r.record.get("layer"),
+                                       "n_blocks": r.n_blocks}
+                             for r in runs if "steer" in r.tables}
+    return data
+
+
+def steer_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    vectors = data.extra.get("vectors", {})
+    out = []
+    for r, g in s.groupby(RUN, sort=False) if len(s) else []:
+        parts = []
+        for row in g.to_dict("records"):
+            if row["same"]:
+                parts.append(f"{row['metric']} is {f(row['best'])} at every scale")
+            elif not row["is_score"]:
+                parts.append(f"{row['metric']} goes from {f(row['first'])} at scale "
+                             f"{f(row['first_scale'], 2)} to {f(row['last'])} at scale "
+                             f"{f(row['last_scale'], 2)}")
+            else:
+                delta = (f", {row['delta']:+.4f} vs the unsteered base {f(row['unsteered'])}"
+                         if np.isfinite(row["delta"]) else "")
+                parts.append(f"{row['metric']} is best at scale {f(row['best_scale'], 2)} "
+                             f"({f(row['best'])}{delta})")
+        v = vectors.get(str(r)) or {}
+        where = ""
+        if v.get("layer") is not None:
+            where = f"At hidden state j = {v['layer']}"
+            if v.get("n_blocks"):
+                where += f" of {v['n_blocks']}"
+            if v.get("direction"):
+                where += f" ({v['direction']} vector, norm {f(v.get('norm'))})"
+            where += ": "
+        if parts:
+            out.append(_prefix(str(r), True) + where + "; ".join(parts) + ".")
     return out
 
 
@@ -502,6 +646,19 @@ SPECS: list[FigureSpec] = [
           lambda d, colors: plots.plot_weight_heatmap(d))),
         weight_findings, weight_tables),
     FigureSpec(
+        "dynamics", "Training dynamics by depth (Fig. 10, the optimization view)",
+        "Recorded while `sftscope tune` trained (RUN/dynamics.csv): the change of each block's "
+        "effective weights since step 0 at the last recorded step (LoRA: ||(alpha/r) B A||; "
+        "full fine-tuning: ||W_t - W_0||), the gradient norm per block over the recorded "
+        "steps, and, from a weights run, the base -> SFT change beside them. Block norms "
+        "combine the block's modules (square root of the sum of squares).", ("dynamics",),
+        "training dynamics", dynamics_prepare,
+        (("fig10_dynamics", "Fig. 10: update and gradient norm by block",
+          plots.plot_dynamics),
+         ("fig10b_grad_heatmap", "Fig. 10b: gradient norm by block and step",
+          lambda d, colors: plots.plot_grad_heatmap(d))),
+        dynamics_findings, dynamics_tables),
+    FigureSpec(
         "correlation", "Correlation of metrics across layers (Fig. 5)",
         "Pearson r across layers between every pair of metrics, per model.", ("correlation",),
         "metric correlations", _or_none(N.correlation_data, "correlation"),
@@ -526,6 +683,17 @@ SPECS: list[FigureSpec] = [
           plots.plot_inverted_u)),
         sweep_findings, sweep_tables),
     FigureSpec(
+        "seeds", "Seed robustness of the sweep (Fig. 7c)",
+        "Each seed's score per mask (a sweep's jobs, masks with two or more seeds), in the "
+        "sweep's primary metric: how much of a difference between masks the training seed "
+        "alone makes.", ("seed_scores",), "sweeps with two or more seeds per mask",
+        seeds_prepare,
+        (("fig7c_seed_spread", "Fig. 7c: score of each seed per mask", plots.plot_seed_spread),),
+        seeds_findings,
+        lambda d: [("fig7c_seed_spread", "per-mask spread over seeds", d.summary),
+                   ("seed_scores", "score of each seed per mask",
+                    d.frame.drop(columns=["n_blocks", "mask_order"], errors="ignore"))]),
+    FigureSpec(
         "suggest", "Training-free mask proposal (Fig. 8)",
         "Per-segment score of each `sftscope suggest` method (higher = a better segment to "
         "tune), the proposed masks and the reason printed for them; where a sweep checked the "
@@ -539,6 +707,15 @@ SPECS: list[FigureSpec] = [
         "budget, and its training loss.", ("tune",), "tune runs", tune_prepare,
         (("fig9_loss", "Fig. 9: training loss by step", plots.plot_loss_curves),),
         tune_findings, tune_tables),
+    FigureSpec(
+        "steer", "Steering along the base -> SFT shift (Fig. 11)",
+        "`sftscope steer`: the mean (or first principal) shift from base to SFT states at one "
+        "hidden state, added to the base model's residual stream at several scales (0 = the "
+        "unsteered base).", ("steer",), "steering results", steer_prepare,
+        (("fig11_steer", "Fig. 11: score by steering scale", plots.plot_steer),),
+        steer_findings,
+        lambda d: [("fig11_steer", "score by steering scale",
+                    d.frame.drop(columns=["n_blocks"], errors="ignore"))]),
     FigureSpec(
         "eval", "Evaluation scores", "Task scores with confidence intervals.", ("scores",),
         "evaluation scores", _or_none(N.scores_data, "scores"), (),

@@ -1,0 +1,320 @@
+"""``sftscope steer``: add the base->SFT shift of one hidden state to the base model.
+
+The vector ``v`` at hidden state ``j`` comes from the pooled states (token mean, or last token)
+of ``--data`` under both models, captured with the analysis engine (SFT first, then base:
+never both models in memory):
+
+- ``mean``: ``mean_n (z_sft,n - z_base,n)``, whose norm is the pair's ``mean_shift`` at ``j``.
+- ``pc1``: the top principal direction ``u`` of the per-sample differences ``d_n`` (centred, as
+  the research code's PCA), oriented so that ``u . mean_n d_n >= 0`` and sized by the RMS of
+  ``d_n . u`` (how far samples moved along it), so that scale 1 is a shift of the size the
+  SFT model made.
+
+``--unit`` sets ``||v|| = 1`` (the research code's convention). At each ``--scales`` value
+``s`` the base model runs with ``s * v`` added to the residual stream at ``j``: a forward hook on
+the output of block ``j - 1`` (``j = 0``: a pre-hook on block 0's input, the embeddings as the
+model feeds them), at every position (prompt and generated tokens). ``s = 0`` registers no
+hook, so it *is* the unsteered base. Per scale: the task score through the evaluator
+(``--task``) and/or greedy completions (``--generate``). Files: ``steer.csv`` (scale, metric,
+value, ci_low, ci_high, n), ``steer.jsonl`` (completions), ``steer_vector.safetensors``,
+``scales/<s>/`` (the evaluator's scores and predictions per scale) and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from sftscope.config.commands import EvalConfig, SteerConfig
+from sftscope.errors import SftscopeError
+from sftscope.io import Timer, run_record, write_table
+from sftscope.load.arch import ArchSpec, arch_for, block_output, get_blocks
+from sftscope.progress import say
+from sftscope.runs import check_out, finish_run, start_run
+
+__all__ = ["STEER_COLUMNS", "SteerConfig", "SteerResult", "steer", "steering",
+           "steering_vector"]
+
+STEER_COLUMNS = ["scale", "metric", "value", "ci_low", "ci_high", "n"]
+
+
+@dataclass
+class SteerResult:
+    """The table written to ``steer.csv``, the vector's description and where files went."""
+
+    out: str
+    layer: int
+    n_blocks: int
+    table: pd.DataFrame
+    vector: dict[str, Any]
+    completions_path: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ the vector
+
+
+def steering_vector(zb: torch.Tensor, zs: torch.Tensor, direction: str = "mean",
+                    unit: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The steering vector from paired pooled states ``[N, D]`` (base, SFT) and what it is.
+
+    See the module docstring for ``mean`` and ``pc1``; float32 out, float64 inside."""
+    if zb.shape != zs.shape or zb.dim() != 2:
+        raise SftscopeError(f"pooled states of base {tuple(zb.shape)} and SFT "
+                            f"{tuple(zs.shape)} must both be [samples, width]")
+    d = zs.double() - zb.double()
+    mean = d.mean(0)
+    info: dict[str, Any] = {"direction": direction, "n_samples": int(d.shape[0]),
+                            "mean_shift": float(mean.norm())}
+    if direction == "mean":
+        v = mean
+    elif direction == "pc1":
+        if d.shape[0] < 2:
+            raise SftscopeError("--direction pc1 needs at least 2 samples; raise --limit")
+        centred = d - mean
+        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        u = vh[0]
+        dot = float(u @ mean)
+        if dot < 0 or (dot == 0 and float(u[u.abs().argmax()]) < 0):
+            u = -u
+        size = float((d @ u).square().mean().sqrt())
+        v = u * size
+        var = s.square()
+        info.update(explained=float(var[0] / var.sum()) if float(var.sum()) > 0 else math.nan,
+                    cos_with_mean=float(u @ mean / mean.norm()) if float(mean.norm()) > 0
+                    else math.nan)
+    else:
+        raise SftscopeError(f"unknown direction {direction!r}; use mean or pc1")
+    natural = float(v.norm())
+    if unit:
+        if natural == 0:
+            raise SftscopeError("the base and SFT states are identical at this layer: the "
+                                "vector is 0 and has no direction to scale to norm 1")
+        v = v / natural
+    info.update(norm=float(v.norm()), natural_norm=natural, unit=unit)
+    return v.float(), info
+
+
+@contextmanager
+def steering(model: nn.Module, layer: int, vector: torch.Tensor, scale: float,
+             spec: ArchSpec | None = None) -> Iterator[None]:
+    """Add ``scale * vector`` to hidden state ``layer`` of ``model`` inside the block (every
+    position); ``scale == 0`` adds no hook at all."""
+    if scale == 0:
+        yield
+        return
+    blocks = get_blocks(model, spec or arch_for(model))
+    if not 0 <= layer <= len(blocks):
+        raise SftscopeError(f"--layer {layer} is outside 0..{len(blocks)}")
+    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    shift_f32 = vector.float() * float(scale)
+
+    def shift(h: torch.Tensor) -> torch.Tensor:
+        key = (h.device, h.dtype)
+        if key not in cache:
+            cache[key] = shift_f32.to(device=h.device, dtype=h.dtype)
+        return h + cache[key]
+
+    if layer == 0:
+        def pre(_mod, args, kwargs):  # noqa: ANN001
+            if args:
+                return (shift(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": shift(kwargs["hidden_states"])}
+
+        handle = blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+        def post(_mod, _args, output):  # noqa: ANN001
+            if isinstance(output, (tuple, list)):
+                return (shift(block_output(output)), *output[1:])
+            return shift(output)
+
+        handle = blocks[layer - 1].register_forward_hook(post)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------ the run
+
+
+def _free_memory() -> None:
+    """Give freed model memory back (after the caller dropped its last reference)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _pooled(spec: str, revision: str | None, cfg: SteerConfig, tok, dtype: str, device: str,
+            pad: int, label: str) -> tuple[torch.Tensor, Any]:
+    """Pooled states of hidden state ``cfg.layer`` for every sample, and the loaded model."""
+    from sftscope.capture.stream import CaptureConfig, capture
+    from sftscope.load.models import LoadOptions, check_vocab, load_model
+
+    model = load_model(spec, LoadOptions(revision=revision, dtype=dtype, device=device,
+                                         device_map=cfg.device_map))
+    check_vocab(model, tok.input_ids, label)
+    res = capture(model, tok, CaptureConfig(batch_size=cfg.batch_size, n_token=0), pad,
+                  label=label)
+    return res.pooled(cfg.pooling)[cfg.layer].clone(), model
+
+
+def _prompts(cfg: SteerConfig) -> list[str]:
+    from sftscope.load.data import read_samples
+
+    samples, _ = read_samples(cfg.prompts or cfg.data, text_field=cfg.text_field,
+                              template=None if cfg.prompts else cfg.template, n=cfg.n_prompts,
+                              seed=cfg.seed, split=cfg.split, skip_bad=cfg.skip_bad_records)
+    return [s.prompt if s.prompt else s.text for s in samples]
+
+
+def _scale_dir(scale: float) -> str:
+    return f"{scale:g}".replace("-", "m")
+
+
+def steer(cfg: SteerConfig) -> SteerResult:
+    """Compute the vector, steer the base model at every scale, write the run folder."""
+    from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
+    from sftscope.experiments.tune import parse_eval_task
+    from sftscope.load import data as D
+    from sftscope.load.models import check_pair, fingerprint, load_config, pair_tokenizer
+    from sftscope.load.runtime import dtype_name, pad_id, resolve_device, resolve_dtype
+    from sftscope.metrics.stats import mean_ci, proportion_ci
+
+    out = Path(cfg.out).expanduser()
+    check_out(out, "steer", cfg, overwrite=cfg.overwrite)
+    timer = Timer()
+    device = resolve_device(cfg.device)
+    dtype = dtype_name(resolve_dtype(cfg.dtype, device))
+    scales = cfg.scale_values()
+    with timer("validate"):
+        info = check_pair(load_config(cfg.base, cfg.base_revision),
+                          load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
+                          allow_mixed=cfg.allow_mixed_pair)
+        n_blocks = info.n_blocks
+        if cfg.layer > n_blocks:
+            raise SftscopeError(f"--layer {cfg.layer} is outside the hidden states 0..{n_blocks} "
+                                f"of {cfg.base} ({n_blocks} blocks; j = b + 1 is the output of "
+                                f"block b)")
+        task = parse_eval_task(cfg.task, flag="--task") if cfg.task else None
+        tok, notes = pair_tokenizer(cfg.base, cfg.sft, cfg.tokenizer,
+                                    revisions={"base": cfg.base_revision,
+                                               "sft": cfg.sft_revision},
+                                    chat_template=cfg.chat_template)
+        notes = list(info.notes) + notes
+    with timer("data"):
+        prep = D.prepare(cfg.data, tok, text_field=cfg.text_field, template=cfg.template,
+                         split=cfg.split, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
+                         chat_template=cfg.chat_template, skip_bad=cfg.skip_bad_records)
+        notes += prep.notes
+        prompts = _prompts(cfg) if cfg.generate else []
+    for n in notes:
+        say(f"[yellow]note:[/] {n}")
+    start_run(out, "steer", SteerConfig.OUTPUTS)
+    shutil.rmtree(out / "scales", ignore_errors=True)
+    pad = pad_id(tok)
+    where = "embeddings" if cfg.layer == 0 else f"output of block {cfg.layer - 1}"
+    with timer("capture_sft"):
+        zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, prep.tokens, dtype, device, pad,
+                                "sft")
+        del sft_model  # never both models in memory
+        _free_memory()
+    with timer("capture_base"):
+        zb, model = _pooled(cfg.base, cfg.base_revision, cfg, prep.tokens, dtype, device, pad,
+                            "base")
+    vector, vinfo = steering_vector(zb, zs, cfg.direction, cfg.unit)
+    vinfo.update(layer=cfg.layer, where=where, pooling=cfg.pooling)
+    from safetensors.torch import save_file
+
+    save_file({"vector": vector.contiguous()}, str(out / "steer_vector.safetensors"),
+              metadata={k: str(v) for k, v in vinfo.items()})
+    say(f"steering vector at hidden state {cfg.layer} ({where}): {cfg.direction}, norm "
+        f"{vinfo['norm']:.4g} (base->SFT mean shift {vinfo['mean_shift']:.4g}, "
+        f"{vinfo['n_samples']} samples)")
+
+    spec = arch_for(model)
+    rows: list[dict[str, Any]] = []
+    gens: list[dict[str, Any]] = []
+    unsteered: list[str] | None = None
+    stops = tuple(s for s in (eos_text(tok),) if s)
+    for s in scales:
+        with steering(model, cfg.layer, vector, s, spec):
+            if task is not None:
+                name, data = task
+                ecfg = EvalConfig(model=cfg.base, revision=cfg.base_revision, task=name,
+                                  data=data,
+                                  out=str(out / "scales" / _scale_dir(s)), shots=cfg.eval_shots,
+                                  fewshot_data=cfg.eval_fewshot_data, limit=cfg.eval_limit,
+                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                  chat_template=cfg.chat_template, level=cfg.level,
+                                  skip_bad_records=cfg.skip_bad_records)
+                with timer(f"eval_{_scale_dir(s)}"):
+                    res = evaluate_model(model, tok, ecfg)
+                for sc in res.scores:
+                    rows.append({"scale": s, "metric": sc.metric, "value": sc.value,
+                                 "ci_low": sc.ci_low, "ci_high": sc.ci_high, "n": sc.n})
+                say(f"scale {s:g}: " + ", ".join(f"{sc.metric} {sc.value:.4f}"
+                                                 for sc in res.scores[:3]))
+            if cfg.generate:
+                with timer(f"generate_{_scale_dir(s)}"):
+                    got = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size, stops=stops,
+                                   description=f"generate (scale {s:g})")
+                texts = [g.completion for g in got]
+                if s == 0:
+                    unsteered = texts
+                new = [float(g.new_tokens) for g in got]
+                lo, hi = mean_ci(new, cfg.level)
+                rows.append({"scale": s, "metric": "new_tokens", "value": sum(new) / len(new),
+                             "ci_low": lo, "ci_high": hi, "n": len(new)})
+                gens += [{"scale": s, "index": i, "prompt": p, "completion": g.completion,
+                          "new_tokens": g.new_tokens}
+                         for i, (p, g) in enumerate(zip(prompts, got))]
+    if cfg.generate and unsteered is not None:  # how many completions steering changed
+        for s in scales:
+            texts = [g["completion"] for g in gens if g["scale"] == s]
+            k = sum(a == b for a, b in zip(texts, unsteered))
+            lo, hi = proportion_ci(k, len(texts), cfg.level)
+            rows.append({"scale": s, "metric": "same_as_unsteered", "value": k / len(texts),
+                         "ci_low": lo, "ci_high": hi, "n": len(texts)})
+    table = pd.DataFrame(rows, columns=STEER_COLUMNS).sort_values("scale", kind="stable")
+    table = table.reset_index(drop=True)
+    for fmt in cfg.formats:
+        write_table(table, out / f"steer.{fmt}")
+    comp_path = None
+    if cfg.generate:
+        comp_path = out / "steer.jsonl"
+        import json
+
+        from sftscope.io import atomic_path
+
+        with atomic_path(comp_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for g in gens:
+                f.write(json.dumps(g) + "\n")
+    result = SteerResult(out=str(out), layer=cfg.layer, n_blocks=n_blocks, table=table,
+                         vector=vinfo, completions_path=str(comp_path) if comp_path else None,
+                         timings=timer.seconds)
+    finish_run(out, run_record(
+        "steer", cfg.record(), n_blocks=n_blocks, layer=cfg.layer, vector=vinfo,
+        scales=scales, task=task[0] if task else None,
+        models={"base": fingerprint(cfg.base, cfg.base_revision),
+                "sft": fingerprint(cfg.sft, cfg.sft_revision)},
+        resolved={"device": device, "dtype": dtype},
+        layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b",
+        data={"source": cfg.data, "n_samples": len(prep.tokens),
+              "n_truncated": prep.tokens.n_truncated, "n_prompts": len(prompts)},
+        notes=notes, timings=timer.seconds, finished=True))
+    del model
+    _free_memory()
+    return result
+

@@ -1,0 +1,183 @@
+"""steer: the base->SFT vector at a layer, added to the base model at several scales."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from sftscope.config.commands import EvalConfig, SteerConfig
+from sftscope.errors import SftscopeError
+from sftscope.experiments.steer import STEER_COLUMNS, steer, steering, steering_vector
+from sftscope.load.arch import get_blocks
+from sftscope.load.models import load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def pair(model_dir):
+    return model_dir("llama", seed=0), model_dir("llama", seed=1)  # 4 blocks
+
+
+@pytest.fixture()
+def texts(tmp_path):
+    p = tmp_path / "texts.jsonl"
+    p.write_text("\n".join(json.dumps({"text": f"The number {i} is followed by {i + 1}."})
+                           for i in range(12)) + "\n")
+    return p
+
+
+def _cfg(pair, data, out, **kw):
+    base, sft = pair
+    kw.setdefault("layer", 2)
+    kw.setdefault("device", "cpu")
+    return SteerConfig(base=str(base), sft=str(sft), data=str(data), out=str(out), **kw)
+
+
+# ------------------------------------------------------------------ the vector
+
+
+def test_vector_mean_and_pc1():
+    g = torch.Generator().manual_seed(0)
+    zb = torch.randn(50, 8, generator=g)
+    u = torch.zeros(8)
+    u[3] = 1.0
+    coef = 2.0 + torch.randn(50, generator=g)  # every sample moves along e3 by about 2
+    zs = zb + coef[:, None] * u
+    v, info = steering_vector(zb, zs, "mean")
+    torch.testing.assert_close(v, (zs - zb).mean(0))
+    assert info["norm"] == pytest.approx(info["mean_shift"])
+    v, info = steering_vector(zb, zs, "pc1")
+    assert abs(float(v[3])) == pytest.approx(float(v.norm()), rel=1e-6)  # along e3
+    assert float(v[3]) > 0  # oriented along the mean shift
+    assert float(v.norm()) == pytest.approx(float(coef.square().mean().sqrt()), rel=1e-5)
+    assert info["explained"] == pytest.approx(1.0)
+    v, info = steering_vector(zb, zs, "pc1", unit=True)
+    assert float(v.norm()) == pytest.approx(1.0) and info["natural_norm"] > 1
+    with pytest.raises(SftscopeError, match="identical"):
+        steering_vector(zb, zb.clone(), "mean", unit=True)
+
+
+def test_hook_adds_the_vector_where_asked(pair):
+    model = load_model(str(pair[0]))
+    blocks = get_blocks(model)
+    x = torch.randint(5, 300, (2, 7))
+    seen: dict[int, torch.Tensor] = {}
+
+    def grab(j):
+        def hook(mod, args, kwargs, out):
+            seen[j] = (args[0] if args else kwargs["hidden_states"]).clone()
+        return hook
+
+    handles = [blocks[b].register_forward_hook(grab(b), with_kwargs=True) for b in range(4)]
+    with torch.no_grad():
+        model(input_ids=x)
+        plain = dict(seen)
+        v = torch.randn(model.config.hidden_size)
+        for layer in (0, 2):
+            with steering(model, layer, v, 3.0):
+                model(input_ids=x)
+            # the input of block `layer` (hidden state j = layer) moved by exactly 3 v
+            torch.testing.assert_close(seen[layer] - plain[layer], (3.0 * v).expand_as(
+                plain[layer]), atol=1e-5, rtol=0)
+            for b in range(layer):  # nothing below changes
+                torch.testing.assert_close(seen[b], plain[b], atol=0, rtol=0)
+        with steering(model, 2, v, 0.0):
+            model(input_ids=x)
+        for b in range(4):
+            assert torch.equal(seen[b], plain[b])
+    for h in handles:
+        h.remove()
+    assert not any(blocks[b]._forward_hooks for b in range(4))
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_steer_perplexity_scale_zero_is_the_base(pair, texts, tmp_path):
+    from sftscope.experiments.evaluate import evaluate_model
+
+    out = tmp_path / "run"
+    res = steer(_cfg(pair, texts, out, scales="0,1,8", task=f"perplexity:{texts}",
+                     eval_limit=6, limit=10))
+    t = pd.read_csv(out / "steer.csv")
+    assert list(t.columns) == STEER_COLUMNS
+    assert sorted(t["scale"].unique()) == [0.0, 1.0, 8.0]
+    loss = t[t["metric"] == "loss"].set_index("scale")["value"]
+    # scale 0 is the unsteered base, exactly
+    model = load_model(str(pair[0]))
+    tok = load_tokenizer(str(pair[0]))
+    plain = evaluate_model(model, tok, EvalConfig(model=str(pair[0]), task="perplexity",
+                                                  data=str(texts), limit=6, batch_size=8))
+    assert loss[0.0] == plain.score("loss").value
+    assert loss[8.0] != loss[0.0] and loss[1.0] != loss[0.0]
+    assert (t["n"] == 6).all()
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["command"] == "steer" and rec["finished"] and rec["layer"] == 2
+    assert rec["n_blocks"] == 4 and rec["vector"]["direction"] == "mean"
+    assert rec["vector"]["norm"] == pytest.approx(rec["vector"]["mean_shift"])
+    assert res.vector["n_samples"] == 10
+    from safetensors.torch import load_file
+
+    v = load_file(str(out / "steer_vector.safetensors"))["vector"]
+    assert v.shape == (load_model(str(pair[0])).config.hidden_size,)
+    assert float(v.norm()) == pytest.approx(res.vector["norm"], rel=1e-5)
+    assert (out / "scales" / "8" / "predictions-perplexity.jsonl").is_file()
+
+
+def test_steer_vector_is_the_mean_shift_of_analyze(pair, texts, tmp_path):
+    """The vector's norm is the pair's mean_shift at that layer (same states, same pooling)."""
+    from sftscope.experiments.analyze import AnalyzeConfig, analyze
+
+    table = analyze(AnalyzeConfig(base=str(pair[0]), sft=str(pair[1]), data=str(texts),
+                                  out=str(tmp_path / "a"), limit=10, n_token=0, device="cpu",
+                                  cache_dir=str(tmp_path / "cache")))
+    ms = table[(table.metric == "mean_shift") & (table.layer == 3)]["value"].iloc[0]
+    res = steer(_cfg(pair, texts, tmp_path / "s", layer=3, limit=10, scales="0",
+                     task=f"perplexity:{texts}", eval_limit=2))
+    assert res.vector["mean_shift"] == pytest.approx(ms, rel=1e-5)
+
+
+def test_steer_generate_writes_completions(pair, texts, tmp_path):
+    out = tmp_path / "run"
+    steer(_cfg(pair, texts, out, layer=0, scales="0,50", generate=True, n_prompts=3,
+               max_new_tokens=4, direction="pc1", limit=8))
+    lines = [json.loads(x) for x in (out / "steer.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and {x["scale"] for x in lines} == {0.0, 50.0}
+    assert {"prompt", "completion", "new_tokens", "index"} <= set(lines[0])
+    t = pd.read_csv(out / "steer.csv")
+    same = t[t["metric"] == "same_as_unsteered"].set_index("scale")["value"]
+    assert same[0.0] == 1.0
+    assert set(t["metric"]) == {"new_tokens", "same_as_unsteered"}
+
+
+def test_steer_config_refuses_bad_input(pair, texts, tmp_path):
+    with pytest.raises(SftscopeError, match="needs --task .* or --generate"):
+        _cfg(pair, texts, tmp_path / "o")
+    with pytest.raises(SftscopeError, match="--layer 5 is outside the base model's hidden "
+                                            "states 0..4"):
+        _cfg(pair, texts, tmp_path / "o", layer=5, generate=True)
+    with pytest.raises(SftscopeError, match="--scales has 'x'"):
+        _cfg(pair, texts, tmp_path / "o", scales="0,x", generate=True)
+    with pytest.raises(SftscopeError, match="repeats"):
+        _cfg(pair, texts, tmp_path / "o", scales="1,1.0", generate=True)
+    with pytest.raises(SftscopeError, match="--eval-limit applies to --task"):
+        _cfg(pair, texts, tmp_path / "o", generate=True, eval_limit=3)
+    with pytest.raises(SftscopeError, match="pc1 needs at least 2"):
+        _cfg(pair, texts, tmp_path / "o", generate=True, direction="pc1", limit=1)
+    with pytest.raises(SftscopeError, match="unknown task"):
+        _cfg(pair, texts, tmp_path / "o", task="squad")
+    cfg = _cfg(pair, texts, tmp_path / "o", scales="2,-1,0.5", generate=True)
+    assert cfg.scale_values() == [2.0, -1.0, 0.5]
+
+
+def test_cli_steer_layer_out_of_range_before_loading(pair, texts, tmp_path, capsys):
+    from sftscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["steer", "--base", str(pair[0]), "--sft", str(pair[1]), "--data", str(texts),
+              "--out", str(tmp_path / "o"), "--layer", "9", "--generate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--layer 9 is outside" in err[0]
+    assert not (tmp_path / "o").exists()
