@@ -3,7 +3,7 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo lint
+.PHONY: install test test-unit demo lint
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH)
@@ -12,6 +12,9 @@ install:
 test: install
 	$(PYTHON) -m ruff check src tests bench
 	$(PYTHON) -m pytest -p no:cacheprovider
+
+test-unit:
+	$(PYTHON) -m pytest -p no:cacheprovider -m unit
 
 demo: install
 	$(PYTHON) -m sftscope demo --out sftscope-demo

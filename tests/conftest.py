@@ -20,6 +20,23 @@ def pytest_configure(config) -> None:
     torch.set_num_threads(1)
 
 
+# Test tiers (select with -m): unit = pure functions and the CLI frame, no model; integration
+# = tiny models through one component; e2e = whole commands and the demo. `gpu` tests skip
+# without CUDA.
+UNIT = {"test_metrics.py", "test_cli.py", "test_layers.py", "test_tasks.py", "test_data.py",
+        "test_report_rules.py", "test_registry_masks.py", "test_lm_eval_diff.py"}
+E2E = {"test_demo.py", "test_demo_pair.py", "test_faults.py", "test_real_model.py"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    import pytest
+
+    for item in items:
+        name = item.path.name
+        tier = "unit" if name in UNIT else "e2e" if name in E2E else "integration"
+        item.add_marker(getattr(pytest.mark, tier))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from sftscope.load.tiny import train_tokenizer
