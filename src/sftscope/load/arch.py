@@ -31,6 +31,11 @@ class ArchSpec:
     fused projection and ``fused_layout`` its layout: ``concat`` (q, k, v stacked along the
     output dimension, sizes from the config) or ``neox`` (per-head interleaved ``[h, 3, d]``).
     ``conv1d`` marks GPT-2's ``Conv1D`` whose weight is stored ``(in, out)``.
+    ``checkpoint_aliases`` maps legacy tensor-name prefixes of saved checkpoints to the names
+    transformers loads them as (GPT-NeoX's ``embed_out.`` -> ``lm_head.``); ``config_keys``
+    names this family's config keys for ``n_layers`` / ``hidden`` when they are not among the
+    common ones (``num_hidden_layers``/``n_layer``/``num_layers``, ``hidden_size``/``n_embd``).
+    Adding a family is one entry in ``REGISTRY``.
     """
 
     family: str
@@ -45,6 +50,8 @@ class ArchSpec:
     fused_layout: str | None = None
     conv1d: bool = False
     extra_embeds: tuple[str, ...] = ()
+    checkpoint_aliases: Mapping[str, str] = field(default_factory=dict)
+    config_keys: Mapping[str, str] = field(default_factory=dict)
 
     def target_modules(self, mlp: bool = False, roles: tuple[str, ...] = ATTN_ROLES) -> list[str]:
         """Leaf module names for PEFT ``target_modules`` (attention, optionally MLP)."""
@@ -79,7 +86,8 @@ REGISTRY: list[ArchSpec] = [
     ArchSpec("gpt_neox", ("gpt_neox",), blocks="gpt_neox.layers", embed="gpt_neox.embed_in",
              final_norm="gpt_neox.final_layer_norm", attn={"o": "attention.dense"},
              mlp={"fc_in": "mlp.dense_h_to_4h", "fc_out": "mlp.dense_4h_to_h"},
-             fused_qkv="attention.query_key_value", fused_layout="neox"),
+             fused_qkv="attention.query_key_value", fused_layout="neox",
+             checkpoint_aliases={"embed_out.": "lm_head."}),
     ArchSpec("phi", ("phi",), blocks="model.layers", embed="model.embed_tokens",
              final_norm="model.final_layernorm",
              attn={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -189,11 +197,12 @@ def _model_type(obj: Any) -> str:
 
 def n_layers(config: Any) -> int | None:
     """Decoder block count from a config, whatever the family calls it."""
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        val = getattr(config, key, None)
-        if isinstance(val, int):
-            return val
-    return None
+    from sftscope.load.sources import BLOCK_KEYS, get_key
+
+    spec = spec_for_config(config)
+    key = spec.config_keys.get("n_layers") if spec is not None else None
+    val = get_key(config, ((key,) if key else ()) + BLOCK_KEYS)
+    return val if isinstance(val, int) else None
 
 
 def spec_for_config(config: Any) -> ArchSpec | None:

@@ -39,7 +39,6 @@ from sftscope.load.arch import ArchSpec, fused_qkv_sizes, spec_for_config, spec_
 
 _JUNK_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
 # Legacy checkpoint names that transformers renames at load time: family -> {old: new}.
-_ALIASES = {"gpt_neox": {"embed_out.": "lm_head."}}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
@@ -97,10 +96,9 @@ def canonical_name(name: str, spec: ArchSpec | None) -> str:
             name = name[len(p):]
     if spec is None:
         return name
-    for fam_type in spec.model_types:
-        for old, new in _ALIASES.get(fam_type, {}).items():
-            if name.startswith(old):
-                name = new + name[len(old):]
+    for old, new in spec.checkpoint_aliases.items():
+        if name.startswith(old):
+            name = new + name[len(old):]
     root = spec.blocks.split(".")[0] + "."
     if "." in spec.blocks and not name.startswith(root) and not name.startswith(spec.head + "."):
         name = root + name
