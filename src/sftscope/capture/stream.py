@@ -156,6 +156,8 @@ def cache_key(model_fp: dict, tok: TokenizedSet, cfg: CaptureConfig, *,
              else {"source": model_fp.get("source"), "revision": model_fp.get("revision")})
     return stable_hash({"model": model, "ids": ids_digest(tok.input_ids),
                         "cfg": cfg.key_fields(), "metric_options": asdict(cfg.metric_options()),
+                        # a new token metric must not be read from an older capture without it
+                        "token_metrics": M.token_metric_names(cfg.metric_options()),
                         "load": load or {}, "data": data or {}, "pad_id": pad_id,
                         "v": FORMAT_VERSION,
                         "versions": _versions()}, 24)
