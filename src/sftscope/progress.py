@@ -129,14 +129,16 @@ def track(items: Iterable[T], description: str, total: int | None = None, *,
     if not interactive():
         last = time.perf_counter()
         every = every_seconds()
+        printed = False
         for item in items:
             yield item
             meter.update(1, tokens(item) if tokens else 0)
             now = time.perf_counter()
             if now - last >= every:
                 _plain(meter.line())
-                last = now
-        _plain(meter.line())
+                last, printed = now, True
+        if printed or time.perf_counter() - meter.t0 >= min(every, 3.0):
+            _plain(meter.line())  # the closing line of any loop long enough to matter
         return
     from rich.progress import (
         BarColumn,

@@ -85,8 +85,15 @@ def _fail(message: str, code: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors are one line and exit status 2, never a traceback."""
+    import os
+
     from sftscope.runs import DISK_ERRNOS, disk_error
 
+    # Waiting OpenMP threads sleep instead of spinning (see load/runtime.py): must be set before
+    # torch starts its thread pool, which no command has done yet at this point.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # sftscope reports progress itself: the hub's and transformers' own bars stay off
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = list(sys.argv[1:] if argv is None else argv)
     try:

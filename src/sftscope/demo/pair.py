@@ -87,9 +87,10 @@ class PairConfig:
     eval_items: int = 50
     eval_new_tokens: int = 64
     threads: int = 0
-    """torch threads while building (0: leave torch's setting). Not part of the cache key. One
-    thread is as fast as two for the quick preset's tiny matrices and far faster on a busy
-    machine, where two OpenMP threads wait on each other at every operation."""
+    """torch threads while building (0: chosen from the machine's load as training goes, see
+    ``load.runtime.ThreadGovernor``). Not part of the cache key. One thread is as fast as two
+    for the quick preset's tiny matrices and far faster on a busy machine, where two OpenMP
+    threads wait on each other at every operation."""
 
 
 FULL = PairConfig()
@@ -213,25 +214,46 @@ def _pack_sft(examples: list[tuple[list[int], list[int]]], pad: int,
 def _train(model, dataset: torch.utils.data.Dataset, *, steps: int, lr: float, cfg: PairConfig,
            seed: int, work_dir: Path, name: str) -> list[list[float]]:
     """Train ``model`` in place with ``transformers.Trainer``; returns ``[[step, loss], ...]``."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import (
+        PrinterCallback,
+        ProgressCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from sftscope.load.runtime import ThreadGovernor
+    from sftscope.progress import trainer_callback
 
     show = progress_enabled()
+    governor = ThreadGovernor(enabled=cfg.threads == 0)
+
+    class Governor(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            governor()
+
     args = TrainingArguments(
         output_dir=str(work_dir / f"trainer-{name}"), max_steps=steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_steps=max(1, int(cfg.warmup_frac * steps)),
         weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch",
         logging_steps=max(1, steps // 10), save_strategy="no", report_to="none",
-        disable_tqdm=not show, seed=seed, data_seed=seed, use_cpu=True,
+        disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=True,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      callbacks=[Governor(), trainer_callback(f"demo pair: {name}")])
     trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     if show:
         say(f"[bold]demo pair[/]: training {name} ({steps} steps)")
     trainer.train()
     model.eval()
+    THREAD_CHANGES[name] = governor.changes
     return [[float(h["step"]), float(h["loss"])] for h in trainer.state.log_history if "loss" in h]
+
+
+THREAD_CHANGES: dict[str, list[tuple[float, int]]] = {}  # (seconds, threads) per training phase
 
 
 def _new_model(family: str, vocab_size: int, cfg: PairConfig, seed: int):
@@ -536,6 +558,7 @@ def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick
                    "eos_token": tok.eos_token, "pad_token": tok.pad_token},
         tokens=tokens, timings={k: round(v, 2) for k, v in timer.seconds.items()},
         cpu_seconds={k: round(v, 2) for k, v in cpu.items()}, torch_threads=torch.get_num_threads(),
+        thread_changes=dict(THREAD_CHANGES),
         metrics={k: round(v, 4) for k, v in metrics.items()},
         loss_history={"base": base_hist, "sft": sft_hist},
         files={k: str(p.relative_to(out_dir)) for k, p in files.items()},

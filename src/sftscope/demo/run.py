@@ -43,9 +43,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     res = DemoResult(out=out, report=None)
     size = cfg.sizes
     t0 = time.perf_counter()
+    eta = Eta(cfg, t0)
+    say(f"[bold]demo: pair[/] ({eta.line('pair')})")
     pair = build_demo_pair(out / "pair", seed=cfg.seed, quick=cfg.quick, family=cfg.family,
                            force=cfg.force)
     res.timings["pair" + (" (cached)" if pair.cached else "")] = time.perf_counter() - t0
+    eta.done("pair", time.perf_counter() - t0, cached=pair.cached)
     res.pair = {"base": str(pair.base_dir), "sft": str(pair.sft_dir), "cached": pair.cached,
                 "n_blocks": pair.n_blocks, "n_params": pair.n_params, "metrics": pair.metrics,
                 "timings": pair.timings}
@@ -58,10 +61,11 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     def step(name: str, fn) -> None:
         if name in cfg.skip:
             return
-        say(f"[bold]demo: {name}[/]")
+        say(f"[bold]demo: {name}[/] ({eta.line(name)})")
         t = time.perf_counter()
         path = fn(out / name)
         res.timings[name] = time.perf_counter() - t
+        eta.done(name, res.timings[name])
         if path is not None:
             res.runs[name] = Path(path)
 
@@ -146,6 +150,45 @@ def reduced_notice(cfg: DemoConfig) -> str:
     from sftscope.report.runs import reduced_notice as notice
 
     return notice(cfg.sizes)
+
+
+# Seconds each step took on an idle 2-core machine (bench/bench_demo.py); the ETA scales the
+# steps still to come by how much slower than this the steps so far have been.
+REFERENCE_SECONDS = {
+    False: {"pair": 265.0, "analyze": 3.0, "weights": 1.0, "probe": 2.0, "swap": 2.5,
+            "sweep": 22.0, "report": 4.0},
+    True: {"pair": 14.0, "analyze": 1.0, "weights": 0.3, "probe": 0.7, "swap": 1.0,
+           "sweep": 6.0, "report": 3.0},
+}
+
+
+class Eta:
+    """An overall ETA for the demo: reference step times scaled by the observed slowdown."""
+
+    def __init__(self, cfg: DemoConfig, t0: float) -> None:
+        self.ref = dict(REFERENCE_SECONDS[cfg.quick])
+        for name in cfg.skip:
+            self.ref.pop(name, None)
+        self.t0 = t0
+        self.spent_ref = 0.0
+        self.spent = 0.0
+        self.left = list(self.ref)
+
+    def done(self, name: str, seconds: float, cached: bool = False) -> None:
+        if name in self.left:
+            self.left.remove(name)
+        if not cached:  # a cached pair says nothing about this machine's speed
+            self.spent_ref += self.ref.get(name, 0.0)
+            self.spent += seconds
+
+    def line(self, name: str) -> str:
+        k = self.left.index(name) + 1 if name in self.left else 0
+        n = len(self.ref)
+        slow = self.spent / self.spent_ref if self.spent_ref > 0 else 1.0
+        rest = sum(self.ref[s] for s in self.left) * slow
+        el = time.perf_counter() - self.t0
+        return (f"step {n - len(self.left) + min(k, 1)}/{n}, elapsed {el:.0f} s, "
+                f"about {rest:.0f} s to go" + ("" if self.spent_ref else " on an idle machine"))
 
 
 def time_summary(res: DemoResult) -> str:
