@@ -29,7 +29,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, model_dir) -> dict[str, str]:
     """Every good and bad input the cases refer to, as ``{name}`` placeholders."""
-    root = tmp_path_factory.mktemp("faults")
+    return make_inputs(tmp_path_factory.mktemp("faults"), model_dir)
+
+
+def make_inputs(root: Path, model_dir) -> dict[str, str]:
+    """Build the inputs in ``root``; ``model_dir(family, seed=0, **config)`` makes tiny models."""
     base = model_dir("llama", seed=0)
     p: dict[str, Any] = {"base": base, "sft": model_dir("llama", seed=1),
                          "deep": model_dir("llama", n_layers=6), "gpt2": model_dir("gpt2"),

@@ -51,7 +51,7 @@ def _imports(path: Path, module: str) -> list[tuple[str, int]]:
             found += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative import
-                base = module.split(".")[: -node.level] if not path.name == "__init__.py" \
+                base = module.split(".")[: -node.level] if path.name != "__init__.py" \
                     else module.split(".")[: len(module.split(".")) - node.level + 1]
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
