@@ -197,7 +197,8 @@ def _token_metrics(hs: torch.Tensor, ms: torch.Tensor, opts: M.MetricOptions
         spa = M.sparsity_batch(h64, ms, opts)
         curv, valid = M.curvature_batch(h64, ms)
         curv = torch.where(valid, curv, torch.full_like(curv, float("nan")))
-        return tuple(v.detach().to("cpu", torch.float64) for v in (ent, spa, curv))  # type: ignore[return-value]
+        ent, spa, curv = (v.detach().to("cpu", torch.float64) for v in (ent, spa, curv))
+        return ent, spa, curv
 
 
 def _cores() -> int:
@@ -386,11 +387,6 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
     red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options(), cfg.include_padding,
                    schedule=schedule)
     partial = partial_path(cache_path) if cache_path is not None else None
-    resumed = 0
-    got = _read(partial) if partial is not None else None
-    if got is not None and got[1].get("n") == n and red.restore(got[0]):
-        resumed = int(red.done.sum())
-    todo = [i for i in range(n) if not bool(red.done[i])]
     t0 = last_ckpt = time.perf_counter()
 
     def checkpoint() -> None:
@@ -406,6 +402,11 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
             last_ckpt = time.perf_counter()
 
     try:
+        resumed = 0
+        got = _read(partial) if partial is not None else None
+        if got is not None and got[1].get("n") == n and red.restore(got[0]):
+            resumed = int(red.done.sum())
+        todo = [i for i in range(n) if not bool(red.done[i])]
         with _sigterm_interrupts():
             try:
                 run_hooked(model, tok, cfg.batch_size, pad_id, red, indices=todo,
