@@ -105,12 +105,14 @@ class _FiniteGuard:
 
     def __init__(self) -> None:
         self.flags: dict[int, torch.Tensor] = {}
+        self.dtype = torch.float32
 
     def check(self, j: int, h: torch.Tensor, batch: HookedBatch) -> None:
         # a float32 row sum is non-finite iff some entry is (no overflow at these sizes)
         rows = h.sum(-1, dtype=torch.float32)
         real = torch.where(batch.mask_on(h.device), rows, 0.0)
         self.flags[j] = ~torch.isfinite(real).all(-1)
+        self.dtype = h.dtype
 
     def raise_if_bad(self, batch: HookedBatch, label: str) -> None:
         if not self.flags:
@@ -120,10 +122,12 @@ class _FiniteGuard:
         bad = torch.stack([f.to(dev) for f in flags.values()]).cpu()  # [J, B]
         if bool(bad.any()):
             k, row = (int(v) for v in bad.nonzero()[0])
+            hint = ("does it overflow in this dtype? try --dtype float32"
+                    if self.dtype in (torch.float16, torch.bfloat16)
+                    else "check the weights for NaN/Inf")
             raise SftscopeError(
                 f"{label}: {state_name(list(flags)[k])} has NaN or Inf at a real token of "
-                f"sample {batch.index[row]}; nothing was cached (does the model overflow in "
-                f"this dtype? try --dtype float32)")
+                f"sample {batch.index[row]}; stopped, nothing saved ({hint})")
 
 
 @torch.inference_mode()

@@ -418,17 +418,6 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
     red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options(), cfg.include_padding,
                    schedule=schedule)
     partial = partial_path(cache_path) if cache_path is not None else None
-    resumed = 0
-    got = _read(partial) if partial is not None else None
-    if got is not None and got[1].get("n") == n and red.restore(got[0]):
-        resumed = int(red.done.sum())
-    todo = [i for i in range(n) if not bool(red.done[i])]
-    if cfg.include_padding and todo:
-        # padded positions count (reference preset): a sample's numbers depend on its batch,
-        # so a resume runs whole batches of the original chunking again (batch_size is in
-        # the key then)
-        first = (todo[0] // cfg.batch_size) * cfg.batch_size
-        todo = list(range(first, n))
     t0 = last_ckpt = time.perf_counter()
 
     def checkpoint() -> None:
@@ -444,6 +433,17 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
             last_ckpt = time.perf_counter()
 
     try:
+        resumed = 0
+        got = _read(partial) if partial is not None else None
+        if got is not None and got[1].get("n") == n and red.restore(got[0]):
+            resumed = int(red.done.sum())
+        todo = [i for i in range(n) if not bool(red.done[i])]
+        if cfg.include_padding and todo:
+            # padded positions count (reference preset): a sample's numbers depend on its
+            # batch, so a resume runs whole batches of the original chunking again (batch_size
+            # is in the key then)
+            first = (todo[0] // cfg.batch_size) * cfg.batch_size
+            todo = list(range(first, n))
         with _sigterm_interrupts():
             try:
                 run_hooked(model, tok, cfg.batch_size, pad_id, red, indices=todo,
