@@ -61,6 +61,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launch_id() -> str:
+    """Names this launch (the same on every rank of it): the launcher's run id and rendezvous
+    address; empty without a launcher."""
+    if world_size() <= 1:
+        return ""
+    parts = (os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("MASTER_ADDR", ""),
+             os.environ.get("MASTER_PORT", ""))
+    return ":".join(parts)
+
+
 def shard_range(n: int, world: int, rank: int, unit: int = 1) -> range:
     """The samples of ``rank`` among ``world`` processes: a contiguous range of ``0..n-1`` cut
     at multiples of ``unit`` (the batch size, so each rank runs exactly the batches one process
