@@ -96,7 +96,9 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
     """
     par = par or Group()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    fp = fingerprint(spec, revision, memo_dir=cache)
+    # rank 0 reads the weights for their content hash; the other ranks receive it
+    fp = par.broadcast(par.run(lambda: fingerprint(spec, revision, memo_dir=cache)
+                               if par.main else None, f"fingerprint of {label}"))
     revision = fp.get("commit") or revision  # load exactly the commit the key names
     load = _load_settings(cfg)
     data = {"max_length": cfg.max_length, "chat_template": cfg.chat_template,
