@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -163,7 +164,7 @@ def test_shards_then_summarize(tiny, data, tmp_path):
     run_sweep(_cfg(tiny, data, out, job_index=1, num_jobs=2), job_fn=fns[1])
     assert not set(fns[0].calls) & set(fns[1].calls)
     assert len(fns[0].calls) + len(fns[1].calls) == 6
-    res = run_sweep(SweepConfig(out=str(out), summarize_only=True, bootstrap=200))
+    res = run_sweep(SweepConfig(out=str(out), collect=True, bootstrap=200))
     assert res.ran == [] and not res.pending
     assert set(masks_from_text(pd.read_csv(out / "summary.csv"))["mask"]) == {"11", "10",
                                                                                   "01"}
@@ -317,3 +318,126 @@ def test_full_method_refuses_lora_options_before_any_job(tiny, data, tmp_path):
     with pytest.raises(SftscopeError, match="--rank is a LoRA option"):
         _cfg(tiny, data, tmp_path / "run", tune={"method": "full", "rank": 8})
     assert not (tmp_path / "run").exists()
+
+
+class FailingJob(FakeJob):
+    """A FakeJob whose job ``fail`` raises a user error."""
+
+    def __init__(self, fail: str) -> None:
+        super().__init__()
+        self.fail = fail
+
+    def __call__(self, job) -> JobOutput:
+        if job.name == self.fail:
+            raise SftscopeError("out of memory on the node")
+        return super().__call__(job)
+
+
+def test_collect_reports_missing_failed_unfinished_and_refuses_mixed(tiny, data, tmp_path):
+    """Shards write to one folder; --collect pools the finished jobs, names the missing,
+    failed and unfinished ones, and refuses jobs made with other settings."""
+    out = tmp_path / "shared"
+    kw = {"seeds": 3, "num_jobs": 2, "bootstrap": 200}
+    # seed-major job list; shard 0 takes 11-s0 01-s0 10-s1 11-s2 01-s2
+    run_sweep(_cfg(tiny, data, out, job_index=0, **kw), job_fn=FakeJob())
+    # shard 1 has 10-s0 11-s1 01-s1 10-s2: the second fails and stops the shard
+    with pytest.raises(SftscopeError, match="out of memory"):
+        run_sweep(_cfg(tiny, data, out, job_index=1, **kw), job_fn=FailingJob("11-s1"))
+    # 01-s1 was killed by the scheduler (started, no result, no error)
+    (out / "jobs/01-s1").mkdir()
+    (out / "jobs/01-s1/job.json").write_text(json.dumps({"mask": "01", "seed": 1,
+                                                          "attempt": 1, "host": "node7"}))
+    res = run_sweep(SweepConfig(out=str(out), collect=True, bootstrap=200))
+    assert res.ran == [] and res.written
+    assert res.missing == ["10-s2"] and res.unfinished == ["01-s1"]
+    assert list(res.failed) == ["11-s1"] and "out of memory" in res.failed["11-s1"]
+    assert sorted(res.pending) == ["01-s1", "10-s2", "11-s1"]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["jobs_missing"] == ["10-s2"] and rec["jobs_unfinished"] == ["01-s1"]
+    assert set(rec["jobs_failed"]) == {"11-s1"} and len(rec["jobs_done"]) == 6
+    s = masks_from_text(pd.read_csv(out / "summary.csv")).set_index("mask")
+    assert s.loc["11", "seeds"] == 2 and s.loc["10", "seeds"] == 2 and s.loc["01", "seeds"] == 2
+    # the old flag name is the same command
+    from sftscope.config.core import build
+
+    assert build(SweepConfig, {"out": str(out), "summarize_only": True}).collect
+    # settings given with --collect must be the sweep's
+    with pytest.raises(SftscopeError, match="tune option rank"):
+        run_sweep(_cfg(tiny, data, out, collect=True, tune={"rank": 16}, **kw))
+    # a job of another sweep copied into the shared folder is refused, by name
+    other = tmp_path / "other"
+    run_sweep(_cfg(tiny, data, other, masks="10", seeds=1, tune={"rank": 16}),
+              job_fn=FakeJob())
+    shutil.rmtree(out / "jobs/10-s0")
+    shutil.copytree(other / "jobs/10-s0", out / "jobs/10-s0")
+    with pytest.raises(SftscopeError, match=r"1 finished job\(s\) were made with other "
+                                            r"settings .*10-s0") as e:
+        run_sweep(SweepConfig(out=str(out), collect=True, bootstrap=200))
+    assert "\n" not in str(e.value)
+
+
+_RANK_SCRIPT = """
+import json, os, sys, time
+from pathlib import Path
+from sftscope.errors import SftscopeError
+from sftscope.experiments import sweep as S
+S.WAIT_POLL_S = 0.05
+rank = int(os.environ["RANK"])
+out, model, data, fail = sys.argv[1:5]
+
+def job_fn(job):
+    (Path(out).parent / f"ran-rank{rank}-{job.name}").write_text("x")
+    if rank == 0:  # as in DDP training, the job needs the other rank too
+        t0 = time.time()
+        while not (Path(out).parent / f"ran-rank1-{job.name}").exists():
+            assert time.time() - t0 < 60
+            time.sleep(0.02)
+        time.sleep(0.3)  # evaluating: the other rank must wait for this job's result
+        if job.name == fail:
+            raise SftscopeError("boom on rank 0")
+    return S.JobOutput.from_scores({"accuracy": [1.0, 0.0, 1.0]}, trainable_params=10)
+
+cfg = S.SweepConfig(out=out, model=model, train=data, task=data, segments=2, masks="10,01",
+                    seeds="1", bootstrap=50)
+try:
+    res = S.run_sweep(cfg, job_fn=job_fn)
+    print(json.dumps({"ran": res.ran, "written": res.written}))
+except SftscopeError as e:
+    print(json.dumps({"error": str(e)}))
+"""
+
+
+@pytest.mark.slow
+def test_launched_shard_rank0_writes_and_others_wait(tiny, data, tmp_path):
+    """A shard under accelerate launch/torchrun: every rank runs each job (tune trains on all),
+    rank 0 alone writes the job files, the other rank waits for its result; a job failing on
+    rank 0 stops the other rank too."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "sweep"
+    root = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(root / "src"), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "t1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(out), str(tiny),
+                                       data, "01-s0"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    got = []
+    for p in procs:
+        so, se = p.communicate(timeout=120)
+        assert p.returncode == 0, se[-2000:]
+        got.append(json.loads(so.strip().splitlines()[-1]))
+    jobs = ("11-s0", "10-s0", "01-s0")  # seed-major; the last one fails on rank 0
+    assert sorted(p.name for p in tmp_path.glob("ran-rank*")) == \
+        sorted(f"ran-rank{r}-{j}" for r in (0, 1) for j in jobs)
+    for j in jobs[:2]:  # finished: rank 0 wrote the job's files
+        assert json.loads((out / "jobs" / j / "result.json").read_text())["mask"] == j[:2]
+        state = json.loads((out / "jobs" / j / "job.json").read_text())
+        assert state["launch"] == "t1:127.0.0.1:29999" and state["pid"] == procs[0].pid
+    assert got[0] == {"error": "boom on rank 0"}
+    assert got[1] == {"error": "job 01-s0 failed on rank 0: SftscopeError: boom on rank 0"}

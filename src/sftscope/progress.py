@@ -10,6 +10,8 @@
   silenced while sftscope reports (``quiet_libraries``); the Trainer reports through
   ``trainer_callback``.
 - ``SFTSCOPE_NO_PROGRESS=1`` (or ``sftscope --quiet``) turns progress off; ``say`` still prints.
+- Under a launcher (``torchrun``, ``accelerate launch``) only rank 0 reports: the other ranks
+  show no progress and ``say`` nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ T = TypeVar("T")
 _STAGE: dict[str, Any] = {"i": 0, "n": 0, "name": ""}
 
 
+def _main_rank() -> bool:
+    from sftscope.parallel import is_main
+
+    return is_main()
+
+
 def enabled() -> bool:
-    """Progress is on unless ``SFTSCOPE_NO_PROGRESS`` is set."""
-    return not os.environ.get("SFTSCOPE_NO_PROGRESS")
+    """Progress is on unless ``SFTSCOPE_NO_PROGRESS`` is set (and only on rank 0)."""
+    return not os.environ.get("SFTSCOPE_NO_PROGRESS") and _main_rank()
 
 
 def interactive() -> bool:
@@ -176,7 +184,10 @@ def _plain(line: str) -> None:
 
 
 def say(message: str) -> None:
-    """One status line on stderr (rich markup allowed; plain text when not a terminal)."""
+    """One status line on stderr (rich markup allowed; plain text when not a terminal); rank 0
+    only under a launcher."""
+    if not _main_rank():
+        return
     if interactive():
         _console().print(message)
         return

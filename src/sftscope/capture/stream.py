@@ -11,6 +11,11 @@ Results are cached as safetensors keyed by model content, exact token ids, load 
 options. A checkpoint (``.partial``) records which samples are done, so a capture interrupted
 (SIGINT/SIGTERM: ``Interrupted``) resumes exactly with any batch size; the final file is
 written atomically once every sample is done.
+
+A capture may cover a share of the samples (``indices``: one rank of a data-parallel run); its
+result holds the pooled vectors of those samples only (``index`` says which) and the token
+metrics of those among the first ``n_token``. ``merge_shards`` puts the shares of every rank
+back in sample order: the capture one process makes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import threading
@@ -92,13 +98,15 @@ class CaptureConfig:
 
 @dataclass
 class CaptureResult:
-    """Per-layer reductions of one model over one tokenized dataset."""
+    """Per-layer reductions of one model over one tokenized dataset (or a share of it:
+    ``index`` then names the samples of the rows, in order)."""
 
     pooled_mean: torch.Tensor          # [L+1, N, D] float32
     pooled_last: torch.Tensor          # [L+1, N, D] float32
     token: dict[str, torch.Tensor]     # name -> [L+1, n_token] float64 (NaN = not defined)
     n_tokens: torch.Tensor             # [N] real tokens per sample
     info: dict = field(default_factory=dict)
+    index: torch.Tensor | None = None  # [N] sample indices of a share (None: all, in order)
 
     @property
     def n_states(self) -> int:
@@ -111,12 +119,15 @@ class CaptureResult:
         out = {"pooled_mean": self.pooled_mean, "pooled_last": self.pooled_last,
                "n_tokens": self.n_tokens}
         out.update({f"token.{k}": v for k, v in self.token.items()})
+        if self.index is not None:
+            out["index"] = self.index
         return {k: v.contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], info: dict) -> CaptureResult:
         token = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("token.")}
-        return cls(t["pooled_mean"], t["pooled_last"], token, t["n_tokens"], info)
+        return cls(t["pooled_mean"], t["pooled_last"], token, t["n_tokens"], info,
+                   t.get("index"))
 
 
 def ids_digest(input_ids: list[list[int]]) -> str:
@@ -166,6 +177,21 @@ def cache_key(model_fp: dict, tok: TokenizedSet, cfg: CaptureConfig, *,
 def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"sftscope": json.dumps(meta)})
+
+
+def save_capture(path: Path, result: CaptureResult) -> None:
+    """Cache a finished capture at ``path`` (atomically)."""
+    _save(path, result.tensors(), {k: v for k, v in result.info.items() if k != "cached"})
+
+
+def shard_path(cache_path: Path, rank: int, world: int, indices: list[int]) -> Path:
+    """Where rank ``rank`` of ``world`` caches its share ``indices`` of the capture cached at
+    ``cache_path``: its own key (resume works per rank), next to the merged file."""
+    digest = stable_hash({"rank": rank, "world": world, "first": indices[:1],
+                          "indices": hashlib.sha256(torch.tensor(indices, dtype=torch.int64)
+                                                    .numpy().tobytes()).hexdigest()}, 12)
+    stem = cache_path.name.removesuffix(".safetensors")
+    return cache_path.with_name(f"{stem}.rank{rank}of{world}-{digest}.safetensors")
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -256,17 +282,20 @@ class _Reducer:
     """Receives hidden states from the hooks and reduces them on their device.
 
     Pooled vectors are written when a batch's forward pass ends; its token metrics when they
-    are ready (at most one batch behind). ``done[i]`` is set once everything of sample ``i``
-    is written: the checkpoint records it."""
+    are ready (at most one batch behind). ``done[r]`` is set once everything of the sample of
+    row ``r`` is written: the checkpoint records it. Rows are the samples ``samples`` in order
+    (all ``n`` when None); token metrics keep the global width ``n_token``."""
 
     def __init__(self, n_states: int, n: int, dim: int, n_token: int,
                  opts: M.MetricOptions, include_padding: bool = False,
-                 schedule: str = "inline") -> None:
-        self.pooled_mean = torch.zeros(n_states, n, dim, dtype=torch.float32)
-        self.pooled_last = torch.zeros(n_states, n, dim, dtype=torch.float32)
+                 schedule: str = "inline", samples: list[int] | None = None) -> None:
+        self.rows = None if samples is None else {s: r for r, s in enumerate(samples)}
+        n_rows = n if samples is None else len(samples)
+        self.pooled_mean = torch.zeros(n_states, n_rows, dim, dtype=torch.float32)
+        self.pooled_last = torch.zeros(n_states, n_rows, dim, dtype=torch.float32)
         self.token = {k: torch.full((n_states, n_token), float("nan"), dtype=torch.float64)
                       for k in M.token_metric_names(opts)}
-        self.done = torch.zeros(n, dtype=torch.bool)
+        self.done = torch.zeros(n_rows, dtype=torch.bool)
         # per layer: samples sharing one sparsity threshold (reference: groups of 10), fed in
         # the main thread; a group's values are written when its last member has passed
         self._groups: dict[int, M.SparsityGroups] = {}
@@ -278,6 +307,12 @@ class _Reducer:
         self.pool = metrics_thread() if n_token > 0 and schedule == "overlap" else None
         self._current: dict[int, tuple] = {}
         self._pending: list[tuple[list[int], list[int], dict[int, Any]]] = []
+
+    def row(self, index: list[int]) -> torch.Tensor:
+        """Buffer rows of the samples ``index``."""
+        if self.rows is None:
+            return torch.tensor(index, dtype=torch.long)
+        return torch.tensor([self.rows[i] for i in index], dtype=torch.long)
 
     def held(self) -> list[int]:
         """Samples whose sparsity group is only partly seen (their sparsity is not written)."""
@@ -314,7 +349,7 @@ class _Reducer:
 
     def finish(self, batch: HookedBatch) -> None:
         """Move this batch's pooled vectors to the CPU buffers; its token metrics follow."""
-        index = torch.tensor(batch.index)
+        index = self.row(batch.index)
         toks = {}
         for j, (mean, last, tok, grouped) in self._current.items():
             self.pooled_mean[j, index] = mean.cpu()
@@ -338,7 +373,7 @@ class _Reducer:
                         self.token[name][j, idx] = v.to(torch.float64)
                     else:
                         self.token[name][j, tok_idx] = val
-        self.done[torch.tensor(index, dtype=torch.long)] = True
+        self.done[self.row(index)] = True
 
     def drain(self) -> None:
         """Wait for every finished batch's token metrics and write them."""
@@ -361,7 +396,7 @@ class _Reducer:
         done = self.done.clone()
         held = self.held()
         if held:
-            done[torch.tensor(held, dtype=torch.long)] = False
+            done[self.row(held)] = False
         return {**res.tensors(), "done": done.contiguous()}
 
     def restore(self, t: dict[str, torch.Tensor]) -> bool:
@@ -394,14 +429,39 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def shard_unit(cfg: CaptureConfig) -> int:
+    """Shares of a data-parallel capture are cut at multiples of this: whole batches (each
+    sample then runs in the batch it runs in alone: the same padding, the same numbers) and
+    whole sparsity groups (a group shares one threshold)."""
+    return math.lcm(cfg.batch_size, max(1, cfg.sparsity_group))
+
+
+def _check_share(indices: list[int], n: int, cfg: CaptureConfig) -> None:
+    if any(not 0 <= i < n for i in indices) or len(set(indices)) != len(indices):
+        raise SftscopeError(f"capture share: indices must be distinct samples of 0..{n - 1}")
+    if cfg.sparsity_group > 1:
+        n_token = min(cfg.n_token, n)
+        mine = {i for i in indices if i < n_token}
+        for g in {i // cfg.sparsity_group for i in mine}:
+            members = set(range(g * cfg.sparsity_group, min((g + 1) * cfg.sparsity_group,
+                                                            n_token)))
+            if not members <= mine:
+                raise SftscopeError(f"capture share: sparsity group {g} is split between "
+                                    f"shares; cut shares at multiples of {shard_unit(cfg)}")
+
+
 def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
-            cache_path: Path | None = None, label: str = "model") -> CaptureResult:
+            cache_path: Path | None = None, label: str = "model",
+            indices: list[int] | None = None) -> CaptureResult:
     """Run ``model`` over ``tok`` once, reducing every hidden state as it passes.
 
     With ``cache_path``: return the cached result if present; otherwise checkpoint the done
     samples next to it (``.partial``) every ``cfg.checkpoint_every`` seconds and on SIGINT/
     SIGTERM (then raise ``Interrupted``), and resume from it. A NaN/Inf at a real position
     raises ``SftscopeError`` naming the layer; nothing is cached then.
+
+    ``indices``: capture only these samples (a share of a data-parallel run, cut with
+    ``shard_unit``); the result's rows are those samples in the order given (``index``).
     """
     if cfg.batch_size < 1:
         raise SftscopeError(f"--batch-size must be at least 1, got {cfg.batch_size}")
@@ -409,21 +469,36 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
         hit.info["cached"] = True
         return hit
     n, n_token = len(tok), min(cfg.n_token, len(tok))
-    if n == 0:
+    samples = list(range(n)) if indices is None else [int(i) for i in indices]
+    if indices is not None:
+        _check_share(samples, n, cfg)
+    if not samples:
         raise SftscopeError("no samples to capture")
     n_blocks = len(get_blocks(model))
     dim = int(model.get_input_embeddings().weight.shape[1])
-    n_tokens = torch.tensor([len(x) for x in tok.input_ids], dtype=torch.long)
+    n_tokens = torch.tensor([len(tok.input_ids[i]) for i in samples], dtype=torch.long)
     schedule = pick_schedule(cfg.overlap, model.get_input_embeddings().weight.device)
     red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options(), cfg.include_padding,
-                   schedule=schedule)
+                   schedule=schedule, samples=None if indices is None else samples)
+    index = None if indices is None else torch.tensor(samples, dtype=torch.long)
     partial = partial_path(cache_path) if cache_path is not None else None
+    resumed = 0
+    got = _read(partial) if partial is not None else None
+    if got is not None and got[1].get("n") == len(samples) and red.restore(got[0]):
+        resumed = int(red.done.sum())
+    todo = [i for r, i in enumerate(samples) if not bool(red.done[r])]
+    if cfg.include_padding and todo:
+        # padded positions count (reference preset): a sample's numbers depend on its batch,
+        # so a resume runs whole batches of the original chunking again (batch_size is in
+        # the key then; a share starts at a whole batch)
+        first = (todo[0] // cfg.batch_size) * cfg.batch_size
+        todo = [i for i in samples if i >= first]
     t0 = last_ckpt = time.perf_counter()
 
     def checkpoint() -> None:
         if partial is not None:
             red.drain()
-            _save(partial, red.state(n_tokens), {"n": n, "v": FORMAT_VERSION,
+            _save(partial, red.state(n_tokens), {"n": len(samples), "v": FORMAT_VERSION,
                                                  "done": int(red.done.sum())})
 
     def after_batch(_batch: HookedBatch) -> None:
@@ -433,17 +508,6 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
             last_ckpt = time.perf_counter()
 
     try:
-        resumed = 0
-        got = _read(partial) if partial is not None else None
-        if got is not None and got[1].get("n") == n and red.restore(got[0]):
-            resumed = int(red.done.sum())
-        todo = [i for i in range(n) if not bool(red.done[i])]
-        if cfg.include_padding and todo:
-            # padded positions count (reference preset): a sample's numbers depend on its
-            # batch, so a resume runs whole batches of the original chunking again (batch_size
-            # is in the key then)
-            first = (todo[0] // cfg.batch_size) * cfg.batch_size
-            todo = list(range(first, n))
         with _sigterm_interrupts():
             try:
                 run_hooked(model, tok, cfg.batch_size, pad_id, red, indices=todo,
@@ -465,13 +529,52 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
         raise AssertionError(f"capture {label}: {int((~red.done).sum())} samples not done")
     result = CaptureResult(red.pooled_mean, red.pooled_last, red.token, n_tokens,
                            {"seconds": time.perf_counter() - t0, "resumed_samples": resumed,
-                            "n_samples": n, "token_metrics": red.schedule,
+                            "n_samples": len(samples), "token_metrics": red.schedule,
                             "compute_dtype": str(red.dtype).removeprefix("torch.")
-                            if red.dtype is not None else None, "cached": False})
+                            if red.dtype is not None else None, "cached": False}, index)
     if cache_path is not None:
-        _save(cache_path, result.tensors(), {k: v for k, v in result.info.items()
-                                             if k != "cached"})
+        save_capture(cache_path, result)
         if partial is not None:
             with contextlib.suppress(FileNotFoundError):
                 partial.unlink()
     return result
+
+
+def merge_shards(parts: list[CaptureResult | None], n: int) -> CaptureResult:
+    """The captures of every rank's share (None: a rank that had no sample) put back in
+    sample order: what one process capturing all ``n`` samples returns. Pooled rows and token
+    counts go to their samples; token metrics are taken from the share that holds each sample
+    (copies: the numbers are unchanged)."""
+    got = [p for p in parts if p is not None]
+    if not got:
+        raise SftscopeError("no samples were captured by any process")
+    first = got[0]
+    n_states, dim = first.pooled_mean.shape[0], first.pooled_mean.shape[2]
+    mean = torch.zeros(n_states, n, dim, dtype=torch.float32)
+    last = torch.zeros(n_states, n, dim, dtype=torch.float32)
+    n_tokens = torch.zeros(n, dtype=torch.long)
+    token = {k: torch.full_like(v, float("nan")) for k, v in first.token.items()}
+    seen = torch.zeros(n, dtype=torch.bool)
+    for p in got:
+        idx = p.index if p.index is not None else torch.arange(p.pooled_mean.shape[1])
+        if bool(seen[idx].any()):
+            raise SftscopeError("capture shares overlap: a sample was captured twice")
+        seen[idx] = True
+        mean[:, idx] = p.pooled_mean
+        last[:, idx] = p.pooled_last
+        n_tokens[idx] = p.n_tokens
+        cols = idx[idx < token[next(iter(token))].shape[1]] if token else idx[:0]
+        for k in token:
+            token[k][:, cols] = p.token[k][:, cols]
+    if not bool(seen.all()):
+        raise SftscopeError(f"capture shares miss {int((~seen).sum())} of {n} samples")
+    info = {"seconds": max(float(p.info.get("seconds", 0.0)) for p in got),
+            "resumed_samples": sum(int(p.info.get("resumed_samples", 0)) for p in got),
+            "n_samples": n, "token_metrics": first.info.get("token_metrics"),
+            "compute_dtype": first.info.get("compute_dtype"), "cached": False,
+            "ranks": [None if p is None else {
+                "samples": int(p.pooled_mean.shape[1]),
+                "seconds": float(p.info.get("seconds", 0.0)),
+                "cached": bool(p.info.get("cached", False)),
+                "resumed_samples": int(p.info.get("resumed_samples", 0))} for p in parts]}
+    return CaptureResult(mean, last, token, n_tokens, info)

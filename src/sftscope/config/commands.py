@@ -476,13 +476,13 @@ class SweepConfig(Config):
     ``seeds``: a count (``3`` = seeds 0, 1, 2) or a comma list (``"0,5,7"``). ``tune`` and
     ``evaluation``: ``TuneConfig``/``EvalConfig`` fields passed to every job (the job sets model,
     data, mask, seed and folders). ``model``/``train``/``task`` may be left out with
-    ``summarize_only`` (taken from ``sweep.json``).
+    ``collect`` (taken from ``sweep.json``).
     """
 
     out: str = opt(help="Sweep folder: sweep.json, jobs/MASK-sSEED/, summary.csv, "
                    "position.csv, run.json.", check=non_empty)
     model: str | None = opt(None, "Base model to tune: local folder or hub id (optional with "
-                            "--summarize-only).")
+                            "--collect).")
     train: str | None = train_opt(required=False)
     task: str | None = opt(None, "Evaluation: gsm8k, gsm8k:FILE, mmlu:FILE or "
                            "perplexity:SOURCE.", check=task_spec, aliases=("eval",))
@@ -504,8 +504,10 @@ class SweepConfig(Config):
                          check=at_least(0), volatile=True, envvar="SFTSCOPE_JOB_INDEX")
     num_jobs: int = opt(1, "Number of processes N sharing the job list.", check=at_least(1),
                         volatile=True, envvar="SFTSCOPE_NUM_JOBS")
-    summarize_only: bool = opt(False, "Run no job: merge the finished jobs into summary.csv "
-                               "and position.csv.", volatile=True)
+    collect: bool = opt(False, "Run no job: gather the finished jobs of --out (a shared folder "
+                        "that every shard wrote to) into summary.csv and position.csv, refuse "
+                        "jobs made with other settings, and report the missing and failed "
+                        "ones.", volatile=True, aliases=("summarize_only",))
     validate_suggest: bool = opt(False, "Also run suggest (on the training split) and report "
                                  "where each proposal ranks among the swept masks.")
     sft: str | None = opt(None, "An SFT model of the same base, for the pair method of "
@@ -516,6 +518,11 @@ class SweepConfig(Config):
     bootstrap: int = bootstrap_opt(2000)
     boot_seed: int = opt(0, "Seed of the bootstrap.")
     formats: tuple[str, ...] = formats_opt()
+
+    @property
+    def summarize_only(self) -> bool:
+        """The old name of ``collect``."""
+        return self.collect
 
     def check(self) -> None:
         from sftscope.load.sources import check_model
@@ -529,10 +536,10 @@ class SweepConfig(Config):
                                 f"integers (0,5,7)")
         if "," not in seeds and int(seeds) < 1:
             raise SftscopeError(f"--seeds {self.seeds!r}: the count must be at least 1")
-        if not self.summarize_only:
+        if not self.collect:
             missing = [n for n in ("model", "train", "task") if not getattr(self, n)]
             if missing:
-                raise SftscopeError(f"missing --{missing[0]} (needed unless --summarize-only)")
+                raise SftscopeError(f"missing --{missing[0]} (needed unless --collect)")
         if self.model:
             check_model(self.model)
         if self.sft:

@@ -2,6 +2,12 @@
 
 Base runs, then SFT runs (never both in memory); each capture is cached, so a second analysis
 with other dataset-level options does not run the models again.
+
+Under ``torchrun``/``accelerate launch`` each process captures its share of the samples (whole
+batches; ``sftscope.parallel``), with its own cache entry and checkpoint (resume per rank);
+rank 0 merges the shares, caches the merged capture under the one-process key (a later
+one-process run reuses it) and writes the tables and run.json; the other ranks return an
+empty table.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from sftscope.capture.stream import (
     cache_key,
     capture,
     load_cached,
+    merge_shards,
+    save_capture,
+    shard_path,
+    shard_unit,
 )
 from sftscope.config.commands import AnalyzeConfig
 from sftscope.io import Timer, run_record, write_table
@@ -36,6 +46,7 @@ from sftscope.load.models import (
 )
 from sftscope.load.runtime import dtype_name, model_bytes, release, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
+from sftscope.parallel import Group, empty_like_table, join
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, start_run
 
@@ -74,37 +85,69 @@ def _load_settings(cfg: AnalyzeConfig) -> dict:
 
 
 def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,
-                   ccfg: CaptureConfig, pad_id: int, label: str) -> tuple[CaptureResult, dict]:
+                   ccfg: CaptureConfig, pad_id: int, label: str, par: Group | None = None
+                   ) -> tuple[CaptureResult | None, dict]:
     """The capture of one model: from the cache when one with the same key exists.
 
     The key holds the model's content fingerprint, the exact ids and text options, the
     resolved dtype and device type and the capture options, so nothing that changes the
-    states can reuse another run's file.
+    states can reuse another run's file. With several processes (``par``) each captures its
+    share under a key of its own, and rank 0 receives the merged capture (None elsewhere).
     """
+    par = par or Group()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    fp = fingerprint(spec, revision, memo_dir=cache)
+    # rank 0 reads the weights for their content hash; the other ranks receive it
+    fp = par.broadcast(par.run(lambda: fingerprint(spec, revision, memo_dir=cache)
+                               if par.main else None, f"fingerprint of {label}"))
     revision = fp.get("commit") or revision  # load exactly the commit the key names
     load = _load_settings(cfg)
     data = {"max_length": cfg.max_length, "chat_template": cfg.chat_template,
             "template": cfg.template, "text_field": cfg.text_field}
     key = cache_key(fp, tok, ccfg, load=load, data=data, pad_id=pad_id)
     path = cache / f"states-{key}.safetensors"
-    hit = load_cached(path)
-    if hit is not None:
+    hit = load_cached(path) if par.main else None
+    if par.broadcast(hit is not None):
+        if hit is None:
+            return None, fp
         say(f"[dim]{label}: states from cache {path}[/]")
         hit.info["cached"] = True
         return hit, fp
-    model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
-                                         device_map=cfg.device_map))
-    nbytes = model_bytes(model)
-    try:
-        check_vocab(model, tok.input_ids, label)
-        res = capture(model, tok, ccfg, pad_id, cache_path=path, label=label)
-    finally:
-        del model
-        release(nbytes)
-    res.info["load"] = load
-    return res, fp
+
+    def run(indices: list[int] | None, where: Path) -> CaptureResult:
+        model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype,
+                                             device=par.device or cfg.device,
+                                             device_map=cfg.device_map))
+        nbytes = model_bytes(model)
+        try:
+            check_vocab(model, tok.input_ids, label)
+            return capture(model, tok, ccfg, pad_id, cache_path=where, label=label,
+                           indices=indices)
+        finally:
+            del model
+            release(nbytes)
+
+    if not par.active:
+        res = run(None, path)
+        res.info["load"] = load
+        return res, fp
+    share = par.shard(len(tok), shard_unit(ccfg))
+    mine = shard_path(path, par.rank, par.world, share) if share else None
+    part = par.run(lambda: run(share, mine) if share else None, f"capture {label}")
+    parts = par.gather(part)
+    merged: list[CaptureResult] = []
+
+    def merge() -> None:  # rank 0; every rank learns whether it worked
+        if par.main and parts is not None:
+            merged.append(merge_shards(parts, len(tok)))
+            save_capture(path, merged[0])
+
+    par.run(merge, f"merging the capture of {label}")
+    if mine is not None:  # the merged capture is cached: this share is not needed again
+        mine.unlink(missing_ok=True)
+    if not merged:
+        return None, fp
+    merged[0].info["load"] = load
+    return merged[0], fp
 
 
 def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
@@ -190,20 +233,22 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     timer = Timer()
     out = Path(cfg.out)
     opts = _options(cfg)
-    check_out(out, "analyze", cfg, overwrite=cfg.overwrite)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    with timer("validate"):
-        info = check_pair(load_config(cfg.base, cfg.base_revision),
-                          load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
-                          allow_mixed=cfg.allow_mixed_pair)
-        tokenizer, tok_notes = pair_tokenizer(
-            cfg.base, cfg.sft, cfg.tokenizer,
-            revisions={"base": cfg.base_revision, "sft": cfg.sft_revision})
-        notes = list(info.notes) + tok_notes
-    with timer("data"):
-        tok, data_notes = prepare_data(cfg, tokenizer)
-    notes += data_notes
+    par = join(cfg.device, cfg.device_map)
+    with par.together("validation"):  # every rank validates; all pass or all fail alike
+        check_out(out, "analyze", cfg, overwrite=cfg.overwrite)
+        device = par.device or resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        with timer("validate"):
+            info = check_pair(load_config(cfg.base, cfg.base_revision),
+                              load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
+                              allow_mixed=cfg.allow_mixed_pair)
+            tokenizer, tok_notes = pair_tokenizer(
+                cfg.base, cfg.sft, cfg.tokenizer,
+                revisions={"base": cfg.base_revision, "sft": cfg.sft_revision})
+            notes = list(info.notes) + tok_notes
+        with timer("data"):
+            tok, data_notes = prepare_data(cfg, tokenizer)
+        notes += data_notes
     for n in notes:
         say(f"[yellow]note:[/] {n}")
     reference = cfg.preset == "reference"
@@ -215,11 +260,16 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                          entropy_normalisations=opts.entropy_normalisations,
                          include_padding=reference, checkpoint_every=cfg.checkpoint_every)
     pad_id = pad_id_of(tokenizer)
-    start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
+    if par.main:
+        start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
     with timer("capture_base"):
-        rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base")
+        rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base",
+                                  par)
     with timer("capture_sft"):
-        rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft")
+        rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft",
+                                  par)
+    if rb is None or rs is None:  # not rank 0: the tables are rank 0's
+        return empty_like_table(["layer", "metric", "model", "value", "ci_low", "ci_high"])
     low = {str(r.info.get("compute_dtype")) for r in (rb, rs)} & {"bfloat16", "float16",
                                                                     "torch.bfloat16",
                                                                     "torch.float16"}
@@ -256,5 +306,6 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
               "curvature_samples_skipped": skipped},
         seeds={"data": cfg.seed, "bootstrap": cfg.seed}, notes=notes,
         capture={"base": rb.info, "sft": rs.info}, timings=timer.seconds,
+        **par.record(len(tok), shard_unit(ccfg)),
     ))
     return table

@@ -16,6 +16,8 @@ text the position after it is used, otherwise the last prompt token.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ from sftscope.load.models import (
 from sftscope.load.runtime import model_bytes, release, resolve_device
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import bootstrap_ci, mean_ci, proportion_ci
+from sftscope.parallel import empty_like_table, join
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, start_run
 
@@ -399,14 +402,16 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
               answers: Sequence[AnswerSlot | None] | None = None,
               choices: Sequence[ChoiceSlot | None] | None = None,
               record_top1: bool = False, ref_top1: dict[int, np.ndarray] | None = None,
-              chunk_elements: int = DEFAULT_CHUNK, description: str = "lens") -> LensSums:
+              chunk_elements: int = DEFAULT_CHUNK, description: str = "lens",
+              indices: Sequence[int] | None = None) -> LensSums:
     """Stream ``model`` over ``tok`` and reduce the lens at ``layers`` (default all ``0..L``).
 
     Teacher-forced: position ``t`` predicts token ``t+1``; only pairs of real tokens count.
     ``record_top1`` keeps the top-1 ids per real position (int32, for agreement later);
     ``ref_top1`` (from such a pass over the same set) is compared with this model's top-1.
     One forward pass per batch through ``capture.engine.run_hooked`` (right padding; a
-    NaN/Inf at a real position stops the pass).
+    NaN/Inf at a real position stops the pass). ``indices``: only these samples (a rank's
+    share); the other rows keep their initial values (``merge_sums`` joins the shares).
     """
     n_layers = n_blocks_of(model)
     layers = list(range(n_layers + 1)) if layers is None else [int(j) for j in layers]
@@ -427,8 +432,31 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
     red = _LensReducer(sums, lens, col, rows_per_chunk, answers, choices, record_top1,
                        ref_top1)
     run_hooked(model, tok, batch_size, pad_id, red, description=description,
-               label=description)
+               label=description, indices=indices)
     return sums
+
+
+def merge_sums(parts: Sequence[tuple[Sequence[int], LensSums | None]]) -> LensSums:
+    """The per-sample sums of every rank's share ``(indices, sums)`` in one ``LensSums``:
+    each sample's rows come from the share that ran it (copies, so the numbers are those of
+    one process). Every per-sample array field (first axis = samples) is merged so; any other
+    array is an accumulator over samples and is summed; ``top1`` dicts are joined."""
+    got = [(list(i), p) for i, p in parts if p is not None]
+    if not got:
+        raise SftscopeError("no lens sums to merge: no process ran a sample")
+    out = copy.deepcopy(got[0][1])
+    n = len(out.tokens)
+    for idx, part in got[1:]:
+        rows = np.asarray(idx, dtype=np.int64)
+        for f in dataclasses.fields(part):
+            val = getattr(part, f.name)
+            if isinstance(val, np.ndarray) and val.ndim >= 1 and val.shape[0] == n:
+                getattr(out, f.name)[rows] = val[rows]
+            elif isinstance(val, np.ndarray):
+                setattr(out, f.name, getattr(out, f.name) + val)
+            elif isinstance(val, dict) and getattr(out, f.name) is not None:
+                getattr(out, f.name).update({i: val[i] for i in idx if i in val})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,8 +568,7 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     and ``run.json`` there.
     """
     cfg = config if config is not None else build(ProbeConfig, options)
-    if cfg.out is not None:
-        check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
+    par = join(cfg.device, cfg.device_map)
     data, model, base, sft, out = cfg.data, cfg.model, cfg.base, cfg.sft, cfg.out
     tokenizer, max_length, batch_size, n, seed = (cfg.tokenizer, cfg.max_length, cfg.batch_size,
                                                   cfg.limit, cfg.seed)
@@ -559,58 +586,75 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     else:
         specs = {model_label(model): model}
         revs = {model_label(model): revision}
-    device = resolve_device(device)
-    with timer("validate"):
-        cfgs = {k: load_config(v, revision=revs[k]) for k, v in specs.items()}
-        notes: list[str] = []
-        if pair:
-            info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
-                              allow_mixed=cfg.allow_mixed_pair)
-            notes += info.notes
-        if pair:
-            tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
-                                             revisions=revs, chat_template=chat_template)
-            notes += tok_notes
-        else:
-            tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs)
-        samples, tok, data_notes = prepare_data(
-            data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
-            text_field=text_field, template=template, split=split,
-            skip_bad=cfg.skip_bad_records)
-        notes += data_notes
-        answers = answer_slots(samples, tok, tokz, chat_template)
-        choices, n_amb = choice_slots(samples, tok, tokz, chat_template)
-        if n_amb:
-            notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the "
-                         f"option letters do not start with distinct tokens")
+    with par.together("validation"):  # every rank validates; all pass or all fail alike
+        if cfg.out is not None:
+            check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
+        device = par.device or resolve_device(device)
+        with timer("validate"):
+            cfgs = {k: load_config(v, revision=revs[k]) for k, v in specs.items()}
+            notes: list[str] = []
+            if pair:
+                info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
+                                  allow_mixed=cfg.allow_mixed_pair)
+                notes += info.notes
+            if pair:
+                tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
+                                                 revisions=revs, chat_template=chat_template)
+                notes += tok_notes
+            else:
+                tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs)
+            samples, tok, data_notes = prepare_data(
+                data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
+                text_field=text_field, template=template, split=split,
+                skip_bad=cfg.skip_bad_records)
+            notes += data_notes
+            answers = answer_slots(samples, tok, tokz, chat_template)
+            choices, n_amb = choice_slots(samples, tok, tokz, chat_template)
+            if n_amb:
+                notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the "
+                             f"option letters do not start with distinct tokens")
     for note in notes:
         say(f"[yellow]note:[/] {note}")
     pad_id = pad_id_of(tokz)
     opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map)
             for k in specs}
-    if out is not None:
+    if out is not None and par.main:
         start_run(out, "probe", ProbeConfig.OUTPUTS)
-    tables = []
-    ref_top1 = None
-    n_blocks = None
-    for k, spec in specs.items():
-        with timer(f"load_{k}"):
-            m = load_model(spec, opts[k])
-        nbytes = model_bytes(m)
-        try:
-            check_vocab(m, tok.input_ids, k)
-            n_blocks = n_blocks_of(m)
-            with timer(f"pass_{k}"):
-                sums = lens_pass(m, tok, pad_id, batch_size=batch_size, answers=answers,
-                                 choices=choices, record_top1=pair and k == "base",
-                                 ref_top1=ref_top1, chunk_elements=chunk_elements,
-                                 description=f"probe {k}")
-        finally:
-            del m
-            release(nbytes)
-        if pair and k == "base":
-            ref_top1 = sums.top1
-        tables.append(sums_table(sums, k, level=level, n_boot=n_boot, seed=seed))
+    share = par.shard(len(tok), batch_size)  # all samples when alone
+
+    def passes() -> tuple[dict[str, LensSums], int | None]:
+        found: dict[str, LensSums] = {}
+        ref_top1 = None
+        n_blocks = None
+        for k, spec in specs.items() if share else ():
+            with timer(f"load_{k}"):
+                m = load_model(spec, opts[k])
+            nbytes = model_bytes(m)
+            try:
+                check_vocab(m, tok.input_ids, k)
+                n_blocks = n_blocks_of(m)
+                with timer(f"pass_{k}"):
+                    sums = lens_pass(m, tok, pad_id, batch_size=batch_size, answers=answers,
+                                     choices=choices, record_top1=pair and k == "base",
+                                     ref_top1=ref_top1, chunk_elements=chunk_elements,
+                                     description=f"probe {k}", indices=share)
+            finally:
+                del m
+                release(nbytes)
+            if pair and k == "base":
+                ref_top1 = sums.top1
+            found[k] = sums
+        for sums in found.values():
+            sums.top1 = None  # agreement is counted; the ids need not travel
+        return found, n_blocks
+
+    found, n_blocks = par.run(passes, "probe")
+    parts = par.gather((share, found, n_blocks))
+    if parts is None:  # not rank 0: the tables are rank 0's
+        return empty_like_table(PROBE_COLUMNS)
+    n_blocks = next(b for _, _, b in parts if b is not None)
+    tables = [sums_table(merge_sums([(i, f.get(k)) for i, f, _ in parts]), k, level=level,
+                         n_boot=n_boot, seed=seed) for k in specs]
     df = pd.concat(tables, ignore_index=True)
     order = {"accuracy": 0, "loss": 1, "answer_prob": 2, "answer_rank": 3,
              "choice_accuracy": 4, "agreement": 5}
@@ -628,6 +672,6 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
             n_choices=sum(c is not None for c in choices), notes=notes,
             layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
                         "block b, before the final norm; the lens applies the final norm",
-            timings=timer.seconds))
+            timings=timer.seconds, **par.record(len(tok), batch_size)))
     return df
 

@@ -32,6 +32,7 @@ from sftscope.experiments.lens import (
     LensSums,
     choice_slots,
     lens_pass,
+    merge_sums,
     prepare_data,
     ratio_ci,
 )
@@ -50,6 +51,7 @@ from sftscope.load.models import (
 from sftscope.load.runtime import model_bytes, release, resolve_device
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import proportion_ci
+from sftscope.parallel import empty_like_table, join
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, start_run
 from sftscope.segments import mask_blocks, mask_group, masks_as_text, parse_mask, segment_bounds
@@ -201,29 +203,35 @@ def swap_masks(segments: int, n_blocks: int, masks: str | Sequence[str] | None) 
     return list(dict.fromkeys(out))
 
 
-def evaluate_swaps(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *,
-                   segments: int, masks: Sequence[str], head: str = "base",
-                   directions: Sequence[str] = tuple(DIRECTIONS),
-                   choices: Sequence[ChoiceSlot | None] | None = None, batch_size: int = 8,
-                   chunk_elements: int = DEFAULT_CHUNK, level: float = 0.95,
-                   n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, int]:
-    """Evaluate both loaded originals and each hybrid (``masks`` x ``directions``).
+# one evaluated model: (config, direction, mask, head, its lens sums)
+SwapSums = tuple[str, str, str, str, LensSums]
+
+
+def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *,
+              segments: int, masks: Sequence[str], head: str = "base",
+              directions: Sequence[str] = tuple(DIRECTIONS),
+              choices: Sequence[ChoiceSlot | None] | None = None, batch_size: int = 8,
+              chunk_elements: int = DEFAULT_CHUNK, indices: Sequence[int] | None = None
+              ) -> tuple[list[SwapSums], int]:
+    """The lens sums (last layer) of both loaded originals and each hybrid (``masks`` x
+    ``directions``), over the samples ``indices`` (default all), and the number of blocks.
 
     When the head comes from the donor, the head-only hybrid (mask of zeros) is evaluated too,
-    so the effect of the blocks can be told from the effect of the head. Returns the table and
-    the number of blocks. The models are left as they were.
+    so the effect of the blocks can be told from the effect of the head. The models are left
+    as they were.
     """
     n_blocks = check_swappable(base, sft)
     models = {"base": base, "sft": sft}
     none = "0" * segments
-    rows: list[dict[str, Any]] = []
+    found: list[SwapSums] = []
 
     def run(model: nn.Module, label: str) -> LensSums:
         return lens_pass(model, tok, pad_id, batch_size=batch_size, layers=[n_blocks],
-                         choices=choices, chunk_elements=chunk_elements, description=label)
+                         choices=choices, chunk_elements=chunk_elements, description=label,
+                         indices=indices)
 
     for k in ("base", "sft"):
-        rows += _rows(run(models[k], k), k, "none", none, k, level, n_boot, seed)
+        found.append((k, "none", none, k, run(models[k], k)))
     for direction in directions:
         host_k, donor_k = DIRECTIONS[direction]
         head_from_donor = head == donor_k
@@ -231,9 +239,44 @@ def evaluate_swaps(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: i
             config = f"{host_k}<-{donor_k}[{mask}]"
             with swapped(models[host_k], models[donor_k], mask_blocks(mask, n_blocks),
                          head=head_from_donor, names=(host_k, donor_k)) as hybrid:
-                sums = run(hybrid, config)
-            rows += _rows(sums, config, direction, mask, head, level, n_boot, seed)
-    return pd.DataFrame(rows, columns=SWAP_COLUMNS), n_blocks
+                found.append((config, direction, mask, head, run(hybrid, config)))
+    return found, n_blocks
+
+
+def swap_table(found: Sequence[SwapSums], level: float = 0.95, n_boot: int = 1000,
+               seed: int = 0) -> pd.DataFrame:
+    """The tidy table (``SWAP_COLUMNS``) of ``swap_sums``' results."""
+    rows: list[dict[str, Any]] = []
+    for config, direction, mask, head, sums in found:
+        rows += _rows(sums, config, direction, mask, head, level, n_boot, seed)
+    return pd.DataFrame(rows, columns=SWAP_COLUMNS)
+
+
+def evaluate_swaps(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *,
+                   segments: int, masks: Sequence[str], head: str = "base",
+                   directions: Sequence[str] = tuple(DIRECTIONS),
+                   choices: Sequence[ChoiceSlot | None] | None = None, batch_size: int = 8,
+                   chunk_elements: int = DEFAULT_CHUNK, level: float = 0.95,
+                   n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, int]:
+    """Evaluate both loaded originals and each hybrid (``swap_sums``, then ``swap_table``).
+    Returns the table and the number of blocks. The models are left as they were."""
+    found, n_blocks = swap_sums(base, sft, tok, pad_id, segments=segments, masks=masks,
+                                head=head, directions=directions, choices=choices,
+                                batch_size=batch_size, chunk_elements=chunk_elements)
+    return swap_table(found, level, n_boot, seed), n_blocks
+
+
+def merge_swap_sums(parts: Sequence[tuple[Sequence[int], list[SwapSums] | None]]
+                    ) -> list[SwapSums]:
+    """Every rank's ``(share, swap_sums)`` joined per evaluated model (``merge_sums``)."""
+    got = [(i, f) for i, f in parts if f is not None]
+    if not got:
+        raise SftscopeError("no swap results to merge: no process ran a sample")
+    out = []
+    for k, (config, direction, mask, head, _) in enumerate(got[0][1]):
+        out.append((config, direction, mask, head,
+                    merge_sums([(i, f[k][4]) for i, f in got])))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,8 +293,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     writes ``swap.csv`` and ``run.json`` there.
     """
     cfg = config if config is not None else build(SwapConfig, options)
-    if cfg.out is not None:
-        check_out(cfg.out, "swap", cfg, overwrite=cfg.overwrite)
+    par = join(cfg.device, cfg.device_map)
     base, sft, data, out, segments, masks = (cfg.base, cfg.sft, cfg.data, cfg.out, cfg.segments,
                                              cfg.masks)
     head, directions, tokenizer, max_length = cfg.head, cfg.directions, cfg.tokenizer, \
@@ -265,55 +307,71 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     base_revision, sft_revision = cfg.base_revision, cfg.sft_revision
     timer = Timer()
     dirs = list(DIRECTIONS) if directions == "both" else [directions]
-    device = resolve_device(device)
-    specs = {"base": base, "sft": sft}
-    revs = {"base": base_revision, "sft": sft_revision}
-    with timer("validate"):
-        cfgs = {k: load_config(v, revision=revs[k]) for k, v in specs.items()}
-        info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
-                          allow_mixed=cfg.allow_mixed_pair)
-        if cfgs["base"].model_type != cfgs["sft"].model_type:
-            raise SftscopeError(f"the pair cannot be swapped: model types "
-                                f"{cfgs['base'].model_type} and {cfgs['sft'].model_type} differ")
-        mask_list = swap_masks(segments, info.n_blocks, masks)
-        notes = list(info.notes)
-        tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
-                                         revisions=revs, chat_template=chat_template)
-        notes += tok_notes
-        samples, tok, data_notes = prepare_data(
-            data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
-            text_field=text_field, template=template, split=split,
-            skip_bad=cfg.skip_bad_records)
-        notes += data_notes
-        choices: list[ChoiceSlot | None] = [None] * len(samples)
-        if any(s.meta.get("letter") for s in samples):
-            choices, n_amb = choice_slots(samples, tok, tokz, chat_template)
-            if n_amb:
-                notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the "
-                             f"option letters do not start with distinct tokens")
+    with par.together("validation"):  # every rank validates; all pass or all fail alike
+        if cfg.out is not None:
+            check_out(cfg.out, "swap", cfg, overwrite=cfg.overwrite)
+        device = par.device or resolve_device(device)
+        specs = {"base": base, "sft": sft}
+        revs = {"base": base_revision, "sft": sft_revision}
+        with timer("validate"):
+            cfgs = {k: load_config(v, revision=revs[k]) for k, v in specs.items()}
+            info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
+                              allow_mixed=cfg.allow_mixed_pair)
+            if cfgs["base"].model_type != cfgs["sft"].model_type:
+                raise SftscopeError(f"the pair cannot be swapped: model types "
+                                    f"{cfgs['base'].model_type} and "
+                                    f"{cfgs['sft'].model_type} differ")
+            mask_list = swap_masks(segments, info.n_blocks, masks)
+            notes = list(info.notes)
+            tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
+                                             revisions=revs, chat_template=chat_template)
+            notes += tok_notes
+            samples, tok, data_notes = prepare_data(
+                data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
+                text_field=text_field, template=template, split=split,
+                skip_bad=cfg.skip_bad_records)
+            notes += data_notes
+            choices: list[ChoiceSlot | None] = [None] * len(samples)
+            if any(s.meta.get("letter") for s in samples):
+                choices, n_amb = choice_slots(samples, tok, tokz, chat_template)
+                if n_amb:
+                    notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the "
+                                 f"option letters do not start with distinct tokens")
     for note in notes:
         say(f"[yellow]note:[/] {note}")
     pad_id = pad_id_of(tokz)
     opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map)
             for k in specs}
-    if out is not None:
+    if out is not None and par.main:
         start_run(out, "swap", SwapConfig.OUTPUTS)
-    models: dict[str, nn.Module] = {}
-    nbytes = 0
-    try:
-        with timer("load"):
-            for k, spec in specs.items():
-                models[k] = load_model(spec, opts[k])
-                nbytes += model_bytes(models[k])
-                check_vocab(models[k], tok.input_ids, k)
-        with timer("evaluate"):
-            df, n_blocks = evaluate_swaps(
-                models["base"], models["sft"], tok, pad_id, segments=segments, masks=mask_list,
-                head=head, directions=dirs, choices=choices, batch_size=batch_size,
-                chunk_elements=chunk_elements, level=level, n_boot=n_boot, seed=seed)
-    finally:
-        models.clear()
-        release(nbytes)
+    share = par.shard(len(tok), batch_size)  # all samples when alone
+
+    def evaluate() -> tuple[list[SwapSums] | None, int | None]:
+        if not share:
+            return None, None
+        models: dict[str, nn.Module] = {}
+        nbytes = 0
+        try:
+            with timer("load"):
+                for k, spec in specs.items():
+                    models[k] = load_model(spec, opts[k])
+                    nbytes += model_bytes(models[k])
+                    check_vocab(models[k], tok.input_ids, k)
+            with timer("evaluate"):
+                return swap_sums(models["base"], models["sft"], tok, pad_id,
+                                 segments=segments, masks=mask_list, head=head,
+                                 directions=dirs, choices=choices, batch_size=batch_size,
+                                 chunk_elements=chunk_elements, indices=share)
+        finally:
+            models.clear()
+            release(nbytes)
+
+    found, n_blocks = par.run(evaluate, "swap")
+    parts = par.gather((share, found, n_blocks))
+    if parts is None:  # not rank 0: the table is rank 0's
+        return empty_like_table(SWAP_COLUMNS)
+    n_blocks = next(b for _, _, b in parts if b is not None)
+    df = swap_table(merge_swap_sums([(i, f) for i, f, _ in parts]), level, n_boot, seed)
     if out is not None:
         out = Path(out)
         bounds = segment_bounds(n_blocks, segments)
@@ -325,6 +383,6 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
             models={k: fingerprint(v, revs[k]) for k, v in specs.items()},
             n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
             n_truncated=tok.n_truncated, n_choice_items=sum(c is not None for c in choices),
-            notes=notes, timings=timer.seconds))
+            notes=notes, timings=timer.seconds, **par.record(len(tok), batch_size)))
     return df
 

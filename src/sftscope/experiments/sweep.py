@@ -35,7 +35,16 @@ at I, so one process per device covers the list::
     for i in 0 1 2 3; do
       CUDA_VISIBLE_DEVICES=$i sftscope sweep ... --job-index $i --num-jobs 4 &
     done; wait
-    sftscope sweep ... --summarize-only
+    sftscope sweep --out RUN --collect
+
+On a cluster (docs/cluster.md): one SLURM array task per shard (``--job-index
+$SLURM_ARRAY_TASK_ID``), all writing to one shared ``--out``; a shard may run under
+``accelerate launch`` (or ``torchrun``) across its node's GPUs: every process runs each job's
+``tune`` together (DDP), rank 0 alone evaluates and writes the job's files while the others
+wait for its ``result.json``. ``--collect`` (old name ``--summarize-only``) then gathers the
+finished jobs, refuses any made with other settings (``result.json`` carries the hash of the
+settings, compared with ``sweep.json``'s) and reports the missing, failed and unfinished ones
+(``run.json``: ``jobs_missing``, ``jobs_failed``, ``jobs_unfinished``).
 
 Statistics (``summary.csv``): a mask's scores form a seeds x items matrix (per-item
 correctness, 0/1, for accuracies).
@@ -97,6 +106,7 @@ from sftscope.config.core import check_fields, defaults
 from sftscope.errors import SftscopeError
 from sftscope.io import read_json, run_record, write_json, write_table
 from sftscope.metric_registry import lower_is_better
+from sftscope.parallel import is_main
 from sftscope.runs import check_folder, folder_command
 from sftscope.segments import (
     mask_blocks,
@@ -179,6 +189,9 @@ class SweepResult:
     n_jobs: int
     primary_metric: str | None = None
     written: bool = False
+    missing: list[str] = field(default_factory=list)      # never started
+    failed: dict[str, str] = field(default_factory=dict)  # job -> the error that stopped it
+    unfinished: list[str] = field(default_factory=list)   # started, no result, no error
 
 
 JobFn = Callable[[Job], JobOutput]
@@ -302,7 +315,7 @@ def sweep_settings(cfg: SweepConfig) -> dict[str, Any]:
     from sftscope.load.models import fingerprint
 
     if not cfg.model or not cfg.train or not cfg.task:
-        raise SftscopeError("a sweep needs --model, --train and --task (only --summarize-only "
+        raise SftscopeError("a sweep needs --model, --train and --task (only --collect "
                             "of an existing sweep may leave them out)")
     topts = tune_options(cfg)
     eopts = eval_options(cfg)
@@ -378,6 +391,13 @@ def _show(name: str, s: dict[str, Any], v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
+def settings_hash(settings: dict[str, Any]) -> str:
+    """A short hash of what must be equal for jobs to be pooled (``_comparable``)."""
+    from sftscope.io import stable_hash
+
+    return stable_hash(_comparable(settings))
+
+
 def compare_settings(old: dict[str, Any], new: dict[str, Any], where: str) -> None:
     """Refuse to mix: one line naming every setting that differs."""
     a, b = _comparable(old), _comparable(new)
@@ -415,20 +435,23 @@ def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
             compare_settings(old["settings"], new, str(out))
             return old["settings"]
         except SftscopeError:
-            if any_progress(out) or cfg.summarize_only:
+            if any_progress(out) or cfg.collect:
                 raise
             # no job finished or checkpointed: nothing to lose, the new settings replace them
             from sftscope.progress import say
 
             say(f"note: {out}/sweep.json had other settings but no job made progress; "
                 f"starting the sweep afresh with these settings")
-    if cfg.summarize_only:
+    if cfg.collect:
         raise SftscopeError(f"{out} holds no sweep (no sweep.json); run the sweep first")
     owner = folder_command(out) if out.is_dir() else None
     if out.is_dir() and any(out.iterdir()) and not (out / "jobs").is_dir() and owner is None:
         raise SftscopeError(f"{out} exists and is not a sweep folder; choose an empty or new "
                             f"--out")
-    write_json(path, {"settings": new, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    record = {"settings": new, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if not is_main():  # rank 0 of a launched shard writes; the others use the same settings
+        return json.loads(json.dumps(record, default=str))["settings"]
+    write_json(path, record)
     return read_json(path)["settings"]  # as later runs will see it (JSON types)
 
 
@@ -462,13 +485,42 @@ def _record_jobs(out: Path, jobs: Sequence[tuple[str, int]]) -> None:
     """Keep the union of the jobs every invocation asked for (``jobs.json``)."""
     old = _recorded_jobs(out) or []
     new = list(dict.fromkeys([*old, *[(str(m), int(x)) for m, x in jobs]]))
-    if new != old:
+    if new != old and is_main():
         write_json(out / "jobs.json", {"jobs": [list(j) for j in new]})
 
 
 def is_done(job_dir: Path) -> bool:
     """A job is done when its ``result.json`` exists (written last, atomically)."""
     return (job_dir / "result.json").is_file()
+
+
+def _job_state(job_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def job_status(out: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Where each job of ``names`` stands, from its folder: ``done`` (``result.json``),
+    ``failed`` (``job.json`` holds the error that stopped it), ``unfinished`` (started, no
+    result and no error: killed, e.g. by a time limit, or still running) or ``missing``
+    (never started). Failed and unfinished jobs carry their host, attempt and error."""
+    out_status: dict[str, dict[str, Any]] = {}
+    for name in names:
+        d = out / "jobs" / name
+        if is_done(d):
+            out_status[name] = {"status": "done"}
+            continue
+        state = _job_state(d)
+        if state is None:
+            out_status[name] = {"status": "missing"}
+            continue
+        info = {k: state.get(k) for k in ("attempt", "host", "started", "error", "stopped")
+                if state.get(k) is not None}
+        out_status[name] = {"status": "failed" if state.get("error") else "unfinished", **info}
+    return out_status
 
 
 def _validate_output(out: Any, name: str) -> JobOutput:
@@ -488,14 +540,39 @@ def _validate_output(out: Any, name: str) -> JobOutput:
     return out
 
 
-def run_job(job: Job, job_fn: JobFn) -> dict[str, Any]:
-    """Run one job in its folder and write ``items.csv`` then ``result.json`` (last)."""
+WAIT_POLL_S = 2.0  # how often another rank looks for rank 0's result of a job
+
+
+def _wait_for_main(job: Job, launch: str, poll: float | None = None) -> dict[str, Any]:
+    """Another rank of a launched shard: wait until rank 0 has finished this job (its
+    ``result.json``) or recorded its failure in this launch (``job.json``), and return the
+    result. The launcher stops every rank when rank 0 dies, so this never waits forever."""
     d = job.dir
+    while True:
+        if is_done(d):
+            return read_json(d / "result.json")
+        state = _job_state(d)
+        if state and state.get("error") and state.get("launch") == launch:
+            raise SftscopeError(f"job {job.name} failed on rank 0: {state['error']}")
+        time.sleep(WAIT_POLL_S if poll is None else poll)
+
+
+def run_job(job: Job, job_fn: JobFn) -> dict[str, Any]:
+    """Run one job in its folder and write ``items.csv`` then ``result.json`` (last).
+
+    Under a launcher every rank runs ``job_fn`` (tune trains on all of them); rank 0 alone
+    writes the job's files and the other ranks wait for them."""
+    from sftscope.parallel import launch_id
+
+    d = job.dir
+    if not is_main():
+        job_fn(job)
+        return _wait_for_main(job, launch_id())
     d.mkdir(parents=True, exist_ok=True)
     state_path = d / "job.json"
     state = {"mask": job.mask, "seed": job.seed, "attempt": job.attempt,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
-             "pid": os.getpid(),
+             "pid": os.getpid(), "launch": launch_id(),
              "device": os.environ.get("CUDA_VISIBLE_DEVICES")}
     write_json(state_path, state)
     t0 = time.perf_counter()
@@ -512,7 +589,7 @@ def run_job(job: Job, job_fn: JobFn) -> dict[str, Any]:
         job.mask, job.settings["n_blocks"]), "trainable_params": out.trainable_params,
         "scores": {k: float(v) for k, v in means.items()},
         "n_items": int(out.items["item"].nunique()), "seconds": secs,
-        "attempt": job.attempt, "info": out.info}
+        "attempt": job.attempt, "settings_hash": settings_hash(job.settings), "info": out.info}
     write_json(d / "result.json", result)
     return result
 
@@ -565,6 +642,8 @@ def tune_and_evaluate(job: Job) -> JobOutput:
                       mask=job.mask, segments=len(job.mask), seed=job.seed, resume=True,
                       run_eval=False, **topts)
     tres = tune(tcfg)
+    if not is_main():  # another rank of a launched shard trained along; rank 0 evaluates
+        return JobOutput(pd.DataFrame(columns=ITEM_COLUMNS), tres.trainable_params)
     task = s["eval"]["task"]
     data = (s["eval"].get("data") or {}).get("source")
     eopts = dict(s["eval_options"])
@@ -733,16 +812,29 @@ def primary_metric(metrics: Sequence[str], task: str | None, wanted: str | None)
     return ms[0] if ms else None
 
 
-def collect(out: Path) -> tuple[pd.DataFrame, dict[str, int | None], list[str]]:
-    """Per-item scores of every finished job in ``RUN/jobs`` (+ trainable params, names)."""
+def collect(out: Path, settings: dict[str, Any] | None = None
+            ) -> tuple[pd.DataFrame, dict[str, int | None], list[str]]:
+    """Per-item scores of every finished job in ``RUN/jobs`` (+ trainable params, names).
+
+    With ``settings`` (``sweep.json``'s): refuse jobs whose ``result.json`` records the hash
+    of other settings (jobs of another sweep copied in, or shards started with other
+    options); results written before the hash was recorded are taken as they are."""
     jobs_dir = out / "jobs"
     frames, params, names = [], {}, []
     if not jobs_dir.is_dir():
         return pd.DataFrame(columns=["mask", "seed", *ITEM_COLUMNS]), params, names
-    for d in sorted(jobs_dir.iterdir()):
-        if not d.is_dir() or not is_done(d):
-            continue
-        res = read_json(d / "result.json")
+    want = settings_hash(settings) if settings is not None else None
+    results = {d: read_json(d / "result.json") for d in sorted(jobs_dir.iterdir())
+               if d.is_dir() and is_done(d)}
+    other = [d.name for d, r in results.items()
+             if want and r.get("settings_hash") not in (None, want)]
+    if other:
+        raise SftscopeError(
+            f"{out}: {len(other)} finished job(s) were made with other settings than "
+            f"{out}/sweep.json ({', '.join(other[:4])}{', ...' if len(other) > 4 else ''}); "
+            f"jobs of different settings cannot be pooled: move them to their own sweep "
+            f"folder, or delete them and run those jobs again")
+    for d, res in results.items():
         if not (d / "items.csv").is_file():
             continue
         items = pd.read_csv(d / "items.csv", dtype={"item": str, "metric": str})
@@ -834,7 +926,7 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     out = Path(cfg.out)
     full_cfg = bool(cfg.model and cfg.train and cfg.task)
     seeds = parse_seeds(cfg.seeds)
-    if full_cfg or not cfg.summarize_only:
+    if full_cfg or not cfg.collect:
         masks = expand_masks(cfg.masks, cfg.segments, cfg.baseline)  # before anything is written
         shard(job_list(masks, seeds), cfg.job_index, cfg.num_jobs)
         settings = load_or_write_settings(cfg)
@@ -845,14 +937,14 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
         settings = read_json(path)["settings"]
         masks = expand_masks(cfg.masks, int(settings["segments"]), cfg.baseline)
     jobs = job_list(masks, seeds)
-    if cfg.summarize_only:  # the jobs every invocation asked for, not this command's defaults
+    if cfg.collect:  # the jobs every invocation asked for, not this command's defaults
         jobs = _recorded_jobs(out) or jobs
     else:
         _record_jobs(out, jobs)
     mine = shard(jobs, cfg.job_index, cfg.num_jobs)
     ran, skipped = [], []
     fn = job_fn or tune_and_evaluate
-    if not cfg.summarize_only:
+    if not cfg.collect:
         todo = [(i, j) for i, j in mine if not is_done(out / "jobs" / job_name(*j))]
         skipped = [job_name(*j) for i, j in mine if is_done(out / "jobs" / job_name(*j))]
         label = (f"shard {cfg.job_index}/{cfg.num_jobs}: " if cfg.num_jobs > 1 else "")
@@ -876,7 +968,16 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
                 + (f", about {_fmt_s(avg * left)}" if left else ""))
     names_all = [job_name(*j) for j in jobs]
     pending = [nm for nm in names_all if not is_done(out / "jobs" / nm)]
-    items, params, done_names = collect(out)
+    if not is_main():  # another rank of a launched shard: rank 0 writes the tables
+        return SweepResult(out=str(out), summary=pd.DataFrame(columns=SUMMARY_COLUMNS),
+                           position=pd.DataFrame(columns=POSITION_COLUMNS), validation=None,
+                           ran=ran, skipped=skipped, pending=pending, n_jobs=len(jobs))
+    status = job_status(out, pending)
+    missing = [nm for nm in pending if status[nm]["status"] == "missing"]
+    failed = {nm: str(status[nm].get("error")) for nm in pending
+              if status[nm]["status"] == "failed"}
+    unfinished = [nm for nm in pending if status[nm]["status"] == "unfinished"]
+    items, params, done_names = collect(out, settings)
     task = (settings.get("eval") or {}).get("task")
     metric = primary_metric(list(items["metric"].unique()) if not items.empty else [], task,
                             cfg.metric) if not items.empty else None
@@ -884,7 +985,7 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
                         cfg.boot_seed, metric_order=[metric] if metric else [])
     position = position_table(summary, settings["n_blocks"])
     validation = None
-    write_summary = cfg.summarize_only or cfg.num_jobs == 1 or not pending
+    write_summary = cfg.collect or cfg.num_jobs == 1 or not pending
     if write_summary:
         for fmt in cfg.formats:
             write_table(masks_as_text(summary), out / f"summary.{fmt}")
@@ -899,19 +1000,29 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
         write_json(out / "run.json", run_record(
             "sweep", cfg.record(), n_blocks=settings[
                 "n_blocks"], settings=settings, masks=masks, seeds=seeds,
-            jobs_done=done_names, jobs_pending=pending, primary_metric=metric,
+            jobs_done=done_names, jobs_pending=pending, jobs_missing=missing,
+            jobs_failed=failed, jobs_unfinished=unfinished, primary_metric=metric,
             statistics={"ci": "two-way (seeds x items) percentile bootstrap; Wilson for "
                               "constant binary scores", "p_value": "paired t-test of per-item "
                         "differences vs 11111, averaged over shared seeds",
                         "level": cfg.level, "n_boot": cfg.bootstrap, "boot_seed": cfg.boot_seed}))
+        if cfg.collect:
+            say(f"collected {len(names_all) - len(pending)} of {len(jobs)} jobs from {out}")
+        for what, names in (("missing (never started)", missing),
+                            ("failed", [f"{nm} ({err[:80]})" for nm, err in failed.items()]),
+                            ("unfinished (killed or still running)", unfinished)):
+            if names:
+                say(f"[yellow]note:[/] {len(names)} job(s) {what}: {', '.join(names[:6])}"
+                    + (", ..." if len(names) > 6 else ""))
         if pending:
-            say(f"[yellow]note:[/] {len(pending)} of {len(jobs)} jobs are not finished "
-                f"({', '.join(pending[:4])}{', ...' if len(pending) > 4 else ''}); the summary "
-                f"covers the finished ones")
+            say(f"[yellow]note:[/] {len(pending)} of {len(jobs)} jobs are not finished; the "
+                f"summary covers the finished ones (run the shards again to finish them: "
+                f"finished jobs are kept)")
     else:
         say(f"shard {cfg.job_index}/{cfg.num_jobs} finished; {len(pending)} job(s) of other "
-            f"shards pending: once every shard is done, run the same command with "
-            f"--summarize-only")
+            f"shards pending: once every shard is done, run `sftscope sweep --out {out} "
+            f"--collect`")
     return SweepResult(out=str(out), summary=summary, position=position, validation=validation,
                        ran=ran, skipped=skipped, pending=pending, n_jobs=len(jobs),
-                       primary_metric=metric, written=write_summary)
+                       primary_metric=metric, written=write_summary, missing=missing,
+                       failed=failed, unfinished=unfinished)
