@@ -79,7 +79,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    print(f"sftscope: error: {message}", file=sys.stderr)
+    from sftscope.parallel import is_main
+
+    if is_main():  # under a launcher every rank fails the same way; one of them says so
+        print(f"sftscope: error: {message}", file=sys.stderr)
     sys.exit(code)
 
 

@@ -12,6 +12,12 @@ from typing import Any
 from sftscope.config import commands as C
 
 
+def is_main() -> bool:
+    from sftscope.parallel import is_main as main_rank
+
+    return main_rank()
+
+
 def _say(msg: str) -> None:
     from sftscope.progress import say
 
@@ -41,7 +47,7 @@ def probe(cfg: C.ProbeConfig) -> None:
     if cfg.out:
         _say(f"wrote {Path(cfg.out) / 'probe.csv'} ({len(table)} rows) and "
              f"{Path(cfg.out) / 'run.json'}")
-    else:
+    elif is_main():
         print(table.to_string(index=False))
 
 
@@ -52,7 +58,7 @@ def swap(cfg: C.SwapConfig) -> None:
     if cfg.out:
         _say(f"wrote {Path(cfg.out) / 'swap.csv'} ({len(table)} rows) and "
              f"{Path(cfg.out) / 'run.json'}")
-    else:
+    elif is_main():
         print(table.to_string(index=False))
 
 
@@ -207,8 +213,9 @@ losses)."""),
 
 Each job is a resumable folder OUT/jobs/MASK-sSEED/; then summary.csv (mean and CI over seeds
 and items, p-value paired against 11111) and position.csv (one-segment masks by depth). Run the
-same command again to resume; a folder made with other settings is refused. Several GPUs: one
-process per device with --job-index I --num-jobs N, then --summarize-only. Any tune flag
+same command again to resume; a folder made with other settings is refused. Several GPUs or
+nodes: one process (or accelerate launch) per shard with --job-index I --num-jobs N writing to
+one shared folder, then --collect (docs/cluster.md). Any tune flag
 (--rank, --lr, ...) and eval flag (--eval-limit, ...) passes through to every job."""),
     "suggest": (C.SuggestConfig, suggest, """Propose a LoRA mask before any training.
 

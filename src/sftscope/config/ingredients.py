@@ -34,8 +34,13 @@ def device_name(value: str) -> str | None:
 
 def device_map_value(value: str) -> str | None:
     """A check: an accelerate device-map strategy or a JSON file mapping modules to devices."""
-    if value in DEVICE_MAPS or value.endswith(".json"):
+    if value in DEVICE_MAPS:
         return None
+    if value.endswith(".json"):
+        import os
+
+        return None if os.path.isfile(os.path.expanduser(value)) else \
+            f"file {value} does not exist"
     return (f"{value!r} is not a device map; use {', '.join(DEVICE_MAPS)} or a .json file of "
             f"module -> device")
 

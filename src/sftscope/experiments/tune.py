@@ -36,7 +36,6 @@ DeepSpeed ZeRO-3 needs ``zero3_save_16bit_model: true`` for the same reason.
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import warnings
@@ -444,7 +443,9 @@ def no_final_checkpoint_callback():
 
 def is_main_process() -> bool:
     """True on the process that writes files and evaluates (rank 0 under accelerate/torchrun)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from sftscope.parallel import is_main
+
+    return is_main()
 
 
 def _say(msg: str) -> None:

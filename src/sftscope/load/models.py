@@ -85,6 +85,23 @@ def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "
     return tok
 
 
+def _device_map(value: str) -> Any:
+    """An accelerate strategy name, or a .json file mapping module names to devices."""
+    if not value.endswith(".json"):
+        return value
+    import json
+
+    try:
+        mapping = json.loads(Path(os.path.expanduser(value)).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SftscopeError(f"--device-map {value} could not be read ({e}); give a JSON "
+                            f"object of module name -> device") from e
+    if not isinstance(mapping, dict):
+        raise SftscopeError(f"--device-map {value} must hold a JSON object of module name -> "
+                            f"device")
+    return mapping
+
+
 def load_model(spec: str, opts: LoadOptions | None = None):
     """Load a ``*ForCausalLM`` in eval mode on ``opts.device`` (or sharded by ``device_map``)."""
     from transformers import AutoModelForCausalLM
@@ -98,7 +115,7 @@ def load_model(spec: str, opts: LoadOptions | None = None):
     if opts.attn_implementation:
         kwargs["attn_implementation"] = opts.attn_implementation
     if opts.device_map:
-        kwargs["device_map"] = opts.device_map
+        kwargs["device_map"] = _device_map(opts.device_map)
     from sftscope.progress import quiet_libraries
 
     try:
