@@ -74,15 +74,18 @@ def _load_settings(cfg: AnalyzeConfig) -> dict:
 
 
 def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,
-                   ccfg: CaptureConfig, pad_id: int, label: str) -> tuple[CaptureResult, dict]:
+                   ccfg: CaptureConfig, pad_id: int, label: str,
+                   base: str | None = None) -> tuple[CaptureResult, dict]:
     """The capture of one model: from the cache when one with the same key exists.
 
-    The key holds the model's content fingerprint, the exact ids and text options, the
-    resolved dtype and device type and the capture options, so nothing that changes the
-    states can reuse another run's file.
+    The key holds the model's content fingerprint (an adapter's and its base's), the exact ids
+    and text options, the resolved dtype and device type and the capture options, so nothing
+    that changes the states can reuse another run's file. ``base``: what an adapter ``spec``
+    applies to.
     """
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    fp = fingerprint(spec, revision, memo_dir=cache)
+    fp = fingerprint(spec, revision, memo_dir=cache, base=base,
+                     base_revision=cfg.base_revision)
     revision = fp.get("commit") or revision  # load exactly the commit the key names
     load = _load_settings(cfg)
     data = {"max_length": cfg.max_length, "chat_template": cfg.chat_template,
@@ -95,7 +98,9 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
         hit.info["cached"] = True
         return hit, fp
     model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
-                                         device_map=cfg.device_map))
+                                         device_map=cfg.device_map, base=base,
+                                         base_revision=cfg.base_revision,
+                                         allow_other_base=cfg.allow_other_base))
     nbytes = model_bytes(model)
     try:
         check_vocab(model, tok.input_ids, label)
@@ -195,7 +200,8 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     dtype = resolve_dtype(cfg.dtype, device)
     with timer("validate"):
         info = check_pair(load_config(cfg.base, cfg.base_revision),
-                          load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
+                          load_config(cfg.sft, cfg.sft_revision, base=cfg.base,
+                                      base_revision=cfg.base_revision), cfg.base, cfg.sft,
                           allow_mixed=cfg.allow_mixed_pair)
         tokenizer, tok_notes = pair_tokenizer(
             cfg.base, cfg.sft, cfg.tokenizer,
@@ -219,7 +225,8 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     with timer("capture_base"):
         rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base")
     with timer("capture_sft"):
-        rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft")
+        rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft",
+                                  base=cfg.base)
     low = {str(r.info.get("compute_dtype")) for r in (rb, rs)} & {"bfloat16", "float16",
                                                                     "torch.bfloat16",
                                                                     "torch.float16"}

@@ -89,6 +89,7 @@ class TuneResult:
     resumed_from: str | None
     timings: dict[str, float] = field(default_factory=dict)
     eval: EvalResult | None = None
+    merged_dir: str | None = None  # --merge: the base with the adapter merged in (HF folder)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TuneResult:
@@ -673,7 +674,15 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                 "base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
                 "mask": cfg.mask, "segments": len(cfg.mask) if cfg.mask else None,
                 "blocks": blocks, "rank": rank, "alpha": alpha, "rslora": cfg.rslora,
-                "modules": names})
+                "modules": names, "full_rank": float(cfg.rank), "seed": cfg.seed})
+    merged_dir = None
+    if cfg.merge and is_main_process():
+        from sftscope.load.models import save_model
+
+        with timer("merge"):
+            merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
+                dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
+        _say(f"wrote {merged_dir} (the base with the adapter merged in)")
     model = trainer.model
     got = adapted_modules(model)
     result = TuneResult(
@@ -686,7 +695,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         longest_example=data.longest, steps=steps,
         train_loss=float(output.training_loss) if output.training_loss is not None else None,
         loss_history=history, step_time_s=runtime / steps if steps else None,
-        resumed_from=last, timings=timer.seconds,
+        resumed_from=last, timings=timer.seconds, merged_dir=merged_dir,
     )
 
     def record() -> None:  # training is recorded before the evaluation, which may fail
