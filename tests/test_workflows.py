@@ -263,6 +263,7 @@ def _gguf_bytes(arch: str = "llama", version: int = 3, blocks: int | None = 2,
 
 
 def test_gguf_header_checks(tmp_path):
+    pytest.importorskip("gguf")
     from sftscope.load.gguf import read_gguf
 
     good = tmp_path / "m.gguf"
@@ -314,16 +315,19 @@ def test_checks_stay_torch_free(run, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
-def test_gguf_needs_package_message(monkeypatch):
+def test_gguf_needs_package_message(monkeypatch, tmp_path):
     import importlib.util
 
-    from sftscope.load.models import need_gguf
-
+    good = tmp_path / "m.gguf"
+    good.write_bytes(_gguf_bytes())
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(SftscopeError, match="^reading GGUF files needs the gguf package: pip "
+                       "install gguf$"):
+        check_model(str(good))  # refused before any work
     with pytest.raises(SftscopeError, match="pip install gguf"):
-        need_gguf()
+        AnalyzeConfig(base=str(good), sft=str(good), data="x.jsonl", out="o")
 
 
 # ----------------------------------------------------------------------------- GGUF models

@@ -223,7 +223,17 @@ def check_gguf(path: str | Path, spec: str) -> GgufInfo:
                             f"point at a decoder-only LM")
     if info.arch_key("block_count") is None:
         raise SftscopeError(f"GGUF file {path} names no {arch}.block_count; re-convert it")
+    need_gguf()  # before any work: loading it will need the package
     return info
+
+
+def need_gguf() -> None:
+    """Refuse to load a GGUF without the ``gguf`` package (transformers reads GGUF with it);
+    checked without importing it."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise SftscopeError("reading GGUF files needs the gguf package: pip install gguf")
 
 
 def supported_by_transformers(arch: str) -> tuple[bool, list[str]]:

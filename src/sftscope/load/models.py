@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sftscope.errors import SftscopeError
+from sftscope.load.gguf import need_gguf
 from sftscope.load.runtime import input_device, resolve_device, resolve_dtype
 from sftscope.load.sources import (
     ModelSource,
@@ -85,14 +86,6 @@ def _adapter_base(src: ModelSource, revision: str | None,
         if isinstance(fp, dict) and fp.get("source") == src.base.spec:
             rev = fp.get("commit")
     return src.base, rev
-
-
-def need_gguf() -> None:
-    """Refuse to read a GGUF without the ``gguf`` package (transformers needs it)."""
-    import importlib.util
-
-    if importlib.util.find_spec("gguf") is None:
-        raise SftscopeError("reading GGUF files needs the gguf package: pip install gguf")
 
 
 def _gguf_error(src: ModelSource, err: Exception) -> SftscopeError:

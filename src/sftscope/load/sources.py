@@ -491,12 +491,12 @@ def check_adapter_source(spec: str, what: str = "model", *,
         if rec is not None and os.path.exists(expand(rec)):
             made = check_model(rec, "recorded base")
             made = made.base if made.kind == "adapter" and made.base else made
-            for keys, name in ((BLOCK_KEYS, "blocks"), (HIDDEN_KEYS, "hidden size")):
+            for keys, say in ((BLOCK_KEYS, "{} blocks"), (HIDDEN_KEYS, "hidden size {}")):
                 x, y = get_key(made.config, keys), get_key(b.config, keys)
                 if x is not None and y is not None and x != y:
                     raise SftscopeError(
-                        f"adapter {spec} was made for {rec} ({name} {x}) but --base {base} "
-                        f"has {name} {y}; pass the base it was made for")
+                        f"adapter {spec} was made for {rec} ({say.format(x)}) but --base "
+                        f"{base} has {say.format(y)}; pass the base it was made for")
     else:
         rec, _, why = recorded_base(folder)
         if rec is None:
