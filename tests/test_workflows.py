@@ -77,6 +77,7 @@ def test_source_kinds_and_label(base, run):
     assert source_kind(str(base)) == "folder"
     assert source_kind(str(run)) == "adapter" == source_kind(str(run / "adapter"))
     assert source_kind("org/model") == "hub"
+    assert source_kind(str(run / "merged")) == "folder"
     src = check_model(str(run))
     assert src.kind == "adapter" and src.path == str(run / "adapter")
     assert src.base is not None and src.base.kind == "folder"
@@ -378,3 +379,27 @@ def test_gguf_pair_analyze(model_dir, tiny_gguf, gsm, tmp_path):
     assert ((cka - 1.0).abs() < 1e-9).all()
     rec = json.loads((tmp_path / "an" / "run.json").read_text())
     assert rec["models"]["sft"]["kind"] == "gguf"
+
+
+def test_eval_adapter_as_model_matches_adapter_flag(base, run, gsm, tmp_path):
+    """``eval --model RUN`` (the adapter applied in memory) generates what ``--model BASE
+    --adapter RUN`` (PEFT's own wrapper) does."""
+    from sftscope.experiments.evaluate import evaluate
+
+    common = dict(task="gsm8k", data=f"gsm8k:{gsm}", limit=2, shots=0, max_new_tokens=4,
+                  batch_size=2, device="cpu")
+    evaluate(EvalConfig(model=str(run), out=str(tmp_path / "a"), **common))
+    evaluate(EvalConfig(model=str(base), adapter=str(run), out=str(tmp_path / "b"), **common))
+    a, b = ((tmp_path / d / "predictions-gsm8k.jsonl").read_text().splitlines() for d in "ab")
+    key = "completion"
+    assert [json.loads(x)[key] for x in a] == [json.loads(x)[key] for x in b]
+    rec = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert json.dumps(rec).count("adapter m00100 r4 s3") >= 1
+
+
+def test_adapter_folder_with_a_config_json(base, run, tmp_path):
+    """Some trainers save the base's config.json next to the adapter: still an adapter."""
+    a = tmp_path / "a"
+    shutil.copytree(run / "adapter", a)
+    shutil.copy(Path(base) / "config.json", a / "config.json")
+    assert source_kind(str(a)) == "adapter" and check_model(str(a)).kind == "adapter"

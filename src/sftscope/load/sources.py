@@ -248,8 +248,8 @@ def source_kind(spec: str) -> str:
     path = expand(spec)
     if os.path.isdir(path):
         p = Path(path)
-        if (p / "config.json").is_file():
-            return "folder"
+        if (p / "config.json").is_file() and (find_adapter(p) != p or _has_model_weights(p)):
+            return "folder"  # (some trainers save the base's config.json next to an adapter)
         if find_adapter(p) is not None:
             return "adapter"
         if gguf_files(p):
@@ -258,6 +258,15 @@ def source_kind(spec: str) -> str:
     if os.path.exists(path):
         return "gguf" if path.lower().endswith(GGUF_SUFFIX) else "other"
     return "missing" if looks_like_path(spec) else "hub"
+
+
+def _has_model_weights(folder: Path) -> bool:
+    """Full-model weight files (``model*.safetensors``, ``pytorch_model*.bin``, an index), not
+    an adapter's or a trainer's (``training_args.bin``)."""
+    return any(f.name.startswith(("model", "pytorch_model", "consolidated"))
+               and (f.suffix == ".safetensors" or f.suffix in PICKLE_SUFFIXES
+                    or f.name.endswith(".index.json"))
+               for f in folder.iterdir() if f.is_file())
 
 
 def check_model(spec: str, what: str = "model", *, base: str | None = None) -> ModelSource:
