@@ -214,10 +214,11 @@ def check_tokenizer_source(spec: str) -> None:
     from sftscope.load.sources import looks_like_path
 
     path = os.path.expanduser(spec)
-    if os.path.isdir(path):
+    if os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith(".gguf")):
         return
     if os.path.exists(path):
-        raise SftscopeError(f"--tokenizer {spec} is a file; give a tokenizer folder or hub id")
+        raise SftscopeError(f"--tokenizer {spec} is a file; give a tokenizer folder, a .gguf "
+                            f"file or a hub id")
     if looks_like_path(spec):
         raise SftscopeError(f"--tokenizer folder {spec} does not exist; check the path")
 
