@@ -72,6 +72,16 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     shutil.copy(base / "config.json", noweights / "config.json")
     emptyadapter = root / "emptyadapter"
     emptyadapter.mkdir()
+    orphan = root / "orphan"  # an adapter whose recorded base is gone
+    orphan.mkdir()
+    (orphan / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "base_model_name_or_path": str(root / "gone")}))
+    (root / "badmagic.gguf").write_bytes(b"GGML" + bytes(60))
+    (root / "trunc.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little")
+                                      + (1).to_bytes(8, "little") + (5).to_bytes(8, "little"))
+    (root / "twogguf").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (root / "twogguf" / name).write_bytes(b"GGUF")
     (root / "ro").mkdir()
     p["other_run"] = str(root / "other_run")
     (root / "other_run").mkdir()
@@ -88,7 +98,8 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
         "xlsx": "data.xlsx", "datadir": "datadir", "mmlu_bad": "mmlu_bad.jsonl",
         "file": "a_file", "nocfg": "nocfg", "bert": "bert", "truncated": "truncated",
         "emptyweights": "emptyweights", "noweights": "noweights",
-        "emptyadapter": "emptyadapter"}.items()})
+        "emptyadapter": "emptyadapter", "orphan": "orphan", "badgguf": "badmagic.gguf",
+        "truncgguf": "trunc.gguf", "twogguf": "twogguf"}.items()})
     return {k: str(v) for k, v in p.items()}
 
 
@@ -306,6 +317,14 @@ case("weights", extra=["--max-rank", "0"], needle="--max-rank must be at least 1
 case("weights", {"--sft": "{deep}"}, needle="has 6")
 case("weights", {"--formats": "xlsx"}, needle="unknown format xlsx")
 case("weights", {"--device": "cuda"}, needle="no CUDA GPU is visible")
+
+# adapters and GGUF files as models
+case("probe", {"--model": "{orphan}"}, needle="names no usable base")
+case("eval", {"--model": "{orphan}"}, needle="names no usable base")
+case("weights", {"--sft": "{orphan}"}, needle="weights reads adapters with --adapter")
+case("analyze", {"--sft": "{badgguf}"}, needle="not a GGUF file")
+case("swap", {"--sft": "{twogguf}"}, needle="holds 2 GGUF files")
+case("suggest", {"--base": "{truncgguf}"}, needle="truncated")
 
 case("report", {"RUNS": "{root}/nope"}, needle="does not exist")
 case("report", {"RUNS": "{file}"}, needle="is a file")

@@ -22,6 +22,7 @@ from sftscope.config.ingredients import (
     Stats,
     adapter_opt,
     allow_mixed_opt,
+    allow_other_base_opt,
     base_opt,
     batch_size_opt,
     bootstrap_opt,
@@ -148,7 +149,7 @@ class WeightsConfig(Output):
     device: str = device_opt()
 
     def check(self) -> None:
-        from sftscope.load.sources import check_folder
+        from sftscope.load.sources import check_folder, source_kind
 
         if self.sft is None and self.adapter is None:
             raise SftscopeError("give --sft (a fine-tuned checkpoint) or --adapter (a LoRA "
@@ -159,6 +160,15 @@ class WeightsConfig(Output):
             raise SftscopeError("--sft needs --base (the checkpoint it was fine-tuned from)")
         if self.adapter is not None:
             check_folder(self.adapter, "adapter folder")
+        for flag, spec in (("--base", self.base), ("--sft", self.sft)):
+            kind = source_kind(spec) if spec else None
+            if kind == "adapter":
+                raise SftscopeError(f"{flag} {spec} is a PEFT adapter; weights reads adapters "
+                                    f"with --adapter")
+            if kind == "gguf":
+                raise SftscopeError(f"{flag} {spec} is a GGUF file; weights reads safetensors "
+                                    f"checkpoints: convert it first (sftscope.load.models."
+                                    f"save_model) and pass the folder")
         check_pair_sources(self.base, self.sft, self.allow_mixed_pair)
 
 
@@ -182,14 +192,17 @@ class ProbeConfig(PairModels, DataSpec, Runtime, Stats, Output):
                               check=at_least(1), cli=False, volatile=True)
 
     def check(self) -> None:
-        from sftscope.load.sources import check_model
+        from sftscope.load.sources import check_model, source_kind
 
-        if self.model is not None and (self.base is not None or self.sft is not None):
-            raise SftscopeError("give either --model, or --base and --sft, not both")
+        adapter = self.model is not None and source_kind(self.model) == "adapter"
+        if self.model is not None and (self.sft is not None
+                                       or (self.base is not None and not adapter)):
+            raise SftscopeError("give either --model, or --base and --sft, not both (--base "
+                                "goes with --model only when --model is an adapter)")
         if self.model is None and (self.base is None or self.sft is None):
             raise SftscopeError("give --model, or both --base and --sft")
         if self.model is not None:
-            check_model(self.model)
+            check_model(self.model, base=self.base)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,14 +269,13 @@ class EvalConfig(OneModel, Runtime):
     text_field: str | None = text_field_opt()
     chat_template: bool = chat_template_opt()
     level: float = level_opt()
-    allow_other_base: bool = opt(False, "Load an adapter recorded for another base of the "
-                                 "same shapes.")
+    allow_other_base: bool = allow_other_base_opt()
     preset: str = opt("default", "default, or reference (0-shot, 64 new tokens, 100 items: the "
                       "research code).", choices=PRESETS)
 
     def check(self) -> None:
         from sftscope.load.items import check_task_data
-        from sftscope.load.sources import check_folder
+        from sftscope.load.sources import check_folder, source_kind
 
         if self.model is None and self.rescore is None:
             raise SftscopeError("eval needs --model (or --rescore FILE to score saved "
@@ -273,6 +285,9 @@ class EvalConfig(OneModel, Runtime):
                                 "--model/--adapter, or drop --rescore to generate anew")
         if self.adapter is not None:
             check_folder(self.adapter, "adapter folder")
+            if self.model is not None and source_kind(self.model) == "adapter":
+                raise SftscopeError(f"--model {self.model} is itself an adapter; give its base "
+                                    f"as --model with --adapter, or drop --adapter")
         check_task_data(self.task, self.data, split=self.split, fewshot_data=self.fewshot_data,
                         text_field=self.text_field, rescore=self.rescore)
 
@@ -281,7 +296,7 @@ class EvalConfig(OneModel, Runtime):
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 TUNE_METHODS = ("lora", "full")
-LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout")
+LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout", "merge")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -361,6 +376,8 @@ class TuneConfig(OneModel):
     preset: str = opt("default", "default, or reference: the research code (alpha 128, "
                       "128-token truncation, loss on the whole text, 0-shot eval with 64 new "
                       "tokens on 100 items).", choices=PRESETS)
+    merge: bool = opt(False, "Also write RUN/merged: the base with the adapter merged in, a "
+                      "Hugging Face folder (safetensors + tokenizer).")
     run_eval: bool = opt(True, "Evaluate after training (--no-eval skips it).",
                          aliases=("eval",))
     eval_task: str | None = opt(None, "Evaluate after training: gsm8k, gsm8k:FILE, mmlu:FILE "
@@ -374,8 +391,13 @@ class TuneConfig(OneModel):
     eval_batch_size: int = opt(16, "Prompts per generate call.", check=at_least(1))
 
     def check(self) -> None:
+        from sftscope.load.sources import source_kind
         from sftscope.segments import parse_blocks_syntax, parse_mask
 
+        if self.model and source_kind(self.model) == "adapter":
+            raise SftscopeError(f"--model {self.model} is a PEFT adapter; tune trains a base "
+                                f"model: pass its base, or the folder `tune --merge` wrote "
+                                f"(RUN/merged)")
         if (self.mask is None) == (self.blocks is None):
             raise SftscopeError("give either --mask (e.g. 01000) or --blocks (e.g. 6-11), "
                                 "not both")

@@ -76,7 +76,8 @@ def check_data_source(data: str, **kw: Any) -> None:
 # Each option used by several commands is declared by one function here: one name, one help,
 # one check (a command may pass another default where its work needs one).
 
-MODEL_HELP = "local folder or hub id"
+MODEL_HELP = ("local folder, hub id, .gguf file, or a PEFT adapter folder / tune run folder "
+              "(applied in memory to --base or to the base it records)")
 DATA_HELP = ("Data: a registered name (gsm8k, mmlu, wikitext, ifeval, humaneval, mt_bench, "
              "toxigen; needs a reachable hub), NAME:FILE for that format on a local file "
              "(gsm8k:test.jsonl), or a local .jsonl/.csv/.parquet/.txt file (with --text-field "
@@ -107,6 +108,10 @@ def tokenizer_opt(pair: bool) -> Any:
 def adapter_opt() -> Any:
     return opt(None, "PEFT LoRA adapter folder (RUN/adapter of a tune run, or the tune run "
                "folder itself).")
+
+
+def allow_other_base_opt() -> Any:
+    return opt(False, "Load an adapter recorded for another base of the same shapes.")
 
 
 def train_opt(required: bool = True) -> Any:
@@ -214,13 +219,19 @@ def preset_opt() -> Any:
 
 
 def check_pair_sources(base: str | None, sft: str | None, allow_mixed: bool) -> None:
-    """Both models exist (or look like hub ids) and can be compared layer by layer."""
+    """Both models exist (or look like hub ids) and can be compared layer by layer; an adapter
+    as the SFT side applies to ``base`` and must fit it."""
     from sftscope.load.sources import check_model, check_pair
 
     b = check_model(base, "base model") if base else None
-    s = check_model(sft, "SFT model") if sft else None
-    if b is not None and s is not None and b.kind == "folder" and s.kind == "folder":
-        check_pair(b.config, s.config, base or "base", sft or "sft", allow_mixed=allow_mixed)
+    s = check_model(sft, "SFT model", base=base) if sft else None
+    if b is not None and s is not None and b.config and s.config:
+        # a GGUF names its family as llama.cpp does (a Mistral is "llama"): depth and width
+        # here, the model types once transformers has read the configs
+        gguf = "gguf" in (b.kind, s.kind) or "gguf" in (getattr(b.base, "kind", None),
+                                                        getattr(s.base, "kind", None))
+        check_pair(b.config, s.config, base or "base", sft or "sft",
+                   allow_mixed=allow_mixed or gguf)
 
 
 def check_tokenizer_source(spec: str) -> None:
@@ -230,10 +241,11 @@ def check_tokenizer_source(spec: str) -> None:
     from sftscope.load.sources import looks_like_path
 
     path = os.path.expanduser(spec)
-    if os.path.isdir(path):
+    if os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith(".gguf")):
         return
     if os.path.exists(path):
-        raise SftscopeError(f"--tokenizer {spec} is a file; give a tokenizer folder or hub id")
+        raise SftscopeError(f"--tokenizer {spec} is a file; give a tokenizer folder, a .gguf "
+                            f"file or a hub id")
     if looks_like_path(spec):
         raise SftscopeError(f"--tokenizer folder {spec} does not exist; check the path")
 
@@ -248,6 +260,7 @@ class PairModels(Config):
     sft_revision: str | None = revision_opt("SFT model")
     tokenizer: str | None = tokenizer_opt(pair=True)
     allow_mixed_pair: bool = allow_mixed_opt()
+    allow_other_base: bool = allow_other_base_opt()
 
     def _check(self) -> None:
         check_pair_sources(self.base, self.sft, self.allow_mixed_pair)

@@ -85,19 +85,21 @@ def _load_settings(cfg: AnalyzeConfig) -> dict:
 
 
 def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,
-                   ccfg: CaptureConfig, pad_id: int, label: str, par: Group | None = None
-                   ) -> tuple[CaptureResult | None, dict]:
+                   ccfg: CaptureConfig, pad_id: int, label: str, par: Group | None = None,
+                   base: str | None = None) -> tuple[CaptureResult | None, dict]:
     """The capture of one model: from the cache when one with the same key exists.
 
-    The key holds the model's content fingerprint, the exact ids and text options, the
-    resolved dtype and device type and the capture options, so nothing that changes the
-    states can reuse another run's file. With several processes (``par``) each captures its
-    share under a key of its own, and rank 0 receives the merged capture (None elsewhere).
+    The key holds the model's content fingerprint (an adapter's and its base's), the exact ids
+    and text options, the resolved dtype and device type and the capture options, so nothing
+    that changes the states can reuse another run's file. ``base``: what an adapter ``spec``
+    applies to. With several processes (``par``) each captures its share under a key of its
+    own, and rank 0 receives the merged capture (None elsewhere).
     """
     par = par or Group()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     # rank 0 reads the weights for their content hash; the other ranks receive it
-    fp = par.broadcast(par.run(lambda: fingerprint(spec, revision, memo_dir=cache)
+    fp = par.broadcast(par.run(lambda: fingerprint(spec, revision, memo_dir=cache, base=base,
+                                                   base_revision=cfg.base_revision)
                                if par.main else None, f"fingerprint of {label}"))
     revision = fp.get("commit") or revision  # load exactly the commit the key names
     load = _load_settings(cfg)
@@ -116,7 +118,9 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
     def run(indices: list[int] | None, where: Path) -> CaptureResult:
         model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype,
                                              device=par.device or cfg.device,
-                                             device_map=cfg.device_map))
+                                             device_map=cfg.device_map, base=base,
+                                             base_revision=cfg.base_revision,
+                                             allow_other_base=cfg.allow_other_base))
         nbytes = model_bytes(model)
         try:
             check_vocab(model, tok.input_ids, label)
@@ -240,7 +244,8 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         dtype = resolve_dtype(cfg.dtype, device)
         with timer("validate"):
             info = check_pair(load_config(cfg.base, cfg.base_revision),
-                              load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
+                              load_config(cfg.sft, cfg.sft_revision, base=cfg.base,
+                                          base_revision=cfg.base_revision), cfg.base, cfg.sft,
                               allow_mixed=cfg.allow_mixed_pair)
             tokenizer, tok_notes = pair_tokenizer(
                 cfg.base, cfg.sft, cfg.tokenizer,
@@ -267,7 +272,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                                   par)
     with timer("capture_sft"):
         rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft",
-                                  par)
+                                  par, base=cfg.base)
     if rb is None or rs is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(["layer", "metric", "model", "value", "ci_low", "ci_high"])
     low = {str(r.info.get("compute_dtype")) for r in (rb, rs)} & {"bfloat16", "float16",

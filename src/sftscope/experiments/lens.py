@@ -54,6 +54,7 @@ from sftscope.load.models import (
     load_model,
     load_tokenizer,
     pair_tokenizer,
+    source_label,
 )
 from sftscope.load.runtime import model_bytes, release, resolve_device
 from sftscope.load.runtime import pad_id as pad_id_of
@@ -518,10 +519,9 @@ def sums_table(sums: LensSums, model: str, level: float = 0.95, n_boot: int = 10
 # Shared set-up (probe and swap)
 
 
-def model_label(spec: str) -> str:
-    """A short name for a model: the folder name or the hub id."""
-    p = Path(spec).expanduser()
-    return p.name if p.name and p.exists() else spec
+def model_label(spec: str, base: str | None = None) -> str:
+    """A short name for a model: an adapter's tune run, the folder name or the hub id."""
+    return source_label(spec, base)
 
 
 def prepare_data(data: str, tokenizer, *, n: int | None, seed: int, max_length: int,
@@ -543,12 +543,15 @@ def prepare_data(data: str, tokenizer, *, n: int | None, seed: int, max_length: 
 
 
 def pick_tokenizer(choice: str | None, default: str, specs: dict[str, str],
-                   revs: dict[str, str | None]):
-    """``choice``: None (model ``default``'s), a model label (``base``/``sft``) or a path."""
+                   revs: dict[str, str | None], bases: dict[str, str | None] | None = None,
+                   base_revision: str | None = None):
+    """``choice``: None (model ``default``'s), a model label (``base``/``sft``) or a path.
+    ``bases``: what an adapter among ``specs`` applies to."""
     if choice is None:
         choice = default
     if choice in specs:
-        return load_tokenizer(specs[choice], revision=revs.get(choice))
+        return load_tokenizer(specs[choice], revision=revs.get(choice),
+                              base=(bases or {}).get(choice), base_revision=base_revision)
     return load_tokenizer(choice)
 
 
@@ -583,15 +586,17 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     if pair:
         specs = {"base": base, "sft": sft}
         revs = {"base": base_revision, "sft": sft_revision}
+        bases = {"base": None, "sft": base}  # an adapter as SFT applies to --base
     else:
-        specs = {model_label(model): model}
-        revs = {model_label(model): revision}
+        label = model_label(model, base)
+        specs, revs, bases = {label: model}, {label: revision}, {label: base}
     with par.together("validation"):  # every rank validates; all pass or all fail alike
         if cfg.out is not None:
             check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
         device = par.device or resolve_device(device)
         with timer("validate"):
-            cfgs = {k: load_config(v, revision=revs[k]) for k, v in specs.items()}
+            cfgs = {k: load_config(v, revision=revs[k], base=bases[k],
+                                   base_revision=base_revision) for k, v in specs.items()}
             notes: list[str] = []
             if pair:
                 info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
@@ -602,7 +607,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                                                  revisions=revs, chat_template=chat_template)
                 notes += tok_notes
             else:
-                tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs)
+                tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs, bases,
+                                      base_revision)
             samples, tok, data_notes = prepare_data(
                 data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
                 text_field=text_field, template=template, split=split,
@@ -616,7 +622,9 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     for note in notes:
         say(f"[yellow]note:[/] {note}")
     pad_id = pad_id_of(tokz)
-    opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map)
+    opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map,
+                           base=bases[k], base_revision=base_revision,
+                           allow_other_base=cfg.allow_other_base)
             for k in specs}
     if out is not None and par.main:
         start_run(out, "probe", ProbeConfig.OUTPUTS)
@@ -666,7 +674,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
         write_tables(df, out, "probe", cfg.formats)
         finish_run(out, run_record(
             "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
-            models={k: fingerprint(v, revs[k]) for k, v in specs.items()},
+            models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
+                    for k, v in specs.items()},
             n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
             n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
             n_choices=sum(c is not None for c in choices), notes=notes,

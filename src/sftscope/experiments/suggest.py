@@ -400,11 +400,13 @@ def _growth(per_state: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
 # ----------------------------------------------------------------------------- main
 
 
-def _load(spec: str, revision: str | None, cfg: SuggestConfig):
+def _load(spec: str, revision: str | None, cfg: SuggestConfig, base: str | None = None):
     from sftscope.load.models import LoadOptions, load_model
 
     return load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
-                                        device_map=cfg.device_map))
+                                        device_map=cfg.device_map, base=base,
+                                        base_revision=cfg.base_revision,
+                                        allow_other_base=cfg.allow_other_base))
 
 
 def _free(model) -> None:
@@ -471,10 +473,13 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
         bounds = segment_bounds(n_blocks, cfg.segments)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.base, cfg.base_revision)
         if "pair" in want:
-            info = check_pair(base_cfg, load_config(cfg.sft, cfg.sft_revision), cfg.base,
-                              cfg.sft, allow_mixed=cfg.allow_mixed_pair)
+            sft_cfg = load_config(cfg.sft, cfg.sft_revision, base=cfg.base,
+                                  base_revision=cfg.base_revision)
+            info = check_pair(base_cfg, sft_cfg, cfg.base, cfg.sft,
+                              allow_mixed=cfg.allow_mixed_pair)
             notes += info.notes
-            notes += check_tokenizers(tokenizer, load_tokenizer(cfg.sft, cfg.sft_revision))
+            notes += check_tokenizers(tokenizer, load_tokenizer(
+                cfg.sft, cfg.sft_revision, base=cfg.base, base_revision=cfg.base_revision))
     with timer("data"):
         n_need = max(n_samples if ("pair" in want or "angular" in want) else 0,
                      cfg.grad_samples if "gradient" in want else 0)
@@ -521,9 +526,10 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     if "pair" in want:
         from sftscope.experiments.weights import weight_change
 
-        models_fp["sft"] = fingerprint(cfg.sft, cfg.sft_revision)
+        models_fp["sft"] = fingerprint(cfg.sft, cfg.sft_revision, base=cfg.base,
+                                       base_revision=cfg.base_revision)
         with timer("sft"):
-            model = _load(cfg.sft, cfg.sft_revision, cfg)
+            model = _load(cfg.sft, cfg.sft_revision, cfg, base=cfg.base)
             rows = model.get_input_embeddings().weight.shape[0]
             if max(max(s) for s in tok_states.input_ids) >= rows:
                 raise SftscopeError(f"the data uses token ids the SFT model ({rows} embedding "
@@ -533,20 +539,31 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
                                              angular=False, label="sft")
             finally:
                 _free(model)
-        with timer("weights"):
-            wdf = weight_change(cfg.base, sft=cfg.sft, low_rank=False)
-            w = wdf[(wdf["module"] == "attn") & (wdf["metric"] == "relative")]
-            w = w[pd.to_numeric(w["block"], errors="coerce").notna()]
-            per_block = np.full(n_blocks, np.nan)
-            for b, v in zip(pd.to_numeric(w["block"]).astype(int), w["value"]):
-                if 0 <= b < n_blocks:
-                    per_block[b] = float(v)
-            notes += [f"weights: {n}" for n in wdf.attrs.get("notes", [])]
+        from sftscope.load.sources import source_kind
+
+        kinds = (source_kind(cfg.base), source_kind(cfg.sft))
+        per_block = None
+        if "gguf" in kinds or kinds[0] == "adapter":
+            notes.append("weights: no weight_change signal (it reads safetensors checkpoints "
+                         "and adapters of one; a side is a GGUF or the base an adapter)")
+        else:
+            with timer("weights"):
+                wdf = (weight_change(cfg.base, adapter=cfg.sft, low_rank=False)
+                       if kinds[1] == "adapter" else
+                       weight_change(cfg.base, sft=cfg.sft, low_rank=False))
+                w = wdf[(wdf["module"] == "attn") & (wdf["metric"] == "relative")]
+                w = w[pd.to_numeric(w["block"], errors="coerce").notna()]
+                per_block = np.full(n_blocks, np.nan)
+                for b, v in zip(pd.to_numeric(w["block"]).astype(int), w["value"]):
+                    if 0 <= b < n_blocks:
+                        per_block[b] = float(v)
+                notes += [f"weights: {n}" for n in wdf.attrs.get("notes", [])]
         layer = pair_layer_signals(pooled_b, pooled_s)
         sig = {"cka_growth": _growth(layer["one_minus_cka"].to_numpy(float), bounds),
                "mean_shift_growth": _growth(layer["mean_shift_relative"].to_numpy(float),
-                                            bounds),
-               "weight_change": _per_segment(per_block, bounds)}
+                                            bounds)}
+        if per_block is not None:
+            sig["weight_change"] = _per_segment(per_block, bounds)
         score = np.mean([_normalise(v) for v in sig.values()], axis=0)
         method_scores["pair"] = score
         tables.append(segment_table("pair", sig, score, bounds, n_blocks))

@@ -71,7 +71,10 @@ def _devices(mod: nn.Module) -> set[str]:
 
 
 def _signature(mod: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(n, tuple(p.shape), str(p.dtype)) for n, p in mod.named_parameters()]
+    """Parameter names, shapes and dtypes; an in-memory LoRA adapter's factors left out (a
+    block with LoRA layers swaps like its base block)."""
+    return [(n.replace(".base_layer.", "."), tuple(p.shape), str(p.dtype))
+            for n, p in mod.named_parameters() if ".lora_" not in n]
 
 
 def check_swappable(base: nn.Module, sft: nn.Module) -> int:
@@ -313,8 +316,10 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
         device = par.device or resolve_device(device)
         specs = {"base": base, "sft": sft}
         revs = {"base": base_revision, "sft": sft_revision}
+        bases = {"base": None, "sft": base}  # an adapter as SFT applies to --base
         with timer("validate"):
-            cfgs = {k: load_config(v, revision=revs[k]) for k, v in specs.items()}
+            cfgs = {k: load_config(v, revision=revs[k], base=bases[k],
+                                   base_revision=base_revision) for k, v in specs.items()}
             info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
                               allow_mixed=cfg.allow_mixed_pair)
             if cfgs["base"].model_type != cfgs["sft"].model_type:
@@ -340,7 +345,9 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     for note in notes:
         say(f"[yellow]note:[/] {note}")
     pad_id = pad_id_of(tokz)
-    opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map)
+    opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map,
+                           base=bases[k], base_revision=base_revision,
+                           allow_other_base=cfg.allow_other_base)
             for k in specs}
     if out is not None and par.main:
         start_run(out, "swap", SwapConfig.OUTPUTS)
@@ -380,7 +387,8 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
             "swap", cfg.record(), n_blocks=n_blocks, segments=segments,
             segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=mask_list,
             head=head, embeddings="host (the model receiving the blocks)",
-            models={k: fingerprint(v, revs[k]) for k, v in specs.items()},
+            models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
+                    for k, v in specs.items()},
             n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
             n_truncated=tok.n_truncated, n_choice_items=sum(c is not None for c in choices),
             notes=notes, timings=timer.seconds, **par.record(len(tok), batch_size)))

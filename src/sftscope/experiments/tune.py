@@ -107,6 +107,7 @@ class TuneResult:
     method: str = "lora"
     model_dir: str | None = None
     dynamics: dict[str, Any] | None = None
+    merged_dir: str | None = None  # --merge: the base with the adapter merged in (HF folder)
 
     @property
     def output_dir(self) -> str:
@@ -764,7 +765,8 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
             "method": cfg.method, "mask": cfg.mask,
             "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
-            "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names}
+            "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
+            "full_rank": float(cfg.rank), "seed": cfg.seed}
     with timer("save"):
         if full:
             from sftscope.progress import quiet_libraries
@@ -782,6 +784,14 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             trainer.save_model(str(adapter_dir))
             if is_main_process():
                 write_json(adapter_dir / META_FILE, meta)
+    merged_dir = None
+    if cfg.merge and not full and is_main_process():
+        from sftscope.load.models import save_model
+
+        with timer("merge"):
+            merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
+                dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
+        _say(f"wrote {merged_dir} (the base with the adapter merged in)")
     model = trainer.model
     got = names if full else adapted_modules(model)
     if recorder is not None:
@@ -800,7 +810,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         loss_history=history, step_time_s=runtime / steps if steps else None,
         resumed_from=last, timings=timer.seconds, method=cfg.method,
         model_dir=str(model_dir) if model_dir else None,
-        dynamics=recorder.info() if recorder is not None else None,
+        dynamics=recorder.info() if recorder is not None else None, merged_dir=merged_dir,
     )
 
     def record() -> None:  # training is recorded before the evaluation, which may fail

@@ -76,7 +76,7 @@ from torch import Tensor
 from sftscope.config.commands import WeightsConfig
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer
-from sftscope.load.adapters import LoraAdapter, LoraModule, read_lora
+from sftscope.load.adapters import LoraAdapter, LoraModule, adapter_folder, read_lora
 from sftscope.load.arch import (
     MLP_ROLES,
     ArchSpec,
@@ -664,7 +664,8 @@ def weight_change(
             # Every path first (a typo fails at once), then configs and headers.
             b_dir = resolve_source(base, "base") if base is not None else None
             s_dir = resolve_source(sft, "SFT") if sft is not None else None
-            a_dir = resolve_source(adapter, "adapter") if adapter is not None else None
+            a_dir = (adapter_folder(resolve_source(adapter, "adapter"))  # or a tune run's
+                     if adapter is not None else None)
             b_ck = Checkpoint(b_dir, "base") if b_dir is not None else None
             if b_ck is not None:
                 opened.append(b_ck)

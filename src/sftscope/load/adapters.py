@@ -11,9 +11,7 @@ matches when the module name ends with it) else ``r`` / ``lora_alpha``; the scal
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -31,42 +29,21 @@ from sftscope.load.checkpoint import (
     pickle_error,
     read_header,
 )
+from sftscope.load.sources import (  # noqa: F401  (re-exported: the adapter reading API)
+    ADAPTER_CONFIG,
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    adapter_folder,
+    adapter_label,
+    read_adapter_config,
+)
 
-META_FILE = "sftscope.json"  # written by ``tune`` next to the adapter: base fingerprint, ...
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = ADAPTER_META  # written by ``tune`` next to the adapter: base fingerprint, ...
+CONFIG_FILE = ADAPTER_CONFIG
+WEIGHTS_FILE = ADAPTER_WEIGHTS
 _FACTOR = re.compile(r"^(.*)\.lora_(A|B)(?:\.[^.]+)?\.weight$")
 _EMBED_FACTOR = re.compile(r"^(.*)\.lora_embedding_(A|B)(?:\.[^.]+)?$")
 _B_BIAS = re.compile(r"^(.*)\.lora_B(?:\.[^.]+)?\.bias$")  # PEFT lora_bias=True
-
-
-def adapter_folder(adapter: str | Path) -> Path:
-    """The PEFT folder: ``adapter`` itself or ``adapter/adapter`` (a tune run folder)."""
-    p = Path(os.path.expanduser(str(adapter)))
-    if not p.exists():
-        raise SftscopeError(f"adapter {adapter} does not exist; give the adapter folder "
-                            f"(RUN/adapter of a tune run)")
-    if (p / CONFIG_FILE).is_file():
-        return p
-    if (p / "adapter" / CONFIG_FILE).is_file():
-        return p / "adapter"
-    raise SftscopeError(f"adapter {adapter} has no {CONFIG_FILE}; give a PEFT adapter "
-                        f"folder (RUN/adapter of a tune run)")
-
-
-def read_adapter_config(folder: Path) -> dict[str, Any]:
-    """``adapter_config.json`` as a dict (one clear error when missing or not JSON)."""
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise SftscopeError(f"adapter folder {folder} has no {CONFIG_FILE}; point --adapter at "
-                            f"a PEFT LoRA folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SftscopeError(f"{path} is not valid JSON ({e.msg})") from e
-    if not isinstance(cfg, dict):
-        raise SftscopeError(f"{path} is not a JSON object")
-    return cfg
 
 
 def module_path(tensor_name: str) -> str:

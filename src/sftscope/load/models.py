@@ -1,4 +1,11 @@
-"""Load models and Base/SFT pairs from hub ids or local folders, and validate a pair."""
+"""Load models and Base/SFT pairs, and validate a pair: the one place every command loads from.
+
+A model reference is a Hugging Face folder, a hub id, a GGUF file (or a folder holding exactly
+one; dequantised by transformers, tokenizer from the same file) or a PEFT adapter folder (or a
+tune run folder), applied in memory to its base: ``base`` when given, else the base the adapter
+records. ``sources.check_model`` says which (torch-free); ``load_model``, ``load_config``,
+``load_tokenizer`` and ``fingerprint`` follow it.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from sftscope.errors import SftscopeError
+from sftscope.load.gguf import need_gguf
 from sftscope.load.runtime import input_device, resolve_device, resolve_dtype
-from sftscope.load.sources import PairInfo, check_model, check_pair, is_local, looks_like_path
+from sftscope.load.sources import (
+    ModelSource,
+    PairInfo,
+    check_model,
+    check_pair,
+    is_local,
+    looks_like_path,
+    source_kind,
+)
 
-__all__ = ["LoadOptions", "PairInfo", "check_pair", "check_source", "input_device",
-           "load_config", "load_model", "load_tokenizer", "pair_tokenizer", "check_vocab",
-           "check_tokenizers", "fingerprint", "is_local", "resolve_dtype"]
+__all__ = ["LoadOptions", "ModelSource", "PairInfo", "check_pair", "check_source",
+           "input_device", "load_config", "load_model", "load_tokenizer", "pair_tokenizer",
+           "check_vocab", "check_tokenizers", "fingerprint", "is_local", "resolve_dtype",
+           "resolve_source", "save_model", "source_label"]
 
 
 @dataclass(frozen=True)
@@ -29,12 +46,62 @@ class LoadOptions:
     device_map: str | None = None
     attn_implementation: str | None = None
     trust_remote_code: bool = False
+    # an adapter reference: the base it is applied to (default: the base it records), that
+    # base's revision, and whether a base of the same shapes but other weights is accepted
+    base: str | None = None
+    base_revision: str | None = None
+    allow_other_base: bool = False
 
 
 def check_source(spec: str, what: str = "model") -> str:
     """A usable source: an existing local folder (with a causal-LM config), or a hub id."""
     src = check_model(spec, what)
     return src.path or src.spec
+
+
+def resolve_source(spec: str, base: str | None = None) -> ModelSource:
+    """What ``spec`` is (folder, hub id, GGUF or adapter with its base), checked torch-free."""
+    return check_model(spec, base=base)
+
+
+def source_label(spec: str, base: str | None = None) -> str:
+    """A short name for a model in tables: an adapter's tune run (``adapter m00100 r64 s0``),
+    else the folder or file name, else the hub id."""
+    if source_kind(spec) == "adapter":
+        return resolve_source(spec, base).label or "adapter"
+    p = Path(spec).expanduser()
+    return p.name if p.name and p.exists() else spec
+
+
+def _adapter_base(src: ModelSource, revision: str | None,
+                  base_revision: str | None) -> tuple[ModelSource, str | None]:
+    """An adapter's base and the revision to load it at: the given base revision, else the
+    adapter's own revision option, else the commit the adapter recorded for a hub base."""
+    assert src.base is not None
+    rev = base_revision or revision
+    if rev is None and src.base.kind == "hub" and src.path is not None:
+        from sftscope.load.sources import adapter_meta
+
+        fp = adapter_meta(Path(src.path)).get("base_fingerprint") or {}
+        if isinstance(fp, dict) and fp.get("source") == src.base.spec:
+            rev = fp.get("commit")
+    return src.base, rev
+
+
+def _gguf_error(src: ModelSource, err: Exception) -> SftscopeError:
+    from sftscope.load.gguf import supported_by_transformers
+
+    arch = str(src.config.get("gguf_architecture", "?"))
+    ok, names = supported_by_transformers(arch)
+    if not ok:
+        import transformers
+
+        return SftscopeError(
+            f"{src.spec} is a GGUF of a {arch} model, which transformers "
+            f"{transformers.__version__} cannot read (it reads {', '.join(names)}); convert the "
+            f"model to a Hugging Face folder another way, or upgrade transformers")
+    return SftscopeError(f"{src.spec}: the GGUF file could not be loaded "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
 
 
 def _hub_error(spec: str, err: Exception) -> SftscopeError:
@@ -45,13 +112,27 @@ def _hub_error(spec: str, err: Exception) -> SftscopeError:
     )
 
 
-def load_config(spec: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The model config alone (cheap): used to validate a pair before loading weights."""
+def load_config(spec: str, revision: str | None = None, trust_remote_code: bool = False, *,
+                base: str | None = None, base_revision: str | None = None):
+    """The model config alone (cheap): used to validate a pair before loading weights. An
+    adapter's config is its base's; a GGUF's is read from its header."""
     from transformers import AutoConfig
 
-    src = check_source(spec)
+    src = resolve_source(spec, base)
+    if src.kind == "adapter":
+        b, rev = _adapter_base(src, revision, base_revision)
+        return load_config(b.spec, rev, trust_remote_code)
+    if src.kind == "gguf":
+        need_gguf()
+        try:
+            from sftscope.progress import quiet_libraries
+
+            with quiet_libraries():
+                return AutoConfig.from_pretrained(src.load_path, gguf_file=src.gguf_file)
+        except (OSError, ValueError, KeyError) as e:
+            raise _gguf_error(src, e) from e
     try:
-        return AutoConfig.from_pretrained(src, revision=revision,
+        return AutoConfig.from_pretrained(src.path or src.spec, revision=revision,
                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if is_local(spec):
@@ -59,20 +140,42 @@ def load_config(spec: str, revision: str | None = None, trust_remote_code: bool 
         raise _hub_error(spec, e) from e
 
 
-def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "right"):
-    """The tokenizer of a model folder or hub id, with a pad token guaranteed."""
+def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "right", *,
+                   base: str | None = None, base_revision: str | None = None):
+    """The tokenizer of a model folder, hub id, GGUF file (its own vocabulary) or adapter (the
+    adapter folder's tokenizer when it saved one, else its base's), with a pad token."""
     from transformers import AutoTokenizer
 
-    src = os.path.expanduser(spec)
-    if not os.path.isdir(src):
-        if os.path.exists(src):
-            raise SftscopeError(f"tokenizer {spec} is a file; give a folder or a hub id")
-        if looks_like_path(spec):
-            raise SftscopeError(f"tokenizer folder {spec} does not exist; check the path")
-        src = spec
+    kind = source_kind(spec)
+    gguf_file = None
+    if kind == "adapter":
+        src = resolve_source(spec, base)
+        if not (Path(str(src.path)) / "tokenizer_config.json").is_file():
+            b, rev = _adapter_base(src, revision, base_revision)
+            return load_tokenizer(b.spec, rev, padding_side)
+        src_path = str(src.path)
+    elif kind == "gguf":
+        src = resolve_source(spec)
+        need_gguf()
+        src_path, gguf_file = src.load_path, src.gguf_file
+    else:
+        src_path = os.path.expanduser(spec)
+        if not os.path.isdir(src_path):
+            if os.path.exists(src_path):
+                raise SftscopeError(f"tokenizer {spec} is a file; give a folder, a .gguf file "
+                                    f"or a hub id")
+            if looks_like_path(spec):
+                raise SftscopeError(f"tokenizer folder {spec} does not exist; check the path")
+            src_path = spec
     try:
-        tok = AutoTokenizer.from_pretrained(src, revision=revision)
-    except (OSError, ValueError) as e:
+        from sftscope.progress import quiet_libraries
+
+        with quiet_libraries():
+            if gguf_file is not None:
+                tok = AutoTokenizer.from_pretrained(src_path, gguf_file=gguf_file)
+            else:
+                tok = AutoTokenizer.from_pretrained(src_path, revision=revision)
+    except (OSError, ValueError, KeyError) as e:
         if is_local(spec):
             raise SftscopeError(
                 f"{spec} has no usable tokenizer ({str(e).splitlines()[0][:160]}); "
@@ -102,35 +205,129 @@ def _device_map(value: str) -> Any:
     return mapping
 
 
-def load_model(spec: str, opts: LoadOptions | None = None):
-    """Load a ``*ForCausalLM`` in eval mode on ``opts.device`` (or sharded by ``device_map``)."""
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers' GGUF reader draws its own tqdm bar (not covered by its progress switch)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+
+
+def _from_pretrained(src: ModelSource, opts: LoadOptions):
+    """A dense ``*ForCausalLM`` of a folder, hub id or GGUF (dequantised), not yet placed."""
     from transformers import AutoModelForCausalLM
 
-    opts = opts or LoadOptions()
-    src = check_source(spec)
     device = resolve_device(opts.device)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(opts.dtype, device),
-                              "revision": opts.revision,
                               "trust_remote_code": opts.trust_remote_code}
     if opts.attn_implementation:
         kwargs["attn_implementation"] = opts.attn_implementation
     if opts.device_map:
         kwargs["device_map"] = _device_map(opts.device_map)
+    if src.kind == "gguf":
+        need_gguf()
+        kwargs["gguf_file"] = src.gguf_file
+        try:  # dense weights: sftscope hooks, swaps and adapts plain linear layers
+            from transformers.utils.quantization_config import GgufConfig
+
+            kwargs["quantization_config"] = GgufConfig(gguf_file=src.gguf_file, dequantize=True)
+        except (ImportError, TypeError):
+            pass  # older transformers always dequantise
+    else:
+        kwargs["revision"] = opts.revision
+    from sftscope.progress import quiet_libraries
+
+    try:
+        with quiet_libraries(), _quiet_gguf():
+            model = AutoModelForCausalLM.from_pretrained(src.load_path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        if src.kind == "gguf":
+            raise _gguf_error(src, e) from e
+        if src.kind == "folder":
+            raise SftscopeError(f"{src.spec}: the model could not be loaded "
+                                f"({str(e).splitlines()[0][:200]})") from e
+        raise _hub_error(src.spec, e) from e
+    if src.kind == "gguf":  # dequantised: a plain model from here on (trainable, savable)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+    return model
+
+
+def _load_peft(src: ModelSource, opts: LoadOptions):
+    """An adapter reference as a ``PeftModel``: its base loaded, the adapter checked against it
+    and applied in memory (never merged)."""
+    from sftscope.load.adapters import load_adapter
+
+    b, rev = _adapter_base(src, opts.revision, opts.base_revision)
+    base_opts = LoadOptions(revision=rev, dtype=opts.dtype, device=opts.device,
+                            device_map=opts.device_map,
+                            attn_implementation=opts.attn_implementation,
+                            trust_remote_code=opts.trust_remote_code)
+    model = load_model(b.spec, base_opts)
+    return load_adapter(model, str(src.path), b.spec, revision=rev,
+                        allow_other_base=opts.allow_other_base)
+
+
+def load_model(spec: str, opts: LoadOptions | None = None):
+    """Load a ``*ForCausalLM`` in eval mode on ``opts.device`` (or sharded by ``device_map``).
+
+    A GGUF is dequantised into a dense model. An adapter is applied in memory with PEFT to its
+    base (``opts.base``, else the base it records) and left unmerged: the model returned is the
+    base ``*ForCausalLM`` with LoRA layers in the adapted modules, so every block the adapter
+    does not touch computes exactly what the base computes.
+    """
+    opts = opts or LoadOptions()
+    src = resolve_source(spec, opts.base)
+    if src.kind == "adapter":
+        model = _load_peft(src, opts).get_base_model()
+    else:
+        model = _from_pretrained(src, opts)
+        if not opts.device_map:
+            model.to(resolve_device(opts.device))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def save_model(spec: str, out: str | Path, opts: LoadOptions | None = None) -> Path:
+    """Write any model reference as a plain Hugging Face folder (safetensors, config and
+    tokenizer): a GGUF dequantised, an adapter merged into its base (``merge_and_unload``).
+    Written to a temporary folder first, so ``out`` is either whole or absent."""
+    import shutil
+
+    opts = opts or LoadOptions()
+    src = resolve_source(spec, opts.base)
+    out = Path(out).expanduser()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if src.kind == "adapter":
+        model = _load_peft(src, opts).merge_and_unload()
+    else:
+        model = _from_pretrained(src, opts)
+    tok = load_tokenizer(spec, opts.revision, base=opts.base, base_revision=opts.base_revision)
     from sftscope.progress import quiet_libraries
 
     try:
         with quiet_libraries():
-            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except (OSError, ValueError) as e:
-        if is_local(spec):
-            raise SftscopeError(f"{spec}: the model could not be loaded "
-                                f"({str(e).splitlines()[0][:200]})") from e
-        raise _hub_error(spec, e) from e
-    if not opts.device_map:
-        model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def default_cache_dir() -> Path:
@@ -273,17 +470,30 @@ def _hub_commit(spec: str, revision: str | None) -> str | None:
     return None
 
 
+def _files_hash(files: list[Path], memo: DigestMemo, salt: bytes) -> tuple[str, int]:
+    h = hashlib.sha256(salt)
+    total = 0
+    for p in files:
+        size = p.stat().st_size
+        total += size
+        h.update(f"\0{p.name}\0{size}\0{memo.digest(p)}".encode())
+    return h.hexdigest()[:24], total
+
+
 def fingerprint(spec: str, revision: str | None = None,
-                memo_dir: str | Path | None = None) -> dict[str, Any]:
+                memo_dir: str | Path | None = None, *, base: str | None = None,
+                base_revision: str | None = None) -> dict[str, Any]:
     """Identify a model by content, for run records and cache keys.
 
     Local folders: ``hash`` = SHA-256 over name, size and full-content digest of every weight,
     config, tokenizer and code file (``file_digest``; digests memoised in ``memo_dir``, default
-    ``default_cache_dir()``, so each file is read once). Hub ids: the revision resolved to a
-    commit (``hash`` derives from id + commit; absent when it cannot be resolved).
+    ``default_cache_dir()``, so each file is read once). GGUF: the same over the one ``.gguf``
+    file. Adapters: the adapter folder's files and the base's fingerprint (``base``), both in
+    ``hash``, plus the ``label`` of the tune run. Hub ids: the revision resolved to a commit
+    (``hash`` derives from id + commit; absent when it cannot be resolved).
     """
-    path = Path(os.path.expanduser(spec))
-    if not path.is_dir():
+    kind = source_kind(spec)
+    if kind not in ("folder", "gguf", "adapter", "other"):
         commit = _hub_commit(spec, revision)
         out: dict[str, Any] = {"source": spec, "revision": revision, "local": False,
                                "commit": commit}
@@ -293,16 +503,33 @@ def fingerprint(spec: str, revision: str | None = None,
         return out
     memo = DigestMemo(Path(memo_dir).expanduser() / _MEMO_NAME if memo_dir is not None
                       else default_cache_dir() / _MEMO_NAME)
-    h = hashlib.sha256(b"sftscope-model-v2")
-    total = 0
-    files = _fingerprint_files(path)
-    for p in files:
-        size = p.stat().st_size
-        total += size
-        h.update(f"\0{p.name}\0{size}\0{memo.digest(p)}".encode())
+    if kind == "adapter":
+        src = resolve_source(spec, base)
+        folder = Path(str(src.path))
+        files = _fingerprint_files(folder)
+        ahash, total = _files_hash(files, memo, b"sftscope-adapter-v1")
+        memo.save()
+        b, rev = _adapter_base(src, revision, base_revision)
+        bfp = fingerprint(b.spec, rev, memo_dir)
+        out = {"source": str(folder.resolve()), "kind": "adapter", "label": src.label,
+               "local": True, "adapter_hash": ahash, "files": len(files), "bytes": total,
+               "base": bfp, "hash_scheme": FINGERPRINT_SCHEME}
+        bkey = bfp.get("hash") or f"{bfp.get('source')}@{bfp.get('revision')}"
+        out["hash"] = hashlib.sha256(f"adapter:{ahash}:on:{bkey}".encode()).hexdigest()[:24]
+        return out
+    if kind == "gguf":
+        src = resolve_source(spec)
+        f = Path(str(src.path))
+        ghash, total = _files_hash([f], memo, b"sftscope-gguf-v1")
+        memo.save()
+        return {"source": str(f.resolve()), "kind": "gguf", "revision": None, "local": True,
+                "hash": ghash, "hash_scheme": FINGERPRINT_SCHEME, "files": 1, "bytes": total}
+    path = Path(os.path.expanduser(spec))
+    files = _fingerprint_files(path) if path.is_dir() else [path]
+    h, total = _files_hash(files, memo, b"sftscope-model-v2")
     memo.save()
     return {"source": str(path.resolve()), "revision": revision, "local": True,
-            "hash": h.hexdigest()[:24], "hash_scheme": FINGERPRINT_SCHEME, "files": len(files),
+            "hash": h, "hash_scheme": FINGERPRINT_SCHEME, "files": len(files),
             "bytes": total}
 
 
@@ -336,7 +563,8 @@ def pair_tokenizer(base: str, sft: str, choice: str | None = None, *,
     """
     revs = revisions or {}
     tb = load_tokenizer(base, revision=revs.get("base"))
-    ts = load_tokenizer(sft, revision=revs.get("sft"))
+    ts = load_tokenizer(sft, revision=revs.get("sft"), base=base,
+                        base_revision=revs.get("base"))
     notes = check_tokenizers(tb, ts)
     if choice is None:
         return (ts if chat_template else tb), notes

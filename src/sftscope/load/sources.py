@@ -205,33 +205,319 @@ def weight_files(folder: Path) -> dict[str, TensorInfo]:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A checked model reference: a local folder (config read) or a hub id (checked later)."""
+    """A checked model reference.
+
+    ``kind``: ``folder`` (a Hugging Face folder, ``config`` read), ``hub`` (an id, checked
+    later), ``gguf`` (``path`` is the ``.gguf`` file, ``config`` from its header) or
+    ``adapter`` (``path`` is the PEFT folder, ``base`` the checked model it applies to,
+    ``config`` the base's, ``label`` names the tune run it came from).
+    """
 
     spec: str
-    kind: str  # "folder" | "hub"
+    kind: str  # "folder" | "hub" | "gguf" | "adapter"
     path: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    base: ModelSource | None = None
+    label: str | None = None
 
     @property
     def n_blocks(self) -> int | None:
         v = get_key(self.config, BLOCK_KEYS)
         return int(v) if isinstance(v, int) else None
 
+    @property
+    def load_path(self) -> str:
+        """What ``from_pretrained`` takes: the folder (a GGUF's folder) or the hub id."""
+        if self.kind == "gguf" and self.path:
+            return os.path.dirname(self.path)
+        return self.path or self.spec
 
-def check_model(spec: str, what: str = "model") -> ModelSource:
-    """A model folder (with a causal-LM config.json) or something shaped like a hub id."""
-    spec = str(spec)
+    @property
+    def gguf_file(self) -> str | None:
+        """The GGUF file name (``from_pretrained(..., gguf_file=...)``), or None."""
+        return os.path.basename(self.path) if self.kind == "gguf" and self.path else None
+
+
+def source_kind(spec: str) -> str:
+    """What a reference points at, cheaply and without checking it: ``adapter`` (a folder with
+    ``adapter_config.json``, or a tune run folder), ``folder`` (with ``config.json``), ``gguf``
+    (a ``.gguf`` file, or a folder without ``config.json`` holding ``.gguf`` files), ``hub``
+    (not a path), ``missing`` or ``other`` (a folder or file of none of these)."""
+    from sftscope.load.gguf import GGUF_SUFFIX, gguf_files
+
     path = expand(spec)
     if os.path.isdir(path):
+        p = Path(path)
+        if (p / "config.json").is_file() and (find_adapter(p) != p or _has_model_weights(p)):
+            return "folder"  # (some trainers save the base's config.json next to an adapter)
+        if find_adapter(p) is not None:
+            return "adapter"
+        if gguf_files(p):
+            return "gguf"
+        return "other"
+    if os.path.exists(path):
+        return "gguf" if path.lower().endswith(GGUF_SUFFIX) else "other"
+    return "missing" if looks_like_path(spec) else "hub"
+
+
+def _has_model_weights(folder: Path) -> bool:
+    """Full-model weight files (``model*.safetensors``, ``pytorch_model*.bin``, an index), not
+    an adapter's or a trainer's (``training_args.bin``)."""
+    return any(f.name.startswith(("model", "pytorch_model", "consolidated"))
+               and (f.suffix == ".safetensors" or f.suffix in PICKLE_SUFFIXES
+                    or f.name.endswith(".index.json"))
+               for f in folder.iterdir() if f.is_file())
+
+
+def check_model(spec: str, what: str = "model", *, base: str | None = None) -> ModelSource:
+    """A model folder (with a causal-LM config.json), a GGUF file (or a folder holding exactly
+    one), a PEFT adapter folder (or a tune run folder) with a usable base, or something shaped
+    like a hub id. ``base``: the model an adapter applies to (default: the one it records)."""
+    spec = str(spec)
+    path = expand(spec)
+    kind = source_kind(spec)
+    if kind == "adapter":
+        return check_adapter_source(spec, what, base=base)
+    if kind == "gguf":
+        return check_gguf_source(spec, what)
+    if os.path.isdir(path):
+        if kind == "other" and not (Path(path) / "config.json").exists():
+            raise SftscopeError(f"model folder {spec} has no config.json; point at a Hugging "
+                                f"Face model folder (save_pretrained output), a PEFT adapter "
+                                f"folder or a .gguf file")
         cfg = read_config_json(path)
         check_causal(cfg, spec)
         check_weights(Path(path))
         return ModelSource(spec, "folder", path, cfg)
     if os.path.exists(path):
-        raise SftscopeError(f"{what} {spec} is a file; give a model folder or a hub id")
+        raise SftscopeError(f"{what} {spec} is a file; give a model folder, a .gguf file or a "
+                            f"hub id")
     if looks_like_path(spec):
         raise SftscopeError(f"{what} folder {spec} does not exist; check the path")
     return ModelSource(spec, "hub")
+
+
+def check_gguf_source(spec: str, what: str = "model") -> ModelSource:
+    """A ``.gguf`` file, or a folder holding exactly one, checked from its header."""
+    from sftscope.load.gguf import check_gguf, gguf_files
+
+    path = expand(spec)
+    if os.path.isdir(path):
+        files = gguf_files(path)
+        if len(files) > 1:
+            names = ", ".join(p.name for p in files[:4])
+            raise SftscopeError(f"{what} folder {spec} holds {len(files)} GGUF files ({names}"
+                                f"{', ...' if len(files) > 4 else ''}); give the one to load "
+                                f"as {os.path.join(spec, files[0].name)}")
+        path = str(files[0])
+    info = check_gguf(path, spec)
+    return ModelSource(spec, "gguf", os.path.abspath(path), info.config())
+
+
+# ----------------------------------------------------------------------------- adapters
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_META = "sftscope.json"  # written by ``tune`` next to the adapter: base fingerprint, ...
+
+
+def find_adapter(folder: str | Path) -> Path | None:
+    """The PEFT folder of ``folder``: itself, or ``folder/adapter`` (a tune run); else None."""
+    p = Path(expand(str(folder)))
+    for cand in (p, p / "adapter"):
+        if (cand / ADAPTER_CONFIG).is_file():
+            return cand
+    return None
+
+
+def adapter_folder(adapter: str | Path) -> Path:
+    """The PEFT folder: ``adapter`` itself or ``adapter/adapter`` (a tune run folder)."""
+    p = Path(expand(str(adapter)))
+    if not p.exists():
+        raise SftscopeError(f"adapter {adapter} does not exist; give the adapter folder "
+                            f"(RUN/adapter of a tune run)")
+    found = find_adapter(p)
+    if found is None:
+        raise SftscopeError(f"adapter {adapter} has no {ADAPTER_CONFIG}; give a PEFT adapter "
+                            f"folder (RUN/adapter of a tune run)")
+    return found
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict (one clear error when missing or not JSON)."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise SftscopeError(f"adapter folder {folder} has no {ADAPTER_CONFIG}; point --adapter "
+                            f"at a PEFT LoRA folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SftscopeError(f"{path} is not valid JSON ({e}); re-save the adapter") from e
+    if not isinstance(cfg, dict):
+        raise SftscopeError(f"{path} is not a JSON object; re-save the adapter")
+    return cfg
+
+
+def _read_json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def adapter_meta(folder: Path) -> dict[str, Any]:
+    """What ``tune`` recorded about an adapter (``sftscope.json``; ``{}`` for other adapters)."""
+    return _read_json_or_empty(Path(folder) / ADAPTER_META)
+
+
+def adapter_run(folder: Path) -> dict[str, Any]:
+    """The ``run.json`` of the tune run an adapter belongs to (``RUN/adapter``), or ``{}``."""
+    folder = Path(folder)
+    return _read_json_or_empty(folder.parent / "run.json") if folder.name == "adapter" else {}
+
+
+def adapter_label(folder: str | Path) -> str:
+    """A short name for an adapter, from the tune run that made it: ``adapter m00100 r64 s0``
+    (mask, full-depth rank budget, seed), ``adapter b6-11 r64 s0`` for explicit blocks; an
+    adapter of another origin is named by its folder and rank."""
+    from sftscope.segments import mask_text
+
+    folder = Path(expand(str(folder)))
+    meta, run = adapter_meta(folder), adapter_run(folder)
+    rcfg = run.get("config") if isinstance(run.get("config"), dict) else {}
+    mask = rcfg.get("mask") or meta.get("mask")
+    blocks = rcfg.get("blocks")
+    rank = rcfg.get("rank", meta.get("full_rank"))
+    seed = rcfg.get("seed", meta.get("seed"))
+    if not (mask or blocks or meta):
+        name = folder.parent.name if folder.name == "adapter" else folder.name
+        r = read_adapter_config(folder).get("r")
+        return f"adapter {name}" + (f" r{r}" if r is not None else "")
+    parts = ["adapter"]
+    if mask:
+        parts.append(mask_text(str(mask)))
+    elif blocks:
+        parts.append(f"b{blocks}")
+    elif meta.get("blocks"):
+        b = meta["blocks"]
+        parts.append(f"b{b[0]}-{b[-1]}" if isinstance(b, list) and b else f"b{b}")
+    if rank is not None:
+        parts.append(f"r{float(rank):g}")
+    if seed is not None:
+        parts.append(f"s{seed}")
+    return " ".join(parts)
+
+
+def recorded_base(folder: Path) -> tuple[str | None, str | None, str]:
+    """The base an adapter says it was made for: ``(spec, revision, what was tried)``.
+
+    ``tune``'s record first (the resolved path of a local base, or the hub id and commit), then
+    PEFT's ``base_model_name_or_path``. A path that no longer exists does not count.
+    """
+    meta = adapter_meta(folder)
+    fp = meta.get("base_fingerprint") if isinstance(meta.get("base_fingerprint"), dict) else {}
+    tried: list[str] = []
+    cands: list[tuple[Any, Any]] = [(fp.get("source"), fp.get("commit")),
+                                    (meta.get("base"), fp.get("commit")),
+                                    (read_adapter_config(folder).get("base_model_name_or_path"),
+                                     None)]
+    for spec, rev in cands:
+        if not spec or not isinstance(spec, str):
+            continue
+        if os.path.exists(expand(spec)):
+            return spec, None, ""
+        if looks_like_path(spec):
+            tried.append(f"{spec!r} does not exist")
+            continue
+        return spec, rev if isinstance(rev, str) else None, ""
+    return None, None, "; ".join(dict.fromkeys(tried)) or "it names none"
+
+
+def _lora_shapes(folder: Path) -> dict[str, tuple[int, int]]:
+    """Adapted module -> (in, out) from the adapter's safetensors header (torch-free)."""
+    wfile = folder / ADAPTER_WEIGHTS
+    if not wfile.is_file():
+        if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+            return {}  # a .bin adapter: shapes are checked once loaded
+        raise SftscopeError(f"adapter folder {folder} has no {ADAPTER_WEIGHTS}; re-save the "
+                            f"adapter")
+    out: dict[str, list[int]] = {}
+    for name, info in read_header(wfile).items():
+        m = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_(A|B)(?:\.[^.]+)?\.weight$", name)
+        if not m or len(info.shape) != 2:
+            continue
+        io = out.setdefault(m.group(1), [0, 0])
+        if m.group(2) == "A":
+            io[0] = info.shape[1]
+        else:
+            io[1] = info.shape[0]
+    return {k: (v[0], v[1]) for k, v in out.items() if v[0] and v[1]}
+
+
+def check_adapter_shapes(folder: Path, spec: str, base: ModelSource) -> None:
+    """Refuse an adapter whose LoRA factors do not fit the base's weights (safetensors headers
+    only; a GGUF or hub base is checked once loaded)."""
+    if base.kind != "folder" or base.path is None:
+        return
+    shapes = _lora_shapes(folder)
+    if not shapes:
+        return
+    try:
+        weights = {n: i.shape for n, i in weight_files(Path(base.path)).items()}
+    except SftscopeError:
+        return  # pickle-only base: checked once loaded
+    made_for = read_adapter_config(folder).get("base_model_name_or_path")
+    for module, (fin, fout) in sorted(shapes.items()):
+        w = weights.get(module + ".weight")
+        if w is None:  # another naming of the root: match on the path below it
+            tail = module.split(".", 1)[-1] + ".weight"
+            w = next((s for n, s in weights.items() if n.endswith(tail)), None)
+        if w is None:
+            raise SftscopeError(
+                f"adapter {spec} does not fit base {base.spec}: it adapts {module}, which the "
+                f"base does not have (made for {made_for}); pass the base it was made for")
+        if len(w) != 2 or tuple(w) not in ((fout, fin), (fin, fout)):
+            raise SftscopeError(
+                f"adapter {spec} does not fit base {base.spec}: {module} is {list(w)} in the "
+                f"base but the adapter was made for in {fin} / out {fout} (made for "
+                f"{made_for}); pass the base it was made for")
+
+
+def check_adapter_source(spec: str, what: str = "model", *,
+                         base: str | None = None) -> ModelSource:
+    """A PEFT adapter folder (or tune run folder) and the base it applies to: ``base`` when
+    given (an adapter given as ``base`` stands for its own base), else the base the adapter
+    records. Refuses an adapter without a usable base or with factors that do not fit it."""
+    folder = adapter_folder(spec)
+    read_adapter_config(folder)
+    if base is not None:
+        b = check_model(base, "base model")
+        if b.kind == "adapter":
+            b = b.base
+        assert b is not None
+        rec, _, _ = recorded_base(folder)
+        if rec is not None and os.path.exists(expand(rec)):
+            made = check_model(rec, "recorded base")
+            made = made.base if made.kind == "adapter" and made.base else made
+            for keys, say in ((BLOCK_KEYS, "{} blocks"), (HIDDEN_KEYS, "hidden size {}")):
+                x, y = get_key(made.config, keys), get_key(b.config, keys)
+                if x is not None and y is not None and x != y:
+                    raise SftscopeError(
+                        f"adapter {spec} was made for {rec} ({say.format(x)}) but --base "
+                        f"{base} has {say.format(y)}; pass the base it was made for")
+    else:
+        rec, _, why = recorded_base(folder)
+        if rec is None:
+            raise SftscopeError(f"adapter {spec} names no usable base model "
+                                f"(base_model_name_or_path: {why}); pass --base")
+        b = check_model(rec, f"base model of adapter {spec}")
+        if b.kind == "adapter":
+            raise SftscopeError(f"adapter {spec} records another adapter ({rec}) as its base; "
+                                f"pass --base")
+    check_adapter_shapes(folder, spec, b)
+    return ModelSource(spec, "adapter", str(folder), b.config, base=b,
+                       label=adapter_label(folder))
 
 
 def check_weights(folder: Path) -> None:

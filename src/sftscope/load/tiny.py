@@ -104,3 +104,80 @@ def save_tiny_model(out: str | Path, family: str = "llama", seed: int = 0, token
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def save_tiny_gguf(folder: str | Path, out: str | Path) -> Path:
+    """Write a tiny Llama-family Hugging Face folder (``save_tiny_model``) as a float32 GGUF
+    file, the way llama.cpp's converter does (q/k rows permuted, llama.cpp tensor names, the
+    byte-level BPE vocabulary and merges): a GGUF for tests that need no network. Needs the
+    ``gguf`` package."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    folder, out = Path(folder), Path(out)
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("model_type") != "llama":
+        raise ValueError("save_tiny_gguf writes Llama-family models only")
+    sd = load_file(str(folder / "model.safetensors"))
+    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or \
+        cfg["num_attention_heads"]
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+                .swapaxes(1, 2).reshape(w.shape))
+
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name("sftscope-tiny")
+    w.add_context_length(cfg.get("max_position_embeddings", 256))
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    rope = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta", 1e4)
+    w.add_rope_freq_base(float(rope))
+    w.add_rope_dimension_count(cfg["hidden_size"] // n_head)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(0)  # all float32
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {a["content"] for a in tj.get("added_tokens", []) if a.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges(merges)
+    for name, add in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id),
+                      ("pad_token", w.add_pad_token_id), ("unk_token", w.add_unk_token_id)):
+        if tcfg.get(name) in vocab:
+            add(vocab[tcfg[name]])
+    names = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, t in sd.items():
+        t = t.float()
+        if key in names:
+            name = names[key]
+        else:
+            _, _, i, rest = key.split(".", 3)
+            mod = rest.rsplit(".", 1)[0]
+            name = f"blk.{i}.{parts[mod]}.weight"
+            if mod == "self_attn.q_proj":
+                t = permute(t, n_head)
+            elif mod == "self_attn.k_proj":
+                t = permute(t, n_kv)
+        w.add_tensor(name, t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -282,11 +282,26 @@ def _find_id(cfg: Any, keys: Sequence[str]) -> str | None:
     return None
 
 
+def _model_labels(record: dict[str, Any]) -> dict[str, str]:
+    """Labels run.json's model fingerprints carry (an adapter: ``adapter m00100 r64 s0``)."""
+    models = record.get("models")
+    if not isinstance(models, dict):
+        return {}
+    return {k: str(v["label"]) for k, v in models.items()
+            if isinstance(v, dict) and isinstance(v.get("label"), str) and v["label"]}
+
+
 def run_label(record: dict[str, Any], folder: Path) -> str:
-    """Legend label: the model ids of the config (``base vs sft``), else the folder name."""
+    """Legend label: the model ids of the config (``base vs sft``; an adapter by its tune run,
+    ``base vs sft=adapter m00100 r64 s0``), else the folder name."""
     cfg = record.get("config") or {}
     base = _find_id(cfg, ("base", "base_model", "base_id", "model", "model_id", "model_name"))
     sft = _find_id(cfg, ("sft", "sft_model", "sft_id", "tuned", "instruct"))
+    labels = _model_labels(record)
+    if base and labels.get("sft"):
+        return f"{labels.get('base') or _short(base)} vs sft={labels['sft']}"
+    if len(labels) == 1 and not sft:  # one model (probe --model ADAPTER)
+        return next(iter(labels.values()))
     if base and sft:
         b, s = _short(base), _short(sft)
         if s == b:
