@@ -45,8 +45,8 @@ def _wait_for(pred, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
 def texts(tmp_path_factory) -> Path:
     """Enough texts that a capture takes a few seconds and checkpoints on the way."""
     p = tmp_path_factory.mktemp("kill") / "texts.jsonl"
-    words = ("the cat sat on a mat while seven dogs ran far into the old green "
-             "forest").split(" ")
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "seven", "dogs", "ran", "far",
+             "into", "the", "old", "green", "forest"]
     rows = [{"text": " ".join(words[(i * 7 + k) % len(words)] for k in range(20 + i % 30))}
             for i in range(600)]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
