@@ -345,8 +345,10 @@ class _LensReducer:
 
     Per batch, the positions anything is scored at (next-token entries, answer tokens, choice
     slots) are collected once as unique ``(row, position)`` pairs; at each chosen layer only
-    those states go through the final norm and the head, ``rows_per_chunk`` at a time. Each
-    kind of entry keeps the index of its lens row (entries are built in row order).
+    those states are kept (a copy of ``rows x D``), and they go through the final norm and the
+    head ``rows_per_chunk`` rows at a time, rows of several layers together when they fit (the
+    head's weights are then read once per batch, not once per layer). Each kind of entry keeps
+    the index of its lens row (entries are built in row order).
     """
 
     def __init__(self, sums: LensSums, lens: Lens, col: dict[int, int], rows_per_chunk: int,
@@ -360,6 +362,8 @@ class _LensReducer:
         self.answers, self.choices = answers, choices
         self.record_top1, self.ref_top1 = record_top1, ref_top1
         self.ctx: dict[str, Any] = {}
+        self.pending: list[tuple[int, int, int, torch.Tensor]] = []  # (column, chunk, row, h)
+        self.n_pending = 0
 
     def _on(self, name: str, device: torch.device) -> torch.Tensor:
         ctx = self.ctx
@@ -381,6 +385,7 @@ class _LensReducer:
         ids = batch.input_ids
         bsz, width = ids.shape
         ctx.clear()
+        self.pending, self.n_pending = [], 0
         ctx["cache"] = {}
         tb, tt = self._token_entries(batch)
         ctx.update(tb=tb, n_tok=int(tb.numel()), counts=torch.bincount(tb, minlength=bsz),
@@ -439,51 +444,72 @@ class _LensReducer:
         c = self.col.get(j)
         if c is None or not self.ctx["n_rows"]:
             return
-        ctx, on, lens, out_dev = self.ctx, self._on, self.lens, self.lens.device
-        dev = h.device
-        ub, ut = on("ub", dev), on("ut", dev)
-        ref = on("ref", out_dev)[c] if "ref" in ctx else None
+        ctx, step, norm_dev = self.ctx, self.rows_per_chunk, self.lens.norm_device
+        ub, ut = self._on("ub", h.device), self._on("ut", h.device)
         for q, s in enumerate(ctx["starts"]):
-            e = min(s + self.rows_per_chunk, ctx["n_rows"])
-            logits = lens(h[ub[s:e], ut[s:e]])  # [rows, V]: only positions something scores
-            lse = logits.logsumexp(-1)
-            top1 = logits.argmax(-1)
-            lo, hi = ctx["tcut"][q]
-            if hi > lo:
-                r = on("trow", out_dev)[lo:hi] - s
-                t = on("targets", out_dev)[lo:hi]
-                rs = on("tb", out_dev)[lo:hi]
-                tl = logits[r, t]
-                ctx["loss"][c].index_add_(0, rs, lse[r] - tl)
-                hit = top1[r]
-                ctx["correct"][c].index_add_(0, rs, (hit == t).float())
-                if self.record_top1:
-                    ctx["top1"][c, lo:hi] = hit
-                if ref is not None:
-                    ctx["agree"][c].index_add_(0, rs, (hit == ref[lo:hi]).float())
-            lo, hi = ctx["acut"][q]
-            if hi > lo:
-                r = on("arow", out_dev)[lo:hi] - s
-                t = on("atarget", out_dev)[lo:hi]
-                k = on("aslot", out_dev)[lo:hi]
-                tl = logits[r, t]
-                ctx["alogp"][c].index_add_(0, k, tl - lse[r])
-                first = on("afirst", out_dev)[lo:hi]
-                if bool(first.any()):
-                    rf = r[first]
-                    ctx["arank"][c, k[first]] = (logits[rf] > tl[first][:, None]).sum(-1).float() \
-                        + 1
-            lo, hi = ctx["ccut"][q]
-            if hi > lo:
-                r = on("crow", out_dev)[lo:hi] - s
-                cand_ids = on("ccand", out_dev)[lo:hi]
-                cand = logits[r[:, None], cand_ids.clamp(min=0)]
-                cand = cand.masked_fill(cand_ids < 0, -math.inf)
-                ctx["ccorrect"][c, lo:hi] = (cand.argmax(-1) == on("cright", out_dev)[lo:hi]
-                                             ).float()
-            del logits
+            e = min(s + step, ctx["n_rows"])
+            rows = h[ub[s:e], ut[s:e]]  # a copy of the states something is scored at
+            if norm_dev is not None:
+                rows = rows.to(norm_dev)
+            if self.n_pending + (e - s) > step:
+                self._flush()
+            self.pending.append((c, q, s, rows))
+            self.n_pending += e - s
+
+    def _flush(self) -> None:
+        """Project the pending rows (of one or more layers) through the lens in one pass: with
+        few scored positions per layer (answers), the head's ``V x D`` weights are read once
+        per batch rather than once per layer."""
+        if not self.pending:
+            return
+        logits = self.lens(torch.cat([p[3] for p in self.pending]))
+        off = 0
+        for c, q, s, rows in self.pending:
+            n = rows.shape[0]
+            self._score(c, q, s, logits[off:off + n])
+            off += n
+        self.pending, self.n_pending = [], 0
+
+    def _score(self, c: int, q: int, s: int, logits: torch.Tensor) -> None:
+        """Reduce the lens logits of chunk ``q`` (lens rows ``s..``) of layer column ``c``."""
+        ctx, on, out_dev = self.ctx, self._on, self.lens.device
+        lse = logits.logsumexp(-1)
+        top1 = logits.argmax(-1)
+        lo, hi = ctx["tcut"][q]
+        if hi > lo:
+            r = on("trow", out_dev)[lo:hi] - s
+            t = on("targets", out_dev)[lo:hi]
+            rs = on("tb", out_dev)[lo:hi]
+            tl = logits[r, t]
+            ctx["loss"][c].index_add_(0, rs, lse[r] - tl)
+            hit = top1[r]
+            ctx["correct"][c].index_add_(0, rs, (hit == t).float())
+            if self.record_top1:
+                ctx["top1"][c, lo:hi] = hit
+            if "ref" in ctx:
+                ref = on("ref", out_dev)[c, lo:hi]
+                ctx["agree"][c].index_add_(0, rs, (hit == ref).float())
+        lo, hi = ctx["acut"][q]
+        if hi > lo:
+            r = on("arow", out_dev)[lo:hi] - s
+            t = on("atarget", out_dev)[lo:hi]
+            k = on("aslot", out_dev)[lo:hi]
+            tl = logits[r, t]
+            ctx["alogp"][c].index_add_(0, k, tl - lse[r])
+            first = on("afirst", out_dev)[lo:hi]
+            if bool(first.any()):
+                rf = r[first]
+                ctx["arank"][c, k[first]] = (logits[rf] > tl[first][:, None]).sum(-1).float() + 1
+        lo, hi = ctx["ccut"][q]
+        if hi > lo:
+            r = on("crow", out_dev)[lo:hi] - s
+            cand_ids = on("ccand", out_dev)[lo:hi]
+            cand = logits[r[:, None], cand_ids.clamp(min=0)]
+            cand = cand.masked_fill(cand_ids < 0, -math.inf)
+            ctx["ccorrect"][c, lo:hi] = (cand.argmax(-1) == on("cright", out_dev)[lo:hi]).float()
 
     def finish(self, batch: HookedBatch) -> None:
+        self._flush()
         ctx, sums = self.ctx, self.sums
         a_rows, c_rows = ctx["a_rows"], ctx["c_rows"]
         idx = np.asarray(batch.index)
