@@ -406,7 +406,7 @@ class _LensReducer:
                   if self.answers is not None and self.answers[i] is not None]
         ab = [r for r, a in a_rows for _ in a.positions]
         at = [t for _, a in a_rows for t in a.positions]
-        ctx.update(a_rows=a_rows, n_ans=len(a_rows),
+        ctx.update(a_rows=a_rows,
                    atarget=torch.tensor([t for _, a in a_rows for t in a.targets],
                                         dtype=torch.long),
                    aslot=torch.tensor([k for k, (_, a) in enumerate(a_rows)
@@ -421,7 +421,7 @@ class _LensReducer:
         cand = torch.full((len(c_rows), width_c), -1, dtype=torch.long)
         for k, (_, ch) in enumerate(c_rows):
             cand[k, : len(ch.candidates)] = torch.tensor(ch.candidates)
-        ctx.update(c_rows=c_rows, n_ch=len(c_rows), ccand=cand,
+        ctx.update(c_rows=c_rows, ccand=cand,
                    cright=torch.tensor([ch.correct for _, ch in c_rows], dtype=torch.long),
                    ccorrect=torch.zeros((n_cols, len(c_rows)), device=out_dev))
         # the unique (row, position) pairs that go through the lens
