@@ -207,9 +207,9 @@ def test_answer_and_choice_slots(tmp_path):
     assert slot.positions == tuple(range(slot.position, slot.position + len(slot.targets)))
 
 
-def test_gsm8k_answer_span_and_probe_scores_final_answer(tmp_path, tokenizer):
-    """The answer span is the number after the last ####; probe's answer_prob is the product
-    of the lens probabilities of its tokens there, and --tokens answer counts just them."""
+def test_answer_span_letter_final_answer_free_text():
+    """The answer span: GSM8K's final answer after the last #### (not the reasoning, which
+    also holds the number), the MMLU letter after the prompt, a free text's first token."""
     s = D.Sample("Q: 2+2?\nAnswer: 2+2=4. Check: 4\n#### 4", "Q: 2+2?\nAnswer:",
                  " 2+2=4. Check: 4\n#### 4", {"target": "4"})
     start, end, whole = answer_span(s, s.text, s.prompt)
