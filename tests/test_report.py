@@ -592,3 +592,28 @@ def test_old_tables_with_plain_or_numeric_masks(tmp_path):
     fig = plots.plot_sweep_bars(pd.read_csv(run / "summary.csv"))
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert "00100" in labels and "01000" in labels
+
+
+def test_suggest_validation_shows_baselines(tmp_path):
+    """A sweep's suggest check: each proposal's rank beside the prior-only mask's and a random
+    interior mask's, in the findings, the validation table and the Fig. 8 figure."""
+    from sftscope.experiments.sweep import validate_suggestions
+    from sftscope.report import build_report
+    from sftscope.segments import masks_as_text
+
+    sweep = make_sweep(tmp_path / "sweep", 16)
+    make_suggest(sweep / "suggest", n_blocks=16)
+    summary = pd.read_csv(sweep / "summary.csv", dtype={"mask": str})
+    val = validate_suggestions(summary, {"combined": "00100", "angular": "01100"}, "flexible")
+    masks_as_text(val).to_csv(sweep / "suggest_validation.csv", index=False)
+    out = build_report([sweep], out=tmp_path / "r.html", figures_dir=tmp_path / "figs")
+    text = _text(out.read_text(encoding="utf-8"))
+    # flexible: 01000 .395, 01100 .35, 01110 .34, 00100 .33, ...; interior 01000, 00100, 00010
+    # rank 1, 4 and 7
+    assert ("combined proposal 00100 ranks 4 of 9 swept masks" in text
+            and "the prior-only mask 01000 ranks 1" in text
+            and "a random interior one-segment mask 4.0 on average (of 3)" in text), text
+    table = pd.read_csv(tmp_path / "figs" / "suggest_validation.csv")
+    assert {"prior_mask", "prior_rank", "random_rank", "vs_prior", "vs_random"} <= set(table)
+    assert table.set_index("method").loc["combined", "vs_prior"] == 3
+    _assert_not_blank(tmp_path / "figs" / "fig8_suggest.png")

@@ -233,6 +233,19 @@ def test_validate_suggestions_ranks():
     assert v.loc["angular", "best_score"] == 0.375
     assert not v.loc["gradient", "in_sweep"] and math.isnan(v.loc["gradient", "rank"])
     assert v.loc["angular", "spearman_singles"] == pytest.approx(1.0)
+    # baselines: the prior-only mask (segment centre nearest 30 % depth: 01000 of 5) ranks 1;
+    # a random interior one-segment mask (01000, 00100, 00010: ranks 1, 2, 4) 7/3 on average
+    assert (v["prior_mask"] == "01000").all() and (v["prior_rank"] == 1).all()
+    assert v["random_rank"].to_numpy() == pytest.approx([7 / 3] * 3)
+    assert (v["n_interior"] == 3).all()
+    assert v.loc["pair", "random_as_good"] == pytest.approx(1 / 3)
+    assert v.loc["angular", "random_as_good"] == pytest.approx(2 / 3)
+    assert math.isnan(v.loc["gradient", "random_as_good"])
+    # fewer than 3 segments: no interior segment, no random baseline
+    two = validate_suggestions(pd.DataFrame({"mask": ["11", "10", "01"], "metric": "loss",
+                                             "mean": [1.0, 2.0, 0.5]}), {"a": "01"}, "loss")
+    assert two.loc[0, "rank"] == 1 and two.loc[0, "prior_mask"] == "10"
+    assert two.loc[0, "prior_rank"] == 3 and math.isnan(two.loc[0, "random_rank"])
 
 
 @pytest.mark.slow
@@ -268,8 +281,10 @@ def test_validate_suggest(tiny, data, tmp_path):
                     job_fn=FakeJob())
     v = masks_from_text(pd.read_csv(out / "suggest_validation.csv"))
     assert set(v["method"]) == {"angular", "gradient", "combined"}
-    assert list(v.columns[:7]) == ["method", "mask", "rank", "n_masks", "score", "best_mask",
-                                   "best_score"]
+    assert list(v.columns[:3]) == ["method", "mask", "rank"]
+    assert {"prior_mask", "prior_rank", "random_rank", "n_masks", "score", "best_mask",
+            "best_score"} <= set(v.columns)
+    assert (v["prior_mask"] == "10").all()  # 2 segments: centres 25 % and 75 %
     assert (v["n_masks"] == 3).all() and (v["best_mask"] == "10").all()
     assert (v["best_score"] == 1.0).all()
     for r in v.itertuples():  # every proposal of 2 segments is a swept mask here
@@ -441,3 +456,46 @@ def test_launched_shard_rank0_writes_and_others_wait(tiny, data, tmp_path):
         assert state["launch"] == "t1:127.0.0.1:29999" and state["pid"] == procs[0].pid
     assert got[0] == {"error": "boom on rank 0"}
     assert got[1] == {"error": "job 01-s0 failed on rank 0: SftscopeError: boom on rank 0"}
+
+
+def test_validate_suggest_reads_only_the_training_data(tiny, tmp_path, monkeypatch):
+    """suggest (and so --validate-suggest) must not see the evaluation items: it reads the
+    sweep's training file, its training split, and never the evaluation file."""
+    from sftscope.load import data as D
+
+    def rows(kind: str, n: int) -> list[dict]:
+        return [{"question": f"{kind} question {i}: {kind} has {i} pears. How many?",
+                 "answer": f"{kind} counts {i}.\n#### {i}"} for i in range(n)]
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows("TRAIN", 8)))
+    test.write_text("\n".join(json.dumps(r) for r in rows("HELDOUT", 8)))
+    sources: list[tuple[str, str | None]] = []
+    texts: list[str] = []
+    real_load, real_tokenize = D.load_records, D.tokenize
+
+    def load_records(source, split=None, **kw):
+        sources.append((str(source), split))
+        return real_load(source, split, **kw)
+
+    def tokenize(samples, *a, **kw):
+        texts.extend(s.text for s in samples)
+        return real_tokenize(samples, *a, **kw)
+
+    monkeypatch.setattr(D, "load_records", load_records)
+    monkeypatch.setattr(D, "tokenize", tokenize)
+    out = tmp_path / "run"
+    cfg = SweepConfig(out=str(out), model=str(tiny), train=f"gsm8k:{train}",
+                      task=f"gsm8k:{test}", segments=2, masks="singles", seeds=1,
+                      bootstrap=50, validate_suggest=True,
+                      suggest={"n_samples": 4, "grad_samples": 4, "device": "cpu"})
+    res = run_sweep(cfg, job_fn=FakeJob())
+    assert res.validation is not None and len(res.validation)
+    assert sources and all(str(test) not in src for src, _ in sources)
+    assert any(str(train) in src for src, _ in sources)
+    assert texts and not any("HELDOUT" in t for t in texts)
+    run = json.loads((out / "suggest" / "run.json").read_text())
+    assert run["config"]["data"] == f"gsm8k:{train}" and run["config"]["split"] == "train"
+    from sftscope.config.commands import SuggestConfig
+
+    assert SuggestConfig.__dataclass_fields__["split"].default == "train"

@@ -138,7 +138,7 @@ def relative_depth(j: int, n_states: int) -> float:
 # integer form when the number of segments is known).
 
 MASK_PREFIX = "m"
-MASK_COLUMNS = ("mask", "best_mask")
+MASK_COLUMNS = ("mask", "best_mask", "prior_mask")
 
 
 def is_mask(value: object) -> bool:

@@ -178,9 +178,11 @@ final_norm, lm_head, ...; metric = frobenius, relative and the low-rank metrics 
 effective_rank, energy_rank90, ...)."""),
     "probe": (C.ProbeConfig, probe, """Logit lens at every hidden state j = 0..L.
 
-The lens applies the final norm and the LM head: next-token accuracy and loss over real tokens,
-answer-token probability and rank after the prompt (gsm8k:, mmlu:), MMLU choice accuracy and,
-for a pair, base/SFT top-1 agreement. Writes probe.csv and run.json."""),
+The lens applies the final norm and the LM head: next-token accuracy and loss over real tokens
+(--tokens answer: over the answers' tokens only, far faster on a large vocabulary), answer
+probability and rank (mmlu: the letter after the prompt; gsm8k: the final answer after ####,
+given the prompt and the reasoning), MMLU choice accuracy and, for a pair, base/SFT top-1
+agreement; sample-level bootstrap intervals. Writes probe.csv and run.json."""),
     "swap": (C.SwapConfig, swap, """Swap the blocks of each segment between base and SFT.
 
 Module references, no copies; both directions; embeddings stay with the host, final norm and

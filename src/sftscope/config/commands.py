@@ -188,6 +188,14 @@ class ProbeConfig(PairModels, DataSpec, Runtime, Stats, Output):
     sft: str | None = sft_opt(required=False)
     out: str | None = out_opt(required=False)
     limit: int | None = limit_opt(100)
+    tokens: str = opt("all", "Next tokens that accuracy, loss and agreement count: all (every "
+                      "real token, the paper's curve) or answer (only the answers' tokens: the "
+                      "MMLU letter, the GSM8K final answer after ####; the LM head then runs at "
+                      "a few positions per sample instead of every one, several times faster "
+                      "on a large vocabulary). answer_prob/answer_rank always score the answer: "
+                      "the MMLU letter after the prompt, or for GSM8K the final answer after "
+                      "####, given the prompt and the reasoning.",
+                      choices=("all", "answer"))
     chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
                               check=at_least(1), cli=False, volatile=True)
 

@@ -5,20 +5,30 @@ For every hidden state ``j = 0..L`` (0 = the input of block 0, ``j = b+1`` = the
 model caps its logits); at ``j = L`` they are the model's own logits. Per layer we keep only
 per-sample sums (correct next tokens, loss, answer probability and rank, agreement with the
 other model), never the logits of the dataset: one forward pass per model per batch, with the
-lens applied inside the block hooks in chunks of rows.
+lens applied inside the block hooks, only at the positions something is scored at, in chunks
+of rows (the head is the costly part on a large vocabulary: ``V x D`` per position and layer).
 
-Answer slots (tasks with a known answer): the answer is the MMLU letter (``meta["letter"]``),
-the GSM8K final number (``meta["target"]``) or else ``Sample.answer``. Its first *content* token
-is measured at the position right after the prompt; a whitespace-only token that the tokenizer
-splits off first (a space before digits) is skipped, and when that whitespace is itself in the
-text the position after it is used, otherwise the last prompt token.
+Scored next tokens (``tokens``): ``all`` = every pair of real tokens (the paper's curve);
+``answer`` = the answers' tokens only (far cheaper: a few positions per sample).
+
+Answers (teacher-forced, on the sample's own tokens): the MMLU letter (``meta["letter"]``)
+right after the prompt; for a GSM8K-style chain of thought the final answer after the last
+``####`` of the answer, given the prompt *and the reasoning* up to ``#### `` (the token after
+``Answer:`` is the start of the reasoning, not the answer); else a free-text answer's first
+content token. ``answer_prob`` is the probability of all the answer's tokens (their product),
+``answer_rank`` the rank of its first token. Whitespace-only tokens the tokenizer splits off
+before the answer (a space before digits) are context, not answer.
+
+Intervals: a sample-level (cluster) bootstrap for everything summed over tokens or samples
+(tokens of one sample are not independent); Wilson only for ``choice_accuracy`` (one 0/1 per
+item).
 """
-
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +68,7 @@ from sftscope.load.models import (
 )
 from sftscope.load.runtime import model_bytes, release, resolve_device
 from sftscope.load.runtime import pad_id as pad_id_of
-from sftscope.metrics.stats import bootstrap_ci, mean_ci, proportion_ci
+from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
 from sftscope.parallel import empty_like_table, join
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, start_run
@@ -141,10 +151,21 @@ def lens_logits(model: nn.Module, input_ids: torch.Tensor,
 
 @dataclass(frozen=True)
 class AnswerSlot:
-    """Position whose next-token distribution is scored, and the token expected there."""
+    """The answer's tokens and the positions that predict them, teacher-forced: position
+    ``positions[i]`` of the text predicts its next token ``targets[i]``."""
 
-    position: int
-    target: int
+    positions: tuple[int, ...]
+    targets: tuple[int, ...]
+
+    @property
+    def position(self) -> int:
+        """Where the answer's first token is predicted (its rank is measured there)."""
+        return self.positions[0]
+
+    @property
+    def target(self) -> int:
+        """The answer's first token."""
+        return self.targets[0]
 
 
 @dataclass(frozen=True)
@@ -154,6 +175,10 @@ class ChoiceSlot:
     position: int
     candidates: tuple[int, ...]
     correct: int
+
+
+FINAL_MARK = "####"
+_FINAL = re.compile(r"####[ \t]*([^\n]*\S)")  # GSM8K: the final answer after its last ####
 
 
 def _is_space(tokenizer, tid: int) -> bool:
@@ -168,41 +193,76 @@ def _continuation(tokenizer, prompt: str, answer: str, tokens: Sequence[int], pl
     return list(full[plen:])
 
 
-def _answer_string(sample: D.Sample) -> str | None:
-    if sample.meta.get("letter"):
-        return " " + str(sample.meta["letter"])
-    if sample.meta.get("target"):
-        return " " + str(sample.meta["target"])
-    return sample.answer
+def answer_span(sample: D.Sample, text: str, prompt: str | None) -> tuple[int, int, bool] | None:
+    """Where the answer is in the rendered ``text``: ``(start, end, whole)``, character offsets.
+
+    The MMLU letter (``meta["letter"]``) right after the prompt; else the final answer after the
+    last ``####`` of the answer (GSM8K-style chain of thought: the reasoning before it is not
+    the answer), starting right after ``####`` so that the space before the number is context;
+    else the free-text answer after the prompt, of which only the first content token is
+    scored (``whole`` False). None when the sample has no prompt/answer split.
+    """
+    if prompt is None or not text.startswith(prompt):
+        return None
+    p = len(prompt)
+    rest = text[p:]
+    if not rest.strip():
+        return None
+    letter = sample.meta.get("letter")
+    if letter:
+        i = rest.find(str(letter))
+        return None if i < 0 else (p, p + i + len(str(letter)), True)
+    finals = list(_FINAL.finditer(rest))
+    if finals:
+        m = finals[-1]
+        return p + m.start() + len(FINAL_MARK), p + m.end(1), True
+    return p, len(text), False
 
 
 def answer_slots(samples: Sequence[D.Sample], tok: D.TokenizedSet, tokenizer,
                  chat_template: bool = False) -> list[AnswerSlot | None]:
-    """Where and what the answer's first content token is, per sample (None: no known answer)."""
+    """The answer tokens of each sample (:func:`answer_span`) and where they are predicted.
+
+    Teacher-forced on the sample's own tokens: the answer is scored given the prompt and, for a
+    GSM8K-style answer, the reasoning up to ``#### ``. Whitespace-only tokens at the start of
+    the answer (a space the tokenizer splits off before digits) are context, not answer. None
+    where the sample has no answer, or its answer is not a clean run of its tokens (cut off by
+    ``max_length``, or merged by the tokenizer with the text around it).
+    """
     special = not chat_template
     out: list[AnswerSlot | None] = []
-    for s, ids, plen in zip(samples, tok.input_ids, tok.prompt_lengths, strict=True):
-        ans = _answer_string(s)
-        if plen is None or not ans or s.prompt is None:
+    for s, ids in zip(samples, tok.input_ids, strict=True):
+        text, prompt = D.render(s, tokenizer, chat_template)
+        span = answer_span(s, text, prompt)
+        if span is None:
             out.append(None)
             continue
-        _, prompt = D.render(s, tokenizer, chat_template)
-        if chat_template:
-            ans = ans.lstrip()
-        cont = _continuation(tokenizer, prompt or "", ans, ids, plen, special)
-        if not cont:
-            out.append(None)
+        start, end, whole = span
+        pre = list(tokenizer(text[:start], add_special_tokens=special)["input_ids"])
+        full = list(tokenizer(text[:end], add_special_tokens=special)["input_ids"])
+        if full[:len(pre)] != pre or list(ids[:len(pre)]) != pre:
+            out.append(None)  # the answer merged with the text before it: no clean boundary
             continue
+        cont = full[len(pre):]
         k = 0
         while k < len(cont) and _is_space(tokenizer, cont[k]):
             k += 1
-        if k == len(cont):
+        if k == len(cont) or len(pre) + k < 1:
             out.append(None)
             continue
-        in_text = k > 0 and list(ids[plen:plen + k]) == cont[:k]
-        pos = plen - 1 + (k if in_text else 0)
-        out.append(AnswerSlot(pos, int(cont[k])))
+        n_ans = len(cont) - k if whole else 1
+        if list(ids[len(pre):len(pre) + k + n_ans]) != cont[:k + n_ans]:
+            out.append(None)  # truncated, or merged with what follows
+            continue
+        first = len(pre) + k - 1
+        out.append(AnswerSlot(tuple(range(first, first + n_ans)),
+                              tuple(int(t) for t in cont[k:k + n_ans])))
     return out
+
+
+def has_answer(sample: D.Sample) -> bool:
+    """Whether the sample's format gives it an answer after a prompt."""
+    return sample.prompt is not None and bool(sample.meta.get("letter") or sample.answer)
 
 
 def choice_slots(samples: Sequence[D.Sample], tok: D.TokenizedSet, tokenizer,
@@ -245,14 +305,18 @@ def choice_slots(samples: Sequence[D.Sample], tok: D.TokenizedSet, tokenizer,
 
 @dataclass
 class LensSums:
-    """Per-sample sums over one tokenized set, columns = ``layers`` (hidden-state ``j``)."""
+    """Per-sample sums over one tokenized set, columns = ``layers`` (hidden-state ``j``).
+
+    A plain container of per-sample arrays: the sums of disjoint sample sets add up (rows are
+    samples), so partial results of several processes can be gathered and combined.
+    """
 
     layers: list[int]
-    tokens: np.ndarray            # [N] real next-token targets per sample
+    tokens: np.ndarray            # [N] scored next-token positions per sample
     correct: np.ndarray           # [N, J] top-1 == target counts
     loss: np.ndarray              # [N, J] summed cross-entropy (nats)
-    answer_prob: np.ndarray       # [N, J] (NaN where no answer slot)
-    answer_rank: np.ndarray       # [N, J] 1 = top prediction (NaN where no slot)
+    answer_prob: np.ndarray       # [N, J] probability of the whole answer (NaN: no answer)
+    answer_rank: np.ndarray       # [N, J] rank of its first token, 1 = top (NaN: no answer)
     choice_correct: np.ndarray    # [N, J] 1/0 (NaN where no choice slot)
     agree: np.ndarray | None = None          # [N, J] top-1 agreement counts with a reference
     top1: dict[int, np.ndarray] | None = field(default=None, repr=False)  # sample -> [J, T_i]
@@ -272,18 +336,38 @@ def n_blocks_of(model: nn.Module) -> int:
     return len(get_blocks(model))
 
 
+def _slices(rows: torch.Tensor, starts: list[int], total: int) -> list[tuple[int, int]]:
+    """For entries sorted by their lens row, the entry range of each chunk of rows."""
+    if not rows.numel():
+        return [(0, 0)] * len(starts)
+    cut = torch.searchsorted(rows, torch.tensor([*starts, total], dtype=rows.dtype)).tolist()
+    return list(zip(cut[:-1], cut[1:], strict=True))
+
+
 class _LensReducer:
-    """Hook callback of ``lens_pass``: per-sample lens sums of one batch at the chosen layers."""
+    """Hook callback of ``lens_pass``: per-sample lens sums of one batch at the chosen layers.
+
+    Per batch, the positions anything is scored at (next-token entries, answer tokens, choice
+    slots) are collected once as unique ``(row, position)`` pairs; at each chosen layer only
+    those states are kept (a copy of ``rows x D``), and they go through the final norm and the
+    head ``rows_per_chunk`` rows at a time, rows of several layers together when they fit (the
+    head's weights are then read once per batch, not once per layer). Each kind of entry keeps
+    the index of its lens row (entries are built in row order).
+    """
 
     def __init__(self, sums: LensSums, lens: Lens, col: dict[int, int], rows_per_chunk: int,
+                 positions: Sequence[Sequence[int]] | None,
                  answers: Sequence[AnswerSlot | None] | None,
                  choices: Sequence[ChoiceSlot | None] | None, record_top1: bool,
                  ref_top1: dict[int, np.ndarray] | None) -> None:
         self.sums, self.lens, self.col = sums, lens, col
         self.rows_per_chunk = rows_per_chunk
+        self.positions = positions
         self.answers, self.choices = answers, choices
         self.record_top1, self.ref_top1 = record_top1, ref_top1
         self.ctx: dict[str, Any] = {}
+        self.pending: list[tuple[int, int, int, torch.Tensor]] = []  # (column, chunk, row, h)
+        self.n_pending = 0
 
     def _on(self, name: str, device: torch.device) -> torch.Tensor:
         ctx = self.ctx
@@ -292,114 +376,176 @@ class _LensReducer:
             ctx["cache"][key] = ctx[name].to(device)
         return ctx["cache"][key]
 
+    def _token_entries(self, batch: HookedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.positions is None:  # every pair of real tokens: no padding enters
+            valid = batch.mask[:, :-1] & batch.mask[:, 1:]
+            return valid.nonzero(as_tuple=True)
+        rows = [r for r, i in enumerate(batch.index) for _ in self.positions[i]]
+        ts = [t for i in batch.index for t in self.positions[i]]
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(ts, dtype=torch.long)
+
     def start(self, batch: HookedBatch) -> None:
         ctx, out_dev, n_cols = self.ctx, self.lens.device, len(self.col)
-        ids, mask = batch.input_ids, batch.mask
-        bsz = ids.shape[0]
-        valid = mask[:, :-1] & mask[:, 1:]
-        vb, vt = valid.nonzero(as_tuple=True)
+        ids = batch.input_ids
+        bsz, width = ids.shape
         ctx.clear()
-        ctx.update(cache={}, valid=valid, vb=vb, vt=vt, n_valid=int(vb.numel()),
-                   targets=ids[:, 1:][valid], row_sample=vb)
+        self.pending, self.n_pending = [], 0
+        ctx["cache"] = {}
+        tb, tt = self._token_entries(batch)
+        ctx.update(tb=tb, n_tok=int(tb.numel()), counts=torch.bincount(tb, minlength=bsz),
+                   targets=ids[tb, tt + 1])
         ctx.update({name: torch.zeros((n_cols, bsz), device=out_dev)
                     for name in ("loss", "correct", "agree")})
         if self.record_top1:
-            ctx["top1"] = torch.zeros((n_cols, int(vb.numel())), dtype=torch.long,
-                                      device=out_dev)
+            ctx["top1"] = torch.zeros((n_cols, ctx["n_tok"]), dtype=torch.long, device=out_dev)
         if self.ref_top1 is not None:
             parts = [torch.as_tensor(self.ref_top1[i], dtype=torch.long) for i in batch.index]
             ref = torch.cat(parts, dim=1) if parts else torch.zeros((n_cols, 0))
-            if ref.shape != (n_cols, int(vb.numel())):
+            if ref.shape != (n_cols, ctx["n_tok"]):
                 raise SftscopeError("reference top-1 ids do not match this data; run both "
-                                    "models on the same tokenized samples")
+                                    "models on the same tokenized samples and positions")
             ctx["ref"] = ref
+        # answer tokens: one entry per token, grouped by slot (k = the slot's index here)
         a_rows = [(r, self.answers[i]) for r, i in enumerate(batch.index)
                   if self.answers is not None and self.answers[i] is not None]
-        ctx["a_rows"] = a_rows
-        ctx["n_ans"] = len(a_rows)
-        if a_rows:
-            ctx.update(ab=torch.tensor([r for r, _ in a_rows]),
-                       at=torch.tensor([a.position for _, a in a_rows]),
-                       atarget=torch.tensor([a.target for _, a in a_rows]),
-                       aprob=torch.zeros((n_cols, len(a_rows)), device=out_dev),
-                       arank=torch.zeros((n_cols, len(a_rows)), device=out_dev))
+        ab = [r for r, a in a_rows for _ in a.positions]
+        at = [t for _, a in a_rows for t in a.positions]
+        ctx.update(a_rows=a_rows,
+                   atarget=torch.tensor([t for _, a in a_rows for t in a.targets],
+                                        dtype=torch.long),
+                   aslot=torch.tensor([k for k, (_, a) in enumerate(a_rows)
+                                       for _ in a.positions], dtype=torch.long),
+                   afirst=torch.tensor([q == 0 for _, a in a_rows
+                                        for q in range(len(a.positions))], dtype=torch.bool),
+                   alogp=torch.zeros((n_cols, len(a_rows)), device=out_dev),
+                   arank=torch.zeros((n_cols, len(a_rows)), device=out_dev))
         c_rows = [(r, self.choices[i]) for r, i in enumerate(batch.index)
                   if self.choices is not None and self.choices[i] is not None]
-        ctx["c_rows"] = c_rows
-        ctx["n_ch"] = len(c_rows)
-        if c_rows:
-            width = max(len(ch.candidates) for _, ch in c_rows)
-            cand = torch.full((len(c_rows), width), -1, dtype=torch.long)
-            for k, (_, ch) in enumerate(c_rows):
-                cand[k, : len(ch.candidates)] = torch.tensor(ch.candidates)
-            ctx.update(cb=torch.tensor([r for r, _ in c_rows]),
-                       ct=torch.tensor([ch.position for _, ch in c_rows]), ccand=cand,
-                       cright=torch.tensor([ch.correct for _, ch in c_rows]),
-                       ccorrect=torch.zeros((n_cols, len(c_rows)), device=out_dev))
+        width_c = max((len(ch.candidates) for _, ch in c_rows), default=1)
+        cand = torch.full((len(c_rows), width_c), -1, dtype=torch.long)
+        for k, (_, ch) in enumerate(c_rows):
+            cand[k, : len(ch.candidates)] = torch.tensor(ch.candidates)
+        ctx.update(c_rows=c_rows, ccand=cand,
+                   cright=torch.tensor([ch.correct for _, ch in c_rows], dtype=torch.long),
+                   ccorrect=torch.zeros((n_cols, len(c_rows)), device=out_dev))
+        # the unique (row, position) pairs that go through the lens
+        keys = torch.cat([tb * width + tt,
+                          torch.tensor(ab, dtype=torch.long) * width
+                          + torch.tensor(at, dtype=torch.long),
+                          torch.tensor([r * width + ch.position for r, ch in c_rows],
+                                       dtype=torch.long)])
+        ukeys, inv = torch.unique(keys, sorted=True, return_inverse=True)
+        n_rows = int(ukeys.numel())
+        trow, arow, crow = inv.split([ctx["n_tok"], len(ab), len(c_rows)])
+        assert all(bool((x[1:] >= x[:-1]).all()) for x in (trow, arow, crow)), "row order"
+        starts = list(range(0, n_rows, self.rows_per_chunk))
+        ctx.update(ub=ukeys // width, ut=ukeys % width, n_rows=n_rows, starts=starts,
+                   trow=trow, arow=arow, crow=crow,
+                   tcut=_slices(trow, starts, n_rows), acut=_slices(arow, starts, n_rows),
+                   ccut=_slices(crow, starts, n_rows))
 
     def __call__(self, j: int, h: torch.Tensor) -> None:
         c = self.col.get(j)
-        if c is None:
+        if c is None or not self.ctx["n_rows"]:
             return
-        ctx, on, lens, out_dev = self.ctx, self._on, self.lens, self.lens.device
-        dev = h.device
-        if ctx["n_valid"]:
-            rows = h[on("vb", dev), on("vt", dev)]  # real positions only: no padding enters
-            tgt, rs = on("targets", out_dev), on("row_sample", out_dev)
-            ref = on("ref", out_dev)[c] if "ref" in ctx else None
-            step = self.rows_per_chunk
-            for s in range(0, rows.shape[0], step):
-                e = min(s + step, rows.shape[0])
-                logits = lens(rows[s:e])
-                t = tgt[s:e]
-                loss = logits.logsumexp(-1) - logits.gather(1, t[:, None])[:, 0]
-                top1 = logits.argmax(-1)
-                ctx["loss"][c].index_add_(0, rs[s:e], loss)
-                ctx["correct"][c].index_add_(0, rs[s:e], (top1 == t).float())
-                if self.record_top1:
-                    ctx["top1"][c, s:e] = top1
-                if ref is not None:
-                    ctx["agree"][c].index_add_(0, rs[s:e], (top1 == ref[s:e]).float())
-                del logits
-        if ctx["n_ans"]:
-            logits = lens(h[on("ab", dev), on("at", dev)])
-            t = on("atarget", out_dev)
-            tl = logits.gather(1, t[:, None])[:, 0]
-            ctx["aprob"][c] = (tl - logits.logsumexp(-1)).exp()
-            ctx["arank"][c] = (logits > tl[:, None]).sum(-1).float() + 1
-        if ctx["n_ch"]:
-            logits = lens(h[on("cb", dev), on("ct", dev)])
-            cand = logits.gather(1, on("ccand", out_dev).clamp(min=0))
-            cand = cand.masked_fill(on("ccand", out_dev) < 0, -math.inf)
-            ctx["ccorrect"][c] = (cand.argmax(-1) == on("cright", out_dev)).float()
+        ctx, step, norm_dev = self.ctx, self.rows_per_chunk, self.lens.norm_device
+        ub, ut = self._on("ub", h.device), self._on("ut", h.device)
+        for q, s in enumerate(ctx["starts"]):
+            e = min(s + step, ctx["n_rows"])
+            rows = h[ub[s:e], ut[s:e]]  # a copy of the states something is scored at
+            if norm_dev is not None:
+                rows = rows.to(norm_dev)
+            if self.n_pending + (e - s) > step:
+                self._flush()
+            self.pending.append((c, q, s, rows))
+            self.n_pending += e - s
+
+    def _flush(self) -> None:
+        """Project the pending rows (of one or more layers) through the lens in one pass: with
+        few scored positions per layer (answers), the head's ``V x D`` weights are read once
+        per batch rather than once per layer."""
+        if not self.pending:
+            return
+        logits = self.lens(torch.cat([p[3] for p in self.pending]))
+        off = 0
+        for c, q, s, rows in self.pending:
+            n = rows.shape[0]
+            self._score(c, q, s, logits[off:off + n])
+            off += n
+        self.pending, self.n_pending = [], 0
+
+    def _score(self, c: int, q: int, s: int, logits: torch.Tensor) -> None:
+        """Reduce the lens logits of chunk ``q`` (lens rows ``s..``) of layer column ``c``."""
+        ctx, on, out_dev = self.ctx, self._on, self.lens.device
+        lse = logits.logsumexp(-1)
+        top1 = logits.argmax(-1)
+        lo, hi = ctx["tcut"][q]
+        if hi > lo:
+            r = on("trow", out_dev)[lo:hi] - s
+            t = on("targets", out_dev)[lo:hi]
+            rs = on("tb", out_dev)[lo:hi]
+            tl = logits[r, t]
+            ctx["loss"][c].index_add_(0, rs, lse[r] - tl)
+            hit = top1[r]
+            ctx["correct"][c].index_add_(0, rs, (hit == t).float())
+            if self.record_top1:
+                ctx["top1"][c, lo:hi] = hit
+            if "ref" in ctx:
+                ref = on("ref", out_dev)[c, lo:hi]
+                ctx["agree"][c].index_add_(0, rs, (hit == ref).float())
+        lo, hi = ctx["acut"][q]
+        if hi > lo:
+            r = on("arow", out_dev)[lo:hi] - s
+            t = on("atarget", out_dev)[lo:hi]
+            k = on("aslot", out_dev)[lo:hi]
+            tl = logits[r, t]
+            ctx["alogp"][c].index_add_(0, k, tl - lse[r])
+            first = on("afirst", out_dev)[lo:hi]
+            if bool(first.any()):
+                rf = r[first]
+                ctx["arank"][c, k[first]] = (logits[rf] > tl[first][:, None]).sum(-1).float() + 1
+        lo, hi = ctx["ccut"][q]
+        if hi > lo:
+            r = on("crow", out_dev)[lo:hi] - s
+            cand_ids = on("ccand", out_dev)[lo:hi]
+            cand = logits[r[:, None], cand_ids.clamp(min=0)]
+            cand = cand.masked_fill(cand_ids < 0, -math.inf)
+            ctx["ccorrect"][c, lo:hi] = (cand.argmax(-1) == on("cright", out_dev)[lo:hi]).float()
 
     def finish(self, batch: HookedBatch) -> None:
+        self._flush()
         ctx, sums = self.ctx, self.sums
-        valid, a_rows, c_rows = ctx["valid"], ctx["a_rows"], ctx["c_rows"]
+        a_rows, c_rows = ctx["a_rows"], ctx["c_rows"]
         idx = np.asarray(batch.index)
-        sums.tokens[idx] += valid.sum(1).numpy()
+        counts = ctx["counts"]
+        sums.tokens[idx] += counts.numpy()
         sums.loss[idx] += ctx["loss"].double().cpu().numpy().T
         sums.correct[idx] += ctx["correct"].double().cpu().numpy().T
         if sums.agree is not None:
             sums.agree[idx] += ctx["agree"].double().cpu().numpy().T
         if a_rows:
             ai = idx[[r for r, _ in a_rows]]
-            sums.answer_prob[ai] = ctx["aprob"].double().cpu().numpy().T
+            sums.answer_prob[ai] = ctx["alogp"].double().exp().cpu().numpy().T
             sums.answer_rank[ai] = ctx["arank"].double().cpu().numpy().T
         if c_rows:
             ci = idx[[r for r, _ in c_rows]]
             sums.choice_correct[ci] = ctx["ccorrect"].double().cpu().numpy().T
         if self.record_top1:
             top = ctx["top1"].to(torch.int32).cpu().numpy()
-            counts = valid.sum(1).tolist()
             start = 0
-            for i, cnt in zip(batch.index, counts, strict=True):
+            for i, cnt in zip(batch.index, counts.tolist(), strict=True):
                 sums.top1[i] = top[:, start:start + cnt].copy()
                 start += cnt
 
 
+def answer_positions(answers: Sequence[AnswerSlot | None]) -> list[list[int]]:
+    """The next-token positions of ``--tokens answer``: each sample's answer tokens."""
+    return [list(a.positions) if a is not None else [] for a in answers]
+
+
 def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size: int = 8,
               layers: Sequence[int] | None = None,
+              positions: Sequence[Sequence[int]] | None = None,
               answers: Sequence[AnswerSlot | None] | None = None,
               choices: Sequence[ChoiceSlot | None] | None = None,
               record_top1: bool = False, ref_top1: dict[int, np.ndarray] | None = None,
@@ -407,12 +553,16 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
               indices: Sequence[int] | None = None) -> LensSums:
     """Stream ``model`` over ``tok`` and reduce the lens at ``layers`` (default all ``0..L``).
 
-    Teacher-forced: position ``t`` predicts token ``t+1``; only pairs of real tokens count.
-    ``record_top1`` keeps the top-1 ids per real position (int32, for agreement later);
-    ``ref_top1`` (from such a pass over the same set) is compared with this model's top-1.
-    One forward pass per batch through ``capture.engine.run_hooked`` (right padding; a
-    NaN/Inf at a real position stops the pass). ``indices``: only these samples (a rank's
-    share); the other rows keep their initial values (``merge_sums`` joins the shares).
+    Teacher-forced: position ``t`` predicts token ``t+1``. Next-token accuracy, loss and
+    agreement count the positions ``positions[i]`` of sample ``i`` (default: every pair of
+    real tokens). Only the positions something is scored at (those, the answer tokens, the
+    choice slots) go through the final norm and the head, in chunks of at most
+    ``chunk_elements`` logits. ``record_top1`` keeps the top-1 ids per scored position (int32,
+    for agreement later); ``ref_top1`` (from such a pass over the same set and positions) is
+    compared with this model's top-1. One forward pass per batch through
+    ``capture.engine.run_hooked`` (right padding; a NaN/Inf at a real position stops the pass).
+    ``indices``: only these samples (a rank's share); the other rows keep their initial
+    values (``merge_sums`` joins the shares).
     """
     n_layers = n_blocks_of(model)
     layers = list(range(n_layers + 1)) if layers is None else [int(j) for j in layers]
@@ -423,6 +573,15 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
     n, n_cols = len(tok), len(layers)
     if batch_size < 1:
         raise SftscopeError(f"--batch-size must be at least 1, got {batch_size}")
+    if positions is not None:
+        if len(positions) != n:
+            raise SftscopeError(f"positions are given for {len(positions)} samples, the data "
+                                f"has {n}")
+        positions = [sorted(int(t) for t in p) for p in positions]
+        for i, p in enumerate(positions):
+            if p and (p[0] < 0 or p[-1] >= len(tok.input_ids[i]) - 1):
+                raise SftscopeError(f"sample {i}: positions {p[0]}..{p[-1]} do not all predict "
+                                    f"one of its {len(tok.input_ids[i])} tokens")
     lens = Lens(model)
     rows_per_chunk = max(1, chunk_elements // max(lens.vocab, 1))
     nan = np.full((n, n_cols), np.nan)
@@ -430,8 +589,8 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
                     nan.copy(), nan.copy(), nan.copy(),
                     agree=np.zeros((n, n_cols)) if ref_top1 is not None else None,
                     top1={} if record_top1 else None)
-    red = _LensReducer(sums, lens, col, rows_per_chunk, answers, choices, record_top1,
-                       ref_top1)
+    red = _LensReducer(sums, lens, col, rows_per_chunk, positions, answers, choices,
+                       record_top1, ref_top1)
     run_hooked(model, tok, batch_size, pad_id, red, description=description,
                label=description, indices=indices)
     return sums
@@ -464,17 +623,6 @@ def merge_sums(parts: Sequence[tuple[Sequence[int], LensSums | None]]) -> LensSu
 # Tables
 
 
-def ratio_ci(num: np.ndarray, den: np.ndarray, level: float, n_boot: int,
-             seed: int) -> tuple[float, float]:
-    """Bootstrap over samples of ``sum(num)/sum(den)`` (token-weighted mean, samples resampled)."""
-    keep = den > 0
-    num, den = num[keep], den[keep]
-    if num.size < 2 or n_boot < 1:
-        return math.nan, math.nan
-    return bootstrap_ci(lambda idx: num[idx].sum() / den[idx].sum(), n_boot=n_boot, level=level,
-                        seed=seed, n=num.size)
-
-
 def _row(layer, model, metric, value, lo, hi, n) -> dict[str, Any]:
     return {"layer": layer, "model": model, "metric": metric, "value": float(value),
             "ci_low": float(lo), "ci_high": float(hi), "n": int(n)}
@@ -484,34 +632,49 @@ def sums_table(sums: LensSums, model: str, level: float = 0.95, n_boot: int = 10
                seed: int = 0, agreement_label: str = "pair") -> pd.DataFrame:
     """Tidy rows (layer, model, metric, value, ci_low, ci_high, n) of one pass.
 
-    Accuracies (token, choice, agreement): Wilson intervals over tokens/items. Loss: token-
-    weighted mean with a bootstrap interval over samples. Answer probability and rank: mean over
-    samples with a t interval.
+    Token-level ratios (``accuracy``, ``loss``, ``agreement``: sums over the scored tokens of
+    all samples over their number, ``n`` = tokens) and per-sample means (``answer_prob``,
+    ``answer_rank``: ``n`` = samples with an answer) get a sample-level (cluster) bootstrap
+    interval: samples are resampled with all their tokens (``metrics.stats.cluster_ratio_ci``,
+    ``n_boot`` resamples, seeded; 0 = no interval). ``choice_accuracy`` (one 0/1 per item,
+    items independent) keeps the Wilson interval. Probabilities' intervals stay in [0, 1].
     """
     rows: list[dict[str, Any]] = []
     n_tok = int(sums.tokens.sum())
     has_a, has_c = sums.has_answer, sums.has_choice
+    unit = (0.0, 1.0)
+    agr_ci = None
+
+    def boot(num: np.ndarray, den: np.ndarray, bounds=None) -> tuple[np.ndarray, np.ndarray]:
+        return cluster_ratio_ci(num, den, n_boot=n_boot, level=level, seed=seed, bounds=bounds)
+
+    if n_tok:
+        acc_ci = boot(sums.correct, sums.tokens, unit)
+        loss_ci = boot(sums.loss, sums.tokens, (0.0, math.inf))
+        agr_ci = boot(sums.agree, sums.tokens, unit) if sums.agree is not None else None
+    if has_a.any():
+        ones = np.ones(int(has_a.sum()))
+        prob_ci = boot(sums.answer_prob[has_a], ones, unit)
+        rank_ci = boot(sums.answer_rank[has_a], ones, (1.0, math.inf))
     for c, j in enumerate(sums.layers):
         if n_tok:
-            k = int(round(sums.correct[:, c].sum()))
-            rows.append(_row(j, model, "accuracy", k / n_tok, *proportion_ci(k, n_tok, level),
-                             n_tok))
-            lo, hi = ratio_ci(sums.loss[:, c], sums.tokens, level, n_boot, seed)
-            rows.append(_row(j, model, "loss", sums.loss[:, c].sum() / n_tok, lo, hi, n_tok))
+            rows.append(_row(j, model, "accuracy", sums.correct[:, c].sum() / n_tok,
+                             acc_ci[0][c], acc_ci[1][c], n_tok))
+            rows.append(_row(j, model, "loss", sums.loss[:, c].sum() / n_tok,
+                             loss_ci[0][c], loss_ci[1][c], n_tok))
         if has_a.any():
-            for metric, arr in (("answer_prob", sums.answer_prob), ("answer_rank",
-                                                                     sums.answer_rank)):
+            for metric, arr, ci in (("answer_prob", sums.answer_prob, prob_ci),
+                                    ("answer_rank", sums.answer_rank, rank_ci)):
                 v = arr[has_a, c]
-                rows.append(_row(j, model, metric, v.mean(), *mean_ci(v, level), v.size))
+                rows.append(_row(j, model, metric, v.mean(), ci[0][c], ci[1][c], v.size))
         if has_c.any():
             v = sums.choice_correct[has_c, c]
             k = int(v.sum())
             rows.append(_row(j, model, "choice_accuracy", k / v.size,
                              *proportion_ci(k, v.size, level), v.size))
-        if sums.agree is not None and n_tok:
-            k = int(round(sums.agree[:, c].sum()))
-            rows.append(_row(j, agreement_label, "agreement", k / n_tok,
-                             *proportion_ci(k, n_tok, level), n_tok))
+        if agr_ci is not None and n_tok:
+            rows.append(_row(j, agreement_label, "agreement", sums.agree[:, c].sum() / n_tok,
+                             agr_ci[0][c], agr_ci[1][c], n_tok))
     return pd.DataFrame(rows, columns=PROBE_COLUMNS)
 
 
@@ -564,11 +727,15 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
 
     Takes a :class:`ProbeConfig`, or its fields as keywords (aliases such as ``n`` and
     ``n_boot`` accepted). Returns the tidy table (``PROBE_COLUMNS``): per layer ``j = 0..L`` the
-    teacher-forced next-token ``accuracy`` and ``loss``, ``answer_prob``/``answer_rank`` for
-    tasks with a known answer, ``choice_accuracy`` for multiple-choice data and, for a pair, the
-    top-1 ``agreement`` of base and SFT (model ``pair``). The pair's models are loaded one after
-    the other (the base's top-1 ids are kept, small ints). With ``out``: writes ``probe.csv``
-    and ``run.json`` there.
+    teacher-forced next-token ``accuracy`` and ``loss`` (over every real token, or with
+    ``tokens="answer"`` over the answers' tokens only), ``answer_prob``/``answer_rank`` for
+    tasks with a known answer (the MMLU letter; for GSM8K the final answer after ``####``,
+    given the prompt and the reasoning), ``choice_accuracy`` for multiple-choice data and, for
+    a pair, the top-1 ``agreement`` of base and SFT (model ``pair``) at the same positions.
+    Intervals: sample-level bootstrap (``bootstrap`` resamples, seeded by ``seed``; 0 = none),
+    Wilson for ``choice_accuracy``. The pair's models are loaded one after the other (the
+    base's top-1 ids are kept, small ints). With ``out``: writes ``probe.csv`` and
+    ``run.json`` there.
     """
     cfg = config if config is not None else build(ProbeConfig, options)
     par = join(cfg.device, cfg.device_map)
@@ -615,6 +782,20 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                 skip_bad=cfg.skip_bad_records)
             notes += data_notes
             answers = answer_slots(samples, tok, tokz, chat_template)
+            n_lost = sum(a is None and has_answer(s)
+                         for s, a in zip(samples, answers, strict=True))
+            if n_lost:
+                notes.append(f"{n_lost} of {len(samples)} answers are not a clean run of their "
+                             f"sample's tokens (cut off by --max-length, or merged by the "
+                             f"tokenizer with the text around them): no answer_prob/answer_rank "
+                             f"for them")
+            positions = None
+            if cfg.tokens == "answer":
+                if not any(a is not None for a in answers):
+                    raise SftscopeError(f"--tokens answer scores the answers' tokens, but no "
+                                        f"sample of {data} has an answer to score (use a task "
+                                        f"format such as gsm8k: or mmlu:, or --tokens all)")
+                positions = answer_positions(answers)
             choices, n_amb = choice_slots(samples, tok, tokz, chat_template)
             if n_amb:
                 notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the "
@@ -642,7 +823,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                 check_vocab(m, tok.input_ids, k)
                 n_blocks = n_blocks_of(m)
                 with timer(f"pass_{k}"):
-                    sums = lens_pass(m, tok, pad_id, batch_size=batch_size, answers=answers,
+                    sums = lens_pass(m, tok, pad_id, batch_size=batch_size,
+                                     positions=positions, answers=answers,
                                      choices=choices, record_top1=pair and k == "base",
                                      ref_top1=ref_top1, chunk_elements=chunk_elements,
                                      description=f"probe {k}", indices=share)
@@ -661,8 +843,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     if parts is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(PROBE_COLUMNS)
     n_blocks = next(b for _, _, b in parts if b is not None)
-    tables = [sums_table(merge_sums([(i, f.get(k)) for i, f, _ in parts]), k, level=level,
-                         n_boot=n_boot, seed=seed) for k in specs]
+    merged = {k: merge_sums([(i, f.get(k)) for i, f, _ in parts]) for k in specs}
+    tables = [sums_table(merged[k], k, level=level, n_boot=n_boot, seed=seed) for k in specs]
     df = pd.concat(tables, ignore_index=True)
     order = {"accuracy": 0, "loss": 1, "answer_prob": 2, "answer_rank": 3,
              "choice_accuracy": 4, "agreement": 5}
@@ -677,6 +859,12 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
             models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
                     for k, v in specs.items()},
             n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
+            n_scored_tokens=int(next(iter(merged.values())).tokens.sum()), scored_tokens=cfg.tokens,
+            answer="MMLU: the letter after the prompt; GSM8K-style: the final answer after "
+                   "####, given the prompt and the reasoning up to '#### ' (answer_prob: all "
+                   "its tokens, answer_rank: its first); free text: its first content token",
+            intervals="sample-level (cluster) bootstrap for accuracy, loss, agreement, "
+                      "answer_prob and answer_rank; Wilson for choice_accuracy",
             n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
             n_choices=sum(c is not None for c in choices), notes=notes,
             layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "

@@ -152,6 +152,12 @@ def _fallback_segment(k: int) -> int:
     return int(np.argmin([abs(c - FALLBACK_DEPTH) for c in centres]))
 
 
+def prior_mask(k: int) -> str:
+    """The prior-only proposal: the one-segment mask whose segment centre is nearest
+    ``FALLBACK_DEPTH`` of depth (the paper's best 7B mask; what a flat signal falls back to)."""
+    return _mask([_fallback_segment(k)], k)
+
+
 def choose_segments(scores: np.ndarray, eligible: np.ndarray, max_active: int = 2,
                     pick: str = "run", extend: float = 0.75) -> tuple[list[int], str]:
     """Segments to tune from per-segment scores, and a phrase saying why."""

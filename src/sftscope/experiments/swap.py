@@ -9,7 +9,9 @@ each hybrid (try/finally), so their outputs afterwards are bit-identical to befo
 
 Each hybrid and both originals are evaluated on the data: teacher-forced next-token accuracy,
 loss and perplexity over real tokens and, for multiple-choice (MMLU-style) data, the choice
-accuracy by the log-likelihood of the option letters after the prompt.
+accuracy by the log-likelihood of the option letters after the prompt. Intervals: a
+sample-level (cluster) bootstrap for the token metrics (tokens of one sample are not
+independent), Wilson for the choice accuracy (one 0/1 per item).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from sftscope.experiments.lens import (
     lens_pass,
     merge_sums,
     prepare_data,
-    ratio_ci,
 )
 from sftscope.io import Timer, run_record, write_tables
 from sftscope.load.arch import arch_for, get_blocks, get_final_norm, get_head, get_submodule
@@ -50,7 +51,7 @@ from sftscope.load.models import (
 )
 from sftscope.load.runtime import model_bytes, release, resolve_device
 from sftscope.load.runtime import pad_id as pad_id_of
-from sftscope.metrics.stats import proportion_ci
+from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
 from sftscope.parallel import empty_like_table, join
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, start_run
@@ -169,6 +170,9 @@ def swapped(host: nn.Module, donor: nn.Module, blocks: Sequence[int], *, head: b
 
 def _rows(sums: LensSums, config: str, direction: str, mask: str, head: str, level: float,
           n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Accuracy, loss and perplexity with a sample-level (cluster) bootstrap interval (samples
+    resampled with all their tokens: ``metrics.stats.cluster_ratio_ci``); choice accuracy (one
+    0/1 per item) with the Wilson interval."""
     rows = []
 
     def add(metric, value, lo, hi, n):
@@ -178,13 +182,14 @@ def _rows(sums: LensSums, config: str, direction: str, mask: str, head: str, lev
 
     n_tok = int(sums.tokens.sum())
     if n_tok:
-        k = int(round(sums.correct[:, 0].sum()))
-        add("accuracy", k / n_tok, *proportion_ci(k, n_tok, level), n_tok)
+        acc = cluster_ratio_ci(sums.correct[:, 0], sums.tokens, n_boot=n_boot, level=level,
+                               seed=seed, bounds=(0.0, 1.0))
+        add("accuracy", sums.correct[:, 0].sum() / n_tok, *acc, n_tok)
         loss = sums.loss[:, 0].sum() / n_tok
-        lo, hi = ratio_ci(sums.loss[:, 0], sums.tokens, level, n_boot, seed)
+        lo, hi = cluster_ratio_ci(sums.loss[:, 0], sums.tokens, n_boot=n_boot, level=level,
+                                  seed=seed, bounds=(0.0, math.inf))
         add("loss", loss, lo, hi, n_tok)
-        add("perplexity", math.exp(loss), math.exp(lo) if not math.isnan(lo) else math.nan,
-            math.exp(hi) if not math.isnan(hi) else math.nan, n_tok)
+        add("perplexity", math.exp(loss), math.exp(lo), math.exp(hi), n_tok)  # exp(NaN) = NaN
     has_c = sums.has_choice
     if has_c.any():
         v = sums.choice_correct[has_c, 0]

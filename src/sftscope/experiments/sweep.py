@@ -10,7 +10,8 @@ Layout of a sweep folder ``RUN``::
         result.json                written atomically LAST: a job is done when it exists
     RUN/summary.csv                per mask and metric: mean, CI, n_items, p-value vs 11111
     RUN/position.csv               one-segment masks by depth (the inverted-U plot)
-    RUN/suggest_validation.csv     with --validate-suggest: where each proposal ranks
+    RUN/suggest_validation.csv     with --validate-suggest: where each proposal ranks, beside
+                                   the prior-only mask and random interior masks
     RUN/run.json                   command "sweep", n_blocks, settings, jobs done/pending
 
 Resuming: run the same command again. Finished jobs (``result.json`` present) are never
@@ -122,8 +123,9 @@ SUMMARY_COLUMNS = ["mask", "seeds", "trainable_params", "metric", "mean", "ci_lo
                    "n_items", "p_value", "delta", "seed_sd", "blocks"]
 POSITION_COLUMNS = ["segment", "depth", "first_block", "last_block", "mask", "metric", "mean",
                     "ci_low", "ci_high", "n_items", "seeds"]
-VALIDATION_COLUMNS = ["method", "mask", "rank", "n_masks", "score", "best_mask", "best_score",
-                      "in_sweep", "spearman_singles", "metric"]
+VALIDATION_COLUMNS = ["method", "mask", "rank", "prior_mask", "prior_rank", "random_rank",
+                      "random_as_good", "n_interior", "n_masks", "score", "best_mask",
+                      "best_score", "in_sweep", "spearman_singles", "metric"]
 ITEM_COLUMNS = ["item", "metric", "value"]
 MASK_GROUPS = ("singles", "paper", "all")
 # Keys the sweep sets per job (never user options).
@@ -854,25 +856,53 @@ def collect(out: Path, settings: dict[str, Any] | None = None
 # ----------------------------------------------------------------------------- validation
 
 
+def _interior_singles(k: int) -> list[str]:
+    """The one-segment masks of ``k`` segments without the two edge segments (none if k < 3)."""
+    return ["".join("1" if j == i else "0" for j in range(k)) for i in range(1, k - 1)]
+
+
 def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metric: str,
                          segment_scores: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
-    """Where each method's proposed mask ranks among the swept masks (1 = best).
+    """Where each method's proposed mask ranks among the swept masks (1 = best), beside what a
+    proposal without any signal would get.
 
-    ``spearman_singles``: rank correlation, over the swept one-segment masks, between the
-    method's segment score and the swept score (NaN with fewer than 3 such masks).
+    Ranks: 1 + the number of swept masks strictly better. Baselines, so that a good rank can be
+    told from merely re-checking the paper's prior: ``prior_mask``/``prior_rank``, the one-
+    segment mask whose centre is nearest ``suggest.FALLBACK_DEPTH`` (30 %) of depth;
+    ``random_rank``, the expected rank of a uniformly random *interior* one-segment mask (edge
+    segments excluded, as suggest's edge rule does) among the swept ones, i.e. the mean rank of
+    the swept interior one-segment masks (``n_interior`` of them); ``random_as_good``, the
+    share of them that rank as well as the proposal or better (a chance level: 1.0 = any
+    interior mask would have done as well). NaN where the mask was not swept or there is no
+    interior one-segment mask (fewer than 3 segments). ``spearman_singles``: rank correlation,
+    over the swept one-segment masks, between the method's segment score and the swept score
+    (NaN with fewer than 3 such masks).
     """
     from scipy.stats import spearmanr
+
+    from sftscope.experiments.suggest import prior_mask
 
     sub = summary[summary["metric"] == metric].drop_duplicates("mask")
     means = dict(zip(sub["mask"].astype(str), sub["mean"].astype(float)))
     sign = -1.0 if lower_is_better(metric) else 1.0
     ranked = sorted(means, key=lambda m: -sign * means[m])
     best = ranked[0] if ranked else None
+
+    def rank_of(mask: str) -> float:
+        if mask not in means:
+            return math.nan
+        return float(1 + sum(1 for m in means if sign * means[m] > sign * means[mask]))
+
     rows = []
     for method, mask in proposals.items():
         score = means.get(mask, math.nan)
-        rank = (1 + sum(1 for m in means if sign * means[m] > sign * score)
-                if mask in means else math.nan)
+        rank = rank_of(mask)
+        k = len(mask)
+        prior = prior_mask(k)
+        interior = [rank_of(m) for m in _interior_singles(k) if m in means]
+        random_rank = float(np.mean(interior)) if interior else math.nan
+        as_good = (float(np.mean([r <= rank for r in interior])) if interior
+                   and math.isfinite(rank) else math.nan)
         rho = math.nan
         if segment_scores is not None and method in segment_scores:
             seg = segment_scores[method]
@@ -883,8 +913,10 @@ def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metri
                 y = [sign * v for _, v in singles]
                 if np.std(x) > 0 and np.std(y) > 0:
                     rho = float(spearmanr(x, y).statistic)
-        rows.append({"method": method, "mask": mask, "rank": rank, "n_masks": len(means),
-                     "score": score, "best_mask": best,
+        rows.append({"method": method, "mask": mask, "rank": rank, "prior_mask": prior,
+                     "prior_rank": rank_of(prior), "random_rank": random_rank,
+                     "random_as_good": as_good, "n_interior": len(interior),
+                     "n_masks": len(means), "score": score, "best_mask": best,
                      "best_score": means[best] if best else math.nan,
                      "in_sweep": mask in means, "spearman_singles": rho, "metric": metric})
     return pd.DataFrame(rows, columns=VALIDATION_COLUMNS)

@@ -65,6 +65,7 @@ from sftscope.metrics.spectral import (
 )
 from sftscope.metrics.stats import (
     bootstrap_ci,
+    cluster_ratio_ci,
     correlation_matrix,
     correlation_pairs,
     mean_ci,
@@ -82,6 +83,7 @@ __all__ = [
     "alpha_entropy_batch",
     "bootstrap_ci",
     "cka",
+    "cluster_ratio_ci",
     "condition_number",
     "correlation_matrix",
     "correlation_pairs",

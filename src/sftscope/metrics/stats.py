@@ -1,5 +1,6 @@
-"""Robustness statistics: bootstrap intervals, t and Wilson intervals, paired t-test, and the
-correlation of metrics across layers. Reused by analyze, probe, swap, eval and sweep."""
+"""Robustness statistics: bootstrap intervals (per value and per sample cluster), t and Wilson
+intervals, paired t-test, and the correlation of metrics across layers. Reused by analyze,
+probe, swap, eval and sweep."""
 
 from __future__ import annotations
 
@@ -69,6 +70,57 @@ def bootstrap_ci(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def _resample_blocks(n: int, n_boot: int, seed: int, max_cells: int = 1 << 22):
+    """Resample multiplicities ``[b, n]`` (how often each of ``n`` samples is drawn in each of
+    ``b`` resamples with replacement), in blocks of resamples (bounded memory), seeded: the
+    same ``(n, n_boot, seed)`` always gives the same resamples."""
+    rng = np.random.default_rng(seed)
+    step = max(1, max_cells // max(n, 1))
+    for s in range(0, n_boot, step):
+        b = min(step, n_boot - s)
+        idx = rng.integers(0, n, size=(b, n)) + (np.arange(b) * n)[:, None]
+        yield np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def cluster_ratio_ci(num: ArrayLike | np.ndarray, den: ArrayLike, n_boot: int = 1000,
+                     level: float = 0.95, seed: int = 0,
+                     bounds: tuple[float, float] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Sample-level (cluster) bootstrap interval of the ratio ``sum(num) / sum(den)``.
+
+    ``num``: per-sample sums ``[N]`` or ``[N, K]`` (one interval per column, e.g. per layer),
+    ``den``: per-sample counts ``[N]`` (e.g. tokens). Each resample draws ``N`` samples with
+    replacement, *with all their tokens*, and recomputes the ratio over them: tokens of one
+    sample are not independent (a sample is easy or hard as a whole), and a Wilson interval over
+    tokens ignores that and is far too narrow. ``den = 1`` gives the mean over samples. Samples
+    with ``den == 0`` carry nothing and are left out. Percentile interval, ``n_boot`` resamples,
+    reproducible for a given ``seed`` (the same resamples for every column); ``bounds`` clips
+    the interval (a probability stays inside ``[0, 1]``). NaN when ``n_boot < 1`` or fewer than
+    two samples count.
+    """
+    _check_level(level)
+    x = np.asarray(num, dtype=np.float64)
+    one = x.ndim == 1
+    x = x.reshape(x.shape[0], -1)
+    d = _np(den)
+    if d.shape[0] != x.shape[0]:
+        raise SftscopeError(f"cluster bootstrap needs one count per sample, got {d.shape[0]} "
+                            f"counts for {x.shape[0]} samples")
+    keep = d > 0
+    x, d = x[keep], d[keep]
+    nan = np.full(x.shape[1], np.nan)
+    if n_boot < 1 or x.shape[0] < 2:
+        return (nan[0], nan[0]) if one else (nan, nan.copy())
+    stats = np.concatenate([(w @ x) / (w @ d)[:, None]
+                            for w in _resample_blocks(x.shape[0], n_boot, seed)])
+    tail = (1 - level) / 2 * 100
+    with np.errstate(all="ignore"):
+        low, high = np.nanpercentile(stats, [tail, 100 - tail], axis=0)
+    if bounds is not None:
+        low, high = np.clip(low, *bounds), np.clip(high, *bounds)
+    return (float(low[0]), float(high[0])) if one else (low, high)
 
 
 def mean_ci(values: ArrayLike, level: float = 0.95) -> tuple[float, float]:

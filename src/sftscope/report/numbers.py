@@ -696,6 +696,26 @@ def suggest_data(runs: Sequence[Any]) -> FigureData:
     return FigureData(frame, pd.DataFrame(rows), notes)
 
 
+VALIDATION_NUMBERS = ("rank", "prior_rank", "random_rank", "random_as_good", "n_interior",
+                      "n_masks", "score", "best_score", "spearman_singles")
+
+
+def validation_data(val: pd.DataFrame) -> pd.DataFrame:
+    """``sweep --validate-suggest`` rows (suggest_validation.csv) with numeric ranks and each
+    proposal's rank beside its baselines: ``vs_prior`` = rank - prior_rank and ``vs_random`` =
+    rank - random_rank (negative = better than the baseline; NaN where a rank is missing, as
+    in tables written before the baselines existed)."""
+    if val is None or val.empty:
+        return pd.DataFrame()
+    df = numeric(val.copy(), VALIDATION_NUMBERS)
+    for col in ("prior_mask", "prior_rank", "random_rank", "random_as_good"):
+        if col not in df.columns:
+            df[col] = np.nan
+    df["vs_prior"] = df["rank"] - df["prior_rank"]
+    df["vs_random"] = df["rank"] - df["random_rank"]
+    return df
+
+
 def tune_data(runs: Sequence[Any]) -> FigureData:
     """Fig. 9: training loss of each tune run; ``summary`` one row per run: mask, rank,
     trainable parameters and their share of the full-depth budget, steps, first/last loss."""

@@ -685,8 +685,34 @@ def plot_suggest(data: FigureData, colors: dict[str, str] | None = None) -> Figu
                        label="proposed (trained) segment"),
                 Line2D([], [], ls="none", marker="x", ms=7, color="0.3",
                        label="not eligible (edge rule)")]
+    lines = _validation_lines(data.extra.get("validation"))
+    if lines and axes:  # under the first panel's title (the layout makes room for it)
+        axes[0].set_title("\n".join([runs[0], *lines]), fontsize=8.5)
     _legend(fig, handles, ncol=min(len(handles), 4))
     return fig
+
+
+def _validation_lines(val: pd.DataFrame | None, most: int = 6) -> list[str]:
+    """One line per validated proposal: its rank among the swept masks beside the prior-only
+    mask's and the expected rank of a random interior one-segment mask."""
+    if val is None or not len(val):
+        return []
+    out = []
+    for row in val.head(most).to_dict("records"):
+        n = row.get("n_masks")
+        rank = row.get("rank")
+        text = (f"sweep check: {row.get('method')} {row.get('mask')} ranks "
+                + (f"{rank:.0f} of {n:.0f}" if np.isfinite(rank) else "(not swept)"))
+        prior = row.get("prior_rank")
+        if prior is not None and np.isfinite(prior):
+            text += f"; prior-only {row.get('prior_mask')}: {prior:.0f}"
+        rnd = row.get("random_rank")
+        if rnd is not None and np.isfinite(rnd):
+            text += f"; random interior one-segment mask: {rnd:.1f} on average"
+        out.append(text)
+    if len(val) > most:
+        out.append(f"... and {len(val) - most} more (suggest_validation table)")
+    return out
 
 
 def plot_loss_curves(data: FigureData, colors: dict[str, str] | None = None) -> Figure:

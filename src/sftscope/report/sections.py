@@ -359,8 +359,7 @@ def suggest_prepare(runs: Sequence[Run]) -> FigureData | None:
     data = N.suggest_data(have) if have else None
     if data is None or (data.empty and data.summary.empty):
         return None
-    val = combined(runs, "validation")
-    data.extra["validation"] = val
+    data.extra["validation"] = N.validation_data(combined(runs, "validation"))
     return data
 
 
@@ -390,8 +389,25 @@ def suggest_findings(data: FigureData) -> list[str]:
                 where = (f"was not among the {row.get('n_masks', '?')} swept masks "
                          f"({row.get('metric', '')}: {best})")
             out.append(_prefix(row[RUN], True) + f"{row['method']} proposal {row['mask']} "
-                       f"{where}.")
+                       f"{where}{_baselines(row)}.")
     return out
+
+
+def _baselines(row: dict[str, Any]) -> str:
+    """What a proposal without a signal would rank: the prior-only mask (segment centre
+    nearest 30 % depth) and a random interior one-segment mask (its expected rank)."""
+    parts = []
+    if np.isfinite(pd.to_numeric(row.get("prior_rank"), errors="coerce")):
+        parts.append(f"the prior-only mask {row.get('prior_mask', '')} ranks "
+                     f"{f(row['prior_rank'], 0)}")
+    if np.isfinite(pd.to_numeric(row.get("random_rank"), errors="coerce")):
+        text = (f"a random interior one-segment mask {f(row['random_rank'], 1)} on average "
+                f"(of {f(row.get('n_interior'), 0)})")
+        share = pd.to_numeric(row.get("random_as_good"), errors="coerce")
+        if np.isfinite(share):
+            text += f", {share:.0%} of them rank as well or better"
+        parts.append(text)
+    return "; for comparison " + " and ".join(parts) if parts else ""
 
 
 def suggest_tables(data: FigureData) -> list[TableOut]:
@@ -402,7 +418,8 @@ def suggest_tables(data: FigureData) -> list[TableOut]:
         out.append(("suggest_proposals", "proposals and reasons", data.summary))
     val = data.extra.get("validation")
     if val is not None and len(val):
-        out.append(("suggest_validation", "proposals ranked among the swept masks",
+        out.append(("suggest_validation", "proposals ranked among the swept masks, beside the "
+                    "prior-only mask and random interior one-segment masks",
                     val.drop(columns=["n_blocks"], errors="ignore")))
     return out
 
@@ -697,7 +714,9 @@ SPECS: list[FigureSpec] = [
         "suggest", "Training-free mask proposal (Fig. 8)",
         "Per-segment score of each `sftscope suggest` method (higher = a better segment to "
         "tune), the proposed masks and the reason printed for them; where a sweep checked the "
-        "proposals, where each ranks.", ("suggest",), "mask proposals", suggest_prepare,
+        "proposals, where each ranks, beside the rank of the prior-only mask (segment centre "
+        "nearest 30 % depth) and of a random interior one-segment mask.", ("suggest",),
+        "mask proposals", suggest_prepare,
         (("fig8_suggest", "Fig. 8: per-segment scores of each suggest method",
           plots.plot_suggest),),
         suggest_findings, suggest_tables),
