@@ -346,8 +346,8 @@ class Cache(Config):
     cache_dir: str | None = opt(None, "Where captured states are cached (default "
                                 "$SFTSCOPE_CACHE or ~/.cache/sftscope).", volatile=True)
     checkpoint_every: float = opt(60.0, "Seconds between checkpoints of a capture in progress "
-                                  "(Ctrl-C also checkpoints).", check=at_least(1),
-                                  volatile=True)
+                                  "(0: after every batch; Ctrl-C also checkpoints).",
+                                  check=at_least(0), volatile=True)
 
     def _check(self) -> None:
         import os
