@@ -128,9 +128,9 @@ def _rank() -> int:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    import os
+    from sftscope.parallel import rank
 
-    return int(os.environ.get("RANK", "0"))
+    return rank()
 
 
 class DynamicsRecorder:

@@ -33,6 +33,7 @@ from sftscope.errors import SftscopeError
 from sftscope.io import Timer, atomic_path, run_record, write_table
 from sftscope.load.data import chat_prompt
 from sftscope.load.runtime import dtype_name, resolve_device, resolve_dtype
+from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.load.sources import BLOCK_KEYS, get_key
 from sftscope.metrics.stats import mean_ci, proportion_ci
 from sftscope.progress import track
@@ -216,9 +217,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
 
     from sftscope.load.data import pad_batch
 
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     eos = _eos_ids(model, tokenizer)
     limit = max_context(model)
     enc: list[list[int]] = []
@@ -317,7 +316,7 @@ def choice_scores(model, tokenizer, contexts: list[str], choices: list[list[str]
     it has after the context, not alone). When every continuation is one token, one forward
     pass per context scores all of them.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     limit = max_context(model)
     pairs = [[encode_pair(tokenizer, c, x) for x in cs] for c, cs in zip(contexts, choices)]
     for c, ps in zip(contexts, pairs):
@@ -364,7 +363,7 @@ def text_losses(model, tokenizer, texts: list[str], *, max_length: int = 1024,
     """Mean token cross-entropy of each text (nats), its token count, and how many were cut."""
     from sftscope.load.data import pad_batch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     enc, n_cut = [], 0
     for t in texts:
         ids = tokenizer(t, add_special_tokens=True)["input_ids"]

@@ -302,14 +302,13 @@ def _data_identity(source: str | None) -> dict[str, Any] | None:
 
 
 def _n_blocks_of(model: str, revision: str | None) -> int:
+    from sftscope.load.arch import n_layers
     from sftscope.load.models import load_config
 
-    c = load_config(model, revision)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        v = getattr(c, key, None)
-        if isinstance(v, int):
-            return v
-    raise SftscopeError(f"{model}: its config names no number of blocks")
+    n = n_layers(load_config(model, revision))
+    if n is None:
+        raise SftscopeError(f"{model}: its config names no number of blocks")
+    return n
 
 
 def sweep_settings(cfg: SweepConfig) -> dict[str, Any]:
