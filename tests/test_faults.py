@@ -67,6 +67,14 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
         shutil.copytree(base, d)
         f = d / "model.safetensors"
         f.write_bytes(b"" if cut is None else f.read_bytes()[:-cut])
+    nanmodel = root / "nanmodel"  # a broken checkpoint: NaN in one weight of block 1
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, nanmodel)
+    tensors = load_file(str(nanmodel / "model.safetensors"))
+    name = next(k for k in tensors if "layers.1." in k and k.endswith("q_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(nanmodel / "model.safetensors"), metadata={"format": "pt"})
     noweights = root / "noweights"
     noweights.mkdir()
     shutil.copy(base / "config.json", noweights / "config.json")
@@ -97,7 +105,7 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
         "broken": "broken.jsonl", "noanswer": "noanswer.jsonl", "nullq": "nullq.jsonl",
         "xlsx": "data.xlsx", "datadir": "datadir", "mmlu_bad": "mmlu_bad.jsonl",
         "file": "a_file", "nocfg": "nocfg", "bert": "bert", "truncated": "truncated",
-        "emptyweights": "emptyweights", "noweights": "noweights",
+        "emptyweights": "emptyweights", "noweights": "noweights", "nanmodel": "nanmodel",
         "emptyadapter": "emptyadapter", "orphan": "orphan", "badgguf": "badmagic.gguf",
         "truncgguf": "trunc.gguf", "twogguf": "twogguf"}.items()})
     return {k: str(v) for k, v in p.items()}
@@ -170,6 +178,7 @@ for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "sug
     case(cmd, {m: "{truncated}"}, needle="truncated")
     case(cmd, {m: "{emptyweights}"}, needle="corrupt or truncated")
     case(cmd, {m: "{noweights}"}, needle="has no weights")
+    case(cmd, {m: "{nanmodel}"}, needle="NaN or Inf")
 for cmd in ("analyze", "probe", "swap", "eval", "suggest"):
     case(cmd, {"--dtype": "int7"}, needle="unknown --dtype 'int7'")
     case(cmd, {"--device": "gpu0"}, needle="is not a device")

@@ -278,6 +278,12 @@ class _Acc:
         self.added_rows: dict[str, int] = defaultdict(int)
 
     def add(self, key: tuple[int | None, str], d2: float, b2: float) -> None:
+        if not (math.isfinite(d2) and math.isfinite(b2)):  # never a NaN row in the table
+            block, module = key
+            where = f"block {block}, module {module}" if block is not None else module
+            side = "the base" if not math.isfinite(b2) else "the fine-tuned (or adapter)"
+            raise SftscopeError(f"{where}: {side} checkpoint holds NaN or Inf weights; the "
+                                f"checkpoint is broken (re-save or re-download it)")
         self.d2[key] += d2
         self.b2[key] += b2
 

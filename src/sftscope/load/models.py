@@ -297,7 +297,20 @@ def load_model(spec: str, opts: LoadOptions | None = None):
             model.to(resolve_device(opts.device))
     model.eval()
     model.requires_grad_(False)
+    check_finite(model, src.spec)
     return model
+
+
+def check_finite(model, label: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor (a broken checkpoint
+    would otherwise give NaN metrics, or garbage generations, without a word)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise SftscopeError(f"{label}: weight {name} holds NaN or Inf values; the "
+                                    f"checkpoint is broken (re-save or re-download it)")
 
 
 def save_model(spec: str, out: str | Path, opts: LoadOptions | None = None) -> Path:
