@@ -158,7 +158,7 @@ def run_hooked(model: nn.Module, tok: TokenizedSet, batch_size: int, pad_id: int
     n_batches = (len(order) + batch_size - 1) // batch_size
     with hidden_state_hooks(model, on_state):
         for batch in track(batches(tok, batch_size, pad_id, order), description,
-                           total=n_batches):
+                           total=n_batches, tokens=lambda b: int(b.attention_mask.sum())):
             current[:] = [batch]
             reducer.start(batch)
             run(input_ids=batch.input_ids.to(device),
