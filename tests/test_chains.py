@@ -259,3 +259,56 @@ def test_report_draws_one_line_per_stage_and_checks_the_first_pair(chain, gsm8k_
     html = build_report([tmp_path / "an", tmp_path / "w", tmp_path / "p"],
                         out=tmp_path / "report.html")
     assert f"{chain['base'].name} chain [s3]" in html.read_text()
+
+
+# ----------------------------------------------------------------------------- 2 processes
+
+
+@pytest.mark.slow
+def test_chain_and_interpolation_on_two_processes(chain, gsm8k_file, tmp_path):
+    """torchrun, 2 CPU processes (gloo; tests/parallel_worker.py): a chained analyze and probe
+    and an interpolating swap write the tables of one process."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from sftscope.experiments.swap import swap
+
+    root = Path(__file__).resolve().parents[1]
+    base, s1 = str(chain["base"]), str(chain["s1"])
+    common = {"data": f"gsm8k:{gsm8k_file}", "max_length": 40, "batch_size": 3,
+              "device": "cpu", "bootstrap": 10}
+    link = {"base": base, "sft": s1, "stages": list(_stages(chain)), "consecutive": True}
+    an = {**link, "n_token": 4, **common}
+    pr = {**link, **common}
+    sw = {"base": base, "sft": s1, "segments": 2, "alphas": [0.5], **common}
+    one, two = tmp_path / "one", tmp_path / "two"
+    analyze(AnalyzeConfig(out=str(one / "analyze"), cache_dir=str(tmp_path / "c1"), **an))
+    probe(out=str(one / "probe"), **pr)
+    swap(out=str(one / "swap"), **sw)
+    args = {"analyze": {"out": str(two / "analyze"), "cache_dir": str(tmp_path / "c2"), **an},
+            "probe": {"out": str(two / "probe"), **pr},
+            "swap": {"out": str(two / "swap"), **sw},
+            "analyze_bad": {"out": str(two / "bad"), "cache_dir": str(tmp_path / "c2"), **an},
+            "probe_bad": {**pr}, "report": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1",
+           "SFTSCOPE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(root / "tests" / "parallel_worker.py"),
+                           json.dumps(args)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, table in (("analyze", "metrics"), ("probe", "probe"), ("swap", "swap")):
+        a = pd.read_csv(two / name / f"{table}.csv")
+        b = pd.read_csv(one / name / f"{table}.csv")
+        assert list(a.columns) == list(b.columns) and len(a) == len(b), name
+        for c in a.columns:
+            if a[c].dtype.kind == "f":
+                np.testing.assert_allclose(a[c], b[c], rtol=1e-6, atol=1e-9, equal_nan=True)
+            else:
+                assert list(a[c]) == list(b[c]), (name, c)
+        assert json.loads((two / name / "run.json").read_text())["world_size"] == 2
+    assert "pair:s2-s3" in set(pd.read_csv(two / "analyze" / "metrics.csv")["model"])
+    assert (pd.read_csv(two / "swap" / "swap.csv")["alpha"] == 0.5).any()
