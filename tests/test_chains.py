@@ -167,6 +167,34 @@ def test_analyze_chain_matches_separate_pair_runs(chain, gsm8k_file, tmp_path):
     assert [p["model"] for p in rec["pairs"]] == ["pair", "pair:base-s2", "pair:base-s3"]
 
 
+def test_adapter_stage_default_label_and_pair(chain, gsm8k_file, tmp_path):
+    """A PEFT adapter as a further stage: applied to --base in memory, labelled by its folder
+    and rank, its pair with the base that of a separate run with the adapter as --sft."""
+    from peft import LoraConfig, get_peft_model
+
+    from sftscope.load.models import load_model
+
+    peft = get_peft_model(load_model(str(chain["base"])),
+                          LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.fill_(0.05)
+    peft.save_pretrained(tmp_path / "lora")
+    kw = {"data": f"gsm8k:{gsm8k_file}", "n_token": 3, "limit": 6, "max_length": 40,
+          "batch_size": 3, "bootstrap": 0, "cache_dir": str(tmp_path / "cache")}
+    cfg = AnalyzeConfig(base=str(chain["base"]), sft=str(chain["s1"]),
+                        stages=(str(tmp_path / "lora"),), out=str(tmp_path / "chain"), **kw)
+    label = cfg.chain()[0].label
+    assert label == "adapter lora r2"
+    table = analyze(cfg)
+    one = analyze(AnalyzeConfig(base=str(chain["base"]), sft=str(tmp_path / "lora"),
+                                out=str(tmp_path / "one"), **kw))
+    got = _rows(table, {"base": "base", label: "sft", f"pair:base-{label}": "pair"},
+                ["model", "metric", "layer"])
+    pd.testing.assert_frame_equal(got, one.sort_values(["model", "metric", "layer"])
+                                  .reset_index(drop=True), check_exact=True)
+
+
 # ----------------------------------------------------------------------------- weights
 
 

@@ -267,8 +267,8 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
     directions: str = opt("both", "Which hybrids: both, sft-into-base or base-into-sft.",
                           choices=("both", "sft-into-base", "base-into-sft"))
     alphas: tuple[float, ...] = opt(
-        (), "Interpolate instead of swapping: for each segment (and each extra mask) score the "
-        "base whose blocks there are (1-alpha) x base + alpha x SFT, at each alpha given, "
+        (), "Also interpolate: for each segment (and each extra mask) score the base whose "
+        "blocks there are (1-alpha) x base + alpha x SFT, at each alpha given, "
         "comma-separated in [0, 1] (e.g. 0.25,0.5,0.75; 1 = the sft-into-base swap, 0 = the "
         "base); rows with direction interpolate and an alpha column.", check=alpha_list,
         factory=tuple, aliases=("alpha",), metavar="A,B")
