@@ -14,6 +14,7 @@ from sftscope.config.core import Config, at_least, in_range, non_empty, opt, pos
 from sftscope.config.ingredients import (
     PRESETS,
     Cache,
+    Chain,
     DataSpec,
     OneModel,
     Output,
@@ -103,8 +104,8 @@ def entropy_norms(value: tuple[str, ...]) -> str | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AnalyzeConfig(PairModels, DataSpec, Runtime, Stats, Output, Cache):
-    """Everything ``analyze`` needs."""
+class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
+    """Everything ``analyze`` needs (``stages``: a checkpoint chain after ``sft``)."""
 
     OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*")
 
@@ -128,8 +129,8 @@ class AnalyzeConfig(PairModels, DataSpec, Runtime, Stats, Output, Cache):
 
 
 @dataclass(frozen=True, kw_only=True)
-class WeightsConfig(Output):
-    """Everything ``weights`` needs."""
+class WeightsConfig(Output, Chain):
+    """Everything ``weights`` needs (``stages``: a checkpoint chain after ``sft``)."""
 
     OUTPUTS: ClassVar[tuple[str, ...]] = ("weights.*",)
 
@@ -169,6 +170,14 @@ class WeightsConfig(Output):
                 raise SftscopeError(f"{flag} {spec} is a GGUF file; weights reads safetensors "
                                     f"checkpoints: convert it first (sftscope.load.models."
                                     f"save_model) and pass the folder")
+        for stage in self.chain():
+            kind = source_kind(stage.spec)
+            if kind in ("adapter", "gguf"):
+                raise SftscopeError(f"--stages {stage.label}={stage.spec} is a "
+                                    f"{'PEFT adapter' if kind == 'adapter' else 'GGUF file'}; "
+                                    f"weights compares safetensors checkpoints in a chain: "
+                                    f"merge or convert it first (sftscope.load.models."
+                                    f"save_model) and pass the folder")
         check_pair_sources(self.base, self.sft, self.allow_mixed_pair)
 
 
@@ -176,8 +185,9 @@ class WeightsConfig(Output):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeConfig(PairModels, DataSpec, Runtime, Stats, Output):
-    """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``)."""
+class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
+    """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``),
+    optionally extended by a checkpoint chain (``stages``)."""
 
     OUTPUTS: ClassVar[tuple[str, ...]] = ("probe.*",)
 
@@ -213,9 +223,37 @@ class ProbeConfig(PairModels, DataSpec, Runtime, Stats, Output):
             check_model(self.model, base=self.base)
 
 
+def alpha_list(value: tuple[float, ...]) -> str | None:
+    """A check: interpolation weights in [0, 1], each once."""
+    bad = [a for a in value if not 0.0 <= a <= 1.0]
+    if bad:
+        return f"has {bad[0]:g}; every alpha is in [0, 1] (0 = base, 1 = SFT)"
+    if len(set(value)) != len(value):
+        return "repeats an alpha; give each once"
+    return None
+
+
+def mix_specs(value: tuple[str, ...]) -> str | None:
+    """A check: ``MASK:ALPHA`` items (a mask of 0/1 with a 1, alpha in [0, 1])."""
+    for item in value:
+        mask, sep, alpha = item.partition(":")
+        mask = mask.strip()
+        if not sep or not mask or set(mask) - {"0", "1"} or "1" not in mask:
+            return (f"has {item!r}; write MASK:ALPHA with a mask of 0/1 (bottom segment first, "
+                    f"at least one 1) and alpha in [0, 1], e.g. 01000:0.5")
+        try:
+            a = float(alpha)
+        except ValueError:
+            return f"has {item!r}: {alpha!r} is not a number; write MASK:ALPHA, e.g. 01000:0.5"
+        if not 0.0 <= a <= 1.0:
+            return f"has {item!r}: alpha must be in [0, 1] (0 = base, 1 = SFT)"
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
-    """Everything ``swap`` needs."""
+    """Everything ``swap`` needs (``alphas``: interpolation of each segment between base and
+    SFT; ``save_mix``: such mixes written as model folders)."""
 
     OUTPUTS: ClassVar[tuple[str, ...]] = ("swap.*",)
 
@@ -228,8 +266,38 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
                     choices=("base", "sft"))
     directions: str = opt("both", "Which hybrids: both, sft-into-base or base-into-sft.",
                           choices=("both", "sft-into-base", "base-into-sft"))
+    alphas: tuple[float, ...] = opt(
+        (), "Also interpolate: for each segment (and each extra mask) score the base whose "
+        "blocks there are (1-alpha) x base + alpha x SFT, at each alpha given, "
+        "comma-separated in [0, 1] (e.g. 0.25,0.5,0.75; 1 = the sft-into-base swap, 0 = the "
+        "base); rows with direction interpolate and an alpha column.", check=alpha_list,
+        factory=tuple, aliases=("alpha",), metavar="A,B")
+    save_mix: tuple[str, ...] = opt(
+        (), "Write interpolated models as Hugging Face folders RUN/mix-MASK-aALPHA (loadable "
+        "by AutoModelForCausalLM): MASK:ALPHA items, comma-separated, e.g. 01000:0.5 (head "
+        "and final norm per --head; needs --out).", check=mix_specs, factory=tuple,
+        metavar="MASK:ALPHA,...")
     chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
                               check=at_least(1), cli=False, volatile=True)
+
+    def mixes(self) -> list[tuple[str, float]]:
+        """``save_mix`` as ``(mask, alpha)`` pairs, in the order given."""
+        out = []
+        for item in self.save_mix:
+            mask, _, alpha = item.partition(":")
+            out.append((mask.strip(), float(alpha)))
+        return out
+
+    def check(self) -> None:
+        for mask, alpha in self.mixes():
+            if len(mask) != self.segments:
+                raise SftscopeError(f"--save-mix {mask}:{alpha:g}: the mask has {len(mask)} "
+                                    f"characters but --segments is {self.segments}")
+        if self.save_mix and self.out is None:
+            raise SftscopeError("--save-mix writes model folders into the run folder; give "
+                                "--out")
+        if len(set(self.mixes())) != len(self.mixes()):
+            raise SftscopeError("--save-mix repeats a MASK:ALPHA; give each once")
 
 
 # ----------------------------------------------------------------------------- eval

@@ -203,12 +203,18 @@ def coerce(name: str, value: Any, tp: Any, numbers_as_text: bool = False) -> Any
             return value
         raise SftscopeError(f"{where} expects a number or text, got {_describe(value)}")
     if kind == "tuple":
+        args = typing.get_args(_unwrap_optional(tp)[0])
+        numbers = bool(args) and args[0] is float  # tuple[float, ...]
         if isinstance(value, str):
             items = [p.strip() for p in value.split(",") if p.strip()]
         elif isinstance(value, (list, tuple)):
             items = list(value)
+        elif numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+            items = [value]  # one number from a config file
         else:
             raise SftscopeError(f"{where} expects a comma-separated list, got {_describe(value)}")
+        if numbers:
+            return tuple(coerce(name, v, float) for v in items)
         bad = [v for v in items if not isinstance(v, (str, PurePath))]
         if bad:
             raise SftscopeError(f"{where} expects a list of text, got {_describe(bad[0])} in it")

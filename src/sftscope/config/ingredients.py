@@ -218,13 +218,15 @@ def preset_opt() -> Any:
 # ----------------------------------------------------------------------------- ingredients
 
 
-def check_pair_sources(base: str | None, sft: str | None, allow_mixed: bool) -> None:
+def check_pair_sources(base: str | None, sft: str | None, allow_mixed: bool,
+                       what: str = "SFT model") -> None:
     """Both models exist (or look like hub ids) and can be compared layer by layer; an adapter
-    as the SFT side applies to ``base`` and must fit it."""
+    as the SFT side applies to ``base`` and must fit it. ``what`` names the SFT side in
+    messages (``stage dpo`` in a chain)."""
     from sftscope.load.sources import check_model, check_pair
 
     b = check_model(base, "base model") if base else None
-    s = check_model(sft, "SFT model", base=base) if sft else None
+    s = check_model(sft, what, base=base) if sft else None
     if b is not None and s is not None and b.config and s.config:
         # a GGUF names its family as llama.cpp does (a Mistral is "llama"): depth and width
         # here, the model types once transformers has read the configs
@@ -266,6 +268,41 @@ class PairModels(Config):
         check_pair_sources(self.base, self.sft, self.allow_mixed_pair)
         if self.tokenizer not in (None, "base", "sft"):
             check_tokenizer_source(self.tokenizer)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chain(Config):
+    """Further SFT-side checkpoints of the same base after ``--sft`` (a checkpoint chain:
+    base -> SFT -> DPO -> RLVR ...), each compared with the base, and with ``consecutive``
+    with the stage before it (``sftscope.chains``)."""
+
+    stages: tuple[str, ...] = opt(
+        (), "Further checkpoints of the same base after --sft, in training order "
+        "(a chain such as SFT -> DPO -> RLVR), comma-separated, each LABEL=PATH or PATH "
+        "(label: the folder name, or an adapter's run label; not base, sft or pair). Each is "
+        "compared with the base (table model LABEL, pairs pair:base-LABEL); --sft stays the "
+        "first stage (sft, pair).", factory=tuple, metavar="LABEL=PATH,...")
+    consecutive: bool = opt(False, "With --stages: also compare each stage with the one "
+                            "before it (pairs pair:sft-LABEL, pair:LABEL-NEXT).")
+
+    def chain(self) -> list[Any]:
+        """The further stages as ``chains.Stage`` (label, source), in order."""
+        from sftscope.chains import parse_stages
+
+        return parse_stages(self.stages, getattr(self, "base", None))
+
+    def _check(self) -> None:
+        if self.consecutive and not self.stages:
+            raise SftscopeError("--consecutive compares each stage of a chain with the one "
+                                "before it; give the further stages with --stages (or drop "
+                                "--consecutive)")
+        base = getattr(self, "base", None)
+        if self.stages and (base is None or getattr(self, "sft", None) is None):
+            raise SftscopeError("--stages extend a Base/SFT pair (--sft is the first stage): "
+                                "give --base and --sft")
+        for stage in self.chain():
+            check_pair_sources(base, stage.spec, getattr(self, "allow_mixed_pair", False),
+                               what=f"stage {stage.label}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,17 +31,30 @@ from sftscope.capture.stream import (
     shard_path,
     shard_unit,
 )
+from sftscope.chains import (
+    BASE,
+    FIRST,
+    Stage,
+    chain_pairs,
+    chain_record,
+    is_pair_label,
+    model_order,
+    pair_label,
+)
 from sftscope.config.commands import AnalyzeConfig
 from sftscope.io import Timer, run_record, write_table
 from sftscope.load import data as D
 from sftscope.load.models import (
     LoadOptions,
+    PairInfo,
     check_pair,
+    check_tokenizers,
     check_vocab,
     default_cache_dir,
     fingerprint,
     load_config,
     load_model,
+    load_tokenizer,
     pair_tokenizer,
 )
 from sftscope.load.runtime import dtype_name, model_bytes, release, resolve_device, resolve_dtype
@@ -179,8 +192,14 @@ def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
 
 
 def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
-               single: pd.DataFrame, bootstrap: int = 0, seed: int = 0) -> pd.DataFrame:
-    """Pair metrics per layer (CKA, cosine, mean shift) and SFT-minus-base deltas."""
+               single: pd.DataFrame, bootstrap: int = 0, seed: int = 0, *,
+               models: tuple[str, str] = ("base", "sft"), label: str = "pair") -> pd.DataFrame:
+    """Pair metrics per layer (CKA, cosine, mean shift) and SFT-minus-base deltas.
+
+    ``rb``/``rs``: the two captures compared (``models``: their labels in ``single``, the
+    single-model rows the dataset-level deltas are taken from; the delta is the second minus
+    the first); ``label``: the ``model`` column of the rows (``pair``, or ``pair:base-dpo`` in
+    a chain)."""
     rows = []
     for j in range(rb.n_states):
         zb, zs = rb.pooled(opts.pooling)[j], rs.pooled(opts.pooling)[j]
@@ -195,19 +214,21 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
             if bootstrap and zb.shape[0] > 3:
                 fn = _pair_fn(name, zb, zs, opts)
                 lo, hi = M.bootstrap_ci(fn, n=zb.shape[0], n_boot=bootstrap, seed=seed)
-            rows.append((j, name, "pair", float(v), lo, hi))
+            rows.append((j, name, label, float(v), lo, hi))
         for name in rb.token:  # sample-level delta: mean of per-sample differences
             if name not in rs.token:
                 continue
             d = (rs.token[name][j] - rb.token[name][j])
             d = d[~torch.isnan(d)]
             if len(d):
-                rows.append((j, f"delta_{name}", "pair", float(d.mean()), float("nan"),
+                rows.append((j, f"delta_{name}", label, float(d.mean()), float("nan"),
                              float("nan")))
+    a, b = models
+    single = single[single["model"].isin(models)]
     wide = single.pivot_table(index=["layer", "metric"], columns="model", values="value")
     for (j, name), r in wide.iterrows():
-        if _is_dataset_metric(name) and {"base", "sft"} <= set(r.index):
-            rows.append((j, f"delta_{name}", "pair", float(r["sft"] - r["base"]),
+        if _is_dataset_metric(name) and {a, b} <= set(r.index):
+            rows.append((j, f"delta_{name}", label, float(r[b] - r[a]),
                          float("nan"), float("nan")))
     return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
 
@@ -232,25 +253,64 @@ def correlation_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["model", "metric_a", "metric_b", "r"])
 
 
+def _chain(cfg: AnalyzeConfig) -> list[Stage]:
+    """The SFT-side stages: ``--sft`` (label ``sft``), then ``--stages`` in order."""
+    return [Stage(FIRST, cfg.sft, cfg.sft_revision), *cfg.chain()]
+
+
+def check_chain(base: str, stages: list[Stage], *, base_revision: str | None,
+                allow_mixed: bool) -> tuple[PairInfo, list[str]]:
+    """Every stage of a chain fits the base (depth, width, vocabulary); returns the first
+    pair's ``PairInfo`` and the notes (a further stage's prefixed with its label)."""
+    base_cfg = load_config(base, base_revision)
+    infos = [check_pair(base_cfg, load_config(s.spec, s.revision, base=base,
+                                              base_revision=base_revision),
+                        base, s.spec, allow_mixed=allow_mixed) for s in stages]
+    notes = list(infos[0].notes)
+    for s, info in zip(stages[1:], infos[1:], strict=True):
+        notes += [f"stage {s.label}: {n}" for n in info.notes]
+    return infos[0], notes
+
+
+def check_chain_tokenizers(tokenizer, base: str, stages: list[Stage], *,
+                           base_revision: str | None) -> list[str]:
+    """The further stages' tokenizers agree with the one the models see (shared ids map to
+    the same tokens); notes prefixed with the stage's label."""
+    notes = []
+    for s in stages[1:]:
+        theirs = load_tokenizer(s.spec, revision=s.revision, base=base,
+                                base_revision=base_revision)
+        notes += [f"stage {s.label}: {n}" for n in check_tokenizers(tokenizer, theirs)]
+    return notes
+
+
 def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
-    """Run the whole analysis and write ``metrics.csv``, ``correlation.csv`` and ``run.json``."""
+    """Run the whole analysis and write ``metrics.csv``, ``correlation.csv`` and ``run.json``.
+
+    With ``stages`` (a checkpoint chain) the base is captured once and each stage after it
+    (one model in memory at a time, each capture cached): single-model rows per stage
+    (``model`` = its label, ``sft`` for the first), pair rows of each stage against the base
+    (``pair``, ``pair:base-LABEL``) and with ``consecutive`` against the stage before it
+    (``pair:PREV-LABEL``); each pair's numbers are those of a separate two-model run.
+    """
     timer = Timer()
     out = Path(cfg.out)
     opts = _options(cfg)
     par = join(cfg.device, cfg.device_map)
+    stages = _chain(cfg)
+    pairs = chain_pairs([s.label for s in stages], cfg.consecutive)
     with par.together("validation"):  # every rank validates; all pass or all fail alike
         check_out(out, "analyze", cfg, overwrite=cfg.overwrite)
         device = par.device or resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         with timer("validate"):
-            info = check_pair(load_config(cfg.base, cfg.base_revision),
-                              load_config(cfg.sft, cfg.sft_revision, base=cfg.base,
-                                          base_revision=cfg.base_revision), cfg.base, cfg.sft,
-                              allow_mixed=cfg.allow_mixed_pair)
+            info, notes = check_chain(cfg.base, stages, base_revision=cfg.base_revision,
+                                      allow_mixed=cfg.allow_mixed_pair)
             tokenizer, tok_notes = pair_tokenizer(
                 cfg.base, cfg.sft, cfg.tokenizer,
                 revisions={"base": cfg.base_revision, "sft": cfg.sft_revision})
-            notes = list(info.notes) + tok_notes
+            notes += tok_notes + check_chain_tokenizers(tokenizer, cfg.base, stages,
+                                                        base_revision=cfg.base_revision)
         with timer("data"):
             tok, data_notes = prepare_data(cfg, tokenizer)
         notes += data_notes
@@ -270,28 +330,53 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     with timer("capture_base"):
         rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base",
                                   par)
-    with timer("capture_sft"):
-        rs, fp_s = _capture_model(cfg.sft, cfg.sft_revision, cfg, tok, ccfg, pad_id, "sft",
-                                  par, base=cfg.base)
-    if rb is None or rs is None:  # not rank 0: the tables are rank 0's
+    fps, infos = {BASE: fp_b}, {BASE: rb.info if rb is not None else None}
+    parts: list[pd.DataFrame] = []
+    if rb is not None:
+        with timer("metrics"):
+            single_b = single_model_table(rb, opts, BASE, cfg.bootstrap, cfg.seed)
+        parts.append(single_b)
+    prev: tuple[str, CaptureResult, pd.DataFrame] | None = None
+    for st in stages:  # every rank captures every stage (the collectives stay in step)
+        with timer(f"capture_{st.label}"):
+            rs, fps[st.label] = _capture_model(st.spec, st.revision, cfg, tok, ccfg, pad_id,
+                                               st.label, par, base=cfg.base)
+        if rb is None or rs is None:  # not rank 0: the tables are rank 0's
+            continue
+        infos[st.label] = rs.info
+        with timer("metrics"):
+            single_s = single_model_table(rs, opts, st.label, cfg.bootstrap, cfg.seed)
+            parts.append(single_s)
+            parts.append(pair_table(rb, rs, opts, pd.concat([single_b, single_s]),
+                                    cfg.bootstrap, cfg.seed, models=(BASE, st.label),
+                                    label=pair_label(BASE, st.label)))
+            if cfg.consecutive and prev is not None:
+                label_p, rp, single_p = prev
+                parts.append(pair_table(rp, rs, opts, pd.concat([single_p, single_s]),
+                                        cfg.bootstrap, cfg.seed, models=(label_p, st.label),
+                                        label=pair_label(label_p, st.label)))
+        prev = (st.label, rs, single_s)  # the stage before: kept while the next one runs
+    prev = None
+    if rb is None or not par.main:
         return empty_like_table(["layer", "metric", "model", "value", "ci_low", "ci_high"])
-    low = {str(r.info.get("compute_dtype")) for r in (rb, rs)} & {"bfloat16", "float16",
-                                                                    "torch.bfloat16",
-                                                                    "torch.float16"}
+    low = {str(i.get("compute_dtype")) for i in infos.values() if i} & {
+        "bfloat16", "float16", "torch.bfloat16", "torch.float16"}
     if low:
         notes.append(f"states were computed in {', '.join(sorted(low))}: rank_deficiency and "
                      f"condition_number are undefined at that precision (its rounding noise "
                      f"reaches sigma_max) and are NaN; run with --dtype float32 for them")
         say(f"[yellow]note:[/] {notes[-1]}")
     with timer("metrics"):
-        single = pd.concat([single_model_table(rb, opts, "base", cfg.bootstrap, cfg.seed),
-                            single_model_table(rs, opts, "sft", cfg.bootstrap, cfg.seed)])
-        pair = pair_table(rb, rs, opts, single, cfg.bootstrap, cfg.seed)
-        table = pd.concat([single, pair], ignore_index=True)
+        table = pd.concat(parts, ignore_index=True)
         if reference:  # the research code kept j = 0..L-1 (no output of the last block)
             table = table[table.layer < info.n_blocks]
-        table = table.sort_values(["model", "metric", "layer"], kind="stable")
-        corr = correlation_table(table[table.model.isin(["base", "sft"])
+        if len(stages) > 1:  # a chain: its members in training order
+            order = model_order([st.label for st in stages], pairs)
+            table = table.sort_values(["model", "metric", "layer"], kind="stable",
+                                      key=lambda c: c.map(order) if c.name == "model" else c)
+        else:
+            table = table.sort_values(["model", "metric", "layer"], kind="stable")
+        corr = correlation_table(table[~table.model.map(is_pair_label)
                                        | table.metric.isin(["cka", "cosine_similarity",
                                                             "mean_shift"])])
     for fmt in cfg.formats:
@@ -302,7 +387,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     finish_run(out, run_record(
         "analyze", cfg.record(), resolved={"device": device, "dtype": str(dtype)},
         n_blocks=info.n_blocks, hidden_size=info.hidden_size, model_type=info.model_type,
-        models={"base": fp_b, "sft": fp_s}, metric_options=asdict(opts),
+        models=fps, metric_options=asdict(opts),
         layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b (before final norm)"
         + ("; reference preset: j = 0..L-1 only, padding counted in token metrics"
            if reference else ""),
@@ -310,7 +395,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
               "n_truncated": tok.n_truncated, "max_length": cfg.max_length,
               "curvature_samples_skipped": skipped},
         seeds={"data": cfg.seed, "bootstrap": cfg.seed}, notes=notes,
-        capture={"base": rb.info, "sft": rs.info}, timings=timer.seconds,
-        **par.record(len(tok), shard_unit(ccfg)),
+        capture=infos, timings=timer.seconds,
+        **chain_record(stages, pairs), **par.record(len(tok), shard_unit(ccfg)),
     ))
     return table

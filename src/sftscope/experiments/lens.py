@@ -41,9 +41,19 @@ from torch import nn
 
 from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.capture.hooks import hidden_state_hooks, inner_model
+from sftscope.chains import (
+    BASE,
+    FIRST,
+    Stage,
+    chain_pairs,
+    chain_record,
+    model_order,
+    pair_label,
+)
 from sftscope.config.commands import ProbeConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
+from sftscope.experiments.analyze import check_chain, check_chain_tokenizers
 from sftscope.io import Timer, run_record, write_tables
 from sftscope.load import data as D
 from sftscope.load.arch import (
@@ -56,7 +66,6 @@ from sftscope.load.arch import (
 )
 from sftscope.load.models import (
     LoadOptions,
-    check_pair,
     check_vocab,
     fingerprint,
     input_device,
@@ -619,6 +628,21 @@ def merge_sums(parts: Sequence[tuple[Sequence[int], LensSums | None]]) -> LensSu
     return out
 
 
+def agreement_counts(top1: dict[int, np.ndarray], ref: dict[int, np.ndarray],
+                     n: int, n_cols: int) -> np.ndarray:
+    """Per sample and layer, how many scored positions two passes' top-1 ids agree at (the
+    ``agree`` sums of a pass run with ``ref_top1=ref``, counted afterwards from two recorded
+    passes over the same samples and positions)."""
+    out = np.zeros((n, n_cols))
+    for i, ids in top1.items():
+        other = ref.get(i)
+        if other is None or other.shape != ids.shape:
+            raise SftscopeError("top-1 ids of two passes do not match; run both models on the "
+                                "same tokenized samples and positions")
+        out[i] = (ids == other).sum(axis=1)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 
@@ -750,10 +774,12 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     base_revision, sft_revision = cfg.base_revision, cfg.sft_revision
     timer = Timer()
     pair = model is None
-    if pair:
-        specs = {"base": base, "sft": sft}
-        revs = {"base": base_revision, "sft": sft_revision}
-        bases = {"base": None, "sft": base}  # an adapter as SFT applies to --base
+    stages = [Stage(FIRST, sft, sft_revision), *cfg.chain()] if pair else []
+    pairs = chain_pairs([st.label for st in stages], cfg.consecutive) if pair else []
+    if pair:  # the base, then each SFT-side stage (an adapter applies to --base)
+        specs = {BASE: base, **{st.label: st.spec for st in stages}}
+        revs = {BASE: base_revision, **{st.label: st.revision for st in stages}}
+        bases = {BASE: None, **{st.label: base for st in stages}}
     else:
         label = model_label(model, base)
         specs, revs, bases = {label: model}, {label: revision}, {label: base}
@@ -762,17 +788,17 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
             check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
         device = par.device or resolve_device(device)
         with timer("validate"):
-            cfgs = {k: load_config(v, revision=revs[k], base=bases[k],
-                                   base_revision=base_revision) for k, v in specs.items()}
             notes: list[str] = []
+            if not pair:  # the one model's config (a pair's: checked with the chain)
+                load_config(model, revision=revision, base=base, base_revision=base_revision)
             if pair:
-                info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
-                                  allow_mixed=cfg.allow_mixed_pair)
-                notes += info.notes
-            if pair:
+                _, chain_notes = check_chain(base, stages, base_revision=base_revision,
+                                             allow_mixed=cfg.allow_mixed_pair)
+                notes += chain_notes
                 tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
                                                  revisions=revs, chat_template=chat_template)
-                notes += tok_notes
+                notes += tok_notes + check_chain_tokenizers(tokz, base, stages,
+                                                            base_revision=base_revision)
             else:
                 tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs, bases,
                                       base_revision)
@@ -814,6 +840,7 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     def passes() -> tuple[dict[str, LensSums], int | None]:
         found: dict[str, LensSums] = {}
         ref_top1 = None
+        prev: tuple[str, dict[int, np.ndarray]] | None = None
         n_blocks = None
         for k, spec in specs.items() if share else ():
             with timer(f"load_{k}"):
@@ -825,14 +852,21 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                 with timer(f"pass_{k}"):
                     sums = lens_pass(m, tok, pad_id, batch_size=batch_size,
                                      positions=positions, answers=answers,
-                                     choices=choices, record_top1=pair and k == "base",
+                                     choices=choices,
+                                     record_top1=pair and (k == BASE or cfg.consecutive),
                                      ref_top1=ref_top1, chunk_elements=chunk_elements,
                                      description=f"probe {k}", indices=share)
             finally:
                 del m
                 release(nbytes)
-            if pair and k == "base":
+            if pair and k == BASE:
                 ref_top1 = sums.top1
+            elif pair and cfg.consecutive:  # agreement with the stage before, from the ids
+                if prev is not None:
+                    agree = agreement_counts(sums.top1, prev[1], len(tok), len(sums.layers))
+                    found[pair_label(prev[0], k)] = dataclasses.replace(sums, agree=agree,
+                                                                        top1=None)
+                prev = (k, sums.top1)
             found[k] = sums
         for sums in found.values():
             sums.top1 = None  # agreement is counted; the ids need not travel
@@ -843,13 +877,24 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     if parts is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(PROBE_COLUMNS)
     n_blocks = next(b for _, _, b in parts if b is not None)
-    merged = {k: merge_sums([(i, f.get(k)) for i, f, _ in parts]) for k in specs}
-    tables = [sums_table(merged[k], k, level=level, n_boot=n_boot, seed=seed) for k in specs]
+    keys = list(specs) + [p.model for p in pairs if p.a != BASE]
+    merged = {k: merge_sums([(i, f.get(k)) for i, f, _ in parts]) for k in keys}
+    tables = [sums_table(merged[k], k, level=level, n_boot=n_boot, seed=seed,
+                         agreement_label=pair_label(BASE, k) if pair else "pair")
+              for k in specs]
+    for p in pairs:  # consecutive pairs: their agreement rows only
+        if p.a != BASE:
+            t = sums_table(merged[p.model], p.b, level=level, n_boot=n_boot, seed=seed,
+                           agreement_label=p.model)
+            tables.append(t[t["metric"] == "agreement"])
     df = pd.concat(tables, ignore_index=True)
     order = {"accuracy": 0, "loss": 1, "answer_prob": 2, "answer_rank": 3,
              "choice_accuracy": 4, "agreement": 5}
+    ranks = {"metric": order}
+    if len(stages) > 1:  # a chain: its members in training order
+        ranks["model"] = model_order([st.label for st in stages], pairs)
     df = df.sort_values(["layer", "model", "metric"],
-                        key=lambda s: s.map(order) if s.name == "metric" else s,
+                        key=lambda s: s.map(ranks[s.name]) if s.name in ranks else s,
                         kind="stable").reset_index(drop=True)
     if out is not None:
         out = Path(out)
@@ -867,6 +912,7 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                       "answer_prob and answer_rank; Wilson for choice_accuracy",
             n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
             n_choices=sum(c is not None for c in choices), notes=notes,
+            **(chain_record(stages, pairs) if pair else {}),
             layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
                         "block b, before the final norm; the lens applies the final norm",
             timings=timer.seconds, **par.record(len(tok), batch_size)))

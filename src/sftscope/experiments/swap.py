@@ -17,12 +17,16 @@ independent), Wilson for the choice accuracy (one 0/1 per item).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from collections.abc import Iterator, Sequence
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
+import torch
 from torch import nn
 
 from sftscope.config.commands import SwapConfig
@@ -58,7 +62,8 @@ from sftscope.runs import check_out, finish_run, start_run
 from sftscope.segments import mask_blocks, mask_group, masks_as_text, parse_mask, segment_bounds
 
 SWAP_COLUMNS = ["config", "direction", "mask", "head", "metric", "value", "ci_low", "ci_high",
-                "n"]
+                "n", "alpha"]
+MIX = "interpolate"  # the direction of interpolated rows
 MASK_GROUPS = ("singles", "paper", "all")
 DIRECTIONS = {"sft-into-base": ("base", "sft"), "base-into-sft": ("sft", "base")}
 
@@ -126,12 +131,14 @@ def _same_devices(a: nn.Module, b: nn.Module, what: str, host: str, donor: str) 
 
 @contextlib.contextmanager
 def swapped(host: nn.Module, donor: nn.Module, blocks: Sequence[int], *, head: bool = False,
-            names: tuple[str, str] = ("host", "donor")) -> Iterator[nn.Module]:
+            names: tuple[str, str] = ("host", "donor"),
+            modules: Mapping[int, nn.Module] | None = None) -> Iterator[nn.Module]:
     """``host`` with ``donor``'s ``blocks`` (and, with ``head``, its final norm and LM head).
 
     Module references are assigned into the host's ``ModuleList`` (no copies); everything is
     put back on exit, also on errors. Run hybrids with ``use_cache=False`` (blocks keep their
-    ``layer_idx``, the same index in both models).
+    ``layer_idx``, the same index in both models). ``modules``: put these in at ``blocks``
+    instead of the donor's own (the interpolated copies of ``SegmentMix``).
     """
     spec = arch_for(host)
     hb, db = get_blocks(host, spec), get_blocks(donor)
@@ -139,8 +146,12 @@ def swapped(host: nn.Module, donor: nn.Module, blocks: Sequence[int], *, head: b
     bad = [b for b in blocks if not 0 <= b < len(hb)]
     if bad:
         raise SftscopeError(f"block {bad[0]} does not exist (blocks 0..{len(hb) - 1})")
+    new = dict(modules) if modules is not None else {b: db[b] for b in blocks}
+    if sorted(new) != blocks:
+        raise SftscopeError(f"replacement modules are given for blocks {sorted(new)}, not "
+                            f"{blocks}")
     for b in blocks:
-        _same_devices(hb[b], db[b], f"block {b}", *names)
+        _same_devices(hb[b], new[b], f"block {b}", *names)
     if head:
         _same_devices(get_head(host), get_head(donor), "the LM head", *names)
         _same_devices(get_final_norm(host), get_final_norm(donor), "the final norm", *names)
@@ -148,7 +159,7 @@ def swapped(host: nn.Module, donor: nn.Module, blocks: Sequence[int], *, head: b
     saved_mods: dict[str, nn.Module] = {}
     try:
         for b in blocks:
-            hb[b] = db[b]
+            hb[b] = new[b]
         if head:
             if spec.final_norm:
                 saved_mods[spec.final_norm] = get_final_norm(host, spec)
@@ -165,11 +176,132 @@ def swapped(host: nn.Module, donor: nn.Module, blocks: Sequence[int], *, head: b
 
 
 # ---------------------------------------------------------------------------------------------
+# Interpolation
+
+
+def _lora_layers(mod: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The in-memory LoRA layers (PEFT) inside a module, by name."""
+    return [(n, m) for n, m in mod.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "scaling") and hasattr(m, "get_base_layer")]
+
+
+class SegmentMix:
+    """Interpolated copies of the blocks of one mask: ``W = (1 - alpha) W_host + alpha W_donor``.
+
+    Only these blocks are copied (once, from the host); ``set(alpha)`` rebuilds their weights in
+    place from the two models' own (``torch.lerp``; alpha 0 and 1 are exact copies of the host's
+    and the donor's), and ``swapped(host, donor, blocks, modules=mix.blocks)`` puts them in.
+    Neither model is changed. Buffers stay the host's.
+
+    When the donor's blocks carry an in-memory LoRA adapter (an adapter as SFT, applied to the
+    same base weights as the host), ``W_donor = W + s B A`` and the mix is ``W + alpha s B A``:
+    the copies are the donor's blocks with each LoRA scale multiplied by alpha (alpha 1 is then
+    the donor's block, alpha 0 adds an exact zero to the base's output).
+    """
+
+    def __init__(self, host: nn.Module, donor: nn.Module, blocks: Sequence[int]) -> None:
+        hb, db = get_blocks(host), get_blocks(donor)
+        self.ids = sorted(set(int(b) for b in blocks))
+        self.lora = any(_lora_layers(db[b]) for b in self.ids)
+        src = db if self.lora else hb
+        self.blocks = {b: copy.deepcopy(src[b]) for b in self.ids}
+        self.alpha: float | None = None
+        self._params: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._scales: list[tuple[Any, str, float]] = []
+        for b in self.ids:
+            if self.lora:
+                for name, layer in _lora_layers(self.blocks[b]):
+                    if getattr(layer, "lora_variant", None):
+                        raise SftscopeError(f"block {b} {name}: the adapter uses a LoRA variant "
+                                            f"(DoRA...) whose change is not linear in its scale; "
+                                            f"merge it into a checkpoint (sftscope.load.models."
+                                            f"save_model) to interpolate")
+                    for key, scale in layer.scaling.items():
+                        self._scales.append((layer, key, float(scale)))
+                continue
+            theirs = dict(db[b].named_parameters())
+            for name, p in self.blocks[b].named_parameters():
+                q = theirs[name]
+                if p.is_floating_point():
+                    self._params.append((p, dict(hb[b].named_parameters())[name], q))
+
+    @torch.no_grad()
+    def set(self, alpha: float) -> None:
+        """Make the copies the mix at ``alpha`` (in place)."""
+        if not 0.0 <= alpha <= 1.0:
+            raise SftscopeError(f"alpha {alpha:g} is outside [0, 1]")
+        for layer, key, scale in self._scales:
+            layer.scaling[key] = scale * alpha
+        for mine, h, d in self._params:
+            if alpha == 0.0:
+                mine.copy_(h)
+            elif alpha == 1.0:
+                mine.copy_(d)
+            else:
+                torch.lerp(h, d.to(h.dtype), alpha, out=mine)
+        self.alpha = alpha
+
+    @torch.no_grad()
+    def plain(self) -> dict[int, nn.Module]:
+        """The copies with any LoRA layer merged into its weights and removed (a plain block, as
+        a saved checkpoint holds it); the copies themselves are left as they are."""
+        if not self.lora:
+            return self.blocks
+        out = {}
+        for b, block in self.blocks.items():
+            block = copy.deepcopy(block)
+            for name, layer in _lora_layers(block):
+                layer.merge()
+                _set_module(block, name, layer.get_base_layer())
+            out[b] = block
+        return out
+
+
+def mix_folder(out: str | Path, mask: str, alpha: float) -> Path:
+    """Where ``save_mix`` writes the mix of ``mask`` at ``alpha``: ``OUT/mix-MASK-aALPHA``."""
+    return Path(out) / f"mix-{mask}-a{alpha:g}"
+
+
+def save_mix(base: nn.Module, sft: nn.Module, mask: str, alpha: float, folder: str | Path, *,
+             head: str = "base", tokenizer: Any = None) -> Path:
+    """Write the base with the blocks of ``mask`` interpolated towards the SFT model at
+    ``alpha`` (final norm and LM head per ``head``) as a Hugging Face folder that
+    ``AutoModelForCausalLM.from_pretrained`` loads (safetensors, config, and the tokenizer when
+    given). Written to ``FOLDER.partial`` first: ``folder`` is whole or absent."""
+    n_blocks = check_swappable(base, sft)
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    if head == "sft" and tied:
+        raise SftscopeError("--save-mix with --head sft: the base ties its LM head to its input "
+                            "embeddings, so a saved folder cannot hold the base's embeddings "
+                            "and the SFT's head; use --head base")
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    mix = SegmentMix(base, sft, mask_blocks(mask, n_blocks))
+    mix.set(alpha)
+    modules = mix.plain()
+    from sftscope.progress import quiet_libraries
+
+    try:
+        with swapped(base, sft, mix.ids, head=head == "sft", names=("base", "sft"),
+                     modules=modules) as hybrid, quiet_libraries():
+            hybrid.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
 # Tables
 
 
 def _rows(sums: LensSums, config: str, direction: str, mask: str, head: str, level: float,
-          n_boot: int, seed: int) -> list[dict[str, Any]]:
+          n_boot: int, seed: int, alpha: float = math.nan) -> list[dict[str, Any]]:
     """Accuracy, loss and perplexity with a sample-level (cluster) bootstrap interval (samples
     resampled with all their tokens: ``metrics.stats.cluster_ratio_ci``); choice accuracy (one
     0/1 per item) with the Wilson interval."""
@@ -178,7 +310,7 @@ def _rows(sums: LensSums, config: str, direction: str, mask: str, head: str, lev
     def add(metric, value, lo, hi, n):
         rows.append({"config": config, "direction": direction, "mask": mask, "head": head,
                      "metric": metric, "value": float(value), "ci_low": float(lo),
-                     "ci_high": float(hi), "n": int(n)})
+                     "ci_high": float(hi), "n": int(n), "alpha": float(alpha)})
 
     n_tok = int(sums.tokens.sum())
     if n_tok:
@@ -211,22 +343,37 @@ def swap_masks(segments: int, n_blocks: int, masks: str | Sequence[str] | None) 
     return list(dict.fromkeys(out))
 
 
-# one evaluated model: (config, direction, mask, head, its lens sums)
-SwapSums = tuple[str, str, str, str, LensSums]
+class SwapSums(NamedTuple):
+    """One evaluated model: its table labels and lens sums (``alpha``: NaN unless it is an
+    interpolated mix)."""
+
+    config: str
+    direction: str
+    mask: str
+    head: str
+    sums: LensSums
+    alpha: float = math.nan
+
+
+def mix_config(mask: str, alpha: float) -> str:
+    """The ``config`` of an interpolated model: ``base<-mix0.25[01000]``."""
+    return f"base<-mix{alpha:g}[{mask}]"
 
 
 def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *,
               segments: int, masks: Sequence[str], head: str = "base",
               directions: Sequence[str] = tuple(DIRECTIONS),
               choices: Sequence[ChoiceSlot | None] | None = None, batch_size: int = 8,
-              chunk_elements: int = DEFAULT_CHUNK, indices: Sequence[int] | None = None
-              ) -> tuple[list[SwapSums], int]:
+              chunk_elements: int = DEFAULT_CHUNK, indices: Sequence[int] | None = None,
+              alphas: Sequence[float] = ()) -> tuple[list[SwapSums], int]:
     """The lens sums (last layer) of both loaded originals and each hybrid (``masks`` x
     ``directions``), over the samples ``indices`` (default all), and the number of blocks.
 
     When the head comes from the donor, the head-only hybrid (mask of zeros) is evaluated too,
-    so the effect of the blocks can be told from the effect of the head. The models are left
-    as they were.
+    so the effect of the blocks can be told from the effect of the head. With ``alphas``, for
+    each mask the base whose blocks there are interpolated towards the SFT model
+    (``SegmentMix``; final norm and head per ``head``) at each alpha (direction
+    ``interpolate``). The models are left as they were.
     """
     n_blocks = check_swappable(base, sft)
     models = {"base": base, "sft": sft}
@@ -239,7 +386,7 @@ def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *
                          indices=indices)
 
     for k in ("base", "sft"):
-        found.append((k, "none", none, k, run(models[k], k)))
+        found.append(SwapSums(k, "none", none, k, run(models[k], k)))
     for direction in directions:
         host_k, donor_k = DIRECTIONS[direction]
         head_from_donor = head == donor_k
@@ -247,7 +394,16 @@ def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *
             config = f"{host_k}<-{donor_k}[{mask}]"
             with swapped(models[host_k], models[donor_k], mask_blocks(mask, n_blocks),
                          head=head_from_donor, names=(host_k, donor_k)) as hybrid:
-                found.append((config, direction, mask, head, run(hybrid, config)))
+                found.append(SwapSums(config, direction, mask, head, run(hybrid, config)))
+    for mask in masks if alphas else ():
+        mix = SegmentMix(base, sft, mask_blocks(mask, n_blocks))  # this mask's blocks only
+        for alpha in alphas:
+            mix.set(alpha)
+            config = mix_config(mask, alpha)
+            with swapped(base, sft, mix.ids, head=head == "sft", names=("base", "sft"),
+                         modules=mix.blocks) as hybrid:
+                found.append(SwapSums(config, MIX, mask, head, run(hybrid, config), alpha))
+        del mix
     return found, n_blocks
 
 
@@ -255,8 +411,9 @@ def swap_table(found: Sequence[SwapSums], level: float = 0.95, n_boot: int = 100
                seed: int = 0) -> pd.DataFrame:
     """The tidy table (``SWAP_COLUMNS``) of ``swap_sums``' results."""
     rows: list[dict[str, Any]] = []
-    for config, direction, mask, head, sums in found:
-        rows += _rows(sums, config, direction, mask, head, level, n_boot, seed)
+    for f in found:
+        rows += _rows(f.sums, f.config, f.direction, f.mask, f.head, level, n_boot, seed,
+                      f.alpha)
     return pd.DataFrame(rows, columns=SWAP_COLUMNS)
 
 
@@ -265,12 +422,14 @@ def evaluate_swaps(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: i
                    directions: Sequence[str] = tuple(DIRECTIONS),
                    choices: Sequence[ChoiceSlot | None] | None = None, batch_size: int = 8,
                    chunk_elements: int = DEFAULT_CHUNK, level: float = 0.95,
-                   n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, int]:
+                   n_boot: int = 1000, seed: int = 0, alphas: Sequence[float] = ()
+                   ) -> tuple[pd.DataFrame, int]:
     """Evaluate both loaded originals and each hybrid (``swap_sums``, then ``swap_table``).
     Returns the table and the number of blocks. The models are left as they were."""
     found, n_blocks = swap_sums(base, sft, tok, pad_id, segments=segments, masks=masks,
                                 head=head, directions=directions, choices=choices,
-                                batch_size=batch_size, chunk_elements=chunk_elements)
+                                batch_size=batch_size, chunk_elements=chunk_elements,
+                                alphas=alphas)
     return swap_table(found, level, n_boot, seed), n_blocks
 
 
@@ -280,11 +439,8 @@ def merge_swap_sums(parts: Sequence[tuple[Sequence[int], list[SwapSums] | None]]
     got = [(i, f) for i, f in parts if f is not None]
     if not got:
         raise SftscopeError("no swap results to merge: no process ran a sample")
-    out = []
-    for k, (config, direction, mask, head, _) in enumerate(got[0][1]):
-        out.append((config, direction, mask, head,
-                    merge_sums([(i, f[k][4]) for i, f in got])))
-    return out
+    return [first._replace(sums=merge_sums([(i, f[k].sums) for i, f in got]))
+            for k, first in enumerate(got[0][1])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,8 +453,12 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     Takes a :class:`SwapConfig` or its fields as keywords. ``masks``: extra masks or groups
     (``01000,00110``, ``paper``, ``all``) besides the one-segment masks. ``head``: ``base`` or
     ``sft``, the model whose final norm and LM head every hybrid uses. ``directions``:
-    ``both``, ``sft-into-base`` or ``base-into-sft``. Columns: ``SWAP_COLUMNS``. With ``out``:
-    writes ``swap.csv`` and ``run.json`` there.
+    ``both``, ``sft-into-base`` or ``base-into-sft``. ``alphas``: also score, per mask, the
+    base with that mask's blocks interpolated towards the SFT model at each alpha (rows with
+    direction ``interpolate``, config ``base<-mixALPHA[MASK]`` and the ``alpha`` column; the
+    ``alpha`` of swap and original rows is NaN). ``save_mix``: ``MASK:ALPHA`` mixes written
+    to ``out/mix-MASK-aALPHA`` (``save_mix``). Columns: ``SWAP_COLUMNS``. With ``out``: writes
+    ``swap.csv`` and ``run.json`` there.
     """
     cfg = config if config is not None else build(SwapConfig, options)
     par = join(cfg.device, cfg.device_map)
@@ -331,6 +491,11 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                 raise SftscopeError(f"the pair cannot be swapped: model types "
                                     f"{cfgs['base'].model_type} and "
                                     f"{cfgs['sft'].model_type} differ")
+            if cfg.save_mix and head == "sft" and getattr(cfgs["base"], "tie_word_embeddings",
+                                                          False):
+                raise SftscopeError("--save-mix with --head sft: the base ties its LM head to "
+                                    "its input embeddings, so a saved folder cannot hold the "
+                                    "base's embeddings and the SFT's head; use --head base")
             mask_list = swap_masks(segments, info.n_blocks, masks)
             notes = list(info.notes)
             tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
@@ -356,7 +521,12 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
             for k in specs}
     if out is not None and par.main:
         start_run(out, "swap", SwapConfig.OUTPUTS)
+        for old in Path(out).glob("mix-*"):  # a previous run's mixes
+            if old.is_dir() and ((old / "config.json").is_file()
+                                 or old.name.endswith(".partial")):
+                shutil.rmtree(old, ignore_errors=True)
     share = par.shard(len(tok), batch_size)  # all samples when alone
+    saved: list[str] = []
 
     def evaluate() -> tuple[list[SwapSums] | None, int | None]:
         if not share:
@@ -370,10 +540,20 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                     nbytes += model_bytes(models[k])
                     check_vocab(models[k], tok.input_ids, k)
             with timer("evaluate"):
-                return swap_sums(models["base"], models["sft"], tok, pad_id,
-                                 segments=segments, masks=mask_list, head=head,
-                                 directions=dirs, choices=choices, batch_size=batch_size,
-                                 chunk_elements=chunk_elements, indices=share)
+                result = swap_sums(models["base"], models["sft"], tok, pad_id,
+                                   segments=segments, masks=mask_list, head=head,
+                                   directions=dirs, choices=choices, batch_size=batch_size,
+                                   chunk_elements=chunk_elements, indices=share,
+                                   alphas=cfg.alphas)
+            if out is not None and par.main:
+                with timer("save_mix"):
+                    for mask, alpha in cfg.mixes():
+                        where = save_mix(models["base"], models["sft"], mask, alpha,
+                                         mix_folder(out, mask, alpha), head=head,
+                                         tokenizer=tokz)
+                        saved.append(str(where))
+                        say(f"wrote {where}")
+            return result
         finally:
             models.clear()
             release(nbytes)
@@ -396,6 +576,11 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                     for k, v in specs.items()},
             n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
             n_truncated=tok.n_truncated, n_choice_items=sum(c is not None for c in choices),
+            alphas=list(cfg.alphas),
+            interpolation="per mask: the base with that mask's blocks (1-alpha) x base + "
+                          "alpha x SFT (LoRA adapter: alpha x its scale), final norm and head "
+                          "per --head; direction interpolate, alpha column (NaN on swap rows)",
+            mixes_saved=saved,
             notes=notes, timings=timer.seconds, **par.record(len(tok), batch_size)))
     return df
 

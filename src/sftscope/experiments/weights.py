@@ -63,7 +63,7 @@ import math
 import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,6 +73,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from sftscope.chains import BASE, FIRST, ChainPair, Stage, chain_pairs, chain_record
 from sftscope.config.commands import WeightsConfig
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer
@@ -709,6 +710,36 @@ def weight_change(
     return df
 
 
+def chain_weight_change(specs: dict[str, str], pairs: Sequence[ChainPair],
+                        **options: Any) -> pd.DataFrame:
+    """``weight_change`` of each pair of a checkpoint chain (``specs``: label -> checkpoint;
+    ``pairs``: ``chains.chain_pairs``), one after the other, in one table with the pair in a
+    ``model`` column (``pair``, ``pair:base-dpo``, ``pair:sft-dpo``, ...) in front. Each pair's
+    rows are exactly those of a separate two-checkpoint run (its relative change is relative to
+    the pair's first checkpoint). ``df.attrs``: the first pair's, with every pair's notes
+    (prefixed), timings and bytes read added up."""
+    frames: list[pd.DataFrame] = []
+    attrs: dict[str, Any] = {}
+    for p in pairs:
+        df = weight_change(specs[p.a], specs[p.b], **options)
+        a = dict(df.attrs)
+        if not attrs:
+            attrs = {**a, "notes": list(a.get("notes", [])), "timings": {}, "bytes_read": 0}
+        else:
+            attrs["notes"] += [f"{p.model}: {n}" for n in a.get("notes", [])]
+        for k, v in (a.get("timings") or {}).items():
+            attrs["timings"][f"{p.model}:{k}"] = v
+        attrs["bytes_read"] += int(a.get("bytes_read") or 0)
+        df = df.copy()
+        df.attrs = {}
+        df.insert(0, "model", p.model)
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    out["block"] = out["block"].astype("Int64")
+    out.attrs.update(attrs)
+    return out
+
+
 def run_weights(
     config: WeightsConfig | str | os.PathLike,
     base: str | os.PathLike | None = None,
@@ -718,7 +749,9 @@ def run_weights(
 ) -> pd.DataFrame:
     """``weight_change`` plus its run folder: ``out/weights.<fmt>`` and ``out/run.json``
     (atomic writes; what ``sftscope weights`` does). Takes a :class:`WeightsConfig`, or
-    ``(out, base, sft, adapter, **options)``."""
+    ``(out, base, sft, adapter, **options)``. With ``stages`` (a checkpoint chain): every
+    stage against the base, and with ``consecutive`` against the stage before it
+    (``chain_weight_change``; the table gets a ``model`` column naming the pair)."""
     from sftscope import io
     from sftscope.runs import check_out, finish_run, start_run
 
@@ -732,14 +765,23 @@ def run_weights(
     device = resolve_device(cfg.device)
     start_run(cfg.out, "weights", WeightsConfig.OUTPUTS)
     timer = Timer()
+    opts = {"low_rank": cfg.low_rank, "top_k": cfg.top_k, "device": device,
+            "max_rank": cfg.max_rank, "exact_max": cfg.exact_max}
+    chain: dict[str, Any] = {}
     with timer("total"):
-        table = weight_change(cfg.base, cfg.sft, cfg.adapter, low_rank=cfg.low_rank,
-                              top_k=cfg.top_k, device=device, max_rank=cfg.max_rank,
-                              exact_max=cfg.exact_max)
+        if cfg.stages:
+            stages = [Stage(FIRST, str(cfg.sft)), *cfg.chain()]
+            pairs = chain_pairs([s.label for s in stages], cfg.consecutive)
+            specs = {BASE: str(cfg.base), **{s.label: s.spec for s in stages}}
+            table = chain_weight_change(specs, pairs, **opts)
+            chain = chain_record(stages, pairs)
+        else:
+            table = weight_change(cfg.base, cfg.sft, cfg.adapter, **opts)
     with timer("write"):
         io.write_tables(table, cfg.out, "weights", cfg.formats)
     attrs = dict(table.attrs)
     timings = {**attrs.pop("timings", {}), **timer.seconds}
     finish_run(cfg.out, io.run_record(
-        "weights", cfg.record(), n_blocks=attrs.pop("n_blocks", 0), timings=timings, **attrs))
+        "weights", cfg.record(), n_blocks=attrs.pop("n_blocks", 0), timings=timings,
+        **attrs, **chain))
     return table

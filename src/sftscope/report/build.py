@@ -11,6 +11,7 @@ import pandas as pd
 
 from sftscope import io
 from sftscope.errors import SftscopeError
+from sftscope.report import numbers as N
 from sftscope.report import plots
 from sftscope.report.html import FigureBlock, Section, TableBlock, render_page
 from sftscope.report.patterns import paper_patterns
@@ -88,6 +89,20 @@ def _present(runs: RunSet) -> list[str]:
             for t in [*TABLES, *DERIVED] if any(t in r.tables for r in runs)]
 
 
+def chain_labels(run: Any) -> list[str]:
+    """The legend labels of a checkpoint chain's series (``RUN [base]``, ``RUN [sft]``,
+    ``RUN [dpo]``, ``RUN [sft→dpo]``: ``numbers.chain_view``), from its run.json, so each
+    stage keeps one colour in every figure."""
+    chain = run.record.get("chain")
+    if not isinstance(chain, list) or len(chain) < 2:
+        return []
+    stages = [str(c.get("label")) for c in chain if isinstance(c, dict)]
+    pairs = [str(p.get("model")) for p in run.record.get("pairs") or [] if isinstance(p, dict)]
+    known = set(stages)
+    names = ["base", *stages, *(N.chain_series(m, known)[0] for m in pairs)]
+    return [f"{run.label} [{x}]" for x in dict.fromkeys(names)]
+
+
 def build_report(runs: Sequence[str | Path] | str | Path, out: str | Path | None = None,
                  formats: str | Sequence[str] = ("png",), figures_dir: str | Path | None = None,
                  title: str | None = None, notices: Sequence[str] = ()) -> Path:
@@ -104,7 +119,7 @@ def build_report(runs: Sequence[str | Path] | str | Path, out: str | Path | None
         raise SftscopeError(f"--out {out} is a folder; give a file name such as report.html")
     loaded = load_runs(paths)
     figdir = Path(figures_dir) if figures_dir is not None else paths[0] / "figures"
-    colors = plots.palette(r.label for r in loaded)
+    colors = plots.palette(label for r in loaded for label in [r.label, *chain_labels(r)])
     writer = Writer(figdir, fmts)
     sections = []
     for spec in SPECS:

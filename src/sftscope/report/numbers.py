@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sftscope.chains import BASE, FIRST, PAIR, PAIR_PREFIX, is_pair_label, split_pair_label
 from sftscope.metric_registry import lower_is_better, metric_spec, ordered
 from sftscope.report.rules import LENS_RISE, TOP, edge_means
 from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key
@@ -28,6 +29,7 @@ RUN = "run"
 DEFAULT_RUN = "run"
 TREND_TOL = 0.02        # a top value within 2 % of the curve's range of the 80 % value: "level"
 AGGREGATE_MODULES = ("attn", "mlp", "total", "other")
+MIX = "interpolate"    # swap.csv's direction of interpolated rows (swap --alphas)
 ORIGINAL_NAMES = ("original", "originals", "reference", "base", "sft", "none", "unswapped")
 
 
@@ -132,6 +134,70 @@ def _b(x: float | None) -> str:
     return "inf" if x is None else f"{x:g}"
 
 
+# ----------------------------------------------------------------------------- chains
+
+
+def chain_runs(df: pd.DataFrame) -> list[str]:
+    """Runs of ``df`` that hold a checkpoint chain (a ``model`` named ``pair:A-B``)."""
+    if df is None or df.empty or "model" not in df.columns:
+        return []
+    d = with_run(df)
+    is_chain = d["model"].astype(str).str.startswith(PAIR_PREFIX)
+    return list(dict.fromkeys(d.loc[is_chain, RUN]))
+
+
+def first_pair(df: pd.DataFrame) -> pd.DataFrame:
+    """A chain run's rows of the base and its first stage only (``base``, ``sft``, ``pair``):
+    what the paper's pattern checks read. Other runs' rows are kept as they are."""
+    chains = chain_runs(df)
+    if not chains:
+        return df
+    d = with_run(df)
+    keep = ~d[RUN].isin(chains) | d["model"].astype(str).isin([BASE, FIRST, PAIR])
+    return df[keep.to_numpy()]
+
+
+def chain_series(model: str, known: Iterable[str]) -> tuple[str, str]:
+    """(series, role) of a chain table's ``model``: a stage's own rows and its pair with the
+    base are the stage's series (roles ``sft`` / ``pair``), the base is ``base``, a pair of two
+    stages is ``A→B`` (role ``pair``)."""
+    if model == BASE:
+        return BASE, BASE
+    pair = split_pair_label(model, known)
+    if pair is None:
+        return model, FIRST
+    a, b = pair
+    return (b, PAIR) if a == BASE else (f"{a}\u2192{b}", PAIR)
+
+
+def chain_view(df: pd.DataFrame) -> pd.DataFrame:
+    """One series per chain stage: in runs of a checkpoint chain, ``run`` becomes
+    ``RUN [STAGE]`` (``STAGE`` alone for a table without runs) and ``model`` the role the
+    figures style by (``base``, ``sft`` for a stage's own rows, ``pair`` for its comparison
+    with the base, or with the stage before for ``A→B``); ``chain_model`` and ``chain_run``
+    keep the table's own ``model`` and run. Other runs are unchanged. Each stage thus gets a
+    colour and a legend entry of its own, and every per-run summary is per stage."""
+    chains = chain_runs(df)
+    if not chains:
+        return df
+    d = with_run(df)
+    d["model"] = d["model"].astype(str)
+    d["chain_model"] = d["model"]
+    d["chain_run"] = d[RUN]
+    for r in chains:
+        rows = d[RUN] == r
+        models = list(dict.fromkeys(d.loc[rows, "model"]))
+        known = {m for m in models if not is_pair_label(m)}
+        known |= {m[len(PAIR_PREFIX) + len(BASE) + 1:] for m in models
+                  if m.startswith(f"{PAIR_PREFIX}{BASE}-")}
+        series = {m: chain_series(m, known) for m in models}
+        names = {m: x if r == DEFAULT_RUN else f"{r} [{x}]" for m, (x, _) in series.items()}
+        roles = {m: role for m, (_, role) in series.items()}
+        d.loc[rows, RUN] = d.loc[rows, "model"].map(names)
+        d.loc[rows, "model"] = d.loc[rows, "model"].map(roles)
+    return d
+
+
 # ----------------------------------------------------------------------------- profiles
 
 
@@ -229,7 +295,7 @@ def single_metric_names(metrics: pd.DataFrame) -> list[str]:
 def pair_data(metrics: pd.DataFrame) -> FigureData:
     """Fig. 1: base-vs-SFT pair metrics by depth, one profile per run and metric."""
     names = pair_metric_names(metrics) if len(metrics) else []
-    df = with_depth(metrics, "layer") if len(metrics) else with_run(metrics)
+    df = with_depth(chain_view(metrics), "layer") if len(metrics) else with_run(metrics)
     if "model" in df.columns:
         df = df[df["model"].astype(str) == "pair"]
     df = df[df["metric"].astype(str).isin(names)] if names else df.iloc[0:0]
@@ -242,16 +308,20 @@ def single_data(metrics: pd.DataFrame) -> FigureData:
     """Fig. 2: single-model metrics, base vs SFT; ``extra['gaps']`` the largest relative
     base-vs-SFT gap per metric."""
     names = single_metric_names(metrics) if len(metrics) else []
-    df = with_depth(metrics, "layer") if len(metrics) else with_run(metrics)
+    df = with_depth(chain_view(metrics), "layer") if len(metrics) else with_run(metrics)
     if "model" in df.columns:
         df = df[df["model"].astype(str).isin(["base", "sft"])]
     df = df[df["metric"].astype(str).isin(names)] if names else df.iloc[0:0]
     df, notes = clip_to_range(df)
     summ = profiles(df, [RUN, "model", "metric"])
     gaps = []
-    for (r, m), g in df.groupby([RUN, df["metric"].astype(str)], sort=False):
-        b = g[g["model"].astype(str) == "base"][["layer", "rel_depth", "value"]]
-        s = g[g["model"].astype(str) == "sft"][["layer", "value"]]
+    origin = df["chain_run"] if "chain_run" in df.columns else df[RUN]  # a chain's base
+    df_metric = df["metric"].astype(str)
+    is_sft = df["model"].astype(str) == "sft"
+    for (r, m), g in df[is_sft].groupby([RUN, df_metric[is_sft]], sort=False):
+        mine = (origin == origin[g.index[0]]) & (df_metric == m)
+        b = df[mine & (df["model"].astype(str) == "base")][["layer", "rel_depth", "value"]]
+        s = g[["layer", "value"]]
         j = b.merge(s, on="layer", suffixes=("_b", "_s")).dropna()
         if j.empty:
             continue
@@ -277,7 +347,7 @@ def probe_kind(metric: str) -> str:
 
 def lens_data(probe: pd.DataFrame) -> FigureData:
     """Fig. 3: logit-lens metrics by depth; one profile per run, model and metric."""
-    df = with_depth(probe, "layer")
+    df = with_depth(chain_view(probe), "layer")
     if "model" not in df.columns:
         df["model"] = "sft"
     df["model"] = df["model"].astype(str)
@@ -324,7 +394,7 @@ def weight_metric(df: pd.DataFrame) -> str:
 def weight_data(weights: pd.DataFrame) -> FigureData:
     """Fig. 4: weight change per block; ``summary`` per run: the bottom / middle / top means
     (``rules.edge_means``, as the J rule uses them) and the block of the largest change."""
-    df = with_depth(weights, "block")
+    df = with_depth(chain_view(weights), "block")
     df = numeric(df, ["value"])
     module = weight_module(df)
     main = df[df["module"].astype(str) == module] if module else df.iloc[0:0]
@@ -351,7 +421,7 @@ def weight_data(weights: pd.DataFrame) -> FigureData:
             notes.append(f"{r}: every block's {module} {metric} change is 0, so the curve lies "
                          "on the x axis (are the two checkpoints the same?)")
         rows.append(row)
-    blockless = numeric(with_run(weights), ["block"])
+    blockless = numeric(with_run(chain_view(weights)), ["block"])
     blockless = blockless[blockless["block"].isna()]
     return FigureData(main, pd.DataFrame(rows), notes,
                       {"module": module, "metric": metric, "all": df, "blockless": blockless})
@@ -368,6 +438,12 @@ def correlation_data(corr: pd.DataFrame) -> FigureData:
         df["model"] = "all"
     df["model"] = df["model"].astype(str)
     df = numeric(df, ["r"])
+    notes = []
+    for r in chain_runs(df):
+        n = df[df[RUN] == r]["model"].nunique()
+        if n > 6:
+            notes.append(f"{r}: Fig. 5 draws the first 6 of its {n} models (base, sft, pair "
+                         f"and the further stages first); every model is in the table")
     rows = []
     for (r, m), g in df.groupby([RUN, "model"], sort=False):
         a_, b_ = g["metric_a"].astype(str), g["metric_b"].astype(str)
@@ -380,7 +456,7 @@ def correlation_data(corr: pd.DataFrame) -> FigureData:
         g = g.reindex(g["r"].abs().sort_values(ascending=False).index).head(3)
         for a, b, v in zip(g["metric_a"], g["metric_b"], g["r"]):
             rows.append({RUN: r, "model": m, "metric_a": a, "metric_b": b, "r": float(v)})
-    return FigureData(df, pd.DataFrame(rows))
+    return FigureData(df, pd.DataFrame(rows), notes)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -485,12 +561,19 @@ def swap_original_name(row: pd.Series) -> str:
     return c or d or "original"
 
 
+def is_mix(direction: object) -> bool:
+    """Rows of an interpolated model (``swap --alphas``), not a swap."""
+    return str(direction).strip().lower() == MIX
+
+
 def split_swap(swap: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(swapped rows, original rows) of a swap table, masks as plain strings."""
+    """(swapped rows, original rows) of a swap table, masks as plain strings; interpolated
+    rows (direction ``interpolate``) are in neither (``interp_data``)."""
     df = with_run(swap)
     for col in ("config", "direction", "head"):
         if col not in df.columns:
             df[col] = ""
+    df = df[~df["direction"].map(is_mix)]
     if "mask" in df.columns:
         df = plain_masks(df)
     else:
@@ -553,6 +636,57 @@ def swap_data(swap: pd.DataFrame) -> FigureData:
                      "host": host, "host_value": ref})
     return FigureData(pd.concat([swapped, orig]), pd.DataFrame(rows), notes,
                       {"swapped": swapped, "orig": orig})
+
+
+# ----------------------------------------------------------------------------- Fig. 6b
+
+
+def interp_data(swap: pd.DataFrame) -> FigureData:
+    """Fig. 6b: score against alpha for each interpolated mask (``swap --alphas``): the base
+    with the mask's blocks ``(1 - alpha) base + alpha SFT``. Where alpha 0 or 1 was not
+    scored as a mix, the swap table's own rows stand in (``source``): alpha 0 is the base (or
+    the head-only hybrid with the SFT head), alpha 1 the sft-into-base swap of that mask.
+    ``summary`` per run, head, mask and metric: the value at 0 and 1 and the best alpha (by
+    the metric's better direction)."""
+    df = plain_masks(numeric(with_run(swap), ["value", "ci_low", "ci_high", "n", "alpha"]))
+    if "direction" not in df.columns or "alpha" not in df.columns:
+        return FigureData(df.iloc[0:0])
+    df, notes = clip_to_range(df)
+    df["head"] = df["head"].map(head_text) if "head" in df.columns else ""
+    mix = df[df["direction"].map(is_mix)].copy()
+    if mix.empty:
+        return FigureData(mix)
+    mix["source"] = "mix"
+    ends = []
+    for (r, h, mask), g in mix.groupby([RUN, "head", "mask"], sort=False):
+        have = set(g["alpha"])
+        none = "0" * len(mask)
+        run = df[(df[RUN] == r) & ~df["direction"].map(is_mix)]
+        if 0.0 not in have:
+            zero = (run[run["config"].astype(str) == "base"] if h in ("", "base") else
+                    run[(run["direction"] == "sft-into-base") & (run["mask"] == none)])
+            ends.append(zero.assign(alpha=0.0, mask=mask, head=h, source="base"))
+        if 1.0 not in have:
+            one = run[(run["direction"] == "sft-into-base") & (run["mask"] == mask)
+                      & (run["head"] == h)]
+            ends.append(one.assign(alpha=1.0, source="swap"))
+    frame = pd.concat([mix, *ends], ignore_index=True).sort_values(
+        [RUN, "head", "mask", "metric", "alpha"], kind="stable",
+        key=lambda c: c.map(mask_sort_key) if c.name == "mask" else c).reset_index(drop=True)
+    rows = []
+    for (r, h, mask, metric), g in frame.groupby([RUN, "head", "mask", "metric"], sort=False):
+        g = g.dropna(subset=["value"]).sort_values("alpha")
+        if g.empty:
+            continue
+        sc = score(str(metric), g["value"].to_numpy(float))
+        best = g.iloc[int(np.nanargmax(sc))]
+        at = dict(zip(g["alpha"], g["value"]))
+        rows.append({RUN: r, "head": h, "mask": mask, "metric": str(metric),
+                     "n_alphas": len(g), "at0": at.get(0.0, math.nan),
+                     "at1": at.get(1.0, math.nan), "best_alpha": float(best["alpha"]),
+                     "best": float(best["value"]),
+                     "same": bool(np.nanmax(sc) == np.nanmin(sc))})
+    return FigureData(frame, pd.DataFrame(rows), notes)
 
 
 # ----------------------------------------------------------------------------- Fig. 7

@@ -22,8 +22,8 @@ def _col(df: pd.DataFrame, c: str) -> np.ndarray | None:
 
 
 def check_cka(metrics: pd.DataFrame) -> R.Verdict:
-    """(a) on one run's ``metrics`` table."""
-    d = N.pair_data(metrics).frame
+    """(a) on one run's ``metrics`` table (a chain's first pair)."""
+    d = N.pair_data(N.first_pair(metrics)).frame
     s = d[d["metric"].astype(str) == "cka"].sort_values("rel_depth") if len(d) else d
     if s.empty:
         return R.Verdict(R.INCONCLUSIVE, R.CKA_RULE, "no CKA rows", "no data")
@@ -31,8 +31,9 @@ def check_cka(metrics: pd.DataFrame) -> R.Verdict:
 
 
 def check_j_shape(weights: pd.DataFrame) -> R.Verdict:
-    """(b) on one run's ``weights`` table (module ``attn``, metric ``relative`` if present)."""
-    data = N.weight_data(weights)
+    """(b) on one run's ``weights`` table (module ``attn``, metric ``relative`` if present; a
+    chain's first pair)."""
+    data = N.weight_data(N.first_pair(weights))
     d = data.frame
     s = d[d["metric"].astype(str) == data.extra["metric"]].sort_values("rel_depth")
     if s.empty:
@@ -44,8 +45,8 @@ def check_j_shape(weights: pd.DataFrame) -> R.Verdict:
 
 def check_lens(probe: pd.DataFrame) -> R.Verdict:
     """(c) on one run's ``probe`` table: the first accuracy metric of the SFT model (else the
-    base model, else any)."""
-    d = N.lens_data(probe).frame
+    base model, else any; a chain's first pair)."""
+    d = N.lens_data(N.first_pair(probe)).frame
     acc = [m for m in dict.fromkeys(d["metric"]) if N.probe_kind(m) == "accuracy"]
     if not acc:
         return R.Verdict(R.INCONCLUSIVE, R.LENS_RULE, "no logit-lens accuracy", "no data")

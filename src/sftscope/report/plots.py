@@ -50,7 +50,8 @@ from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_ke
 __all__ = [
     "DEFAULT_RUN", "DPI", "RUN", "FigureData", "correlation_matrix", "is_mask", "lower_is_better",
     "mask_centre", "mask_sort_key", "mask_str", "pair_metric_names", "palette",
-    "plot_correlation", "plot_dynamics", "plot_grad_heatmap", "plot_inverted_u",
+    "plot_correlation", "plot_dynamics", "plot_grad_heatmap", "plot_interpolation",
+    "plot_inverted_u",
     "plot_logit_lens", "plot_loss_curves", "plot_seed_spread", "plot_steer",
     "plot_pair_metrics", "plot_single_metrics", "plot_suggest", "plot_swap", "plot_sweep_bars",
     "plot_weight_change", "plot_weight_heatmap", "run_labels", "single_metric_names",
@@ -72,12 +73,17 @@ mask_str = mask_from_text  # masks as text, from any form a reader made of them
 
 
 def palette(labels: Iterable[str]) -> dict[str, str]:
-    """One colour per run label (tab10, then tab20), stable in the order given."""
+    """One colour per run label (tab10; beyond 10 labels tab20, dark shades first), stable in
+    the order given."""
     import matplotlib
 
     labels = list(dict.fromkeys(labels))
-    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {lab: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, lab in enumerate(labels)}
+    if len(labels) <= 10:
+        cmap = matplotlib.colormaps["tab10"]
+        return {lab: matplotlib.colors.to_hex(cmap(i)) for i, lab in enumerate(labels)}
+    cmap = matplotlib.colormaps["tab20"]  # its dark shades first, then the light ones
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return {lab: matplotlib.colors.to_hex(cmap(order[i % 20])) for i, lab in enumerate(labels)}
 
 
 def _colors(df: pd.DataFrame, colors: dict[str, str] | None) -> dict[str, str]:
@@ -390,6 +396,7 @@ def correlation_matrix(corr: pd.DataFrame) -> pd.DataFrame:
 
 
 MODEL_ORDER = ("base", "sft", "pair")
+MAX_HEATMAPS = 6  # heatmaps per run in Fig. 5
 
 
 def plot_correlation(corr: pd.DataFrame | FigureData) -> Figure:
@@ -408,6 +415,7 @@ def plot_correlation(corr: pd.DataFrame | FigureData) -> Figure:
     present = list(dict.fromkeys(df["model"]))
     models = [m for m in MODEL_ORDER if m in present] + [m for m in present
                                                          if m not in MODEL_ORDER]
+    models = models[:MAX_HEATMAPS]  # a long chain: the first pair and stages (all in the table)
     mats = {(r, m): correlation_matrix(df[(df[RUN] == r) & (df["model"] == m)])
             for r in runs for m in models if ((df[RUN] == r) & (df["model"] == m)).any()}
     size = {m: max((len(v) for (_, mm), v in mats.items() if mm == m), default=1)
@@ -898,4 +906,64 @@ def plot_steer(data: FigureData, colors: dict[str, str] | None = None) -> Figure
         ax.grid(alpha=0.25)
         ax.tick_params(labelsize=8)
     _legend(fig, _run_handles(runs, pal))
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 6b
+
+
+def plot_interpolation(data: pd.DataFrame | FigureData,
+                       colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 6b: score against alpha per interpolated mask (``swap --alphas``): the base with
+    that mask's blocks ``(1 - alpha) base + alpha SFT``; one colour per mask, one line style
+    per run (and head); hollow markers where the swap table's base / swap rows stand in for
+    alpha 0 / 1."""
+    title = "Fig. 6b - Interpolating each segment from base (alpha 0) to SFT (alpha 1)"
+    data = _data(data, N.interp_data)
+    df = data.frame
+    if data.empty:
+        return _empty(title, "no interpolated rows (swap --alphas)")
+    metrics = list(dict.fromkeys(df["metric"].astype(str)))
+    primary = N.primary_metric(metrics)
+    metrics = ([primary] if primary else []) + [m for m in metrics if m != primary]
+    metrics = metrics[:4]
+    masks = sorted(dict.fromkeys(df["mask"]), key=mask_sort_key)
+    pal = palette(masks)
+    groups = list(dict.fromkeys(zip(df[RUN], df["head"], strict=True)))
+    styles = {g: DIRECTION_STYLES[i % len(DIRECTION_STYLES)] for i, g in enumerate(groups)}
+    fig, axes = _grid(len(metrics), ncols=2, w=5.0, h=3.4, title=title)
+    for ax, metric in zip(axes, metrics):
+        sub = df[df["metric"].astype(str) == metric]
+        for (r, h), ls in styles.items():
+            for mask in masks:
+                g = sub[(sub[RUN] == r) & (sub["head"] == h) & (sub["mask"] == mask)]
+                g = g.sort_values("alpha")
+                if g.empty:
+                    continue
+                x, y = g["alpha"].to_numpy(float), g["value"].to_numpy(float)
+                ax.plot(x, y, color=pal[mask], ls=ls, lw=1.6)
+                own = (g["source"] == "mix").to_numpy() if "source" in g else np.ones(len(g),
+                                                                                     bool)
+                err = _yerr(g, y)
+                if err is not None:
+                    ax.errorbar(x, y, yerr=err, fmt="none", ecolor=pal[mask], capsize=2.5,
+                                lw=0.9, alpha=0.7)
+                ax.plot(x[own], y[own], "o", color=pal[mask], ms=4)
+                ax.plot(x[~own], y[~own], "o", mfc="white", mec=pal[mask], ms=5)
+        ax.set_xlim(-0.04, 1.04)
+        ax.set_xlabel("alpha (0 = base blocks, 1 = SFT blocks)", fontsize=8.5)
+        ax.set_title(_nice(metric), fontsize=10)
+        ax.grid(alpha=0.25)
+        ax.tick_params(labelsize=8)
+        _maybe_log(ax, sub["value"], metric)
+        _flat_note(ax, [sub["value"]], _nice(metric))
+    handles = [Line2D([], [], color=pal[m], lw=2.2, marker="o", label=f"mask {m}")
+               for m in masks]
+    if len(groups) > 1:
+        handles += [Line2D([], [], color="0.3", ls=ls, lw=1.6,
+                           label=f"{r}" + (f" (head {h})" if h else ""))
+                    for (r, h), ls in styles.items()]
+    handles.append(Line2D([], [], color="0.3", ls="", marker="o", mfc="white",
+                          label="base / swap row (alpha 0 / 1)"))
+    _legend(fig, handles, ncol=min(len(handles), 4))
     return fig

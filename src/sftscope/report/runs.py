@@ -293,11 +293,15 @@ def _model_labels(record: dict[str, Any]) -> dict[str, str]:
 
 def run_label(record: dict[str, Any], folder: Path) -> str:
     """Legend label: the model ids of the config (``base vs sft``; an adapter by its tune run,
-    ``base vs sft=adapter m00100 r64 s0``), else the folder name."""
+    ``base vs sft=adapter m00100 r64 s0``; a checkpoint chain ``base chain``, each stage then
+    ``base chain [dpo]`` in the figures), else the folder name."""
     cfg = record.get("config") or {}
     base = _find_id(cfg, ("base", "base_model", "base_id", "model", "model_id", "model_name"))
     sft = _find_id(cfg, ("sft", "sft_model", "sft_id", "tuned", "instruct"))
     labels = _model_labels(record)
+    chain = record.get("chain")
+    if base and isinstance(chain, list) and len(chain) > 1:  # figures add [stage]
+        return f"{labels.get('base') or _short(base)} chain"
     if base and labels.get("sft"):
         return f"{labels.get('base') or _short(base)} vs sft={labels['sft']}"
     if len(labels) == 1 and not sft:  # one model (probe --model ADAPTER)

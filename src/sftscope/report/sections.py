@@ -317,6 +317,39 @@ def swap_tables(data: FigureData) -> list[TableOut]:
     return [("fig6_swap", "swap results", t.reset_index(drop=True))]
 
 
+# ----------------------------------------------------------------------------- Fig. 6b
+
+
+def interp_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    if s.empty:
+        return []
+    metric = N.primary_metric(s["metric"])
+    s = s[s["metric"] == metric]
+    many = _many(s)
+    out = []
+    for (r, h), g in s.groupby([RUN, "head"], sort=False):
+        parts = []
+        for row in g.to_dict("records"):
+            if row["same"]:
+                parts.append(f"{row['mask']}: the same at every alpha ({f(row['best'])})")
+                continue
+            parts.append(f"{row['mask']}: best at alpha {f(row['best_alpha'], 2)} "
+                         f"({f(row['best'])}; alpha 0 {f(row['at0'])}, alpha 1 "
+                         f"{f(row['at1'])})")
+        if parts:
+            head = f" (head {h})" if h else ""
+            out.append(_prefix(str(r), many) + f"{metric} of the base with one mask's blocks "
+                       f"interpolated towards SFT{head}: " + "; ".join(parts) + ".")
+    return out
+
+
+def interp_tables(data: FigureData) -> list[TableOut]:
+    t = data.frame.drop(columns=["n_blocks"], errors="ignore")
+    return [("fig6b_interpolation", "score by alpha per interpolated mask",
+             t.reset_index(drop=True))]
+
+
 # ----------------------------------------------------------------------------- Fig. 7
 
 
@@ -691,6 +724,16 @@ SPECS: list[FigureSpec] = [
         _or_none(N.swap_data, "swap"),
         (("fig6_swap", "Fig. 6: score after swapping segments", plots.plot_swap),),
         swap_findings, swap_tables),
+    FigureSpec(
+        "interpolation", "Interpolating segments between base and SFT (Fig. 6b)",
+        "`sftscope swap --alpha`: the base with the blocks of one segment (or mask) replaced by "
+        "(1 - alpha) x base + alpha x SFT, everything else the base's; alpha 0 is the base, "
+        "alpha 1 the sft-into-base swap of that segment (hollow markers: taken from the swap "
+        "rows).", ("swap",), "interpolated segments (swap --alpha)",
+        _or_none(N.interp_data, "swap"),
+        (("fig6b_interpolation", "Fig. 6b: score against alpha per segment",
+          plots.plot_interpolation),),
+        interp_findings, interp_tables),
     FigureSpec(
         "sweep", "Segment LoRA sweep (Fig. 7)",
         "Equal-budget LoRA on the segments of each mask (bottom segment first).",
