@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "errors": 0, "io": 0, "segments": 0, "metric_registry": 0, "tasks": 0,
     "__init__": 0, "__main__": 7,
     "load": 1, "progress": 1, "parallel": 1,
-    "config": 2, "runs": 2,
+    "config": 2, "runs": 2, "chains": 2,
     "metrics": 3,
     "capture": 4,
     "experiments": 5,
