@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -64,6 +65,23 @@ def stages(n: int) -> Iterator[None]:
         yield
     finally:
         _STAGE.update(old)
+
+
+def plan(n: int) -> None:
+    """Set how many stages the running command will announce (counting starts again)."""
+    _STAGE.update(i=0, n=max(0, int(n)), name="")
+
+
+def staged(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a command: its ``plan``/``stage`` calls are its own and undone when it returns
+    (a command run inside another, as the demo and sweep do, does not disturb the outer one)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        with stages(0):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def stage(name: str) -> None:

@@ -60,7 +60,7 @@ from sftscope.load.models import (
 from sftscope.load.runtime import dtype_name, model_bytes, release, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.parallel import Group, empty_like_table, join
-from sftscope.progress import say
+from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
 
 __all__ = ["AnalyzeConfig", "analyze", "correlation_table", "pair_table", "single_model_table"]
@@ -284,6 +284,7 @@ def check_chain_tokenizers(tokenizer, base: str, stages: list[Stage], *,
     return notes
 
 
+@staged
 def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     """Run the whole analysis and write ``metrics.csv``, ``correlation.csv`` and ``run.json``.
 
@@ -327,6 +328,8 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     pad_id = pad_id_of(tokenizer)
     if par.main:
         start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
+    plan(len(stages) + 2)  # capture the base, each SFT-side stage, then the tables
+    stage("capture base")
     with timer("capture_base"):
         rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base",
                                   par)
@@ -338,6 +341,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         parts.append(single_b)
     prev: tuple[str, CaptureResult, pd.DataFrame] | None = None
     for st in stages:  # every rank captures every stage (the collectives stay in step)
+        stage(f"capture {st.label}")
         with timer(f"capture_{st.label}"):
             rs, fps[st.label] = _capture_model(st.spec, st.revision, cfg, tok, ccfg, pad_id,
                                                st.label, par, base=cfg.base)
@@ -359,6 +363,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     prev = None
     if rb is None or not par.main:
         return empty_like_table(["layer", "metric", "model", "value", "ci_low", "ci_high"])
+    stage("metrics and tables")
     low = {str(i.get("compute_dtype")) for i in infos.values() if i} & {
         "bfloat16", "float16", "torch.bfloat16", "torch.float16"}
     if low:

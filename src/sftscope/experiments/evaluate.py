@@ -36,7 +36,7 @@ from sftscope.load.runtime import dtype_name, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.load.sources import BLOCK_KEYS, get_key
 from sftscope.metrics.stats import mean_ci, proportion_ci
-from sftscope.progress import track
+from sftscope.progress import plan, stage, staged, track
 from sftscope.runs import check_out, finish_run, start_run
 from sftscope.tasks import Task, get_task
 from sftscope.tasks.base import encode_pair, encode_prompt, trim_at_stop
@@ -631,6 +631,7 @@ def format_scores(res: EvalResult) -> str:
     return "\n".join(lines)
 
 
+@staged
 def evaluate(config: EvalConfig) -> EvalResult:
     """Load the model (and adapter), evaluate, and write scores, predictions and run.json.
     With ``config.rescore`` no model is loaded: see :func:`rescore`."""
@@ -649,6 +650,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     dtype = dtype_name(resolve_dtype(cfg.dtype, device))
     if cfg.adapter is not None:
         adapter_folder(cfg.adapter)  # fail before loading the model
+    plan(2)
+    stage("load model")
     with timer("load_model"):
         tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=cfg.revision)
         model = load_model(cfg.model, LoadOptions(revision=cfg.revision, dtype=dtype,
@@ -658,6 +661,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
                                  allow_other_base=cfg.allow_other_base)
     if cfg.out is not None:
         start_run(cfg.out, "eval", EvalConfig.OUTPUTS)
+    stage(f"evaluate {cfg.task}")
     res = evaluate_model(model, tok, cfg, timer=timer)
     if cfg.out is not None:
         finish_run(Path(cfg.out), run_record(

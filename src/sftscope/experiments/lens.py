@@ -79,7 +79,7 @@ from sftscope.load.runtime import model_bytes, release, resolve_device
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
 from sftscope.parallel import empty_like_table, join
-from sftscope.progress import say
+from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
 
 PROBE_COLUMNS = ["layer", "model", "metric", "value", "ci_low", "ci_high", "n"]
@@ -746,6 +746,7 @@ def pick_tokenizer(choice: str | None, default: str, specs: dict[str, str],
 # The experiment
 
 
+@staged
 def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     """Logit-lens probe of one model (``model``) or of a pair (``base`` and ``sft``).
 
@@ -836,6 +837,7 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     if out is not None and par.main:
         start_run(out, "probe", ProbeConfig.OUTPUTS)
     share = par.shard(len(tok), batch_size)  # all samples when alone
+    plan(len(specs) + 1)  # one lens pass per model, then the tables
 
     def passes() -> tuple[dict[str, LensSums], int | None]:
         found: dict[str, LensSums] = {}
@@ -843,6 +845,7 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
         prev: tuple[str, dict[int, np.ndarray]] | None = None
         n_blocks = None
         for k, spec in specs.items() if share else ():
+            stage(f"probe {k}")
             with timer(f"load_{k}"):
                 m = load_model(spec, opts[k])
             nbytes = model_bytes(m)
@@ -876,6 +879,7 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     parts = par.gather((share, found, n_blocks))
     if parts is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(PROBE_COLUMNS)
+    stage("tables")
     n_blocks = next(b for _, _, b in parts if b is not None)
     keys = list(specs) + [p.model for p in pairs if p.a != BASE]
     merged = {k: merge_sums([(i, f.get(k)) for i, f, _ in parts]) for k in keys}

@@ -39,7 +39,7 @@ from sftscope.config.commands import EvalConfig, SteerConfig
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer, run_record, write_table
 from sftscope.load.arch import ArchSpec, arch_for, block_output, get_blocks
-from sftscope.progress import say
+from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
 
 __all__ = ["STEER_COLUMNS", "SteerConfig", "SteerResult", "steer", "steering",
@@ -182,6 +182,7 @@ def _scale_dir(scale: float) -> str:
     return f"{scale:g}".replace("-", "m")
 
 
+@staged
 def steer(cfg: SteerConfig) -> SteerResult:
     """Compute the vector, steer the base model at every scale, write the run folder."""
     from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
@@ -224,11 +225,14 @@ def steer(cfg: SteerConfig) -> SteerResult:
     shutil.rmtree(out / "scales", ignore_errors=True)
     pad = pad_id(tok)
     where = "embeddings" if cfg.layer == 0 else f"output of block {cfg.layer - 1}"
+    plan(2 + len(scales))  # the SFT's and the base's states, then each scale
+    stage("capture sft")
     with timer("capture_sft"):
         zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, prep.tokens, dtype, device, pad,
                                 "sft")
         del sft_model  # never both models in memory
         _free_memory()
+    stage("capture base")
     with timer("capture_base"):
         zb, model = _pooled(cfg.base, cfg.base_revision, cfg, prep.tokens, dtype, device, pad,
                             "base")
@@ -248,6 +252,7 @@ def steer(cfg: SteerConfig) -> SteerResult:
     unsteered: list[str] | None = None
     stops = tuple(s for s in (eos_text(tok),) if s)
     for s in scales:
+        stage(f"scale {s:g}")
         with steering(model, cfg.layer, vector, s, spec):
             if task is not None:
                 name, data = task

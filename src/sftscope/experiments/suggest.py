@@ -74,6 +74,7 @@ from sftscope.io import Timer, run_record, write_json, write_table
 from sftscope.load.arch import n_layers
 from sftscope.load.runtime import model_bytes, release
 from sftscope.load.runtime import pad_id as pad_id_of
+from sftscope.progress import plan, say, stage, staged, track
 from sftscope.runs import check_out, finish_run, start_run
 from sftscope.segments import segment_bounds
 
@@ -319,7 +320,6 @@ def gradient_profile(model, tok, batch_size: int, pad_id: int) -> tuple[np.ndarr
     respect to the attention projection weights; also the number of loss tokens."""
     from sftscope.load.data import iter_batches
     from sftscope.load.models import input_device
-    from sftscope.progress import track
 
     params = _attn_params(model)
     flat = [p for ps in params for p in ps]
@@ -452,6 +452,7 @@ def _describe(method: str, segs: list[int], why: str, bounds, n_blocks: int,
     return text
 
 
+@staged
 def suggest(cfg: SuggestConfig) -> Suggestion:
     """Compute the per-segment signals, propose a mask per method and pick one; write
     ``suggest.json``, ``suggest.csv`` and ``run.json`` when ``cfg.out`` is set."""
@@ -463,7 +464,6 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
         load_config,
         load_tokenizer,
     )
-    from sftscope.progress import say
 
     if cfg.out is not None:
         check_out(cfg.out, "suggest", cfg, overwrite=cfg.overwrite)
@@ -507,6 +507,8 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     models_fp = {"base": fingerprint(cfg.base, cfg.base_revision)}
 
     need_states = "pair" in want or "angular" in want
+    plan(3 if "pair" in want else 1)  # the base's signals (, the SFT's states, weight change)
+    stage("base signals")
     with timer("base"):
         model = _load(cfg.base, cfg.base_revision, cfg)
         try:
@@ -534,6 +536,7 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
 
         models_fp["sft"] = fingerprint(cfg.sft, cfg.sft_revision, base=cfg.base,
                                        base_revision=cfg.base_revision)
+        stage("sft states")
         with timer("sft"):
             model = _load(cfg.sft, cfg.sft_revision, cfg, base=cfg.base)
             rows = model.get_input_embeddings().weight.shape[0]
@@ -549,6 +552,7 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
 
         kinds = (source_kind(cfg.base), source_kind(cfg.sft))
         per_block = None
+        stage("weight change")
         if "gguf" in kinds or kinds[0] == "adapter":
             notes.append("weights: no weight_change signal (it reads safetensors checkpoints "
                          "and adapters of one; a side is a GGUF or the base an adapter)")

@@ -57,7 +57,7 @@ from sftscope.load.runtime import model_bytes, release, resolve_device
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
 from sftscope.parallel import empty_like_table, join
-from sftscope.progress import say
+from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
 from sftscope.segments import mask_blocks, mask_group, masks_as_text, parse_mask, segment_bounds
 
@@ -447,6 +447,7 @@ def merge_swap_sums(parts: Sequence[tuple[Sequence[int], list[SwapSums] | None]]
 # The experiment
 
 
+@staged
 def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     """Evaluate both originals and every block-swapped hybrid; return the tidy table.
 
@@ -527,6 +528,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                 shutil.rmtree(old, ignore_errors=True)
     share = par.shard(len(tok), batch_size)  # all samples when alone
     saved: list[str] = []
+    plan(3 + bool(cfg.mixes()))  # load the pair, score originals and hybrids, (mixes,) table
 
     def evaluate() -> tuple[list[SwapSums] | None, int | None]:
         if not share:
@@ -534,18 +536,21 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
         models: dict[str, nn.Module] = {}
         nbytes = 0
         try:
+            stage("load base and sft")
             with timer("load"):
                 for k, spec in specs.items():
                     models[k] = load_model(spec, opts[k])
                     nbytes += model_bytes(models[k])
                     check_vocab(models[k], tok.input_ids, k)
+            stage("score originals and hybrids")
             with timer("evaluate"):
                 result = swap_sums(models["base"], models["sft"], tok, pad_id,
                                    segments=segments, masks=mask_list, head=head,
                                    directions=dirs, choices=choices, batch_size=batch_size,
                                    chunk_elements=chunk_elements, indices=share,
                                    alphas=cfg.alphas)
-            if out is not None and par.main:
+            if out is not None and par.main and cfg.mixes():
+                stage("save mixes")
                 with timer("save_mix"):
                     for mask, alpha in cfg.mixes():
                         where = save_mix(models["base"], models["sft"], mask, alpha,
@@ -562,6 +567,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     parts = par.gather((share, found, n_blocks))
     if parts is None:  # not rank 0: the table is rank 0's
         return empty_like_table(SWAP_COLUMNS)
+    stage("table")
     n_blocks = next(b for _, _, b in parts if b is not None)
     df = swap_table(merge_swap_sums([(i, f) for i, f, _ in parts]), level, n_boot, seed)
     if out is not None:

@@ -62,7 +62,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
 )
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks
 from sftscope.load.runtime import pad_id
-from sftscope.progress import say, trainer_callback
+from sftscope.progress import plan, say, stage, staged, trainer_callback
 from sftscope.runs import check_folder
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
 
@@ -619,6 +619,7 @@ def _existing_run(cfg: TuneConfig, out: Path) -> TuneResult | None:
     return None
 
 
+@staged
 def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     """Train segment LoRA (``RUN/adapter``) or fine-tune the selected blocks in full
     (``RUN/model``), record ``RUN/dynamics.csv`` and ``RUN/run.json``, then evaluate.
@@ -644,6 +645,9 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         eval_task = ("gsm8k", None)  # the hub dataset's test split
     timer = Timer()
     dtype = _resolve_dtype(cfg.dtype)
+    plan(3 + bool(cfg.merge and cfg.method != "full")
+         + bool(cfg.run_eval and eval_task is not None))  # load, train, save(, merge)(, eval)
+    stage("load model")
     with timer("load_model"):
         tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=cfg.revision)
         model = load_model(cfg.model, LoadOptions(revision=cfg.revision, dtype=dtype))
@@ -748,6 +752,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the Trainer's checkpoint writes: we report instead
+    stage("train")
     try:
         with timer("train"):
             output = trainer.train(resume_from_checkpoint=last)
@@ -767,6 +772,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
             "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
             "full_rank": float(cfg.rank), "seed": cfg.seed}
+    stage("save")
     with timer("save"):
         if full:
             from sftscope.progress import quiet_libraries
@@ -788,6 +794,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     if cfg.merge and not full and is_main_process():
         from sftscope.load.models import save_model
 
+        stage("merge")
         with timer("merge"):
             merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
                 dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
@@ -841,6 +848,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         _say(f"evaluation skipped: the model is sharded over {world} processes; run "
              f"`sftscope eval {how}`")
     else:
+        stage("evaluate")
         result.eval = _evaluate_after(model, tok, cfg, eval_task, timer)
         record()
     return result

@@ -102,7 +102,7 @@ from sftscope.metrics.lowrank import (
     lora_svdvals,
     spectrum_metrics,
 )
-from sftscope.progress import track
+from sftscope.progress import plan, stage, staged, track
 
 COLUMNS = ["block", "module", "metric", "value", "method"]
 _BLOCK_ORDER = ("q", "k", "v", "qkv", "o", "attn", *MLP_ROLES, "mlp", "other", "total")
@@ -720,7 +720,9 @@ def chain_weight_change(specs: dict[str, str], pairs: Sequence[ChainPair],
     (prefixed), timings and bytes read added up."""
     frames: list[pd.DataFrame] = []
     attrs: dict[str, Any] = {}
+    plan(len(pairs))
     for p in pairs:
+        stage(p.model)
         df = weight_change(specs[p.a], specs[p.b], **options)
         a = dict(df.attrs)
         if not attrs:
@@ -740,6 +742,7 @@ def chain_weight_change(specs: dict[str, str], pairs: Sequence[ChainPair],
     return out
 
 
+@staged
 def run_weights(
     config: WeightsConfig | str | os.PathLike,
     base: str | os.PathLike | None = None,
