@@ -462,6 +462,10 @@ def test_l2_norm_spread_and_several_normalisations():
     with pytest.raises(SftscopeError, match="normalisation"):
         MetricOptions(entropy_normalisations=("logZ",))
     assert math.isnan(dataset_metrics(z[:1])["l2_norm_std"])
+    from sftscope.metric_registry import metric_spec
+
+    for name in [*out, *got]:  # the report knows every name these options produce
+        assert metric_spec(name).known and metric_spec(name).kind == "single", name
 
 
 def test_condition_number_and_norms_of_diag():

@@ -81,6 +81,8 @@ _ENTRIES: list[MetricSpec] = [
     _m("rank_deficiency_frac", "single", order=80, label="rank deficiency (fraction)",
        bounds=UNIT),
     _m("l2_norm", "single", order=90, label="L2 norm", bounds=(0.0, None)),
+    _m("l2_norm_std", "single", order=91, label="L2 norm std over samples", bounds=(0.0, None)),
+    _m("l2_norm_cv", "single", order=92, label="L2 norm CV (std / mean)", bounds=(0.0, None)),
     _m("sparsity", "single", order=100, label="sparsity", bounds=UNIT),
     _m("curvature", "single", order=110, label="curvature (rad)", bounds=(0.0, None)),
     # weights.csv
@@ -171,6 +173,12 @@ def metric_spec(name: object, table: str | None = None) -> MetricSpec:
         inner = metric_spec(n[6:], table)
         return replace(inner, name=n, direction=None, bounds=(None, None), log=False,
                        label=f"change of {inner.display}", order=inner.order + 500)
+    extra = re.fullmatch(r"(prompt|dataset)_entropy_(\w+)", n)  # a further normalisation
+    if extra and (None, f"{extra[1]}_entropy") in REGISTRY:
+        inner = REGISTRY[(None, f"{extra[1]}_entropy")]
+        return replace(inner, name=n, order=inner.order + 1,
+                       label=f"{inner.display} ({'raw' if extra[2] == 'raw' else '/ ' + extra[2]})",
+                       bounds=(0.0, None if extra[2] == "raw" else inner.bounds[1]))
     if table == "weights" and re.fullmatch(r"sv\d+", n):
         return MetricSpec(n, "weight", order=100 + int(n[2:]), label=f"singular value {n[2:]}")
     if table == "suggest" and n.startswith("rank_"):
