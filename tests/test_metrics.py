@@ -614,3 +614,29 @@ def test_solver_failure_falls_back_to_cpu(monkeypatch):
     assert prompt_entropy(torch.eye(4)) == pytest.approx(1.0)
     assert spectral_norm(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(3.0)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("d", [6, 40])
+def test_trimmed_spectra_equal_the_padded_batch(d):
+    """On CPU a batch of ragged samples is decomposed sample by sample at its own size; the
+    spectrum is the padded Gram's (the rows past a sample's last are zero) to rounding."""
+    from sftscope.metrics.entropy import _trimmed_spectra, eigvalsh, gram_spectrum_batch
+
+    g = torch.Generator().manual_seed(0)
+    lens = [3, 12, 30, 7, 0, 30]
+    x = torch.zeros(len(lens), 30, d, dtype=torch.float64)
+    for i, n in enumerate(lens):
+        x[i, :n] = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[1, 4] = 0.0  # a zero row inside a sample is kept
+    t = x.shape[1]
+    k = x @ x.transpose(1, 2) if t <= d else x.transpose(1, 2) @ x
+    padded = eigvalsh(k).flip(-1).clamp_min(0.0)
+    trimmed = _trimmed_spectra(x)
+    assert trimmed is not None and trimmed.shape == padded.shape
+    torch.testing.assert_close(trimmed, padded, atol=1e-10, rtol=1e-10)
+    n_rows = torch.tensor(lens)
+    lam = gram_spectrum_batch(x, n_rows, ridge=0.5)
+    assert torch.all(lam[n_rows[:, None] <= torch.arange(t)[None]] == 0)
+    same = x[:, :30].clone()
+    same[:, :] = torch.randn(same.shape, generator=g, dtype=torch.float64)
+    assert _trimmed_spectra(same) is None  # equal lengths: the padded batch is as cheap

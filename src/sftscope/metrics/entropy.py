@@ -293,6 +293,30 @@ def normalise_entropy(
     return float(s) / norm if norm > 0 else math.nan
 
 
+def _trimmed_spectra(x: Tensor) -> Tensor | None:
+    """Each sample's spectrum from its own rows up to its last non-zero one, when that costs
+    clearly less than the padded batch (CPU: LAPACK decomposes one matrix at a time, in time
+    ``~ n^3``, so a batch padded to its longest sample pays for the padding).
+
+    The rows past a sample's last non-zero row are zero, so its spectrum is that of the trimmed
+    rows plus zeros: the same values (to rounding). ``None`` when trimming would not pay.
+    """
+    b, t, d = x.shape
+    nonzero = (x != 0).any(-1)  # [B, T]
+    last = torch.where(nonzero.any(-1), t - nonzero.flip(-1).int().argmax(-1), 0).tolist()
+    sizes = [min(n, d) for n in last]
+    if sum(n ** 3 for n in sizes) > 0.7 * b * min(t, d) ** 3:
+        return None
+    lam = x.new_zeros((b, min(t, d)))
+    for i, n in enumerate(last):
+        if n == 0:
+            continue
+        xi = x[i, :n]
+        k = xi @ xi.T if n <= d else xi.T @ xi
+        lam[i, :sizes[i]] = eigvalsh(k).flip(-1).clamp_min(0.0)
+    return lam
+
+
 def gram_spectrum_batch(x: Tensor, n_rows: Tensor, ridge: float = 0.0) -> Tensor:
     """Spectrum of each sample's ``X_n X_nᵀ + ridge I_{T_n}`` from zero-padded rows ``x [B,T,D]``.
 
@@ -303,8 +327,10 @@ def gram_spectrum_batch(x: Tensor, n_rows: Tensor, ridge: float = 0.0) -> Tensor
     """
     x = to_f64(x)
     b, t, d = x.shape
-    k = x @ x.transpose(1, 2) if t <= d else x.transpose(1, 2) @ x
-    lam = eigvalsh(k).flip(-1).clamp_min(0.0)  # descending, [B, min(T, D)]
+    lam = _trimmed_spectra(x) if x.device.type == "cpu" and b > 1 else None
+    if lam is None:
+        k = x @ x.transpose(1, 2) if t <= d else x.transpose(1, 2) @ x
+        lam = eigvalsh(k).flip(-1).clamp_min(0.0)  # descending, [B, min(T, D)]
     if lam.shape[-1] < t:
         lam = torch.cat([lam, lam.new_zeros((b, t - lam.shape[-1]))], dim=-1)
     lam = lam.to(x.device)
