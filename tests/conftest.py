@@ -72,3 +72,39 @@ def gsm8k_file(tmp_path) -> Path:
     p = tmp_path / "gsm8k.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return p
+
+
+LETTER_TEXT = [f"Question: What is {a} plus {b}?\nA. {a + b}\nB. {a}\nC. {b}\nD. 0\nAnswer: {x}"
+               for a, b, x in [(1, 2, "A"), (3, 4, "B"), (5, 6, "C"), (7, 8, "D")]] * 6
+
+
+@pytest.fixture(scope="session")
+def letter_pair(tmp_path_factory):
+    """A tiny llama Base/SFT pair sharing embeddings (SFT = base with every block, the final
+    norm and the head perturbed), a tokenizer with single-token letters, and an MMLU file:
+    ``(base, sft, mmlu_path, tokenizer)``. Read-only: tests write elsewhere."""
+    import json
+
+    import torch
+
+    from sftscope.load.models import load_model
+    from sftscope.load.tiny import save_tiny_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("letter-pair")
+    tok = train_tokenizer(LETTER_TEXT)
+    base = save_tiny_model(root / "base", "llama", seed=0, tokenizer=tok)
+    model = load_model(str(base))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" not in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    sft = root / "sft"
+    model.save_pretrained(sft)
+    tok.save_pretrained(sft)
+    rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a), str(b), "0"],
+             "answer": i % 4} for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8),
+                                                           (2, 2), (9, 1)])]
+    mmlu = root / "mmlu.jsonl"
+    mmlu.write_text("\n".join(json.dumps(r) for r in rows))
+    return base, sft, mmlu, tok

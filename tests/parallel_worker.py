@@ -12,6 +12,30 @@ import sys
 from pathlib import Path
 
 
+def one_and_two(tmp_path: Path, an: dict, pr: dict, sw: dict, env: dict[str, str],
+                timeout: int = 300):
+    """Run analyze, probe and swap in this process into ``tmp_path/one``, then the same under
+    ``torchrun`` with 2 processes (this worker) into ``tmp_path/two``; the finished process."""
+    import subprocess
+
+    from sftscope.experiments.analyze import AnalyzeConfig, analyze
+    from sftscope.experiments.lens import probe
+    from sftscope.experiments.swap import swap
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    analyze(AnalyzeConfig(out=str(one / "analyze"), cache_dir=str(tmp_path / "c1"), **an))
+    probe(out=str(one / "probe"), **pr)
+    swap(out=str(one / "swap"), **sw)
+    args = {"analyze": {"out": str(two / "analyze"), "cache_dir": str(tmp_path / "c2"), **an},
+            "probe": {"out": str(two / "probe"), **pr},
+            "swap": {"out": str(two / "swap"), **sw},
+            "analyze_bad": {"out": str(two / "bad"), "cache_dir": str(tmp_path / "c2"), **an},
+            "probe_bad": {**pr}, "report": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(Path(__file__)), json.dumps(args)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     import torch

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from parallel_worker import one_and_two
 
 from sftscope.chains import (
     chain_pairs,
@@ -297,12 +298,9 @@ def test_chain_and_interpolation_on_two_processes(chain, gsm8k_file, tmp_path):
     """torchrun, 2 CPU processes (gloo; tests/parallel_worker.py): a chained analyze and probe
     and an interpolating swap write the tables of one process."""
     import os
-    import subprocess
-    import sys
 
     import numpy as np
 
-    from sftscope.experiments.swap import swap
 
     root = Path(__file__).resolve().parents[1]
     base, s1 = str(chain["base"]), str(chain["s1"])
@@ -312,21 +310,10 @@ def test_chain_and_interpolation_on_two_processes(chain, gsm8k_file, tmp_path):
     an = {**link, "n_token": 4, **common}
     pr = {**link, **common}
     sw = {"base": base, "sft": s1, "segments": 2, "alphas": [0.5], **common}
-    one, two = tmp_path / "one", tmp_path / "two"
-    analyze(AnalyzeConfig(out=str(one / "analyze"), cache_dir=str(tmp_path / "c1"), **an))
-    probe(out=str(one / "probe"), **pr)
-    swap(out=str(one / "swap"), **sw)
-    args = {"analyze": {"out": str(two / "analyze"), "cache_dir": str(tmp_path / "c2"), **an},
-            "probe": {"out": str(two / "probe"), **pr},
-            "swap": {"out": str(two / "swap"), **sw},
-            "analyze_bad": {"out": str(two / "bad"), "cache_dir": str(tmp_path / "c2"), **an},
-            "probe_bad": {**pr}, "report": str(tmp_path)}
     env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1",
            "SFTSCOPE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(root / "tests" / "parallel_worker.py"),
-                           json.dumps(args)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = one_and_two(tmp_path, an, pr, sw, env)
+    one, two = tmp_path / "one", tmp_path / "two"
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, table in (("analyze", "metrics"), ("probe", "probe"), ("swap", "swap")):
         a = pd.read_csv(two / name / f"{table}.csv")

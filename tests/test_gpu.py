@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from parallel_worker import one_and_two
 
 from sftscope import metrics as M
 from sftscope.capture.stream import CaptureConfig, capture
@@ -190,9 +191,6 @@ def test_model_over_two_gpus_matches_one(model_dir, gsm8k_file, tmp_path, tokeni
 def test_data_parallel_on_two_gpus(model_dir, gsm8k_file, tmp_path):
     """torchrun, 2 GPU processes (nccl, each on its LOCAL_RANK GPU): analyze, probe and swap
     write the tables one GPU process writes."""
-    from sftscope.experiments.analyze import AnalyzeConfig, analyze
-    from sftscope.experiments.lens import probe
-    from sftscope.experiments.swap import swap
 
     base, sft = str(model_dir("llama", seed=0)), str(model_dir("llama", seed=1))
     common = {"data": f"gsm8k:{gsm8k_file}", "max_length": 48, "batch_size": 3,
@@ -200,19 +198,8 @@ def test_data_parallel_on_two_gpus(model_dir, gsm8k_file, tmp_path):
     an = {"base": base, "sft": sft, "n_token": 5, "bootstrap": 20, **common}
     pr = {"base": base, "sft": sft, "bootstrap": 20, **common}
     sw = {"base": base, "sft": sft, "segments": 2, "bootstrap": 20, **common}
+    proc = one_and_two(tmp_path, an, pr, sw, _env())
     one, two = tmp_path / "one", tmp_path / "two"
-    analyze(AnalyzeConfig(out=str(one / "analyze"), cache_dir=str(tmp_path / "c1"), **an))
-    probe(out=str(one / "probe"), **pr)
-    swap(out=str(one / "swap"), **sw)
-    args = {"analyze": {"out": str(two / "analyze"), "cache_dir": str(tmp_path / "c2"), **an},
-            "probe": {"out": str(two / "probe"), **pr},
-            "swap": {"out": str(two / "swap"), **sw},
-            "analyze_bad": {"out": str(two / "bad"), "cache_dir": str(tmp_path / "c2"), **an},
-            "probe_bad": {**pr}, "report": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(ROOT / "tests" / "parallel_worker.py"),
-                           json.dumps(args)], env=_env(), capture_output=True, text=True,
-                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, table in (("analyze", "metrics"), ("probe", "probe"), ("swap", "swap")):
         _close(pd.read_csv(two / name / f"{table}.csv"), pd.read_csv(one / name / f"{table}.csv"),

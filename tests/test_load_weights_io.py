@@ -105,3 +105,23 @@ def test_evaluate_does_not_import_tune():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_atomic_dir_is_whole_or_as_it_was(tmp_path):
+    """Model folders (save_model, save_mix) are written beside and renamed over the target."""
+    from sftscope.io import atomic_dir
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert (folder / "a").read_text() == "old"
+    assert not (tmp_path / "m.partial").exists()
+    with atomic_dir(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "b").write_text("new")
+    assert sorted(p.name for p in folder.iterdir()) == ["b"]
+    assert not (tmp_path / "m.partial").exists()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from parallel_worker import one_and_two
 
 from sftscope.capture.stream import (
     CaptureConfig,
@@ -25,8 +24,7 @@ from sftscope.capture.stream import (
 )
 from sftscope.errors import Interrupted, SftscopeError
 from sftscope.experiments.analyze import AnalyzeConfig, analyze
-from sftscope.experiments.lens import answer_slots, lens_pass, merge_sums, probe
-from sftscope.experiments.swap import swap
+from sftscope.experiments.lens import answer_slots, lens_pass, merge_sums
 from sftscope.load import data as D
 from sftscope.load.models import load_model
 from sftscope.parallel import Group, check_launch, shard_counts, shard_range
@@ -202,26 +200,11 @@ def test_two_processes_write_the_tables_of_one(model_dir, gsm8k_file, tmp_path):
     pr = {"base": base, "sft": sft, "bootstrap": 20, **common}
     sw = {"base": base, "sft": sft, "segments": 2, "bootstrap": 20, **common}
 
-    def run_all(root: Path, cache: Path) -> None:
-        analyze(AnalyzeConfig(out=str(root / "analyze"), cache_dir=str(cache), **an))
-        probe(out=str(root / "probe"), **pr)
-        swap(out=str(root / "swap"), **sw)
-
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_all(one, tmp_path / "cache1")
-    args = {"analyze": {"out": str(two / "analyze"), "cache_dir": str(tmp_path / "cache2"), **an},
-            "probe": {"out": str(two / "probe"), **pr},
-            "swap": {"out": str(two / "swap"), **sw},
-            "analyze_bad": {"out": str(two / "bad"), "cache_dir": str(tmp_path / "cache2"),
-                            **an},
-            "probe_bad": {**pr}, "report": str(tmp_path)}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
            "SFTSCOPE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(ROOT / "tests" / "parallel_worker.py"),
-                           json.dumps(args)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = one_and_two(tmp_path, an, pr, sw, env)
+    one, two = tmp_path / "one", tmp_path / "two"
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"2 processes: {time.perf_counter() - t0:.1f} s")
 
@@ -242,10 +225,10 @@ def test_two_processes_write_the_tables_of_one(model_dir, gsm8k_file, tmp_path):
     assert reports[1]["work_error"] == "RuntimeError: boom"
     assert reports[0]["work_error"].startswith("SftscopeError: process 1 of 2 failed")
     # the merged captures are cached under the one-process key; the shares are gone
-    cached = sorted(p.name for p in (tmp_path / "cache2").glob("states-*.safetensors"))
+    cached = sorted(p.name for p in (tmp_path / "c2").glob("states-*.safetensors"))
     assert len(cached) == 2 and not any(".rank" in c for c in cached), cached
     again = tmp_path / "again"
-    analyze(AnalyzeConfig(out=str(again), cache_dir=str(tmp_path / "cache2"), **an))
+    analyze(AnalyzeConfig(out=str(again), cache_dir=str(tmp_path / "c2"), **an))
     rec = json.loads((again / "run.json").read_text())
     assert rec["capture"]["base"]["cached"] and rec["capture"]["sft"]["cached"]
     assert rec["world_size"] == 1

@@ -52,7 +52,7 @@ def test_staged_commands_nest_and_restore(on, capsys):
 
     before = dict(P._STAGE)
     assert outer() == ("[1/3 first]", "[1/1 inner]", "[1/3 x]")
-    assert P._STAGE == before  # nothing leaks out of a command
+    assert before == P._STAGE  # nothing leaks out of a command
 
 
 def test_stage_count_is_clamped_and_off_means_silent(monkeypatch, capsys):

@@ -15,35 +15,14 @@ from sftscope.errors import SftscopeError
 from sftscope.experiments.swap import SWAP_COLUMNS, check_swappable, swap, swapped
 from sftscope.load.arch import get_blocks, get_final_norm, get_head
 from sftscope.load.models import load_model
-from sftscope.load.tiny import build_tiny_model, save_tiny_model, train_tokenizer
+from sftscope.load.tiny import build_tiny_model
 from sftscope.segments import masks_from_text
-
-LETTER_TEXT = [f"Question: What is {a} plus {b}?\nA. {a + b}\nB. {a}\nC. {b}\nD. 0\nAnswer: {x}"
-               for a, b, x in [(1, 2, "A"), (3, 4, "B"), (5, 6, "C"), (7, 8, "D")]] * 6
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """A tiny llama Base/SFT pair sharing embeddings (SFT = base with every block, the final
-    norm and the head perturbed), a tokenizer with single-token letters, and an MMLU file."""
-    root = tmp_path_factory.mktemp("swap")
-    tok = train_tokenizer(LETTER_TEXT)
-    base = save_tiny_model(root / "base", "llama", seed=0, tokenizer=tok)
-    model = load_model(str(base))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_tokens" not in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    sft = root / "sft"
-    model.save_pretrained(sft)
-    tok.save_pretrained(sft)
-    rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a), str(b), "0"],
-             "answer": i % 4} for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8),
-                                                           (2, 2), (9, 1)])]
-    mmlu = root / "mmlu.jsonl"
-    mmlu.write_text("\n".join(json.dumps(r) for r in rows))
-    return base, sft, mmlu, tok
+def pair(letter_pair):
+    """The shared letter pair (conftest): base, sft, MMLU file, tokenizer."""
+    return letter_pair
 
 
 def _logits(model, tok):

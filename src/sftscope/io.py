@@ -55,6 +55,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(folder: str | Path) -> Iterator[Path]:
+    """Yield ``FOLDER.partial`` (emptied) to write a whole folder into (a model, a tokenizer);
+    it replaces ``folder`` only on success, so ``folder`` is either whole or as it was."""
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write text atomically."""
     with atomic_path(path) as tmp:

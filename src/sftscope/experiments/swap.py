@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,7 +40,7 @@ from sftscope.experiments.lens import (
     merge_sums,
     prepare_data,
 )
-from sftscope.io import Timer, run_record, write_tables
+from sftscope.io import Timer, atomic_dir, run_record, write_tables
 from sftscope.load.arch import arch_for, get_blocks, get_final_norm, get_head, get_submodule
 from sftscope.load.data import TokenizedSet
 from sftscope.load.models import (
@@ -275,24 +274,17 @@ def save_mix(base: nn.Module, sft: nn.Module, mask: str, alpha: float, folder: s
                             "embeddings, so a saved folder cannot hold the base's embeddings "
                             "and the SFT's head; use --head base")
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     mix = SegmentMix(base, sft, mask_blocks(mask, n_blocks))
     mix.set(alpha)
     modules = mix.plain()
     from sftscope.progress import quiet_libraries
 
-    try:
-        with swapped(base, sft, mix.ids, head=head == "sft", names=("base", "sft"),
-                     modules=modules) as hybrid, quiet_libraries():
-            hybrid.save_pretrained(str(tmp), safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(folder) as tmp, swapped(base, sft, mix.ids, head=head == "sft",
+                                            names=("base", "sft"), modules=modules) as hybrid, \
+            quiet_libraries():
+        hybrid.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return folder
 
 

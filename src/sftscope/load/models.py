@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sftscope.errors import SftscopeError
+from sftscope.io import atomic_dir
 from sftscope.load.gguf import need_gguf
 from sftscope.load.runtime import input_device, resolve_device, resolve_dtype
 from sftscope.load.sources import (
@@ -317,13 +318,9 @@ def save_model(spec: str, out: str | Path, opts: LoadOptions | None = None) -> P
     """Write any model reference as a plain Hugging Face folder (safetensors, config and
     tokenizer): a GGUF dequantised, an adapter merged into its base (``merge_and_unload``).
     Written to a temporary folder first, so ``out`` is either whole or absent."""
-    import shutil
-
     opts = opts or LoadOptions()
     src = resolve_source(spec, opts.base)
     out = Path(out).expanduser()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     if src.kind == "adapter":
         model = _load_peft(src, opts).merge_and_unload()
     else:
@@ -331,15 +328,9 @@ def save_model(spec: str, out: str | Path, opts: LoadOptions | None = None) -> P
     tok = load_tokenizer(spec, opts.revision, base=opts.base, base_revision=opts.base_revision)
     from sftscope.progress import quiet_libraries
 
-    try:
-        with quiet_libraries():
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tok.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out) as tmp, quiet_libraries():
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
     return out
 
 
