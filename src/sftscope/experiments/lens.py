@@ -706,6 +706,27 @@ def sums_table(sums: LensSums, model: str, level: float = 0.95, n_boot: int = 10
 # Shared set-up (probe and swap)
 
 
+def choices_noted(samples: Sequence[D.Sample], tok: D.TokenizedSet, tokenizer,
+                  chat_template: bool, notes: list[str]) -> list[ChoiceSlot | None]:
+    """``choice_slots``, with a note in ``notes`` when items are left out (probe and swap)."""
+    choices, n_amb = choice_slots(samples, tok, tokenizer, chat_template)
+    if n_amb:
+        notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the option "
+                     f"letters do not start with distinct tokens")
+    return choices
+
+
+def load_options_of(specs: dict[str, str], revs: dict[str, str | None],
+                    bases: dict[str, str | None], cfg: Any, *, dtype: str, device: str,
+                    device_map: str | None) -> dict[str, LoadOptions]:
+    """How each model of a probe or swap run loads (``cfg``: its base revision and
+    ``allow_other_base``)."""
+    return {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map,
+                           base=bases[k], base_revision=cfg.base_revision,
+                           allow_other_base=cfg.allow_other_base)
+            for k in specs}
+
+
 def model_label(spec: str, base: str | None = None) -> str:
     """A short name for a model: an adapter's tune run, the folder name or the hub id."""
     return source_label(spec, base)
@@ -823,17 +844,12 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                                         f"sample of {data} has an answer to score (use a task "
                                         f"format such as gsm8k: or mmlu:, or --tokens all)")
                 positions = answer_positions(answers)
-            choices, n_amb = choice_slots(samples, tok, tokz, chat_template)
-            if n_amb:
-                notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the "
-                             f"option letters do not start with distinct tokens")
+            choices = choices_noted(samples, tok, tokz, chat_template, notes)
     for note in notes:
         say(f"[yellow]note:[/] {note}")
     pad_id = pad_id_of(tokz)
-    opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map,
-                           base=bases[k], base_revision=base_revision,
-                           allow_other_base=cfg.allow_other_base)
-            for k in specs}
+    opts = load_options_of(specs, revs, bases, cfg, dtype=dtype, device=device,
+                           device_map=device_map)
     if out is not None and par.main:
         start_run(out, "probe", ProbeConfig.OUTPUTS)
     share = par.shard(len(tok), batch_size)  # all samples when alone

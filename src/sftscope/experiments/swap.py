@@ -35,8 +35,9 @@ from sftscope.experiments.lens import (
     DEFAULT_CHUNK,
     ChoiceSlot,
     LensSums,
-    choice_slots,
+    choices_noted,
     lens_pass,
+    load_options_of,
     merge_sums,
     prepare_data,
 )
@@ -44,7 +45,6 @@ from sftscope.io import Timer, atomic_dir, run_record, write_tables
 from sftscope.load.arch import arch_for, get_blocks, get_final_norm, get_head, get_submodule
 from sftscope.load.data import TokenizedSet
 from sftscope.load.models import (
-    LoadOptions,
     check_pair,
     check_vocab,
     fingerprint,
@@ -501,17 +501,12 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
             notes += data_notes
             choices: list[ChoiceSlot | None] = [None] * len(samples)
             if any(s.meta.get("letter") for s in samples):
-                choices, n_amb = choice_slots(samples, tok, tokz, chat_template)
-                if n_amb:
-                    notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the "
-                                 f"option letters do not start with distinct tokens")
+                choices = choices_noted(samples, tok, tokz, chat_template, notes)
     for note in notes:
         say(f"[yellow]note:[/] {note}")
     pad_id = pad_id_of(tokz)
-    opts = {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map,
-                           base=bases[k], base_revision=base_revision,
-                           allow_other_base=cfg.allow_other_base)
-            for k in specs}
+    opts = load_options_of(specs, revs, bases, cfg, dtype=dtype, device=device,
+                           device_map=device_map)
     if out is not None and par.main:
         start_run(out, "swap", SwapConfig.OUTPUTS)
         for old in Path(out).glob("mix-*"):  # a previous run's mixes
