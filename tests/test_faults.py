@@ -136,6 +136,9 @@ def good(cmd: str) -> dict[str, Any]:
                   "--eval-shots": "0", "--eval-max-new-tokens": "2", "--bootstrap": "20"},
         "suggest": {"--base": "{base}", "--data": "gsm8k:{gsm}", "--segments": "2",
                     "--method": "angular", "--limit": "4", "--max-length": "32", **common},
+        "steer": {"--base": "{base}", "--sft": "{sft}", "--data": "gsm8k:{gsm}", "--layer": "2",
+                  "--limit": "4", "--scales": "0,1", "--generate": FLAG, "--n-prompts": "2",
+                  "--max-new-tokens": "2", "--max-length": "32", **common},
         "report": {"RUNS": "{finished}", "--out": "{out}/report.html"},
         "demo": {"--quick": FLAG, "--skip": "analyze,weights,probe,swap,sweep,report"},
     }[cmd]
@@ -146,7 +149,8 @@ def good(cmd: str) -> dict[str, Any]:
 
 MODEL_CMDS = ("analyze", "probe", "swap", "suggest", "eval")
 MODEL_FLAG = {"analyze": "--base", "probe": "--model", "swap": "--base", "suggest": "--base",
-              "eval": "--model", "tune": "--model", "weights": "--sft", "sweep": "--model"}
+              "eval": "--model", "tune": "--model", "weights": "--sft", "sweep": "--model",
+              "steer": "--sft"}
 DATA_FLAG = {"analyze": "--data", "probe": "--data", "swap": "--data", "suggest": "--data",
              "tune": "--train", "sweep": "--train"}
 
@@ -158,9 +162,9 @@ def case(cmd: str, over: dict[str, Any] | None = None, extra: list[str] | None =
     CASES.append((cmd, over or {}, extra or [], needle))
 
 
-for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "suggest"):
+for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "suggest", "steer"):
     case(cmd, extra=["--batch-sise", "4"], needle="no such option")
-    if cmd in ("analyze", "weights", "tune", "sweep"):
+    if cmd in ("analyze", "weights", "tune", "sweep", "steer"):
         case(cmd, {"--out": DROP}, needle="missing --out")
     case(cmd, extra=["--config", "{root}/missing.yaml"], needle="does not exist")
     case(cmd, extra=["--config", "{root}/cfg_badkey.yaml"], needle="batch_sise")
@@ -334,6 +338,24 @@ case("weights", {"--sft": "{orphan}"}, needle="weights reads adapters with --ada
 case("analyze", {"--sft": "{badgguf}"}, needle="not a GGUF file")
 case("swap", {"--sft": "{twogguf}"}, needle="holds 2 GGUF files")
 case("suggest", {"--base": "{truncgguf}"}, needle="truncated")
+
+case("steer", {"--layer": "-1"}, needle="--layer must be at least 0")
+case("steer", {"--layer": "99"}, needle="hidden state")
+case("steer", {"--layer": "two"}, needle="--layer expects an integer")
+case("steer", {"--layer": DROP}, needle="missing --layer")
+case("steer", {"--scales": "0,x"}, needle="--scales")
+case("steer", {"--scales": "0,nan"}, needle="--scales")
+case("steer", {"--generate": DROP}, needle="--task")
+case("steer", extra=["--direction", "pc2"], needle="unknown --direction")
+case("steer", extra=["--pooling", "max"], needle="unknown --pooling")
+case("steer", extra=["--task", "hellaswag"], needle="unknown task")
+case("steer", {"--n-prompts": "0"}, needle="--n-prompts must be at least 1")
+case("steer", {"--max-new-tokens": "0"}, needle="--max-new-tokens must be at least 1")
+case("steer", {"--sft": "{deep}"}, needle="has 6")
+case("steer", {"--data": "{root}/nope.jsonl"}, needle="does not exist")
+case("steer", {"--data": "gsm8k:{broken}"}, needle="line 2")
+case("steer", {"--dtype": "int7"}, needle="unknown --dtype 'int7'")
+case("steer", {"--device": "cuda"}, needle="no CUDA GPU is visible")
 
 case("report", {"RUNS": "{root}/nope"}, needle="does not exist")
 case("report", {"RUNS": "{file}"}, needle="is a file")
