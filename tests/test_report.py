@@ -237,7 +237,8 @@ def test_full_report_has_every_section_and_figure(full_report):
     assert "<details" in html and "findings" in html.lower()
     # Legend names come from the configs; both depths appear.
     assert "OLMo-2-0425-1B" in html and "OLMo-2-1124-7B" in html
-    figdir = runs[0] / "figures"
+    figdir = root / "out" / "figures"  # beside the report, not in a run folder it reads
+    assert not (runs[0] / "figures").exists()
     for stem in FIGURES:
         _assert_not_blank(figdir / f"{stem}.png")
     for stem in ("fig1_pair_metrics", "fig4_weight_change", "fig6_swap", "fig7_sweep",

@@ -142,7 +142,7 @@ def report(cfg: C.ReportConfig) -> None:
 
     path = build_report(list(cfg.runs), out=cfg.out, formats=cfg.figure_formats,
                         figures_dir=cfg.figures_dir, title=cfg.title)
-    figdir = cfg.figures_dir if cfg.figures_dir is not None else Path(cfg.runs[0]) / "figures"
+    figdir = cfg.figures_dir if cfg.figures_dir is not None else path.parent / "figures"
     _say(f"report: {path}")
     _say(f"figures and tables: {figdir}")
 

@@ -818,7 +818,7 @@ class ReportConfig(Config):
                                           "png, pdf, svg (the HTML always embeds PNG).",
                                           check=figure_formats, aliases=("formats",))
     figures_dir: str | None = opt(None, "Folder for figures and the CSV behind each (default: "
-                                  "figures/ in the first RUN).")
+                                  "figures/ beside the report).")
     title: str | None = opt(None, "Report title.")
 
     def check(self) -> None:

@@ -107,7 +107,8 @@ def build_report(runs: Sequence[str | Path] | str | Path, out: str | Path | None
                  formats: str | Sequence[str] = ("png",), figures_dir: str | Path | None = None,
                  title: str | None = None, notices: Sequence[str] = ()) -> Path:
     """Write the HTML report of ``runs`` (default ``RUN0/report.html``) and its figures
-    (default ``RUN0/figures/``); returns the HTML path. ``notices`` are shown first (the demo
+    (default ``figures/`` beside the report, so a report written elsewhere adds nothing to the
+    run folders it reads); returns the HTML path. ``notices`` are shown first (the demo
     says there when it ran reduced). Folders that cannot be used are left out with a note (on
     stderr and in the report); it is an error only when none can be used."""
     paths = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(p) for p in runs]
@@ -118,7 +119,7 @@ def build_report(runs: Sequence[str | Path] | str | Path, out: str | Path | None
     if out.exists() and out.is_dir():
         raise SftscopeError(f"--out {out} is a folder; give a file name such as report.html")
     loaded = load_runs(paths)
-    figdir = Path(figures_dir) if figures_dir is not None else paths[0] / "figures"
+    figdir = Path(figures_dir) if figures_dir is not None else out.parent / "figures"
     colors = plots.palette(label for r in loaded for label in [r.label, *chain_labels(r)])
     writer = Writer(figdir, fmts)
     sections = []
