@@ -152,13 +152,14 @@ def reduced_notice(cfg: DemoConfig) -> str:
     return notice(cfg.sizes)
 
 
-# Seconds each step took on an idle 2-core machine (bench/bench_demo.py); the ETA scales the
-# steps still to come by how much slower than this the steps so far have been.
+# Seconds each step took on an idle 2-core machine (`sftscope demo`, 2026-11-30; the README's
+# table); the ETA scales the steps still to come by how much slower than this the steps so far
+# have been.
 REFERENCE_SECONDS = {
-    False: {"pair": 265.0, "analyze": 3.0, "weights": 1.0, "probe": 2.0, "swap": 2.5,
-            "sweep": 22.0, "report": 4.0},
-    True: {"pair": 14.0, "analyze": 1.0, "weights": 0.3, "probe": 0.7, "swap": 1.0,
-           "sweep": 6.0, "report": 3.0},
+    False: {"pair": 535.0, "analyze": 2.6, "weights": 0.2, "probe": 1.2, "swap": 4.8,
+            "sweep": 48.0, "report": 4.7},
+    True: {"pair": 25.0, "analyze": 0.4, "weights": 0.1, "probe": 0.2, "swap": 0.6,
+           "sweep": 8.2, "report": 4.4},
 }
 
 
