@@ -451,3 +451,34 @@ def test_cluster_bootstrap_bounds_seed_and_degenerate_cases():
     # samples without tokens carry nothing
     assert cluster_ratio_ci(np.r_[k, 0.0], np.r_[t, 0.0], seed=5) == \
         cluster_ratio_ci(k, t, seed=5)
+
+
+@pytest.mark.parametrize("tokens", ["all", "answer"])
+def test_top1_examples_match_the_lens(model_dir, gsm8k_file, tmp_path, tokens):
+    """top1.csv: for the first N samples, each model's lens top-1 at every layer, at the
+    position predicting the answer's first token, equal to the argmax of ``lens_logits``."""
+    base, sft = model_dir("llama", seed=0), model_dir("llama", seed=1)
+    out = tmp_path / "p"
+    df = probe(data=f"gsm8k:{gsm8k_file}", base=str(base), sft=str(sft), n=5, batch_size=2,
+               max_length=96, n_boot=0, tokens=tokens, top1_examples=3, out=str(out))
+    top = pd.read_csv(out / "top1.csv", keep_default_na=False)
+    n_states = int(df["layer"].max()) + 1
+    assert len(top) == 2 * 3 * n_states
+    assert list(top["model"].unique()) == ["base", "sft"]
+    assert set(top["sample"]) == {0, 1, 2}
+    tokz = load_tokenizer(str(base))
+    samples, tok_set, _ = prepare_data(f"gsm8k:{gsm8k_file}", tokz, n=5, seed=0, max_length=96,
+                                       chat_template=False, text_field=None, template=None)
+    answers = answer_slots(samples, tok_set, tokz)
+    for label, path in (("base", base), ("sft", sft)):
+        model = load_model(str(path))
+        for i in range(3):
+            rows = top[(top["model"] == label) & (top["sample"] == i)].sort_values("layer")
+            assert set(rows["position"]) == {answers[i].position}
+            ids = torch.tensor([tok_set.input_ids[i]])
+            want = torch.stack(lens_logits(model, ids))[:, 0, answers[i].position].argmax(-1)
+            assert rows["token_id"].tolist() == want.tolist()
+            assert set(rows["target_id"]) == {tok_set.input_ids[i][answers[i].position + 1]}
+            assert (rows["correct"] == (rows["token_id"] == rows["target_id"])).all()
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["config"]["top1_examples"] == 3

@@ -189,7 +189,7 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
     """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``),
     optionally extended by a checkpoint chain (``stages``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("probe.*",)
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("probe.*", "top1.*")
 
     model: str | None = opt(None, "One model to probe: local folder or hub id (or give "
                             "--base and --sft).")
@@ -206,6 +206,11 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
                       "the MMLU letter after the prompt, or for GSM8K the final answer after "
                       "####, given the prompt and the reasoning.",
                       choices=("all", "answer"))
+    top1_examples: int = opt(0, "Also write top1.csv: for the first N samples, the lens's top-1 "
+                             "token at every layer of every model, at the position that "
+                             "predicts the answer's first token (else the sample's last "
+                             "position), beside the true next token: what each depth would "
+                             "say there (0 = none).", check=at_least(0), metavar="N")
     chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
                               check=at_least(1), cli=False, volatile=True)
 

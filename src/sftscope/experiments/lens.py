@@ -727,6 +727,36 @@ def load_options_of(specs: dict[str, str], revs: dict[str, str | None],
             for k in specs}
 
 
+TOP1_COLUMNS = ["model", "sample", "position", "layer", "token_id", "token", "target_id",
+                "target", "correct"]
+
+
+def top1_rows(sums: LensSums, model: str, tok: D.TokenizedSet, tokenizer,
+              positions: Sequence[Sequence[int]] | None,
+              answers: Sequence[AnswerSlot | None], n: int) -> list[dict[str, Any]]:
+    """The lens's top-1 token at every layer for the samples below ``n`` that this pass
+    recorded (``sums.top1``): at the position predicting the answer's first token when the
+    sample has one among the scored positions, else at its last scored position."""
+    rows: list[dict[str, Any]] = []
+    for i in sorted(k for k in (sums.top1 or {}) if k < n):
+        ids = sums.top1[i]  # [J, scored positions of sample i, ascending]
+        scored = (list(positions[i]) if positions is not None
+                  else list(range(len(tok.input_ids[i]) - 1)))
+        if not scored:
+            continue
+        a = answers[i]
+        col = scored.index(a.position) if a is not None and a.position in scored else -1
+        pos = scored[col]
+        target = int(tok.input_ids[i][pos + 1])
+        for c, layer in enumerate(sums.layers):
+            tid = int(ids[c, col])
+            rows.append({"model": model, "sample": i, "position": pos, "layer": layer,
+                         "token_id": tid, "token": tokenizer.decode([tid]),
+                         "target_id": target, "target": tokenizer.decode([target]),
+                         "correct": tid == target})
+    return rows
+
+
 def model_label(spec: str, base: str | None = None) -> str:
     """A short name for a model: an adapter's tune run, the folder name or the hub id."""
     return source_label(spec, base)
@@ -781,7 +811,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     Intervals: sample-level bootstrap (``bootstrap`` resamples, seeded by ``seed``; 0 = none),
     Wilson for ``choice_accuracy``. The pair's models are loaded one after the other (the
     base's top-1 ids are kept, small ints). With ``out``: writes ``probe.csv`` and
-    ``run.json`` there.
+    ``run.json`` there, and with ``top1_examples`` N ``top1.csv`` (``top1_rows``: what each
+    depth predicts for the first N samples).
     """
     cfg = config if config is not None else build(ProbeConfig, options)
     par = join(cfg.device, cfg.device_map)
@@ -855,6 +886,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     share = par.shard(len(tok), batch_size)  # all samples when alone
     plan(len(specs) + 1)  # one lens pass per model, then the tables
 
+    shown: list[dict[str, Any]] = []  # top1.csv rows of this rank's share
+
     def passes() -> tuple[dict[str, LensSums], int | None]:
         found: dict[str, LensSums] = {}
         ref_top1 = None
@@ -872,12 +905,16 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                     sums = lens_pass(m, tok, pad_id, batch_size=batch_size,
                                      positions=positions, answers=answers,
                                      choices=choices,
-                                     record_top1=pair and (k == BASE or cfg.consecutive),
+                                     record_top1=(pair and (k == BASE or cfg.consecutive))
+                                     or cfg.top1_examples > 0,
                                      ref_top1=ref_top1, chunk_elements=chunk_elements,
                                      description=f"probe {k}", indices=share)
             finally:
                 del m
                 release(nbytes)
+            if cfg.top1_examples:
+                shown.extend(top1_rows(sums, k, tok, tokz, positions, answers,
+                                       cfg.top1_examples))
             if pair and k == BASE:
                 ref_top1 = sums.top1
             elif pair and cfg.consecutive:  # agreement with the stage before, from the ids
@@ -892,13 +929,13 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
         return found, n_blocks
 
     found, n_blocks = par.run(passes, "probe")
-    parts = par.gather((share, found, n_blocks))
+    parts = par.gather((share, found, n_blocks, shown))
     if parts is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(PROBE_COLUMNS)
     stage("tables")
-    n_blocks = next(b for _, _, b in parts if b is not None)
+    n_blocks = next(b for _, _, b, _ in parts if b is not None)
     keys = list(specs) + [p.model for p in pairs if p.a != BASE]
-    merged = {k: merge_sums([(i, f.get(k)) for i, f, _ in parts]) for k in keys}
+    merged = {k: merge_sums([(i, f.get(k)) for i, f, _, _ in parts]) for k in keys}
     tables = [sums_table(merged[k], k, level=level, n_boot=n_boot, seed=seed,
                          agreement_label=pair_label(BASE, k) if pair else "pair")
               for k in specs]
@@ -919,6 +956,12 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     if out is not None:
         out = Path(out)
         write_tables(df, out, "probe", cfg.formats)
+        if cfg.top1_examples:
+            rank = {k: r for r, k in enumerate(specs)}
+            top = pd.DataFrame([row for *_, rows in parts for row in rows], columns=TOP1_COLUMNS)
+            top = top.sort_values(["sample", "model", "layer"], key=lambda c: c.map(rank)
+                                  if c.name == "model" else c, kind="stable")
+            write_tables(top.reset_index(drop=True), out, "top1", cfg.formats)
         finish_run(out, run_record(
             "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
             models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
