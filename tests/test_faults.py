@@ -230,6 +230,8 @@ case("analyze", {"--base": DROP}, needle="missing --base")
 case("analyze", {"--data": DROP}, needle="missing --data")
 
 case("probe", extra=["--base", "{base}"], needle="not both")
+case("probe", extra=["--top1-examples", "-1"], needle="--top1-examples must be at least 0")
+case("probe", extra=["--tokens", "some"], needle="unknown --tokens")
 case("probe", {"--model": DROP}, needle="give --model, or both --base and --sft")
 case("probe", {"--model": DROP}, extra=["--base", "{base}"], needle="both --base and --sft")
 
