@@ -466,6 +466,9 @@ def test_top1_examples_match_the_lens(model_dir, gsm8k_file, tmp_path, tokens):
     assert len(top) == 2 * 3 * n_states
     assert list(top["model"].unique()) == ["base", "sft"]
     assert set(top["sample"]) == {0, 1, 2}
+    mem = df.attrs["top1"]  # the same table in memory (a notebook, or no --out)
+    assert mem[["model", "sample", "layer", "token_id"]].values.tolist() == \
+        top[["model", "sample", "layer", "token_id"]].values.tolist()
     tokz = load_tokenizer(str(base))
     samples, tok_set, _ = prepare_data(f"gsm8k:{gsm8k_file}", tokz, n=5, seed=0, max_length=96,
                                        chat_template=False, text_field=None, template=None)

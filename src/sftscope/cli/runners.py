@@ -44,11 +44,15 @@ def probe(cfg: C.ProbeConfig) -> None:
     from sftscope.experiments.lens import probe as run
 
     table = run(cfg)
+    top = table.attrs.get("top1")
     if cfg.out:
-        _say(f"wrote {Path(cfg.out) / 'probe.csv'} ({len(table)} rows) and "
-             f"{Path(cfg.out) / 'run.json'}")
+        _say(f"wrote {Path(cfg.out) / 'probe.csv'} ({len(table)} rows)"
+             + (f", {Path(cfg.out) / 'top1.csv'}" if top is not None else "")
+             + f" and {Path(cfg.out) / 'run.json'}")
     elif is_main():
         print(table.to_string(index=False))
+        if top is not None:
+            print(top.to_string(index=False))
 
 
 def swap(cfg: C.SwapConfig) -> None:

@@ -953,15 +953,18 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     df = df.sort_values(["layer", "model", "metric"],
                         key=lambda s: s.map(ranks[s.name]) if s.name in ranks else s,
                         kind="stable").reset_index(drop=True)
+    top = None
+    if cfg.top1_examples:  # also in df.attrs["top1"] (a notebook, or no --out)
+        rank = {k: r for r, k in enumerate(specs)}
+        top = pd.DataFrame([row for *_, rows in parts for row in rows], columns=TOP1_COLUMNS)
+        top = top.sort_values(["sample", "model", "layer"], key=lambda c: c.map(rank)
+                              if c.name == "model" else c, kind="stable").reset_index(drop=True)
+        df.attrs["top1"] = top
     if out is not None:
         out = Path(out)
         write_tables(df, out, "probe", cfg.formats)
-        if cfg.top1_examples:
-            rank = {k: r for r, k in enumerate(specs)}
-            top = pd.DataFrame([row for *_, rows in parts for row in rows], columns=TOP1_COLUMNS)
-            top = top.sort_values(["sample", "model", "layer"], key=lambda c: c.map(rank)
-                                  if c.name == "model" else c, kind="stable")
-            write_tables(top.reset_index(drop=True), out, "top1", cfg.formats)
+        if top is not None:
+            write_tables(top, out, "top1", cfg.formats)
         finish_run(out, run_record(
             "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
             models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
