@@ -710,6 +710,7 @@ def weight_change(
     return df
 
 
+@staged
 def chain_weight_change(specs: dict[str, str], pairs: Sequence[ChainPair],
                         **options: Any) -> pd.DataFrame:
     """``weight_change`` of each pair of a checkpoint chain (``specs``: label -> checkpoint;
@@ -742,7 +743,6 @@ def chain_weight_change(specs: dict[str, str], pairs: Sequence[ChainPair],
     return out
 
 
-@staged
 def run_weights(
     config: WeightsConfig | str | os.PathLike,
     base: str | os.PathLike | None = None,
