@@ -238,20 +238,30 @@ def alpha_list(value: tuple[float, ...]) -> str | None:
     return None
 
 
+def parse_mix(item: str) -> tuple[str, float]:
+    """``MASK:ALPHA`` -> ``(mask, alpha)``; ValueError saying what is wrong with it."""
+    mask, sep, alpha = item.partition(":")
+    mask = mask.strip()
+    if not sep or not mask or set(mask) - {"0", "1"} or "1" not in mask:
+        raise ValueError(f"has {item!r}; write MASK:ALPHA with a mask of 0/1 (bottom segment "
+                         f"first, at least one 1) and alpha in [0, 1], e.g. 01000:0.5")
+    try:
+        a = float(alpha)
+    except ValueError:
+        raise ValueError(f"has {item!r}: {alpha!r} is not a number; write MASK:ALPHA, e.g. "
+                         f"01000:0.5") from None
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"has {item!r}: alpha must be in [0, 1] (0 = base, 1 = SFT)")
+    return mask, a
+
+
 def mix_specs(value: tuple[str, ...]) -> str | None:
     """A check: ``MASK:ALPHA`` items (a mask of 0/1 with a 1, alpha in [0, 1])."""
     for item in value:
-        mask, sep, alpha = item.partition(":")
-        mask = mask.strip()
-        if not sep or not mask or set(mask) - {"0", "1"} or "1" not in mask:
-            return (f"has {item!r}; write MASK:ALPHA with a mask of 0/1 (bottom segment first, "
-                    f"at least one 1) and alpha in [0, 1], e.g. 01000:0.5")
         try:
-            a = float(alpha)
-        except ValueError:
-            return f"has {item!r}: {alpha!r} is not a number; write MASK:ALPHA, e.g. 01000:0.5"
-        if not 0.0 <= a <= 1.0:
-            return f"has {item!r}: alpha must be in [0, 1] (0 = base, 1 = SFT)"
+            parse_mix(item)
+        except ValueError as e:
+            return str(e)
     return None
 
 
@@ -287,11 +297,7 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
 
     def mixes(self) -> list[tuple[str, float]]:
         """``save_mix`` as ``(mask, alpha)`` pairs, in the order given."""
-        out = []
-        for item in self.save_mix:
-            mask, _, alpha = item.partition(":")
-            out.append((mask.strip(), float(alpha)))
-        return out
+        return [parse_mix(item) for item in self.save_mix]
 
     def check(self) -> None:
         for mask, alpha in self.mixes():
