@@ -157,3 +157,26 @@ def test_sweep_kill9_then_resume(model_dir, gsm8k_file, tmp_path):
     b = pd.read_csv(out / "summary.csv").sort_values(["mask", "metric"])
     assert list(a["mask"]) == list(b["mask"])
     assert (a["mean"].to_numpy() - b["mean"].to_numpy()).__abs__().max() < 1e-9
+
+
+def test_a_killed_unreaped_run_does_not_hold_its_folder(tmp_path):
+    """A run killed with -9 whose parent has not reaped it yet (a zombie, as under a container
+    init that does not reap) no longer holds its folder: the rerun is not told it is in use."""
+    import socket
+
+    from sftscope.runs import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        for _ in range(100):  # exited, not waited for: a zombie
+            state = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                break
+            time.sleep(0.05)
+        else:
+            pytest.skip("the child did not become a zombie")
+        rec = {"pid": child.pid, "host": socket.gethostname()}
+        assert not _alive(rec)
+        assert _alive({"pid": os.getppid(), "host": socket.gethostname()})  # a live process
+    finally:
+        child.wait()
