@@ -5,11 +5,12 @@
 
 Side by side in one process, interleaved per repeat so a load change hits all alike: the bare
 pass (the same inner model, no LM head, the same right-padded batches, no hooks) and capture
-with each schedule of the token metrics (``capture.stream.pick_schedule``): ``overlap`` (a
-worker thread computes batch b's metrics during batch b+1's forward pass) and ``inline`` (the
-main thread, the old schedule). The output says which one the default picks here. Prints the
-median of the repeats, each ratio to the bare pass (and that of the fastest runs, which a
-shared machine disturbs least), tokens/s, the load average and peak RSS.
+with each schedule of the token metrics (``capture.stream.pick_schedule``): ``overlap`` (the
+workers compute batch b's metrics during batch b+1's forward pass) and ``inline`` (the forward
+pass waits for them). The output says which one the default picks here. Prints the median of
+the repeats, each ratio to the bare pass (and that of the fastest runs, which a shared machine
+disturbs least), tokens/s, the load average and peak RSS. The process is set up as the CLI sets
+up its own (``OMP_WAIT_POLICY=PASSIVE``, glibc's malloc tuned), both passes alike.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ import resource
 import statistics
 import time
 
-import torch
+from sftscope.process import tune_malloc  # noqa: E402
 
 os.environ.setdefault("SFTSCOPE_NO_PROGRESS", "1")
+# as the CLI sets up its process (process.py); set OMP_WAIT_POLICY to compare another policy,
+# --no-tune-malloc to leave malloc as it is
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 import sftscope.capture.stream as S  # noqa: E402
 from sftscope.capture.engine import batches  # noqa: E402
@@ -50,7 +56,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--check", action="store_true",
                     help="also check every schedule gives the inline numbers, bit for bit")
+    ap.add_argument("--no-tune-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (the CLI tunes it: load/runtime.py)")
     a = ap.parse_args()
+    malloc = "untuned" if a.no_tune_malloc else ("tuned" if tune_malloc() else "untunable")
     if a.threads:
         torch.set_num_threads(a.threads)
     model = build_tiny_model(a.family, a.vocab, n_layers=a.layers, hidden=a.hidden,
@@ -99,7 +108,8 @@ def main() -> None:
     print(f"model: {a.family} {a.layers} blocks, hidden {a.hidden}, {params:.1f}M params; "
           f"{a.n} texts, {n_tokens} tokens, batch {a.batch}, token metrics on {a.n_token}; "
           f"threads {torch.get_num_threads()}; median of {a.repeats}")
-    print(f"load average before {load_before}, after {_load()}")
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, malloc {malloc}; "
+          f"load average before {load_before}, after {_load()}")
     labels = {"bare": "bare forward", **{sch: f"capture ({sch})" for sch in schedules}}
     best = {k: min(v) for k, v in times.items()}
     for k, v in med.items():

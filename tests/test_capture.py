@@ -337,6 +337,81 @@ def test_overlap_gives_identical_numbers(tiny):
         assert bool(torch.isnan(a.token["curvature"][:, 7:]).all())
 
 
+class _AcceleratorSchedule(S._Reducer):
+    """The accelerator schedule (hidden state by hidden state, all samples) run on the CPU."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **{**k, "device_type": "accelerator"})
+
+
+@pytest.mark.parametrize("preset", ["default", "reference"])
+def test_cpu_and_accelerator_schedules_equal_the_batched_definitions(tokenizer, monkeypatch,
+                                                                    preset):
+    """The CPU schedule (each sample over every hidden state, in worker threads) and the
+    accelerator one (each hidden state over the batch) give the numbers of
+    ``token_metrics_batch`` on the padded states: samples longer than D (the D x D Gram), of 1
+    and 2 tokens (undefined metrics) and a sparsity group split over batches included."""
+    import sftscope.metrics as M
+
+    model = build_tiny_model("llama", len(tokenizer), n_layers=2, hidden=16, n_heads=2)
+    g = torch.Generator().manual_seed(1)
+    lengths = [40, 3, 1, 25, 2, 17, 33, 9, 5]
+    ids = [torch.randint(4, len(tokenizer), (n,), generator=g).tolist() for n in lengths]
+    tok = D.TokenizedSet(ids, [None] * len(ids), 0, 40)
+    reference = preset == "reference"
+    cfg = CaptureConfig(batch_size=4, n_token=len(ids), include_padding=reference,
+                        sparsity_group=3 if reference else 1, entropy_normalisations=("raw",),
+                        ridge=1e-6 if reference else 0.0,
+                        curvature_zero_steps="right_angle" if reference else "skip")
+    opts = cfg.metric_options()
+    states: dict[int, list] = {}
+
+    class Keep:
+        def start(self, batch):
+            self.batch = batch
+
+        def __call__(self, j, h):
+            m = torch.ones_like(self.batch.mask) if reference else self.batch.mask
+            states.setdefault(j, []).append((h.clone(), m, self.batch.index))
+
+        def finish(self, batch):
+            pass
+
+    E.run_hooked(model, tok, cfg.batch_size, 0, Keep())
+    want = {k: torch.full((len(states), len(ids)), float("nan"), dtype=torch.float64)
+            for k in M.token_metric_names(opts)}
+    for j, parts in states.items():
+        for h, m, index in parts:
+            for k, v in M.token_metrics_batch(h, m, opts).items():
+                want[k][j, index] = v
+        if reference:  # one threshold per group of 3 samples, over their padded batches
+            for lo in range(0, len(ids), 3):
+                rows = [(h[r], m[r]) for h, m, index in parts for r, i in enumerate(index)
+                        if lo <= i < lo + 3]
+                t = max(x.shape[0] for x, _ in rows)
+                hs = torch.stack([torch.cat([x, x.new_zeros(t - x.shape[0], x.shape[1])])
+                                  for x, _ in rows])
+                ms = torch.stack([torch.cat([mm, mm.new_zeros(t - mm.shape[0])])
+                                  for _, mm in rows])
+                want["sparsity"][j, lo:lo + len(rows)] = M.sparsity_batch(
+                    hs, ms, opts, groups=torch.zeros(len(rows), dtype=torch.long))
+    cpu = capture(model, tok, cfg, 0)
+    # a model too large to hold a batch at every state: each state goes to the workers at once
+    monkeypatch.setattr(S, "CPU_STACK_BYTES", 0)
+    by_state = {sch: capture(model, tok, replace(cfg, overlap=sch == "overlap"), 0)
+                for sch in ("overlap", "inline")}
+    _same(by_state["overlap"], by_state["inline"])
+    monkeypatch.setattr(S, "_Reducer", _AcceleratorSchedule)
+    acc = capture(model, tok, cfg, 0)
+    for k, v in want.items():
+        for got in (cpu, by_state["inline"], acc):
+            torch.testing.assert_close(got.token[k], v, rtol=1e-10, atol=1e-12, equal_nan=True)
+    if not reference:  # (padded positions count there: every sample has 40 rows)
+        assert bool(cpu.token["curvature"][:, [2, 4]].isnan().all())
+        assert bool(cpu.token["prompt_entropy"][:, 2].isnan().all())
+    assert not bool(cpu.token["prompt_entropy"][:, 0].isnan().any())
+
+
 def test_engine_batches_right_padded_in_the_given_order(tiny):
     _, tok, pad = tiny
     got = list(E.batches(tok, 3, pad, indices=[9, 2, 5, 0]))

@@ -14,7 +14,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "sftscope"
 
 LAYERS: dict[str, int] = {
-    "errors": 0, "io": 0, "segments": 0, "metric_registry": 0, "tasks": 0,
+    "errors": 0, "io": 0, "process": 0, "segments": 0, "metric_registry": 0, "tasks": 0,
     "__init__": 0, "__main__": 7,
     "load": 1, "progress": 1, "parallel": 1,
     "config": 2, "runs": 2, "chains": 2,

@@ -640,3 +640,28 @@ def test_trimmed_spectra_equal_the_padded_batch(d):
     same = x[:, :30].clone()
     same[:, :] = torch.randn(same.shape, generator=g, dtype=torch.float64)
     assert _trimmed_spectra(same) is None  # equal lengths: the padded batch is as cheap
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparsity_counts_in_the_states_dtype_exactly(dtype):
+    """Counting ``|x| < eps * max|x|`` in the states' own dtype gives the float64 count: the
+    threshold is rounded up to the dtype, values at and around it included."""
+    from sftscope.metrics.geometry import _below
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 50, 20, generator=g).abs().to(dtype)
+    thr = torch.tensor([0.01, 0.3, 1.7], dtype=torch.float64) * a.amax(dim=(1, 2)).double()
+    # put values exactly at, just below and just above each threshold's rounding in the dtype
+    for i, t in enumerate(thr.tolist()):
+        near = torch.tensor(t, dtype=dtype)
+        a[i, 0, :3] = torch.stack([near, torch.nextafter(near, near.new_tensor(0.0)),
+                                   torch.nextafter(near, near.new_tensor(math.inf))])
+    got = _below(a, thr[:, None, None])
+    assert torch.equal(got, a.double() < thr[:, None, None])
+    h = torch.randn(2, 9, 7, generator=g).to(dtype)
+    m = torch.ones(2, 9, dtype=torch.bool)
+    m[1, 6:] = False
+    h[1, 6:] = float("nan")  # padded positions never count
+    torch.testing.assert_close(sparsity_batch(h, m),
+                               sparsity_batch(torch.where(m[..., None], h.double(), 0.0), m),
+                               rtol=0, atol=0)

@@ -2,10 +2,15 @@
 
 Kept per model: pooled vectors (masked mean and last real token) ``[L+1, N, D]`` and, for the
 first ``n_token`` samples, per-sample token-level metrics (prompt entropy, sparsity, curvature)
-``[L+1, n_token]``. Per-token states of the dataset are never held. Where cores are free (or
-on an accelerator), a worker thread computes batch b's token metrics while batch b+1 runs
-forward (torch releases the GIL in its kernels); otherwise the main thread computes them. The
-numbers are the same either way, bit for bit.
+``[L+1, n_token]``. Per-token states of the dataset are never held beyond one batch.
+
+Token metrics (float64 eigendecompositions: the costly part) run in worker threads (torch
+releases the GIL in its kernels). On CPU, each worker takes whole samples, all hidden states of
+one at once and with one intra-op thread; on an accelerator, one worker takes one hidden state
+of the batch at a time. Where cores are free (or on an accelerator), the workers compute batch
+b's metrics while batch b+1 runs forward (``overlap``); otherwise the forward pass waits for
+them (``inline``), and they use the cores it leaves. The numbers are the same either way, bit
+for bit.
 
 Results are cached as safetensors keyed by model content, exact token ids, load settings and
 options. A checkpoint (``.partial``) records which samples are done, so a capture interrupted
@@ -29,7 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +48,10 @@ from sftscope.errors import Interrupted, SftscopeError
 from sftscope.io import atomic_path, stable_hash
 from sftscope.load.arch import get_blocks
 from sftscope.load.data import TokenizedSet
-from sftscope.metrics.entropy import to_f64
 
 TOKEN_METRICS = ("prompt_entropy", "sparsity", "curvature")
 FORMAT_VERSION = 2
+CPU_STACK_BYTES = 512 << 20  # CPU: most a batch's token rows at all states may take
 
 
 @dataclass(frozen=True)
@@ -226,12 +231,28 @@ def partial_path(cache_path: Path) -> Path:
 
 def _token_metrics(hs: torch.Tensor, ms: torch.Tensor, opts: M.MetricOptions
                    ) -> dict[str, torch.Tensor]:
-    """Per-sample token metrics of the token rows ``hs [b, T, D]`` -> name -> CPU float64
-    ``[b]`` (NaN where undefined). Runs in the worker thread or inline."""
+    """Per-sample token metrics of the token rows ``hs [b, T, D]`` of one hidden state ->
+    name -> CPU float64 ``[b]`` (NaN where undefined); the accelerator schedule."""
     with torch.inference_mode():
-        h64 = to_f64(hs)  # one float64 copy of the token rows feeds every metric
-        out = M.token_metrics_batch(h64, ms, opts)
+        out = M.token_metrics_batch(hs, ms, opts)
         return {k: v.detach().to("cpu", torch.float64) for k, v in out.items()}
+
+
+def _sample_metrics(states: list[torch.Tensor], real: torch.Tensor, opts: M.MetricOptions
+                    ) -> dict[str, torch.Tensor]:
+    """Token metrics of one sample at every hidden state: ``states[j] [T, D]`` its padded rows
+    at state j, ``real [T]`` its real positions -> name -> float64 ``[L+1]``; the CPU schedule.
+
+    Every state of a sample has the same real rows, so the states stack without padding into
+    one batch ``[L+1, n, D]``: a few large operations instead of many small ones, and nothing
+    computed at padded positions."""
+    with torch.inference_mode():
+        n = int(real.sum())
+        if bool(real[:n].all()):  # right padding: the real rows are the first n (a view)
+            x = torch.stack([h[:n] for h in states])
+        else:
+            x = torch.stack([h[real] for h in states])
+        return M.token_metrics_batch(x, torch.ones(x.shape[:2], dtype=torch.bool), opts)
 
 
 def _cores() -> int:
@@ -242,22 +263,27 @@ def _cores() -> int:
 
 
 def pick_schedule(overlap: bool | None, device: torch.device) -> str:
-    """``overlap`` (a worker thread computes batch b's token metrics during batch b+1's
-    forward pass) or ``inline`` (the main thread computes them after each hidden state).
+    """``overlap`` (workers compute batch b's token metrics during batch b+1's forward pass)
+    or ``inline`` (they compute them after batch b's forward pass, which waits for them).
 
     ``overlap=None`` (auto): overlap on an accelerator, and on CPU when the cores this process
-    may use leave the worker as many cores as the forward pass uses
-    (``torch.get_num_threads()``; the worker uses as many intra-op threads, so its reductions
-    round as the main thread's: the same numbers bit for bit). When the forward already keeps
-    the cores busy, a worker only competes with it and the metrics run inline (bench_capture,
-    token metrics on 100 of 256 texts, idle 2-core CPU: at 2 threads overlapped 1.60x the bare
-    pass, inline 1.29x; at 1 thread, a core left free, overlapped 1.05x, inline 1.20x).
+    may use leave the workers as many cores as the forward pass uses
+    (``torch.get_num_threads()``). When the forward already keeps the cores busy, workers
+    only compete with it and the metrics run inline, on every core the forward uses. Either
+    way the numbers are the same, bit for bit (bench/README.md has the measured ratios).
     """
     if overlap is not None:
         return "overlap" if overlap else "inline"
     if device.type != "cpu" or 2 * torch.get_num_threads() <= _cores():
         return "overlap"
     return "inline"
+
+
+def sample_pool(workers: int) -> ThreadPoolExecutor:
+    """The CPU schedule's workers: ``workers`` threads, each computing whole samples with one
+    intra-op thread (so a sample's numbers never depend on how many workers there are)."""
+    return ThreadPoolExecutor(max(1, workers), thread_name_prefix="sftscope-metrics",
+                              initializer=_pin_threads, initargs=(1,))
 
 
 def _pin_threads(threads: int) -> None:
@@ -283,13 +309,17 @@ class _Reducer:
     """Receives hidden states from the hooks and reduces them on their device.
 
     Pooled vectors are written when a batch's forward pass ends; its token metrics when they
-    are ready (at most one batch behind). ``done[r]`` is set once everything of the sample of
-    row ``r`` is written: the checkpoint records it. Rows are the samples ``samples`` in order
-    (all ``n`` when None); token metrics keep the global width ``n_token``."""
+    are ready (at most one batch behind). On CPU, worker threads compute them sample by sample
+    over every hidden state at once (``_sample_metrics``) once the batch's forward pass has
+    ended; on an accelerator, hidden state by hidden state (``_token_metrics``), in one worker
+    thread (overlap) or in the main thread. ``done[r]`` is set once everything of the sample
+    of row ``r`` is written: the checkpoint records it. Rows are the samples ``samples`` in
+    order (all ``n`` when None); token metrics keep the global width ``n_token``."""
 
     def __init__(self, n_states: int, n: int, dim: int, n_token: int,
                  opts: M.MetricOptions, include_padding: bool = False,
-                 schedule: str = "inline", samples: list[int] | None = None) -> None:
+                 schedule: str = "inline", samples: list[int] | None = None,
+                 device_type: str = "cpu") -> None:
         self.rows = None if samples is None else {s: r for r, s in enumerate(samples)}
         n_rows = n if samples is None else len(samples)
         self.pooled_mean = torch.zeros(n_states, n_rows, dim, dtype=torch.float32)
@@ -305,9 +335,16 @@ class _Reducer:
         self.opts = opts
         self.include_padding = include_padding
         self.schedule = schedule
-        self.pool = metrics_thread() if n_token > 0 and schedule == "overlap" else None
+        self.n_states = n_states
+        self.per_sample = device_type == "cpu"
+        self.pool: ThreadPoolExecutor | None = None
+        self.workers = torch.get_num_threads()
+        if n_token > 0 and self.per_sample:
+            self.pool = sample_pool(self.workers)
+        elif n_token > 0 and schedule == "overlap":
+            self.pool = metrics_thread()
         self._current: dict[int, tuple] = {}
-        self._pending: list[tuple[list[int], list[int], dict[int, Any]]] = []
+        self._pending: list[tuple[list[int], list[int], Any]] = []
 
     def row(self, index: list[int]) -> torch.Tensor:
         """Buffer rows of the samples ``index``."""
@@ -323,7 +360,24 @@ class _Reducer:
         self.batch = batch
         self.tok_rows = [r for r, s in enumerate(batch.index) if s < self.n_token]
         self._rows: dict[torch.device, torch.Tensor] = {}
+        self._tok_mask: torch.Tensor | None = None
+        self._whole: bool | None = None  # CPU: whether all states of the batch are held
         self._current = {}
+
+    def _holds_whole_batch(self, hs: torch.Tensor) -> bool:
+        """CPU: whether a batch's token rows at every hidden state (and each worker's float64
+        stack of one sample) fit in ``CPU_STACK_BYTES``; otherwise each state's rows go to the
+        workers as soon as it passes (a large model on a CPU holds one state at a time)."""
+        rows = self.n_states * hs.numel() * hs.element_size()
+        stack = self.n_states * hs.shape[1] * hs.shape[2] * 8 * self.workers
+        return max(rows, stack) <= CPU_STACK_BYTES
+
+    def _submit(self, states: list[torch.Tensor], ms: torch.Tensor) -> list[Future]:
+        """One task per token row: its metrics at the hidden states ``states`` (``[b, T, D]``
+        each, in order)."""
+        assert self.pool is not None
+        return [self.pool.submit(_sample_metrics, [h[r] for h in states], ms[r], self.opts)
+                for r in range(ms.shape[0])]
 
     def __call__(self, j: int, h: torch.Tensor) -> None:
         self.dtype = h.dtype
@@ -338,7 +392,17 @@ class _Reducer:
             ms = self.batch.mask_on(h.device).index_select(0, rows)
             if self.include_padding:
                 ms = torch.ones_like(ms)
-            if self.pool is not None:
+            if self.per_sample:
+                self._tok_mask = ms
+                if self._whole is None:
+                    self._whole = self._holds_whole_batch(hs)
+                if self._whole:
+                    tok = hs  # handed to the workers sample by sample when the batch ends
+                else:
+                    tok = self._submit([hs], ms)
+                    if self.schedule == "inline":
+                        wait(tok)
+            elif self.pool is not None:
                 tok = self.pool.submit(_token_metrics, hs, ms, self.opts)
             else:
                 tok = _token_metrics(hs, ms, self.opts)
@@ -358,22 +422,45 @@ class _Reducer:
             if tok is not None:
                 toks[j] = (tok, grouped)
         self._current = {}
-        self._pending.append((batch.index, self.tok_rows, toks))
+        work: Any = toks
+        if self.per_sample and toks:
+            assert self._tok_mask is not None
+            js = sorted(toks)
+            if self._whole:  # one chunk: every state of each sample
+                chunks = [(js, self._submit([toks[j][0] for j in js], self._tok_mask))]
+            else:  # one chunk per state, submitted as it passed
+                chunks = [([j], toks[j][0]) for j in js]
+            work = (chunks, {j: toks[j][1] for j in js})
+        self._pending.append((batch.index, self.tok_rows, work))
         while len(self._pending) > (1 if self.schedule == "overlap" else 0):
             self._collect(self._pending.pop(0))
 
-    def _collect(self, item: tuple[list[int], list[int], dict[int, Any]]) -> None:
-        index, tok_rows, toks = item
+    def _collect(self, item: tuple[list[int], list[int], Any]) -> None:
+        index, tok_rows, work = item
         if tok_rows:
             tok_idx = torch.tensor([index[r] for r in tok_rows])
-            for j, (tok, grouped) in toks.items():
-                vals = tok.result() if isinstance(tok, Future) else tok
-                for name, val in vals.items():
-                    if name == "sparsity" and grouped is not None:
-                        idx, v = grouped  # the samples whose group just completed
-                        self.token[name][j, idx] = v.to(torch.float64)
-                    else:
-                        self.token[name][j, tok_idx] = val
+            # grouped sparsity (one threshold per group) is written when its group completes
+            skip = "sparsity" if self.opts.sparsity_group > 1 else None
+            grouped_by_layer: dict[int, Any]
+            if isinstance(work, tuple):  # CPU: per chunk of states, one result per sample
+                chunks, grouped_by_layer = work
+                for js, futures in chunks:
+                    layers = torch.tensor(js)
+                    for col, fut in zip(tok_idx.tolist(), futures, strict=True):
+                        for name, val in fut.result().items():
+                            if name != skip:
+                                self.token[name][layers, col] = val.to(torch.float64)
+            else:  # accelerator: one result per layer, every sample
+                grouped_by_layer = {j: g for j, (_, g) in work.items()}
+                for j, (tok, _) in work.items():
+                    vals = tok.result() if isinstance(tok, Future) else tok
+                    for name, val in vals.items():
+                        if name != skip:
+                            self.token[name][j, tok_idx] = val
+            for j, grouped in grouped_by_layer.items():
+                if grouped is not None:
+                    idx, v = grouped
+                    self.token["sparsity"][j, idx] = v.to(torch.float64)
         self.done[self.row(index)] = True
 
     def drain(self) -> None:
@@ -480,7 +567,8 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
     n_tokens = torch.tensor([len(tok.input_ids[i]) for i in samples], dtype=torch.long)
     schedule = pick_schedule(cfg.overlap, model.get_input_embeddings().weight.device)
     red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options(), cfg.include_padding,
-                   schedule=schedule, samples=None if indices is None else samples)
+                   schedule=schedule, samples=None if indices is None else samples,
+                   device_type=model.get_input_embeddings().weight.device.type)
     index = None if indices is None else torch.tensor(samples, dtype=torch.long)
     partial = partial_path(cache_path) if cache_path is not None else None
     resumed = 0

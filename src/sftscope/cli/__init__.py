@@ -90,11 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors are one line and exit status 2, never a traceback."""
     import os
 
+    from sftscope.process import setup_process
     from sftscope.runs import DISK_ERRNOS, disk_error
 
-    # Waiting OpenMP threads sleep instead of spinning (see load/runtime.py): must be set before
+    # Waiting OpenMP threads sleep, freed memory stays in the heap (see process.py): before
     # torch starts its thread pool, which no command has done yet at this point.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    setup_process()
     # sftscope reports progress itself: the hub's and transformers' own bars stay off
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     signal.signal(signal.SIGTERM, _on_sigterm)

@@ -293,7 +293,24 @@ def normalise_entropy(
     return float(s) / norm if norm > 0 else math.nan
 
 
-def _trimmed_spectra(x: Tensor) -> Tensor | None:
+def _gram(x: Tensor, unit: bool = False) -> Tensor:
+    """The smaller Gram of ``x [..., n, D]``: ``x xᵀ`` when ``n <= D``, else ``xᵀ x`` (the same
+    non-zero spectrum). ``unit``: that of ``x`` with rows at unit norm; for ``x xᵀ`` by scaling
+    with its own diagonal, ``k_ij / (|x_i| |x_j|)``, which saves a pass over ``x`` (zero rows
+    stay zero)."""
+    n, d = x.shape[-2:]
+    if n > d:
+        u = unit_rows(x) if unit else x
+        return u.transpose(-1, -2) @ u
+    k = x @ x.transpose(-1, -2)
+    if unit:
+        s = k.diagonal(dim1=-2, dim2=-1).sqrt()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        k = k / (s[..., :, None] * s[..., None, :])
+    return k
+
+
+def _trimmed_spectra(x: Tensor, unit: bool = False) -> Tensor | None:
     """Each sample's spectrum from its own rows up to its last non-zero one, when that costs
     clearly less than the padded batch (CPU: LAPACK decomposes one matrix at a time, in time
     ``~ n^3``, so a batch padded to its longest sample pays for the padding).
@@ -311,14 +328,14 @@ def _trimmed_spectra(x: Tensor) -> Tensor | None:
     for i, n in enumerate(last):
         if n == 0:
             continue
-        xi = x[i, :n]
-        k = xi @ xi.T if n <= d else xi.T @ xi
-        lam[i, :sizes[i]] = eigvalsh(k).flip(-1).clamp_min(0.0)
+        lam[i, :sizes[i]] = eigvalsh(_gram(x[i, :n], unit)).flip(-1).clamp_min(0.0)
     return lam
 
 
-def gram_spectrum_batch(x: Tensor, n_rows: Tensor, ridge: float = 0.0) -> Tensor:
-    """Spectrum of each sample's ``X_n X_nᵀ + ridge I_{T_n}`` from zero-padded rows ``x [B,T,D]``.
+def gram_spectrum_batch(x: Tensor, n_rows: Tensor, ridge: float = 0.0,
+                        unit: bool = False) -> Tensor:
+    """Spectrum of each sample's ``X_n X_nᵀ + ridge I_{T_n}`` from zero-padded rows ``x [B,T,D]``
+    (``unit``: of ``X̂_n``, its rows at unit norm).
 
     ``x`` holds each sample's real rows with every other row exactly zero, so the padded Gram's
     spectrum is the sample's spectrum plus zeros. Uses the ``T x T`` Gram when ``T <= D`` and the
@@ -327,10 +344,11 @@ def gram_spectrum_batch(x: Tensor, n_rows: Tensor, ridge: float = 0.0) -> Tensor
     """
     x = to_f64(x)
     b, t, d = x.shape
-    lam = _trimmed_spectra(x) if x.device.type == "cpu" and b > 1 else None
+    # trimming pays on CPU for a padded batch (a batch without padding has nothing to trim)
+    ragged = x.device.type == "cpu" and b > 1 and int(n_rows.min()) < t
+    lam = _trimmed_spectra(x, unit) if ragged else None
     if lam is None:
-        k = x @ x.transpose(1, 2) if t <= d else x.transpose(1, 2) @ x
-        lam = eigvalsh(k).flip(-1).clamp_min(0.0)  # descending, [B, min(T, D)]
+        lam = eigvalsh(_gram(x, unit)).flip(-1).clamp_min(0.0)  # descending, [B, min(T, D)]
     if lam.shape[-1] < t:
         lam = torch.cat([lam, lam.new_zeros((b, t - lam.shape[-1]))], dim=-1)
     lam = lam.to(x.device)
@@ -343,14 +361,15 @@ def gram_spectrum_batch(x: Tensor, n_rows: Tensor, ridge: float = 0.0) -> Tensor
 def _prompt_raw(h: Tensor, mask: Tensor, opts: MetricOptions) -> tuple[Tensor, Tensor]:
     """Unnormalised prompt entropy ``[B]`` and real-row counts ``[B]`` of a padded batch."""
     m = _check_mask(h, mask)
-    h64 = to_f64(h)
-    # where, not multiply: padded slots may hold NaN/inf (fully masked attention rows)
-    zero = torch.zeros((), dtype=h64.dtype, device=h64.device)
-    x = torch.where(m.to(h64.device)[..., None], unit_rows(h64), zero)
+    x = to_f64(h)
+    m = m.to(x.device)
+    if not bool(m.all()):
+        # where, not multiply: padded slots may hold NaN/inf (fully masked attention rows)
+        x = torch.where(m[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     n_rows = m.sum(dim=1)
     # the ridge is defined on X̂X̂ᵀ / D (research code); entropy ignores the scale, so it is
     # ridge * D on X̂X̂ᵀ
-    lam = gram_spectrum_batch(x, n_rows, opts.ridge * h.shape[-1])
+    lam = gram_spectrum_batch(x, n_rows, opts.ridge * h.shape[-1], unit=True)
     return alpha_entropy_batch(lam, opts.alpha), n_rows
 
 
@@ -395,10 +414,10 @@ def _dataset_raw(z: Tensor, opts: MetricOptions) -> float:
     if z.ndim != 2:
         raise SftscopeError(f"expected pooled states [N, D], got shape {tuple(z.shape)}")
     n, d = z.shape
-    zn = unit_rows(to_f64(z))[None]
+    z64 = to_f64(z)[None]
     # research code: ẐẐᵀ / D + ridge I when N <= D; sigma(Ẑ)^2 without a ridge when N > D
     ridge = opts.dataset_ridge * d if n <= d else 0.0
-    lam = gram_spectrum_batch(zn, torch.tensor([n], device=zn.device), ridge)
+    lam = gram_spectrum_batch(z64, torch.tensor([n], device=z64.device), ridge, unit=True)
     return float(alpha_entropy_batch(lam, opts.alpha)[0])
 
 

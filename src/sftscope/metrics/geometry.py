@@ -52,12 +52,25 @@ def pool_batch(h: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
 
 
 def _masked_abs(h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``|h|`` in float64 with every excluded position exactly 0, and the mask on its device."""
+    """``|h|`` in the states' own float dtype (exact) with every excluded position exactly 0,
+    and the mask on its device."""
     m = _check_mask(h, mask)
-    h64 = to_f64(h)
-    m = m.to(h64.device)
-    zero = torch.zeros((), dtype=h64.dtype, device=h64.device)
-    return torch.where(m[..., None], h64.abs(), zero), m
+    a = (h if h.is_floating_point() else h.to(torch.float64)).abs()
+    if bool(m.all()):
+        return a, m
+    return torch.where(m[..., None], a, torch.zeros((), dtype=a.dtype, device=a.device)), m
+
+
+def _below(a: Tensor, thr: Tensor) -> Tensor:
+    """``a < thr`` for ``a`` of any float dtype against float64 thresholds ``thr`` (broadcast),
+    exactly as if ``a`` were converted to float64, without converting it: each threshold is
+    rounded up to the next value of ``a``'s dtype (no value of that dtype lies between)."""
+    if a.dtype == torch.float64:
+        return a < thr
+    t = thr.to(a.dtype)
+    t = torch.where(t.to(torch.float64) < thr, torch.nextafter(t, torch.full_like(t, math.inf)),
+                    t)
+    return a < t
 
 
 def sparsity_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None,
@@ -67,11 +80,13 @@ def sparsity_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None,
     How many near-zero coordinates a layer's states have (float64; NaN where ``T_n == 0``).
     ``max|x|`` is the sample's own, or with ``groups`` (an id per sample, ``[B]``) the maximum
     over all samples of its group in this batch (the research code's batch-wide threshold).
-    An all-zero sample gives 0 (strict ``<`` against a zero threshold).
+    An all-zero sample gives 0 (strict ``<`` against a zero threshold). Counted in the states'
+    own dtype, exactly: ``|x|`` and its maximum are exact there, the threshold ``eps * max|x|``
+    is float64.
     """
     opts = opts or MetricOptions()
     a, m = _masked_abs(h, mask)
-    smax = a.amax(dim=(1, 2))
+    smax = a.amax(dim=(1, 2)).to(torch.float64)
     if groups is not None:
         g = torch.as_tensor(groups, device=a.device).long()
         if g.shape != smax.shape:
@@ -81,7 +96,9 @@ def sparsity_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None,
         gmax = smax.new_zeros(int(inv.max()) + 1).scatter_reduce(0, inv, smax, "amax")
         smax = gmax[inv]
     thr = opts.sparsity_eps * smax
-    small = ((a < thr[:, None, None]) & m[..., None]).sum(dim=(1, 2)).to(torch.float64)
+    # excluded positions are 0 in ``a``: below any threshold > 0, so they are taken off again
+    small = _below(a, thr[:, None, None]).sum(dim=(1, 2), dtype=torch.int64)
+    small = (small - torch.where(thr > 0, (~m).sum(dim=1) * a.shape[-1], 0)).to(torch.float64)
     total = m.sum(dim=1).to(torch.float64) * h.shape[-1]
     return torch.where(total > 0, small / total.clamp_min(1.0), torch.nan)
 
@@ -165,10 +182,15 @@ class SparsityGroups:
 
 def _angle(a: Tensor, b: Tensor) -> Tensor:
     """Angle between unit vectors, ``2 atan2(|a-b|, |a+b|)``: arccos(a·b) without its
-    loss of precision near 0 and pi."""
-    return 2.0 * torch.atan2(
-        torch.linalg.vector_norm(a - b, dim=-1), torch.linalg.vector_norm(a + b, dim=-1)
-    )
+    loss of precision near 0 and pi. ``|a+b|`` is ``sqrt(4 - |a-b|^2)`` (unit vectors), which
+    saves two passes over the vectors; near pi, where that loses digits, it is measured."""
+    diff = torch.linalg.vector_norm(a - b, dim=-1)
+    s2 = 4.0 - diff * diff
+    summ = s2.clamp_min(0.0).sqrt()
+    near = s2 < 0.25  # |a+b| < 1/2: an angle within 0.51 rad of pi
+    if bool(near.any()):
+        summ = summ.index_put((near,), torch.linalg.vector_norm(a[near] + b[near], dim=-1))
+    return 2.0 * torch.atan2(diff, summ)
 
 
 _COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity's floor on each norm
@@ -192,7 +214,7 @@ def curvature_batch(h: Tensor, mask: Tensor,
     b, t, _ = h.shape
     n_rows = m.sum(dim=1)
     x = to_f64(h)
-    if t > 1 and bool((m[:, 1:] & ~m[:, :-1]).any()):
+    if t > 1 and not bool(m.all()) and bool((m[:, 1:] & ~m[:, :-1]).any()):
         # real tokens not already first (left padding, holes): move them to the front, in
         # order (stable sort), so any padding layout works
         order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
@@ -248,11 +270,14 @@ def token_metrics_batch(h: Tensor, mask: Tensor,
     undefined): prompt entropy (and its further normalisations), sparsity (each sample's own
     threshold: group across batches with ``SparsityGroups``) and curvature."""
     opts = opts or MetricOptions()
+    spars = sparsity_batch(h, mask, opts)  # exact in the states' own dtype
+    h = to_f64(h)  # one float64 copy feeds the rest
     out = prompt_entropies_batch(h, mask, opts)
-    out["sparsity"] = sparsity_batch(h, mask, opts)
+    out["sparsity"] = spars
     curv, valid = curvature_batch(h, mask, opts)
     out["curvature"] = torch.where(valid, curv, torch.full_like(curv, math.nan))
     return {k: out[k] for k in token_metric_names(opts)}
+
 
 
 # ----------------------------------------------------------------------------- pair metrics
