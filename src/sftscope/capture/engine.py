@@ -33,6 +33,7 @@ class HookedBatch:
         self.index = list(index)                # positions of the rows in the tokenized set
         self.mask = attention_mask.bool()       # [B, T] bool, CPU
         self._on: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._sum: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -60,16 +61,36 @@ class HookedBatch:
 
         return self._cached("last", device, make)
 
-    def masked(self, h: torch.Tensor) -> torch.Tensor:
-        """``h`` as float32 with every padded position exactly 0 (``torch.where``)."""
-        return torch.where(self.mask_on(h.device)[..., None], h.float(), 0.0)
+    def real_sum(self, h: torch.Tensor) -> torch.Tensor:
+        """Sum of ``h`` over each row's real positions -> ``[B, D]`` float32, kept for the
+        state last asked about (the NaN guard and the pooling share it).
+
+        On CPU one pass: the mask as weights in a batched product, which is right unless a
+        position holds NaN or Inf (0 * NaN is NaN); then the padded positions are zeroed with
+        ``torch.where`` first, so NaN there never counts. On an accelerator (where testing
+        would synchronise every state) they always are."""
+        if self._sum is not None and self._sum[0] is h:
+            return self._sum[1]
+        hf = h.float()
+        if h.device.type == "cpu":
+            w = self._cached("weights", h.device, lambda: self.mask[:, None, :].float())
+            s = torch.bmm(w, hf).squeeze(1)
+            if not bool(torch.isfinite(s).all()):  # the same product, padded positions zeroed:
+                # the same numbers, bit for bit, when only a padded position was not finite
+                s = torch.bmm(w, torch.where(self.mask_on(h.device)[..., None], hf, 0.0))
+                s = s.squeeze(1)
+        else:
+            s = torch.where(self.mask_on(h.device)[..., None], hf, 0.0).sum(1)
+        self._sum = (h, s)
+        return s
 
     def pool(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked mean and last real token of ``h`` -> ``([B, D], [B, D])`` float32."""
-        hf = self.masked(h)
-        mean = hf.sum(1) / self.count_on(h.device)[:, None].to(hf.dtype)
-        last = hf[torch.arange(hf.shape[0], device=h.device), self.last_on(h.device)]
-        return mean, last
+        mean = self.real_sum(h) / self.count_on(h.device)[:, None].to(torch.float32)
+        rows = torch.arange(h.shape[0], device=h.device)
+        at = self.last_on(h.device)
+        real = self.mask_on(h.device)[rows, at][:, None]  # False only for a row without tokens
+        return mean, torch.where(real, h[rows, at].float(), 0.0)
 
 
 class Reducer(Protocol):
@@ -108,10 +129,9 @@ class _FiniteGuard:
         self.dtype = torch.float32
 
     def check(self, j: int, h: torch.Tensor, batch: HookedBatch) -> None:
-        # a float32 row sum is non-finite iff some entry is (no overflow at these sizes)
-        rows = h.sum(-1, dtype=torch.float32)
-        real = torch.where(batch.mask_on(h.device), rows, 0.0)
-        self.flags[j] = ~torch.isfinite(real).all(-1)
+        # a float32 sum over the real positions is non-finite iff some entry there is (no
+        # overflow at these sizes); the pooling reuses that sum
+        self.flags[j] = ~torch.isfinite(batch.real_sum(h)).all(-1)
         self.dtype = h.dtype
 
     def raise_if_bad(self, batch: HookedBatch, label: str) -> None:
