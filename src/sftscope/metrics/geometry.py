@@ -66,11 +66,11 @@ def _below(a: Tensor, thr: Tensor) -> Tensor:
     exactly as if ``a`` were converted to float64, without converting it: each threshold is
     rounded up to the next value of ``a``'s dtype (no value of that dtype lies between)."""
     if a.dtype == torch.float64:
-        return a < thr
-    t = thr.to(a.dtype)
+        return a < thr.to(a.device)
+    t = thr.to(a.dtype)  # on thr's device (the CPU where a's device has no float64)
     t = torch.where(t.to(torch.float64) < thr, torch.nextafter(t, torch.full_like(t, math.inf)),
                     t)
-    return a < t
+    return a < t.to(a.device)
 
 
 def sparsity_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None,
@@ -86,9 +86,9 @@ def sparsity_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None,
     """
     opts = opts or MetricOptions()
     a, m = _masked_abs(h, mask)
-    smax = a.amax(dim=(1, 2)).to(torch.float64)
+    smax = to_f64(a.amax(dim=(1, 2)))  # exact; on CPU where the device has no float64
     if groups is not None:
-        g = torch.as_tensor(groups, device=a.device).long()
+        g = torch.as_tensor(groups, device=smax.device).long()
         if g.shape != smax.shape:
             raise SftscopeError(f"groups must have one id per sample ({smax.shape[0]}), got "
                                 f"{tuple(g.shape)}")
@@ -97,9 +97,10 @@ def sparsity_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = None,
         smax = gmax[inv]
     thr = opts.sparsity_eps * smax
     # excluded positions are 0 in ``a``: below any threshold > 0, so they are taken off again
-    small = _below(a, thr[:, None, None]).sum(dim=(1, 2), dtype=torch.int64)
-    small = (small - torch.where(thr > 0, (~m).sum(dim=1) * a.shape[-1], 0)).to(torch.float64)
-    total = m.sum(dim=1).to(torch.float64) * h.shape[-1]
+    small = _below(a, thr[:, None, None]).sum(dim=(1, 2), dtype=torch.int64).to(thr.device)
+    excluded = (~m).sum(dim=1).to(thr.device) * a.shape[-1]
+    small = (small - torch.where(thr > 0, excluded, 0)).to(torch.float64)
+    total = m.sum(dim=1).to(thr.device).to(torch.float64) * h.shape[-1]
     return torch.where(total > 0, small / total.clamp_min(1.0), torch.nan)
 
 
