@@ -21,12 +21,12 @@ import resource
 import statistics
 import time
 
-from sftscope.process import tune_malloc  # noqa: E402
+from sftscope.process import setup_process, tune_malloc  # noqa: E402
 
 os.environ.setdefault("SFTSCOPE_NO_PROGRESS", "1")
-# as the CLI sets up its process (process.py); set OMP_WAIT_POLICY to compare another policy,
-# --no-tune-malloc to leave malloc as it is
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# as the CLI sets up its process (process.py): the wait policy now, before torch loads (set
+# OMP_WAIT_POLICY to compare another one); malloc once the flags are read (--no-tune-malloc)
+setup_process(malloc=False)
 
 import torch  # noqa: E402
 

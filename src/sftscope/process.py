@@ -24,22 +24,18 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20)
     """Make glibc keep freed memory for reuse; True where that took effect (glibc only: not on
     macOS or musl)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
+    try:  # the process's own symbols: no search for the library (find_library may run ldconfig)
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018  (glibc only: mallopt's codes are its own)
-    except (OSError, AttributeError):
+    except (OSError, TypeError, AttributeError):
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
-def setup_process() -> bool:
-    """Apply both settings (an ``OMP_WAIT_POLICY`` already set is kept); returns whether
-    malloc was tuned. Call before torch is imported."""
+def setup_process(malloc: bool = True) -> bool:
+    """Apply both settings (an ``OMP_WAIT_POLICY`` already set is kept; ``malloc=False``: the
+    wait policy only); returns whether malloc was tuned. Call before torch is imported."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return tune_malloc()
+    return tune_malloc() if malloc else False

@@ -565,10 +565,10 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
     n_blocks = len(get_blocks(model))
     dim = int(model.get_input_embeddings().weight.shape[1])
     n_tokens = torch.tensor([len(tok.input_ids[i]) for i in samples], dtype=torch.long)
-    schedule = pick_schedule(cfg.overlap, model.get_input_embeddings().weight.device)
+    device = model.get_input_embeddings().weight.device
     red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options(), cfg.include_padding,
-                   schedule=schedule, samples=None if indices is None else samples,
-                   device_type=model.get_input_embeddings().weight.device.type)
+                   schedule=pick_schedule(cfg.overlap, device),
+                   samples=None if indices is None else samples, device_type=device.type)
     index = None if indices is None else torch.tensor(samples, dtype=torch.long)
     partial = partial_path(cache_path) if cache_path is not None else None
     resumed = 0

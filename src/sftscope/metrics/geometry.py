@@ -280,7 +280,6 @@ def token_metrics_batch(h: Tensor, mask: Tensor,
     return {k: out[k] for k in token_metric_names(opts)}
 
 
-
 # ----------------------------------------------------------------------------- pair metrics
 
 
