@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from sftscope.load.sources import (  # noqa: F401  (re-exported: the checkpoint 
     TensorInfo,
     looks_like_path,
     pickle_error,
+    read_config_json,
     read_header,
     weight_files,
 )
@@ -82,10 +82,7 @@ def read_config(folder: Path) -> Any:
     try:
         return AutoConfig.from_pretrained(str(folder))
     except Exception:  # unknown model_type / custom code: the JSON is enough for us
-        try:
-            return SimpleNamespace(**json.loads(cfg_path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise SftscopeError(f"{cfg_path} is not valid JSON ({e})") from e
+        return SimpleNamespace(**read_config_json(folder))
 
 
 def canonical_name(name: str, spec: ArchSpec | None) -> str:

@@ -42,20 +42,26 @@ def looks_like_path(spec: str) -> bool:
             or not _HUB_ID.match(s))
 
 
-def read_config_json(folder: str | Path) -> dict[str, Any]:
-    """``config.json`` of a model folder as a dict, with one clear error when it is unusable."""
-    path = Path(expand(str(folder))) / "config.json"
+def _json_object(path: Path, missing: str, repair: str) -> dict[str, Any]:
+    """The JSON object in ``path``; one line naming the file otherwise: ``missing`` when it is
+    not there, and what is wrong plus ``repair`` when it cannot be read or holds no object."""
     if not path.is_file():
-        raise SftscopeError(f"model folder {folder} has no config.json; point at a Hugging Face "
-                            f"model folder (save_pretrained output)")
+        raise SftscopeError(missing)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SftscopeError(f"{path} could not be read ({type(e).__name__}: {e}); "
-                            f"repair or re-save the model") from e
+                            f"{repair}") from e
     if not isinstance(cfg, dict):
-        raise SftscopeError(f"{path} is not a JSON object; repair or re-save the model")
+        raise SftscopeError(f"{path} is not a JSON object; {repair}")
     return cfg
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of a model folder as a dict, with one clear error when it is unusable."""
+    return _json_object(Path(expand(str(folder))) / "config.json",
+                        f"model folder {folder} has no config.json; point at a Hugging Face "
+                        f"model folder (save_pretrained output)", "repair or re-save the model")
 
 
 def get_key(cfg: Any, keys: tuple[str, ...]) -> Any:
@@ -345,17 +351,10 @@ def adapter_folder(adapter: str | Path) -> Path:
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """``adapter_config.json`` as a dict (one clear error when missing or not JSON)."""
-    path = Path(folder) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise SftscopeError(f"adapter folder {folder} has no {ADAPTER_CONFIG}; point --adapter "
-                            f"at a PEFT LoRA folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SftscopeError(f"{path} is not valid JSON ({e}); re-save the adapter") from e
-    if not isinstance(cfg, dict):
-        raise SftscopeError(f"{path} is not a JSON object; re-save the adapter")
-    return cfg
+    return _json_object(Path(folder) / ADAPTER_CONFIG,
+                        f"adapter folder {folder} has no {ADAPTER_CONFIG}; point --adapter at a "
+                        f"PEFT LoRA folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})",
+                        "re-save the adapter")
 
 
 def _read_json_or_empty(path: Path) -> dict[str, Any]:
