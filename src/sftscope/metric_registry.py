@@ -9,16 +9,25 @@ value and its interval must lie in, e.g. ``(0, 1)`` for an accuracy or a probabi
 The report (figures, findings, verdicts) and the sweep (ranking masks) both ask this module:
 there is no other list of loss-like names. A name that is not registered gets a spec from
 explicit name rules (``delta_<metric>``, ``sv<i>``, ``*_accuracy``, ``*correct``, names with a
-``loss``/``nll``/``ppl``/``perplexity``/``error`` word); adding a metric = adding one entry.
+``loss``/``nll``/``ppl``/``perplexity``/``error`` word).
 
-Pure Python: no torch, so the report and the CLI can import it cheaply.
+A metric that analyze computes is declared once, on its function, with
+:func:`register_metric` (as lm-eval's ``register_metric``): the decorator records its spec and
+the function at its level (``token``: per sample from a padded batch; ``dataset``: from one
+layer's pooled matrix; ``pair``: from the base and SFT pooled matrices). The capture, analyze's
+tables and ``delta_`` rows and the report's panels are built from these declarations; the
+functions themselves live in :mod:`sftscope.metrics` (importing it registers them).
+Scores of other commands (accuracy, loss, weights, suggest signals) are the entries below.
+
+Pure Python: no torch, so the CLI can import it cheaply.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 KINDS = ("pair", "single", "weight", "accuracy", "agreement", "probability", "loss",
          "perplexity", "rank", "signal", "unknown")
@@ -61,30 +70,6 @@ def _m(name: str, kind: str, direction: str | None = None, log: bool = False, or
 
 
 _ENTRIES: list[MetricSpec] = [
-    # analyze: base-vs-SFT pair metrics (metrics.csv, model = pair), Fig. 1 order
-    _m("cka", "pair", order=10, label="CKA", bounds=UNIT),
-    _m("cosine_similarity", "pair", order=20, label="cosine similarity", bounds=(-1.0, 1.0)),
-    _m("mean_shift", "pair", log=True, order=30, label="mean shift", bounds=(0.0, None)),
-    _m("mean_shift_relative", "pair", order=40, label="relative mean shift",
-       bounds=(0.0, None)),
-    _m("cka_unbiased", "pair", order=50, label="CKA (unbiased)"),
-    # analyze: single-model metrics (model = base / sft), Fig. 2 order
-    _m("effective_rank_norm", "single", order=10, label="effective rank / min(N, D)",
-       bounds=UNIT),
-    _m("prompt_entropy", "single", order=20, label="prompt entropy", bounds=(0.0, None)),
-    _m("dataset_entropy", "single", order=30, label="dataset entropy", bounds=(0.0, None)),
-    _m("spectral_norm", "single", log=True, order=40, label="spectral norm", bounds=(0.0, None)),
-    _m("condition_number", "single", log=True, order=50, label="condition number",
-       bounds=(0.0, None)),
-    _m("effective_rank", "single", order=60, label="effective rank", bounds=(0.0, None)),
-    _m("rank_deficiency", "single", order=70, label="rank deficiency", bounds=(0.0, None)),
-    _m("rank_deficiency_frac", "single", order=80, label="rank deficiency (fraction)",
-       bounds=UNIT),
-    _m("l2_norm", "single", order=90, label="L2 norm", bounds=(0.0, None)),
-    _m("l2_norm_std", "single", order=91, label="L2 norm std over samples", bounds=(0.0, None)),
-    _m("l2_norm_cv", "single", order=92, label="L2 norm CV (std / mean)", bounds=(0.0, None)),
-    _m("sparsity", "single", order=100, label="sparsity", bounds=UNIT),
-    _m("curvature", "single", order=110, label="curvature (rad)", bounds=(0.0, None)),
     # weights.csv
     _m("relative", "weight", order=10, label="relative change", bounds=(0.0, None),
        table="weights"),
@@ -160,6 +145,74 @@ def register(spec: MetricSpec) -> MetricSpec:
     """Add or replace an entry (for metrics of new tasks)."""
     REGISTRY[(spec.table, spec.name)] = spec
     return spec
+
+
+LEVELS = ("token", "dataset", "pair")
+
+
+@dataclass(frozen=True)
+class MetricFunction:
+    """A registered metric function: ``fn`` returns the metric's value, or a dict of it and its
+    ``variants`` (further names it produces under given options, e.g. entropy normalisations).
+
+    ``token``: ``fn(batch) -> [B]`` per-sample values of a padded batch (``metrics.TokenBatch``);
+    ``dataset``: ``fn(layer) -> float`` of one layer's pooled matrix (``metrics.PooledLayer``);
+    ``pair``: ``fn(zb, zs, opts) -> float`` of the base and SFT pooled matrices."""
+
+    name: str
+    level: str
+    fn: Callable[..., Any]
+    variants: Callable[[Any], Iterable[str]] | None = None
+
+    def names(self, opts: Any) -> tuple[str, ...]:
+        """Every name this function returns under ``opts``: its own, then its variants."""
+        return (self.name, *(self.variants(opts) if self.variants else ()))
+
+    def compute(self, *args: Any) -> dict[str, Any]:
+        """name -> value (the function's own name when it returns one value)."""
+        out = self.fn(*args)
+        return dict(out) if isinstance(out, dict) else {self.name: out}
+
+
+FUNCTIONS: dict[str, dict[str, MetricFunction]] = {level: {} for level in LEVELS}
+
+
+def register_metric(name: str, *, level: str, kind: str = "single", direction: str | None = None,
+                    log: bool = False, order: int = 1000, label: str = "",
+                    bounds: tuple[float | None, float | None] = (None, None),
+                    variants: Callable[[Any], Iterable[str]] | None = None
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: declare the function below as the metric ``name`` at ``level`` with its
+    display spec. Analyze computes it, writes its rows (and ``delta_`` rows), and the report
+    draws it; nothing else needs editing."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+
+    def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+        register(MetricSpec(name, kind, direction, log, order, label, bounds))
+        FUNCTIONS[level][name] = MetricFunction(name, level, fn, variants)
+        return fn
+
+    return declare
+
+
+def unregister_metric(name: str) -> None:
+    """Remove a metric declared with :func:`register_metric` (tests, plugins)."""
+    for funcs in FUNCTIONS.values():
+        funcs.pop(name, None)
+    REGISTRY.pop((None, name), None)
+
+
+def metric_functions(level: str) -> list[MetricFunction]:
+    """The functions declared at ``level``, in declaration order."""
+    return list(FUNCTIONS[level].values())
+
+
+def metric_names(level: str, opts: Any = None) -> tuple[str, ...]:
+    """Every name the functions of ``level`` produce under ``opts``: the metrics in
+    declaration order, then their variants."""
+    funcs = metric_functions(level)
+    return (*(f.name for f in funcs), *(v for f in funcs for v in f.names(opts)[1:]))
 
 
 def metric_spec(name: object, table: str | None = None) -> MetricSpec:

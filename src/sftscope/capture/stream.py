@@ -49,7 +49,6 @@ from sftscope.io import atomic_path, stable_hash
 from sftscope.load.arch import get_blocks
 from sftscope.load.data import TokenizedSet
 
-TOKEN_METRICS = ("prompt_entropy", "sparsity", "curvature")
 FORMAT_VERSION = 2
 CPU_STACK_BYTES = 512 << 20  # CPU: most a batch's token rows at all states may take
 

@@ -59,20 +59,12 @@ from sftscope.load.models import (
 )
 from sftscope.load.runtime import dtype_name, model_bytes, release, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
+from sftscope.metric_registry import MetricFunction, metric_functions
 from sftscope.parallel import Group, empty_like_table, join
 from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
 
 __all__ = ["AnalyzeConfig", "analyze", "correlation_table", "pair_table", "single_model_table"]
-
-DATASET_METRICS = ("dataset_entropy", "effective_rank", "effective_rank_norm", "rank_deficiency",
-                   "rank_deficiency_frac", "spectral_norm", "condition_number", "l2_norm",
-                   "l2_norm_std", "l2_norm_cv")
-
-
-def _is_dataset_metric(name: str) -> bool:
-    return name in DATASET_METRICS or name.startswith("dataset_entropy_")
-
 
 def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
     return M.get_options(cfg.preset, alpha=cfg.entropy_alpha, normalisation=cfg.normalisation,
@@ -203,18 +195,13 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
     rows = []
     for j in range(rb.n_states):
         zb, zs = rb.pooled(opts.pooling)[j], rs.pooled(opts.pooling)[j]
-        vals = {
-            "cka": M.cka(zb, zs, unbiased=opts.cka_unbiased),
-            "cosine_similarity": M.cosine_similarity(zb, zs),
-            "mean_shift": M.mean_shift(zb, zs),
-            "mean_shift_relative": M.mean_shift_relative(zb, zs),
-        }
-        for name, v in vals.items():
-            lo = hi = float("nan")
-            if bootstrap and zb.shape[0] > 3:
-                fn = _pair_fn(name, zb, zs, opts)
-                lo, hi = M.bootstrap_ci(fn, n=zb.shape[0], n_boot=bootstrap, seed=seed)
-            rows.append((j, name, label, float(v), lo, hi))
+        for metric in metric_functions("pair"):
+            for name, v in metric.compute(M.PooledPair(zb, zs, opts)).items():
+                lo = hi = float("nan")
+                if bootstrap and zb.shape[0] > 3:
+                    fn = _pair_fn(metric, name, zb, zs, opts)
+                    lo, hi = M.bootstrap_ci(fn, n=zb.shape[0], n_boot=bootstrap, seed=seed)
+                rows.append((j, name, label, float(v), lo, hi))
         for name in rb.token:  # sample-level delta: mean of per-sample differences
             if name not in rs.token:
                 continue
@@ -226,19 +213,22 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
     a, b = models
     single = single[single["model"].isin(models)]
     wide = single.pivot_table(index=["layer", "metric"], columns="model", values="value")
+    dataset = set(M.dataset_metric_names(opts))
     for (j, name), r in wide.iterrows():
-        if _is_dataset_metric(name) and {a, b} <= set(r.index):
+        if name in dataset and {a, b} <= set(r.index):
             rows.append((j, f"delta_{name}", label, float(r[b] - r[a]),
                          float("nan"), float("nan")))
     return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
 
 
-def _pair_fn(name: str, zb: torch.Tensor, zs: torch.Tensor, opts: M.MetricOptions):
-    fns = {"cka": lambda a, b: M.cka(a, b, unbiased=opts.cka_unbiased),
-           "cosine_similarity": M.cosine_similarity, "mean_shift": M.mean_shift,
-           "mean_shift_relative": M.mean_shift_relative}
-    f = fns[name]
-    return lambda idx: float(f(zb[torch.as_tensor(idx)], zs[torch.as_tensor(idx)]))
+def _pair_fn(metric: MetricFunction, name: str, zb: torch.Tensor, zs: torch.Tensor,
+             opts: M.MetricOptions):
+    """``name`` (of the registered pair function ``metric``) on the rows ``idx`` (a bootstrap
+    resample)."""
+    def of(idx) -> float:
+        rows = torch.as_tensor(idx)
+        return float(metric.compute(M.PooledPair(zb[rows], zs[rows], opts))[name])
+    return of
 
 
 def correlation_table(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from sftscope.metrics.entropy import (
     NORMALISATIONS,
     PRESETS,
     MetricOptions,
+    TokenBatch,
     alpha_entropy,
     alpha_entropy_batch,
     dataset_entropies,
@@ -29,6 +30,7 @@ from sftscope.metrics.entropy import (
 )
 from sftscope.metrics.geometry import (
     CKAAccumulator,
+    PooledPair,
     SparsityGroups,
     cka,
     cosine_similarity,
@@ -40,6 +42,7 @@ from sftscope.metrics.geometry import (
     l2_norm_spread,
     mean_shift,
     mean_shift_relative,
+    pair_metrics,
     pool_batch,
     sparsity,
     sparsity_batch,
@@ -56,7 +59,9 @@ from sftscope.metrics.lowrank import (
     spectrum_metrics,
 )
 from sftscope.metrics.spectral import (
+    PooledLayer,
     condition_number,
+    dataset_metric_names,
     dataset_metrics,
     effective_rank,
     rank_deficiency,
@@ -74,6 +79,11 @@ from sftscope.metrics.stats import (
 )
 
 __all__ = [
+    "dataset_metric_names",
+    "PooledLayer",
+    "pair_metrics",
+    "PooledPair",
+    "TokenBatch",
     "CKAAccumulator",
     "MetricOptions",
     "NORMALISATIONS",

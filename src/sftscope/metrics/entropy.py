@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from sftscope.errors import SftscopeError
+from sftscope.metric_registry import register_metric
 
 NORMALISATIONS = ("max", "logN", "logD", "logNlogD", "raw")
 ERANK_WEIGHTS = ("sigma", "sigma2")
@@ -151,6 +153,19 @@ def to_f64(x: Tensor) -> Tensor:
         return x.to(torch.float64)
     except (RuntimeError, TypeError):
         return x.detach().cpu().to(torch.float64)
+
+
+class TokenBatch:
+    """What a ``token``-level metric function receives: the padded states ``h [B, T, D]`` in
+    their own dtype, the real-token ``mask [B, T]``, the options, and one float64 copy of the
+    states shared by every metric that needs it (made on first use)."""
+
+    def __init__(self, h: Tensor, mask: Tensor, opts: MetricOptions | None = None) -> None:
+        self.h, self.mask, self.opts = h, mask, opts or MetricOptions()
+
+    @cached_property
+    def h64(self) -> Tensor:
+        return to_f64(self.h)
 
 
 def eigvalsh(k: Tensor) -> Tensor:
@@ -389,6 +404,16 @@ def prompt_entropy_batch(h: Tensor, mask: Tensor, opts: MetricOptions | None = N
     opts = opts or MetricOptions()
     s, n_rows = _prompt_raw(h, mask, opts)
     return _normalised(s, n_rows, h.shape[-1], opts.normalisation)
+
+
+def _prompt_variants(opts: MetricOptions | None) -> tuple[str, ...]:
+    return tuple(f"prompt_entropy_{how}" for how in (opts or MetricOptions()).extra_normalisations)
+
+
+@register_metric("prompt_entropy", level="token", order=20, label="prompt entropy",
+                 bounds=(0.0, None), variants=_prompt_variants)
+def _prompt_entropy_metric(batch: TokenBatch) -> dict[str, Tensor]:
+    return prompt_entropies_batch(batch.h64, batch.mask, batch.opts)
 
 
 def prompt_entropies_batch(h: Tensor, mask: Tensor,

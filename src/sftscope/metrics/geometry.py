@@ -15,12 +15,13 @@ import torch
 from torch import Tensor
 
 from sftscope.errors import SftscopeError
+from sftscope.metric_registry import UNIT, metric_functions, metric_names, register_metric
 from sftscope.metrics.entropy import (
     MetricOptions,
+    TokenBatch,
     _as_samples,
     _check_mask,
     pad_samples,
-    prompt_entropies_batch,
     to_f64,
 )
 
@@ -258,26 +259,35 @@ def curvature(xs: Tensor | Sequence[Tensor],
 # ----------------------------------------------------------------------------- token metrics
 
 
+@register_metric("sparsity", level="token", order=100, label="sparsity", bounds=UNIT)
+def _sparsity_metric(batch: TokenBatch) -> Tensor:
+    return sparsity_batch(batch.h, batch.mask, batch.opts)  # exact in the states' own dtype
+
+
+@register_metric("curvature", level="token", order=110, label="curvature (rad)",
+                 bounds=(0.0, None))
+def _curvature_metric(batch: TokenBatch) -> Tensor:
+    curv, valid = curvature_batch(batch.h64, batch.mask, batch.opts)
+    return torch.where(valid, curv, torch.full_like(curv, math.nan))
+
+
 def token_metric_names(opts: MetricOptions | None = None) -> tuple[str, ...]:
-    """Names ``token_metrics_batch`` returns for ``opts``, in a stable order."""
-    opts = opts or MetricOptions()
-    extra = tuple(f"prompt_entropy_{how}" for how in opts.extra_normalisations)
-    return ("prompt_entropy", "sparsity", "curvature", *extra)
+    """Names ``token_metrics_batch`` returns for ``opts``, in a stable order: every registered
+    ``token`` metric, then their variants."""
+    return metric_names("token", opts or MetricOptions())
 
 
 def token_metrics_batch(h: Tensor, mask: Tensor,
                         opts: MetricOptions | None = None) -> dict[str, Tensor]:
-    """Every token-level metric of a padded batch, per sample (``[B]`` float64, NaN where
-    undefined): prompt entropy (and its further normalisations), sparsity (each sample's own
-    threshold: group across batches with ``SparsityGroups``) and curvature."""
-    opts = opts or MetricOptions()
-    spars = sparsity_batch(h, mask, opts)  # exact in the states' own dtype
-    h = to_f64(h)  # one float64 copy feeds the rest
-    out = prompt_entropies_batch(h, mask, opts)
-    out["sparsity"] = spars
-    curv, valid = curvature_batch(h, mask, opts)
-    out["curvature"] = torch.where(valid, curv, torch.full_like(curv, math.nan))
-    return {k: out[k] for k in token_metric_names(opts)}
+    """Every registered token-level metric of a padded batch, per sample (``[B]`` float64, NaN
+    where undefined): prompt entropy (and its further normalisations), sparsity (each sample's
+    own threshold: group across batches with ``SparsityGroups``), curvature, and any metric
+    declared with ``register_metric(level="token")``. One float64 copy of ``h`` feeds all."""
+    batch = TokenBatch(h, mask, opts)
+    out: dict[str, Tensor] = {}
+    for fn in metric_functions("token"):
+        out.update(fn.compute(batch))
+    return {k: out[k] for k in token_metric_names(batch.opts)}
 
 
 # ----------------------------------------------------------------------------- pair metrics
@@ -487,3 +497,46 @@ class CKAAccumulator:
         cyy = self._yy - torch.outer(self._sy, self._sy) / n
         num = float(torch.linalg.norm(cxy) ** 2)
         return _cka_from(num, float(torch.linalg.norm(cxx)), float(torch.linalg.norm(cyy)))
+
+
+# ----------------------------------------------------------------------------- registered pairs
+
+
+class PooledPair:
+    """What a ``pair``-level metric function receives: the base and SFT pooled matrices of one
+    layer (same rows) and the options."""
+
+    def __init__(self, zb: Tensor, zs: Tensor, opts: MetricOptions | None = None) -> None:
+        self.zb, self.zs, self.opts = zb, zs, opts or MetricOptions()
+
+
+@register_metric("cka", level="pair", kind="pair", order=10, label="CKA", bounds=UNIT)
+def _cka_metric(p: PooledPair) -> float:
+    return cka(p.zb, p.zs, unbiased=p.opts.cka_unbiased)
+
+
+@register_metric("cosine_similarity", level="pair", kind="pair", order=20,
+                 label="cosine similarity", bounds=(-1.0, 1.0))
+def _cosine_metric(p: PooledPair) -> float:
+    return cosine_similarity(p.zb, p.zs)
+
+
+@register_metric("mean_shift", level="pair", kind="pair", log=True, order=30,
+                 label="mean shift", bounds=(0.0, None))
+def _mean_shift_metric(p: PooledPair) -> float:
+    return mean_shift(p.zb, p.zs)
+
+
+@register_metric("mean_shift_relative", level="pair", kind="pair", order=40,
+                 label="relative mean shift", bounds=(0.0, None))
+def _mean_shift_relative_metric(p: PooledPair) -> float:
+    return mean_shift_relative(p.zb, p.zs)
+
+
+def pair_metrics(zb: Tensor, zs: Tensor, opts: MetricOptions | None = None) -> dict[str, float]:
+    """Every registered ``pair`` metric of one layer's base and SFT pooled matrices."""
+    pair = PooledPair(zb, zs, opts)
+    out: dict[str, float] = {}
+    for fn in metric_functions("pair"):
+        out.update({k: float(v) for k, v in fn.compute(pair).items()})
+    return out

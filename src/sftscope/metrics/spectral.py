@@ -12,11 +12,13 @@ precision the states were computed in: pass ``compute_dtype`` (recorded by the c
 from __future__ import annotations
 
 import math
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from sftscope.errors import SftscopeError
+from sftscope.metric_registry import UNIT, metric_functions, metric_names, register_metric
 from sftscope.metrics.entropy import MetricOptions, dataset_entropies, svdvals, to_f64
 from sftscope.metrics.geometry import l2_norm, l2_norm_spread
 from sftscope.metrics.lowrank import effective_rank_of, numerical_rank, rank_tolerance
@@ -104,35 +106,124 @@ def condition_number(z: Tensor, opts: MetricOptions | None = None, *,
     return _condition(spectrum(z), n, d, opts.condition, _dtype(z, compute_dtype))
 
 
+class PooledLayer:
+    """What a ``dataset``-level metric function receives: one layer's pooled matrix ``z``, the
+    options and the compute precision, with the decompositions every metric shares (one SVD of
+    ``Z`` in float64), each made on first use."""
+
+    def __init__(self, z: Tensor, opts: MetricOptions | None = None,
+                 compute_dtype: DType = None) -> None:
+        self.n, self.d = _check_z(z).shape
+        self.z, self.opts = z, opts or MetricOptions()
+        self.k = min(self.n, self.d)
+        self.dtype = _dtype(z, compute_dtype)
+
+    @cached_property
+    def z64(self) -> Tensor:
+        return to_f64(self.z)
+
+    @cached_property
+    def sigma(self) -> Tensor:
+        return svdvals(self.z64)
+
+    @cached_property
+    def missing(self) -> float:
+        """``min(N, D) - rank(Z)`` (NaN where the precision resolves no direction)."""
+        rank = _rank(self.sigma, self.n, self.d, self.opts.rank_tol, self.dtype)
+        return math.nan if rank is None else float(self.k - rank)
+
+    @cached_property
+    def effective_rank(self) -> float:
+        return effective_rank_of(self.sigma, self.opts.erank_weights)
+
+    @cached_property
+    def norm_spread(self) -> tuple[float, float]:
+        return l2_norm_spread(self.z64)
+
+
+def _entropy_variants(opts: MetricOptions | None) -> tuple[str, ...]:
+    return tuple(f"dataset_entropy_{how}"
+                 for how in (opts or MetricOptions()).extra_normalisations)
+
+
+@register_metric("dataset_entropy", level="dataset", order=30, label="dataset entropy",
+                 bounds=(0.0, None), variants=_entropy_variants)
+def _dataset_entropy_metric(p: PooledLayer) -> dict[str, float]:
+    return dataset_entropies(p.z64, p.opts)
+
+
+@register_metric("effective_rank", level="dataset", order=60, label="effective rank",
+                 bounds=(0.0, None))
+def _effective_rank_metric(p: PooledLayer) -> float:
+    return p.effective_rank
+
+
+@register_metric("effective_rank_norm", level="dataset", order=10,
+                 label="effective rank / min(N, D)", bounds=UNIT)
+def _effective_rank_norm_metric(p: PooledLayer) -> float:
+    return p.effective_rank / p.k
+
+
+@register_metric("rank_deficiency", level="dataset", order=70, label="rank deficiency",
+                 bounds=(0.0, None))
+def _rank_deficiency_metric(p: PooledLayer) -> float:
+    return p.missing
+
+
+@register_metric("rank_deficiency_frac", level="dataset", order=80,
+                 label="rank deficiency (fraction)", bounds=UNIT)
+def _rank_deficiency_frac_metric(p: PooledLayer) -> float:
+    return p.missing / p.k
+
+
+@register_metric("spectral_norm", level="dataset", log=True, order=40, label="spectral norm",
+                 bounds=(0.0, None))
+def _spectral_norm_metric(p: PooledLayer) -> float:
+    return float(p.sigma.max())
+
+
+@register_metric("condition_number", level="dataset", log=True, order=50,
+                 label="condition number", bounds=(0.0, None))
+def _condition_number_metric(p: PooledLayer) -> float:
+    return _condition(p.sigma, p.n, p.d, p.opts.condition, p.dtype)
+
+
+@register_metric("l2_norm", level="dataset", order=90, label="L2 norm", bounds=(0.0, None))
+def _l2_norm_metric(p: PooledLayer) -> float:
+    return l2_norm(p.z64)
+
+
+@register_metric("l2_norm_std", level="dataset", order=91, label="L2 norm std over samples",
+                 bounds=(0.0, None))
+def _l2_norm_std_metric(p: PooledLayer) -> float:
+    return p.norm_spread[0]
+
+
+@register_metric("l2_norm_cv", level="dataset", order=92, label="L2 norm CV (std / mean)",
+                 bounds=(0.0, None))
+def _l2_norm_cv_metric(p: PooledLayer) -> float:
+    return p.norm_spread[1]
+
+
+def dataset_metric_names(opts: MetricOptions | None = None) -> tuple[str, ...]:
+    """Names ``dataset_metrics`` returns for ``opts``: the registered ``dataset`` metrics, then
+    their variants."""
+    return metric_names("dataset", opts or MetricOptions())
+
+
 def dataset_metrics(z: Tensor, opts: MetricOptions | None = None, *,
                     compute_dtype: DType = None) -> dict[str, float]:
-    """All dataset-level metrics of one pooled matrix, from one SVD of ``Z`` plus one spectrum of
-    the row-normalised Gram.
+    """Every registered dataset-level metric of one pooled matrix, from one SVD of ``Z`` plus
+    one spectrum of the row-normalised Gram (shared through :class:`PooledLayer`).
 
     Keys: dataset_entropy (+ dataset_entropy_<norm> for ``opts.entropy_normalisations``),
     effective_rank, effective_rank_norm, rank_deficiency, rank_deficiency_frac, spectral_norm,
-    condition_number, l2_norm, l2_norm_std (``ddof = 1``), l2_norm_cv (std / mean).
+    condition_number, l2_norm, l2_norm_std (``ddof = 1``), l2_norm_cv (std / mean), and any
+    metric declared with ``register_metric(level="dataset")``.
     ``compute_dtype``: the precision the states were computed in (default: ``z.dtype``).
     """
-    opts = opts or MetricOptions()
-    n, d = _check_z(z).shape
-    dtype = _dtype(z, compute_dtype)
-    z64 = to_f64(z)
-    sigma = svdvals(z64)
-    k = min(n, d)
-    er = effective_rank_of(sigma, opts.erank_weights)
-    rank = _rank(sigma, n, d, opts.rank_tol, dtype)
-    missing = math.nan if rank is None else float(k - rank)
-    std, cv = l2_norm_spread(z64)
-    return {
-        **dataset_entropies(z64, opts),
-        "effective_rank": er,
-        "effective_rank_norm": er / k,
-        "rank_deficiency": missing,
-        "rank_deficiency_frac": missing / k,
-        "spectral_norm": float(sigma.max()),
-        "condition_number": _condition(sigma, n, d, opts.condition, dtype),
-        "l2_norm": l2_norm(z64),
-        "l2_norm_std": std,
-        "l2_norm_cv": cv,
-    }
+    layer = PooledLayer(z, opts, compute_dtype)
+    out: dict[str, float] = {}
+    for fn in metric_functions("dataset"):
+        out.update({k: float(v) for k, v in fn.compute(layer).items()})
+    return out

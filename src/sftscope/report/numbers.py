@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import sftscope.metrics  # noqa: F401  (registers every computed metric's display spec)
 from sftscope.chains import BASE, FIRST, PAIR, PAIR_PREFIX, is_pair_label, split_pair_label
 from sftscope.metric_registry import lower_is_better, metric_spec, ordered
 from sftscope.report.rules import LENS_RISE, TOP, edge_means
@@ -273,23 +274,23 @@ def profiles(frame: pd.DataFrame, keys: Sequence[str], x: str = "rel_depth",
 
 
 def pair_metric_names(metrics: pd.DataFrame) -> list[str]:
-    """Pair metrics Fig. 1 plots, in the registry's order (delta_* metrics stay in tables)."""
+    """Every pair metric of the table, in the registry's order: Fig. 1 draws them all (the
+    delta_* rows stay in the tables)."""
     df = metrics
     if "model" in df.columns:
         df = df[df["model"].astype(str) == "pair"]
     present = [m for m in dict.fromkeys(df["metric"].astype(str)) if not m.startswith("delta_")]
-    return ordered(present)[:6]
+    return ordered(present)
 
 
 def single_metric_names(metrics: pd.DataFrame) -> list[str]:
-    """Single-model metrics Fig. 2 plots (effective rank normalised when available)."""
+    """Every single-model metric of the table, in the registry's order: Fig. 2 draws them all,
+    a registered metric included (no panel is left out)."""
     df = metrics
     if "model" in df.columns:
         df = df[df["model"].astype(str).isin(["base", "sft"])]
     present = [m for m in dict.fromkeys(df["metric"].astype(str)) if not m.startswith("delta_")]
-    if "effective_rank_norm" in present:
-        present = [m for m in present if m != "effective_rank"]
-    return ordered(present)[:9]
+    return ordered(present)
 
 
 def pair_data(metrics: pd.DataFrame) -> FigureData:

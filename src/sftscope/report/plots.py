@@ -238,8 +238,8 @@ def plot_single_metrics(metrics: pd.DataFrame | FigureData,
     df = data.frame
     pal = _colors(df, colors)
     runs = run_labels(df)
-    fig, axes = _grid(len(names), title=title)
-    for ax, metric in zip(axes, names):
+    fig, axes = _grid(len(names), ncols=3 if len(names) <= 9 else 4, title=title)
+    for ax, metric in zip(axes, names, strict=True):
         sub = df[df["metric"].astype(str) == metric]
         for r in runs:
             for model in ("base", "sft"):
