@@ -88,7 +88,7 @@ def test_gsm8k_prompt_and_shots(gsm8k_file):
 
 def test_task_source_errors(tmp_path):
     with pytest.raises(SftscopeError, match="unknown task"):
-        I.task_source("hellaswag", None)
+        I.task_source("winogrande", None)
     with pytest.raises(SftscopeError, match="mmlu format"):
         I.task_source("gsm8k", "mmlu:x.jsonl")
     with pytest.raises(SftscopeError, match="does not exist"):
@@ -386,7 +386,7 @@ def test_cli_bad_inputs_exit_2(model_dir, gsm8k_file, tmp_path, capsys):
         (["tune", "--model", path, "--train", f"gsm8k:{tmp_path / 'no.jsonl'}", "--out",
           str(tmp_path / "t"), "--mask", "01"], "does not exist"),
         (["eval", "--model", path, "--data", str(tmp_path / "no.jsonl")], "does not exist"),
-        (["eval", "--model", path, "--task", "hellaswag"], "unknown --task"),
+        (["eval", "--model", path, "--task", "winogrande"], "unknown --task"),
         (["eval", "--model", path, "--adapter", str(empty), "--data", str(gsm8k_file)],
          "adapter_config.json"),
     ]

@@ -10,6 +10,10 @@ cannot be imported; it is in the ``test`` extras).
 - MMLU: lm-eval's ``mmlu`` yaml (5-shot ``first_n`` from the subject's dev split) prompts and
   requests, ``HFLM._encode_pair`` and ``HFLM.loglikelihood`` on a tiny local model with a
   legacy SentencePiece-style tokenizer (`` A`` alone is not `` A`` in context) against ours.
+- ARC-Easy, ARC-Challenge, HellaSwag: lm-eval's own yamls (HellaSwag's ``process_docs``
+  included) on tiny in-memory splits: few-shot prompts, requests, gold, ``acc`` and
+  ``acc_norm`` of ``process_results`` on given log-likelihoods, and end to end on a tiny model
+  (HFLM's log-likelihoods and lm-eval's scores against ``sftscope eval``'s).
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ from sftscope.tasks import mmlu as M  # noqa: E402
 from sftscope.tasks.base import encode_pair  # noqa: E402
 
 TASKS_DIR = Path(lm_eval.__file__).parent / "tasks"
+
+
+def _lm_yaml(path: Path) -> dict:
+    """A task yaml as lm-eval reads it (``!function`` tags resolved, includes merged)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path)
 
 
 def _yaml(path: Path) -> dict:
@@ -343,3 +354,99 @@ def test_gsm8k_generation_agrees_with_hflm(model_dir, tmp_path):
     ours = E.generate(model, tok, prompts, max_new_tokens=32, batch_size=1, stops=stops)
     assert [g.completion for g in ours] == theirs
     assert any(g.new_tokens > 3 for g in ours)
+
+
+# ------------------------------------------------------------------ ARC and HellaSwag
+
+def _arc_docs(prefix: str, n: int) -> list[dict]:
+    """ARC records: 3-5 choices, letter or digit labels (as in the real data)."""
+    out = []
+    for i in range(n):
+        k = 3 + i % 3
+        labels = list("ABCDE"[:k]) if i % 4 else [str(j + 1) for j in range(k)]
+        texts = [f"{prefix} option {j} of {i}" + (" and more words" * (j % 2)) for j in range(k)]
+        out.append({"id": f"{prefix}-{i}", "question": f"{prefix} question {i}: which one?",
+                    "choices": {"text": texts, "label": labels},
+                    "answerKey": labels[(i * 7) % k]})
+    return out
+
+
+def _hellaswag_docs(prefix: str, n: int) -> list[dict]:
+    """HellaSwag records with WikiHow artefacts: `` [title]``, ``[header]``, double spaces."""
+    return [{"ind": i, "activity_label": f"Cooking {prefix}", "source_id": f"s{i}",
+             "ctx_a": f"A person opens the {prefix} box {i}. [header] Step one  here.",
+             "ctx_b": "then they", "ctx": "unused", "split": "val", "split_type": "indomain",
+             "endings": [f" close it [title] now {i}", "eat the box.",
+                         f"walk  away {i} [step] fast", f"smile {i}"],
+             "label": str(i % 4)} for i in range(n)]
+
+
+CHOICE_TASKS = {
+    "arc_easy": ("arc/arc_easy.yaml", _arc_docs, "test"),
+    "arc_challenge": ("arc/arc_challenge.yaml", _arc_docs, "test"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", _hellaswag_docs, "validation"),
+}
+
+
+def _choice_setup(name: str, root: Path, n_test: int = 6):
+    """lm-eval's task on tiny splits, and our items (2-shot from the same train pool)."""
+    from sftscope.tasks import get_task
+
+    path, docs, split = CHOICE_TASKS[name]
+    train, test = docs("train", 12), docs("eval", n_test)
+    cfg = _lm_yaml(TASKS_DIR / path)
+    task = _task(cfg, {"train": train, split: test})
+    task.set_fewshot_seed(1234)
+    items = load_task_items(name, str(_jsonl(root / f"{name}-test.jsonl", test)), shots=2,
+                            fewshot_data=str(_jsonl(root / f"{name}-train.jsonl", train)))
+    return get_task(name), task, items, cfg
+
+
+@pytest.mark.parametrize("name", sorted(CHOICE_TASKS))
+def test_choice_task_prompts_requests_and_scores_agree_with_lm_eval(name, tmp_path):
+    ours, task, items, cfg = _choice_setup(name, tmp_path)
+    assert ours.hub.hub == cfg["dataset_path"] and ours.hub.config == cfg["dataset_name"]
+    assert {m["metric"] for m in cfg["metric_list"]} == {"acc", "acc_norm"}
+    assert ours.metrics == ("accuracy", "accuracy_norm") and ours.default_shots == 0
+    rnd = random.Random(0)
+    for doc, rec, shots in zip(task.eval_docs, items.records, items.shots, strict=True):
+        ctx = task.fewshot_context(doc, 2)
+        assert ours.prompt(rec, shots) == ctx
+        reqs = task.construct_requests(doc, ctx)
+        assert [r.arguments for r in reqs] == [(ctx, c) for c in ours.continuations(rec)]
+        assert task.doc_to_target(doc) == ours.gold_index(rec)
+        for _ in range(20):  # scoring: acc and acc_norm of the same log-likelihoods
+            lls = [rnd.choice([-1.0, -2.0, -3.5, -7.0]) * rnd.random() for _ in reqs]
+            theirs = task.process_results(doc, [(ll, False) for ll in lls])
+            row = E._choice_row(ours, 0, rec, lls)
+            assert (row["correct"], row["correct_norm"]) == \
+                (bool(theirs["acc"]), bool(theirs["acc_norm"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["arc_easy", "hellaswag"])
+def test_choice_task_end_to_end_agrees_with_hflm(name, model_dir, tmp_path):
+    """Our eval's accuracy and accuracy_norm equal lm-eval's acc and acc_norm from HFLM's
+    log-likelihoods on a tiny model (0-shot, every item)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from sftscope.load.models import load_model, load_tokenizer
+
+    _, task, items, _ = _choice_setup(name, tmp_path, n_test=8)
+    folder = model_dir("llama")
+    lm = HFLM(pretrained=str(folder), device="cpu", batch_size=4)
+    acc, acc_norm = [], []
+    for doc in task.eval_docs:
+        ctx = task.fewshot_context(doc, 0)
+        reqs = [Instance("loglikelihood", doc, r.arguments, j)
+                for j, r in enumerate(task.construct_requests(doc, ctx))]
+        res = task.process_results(doc, lm.loglikelihood(reqs, disable_tqdm=True))
+        acc.append(res["acc"])
+        acc_norm.append(res["acc_norm"])
+    ours = E.evaluate_model(load_model(str(folder)), load_tokenizer(str(folder)),
+                            E.EvalConfig(model=str(folder), task=name,
+                                         data=str(tmp_path / f"{name}-test.jsonl"),
+                                         batch_size=3))
+    assert ours.score("accuracy").value == pytest.approx(sum(acc) / len(acc))
+    assert ours.score("accuracy_norm").value == pytest.approx(sum(acc_norm) / len(acc_norm))

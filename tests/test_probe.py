@@ -485,3 +485,39 @@ def test_top1_examples_match_the_lens(model_dir, gsm8k_file, tmp_path, tokens):
             assert (rows["correct"] == (rows["token_id"] == rows["target_id"])).all()
     rec = json.loads((out / "run.json").read_text())
     assert rec["config"]["top1_examples"] == 3
+
+
+def test_arc_choices_scored_by_probe_and_eval(tmp_path):
+    """An ARC task (answer texts, not letters): probe scores every item's options by their
+    first token after the prompt, and eval scores the same file."""
+    from sftscope.experiments import evaluate as E
+
+    words = ["apple", "river", "stone", "cloud"]
+    text = [f"Question: Which word is number {i}?\nAnswer: {w}" for i, w in enumerate(words)]
+    tok = train_tokenizer(text * 6)
+    path = save_tiny_model(tmp_path / "m", "llama", seed=3, tokenizer=tok)
+    rows = [{"id": f"q{i}", "question": f"Which word is number {i}?",
+             "choices": {"text": words, "label": list("ABCD")}, "answerKey": "ABCD"[i % 4]}
+            for i in range(6)]
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text("\n".join(json.dumps(r) for r in rows))
+    samples, ts, _ = prepare_data(f"arc_easy:{arc}", tok, n=None, seed=0, max_length=512,
+                                  chat_template=False, text_field=None, template=None)
+    choices, n_amb = choice_slots(samples, ts, tok)
+    assert n_amb == 0 and all(ch is not None for ch in choices)
+    for s, ch in zip(samples, choices, strict=True):
+        assert [tok.decode([t]).strip() for t in ch.candidates] == words
+        assert words[ch.correct] == s.answer.strip()
+    model = load_model(str(path))
+    hits = 0
+    for ids, ch in zip(ts.input_ids, choices, strict=True):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, ch.position]
+        hits += int(int(logits[list(ch.candidates)].argmax()) == ch.correct)
+    df = probe(data=f"arc_easy:{arc}", model=str(path), n=None, batch_size=4, n_boot=0)
+    row = _value(df, len(get_blocks(model)), "m", "choice_accuracy")
+    assert row.n == len(rows) and row.value == pytest.approx(hits / len(rows))
+    assert _value(df, len(get_blocks(model)), "m", "answer_prob").n == len(rows)
+    res = E.evaluate_model(model, tok, E.EvalConfig(model=str(path), task="arc_easy",
+                                                    data=str(arc), batch_size=3))
+    assert res.n == len(rows) and {"accuracy", "accuracy_norm"} <= set(res.table().metric)

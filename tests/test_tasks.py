@@ -18,14 +18,17 @@ from sftscope.tasks.base import Task, encode_pair, pick_shots, trim_at_stop
 
 
 def test_registry_names_and_lookup():
-    assert task_names() == ("gsm8k", "mmlu", "perplexity")
+    assert {"gsm8k", "mmlu", "perplexity", "arc_easy", "arc_challenge", "hellaswag"} <= \
+        set(task_names())
+    assert list(task_names()) == sorted(task_names())
     assert [t.name for t in all_tasks()] == list(task_names())
     with pytest.raises(SftscopeError, match="did you mean gsm8k"):
         get_task("gsm8")
     with pytest.raises(SftscopeError, match="did you mean mmlu"):
         get_task("MMLU")
-    with pytest.raises(SftscopeError, match="unknown task 'hellaswag'; use one of gsm8k, mmlu"):
-        get_task("hellaswag")
+    with pytest.raises(SftscopeError, match="unknown task 'winogrande'; use one of .*gsm8k, "
+                                             ".*mmlu"):
+        get_task("winogrande")
 
 
 def test_primary_metrics_come_from_the_tasks():
@@ -36,8 +39,8 @@ def test_primary_metrics_come_from_the_tasks():
     assert (g.primary, m.primary, p.primary) == ("flexible_extract", "accuracy", "loss_after")
     assert not g.lower_is_better and p.lower_is_better
     assert g.metrics == ("strict_match", "flexible_extract", "numeric_match")
-    assert PRIMARY == {"gsm8k": "flexible_extract", "mmlu": "accuracy",
-                       "perplexity": "loss_after"}
+    assert {"gsm8k": "flexible_extract", "mmlu": "accuracy", "perplexity": "loss_after",
+            "arc_easy": "accuracy"}.items() <= PRIMARY.items()
     assert primary_metric_of(["strict_match", "flexible_extract"]) == "flexible_extract"
     assert _primary_metric(["strict_match", "flexible_extract", "numeric_match"]) == \
         "flexible_extract"
@@ -207,3 +210,33 @@ def test_mmlu_shots_same_subject_first_n(tmp_path):
         pool = [x for x in rows if x["subject"] == r["subject"] and x != r]
         assert shots == pool[:2]
     assert items.shot_source.endswith("(same file, item excluded)")
+
+
+def test_choice_task_factory_records_and_refusals(tmp_path):
+    """ARC and HellaSwag are declared with choice_task: prompts, continuations, gold and the
+    analysis sample follow lm-eval's config; a bad record is refused with what is wrong."""
+    from sftscope.load.items import load_task_items
+
+    arc = get_task("arc_easy")
+    rec = {"question": "Which is a planet?", "answerKey": "2",
+           "choices": {"text": ["Sun", "Mars"], "label": ["1", "2"]}}
+    assert arc.kind == "choice" and arc.primary == "accuracy"
+    assert arc.prompt(rec, [rec]) == ("Question: Which is a planet?\nAnswer: Mars\n\n"
+                                      "Question: Which is a planet?\nAnswer:")
+    assert arc.continuations(rec) == [" Sun", " Mars"] and arc.gold_index(rec) == 1
+    assert arc.labels(rec) == ["1", "2"] and arc.choice_texts(rec) == ["Sun", "Mars"]
+    sample = arc.analysis_sample(rec)
+    assert sample.answer == " Mars" and sample.meta == {"choices": [" Sun", " Mars"], "gold": 1}
+    assert "answerKey 'C' is not one of the choice labels 1, 2" in \
+        arc.problem({**rec, "answerKey": "C"})
+    assert "lacks field(s) answerKey" in arc.problem({"question": "q", "choices": {}})
+    bad = tmp_path / "arc.jsonl"
+    bad.write_text(json.dumps({**rec, "answerKey": "C"}) + "\n")
+    with pytest.raises(SftscopeError, match="line 1: answerKey 'C'"):
+        load_task_items("arc_easy", str(bad))
+    hs = get_task("hellaswag")
+    doc = {"activity_label": "Baking", "ctx_a": "A man  mixes.", "ctx_b": "then he",
+           "endings": ["bakes [title] it", "sleeps"], "label": "0"}
+    assert hs.prompt(doc) == "Baking: A man mixes. Then he"
+    assert hs.continuations(doc) == [" bakes. it", " sleeps"] and hs.gold_index(doc) == 0
+    assert hs.shots_skip_item and not arc.shots_skip_item

@@ -86,6 +86,8 @@ _ENTRIES: list[MetricSpec] = [
     # probe / swap / eval / sweep scores
     _m("accuracy", "accuracy", HIGHER, order=10, label="accuracy", bounds=UNIT),
     _m("choice_accuracy", "accuracy", HIGHER, order=20, label="choice accuracy", bounds=UNIT),
+    _m("accuracy_norm", "accuracy", HIGHER, order=15, label="accuracy (per-character norm)",
+       bounds=UNIT),
     _m("exact_match_flexible", "accuracy", HIGHER, order=30, label="exact match (flexible)",
        bounds=UNIT),
     _m("exact_match_strict", "accuracy", HIGHER, order=31, label="exact match (strict)",

@@ -51,14 +51,9 @@ from sftscope.config.ingredients import (
     train_opt,
 )
 from sftscope.errors import SftscopeError
+from sftscope.tasks import shots_help, task_help, task_names, task_spec_help
 
 MASK_GROUPS = ("singles", "paper", "all")
-
-
-def task_names() -> tuple[str, ...]:
-    from sftscope.tasks import task_names as names
-
-    return names()
 
 
 def mask_list(value: str) -> str | None:
@@ -325,9 +320,7 @@ class EvalConfig(OneModel, Runtime):
     OUTPUTS: ClassVar[tuple[str, ...]] = ("scores.*", "predictions-*.jsonl")
 
     model: str | None = opt(None, "Model: local folder or hub id (not needed with --rescore).")
-    task: str = opt("gsm8k", "gsm8k (generation, strict_match and flexible_extract exactly as "
-                    "lm-evaluation-harness 0.4 scores them), mmlu (log-likelihood of the answer "
-                    "letters, in context) or perplexity (token loss, adapter off vs on).",
+    task: str = opt("gsm8k", f"Task: {task_help()}.",
                     choices=task_names, aliases=("tasks",))
     rescore: str | None = opt(None, "Score saved completions again without loading a model: a "
                               "JSONL file whose lines have completion and answer, or eval's "
@@ -343,7 +336,7 @@ class EvalConfig(OneModel, Runtime):
                           "settings.", volatile=True)
     adapter: str | None = adapter_opt()
     split: str | None = split_opt()
-    shots: int | None = opt(None, "Few-shot examples (default: gsm8k 5, mmlu 0).",
+    shots: int | None = opt(None, f"Few-shot examples (default: {shots_help()}).",
                             check=at_least(0), aliases=("num_fewshot",))
     fewshot_data: str | None = opt(None, "Shot pool: a local file in the task's fields "
                                    "(default: the hub train/dev split, or the evaluated file "
@@ -467,9 +460,8 @@ class TuneConfig(OneModel):
                       "Hugging Face folder (safetensors + tokenizer).")
     run_eval: bool = opt(True, "Evaluate after training (--no-eval skips it).",
                          aliases=("eval",))
-    eval_task: str | None = opt(None, "Evaluate after training: gsm8k, gsm8k:FILE, mmlu:FILE "
-                                "or perplexity:SOURCE (default gsm8k when training on hub "
-                                "gsm8k).", check=task_spec)
+    eval_task: str | None = opt(None, f"Evaluate after training: {task_spec_help()} (default "
+                                "gsm8k when training on hub gsm8k).", check=task_spec)
     eval_limit: int | None = eval_limit_opt()
     eval_shots: int | None = eval_shots_opt()
     eval_fewshot_data: str | None = eval_fewshot_opt()
@@ -593,8 +585,8 @@ class SweepConfig(Config):
     model: str | None = opt(None, "Base model to tune: local folder or hub id (optional with "
                             "--collect).")
     train: str | None = train_opt(required=False)
-    task: str | None = opt(None, "Evaluation: gsm8k, gsm8k:FILE, mmlu:FILE or "
-                           "perplexity:SOURCE.", check=task_spec, aliases=("eval",))
+    task: str | None = opt(None, f"Evaluation: {task_spec_help()}.", check=task_spec,
+                           aliases=("eval",))
     segments: int = segments_opt(5)
     masks: str = opt("paper", "Mask groups or masks, comma-separated: singles (one segment "
                      "each + full depth), paper (the paper's masks for K = 3, 5, 10), all "
@@ -724,8 +716,8 @@ class SteerConfig(PairModels, DataSpec, Runtime, Output):
     scales: str = opt("0,1,2", "Multiples of the vector added to the base model, "
                       "comma-separated (0 = the unsteered base).", check=scale_list,
                       numbers_as_text=True)
-    task: str | None = opt(None, "Score each scale on a task: gsm8k, gsm8k:FILE, mmlu:FILE or "
-                           "perplexity:SOURCE.", check=task_spec)
+    task: str | None = opt(None, f"Score each scale on a task: {task_spec_help()}.",
+                           check=task_spec)
     generate: bool = opt(False, "Generate greedy completions on prompts at each scale "
                          "(steer.jsonl).")
     prompts: str | None = opt(None, "Prompts for --generate: a data source whose samples' "

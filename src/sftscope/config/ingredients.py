@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 from sftscope.config.core import Config, at_least, in_range, non_empty, opt
 from sftscope.errors import SftscopeError
+from sftscope.load.data import dataset_names
+from sftscope.tasks import shots_help
 
 # ----------------------------------------------------------------------------- value checks
 
@@ -78,8 +80,8 @@ def check_data_source(data: str, **kw: Any) -> None:
 
 MODEL_HELP = ("local folder, hub id, .gguf file, or a PEFT adapter folder / tune run folder "
               "(applied in memory to --base or to the base it records)")
-DATA_HELP = ("Data: a registered name (gsm8k, mmlu, wikitext, ifeval, humaneval, mt_bench, "
-             "toxigen; needs a reachable hub), NAME:FILE for that format on a local file "
+DATA_HELP = (f"Data: a registered name ({', '.join(dataset_names())}; needs a reachable "
+             "hub), NAME:FILE for that format on a local file "
              "(gsm8k:test.jsonl), or a local .jsonl/.csv/.parquet/.txt file (with --text-field "
              "or --template).")
 
@@ -193,7 +195,7 @@ def eval_limit_opt() -> Any:
 
 
 def eval_shots_opt() -> Any:
-    return opt(None, "Few-shot examples (default: gsm8k 5, mmlu 0).", check=at_least(0))
+    return opt(None, f"Few-shot examples (default: {shots_help()}).", check=at_least(0))
 
 
 def eval_fewshot_opt() -> Any:

@@ -471,17 +471,32 @@ def _run_choice(task: Task, model, tokenizer, cfg: EvalConfig, timer: Timer) -> 
     conts = [task.continuations(r) for r in items.records]
     with timer("score"):
         lps, n_cut = choice_scores(model, tokenizer, contexts, conts, cfg.batch_size)
-    preds, k = [], 0
-    for i, (r, lp) in enumerate(zip(items.records, lps)):
-        labels = task.labels(r)
-        gold = labels[task.gold_index(r)]
-        pred = labels[max(range(len(lp)), key=lambda j: lp[j])]  # ties: the first, as argmax
-        k += pred == gold
-        preds.append({"index": i, **(task.describe(r) if task.describe else {}),
-                      "target": gold, "prediction": pred, "correct": pred == gold,
-                      "logprobs": dict(zip(labels, lp))})
-    return ([_accuracy(task.name, task.primary, k, len(preds), cfg.level)], preds,
+    preds = [_choice_row(task, i, r, lp) for i, (r, lp) in enumerate(zip(items.records, lps))]
+    scores = [_accuracy(task.name, m, sum(bool(p[col]) for p in preds), len(preds), cfg.level)
+              for m, col in (("accuracy", "correct"), ("accuracy_norm", "correct_norm"))
+              if m in task.metrics]
+    return (scores, preds,
             {"shot_source": items.shot_source, "n_truncated": n_cut, "notes": items.notes})
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda j: values[j])  # ties: the first, as np.argmax
+
+
+def _choice_row(task: Task, i: int, record: dict, lp: list[float]) -> dict[str, Any]:
+    """One predictions row of a choice task: the gold and predicted labels, ``correct`` and,
+    with choice texts, ``correct_norm`` (lm-eval's acc_norm: log-likelihood per character)."""
+    assert task.labels and task.gold_index
+    labels = task.labels(record)
+    gold, pred = labels[task.gold_index(record)], labels[_argmax(lp)]
+    row = {"index": i, **(task.describe(record) if task.describe else {}),
+           "target": gold, "prediction": pred, "correct": pred == gold}
+    if task.choice_texts is not None:
+        norm = [v / len(t) if t else -math.inf  # lm-eval: a float division by 0
+                for v, t in zip(lp, task.choice_texts(record), strict=True)]
+        row.update(prediction_norm=labels[_argmax(norm)],
+                   correct_norm=labels[_argmax(norm)] == gold)
+    return {**row, "logprobs": dict(zip(labels, lp))}
 
 
 def _run_loss(task: Task, model, tokenizer, cfg: EvalConfig, timer: Timer) -> Run:

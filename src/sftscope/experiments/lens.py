@@ -205,7 +205,8 @@ def _continuation(tokenizer, prompt: str, answer: str, tokens: Sequence[int], pl
 def answer_span(sample: D.Sample, text: str, prompt: str | None) -> tuple[int, int, bool] | None:
     """Where the answer is in the rendered ``text``: ``(start, end, whole)``, character offsets.
 
-    The MMLU letter (``meta["letter"]``) right after the prompt; else the final answer after the
+    The gold choice of a choice task (the MMLU letter ``meta["letter"]``, an ARC answer text)
+    right after the prompt; else the final answer after the
     last ``####`` of the answer (GSM8K-style chain of thought: the reasoning before it is not
     the answer), starting right after ``####`` so that the space before the number is context;
     else the free-text answer after the prompt, of which only the first content token is
@@ -217,7 +218,7 @@ def answer_span(sample: D.Sample, text: str, prompt: str | None) -> tuple[int, i
     rest = text[p:]
     if not rest.strip():
         return None
-    letter = sample.meta.get("letter")
+    letter = sample.meta.get("letter") or gold_choice(sample.meta)
     if letter:
         i = rest.find(str(letter))
         return None if i < 0 else (p, p + i + len(str(letter)), True)
@@ -271,40 +272,65 @@ def answer_slots(samples: Sequence[D.Sample], tok: D.TokenizedSet, tokenizer,
 
 def has_answer(sample: D.Sample) -> bool:
     """Whether the sample's format gives it an answer after a prompt."""
-    return sample.prompt is not None and bool(sample.meta.get("letter") or sample.answer)
+    return sample.prompt is not None and bool(sample.meta.get("letter") or gold_choice(sample.meta)
+                                              or sample.answer)
+
+
+def gold_choice(meta: dict) -> str | None:
+    """The gold continuation's text (stripped) of a choice task's sample, or None."""
+    conts, gold = meta.get("choices"), meta.get("gold")
+    if not conts or gold is None or not 0 <= int(gold) < len(conts):
+        return None
+    return str(conts[int(gold)]).strip() or None
+
+
+def _options(meta: dict) -> tuple[list[str], int] | None:
+    """A choice sample's continuations and gold index: any choice task's (``meta["choices"]``,
+    ``meta["gold"]``), or MMLU-style letters (``meta["letter"]``, ``meta["n_choices"]``)."""
+    conts, gold = meta.get("choices"), meta.get("gold")
+    if conts and gold is not None and 0 <= int(gold) < len(conts):
+        return [str(c) for c in conts], int(gold)
+    letter, n_choices = meta.get("letter"), meta.get("n_choices")
+    if not letter or not n_choices:
+        return None
+    letters = D.LETTERS[: int(n_choices)]
+    return ([" " + c for c in letters], letters.index(letter)) if letter in letters else None
+
+
+def is_choice(sample: D.Sample) -> bool:
+    """Whether the sample is an item of a choice task (it has options and a gold one)."""
+    return _options(sample.meta) is not None
 
 
 def choice_slots(samples: Sequence[D.Sample], tok: D.TokenizedSet, tokenizer,
                  chat_template: bool = False) -> tuple[list[ChoiceSlot | None], int]:
-    """Multiple-choice slots for MMLU-style samples (``meta`` has ``letter``, ``n_choices``).
+    """Multiple-choice slots for the samples of any choice task (:func:`_options`).
 
-    Each option is scored by the log-probability of the first token of ``" A"``, ``" B"``, ...
-    right after the prompt; items whose options do not start with distinct tokens are left out
+    Each option is scored by the log-probability of the first token of its continuation
+    (`` A``, `` B``, ... for MMLU; the answer texts for ARC or HellaSwag), in context, right
+    after the prompt; items whose options do not start with distinct tokens are left out
     (their count is returned).
     """
     special = not chat_template
     out: list[ChoiceSlot | None] = []
     n_ambiguous = 0
     for s, ids, plen in zip(samples, tok.input_ids, tok.prompt_lengths, strict=True):
-        letter, n_choices = s.meta.get("letter"), s.meta.get("n_choices")
-        if plen is None or not letter or not n_choices or s.prompt is None:
+        opts = _options(s.meta)
+        if plen is None or opts is None or s.prompt is None:
             out.append(None)
             continue
         _, prompt = D.render(s, tokenizer, chat_template)
-        letters = D.LETTERS[: int(n_choices)]
-        if letter not in letters:
-            out.append(None)
-            continue
+        conts, gold = opts
         firsts = []
-        for c in letters:
-            cont = _continuation(tokenizer, prompt or "", c if chat_template else " " + c,
+        for c in conts:
+            cont = _continuation(tokenizer, prompt or "", c.lstrip() if chat_template else c,
                                  ids, plen, special)
             firsts.append(cont[0] if cont else None)
         if None in firsts or len(set(firsts)) != len(firsts):
             n_ambiguous += 1
             out.append(None)
             continue
-        out.append(ChoiceSlot(plen - 1, tuple(int(t) for t in firsts), letters.index(letter)))
+        out.append(ChoiceSlot(plen - 1, tuple(int(t) for t in firsts), gold))
     return out, n_ambiguous
 
 
@@ -711,8 +737,8 @@ def choices_noted(samples: Sequence[D.Sample], tok: D.TokenizedSet, tokenizer,
     """``choice_slots``, with a note in ``notes`` when items are left out (probe and swap)."""
     choices, n_amb = choice_slots(samples, tok, tokenizer, chat_template)
     if n_amb:
-        notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: the option "
-                     f"letters do not start with distinct tokens")
+        notes.append(f"{n_amb} multiple-choice items left out of choice_accuracy: their "
+                     f"options do not start with distinct tokens")
     return choices
 
 

@@ -9,7 +9,7 @@ each hybrid (try/finally), so their outputs afterwards are bit-identical to befo
 
 Each hybrid and both originals are evaluated on the data: teacher-forced next-token accuracy,
 loss and perplexity over real tokens and, for multiple-choice (MMLU-style) data, the choice
-accuracy by the log-likelihood of the option letters after the prompt. Intervals: a
+accuracy by the log-likelihood of the options' first tokens after the prompt. Intervals: a
 sample-level (cluster) bootstrap for the token metrics (tokens of one sample are not
 independent), Wilson for the choice accuracy (one 0/1 per item).
 """
@@ -36,6 +36,7 @@ from sftscope.experiments.lens import (
     ChoiceSlot,
     LensSums,
     choices_noted,
+    is_choice,
     lens_pass,
     load_options_of,
     merge_sums,
@@ -500,7 +501,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                 skip_bad=cfg.skip_bad_records)
             notes += data_notes
             choices: list[ChoiceSlot | None] = [None] * len(samples)
-            if any(s.meta.get("letter") for s in samples):
+            if any(is_choice(s) for s in samples):
                 choices = choices_noted(samples, tok, tokz, chat_template, notes)
     for note in notes:
         say(f"[yellow]note:[/] {note}")

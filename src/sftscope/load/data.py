@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["LETTERS", "REGISTRY", "Batch", "DatasetSpec", "Prepared", "RecordSet", "Sample",
-           "TokenizedSet", "chat_prompt", "check_source", "check_template", "iter_batches",
-           "load_records", "load_samples", "pad_batch", "parse_source", "prepare",
+           "TokenizedSet", "chat_prompt", "check_source", "check_template", "dataset_names",
+           "iter_batches", "load_records", "load_samples", "pad_batch", "parse_source", "prepare",
            "read_records", "read_samples", "render", "spec_of", "tokenize"]
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -133,9 +133,7 @@ def _task_spec(name: str) -> DatasetSpec:
                        _task_format(name))
 
 
-REGISTRY: dict[str, DatasetSpec] = {
-    "gsm8k": _task_spec("gsm8k"),
-    "mmlu": _task_spec("mmlu"),
+REGISTRY: dict[str, DatasetSpec] = {  # text datasets; every task with hub data is one too
     "wikitext": DatasetSpec("Salesforce/wikitext", "wikitext-2-raw-v1", "test", ("text",),
                             _text("text"), blank_ok=True),
     "ifeval": DatasetSpec("google/IFEval", None, "train", ("prompt",), _text("prompt")),
@@ -266,6 +264,12 @@ def read_hub(spec: DatasetSpec, split: str | None = None) -> list[dict]:
             f"local file with the same fields ({', '.join(spec.fields)}) as NAME:PATH"
         ) from e
     return [dict(r) for r in ds]
+
+
+def dataset_names() -> list[str]:
+    """Every registered dataset name: the tasks with hub data and ``REGISTRY``'s."""
+    tasks = [n for n in task_names() if get_task(n).hub is not None]
+    return [*tasks, *(n for n in REGISTRY if n not in tasks)]
 
 
 def spec_of(name: str) -> DatasetSpec | None:

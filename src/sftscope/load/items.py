@@ -105,7 +105,7 @@ def load_task_items(task: str, data: str | None = None, *, split: str | None = N
         pool = every
         same = True
     items.shots = pick_shots(records, pool, shots, sampler=t.shot_sampler, key=t.shot_key,
-                             seed=fewshot_seed, same_pool=same)
+                             seed=fewshot_seed, same_pool=same or t.shots_skip_item)
     items.shot_source = shot_src
     return items
 

@@ -9,8 +9,14 @@ Kinds, and what the evaluator does with each:
 - ``generate``: greedy completion of ``prompt(record, shots)`` until ``stops`` or EOS, then
   ``score(completion, record)`` (per-item fields, with one boolean per metric);
 - ``choice``: log-likelihood of each of ``continuations(record)`` after the prompt, tokenised
-  in context as lm-evaluation-harness does (:func:`encode_pair`); correct = argmax is gold;
+  in context as lm-evaluation-harness does (:func:`encode_pair`); correct = argmax is gold
+  (``accuracy``); with ``choice_texts``, also ``accuracy_norm`` (lm-eval's ``acc_norm``: the
+  argmax of the log-likelihood divided by the choice's length in characters);
 - ``loss``: mean token loss of the texts of any text source (no prompt, no answer).
+
+Most tasks are declared as lm-eval declares them, with :func:`choice_task` (``doc_to_text``,
+``doc_to_choice``, ``doc_to_target``) or :func:`generate_task`; the factories fill in the
+prompt with its shots, the continuations, the checks and the analysis sample.
 """
 
 from __future__ import annotations
@@ -80,6 +86,9 @@ class Task:
     analysis_sample: Callable[[dict], AnalysisSample] | None = None
     describe: Callable[[dict], dict[str, Any]] | None = None
     item_values: Callable[[dict], dict[str, float | None]] | None = None
+    choice_texts: Callable[[dict], list[str]] | None = None
+    shots_skip_item: bool = False  # lm-eval draws n + 1 shots and drops the item, as from the
+    # evaluated split, whatever the pool (its sampler does so when the config has no test split)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -238,3 +247,83 @@ def pick_shots(items: Sequence[dict], pool: Sequence[dict], n: int, *, sampler: 
             drawn = rnd.sample(rest, n)
         out.append(drawn)
     return out
+
+
+# ------------------------------------------------------------------ task factories
+
+Doc = Callable[[dict], Any]
+
+
+def _problem_of(fields: Sequence[str], *calls: Doc) -> Callable[[dict], str | None]:
+    """A record check: every text field non-blank, then every ``call`` works on the record."""
+    def check(record: dict) -> str | None:
+        for f in fields:
+            if isinstance(record.get(f), str) or is_missing(record.get(f)):
+                problem = text_problem(record, f)
+                if problem:
+                    return problem
+        try:
+            for call in calls:
+                call(record)
+        except ValueError as e:
+            return str(e)
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            return f"cannot be read as this task's record ({type(e).__name__}: {e})"
+        return None
+    return check
+
+
+def choice_task(name: str, *, summary: str, hub: HubData | None, fields: tuple[str, ...],
+                doc_to_text: Doc, doc_to_choice: Callable[[dict], list[str]],
+                doc_to_target: Callable[[dict], int], process: Doc | None = None,
+                description: Callable[[dict], str] | None = None,
+                labels: Callable[[dict], list[str]] | None = None,
+                metrics: tuple[str, ...] = ("accuracy", "accuracy_norm"),
+                target_delimiter: str = " ", fewshot_delimiter: str = "\n\n",
+                shot_split: str | None = "train", default_shots: int = 0,
+                shot_sampler: str = "random", shot_key: Doc | None = None,
+                shots_skip_item: bool = False,
+                describe: Callable[[dict], dict[str, Any]] | None = None,
+                meta: Callable[[dict], dict[str, Any]] | None = None) -> Task:
+    """A multiple-choice task as lm-eval's ``output_type: multiple_choice`` config declares it.
+
+    ``process`` (lm-eval's ``process_docs``, per record) runs first; the prompt is
+    ``description`` + each shot's ``doc_to_text + target_delimiter + its gold choice`` followed
+    by ``fewshot_delimiter``, then the item's ``doc_to_text``; each choice is scored as
+    ``target_delimiter + choice``. ``labels``: how predictions name the choices (default
+    ``A``, ``B``, ...). ``accuracy_norm`` divides by each choice's length in characters."""
+    doc = process or (lambda r: r)
+
+    def prompt(record: dict, shots: Sequence[dict] = ()) -> str:
+        head = description(doc(record)) if description else ""
+        parts = "".join(f"{doc_to_text(d)}{target_delimiter}"
+                        f"{doc_to_choice(d)[doc_to_target(d)]}{fewshot_delimiter}"
+                        for d in map(doc, shots))
+        return head + parts + doc_to_text(doc(record))
+
+    def continuations(record: dict) -> list[str]:
+        return [target_delimiter + c for c in doc_to_choice(doc(record))]
+
+    def gold(record: dict) -> int:
+        d = doc(record)
+        i, n = doc_to_target(d), len(doc_to_choice(d))
+        if not 0 <= i < n:
+            raise ValueError(f"gold index {i} is not one of the {n} choices")
+        return i
+
+    def sample(record: dict) -> AnalysisSample:
+        d, conts, i = doc(record), continuations(record), gold(record)
+        return AnalysisSample(doc_to_text(d), conts[i], {"choices": conts, "gold": i,
+                                                         **(meta(record) if meta else {})})
+
+    return Task(
+        name=name, kind="choice", summary=summary, metrics=metrics, primary=metrics[0],
+        default_data=name, hub=hub, fields=fields, shot_split=shot_split,
+        default_shots=default_shots, shot_sampler=shot_sampler, shot_key=shot_key,
+        check=_problem_of(fields, lambda r: doc_to_text(doc(r)), gold), prompt=prompt,
+        continuations=continuations,
+        labels=labels or (lambda r: list(LETTERS[: len(doc_to_choice(doc(r)))])),
+        gold_index=gold, analysis_sample=sample, describe=describe,
+        item_values=lambda row: {"accuracy": row.get("correct"),
+                                 "accuracy_norm": row.get("correct_norm")},
+        choice_texts=lambda r: list(doc_to_choice(doc(r))), shots_skip_item=shots_skip_item)
