@@ -18,9 +18,10 @@ from sftscope.config.ingredients import device_name
 from sftscope.errors import INTERRUPTED_MESSAGE, Interrupted, SftscopeError
 from sftscope.experiments.analyze import AnalyzeConfig, analyze
 from sftscope.load import data as D
-from sftscope.load import models as LM
+from sftscope.load import identity as LM
 from sftscope.load.arch import block_output, get_blocks
-from sftscope.load.models import file_digest, fingerprint, load_model
+from sftscope.load.identity import file_digest, fingerprint
+from sftscope.load.models import load_model
 from sftscope.load.runtime import resolve_device, resolve_dtype
 from sftscope.load.tiny import build_tiny_model
 

@@ -1,7 +1,8 @@
 """The import-layer contract: the package follows the pipeline and no import runs back up.
 
-load -> config -> metrics -> capture -> experiments -> report -> demo/cli. A module may import
-modules of its own layer or of lower layers, at module level or inside a function.
+load -> progress/parallel -> config -> metrics -> capture -> experiments -> report -> demo/cli.
+A module may import modules of its own layer or of lower layers, at module level or inside a
+function; and no set of modules imports each other in a circle, anywhere in the package.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "sftscope"
 
 LAYERS: dict[str, int] = {
     "errors": 0, "io": 0, "process": 0, "segments": 0, "metric_registry": 0, "tasks": 0,
-    "__init__": 0, "__main__": 7,
-    "load": 1, "progress": 1, "parallel": 1,
-    "config": 2, "runs": 2, "chains": 2,
-    "metrics": 3,
-    "capture": 4,
-    "experiments": 5,
-    "report": 6,
-    "demo": 7, "cli": 7,
+    "__init__": 0, "__main__": 8,
+    "load": 1,
+    "progress": 2, "parallel": 2,
+    "config": 3, "runs": 3, "chains": 3,
+    "metrics": 4,
+    "capture": 5,
+    "experiments": 6,
+    "report": 7,
+    "demo": 8, "cli": 8,
 }
 
 
@@ -90,3 +92,79 @@ def test_no_import_cycle_between_experiments_modules():
 
     cycles = [m for m in graph if m in reach(m, set())]
     assert not cycles, cycles
+
+
+def _edges(path: Path, module: str, known: set[str]) -> set[str]:
+    """The package modules ``module`` imports (anywhere in it): ``from pkg import sub`` counts
+    as importing ``pkg.sub`` (not the package's ``__init__``), a name inside a module as its
+    module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = module.split(".")
+                parts = parts if path.name == "__init__.py" else parts[:-1]
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
+            names = subs if len(subs) == len(node.names) else [base, *subs]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                out.add(name)
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), each a cycle's members."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_anywhere():
+    mods = dict(_modules())
+    graph = {m: _edges(p, m, set(mods)) for m, p in mods.items()}
+    assert not _cycles(graph), _cycles(graph)
+    # the test sees cycles: function-level imports count, and a made-up circle is found
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_load_imports_neither_progress_nor_parallel():
+    for module, path in _modules():
+        if module.startswith("sftscope.load"):
+            bad = [n for n, _ in _imports(path, module)
+                   if n.startswith(("sftscope.progress", "sftscope.parallel"))]
+            assert not bad, (module, bad)

@@ -7,7 +7,7 @@
   every ``SFTSCOPE_PROGRESS_EVERY`` seconds (default 30) and one at the end, so a log shows
   progress without a wall of carriage returns.
 - The libraries' own bars and chatter (transformers loading bars, hub downloads, datasets) are
-  silenced while sftscope reports (``quiet_libraries``); the Trainer reports through
+  silenced while sftscope reports (``load.runtime.quiet_libraries``); the Trainer reports through
   ``trainer_callback``.
 - ``SFTSCOPE_NO_PROGRESS=1`` (or ``sftscope --quiet``) turns progress off; ``say`` still prints.
 - Under a launcher (``torchrun``, ``accelerate launch``) only rank 0 reports: the other ranks
@@ -212,44 +212,6 @@ def say(message: str) -> None:
     from rich.text import Text
 
     print(Text.from_markup(message).plain, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Silence transformers', the hub's and datasets' own bars and info logs meanwhile."""
-    undo: list[Callable[[], None]] = []
-    try:
-        from transformers.utils import logging as hf_logging
-
-        if hf_logging.is_progress_bar_enabled():
-            hf_logging.disable_progress_bar()
-            undo.append(hf_logging.enable_progress_bar)
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        undo.append(lambda: hf_logging.set_verbosity(level))
-    except ImportError:
-        pass
-    try:
-        import huggingface_hub.utils as hub_utils
-
-        if not hub_utils.are_progress_bars_disabled():
-            hub_utils.disable_progress_bars()
-            undo.append(hub_utils.enable_progress_bars)
-    except (ImportError, AttributeError):
-        pass
-    try:
-        import datasets
-
-        if datasets.is_progress_bar_enabled():
-            datasets.disable_progress_bars()
-            undo.append(datasets.enable_progress_bars)
-    except (ImportError, AttributeError):
-        pass
-    try:
-        yield
-    finally:
-        for fn in reversed(undo):
-            fn()
 
 
 def trainer_callback(description: str = "train"):

@@ -90,6 +90,23 @@ def parse_blocks(spec: str, n_blocks: int) -> list[int]:
     return sorted(blocks)
 
 
+def block_text(blocks: list[int], empty: str = "") -> str:
+    """Blocks as ranges, e.g. ``[6, 7, 8, 9, 10, 11, 14]`` -> ``6-11,14`` (sorted; ``empty``
+    when there is none): the one way logs, tables and reports write a block list."""
+    b = sorted(int(x) for x in blocks)
+    if not b:
+        return empty
+    parts, start, prev = [], b[0], b[0]
+    for x in [*b[1:], None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ",".join(parts)
+
+
 def all_masks(k: int) -> list[str]:
     """Every non-empty mask of ``k`` segments."""
     return ["".join(bits) for bits in itertools.product("01", repeat=k) if "1" in bits]

@@ -48,6 +48,7 @@ from sftscope.errors import Interrupted, SftscopeError
 from sftscope.io import atomic_path, stable_hash
 from sftscope.load.arch import get_blocks
 from sftscope.load.data import TokenizedSet
+from sftscope.load.runtime import input_device
 
 FORMAT_VERSION = 2
 CPU_STACK_BYTES = 512 << 20  # CPU: most a batch's token rows at all states may take
@@ -564,7 +565,7 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
     n_blocks = len(get_blocks(model))
     dim = int(model.get_input_embeddings().weight.shape[1])
     n_tokens = torch.tensor([len(tok.input_ids[i]) for i in samples], dtype=torch.long)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options(), cfg.include_padding,
                    schedule=pick_schedule(cfg.overlap, device),
                    samples=None if indices is None else samples, device_type=device.type)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any, ClassVar
 
 from sftscope.config.core import Config, at_least, in_range, non_empty, opt
 from sftscope.errors import SftscopeError
-from sftscope.load.data import dataset_names
+from sftscope.load.data import Prepared, dataset_names, prepare
 from sftscope.tasks import shots_help
 
 # ----------------------------------------------------------------------------- value checks
@@ -344,6 +345,15 @@ class DataSpec(Config):
     def _check(self) -> None:
         check_data_source(self.data, split=self.split, text_field=self.text_field,
                           template=self.template)
+
+    def prepare(self, tokenizer, n: int | None | EllipsisType = ...) -> Prepared:
+        """These options' data through the one data path (``load.data.prepare``): samples,
+        token ids and notes. ``n``: how many samples (default ``--limit``; None: all)."""
+        return prepare(self.data, tokenizer, text_field=self.text_field,
+                       template=self.template, split=self.split,
+                       n=self.limit if n is ... else n, seed=self.seed,
+                       max_length=self.max_length, chat_template=self.chat_template,
+                       skip_bad=self.skip_bad_records)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,6 +47,7 @@ from sftscope.demo.corpus import (
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.data import pad_batch
+from sftscope.load.runtime import torch_threads
 from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
 from sftscope.tasks.base import trim_at_stop
@@ -451,7 +452,7 @@ def build_demo_pair(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (out_dir / MANIFEST).unlink()  # stale from now on; written again when done
-    with _torch_threads(cfg.threads), _hf_bars(progress_enabled()):
+    with torch_threads(cfg.threads), _hf_bars(progress_enabled()):
         return _train_pair(out_dir, seed=seed, family=family, cfg=cfg, quick=quick,
                            settings=settings, key=key)
 
@@ -469,18 +470,6 @@ def _hf_bars(show: bool):
     finally:
         if was and not show:
             hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run with ``n`` torch threads (0: unchanged), then restore the previous setting."""
-    old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick: bool,

@@ -73,10 +73,9 @@ def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
 
 
 def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[str]]:
-    """Load, subsample and tokenize the data; notes say what was truncated or short."""
-    prep = D.prepare(cfg.data, tokenizer, text_field=cfg.text_field, template=cfg.template,
-                     split=cfg.split, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
-                     chat_template=cfg.chat_template, skip_bad=cfg.skip_bad_records)
+    """Load, subsample and tokenize the data (``DataSpec.prepare``); notes say what was
+    truncated or short."""
+    prep = cfg.prepare(tokenizer)
     return prep.tokens, prep.notes
 
 

@@ -32,7 +32,7 @@ from sftscope.config.core import defaults
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer, atomic_path, run_record, write_table
 from sftscope.load.data import chat_prompt
-from sftscope.load.runtime import dtype_name, resolve_device, resolve_dtype
+from sftscope.load.runtime import dtype_name, input_device, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.load.sources import BLOCK_KEYS, get_key
 from sftscope.metrics.stats import mean_ci, proportion_ci
@@ -128,12 +128,6 @@ def _generate_tasks() -> list[str]:
 
 
 # ------------------------------------------------------------------ devices and loading
-
-def model_device(model) -> torch.device:
-    """Where inputs go (the input embedding's device)."""
-    emb = model.get_input_embeddings()
-    return emb.weight.device if emb is not None else next(model.parameters()).device
-
 
 def max_context(model) -> int | None:
     """The model's position limit, if it has one."""
@@ -231,7 +225,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
         truncated.append(bool(cut))
     order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    dev = model_device(model)
+    dev = input_device(model)
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
         eos_token_id=eos or None,
@@ -270,7 +264,7 @@ def _sequence_logprobs(model, rows: list[list[int]], starts: list[int], pad_id: 
     """
     from sftscope.load.data import pad_batch
 
-    dev = model_device(model)
+    dev = input_device(model)
     out = [0.0] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -291,7 +285,7 @@ def _last_logprobs(model, rows: list[list[int]], pad_id: int, batch_size: int,
     """Log-probabilities of the next token after each row: ``[len(rows), vocab]``."""
     from sftscope.load.data import pad_batch
 
-    dev = model_device(model)
+    dev = input_device(model)
     out: list[torch.Tensor | None] = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -373,7 +367,7 @@ def text_losses(model, tokenizer, texts: list[str], *, max_length: int = 1024,
     keep = [i for i, e in enumerate(enc) if len(e) >= 2]
     losses = [math.nan] * len(texts)
     counts = [0] * len(texts)
-    dev = model_device(model)
+    dev = input_device(model)
     batches = [keep[i:i + batch_size] for i in range(0, len(keep), batch_size)]
     for batch in track(batches, description):
         ids, mask = pad_batch([enc[i] for i in batch], pad_id, side="right")

@@ -187,7 +187,6 @@ def steer(cfg: SteerConfig) -> SteerResult:
     """Compute the vector, steer the base model at every scale, write the run folder."""
     from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
     from sftscope.experiments.tune import parse_eval_task
-    from sftscope.load import data as D
     from sftscope.load.models import check_pair, fingerprint, load_config, pair_tokenizer
     from sftscope.load.runtime import dtype_name, pad_id, resolve_device, resolve_dtype
     from sftscope.metrics.stats import mean_ci, proportion_ci
@@ -214,9 +213,7 @@ def steer(cfg: SteerConfig) -> SteerResult:
                                     chat_template=cfg.chat_template)
         notes = list(info.notes) + notes
     with timer("data"):
-        prep = D.prepare(cfg.data, tok, text_field=cfg.text_field, template=cfg.template,
-                         split=cfg.split, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
-                         chat_template=cfg.chat_template, skip_bad=cfg.skip_bad_records)
+        prep = cfg.prepare(tok)
         notes += prep.notes
         prompts = _prompts(cfg) if cfg.generate else []
     for n in notes:

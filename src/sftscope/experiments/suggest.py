@@ -76,7 +76,7 @@ from sftscope.load.runtime import model_bytes, release
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.progress import plan, say, stage, staged, track
 from sftscope.runs import check_out, finish_run, start_run
-from sftscope.segments import segment_bounds
+from sftscope.segments import block_text, segment_bounds
 
 METHODS = ("pair", "angular", "gradient", "combined")
 CHOICES = ("auto", *METHODS)
@@ -202,20 +202,6 @@ def _mask(segs: list[int], k: int) -> str:
 
 def _blocks(segs: list[int], bounds: list[tuple[int, int]]) -> list[int]:
     return [b for i in segs for b in range(*bounds[i])]
-
-
-def _span(blocks: list[int]) -> str:
-    if not blocks:
-        return "none"
-    parts, start, prev = [], blocks[0], blocks[0]
-    for b in blocks[1:] + [None]:
-        if b is not None and b == prev + 1:
-            prev = b
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if b is not None:
-            start = prev = b
-    return ",".join(parts)
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -432,7 +418,8 @@ def _describe(method: str, segs: list[int], why: str, bounds, n_blocks: int,
             "angular": "angular distance between consecutive hidden states of the base",
             "gradient": "task-loss gradient norm of the attention projections",
             "combined": "rank average of the methods"}[method]
-    text = (f"{method}: {_mask(segs, k)} (blocks {_span(blocks)}, {lo_d:.0%}-{hi_d:.0%} of depth)"
+    span = block_text(blocks, "none")
+    text = (f"{method}: {_mask(segs, k)} (blocks {span}, {lo_d:.0%}-{hi_d:.0%} of depth)"
             f" by {what}: {why}")
     excluded = [i for i in range(k) if not eligible[i]]
     if excluded:
@@ -489,10 +476,7 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     with timer("data"):
         n_need = max(n_samples if ("pair" in want or "angular" in want) else 0,
                      cfg.grad_samples if "gradient" in want else 0)
-        _, tok, data_notes = D.prepare(
-            cfg.data, tokenizer, text_field=cfg.text_field, template=cfg.template,
-            split=cfg.split, n=n_need or None, seed=cfg.seed, max_length=cfg.max_length,
-            chat_template=cfg.chat_template, skip_bad=cfg.skip_bad_records)
+        _, tok, data_notes = cfg.prepare(tokenizer, n=n_need or None)
         notes += data_notes
         tok_states = D.TokenizedSet(tok.input_ids[:n_samples],
                                     tok.prompt_lengths[:n_samples], 0, tok.max_length)
@@ -636,5 +620,5 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
 
 def proposal_summary(s: Suggestion) -> list[dict[str, Any]]:
     """One dict per method: method, mask, blocks (for printing and validation tables)."""
-    return [{"method": m, "mask": p.mask, "blocks": _span(p.blocks)}
+    return [{"method": m, "mask": p.mask, "blocks": block_text(p.blocks, "none")}
             for m, p in s.proposals.items()]

@@ -278,7 +278,7 @@ def save_mix(base: nn.Module, sft: nn.Module, mask: str, alpha: float, folder: s
     mix = SegmentMix(base, sft, mask_blocks(mask, n_blocks))
     mix.set(alpha)
     modules = mix.plain()
-    from sftscope.progress import quiet_libraries
+    from sftscope.load.runtime import quiet_libraries
 
     with atomic_dir(folder) as tmp, swapped(base, sft, mix.ids, head=head == "sft",
                                             names=("base", "sft"), modules=modules) as hybrid, \

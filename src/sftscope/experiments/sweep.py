@@ -110,6 +110,7 @@ from sftscope.metric_registry import lower_is_better
 from sftscope.parallel import is_main
 from sftscope.runs import check_folder, folder_command
 from sftscope.segments import (
+    block_text,
     mask_blocks,
     mask_group,
     mask_sort_key,
@@ -737,12 +738,6 @@ def paired_p(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, int]:
     return float(p), mean, int(diff.size)
 
 
-def _span(blocks: list[int]) -> str:
-    from sftscope.experiments.suggest import _span as span
-
-    return span(blocks)
-
-
 def summarize(items: pd.DataFrame, params: dict[str, int | None] | None = None,
               n_blocks: int | None = None, level: float = 0.95, n_boot: int = 2000,
               boot_seed: int = 0, metric_order: Sequence[str] = ()) -> pd.DataFrame:
@@ -777,7 +772,7 @@ def summarize(items: pd.DataFrame, params: dict[str, int | None] | None = None,
                 "metric": metric, "mean": float(np.nanmean(y)), "ci_low": lo, "ci_high": hi,
                 "n_items": len(ids), "p_value": p, "delta": delta,
                 "seed_sd": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else math.nan,
-                "blocks": _span(mask_blocks(mask, n_blocks)) if n_blocks else "",
+                "blocks": block_text(mask_blocks(mask, n_blocks), "none") if n_blocks else "",
             })
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
@@ -987,7 +982,7 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
             job = Job(mask, seed, i, d, _attempt(d), cfg, settings)
             again = f" (attempt {job.attempt}, resuming)" if job.attempt > 1 else ""
             say(f"[bold]job {n}/{len(todo)}[/] {job.name}: blocks "
-                f"{_span(mask_blocks(mask, settings['n_blocks']))}{again}")
+                f"{block_text(mask_blocks(mask, settings['n_blocks']), 'none')}{again}")
             t0 = time.perf_counter()
             res = run_job(job, fn)
             ran.append(job.name)

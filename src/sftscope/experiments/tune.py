@@ -775,7 +775,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     stage("save")
     with timer("save"):
         if full:
-            from sftscope.progress import quiet_libraries
+            from sftscope.load.runtime import quiet_libraries
 
             model_dir = out / "model"
             with quiet_libraries():

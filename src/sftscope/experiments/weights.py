@@ -58,12 +58,11 @@ never forming ``BA``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,7 +93,7 @@ from sftscope.load.checkpoint import (
     fused_split_ok,
     resolve_source,
 )
-from sftscope.load.runtime import resolve_device
+from sftscope.load.runtime import resolve_device, torch_threads
 from sftscope.metrics.lowrank import (
     dense_svdvals,
     drop_noise,
@@ -179,24 +178,6 @@ class _Norms:
             return out
 
         return math.fsum(self._map(part, x.numel()))
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run torch ops on ``n`` threads inside the block, then restore the previous count.
-
-    The streamed norms are memory-bound chunk operations: one thread runs them at memory speed,
-    and OpenMP barriers between threads stall badly whenever the cores are shared with other
-    work (measured: a 2 MiB float64 dot 40 us on one thread, 23 ms on two busy cores)."""
-    before = torch.get_num_threads()
-    if n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sq64(x: Tensor) -> float:
@@ -436,7 +417,10 @@ def _full_pass(base: Checkpoint, sft: Checkpoint | None, items: list[_Item], acc
                timer: Timer) -> None:
     """Stream every tensor pair once; ``sft=None`` computes base norms only (adapter mode).
 
-    All torch ops run single-threaded (``_torch_threads(1)``); the cores are used by worker
+    All torch ops run single-threaded (``torch_threads(1)``: the streamed norms are
+    memory-bound chunk operations, which one thread runs at memory speed, while OpenMP barriers
+    stall whenever the cores are shared; measured: a 2 MiB float64 dot 40 us on one thread,
+    23 ms on two busy cores); the cores are used by worker
     threads instead: streamed norms split over ``_Norms`` workers, SVDs over ``_Spectra``
     workers that overlap with the streaming."""
     threads = torch.get_num_threads()
@@ -444,7 +428,7 @@ def _full_pass(base: Checkpoint, sft: Checkpoint | None, items: list[_Item], acc
     spectra = (_Spectra(acc, top_k, device, exact_max, max_rank, threads)
                if low_rank and sft is not None else None)
     try:
-        with _torch_threads(1):
+        with torch_threads(1):
             _stream_items(base, sft, items, acc, norms, spectra)
             if spectra is not None:
                 spectra.finish()
@@ -687,7 +671,7 @@ def weight_change(
             extra: dict[str, Any] = {}
             n_blocks = _n_blocks(b_ck, items) if b_ck is not None else 0
             if a_dir is not None:
-                with _torch_threads(1):  # r x r problems: threads only add overhead
+                with torch_threads(1):  # r x r problems: threads only add overhead
                     nb, extra = _adapter_pass(a_dir, b_ck, acc, low_rank, top_k, device, notes,
                                               timer)
                 if b_ck is None:

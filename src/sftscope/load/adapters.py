@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sftscope.errors import SftscopeError
+from sftscope.io import read_json
 from sftscope.load.checkpoint import (
     PICKLE_SUFFIXES,
     TensorInfo,
@@ -29,6 +30,7 @@ from sftscope.load.checkpoint import (
     pickle_error,
     read_header,
 )
+from sftscope.load.identity import fingerprint
 from sftscope.load.sources import (  # noqa: F401  (re-exported: the adapter reading API)
     ADAPTER_CONFIG,
     ADAPTER_META,
@@ -189,8 +191,6 @@ def check_adapter(model: nn.Module, adapter: str | Path, base: str | None = None
     """Refuse an adapter made for another base: compare the target modules and every LoRA
     matrix's shape with ``model``, then the recorded base fingerprint (same shapes, other
     weights). Returns the adapter folder."""
-    from sftscope.load.models import fingerprint
-
     folder = adapter_folder(adapter)
     cfg = read_adapter_config(folder)
     made_for = cfg.get("base_model_name_or_path")
@@ -214,8 +214,6 @@ def check_adapter(model: nn.Module, adapter: str | Path, base: str | None = None
                     f"{shape[dim] if len(shape) == 2 else shape} in the adapter")
     meta_path = folder / META_FILE
     if meta_path.is_file() and base is not None and not allow_other_base:
-        from sftscope.io import read_json
-
         meta = read_json(meta_path)
         theirs = (meta.get("base_fingerprint") or {}).get("hash")
         ours = fingerprint(base, revision).get("hash")

@@ -10,9 +10,7 @@ records. ``sources.check_model`` says which (torch-free); ``load_model``, ``load
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,18 @@ from typing import Any
 from sftscope.errors import SftscopeError
 from sftscope.io import atomic_dir
 from sftscope.load.gguf import need_gguf
-from sftscope.load.runtime import input_device, resolve_device, resolve_dtype
+from sftscope.load.identity import (  # noqa: F401  (re-exported: content identity)
+    FINGERPRINT_SCHEME,
+    DigestMemo,
+    default_cache_dir,
+    file_digest,
+    fingerprint,
+)
+from sftscope.load.runtime import input_device, quiet_libraries, resolve_device, resolve_dtype
 from sftscope.load.sources import (
     ModelSource,
     PairInfo,
+    adapter_base,
     check_model,
     check_pair,
     is_local,
@@ -74,21 +80,6 @@ def source_label(spec: str, base: str | None = None) -> str:
     return p.name if p.name and p.exists() else spec
 
 
-def _adapter_base(src: ModelSource, revision: str | None,
-                  base_revision: str | None) -> tuple[ModelSource, str | None]:
-    """An adapter's base and the revision to load it at: the given base revision, else the
-    adapter's own revision option, else the commit the adapter recorded for a hub base."""
-    assert src.base is not None
-    rev = base_revision or revision
-    if rev is None and src.base.kind == "hub" and src.path is not None:
-        from sftscope.load.sources import adapter_meta
-
-        fp = adapter_meta(Path(src.path)).get("base_fingerprint") or {}
-        if isinstance(fp, dict) and fp.get("source") == src.base.spec:
-            rev = fp.get("commit")
-    return src.base, rev
-
-
 def _gguf_error(src: ModelSource, err: Exception) -> SftscopeError:
     from sftscope.load.gguf import supported_by_transformers
 
@@ -121,13 +112,11 @@ def load_config(spec: str, revision: str | None = None, trust_remote_code: bool 
 
     src = resolve_source(spec, base)
     if src.kind == "adapter":
-        b, rev = _adapter_base(src, revision, base_revision)
+        b, rev = adapter_base(src, revision, base_revision)
         return load_config(b.spec, rev, trust_remote_code)
     if src.kind == "gguf":
         need_gguf()
         try:
-            from sftscope.progress import quiet_libraries
-
             with quiet_libraries():
                 return AutoConfig.from_pretrained(src.load_path, gguf_file=src.gguf_file)
         except (OSError, ValueError, KeyError) as e:
@@ -152,7 +141,7 @@ def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "
     if kind == "adapter":
         src = resolve_source(spec, base)
         if not (Path(str(src.path)) / "tokenizer_config.json").is_file():
-            b, rev = _adapter_base(src, revision, base_revision)
+            b, rev = adapter_base(src, revision, base_revision)
             return load_tokenizer(b.spec, rev, padding_side)
         src_path = str(src.path)
     elif kind == "gguf":
@@ -169,8 +158,6 @@ def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "
                 raise SftscopeError(f"tokenizer folder {spec} does not exist; check the path")
             src_path = spec
     try:
-        from sftscope.progress import quiet_libraries
-
         with quiet_libraries():
             if gguf_file is not None:
                 tok = AutoTokenizer.from_pretrained(src_path, gguf_file=gguf_file)
@@ -245,8 +232,6 @@ def _from_pretrained(src: ModelSource, opts: LoadOptions):
             pass  # older transformers always dequantise
     else:
         kwargs["revision"] = opts.revision
-    from sftscope.progress import quiet_libraries
-
     try:
         with quiet_libraries(), _quiet_gguf():
             model = AutoModelForCausalLM.from_pretrained(src.load_path, **kwargs)
@@ -270,7 +255,7 @@ def _load_peft(src: ModelSource, opts: LoadOptions):
     and applied in memory (never merged)."""
     from sftscope.load.adapters import load_adapter
 
-    b, rev = _adapter_base(src, opts.revision, opts.base_revision)
+    b, rev = adapter_base(src, opts.revision, opts.base_revision)
     base_opts = LoadOptions(revision=rev, dtype=opts.dtype, device=opts.device,
                             device_map=opts.device_map,
                             attn_implementation=opts.attn_implementation,
@@ -326,215 +311,10 @@ def save_model(spec: str, out: str | Path, opts: LoadOptions | None = None) -> P
     else:
         model = _from_pretrained(src, opts)
     tok = load_tokenizer(spec, opts.revision, base=opts.base, base_revision=opts.base_revision)
-    from sftscope.progress import quiet_libraries
-
     with atomic_dir(out) as tmp, quiet_libraries():
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
     return out
-
-
-def default_cache_dir() -> Path:
-    """``$SFTSCOPE_CACHE`` or ``~/.cache/sftscope``: captures and the file-digest memo."""
-    return Path(os.environ.get("SFTSCOPE_CACHE", "~/.cache/sftscope")).expanduser()
-
-
-# Files of a model folder that change what the model computes or how text becomes ids:
-# weights (every byte), configs and tokenizer files (every byte), remote code.
-_FP_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".tiktoken", ".jinja", ".py")
-_FP_NAMES = ("merges.txt", "vocab.txt")
-_CHUNK = 64 << 20   # tree-hash leaf: files are hashed in 64 MiB pieces, in parallel
-_READ = 8 << 20     # bytes per read
-_MEMO_NAME = "file-digests.json"
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-# Changes whenever ``hash`` is computed differently: hashes of two schemes never compare.
-# (v1, before it: the first and last MiB of each weight file only.)
-FINGERPRINT_SCHEME = "content-v2"
-
-
-def _hash_range(fd: int, start: int, end: int, buf: bytearray) -> bytes:
-    h = hashlib.sha256()
-    view = memoryview(buf)
-    pos = start
-    while pos < end:
-        n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
-        if n <= 0:
-            raise OSError(f"short read at byte {pos}")
-        h.update(view[:n])  # hashlib releases the GIL on large updates
-        pos += n
-    return h.digest()
-
-
-def file_digest(path: str | Path, workers: int | None = None) -> str:
-    """Content digest of one file (every byte): SHA-256 over the SHA-256 of its 64 MiB pieces.
-
-    The pieces are read with ``pread`` and hashed by up to ``workers`` threads (default: the
-    CPU count), so a large weight file is hashed at disk speed rather than one core's speed.
-    """
-    size = os.path.getsize(path)
-    n = max(1, -(-size // _CHUNK))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        def leaf(i: int) -> bytes:
-            return _hash_range(fd, i * _CHUNK, min(size, (i + 1) * _CHUNK),
-                               bytearray(min(_READ, max(size, 1))))
-
-        workers = min(n, workers or os.cpu_count() or 1)
-        if workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as ex:
-                leaves = list(ex.map(leaf, range(n)))
-        else:
-            leaves = [leaf(i) for i in range(n)]
-    finally:
-        os.close(fd)
-    top = hashlib.sha256(f"sftscope-tree-v1:{size}:{_CHUNK}:".encode())
-    for d in leaves:
-        top.update(d)
-    return top.hexdigest()
-
-
-class DigestMemo:
-    """File digests remembered by (path, size, mtime_ns, ctime_ns, inode, device) in a small
-    JSON file, so each weight file is read once; a changed file has another ctime."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.dirty = False
-        if path is not None and path.is_file():
-            import json
-
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                if data.get("v") == 1 and isinstance(data.get("entries"), dict):
-                    self.entries = data["entries"]
-            except (OSError, ValueError):
-                self.entries = {}  # a corrupt memo is rebuilt
-
-    @staticmethod
-    def _stat_key(st: os.stat_result) -> list[int]:
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-    def digest(self, path: Path) -> str:
-        real = str(path.resolve())
-        st = os.stat(real)
-        key = self._stat_key(st)
-        got = self.entries.get(real)
-        if got is not None and got.get("stat") == key:
-            return str(got["digest"])
-        digest = file_digest(real)
-        if self._stat_key(os.stat(real)) == key:  # unchanged while it was read
-            self.entries[real] = {"stat": key, "digest": digest}
-            self.dirty = True
-        return digest
-
-    def save(self) -> None:
-        if self.path is None or not self.dirty:
-            return
-        import json
-
-        from sftscope.io import write_text
-
-        live = {p: e for p, e in self.entries.items() if os.path.exists(p)}
-        with contextlib.suppress(OSError):  # a read-only cache costs re-hashing next time
-            write_text(self.path, json.dumps({"v": 1, "entries": live}))
-        self.dirty = False
-
-
-def _fingerprint_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file()
-                  and (p.suffix in _FP_SUFFIXES or p.name in _FP_NAMES))
-
-
-def _hub_commit(spec: str, revision: str | None) -> str | None:
-    """The commit a hub id + revision resolves to: the hub's answer when online, else the
-    local Hugging Face cache's; None when neither knows."""
-    if revision and _HEX40.match(revision):
-        return revision
-    try:
-        from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    except ImportError:
-        return None
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            sha = HfApi().model_info(spec, revision=revision, timeout=10).sha
-            if sha:
-                return str(sha)
-        except Exception:  # offline, gated, unknown: fall back to the local cache
-            pass
-    try:
-        hit = try_to_load_from_cache(spec, "config.json", revision=revision or "main")
-    except Exception:
-        return None
-    if isinstance(hit, str):
-        commit = Path(hit).parent.name
-        return commit if _HEX40.match(commit) else None
-    return None
-
-
-def _files_hash(files: list[Path], memo: DigestMemo, salt: bytes) -> tuple[str, int]:
-    h = hashlib.sha256(salt)
-    total = 0
-    for p in files:
-        size = p.stat().st_size
-        total += size
-        h.update(f"\0{p.name}\0{size}\0{memo.digest(p)}".encode())
-    return h.hexdigest()[:24], total
-
-
-def fingerprint(spec: str, revision: str | None = None,
-                memo_dir: str | Path | None = None, *, base: str | None = None,
-                base_revision: str | None = None) -> dict[str, Any]:
-    """Identify a model by content, for run records and cache keys.
-
-    Local folders: ``hash`` = SHA-256 over name, size and full-content digest of every weight,
-    config, tokenizer and code file (``file_digest``; digests memoised in ``memo_dir``, default
-    ``default_cache_dir()``, so each file is read once). GGUF: the same over the one ``.gguf``
-    file. Adapters: the adapter folder's files and the base's fingerprint (``base``), both in
-    ``hash``, plus the ``label`` of the tune run. Hub ids: the revision resolved to a commit
-    (``hash`` derives from id + commit; absent when it cannot be resolved).
-    """
-    kind = source_kind(spec)
-    if kind not in ("folder", "gguf", "adapter", "other"):
-        commit = _hub_commit(spec, revision)
-        out: dict[str, Any] = {"source": spec, "revision": revision, "local": False,
-                               "commit": commit}
-        if commit:
-            out["hash"] = hashlib.sha256(f"hub:{spec}@{commit}".encode()).hexdigest()[:24]
-            out["hash_scheme"] = FINGERPRINT_SCHEME
-        return out
-    memo = DigestMemo(Path(memo_dir).expanduser() / _MEMO_NAME if memo_dir is not None
-                      else default_cache_dir() / _MEMO_NAME)
-    if kind == "adapter":
-        src = resolve_source(spec, base)
-        folder = Path(str(src.path))
-        files = _fingerprint_files(folder)
-        ahash, total = _files_hash(files, memo, b"sftscope-adapter-v1")
-        memo.save()
-        b, rev = _adapter_base(src, revision, base_revision)
-        bfp = fingerprint(b.spec, rev, memo_dir)
-        out = {"source": str(folder.resolve()), "kind": "adapter", "label": src.label,
-               "local": True, "adapter_hash": ahash, "files": len(files), "bytes": total,
-               "base": bfp, "hash_scheme": FINGERPRINT_SCHEME}
-        bkey = bfp.get("hash") or f"{bfp.get('source')}@{bfp.get('revision')}"
-        out["hash"] = hashlib.sha256(f"adapter:{ahash}:on:{bkey}".encode()).hexdigest()[:24]
-        return out
-    if kind == "gguf":
-        src = resolve_source(spec)
-        f = Path(str(src.path))
-        ghash, total = _files_hash([f], memo, b"sftscope-gguf-v1")
-        memo.save()
-        return {"source": str(f.resolve()), "kind": "gguf", "revision": None, "local": True,
-                "hash": ghash, "hash_scheme": FINGERPRINT_SCHEME, "files": 1, "bytes": total}
-    path = Path(os.path.expanduser(spec))
-    files = _fingerprint_files(path) if path.is_dir() else [path]
-    h, total = _files_hash(files, memo, b"sftscope-model-v2")
-    memo.save()
-    return {"source": str(path.resolve()), "revision": revision, "local": True,
-            "hash": h, "hash_scheme": FINGERPRINT_SCHEME, "files": len(files),
-            "bytes": total}
 
 
 def check_tokenizers(tok_base, tok_sft, sample: int | None = None) -> list[str]:

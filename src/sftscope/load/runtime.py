@@ -1,4 +1,5 @@
-"""Runtime helpers every command shares: device, dtype, pad id, input device, releasing a model.
+"""Runtime helpers every command shares: device, dtype, pad id, input device, releasing a model,
+and silencing the libraries' own progress bars and logs while sftscope reports.
 
 One rule each: ``--device auto`` is a visible GPU, else the CPU; ``--dtype auto`` is bfloat16
 on a GPU that supports it and float32 otherwise (CPUs compute bf16 slowly and coarsely); the
@@ -8,7 +9,11 @@ every metric, so the choice never changes a number).
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -110,10 +115,24 @@ def release(nbytes: int = 1 << 30, threshold: int = 1 << 28) -> None:
 # machine is busy and goes back to all cores when it is idle again.
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch ops on ``n`` CPU threads inside the block (0 or the current count: unchanged),
+    then restore the previous count: the one place a command sets torch's thread count for a
+    stretch of work."""
+    before = torch.get_num_threads()
+    if n <= 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cpu_cores() -> int:
     """Cores this process may run on."""
-    import os
-
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -122,8 +141,6 @@ def cpu_cores() -> int:
 
 def other_load(own_threads: int) -> float:
     """Runnable work on the machine besides ours (1-minute load average minus our threads)."""
-    import os
-
     try:
         return max(0.0, os.getloadavg()[0] - own_threads)
     except OSError:
@@ -143,8 +160,6 @@ class ThreadGovernor:
     ``changes`` records ``(seconds since start, threads)`` for run records."""
 
     def __init__(self, every: float = 15.0, enabled: bool = True) -> None:
-        import time
-
         self.every = every
         self.enabled = enabled
         self.t0 = self.last = time.perf_counter()
@@ -153,16 +168,50 @@ class ThreadGovernor:
             self._apply(threads_for_load(own_threads=0))
 
     def _apply(self, n: int) -> None:
-        import time
-
         if n != torch.get_num_threads():
             torch.set_num_threads(n)
             self.changes.append((round(time.perf_counter() - self.t0, 1), n))
 
     def __call__(self) -> None:
-        import time
-
         if not self.enabled or time.perf_counter() - self.last < self.every:
             return
         self.last = time.perf_counter()
         self._apply(threads_for_load())
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence transformers', the hub's and datasets' own bars and info logs meanwhile."""
+    undo: list[Callable[[], None]] = []
+    try:
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            undo.append(hf_logging.enable_progress_bar)
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        undo.append(lambda: hf_logging.set_verbosity(level))
+    except ImportError:
+        pass
+    try:
+        import huggingface_hub.utils as hub_utils
+
+        if not hub_utils.are_progress_bars_disabled():
+            hub_utils.disable_progress_bars()
+            undo.append(hub_utils.enable_progress_bars)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import datasets
+
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()
+            undo.append(datasets.enable_progress_bars)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        yield
+    finally:
+        for fn in reversed(undo):
+            fn()

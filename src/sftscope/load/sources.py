@@ -408,6 +408,19 @@ def adapter_label(folder: str | Path) -> str:
     return " ".join(parts)
 
 
+def adapter_base(src: ModelSource, revision: str | None,
+                  base_revision: str | None) -> tuple[ModelSource, str | None]:
+    """An adapter's base and the revision to load it at: the given base revision, else the
+    adapter's own revision option, else the commit the adapter recorded for a hub base."""
+    assert src.base is not None
+    rev = base_revision or revision
+    if rev is None and src.base.kind == "hub" and src.path is not None:
+        fp = adapter_meta(Path(src.path)).get("base_fingerprint") or {}
+        if isinstance(fp, dict) and fp.get("source") == src.base.spec:
+            rev = fp.get("commit")
+    return src.base, rev
+
+
 def recorded_base(folder: Path) -> tuple[str | None, str | None, str]:
     """The base an adapter says it was made for: ``(spec, revision, what was tried)``.
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from sftscope import io
 from sftscope.errors import SftscopeError
-from sftscope.segments import MASK_COLUMNS, mask_from_text
+from sftscope.segments import MASK_COLUMNS, block_text, mask_from_text
 
 RUN = "run"
 
@@ -177,7 +177,7 @@ def _tune_tables(folder: Path, record: dict[str, Any]) -> dict[str, pd.DataFrame
         out["tune"] = pd.DataFrame([{
             "method": get("method") or "lora",
             "mask": mask_from_text(mask) if mask is not None else "",
-            "blocks": _span(blocks) if isinstance(blocks, list) else (blocks or ""),
+            "blocks": block_text(blocks) if isinstance(blocks, list) else (blocks or ""),
             "rank": None if full else get("rank"), "alpha": None if full else get("alpha"),
             "full_rank": None if full else get("full_rank"),
             "trainable_params": get("trainable_params"),
@@ -239,21 +239,6 @@ def _trainer_state_curve(folder: Path) -> pd.DataFrame | None:
     df = pd.DataFrame(rows, columns=["step", "loss"])
     df["source"] = "trainer_state.json"
     return df
-
-
-def _span(blocks: list) -> str:
-    b = sorted(int(x) for x in blocks)
-    if not b:
-        return ""
-    parts, start, prev = [], b[0], b[0]
-    for x in b[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ",".join(parts)
 
 
 # ----------------------------------------------------------------------------- labels
