@@ -538,6 +538,24 @@ def _check_share(indices: list[int], n: int, cfg: CaptureConfig) -> None:
                                     f"shares; cut shares at multiples of {shard_unit(cfg)}")
 
 
+def _resume(red: _Reducer, partial: Path | None, samples: list[int], cfg: CaptureConfig
+            ) -> tuple[list[int], int]:
+    """The samples still to run after restoring a checkpoint (if one of this capture is
+    there), and how many it held."""
+    resumed = 0
+    got = _read(partial) if partial is not None else None
+    if got is not None and got[1].get("n") == len(samples) and red.restore(got[0]):
+        resumed = int(red.done.sum())
+    todo = [i for r, i in enumerate(samples) if not bool(red.done[r])]
+    if cfg.include_padding and todo:
+        # padded positions count (reference preset): a sample's numbers depend on its batch,
+        # so a resume runs whole batches of the original chunking again (batch_size is in
+        # the key then; a share starts at a whole batch)
+        first = (todo[0] // cfg.batch_size) * cfg.batch_size
+        todo = [i for i in samples if i >= first]
+    return todo, resumed
+
+
 def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
             cache_path: Path | None = None, label: str = "model",
             indices: list[int] | None = None) -> CaptureResult:
@@ -571,17 +589,7 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
                    samples=None if indices is None else samples, device_type=device.type)
     index = None if indices is None else torch.tensor(samples, dtype=torch.long)
     partial = partial_path(cache_path) if cache_path is not None else None
-    resumed = 0
-    got = _read(partial) if partial is not None else None
-    if got is not None and got[1].get("n") == len(samples) and red.restore(got[0]):
-        resumed = int(red.done.sum())
-    todo = [i for r, i in enumerate(samples) if not bool(red.done[r])]
-    if cfg.include_padding and todo:
-        # padded positions count (reference preset): a sample's numbers depend on its batch,
-        # so a resume runs whole batches of the original chunking again (batch_size is in
-        # the key then; a share starts at a whole batch)
-        first = (todo[0] // cfg.batch_size) * cfg.batch_size
-        todo = [i for i in samples if i >= first]
+    todo, resumed = _resume(red, partial, samples, cfg)
     t0 = last_ckpt = time.perf_counter()
 
     def checkpoint() -> None:

@@ -54,6 +54,7 @@ from sftscope.config.commands import ProbeConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
 from sftscope.experiments.analyze import check_chain, check_chain_tokenizers
+from sftscope.experiments.context import Models, RunContext
 from sftscope.io import Timer, run_record, write_tables
 from sftscope.load import data as D
 from sftscope.load.arch import (
@@ -65,9 +66,7 @@ from sftscope.load.arch import (
     logit_softcap,
 )
 from sftscope.load.models import (
-    LoadOptions,
     check_vocab,
-    fingerprint,
     input_device,
     load_config,
     load_model,
@@ -76,11 +75,10 @@ from sftscope.load.models import (
     source_label,
 )
 from sftscope.load.runtime import model_bytes, release, resolve_device
-from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
-from sftscope.parallel import empty_like_table, join
-from sftscope.progress import plan, say, stage, staged
-from sftscope.runs import check_out, finish_run, start_run
+from sftscope.parallel import Group, empty_like_table, join
+from sftscope.progress import plan, stage, staged
+from sftscope.runs import check_out, finish_run
 
 PROBE_COLUMNS = ["layer", "model", "metric", "value", "ci_low", "ci_high", "n"]
 DEFAULT_CHUNK = 1 << 24  # logits elements per lens chunk (64 MiB in float32)
@@ -742,17 +740,6 @@ def choices_noted(samples: Sequence[D.Sample], tok: D.TokenizedSet, tokenizer,
     return choices
 
 
-def load_options_of(specs: dict[str, str], revs: dict[str, str | None],
-                    bases: dict[str, str | None], cfg: Any, *, dtype: str, device: str,
-                    device_map: str | None) -> dict[str, LoadOptions]:
-    """How each model of a probe or swap run loads (``cfg``: its base revision and
-    ``allow_other_base``)."""
-    return {k: LoadOptions(revision=revs[k], dtype=dtype, device=device, device_map=device_map,
-                           base=bases[k], base_revision=cfg.base_revision,
-                           allow_other_base=cfg.allow_other_base)
-            for k in specs}
-
-
 TOP1_COLUMNS = ["model", "sample", "position", "layer", "token_id", "token", "target_id",
                 "target", "correct"]
 
@@ -842,171 +829,212 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     """
     cfg = config if config is not None else build(ProbeConfig, options)
     par = join(cfg.device, cfg.device_map)
-    data, model, base, sft, out = cfg.data, cfg.model, cfg.base, cfg.sft, cfg.out
-    tokenizer, max_length, batch_size, n, seed = (cfg.tokenizer, cfg.max_length, cfg.batch_size,
-                                                  cfg.limit, cfg.seed)
-    dtype, device, device_map, chat_template = cfg.dtype, cfg.device, cfg.device_map, \
-        cfg.chat_template
-    text_field, template, split, level, n_boot = (cfg.text_field, cfg.template, cfg.split,
-                                                  cfg.level, cfg.bootstrap)
-    chunk_elements, revision = cfg.chunk_elements, cfg.revision
-    base_revision, sft_revision = cfg.base_revision, cfg.sft_revision
     timer = Timer()
-    pair = model is None
-    stages = [Stage(FIRST, sft, sft_revision), *cfg.chain()] if pair else []
-    pairs = chain_pairs([st.label for st in stages], cfg.consecutive) if pair else []
-    if pair:  # the base, then each SFT-side stage (an adapter applies to --base)
-        specs = {BASE: base, **{st.label: st.spec for st in stages}}
-        revs = {BASE: base_revision, **{st.label: st.revision for st in stages}}
-        bases = {BASE: None, **{st.label: base for st in stages}}
-    else:
-        label = model_label(model, base)
-        specs, revs, bases = {label: model}, {label: revision}, {label: base}
-    with par.together("validation"):  # every rank validates; all pass or all fail alike
-        if cfg.out is not None:
-            check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
-        device = par.device or resolve_device(device)
-        with timer("validate"):
-            notes: list[str] = []
-            if not pair:  # the one model's config (a pair's: checked with the chain)
-                load_config(model, revision=revision, base=base, base_revision=base_revision)
-            if pair:
-                _, chain_notes = check_chain(base, stages, base_revision=base_revision,
-                                             allow_mixed=cfg.allow_mixed_pair)
-                notes += chain_notes
-                tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
-                                                 revisions=revs, chat_template=chat_template)
-                notes += tok_notes + check_chain_tokenizers(tokz, base, stages,
-                                                            base_revision=base_revision)
-            else:
-                tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs, bases,
-                                      base_revision)
-            samples, tok, data_notes = prepare_data(
-                data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
-                text_field=text_field, template=template, split=split,
-                skip_bad=cfg.skip_bad_records)
-            notes += data_notes
-            answers = answer_slots(samples, tok, tokz, chat_template)
-            n_lost = sum(a is None and has_answer(s)
-                         for s, a in zip(samples, answers, strict=True))
-            if n_lost:
-                notes.append(f"{n_lost} of {len(samples)} answers are not a clean run of their "
-                             f"sample's tokens (cut off by --max-length, or merged by the "
-                             f"tokenizer with the text around them): no answer_prob/answer_rank "
-                             f"for them")
-            positions = None
-            if cfg.tokens == "answer":
-                if not any(a is not None for a in answers):
-                    raise SftscopeError(f"--tokens answer scores the answers' tokens, but no "
-                                        f"sample of {data} has an answer to score (use a task "
-                                        f"format such as gsm8k: or mmlu:, or --tokens all)")
-                positions = answer_positions(answers)
-            choices = choices_noted(samples, tok, tokz, chat_template, notes)
-    for note in notes:
-        say(f"[yellow]note:[/] {note}")
-    pad_id = pad_id_of(tokz)
-    opts = load_options_of(specs, revs, bases, cfg, dtype=dtype, device=device,
-                           device_map=device_map)
-    if out is not None and par.main:
-        start_run(out, "probe", ProbeConfig.OUTPUTS)
-    share = par.shard(len(tok), batch_size)  # all samples when alone
-    plan(len(specs) + 1)  # one lens pass per model, then the tables
-
+    plan_ = _probe_plan(cfg, par, timer)
+    share = par.shard(len(plan_.ctx.tok), cfg.batch_size)  # all samples when alone
+    plan(len(plan_.ctx.models.specs) + 1)  # one lens pass per model, then the tables
     shown: list[dict[str, Any]] = []  # top1.csv rows of this rank's share
-
-    def passes() -> tuple[dict[str, LensSums], int | None]:
-        found: dict[str, LensSums] = {}
-        ref_top1 = None
-        prev: tuple[str, dict[int, np.ndarray]] | None = None
-        n_blocks = None
-        for k, spec in specs.items() if share else ():
-            stage(f"probe {k}")
-            with timer(f"load_{k}"):
-                m = load_model(spec, opts[k])
-            nbytes = model_bytes(m)
-            try:
-                check_vocab(m, tok.input_ids, k)
-                n_blocks = n_blocks_of(m)
-                with timer(f"pass_{k}"):
-                    sums = lens_pass(m, tok, pad_id, batch_size=batch_size,
-                                     positions=positions, answers=answers,
-                                     choices=choices,
-                                     record_top1=(pair and (k == BASE or cfg.consecutive))
-                                     or cfg.top1_examples > 0,
-                                     ref_top1=ref_top1, chunk_elements=chunk_elements,
-                                     description=f"probe {k}", indices=share)
-            finally:
-                del m
-                release(nbytes)
-            if cfg.top1_examples:
-                shown.extend(top1_rows(sums, k, tok, tokz, positions, answers,
-                                       cfg.top1_examples))
-            if pair and k == BASE:
-                ref_top1 = sums.top1
-            elif pair and cfg.consecutive:  # agreement with the stage before, from the ids
-                if prev is not None:
-                    agree = agreement_counts(sums.top1, prev[1], len(tok), len(sums.layers))
-                    found[pair_label(prev[0], k)] = dataclasses.replace(sums, agree=agree,
-                                                                        top1=None)
-                prev = (k, sums.top1)
-            found[k] = sums
-        for sums in found.values():
-            sums.top1 = None  # agreement is counted; the ids need not travel
-        return found, n_blocks
-
-    found, n_blocks = par.run(passes, "probe")
+    found, n_blocks = par.run(lambda: _probe_passes(cfg, plan_, share, shown, timer), "probe")
     parts = par.gather((share, found, n_blocks, shown))
     if parts is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(PROBE_COLUMNS)
     stage("tables")
+    df, merged, n_blocks = _probe_tables(cfg, plan_, parts)
+    if plan_.ctx.out is not None:
+        _probe_record(cfg, plan_, df, merged, n_blocks, timer, par)
+    return df
+
+
+@dataclass
+class _ProbePlan:
+    """What ``probe`` validated and prepared before any model runs."""
+
+    ctx: RunContext
+    pair: bool
+    stages: list[Stage]
+    pairs: list
+    answers: list[AnswerSlot | None]
+    choices: list[ChoiceSlot | None]
+    positions: list[list[int]] | None
+
+
+def _probe_models(cfg: ProbeConfig) -> tuple[bool, list[Stage], Models]:
+    """One model, or the base and each SFT-side stage (an adapter applies to ``--base``)."""
+    if cfg.model is not None:
+        label = model_label(cfg.model, cfg.base)
+        return False, [], Models({label: cfg.model}, {label: cfg.revision}, {label: cfg.base})
+    stages = [Stage(FIRST, cfg.sft, cfg.sft_revision), *cfg.chain()]
+    return True, stages, Models({BASE: cfg.base, **{st.label: st.spec for st in stages}},
+                                {BASE: cfg.base_revision,
+                                 **{st.label: st.revision for st in stages}},
+                                {BASE: None, **{st.label: cfg.base for st in stages}})
+
+
+def _probe_tokenizer(cfg: ProbeConfig, pair: bool, stages: list[Stage], models: Models,
+                     notes: list[str]):
+    """The tokenizer of the run, after the model configs (a pair's: with its chain)."""
+    specs, revs = models.specs, models.revs
+    if not pair:
+        load_config(cfg.model, revision=cfg.revision, base=cfg.base,
+                    base_revision=cfg.base_revision)
+        return pick_tokenizer(cfg.tokenizer, next(iter(specs)), specs, revs, models.bases,
+                              cfg.base_revision)
+    _, chain_notes = check_chain(cfg.base, stages, base_revision=cfg.base_revision,
+                                 allow_mixed=cfg.allow_mixed_pair)
+    notes += chain_notes
+    tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], cfg.tokenizer,
+                                     revisions=revs, chat_template=cfg.chat_template)
+    notes += tok_notes + check_chain_tokenizers(tokz, cfg.base, stages,
+                                                base_revision=cfg.base_revision)
+    return tokz
+
+
+def _probe_answers(cfg: ProbeConfig, samples: list[D.Sample], tok: D.TokenizedSet, tokz,
+                   notes: list[str]) -> tuple[list[AnswerSlot | None], list[list[int]] | None]:
+    """Each sample's answer slot and, with ``--tokens answer``, the positions scored."""
+    answers = answer_slots(samples, tok, tokz, cfg.chat_template)
+    n_lost = sum(a is None and has_answer(s) for s, a in zip(samples, answers, strict=True))
+    if n_lost:
+        notes.append(f"{n_lost} of {len(samples)} answers are not a clean run of their "
+                     f"sample's tokens (cut off by --max-length, or merged by the "
+                     f"tokenizer with the text around them): no answer_prob/answer_rank "
+                     f"for them")
+    if cfg.tokens != "answer":
+        return answers, None
+    if not any(a is not None for a in answers):
+        raise SftscopeError(f"--tokens answer scores the answers' tokens, but no "
+                            f"sample of {cfg.data} has an answer to score (use a task "
+                            f"format such as gsm8k: or mmlu:, or --tokens all)")
+    return answers, answer_positions(answers)
+
+
+def _probe_plan(cfg: ProbeConfig, par: Group, timer: Timer) -> _ProbePlan:
+    """Validate everything (every rank; all pass or all fail alike), prepare the data, open
+    the run folder."""
+    pair, stages, models = _probe_models(cfg)
+    pairs = chain_pairs([st.label for st in stages], cfg.consecutive) if pair else []
+    with par.together("validation"):
+        if cfg.out is not None:
+            check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
+        device = par.device or resolve_device(cfg.device)
+        with timer("validate"):
+            notes: list[str] = []
+            tokz = _probe_tokenizer(cfg, pair, stages, models, notes)
+            samples, tok, data_notes = prepare_data(
+                cfg.data, tokz, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
+                chat_template=cfg.chat_template, text_field=cfg.text_field,
+                template=cfg.template, split=cfg.split, skip_bad=cfg.skip_bad_records)
+            notes += data_notes
+            answers, positions = _probe_answers(cfg, samples, tok, tokz, notes)
+            choices = choices_noted(samples, tok, tokz, cfg.chat_template, notes)
+    ctx = RunContext(models, tokz, samples, tok, notes)
+    ctx.start(cfg, "probe", ProbeConfig.OUTPUTS, device=device, main=par.main)
+    return _ProbePlan(ctx, pair, stages, pairs, answers, choices, positions)
+
+
+def _probe_passes(cfg: ProbeConfig, p: _ProbePlan, share: list[int] | None,
+                  shown: list[dict[str, Any]], timer: Timer
+                  ) -> tuple[dict[str, LensSums], int | None]:
+    """One lens pass per model over this rank's share; a pair's (or a chain's consecutive)
+    agreement from the top-1 ids of the model before."""
+    ctx, pair = p.ctx, p.pair
+    found: dict[str, LensSums] = {}
+    ref_top1 = None
+    prev: tuple[str, dict[int, np.ndarray]] | None = None
+    n_blocks = None
+    for k, spec in ctx.models.specs.items() if share else ():
+        stage(f"probe {k}")
+        with timer(f"load_{k}"):
+            m = load_model(spec, ctx.opts[k])
+        nbytes = model_bytes(m)
+        try:
+            check_vocab(m, ctx.tok.input_ids, k)
+            n_blocks = n_blocks_of(m)
+            with timer(f"pass_{k}"):
+                sums = lens_pass(m, ctx.tok, ctx.pad_id, batch_size=cfg.batch_size,
+                                 positions=p.positions, answers=p.answers, choices=p.choices,
+                                 record_top1=(pair and (k == BASE or cfg.consecutive))
+                                 or cfg.top1_examples > 0,
+                                 ref_top1=ref_top1, chunk_elements=cfg.chunk_elements,
+                                 description=f"probe {k}", indices=share)
+        finally:
+            del m
+            release(nbytes)
+        if cfg.top1_examples:
+            shown.extend(top1_rows(sums, k, ctx.tok, ctx.tokenizer, p.positions, p.answers,
+                                   cfg.top1_examples))
+        if pair and k == BASE:
+            ref_top1 = sums.top1
+        elif pair and cfg.consecutive:  # agreement with the stage before, from the ids
+            if prev is not None:
+                agree = agreement_counts(sums.top1, prev[1], len(ctx.tok), len(sums.layers))
+                found[pair_label(prev[0], k)] = dataclasses.replace(sums, agree=agree,
+                                                                    top1=None)
+            prev = (k, sums.top1)
+        found[k] = sums
+    for sums in found.values():
+        sums.top1 = None  # agreement is counted; the ids need not travel
+    return found, n_blocks
+
+
+PROBE_ORDER = {"accuracy": 0, "loss": 1, "answer_prob": 2, "answer_rank": 3,
+               "choice_accuracy": 4, "agreement": 5}
+
+
+def _probe_tables(cfg: ProbeConfig, p: _ProbePlan, parts: list
+                  ) -> tuple[pd.DataFrame, dict[str, LensSums], int | None]:
+    """Rank 0: the gathered shares merged into the tidy table (and ``attrs["top1"]``)."""
+    specs = p.ctx.models.specs
     n_blocks = next(b for _, _, b, _ in parts if b is not None)
-    keys = list(specs) + [p.model for p in pairs if p.a != BASE]
+    keys = list(specs) + [q.model for q in p.pairs if q.a != BASE]
     merged = {k: merge_sums([(i, f.get(k)) for i, f, _, _ in parts]) for k in keys}
-    tables = [sums_table(merged[k], k, level=level, n_boot=n_boot, seed=seed,
-                         agreement_label=pair_label(BASE, k) if pair else "pair")
+    tables = [sums_table(merged[k], k, level=cfg.level, n_boot=cfg.bootstrap, seed=cfg.seed,
+                         agreement_label=pair_label(BASE, k) if p.pair else "pair")
               for k in specs]
-    for p in pairs:  # consecutive pairs: their agreement rows only
-        if p.a != BASE:
-            t = sums_table(merged[p.model], p.b, level=level, n_boot=n_boot, seed=seed,
-                           agreement_label=p.model)
+    for q in p.pairs:  # consecutive pairs: their agreement rows only
+        if q.a != BASE:
+            t = sums_table(merged[q.model], q.b, level=cfg.level, n_boot=cfg.bootstrap,
+                           seed=cfg.seed, agreement_label=q.model)
             tables.append(t[t["metric"] == "agreement"])
     df = pd.concat(tables, ignore_index=True)
-    order = {"accuracy": 0, "loss": 1, "answer_prob": 2, "answer_rank": 3,
-             "choice_accuracy": 4, "agreement": 5}
-    ranks = {"metric": order}
-    if len(stages) > 1:  # a chain: its members in training order
-        ranks["model"] = model_order([st.label for st in stages], pairs)
+    ranks = {"metric": PROBE_ORDER}
+    if len(p.stages) > 1:  # a chain: its members in training order
+        ranks["model"] = model_order([st.label for st in p.stages], p.pairs)
     df = df.sort_values(["layer", "model", "metric"],
                         key=lambda s: s.map(ranks[s.name]) if s.name in ranks else s,
                         kind="stable").reset_index(drop=True)
-    top = None
     if cfg.top1_examples:  # also in df.attrs["top1"] (a notebook, or no --out)
         rank = {k: r for r, k in enumerate(specs)}
         top = pd.DataFrame([row for *_, rows in parts for row in rows], columns=TOP1_COLUMNS)
-        top = top.sort_values(["sample", "model", "layer"], key=lambda c: c.map(rank)
-                              if c.name == "model" else c, kind="stable").reset_index(drop=True)
-        df.attrs["top1"] = top
-    if out is not None:
-        out = Path(out)
-        write_tables(df, out, "probe", cfg.formats)
-        if top is not None:
-            write_tables(top, out, "top1", cfg.formats)
-        finish_run(out, run_record(
-            "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
-            models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
-                    for k, v in specs.items()},
-            n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
-            n_scored_tokens=int(next(iter(merged.values())).tokens.sum()), scored_tokens=cfg.tokens,
-            answer="MMLU: the letter after the prompt; GSM8K-style: the final answer after "
-                   "####, given the prompt and the reasoning up to '#### ' (answer_prob: all "
-                   "its tokens, answer_rank: its first); free text: its first content token",
-            intervals="sample-level (cluster) bootstrap for accuracy, loss, agreement, "
-                      "answer_prob and answer_rank; Wilson for choice_accuracy",
-            n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
-            n_choices=sum(c is not None for c in choices), notes=notes,
-            **(chain_record(stages, pairs) if pair else {}),
-            layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
-                        "block b, before the final norm; the lens applies the final norm",
-            timings=timer.seconds, **par.record(len(tok), batch_size)))
-    return df
+        df.attrs["top1"] = top.sort_values(
+            ["sample", "model", "layer"], key=lambda c: c.map(rank) if c.name == "model" else c,
+            kind="stable").reset_index(drop=True)
+    return df, merged, n_blocks
 
+
+def _probe_record(cfg: ProbeConfig, p: _ProbePlan, df: pd.DataFrame,
+                  merged: dict[str, LensSums], n_blocks: int | None, timer: Timer,
+                  par: Group) -> None:
+    """Write probe.csv (top1.csv) and run.json: what was measured, on what, and how."""
+    ctx = p.ctx
+    out, tok = Path(ctx.out), ctx.tok
+    write_tables(df, out, "probe", cfg.formats)
+    if "top1" in df.attrs:
+        write_tables(df.attrs["top1"], out, "top1", cfg.formats)
+    finish_run(out, run_record(
+        "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
+        models=ctx.models.fingerprints(cfg.base_revision),
+        n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
+        n_scored_tokens=int(next(iter(merged.values())).tokens.sum()), scored_tokens=cfg.tokens,
+        answer="choice tasks: the gold option after the prompt (MMLU: its letter); "
+               "GSM8K-style: the final answer after ####, given the prompt and the reasoning "
+               "up to '#### ' (answer_prob: all its tokens, answer_rank: its first); free "
+               "text: its first content token",
+        intervals="sample-level (cluster) bootstrap for accuracy, loss, agreement, "
+                  "answer_prob and answer_rank; Wilson for choice_accuracy",
+        n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in p.answers),
+        n_choices=sum(c is not None for c in p.choices), notes=ctx.notes,
+        **(chain_record(p.stages, p.pairs) if p.pair else {}),
+        layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
+                    "block b, before the final norm; the lens applies the final norm",
+        timings=timer.seconds, **par.record(len(tok), cfg.batch_size)))

@@ -182,21 +182,31 @@ def _scale_dir(scale: float) -> str:
     return f"{scale:g}".replace("-", "m")
 
 
-@staged
-def steer(cfg: SteerConfig) -> SteerResult:
-    """Compute the vector, steer the base model at every scale, write the run folder."""
-    from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
+@dataclass
+class _SteerPlan:
+    """What ``steer`` validated and prepared before any model runs."""
+
+    out: Path
+    device: str
+    dtype: str
+    scales: list[float]
+    n_blocks: int
+    task: tuple[str, str | None] | None
+    tokenizer: Any
+    prep: Any
+    prompts: list[str]
+    notes: list[str]
+
+
+def _steer_plan(cfg: SteerConfig, timer: Timer) -> _SteerPlan:
+    """Validate the pair, the layer and the task; tokenizer, data and prompts; open the run."""
     from sftscope.experiments.tune import parse_eval_task
-    from sftscope.load.models import check_pair, fingerprint, load_config, pair_tokenizer
-    from sftscope.load.runtime import dtype_name, pad_id, resolve_device, resolve_dtype
-    from sftscope.metrics.stats import mean_ci, proportion_ci
+    from sftscope.load.models import check_pair, load_config, pair_tokenizer
+    from sftscope.load.runtime import dtype_name, resolve_device, resolve_dtype
 
     out = Path(cfg.out).expanduser()
     check_out(out, "steer", cfg, overwrite=cfg.overwrite)
-    timer = Timer()
     device = resolve_device(cfg.device)
-    dtype = dtype_name(resolve_dtype(cfg.dtype, device))
-    scales = cfg.scale_values()
     with timer("validate"):
         info = check_pair(load_config(cfg.base, cfg.base_revision),
                           load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
@@ -220,103 +230,149 @@ def steer(cfg: SteerConfig) -> SteerResult:
         say(f"[yellow]note:[/] {n}")
     start_run(out, "steer", SteerConfig.OUTPUTS)
     shutil.rmtree(out / "scales", ignore_errors=True)
-    pad = pad_id(tok)
+    return _SteerPlan(out, device, dtype_name(resolve_dtype(cfg.dtype, device)),
+                      cfg.scale_values(), n_blocks, task, tok, prep, prompts, notes)
+
+
+def _steer_vector(cfg: SteerConfig, p: _SteerPlan, timer: Timer
+                  ) -> tuple[torch.Tensor, dict[str, Any], Any]:
+    """The SFT's then the base's pooled states (never both models in memory), the vector
+    (saved), and the base model it steers."""
+    from safetensors.torch import save_file
+
+    from sftscope.load.runtime import pad_id
+
+    pad = pad_id(p.tokenizer)
     where = "embeddings" if cfg.layer == 0 else f"output of block {cfg.layer - 1}"
-    plan(2 + len(scales))  # the SFT's and the base's states, then each scale
     stage("capture sft")
     with timer("capture_sft"):
-        zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, prep.tokens, dtype, device, pad,
-                                "sft")
+        zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, p.prep.tokens, p.dtype,
+                                p.device, pad, "sft")
         del sft_model  # never both models in memory
         _free_memory()
     stage("capture base")
     with timer("capture_base"):
-        zb, model = _pooled(cfg.base, cfg.base_revision, cfg, prep.tokens, dtype, device, pad,
-                            "base")
+        zb, model = _pooled(cfg.base, cfg.base_revision, cfg, p.prep.tokens, p.dtype, p.device,
+                            pad, "base")
     vector, vinfo = steering_vector(zb, zs, cfg.direction, cfg.unit)
     vinfo.update(layer=cfg.layer, where=where, pooling=cfg.pooling)
-    from safetensors.torch import save_file
-
-    save_file({"vector": vector.contiguous()}, str(out / "steer_vector.safetensors"),
+    save_file({"vector": vector.contiguous()}, str(p.out / "steer_vector.safetensors"),
               metadata={k: str(v) for k, v in vinfo.items()})
     say(f"steering vector at hidden state {cfg.layer} ({where}): {cfg.direction}, norm "
         f"{vinfo['norm']:.4g} (base->SFT mean shift {vinfo['mean_shift']:.4g}, "
         f"{vinfo['n_samples']} samples)")
+    return vector, vinfo, model
 
+
+def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
+                 rows: list[dict[str, Any]], gens: list[dict[str, Any]]) -> list[str] | None:
+    """The task's scores and the completions' rows of one scale (the model already steered);
+    returns the completions."""
+    from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
+    from sftscope.metrics.stats import mean_ci
+
+    tok = p.tokenizer
+    if p.task is not None:
+        name, data = p.task
+        ecfg = EvalConfig(model=cfg.base, revision=cfg.base_revision, task=name, data=data,
+                          out=str(p.out / "scales" / _scale_dir(s)), shots=cfg.eval_shots,
+                          fewshot_data=cfg.eval_fewshot_data, limit=cfg.eval_limit,
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                          chat_template=cfg.chat_template, level=cfg.level,
+                          skip_bad_records=cfg.skip_bad_records)
+        with timer(f"eval_{_scale_dir(s)}"):
+            res = evaluate_model(model, tok, ecfg)
+        for sc in res.scores:
+            rows.append({"scale": s, "metric": sc.metric, "value": sc.value,
+                         "ci_low": sc.ci_low, "ci_high": sc.ci_high, "n": sc.n})
+        say(f"scale {s:g}: " + ", ".join(f"{sc.metric} {sc.value:.4f}"
+                                         for sc in res.scores[:3]))
+    if not cfg.generate:
+        return None
+    stops = tuple(x for x in (eos_text(tok),) if x)
+    with timer(f"generate_{_scale_dir(s)}"):
+        got = generate(model, tok, p.prompts, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.batch_size, stops=stops,
+                       description=f"generate (scale {s:g})")
+    new = [float(g.new_tokens) for g in got]
+    lo, hi = mean_ci(new, cfg.level)
+    rows.append({"scale": s, "metric": "new_tokens", "value": sum(new) / len(new),
+                 "ci_low": lo, "ci_high": hi, "n": len(new)})
+    gens += [{"scale": s, "index": i, "prompt": q, "completion": g.completion,
+              "new_tokens": g.new_tokens} for i, (q, g) in enumerate(zip(p.prompts, got))]
+    return [g.completion for g in got]
+
+
+def _same_as_unsteered(cfg: SteerConfig, scales: list[float], gens: list[dict[str, Any]],
+                       unsteered: list[str]) -> list[dict[str, Any]]:
+    """How many completions steering left unchanged, per scale."""
+    from sftscope.metrics.stats import proportion_ci
+
+    rows = []
+    for s in scales:
+        texts = [g["completion"] for g in gens if g["scale"] == s]
+        k = sum(a == b for a, b in zip(texts, unsteered))
+        lo, hi = proportion_ci(k, len(texts), cfg.level)
+        rows.append({"scale": s, "metric": "same_as_unsteered", "value": k / len(texts),
+                     "ci_low": lo, "ci_high": hi, "n": len(texts)})
+    return rows
+
+
+@staged
+def steer(cfg: SteerConfig) -> SteerResult:
+    """Compute the vector, steer the base model at every scale, write the run folder."""
+    timer = Timer()
+    p = _steer_plan(cfg, timer)
+    plan(2 + len(p.scales))  # the SFT's and the base's states, then each scale
+    vector, vinfo, model = _steer_vector(cfg, p, timer)
     spec = arch_for(model)
     rows: list[dict[str, Any]] = []
     gens: list[dict[str, Any]] = []
     unsteered: list[str] | None = None
-    stops = tuple(s for s in (eos_text(tok),) if s)
-    for s in scales:
+    for s in p.scales:
         stage(f"scale {s:g}")
         with steering(model, cfg.layer, vector, s, spec):
-            if task is not None:
-                name, data = task
-                ecfg = EvalConfig(model=cfg.base, revision=cfg.base_revision, task=name,
-                                  data=data,
-                                  out=str(out / "scales" / _scale_dir(s)), shots=cfg.eval_shots,
-                                  fewshot_data=cfg.eval_fewshot_data, limit=cfg.eval_limit,
-                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                  chat_template=cfg.chat_template, level=cfg.level,
-                                  skip_bad_records=cfg.skip_bad_records)
-                with timer(f"eval_{_scale_dir(s)}"):
-                    res = evaluate_model(model, tok, ecfg)
-                for sc in res.scores:
-                    rows.append({"scale": s, "metric": sc.metric, "value": sc.value,
-                                 "ci_low": sc.ci_low, "ci_high": sc.ci_high, "n": sc.n})
-                say(f"scale {s:g}: " + ", ".join(f"{sc.metric} {sc.value:.4f}"
-                                                 for sc in res.scores[:3]))
-            if cfg.generate:
-                with timer(f"generate_{_scale_dir(s)}"):
-                    got = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size, stops=stops,
-                                   description=f"generate (scale {s:g})")
-                texts = [g.completion for g in got]
-                if s == 0:
-                    unsteered = texts
-                new = [float(g.new_tokens) for g in got]
-                lo, hi = mean_ci(new, cfg.level)
-                rows.append({"scale": s, "metric": "new_tokens", "value": sum(new) / len(new),
-                             "ci_low": lo, "ci_high": hi, "n": len(new)})
-                gens += [{"scale": s, "index": i, "prompt": p, "completion": g.completion,
-                          "new_tokens": g.new_tokens}
-                         for i, (p, g) in enumerate(zip(prompts, got))]
+            texts = _score_scale(cfg, p, model, s, timer, rows, gens)
+        if s == 0 and texts is not None:
+            unsteered = texts
     if cfg.generate and unsteered is not None:  # how many completions steering changed
-        for s in scales:
-            texts = [g["completion"] for g in gens if g["scale"] == s]
-            k = sum(a == b for a, b in zip(texts, unsteered))
-            lo, hi = proportion_ci(k, len(texts), cfg.level)
-            rows.append({"scale": s, "metric": "same_as_unsteered", "value": k / len(texts),
-                         "ci_low": lo, "ci_high": hi, "n": len(texts)})
+        rows += _same_as_unsteered(cfg, p.scales, gens, unsteered)
     table = pd.DataFrame(rows, columns=STEER_COLUMNS).sort_values("scale", kind="stable")
-    table = table.reset_index(drop=True)
+    result = _steer_record(cfg, p, table.reset_index(drop=True), gens, vinfo, timer)
+    del model
+    _free_memory()
+    return result
+
+
+def _steer_record(cfg: SteerConfig, p: _SteerPlan, table: pd.DataFrame,
+                  gens: list[dict[str, Any]], vinfo: dict[str, Any], timer: Timer
+                  ) -> SteerResult:
+    """Write steer.csv, steer.jsonl and run.json."""
+    import json
+
+    from sftscope.io import atomic_path
+    from sftscope.load.models import fingerprint
+
+    out = p.out
     for fmt in cfg.formats:
         write_table(table, out / f"steer.{fmt}")
     comp_path = None
     if cfg.generate:
         comp_path = out / "steer.jsonl"
-        import json
-
-        from sftscope.io import atomic_path
-
         with atomic_path(comp_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for g in gens:
                 f.write(json.dumps(g) + "\n")
-    result = SteerResult(out=str(out), layer=cfg.layer, n_blocks=n_blocks, table=table,
+    result = SteerResult(out=str(out), layer=cfg.layer, n_blocks=p.n_blocks, table=table,
                          vector=vinfo, completions_path=str(comp_path) if comp_path else None,
                          timings=timer.seconds)
     finish_run(out, run_record(
-        "steer", cfg.record(), n_blocks=n_blocks, layer=cfg.layer, vector=vinfo,
-        scales=scales, task=task[0] if task else None,
+        "steer", cfg.record(), n_blocks=p.n_blocks, layer=cfg.layer, vector=vinfo,
+        scales=p.scales, task=p.task[0] if p.task else None,
         models={"base": fingerprint(cfg.base, cfg.base_revision),
                 "sft": fingerprint(cfg.sft, cfg.sft_revision)},
-        resolved={"device": device, "dtype": dtype},
+        resolved={"device": p.device, "dtype": p.dtype},
         layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b",
-        data={"source": cfg.data, "n_samples": len(prep.tokens),
-              "n_truncated": prep.tokens.n_truncated, "n_prompts": len(prompts)},
-        notes=notes, timings=timer.seconds, finished=True))
-    del model
-    _free_memory()
+        data={"source": cfg.data, "n_samples": len(p.prep.tokens),
+              "n_truncated": p.prep.tokens.n_truncated, "n_prompts": len(p.prompts)},
+        notes=p.notes, timings=timer.seconds, finished=True))
     return result
-

@@ -439,22 +439,27 @@ def _describe(method: str, segs: list[int], why: str, bounds, n_blocks: int,
     return text
 
 
-@staged
-def suggest(cfg: SuggestConfig) -> Suggestion:
-    """Compute the per-segment signals, propose a mask per method and pick one; write
-    ``suggest.json``, ``suggest.csv`` and ``run.json`` when ``cfg.out`` is set."""
+@dataclass
+class _SuggestPlan:
+    """What ``suggest`` validated and prepared before any model runs."""
+
+    want: list[str]
+    n_blocks: int
+    bounds: list[tuple[int, int]]
+    tok_states: Any
+    tok_grad: Any
+    pad_id: int
+    notes: list[str]
+
+
+def _suggest_plan(cfg: SuggestConfig, timer: Timer) -> _SuggestPlan:
+    """Validate the models (the pair's fit, for the pair method) and prepare the texts each
+    method needs."""
     from sftscope.load import data as D
-    from sftscope.load.models import (
-        check_pair,
-        check_tokenizers,
-        fingerprint,
-        load_config,
-        load_tokenizer,
-    )
+    from sftscope.load.models import check_pair, check_tokenizers, load_config, load_tokenizer
 
     if cfg.out is not None:
         check_out(cfg.out, "suggest", cfg, overwrite=cfg.overwrite)
-    timer = Timer()
     notes: list[str] = []
     want = methods_to_run(cfg)
     n_samples = cfg.limit if cfg.limit is not None else 64
@@ -463,7 +468,6 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
         n_blocks = n_layers(base_cfg)
         if n_blocks is None:
             raise SftscopeError(f"{cfg.base}: the config names no number of blocks")
-        bounds = segment_bounds(n_blocks, cfg.segments)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.base, cfg.base_revision)
         if "pair" in want:
             sft_cfg = load_config(cfg.sft, cfg.sft_revision, base=cfg.base,
@@ -485,84 +489,95 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
         if "gradient" in want and not any(tok_grad.prompt_lengths):
             notes.append("the data has no prompt/answer fields: the gradient method uses the "
                          "loss on every token")
-    pad_id = pad_id_of(tokenizer)
-    tables: list[pd.DataFrame] = []
-    method_scores: dict[str, np.ndarray] = {}
-    models_fp = {"base": fingerprint(cfg.base, cfg.base_revision)}
+    return _SuggestPlan(want, n_blocks, segment_bounds(n_blocks, cfg.segments), tok_states,
+                        tok_grad, pad_id_of(tokenizer), notes)
 
-    need_states = "pair" in want or "angular" in want
-    plan(3 if "pair" in want else 1)  # the base's signals (, the SFT's states, weight change)
+
+def _base_signals(cfg: SuggestConfig, p: _SuggestPlan, timer: Timer,
+                  tables: list[pd.DataFrame], scores: dict[str, np.ndarray]):
+    """The base's angular and gradient signals; returns its pooled states (pair method)."""
+    want, bounds, n_blocks = p.want, p.bounds, p.n_blocks
     stage("base signals")
     with timer("base"):
         model = _load(cfg.base, cfg.base_revision, cfg)
         try:
             pooled_b = None
-            if need_states:
-                pooled_b, ang = hidden_profile(model, tok_states, cfg.batch_size, pad_id,
+            if "pair" in want or "angular" in want:
+                pooled_b, ang = hidden_profile(model, p.tok_states, cfg.batch_size, p.pad_id,
                                                angular="angular" in want, label="base")
             if "angular" in want:
                 score = _per_segment(ang, bounds)
-                method_scores["angular"] = score
-                t = segment_table("angular", {"angular_distance": score}, _normalise(score),
-                                  bounds, n_blocks)
-                tables.append(t)
+                scores["angular"] = score
+                tables.append(segment_table("angular", {"angular_distance": score},
+                                            _normalise(score), bounds, n_blocks))
             if "gradient" in want:
-                gnorm, n_loss = gradient_profile(model, tok_grad, cfg.batch_size, pad_id)
+                gnorm, n_loss = gradient_profile(model, p.tok_grad, cfg.batch_size, p.pad_id)
                 score = _per_segment(gnorm, bounds)
-                method_scores["gradient"] = score
+                scores["gradient"] = score
                 tables.append(segment_table("gradient", {"grad_norm": score},
                                             _normalise(score), bounds, n_blocks))
-                notes.append(f"gradient: {len(tok_grad)} texts, {n_loss} loss tokens")
+                p.notes.append(f"gradient: {len(p.tok_grad)} texts, {n_loss} loss tokens")
         finally:
             _free(model)
-    if "pair" in want:
-        from sftscope.experiments.weights import weight_change
+    return pooled_b
 
-        models_fp["sft"] = fingerprint(cfg.sft, cfg.sft_revision, base=cfg.base,
-                                       base_revision=cfg.base_revision)
-        stage("sft states")
-        with timer("sft"):
-            model = _load(cfg.sft, cfg.sft_revision, cfg, base=cfg.base)
-            rows = model.get_input_embeddings().weight.shape[0]
-            if max(max(s) for s in tok_states.input_ids) >= rows:
-                raise SftscopeError(f"the data uses token ids the SFT model ({rows} embedding "
-                                    f"rows) lacks; use the base tokenizer")
-            try:
-                pooled_s, _ = hidden_profile(model, tok_states, cfg.batch_size, pad_id,
-                                             angular=False, label="sft")
-            finally:
-                _free(model)
-        from sftscope.load.sources import source_kind
 
-        kinds = (source_kind(cfg.base), source_kind(cfg.sft))
-        per_block = None
-        stage("weight change")
-        if "gguf" in kinds or kinds[0] == "adapter":
-            notes.append("weights: no weight_change signal (it reads safetensors checkpoints "
-                         "and adapters of one; a side is a GGUF or the base an adapter)")
-        else:
-            with timer("weights"):
-                wdf = (weight_change(cfg.base, adapter=cfg.sft, low_rank=False)
-                       if kinds[1] == "adapter" else
-                       weight_change(cfg.base, sft=cfg.sft, low_rank=False))
-                w = wdf[(wdf["module"] == "attn") & (wdf["metric"] == "relative")]
-                w = w[pd.to_numeric(w["block"], errors="coerce").notna()]
-                per_block = np.full(n_blocks, np.nan)
-                for b, v in zip(pd.to_numeric(w["block"]).astype(int), w["value"]):
-                    if 0 <= b < n_blocks:
-                        per_block[b] = float(v)
-                notes += [f"weights: {n}" for n in wdf.attrs.get("notes", [])]
-        layer = pair_layer_signals(pooled_b, pooled_s)
-        sig = {"cka_growth": _growth(layer["one_minus_cka"].to_numpy(float), bounds),
-               "mean_shift_growth": _growth(layer["mean_shift_relative"].to_numpy(float),
-                                            bounds)}
-        if per_block is not None:
-            sig["weight_change"] = _per_segment(per_block, bounds)
-        score = np.mean([_normalise(v) for v in sig.values()], axis=0)
-        method_scores["pair"] = score
-        tables.append(segment_table("pair", sig, score, bounds, n_blocks))
+def _weight_signal(cfg: SuggestConfig, p: _SuggestPlan, timer: Timer) -> np.ndarray | None:
+    """The attention's relative weight change per block (None where it cannot be read)."""
+    from sftscope.experiments.weights import weight_change
+    from sftscope.load.sources import source_kind
 
-    k = cfg.segments
+    kinds = (source_kind(cfg.base), source_kind(cfg.sft))
+    stage("weight change")
+    if "gguf" in kinds or kinds[0] == "adapter":
+        p.notes.append("weights: no weight_change signal (it reads safetensors checkpoints "
+                       "and adapters of one; a side is a GGUF or the base an adapter)")
+        return None
+    with timer("weights"):
+        wdf = (weight_change(cfg.base, adapter=cfg.sft, low_rank=False)
+               if kinds[1] == "adapter" else
+               weight_change(cfg.base, sft=cfg.sft, low_rank=False))
+        w = wdf[(wdf["module"] == "attn") & (wdf["metric"] == "relative")]
+        w = w[pd.to_numeric(w["block"], errors="coerce").notna()]
+        per_block = np.full(p.n_blocks, np.nan)
+        for b, v in zip(pd.to_numeric(w["block"]).astype(int), w["value"]):
+            if 0 <= b < p.n_blocks:
+                per_block[b] = float(v)
+        p.notes.extend(f"weights: {n}" for n in wdf.attrs.get("notes", []))
+    return per_block
+
+
+def _pair_signals(cfg: SuggestConfig, p: _SuggestPlan, pooled_b, timer: Timer,
+                  tables: list[pd.DataFrame], scores: dict[str, np.ndarray]) -> None:
+    """The pair method: the SFT's pooled states against the base's, and the weight change."""
+    stage("sft states")
+    with timer("sft"):
+        model = _load(cfg.sft, cfg.sft_revision, cfg, base=cfg.base)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if max(max(s) for s in p.tok_states.input_ids) >= rows:
+            raise SftscopeError(f"the data uses token ids the SFT model ({rows} embedding "
+                                f"rows) lacks; use the base tokenizer")
+        try:
+            pooled_s, _ = hidden_profile(model, p.tok_states, cfg.batch_size, p.pad_id,
+                                         angular=False, label="sft")
+        finally:
+            _free(model)
+    per_block = _weight_signal(cfg, p, timer)
+    layer = pair_layer_signals(pooled_b, pooled_s)
+    sig = {"cka_growth": _growth(layer["one_minus_cka"].to_numpy(float), p.bounds),
+           "mean_shift_growth": _growth(layer["mean_shift_relative"].to_numpy(float),
+                                        p.bounds)}
+    if per_block is not None:
+        sig["weight_change"] = _per_segment(per_block, p.bounds)
+    score = np.mean([_normalise(v) for v in sig.values()], axis=0)
+    scores["pair"] = score
+    tables.append(segment_table("pair", sig, score, p.bounds, p.n_blocks))
+
+
+def _propose(cfg: SuggestConfig, p: _SuggestPlan, tables: list[pd.DataFrame],
+             method_scores: dict[str, np.ndarray]) -> tuple[pd.DataFrame, dict[str, Proposal]]:
+    """A mask per method (and their rank average), and the per-segment table."""
+    bounds, n_blocks, k = p.bounds, p.n_blocks, cfg.segments
     proposals: dict[str, Proposal] = {}
     eligible: dict[str, np.ndarray] = {}
     for m, sc in method_scores.items():
@@ -586,36 +601,63 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
         table.loc[sel, "eligible"] = table.loc[sel, "segment"].map(lambda i, e=eligible[m]:
                                                                     bool(e[i]))
         table.loc[sel, "chosen"] = table.loc[sel, "segment"].isin(segs)
-    table = table[SCORE_COLUMNS]
+    return table[SCORE_COLUMNS], proposals
+
+
+@staged
+def suggest(cfg: SuggestConfig) -> Suggestion:
+    """Compute the per-segment signals, propose a mask per method and pick one; write
+    ``suggest.json``, ``suggest.csv`` and ``run.json`` when ``cfg.out`` is set."""
+    timer = Timer()
+    p = _suggest_plan(cfg, timer)
+    tables: list[pd.DataFrame] = []
+    method_scores: dict[str, np.ndarray] = {}
+    plan(3 if "pair" in p.want else 1)  # the base's signals (, the SFT's states, weight change)
+    pooled_b = _base_signals(cfg, p, timer, tables, method_scores)
+    if "pair" in p.want:
+        _pair_signals(cfg, p, pooled_b, timer, tables, method_scores)
+    table, proposals = _propose(cfg, p, tables, method_scores)
     chosen = "combined" if cfg.method == "auto" else cfg.method
     if chosen not in proposals:  # a single method asked for by name
         chosen = next(iter(proposals))
     best = proposals[chosen]
-    others = [f"{p.method} {p.mask}" for m, p in proposals.items() if m != chosen]
+    others = [f"{q.method} {q.mask}" for m, q in proposals.items() if m != chosen]
     reason = best.reason + (f" (other methods: {', '.join(others)})" if others else "")
     result = Suggestion(mask=best.mask, method=chosen, scores=table, reason=reason,
-                        proposals=proposals, n_blocks=n_blocks, notes=notes)
-    for n in notes:
+                        proposals=proposals, n_blocks=p.n_blocks, notes=p.notes)
+    for n in p.notes:
         say(f"[yellow]note:[/] {n}")
     if cfg.out is not None:
-        out = Path(cfg.out)
-        start_run(out, "suggest", SuggestConfig.OUTPUTS)
-        for fmt in cfg.formats:
-            write_table(table, out / f"suggest.{fmt}")
-        write_json(out / "suggest.json", {
-            "mask": best.mask, "method": chosen, "blocks": best.blocks, "reason": reason,
-            "segments": k, "n_blocks": n_blocks,
-            "proposals": {m: asdict(p) for m, p in proposals.items()},
-            "rule": {"edges": cfg.edges, "edge_factor": cfg.edge_factor, "pick": cfg.pick,
-                     "max_active": cfg.max_active, "extend": cfg.extend},
-        })
-        finish_run(out, run_record(
-            "suggest", cfg.record(), n_blocks=n_blocks,
-            models=models_fp, data={"source": cfg.data, "n_states": len(tok_states),
-                                    "n_gradient": len(tok_grad)},
-            suggestion={"mask": best.mask, "method": chosen}, notes=notes,
-            timings=timer.seconds, seeds={"data": cfg.seed}))
+        _suggest_record(cfg, p, result, timer)
     return result
+
+
+def _suggest_record(cfg: SuggestConfig, p: _SuggestPlan, result: Suggestion,
+                    timer: Timer) -> None:
+    """Write suggest.csv, suggest.json and run.json."""
+    from sftscope.load.models import fingerprint
+
+    out, best = Path(cfg.out), result.proposals[result.method]
+    models_fp = {"base": fingerprint(cfg.base, cfg.base_revision)}
+    if "pair" in p.want:
+        models_fp["sft"] = fingerprint(cfg.sft, cfg.sft_revision, base=cfg.base,
+                                       base_revision=cfg.base_revision)
+    start_run(out, "suggest", SuggestConfig.OUTPUTS)
+    for fmt in cfg.formats:
+        write_table(result.scores, out / f"suggest.{fmt}")
+    write_json(out / "suggest.json", {
+        "mask": best.mask, "method": result.method, "blocks": best.blocks,
+        "reason": result.reason, "segments": cfg.segments, "n_blocks": p.n_blocks,
+        "proposals": {m: asdict(q) for m, q in result.proposals.items()},
+        "rule": {"edges": cfg.edges, "edge_factor": cfg.edge_factor, "pick": cfg.pick,
+                 "max_active": cfg.max_active, "extend": cfg.extend},
+    })
+    finish_run(out, run_record(
+        "suggest", cfg.record(), n_blocks=p.n_blocks,
+        models=models_fp, data={"source": cfg.data, "n_states": len(p.tok_states),
+                                "n_gradient": len(p.tok_grad)},
+        suggestion={"mask": best.mask, "method": result.method}, notes=p.notes,
+        timings=timer.seconds, seeds={"data": cfg.seed}))
 
 
 def proposal_summary(s: Suggestion) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from torch import nn
 from sftscope.config.commands import SwapConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
+from sftscope.experiments.context import Models
 from sftscope.experiments.lens import (
     DEFAULT_CHUNK,
     ChoiceSlot,
@@ -38,7 +39,6 @@ from sftscope.experiments.lens import (
     choices_noted,
     is_choice,
     lens_pass,
-    load_options_of,
     merge_sums,
     prepare_data,
 )
@@ -48,7 +48,6 @@ from sftscope.load.data import TokenizedSet
 from sftscope.load.models import (
     check_pair,
     check_vocab,
-    fingerprint,
     load_config,
     load_model,
     pair_tokenizer,
@@ -460,10 +459,8 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                                              cfg.masks)
     head, directions, tokenizer, max_length = cfg.head, cfg.directions, cfg.tokenizer, \
         cfg.max_length
-    batch_size, n, seed, dtype, device = (cfg.batch_size, cfg.limit, cfg.seed, cfg.dtype,
-                                          cfg.device)
-    device_map, chat_template, text_field, template = (cfg.device_map, cfg.chat_template,
-                                                       cfg.text_field, cfg.template)
+    batch_size, n, seed, device = cfg.batch_size, cfg.limit, cfg.seed, cfg.device
+    chat_template, text_field, template = cfg.chat_template, cfg.text_field, cfg.template
     split, level, n_boot, chunk_elements = cfg.split, cfg.level, cfg.bootstrap, \
         cfg.chunk_elements
     base_revision, sft_revision = cfg.base_revision, cfg.sft_revision
@@ -473,9 +470,8 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
         if cfg.out is not None:
             check_out(cfg.out, "swap", cfg, overwrite=cfg.overwrite)
         device = par.device or resolve_device(device)
-        specs = {"base": base, "sft": sft}
-        revs = {"base": base_revision, "sft": sft_revision}
-        bases = {"base": None, "sft": base}  # an adapter as SFT applies to --base
+        pair = Models.pair(base, sft, base_revision, sft_revision)
+        specs, revs, bases = pair.specs, pair.revs, pair.bases
         with timer("validate"):
             cfgs = {k: load_config(v, revision=revs[k], base=bases[k],
                                    base_revision=base_revision) for k, v in specs.items()}
@@ -506,8 +502,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     for note in notes:
         say(f"[yellow]note:[/] {note}")
     pad_id = pad_id_of(tokz)
-    opts = load_options_of(specs, revs, bases, cfg, dtype=dtype, device=device,
-                           device_map=device_map)
+    opts = pair.load_options(cfg, device=device)
     if out is not None and par.main:
         start_run(out, "swap", SwapConfig.OUTPUTS)
         for old in Path(out).glob("mix-*"):  # a previous run's mixes
@@ -566,8 +561,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
             "swap", cfg.record(), n_blocks=n_blocks, segments=segments,
             segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=mask_list,
             head=head, embeddings="host (the model receiving the blocks)",
-            models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
-                    for k, v in specs.items()},
+            models=pair.fingerprints(base_revision),
             n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
             n_truncated=tok.n_truncated, n_choice_items=sum(c is not None for c in choices),
             alphas=list(cfg.alphas),
