@@ -944,6 +944,51 @@ def _fmt_s(x: float) -> str:
     return f"{x:.0f} s" if x < 120 else f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.1f} h"
 
 
+def _write_results(cfg: SweepConfig, settings: dict[str, Any], summary: pd.DataFrame,
+                   position: pd.DataFrame, metric: str | None, masks: list[str],
+                   seeds: list[int], done_names: list[str], pending: list[str],
+                   missing: list[str], failed: dict[str, str], unfinished: list[str],
+                   n_jobs: int) -> pd.DataFrame | None:
+    """Rank 0 once the sweep's tables may be written: summary.csv, position.csv, the suggest
+    validation (returned) and run.json, with notes on the jobs not finished."""
+    from sftscope.progress import say
+
+    out = Path(cfg.out)
+    validation = None
+    for fmt in cfg.formats:
+        write_table(masks_as_text(summary), out / f"summary.{fmt}")
+        write_table(masks_as_text(position), out / f"position.{fmt}")
+    if cfg.validate_suggest:
+        if summary.empty or metric is None:
+            say("[yellow]note:[/] no finished job yet: nothing to validate suggestions on")
+        else:
+            validation = _run_validation(cfg, settings, summary, metric)
+            for fmt in cfg.formats:
+                write_table(masks_as_text(validation), out / f"suggest_validation.{fmt}")
+    write_json(out / "run.json", run_record(
+        "sweep", cfg.record(), n_blocks=settings[
+            "n_blocks"], settings=settings, masks=masks, seeds=seeds,
+        jobs_done=done_names, jobs_pending=pending, jobs_missing=missing,
+        jobs_failed=failed, jobs_unfinished=unfinished, primary_metric=metric,
+        statistics={"ci": "two-way (seeds x items) percentile bootstrap; Wilson for "
+                          "constant binary scores", "p_value": "paired t-test of per-item "
+                    "differences vs 11111, averaged over shared seeds",
+                    "level": cfg.level, "n_boot": cfg.bootstrap, "boot_seed": cfg.boot_seed}))
+    if cfg.collect:
+        say(f"collected {n_jobs - len(pending)} of {n_jobs} jobs from {out}")
+    for what, names in (("missing (never started)", missing),
+                        ("failed", [f"{nm} ({err[:80]})" for nm, err in failed.items()]),
+                        ("unfinished (killed or still running)", unfinished)):
+        if names:
+            say(f"[yellow]note:[/] {len(names)} job(s) {what}: {', '.join(names[:6])}"
+                + (", ..." if len(names) > 6 else ""))
+    if pending:
+        say(f"[yellow]note:[/] {len(pending)} of {n_jobs} jobs are not finished; the "
+            f"summary covers the finished ones (run the shards again to finish them: "
+            f"finished jobs are kept)")
+    return validation
+
+
 def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     """Run this shard's unfinished jobs (``job_fn``, default tune then evaluate), then write
     ``summary.csv``, ``position.csv`` (and the suggest validation) from every finished job."""
@@ -1010,40 +1055,12 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     summary = summarize(items, params, settings["n_blocks"], cfg.level, cfg.bootstrap,
                         cfg.boot_seed, metric_order=[metric] if metric else [])
     position = position_table(summary, settings["n_blocks"])
-    validation = None
     write_summary = cfg.collect or cfg.num_jobs == 1 or not pending
+    validation = None
     if write_summary:
-        for fmt in cfg.formats:
-            write_table(masks_as_text(summary), out / f"summary.{fmt}")
-            write_table(masks_as_text(position), out / f"position.{fmt}")
-        if cfg.validate_suggest:
-            if summary.empty or metric is None:
-                say("[yellow]note:[/] no finished job yet: nothing to validate suggestions on")
-            else:
-                validation = _run_validation(cfg, settings, summary, metric)
-                for fmt in cfg.formats:
-                    write_table(masks_as_text(validation), out / f"suggest_validation.{fmt}")
-        write_json(out / "run.json", run_record(
-            "sweep", cfg.record(), n_blocks=settings[
-                "n_blocks"], settings=settings, masks=masks, seeds=seeds,
-            jobs_done=done_names, jobs_pending=pending, jobs_missing=missing,
-            jobs_failed=failed, jobs_unfinished=unfinished, primary_metric=metric,
-            statistics={"ci": "two-way (seeds x items) percentile bootstrap; Wilson for "
-                              "constant binary scores", "p_value": "paired t-test of per-item "
-                        "differences vs 11111, averaged over shared seeds",
-                        "level": cfg.level, "n_boot": cfg.bootstrap, "boot_seed": cfg.boot_seed}))
-        if cfg.collect:
-            say(f"collected {len(names_all) - len(pending)} of {len(jobs)} jobs from {out}")
-        for what, names in (("missing (never started)", missing),
-                            ("failed", [f"{nm} ({err[:80]})" for nm, err in failed.items()]),
-                            ("unfinished (killed or still running)", unfinished)):
-            if names:
-                say(f"[yellow]note:[/] {len(names)} job(s) {what}: {', '.join(names[:6])}"
-                    + (", ..." if len(names) > 6 else ""))
-        if pending:
-            say(f"[yellow]note:[/] {len(pending)} of {len(jobs)} jobs are not finished; the "
-                f"summary covers the finished ones (run the shards again to finish them: "
-                f"finished jobs are kept)")
+        validation = _write_results(cfg, settings, summary, position, metric, masks, seeds,
+                                    done_names, pending, missing, failed, unfinished,
+                                    len(jobs))
     else:
         say(f"shard {cfg.job_index}/{cfg.num_jobs} finished; {len(pending)} job(s) of other "
             f"shards pending: once every shard is done, run `sftscope sweep --out {out} "
