@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sftscope.errors import SftscopeError
+from sftscope.load.sources import adapter_folder, adapter_label, expand, source_kind
 
 BASE = "base"
 FIRST = "sft"
@@ -73,12 +74,8 @@ def default_label(spec: str, base: str | None = None) -> str:
     """A stage's label when none is given: an adapter's run label (``adapter m00100 r64 s0``),
     else the folder or file name (a GGUF file without its suffix), else the hub id's last
     part."""
-    from sftscope.load.sources import expand, source_kind
-
     kind = source_kind(spec)
     if kind == "adapter":
-        from sftscope.load.sources import adapter_folder, adapter_label
-
         try:
             return adapter_label(adapter_folder(spec))
         except SftscopeError:
@@ -109,8 +106,6 @@ def check_label(label: str, where: str = "--stages") -> str:
 def split_item(item: str) -> tuple[str | None, str]:
     """``LABEL=PATH`` -> (label, path); a bare path -> (None, path). A path that itself holds
     ``=`` (and exists) is taken whole."""
-    from sftscope.load.sources import expand
-
     item = item.strip()
     label, sep, rest = item.partition("=")
     if not sep or os.path.exists(expand(item)):
