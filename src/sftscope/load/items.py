@@ -16,7 +16,7 @@ from typing import Any
 
 from sftscope.errors import SftscopeError
 from sftscope.load.data import RecordSet, check_source, load_records, parse_source, spec_of
-from sftscope.tasks import FEWSHOT_SEED, Task, get_task
+from sftscope.tasks import FEWSHOT_SEED, Task, all_tasks, get_task
 from sftscope.tasks.base import pick_shots, text_problem
 
 
@@ -111,8 +111,6 @@ def load_task_items(task: str, data: str | None = None, *, split: str | None = N
 
 
 def _item_tasks() -> list[Task]:
-    from sftscope.tasks import all_tasks
-
     return [t for t in all_tasks() if t.has_items]
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from sftscope.errors import SftscopeError
 from sftscope.io import atomic_dir
-from sftscope.load.gguf import need_gguf
+from sftscope.load.adapters import load_adapter
+from sftscope.load.gguf import need_gguf, supported_by_transformers
 from sftscope.load.identity import (  # noqa: F401  (re-exported: content identity)
     FINGERPRINT_SCHEME,
     DigestMemo,
@@ -81,8 +82,6 @@ def source_label(spec: str, base: str | None = None) -> str:
 
 
 def _gguf_error(src: ModelSource, err: Exception) -> SftscopeError:
-    from sftscope.load.gguf import supported_by_transformers
-
     arch = str(src.config.get("gguf_architecture", "?"))
     ok, names = supported_by_transformers(arch)
     if not ok:
@@ -253,8 +252,6 @@ def _from_pretrained(src: ModelSource, opts: LoadOptions):
 def _load_peft(src: ModelSource, opts: LoadOptions):
     """An adapter reference as a ``PeftModel``: its base loaded, the adapter checked against it
     and applied in memory (never merged)."""
-    from sftscope.load.adapters import load_adapter
-
     b, rev = adapter_base(src, opts.revision, opts.base_revision)
     base_opts = LoadOptions(revision=rev, dtype=opts.dtype, device=opts.device,
                             device_map=opts.device_map,

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from sftscope.errors import SftscopeError
+from sftscope.load.gguf import GGUF_SUFFIX, check_gguf, gguf_files
+from sftscope.segments import mask_text
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -249,8 +251,6 @@ def source_kind(spec: str) -> str:
     ``adapter_config.json``, or a tune run folder), ``folder`` (with ``config.json``), ``gguf``
     (a ``.gguf`` file, or a folder without ``config.json`` holding ``.gguf`` files), ``hub``
     (not a path), ``missing`` or ``other`` (a folder or file of none of these)."""
-    from sftscope.load.gguf import GGUF_SUFFIX, gguf_files
-
     path = expand(spec)
     if os.path.isdir(path):
         p = Path(path)
@@ -305,8 +305,6 @@ def check_model(spec: str, what: str = "model", *, base: str | None = None) -> M
 
 def check_gguf_source(spec: str, what: str = "model") -> ModelSource:
     """A ``.gguf`` file, or a folder holding exactly one, checked from its header."""
-    from sftscope.load.gguf import check_gguf, gguf_files
-
     path = expand(spec)
     if os.path.isdir(path):
         files = gguf_files(path)
@@ -380,8 +378,6 @@ def adapter_label(folder: str | Path) -> str:
     """A short name for an adapter, from the tune run that made it: ``adapter m00100 r64 s0``
     (mask, full-depth rank budget, seed), ``adapter b6-11 r64 s0`` for explicit blocks; an
     adapter of another origin is named by its folder and rank."""
-    from sftscope.segments import mask_text
-
     folder = Path(expand(str(folder)))
     meta, run = adapter_meta(folder), adapter_run(folder)
     rcfg = run.get("config") if isinstance(run.get("config"), dict) else {}
