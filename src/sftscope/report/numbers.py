@@ -25,6 +25,7 @@ from sftscope.chains import BASE, FIRST, PAIR, PAIR_PREFIX, is_pair_label, split
 from sftscope.metric_registry import lower_is_better, metric_spec, ordered
 from sftscope.report.rules import LENS_RISE, TOP, edge_means
 from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key
+from sftscope.tasks import primary_metric_of
 
 RUN = "run"
 DEFAULT_RUN = "run"
@@ -488,8 +489,6 @@ def single_position(mask: str) -> float | None:
 def primary_metric(metrics: Iterable[str]) -> str | None:
     """A task's own primary metric when one is there (``sftscope.tasks``), else the first
     accuracy-like score (by the registry), else the first metric."""
-    from sftscope.tasks import primary_metric_of
-
     ms = list(dict.fromkeys(str(m) for m in metrics))
     chosen = primary_metric_of(ms)
     if chosen is not None:
