@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sftscope import __version__
 from sftscope import metrics as M
 from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.errors import Interrupted, SftscopeError
@@ -146,8 +147,6 @@ def ids_digest(input_ids: list[list[int]]) -> str:
 
 def _versions() -> dict[str, str]:
     from importlib import metadata
-
-    from sftscope import __version__
 
     out = {"sftscope": __version__}
     for name in ("torch", "transformers"):
