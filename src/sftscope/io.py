@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftscope import __version__
 from sftscope.errors import SftscopeError
 
 if TYPE_CHECKING:
@@ -151,8 +152,6 @@ def package_versions() -> dict[str, str]:
 
 
 def _own_version() -> str:
-    from sftscope import __version__
-
     return __version__
 
 
