@@ -31,14 +31,17 @@ from sftscope.config.commands import EvalConfig
 from sftscope.config.core import defaults
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer, atomic_path, run_record, write_table
-from sftscope.load.data import chat_prompt
+from sftscope.load.adapters import adapter_folder, load_adapter
+from sftscope.load.data import chat_prompt, pad_batch, read_samples
+from sftscope.load.items import load_task_items, read_completions, task_source
+from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 from sftscope.load.runtime import dtype_name, input_device, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.load.sources import BLOCK_KEYS, get_key
 from sftscope.metrics.stats import mean_ci, proportion_ci
-from sftscope.progress import plan, stage, staged, track
+from sftscope.progress import plan, say, stage, staged, track
 from sftscope.runs import check_out, finish_run, start_run
-from sftscope.tasks import Task, get_task
+from sftscope.tasks import Task, all_tasks, get_task
 from sftscope.tasks.base import encode_pair, encode_prompt, trim_at_stop
 
 SCORE_COLUMNS = ["task", "metric", "value", "ci_low", "ci_high", "n"]
@@ -98,8 +101,6 @@ class EvalResult:
 
 def resolve_config(cfg: EvalConfig) -> EvalConfig:
     """Apply the preset (to fields left at their defaults) and the task's default shots."""
-    from sftscope.load.items import task_source
-
     task = get_task(cfg.task)
     task_source(task.name, cfg.data)
     if cfg.rescore is not None and task.kind != "generate":
@@ -122,8 +123,6 @@ def resolve_config(cfg: EvalConfig) -> EvalConfig:
 
 
 def _generate_tasks() -> list[str]:
-    from sftscope.tasks import all_tasks
-
     return [t.name for t in all_tasks() if t.kind == "generate"]
 
 
@@ -209,8 +208,6 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
-    from sftscope.load.data import pad_batch
-
     pad_id = pad_id_of(tokenizer)
     eos = _eos_ids(model, tokenizer)
     limit = max_context(model)
@@ -262,8 +259,6 @@ def _sequence_logprobs(model, rows: list[list[int]], starts: list[int], pad_id: 
 
     The model reads ``row[:-1]`` (the last token is only predicted), as lm-eval feeds it.
     """
-    from sftscope.load.data import pad_batch
-
     dev = input_device(model)
     out = [0.0] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
@@ -283,8 +278,6 @@ def _sequence_logprobs(model, rows: list[list[int]], starts: list[int], pad_id: 
 def _last_logprobs(model, rows: list[list[int]], pad_id: int, batch_size: int,
                    description: str) -> torch.Tensor:
     """Log-probabilities of the next token after each row: ``[len(rows), vocab]``."""
-    from sftscope.load.data import pad_batch
-
     dev = input_device(model)
     out: list[torch.Tensor | None] = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
@@ -355,8 +348,6 @@ def text_losses(model, tokenizer, texts: list[str], *, max_length: int = 1024,
                 batch_size: int = 8, description: str = "token loss"
                 ) -> tuple[list[float], list[int], int]:
     """Mean token cross-entropy of each text (nats), its token count, and how many were cut."""
-    from sftscope.load.data import pad_batch
-
     pad_id = pad_id_of(tokenizer)
     enc, n_cut = [], 0
     for t in texts:
@@ -429,8 +420,6 @@ def _prompts(task: Task, items, tokenizer, chat: bool) -> list[str]:
 
 
 def _items(task: Task, cfg: EvalConfig, timer: Timer):
-    from sftscope.load.items import load_task_items
-
     with timer("load_data"):
         return load_task_items(task.name, cfg.data, split=cfg.split, limit=cfg.limit,
                                shots=cfg.shots or 0, fewshot_data=cfg.fewshot_data,
@@ -494,9 +483,6 @@ def _choice_row(task: Task, i: int, record: dict, lp: list[float]) -> dict[str, 
 
 
 def _run_loss(task: Task, model, tokenizer, cfg: EvalConfig, timer: Timer) -> Run:
-    from sftscope.load.data import read_samples
-    from sftscope.load.items import task_source
-
     source = task_source(task.name, cfg.data)
     with timer("load_data"):
         samples, notes = read_samples(source, text_field=cfg.text_field, n=cfg.limit,
@@ -588,8 +574,6 @@ def rescore(config: EvalConfig) -> EvalResult:
     """Score saved completions again (``config.rescore``, a JSONL file) without a model or a
     tokenizer: each line's ``completion`` is cut at the task's stop strings and scored against
     its ``answer``. Writes the same files as ``evaluate`` (predictions in input order)."""
-    from sftscope.load.items import read_completions
-
     cfg = resolve_config(config)
     if cfg.rescore is None:
         raise SftscopeError("rescore needs a file of completions (--rescore FILE.jsonl)")
@@ -613,8 +597,6 @@ def rescore(config: EvalConfig) -> EvalResult:
 
 
 def _say(msg: str) -> None:
-    from sftscope.progress import say
-
     say(msg)
 
 
@@ -646,8 +628,6 @@ def evaluate(config: EvalConfig) -> EvalResult:
     With ``config.rescore`` no model is loaded: see :func:`rescore`."""
     if config.rescore is not None:
         return rescore(config)
-    from sftscope.load.adapters import adapter_folder, load_adapter
-    from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 
     cfg = resolve_config(config)
     if not cfg.model:
