@@ -35,10 +35,25 @@ import pandas as pd
 import torch
 from torch import nn
 
+from sftscope.capture.stream import CaptureConfig, capture
 from sftscope.config.commands import EvalConfig, SteerConfig
 from sftscope.errors import SftscopeError
-from sftscope.io import Timer, run_record, write_table
+from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
+from sftscope.experiments.tune import parse_eval_task
+from sftscope.io import Timer, atomic_path, run_record, write_table
 from sftscope.load.arch import ArchSpec, arch_for, block_output, get_blocks
+from sftscope.load.data import read_samples
+from sftscope.load.models import (
+    LoadOptions,
+    check_pair,
+    check_vocab,
+    fingerprint,
+    load_config,
+    load_model,
+    pair_tokenizer,
+)
+from sftscope.load.runtime import dtype_name, pad_id, resolve_device, resolve_dtype
+from sftscope.metrics.stats import mean_ci, proportion_ci
 from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
 
@@ -158,9 +173,6 @@ def _free_memory() -> None:
 def _pooled(spec: str, revision: str | None, cfg: SteerConfig, tok, dtype: str, device: str,
             pad: int, label: str) -> tuple[torch.Tensor, Any]:
     """Pooled states of hidden state ``cfg.layer`` for every sample, and the loaded model."""
-    from sftscope.capture.stream import CaptureConfig, capture
-    from sftscope.load.models import LoadOptions, check_vocab, load_model
-
     model = load_model(spec, LoadOptions(revision=revision, dtype=dtype, device=device,
                                          device_map=cfg.device_map))
     check_vocab(model, tok.input_ids, label)
@@ -170,8 +182,6 @@ def _pooled(spec: str, revision: str | None, cfg: SteerConfig, tok, dtype: str, 
 
 
 def _prompts(cfg: SteerConfig) -> list[str]:
-    from sftscope.load.data import read_samples
-
     samples, _ = read_samples(cfg.prompts or cfg.data, text_field=cfg.text_field,
                               template=None if cfg.prompts else cfg.template, n=cfg.n_prompts,
                               seed=cfg.seed, split=cfg.split, skip_bad=cfg.skip_bad_records)
@@ -200,10 +210,6 @@ class _SteerPlan:
 
 def _steer_plan(cfg: SteerConfig, timer: Timer) -> _SteerPlan:
     """Validate the pair, the layer and the task; tokenizer, data and prompts; open the run."""
-    from sftscope.experiments.tune import parse_eval_task
-    from sftscope.load.models import check_pair, load_config, pair_tokenizer
-    from sftscope.load.runtime import dtype_name, resolve_device, resolve_dtype
-
     out = Path(cfg.out).expanduser()
     check_out(out, "steer", cfg, overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
@@ -240,8 +246,6 @@ def _steer_vector(cfg: SteerConfig, p: _SteerPlan, timer: Timer
     (saved), and the base model it steers."""
     from safetensors.torch import save_file
 
-    from sftscope.load.runtime import pad_id
-
     pad = pad_id(p.tokenizer)
     where = "embeddings" if cfg.layer == 0 else f"output of block {cfg.layer - 1}"
     stage("capture sft")
@@ -268,9 +272,6 @@ def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
                  rows: list[dict[str, Any]], gens: list[dict[str, Any]]) -> list[str] | None:
     """The task's scores and the completions' rows of one scale (the model already steered);
     returns the completions."""
-    from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
-    from sftscope.metrics.stats import mean_ci
-
     tok = p.tokenizer
     if p.task is not None:
         name, data = p.task
@@ -306,8 +307,6 @@ def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
 def _same_as_unsteered(cfg: SteerConfig, scales: list[float], gens: list[dict[str, Any]],
                        unsteered: list[str]) -> list[dict[str, Any]]:
     """How many completions steering left unchanged, per scale."""
-    from sftscope.metrics.stats import proportion_ci
-
     rows = []
     for s in scales:
         texts = [g["completion"] for g in gens if g["scale"] == s]
@@ -349,9 +348,6 @@ def _steer_record(cfg: SteerConfig, p: _SteerPlan, table: pd.DataFrame,
                   ) -> SteerResult:
     """Write steer.csv, steer.jsonl and run.json."""
     import json
-
-    from sftscope.io import atomic_path
-    from sftscope.load.models import fingerprint
 
     out = p.out
     for fmt in cfg.formats:
