@@ -68,12 +68,28 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sftscope import metrics as M
+from sftscope.capture.engine import run_hooked
 from sftscope.config.commands import SuggestConfig
 from sftscope.errors import SftscopeError
+from sftscope.experiments.weights import weight_change
 from sftscope.io import Timer, run_record, write_json, write_table
-from sftscope.load.arch import n_layers
+from sftscope.load import data as D
+from sftscope.load.arch import arch_for, get_blocks, n_layers
+from sftscope.load.data import iter_batches
+from sftscope.load.models import (
+    LoadOptions,
+    check_pair,
+    check_tokenizers,
+    fingerprint,
+    input_device,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
 from sftscope.load.runtime import model_bytes, release
 from sftscope.load.runtime import pad_id as pad_id_of
+from sftscope.load.sources import source_kind
 from sftscope.progress import plan, say, stage, staged, track
 from sftscope.runs import check_out, finish_run, start_run
 from sftscope.segments import block_text, segment_bounds
@@ -266,9 +282,6 @@ def hidden_profile(model, tok, batch_size: int, pad_id: int, angular: bool = Tru
                    label: str = "model") -> tuple[torch.Tensor, np.ndarray]:
     """One pass over ``tok``: pooled means ``[L+1, N, D]`` and per-block angular distance
     ``[L]`` (``arccos(cos(h_b, h_{b+1})) / pi``, token-weighted mean; NaN when not asked)."""
-    from sftscope.capture.engine import run_hooked
-    from sftscope.load.arch import get_blocks
-
     n_blocks = len(get_blocks(model))
     dim = int(model.get_input_embeddings().weight.shape[1])
     red = _StateReducer(n_blocks + 1, len(tok), dim, angular)
@@ -281,8 +294,6 @@ def hidden_profile(model, tok, batch_size: int, pad_id: int, angular: bool = Tru
 
 def _attn_params(model) -> list[list[torch.nn.Parameter]]:
     """Per block, the weights of its attention projections (q, k, v, o or fused qkv)."""
-    from sftscope.load.arch import arch_for, get_blocks
-
     spec = arch_for(model)
     paths = list(spec.attn.values()) + ([spec.fused_qkv] if spec.fused_qkv else [])
     out = []
@@ -304,9 +315,6 @@ def _attn_params(model) -> list[list[torch.nn.Parameter]]:
 def gradient_profile(model, tok, batch_size: int, pad_id: int) -> tuple[np.ndarray, int]:
     """Per-block norm of the gradient of the mean completion-token loss over ``tok`` with
     respect to the attention projection weights; also the number of loss tokens."""
-    from sftscope.load.data import iter_batches
-    from sftscope.load.models import input_device
-
     params = _attn_params(model)
     flat = [p for ps in params for p in ps]
     saved = [p.requires_grad for p in model.parameters()]
@@ -356,8 +364,6 @@ def gradient_profile(model, tok, batch_size: int, pad_id: int) -> tuple[np.ndarr
 
 def pair_layer_signals(pooled_b: torch.Tensor, pooled_s: torch.Tensor) -> pd.DataFrame:
     """Per hidden state ``j``: ``1 - CKA`` and relative mean shift between base and SFT."""
-    from sftscope import metrics as M
-
     rows = []
     for j in range(pooled_b.shape[0]):
         zb, zs = pooled_b[j], pooled_s[j]
@@ -393,8 +399,6 @@ def _growth(per_state: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
 
 
 def _load(spec: str, revision: str | None, cfg: SuggestConfig, base: str | None = None):
-    from sftscope.load.models import LoadOptions, load_model
-
     return load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype, device=cfg.device,
                                         device_map=cfg.device_map, base=base,
                                         base_revision=cfg.base_revision,
@@ -455,9 +459,6 @@ class _SuggestPlan:
 def _suggest_plan(cfg: SuggestConfig, timer: Timer) -> _SuggestPlan:
     """Validate the models (the pair's fit, for the pair method) and prepare the texts each
     method needs."""
-    from sftscope.load import data as D
-    from sftscope.load.models import check_pair, check_tokenizers, load_config, load_tokenizer
-
     if cfg.out is not None:
         check_out(cfg.out, "suggest", cfg, overwrite=cfg.overwrite)
     notes: list[str] = []
@@ -524,9 +525,6 @@ def _base_signals(cfg: SuggestConfig, p: _SuggestPlan, timer: Timer,
 
 def _weight_signal(cfg: SuggestConfig, p: _SuggestPlan, timer: Timer) -> np.ndarray | None:
     """The attention's relative weight change per block (None where it cannot be read)."""
-    from sftscope.experiments.weights import weight_change
-    from sftscope.load.sources import source_kind
-
     kinds = (source_kind(cfg.base), source_kind(cfg.sft))
     stage("weight change")
     if "gguf" in kinds or kinds[0] == "adapter":
@@ -635,8 +633,6 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
 def _suggest_record(cfg: SuggestConfig, p: _SuggestPlan, result: Suggestion,
                     timer: Timer) -> None:
     """Write suggest.csv, suggest.json and run.json."""
-    from sftscope.load.models import fingerprint
-
     out, best = Path(cfg.out), result.proposals[result.method]
     models_fp = {"base": fingerprint(cfg.base, cfg.base_revision)}
     if "pair" in p.want:
