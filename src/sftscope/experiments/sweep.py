@@ -105,9 +105,17 @@ from sftscope.config.commands import (
 )
 from sftscope.config.core import check_fields, defaults
 from sftscope.errors import SftscopeError
-from sftscope.io import read_json, run_record, write_json, write_table
+from sftscope.experiments.evaluate import evaluate
+from sftscope.experiments.suggest import prior_mask, suggest
+from sftscope.experiments.tune import parse_eval_task, tune
+from sftscope.io import file_sha256, read_json, run_record, stable_hash, write_json, write_table
+from sftscope.load.arch import n_layers
+from sftscope.load.data import parse_source
+from sftscope.load.models import fingerprint, load_config
 from sftscope.metric_registry import lower_is_better
-from sftscope.parallel import is_main
+from sftscope.metrics.stats import paired_ttest, proportion_ci
+from sftscope.parallel import is_main, launch_id
+from sftscope.progress import say
 from sftscope.runs import check_folder, folder_command
 from sftscope.segments import (
     block_text,
@@ -253,8 +261,6 @@ def expand_masks(spec: str, k: int, baseline: bool = True) -> list[str]:
 
 def parse_eval(spec: str) -> tuple[str, str | None]:
     """``gsm8k:PATH`` / ``gsm8k`` / ``mmlu:PATH`` / ``perplexity:SOURCE`` -> (task, data)."""
-    from sftscope.experiments.tune import parse_eval_task
-
     return parse_eval_task(spec, flag="--eval")
 
 
@@ -290,8 +296,6 @@ def _data_identity(source: str | None) -> dict[str, Any] | None:
     """A data source and, for a local file, its SHA-256 (so an edited file is noticed)."""
     if source is None:
         return None
-    from sftscope.io import file_sha256
-    from sftscope.load.data import parse_source
 
     _, path = parse_source(source)
     out: dict[str, Any] = {"source": source}
@@ -303,9 +307,6 @@ def _data_identity(source: str | None) -> dict[str, Any] | None:
 
 
 def _n_blocks_of(model: str, revision: str | None) -> int:
-    from sftscope.load.arch import n_layers
-    from sftscope.load.models import load_config
-
     n = n_layers(load_config(model, revision))
     if n is None:
         raise SftscopeError(f"{model}: its config names no number of blocks")
@@ -314,8 +315,6 @@ def _n_blocks_of(model: str, revision: str | None) -> int:
 
 def sweep_settings(cfg: SweepConfig) -> dict[str, Any]:
     """What every job of a sweep shares; ``sweep.json`` holds it and new runs must match."""
-    from sftscope.load.models import fingerprint
-
     if not cfg.model or not cfg.train or not cfg.task:
         raise SftscopeError("a sweep needs --model, --train and --task (only --collect "
                             "of an existing sweep may leave them out)")
@@ -395,8 +394,6 @@ def _show(name: str, s: dict[str, Any], v: Any) -> str:
 
 def settings_hash(settings: dict[str, Any]) -> str:
     """A short hash of what must be equal for jobs to be pooled (``_comparable``)."""
-    from sftscope.io import stable_hash
-
     return stable_hash(_comparable(settings))
 
 
@@ -440,7 +437,6 @@ def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
             if any_progress(out) or cfg.collect:
                 raise
             # no job finished or checkpointed: nothing to lose, the new settings replace them
-            from sftscope.progress import say
 
             say(f"note: {out}/sweep.json had other settings but no job made progress; "
                 f"starting the sweep afresh with these settings")
@@ -564,8 +560,6 @@ def run_job(job: Job, job_fn: JobFn) -> dict[str, Any]:
 
     Under a launcher every rank runs ``job_fn`` (tune trains on all of them); rank 0 alone
     writes the job's files and the other ranks wait for them."""
-    from sftscope.parallel import launch_id
-
     d = job.dir
     if not is_main():
         job_fn(job)
@@ -635,9 +629,6 @@ def tune_and_evaluate(job: Job) -> JobOutput:
     """The default job: ``tune`` (resuming from its checkpoint) then ``evaluate`` what it
     saved: the base with the adapter (LoRA), or the fine-tuned model folder (``method: full``,
     which holds its tokenizer; the base's ``revision`` does not apply to it)."""
-    from sftscope.experiments.evaluate import evaluate
-    from sftscope.experiments.tune import tune
-
     s = job.settings
     topts = {k: v for k, v in s["tune"].items()}
     tcfg = TuneConfig(model=s["model"], train=s["train"]["source"], out=str(job.dir / "tune"),
@@ -680,8 +671,6 @@ def score_matrix(items: pd.DataFrame) -> tuple[np.ndarray, list[Any], list[str]]
 def pigeonhole_ci(y: np.ndarray, level: float = 0.95, n_boot: int = 2000, seed: int = 0
                   ) -> tuple[float, float]:
     """Two-way bootstrap interval of the mean of a seeds x items matrix (see the docstring)."""
-    from sftscope.metrics.stats import proportion_ci
-
     y = np.atleast_2d(np.asarray(y, float))
     valid = np.isfinite(y)
     if not valid.any():
@@ -710,8 +699,6 @@ def pigeonhole_ci(y: np.ndarray, level: float = 0.95, n_boot: int = 2000, seed: 
 def paired_p(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, int]:
     """Paired test of two masks' per-item scores (rows seed, item, value) on shared seeds and
     items: ``(p_value, mean difference a - b, n_items)`` (see the module docstring)."""
-    from sftscope.metrics.stats import paired_ttest
-
     seeds = sorted(set(a["seed"]) & set(b["seed"]))
     if not seeds:
         return math.nan, math.nan, 0
@@ -874,8 +861,6 @@ def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metri
     """
     from scipy.stats import spearmanr
 
-    from sftscope.experiments.suggest import prior_mask
-
     sub = summary[summary["metric"] == metric].drop_duplicates("mask")
     means = dict(zip(sub["mask"].astype(str), sub["mean"].astype(float)))
     sign = -1.0 if lower_is_better(metric) else 1.0
@@ -918,8 +903,6 @@ def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metri
 
 def _run_validation(cfg: SweepConfig, settings: dict[str, Any], summary: pd.DataFrame,
                     metric: str) -> pd.DataFrame:
-    from sftscope.experiments.suggest import suggest
-
     opts = check_fields(SuggestConfig, cfg.suggest, what="suggest", exclude=SWEEP_SUGGEST_KEYS)
     opts.setdefault("method", "combined")
     for k in ("tokenizer", "chat_template"):  # the tokens the jobs trained on
@@ -951,8 +934,6 @@ def _write_results(cfg: SweepConfig, settings: dict[str, Any], summary: pd.DataF
                    n_jobs: int) -> pd.DataFrame | None:
     """Rank 0 once the sweep's tables may be written: summary.csv, position.csv, the suggest
     validation (returned) and run.json, with notes on the jobs not finished."""
-    from sftscope.progress import say
-
     out = Path(cfg.out)
     validation = None
     for fmt in cfg.formats:
@@ -992,8 +973,6 @@ def _write_results(cfg: SweepConfig, settings: dict[str, Any], summary: pd.DataF
 def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     """Run this shard's unfinished jobs (``job_fn``, default tune then evaluate), then write
     ``summary.csv``, ``position.csv`` (and the suggest validation) from every finished job."""
-    from sftscope.progress import say
-
     out = Path(cfg.out)
     full_cfg = bool(cfg.model and cfg.train and cfg.task)
     seeds = parse_seeds(cfg.seeds)
