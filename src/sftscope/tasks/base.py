@@ -284,14 +284,17 @@ def choice_task(name: str, *, summary: str, hub: HubData | None, fields: tuple[s
                 shot_sampler: str = "random", shot_key: Doc | None = None,
                 shots_skip_item: bool = False,
                 describe: Callable[[dict], dict[str, Any]] | None = None,
-                meta: Callable[[dict], dict[str, Any]] | None = None) -> Task:
+                meta: Callable[[dict], dict[str, Any]] | None = None,
+                check: Callable[[dict], str | None] | None = None) -> Task:
     """A multiple-choice task as lm-eval's ``output_type: multiple_choice`` config declares it.
 
     ``process`` (lm-eval's ``process_docs``, per record) runs first; the prompt is
     ``description`` + each shot's ``doc_to_text + target_delimiter + its gold choice`` followed
     by ``fewshot_delimiter``, then the item's ``doc_to_text``; each choice is scored as
     ``target_delimiter + choice``. ``labels``: how predictions name the choices (default
-    ``A``, ``B``, ...). ``accuracy_norm`` divides by each choice's length in characters."""
+    ``A``, ``B``, ...). ``accuracy_norm`` (when among ``metrics``) divides by each choice's
+    length in characters. ``check``: a record check of the task's own (default: the text
+    fields are non-blank and the text, the choices and the gold can be read)."""
     doc = process or (lambda r: r)
 
     def prompt(record: dict, shots: Sequence[dict] = ()) -> str:
@@ -320,10 +323,12 @@ def choice_task(name: str, *, summary: str, hub: HubData | None, fields: tuple[s
         name=name, kind="choice", summary=summary, metrics=metrics, primary=metrics[0],
         default_data=name, hub=hub, fields=fields, shot_split=shot_split,
         default_shots=default_shots, shot_sampler=shot_sampler, shot_key=shot_key,
-        check=_problem_of(fields, lambda r: doc_to_text(doc(r)), gold), prompt=prompt,
+        check=check or _problem_of(fields, lambda r: doc_to_text(doc(r)), gold), prompt=prompt,
         continuations=continuations,
         labels=labels or (lambda r: list(LETTERS[: len(doc_to_choice(doc(r)))])),
         gold_index=gold, analysis_sample=sample, describe=describe,
-        item_values=lambda row: {"accuracy": row.get("correct"),
-                                 "accuracy_norm": row.get("correct_norm")},
-        choice_texts=lambda r: list(doc_to_choice(doc(r))), shots_skip_item=shots_skip_item)
+        item_values=lambda row: {m: row.get(col) for m, col in (("accuracy", "correct"),
+                                                                 ("accuracy_norm", "correct_norm"))
+                                 if m in metrics},
+        choice_texts=(lambda r: list(doc_to_choice(doc(r)))) if "accuracy_norm" in metrics
+        else None, shots_skip_item=shots_skip_item)

@@ -7,17 +7,17 @@ the first ``k`` records of the dev split with the SAME subject (lm-eval's ``firs
 default 0. Each choice `` A``.. `` D`` is scored by its log-likelihood after the prompt, its
 tokens taken in context (``base.encode_pair``); accuracy = the argmax is the gold letter.
 Records may have 2..10 choices (``A``..``J``); the answer is an index or a letter and must name
-one of the choices (refused the same way by every command).
+one of the choices (refused the same way by every command). Declared with ``choice_task`` as
+lm-eval's config: the letters are the choices, the subject line the description.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from typing import Any
 
-from sftscope.tasks.base import LETTERS, AnalysisSample, HubData, Task, is_missing, text_problem
+from sftscope.tasks.base import LETTERS, HubData, choice_task, is_missing, text_problem
 
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 
@@ -85,16 +85,6 @@ def check(record: dict) -> str | None:
     return None
 
 
-def labels(record: dict) -> list[str]:
-    """The option letters of a record (``A``.. for its number of choices)."""
-    return list(LETTERS[: len(choices_of(record))])
-
-
-def continuations(record: dict) -> list[str]:
-    """What is scored after ``Answer:``: `` A``, `` B``, ..."""
-    return [f" {x}" for x in labels(record)]
-
-
 def subject_of(record: dict) -> str:
     """The subject (``_`` as spaces), or '' when the record has none."""
     s = record.get("subject")
@@ -107,25 +97,15 @@ def block(record: dict) -> str:
     return f"{str(record['question']).strip()}\n{body}\nAnswer:"
 
 
-def prompt(record: dict, shots: Sequence[dict] = ()) -> str:
-    """Subject header, shots with their letters, then the item."""
-    subject = subject_of(record)
-    head = HEADER.format(subject=subject) if subject else ""
-    parts = "".join(f"{block(s)} {LETTERS[gold_index(s)]}\n\n" for s in shots)
-    return head + parts + block(record)
-
-
 def shot_key(record: dict) -> str:
     return subject_of(record)
 
 
-def analysis_sample(record: dict) -> AnalysisSample:
-    """The question block, `` X`` (the gold letter), and what choice scoring needs."""
-    letter = LETTERS[gold_index(record)]
-    return AnalysisSample(block(record), f" {letter}",
-                          {"letter": letter, "n_choices": len(choices_of(record)),
-                           "subject": "" if is_missing(record.get("subject"))
-                           else str(record["subject"])})
+def meta(record: dict) -> dict[str, Any]:
+    """What analysis keeps of an item besides its options: the gold letter, the number of
+    choices and the subject."""
+    return {"letter": LETTERS[gold_index(record)], "n_choices": len(choices_of(record)),
+            "subject": "" if is_missing(record.get("subject")) else str(record["subject"])}
 
 
 def describe(record: dict) -> dict[str, Any]:
@@ -134,29 +114,19 @@ def describe(record: dict) -> dict[str, Any]:
             "subject": "" if is_missing(subject) else str(subject)}
 
 
-def item_values(row: dict) -> dict[str, float | None]:
-    return {"accuracy": row.get("correct")}
+def header(record: dict) -> str:
+    """The subject line before the shots (none when the record has no subject)."""
+    subject = subject_of(record)
+    return HEADER.format(subject=subject) if subject else ""
 
 
-TASK = Task(
-    name="mmlu",
-    kind="choice",
-    summary="multiple-choice knowledge, log-likelihood of A-D in context (lm-eval mmlu)",
-    metrics=("accuracy",),
-    primary="accuracy",
-    default_data="mmlu",
-    hub=HubData("cais/mmlu", "all", "test"),
-    fields=("question", "choices", "answer"),
-    shot_split="dev",
-    default_shots=0,
-    shot_sampler="first_n",
-    shot_key=shot_key,
-    check=check,
-    prompt=prompt,
-    continuations=continuations,
-    labels=labels,
-    gold_index=gold_index,
-    analysis_sample=analysis_sample,
-    describe=describe,
-    item_values=item_values,
-)
+TASK = choice_task(
+    "mmlu", summary="multiple-choice knowledge, log-likelihood of A-D in context (lm-eval mmlu)",
+    hub=HubData("cais/mmlu", "all", "test"), fields=("question", "choices", "answer"),
+    doc_to_text=block, doc_to_choice=lambda r: list(LETTERS[: len(choices_of(r))]),
+    doc_to_target=gold_index, description=header, metrics=("accuracy",), shot_split="dev",
+    shot_sampler="first_n", shot_key=shot_key, check=check, describe=describe, meta=meta)
+prompt = TASK.prompt
+labels = TASK.labels
+continuations = TASK.continuations
+analysis_sample = TASK.analysis_sample
