@@ -53,6 +53,12 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     mmlu = [{"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"], "answer": 7,
              "subject": "math"}]
     (root / "mmlu_bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mmlu))
+    arc = {"question": "Which?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+           "answerKey": "Z"}
+    (root / "arc_bad.jsonl").write_text(json.dumps(arc) + "\n")
+    hs = {"activity_label": "Cooking", "ctx_a": "A man", "ctx_b": "then", "label": "7",
+          "endings": ["a", "b", "c", "d"]}
+    (root / "hellaswag_bad.jsonl").write_text(json.dumps(hs) + "\n")
     (root / "a_file").write_text("not a folder")
     nocfg = root / "nocfg"
     nocfg.mkdir()
@@ -104,6 +110,7 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
         "gsm": "gsm8k.jsonl", "text": "text.txt", "empty": "empty.jsonl", "list": "list.jsonl",
         "broken": "broken.jsonl", "noanswer": "noanswer.jsonl", "nullq": "nullq.jsonl",
         "xlsx": "data.xlsx", "datadir": "datadir", "mmlu_bad": "mmlu_bad.jsonl",
+        "arc_bad": "arc_bad.jsonl", "hellaswag_bad": "hellaswag_bad.jsonl",
         "file": "a_file", "nocfg": "nocfg", "bert": "bert", "truncated": "truncated",
         "emptyweights": "emptyweights", "noweights": "noweights", "nanmodel": "nanmodel",
         "emptyadapter": "emptyadapter", "orphan": "orphan", "badgguf": "badmagic.gguf",
@@ -289,6 +296,11 @@ case("eval", extra=["--rescore", "{gsm}"], needle="drop --model")
 case("eval", extra=["--fewshot-data", "{root}/nope.jsonl"], needle="does not exist")
 case("eval", {"--data": "mmlu:{mmlu_bad}"}, needle="mmlu format")
 case("eval", {"--task": "mmlu", "--data": "mmlu:{mmlu_bad}"}, needle="answer")
+case("eval", {"--task": "arc_easy", "--data": "arc_easy:{arc_bad}"},
+     needle="answerKey 'Z' is not one of the choice labels A, B")
+case("eval", {"--task": "hellaswag", "--data": "{hellaswag_bad}"},
+     needle="gold index 7 is not one of the 4 choices")
+case("probe", {"--data": "arc_challenge:{arc_bad}"}, needle="answerKey 'Z'")
 case("eval", {"--data": "gsm8k:{noanswer}"}, needle="answer")
 case("eval", extra=["--preset", "paper"], needle="unknown --preset")
 case("eval", extra=["--level", "0"], needle="--level must be in")
