@@ -273,6 +273,46 @@ def _problem_of(fields: Sequence[str], *calls: Doc) -> Callable[[dict], str | No
     return check
 
 
+def fewshot_prompt(record: dict, shots: Sequence[dict], doc_to_text: Doc, gold_text: Doc, *,
+                   description: str = "", target_delimiter: str = " ",
+                   fewshot_delimiter: str = "\n\n") -> str:
+    """lm-eval's few-shot context: ``description``, then each shot's text, the target
+    delimiter and its gold answer, each followed by the few-shot delimiter, then the item's
+    text."""
+    parts = "".join(f"{doc_to_text(d)}{target_delimiter}{gold_text(d)}{fewshot_delimiter}"
+                    for d in shots)
+    return description + parts + doc_to_text(record)
+
+
+def generate_task(name: str, *, summary: str, hub: HubData | None, fields: tuple[str, ...],
+                  doc_to_text: Doc, doc_to_target: Doc, score: Callable[[str, dict], dict],
+                  metrics: tuple[str, ...], primary: str, stops: tuple[str, ...],
+                  check: Callable[[dict], str | None], target_delimiter: str = " ",
+                  fewshot_delimiter: str = "\n\n", shot_split: str | None = "train",
+                  default_shots: int = 0, gold_fields: tuple[str, ...] = (),
+                  describe: Callable[[dict], dict[str, Any]] | None = None,
+                  meta: Callable[[dict], dict[str, Any]] | None = None) -> Task:
+    """A generation task as lm-eval's ``output_type: generate_until`` config declares it: the
+    prompt is :func:`fewshot_prompt` over ``doc_to_text`` and ``doc_to_target``, greedy
+    completion until ``stops``, ``score(completion, record)`` gives one boolean per metric."""
+    def prompt(record: dict, shots: Sequence[dict] = ()) -> str:
+        return fewshot_prompt(record, shots, doc_to_text, doc_to_target,
+                              target_delimiter=target_delimiter,
+                              fewshot_delimiter=fewshot_delimiter)
+
+    def sample(record: dict) -> AnalysisSample:
+        return AnalysisSample(doc_to_text(record),
+                              f"{target_delimiter}{doc_to_target(record)}",
+                              meta(record) if meta else {})
+
+    return Task(
+        name=name, kind="generate", summary=summary, metrics=metrics, primary=primary,
+        default_data=name, hub=hub, fields=fields, gold_fields=gold_fields,
+        shot_split=shot_split, default_shots=default_shots, stops=stops, check=check,
+        prompt=prompt, score=score, analysis_sample=sample, describe=describe,
+        item_values=lambda row: {m: row.get(m) for m in metrics})
+
+
 def choice_task(name: str, *, summary: str, hub: HubData | None, fields: tuple[str, ...],
                 doc_to_text: Doc, doc_to_choice: Callable[[dict], list[str]],
                 doc_to_target: Callable[[dict], int], process: Doc | None = None,
@@ -298,11 +338,12 @@ def choice_task(name: str, *, summary: str, hub: HubData | None, fields: tuple[s
     doc = process or (lambda r: r)
 
     def prompt(record: dict, shots: Sequence[dict] = ()) -> str:
-        head = description(doc(record)) if description else ""
-        parts = "".join(f"{doc_to_text(d)}{target_delimiter}"
-                        f"{doc_to_choice(d)[doc_to_target(d)]}{fewshot_delimiter}"
-                        for d in map(doc, shots))
-        return head + parts + doc_to_text(doc(record))
+        d = doc(record)
+        return fewshot_prompt(d, [doc(s) for s in shots], doc_to_text,
+                              lambda s: doc_to_choice(s)[doc_to_target(s)],
+                              description=description(d) if description else "",
+                              target_delimiter=target_delimiter,
+                              fewshot_delimiter=fewshot_delimiter)
 
     def continuations(record: dict) -> list[str]:
         return [target_delimiter + c for c in doc_to_choice(doc(record))]

@@ -20,11 +20,10 @@ gold as a decimal number (``72.0 == 72``, ``-0 == 0``).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sftscope.tasks.base import AnalysisSample, HubData, Task, text_problem
+from sftscope.tasks.base import HubData, generate_task, text_problem
 
 STRICT_PATTERN = r"#### (\-?[0-9\.\,]+)"
 FLEXIBLE_PATTERN = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
@@ -126,45 +125,17 @@ def turn(record: dict) -> str:
     return f"Question: {record['question']}\nAnswer:"
 
 
-def prompt(record: dict, shots: Sequence[dict] = ()) -> str:
-    """Shots with their answers, blank-line separated, then the item's question."""
-    parts = [f"{turn(s)} {s['answer']}" for s in shots]
-    parts.append(turn(record))
-    return "\n\n".join(parts)
-
-
-def analysis_sample(record: dict) -> AnalysisSample:
-    """Prompt, `` {answer}`` and the final number (``target``) for analysis and probing."""
-    return AnalysisSample(turn(record), f" {record['answer']}",
-                          {"target": extract_strict(str(record["answer"]))})
-
-
 def describe(record: dict) -> dict[str, Any]:
     return {"question": record.get("question"), "answer": record.get("answer")}
 
 
-def item_values(row: dict) -> dict[str, float | None]:
-    return {m: row.get(m) for m in METRICS}
-
-
-TASK = Task(
-    name="gsm8k",
-    kind="generate",
-    summary="grade-school maths, greedy generation, lm-eval strict and flexible exact match",
-    metrics=METRICS,
-    primary="flexible_extract",
-    default_data="gsm8k",
-    hub=HubData("openai/gsm8k", "main", "test"),
-    fields=("question", "answer"),
-    gold_fields=("answer",),
-    shot_split="train",
-    default_shots=5,
-    shot_sampler="random",
-    stops=STOPS,
-    check=check,
-    prompt=prompt,
-    score=score,
-    analysis_sample=analysis_sample,
-    describe=describe,
-    item_values=item_values,
-)
+TASK = generate_task(
+    "gsm8k", summary="grade-school maths, greedy generation, lm-eval strict and flexible exact "
+                     "match",
+    hub=HubData("openai/gsm8k", "main", "test"), fields=("question", "answer"),
+    doc_to_text=turn, doc_to_target=lambda r: r["answer"], score=score, metrics=METRICS,
+    primary="flexible_extract", stops=STOPS, check=check, shot_split="train", default_shots=5,
+    gold_fields=("answer",), describe=describe,
+    meta=lambda r: {"target": extract_strict(str(r["answer"]))})
+prompt = TASK.prompt
+analysis_sample = TASK.analysis_sample
