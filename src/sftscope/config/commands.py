@@ -189,7 +189,7 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
     """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``),
     optionally extended by a checkpoint chain (``stages``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("probe.*", "top1.*")
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("probe.*", "top1.*", "shifts.*")
 
     model: str | None = opt(None, "One model to probe: local folder or hub id (or give "
                             "--base and --sft).")
@@ -211,6 +211,12 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
                              "predicts the answer's first token (else the sample's last "
                              "position), beside the true next token: what each depth would "
                              "say there (0 = none).", check=at_least(0), metavar="N")
+    kl: bool = opt(True, "For a pair: also compare the two models' lens distributions at every "
+                   "depth (kl_pair = KL(P_sft,j || P_base,j), kl_to_final per model, and URIAL's "
+                   "token-shift shares at the output, with shifts.csv). Both models are then "
+                   "resident at once for one extra pass; --no-kl keeps one model at a time.")
+    shifts_top: int = opt(50, "How many of the most often shifted tokens shifts.csv lists.",
+                          check=at_least(1), metavar="N")
     chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
                               check=at_least(1), cli=False, volatile=True)
 

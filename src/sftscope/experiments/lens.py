@@ -41,6 +41,7 @@ from torch import nn
 
 from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.capture.hooks import hidden_state_hooks, inner_model
+from sftscope.capture.lens import Lens
 from sftscope.chains import (
     BASE,
     FIRST,
@@ -54,15 +55,17 @@ from sftscope.config.commands import ProbeConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
 from sftscope.experiments.analyze import check_chain, check_chain_tokenizers
+from sftscope.experiments.distributions import (
+    SHIFT_KINDS,
+    distribution_table,
+    merge_dist_sums,
+    pair_distributions,
+    shifts_table,
+)
 from sftscope.io import Timer, run_record, write_tables
 from sftscope.load import data as D
 from sftscope.load.arch import (
-    apply_softcap,
-    arch_for,
     get_blocks,
-    get_final_norm,
-    get_head,
-    logit_softcap,
 )
 from sftscope.load.models import (
     LoadOptions,
@@ -88,42 +91,6 @@ DEFAULT_CHUNK = 1 << 24  # logits elements per lens chunk (64 MiB in float32)
 
 # ---------------------------------------------------------------------------------------------
 # The lens
-
-
-def _module_device(mod: nn.Module) -> torch.device | None:
-    for p in mod.parameters():
-        return p.device
-    return None
-
-
-class Lens:
-    """``head(final_norm(h))`` (+ soft-capping) of a model, as float32 logits.
-
-    Reads the modules through the architecture map at construction: tied embeddings, other norm
-    names and swapped-in heads are whatever the model holds at that time.
-    """
-
-    def __init__(self, model: nn.Module):
-        spec = arch_for(model)
-        self.norm = get_final_norm(model, spec)
-        self.head = get_head(model, spec)
-        self.cap = logit_softcap(model.config)
-        self.norm_device = _module_device(self.norm)
-        self.head_device = _module_device(self.head)
-        self.vocab = int(getattr(self.head, "out_features", 0) or self.head.weight.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        """Where the logits come out."""
-        return self.head_device or torch.device("cpu")
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        if self.norm_device is not None:
-            h = h.to(self.norm_device)
-        x = self.norm(h)
-        if self.head_device is not None:
-            x = x.to(self.head_device)
-        return apply_softcap(self.head(x).float(), self.cap)
 
 
 def forward_states(model: nn.Module, input_ids: torch.Tensor,
@@ -757,6 +724,28 @@ def top1_rows(sums: LensSums, model: str, tok: D.TokenizedSet, tokenizer,
     return rows
 
 
+DISTRIBUTIONS_RECORD = (
+    "kl_pair: mean over the scored next-token positions of KL(P_b,j || P_a,j) of the pair's "
+    "lens distributions (natural log; a = base or the earlier stage); kl_to_final: KL(P_L || "
+    "P_j) per model; shift_*: share of scored positions where the base ranks the fine-tune's "
+    "top-1 token 1st, 2nd-3rd or lower (URIAL); sample-level bootstrap intervals")
+
+
+def distribution_tables(dparts: list[Any], pairs: Sequence[Any], tokenizer: Any,
+                        cfg: ProbeConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Probe rows (kl_pair, kl_to_final, shift_*) and shifts.csv of every pair, from the
+    gathered shares ``(indices, {pair: DistSums})`` of each process."""
+    rows, shifts = [], []
+    for p in pairs:
+        merged = merge_dist_sums([(i, d.get(p.model)) for i, d in dparts])
+        rows.append(distribution_table(merged, p.model, p.a, p.b, level=cfg.level,
+                                       n_boot=cfg.bootstrap, seed=cfg.seed))
+        shifts.append(shifts_table(merged, p.model, tokenizer, cfg.shifts_top))
+    table = pd.concat(rows, ignore_index=True)
+    table = table.drop_duplicates(["layer", "model", "metric"]).reset_index(drop=True)
+    return table, pd.concat(shifts, ignore_index=True)
+
+
 def model_label(spec: str, base: str | None = None) -> str:
     """A short name for a model: an adapter's tune run, the folder name or the hub id."""
     return source_label(spec, base)
@@ -929,6 +918,12 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
         return found, n_blocks
 
     found, n_blocks = par.run(passes, "probe")
+    kl = pair and cfg.kl
+    if kl:
+        dist = par.run(lambda: pair_distributions(
+            specs, opts, pairs, tok, pad_id, batch_size=batch_size, positions=positions,
+            chunk_elements=chunk_elements, share=share), "distributions")
+        dparts = par.gather((share, dist))
     parts = par.gather((share, found, n_blocks, shown))
     if parts is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(PROBE_COLUMNS)
@@ -944,9 +939,14 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
             t = sums_table(merged[p.model], p.b, level=level, n_boot=n_boot, seed=seed,
                            agreement_label=p.model)
             tables.append(t[t["metric"] == "agreement"])
+    shifts = None
+    if kl:
+        dist_tables, shifts = distribution_tables(dparts, pairs, tokz, cfg)
+        tables.append(dist_tables)
     df = pd.concat(tables, ignore_index=True)
-    order = {"accuracy": 0, "loss": 1, "answer_prob": 2, "answer_rank": 3,
-             "choice_accuracy": 4, "agreement": 5}
+    order = {m: i for i, m in enumerate(("accuracy", "loss", "answer_prob", "answer_rank",
+                                         "choice_accuracy", "agreement", "kl_pair",
+                                         "kl_to_final", *SHIFT_KINDS))}
     ranks = {"metric": order}
     if len(stages) > 1:  # a chain: its members in training order
         ranks["model"] = model_order([st.label for st in stages], pairs)
@@ -965,6 +965,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
         write_tables(df, out, "probe", cfg.formats)
         if top is not None:
             write_tables(top, out, "top1", cfg.formats)
+        if shifts is not None:
+            write_tables(shifts, out, "shifts", cfg.formats)
         finish_run(out, run_record(
             "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
             models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
@@ -978,6 +980,7 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                       "answer_prob and answer_rank; Wilson for choice_accuracy",
             n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
             n_choices=sum(c is not None for c in choices), notes=notes,
+            distributions=DISTRIBUTIONS_RECORD if kl else None,
             **(chain_record(stages, pairs) if pair else {}),
             layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
                         "block b, before the final norm; the lens applies the final norm",
