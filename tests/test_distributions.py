@@ -124,3 +124,43 @@ def test_cli_writes_shifts_and_no_kl_keeps_one_model(upper_pair, gsm8k_file, tmp
     with pytest.raises(SystemExit) as e:
         main([*args, "--shifts-top", "0"])
     assert e.value.code == 2
+
+
+def test_report_finds_where_kl_leaves_zero(upper_pair, gsm8k_file, tmp_path):
+    from sftscope.report import build_report
+
+    base, sft = upper_pair
+    run = tmp_path / "probe"
+    probe(base=str(base), sft=str(sft), data=f"gsm8k:{gsm8k_file}", n=4, n_boot=20,
+          out=str(run))
+    html = build_report([run], out=tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Output distributions by depth (Fig. 3b)" in html
+    assert (f"exactly 0 up to j = {CHANGED} and first positive at j = {CHANGED + 1}"
+            in html)
+    assert "URIAL" in html and (tmp_path / "figures" / "fig3b_distributions.png").is_file()
+
+
+def _kl_rows(values, shift=(0.5, 0.25, 0.25)):
+    rows = [{"layer": j, "model": "pair", "metric": "kl_pair", "value": v, "ci_low": np.nan,
+             "ci_high": np.nan, "n": 10} for j, v in enumerate(values)]
+    rows += [{"layer": len(values) - 1, "model": "pair", "metric": k, "value": v,
+              "ci_low": np.nan, "ci_high": np.nan, "n": 10}
+             for k, v in zip(("shift_unshifted", "shift_marginal", "shift_shifted"), shift)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("values,expected", [
+    ([0.0, 0.0, 0.0, 0.2, 0.5], "exactly 0 up to j = 2 and first positive at j = 3; 0.500 nats "
+                                "at the output (j = 4), largest 0.500 at j = 4"),
+    ([0.1, 0.3, 0.2], "positive from j = 0; 0.200 nats at the output (j = 2), largest 0.300 "
+                      "at j = 1"),
+    ([0.0, 0.0, 0.0], "exactly 0 at every layer (0..2)"),
+])
+def test_distribution_findings_on_constructed_tables(values, expected):
+    from sftscope.report import numbers as N
+    from sftscope.report.sections import distribution_findings
+
+    lines = distribution_findings(N.distribution_data(_kl_rows(values)))
+    assert expected in lines[0]
+    assert "first at 50.0 % of the scored positions, 2nd-3rd at 25.0 % and lower at 25.0 %" \
+        in lines[1]

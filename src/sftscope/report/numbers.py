@@ -345,9 +345,16 @@ def probe_kind(metric: str) -> str:
     return "other"
 
 
+def is_distribution(metric: str) -> bool:
+    """A probe metric of the pair's output distributions (Fig. 3b, not Fig. 3)."""
+    return metric_spec(metric, "probe").kind == "distribution"
+
+
 def lens_data(probe: pd.DataFrame) -> FigureData:
-    """Fig. 3: logit-lens metrics by depth; one profile per run, model and metric."""
+    """Fig. 3: logit-lens metrics by depth; one profile per run, model and metric (the pair's
+    distribution metrics are Fig. 3b's)."""
     df = with_depth(chain_view(probe), "layer")
+    df = df[~df["metric"].astype(str).map(is_distribution)]
     if "model" not in df.columns:
         df["model"] = "sft"
     df["model"] = df["model"].astype(str)
@@ -359,6 +366,38 @@ def lens_data(probe: pd.DataFrame) -> FigureData:
         notes.append(f"{row.run}: {row.model} {row.metric} is 0 at every layer, so its curve "
                      f"lies on the x axis")
     return FigureData(df, summ, notes)
+
+
+def kl_profile(g: pd.DataFrame) -> dict[str, Any]:
+    """Where a pair's ``kl_pair`` leaves 0: ``zero_until`` = the last layer j such that KL is
+    exactly 0 at every layer up to j (NaN when it is positive at j = 0), ``first_positive`` =
+    the first layer where it is > 0, the value at the top layer and the largest value."""
+    g = g.sort_values("layer")
+    layers, vals = g["layer"].to_numpy(float), g["value"].to_numpy(float)
+    pos = np.flatnonzero(~(vals == 0))
+    first = layers[pos[0]] if len(pos) else np.nan
+    zero_until = layers[pos[0] - 1] if len(pos) and pos[0] > 0 else (
+        np.nan if len(pos) else layers[-1])
+    k = int(np.nanargmax(vals)) if np.isfinite(vals).any() else 0
+    return {"zero_until": zero_until, "first_positive": first, "top_layer": layers[-1],
+            "top": vals[-1], "max": vals[k], "max_layer": layers[k]}
+
+
+def distribution_data(probe: pd.DataFrame) -> FigureData:
+    """Fig. 3b: a pair's KL by depth, each model's KL to its output, and the token-shift shares
+    at the output. ``summary``: one :func:`kl_profile` row per run and pair; ``extra["shift"]``
+    the shift shares per run and pair (with intervals)."""
+    df = with_depth(chain_view(probe), "layer")
+    df = df[df["metric"].astype(str).map(is_distribution)].copy()
+    if df.empty:
+        return FigureData(df)
+    df["model"] = df["model"].astype(str)
+    df, notes = clip_to_range(df, "probe")
+    kl = df[df["metric"] == "kl_pair"]
+    summ = pd.DataFrame([{RUN: r, "model": m, **kl_profile(g)}
+                         for (r, m), g in kl.groupby([RUN, "model"], sort=False)])
+    shift = df[df["metric"].str.startswith("shift_")]
+    return FigureData(df, summ, notes, extra={"shift": shift})
 
 
 def _flat_notes(summ: pd.DataFrame, what: str) -> list[str]:

@@ -50,8 +50,8 @@ from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_ke
 __all__ = [
     "DEFAULT_RUN", "DPI", "RUN", "FigureData", "correlation_matrix", "is_mask", "lower_is_better",
     "mask_centre", "mask_sort_key", "mask_str", "pair_metric_names", "palette",
-    "plot_correlation", "plot_dynamics", "plot_grad_heatmap", "plot_interpolation",
-    "plot_inverted_u",
+    "plot_correlation", "plot_distributions", "plot_dynamics", "plot_grad_heatmap",
+    "plot_interpolation", "plot_inverted_u",
     "plot_logit_lens", "plot_loss_curves", "plot_seed_spread", "plot_steer",
     "plot_pair_metrics", "plot_single_metrics", "plot_suggest", "plot_swap", "plot_sweep_bars",
     "plot_weight_change", "plot_weight_heatmap", "run_labels", "single_metric_names",
@@ -306,6 +306,56 @@ def plot_logit_lens(probe: pd.DataFrame | FigureData,
 
 
 # ----------------------------------------------------------------------------- Fig. 4
+
+
+def plot_distributions(probe: pd.DataFrame | FigureData,
+                       colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 3b: KL(SFT || base) of the lens by depth, each model's KL to its own output by
+    depth, and URIAL's token-shift shares at the output (with intervals)."""
+    title = "Fig. 3b - Output distributions of the pair by depth (x: j / L)"
+    data = _data(probe, N.distribution_data)
+    if data.empty:
+        return _empty(title, "no kl_pair / kl_to_final / shift rows (probe a pair with --kl)")
+    df = data.frame
+    pal = _colors(df, colors)
+    runs = run_labels(df)
+    fig, axes = _grid(3, title=title)
+    styles: dict[str, str] = {}
+    for ax, metric in zip(axes[:2], ("kl_pair", "kl_to_final")):
+        sub = df[df["metric"] == metric]
+        for r in runs:
+            for model, g in sub[sub[RUN] == r].groupby("model", sort=False):
+                ls = MODEL_STYLE.get(model, "-.")
+                styles.setdefault({"base": "base", "sft": "SFT"}.get(model, model), ls)
+                _line(ax, g, pal[r], ls, None)
+        ax.set_title(_nice(metric, "probe"), fontsize=10)
+        _depth_axes(ax, LAYER_AXIS)
+        vals = sub["value"]
+        if (pd.to_numeric(vals, errors="coerce") > 0).any():
+            ax.set_yscale("symlog", linthresh=max(float(vals[vals > 0].min()), 1e-12))
+        _flat_note(ax, [vals], _nice(metric, "probe"))
+    _shift_bars(axes[2], data.extra["shift"], runs, pal)
+    _legend(fig, _run_handles(runs, pal) + _style_handles(styles))
+    return fig
+
+
+def _shift_bars(ax, shift: pd.DataFrame, runs: Sequence[str], pal: dict[str, str]) -> None:
+    """Grouped bars: unshifted / marginal / shifted share per run and pair, with intervals."""
+    kinds = ["shift_unshifted", "shift_marginal", "shift_shifted"]
+    groups = [(r, m) for r in runs for m in dict.fromkeys(shift[shift[RUN] == r]["model"])]
+    width = 0.8 / max(len(groups), 1)
+    for i, (r, m) in enumerate(groups):
+        g = shift[(shift[RUN] == r) & (shift["model"] == m)].set_index("metric").reindex(kinds)
+        y = pd.to_numeric(g["value"], errors="coerce").to_numpy(float)
+        x = np.arange(len(kinds)) + (i - (len(groups) - 1) / 2) * width
+        ax.bar(x, y, width, color=pal[r], yerr=_yerr(g, y), capsize=2)
+    ax.set_xticks(range(len(kinds)), ["unshifted\n(rank 1)", "marginal\n(rank 2-3)",
+                                      "shifted\n(rank > 3)"], fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("token shift at the output (base rank of SFT's top-1)", fontsize=10)
+    ax.grid(alpha=0.25, lw=0.6, axis="y")
+    if not groups:
+        panel_note(ax, "no shift rows")
 
 
 def plot_weight_change(weights: pd.DataFrame | FigureData,

@@ -220,6 +220,41 @@ def lens_tables(data: FigureData) -> list[TableOut]:
              _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
 
 
+# ----------------------------------------------------------------------------- Fig. 3b
+
+
+def distribution_findings(data: FigureData) -> list[str]:
+    """Where KL(SFT || base) leaves 0 and what it reaches; the token-shift shares."""
+    s, shift = data.summary, data.extra.get("shift", pd.DataFrame())
+    many = _many(data.frame)
+    out = []
+    for row in s.to_dict("records"):
+        lead = _prefix(f"{row[RUN]} {row['model']}", many)
+        if not np.isfinite(row["first_positive"]):
+            out.append(f"{lead}KL(SFT || base) of the lens is exactly 0 at every layer "
+                       f"(0..{int(row['top_layer'])}): the two give the same distributions.")
+            continue
+        start = ("positive from j = 0" if not np.isfinite(row["zero_until"]) else
+                 f"exactly 0 up to j = {int(row['zero_until'])} and first positive at j = "
+                 f"{int(row['first_positive'])}")
+        out.append(f"{lead}KL(SFT || base) of the lens is {start}; {f(row['top'])} nats at "
+                   f"the output (j = {int(row['top_layer'])}), largest {f(row['max'])} at j = "
+                   f"{int(row['max_layer'])}.")
+    for (r, m), g in shift.groupby([RUN, "model"], sort=False) if len(shift) else ():
+        v = g.set_index("metric")["value"]
+        out.append(f"{_prefix(f'{r} {m}', many)}At the output the base ranks the SFT's top-1 "
+                   f"token first at {f(100 * v.get('shift_unshifted', np.nan), 1)} % of the "
+                   f"scored positions, 2nd-3rd at {f(100 * v.get('shift_marginal', np.nan), 1)} "
+                   f"% and lower at {f(100 * v.get('shift_shifted', np.nan), 1)} % (URIAL's "
+                   f"unshifted / marginal / shifted).")
+    return out
+
+
+def distribution_tables(data: FigureData) -> list[TableOut]:
+    return [("fig3b_distributions", "KL by depth and token shift",
+             _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
+
+
 # ----------------------------------------------------------------------------- Fig. 4
 
 
@@ -685,6 +720,18 @@ SPECS: list[FigureSpec] = [
         (("fig3_logit_lens", "Fig. 3: logit-lens accuracy, agreement and loss",
           plots.plot_logit_lens),),
         lens_findings, lens_tables),
+    FigureSpec(
+        "distributions", "Output distributions by depth (Fig. 3b)",
+        "For a pair probed with --kl (the default): KL(P_sft,j || P_base,j) of the two lens "
+        "distributions at every hidden state j (natural log, mean over the scored positions), "
+        "each model's KL from its output to its lens at j, and, at the output, the share of "
+        "positions where the base ranks the SFT's top-1 token 1st (unshifted), 2nd-3rd "
+        "(marginal) or lower (shifted), as URIAL defines them; shifts.csv lists the tokens "
+        "shifted to most often.", ("probe",), "pair distributions (probe --kl)",
+        _or_none(N.distribution_data, "probe"),
+        (("fig3b_distributions", "Fig. 3b: KL by depth and token shift",
+          plots.plot_distributions),),
+        distribution_findings, distribution_tables),
     FigureSpec(
         "weights", "Weight change by block (Fig. 4)",
         "Base -> SFT parameter distance per block, x = block (b + 0.5) / L.", ("weights",),
