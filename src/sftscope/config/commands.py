@@ -317,6 +317,45 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
             raise SftscopeError("--save-mix repeats a MASK:ALPHA; give each once")
 
 
+@dataclass(frozen=True, kw_only=True)
+class AblateConfig(PairModels, DataSpec, Runtime, Stats, Output):
+    """Everything ``ablate`` needs: one model (``model``) whose blocks are ablated one unit at
+    a time, or a pair whose SFT gets one unit reverted to the base."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("ablate.*",)
+
+    model: str | None = opt(None, "One model to ablate: local folder or hub id (or give --base "
+                            "and --sft to revert one unit of the SFT to the base).")
+    revision: str | None = revision_opt("model")
+    base: str | None = base_opt(required=False)
+    sft: str | None = sft_opt(required=False)
+    out: str | None = out_opt(required=False)
+    limit: int | None = limit_opt(100)
+    segments: int | None = segments_opt(None)  # unset: every block is a unit of its own
+    mode: str = opt("zero", "One model: zero (the unit passes its input through: its blocks "
+                    "add nothing to the residual stream) or mean (each block adds its mean "
+                    "update over the real tokens of --data instead of its own). A pair: the "
+                    "unit's blocks of the SFT are the base's (revert; --mode is not used).",
+                    choices=("zero", "mean"))
+    chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
+                              check=at_least(1), cli=False, volatile=True)
+
+    def check(self) -> None:
+        from sftscope.load.sources import check_model
+
+        if self.model is not None and (self.base is not None or self.sft is not None):
+            raise SftscopeError("give either --model, or --base and --sft, not both")
+        if self.model is None and (self.base is None or self.sft is None):
+            raise SftscopeError("give --model, or both --base and --sft")
+        if self.model is not None:
+            check_model(self.model)
+
+    @property
+    def pair(self) -> bool:
+        """Revert units of the SFT to the base (else ablate one model)."""
+        return self.model is None
+
+
 # ----------------------------------------------------------------------------- eval
 
 
@@ -857,7 +896,7 @@ COMMANDS: dict[str, type[Config]] = {
     "analyze": AnalyzeConfig, "weights": WeightsConfig, "probe": ProbeConfig,
     "swap": SwapConfig, "tune": TuneConfig, "eval": EvalConfig, "sweep": SweepConfig,
     "suggest": SuggestConfig, "report": ReportConfig, "demo": DemoConfig,
-    "steer": SteerConfig,
+    "steer": SteerConfig, "ablate": AblateConfig,
 }
 
 
