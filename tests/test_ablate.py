@@ -105,3 +105,69 @@ def test_revert_in_a_pair_and_cli(model_dir, gsm8k_file, tmp_path):
     assert list(dict.fromkeys(segs[segs.unit != "none"].blocks)) == ["0-1", "2-3"]
     d = segs[segs.metric == "delta_loss"]
     assert np.isnan(d.ci_low).all()  # --bootstrap 0: no interval, never a made-up one
+
+
+def test_spearman_ci_known_values():
+    from sftscope.metrics.stats import spearman_ci
+
+    rho, lo, hi = spearman_ci([1, 2, 3, 4, 5], [10, 20, 30, 40, 50], n_boot=200)
+    assert rho == 1.0 and lo == 1.0 and hi == 1.0
+    assert spearman_ci([1, 2, 3, 4], [4, 3, 2, 1], n_boot=0)[0] == -1.0
+    assert np.isnan(spearman_ci([1, 1, 1, 1], [1, 2, 3, 4])[0])  # a constant side
+    rho, _, _ = spearman_ci([1, 2, 3, 4], [1, 3, 2, 4], n_boot=0)
+    assert rho == pytest.approx(0.8)
+
+
+def _tables(cause, weight):
+    ab = pd.DataFrame({"unit": [f"b{b}" for b in range(len(cause))],
+                       "blocks": [str(b) for b in range(len(cause))], "metric": "delta_loss",
+                       "value": cause})
+    w = pd.DataFrame({"block": range(len(weight)), "module": "total", "metric": "relative",
+                      "value": weight})
+    cka = pd.DataFrame({"layer": range(len(cause) + 1), "model": "pair", "metric": "cka",
+                        "value": 1 - np.concatenate([[0], np.cumsum(cause)])})
+    return {"ablate": ab, "weights": w, "metrics": cka}
+
+
+def test_signal_cause_numbers_and_findings():
+    from sftscope.report import numbers as N
+    from sftscope.report.sections import signal_cause_findings
+
+    data = N.signal_cause_data(_tables([0.1, 0.5, 0.2, 0.9, 0.3], [1, 2, 5, 4, 3]), 5, "revert")
+    s = data.summary.set_index("signal")
+    assert s.loc["cka_drop", "rho"] == pytest.approx(1.0)  # the drop is the cause itself
+    assert s.loc["weight_change", "rho"] == pytest.approx(0.3)
+    lines = signal_cause_findings(data)
+    assert "cka drop 1.00 [1.00, 1.00] over 5 blocks" in lines[0]
+    assert "reverted to the base" in lines[0]
+    assert lines[1].startswith("Highest: cka drop (rho 1.00); its interval lies above 0.")
+    flat = N.signal_cause_data(_tables([0.1, 0.5, 0.2], [3, 1, 2]), 3, "zero")
+    flat.summary = flat.summary[flat.summary.signal == "weight_change"]
+    assert "includes 0" in signal_cause_findings(flat)[1]
+
+
+def test_report_shows_signal_against_cause(model_dir, gsm8k_file, tmp_path):
+    from sftscope.report import build_report
+
+    base = model_dir("llama", seed=0)
+    model = load_model(str(base))
+    with torch.no_grad():
+        for b, scale in ((1, 0.05), (3, 0.4)):
+            for p in get_blocks(model)[b].parameters():
+                p.add_(scale)
+    sft = tmp_path / "sft"
+    model.save_pretrained(sft)
+    load_tokenizer(str(base)).save_pretrained(sft)
+    for argv in (["ablate", "--base", str(base), "--sft", str(sft), "--data",
+                  f"gsm8k:{gsm8k_file}", "--limit", "4", "--bootstrap", "0", "--out",
+                  str(tmp_path / "ab")],
+                 ["weights", "--base", str(base), "--sft", str(sft), "--no-low-rank", "--out",
+                  str(tmp_path / "w")]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    html = build_report([tmp_path / "ab", tmp_path / "w"],
+                        out=tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Which signal predicts the cause? (Fig. 12)" in html
+    assert "weight change" in html and "over 4 blocks" in html
+    assert (tmp_path / "figures" / "fig12_signal_cause.png").is_file()

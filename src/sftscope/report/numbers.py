@@ -23,7 +23,7 @@ import pandas as pd
 from sftscope.chains import BASE, FIRST, PAIR, PAIR_PREFIX, is_pair_label, split_pair_label
 from sftscope.metric_registry import lower_is_better, metric_spec, ordered
 from sftscope.report.rules import LENS_RISE, TOP, edge_means
-from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key
+from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key, segment_bounds
 
 RUN = "run"
 DEFAULT_RUN = "run"
@@ -1113,3 +1113,100 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
                      "last": float(g["value"].iloc[-1]),
                      "same": bool(np.nanmax(sc) == np.nanmin(sc))})
     return FigureData(df, pd.DataFrame(rows), notes)
+
+
+# ----------------------------------------------------------------------------- signal vs cause
+
+SIGNAL_LABELS = {
+    "weight_change": "weight change of the block (weights: total, relative)",
+    "cka_drop": "CKA drop across the block (analyze: cka[j=b] - cka[j=b+1])",
+    "mean_shift_rise": "mean-shift rise across the block (analyze)",
+    "kl_rise": "KL(SFT || base) rise across the block (probe)",
+    "swap_effect": "loss change when the block's segment of the SFT is the base's (swap)",
+}
+
+
+def _across(df: pd.DataFrame, metric: str, sign: float, model: str = "pair") -> pd.Series:
+    """Per block ``b``: ``sign * (v[j=b+1] - v[j=b])`` of a per-layer pair metric."""
+    sel = df[(df["metric"].astype(str) == metric) & (df["model"].astype(str) == model)]
+    v = sel.groupby(pd.to_numeric(sel["layer"]))["value"].mean().sort_index()
+    if len(v) < 2:
+        return pd.Series(dtype=float)
+    d = sign * (v.to_numpy(float)[1:] - v.to_numpy(float)[:-1])
+    return pd.Series(d, index=v.index[:-1].astype(int))
+
+
+def _swap_per_block(swap: pd.DataFrame, n_blocks: int) -> pd.Series:
+    """Base-into-SFT swap of each one-segment mask: loss of the hybrid minus the SFT's, given
+    to every block of the segment."""
+    loss = swap[swap["metric"].astype(str) == "loss"]
+    orig = loss[(loss["direction"].astype(str) == "none") & (loss["config"].astype(str) == "sft")]
+    hyb = loss[loss["direction"].astype(str) == "base-into-sft"]
+    if orig.empty or hyb.empty:
+        return pd.Series(dtype=float)
+    ref = float(orig["value"].iloc[0])
+    out: dict[int, float] = {}
+    for mask, v in zip(hyb["mask"].astype(str), hyb["value"], strict=True):
+        if not is_mask(mask) or mask.count("1") != 1:
+            continue
+        lo, hi = segment_bounds(n_blocks, len(mask))[mask.index("1")]
+        out.update({b: float(v) - ref for b in range(lo, hi)})
+    return pd.Series(out, dtype=float).sort_index()
+
+
+def block_signals(tables: dict[str, pd.DataFrame], n_blocks: int) -> pd.DataFrame:
+    """Every analysis signal per block (``signal``, ``block``, ``value``) from the tables at
+    hand (weights, metrics, probe, swap)."""
+    series: dict[str, pd.Series] = {}
+    w = tables.get("weights")
+    if w is not None and not w.empty:
+        tot = w[w["module"].astype(str) == "total"]
+        metric = "relative" if (tot["metric"] == "relative").any() else "frobenius"
+        tot = tot[tot["metric"] == metric]
+        series["weight_change"] = tot.groupby(pd.to_numeric(tot["block"]))["value"].mean()
+    m = tables.get("metrics")
+    if m is not None and not m.empty:
+        series["cka_drop"] = _across(m, "cka", -1.0)
+        series["mean_shift_rise"] = _across(m, "mean_shift", 1.0)
+    p = tables.get("probe")
+    if p is not None and not p.empty:
+        series["kl_rise"] = _across(p, "kl_pair", 1.0)
+    s = tables.get("swap")
+    if s is not None and not s.empty:
+        series["swap_effect"] = _swap_per_block(s, n_blocks)
+    rows = [{"signal": k, "block": int(b), "value": float(v)} for k, ser in series.items()
+            for b, v in ser.items() if 0 <= int(b) < n_blocks and np.isfinite(v)]
+    return pd.DataFrame(rows, columns=["signal", "block", "value"])
+
+
+def block_cause(ablate: pd.DataFrame, n_blocks: int) -> pd.Series:
+    """The causal effect per block: ``delta_loss`` of ablating (reverting) it; a segment's value
+    for each of its blocks."""
+    d = ablate[ablate["metric"].astype(str) == "delta_loss"]
+    out: dict[int, float] = {}
+    for blocks, v in zip(d["blocks"].astype(str), d["value"], strict=True):
+        lo, _, hi = blocks.partition("-")
+        out.update({b: float(v) for b in range(int(lo), int(hi or lo) + 1) if b < n_blocks})
+    return pd.Series(out, dtype=float).sort_index()
+
+
+def signal_cause_data(tables: dict[str, pd.DataFrame], n_blocks: int, mode: str,
+                      n_boot: int = 1000, level: float = 0.95) -> FigureData:
+    """Each signal beside the causal effect per block, and their Spearman correlation over the
+    blocks with a bootstrap interval over blocks (``summary``: signal, rho, ci_low, ci_high,
+    n_blocks)."""
+    from sftscope.metrics.stats import spearman_ci  # torch: the report loads it only here
+
+    cause = block_cause(tables["ablate"], n_blocks)
+    sig = block_signals(tables, n_blocks)
+    frame = pd.concat([sig, pd.DataFrame({"signal": "cause", "block": cause.index,
+                                          "value": cause.to_numpy(float)})],
+                      ignore_index=True)
+    rows = []
+    for name, g in sig.groupby("signal", sort=False):
+        both = g.set_index("block")["value"].to_frame("x").join(cause.rename("y"), how="inner")
+        rho, lo, hi = spearman_ci(both["x"], both["y"], n_boot=n_boot, level=level)
+        rows.append({"signal": name, "rho": rho, "ci_low": lo, "ci_high": hi,
+                     "n_blocks": len(both)})
+    summ = pd.DataFrame(rows, columns=["signal", "rho", "ci_low", "ci_high", "n_blocks"])
+    return FigureData(frame, summ, extra={"mode": mode, "n_blocks": n_blocks})

@@ -52,7 +52,8 @@ __all__ = [
     "mask_centre", "mask_sort_key", "mask_str", "pair_metric_names", "palette",
     "plot_correlation", "plot_distributions", "plot_dynamics", "plot_grad_heatmap",
     "plot_interpolation", "plot_inverted_u",
-    "plot_logit_lens", "plot_loss_curves", "plot_seed_spread", "plot_steer",
+    "plot_logit_lens", "plot_loss_curves", "plot_seed_spread", "plot_signal_cause",
+    "plot_steer",
     "plot_pair_metrics", "plot_single_metrics", "plot_suggest", "plot_swap", "plot_sweep_bars",
     "plot_weight_change", "plot_weight_heatmap", "run_labels", "single_metric_names",
     "single_position", "split_swap", "swap_host", "swap_is_original", "swap_original_name",
@@ -333,6 +334,7 @@ def plot_distributions(probe: pd.DataFrame | FigureData,
         vals = sub["value"]
         if (pd.to_numeric(vals, errors="coerce") > 0).any():
             ax.set_yscale("symlog", linthresh=max(float(vals[vals > 0].min()), 1e-12))
+            ax.set_ylim(bottom=0)  # a KL is never negative
         _flat_note(ax, [vals], _nice(metric, "probe"))
     _shift_bars(axes[2], data.extra["shift"], runs, pal)
     _legend(fig, _run_handles(runs, pal) + _style_handles(styles))
@@ -356,6 +358,41 @@ def _shift_bars(ax, shift: pd.DataFrame, runs: Sequence[str], pal: dict[str, str
     ax.grid(alpha=0.25, lw=0.6, axis="y")
     if not groups:
         panel_note(ax, "no shift rows")
+
+
+def plot_signal_cause(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 12: each analysis signal's Spearman correlation with the causal effect per block
+    (with its interval), and the signals beside the effect by depth (each scaled to [0, 1])."""
+    del colors
+    title = "Fig. 12 - Which signal predicts the causal effect of a block?"
+    s, df = data.summary, data.frame
+    if s.empty:
+        return _empty(title, "no analysis signal per block beside the ablate run")
+    fig, axes = _grid(2, ncols=2, title=title)
+    pal = palette(list(s["signal"]))
+    y = s["rho"].to_numpy(float)
+    ax = axes[0]
+    ax.barh(range(len(s)), y, color=[pal[k] for k in s["signal"]],
+            xerr=_yerr(s.rename(columns={"rho": "value"}), y), capsize=3)
+    ax.set_yticks(range(len(s)), [k.replace("_", " ") for k in s["signal"]], fontsize=8)
+    ax.axvline(0, color="0.4", lw=0.8)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("Spearman rho with the causal effect (over blocks)", fontsize=8.5)
+    ax = axes[1]
+    n = float(data.extra.get("n_blocks") or 1)
+    for name, g in df.groupby("signal", sort=False):
+        g = g.sort_values("block")
+        v = g["value"].to_numpy(float)
+        span = np.ptp(v) if len(v) else 0.0
+        scaled = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+        ax.plot((g["block"].to_numpy(float) + 0.5) / n, scaled,
+                color="black" if name == "cause" else pal.get(name, "0.5"),
+                lw=2.4 if name == "cause" else 1.3, marker="o", ms=2.5,
+                label="causal effect" if name == "cause" else name.replace("_", " "))
+    _depth_axes(ax, BLOCK_AXIS)
+    ax.set_ylabel("scaled to [0, 1]", fontsize=8.5)
+    ax.legend(fontsize=7.5, frameon=False)
+    return fig
 
 
 def plot_weight_change(weights: pd.DataFrame | FigureData,

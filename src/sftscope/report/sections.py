@@ -693,6 +693,57 @@ def scores_findings(data: FigureData) -> list[str]:
     return ["; ".join(items) + more + "."] if items else []
 
 
+# ----------------------------------------------------------------------------- Fig. 12
+
+CAUSE_TEXT = {"revert": "the loss change when the block of the SFT is reverted to the base's",
+              "zero": "the loss change when the block is zero-ablated",
+              "mean": "the loss change when the block is mean-ablated"}
+
+
+def signal_cause_prepare(runs: Sequence[Run]) -> FigureData | None:
+    """Signals per block from the runs of the ablate run's depth, beside its causal effect."""
+    ab = [r for r in runs if "ablate" in r.tables]
+    if not ab:
+        return None
+    run = ab[0]
+    n = run.n_blocks or int(pd.to_numeric(run.tables["ablate"]["blocks"].astype(str)
+                                          .str.split("-").str[-1], errors="coerce").max() + 1)
+    same = [r for r in runs if r.n_blocks in (None, n)]
+    tables = {k: combined(same, k) for k in ("weights", "metrics", "probe", "swap")}
+    tables["ablate"] = run.tables["ablate"]
+    mode = str(run.record.get("mode", "zero"))
+    data = N.signal_cause_data(tables, n, mode)
+    if len(ab) > 1:
+        data.notes.append(f"{len(ab)} ablate runs: the causal effect is {run.label}'s")
+    skipped = [r.label for r in runs if r.n_blocks not in (None, n)]
+    if skipped:
+        data.notes.append(f"left out (another depth than the ablate run's {n} blocks): "
+                          f"{', '.join(skipped)}")
+    return data
+
+
+def signal_cause_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    if s.empty:
+        return ["No analysis signal per block (weights, analyze, probe --kl, swap) is among "
+                "these runs to compare with the causal effect."]
+    cause = CAUSE_TEXT.get(data.extra.get("mode"), "the ablation's loss change")
+    parts = [f"{r['signal'].replace('_', ' ')} {f(r['rho'], 2)} [{f(r['ci_low'], 2)}, "
+             f"{f(r['ci_high'], 2)}] over {int(r['n_blocks'])} blocks"
+             for r in s.to_dict("records")]
+    out = [f"Spearman rank correlation with the causal effect ({cause}), bootstrap interval "
+           f"over blocks: " + "; ".join(parts) + "."]
+    ok = s[np.isfinite(s["rho"])]
+    if len(ok):
+        best = ok.loc[ok["rho"].idxmax()]
+        sure = np.isfinite(best["ci_low"]) and best["ci_low"] > 0
+        out.append(f"Highest: {best['signal'].replace('_', ' ')} (rho {f(best['rho'], 2)}); "
+                   + ("its interval lies above 0." if sure else
+                      "its interval includes 0, so no signal is shown to rank the blocks as "
+                      "their causal effect does."))
+    return out
+
+
 # ----------------------------------------------------------------------------- the list
 
 
@@ -825,6 +876,19 @@ SPECS: list[FigureSpec] = [
         steer_findings,
         lambda d: [("fig11_steer", "score by steering scale",
                     d.frame.drop(columns=["n_blocks"], errors="ignore"))]),
+    FigureSpec(
+        "signal-cause", "Which signal predicts the cause? (Fig. 12)",
+        "`sftscope ablate`: the causal effect of each block (delta_loss of reverting it to the "
+        "base in the SFT, or of ablating it), beside every analysis signal per block from the "
+        "other runs of the same depth: weight change, CKA drop and mean-shift rise across the "
+        "block, the rise of KL(SFT || base), the swap effect of its segment.", ("ablate",),
+        "ablation results (sftscope ablate)", signal_cause_prepare,
+        (("fig12_signal_cause", "Fig. 12: signals against the causal effect per block",
+          plots.plot_signal_cause),),
+        signal_cause_findings,
+        lambda d: [("fig12_signal_cause", "rank correlation of each signal with the cause",
+                    d.summary),
+                   ("fig12_blocks", "signals and causal effect per block", d.frame)]),
     FigureSpec(
         "eval", "Evaluation scores", "Task scores with confidence intervals.", ("scores",),
         "evaluation scores", _or_none(N.scores_data, "scores"), (),
