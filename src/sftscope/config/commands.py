@@ -123,6 +123,11 @@ class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
                                                   "e.g. logN,raw.", check=entropy_norms)
     pooling: str = pooling_opt()
     cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")
+    noise_splits: int = opt(20, "Noise floor: every pair metric of the base against itself on "
+                            "two disjoint random halves of the data, over this many splits "
+                            "(rows with model noise: median and 2.5-97.5 % range; the report "
+                            "draws it as a band behind the base-vs-SFT curve); 0 = none.",
+                            check=at_least(0), metavar="R")
 
 
 # ----------------------------------------------------------------------------- weights

@@ -296,12 +296,34 @@ def pair_data(metrics: pd.DataFrame) -> FigureData:
     """Fig. 1: base-vs-SFT pair metrics by depth, one profile per run and metric."""
     names = pair_metric_names(metrics) if len(metrics) else []
     df = with_depth(chain_view(metrics), "layer") if len(metrics) else with_run(metrics)
+    noise = df[df["model"].astype(str) == "noise"] if "model" in df.columns else df.iloc[0:0]
     if "model" in df.columns:
         df = df[df["model"].astype(str) == "pair"]
     df = df[df["metric"].astype(str).isin(names)] if names else df.iloc[0:0]
     df, notes = clip_to_range(df)
     summ = profiles(df, [RUN, "metric"])
-    return FigureData(df, summ, notes + _flat_notes(summ, "metric"), {"names": names})
+    noise = clip_to_range(noise[noise["metric"].astype(str).isin(names)])[0]
+    return FigureData(df, summ, notes + _flat_notes(summ, "metric"),
+                      {"names": names, "noise": noise})
+
+
+def noise_verdicts(pair: pd.DataFrame, noise: pd.DataFrame) -> pd.DataFrame:
+    """Per run and metric, at the top layer: the pair's value and the base-vs-base noise band
+    (``analyze``'s model ``noise``), and how many layers' pair values lie outside the band."""
+    rows = []
+    for (r, m), g in pair.groupby([RUN, "metric"], sort=False):
+        band = noise[(noise[RUN] == r) & (noise["metric"] == m)]
+        if band.empty:
+            continue
+        j = g.merge(band[["layer", "ci_low", "ci_high"]], on="layer", suffixes=("", "_noise"))
+        outside = (j["value"] < j["ci_low_noise"]) | (j["value"] > j["ci_high_noise"])
+        top = j.loc[j["layer"].idxmax()]
+        rows.append({RUN: r, "metric": m, "top_layer": int(top["layer"]), "top": top["value"],
+                     "band_low": top["ci_low_noise"], "band_high": top["ci_high_noise"],
+                     "n_outside": int(outside.sum()), "n_layers": len(j),
+                     "first_outside": int(j.loc[outside, "layer"].min()) if outside.any()
+                     else None})
+    return pd.DataFrame(rows)
 
 
 def single_data(metrics: pd.DataFrame) -> FigureData:

@@ -214,18 +214,31 @@ def plot_pair_metrics(metrics: pd.DataFrame | FigureData,
     pal = _colors(df, colors)
     runs = run_labels(df)
     fig, axes = _grid(len(names), title=title)
+    noise = data.extra.get("noise")
     for ax, metric in zip(axes, names):
         sub = df[df["metric"].astype(str) == metric]
         for r in runs:
             g = sub[sub[RUN] == r]
             if len(g):
                 _line(ax, g, pal[r], "-", r)
+            if noise is not None and len(noise):
+                _noise_band(ax, noise[(noise[RUN] == r) & (noise["metric"] == metric)])
         ax.set_title(_nice(metric), fontsize=10)
         _depth_axes(ax, LAYER_AXIS)
         _maybe_log(ax, sub["value"], metric)
         _flat_note(ax, [sub["value"]], _nice(metric))
     _legend(fig, _run_handles(runs, pal))
     return fig
+
+
+def _noise_band(ax, band: pd.DataFrame) -> None:
+    """The base-vs-base noise floor (analyze's model ``noise``) as a grey band."""
+    if band.empty:
+        return
+    band = band.sort_values("rel_depth")
+    ax.fill_between(band["rel_depth"].to_numpy(float), band["ci_low"].to_numpy(float),
+                    band["ci_high"].to_numpy(float), color="0.55", alpha=0.22, lw=0,
+                    label="noise floor (base vs base)")
 
 
 def plot_single_metrics(metrics: pd.DataFrame | FigureData,

@@ -220,6 +220,25 @@ def lens_tables(data: FigureData) -> list[TableOut]:
              _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
 
 
+def noise_findings(data: FigureData) -> list[str]:
+    """Where the pair leaves the base-vs-base noise band (analyze's noise floor)."""
+    noise = data.extra.get("noise")
+    if noise is None or noise.empty:
+        return []
+    v = N.noise_verdicts(data.frame, noise)
+    many = _many(data.frame)
+    out = []
+    for row in v.to_dict("records"):
+        where = ("at no layer" if row["first_outside"] is None else
+                 f"at {row['n_outside']} of {row['n_layers']} layers, first at j = "
+                 f"{row['first_outside']}")
+        out.append(f"{_prefix(row[RUN], many)}{metric_label(row['metric'])} lies outside the "
+                   f"base-vs-base noise band (two disjoint halves of the data) {where}; at the "
+                   f"top (j = {row['top_layer']}) {f(row['top'])} against the band "
+                   f"[{f(row['band_low'])}, {f(row['band_high'])}].")
+    return out
+
+
 # ----------------------------------------------------------------------------- Fig. 3b
 
 
@@ -751,11 +770,12 @@ SPECS: list[FigureSpec] = [
     FigureSpec(
         "similarity", "Base vs SFT similarity by depth (Fig. 1)",
         "Pair metrics on pooled hidden states, x = hidden state j / L; CI bands where the run "
-        "bootstrapped them.", ("metrics",),
+        "bootstrapped them; the grey band is the noise floor, the base against itself on two "
+        "disjoint random halves of the data (analyze --noise-splits).", ("metrics",),
         "pair metrics (CKA, cosine similarity, mean shift)", _or_none(N.pair_data, "metrics"),
         (("fig1_pair_metrics", "Fig. 1: CKA, cosine similarity and mean shift by depth",
           plots.plot_pair_metrics),),
-        pair_findings, pair_tables),
+        lambda d: pair_findings(d) + noise_findings(d), pair_tables),
     FigureSpec(
         "single", "Single-model metrics by depth (Fig. 2)",
         "Base (solid) and SFT (dashed) computed separately, x = hidden state j / L.",
