@@ -235,6 +235,12 @@ case("analyze", {"--data": DROP}, needle="missing --data")
 case("probe", extra=["--base", "{base}"], needle="not both")
 case("probe", extra=["--top1-examples", "-1"], needle="--top1-examples must be at least 0")
 case("probe", extra=["--tokens", "some"], needle="unknown --tokens")
+case("probe", extra=["--translators", "{root}"], needle="add --lens tuned")
+case("probe", extra=["--lens", "tuned", "--translators", "{file}"], needle="is a file")
+case("probe", extra=["--lens", "tuned", "--lens-train", "{root}/nope.jsonl"],
+     needle="does not exist")
+case("probe", extra=["--lens", "tuned", "--lens-lr", "0"], needle="--lens-lr")
+case("probe", extra=["--shifts-top", "0"], needle="--shifts-top must be at least 1")
 case("probe", {"--model": DROP}, needle="give --model, or both --base and --sft")
 case("probe", {"--model": DROP}, extra=["--base", "{base}"], needle="both --base and --sft")
 

@@ -216,6 +216,21 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
                              "predicts the answer's first token (else the sample's last "
                              "position), beside the true next token: what each depth would "
                              "say there (0 = none).", check=at_least(0), metavar="N")
+    lens: str = opt("logit", "logit: the logit lens head(final_norm(h_j)); tuned: also the "
+                    "tuned lens (Belrose et al. 2023: a trained affine translator per layer "
+                    "before the logit lens), every lens metric and kl_to_final for both, rows "
+                    "with model 'NAME (tuned lens)'.", choices=("logit", "tuned"))
+    lens_train: str | None = opt(None, "Training texts of the tuned lens (a data source as "
+                                 "--data; default: --data without the texts the probe "
+                                 "scores).")
+    lens_train_limit: int = opt(200, "Training texts of the tuned lens (a seeded subsample).",
+                                check=at_least(1), metavar="N")
+    lens_steps: int = opt(100, "Optimiser steps of the tuned lens (one batch each).",
+                          check=at_least(1))
+    lens_lr: float = opt(1e-3, "Adam learning rate of the tuned lens.", check=positive)
+    translators: str | None = opt(None, "Folder of tuned-lens translators: reused when saved "
+                                  "there for the same model content and lens options, else "
+                                  "trained and saved there.")
     kl: bool = opt(True, "For a pair: also compare the two models' lens distributions at every "
                    "depth (kl_pair = KL(P_sft,j || P_base,j), kl_to_final per model, and URIAL's "
                    "token-shift shares at the output, with shifts.csv). Both models are then "
@@ -237,6 +252,13 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
             raise SftscopeError("give --model, or both --base and --sft")
         if self.model is not None:
             check_model(self.model, base=self.base)
+        if self.lens == "logit" and (self.translators or self.lens_train):
+            raise SftscopeError("--translators and --lens-train are options of the tuned lens; "
+                                "add --lens tuned")
+        if self.translators and os.path.isfile(os.path.expanduser(self.translators)):
+            raise SftscopeError(f"--translators {self.translators} is a file; give a folder")
+        if self.lens_train:
+            check_data_source(self.lens_train)
 
 
 def alpha_list(value: tuple[float, ...]) -> str | None:

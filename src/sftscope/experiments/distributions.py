@@ -82,7 +82,7 @@ def merge_dist_sums(parts: Sequence[tuple[Sequence[int], DistSums | None]]) -> D
     return out
 
 
-def _scored(mask: torch.Tensor, index: Sequence[int],
+def scored_positions(mask: torch.Tensor, index: Sequence[int],
             positions: Sequence[Sequence[int]] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, position) of every scored next-token position of a batch."""
     if positions is None:
@@ -92,7 +92,7 @@ def _scored(mask: torch.Tensor, index: Sequence[int],
     return torch.tensor(rows, dtype=torch.long), torch.tensor(ts, dtype=torch.long)
 
 
-def _states_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rb: torch.Tensor,
+def states_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rb: torch.Tensor,
                rt: torch.Tensor, label: str) -> list[torch.Tensor]:
     """One forward pass; every hidden state's rows at the scored positions (copies)."""
     kept: dict[int, torch.Tensor] = {}
@@ -110,7 +110,7 @@ def _states_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rb: torc
     return [kept[j] for j in sorted(kept)]
 
 
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(P || Q) per row from log-probabilities (0 log 0 = 0)."""
     p = logp.exp()
     return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
@@ -143,7 +143,7 @@ class _PairReducer:
                 la = fa if j == len(sa) - 1 else self._logp(self.lens_a, sa[j][s:e])
                 lb = fb if j == len(sb) - 1 else self._logp(self.lens_b, sb[j][s:e])
                 for k, (p, q) in enumerate(((lb, la), (fa, la), (fb, lb))):
-                    acc[k, c].index_add_(0, rows, _kl(p, q).double())
+                    acc[k, c].index_add_(0, rows, kl_rows(p, q).double())
             self._shift(fa, fb, rows.cpu(), shift)
         idx = np.asarray(index)
         out = acc.cpu().numpy()
@@ -197,11 +197,11 @@ def pair_distribution_pass(model_a: nn.Module, model_b: nn.Module, tok: D.Tokeni
     total = (len(order) + batch_size - 1) // batch_size
     for batch in track(batches(tok, batch_size, pad_id, order), description, total=total,
                        tokens=lambda b: int(b.attention_mask.sum())):
-        rb, rt = _scored(batch.mask, batch.index, positions)
+        rb, rt = scored_positions(batch.mask, batch.index, positions)
         if not rb.numel():
             continue
-        sa = _states_at(model_a, batch.input_ids, batch.attention_mask, rb, rt, labels[0])
-        sb = _states_at(model_b, batch.input_ids, batch.attention_mask, rb, rt, labels[1])
+        sa = states_at(model_a, batch.input_ids, batch.attention_mask, rb, rt, labels[0])
+        sb = states_at(model_b, batch.input_ids, batch.attention_mask, rb, rt, labels[1])
         red.reduce(sa, sb, rb, batch.index)
     return sums
 

@@ -417,9 +417,33 @@ def distribution_data(probe: pd.DataFrame) -> FigureData:
     df, notes = clip_to_range(df, "probe")
     kl = df[df["metric"] == "kl_pair"]
     summ = pd.DataFrame([{RUN: r, "model": m, **kl_profile(g)}
-                         for (r, m), g in kl.groupby([RUN, "model"], sort=False)])
+                         for (r, m), g in kl.groupby([RUN, "model"], sort=False)],
+                        columns=[RUN, "model", "zero_until", "first_positive", "top_layer",
+                                 "top", "max", "max_layer"])
     shift = df[df["metric"].str.startswith("shift_")]
-    return FigureData(df, summ, notes, extra={"shift": shift})
+    return FigureData(df, summ, notes, extra={"shift": shift, "tuned": tuned_vs_logit(df)})
+
+
+TUNED = " (tuned lens)"
+EARLY = 0.5  # "early layers": hidden states j / L <= EARLY
+
+
+def tuned_vs_logit(df: pd.DataFrame) -> pd.DataFrame:
+    """Per run and model probed with the tuned lens: the mean ``kl_to_final`` over the early
+    states (``j / L <= EARLY``, the output itself excluded) of the logit lens and of the tuned
+    lens."""
+    kl = df[df["metric"] == "kl_to_final"]
+    rows = []
+    for (r, m), g in kl.groupby([RUN, "model"], sort=False):
+        if not m.endswith(TUNED):
+            continue
+        base = kl[(kl[RUN] == r) & (kl["model"] == m[: -len(TUNED)])]
+        early = lambda x: x[(x["rel_depth"] <= EARLY) & (x["rel_depth"] < 1)]  # noqa: E731
+        a, b = early(base)["value"], early(g)["value"]
+        if len(a) and len(b):
+            rows.append({RUN: r, "model": m[: -len(TUNED)], "logit": float(a.mean()),
+                         "tuned": float(b.mean()), "n_states": len(b)})
+    return pd.DataFrame(rows, columns=[RUN, "model", "logit", "tuned", "n_states"])
 
 
 def _flat_notes(summ: pd.DataFrame, what: str) -> list[str]:

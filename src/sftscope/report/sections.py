@@ -266,6 +266,13 @@ def distribution_findings(data: FigureData) -> list[str]:
                    f"scored positions, 2nd-3rd at {f(100 * v.get('shift_marginal', np.nan), 1)} "
                    f"% and lower at {f(100 * v.get('shift_shifted', np.nan), 1)} % (URIAL's "
                    f"unshifted / marginal / shifted).")
+    for row in data.extra.get("tuned", pd.DataFrame()).to_dict("records"):
+        ratio = row["tuned"] / row["logit"] if row["logit"] > 0 else np.nan
+        out.append(f"{_prefix(row[RUN], many)}{row['model']}: over the early states (j / L <= "
+                   f"{N.EARLY}, {row['n_states']} states) the tuned lens's mean KL to the "
+                   f"output is {f(row['tuned'])} nats against the logit lens's "
+                   f"{f(row['logit'])}" + (f" ({f(ratio, 2)}x)." if np.isfinite(ratio)
+                                           else "."))
     return out
 
 
