@@ -498,6 +498,12 @@ class TuneConfig(OneModel):
     batch_size: int = opt(32, "Effective batch (micro batch x accumulation x processes).",
                           check=at_least(1))
     micro_batch_size: int = opt(8, "Examples per forward pass per device.", check=at_least(1))
+    packing: str = opt("auto", "Padding-free batches (examples concatenated, position ids per "
+                       "example, attention confined to each; transformers' flattening "
+                       "collator): auto = on when a check at start finds the model computes "
+                       "the same log-probabilities packed as padded and a forward pass holds "
+                       "more than one example; on = refuse a model that fails the check; off "
+                       "= pad.", choices=("auto", "on", "off"))
     warmup_steps: float = opt(0, "Warm-up steps (a value < 1 is a ratio of the steps).",
                               check=at_least(0))
     weight_decay: float = opt(0.0, "AdamW weight decay.", check=at_least(0))
