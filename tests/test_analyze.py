@@ -73,7 +73,7 @@ def test_analyze_end_to_end(model_dir, gsm8k_file, tmp_path, family):
     csv = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert list(csv.columns) == ["layer", "metric", "model", "value", "ci_low", "ci_high"]
     assert set(csv.layer) == set(range(n_blocks + 1))
-    assert {"base", "sft", "pair", "noise"} == set(csv.model)  # noise: the base vs itself
+    assert {"base", "sft", "pair"} == set(csv.model)
     for m in ["prompt_entropy", "dataset_entropy", "effective_rank", "rank_deficiency",
               "spectral_norm", "condition_number", "l2_norm", "sparsity", "curvature"]:
         assert m in set(csv[csv.model == "base"].metric), m
@@ -250,13 +250,14 @@ def test_noise_floor_is_the_base_against_itself_on_disjoint_halves(model_dir, gs
 
     base, sft = model_dir("llama", seed=0), model_dir("llama", seed=1)
     cfg = _cfg(base, sft, f"gsm8k:{gsm8k_file}", tmp_path / "run", tmp_path / "c")
-    table = analyze(cfg)
-    noise = table[table.model == "noise"]
+    analyze(cfg)
+    noise = pd.read_csv(tmp_path / "run" / "noise.csv")
     assert set(noise.metric) == {"cka", "cosine_similarity", "mean_shift",
                                  "mean_shift_relative"}
     assert (noise.ci_low <= noise.value).all() and (noise.value <= noise.ci_high).all()
-    corr = pd.read_csv(tmp_path / "run" / "correlation.csv")
-    assert "noise" not in set(corr.model)
+    assert (noise.splits == 20).all()
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert "noise.csv" in rec["noise_floor"]
     # one split by hand: the same halves give the same numbers
 
     class One:  # what noise_table reads of a CaptureResult
@@ -285,9 +286,10 @@ def test_noise_band_findings_on_a_constructed_table():
     from sftscope.report.sections import noise_findings
 
     rows = [(j, "cka", "pair", v, np.nan, np.nan) for j, v in enumerate([1.0, 0.99, 0.9, 0.7])]
-    rows += [(j, "cka", "noise", 0.95, 0.93, 0.97) for j in range(4)]
     df = pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
-    lines = noise_findings(N.pair_data(df))
+    noise = pd.DataFrame([(j, "cka", 0.95, 0.93, 0.97, 20) for j in range(4)],
+                         columns=["layer", "metric", "value", "ci_low", "ci_high", "splits"])
+    lines = noise_findings(N.pair_data(df, noise))
     assert len(lines) == 1
     assert "outside the base-vs-base noise band (two disjoint halves of the data) at 4 of 4 " \
            "layers, first at j = 0; at the top (j = 3) 0.700 against the band [0.930, 0.970]" \

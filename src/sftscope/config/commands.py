@@ -107,7 +107,7 @@ def entropy_norms(value: tuple[str, ...]) -> str | None:
 class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
     """Everything ``analyze`` needs (``stages``: a checkpoint chain after ``sft``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*")
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*", "noise.*")
 
     limit: int | None = limit_opt(1000)
     n_token: int = opt(100, "Samples (the first of the selection) that also get token-level "
@@ -125,7 +125,7 @@ class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
     cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")
     noise_splits: int = opt(20, "Noise floor: every pair metric of the base against itself on "
                             "two disjoint random halves of the data, over this many splits "
-                            "(rows with model noise: median and 2.5-97.5 % range; the report "
+                            "(noise.csv: median and 2.5-97.5 % range; the report "
                             "draws it as a band behind the base-vs-SFT curve); 0 = none.",
                             check=at_least(0), metavar="R")
 

@@ -235,7 +235,7 @@ def pair_values(zb: torch.Tensor, zs: torch.Tensor, opts: M.MetricOptions) -> di
             "mean_shift_relative": float(M.mean_shift_relative(zb, zs))}
 
 
-NOISE = "noise"
+NOISE_COLUMNS = ["layer", "metric", "value", "ci_low", "ci_high", "splits"]
 
 
 def noise_table(rb: CaptureResult, opts: M.MetricOptions, splits: int,
@@ -245,7 +245,7 @@ def noise_table(rb: CaptureResult, opts: M.MetricOptions, splits: int,
     seeded splits; per layer and metric the median (``value``) and the 2.5-97.5 % range over
     the splits (``ci_low``/``ci_high``: a band of what chance alone gives at ``N // 2`` rows,
     not a confidence interval). Empty with fewer than 8 samples or ``splits`` 0."""
-    cols = ["layer", "metric", "model", "value", "ci_low", "ci_high"]
+    cols = NOISE_COLUMNS
     pooled = rb.pooled(opts.pooling)
     n = pooled[0].shape[0] if rb.n_states else 0
     if splits < 1 or n < 8:
@@ -259,8 +259,8 @@ def noise_table(rb: CaptureResult, opts: M.MetricOptions, splits: int,
         vals = [pair_values(z[p[:half]], z[p[half:2 * half]], opts) for p in perms]
         for name in vals[0]:
             v = np.array([d[name] for d in vals])
-            rows.append((j, name, NOISE, float(np.median(v)), float(np.quantile(v, 0.025)),
-                         float(np.quantile(v, 0.975))))
+            rows.append((j, name, float(np.median(v)), float(np.quantile(v, 0.025)),
+                         float(np.quantile(v, 0.975)), splits))
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -372,8 +372,6 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         parts.append(single_b)
         with timer("noise"):
             noise = noise_table(rb, opts, cfg.noise_splits, cfg.seed)
-        if len(noise):  # an empty frame would turn the text columns into objects
-            parts.append(noise)
     prev: tuple[str, CaptureResult, pd.DataFrame] | None = None
     for st in stages:  # every rank captures every stage (the collectives stay in step)
         stage(f"capture {st.label}")
@@ -416,13 +414,16 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                                       key=lambda c: c.map(order) if c.name == "model" else c)
         else:
             table = table.sort_values(["model", "metric", "layer"], kind="stable")
-        corr = correlation_table(table[(~table.model.map(is_pair_label)
-                                        | table.metric.isin(["cka", "cosine_similarity",
-                                                             "mean_shift"]))
-                                       & (table.model != NOISE)])
+        corr = correlation_table(table[~table.model.map(is_pair_label)
+                                       | table.metric.isin(["cka", "cosine_similarity",
+                                                            "mean_shift"])])
+    if reference and len(noise):
+        noise = noise[noise.layer < info.n_blocks]
     for fmt in cfg.formats:
         write_table(table, out / f"metrics.{fmt}")
         write_table(corr, out / f"correlation.{fmt}")
+        if len(noise):
+            write_table(noise, out / f"noise.{fmt}")
     n_tok_used = min(cfg.n_token, len(tok))
     skipped = int(torch.isnan(rb.token["curvature"][0, :n_tok_used]).sum()) if n_tok_used else 0
     finish_run(out, run_record(
@@ -436,9 +437,9 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
               "n_truncated": tok.n_truncated, "max_length": cfg.max_length,
               "curvature_samples_skipped": skipped},
         seeds={"data": cfg.seed, "bootstrap": cfg.seed, "noise_splits": cfg.seed},
-        noise_floor=(f"model noise: the base against itself on two disjoint random halves of "
+        noise_floor=(f"noise.csv: the base against itself on two disjoint random halves of "
                      f"the samples, {cfg.noise_splits} splits; value = median, ci_low/ci_high "
-                     f"= 2.5-97.5 % range over the splits") if cfg.noise_splits else None,
+                     f"= 2.5-97.5 % range over the splits") if len(noise) else None,
         notes=notes,
         capture=infos, timings=timer.seconds,
         **chain_record(stages, pairs), **par.record(len(tok), shard_unit(ccfg)),

@@ -292,11 +292,13 @@ def single_metric_names(metrics: pd.DataFrame) -> list[str]:
     return ordered(present)[:9]
 
 
-def pair_data(metrics: pd.DataFrame) -> FigureData:
-    """Fig. 1: base-vs-SFT pair metrics by depth, one profile per run and metric."""
+def pair_data(metrics: pd.DataFrame, noise: pd.DataFrame | None = None) -> FigureData:
+    """Fig. 1: base-vs-SFT pair metrics by depth, one profile per run and metric;
+    ``extra["noise"]``: analyze's noise floor (``noise.csv``) of those metrics."""
     names = pair_metric_names(metrics) if len(metrics) else []
     df = with_depth(chain_view(metrics), "layer") if len(metrics) else with_run(metrics)
-    noise = df[df["model"].astype(str) == "noise"] if "model" in df.columns else df.iloc[0:0]
+    noise = with_depth(noise, "layer") if noise is not None and len(noise) else \
+        pd.DataFrame(columns=[RUN, "layer", "metric", "value", "ci_low", "ci_high", "rel_depth"])
     if "model" in df.columns:
         df = df[df["model"].astype(str) == "pair"]
     df = df[df["metric"].astype(str).isin(names)] if names else df.iloc[0:0]

@@ -40,6 +40,8 @@ class TableSpec:
 TABLES: dict[str, TableSpec] = {
     "metrics": TableSpec("metrics", ("layer", "metric", "model", "value"), "analyze",
                          "layer-wise metrics"),
+    "noise": TableSpec("noise", ("layer", "metric", "value", "ci_low", "ci_high"), "analyze",
+                       "the noise floor of the pair metrics (base vs base)"),
     "correlation": TableSpec("correlation", ("model", "metric_a", "metric_b", "r"), "analyze",
                              "metric correlations"),
     "weights": TableSpec("weights", ("block", "module", "metric", "value"), "weights",

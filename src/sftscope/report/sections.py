@@ -220,6 +220,15 @@ def lens_tables(data: FigureData) -> list[TableOut]:
              _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
 
 
+def pair_prepare(runs: Sequence[Run]) -> FigureData | None:
+    """Fig. 1's numbers, with the noise floor of the runs that wrote one."""
+    metrics = combined(runs, "metrics")
+    if metrics.empty:
+        return None
+    data = N.pair_data(metrics, combined(runs, "noise"))
+    return None if data.empty else data
+
+
 def noise_findings(data: FigureData) -> list[str]:
     """Where the pair leaves the base-vs-base noise band (analyze's noise floor)."""
     noise = data.extra.get("noise")
@@ -779,7 +788,7 @@ SPECS: list[FigureSpec] = [
         "Pair metrics on pooled hidden states, x = hidden state j / L; CI bands where the run "
         "bootstrapped them; the grey band is the noise floor, the base against itself on two "
         "disjoint random halves of the data (analyze --noise-splits).", ("metrics",),
-        "pair metrics (CKA, cosine similarity, mean shift)", _or_none(N.pair_data, "metrics"),
+        "pair metrics (CKA, cosine similarity, mean shift)", pair_prepare,
         (("fig1_pair_metrics", "Fig. 1: CKA, cosine similarity and mean shift by depth",
           plots.plot_pair_metrics),),
         lambda d: pair_findings(d) + noise_findings(d), pair_tables),
