@@ -186,3 +186,16 @@ def test_moe_gguf_loads(model_dir, tmp_path, family):
     if family == "qwen3_moe":
         with pytest.raises(SftscopeError, match="no shared expert"):
             arch.check_part(src.config, "shared_expert")
+
+
+def test_dynamics_roles_of_moe_parameters():
+    """Training dynamics file expert tensors by their MoE role, never under ``other``."""
+    from sftscope.experiments.dynamics import param_role
+
+    spec = arch.spec_for_config({"model_type": "qwen2_moe"})
+    roles = {n: param_role(n, spec) for n in (
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight",
+        "mlp.shared_expert.up_proj.weight", "mlp.shared_expert_gate.weight",
+        "input_layernorm.weight")}
+    assert list(roles.values()) == ["experts", "experts", "router", "shared_expert",
+                                    "shared_expert_gate", "other"]
