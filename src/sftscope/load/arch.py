@@ -499,10 +499,9 @@ def spec_for_paths(paths: Iterable[str]) -> ArchSpec:
     LoRA adapter changes, with no base model at hand), else one inferred from them."""
     paths = list(paths)
     best, score = None, 0
-    for spec in REGISTRY:
-        roles = spec.module_roles()
-        pat = re.compile(rf"^{re.escape(spec.blocks)}\.\d+\.(.+)$")
-        n = sum(1 for p in paths if (m := pat.match(p)) and m.group(1) in roles)
+    for spec in REGISTRY:  # ties: the first entry (dense families come first)
+        pat = block_re(spec.blocks)
+        n = sum(1 for p in paths if (m := pat.match(p)) and spec.role_of(m.group(2)))
         if n > score:
             best, score = spec, n
     if best is None:
