@@ -254,6 +254,8 @@ case("ablate", {"--model": DROP}, extra=["--base", "{base}", "--sft", "{gpt2}"],
 case("ablate", {"--data": "gsm8k:{noanswer}"}, needle="answer")
 case("ablate", {"--batch-size": "0"}, needle="--batch-size must be at least 1")
 
+case("sweep", extra=["--retention", "{root}/nope.jsonl"], needle="does not exist")
+case("sweep", extra=["--retention-limit", "0"], needle="--retention-limit must be at least 1")
 case("swap", {"--segments": "0"}, needle="--segments must be at least 1")
 case("swap", {"--segments": "99"}, needle="larger than the model")
 case("swap", extra=["--masks", "012"], needle="valid groups")
