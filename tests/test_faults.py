@@ -267,6 +267,8 @@ case("ablate", {"--model": DROP}, extra=["--base", "{base}", "--sft", "{gpt2}"],
 case("ablate", {"--data": "gsm8k:{noanswer}"}, needle="answer")
 case("ablate", {"--batch-size": "0"}, needle="--batch-size must be at least 1")
 
+case("sweep", extra=["--retention", "{root}/nope.jsonl"], needle="does not exist")
+case("sweep", extra=["--retention-limit", "0"], needle="--retention-limit must be at least 1")
 case("swap", {"--segments": "0"}, needle="--segments must be at least 1")
 # mixtures of experts: parts a model lacks, expert layouts that do not pair
 case("swap", {"--parts": "experts"}, needle="--parts experts: llama is not a mixture")

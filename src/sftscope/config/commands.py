@@ -715,6 +715,12 @@ class SweepConfig(Config):
                                  "where each proposal ranks among the swept masks.")
     sft: str | None = opt(None, "An SFT model of the same base, for the pair method of "
                           "--validate-suggest.")
+    retention: str | None = opt(None, "Retention texts (a data source): every job also measures "
+                                "KL(tuned || base) at the output and the loss drop there, and "
+                                "the sweep reports their rank correlation across masks "
+                                "(forgetting.csv).")
+    retention_limit: int = opt(100, "Retention texts per job (a seeded subsample).",
+                               check=at_least(1), metavar="N")
     suggest: dict[str, Any] = opt(help="suggest options for --validate-suggest.",
                                   factory=dict, expand="suggest")
     level: float = level_opt()
@@ -730,6 +736,8 @@ class SweepConfig(Config):
     def check(self) -> None:
         from sftscope.load.sources import check_model
 
+        if self.retention:
+            check_data_source(self.retention)
         if self.job_index >= self.num_jobs:
             raise SftscopeError(f"--job-index {self.job_index} must be below --num-jobs "
                                 f"{self.num_jobs}")
