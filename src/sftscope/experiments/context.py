@@ -1,20 +1,15 @@
-"""The run context every model-running command shares: which models (specs, revisions, the base
-an adapter applies to), how each loads, the tokenizer, the prepared data, the notes, the pad id
-and the run folder. A command's ``plan`` builds one; its ``run`` and ``record`` read it.
+"""What model-running commands share about their models: which models (specs, revisions, the
+base an adapter applies to), how each loads, and their content identity for run.json (probe,
+swap).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from sftscope.load import data as D
 from sftscope.load.identity import fingerprint
 from sftscope.load.models import LoadOptions
-from sftscope.load.runtime import pad_id as pad_id_of
-from sftscope.progress import say
-from sftscope.runs import start_run
 
 
 @dataclass(frozen=True)
@@ -45,33 +40,3 @@ class Models:
         """Each model's content identity, for run.json."""
         return {k: fingerprint(v, self.revs[k], base=self.bases[k], base_revision=base_revision)
                 for k, v in self.specs.items()}
-
-
-@dataclass
-class RunContext:
-    """What a command's run needs after its plan: models and their load options, the
-    tokenizer, the data (samples, token ids), the notes, the pad id and the run folder."""
-
-    models: Models
-    tokenizer: Any
-    samples: list[D.Sample]
-    tok: D.TokenizedSet
-    notes: list[str] = field(default_factory=list)
-    opts: dict[str, LoadOptions] = field(default_factory=dict)
-    out: Path | None = None
-
-    @property
-    def pad_id(self) -> int:
-        return pad_id_of(self.tokenizer)
-
-    def start(self, cfg: Any, command: str, outputs: tuple[str, ...], *, device: str,
-              main: bool = True) -> None:
-        """After validation: print the notes, fix the load options, open the run folder
-        (rank 0)."""
-        for note in self.notes:
-            say(f"[yellow]note:[/] {note}")
-        self.opts = self.models.load_options(cfg, device=device)
-        if cfg.out is not None:
-            self.out = Path(cfg.out)
-            if main:
-                start_run(cfg.out, command, outputs)

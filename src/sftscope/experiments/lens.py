@@ -29,7 +29,7 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from torch import nn
 
 from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.capture.hooks import hidden_state_hooks, inner_model
+from sftscope.capture.lens import Lens
 from sftscope.chains import (
     BASE,
     FIRST,
@@ -54,18 +55,30 @@ from sftscope.config.commands import ProbeConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
 from sftscope.experiments.analyze import check_chain, check_chain_tokenizers
-from sftscope.experiments.context import Models, RunContext
-from sftscope.io import Timer, run_record, write_tables
+from sftscope.experiments.context import Models
+from sftscope.experiments.distributions import (
+    SHIFT_KINDS,
+    distribution_table,
+    merge_dist_sums,
+    pair_distributions,
+    shifts_table,
+)
+from sftscope.experiments.tuned_lens import (
+    TUNED_SUFFIX,
+    kl_table,
+    kl_to_final_sums,
+    train_translators,
+    training_split,
+    translator_key,
+    translators_for,
+)
+from sftscope.io import Timer, run_record, stable_hash, write_tables
 from sftscope.load import data as D
 from sftscope.load.arch import (
-    apply_softcap,
-    arch_for,
     get_blocks,
-    get_final_norm,
-    get_head,
-    logit_softcap,
 )
 from sftscope.load.models import (
+    LoadOptions,
     check_vocab,
     input_device,
     load_config,
@@ -75,10 +88,11 @@ from sftscope.load.models import (
     source_label,
 )
 from sftscope.load.runtime import model_bytes, release, resolve_device
+from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
-from sftscope.parallel import Group, empty_like_table, join
-from sftscope.progress import plan, stage, staged
-from sftscope.runs import check_out, finish_run
+from sftscope.parallel import empty_like_table, join
+from sftscope.progress import plan, say, stage, staged
+from sftscope.runs import check_out, finish_run, start_run
 
 PROBE_COLUMNS = ["layer", "model", "metric", "value", "ci_low", "ci_high", "n"]
 DEFAULT_CHUNK = 1 << 24  # logits elements per lens chunk (64 MiB in float32)
@@ -86,42 +100,6 @@ DEFAULT_CHUNK = 1 << 24  # logits elements per lens chunk (64 MiB in float32)
 
 # ---------------------------------------------------------------------------------------------
 # The lens
-
-
-def _module_device(mod: nn.Module) -> torch.device | None:
-    for p in mod.parameters():
-        return p.device
-    return None
-
-
-class Lens:
-    """``head(final_norm(h))`` (+ soft-capping) of a model, as float32 logits.
-
-    Reads the modules through the architecture map at construction: tied embeddings, other norm
-    names and swapped-in heads are whatever the model holds at that time.
-    """
-
-    def __init__(self, model: nn.Module):
-        spec = arch_for(model)
-        self.norm = get_final_norm(model, spec)
-        self.head = get_head(model, spec)
-        self.cap = logit_softcap(model.config)
-        self.norm_device = _module_device(self.norm)
-        self.head_device = _module_device(self.head)
-        self.vocab = int(getattr(self.head, "out_features", 0) or self.head.weight.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        """Where the logits come out."""
-        return self.head_device or torch.device("cpu")
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        if self.norm_device is not None:
-            h = h.to(self.norm_device)
-        x = self.norm(h)
-        if self.head_device is not None:
-            x = x.to(self.head_device)
-        return apply_softcap(self.head(x).float(), self.cap)
 
 
 def forward_states(model: nn.Module, input_ids: torch.Tensor,
@@ -392,8 +370,10 @@ class _LensReducer:
                  positions: Sequence[Sequence[int]] | None,
                  answers: Sequence[AnswerSlot | None] | None,
                  choices: Sequence[ChoiceSlot | None] | None, record_top1: bool,
-                 ref_top1: dict[int, np.ndarray] | None) -> None:
+                 ref_top1: dict[int, np.ndarray] | None,
+                 transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.sums, self.lens, self.col = sums, lens, col
+        self.transform = transform
         self.rows_per_chunk = rows_per_chunk
         self.positions = positions
         self.answers, self.choices = answers, choices
@@ -486,6 +466,8 @@ class _LensReducer:
         for q, s in enumerate(ctx["starts"]):
             e = min(s + step, ctx["n_rows"])
             rows = h[ub[s:e], ut[s:e]]  # a copy of the states something is scored at
+            if self.transform is not None:  # e.g. the tuned lens's translator of state j
+                rows = self.transform(j, rows)
             if norm_dev is not None:
                 rows = rows.to(norm_dev)
             if self.n_pending + (e - s) > step:
@@ -583,7 +565,8 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
               choices: Sequence[ChoiceSlot | None] | None = None,
               record_top1: bool = False, ref_top1: dict[int, np.ndarray] | None = None,
               chunk_elements: int = DEFAULT_CHUNK, description: str = "lens",
-              indices: Sequence[int] | None = None) -> LensSums:
+              indices: Sequence[int] | None = None,
+              transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> LensSums:
     """Stream ``model`` over ``tok`` and reduce the lens at ``layers`` (default all ``0..L``).
 
     Teacher-forced: position ``t`` predicts token ``t+1``. Next-token accuracy, loss and
@@ -595,7 +578,8 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
     compared with this model's top-1. One forward pass per batch through
     ``capture.engine.run_hooked`` (right padding; a NaN/Inf at a real position stops the pass).
     ``indices``: only these samples (a rank's share); the other rows keep their initial
-    values (``merge_sums`` joins the shares).
+    values (``merge_sums`` joins the shares). ``transform(j, rows)``: applied to the states of
+    layer ``j`` before the lens (the tuned lens's translators).
     """
     n_layers = n_blocks_of(model)
     layers = list(range(n_layers + 1)) if layers is None else [int(j) for j in layers]
@@ -623,7 +607,7 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
                     agree=np.zeros((n, n_cols)) if ref_top1 is not None else None,
                     top1={} if record_top1 else None)
     red = _LensReducer(sums, lens, col, rows_per_chunk, positions, answers, choices,
-                       record_top1, ref_top1)
+                       record_top1, ref_top1, transform)
     run_hooked(model, tok, batch_size, pad_id, red, description=description,
                label=description, indices=indices)
     return sums
@@ -770,6 +754,88 @@ def top1_rows(sums: LensSums, model: str, tok: D.TokenizedSet, tokenizer,
     return rows
 
 
+def tuned_lens_pass(model: nn.Module, label: str, tok: D.TokenizedSet, train_tok: D.TokenizedSet,
+               pad_id: int, cfg: ProbeConfig, fingerprint: dict[str, Any], *,
+               positions: Sequence[Sequence[int]] | None, answers: Any, choices: Any,
+               indices: Sequence[int] | None) -> tuple[Any, dict[str, Any]]:
+    """One model's tuned-lens sums (every lens metric) and its KL-to-final sums for both
+    lenses, with what training did."""
+    options = {"steps": cfg.lens_steps, "lr": cfg.lens_lr, "train": cfg.lens_train or cfg.data,
+               "limit": cfg.lens_train_limit, "seed": cfg.seed, "max_length": cfg.max_length,
+               "train_ids": stable_hash(train_tok.input_ids)}
+    key = translator_key(fingerprint, options)
+    tr, info = translators_for(
+        model, cfg.translators, label, key,
+        lambda: train_translators(model, train_tok, pad_id, steps=cfg.lens_steps,
+                                  lr=cfg.lens_lr, batch_size=cfg.batch_size, seed=cfg.seed))
+    sums = lens_pass(model, tok, pad_id, batch_size=cfg.batch_size, positions=positions,
+                     answers=answers, choices=choices, chunk_elements=cfg.chunk_elements,
+                     description=f"tuned lens {label}", indices=indices, transform=tr)
+    kl = kl_to_final_sums(model, tr, tok, pad_id, batch_size=cfg.batch_size,
+                          positions=positions, chunk_elements=cfg.chunk_elements,
+                          indices=indices)
+    return (sums, kl), {**info, "key": key, "options": options}
+
+
+def tuned_phase(specs: dict[str, str], opts: dict[str, LoadOptions], fps: dict[str, Any],
+                tok: D.TokenizedSet, train_tok: D.TokenizedSet, pad_id: int, cfg: ProbeConfig,
+                *, positions: Sequence[Sequence[int]] | None, answers: Any, choices: Any,
+                share: Sequence[int]) -> dict[str, Any]:
+    """:func:`tuned_lens_pass` for every model of a probe run (each loaded for it, released
+    after) on this process's ``share``."""
+    found: dict[str, Any] = {}
+    for k, spec in specs.items() if share else ():
+        stage(f"tuned lens {k}")
+        m = load_model(spec, opts[k])
+        nbytes = model_bytes(m)
+        try:
+            found[k] = tuned_lens_pass(m, k, tok, train_tok, pad_id, cfg, fps[k],
+                                       positions=positions, answers=answers, choices=choices,
+                                       indices=share)
+        finally:
+            del m
+            release(nbytes)
+    return found
+
+
+def tuned_tables(tparts: list[Any], specs: dict[str, str], cfg: ProbeConfig
+                 ) -> tuple[list[pd.DataFrame], dict[str, Any]]:
+    """The tuned lens's rows of every model (every lens metric, kl_to_final of both lenses)
+    from the gathered shares, and what training did per model."""
+    tables, infos = [], {}
+    for k in specs:
+        got = [(i, f[k]) for i, f in tparts if k in f]
+        sums = merge_sums([(i, g[0][0]) for i, g in got])
+        kl = tuple(sum(g[0][1][q] for _, g in got) for q in range(3))
+        tables.append(sums_table(sums, k + TUNED_SUFFIX, level=cfg.level, n_boot=cfg.bootstrap,
+                                 seed=cfg.seed))
+        tables.append(kl_table(kl, k, level=cfg.level, n_boot=cfg.bootstrap, seed=cfg.seed))
+        infos[k] = got[0][1][1]
+    return tables, infos
+
+
+DISTRIBUTIONS_RECORD = (
+    "kl_pair: mean over the scored next-token positions of KL(P_b,j || P_a,j) of the pair's "
+    "lens distributions (natural log; a = base or the earlier stage); kl_to_final: KL(P_L || "
+    "P_j) per model; shift_*: share of scored positions where the base ranks the fine-tune's "
+    "top-1 token 1st, 2nd-3rd or lower (URIAL); sample-level bootstrap intervals")
+
+
+def distribution_tables(dparts: list[Any], pairs: Sequence[Any], tokenizer: Any,
+                        cfg: ProbeConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Probe rows (kl_pair, kl_to_final, shift_*) and shifts.csv of every pair, from the
+    gathered shares ``(indices, {pair: DistSums})`` of each process."""
+    rows, shifts = [], []
+    for p in pairs:
+        merged = merge_dist_sums([(i, d.get(p.model)) for i, d in dparts])
+        rows.append(distribution_table(merged, p.model, p.a, p.b, level=cfg.level,
+                                       n_boot=cfg.bootstrap, seed=cfg.seed))
+        shifts.append(shifts_table(merged, p.model, tokenizer, cfg.shifts_top))
+    table = pd.concat(rows, ignore_index=True)
+    table = table.drop_duplicates(["layer", "model", "metric"]).reset_index(drop=True)
+    return table, pd.concat(shifts, ignore_index=True)
+
+
 def model_label(spec: str, base: str | None = None) -> str:
     """A short name for a model: an adapter's tune run, the folder name or the hub id."""
     return source_label(spec, base)
@@ -829,212 +895,199 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     """
     cfg = config if config is not None else build(ProbeConfig, options)
     par = join(cfg.device, cfg.device_map)
+    data, model, base, sft, out = cfg.data, cfg.model, cfg.base, cfg.sft, cfg.out
+    tokenizer, max_length, batch_size, n, seed = (cfg.tokenizer, cfg.max_length, cfg.batch_size,
+                                                  cfg.limit, cfg.seed)
+    device, chat_template = cfg.device, cfg.chat_template
+    text_field, template, split, level, n_boot = (cfg.text_field, cfg.template, cfg.split,
+                                                  cfg.level, cfg.bootstrap)
+    chunk_elements, revision = cfg.chunk_elements, cfg.revision
+    base_revision, sft_revision = cfg.base_revision, cfg.sft_revision
     timer = Timer()
-    plan_ = _probe_plan(cfg, par, timer)
-    share = par.shard(len(plan_.ctx.tok), cfg.batch_size)  # all samples when alone
-    plan(len(plan_.ctx.models.specs) + 1)  # one lens pass per model, then the tables
+    pair = model is None
+    stages = [Stage(FIRST, sft, sft_revision), *cfg.chain()] if pair else []
+    pairs = chain_pairs([st.label for st in stages], cfg.consecutive) if pair else []
+    if pair:  # the base, then each SFT-side stage (an adapter applies to --base)
+        specs = {BASE: base, **{st.label: st.spec for st in stages}}
+        revs = {BASE: base_revision, **{st.label: st.revision for st in stages}}
+        bases = {BASE: None, **{st.label: base for st in stages}}
+    else:
+        label = model_label(model, base)
+        specs, revs, bases = {label: model}, {label: revision}, {label: base}
+    with par.together("validation"):  # every rank validates; all pass or all fail alike
+        if cfg.out is not None:
+            check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
+        device = par.device or resolve_device(device)
+        with timer("validate"):
+            notes: list[str] = []
+            if not pair:  # the one model's config (a pair's: checked with the chain)
+                load_config(model, revision=revision, base=base, base_revision=base_revision)
+            if pair:
+                _, chain_notes = check_chain(base, stages, base_revision=base_revision,
+                                             allow_mixed=cfg.allow_mixed_pair)
+                notes += chain_notes
+                tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
+                                                 revisions=revs, chat_template=chat_template)
+                notes += tok_notes + check_chain_tokenizers(tokz, base, stages,
+                                                            base_revision=base_revision)
+            else:
+                tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs, bases,
+                                      base_revision)
+            samples, tok, data_notes = prepare_data(
+                data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
+                text_field=text_field, template=template, split=split,
+                skip_bad=cfg.skip_bad_records)
+            notes += data_notes
+            answers = answer_slots(samples, tok, tokz, chat_template)
+            n_lost = sum(a is None and has_answer(s)
+                         for s, a in zip(samples, answers, strict=True))
+            if n_lost:
+                notes.append(f"{n_lost} of {len(samples)} answers are not a clean run of their "
+                             f"sample's tokens (cut off by --max-length, or merged by the "
+                             f"tokenizer with the text around them): no answer_prob/answer_rank "
+                             f"for them")
+            positions = None
+            if cfg.tokens == "answer":
+                if not any(a is not None for a in answers):
+                    raise SftscopeError(f"--tokens answer scores the answers' tokens, but no "
+                                        f"sample of {data} has an answer to score (use a task "
+                                        f"format such as gsm8k: or mmlu:, or --tokens all)")
+                positions = answer_positions(answers)
+            choices = choices_noted(samples, tok, tokz, chat_template, notes)
+            train_tok = None
+            if cfg.lens == "tuned":
+                train_tok, lens_notes = training_split(cfg, tokz, samples)
+                notes += lens_notes
+    for note in notes:
+        say(f"[yellow]note:[/] {note}")
+    pad_id = pad_id_of(tokz)
+    models = Models(specs, revs, bases)
+    opts = models.load_options(cfg, device=device)
+    if out is not None and par.main:
+        start_run(out, "probe", ProbeConfig.OUTPUTS)
+    share = par.shard(len(tok), batch_size)  # all samples when alone
+    kl, tuned = pair and cfg.kl, cfg.lens == "tuned"
+    # one lens pass per model, each pair's distributions, each model's tuned lens, the tables
+    plan(len(specs) + (len(pairs) if kl else 0) + (len(specs) if tuned else 0) + 1)
+
     shown: list[dict[str, Any]] = []  # top1.csv rows of this rank's share
-    found, n_blocks = par.run(lambda: _probe_passes(cfg, plan_, share, shown, timer), "probe")
+
+    def passes() -> tuple[dict[str, LensSums], int | None]:
+        found: dict[str, LensSums] = {}
+        ref_top1 = None
+        prev: tuple[str, dict[int, np.ndarray]] | None = None
+        n_blocks = None
+        for k, spec in specs.items() if share else ():
+            stage(f"probe {k}")
+            with timer(f"load_{k}"):
+                m = load_model(spec, opts[k])
+            nbytes = model_bytes(m)
+            try:
+                check_vocab(m, tok.input_ids, k)
+                n_blocks = n_blocks_of(m)
+                with timer(f"pass_{k}"):
+                    sums = lens_pass(m, tok, pad_id, batch_size=batch_size,
+                                     positions=positions, answers=answers,
+                                     choices=choices,
+                                     record_top1=(pair and (k == BASE or cfg.consecutive))
+                                     or cfg.top1_examples > 0,
+                                     ref_top1=ref_top1, chunk_elements=chunk_elements,
+                                     description=f"probe {k}", indices=share)
+            finally:
+                del m
+                release(nbytes)
+            if cfg.top1_examples:
+                shown.extend(top1_rows(sums, k, tok, tokz, positions, answers,
+                                       cfg.top1_examples))
+            if pair and k == BASE:
+                ref_top1 = sums.top1
+            elif pair and cfg.consecutive:  # agreement with the stage before, from the ids
+                if prev is not None:
+                    agree = agreement_counts(sums.top1, prev[1], len(tok), len(sums.layers))
+                    found[pair_label(prev[0], k)] = dataclasses.replace(sums, agree=agree,
+                                                                        top1=None)
+                prev = (k, sums.top1)
+            found[k] = sums
+        for sums in found.values():
+            sums.top1 = None  # agreement is counted; the ids need not travel
+        return found, n_blocks
+
+    found, n_blocks = par.run(passes, "probe")
+    if kl:
+        dist = par.run(lambda: pair_distributions(
+            specs, opts, pairs, tok, pad_id, batch_size=batch_size, positions=positions,
+            chunk_elements=chunk_elements, share=share), "distributions")
+        dparts = par.gather((share, dist))
+    if tuned:
+        fps = models.fingerprints(base_revision)
+        tuned_found = par.run(lambda: tuned_phase(
+            specs, opts, fps, tok, train_tok, pad_id, cfg, positions=positions,
+            answers=answers, choices=choices, share=share), "tuned lens")
+        tparts = par.gather((share, tuned_found))
     parts = par.gather((share, found, n_blocks, shown))
     if parts is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(PROBE_COLUMNS)
     stage("tables")
-    df, merged, n_blocks = _probe_tables(cfg, plan_, parts)
-    if plan_.ctx.out is not None:
-        _probe_record(cfg, plan_, df, merged, n_blocks, timer, par)
-    return df
-
-
-@dataclass
-class _ProbePlan:
-    """What ``probe`` validated and prepared before any model runs."""
-
-    ctx: RunContext
-    pair: bool
-    stages: list[Stage]
-    pairs: list
-    answers: list[AnswerSlot | None]
-    choices: list[ChoiceSlot | None]
-    positions: list[list[int]] | None
-
-
-def _probe_models(cfg: ProbeConfig) -> tuple[bool, list[Stage], Models]:
-    """One model, or the base and each SFT-side stage (an adapter applies to ``--base``)."""
-    if cfg.model is not None:
-        label = model_label(cfg.model, cfg.base)
-        return False, [], Models({label: cfg.model}, {label: cfg.revision}, {label: cfg.base})
-    stages = [Stage(FIRST, cfg.sft, cfg.sft_revision), *cfg.chain()]
-    return True, stages, Models({BASE: cfg.base, **{st.label: st.spec for st in stages}},
-                                {BASE: cfg.base_revision,
-                                 **{st.label: st.revision for st in stages}},
-                                {BASE: None, **{st.label: cfg.base for st in stages}})
-
-
-def _probe_tokenizer(cfg: ProbeConfig, pair: bool, stages: list[Stage], models: Models,
-                     notes: list[str]):
-    """The tokenizer of the run, after the model configs (a pair's: with its chain)."""
-    specs, revs = models.specs, models.revs
-    if not pair:
-        load_config(cfg.model, revision=cfg.revision, base=cfg.base,
-                    base_revision=cfg.base_revision)
-        return pick_tokenizer(cfg.tokenizer, next(iter(specs)), specs, revs, models.bases,
-                              cfg.base_revision)
-    _, chain_notes = check_chain(cfg.base, stages, base_revision=cfg.base_revision,
-                                 allow_mixed=cfg.allow_mixed_pair)
-    notes += chain_notes
-    tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], cfg.tokenizer,
-                                     revisions=revs, chat_template=cfg.chat_template)
-    notes += tok_notes + check_chain_tokenizers(tokz, cfg.base, stages,
-                                                base_revision=cfg.base_revision)
-    return tokz
-
-
-def _probe_answers(cfg: ProbeConfig, samples: list[D.Sample], tok: D.TokenizedSet, tokz,
-                   notes: list[str]) -> tuple[list[AnswerSlot | None], list[list[int]] | None]:
-    """Each sample's answer slot and, with ``--tokens answer``, the positions scored."""
-    answers = answer_slots(samples, tok, tokz, cfg.chat_template)
-    n_lost = sum(a is None and has_answer(s) for s, a in zip(samples, answers, strict=True))
-    if n_lost:
-        notes.append(f"{n_lost} of {len(samples)} answers are not a clean run of their "
-                     f"sample's tokens (cut off by --max-length, or merged by the "
-                     f"tokenizer with the text around them): no answer_prob/answer_rank "
-                     f"for them")
-    if cfg.tokens != "answer":
-        return answers, None
-    if not any(a is not None for a in answers):
-        raise SftscopeError(f"--tokens answer scores the answers' tokens, but no "
-                            f"sample of {cfg.data} has an answer to score (use a task "
-                            f"format such as gsm8k: or mmlu:, or --tokens all)")
-    return answers, answer_positions(answers)
-
-
-def _probe_plan(cfg: ProbeConfig, par: Group, timer: Timer) -> _ProbePlan:
-    """Validate everything (every rank; all pass or all fail alike), prepare the data, open
-    the run folder."""
-    pair, stages, models = _probe_models(cfg)
-    pairs = chain_pairs([st.label for st in stages], cfg.consecutive) if pair else []
-    with par.together("validation"):
-        if cfg.out is not None:
-            check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
-        device = par.device or resolve_device(cfg.device)
-        with timer("validate"):
-            notes: list[str] = []
-            tokz = _probe_tokenizer(cfg, pair, stages, models, notes)
-            samples, tok, data_notes = prepare_data(
-                cfg.data, tokz, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
-                chat_template=cfg.chat_template, text_field=cfg.text_field,
-                template=cfg.template, split=cfg.split, skip_bad=cfg.skip_bad_records)
-            notes += data_notes
-            answers, positions = _probe_answers(cfg, samples, tok, tokz, notes)
-            choices = choices_noted(samples, tok, tokz, cfg.chat_template, notes)
-    ctx = RunContext(models, tokz, samples, tok, notes)
-    ctx.start(cfg, "probe", ProbeConfig.OUTPUTS, device=device, main=par.main)
-    return _ProbePlan(ctx, pair, stages, pairs, answers, choices, positions)
-
-
-def _probe_passes(cfg: ProbeConfig, p: _ProbePlan, share: list[int] | None,
-                  shown: list[dict[str, Any]], timer: Timer
-                  ) -> tuple[dict[str, LensSums], int | None]:
-    """One lens pass per model over this rank's share; a pair's (or a chain's consecutive)
-    agreement from the top-1 ids of the model before."""
-    ctx, pair = p.ctx, p.pair
-    found: dict[str, LensSums] = {}
-    ref_top1 = None
-    prev: tuple[str, dict[int, np.ndarray]] | None = None
-    n_blocks = None
-    for k, spec in ctx.models.specs.items() if share else ():
-        stage(f"probe {k}")
-        with timer(f"load_{k}"):
-            m = load_model(spec, ctx.opts[k])
-        nbytes = model_bytes(m)
-        try:
-            check_vocab(m, ctx.tok.input_ids, k)
-            n_blocks = n_blocks_of(m)
-            with timer(f"pass_{k}"):
-                sums = lens_pass(m, ctx.tok, ctx.pad_id, batch_size=cfg.batch_size,
-                                 positions=p.positions, answers=p.answers, choices=p.choices,
-                                 record_top1=(pair and (k == BASE or cfg.consecutive))
-                                 or cfg.top1_examples > 0,
-                                 ref_top1=ref_top1, chunk_elements=cfg.chunk_elements,
-                                 description=f"probe {k}", indices=share)
-        finally:
-            del m
-            release(nbytes)
-        if cfg.top1_examples:
-            shown.extend(top1_rows(sums, k, ctx.tok, ctx.tokenizer, p.positions, p.answers,
-                                   cfg.top1_examples))
-        if pair and k == BASE:
-            ref_top1 = sums.top1
-        elif pair and cfg.consecutive:  # agreement with the stage before, from the ids
-            if prev is not None:
-                agree = agreement_counts(sums.top1, prev[1], len(ctx.tok), len(sums.layers))
-                found[pair_label(prev[0], k)] = dataclasses.replace(sums, agree=agree,
-                                                                    top1=None)
-            prev = (k, sums.top1)
-        found[k] = sums
-    for sums in found.values():
-        sums.top1 = None  # agreement is counted; the ids need not travel
-    return found, n_blocks
-
-
-PROBE_ORDER = {"accuracy": 0, "loss": 1, "answer_prob": 2, "answer_rank": 3,
-               "choice_accuracy": 4, "agreement": 5}
-
-
-def _probe_tables(cfg: ProbeConfig, p: _ProbePlan, parts: list
-                  ) -> tuple[pd.DataFrame, dict[str, LensSums], int | None]:
-    """Rank 0: the gathered shares merged into the tidy table (and ``attrs["top1"]``)."""
-    specs = p.ctx.models.specs
     n_blocks = next(b for _, _, b, _ in parts if b is not None)
-    keys = list(specs) + [q.model for q in p.pairs if q.a != BASE]
+    keys = list(specs) + [p.model for p in pairs if p.a != BASE]
     merged = {k: merge_sums([(i, f.get(k)) for i, f, _, _ in parts]) for k in keys}
-    tables = [sums_table(merged[k], k, level=cfg.level, n_boot=cfg.bootstrap, seed=cfg.seed,
-                         agreement_label=pair_label(BASE, k) if p.pair else "pair")
+    tables = [sums_table(merged[k], k, level=level, n_boot=n_boot, seed=seed,
+                         agreement_label=pair_label(BASE, k) if pair else "pair")
               for k in specs]
-    for q in p.pairs:  # consecutive pairs: their agreement rows only
-        if q.a != BASE:
-            t = sums_table(merged[q.model], q.b, level=cfg.level, n_boot=cfg.bootstrap,
-                           seed=cfg.seed, agreement_label=q.model)
+    for p in pairs:  # consecutive pairs: their agreement rows only
+        if p.a != BASE:
+            t = sums_table(merged[p.model], p.b, level=level, n_boot=n_boot, seed=seed,
+                           agreement_label=p.model)
             tables.append(t[t["metric"] == "agreement"])
-    df = pd.concat(tables, ignore_index=True)
-    ranks = {"metric": PROBE_ORDER}
-    if len(p.stages) > 1:  # a chain: its members in training order
-        ranks["model"] = model_order([st.label for st in p.stages], p.pairs)
+    shifts, lens_info = None, None
+    if tuned:
+        extra, lens_info = tuned_tables(tparts, specs, cfg)
+        tables += extra
+    if kl:
+        dist_tables, shifts = distribution_tables(dparts, pairs, tokz, cfg)
+        tables.append(dist_tables)
+    df = pd.concat(tables, ignore_index=True)  # kl_to_final of a pair's models: computed twice
+    df = df.drop_duplicates(["layer", "model", "metric"]).reset_index(drop=True)
+    order = {m: i for i, m in enumerate(("accuracy", "loss", "answer_prob", "answer_rank",
+                                         "choice_accuracy", "agreement", "kl_pair",
+                                         "kl_to_final", *SHIFT_KINDS))}
+    ranks = {"metric": order}
+    if len(stages) > 1:  # a chain: its members in training order
+        ranks["model"] = model_order([st.label for st in stages], pairs)
     df = df.sort_values(["layer", "model", "metric"],
                         key=lambda s: s.map(ranks[s.name]) if s.name in ranks else s,
                         kind="stable").reset_index(drop=True)
+    top = None
     if cfg.top1_examples:  # also in df.attrs["top1"] (a notebook, or no --out)
         rank = {k: r for r, k in enumerate(specs)}
         top = pd.DataFrame([row for *_, rows in parts for row in rows], columns=TOP1_COLUMNS)
-        df.attrs["top1"] = top.sort_values(
-            ["sample", "model", "layer"], key=lambda c: c.map(rank) if c.name == "model" else c,
-            kind="stable").reset_index(drop=True)
-    return df, merged, n_blocks
+        top = top.sort_values(["sample", "model", "layer"], key=lambda c: c.map(rank)
+                              if c.name == "model" else c, kind="stable").reset_index(drop=True)
+        df.attrs["top1"] = top
+    if out is not None:
+        out = Path(out)
+        write_tables(df, out, "probe", cfg.formats)
+        if top is not None:
+            write_tables(top, out, "top1", cfg.formats)
+        if shifts is not None:
+            write_tables(shifts, out, "shifts", cfg.formats)
+        finish_run(out, run_record(
+            "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
+            models=models.fingerprints(base_revision),
+            n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
+            n_scored_tokens=int(next(iter(merged.values())).tokens.sum()), scored_tokens=cfg.tokens,
+            answer="choice tasks: the gold option after the prompt (MMLU: its letter); "
+                   "GSM8K-style: the final answer after ####, given the prompt and the "
+                   "reasoning up to '#### ' (answer_prob: all its tokens, answer_rank: its "
+                   "first); free text: its first content token",
+            intervals="sample-level (cluster) bootstrap for accuracy, loss, agreement, "
+                      "answer_prob and answer_rank; Wilson for choice_accuracy",
+            n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
+            n_choices=sum(c is not None for c in choices), notes=notes,
+            distributions=DISTRIBUTIONS_RECORD if kl else None, tuned_lens=lens_info,
+            **(chain_record(stages, pairs) if pair else {}),
+            layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
+                        "block b, before the final norm; the lens applies the final norm",
+            timings=timer.seconds, **par.record(len(tok), batch_size)))
+    return df
 
-
-def _probe_record(cfg: ProbeConfig, p: _ProbePlan, df: pd.DataFrame,
-                  merged: dict[str, LensSums], n_blocks: int | None, timer: Timer,
-                  par: Group) -> None:
-    """Write probe.csv (top1.csv) and run.json: what was measured, on what, and how."""
-    ctx = p.ctx
-    out, tok = Path(ctx.out), ctx.tok
-    write_tables(df, out, "probe", cfg.formats)
-    if "top1" in df.attrs:
-        write_tables(df.attrs["top1"], out, "top1", cfg.formats)
-    finish_run(out, run_record(
-        "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
-        models=ctx.models.fingerprints(cfg.base_revision),
-        n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
-        n_scored_tokens=int(next(iter(merged.values())).tokens.sum()), scored_tokens=cfg.tokens,
-        answer="choice tasks: the gold option after the prompt (MMLU: its letter); "
-               "GSM8K-style: the final answer after ####, given the prompt and the reasoning "
-               "up to '#### ' (answer_prob: all its tokens, answer_rank: its first); free "
-               "text: its first content token",
-        intervals="sample-level (cluster) bootstrap for accuracy, loss, agreement, "
-                  "answer_prob and answer_rank; Wilson for choice_accuracy",
-        n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in p.answers),
-        n_choices=sum(c is not None for c in p.choices), notes=ctx.notes,
-        **(chain_record(p.stages, p.pairs) if p.pair else {}),
-        layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
-                    "block b, before the final norm; the lens applies the final norm",
-        timings=timer.seconds, **par.record(len(tok), cfg.batch_size)))

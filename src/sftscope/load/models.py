@@ -18,7 +18,7 @@ from typing import Any
 from sftscope.errors import SftscopeError
 from sftscope.io import atomic_dir
 from sftscope.load.adapters import load_adapter
-from sftscope.load.gguf import need_gguf, supported_by_transformers
+from sftscope.load.gguf import GGUF_MOE_SIZES, need_gguf, supported_by_transformers
 from sftscope.load.identity import (  # noqa: F401  (re-exported: content identity)
     FINGERPRINT_SCHEME,
     DigestMemo,
@@ -223,6 +223,8 @@ def _from_pretrained(src: ModelSource, opts: LoadOptions):
     if src.kind == "gguf":
         need_gguf()
         kwargs["gguf_file"] = src.gguf_file
+        # transformers' GGUF reader leaves an MoE's expert widths at the config defaults
+        kwargs.update({k: src.config[k] for k in GGUF_MOE_SIZES if k in src.config})
         try:  # dense weights: sftscope hooks, swaps and adapts plain linear layers
             from transformers.utils.quantization_config import GgufConfig
 
