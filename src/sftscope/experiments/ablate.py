@@ -34,11 +34,11 @@ from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.config.commands import AblateConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
+from sftscope.experiments.context import Models
 from sftscope.experiments.lens import (
     LensSums,
     choices_noted,
     lens_pass,
-    load_options_of,
     merge_sums,
     n_blocks_of,
     pick_tokenizer,
@@ -286,8 +286,7 @@ def _run_units(cfg: AblateConfig, p: _Plan, device: str, share: list[int],
     """Load the model(s) and score every unit on this process's ``share``."""
     if not share:
         return None
-    opts = load_options_of(p.specs, p.revs, p.bases, cfg, dtype=cfg.dtype, device=device,
-                           device_map=cfg.device_map)
+    opts = Models(p.specs, p.revs, p.bases).load_options(cfg, device=device)
     models: dict[str, nn.Module] = {}
     nbytes = 0
     pad_id = pad_id_of(p.tokenizer)
