@@ -3,6 +3,8 @@
 A data source is one of:
 - ``gsm8k`` (a registered name: loaded through ``datasets`` from the hub, where reachable);
 - ``gsm8k:path/to/file.jsonl`` (a registered format on a local file with the same fields);
+- ``preference:path/to/file.jsonl`` (local only: ``prompt``, ``chosen``, ``rejected``, each a
+  text or a list of chat messages; a sample is prompt + chosen, the pair is in its meta);
 - ``path/to/file.jsonl|.csv|.parquet|.txt`` (generic: ``text_field`` or ``template``).
 Every sample keeps its ``prompt`` and ``answer`` when the format knows them, so probing and
 evaluation can find the position right after the prompt. The GSM8K and MMLU formats are the
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = ["LETTERS", "REGISTRY", "Batch", "DatasetSpec", "Prepared", "RecordSet", "Sample",
            "TokenizedSet", "chat_prompt", "check_source", "check_template", "iter_batches",
-           "load_records", "load_samples", "pad_batch", "parse_source", "prepare",
+           "load_records", "load_samples", "pad_batch", "parse_source", "preference_problem",
+           "prepare",
            "read_records", "read_samples", "render", "spec_of", "tokenize"]
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -110,15 +113,69 @@ def _mt_bench(r: dict) -> Sample:
     return Sample(str(turns))
 
 
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _messages(value: Any) -> list[dict] | None:
+    """Chat messages (a list of ``{"role", "content"}`` objects; Parquet gives an array), or
+    None when ``value`` is not a list."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        return None
+    return [dict(m) if hasattr(m, "keys") else m for m in value]
+
+
+def preference_problem(r: dict) -> str | None:
+    """What is wrong with a preference record (``prompt``, ``chosen``, ``rejected``: each a
+    non-blank text or a non-empty list of chat messages, all three of one kind), or None."""
+    missing = [k for k in PREFERENCE_FIELDS if k not in r]
+    if missing:
+        return (f"lacks field(s) {', '.join(map(repr, missing))} (a preference record needs "
+                f"prompt, chosen and rejected; it has: {', '.join(map(str, r))})")
+    kinds = set()
+    for k in PREFERENCE_FIELDS:
+        msgs = _messages(r[k])
+        if msgs is None:
+            problem = text_problem(r, k)
+            if problem:
+                return problem
+            kinds.add("text")
+            continue
+        if not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                and isinstance(m.get("content"), str) for m in msgs):
+            return (f"field {k!r} is not a non-empty list of chat messages (objects with "
+                    f"role and content texts)")
+        kinds.add("chat")
+    if len(kinds) > 1:
+        return "mixes plain text and chat messages in prompt, chosen and rejected; use one kind"
+    return None
+
+
+def _plain(value: Any) -> str:
+    msgs = _messages(value)
+    return str(value) if msgs is None else "\n".join(m["content"] for m in msgs)
+
+
+def _preference(r: dict) -> Sample:
+    """A preference pair: the sample is prompt + chosen (what analysis of it sees); the pair
+    itself (as given: text or chat messages) is in ``meta["pair"]``."""
+    problem = preference_problem(r)
+    if problem:
+        raise BadRecord(problem)
+    pair = {k: (_messages(r[k]) if _messages(r[k]) is not None else str(r[k]))
+            for k in PREFERENCE_FIELDS}
+    prompt, chosen = _plain(r["prompt"]), _plain(r["chosen"])
+    return Sample(prompt + chosen, prompt, chosen, {"pair": pair})
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """Where a registered dataset lives on the hub and how its records become samples.
 
-    ``blank_ok``: blank texts are part of the dataset (WikiText's empty lines); they are
-    dropped and counted instead of refused.
+    ``hub=None``: a local-only format (``NAME:FILE``). ``blank_ok``: blank texts are part of
+    the dataset (WikiText's empty lines); they are dropped and counted instead of refused.
     """
 
-    hub: str
+    hub: str | None
     config: str | None
     split: str
     fields: tuple[str, ...]
@@ -143,6 +200,7 @@ REGISTRY: dict[str, DatasetSpec] = {
     "mt_bench": DatasetSpec("HuggingFaceH4/mt_bench_prompts", None, "train", ("prompt",),
                             _mt_bench),
     "toxigen": DatasetSpec("toxigen/toxigen-data", "annotated", "test", ("text",), _text("text")),
+    "preference": DatasetSpec(None, None, "train", PREFERENCE_FIELDS, _preference),
 }
 
 
@@ -295,9 +353,17 @@ def load_records(source: str, split: str | None = None, *, skip_bad: bool = Fals
     if path is not None:
         return _read_local(path, split, skip_bad)
     assert spec is not None
+    _need_file(source, spec)
     rows = read_hub(spec, split)
     name = f"{spec.hub} ({split or spec.split} split)"
     return RecordSet(source, rows, [f"{name}, record {i}" for i in range(1, len(rows) + 1)])
+
+
+def _need_file(source: str, spec: DatasetSpec) -> None:
+    """A local-only format named without its file."""
+    if spec.hub is None:
+        raise SftscopeError(f"data {source!r} is a local-only format: give its file as "
+                            f"{source}:FILE (fields {', '.join(spec.fields)})")
 
 
 def read_records(source: str, split: str | None = None) -> list[dict]:
@@ -465,6 +531,8 @@ def check_source(data: str, *, split: str | None = None, text_field: str | None 
         fields_needed += check_template(template)
     spec, path = parse_source(data)
     if path is None:
+        if spec is not None:
+            _need_file(data, spec)
         return
     suffix = _check_file(path)
     if text_field:
