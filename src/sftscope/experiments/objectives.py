@@ -29,6 +29,7 @@ import importlib
 import importlib.util
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,9 @@ def training_arguments(cfg, common: dict[str, Any]):
     """TRL's config for the objective: tune's Trainer arguments plus the objective's own
     (only those given; the rest keep TRL's defaults)."""
     conf, _ = _trl(cfg.objective)
-    extra: dict[str, Any] = {"beta": cfg.beta, "loss_type": cfg.loss_type}
+    extra: dict[str, Any] = {"beta": cfg.beta, "loss_type": cfg.loss_type,
+                             # TRL turns checkpointing back on after each reference forward
+                             "gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if cfg.objective == "dpo":
         extra.update(max_length=cfg.max_length, remove_unused_columns=True)
         if cfg.loss_type is not None:
@@ -236,6 +239,9 @@ def make_trainer(cfg, *, model, args, rows: list[dict], tok, callbacks: list):
     from sftscope.progress import quiet_libraries
 
     _, trainer_cls = _trl(cfg.objective)
+    # TRL 1.16 asks transformers 5 a deprecated question at every step: not the user's concern
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated",
+                            category=FutureWarning)
     before = trainable_params(model)
     kwargs: dict[str, Any] = {"ref_model": None} if cfg.objective == "dpo" else {
         "reward_funcs": reward_function(str(cfg.reward))}
@@ -248,6 +254,7 @@ def make_trainer(cfg, *, model, args, rows: list[dict], tok, callbacks: list):
                             f"{str(e).splitlines()[0][:200]}") from e
     _reference_is_disabled_adapter(trainer.model)
     _drop_input_grad_hooks(trainer.model)
+    _no_input_gradients(trainer.model)
     if trainable_params(trainer.model) != before:
         raise SftscopeError(f"TRL changed the trainable parameters ({before:,} -> "
                             f"{trainable_params(trainer.model):,}); report this as a bug")
@@ -261,6 +268,17 @@ def _reference_is_disabled_adapter(model) -> None:
     if peft_config and "ref" in peft_config:
         model.delete_adapter("ref")
         model.set_adapter("default")
+
+
+def _no_input_gradients(model) -> None:
+    """TRL switches gradient checkpointing off around every reference forward and back on
+    through transformers, which then forces the input embeddings to require a gradient (for
+    PEFT): every block below the lowest tuned one would join the backward pass. The model's
+    own ``enable_input_require_grads`` is made a no-op (tune's checkpointing is non-reentrant
+    and needs no input gradient), and TRL re-enables it non-reentrant (see
+    :func:`training_arguments`)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.enable_input_require_grads = lambda: None
 
 
 def data_stats(cfg, trainer, tok, n_rows: int):

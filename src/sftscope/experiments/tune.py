@@ -646,6 +646,13 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     if eval_task is None and cfg.train == "gsm8k":
         eval_task = ("gsm8k", None)  # the hub dataset's test split
     timer = Timer()
+    sft = cfg.objective == "sft"
+    if not sft:  # DPO/GRPO records are read and checked before the model is loaded
+        from sftscope.experiments import objectives
+
+        rows, notes = objectives.train_rows(cfg)
+        for note in notes:
+            _say(f"[yellow]note:[/] {note}")
     dtype = _resolve_dtype(cfg.dtype)
     plan(3 + bool(cfg.merge and cfg.method != "full")
          + bool(cfg.run_eval and eval_task is not None))  # load, train, save(, merge)(, eval)
@@ -669,7 +676,6 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         full_params = lora_param_count(model, all_names, cfg.rank)
         narrow = min(min(module_in_out(model.get_submodule(n))) for n in names)
 
-    sft = cfg.objective == "sft"
     with timer("tokenize"):
         if sft:
             samples = load_samples(cfg.train, text_field=cfg.text_field, n=cfg.n_train or None,
@@ -681,12 +687,6 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                                    chat_template=cfg.chat_template, max_length=cfg.max_length,
                                    model_max=max_context(model))
             _say_data(data)
-        else:
-            from sftscope.experiments import objectives
-
-            rows, notes = objectives.train_rows(cfg)
-            for note in notes:
-                _say(f"[yellow]note:[/] {note}")
 
     set_seed(cfg.seed)
     model.config.use_cache = False
