@@ -288,3 +288,37 @@ def test_cli_preference_missing_field_is_one_line(llama10, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2
     assert len(err) == 1 and "line 2" in err[0] and "'rejected'" in err[0], err
+
+
+# ------------------------------------------------------------------ held-out scoring and sweeps
+
+def test_preference_task_scores_accuracy_and_margin(llama10, pref_file, tmp_path):
+    """The choice evaluator's margin = the plain-torch margin of the same pairs."""
+    from sftscope.config.commands import EvalConfig
+    from sftscope.experiments.evaluate import evaluate
+
+    res = evaluate(EvalConfig(model=str(llama10), task="preference",
+                              data=f"preference:{pref_file}", out=str(tmp_path / "ev")))
+    got = {s.metric: s.value for s in res.scores}
+    want = _margins(llama10, llama10)
+    assert got["margin"] == pytest.approx(float(want.mean()), abs=1e-4)
+    assert got["accuracy"] == pytest.approx(float((want > 0).float().mean()))
+
+
+@pytest.mark.slow
+def test_dpo_sweep_scores_preference_accuracy_and_margin(llama10, pref_file, tmp_path):
+    from sftscope.config.commands import SweepConfig
+    from sftscope.experiments.sweep import run_sweep
+
+    res = run_sweep(SweepConfig(
+        model=str(llama10), train=f"preference:{pref_file}", task=f"preference:{pref_file}",
+        segments=2, masks="01", seeds="1", out=str(tmp_path / "sw"), bootstrap=20,
+        tune={"objective": "dpo", "max_steps": 2, "n_train": 0, "batch_size": 4,
+              "micro_batch_size": 4, "rank": 2}))
+    s = res.summary
+    assert set(s["metric"]) == {"accuracy", "margin"}
+    assert set(s["mask"]) == {"11", "01"}
+    row = s[(s["mask"] == "01") & (s["metric"] == "margin")].iloc[0]
+    assert 0.0 <= row["p_value"] <= 1.0 and row["n_items"] == len(PAIRS)
+    job = json.loads((tmp_path / "sw" / "jobs" / "01-s0" / "tune" / "run.json").read_text())
+    assert job["objective"] == "dpo"

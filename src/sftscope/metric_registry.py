@@ -103,6 +103,8 @@ _ENTRIES: list[MetricSpec] = [
     # probe / swap / eval / sweep scores
     _m("accuracy", "accuracy", HIGHER, order=10, label="accuracy", bounds=UNIT),
     _m("choice_accuracy", "accuracy", HIGHER, order=20, label="choice accuracy", bounds=UNIT),
+    _m("margin", "signal", HIGHER, order=25,
+       label="preference margin (log p chosen - log p rejected)"),
     _m("exact_match_flexible", "accuracy", HIGHER, order=30, label="exact match (flexible)",
        bounds=UNIT),
     _m("exact_match_strict", "accuracy", HIGHER, order=31, label="exact match (strict)",

@@ -213,7 +213,7 @@ def training_arguments(cfg, common: dict[str, Any]):
     conf, _ = _trl(cfg.objective)
     extra: dict[str, Any] = {"beta": cfg.beta, "loss_type": cfg.loss_type,
                              # TRL turns checkpointing back on after each reference forward
-                             "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+                             "activation_checkpointing_kwargs": {"use_reentrant": False}}
     if cfg.objective == "dpo":
         extra.update(max_length=cfg.max_length, remove_unused_columns=True)
         if cfg.loss_type is not None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftscope.errors import SftscopeError
-from sftscope.tasks import LETTERS, get_task, task_names
+from sftscope.tasks import LETTERS, get_task, preference, task_names
 from sftscope.tasks.base import is_missing, text_problem
 
 if TYPE_CHECKING:
@@ -42,8 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LETTERS", "REGISTRY", "Batch", "DatasetSpec", "Prepared", "RecordSet", "Sample",
            "TokenizedSet", "chat_prompt", "check_source", "check_template", "iter_batches",
-           "load_records", "load_samples", "pad_batch", "parse_source", "preference_problem",
-           "prepare",
+           "load_records", "load_samples", "pad_batch", "parse_source", "prepare",
            "read_records", "read_samples", "render", "spec_of", "tokenize"]
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -113,58 +112,14 @@ def _mt_bench(r: dict) -> Sample:
     return Sample(str(turns))
 
 
-PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
-
-
-def _messages(value: Any) -> list[dict] | None:
-    """Chat messages (a list of ``{"role", "content"}`` objects; Parquet gives an array), or
-    None when ``value`` is not a list."""
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
-        return None
-    return [dict(m) if hasattr(m, "keys") else m for m in value]
-
-
-def preference_problem(r: dict) -> str | None:
-    """What is wrong with a preference record (``prompt``, ``chosen``, ``rejected``: each a
-    non-blank text or a non-empty list of chat messages, all three of one kind), or None."""
-    missing = [k for k in PREFERENCE_FIELDS if k not in r]
-    if missing:
-        return (f"lacks field(s) {', '.join(map(repr, missing))} (a preference record needs "
-                f"prompt, chosen and rejected; it has: {', '.join(map(str, r))})")
-    kinds = set()
-    for k in PREFERENCE_FIELDS:
-        msgs = _messages(r[k])
-        if msgs is None:
-            problem = text_problem(r, k)
-            if problem:
-                return problem
-            kinds.add("text")
-            continue
-        if not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                and isinstance(m.get("content"), str) for m in msgs):
-            return (f"field {k!r} is not a non-empty list of chat messages (objects with "
-                    f"role and content texts)")
-        kinds.add("chat")
-    if len(kinds) > 1:
-        return "mixes plain text and chat messages in prompt, chosen and rejected; use one kind"
-    return None
-
-
-def _plain(value: Any) -> str:
-    msgs = _messages(value)
-    return str(value) if msgs is None else "\n".join(m["content"] for m in msgs)
-
-
 def _preference(r: dict) -> Sample:
     """A preference pair: the sample is prompt + chosen (what analysis of it sees); the pair
     itself (as given: text or chat messages) is in ``meta["pair"]``."""
-    problem = preference_problem(r)
+    problem = preference.check(r)
     if problem:
         raise BadRecord(problem)
-    pair = {k: (_messages(r[k]) if _messages(r[k]) is not None else str(r[k]))
-            for k in PREFERENCE_FIELDS}
-    prompt, chosen = _plain(r["prompt"]), _plain(r["chosen"])
-    return Sample(prompt + chosen, prompt, chosen, {"pair": pair})
+    s = preference.analysis_sample(r)
+    return Sample(s.text, s.prompt, s.answer, dict(s.meta))
 
 
 @dataclass(frozen=True)
@@ -200,7 +155,7 @@ REGISTRY: dict[str, DatasetSpec] = {
     "mt_bench": DatasetSpec("HuggingFaceH4/mt_bench_prompts", None, "train", ("prompt",),
                             _mt_bench),
     "toxigen": DatasetSpec("toxigen/toxigen-data", "annotated", "test", ("text",), _text("text")),
-    "preference": DatasetSpec(None, None, "train", PREFERENCE_FIELDS, _preference),
+    "preference": DatasetSpec(None, None, "train", preference.FIELDS, _preference),
 }
 
 
