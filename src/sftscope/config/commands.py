@@ -823,12 +823,18 @@ class DemoConfig(Config):
     sweep_seeds: int = opt(1, "Seeds per mask in the sweep.", check=at_least(1))
     skip: tuple[str, ...] = opt((), "Steps to leave out, comma-separated: "
                                 + ", ".join(DEMO_STEPS) + ".", factory=tuple)
+    stages: bool = opt(False, "Continue the pair through DPO and GRPO (TRL; sftscope[rl]) and "
+                       "analyse the chain base -> SFT -> DPO -> GRPO.")
 
     def check(self) -> None:
         bad = [s for s in self.skip if s not in DEMO_STEPS]
         if bad:
             raise SftscopeError(f"--skip {bad[0]!r}: unknown step; steps are "
                                 f"{', '.join(DEMO_STEPS)}")
+        if self.stages:
+            from sftscope.experiments.objectives import trl_version
+
+            trl_version()
 
     @property
     def sizes(self) -> dict[str, int]:

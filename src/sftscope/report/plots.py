@@ -332,7 +332,10 @@ def plot_weight_change(weights: pd.DataFrame | FigureData,
                 _line(ax, g, pal[r], "-", r)
         ax.set_title(f"{module}: {_nice(metric, 'weights')}", fontsize=10)
         _depth_axes(ax, BLOCK_AXIS)
-        _flat_note(ax, [sub["value"]], f"{module} {metric} change")
+        if metric == "unchanged_frac":  # a share: the whole range, 0 = every entry changed
+            ax.set_ylim(-0.03, 1.03)
+        else:
+            _flat_note(ax, [sub["value"]], f"{module} {metric} change")
     _legend(fig, _run_handles(runs, pal))
     return fig
 
