@@ -322,3 +322,38 @@ def test_dpo_sweep_scores_preference_accuracy_and_margin(llama10, pref_file, tmp
     assert 0.0 <= row["p_value"] <= 1.0 and row["n_items"] == len(PAIRS)
     job = json.loads((tmp_path / "sw" / "jobs" / "01-s0" / "tune" / "run.json").read_text())
     assert job["objective"] == "dpo"
+
+
+def test_sft_only_options_refused_with_other_objectives(llama10, pref_file, gsm_file,
+                                                        tmp_path):
+    with pytest.raises(SftscopeError, match="--completion-only is an option of --objective sft"):
+        _cfg(llama10, f"preference:{pref_file}", tmp_path, mask="01", objective="dpo",
+             completion_only=False)
+    with pytest.raises(SftscopeError, match="--max-length is an option of --objective sft or"):
+        _cfg(llama10, f"gsm8k:{gsm_file}", tmp_path, mask="01", objective="grpo",
+             reward="gsm8k", max_length=64, batch_size=8, micro_batch_size=8)
+
+
+@pytest.mark.slow
+def test_dpo_resume_after_kill_matches_uninterrupted(llama10, pref_file, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    kw = dict(mask="00110", objective="dpo", max_steps=5, save_steps=2)
+    train = f"preference:{pref_file}"
+    ref = TU.tune(_cfg(llama10, train, tmp_path / "a", **kw))
+    with pytest.raises(KeyboardInterrupt):
+        TU.tune(_cfg(llama10, train, tmp_path / "b", **kw), callbacks=[Kill()])
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-2").is_dir()
+    res = TU.tune(_cfg(llama10, train, tmp_path / "b", resume=True, **kw))
+    assert res.resumed_from.endswith("checkpoint-2") and res.steps == 5
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert res.loss_history[-2:] == pytest.approx(ref.loss_history[-2:], abs=1e-4)

@@ -386,6 +386,8 @@ TUNE_METHODS = ("lora", "full")
 OBJECTIVES = ("sft", "dpo", "grpo")
 OBJECTIVE_ONLY = {"beta": ("dpo", "grpo"), "loss_type": ("dpo", "grpo"), "reward": ("grpo",),
                   "num_generations": ("grpo",), "max_completion_length": ("grpo",)}
+# options with a meaning for some objectives only (refused when changed from the default)
+DEFAULT_ONLY = {"completion_only": ("sft",), "preset": ("sft",), "max_length": ("sft", "dpo")}
 LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout", "merge")
 
 
@@ -539,10 +541,11 @@ class TuneConfig(OneModel):
     def _check_objective(self) -> None:
         """Options of one objective only with it; DPO/GRPO's own checks (TRL present, its
         loss types, the reward) before any model is loaded."""
-        from sftscope.config.core import flag
+        from sftscope.config.core import defaults, flag
 
-        for name, objectives in OBJECTIVE_ONLY.items():
-            if getattr(self, name) is not None and self.objective not in objectives:
+        d = defaults(TuneConfig)
+        for name, objectives in {**OBJECTIVE_ONLY, **DEFAULT_ONLY}.items():
+            if getattr(self, name) != d[name] and self.objective not in objectives:
                 raise SftscopeError(f"{flag(name)} is an option of --objective "
                                     f"{' or '.join(objectives)}; drop it or change --objective")
         if self.objective != "sft":

@@ -65,9 +65,9 @@ def build_stages(out: Path, sft: str, train_file: Path, *, seed: int, quick: boo
                       "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     common = {"method": "full", "mask": "11111", "n_train": size["n_train"], "seed": seed,
               "data_seed": seed, "save_steps": 1000, "logging_steps": 1, "run_eval": False,
-              "resume": True, "max_length": 256}
+              "resume": True}
     dpo = tune(TuneConfig(model=sft, train=f"preference:{pref}", out=str(out / "dpo"),
-                          objective="dpo", lr=1e-4, max_steps=size["dpo_steps"],
+                          objective="dpo", lr=1e-4, max_steps=size["dpo_steps"], max_length=256,
                           batch_size=8, micro_batch_size=8, **common))
     grpo = tune(TuneConfig(model=str(dpo.model_dir), train=f"gsm8k:{train_file}",
                            out=str(out / "grpo"), objective="grpo", reward="gsm8k", lr=5e-5,
