@@ -422,8 +422,8 @@ class TuneConfig(OneModel):
                                       "--batch-size counts completions.", check=at_least(2))
     max_completion_length: int | None = opt(None, "GRPO: longest completion in tokens (TRL's; "
                                             "default 512).", check=at_least(1))
-    skip_bad_records: bool = opt(False, "Skip training records with missing or empty fields "
-                                 "(counted) instead of refusing the data.")
+    skip_bad_records: bool = opt(False, "Skip records with missing or empty fields (counted) "
+                                 "instead of refusing the data.")
     mask: str | None = opt(None, "Segments to train, bottom segment first, e.g. 01000 (the "
                            "second fifth); 00111 freezes the bottom 2/5 (the research code's "
                            "frozen-bottom runs). Or use --blocks.")
@@ -696,6 +696,10 @@ class SweepConfig(Config):
         from sftscope.config.core import check_fields
 
         tune = check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
+        if tune.get("objective", "sft") != "sft" and self.model and self.train:
+            # DPO/GRPO's own rules (data kind, reward, TRL) before any job starts
+            TuneConfig(model=self.model, train=self.train, out=self.out,
+                       mask="1" * self.segments, **tune)
         if tune.get("method") == "full":
             from sftscope.config.core import defaults, flag
 
