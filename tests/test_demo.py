@@ -67,6 +67,8 @@ def test_demo_stages_quick_renders_the_chain(tmp_path):
     for stage in ("dpo", "grpo"):
         rec = json.loads((out / "stages" / stage / "run.json").read_text())
         assert rec["objective"] == stage and rec["method"] == "full"
+        assert rec["trl"]["reference"] == ("a second copy of the starting model"
+                                           if stage == "dpo" else "none (beta 0)")
     pref = [json.loads(x) for x in (out / "stages" / "preference.jsonl").read_text().split("\n")
             if x]
     assert all(p["chosen"] != p["rejected"] and p["chosen"].rpartition("#### ")[0]

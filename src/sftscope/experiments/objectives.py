@@ -307,11 +307,12 @@ def record(cfg, trainer) -> dict[str, Any]:
     the objective's logged histories (DPO reward margins, GRPO mean reward)."""
     args = trainer.args
     settings = {k: getattr(args, k) for k in SETTINGS[cfg.objective] if hasattr(args, k)}
-    full = cfg.method == "full"
     uses_ref = cfg.objective == "dpo" or float(args.beta) != 0.0
-    reference = ("none (beta 0)" if not uses_ref else
-                 "a second copy of the starting model" if full else
-                 "the starting model with the adapter disabled")
+    adapters = sorted(getattr(trainer.model, "peft_config", None) or {})
+    reference = ("none (beta 0)" if not uses_ref else  # what the trainer actually holds
+                 "a second copy of the starting model" if trainer.ref_model is not None else
+                 "the starting model with the adapter disabled" if adapters == ["default"] else
+                 f"adapters {adapters}")
     logs = trainer.state.log_history
     history = {k: [float(h[k]) for h in logs if k in h] for k in HISTORIES[cfg.objective]}
     out = {"version": trl_version(), "trainer": type(trainer).__name__, "reference": reference,
