@@ -243,13 +243,14 @@ def test_grpo_gsm8k_reward_runs_and_records(llama10, gsm_file, tmp_path):
     out = tmp_path / "grpo"
     res = TU.tune(_cfg(llama10, f"gsm8k:{gsm_file}", out, mask="00110", objective="grpo",
                        reward="gsm8k", num_generations=4, max_completion_length=6,
-                       batch_size=8, micro_batch_size=8, max_steps=2))
+                       batch_size=8, micro_batch_size=8, max_steps=2, beta=0.04))
     assert res.steps == 2 and res.objective == "grpo"
     rec = json.loads((out / "run.json").read_text())
     assert rec["objective"] == "grpo" and rec["config"]["reward"] == "gsm8k"
     trl = rec["trl"]
     assert trl["trainer"] == "GRPOTrainer" and trl["reward"] == "gsm8k"
-    assert trl["settings"]["num_generations"] == 4
+    assert trl["settings"]["num_generations"] == 4 and trl["settings"]["beta"] == 0.04
+    assert trl["reference"] == "the starting model with the adapter disabled"
     assert trl["settings"]["max_completion_length"] == 6
     assert len(trl["history"]["reward"]) == 2
     assert all(0.0 <= r <= 1.0 for r in trl["history"]["reward"])
