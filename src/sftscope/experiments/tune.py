@@ -25,6 +25,9 @@ or full fine-tuning of those blocks (``method="full"``).
   run with ratio 2/5; ``--blocks 8-31`` gives any other split exactly.
 - Dynamics: ``RUN/dynamics.csv`` (per block and module: gradient norm and the norm of the
   effective weight's change since step 0), see :mod:`sftscope.experiments.dynamics`.
+- Objectives: ``sft`` (this module's completion-only loss) or, through TRL, ``dpo`` and
+  ``grpo`` (:mod:`sftscope.experiments.objectives`: data, TRL's config and trainer, rewards,
+  what run.json keeps of TRL); everything above applies to every objective.
 
 Large models on several GPUs (``accelerate launch -m sftscope tune ...``): the Trainer takes
 DDP, FSDP or DeepSpeed from accelerate's config. Full fine-tuning with FSDP needs
