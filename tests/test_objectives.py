@@ -358,3 +358,15 @@ def test_dpo_resume_after_kill_matches_uninterrupted(llama10, pref_file, tmp_pat
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     assert res.loss_history[-2:] == pytest.approx(ref.loss_history[-2:], abs=1e-4)
+
+
+def test_chat_records_need_a_chat_template(llama10, pref_file, tmp_path):
+    from types import SimpleNamespace
+
+    cfg = _cfg(llama10, f"preference:{pref_file}", tmp_path, mask="01", objective="dpo")
+    rows = [{"prompt": [{"role": "user", "content": "hi"}],
+             "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}]
+    with pytest.raises(SftscopeError, match="no chat template"):
+        OB.make_trainer(cfg, model=None, args=None, rows=rows,
+                        tok=SimpleNamespace(chat_template=None), callbacks=[])

@@ -239,6 +239,10 @@ def make_trainer(cfg, *, model, args, rows: list[dict], tok, callbacks: list):
     from sftscope.progress import quiet_libraries
 
     _, trainer_cls = _trl(cfg.objective)
+    if any(not isinstance(r["prompt"], str) for r in rows) and not getattr(
+            tok, "chat_template", None):
+        raise SftscopeError(f"{cfg.train} holds chat messages but the tokenizer has no chat "
+                            f"template; give --tokenizer with one, or plain-text records")
     # TRL 1.16 asks transformers 5 a deprecated question at every step: not the user's concern
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated",
                             category=FutureWarning)
