@@ -55,6 +55,7 @@ from sftscope.config.core import changed, defaults
 from sftscope.errors import SftscopeError
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
+from sftscope.experiments.packing import choose_packing, packing_collator
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public API)
     META_FILE,
@@ -757,9 +758,14 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                        else []),
                      *(callbacks or [])]
     if sft:
+        packed, packing_why = choose_packing(cfg.packing, model, data.examples, pad_id(tok),
+                                             micro)
+        _say(f"packing {packing_why}")
+        collator = packing_collator(pad_id(tok)) if packed else PadCollator(pad_id(tok))
         trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
-                          data_collator=PadCollator(pad_id(tok)), callbacks=all_callbacks)
-    else:
+                          data_collator=collator, callbacks=all_callbacks)
+    else:  # TRL pads its own batches
+        packed, packing_why = False, f"off: --objective {cfg.objective} batches are TRL's"
         trainer, data = objectives.make_trainer(cfg, model=model, args=args, rows=rows, tok=tok,
                                                 callbacks=all_callbacks)
         _say_data(data)
@@ -850,6 +856,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
             full_depth_params=full_params, seed=cfg.seed, processes=world,
             grad_accumulation=args.gradient_accumulation_steps, timings=result.timings,
+            packing={"used": packed, "reason": packing_why},
             result=result, finished=True))
 
     if not is_main_process():
