@@ -18,8 +18,8 @@ from sftscope.tasks.base import Task, encode_pair, pick_shots, trim_at_stop
 
 
 def test_registry_names_and_lookup():
-    assert {"gsm8k", "mmlu", "perplexity", "arc_easy", "arc_challenge", "hellaswag"} <= \
-        set(task_names())
+    assert {"gsm8k", "mmlu", "perplexity", "arc_easy", "arc_challenge", "hellaswag",
+            "preference"} <= set(task_names())
     assert list(task_names()) == sorted(task_names())
     assert [t.name for t in all_tasks()] == list(task_names())
     with pytest.raises(SftscopeError, match="did you mean gsm8k"):
@@ -40,7 +40,7 @@ def test_primary_metrics_come_from_the_tasks():
     assert not g.lower_is_better and p.lower_is_better
     assert g.metrics == ("strict_match", "flexible_extract", "numeric_match")
     assert {"gsm8k": "flexible_extract", "mmlu": "accuracy", "perplexity": "loss_after",
-            "arc_easy": "accuracy"}.items() <= PRIMARY.items()
+            "arc_easy": "accuracy", "preference": "accuracy"}.items() <= PRIMARY.items()
     assert primary_metric_of(["strict_match", "flexible_extract"]) == "flexible_extract"
     assert _primary_metric(["strict_match", "flexible_extract", "numeric_match"]) == \
         "flexible_extract"

@@ -458,6 +458,11 @@ def _run_choice(task: Task, model, tokenizer, cfg: EvalConfig, timer: Timer) -> 
     scores = [_accuracy(task.name, m, sum(bool(p[col]) for p in preds), len(preds), cfg.level)
               for m, col in (("accuracy", "correct"), ("accuracy_norm", "correct_norm"))
               if m in task.metrics]
+    if task.item_values is not None:  # a choice task's other metrics: means over its items
+        vals = [task.item_values(p) for p in preds]
+        for m in (m for m in task.metrics if m not in ("accuracy", "accuracy_norm")):
+            scores.append(_mean(task.name, m, [math.nan if v.get(m) is None else float(v[m])
+                                               for v in vals], cfg.level))
     return (scores, preds,
             {"shot_source": items.shot_source, "n_truncated": n_cut, "notes": items.notes})
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from sftscope.tasks.base import LETTERS, HubData, choice_task, is_missing, text_problem
@@ -95,6 +96,13 @@ def block(record: dict) -> str:
     """``{question}\\nA. ..\\n...\\nAnswer:`` (lm-eval's ``doc_to_text``)."""
     body = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices_of(record)))
     return f"{str(record['question']).strip()}\n{body}\nAnswer:"
+
+
+def answer_letter(completion: str) -> str | None:
+    """The option letter a generated answer starts with (`` B``, ``(B)``, ``B. ...``), or
+    None: what a generated MMLU answer is scored by (the GRPO reward ``mmlu``)."""
+    m = re.match(r"\s*\(?([A-J])(?![A-Za-z])", completion)
+    return m.group(1) if m else None
 
 
 def shot_key(record: dict) -> str:
