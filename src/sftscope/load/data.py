@@ -280,9 +280,10 @@ def read_hub(spec: DatasetSpec, split: str | None = None) -> list[dict]:
 
 
 def dataset_names() -> list[str]:
-    """Every registered dataset name: the tasks with hub data and ``REGISTRY``'s."""
+    """Every registered hub dataset name: the tasks with hub data and ``REGISTRY``'s (local-only
+    formats such as ``preference`` left out)."""
     tasks = [n for n in task_names() if get_task(n).hub is not None]
-    return [*tasks, *(n for n in REGISTRY if n not in tasks)]
+    return [*tasks, *(n for n, spec in REGISTRY.items() if n not in tasks and spec.hub)]
 
 
 def spec_of(name: str) -> DatasetSpec | None:
