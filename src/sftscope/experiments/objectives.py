@@ -236,7 +236,7 @@ def make_trainer(cfg, *, model, args, rows: list[dict], tok, callbacks: list):
     from datasets import Dataset
 
     from sftscope.experiments.tune import _drop_input_grad_hooks, trainable_params
-    from sftscope.progress import quiet_libraries
+    from sftscope.load.runtime import quiet_libraries
 
     _, trainer_cls = _trl(cfg.objective)
     if any(not isinstance(r["prompt"], str) for r in rows) and not getattr(
