@@ -383,7 +383,34 @@ class EvalConfig(OneModel, Runtime):
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 TUNE_METHODS = ("lora", "full")
-LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout", "merge")
+LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout", "merge", "router")
+
+
+def parse_experts(value: str) -> tuple[str, int | tuple[int, ...]]:
+    """``--experts``: ``top-load:K`` -> ``("top-load", K)``; ``3,7`` -> ``("list", (3, 7))``."""
+    text = value.strip()
+    if text.startswith("top-load:"):
+        k = text.partition(":")[2].strip()
+        if not k.isdigit() or int(k) < 1:
+            raise SftscopeError(f"--experts {value!r}: top-load:K needs a whole number K >= 1 "
+                                f"(e.g. top-load:2)")
+        return "top-load", int(k)
+    items = [p.strip() for p in text.split(",")]
+    if not text or not all(p.isdigit() for p in items):
+        raise SftscopeError(f"--experts {value!r}: give top-load:K or 0-based expert indices "
+                            f"such as 3,7")
+    if len(set(items)) != len(items):
+        raise SftscopeError(f"--experts {value!r} names an expert twice")
+    return "list", tuple(sorted(int(p) for p in items))
+
+
+def experts_spec(value: str) -> str | None:
+    """A check of ``--experts`` (syntax only; the model's expert count is checked later)."""
+    try:
+        parse_experts(value)
+    except SftscopeError as e:
+        return str(e).partition(": ")[2]
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -416,7 +443,16 @@ class TuneConfig(OneModel):
                               "overrides --alpha-ratio).", check=positive)
     rslora: bool = opt(False, "Rank-stabilised scale alpha/sqrt(r), alpha = ratio x sqrt(full "
                        "rank).")
-    mlp: bool = opt(False, "Adapt the MLP projections too (default: attention q, k, v, o).")
+    mlp: bool = opt(False, "Adapt the MLP projections too (default: attention q, k, v, o); on "
+                    "a mixture of experts: the routed experts (every expert's fused weights) "
+                    "and the shared expert.")
+    router: bool = opt(False, "Mixture of experts: train the routers (and Qwen2-MoE's shared-"
+                       "expert gates) of the selected blocks, their full weights.")
+    experts: str | None = opt(None, "Mixture of experts, --method full: train only these "
+                              "routed experts per selected block, top-load:K (the K with the "
+                              "highest routing load on the training data, measured before "
+                              "training) or indices such as 3,7; the others stay bit-identical.",
+                              check=experts_spec)
     dropout: float = opt(0.05, "LoRA dropout.", check=in_range(0, 1, hi_open=True))
     lr: float = opt(1e-4, "Learning rate (AdamW, linear decay); full fine-tuning usually "
                     "wants less (the research code: 2e-5).", check=positive)
@@ -514,6 +550,15 @@ class TuneConfig(OneModel):
                 raise SftscopeError(f"{flag(given[0])} is a LoRA option; --method full trains "
                                     f"the blocks' own weights: drop it (or use --method lora)")
         check_data_source(self.train, split=self.train_split, text_field=self.text_field)
+        moe_dropout = self.mlp and self.dropout not in (0, 0.05)  # refused on an MoE
+        if self.model and (self.router or self.experts is not None or moe_dropout):
+            from sftscope.load.sources import check_model
+
+            src = check_model(self.model)
+            if src.config:  # a local folder: checked before anything loads (hub: in tune)
+                from sftscope.experiments.moe_tune import check_moe_options
+
+                check_moe_options(self, src.config)
         if self.eval_task is not None and ":" in self.eval_task:
             check_task_spec(self.eval_task)
 
