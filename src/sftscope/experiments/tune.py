@@ -290,11 +290,14 @@ def apply_lora(model: nn.Module, blocks: list[int], *, rank: int, alpha: float,
     from peft import LoraConfig, get_peft_model
 
     spec = spec or arch_for(model)
-    expected = lora_targets(model, blocks, mlp, spec)
+    modules = lora_targets(model, blocks, mlp, spec)
     moe = moe_lora_targets(model, blocks, spec, mlp=mlp, router=router)
-    expected += moe.modules + moe.parameters + moe.full
+    modules += moe.modules
+    expected = modules + moe.parameters + moe.full
+    # only the paths the selected blocks have: PEFT rewrites a target named like a fused
+    # expert projection (``mlp.gate_proj`` of Qwen3-MoE/OLMoE) into experts of every block
     prefix = re.compile(rf"^{re.escape(spec.blocks)}\.\d+\.")
-    rels = target_paths(spec, mlp) + sorted({prefix.sub("", m) for m in moe.modules})
+    rels = sorted({prefix.sub("", m) for m in modules})
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=rels,
         layers_to_transform=sorted(blocks), layers_pattern=spec.blocks.split(".")[-1],
