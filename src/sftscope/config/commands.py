@@ -404,6 +404,24 @@ def parse_experts(value: str) -> tuple[str, int | tuple[int, ...]]:
     return "list", tuple(sorted(int(p) for p in items))
 
 
+def check_moe_flags(model: str | None, opts: Any) -> None:
+    """The mixture-of-experts options of tune (``opts``: TuneConfig fields) against the model
+    folder's config, before anything loads (a hub model is checked once its config loads).
+    Imports torch only when such an option is given."""
+    from sftscope.config.core import defaults
+
+    moe_dropout = opts.mlp and opts.dropout not in (0, defaults(TuneConfig)["dropout"])
+    if not model or not (opts.router or opts.experts is not None or moe_dropout):
+        return
+    from sftscope.load.sources import check_model
+
+    src = check_model(model)
+    if src.config:
+        from sftscope.experiments.moe_tune import check_moe_options
+
+        check_moe_options(opts, src.config)
+
+
 def experts_spec(value: str) -> str | None:
     """A check of ``--experts`` (syntax only; the model's expert count is checked later)."""
     try:
@@ -550,15 +568,7 @@ class TuneConfig(OneModel):
                 raise SftscopeError(f"{flag(given[0])} is a LoRA option; --method full trains "
                                     f"the blocks' own weights: drop it (or use --method lora)")
         check_data_source(self.train, split=self.train_split, text_field=self.text_field)
-        moe_dropout = self.mlp and self.dropout not in (0, 0.05)  # refused on an MoE
-        if self.model and (self.router or self.experts is not None or moe_dropout):
-            from sftscope.load.sources import check_model
-
-            src = check_model(self.model)
-            if src.config:  # a local folder: checked before anything loads (hub: in tune)
-                from sftscope.experiments.moe_tune import check_moe_options
-
-                check_moe_options(self, src.config)
+        check_moe_flags(self.model, self)
         if self.eval_task is not None and ":" in self.eval_task:
             check_task_spec(self.eval_task)
 
@@ -713,6 +723,13 @@ class SweepConfig(Config):
             if given:
                 raise SftscopeError(f"{flag(given[0])} is a LoRA option; --method full trains "
                                     f"the blocks' own weights: drop it (or use --method lora)")
+        if self.model:
+            from types import SimpleNamespace
+
+            from sftscope.config.core import defaults
+
+            check_moe_flags(self.model, SimpleNamespace(**{**defaults(TuneConfig), **tune,
+                                                           "model": self.model}))
         check_fields(EvalConfig, self.evaluation, what="eval", exclude=SWEEP_EVAL_KEYS)
         check_fields(SuggestConfig, self.suggest, what="suggest", exclude=SWEEP_SUGGEST_KEYS)
         # masks must have K characters
