@@ -276,6 +276,21 @@ def test_refusals_before_loading(model_dir):
             TU.TuneConfig(model=model, **kw, **over)
 
 
+def test_moe_flags_checked_without_torch(model_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom sftscope.config.commands import TuneConfig\n"
+            "from sftscope.errors import SftscopeError\ntry:\n"
+            f"    TuneConfig(model={str(model_dir('mixtral'))!r}, train='gsm8k', out='x', "
+            "mask='01', experts='9', method='full')\n"
+            "except SftscopeError as e:\n    print(e)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out
+    assert "out of range" in out.stdout
+
+
 # ------------------------------------------------------------------ eval and sweep
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

@@ -433,9 +433,43 @@ def check_moe_flags(model: str | None, opts: Any) -> None:
 
     src = check_model(model)
     if src.config:
-        from sftscope.experiments.moe_tune import check_moe_options
-
         check_moe_options(opts, src.config)
+
+
+def check_moe_options(cfg: Any, config: Any) -> None:
+    """Refuse ``--router`` / ``--experts`` that cannot apply to this model (its config: a
+    transformers config or a ``config.json`` dict); called before the weights load."""
+    from sftscope.load.arch import moe_info
+
+    info = moe_info(config)
+    mt = (config.get("model_type") if isinstance(config, dict)
+          else getattr(config, "model_type", "")) or "?"
+    for flag, given in (("--experts", cfg.experts is not None), ("--router", cfg.router)):
+        if given and info is None:
+            raise SftscopeError(f"{flag} applies to mixture-of-experts models; {cfg.model} "
+                                f"(model_type {mt}) has no routed experts: drop {flag}")
+    if info is None:
+        return
+    from sftscope.config.core import defaults
+
+    if cfg.mlp and cfg.method == "lora" and cfg.dropout not in (0, defaults(TuneConfig)["dropout"]):
+        raise SftscopeError(f"--dropout {cfg.dropout} with --mlp on a mixture of experts: PEFT's "
+                            f"LoRA on fused expert parameters cannot apply dropout; use "
+                            f"--dropout 0 (or leave it: such runs use 0)")
+    if cfg.experts is None:
+        return
+    kind, val = parse_experts(cfg.experts)
+    n = info.n_experts
+    if kind == "top-load" and int(val) > n:
+        raise SftscopeError(f"--experts {cfg.experts}: K = {val} is larger than the {n} experts "
+                            f"of each block of {cfg.model}; use K <= {n}")
+    if kind == "list" and max(val) >= n:
+        raise SftscopeError(f"--experts {cfg.experts}: expert {max(val)} is out of range; "
+                            f"{cfg.model} has experts 0..{n - 1} per block")
+    if cfg.method != "full":
+        raise SftscopeError(f"--experts {cfg.experts} with LoRA: PEFT adapts a fused expert "
+                            f"parameter for all {n} experts at once and cannot target single "
+                            f"experts; use --method full --experts {cfg.experts}")
 
 
 def experts_spec(value: str) -> str | None:

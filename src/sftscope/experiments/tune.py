@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftscope.config.commands import EvalConfig, TuneConfig
+from sftscope.config.commands import EvalConfig, TuneConfig, check_moe_options
 from sftscope.config.core import changed, defaults
 from sftscope.errors import SftscopeError
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
@@ -55,7 +55,6 @@ from sftscope.experiments.evaluate import EvalResult
 from sftscope.experiments.moe_tune import (
     EXPERT_DROPOUT_NOTE,
     adapted_parts,
-    check_moe_options,
     lora_dropout,
     moe_budget_params,
     moe_lora_targets,
