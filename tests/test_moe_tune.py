@@ -105,6 +105,13 @@ def test_lora_mlp_merge_changes_experts_only_inside_mask(family, model_dir, data
     sd_m, sd_b = mem.state_dict(), back.state_dict()
     assert set(sd_m) == set(sd_b)
     assert all(torch.equal(sd_m[k], sd_b[k]) for k in sd_m)
+    if family == "olmoe":  # weights cannot split such an adapter per module yet: it says so
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["weights", "--base", str(base), "--adapter", str(tmp_path / "run" / "adapter"),
+                  "--out", str(tmp_path / "w")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "fused expert parameters" in err[0]
 
 
 def test_dynamics_per_expert_rows(model_dir, data, tmp_path):
