@@ -242,6 +242,21 @@ def test_weight_decay_would_move_frozen_experts_without_restore(model_dir):
     assert moved == {False: True, True: False}
 
 
+def test_freeze_refuses_replaced_expert_parameters(model_dir):
+    """FSDP/DeepSpeed re-create parameters: the hooks would be gone, so training refuses."""
+    from sftscope.errors import SftscopeError
+
+    model = load_model(str(model_dir("olmoe")))
+    spec = arch_for(model)
+    TU.unfreeze_blocks(model, [2], spec)
+    freeze = MT.ExpertFreeze(model, spec, {2: [1]}, weight_decay=0.0)
+    freeze.check(model)  # unchanged: fine
+    experts = model.model.layers[2].mlp.experts
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().clone())
+    with pytest.raises(SftscopeError, match="FSDP/DeepSpeed"):
+        freeze.check(model)
+
+
 # ------------------------------------------------------------------ budget and refusals
 
 def test_budget_counts_expert_parameters(model_dir):

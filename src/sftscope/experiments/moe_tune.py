@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sftscope.errors import SftscopeError
 from sftscope.load.arch import (
     ArchSpec,
     get_experts,
@@ -265,6 +266,17 @@ class ExpertFreeze:
         """Elements held fixed (not trained) by this freeze."""
         return sum(p.numel() // p.shape[0] * int(rows.sum()) for p, rows in self.frozen)
 
+    def check(self, model: nn.Module) -> None:
+        """Refuse a training setup that replaced the expert parameters after the hooks were
+        put on them (FSDP and DeepSpeed shard them into new tensors): the other experts would
+        train unnoticed."""
+        live = {id(p) for p in model.parameters()}
+        if any(id(p) not in live for p, _ in self.frozen):
+            raise SftscopeError("--experts needs the expert weights as the model holds them "
+                                "(one process or DDP); FSDP/DeepSpeed re-create them, so the "
+                                "other experts could not be held fixed: drop --experts or "
+                                "use DDP")
+
     def restore(self) -> None:
         """Put the frozen slices back (after an optimizer step that decayed them)."""
         if not self.saved:
@@ -280,6 +292,10 @@ class ExpertFreeze:
         freeze = self
 
         class RestoreFrozenExperts(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001
+                if model is not None:
+                    freeze.check(model)
+
             def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
                 freeze.restore()
 
@@ -311,6 +327,10 @@ def select_experts(model: nn.Module, cfg: Any, examples: list[dict[str, list[int
     if cfg.experts is None:
         return None, None
     sparse = sparse_blocks(model, blocks, spec)
+    if not sparse:
+        raise SftscopeError(f"--experts {cfg.experts}: none of the selected blocks has routed "
+                            f"experts (dense blocks only); select sparse blocks or drop "
+                            f"--experts")
     loads = (routing_loads(model, examples, sparse, spec, batch_size=cfg.micro_batch_size)
              if cfg.experts.startswith("top-load") else {})
     chosen = choose_experts(cfg.experts, loads, sparse)
