@@ -186,3 +186,30 @@ def test_moe_gguf_loads(model_dir, tmp_path, family):
     if family == "qwen3_moe":
         with pytest.raises(SftscopeError, match="no shared expert"):
             arch.check_part(src.config, "shared_expert")
+
+
+def test_dynamics_roles_of_moe_parameters():
+    """Training dynamics file expert tensors by their MoE role, never under ``other``."""
+    from sftscope.experiments.dynamics import param_role
+
+    spec = arch.spec_for_config({"model_type": "qwen2_moe"})
+    roles = {n: param_role(n, spec) for n in (
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight",
+        "mlp.shared_expert.up_proj.weight", "mlp.shared_expert_gate.weight",
+        "input_layernorm.weight")}
+    assert list(roles.values()) == ["experts", "experts", "router", "shared_expert",
+                                    "shared_expert_gate", "other"]
+
+
+def test_moe_under_peft_wrapper():
+    """A PeftModel around an MoE keeps its family's map, re-rooted under the wrapper."""
+    from peft import LoraConfig, get_peft_model
+
+    from sftscope.load.tiny import build_tiny_model
+
+    model = get_peft_model(build_tiny_model("qwen2_moe", 100),
+                           LoraConfig(r=2, target_modules=["q_proj", "shared_expert.up_proj"]))
+    spec = arch.arch_for(model)
+    assert spec.family == "qwen2_moe" and spec.blocks == "base_model.model.model.layers"
+    assert arch.get_router(model, 2) is model.base_model.model.model.layers[2].mlp.gate
+    assert arch.get_shared_expert(model, 0) is not None and len(arch.get_blocks(model)) == 4
