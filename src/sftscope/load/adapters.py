@@ -140,10 +140,6 @@ def read_lora(folder: str | Path) -> LoraAdapter:
     if cfg.get("use_dora"):
         raise SftscopeError(f"{folder} is a DoRA adapter (use_dora): its change depends on the "
                             f"base weights' column norms; merge it and compare with --sft")
-    if cfg.get("target_parameters"):
-        raise SftscopeError(f"{folder} adapts fused expert parameters (target_parameters: one "
-                            f"LoRA pair per expert), which are not read per module yet; merge "
-                            f"it (tune --merge writes RUN/merged) and compare with --sft")
     wfile = folder / WEIGHTS_FILE
     if not wfile.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
