@@ -256,19 +256,7 @@ def lora_param_count(model: nn.Module, names: list[str], rank: float) -> int:
     return int(round(sum(rank * sum(module_in_out(model.get_submodule(n))) for n in names)))
 
 
-def adapted_modules(model: nn.Module) -> list[str]:
-    """Names (relative to the base model) of the modules that hold a LoRA layer."""
-    from peft.tuners.lora import LoraLayer
-
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoraLayer):
-            for prefix in ("base_model.model.", "base_model."):
-                if name.startswith(prefix):
-                    name = name[len(prefix):]
-                    break
-            out.append(name)
-    return sorted(out)
+adapted_modules = adapted_parts  # the parts a PEFT model trains (one home: moe_tune)
 
 
 def trainable_params(model: nn.Module) -> int:
