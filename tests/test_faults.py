@@ -37,7 +37,8 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     base = model_dir("llama", seed=0)
     p: dict[str, Any] = {"base": base, "sft": model_dir("llama", seed=1),
                          "deep": model_dir("llama", n_layers=6), "gpt2": model_dir("gpt2"),
-                         "wide": model_dir("llama", hidden=48), "root": root}
+                         "wide": model_dir("llama", hidden=48), "moe": model_dir("mixtral"),
+                         "root": root}
     rows = [{"question": f"Tom has {a} apples and buys {b} more. How many now?",
              "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"} for a, b in
             [(3, 4), (12, 7), (5, 5), (20, 1), (9, 8), (6, 2), (11, 3), (4, 4)]]
@@ -338,6 +339,18 @@ case("tune", extra=["--objective", "grpo", "--reward", "gsm8k", "--loss-type", "
      needle="not one of TRL's GRPO losses")
 case("tune", extra=["--reward", "gsm8k"], needle="--reward is an option of --objective grpo")
 case("tune", extra=["--beta", "0.1"], needle="--beta is an option of --objective dpo or grpo")
+# mixtures of experts: refused from the config, before the weights load
+case("tune", extra=["--experts", "1"], needle="--experts applies to mixture-of-experts")
+case("tune", extra=["--router"], needle="--router applies to mixture-of-experts")
+case("tune", {"--model": "{moe}"}, extra=["--experts", "top-load:9"],
+     needle="larger than the 4 experts")
+case("tune", {"--model": "{moe}"}, extra=["--experts", "0,4"], needle="out of range")
+case("tune", {"--model": "{moe}"}, extra=["--experts", "1"],
+     needle="cannot target single experts")
+case("tune", extra=["--experts", "top-load:0"], needle="K >= 1")
+case("tune", extra=["--experts", "one"], needle="top-load:K or 0-based expert indices")
+case("tune", {"--model": "{moe}"}, extra=["--mlp", "--dropout", "0.1"], needle="--dropout 0")
+case("sweep", {"--model": "{moe}"}, extra=["--experts", "9"], needle="out of range")
 
 case("eval", {"--task": "hellaswag"}, needle="unknown --task")
 case("eval", extra=["--shots", "-1"], needle="--shots must be at least 0")
