@@ -294,9 +294,10 @@ def save_mix(base: nn.Module, sft: nn.Module, mask: str, alpha: float, folder: s
 
 def _rows(sums: LensSums, config: str, direction: str, mask: str, head: str, level: float,
           n_boot: int, seed: int, alpha: float = math.nan) -> list[dict[str, Any]]:
-    """Accuracy, loss and perplexity with a sample-level (cluster) bootstrap interval (samples
-    resampled with all their tokens: ``metrics.stats.cluster_ratio_ci``); choice accuracy (one
-    0/1 per item) with the Wilson interval."""
+    """Accuracy, loss and perplexity with a sample-level (cluster) interval
+    (``metrics.stats.cluster_ratio_ci``: Wilson on the effective number of samples for accuracy,
+    the studentised cluster bootstrap for loss); choice accuracy (one 0/1 per item) with the
+    Wilson interval."""
     rows = []
 
     def add(metric, value, lo, hi, n):
@@ -307,7 +308,7 @@ def _rows(sums: LensSums, config: str, direction: str, mask: str, head: str, lev
     n_tok = int(sums.tokens.sum())
     if n_tok:
         acc = cluster_ratio_ci(sums.correct[:, 0], sums.tokens, n_boot=n_boot, level=level,
-                               seed=seed, bounds=(0.0, 1.0))
+                               seed=seed, bounds=(0.0, 1.0), proportion=True)
         add("accuracy", sums.correct[:, 0].sum() / n_tok, *acc, n_tok)
         loss = sums.loss[:, 0].sum() / n_tok
         lo, hi = cluster_ratio_ci(sums.loss[:, 0], sums.tokens, n_boot=n_boot, level=level,
