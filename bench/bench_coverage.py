@@ -98,7 +98,7 @@ def analytic(x, d, level):
     resid = x - r[:, None] * d
     dbar = d.mean(1)
     with np.errstate(all="ignore"):  # skewness of the linearised values (Hall's transform)
-        g = (resid ** 3).mean(1) / ((resid ** 2).mean(1)) ** 1.5 / dbar ** 0 
+        g = (resid ** 3).mean(1) / ((resid ** 2).mean(1)) ** 1.5 / dbar ** 0
         g = np.nan_to_num(g)
     a3, b = g / (3 * math.sqrt(n)), g / (6 * math.sqrt(n))
 

@@ -56,7 +56,8 @@ def test_cluster_wilson_covers_near_zero_few_samples_heavy_tails(n, p):
 
 def test_mean_ci_follows_skewed_values():
     """Per-sample losses, lognormal (sigma 0.5): at n = 10 the studentised bootstrap covers
-    >= 91 % here (0.937 over 1000 simulations in the bench; Student-t's symmetric interval misses more, on the low-skew side)."""
+    >= 91 % here (0.937 over 1000 simulations in the bench), Student-t's symmetric interval
+    less."""
     rng = np.random.default_rng(7)
     sims, hit, hit_t = 400, 0, 0
     from scipy import stats as sps

@@ -44,8 +44,9 @@ def bootstrap_ci(
     """Bootstrap interval over samples, reproducible for a given ``seed``.
 
     ``data`` is either per-sample values ``[N]`` (the statistic is their mean, NaNs skipped;
-    studentised bootstrap, :func:`cluster_bootstrap_t`, as for every mean) or a function ``f(idx) -> float`` evaluated on resampled row indices (``idx`` an int array of
-    length ``n``, with repeats; percentile interval): use it for dataset-level metrics, e.g.
+    studentised bootstrap, :func:`cluster_bootstrap_t`, as for every mean) or a function
+    ``f(idx) -> float`` evaluated on resampled row indices (``idx`` an int array of length
+    ``n``, with repeats; percentile interval): use it for dataset-level metrics, e.g.
     ``lambda idx: dataset_metrics(Z[idx])["effective_rank"]``. Rank-type metrics are biased by the
     duplicated rows of a resample; read their intervals as spread, not as exact coverage.
     """
