@@ -700,8 +700,9 @@ SPECS: list[FigureSpec] = [
         "Recorded while `sftscope tune` trained (RUN/dynamics.csv): the change of each block's "
         "effective weights since step 0 at the last recorded step (LoRA: ||(alpha/r) B A||; "
         "full fine-tuning: ||W_t - W_0||), the gradient norm per block over the recorded "
-        "steps (the gradient the optimizer applied: after clipping), and, from a weights run, the base -> SFT change beside them. Block norms "
-        "combine the block's modules (square root of the sum of squares).", ("dynamics",),
+        "steps (the gradient the optimizer applied: after clipping), and, from a weights run, "
+        "the base -> SFT change beside them. Block norms combine the block's modules "
+        "(square root of the sum of squares).", ("dynamics",),
         "training dynamics", dynamics_prepare,
         (("fig10_dynamics", "Fig. 10: update and gradient norm by block",
           plots.plot_dynamics),
