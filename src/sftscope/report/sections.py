@@ -428,13 +428,13 @@ def suggest_findings(data: FigureData) -> list[str]:
 
 def _baselines(row: dict[str, Any]) -> str:
     """What a proposal without a signal would rank: the prior-only mask (segment centre
-    nearest 30 % depth) and a random interior one-segment mask (its expected rank)."""
+    nearest 30 % depth) and a random interior mask of its shape (its expected rank)."""
     parts = []
     if np.isfinite(pd.to_numeric(row.get("prior_rank"), errors="coerce")):
         parts.append(f"the prior-only mask {row.get('prior_mask', '')} ranks "
                      f"{f(row['prior_rank'], 0)}")
     if np.isfinite(pd.to_numeric(row.get("random_rank"), errors="coerce")):
-        text = (f"a random interior one-segment mask {f(row['random_rank'], 1)} on average "
+        text = (f"a random interior mask of its shape {f(row['random_rank'], 1)} on average "
                 f"(of {f(row.get('n_interior'), 0)})")
         share = pd.to_numeric(row.get("random_as_good"), errors="coerce")
         if np.isfinite(share):
@@ -452,7 +452,7 @@ def suggest_tables(data: FigureData) -> list[TableOut]:
     val = data.extra.get("validation")
     if val is not None and len(val):
         out.append(("suggest_validation", "proposals ranked among the swept masks, beside the "
-                    "prior-only mask and random interior one-segment masks",
+                    "prior-only mask and random interior masks of its shape",
                     val.drop(columns=["n_blocks"], errors="ignore")))
     return out
 
@@ -759,7 +759,7 @@ SPECS: list[FigureSpec] = [
         "Per-segment score of each `sftscope suggest` method (higher = a better segment to "
         "tune), the proposed masks and the reason printed for them; where a sweep checked the "
         "proposals, where each ranks, beside the rank of the prior-only mask (segment centre "
-        "nearest 30 % depth) and of a random interior one-segment mask.", ("suggest",),
+        "nearest 30 % depth) and of a random interior mask of its shape.", ("suggest",),
         "mask proposals", suggest_prepare,
         (("fig8_suggest", "Fig. 8: per-segment scores of each suggest method",
           plots.plot_suggest),),
