@@ -20,7 +20,8 @@ number of samples, ``wilson_deff`` Wilson with n_eff = p(1-p) / var (linearised 
 variance, the design effect) floored at Kish's n, ``wilson_deff_t`` the same with a Student-t
 quantile (df = samples - 1). Prints, per method, the coverage (share of simulations whose
 interval holds the true value) and the mean width, cell by cell, then each method's minimum
-coverage over the grid.
+coverage over the grid, and a markdown table (minimum coverage per sample count, median width
+relative to the percentile bootstrap) as in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ def main() -> None:
         a.sims, ns, ps, laws, rhos = 300, [10, 100], [0.01, 0.1, 0.5], ["pareto1.5"], [0.5]
     t0 = time.time()
     worst: dict[str, dict[str, tuple[float, str]]] = {}
+    cells: list[tuple[str, int, dict[str, tuple[float, float]]]] = []
     for n in ns:
         w = np.random.default_rng(a.seed).multinomial(n, np.full(n, 1 / n), size=a.boot)
         w = w.astype(float)
@@ -207,6 +209,7 @@ def main() -> None:
         for c, (kind, kw) in enumerate(grid):
             rng = np.random.default_rng([a.seed, n, c])
             res = cell(rng, w, kind, a.level, sims=a.sims, n=n, **kw)
+            cells.append((kind, n, res))
             label = f"{kind} n={n} " + " ".join(f"{k}={v}" for k, v in kw.items())
             print(label + " | " + "  ".join(f"{m} {c:.3f}/{wd:.3g}" for m, (c, wd)
                                             in sorted(res.items())), flush=True)
@@ -219,6 +222,26 @@ def main() -> None:
     for kind, ms in worst.items():
         for m, (c, label) in sorted(ms.items(), key=lambda kv: -kv[1][0]):
             print(f"  {kind:8s} {m:14s} {c:.3f}   at {label}")
+    print()
+    print(markdown(cells, ns))
+
+
+def markdown(cells: list[tuple[str, int, dict[str, tuple[float, float]]]], ns: list[int]) -> str:
+    """Per kind and method: the minimum coverage at each sample count (over the other grid
+    axes) and the median width relative to the percentile bootstrap's, as a markdown table."""
+    lines = []
+    for kind in dict.fromkeys(k for k, _, _ in cells):
+        mine = [(n, r) for k, n, r in cells if k == kind]
+        methods = sorted({m for _, r in mine for m in r})
+        lines += [f"| {kind}: method | " + " | ".join(f"n={n}" for n in ns)
+                  + " | min | width / pct |", "|---" * (len(ns) + 3) + "|"]
+        for m in methods:
+            mins = [min((r[m][0] for nn, r in mine if nn == n), default=math.nan) for n in ns]
+            rel = [r[m][1] / r["pct"][1] for _, r in mine if r["pct"][1] > 0]
+            lines.append(f"| {m} | " + " | ".join(f"{c:.3f}" for c in mins)
+                         + f" | {np.nanmin(mins):.3f} | {np.nanmedian(rel):.2f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
