@@ -3,6 +3,7 @@ and per-sample means, simulated with clustered tokens: measure, don't guess.
 
     python bench/bench_coverage.py [--sims 1000 --boot 1000 --seed 0 --level 0.95]
     python bench/bench_coverage.py --quick        # a small grid, a few hundred simulations
+    python bench/bench_coverage.py --only loss --ns 10,1000   # part of the grid
 
 Accuracy (``sum(correct) / sum(tokens)`` over samples): each sample has a length drawn from a
 heavy-tailed law (lognormal sigma 1 or 1.5, Pareto alpha 1.5; capped at 4096 tokens) and its
@@ -186,8 +187,9 @@ def main() -> None:
     ap.add_argument("--level", type=float, default=0.95)
     ap.add_argument("--quick", action="store_true", help="small grid, 300 simulations")
     ap.add_argument("--only", choices=["accuracy", "loss"], default=None)
+    ap.add_argument("--ns", default="10,30,100,300,1000", help="numbers of texts")
     a = ap.parse_args()
-    ns = [10, 30, 100, 300, 1000]
+    ns = [int(x) for x in a.ns.split(",")]
     ps = [0.01, 0.03, 0.1, 0.3, 0.5]
     laws = ["lognormal1", "lognormal1.5", "pareto1.5"]
     rhos = [0.1, 0.5]
@@ -199,14 +201,13 @@ def main() -> None:
     for n in ns:
         w = np.random.default_rng(a.seed).multinomial(n, np.full(n, 1 / n), size=a.boot)
         w = w.astype(float)
-        grid = []
-        if a.only in (None, "accuracy"):
-            grid += [("accuracy", dict(p=p, law=law, rho=rho))
-                     for p, law, rho in itertools.product(ps, laws, rhos)]
-        if a.only in (None, "loss"):
-            grid += [("loss", dict(sigma=s, law=law))
-                     for s, law in itertools.product([0.5, 1.0], [None, *laws])]
-        for c, (kind, kw) in enumerate(grid):
+        grid = [("accuracy", dict(p=p, law=law, rho=rho))
+                for p, law, rho in itertools.product(ps, laws, rhos)]
+        grid += [("loss", dict(sigma=s, law=law))
+                 for s, law in itertools.product([0.5, 1.0], [None, *laws])]
+        for c, (kind, kw) in enumerate(grid):  # a cell's seed does not depend on --only
+            if a.only not in (None, kind):
+                continue
             rng = np.random.default_rng([a.seed, n, c])
             res = cell(rng, w, kind, a.level, sims=a.sims, n=n, **kw)
             cells.append((kind, n, res))
