@@ -51,6 +51,7 @@ from sftscope.config.ingredients import (
     train_opt,
 )
 from sftscope.errors import SftscopeError
+from sftscope.load.arch import SWAP_PARTS
 
 MASK_GROUPS = ("singles", "paper", "all")
 
@@ -327,6 +328,21 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
         metavar="MASK:ALPHA,...")
     chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
                               check=at_least(1), cli=False, volatile=True)
+    parts: str = opt("all", "Which parameters of a segment's blocks are swapped (and "
+                     "interpolated): all (the whole blocks), attention (the attention module), "
+                     "or on a mixture of experts router, experts (all routed experts) or "
+                     "shared_expert (with its gate).", choices=SWAP_PARTS)
+
+    def _check(self) -> None:
+        """``--parts`` the base model has (runs first: before the data is read)."""
+        if self.parts not in ("all", "attention") and self.base:
+            from sftscope.load.arch import check_part
+            from sftscope.load.sources import check_model
+
+            src = check_model(self.base, "base model")
+            config = src.config or (src.base.config if src.base is not None else {})
+            if config:  # a hub id: checked once its config is fetched
+                check_part(config, self.parts)
 
     def mixes(self) -> list[tuple[str, float]]:
         """``save_mix`` as ``(mask, alpha)`` pairs, in the order given."""
@@ -700,6 +716,12 @@ class SweepConfig(Config):
                                  "where each proposal ranks among the swept masks.")
     sft: str | None = opt(None, "An SFT model of the same base, for the pair method of "
                           "--validate-suggest.")
+    retention: str | None = opt(None, "Retention texts (a data source): every job also measures "
+                                "KL(tuned || base) at the output and the loss drop there, and "
+                                "the sweep reports their rank correlation across masks "
+                                "(forgetting.csv).")
+    retention_limit: int = opt(100, "Retention texts per job (a seeded subsample).",
+                               check=at_least(1), metavar="N")
     suggest: dict[str, Any] = opt(help="suggest options for --validate-suggest.",
                                   factory=dict, expand="suggest")
     level: float = level_opt()
@@ -715,6 +737,8 @@ class SweepConfig(Config):
     def check(self) -> None:
         from sftscope.load.sources import check_model
 
+        if self.retention:
+            check_data_source(self.retention)
         if self.job_index >= self.num_jobs:
             raise SftscopeError(f"--job-index {self.job_index} must be below --num-jobs "
                                 f"{self.num_jobs}")
