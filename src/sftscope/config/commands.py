@@ -653,7 +653,8 @@ class TuneConfig(OneModel):
     keep_checkpoints: bool = opt(False, "Keep RUN/checkpoints after success.", volatile=True)
     logging_steps: int = opt(10, "Log the loss every N steps.", check=at_least(1),
                              volatile=True)
-    dynamics_every: int | None = opt(None, "Record per-block gradient and update norms in "
+    dynamics_every: int | None = opt(None, "Record per-block gradient (after clipping) and "
+                                     "update norms in "
                                      "RUN/dynamics.csv every N optimizer steps (default: every "
                                      "--logging-steps; 0 = off).", check=at_least(0),
                                      volatile=True)

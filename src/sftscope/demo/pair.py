@@ -47,6 +47,7 @@ from sftscope.demo.corpus import (
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.data import pad_batch
+from sftscope.load.runtime import cpu_cores
 from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
 from sftscope.tasks.base import trim_at_stop
@@ -87,10 +88,11 @@ class PairConfig:
     eval_items: int = 50
     eval_new_tokens: int = 64
     threads: int = 0
-    """torch threads while building (0: chosen from the machine's load as training goes, see
-    ``load.runtime.ThreadGovernor``). Not part of the cache key. One thread is as fast as two
-    for the quick preset's tiny matrices and far faster on a busy machine, where two OpenMP
-    threads wait on each other at every operation."""
+    """torch threads while building (0: the cores this process may use). Fixed when training
+    starts and never adapted to the machine's load, so that one seed gives the same weights
+    however busy the machine is (a count chosen from the load gave two runs of one commit
+    different checkpoints). Not part of the cache key. One thread is as fast as two for the
+    quick preset's tiny matrices."""
 
 
 FULL = PairConfig()
@@ -218,19 +220,13 @@ def _train(model, dataset: torch.utils.data.Dataset, *, steps: int, lr: float, c
         PrinterCallback,
         ProgressCallback,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
-    from sftscope.load.runtime import ThreadGovernor
     from sftscope.progress import trainer_callback
 
     show = progress_enabled()
-    governor = ThreadGovernor(enabled=cfg.threads == 0)
-
-    class Governor(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-            governor()
+    THREADS[name] = torch.get_num_threads()
 
     args = TrainingArguments(
         output_dir=str(work_dir / f"trainer-{name}"), max_steps=steps,
@@ -242,18 +238,30 @@ def _train(model, dataset: torch.utils.data.Dataset, *, steps: int, lr: float, c
         dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      callbacks=[Governor(), trainer_callback(f"demo pair: {name}")])
+                      callbacks=[trainer_callback(f"demo pair: {name}")])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if show:
         say(f"[bold]demo pair[/]: training {name} ({steps} steps)")
-    trainer.train()
+    with _deterministic():
+        trainer.train()
     model.eval()
-    THREAD_CHANGES[name] = governor.changes
     return [[float(h["step"]), float(h["loss"])] for h in trainer.state.log_history if "loss" in h]
 
 
-THREAD_CHANGES: dict[str, list[tuple[float, int]]] = {}  # (seconds, threads) per training phase
+THREADS: dict[str, int] = {}  # torch threads of each training phase, for the manifest
+
+
+@contextlib.contextmanager
+def _deterministic():
+    """torch's deterministic algorithms while training (warn where an op has none)."""
+    was, warn = (torch.are_deterministic_algorithms_enabled(),
+                 torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
 def _new_model(family: str, vocab_size: int, cfg: PairConfig, seed: int):
@@ -451,7 +459,7 @@ def build_demo_pair(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (out_dir / MANIFEST).unlink()  # stale from now on; written again when done
-    with _torch_threads(cfg.threads), _hf_bars(progress_enabled()):
+    with _torch_threads(cfg.threads or cpu_cores()), _hf_bars(progress_enabled()):
         return _train_pair(out_dir, seed=seed, family=family, cfg=cfg, quick=quick,
                            settings=settings, key=key)
 
@@ -473,7 +481,8 @@ def _hf_bars(show: bool):
 
 @contextlib.contextmanager
 def _torch_threads(n: int):
-    """Run with ``n`` torch threads (0: unchanged), then restore the previous setting."""
+    """Run with ``n`` torch threads (fixed for the whole run), then restore the previous
+    setting."""
     old = torch.get_num_threads()
     if n > 0:
         torch.set_num_threads(n)
@@ -557,8 +566,7 @@ def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick
                    "prompt_format": format_prompt("{question}"),
                    "eos_token": tok.eos_token, "pad_token": tok.pad_token},
         tokens=tokens, timings={k: round(v, 2) for k, v in timer.seconds.items()},
-        cpu_seconds={k: round(v, 2) for k, v in cpu.items()}, torch_threads=torch.get_num_threads(),
-        thread_changes=dict(THREAD_CHANGES),
+        cpu_seconds={k: round(v, 2) for k, v in cpu.items()}, torch_threads=dict(THREADS),
         metrics={k: round(v, 4) for k, v in metrics.items()},
         loss_history={"base": base_hist, "sft": sft_hist},
         files={k: str(p.relative_to(out_dir)) for k, p in files.items()},

@@ -498,13 +498,13 @@ def suggest_findings(data: FigureData) -> list[str]:
 
 def _baselines(row: dict[str, Any]) -> str:
     """What a proposal without a signal would rank: the prior-only mask (segment centre
-    nearest 30 % depth) and a random interior one-segment mask (its expected rank)."""
+    nearest 30 % depth) and a random interior mask of its shape (its expected rank)."""
     parts = []
     if np.isfinite(pd.to_numeric(row.get("prior_rank"), errors="coerce")):
         parts.append(f"the prior-only mask {row.get('prior_mask', '')} ranks "
                      f"{f(row['prior_rank'], 0)}")
     if np.isfinite(pd.to_numeric(row.get("random_rank"), errors="coerce")):
-        text = (f"a random interior one-segment mask {f(row['random_rank'], 1)} on average "
+        text = (f"a random interior mask of its shape {f(row['random_rank'], 1)} on average "
                 f"(of {f(row.get('n_interior'), 0)})")
         share = pd.to_numeric(row.get("random_as_good"), errors="coerce")
         if np.isfinite(share):
@@ -522,7 +522,7 @@ def suggest_tables(data: FigureData) -> list[TableOut]:
     val = data.extra.get("validation")
     if val is not None and len(val):
         out.append(("suggest_validation", "proposals ranked among the swept masks, beside the "
-                    "prior-only mask and random interior one-segment masks",
+                    "prior-only mask and random interior masks of its shape",
                     val.drop(columns=["n_blocks"], errors="ignore")))
     return out
 
@@ -834,8 +834,9 @@ SPECS: list[FigureSpec] = [
         "Recorded while `sftscope tune` trained (RUN/dynamics.csv): the change of each block's "
         "effective weights since step 0 at the last recorded step (LoRA: ||(alpha/r) B A||; "
         "full fine-tuning: ||W_t - W_0||), the gradient norm per block over the recorded "
-        "steps, and, from a weights run, the base -> SFT change beside them. Block norms "
-        "combine the block's modules (square root of the sum of squares).", ("dynamics",),
+        "steps (the gradient the optimizer applied: after clipping), and, from a weights run, "
+        "the base -> SFT change beside them. Block norms combine the block's modules "
+        "(square root of the sum of squares).", ("dynamics",),
         "training dynamics", dynamics_prepare,
         (("fig10_dynamics", "Fig. 10: update and gradient norm by block",
           plots.plot_dynamics),
@@ -892,7 +893,7 @@ SPECS: list[FigureSpec] = [
         "Per-segment score of each `sftscope suggest` method (higher = a better segment to "
         "tune), the proposed masks and the reason printed for them; where a sweep checked the "
         "proposals, where each ranks, beside the rank of the prior-only mask (segment centre "
-        "nearest 30 % depth) and of a random interior one-segment mask.", ("suggest",),
+        "nearest 30 % depth) and of a random interior mask of its shape.", ("suggest",),
         "mask proposals", suggest_prepare,
         (("fig8_suggest", "Fig. 8: per-segment scores of each suggest method",
           plots.plot_suggest),),
