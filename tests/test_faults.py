@@ -228,6 +228,8 @@ case("analyze", {"--cache-dir": "{file}"}, needle="is a file")
 case("analyze", {"--entropy-normalisations": "log2"}, needle="unknown normalisation")
 case("analyze", {"--base": DROP}, needle="missing --base")
 case("analyze", {"--data": DROP}, needle="missing --data")
+case("analyze", extra=["--router-input", "base"], needle="needs a mixture-of-experts pair")
+case("analyze", extra=["--router-input", "sft"], needle="--router-input")
 
 case("probe", extra=["--base", "{base}"], needle="not both")
 case("probe", extra=["--top1-examples", "-1"], needle="--top1-examples must be at least 0")

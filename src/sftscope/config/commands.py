@@ -107,7 +107,7 @@ def entropy_norms(value: tuple[str, ...]) -> str | None:
 class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
     """Everything ``analyze`` needs (``stages``: a checkpoint chain after ``sft``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*")
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*", "routing.*")
 
     limit: int | None = limit_opt(1000)
     n_token: int = opt(100, "Samples (the first of the selection) that also get token-level "
@@ -123,6 +123,10 @@ class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
                                                   "e.g. logN,raw.", check=entropy_norms)
     pooling: str = pooling_opt()
     cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")
+    router_input: str = opt("own", "Mixture-of-experts pairs: the stream the routers read in "
+                            "routing.csv: own (each model's) or base (the SFT's routers on the "
+                            "base's stream: a router's own change, without upstream drift).",
+                            choices=("own", "base"))
 
 
 # ----------------------------------------------------------------------------- weights
