@@ -13,9 +13,7 @@ Pickle checkpoints are refused, never unpickled.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +33,13 @@ from sftscope.load.sources import (  # noqa: F401  (re-exported: the checkpoint 
 if TYPE_CHECKING:
     from torch import Tensor
 
-from sftscope.load.arch import ArchSpec, fused_qkv_sizes, spec_for_config, spec_from_names
+from sftscope.load.arch import (
+    ArchSpec,
+    block_re,
+    fused_qkv_sizes,
+    spec_for_config,
+    spec_from_names,
+)
 
 _JUNK_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
 # Legacy checkpoint names that transformers renames at load time: family -> {old: new}.
@@ -188,22 +192,17 @@ class Slot:
     param: str  # weight, bias, ...
 
 
-@functools.lru_cache(maxsize=64)
-def _block_re(blocks: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(blocks)}\.(\d+)\.(.+)$")
-
-
 def classify(name: str, spec: ArchSpec) -> Slot | None:
     """``(block, module, param)`` of a canonical tensor name; None for non-parameter buffers."""
     path, _, param = name.rpartition(".")
     if param in ("inv_freq", "masked_bias"):
         return None
-    m = _block_re(spec.blocks).match(path)
+    m = block_re(spec.blocks).match(path)
     if m:
         sub = m.group(2)
         if spec.conv1d and sub == "attn" and param == "bias":
             return None  # GPT-2's causal-mask buffer in old checkpoints
-        role = spec.module_roles().get(sub, "other")
+        role = spec.role_of(sub) or "other"
         return Slot(int(m.group(1)), role, param)
     if path == spec.embed:
         return Slot(None, "embed", param)

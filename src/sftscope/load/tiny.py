@@ -2,7 +2,10 @@
 
 ``train_tokenizer`` makes a byte-level BPE tokenizer (digits split into single tokens, which
 arithmetic needs) in well under a second. ``tiny_config`` / ``save_tiny_model`` make a random
-model of a real family and save it as an ordinary Hugging Face folder.
+model of a real family and save it as an ordinary Hugging Face folder. The mixture-of-experts
+families (``MOE_FAMILIES``: Mixtral, Qwen2-MoE with a shared expert and its gate, Qwen3-MoE,
+OLMoE) get 4 experts, top-2 routing and experts as wide as the hidden size unless overridden
+(``n_experts``, ``top_k``); ``save_pretrained`` writes them in the hub's per-expert layout.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 
 FAMILIES = ("llama", "mistral", "olmo2", "qwen2", "qwen3", "gemma2", "gpt2", "gpt_neox", "phi")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
 
 _DEFAULT_TEXT = [
@@ -76,12 +80,28 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 4, hidden: int = 3
                   num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
                   intermediate_size=intermediate, max_position_embeddings=max_positions,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-        if family in ("gemma2", "qwen3"):
+        if family in ("gemma2", "qwen3", "qwen3_moe"):
             kw["head_dim"] = hidden // n_heads
         if family == "phi":
             kw.pop("num_key_value_heads")
+        if family in MOE_FAMILIES:
+            kw.update(_moe_config(family, intermediate, overrides))
     kw.update(overrides)
     return AutoConfig.for_model(family, **kw)
+
+
+def _moe_config(family: str, intermediate: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Expert settings of a tiny MoE config (``n_experts`` and ``top_k`` are popped from
+    ``overrides``): every block sparse, the router's auxiliary loss off by default."""
+    n = int(overrides.pop("n_experts", 4))
+    k = int(overrides.pop("top_k", 2))
+    kw: dict[str, Any] = {"num_experts_per_tok": k, "output_router_logits": False}
+    kw["num_local_experts" if family == "mixtral" else "num_experts"] = n
+    if family in ("qwen2_moe", "qwen3_moe"):
+        kw.update(moe_intermediate_size=intermediate, decoder_sparse_step=1, mlp_only_layers=[])
+    if family == "qwen2_moe":
+        kw["shared_expert_intermediate_size"] = intermediate
+    return kw
 
 
 def build_tiny_model(family: str, vocab_size: int, seed: int = 0, **config_kw: Any):
