@@ -131,7 +131,8 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
     path = cache / f"states-{key}.safetensors"
     hit = load_cached(path) if par.main else None
     if hit is not None and routing is not None and not routing[1](key):
-        hit = None  # the routing stored beside it is gone: captured again
+        hit = None  # the routing stored beside it is gone: captured again, from scratch
+        path.unlink(missing_ok=True)
     if par.broadcast(hit is not None):
         if hit is None:
             return None, fp, key
