@@ -56,6 +56,8 @@ TABLES: dict[str, TableSpec] = {
     "dynamics": TableSpec("dynamics", ("step", "block", "module", "grad_norm", "update_norm"),
                           "tune", "training dynamics (per-block gradient and update norms)"),
     "steer": TableSpec("steer", ("scale", "metric", "value"), "steer", "steering results"),
+    "routing": TableSpec("routing", ("block", "metric", "model", "value"), "analyze",
+                         "routing drift of a mixture-of-experts pair"),
 }
 # Tables built from other files of a run folder (run.json, trainer state), not read from CSV.
 DERIVED: dict[str, TableSpec] = {
