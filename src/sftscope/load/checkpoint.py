@@ -37,6 +37,7 @@ from sftscope.load.arch import (
     ArchSpec,
     block_re,
     fused_qkv_sizes,
+    moe_tensor,
     spec_for_config,
     spec_from_names,
 )
@@ -185,15 +186,19 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Slot:
-    """What a tensor is: block (None outside the blocks), module role, parameter name."""
+    """What a tensor is: block (None outside the blocks), module role, parameter name, and
+    for one routed expert's tensor (on-disk per-expert layout) the expert's index."""
 
     block: int | None
     module: str
     param: str  # weight, bias, ...
+    expert: int | None = None
 
 
 def classify(name: str, spec: ArchSpec) -> Slot | None:
-    """``(block, module, param)`` of a canonical tensor name; None for non-parameter buffers."""
+    """``(block, module, param[, expert])`` of a canonical tensor name; None for
+    non-parameter buffers. MoE tensors of either layout get their role (``arch.MOE_ROLES``); a
+    per-expert tensor its expert index, a fused one (all experts) none."""
     path, _, param = name.rpartition(".")
     if param in ("inv_freq", "masked_bias"):
         return None
@@ -202,8 +207,10 @@ def classify(name: str, spec: ArchSpec) -> Slot | None:
         sub = m.group(2)
         if spec.conv1d and sub == "attn" and param == "bias":
             return None  # GPT-2's causal-mask buffer in old checkpoints
-        role = spec.role_of(sub) or "other"
-        return Slot(int(m.group(1)), role, param)
+        moe = moe_tensor(spec, name)
+        if moe is not None:
+            return Slot(moe.block, moe.role, param, moe.expert)
+        return Slot(int(m.group(1)), spec.role_of(sub) or "other", param)
     if path == spec.embed:
         return Slot(None, "embed", param)
     if path in spec.extra_embeds:
