@@ -376,6 +376,7 @@ case("demo", extra=["--sweep-seeds", "0"], needle="--sweep-seeds must be at leas
 case("demo", extra=["--sweep-masks", "012"], needle="valid groups")
 case("demo", extra=["--seed", "x"], needle="--seed expects an integer")
 case("demo", extra=["--out", "{file}"], needle="is a file")
+case("demo", extra=["--moe", "--family", "olmo2"], needle="--moe trains a Mixtral pair")
 
 CASES = [c for c in CASES if c[3]]  # the one --epochs 0 with --max-steps is valid
 CATALOGUE = [pytest.param(c, id=f"{i:03d}-{c[0]}-{c[3][:28]}") for i, c in enumerate(CASES)]

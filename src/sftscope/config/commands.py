@@ -787,6 +787,9 @@ class DemoConfig(Config):
     seed: int = opt(0, "Seed of the corpus, training and analyses.")
     quick: bool = opt(False, "Reduced size (about a minute; what the tests run).")
     family: str = opt("llama", "Architecture of the demo pair.", choices=("llama", "olmo2"))
+    moe: bool = opt(False, "A mixture-of-experts pair instead (Mixtral family, 4 experts, "
+                    "top-2): analyze with routing drift, weights with per-expert rows, probe "
+                    "and the report's MoE figures; swap and the sweep are left out.")
     force: bool = opt(False, "Retrain the pair even if a cached one exists.", volatile=True)
     segments: int = segments_opt(5)
     sweep_masks: str = opt("singles", "Masks of the small sweep: singles, paper, all, or a "
@@ -800,6 +803,15 @@ class DemoConfig(Config):
         if bad:
             raise SftscopeError(f"--skip {bad[0]!r}: unknown step; steps are "
                                 f"{', '.join(DEMO_STEPS)}")
+        if self.moe and self.family != "llama":
+            raise SftscopeError(f"--family {self.family} is for the dense demo pair; --moe "
+                                f"trains a Mixtral pair (leave --family out)")
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The steps that run: all but ``skip`` (and, with ``moe``, swap and the sweep)."""
+        left = ("swap", "sweep") if self.moe else ()
+        return tuple(s for s in DEMO_STEPS if s not in self.skip and s not in left)
 
     @property
     def sizes(self) -> dict[str, int]:
