@@ -206,7 +206,10 @@ def test_routing_shares_merge_to_one_capture(model_dir, tokenizer, tmp_path):
     merged = merge_shards(parts, len(TEXTS))
     assert torch.equal(merged.routing["count"], whole.routing["count"])
     assert int(whole.routing["count"].sum()) == len(blocks) * k * sum(map(len, tok.input_ids))
-    for s in range(len(TEXTS)):
-        a = RouterStore(tmp_path / "one").read([s])
-        b = RouterStore(tmp_path / "two").read([s])
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    order = [5, 0, 3, 1, 2, 4]  # across the files of both shares
+    a = RouterStore(tmp_path / "one").read(order)
+    b = RouterStore(tmp_path / "two").read(order)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape == (len(blocks), sum(len(tok.input_ids[s]) for s in order), e)
+    assert RouterStore(tmp_path / "two").complete(list(range(len(TEXTS))))
+    assert not RouterStore(tmp_path / "two").complete([len(TEXTS)])

@@ -13,8 +13,8 @@ Two ways to compare two models' routers at the same tokens while only one model 
 
 - ``record`` then ``compare`` (each router on its own model's residual stream): the base's
   pass writes each sample's router probabilities and selections ``[m, T, E]`` / ``[m, T, k]``
-  to a store on disk (one file per sample, in the capture cache); the SFT's pass reads the
-  files of each batch's samples and reduces against them. At most one batch is in memory.
+  to a store on disk (one file per batch, in the capture cache); the SFT's pass reads those
+  of each of its batches' samples and reduces against them. At most one batch is in memory.
 - ``apply`` (``--router-input base``): copies of the SFT's routers (``E x H`` each) run in the
   base's pass on the very input the base's routers get; both distributions are there at once.
 """
@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from sftscope.errors import SftscopeError
-from sftscope.io import atomic_path
+from sftscope.io import atomic_path, stable_hash
 from sftscope.metrics import routing as R
 
 MODES = ("record", "compare", "apply")
@@ -103,36 +104,68 @@ def router_hooks(routers: dict[int, nn.Module], fn) -> Iterator[None]:
 
 
 class RouterStore:
-    """One file per sample of a base's router probabilities ``[m, T, E]`` (float32) and
-    selections ``[m, T, k]``, in ``folder`` (the capture cache): written by ``record``, read
-    batch by batch by ``compare``. Files are written atomically, so a present file is whole."""
+    """A base's router probabilities ``[m, T, E]`` (float32) and selections ``[m, T, k]`` per
+    sample, in ``folder`` (the capture cache): one file per batch (tensors ``<sample>.probs``
+    and ``<sample>.sel``), written by ``record``, read batch by batch by ``compare`` whatever
+    the batches then are. Files are written atomically, so a present file is whole; a sample
+    in two files (a resumed or re-sharded run) has the same numbers in both."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._index: dict[int, Path] | None = None
 
-    def path(self, sample: int) -> Path:
-        return self.folder / f"{sample}.safetensors"
+    def write(self, samples: list[int], probs: list[torch.Tensor],
+              sel: list[torch.Tensor]) -> None:
+        tensors = {}
+        for s, p, q in zip(samples, probs, sel, strict=True):
+            tensors[f"{s}.probs"], tensors[f"{s}.sel"] = p.contiguous(), q.contiguous()
+        digest = stable_hash(samples, 12)
+        with atomic_path(self.folder / f"{samples[0]}-{len(samples)}-{digest}.safetensors") as t:
+            save_file(tensors, str(t))
+        self._index = None
 
-    def write(self, sample: int, probs: torch.Tensor, sel: torch.Tensor) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path(sample)) as tmp:
-            save_file({"probs": probs.contiguous(), "sel": sel.contiguous()}, str(tmp))
+    def index(self) -> dict[int, Path]:
+        """Sample -> a file holding it (the folder's files read once)."""
+        if self._index is None:
+            from safetensors import safe_open
+
+            self._index = {}
+            for f in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else ():
+                try:
+                    with safe_open(str(f), "pt") as h:
+                        keys = list(h.keys())
+                except Exception:  # noqa: BLE001 - an unreadable file holds nothing
+                    continue
+                self._index.update({int(k.split(".")[0]): f for k in keys
+                                    if k.endswith(".probs")})
+        return self._index
 
     def complete(self, samples: list[int]) -> bool:
-        return all(self.path(s).is_file() for s in samples)
+        self._index = None
+        have = self.index()
+        return all(s in have for s in samples)
 
     def read(self, samples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples' tokens in order (right padding: the real rows of a batch, flattened)
         -> probabilities ``[m, n, E]`` and selections ``[m, n, k]``."""
-        got = []
-        for s in samples:
+        from safetensors import safe_open
+
+        have, probs, sel = self.index(), [], []
+        for f, group in itertools.groupby(samples, key=lambda s: have.get(s)):
+            group = list(group)
             try:
-                got.append(load_file(str(self.path(s))))
+                if f is None:
+                    raise FileNotFoundError(group[0])
+                with safe_open(str(f), "pt") as h:
+                    for s in group:
+                        probs.append(h.get_tensor(f"{s}.probs"))
+                        sel.append(h.get_tensor(f"{s}.sel"))
             except Exception as e:  # noqa: BLE001 - any unreadable file: one line
-                raise SftscopeError(f"the base's router probabilities of sample {s} are missing "
-                                    f"or unreadable in {self.folder} ({type(e).__name__}); "
-                                    f"delete that folder and run again") from None
-        return (torch.cat([g["probs"] for g in got], 1), torch.cat([g["sel"] for g in got], 1))
+                raise SftscopeError(f"the base's router probabilities of sample {group[0]} are "
+                                    f"missing or unreadable in {self.folder} "
+                                    f"({type(e).__name__}); delete that folder and run "
+                                    f"again") from None
+        return torch.cat(probs, 1), torch.cat(sel, 1)
 
 
 @dataclass
@@ -270,9 +303,8 @@ class RoutingReducer:
             probs = torch.stack([k[0].cpu() for k in self._keep])  # type: ignore[index]
             sel = torch.stack([k[1].cpu() for k in self._keep])  # type: ignore[index]
             lengths = batch.mask.sum(1).tolist()
-            for s, p, q in zip(batch.index, probs.split(lengths, 1), sel.split(lengths, 1),
-                               strict=True):
-                self.task.store.write(s, p, q.to(torch.int32))
+            self.task.store.write(list(batch.index), list(probs.split(lengths, 1)),
+                                  list(sel.to(torch.int32).split(lengths, 1)))
         self._cur, self._keep, self._base = {}, [], None
 
     def discard_current(self) -> None:
