@@ -75,6 +75,19 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     name = next(k for k in tensors if "layers.1." in k and k.endswith("q_proj.weight"))
     tensors[name][0, 0] = float("nan")
     save_file(tensors, str(nanmodel / "model.safetensors"), metadata={"format": "pt"})
+    import torch
+
+    p["moe"] = model_dir("qwen3_moe")
+    moefused = root / "moefused"  # the same MoE, experts stored fused [E, ...]
+    shutil.copytree(p["moe"], moefused)
+    tensors = load_file(str(moefused / "model.safetensors"))
+    for b in range(4):
+        pre = f"model.layers.{b}.mlp.experts"
+        per = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(pre + ".")]}
+        for fused, projs in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+            tensors[f"{pre}.{fused}"] = torch.stack([torch.cat(
+                [per[f"{pre}.{e}.{r}_proj.weight"] for r in projs]) for e in range(4)])
+    save_file(tensors, str(moefused / "model.safetensors"), metadata={"format": "pt"})
     noweights = root / "noweights"
     noweights.mkdir()
     shutil.copy(base / "config.json", noweights / "config.json")
@@ -107,7 +120,7 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
         "file": "a_file", "nocfg": "nocfg", "bert": "bert", "truncated": "truncated",
         "emptyweights": "emptyweights", "noweights": "noweights", "nanmodel": "nanmodel",
         "emptyadapter": "emptyadapter", "orphan": "orphan", "badgguf": "badmagic.gguf",
-        "truncgguf": "trunc.gguf", "twogguf": "twogguf"}.items()})
+        "truncgguf": "trunc.gguf", "twogguf": "twogguf", "moefused": "moefused"}.items()})
     return {k: str(v) for k, v in p.items()}
 
 
@@ -238,6 +251,13 @@ case("probe", {"--model": DROP}, needle="give --model, or both --base and --sft"
 case("probe", {"--model": DROP}, extra=["--base", "{base}"], needle="both --base and --sft")
 
 case("swap", {"--segments": "0"}, needle="--segments must be at least 1")
+# mixtures of experts: parts a model lacks, expert layouts that do not pair
+case("swap", {"--parts": "experts"}, needle="--parts experts: llama is not a mixture")
+case("swap", {"--parts": "router"}, needle="--parts router: llama is not a mixture")
+case("swap", {"--parts": "shared_expert", "--base": "{moe}", "--sft": "{moe}"},
+     needle="has no shared expert")
+case("swap", {"--parts": "expert"}, needle="unknown --parts")
+case("weights", {"--base": "{moe}", "--sft": "{moefused}"}, needle="re-save both")
 case("swap", {"--segments": "99"}, needle="larger than the model")
 case("swap", extra=["--masks", "012"], needle="valid groups")
 case("swap", extra=["--masks", "00"], needle="valid groups")

@@ -163,3 +163,39 @@ def test_deepseek_and_gpt_oss(tmp_path, model_type, kw):
         down = ck.get("model.layers.1.mlp.experts.down_proj")
         parts = arch.expert_slices(spec, "down_proj", down)
         assert set(parts) == {(e, "down_proj") for e in range(4)}
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_moe_gguf_loads(model_dir, tmp_path, family):
+    """A tiny MoE written as GGUF (llama.cpp's qwen2moe / qwen3moe layout: experts stacked in
+    ``ffn_*_exps``) loads through sftscope as the same model; its header says it is an MoE
+    (the expert widths transformers does not read are passed on from it)."""
+    pytest.importorskip("gguf")
+    from sftscope.load.sources import check_model
+    from sftscope.load.tiny import save_tiny_gguf
+
+    hf = model_dir(family)
+    gguf = save_tiny_gguf(hf, tmp_path / "tiny.gguf")
+    src = check_model(str(gguf))
+    assert arch.is_moe(src.config) and arch.moe_info(src.config).n_experts == 4
+    a, b = _load(hf), _load(gguf)
+    assert arch.arch_for(b).family == family
+    ids = torch.tensor([[5, 17, 42, 9, 33]])
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    if family == "qwen3_moe":
+        with pytest.raises(SftscopeError, match="no shared expert"):
+            arch.check_part(src.config, "shared_expert")
+
+
+def test_dynamics_roles_of_moe_parameters():
+    """Training dynamics file expert tensors by their MoE role, never under ``other``."""
+    from sftscope.experiments.dynamics import param_role
+
+    spec = arch.spec_for_config({"model_type": "qwen2_moe"})
+    roles = {n: param_role(n, spec) for n in (
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight",
+        "mlp.shared_expert.up_proj.weight", "mlp.shared_expert_gate.weight",
+        "input_layernorm.weight")}
+    assert list(roles.values()) == ["experts", "experts", "router", "shared_expert",
+                                    "shared_expert_gate", "other"]

@@ -134,3 +134,35 @@ def test_moe_low_rank_rows(model_dir):
     df = weight_change(model_dir("olmoe"), model_dir("olmoe", seed=1), top_k=2)
     mods = set(df.loc[df["metric"] == "sv1", "module"])
     assert "router" in mods and not mods & {"experts", "expert", "shared_expert", "mlp"}
+
+
+def test_moe_lora_adapter(tmp_path, model_dir):
+    """A LoRA adapter on attention and the shared expert (and its gate) of a Qwen2-MoE:
+    ``--adapter`` files the shared expert's change under ``shared_expert`` as the merged
+    checkpoint does; LoRA on fused expert parameters is refused in one line."""
+    from peft import LoraConfig, get_peft_model
+
+    from sftscope.load.models import load_model
+
+    base = model_dir("qwen2_moe")
+    targets = ["q_proj", "shared_expert.up_proj", "shared_expert_gate"]
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(base)), LoraConfig(
+        r=2, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "ad")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    da = weight_change(base, adapter=tmp_path / "ad", low_rank=False)
+    dm = weight_change(base, tmp_path / "merged", low_rank=False)
+    for block in range(4):
+        for module in ("q", "shared_expert", "mlp"):
+            assert _value(da, block, module) == pytest.approx(_value(dm, block, module),
+                                                              rel=1e-4)
+        assert _value(dm, block, "experts") == 0.0 and _value(dm, block, "router") == 0.0
+    torch.manual_seed(0)
+    fused = get_peft_model(load_model(str(base)), LoraConfig(
+        r=2, target_modules=["q_proj"], init_lora_weights=False,
+        target_parameters=["model.layers.1.mlp.experts.down_proj"]))
+    fused.save_pretrained(tmp_path / "fused")
+    with pytest.raises(SftscopeError, match="fused expert parameters of model.layers.1"):
+        weight_change(base, adapter=tmp_path / "fused", low_rank=False)

@@ -51,6 +51,7 @@ from sftscope.config.ingredients import (
     train_opt,
 )
 from sftscope.errors import SftscopeError
+from sftscope.load.arch import SWAP_PARTS
 
 MASK_GROUPS = ("singles", "paper", "all")
 
@@ -298,6 +299,21 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
         metavar="MASK:ALPHA,...")
     chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
                               check=at_least(1), cli=False, volatile=True)
+    parts: str = opt("all", "Which parameters of a segment's blocks are swapped (and "
+                     "interpolated): all (the whole blocks), attention (the attention module), "
+                     "or on a mixture of experts router, experts (all routed experts) or "
+                     "shared_expert (with its gate).", choices=SWAP_PARTS)
+
+    def _check(self) -> None:
+        """``--parts`` the base model has (runs first: before the data is read)."""
+        if self.parts not in ("all", "attention") and self.base:
+            from sftscope.load.arch import check_part
+            from sftscope.load.sources import check_model
+
+            src = check_model(self.base, "base model")
+            config = src.config or (src.base.config if src.base is not None else {})
+            if config:  # a hub id: checked once its config is fetched
+                check_part(config, self.parts)
 
     def mixes(self) -> list[tuple[str, float]]:
         """``save_mix`` as ``(mask, alpha)`` pairs, in the order given."""

@@ -601,6 +601,7 @@ def _adapter_pass(folder: Path, base: Checkpoint | None, acc: _Acc, low_rank: bo
     spec = base.spec if base is not None else spec_for_paths([m.path for m in lora.modules])
     for m in lora.modules:
         m.path = canonical_name(m.path, spec)
+    _refuse_fused_expert_lora(lora, spec)
     config = base.config if base is not None else None
     if lora.other:
         notes.append(f"adapter: {len(lora.other)} non-LoRA tensor(s) (e.g. {lora.other[0]}: "
@@ -621,6 +622,8 @@ def _adapter_pass(folder: Path, base: Checkpoint | None, acc: _Acc, low_rank: bo
                                     f"{b.shape[1]}; the adapter is corrupt")
             mod.rank, mod.alpha, mod.scale = lora.settings(mod.path, r)
             slot = classify(mod.path + ".weight", spec) or Slot(None, "other", "weight")
+            if slot.module == "shared_expert_gate":  # part of the shared expert, as above
+                slot = replace(slot, module="shared_expert")
             if slot.block is not None:
                 blocks.add(slot.block)
             if base is not None:
@@ -645,6 +648,20 @@ def _adapter_pass(folder: Path, base: Checkpoint | None, acc: _Acc, low_rank: bo
     return n_blocks, info
 
 
+def _refuse_fused_expert_lora(lora: LoraAdapter, spec: ArchSpec) -> None:
+    """LoRA on fused expert parameters (peft ``target_parameters``) has factors of its own
+    layout; their change is not measured here: one line, never a wrong number."""
+    for m in lora.modules:
+        slot = classify(m.path + ".weight", spec)
+        if slot is not None and slot.module == "experts" and slot.expert is None:
+            raise SftscopeError(
+                f"the adapter adapts the fused expert parameters of {m.path} (peft "
+                f"target_parameters); weights --adapter does not measure those: merge the "
+                f"adapter into a checkpoint (sftscope.load.models.save_model) and compare it "
+                f"with --sft"
+            )
+
+
 def _adapter_module(lora: LoraAdapter, mod: LoraModule, a: Tensor, parts: dict[str, Tensor],
                     bias_parts: dict[str, Tensor], slot: Slot, acc: _Acc, low_rank: bool,
                     top_k: int, device: str, timer: Timer) -> None:
@@ -658,7 +675,9 @@ def _adapter_module(lora: LoraAdapter, mod: LoraModule, a: Tensor, parts: dict[s
         key = (slot.block, role)
         bias_d2 = scale**2 * _sq64(bias_parts[role]) if role in bias_parts else 0.0
         acc.add(key, d2 + bias_d2, 0.0)
-        if low_rank:
+        if slot.expert is not None:  # one expert's projection (per-expert modules)
+            acc.add_expert(slot.block, slot.expert, d2 + bias_d2, 0.0)
+        if low_rank and role not in _NO_SPECTRUM:
             with timer("low_rank"):
                 sigma = lora_svdvals(bp.to(device), a.to(device), scale).cpu()
                 shape = (bp.shape[0], a.shape[1])

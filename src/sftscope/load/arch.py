@@ -41,12 +41,13 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from sftscope.errors import SftscopeError
+
+if TYPE_CHECKING:  # torch is imported where used: configs validate with this module, torch-free
+    import torch
+    from torch import nn
 
 ATTN_ROLES = ("q", "k", "v", "o")
 MLP_ROLES = ("gate", "up", "gate_up", "down", "fc_in", "fc_out")
@@ -334,6 +335,48 @@ def is_moe(obj: Any) -> bool:
     return moe_info(getattr(obj, "config", obj)) is not None
 
 
+SWAP_PARTS = ("all", "attention", "router", "experts", "shared_expert")
+
+
+def part_paths(spec: ArchSpec, part: str) -> tuple[str, ...]:
+    """Block-relative module paths of one part of a block (``SWAP_PARTS``): ``attention`` the
+    attention module (its projections and any norms or sinks inside it), ``router``,
+    ``experts`` (all routed experts), ``shared_expert`` (with its gate); ``all`` the block
+    itself (``""``)."""
+    if part == "all":
+        return ("",)
+    if part == "attention":
+        paths = [*spec.attn.values(), *([spec.fused_qkv] if spec.fused_qkv else [])]
+        parents = {p.rpartition(".")[0] for p in paths}
+        if len(parents) != 1 or not next(iter(parents)):
+            raise SftscopeError(f"the attention of {spec.family} is not one module; "
+                                f"sftscope/load/arch.py cannot swap it alone")
+        return (parents.pop(),)
+    if part not in ("router", "experts", "shared_expert"):
+        raise SftscopeError(f"unknown block part {part!r}; choose one of {', '.join(SWAP_PARTS)}")
+    if spec.moe is None:
+        return ()
+    if part == "shared_expert":
+        return tuple(p for p in (spec.moe.shared_expert, spec.moe.shared_expert_gate) if p)
+    return (getattr(spec.moe, part),)
+
+
+def check_part(config: Any, part: str) -> None:
+    """Refuse a block part the model does not have (``router``/``experts`` on a dense model,
+    ``shared_expert`` on one without): one line, from a config object or a ``config.json``
+    dict, so it can run before any model loads."""
+    if part in ("all", "attention"):
+        return
+    info = moe_info(config)
+    mtype = _model_type(config) or "this model"
+    if info is None:
+        raise SftscopeError(f"--parts {part}: {mtype} is not a mixture of experts (no routers "
+                            f"or experts); use --parts all or attention")
+    if part == "shared_expert" and not info.shared_expert:
+        raise SftscopeError(f"--parts shared_expert: {mtype} has no shared expert; use "
+                            f"--parts router or experts")
+
+
 def _moe_module(model: nn.Module, block: int, role: str, spec: ArchSpec | None) -> nn.Module | None:
     spec = spec or arch_for(model)
     path = spec.moe.paths().get(role) if spec.moe is not None else None
@@ -456,10 +499,9 @@ def spec_for_paths(paths: Iterable[str]) -> ArchSpec:
     LoRA adapter changes, with no base model at hand), else one inferred from them."""
     paths = list(paths)
     best, score = None, 0
-    for spec in REGISTRY:
-        roles = spec.module_roles()
-        pat = re.compile(rf"^{re.escape(spec.blocks)}\.\d+\.(.+)$")
-        n = sum(1 for p in paths if (m := pat.match(p)) and m.group(1) in roles)
+    for spec in REGISTRY:  # ties: the first entry (dense families come first)
+        pat = block_re(spec.blocks)
+        n = sum(1 for p in paths if (m := pat.match(p)) and spec.role_of(m.group(2)))
         if n > score:
             best, score = spec, n
     if best is None:
@@ -531,6 +573,7 @@ def _check_moe_paths(model: nn.Module, blocks: nn.Module, spec: ArchSpec) -> Non
 
 
 def _infer_spec(model: nn.Module) -> ArchSpec:
+    from torch import nn
     n_expected = n_layers(model.config)
     blocks_path = None
     for name, mod in model.named_modules():
@@ -570,6 +613,7 @@ def _infer_spec(model: nn.Module) -> ArchSpec:
 
 def get_blocks(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleList:
     """The decoder blocks, bottom first."""
+    from torch import nn
     spec = spec or arch_for(model)
     blocks = get_submodule(model, spec.blocks)
     if not isinstance(blocks, nn.ModuleList):
@@ -579,6 +623,7 @@ def get_blocks(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleList:
 
 def get_final_norm(model: nn.Module, spec: ArchSpec | None = None) -> nn.Module:
     """The norm applied after the last block (identity if the model has none)."""
+    from torch import nn
     spec = spec or arch_for(model)
     if not spec.final_norm:
         return nn.Identity()
@@ -602,6 +647,7 @@ def logit_softcap(config: Any) -> float | None:
 
 def apply_softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """``cap * tanh(logits / cap)`` when capping is on."""
+    import torch
     if cap is None:
         return logits
     return torch.tanh(logits / cap) * cap
@@ -627,6 +673,7 @@ def split_fused_qkv(weight: torch.Tensor, spec: ArchSpec, config: Any) -> dict[s
     ``concat``: q|k|v stacked along the output dimension (GPT-2 Conv1D is transposed first).
     ``neox``: output rows grouped per head as ``[heads, 3, head_dim]``.
     """
+    import torch
     w = weight.t() if (spec.conv1d and weight.dim() == 2) else weight
     if spec.fused_layout == "concat":
         q, k, v = fused_qkv_sizes(config)
