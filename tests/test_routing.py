@@ -265,3 +265,21 @@ def test_routing_resume_is_exact(model_dir, tokenizer, tmp_path, monkeypatch, mo
         order = list(range(len(TEXTS)))
         got, want = RouterStore(tmp_path / "again").read(order), store.read(order)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router_input", ["own", "base"])
+def test_routing_chain(model_dir, tmp_path, router_input):
+    """A chain: each stage against the base (pair, pair:base-LABEL) with its own load rows;
+    a stage equal to the base has JS 0 whichever stream the routers read."""
+    base, sft = model_dir("qwen3_moe", seed=0), model_dir("qwen3_moe", seed=1)
+    analyze(_cfg(base, sft, _data(tmp_path), tmp_path / "run", tmp_path / "c",
+                 stages=(f"same={base}",), router_input=router_input))
+    csv = pd.read_csv(tmp_path / "run" / "routing.csv")
+    assert set(csv.model) == {"base", "sft", "same", "pair", "pair:base-same"}
+    js = csv[csv.metric == "js_divergence"]
+    assert (js[js.model == "pair:base-same"].value.abs() < 1e-12).all()
+    assert (js[js.model == "pair"].value > 0).all()
+    load = csv[csv.metric == "load"].pivot_table(index=["block", "expert"], columns="model",
+                                                 values="value")
+    np.testing.assert_array_equal(load["same"], load["base"])

@@ -354,6 +354,9 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                                       allow_mixed=cfg.allow_mixed_pair)
             shape = RT.check_router_input(cfg.router_input,
                                           load_config(cfg.base, cfg.base_revision), cfg.base)
+            if shape is not None and cfg.consecutive:
+                notes.append("routing.csv compares each stage with the base only; the "
+                             "consecutive pairs have no routing rows")
             tokenizer, tok_notes = pair_tokenizer(
                 cfg.base, cfg.sft, cfg.tokenizer,
                 revisions={"base": cfg.base_revision, "sft": cfg.sft_revision})
