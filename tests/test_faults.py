@@ -242,6 +242,7 @@ case("analyze", {"--entropy-normalisations": "log2"}, needle="unknown normalisat
 case("analyze", {"--base": DROP}, needle="missing --base")
 case("analyze", {"--data": DROP}, needle="missing --data")
 case("analyze", extra=["--router-input", "base"], needle="needs a mixture-of-experts pair")
+case("analyze", extra=["--router-input", "own"], needle="needs a mixture-of-experts pair")
 case("analyze", extra=["--router-input", "sft"], needle="--router-input")
 
 case("probe", extra=["--base", "{base}"], needle="not both")

@@ -283,3 +283,17 @@ def test_routing_chain(model_dir, tmp_path, router_input):
     load = csv[csv.metric == "load"].pivot_table(index=["block", "expert"], columns="model",
                                                  values="value")
     np.testing.assert_array_equal(load["same"], load["base"])
+
+
+def test_stage_routing_differently_is_one_line(model_dir, tmp_path):
+    from sftscope.errors import SftscopeError
+    from sftscope.experiments.routing import check_same_routers
+
+    a = load_model(str(model_dir("mixtral", seed=0))).config
+    b = load_model(str(model_dir("mixtral", seed=0, n_experts=8))).config
+    check_same_routers(routing_shape(a), {"sft": a})
+    with pytest.raises(SftscopeError, match="sft routes differently from the base \\(4 sparse "
+                       "blocks, 8 experts, top-2 vs 4 sparse blocks, 4 experts, top-2\\)"):
+        check_same_routers(routing_shape(a), {"sft": b})
+    with pytest.raises(SftscopeError, match="no routers"):
+        check_same_routers(routing_shape(a), {"sft": load_model(str(model_dir("llama"))).config})

@@ -124,10 +124,11 @@ class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
                                                   "e.g. logN,raw.", check=entropy_norms)
     pooling: str = pooling_opt()
     cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")
-    router_input: str = opt("own", "Mixture-of-experts pairs: the stream the routers read in "
-                            "routing.csv: own (each model's) or base (the SFT's routers on the "
-                            "base's stream: a router's own change, without upstream drift).",
-                            choices=("own", "base"))
+    router_input: str | None = opt(None, "Mixture-of-experts pairs: the stream the routers "
+                                   "read in routing.csv: own (each model's; the default) or "
+                                   "base (the SFT's routers on the base's stream: a router's "
+                                   "own change, without upstream drift).",
+                                   choices=("own", "base"))
 
 
 # ----------------------------------------------------------------------------- weights

@@ -305,8 +305,8 @@ def routing_plan(cfg: AnalyzeConfig, shape: tuple | None, stages: list[Stage],
     if shape is None:
         return None
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    plan_ = RT.RoutingPlan(cfg.router_input, *shape, cache=cache)
-    if cfg.router_input == "base":
+    plan_ = RT.RoutingPlan(cfg.router_input or "own", *shape, cache=cache)
+    if plan_.router_input == "base":
         for st in stages:
             opts = LoadOptions(revision=st.revision, dtype=dtype_name(dtype), device="cpu",
                                base=cfg.base, base_revision=cfg.base_revision,
@@ -354,6 +354,9 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                                       allow_mixed=cfg.allow_mixed_pair)
             shape = RT.check_router_input(cfg.router_input,
                                           load_config(cfg.base, cfg.base_revision), cfg.base)
+            RT.check_same_routers(shape, {
+                st.label: load_config(st.spec, st.revision, base=cfg.base,
+                                      base_revision=cfg.base_revision) for st in stages})
             if shape is not None and cfg.consecutive:
                 notes.append("routing.csv compares each stage with the base only; the "
                              "consecutive pairs have no routing rows")

@@ -33,17 +33,30 @@ COLUMNS = ["block", "expert", "metric", "model", "value", "ci_low", "ci_high"]
 ROUTER_INPUTS = ("own", "base")
 
 
-def check_router_input(router_input: str, base_config: Any, base: str) -> tuple | None:
-    """The routing shape of the pair (None: dense, no routing); ``--router-input base`` on a
-    dense pair is refused in one line."""
-    if router_input not in ROUTER_INPUTS:
+def check_router_input(router_input: str | None, base_config: Any, base: str) -> tuple | None:
+    """The routing shape of the pair (None: dense, no routing); ``--router-input`` given for
+    a dense pair is refused in one line (None: the default, ``own``)."""
+    if router_input is not None and router_input not in ROUTER_INPUTS:
         raise SftscopeError(f"--router-input must be one of {', '.join(ROUTER_INPUTS)}, "
                             f"got {router_input!r}")
     shape = routing_shape(base_config)
-    if shape is None and router_input != "own":
+    if shape is None and router_input is not None:
         raise SftscopeError(f"--router-input {router_input} needs a mixture-of-experts pair; "
                             f"{base} has no routers (leave the option out)")
     return shape
+
+
+def check_same_routers(shape: tuple | None, stage_configs: dict[str, Any]) -> None:
+    """Every SFT-side stage routes like the base (same sparse blocks, experts and top-k):
+    routing is compared router by router; otherwise one line."""
+    for label, config in stage_configs.items():
+        theirs = routing_shape(config)
+        if theirs != shape:
+            def say(x: tuple | None) -> str:
+                return ("no routers" if x is None else
+                        f"{len(x[0])} sparse blocks, {x[1]} experts, top-{x[2]}")
+            raise SftscopeError(f"{label} routes differently from the base ({say(theirs)} vs "
+                                f"{say(shape)}); routing drift compares the same routers")
 
 
 @dataclass
