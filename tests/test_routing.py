@@ -297,3 +297,9 @@ def test_stage_routing_differently_is_one_line(model_dir, tmp_path):
         check_same_routers(routing_shape(a), {"sft": b})
     with pytest.raises(SftscopeError, match="no routers"):
         check_same_routers(routing_shape(a), {"sft": load_model(str(model_dir("llama"))).config})
+
+
+def test_routing_enters_the_key_only_when_set():
+    assert "routing" not in CaptureConfig().key_fields()
+    assert CaptureConfig(routing='{"mode": "record"}').key_fields()["routing"] == \
+        '{"mode": "record"}'

@@ -99,6 +99,8 @@ class CaptureConfig:
         for k in self.RUN_ONLY:
             if not (k == "batch_size" and self.include_padding):  # padding depends on batches
                 d.pop(k)
+        if not self.routing:  # captures without routing keep the keys they always had
+            d.pop("routing")
         return d
 
     def metric_options(self) -> M.MetricOptions:
