@@ -298,10 +298,11 @@ def check_chain_tokenizers(tokenizer, base: str, stages: list[Stage], *,
 
 
 def routing_plan(cfg: AnalyzeConfig, shape: tuple | None, stages: list[Stage],
-                 dtype: torch.dtype) -> RT.RoutingPlan | None:
+                 dtype: torch.dtype, par: Group) -> RT.RoutingPlan | None:
     """The routing measurement of an MoE pair (None for a dense one): its sparse blocks,
     experts, top-k and, with ``--router-input base``, how each stage's routers are loaded
-    (on the CPU, in the analysis dtype) and identified in the base's key."""
+    (on the CPU, in the analysis dtype) and identified in the base's key (its content
+    fingerprint, read by rank 0 as every fingerprint is)."""
     if shape is None:
         return None
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -311,8 +312,10 @@ def routing_plan(cfg: AnalyzeConfig, shape: tuple | None, stages: list[Stage],
             opts = LoadOptions(revision=st.revision, dtype=dtype_name(dtype), device="cpu",
                                base=cfg.base, base_revision=cfg.base_revision,
                                allow_other_base=cfg.allow_other_base)
-            fp = fingerprint(st.spec, st.revision, memo_dir=cache, base=cfg.base,
-                             base_revision=cfg.base_revision)
+            fp = par.broadcast(par.run(
+                lambda st=st: fingerprint(st.spec, st.revision, memo_dir=cache, base=cfg.base,
+                                          base_revision=cfg.base_revision)
+                if par.main else None, f"fingerprint of {st.label}"))
             plan_.partner_ids[st.label] = fp.get("hash") or [fp.get("source"),
                                                              fp.get("revision")]
             plan_.load_routers[st.label] = RT.router_loader(st.spec, opts)
@@ -382,7 +385,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     if par.main:
         start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
     plan(len(stages) + 2)  # capture the base, each SFT-side stage, then the tables
-    rplan = routing_plan(cfg, shape, stages, dtype)
+    rplan = routing_plan(cfg, shape, stages, dtype, par)
     stage("capture base")
     with timer("capture_base"):
         rb, fp_b, key_b = _capture_model(
