@@ -199,3 +199,17 @@ def test_dynamics_roles_of_moe_parameters():
         "input_layernorm.weight")}
     assert list(roles.values()) == ["experts", "experts", "router", "shared_expert",
                                     "shared_expert_gate", "other"]
+
+
+def test_moe_under_peft_wrapper():
+    """A PeftModel around an MoE keeps its family's map, re-rooted under the wrapper."""
+    from peft import LoraConfig, get_peft_model
+
+    from sftscope.load.tiny import build_tiny_model
+
+    model = get_peft_model(build_tiny_model("qwen2_moe", 100),
+                           LoraConfig(r=2, target_modules=["q_proj", "shared_expert.up_proj"]))
+    spec = arch.arch_for(model)
+    assert spec.family == "qwen2_moe" and spec.blocks == "base_model.model.model.layers"
+    assert arch.get_router(model, 2) is model.base_model.model.model.layers[2].mlp.gate
+    assert arch.get_shared_expert(model, 0) is not None and len(arch.get_blocks(model)) == 4

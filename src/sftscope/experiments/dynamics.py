@@ -35,15 +35,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftscope.load.arch import MOE_ROLES, ArchSpec
+from sftscope.load.arch import ArchSpec
 
 DYNAMICS_COLUMNS = ["step", "block", "module", "grad_norm", "update_norm"]
 DYNAMICS_FILE = "dynamics.csv"
 OTHER = "other"
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _PEFT_PREFIXES = ("base_model.model.", "module.")
-MODULE_ORDER = ("q", "k", "v", "qkv", "q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "gate_up",
-                "down", "fc_in", "fc_out", *MOE_ROLES, OTHER)
+MODULE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc_in", "fc_out",
+                OTHER)
 
 
 def clean_name(name: str) -> str:
@@ -67,9 +67,9 @@ def locate(name: str, spec: ArchSpec) -> tuple[int, str] | None:
 
 
 def module_role(rel_module: str, spec: ArchSpec) -> str:
-    """The role (q, k, v, o, qkv, MLP roles; MoE ``router``, ``experts``, ``shared_expert``,
-    ``shared_expert_gate`` for anything inside them) of a block-relative module path, else
-    ``other``."""
+    """The role (q, k, v, o, qkv, MLP and MoE roles) of a block-relative module path, else
+    ``other``; PEFT's ``base_layer`` segments are ignored."""
+    rel_module = rel_module.replace(".base_layer", "")
     return spec.role_of(rel_module) or OTHER
 
 

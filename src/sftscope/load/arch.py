@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from sftscope.errors import SftscopeError
@@ -551,11 +551,25 @@ def arch_for(model: nn.Module) -> ArchSpec:
         try:
             blocks = model.get_submodule(spec.blocks)
         except AttributeError:
-            return _infer_spec(model)
+            if spec.moe is None:
+                return _infer_spec(model)
+            spec, blocks = _rerooted(model, spec)  # a wrapper (PeftModel) around an MoE
         if spec.moe is not None:
             _check_moe_paths(model, blocks, spec)
         return spec
     return _infer_spec(model)
+
+
+def _rerooted(model: nn.Module, spec: ArchSpec) -> tuple[ArchSpec, nn.Module]:
+    """The spec with every path under the wrapper prefix where its blocks sit
+    (``base_model.model.`` of a PeftModel); the generic fallback otherwise."""
+    for name, mod in model.named_modules():
+        if name.endswith("." + spec.blocks):
+            pre = name[: -len(spec.blocks)]
+            return replace(spec, blocks=name, embed=pre + spec.embed if spec.embed else "",
+                           final_norm=pre + spec.final_norm if spec.final_norm else "",
+                           head=pre + spec.head), mod
+    return _infer_spec(model), None  # (raises for an MoE: its experts are not mapped)
 
 
 def _check_moe_paths(model: nn.Module, blocks: nn.Module, spec: ArchSpec) -> None:
