@@ -71,9 +71,9 @@ def test_demo_moe_quick(tmp_path):
     weights = pd.read_csv(out / "weights" / "weights.csv")
     assert {"router", "experts", "expert"} <= set(weights.module)
     html = (out / "report.html").read_text()
-    assert "Fig. 12" in html and "Router JS divergence is largest" in html
+    assert "Fig. 13" in html and "Router JS divergence is largest" in html
     assert "mixture-of-experts" in html
-    for stem in ("fig12_routing_drift", "fig12b_expert_load", "fig12c_expert_weights"):
+    for stem in ("fig13_routing_drift", "fig13b_expert_load", "fig13c_expert_weights"):
         assert (out / "figures" / f"{stem}.png").is_file(), stem
 
 

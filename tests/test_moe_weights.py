@@ -110,6 +110,7 @@ def test_known_moe_deltas(tmp_path, model_dir, family, layout):
     assert df.loc[df["module"] == "other", "value"].eq(0).all()
     assert df.loc[df["module"] != "expert", "expert"].isna().all()
     assert set(df.loc[df["module"] == "expert", "expert"]) == {0, 1, 2, 3}
+    assert df.attrs["experts"] == {"layout": layout, "blocks": [0, 1, 2, 3], "n_experts": 4}
     total = math.sqrt(sum(v ** 2 for v in want.values()))
     assert _value(df, None, "total") == pytest.approx(total, rel=1e-12)
 
@@ -127,6 +128,7 @@ def test_mixed_expert_layouts_refused(tmp_path, model_dir):
 def test_dense_weights_have_no_expert_column(model_dir):
     df = weight_change(model_dir("llama"), model_dir("llama", seed=1), low_rank=False)
     assert "expert" not in df.columns and not arch.is_moe({"model_type": "llama"})
+    assert df.attrs["experts"] is None
 
 
 def test_moe_low_rank_rows(model_dir):

@@ -75,8 +75,8 @@ def test_findings_from_numbers():
     assert lines[2] == ("[moe] The routed expert that changed most is expert 1 of block 1 "
                         "(relative 0.090); the median over 3 experts is 0.030.")
     assert {t[0] for t in routing_tables(data)} == {
-        "fig12_routing_drift", "fig12b_expert_load", "fig12c_expert_weights",
-        "fig12_routing_verdict"}
+        "fig13_routing_drift", "fig13b_expert_load", "fig13c_expert_weights",
+        "fig13_routing_verdict"}
     # the module heatmap of Fig. 4b leaves the per-expert rows to this section
     assert "expert" not in set(N.weight_data(weights).extra["all"]["module"])
 

@@ -469,6 +469,19 @@ def _check_expert_layouts(names: list[str], spec: ArchSpec, which: str) -> None:
         )
 
 
+def _experts_record(items: list[_Item], acc: _Acc) -> dict[str, Any] | None:
+    """What was read of a mixture of experts (run.json): the stored layout, the blocks and
+    the number of experts with ``expert`` rows; None for a dense model."""
+    if not acc.expert_d2:
+        return None
+    fused = any(it.experts_fused for it in items)
+    per = any(it.slot.expert is not None for it in items)
+    blocks = sorted({b for b, _ in acc.expert_d2})
+    return {"layout": "fused" if fused and not per else "per_expert" if per and not fused
+            else "adapter" if not items else "mixed",
+            "blocks": blocks, "n_experts": len({e for _, e in acc.expert_d2})}
+
+
 def _n_blocks(ckpt: Checkpoint, items: list[_Item]) -> int:
     found = [it.slot.block for it in items if it.slot.block is not None]
     cfg = n_layers(ckpt.config)
@@ -786,6 +799,7 @@ def weight_change(
         tied=bool(b_ck.tied) if b_ck is not None else None,
         notes=notes, timings=dict(timer.seconds), bytes_read=n_bytes,
         adapter=extra if adapter is not None else None,
+        experts=_experts_record(items, acc),
     )
     return df
 

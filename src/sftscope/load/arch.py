@@ -20,6 +20,11 @@ Mixture of experts, the public API (all other code asks these, never module name
   the expert projection (``gate``/``up``/``down``) it holds.
 - ``expert_slices(spec, param, tensor)``: a fused expert tensor ``[E, ...]`` cut into the
   per-expert, per-projection tensors of the on-disk layout (views, no copies).
+- ``ArchSpec.role_of(sub)``: the role of any block-relative module path (inside a shared
+  expert, an on-disk ``experts.N.w1``: their MoE role), for tables that file modules by role.
+- ``part_paths(spec, part)`` / ``check_part(config, part)``: the modules of a block part
+  (``SWAP_PARTS``: all, attention, router, experts, shared_expert) and the one-line refusal of
+  a part the model lacks (from a config dict too, before any model loads).
 
 Roles (``MOE_ROLES``): ``router`` (the gate scoring the experts; DeepSeek's score-correction
 bias included), ``experts`` (the routed experts, all of them), ``shared_expert`` (the
