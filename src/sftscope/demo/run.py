@@ -32,6 +32,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     pair: dict[str, Any] = field(default_factory=dict)
     patterns: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, Any] = field(default_factory=dict)  # --stages: the DPO and GRPO runs
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -57,6 +58,17 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     train = f"gsm8k:{pair.data_files['gsm8k_train']}"
     general = str(pair.data_files["general"])
     cache = out / "cache"
+    chain: tuple[str, ...] = ()
+    if cfg.stages:
+        from sftscope.demo.stages import build_stages, chain_stages
+
+        say(f"[bold]demo: stages[/] DPO then GRPO after the SFT model ({eta.line('stages')})")
+        t = time.perf_counter()
+        res.stages = build_stages(out / "stages", sft, pair.data_files["gsm8k_train"],
+                                  seed=cfg.seed, quick=cfg.quick)
+        res.timings["stages"] = time.perf_counter() - t
+        eta.done("stages", res.timings["stages"])
+        chain = chain_stages(res.stages)
 
     def step(name: str, fn) -> None:
         if name not in cfg.steps:
@@ -75,20 +87,21 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         analyze(AnalyzeConfig(base=base, sft=sft, data=test, out=str(run),
                               limit=size["n_pooled"], n_token=size["n_token"],
                               max_length=256, batch_size=16, seed=cfg.seed,
-                              cache_dir=str(cache), overwrite=True))
+                              cache_dir=str(cache), overwrite=True, stages=chain))
         return run
 
     def do_weights(run: Path) -> Path:
         from sftscope.experiments.weights import run_weights
 
-        run_weights(run, base, sft, overwrite=True)
+        run_weights(run, base, sft, overwrite=True, stages=chain, consecutive=bool(chain))
         return run
 
     def do_probe(run: Path) -> Path:
         from sftscope.experiments.lens import probe
 
         probe(data=test, base=base, sft=sft, out=str(run), limit=size["n_probe"],
-              seed=cfg.seed, max_length=256, batch_size=16, bootstrap=200, overwrite=True)
+              seed=cfg.seed, max_length=256, batch_size=16, bootstrap=200, overwrite=True,
+              stages=chain)
         return run
 
     def do_swap(run: Path) -> Path:
@@ -134,7 +147,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                                   figures_dir=out / "figures",
                                   title="sftscope demo: a toy "
                                   + ("mixture-of-experts " if cfg.moe else "")
-                                  + "Base/SFT pair trained on this CPU",
+                                  + "Base/SFT pair trained on this CPU"
+                                  + (", continued through DPO and GRPO" if cfg.stages else ""),
                                   notices=[reduced_notice(cfg)] if cfg.quick else [])
         res.patterns = paper_patterns(order)
         res.timings["report"] = time.perf_counter() - t
@@ -142,7 +156,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     finish_run(out, run_record(
         "demo", cfg.record(), reduced=cfg.quick, sizes=size, seeds={"demo": cfg.seed},
         pair=res.pair,
-        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings,
+        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings, stages=res.stages,
         general_text=general, patterns=res.patterns))
     return res
 
@@ -168,14 +182,17 @@ MOE_REFERENCE_SECONDS = {
     False: {"pair": 170.0, "analyze": 6.0, "weights": 0.4, "probe": 2.5, "report": 6.0},
     True: {"pair": 25.0, "analyze": 1.0, "weights": 0.2, "probe": 0.4, "report": 5.0},
 }
+STAGES_SECONDS = {False: 180.0, True: 30.0}  # --stages (estimates; not measured idle)
 
 
 class Eta:
     """An overall ETA for the demo: reference step times scaled by the observed slowdown."""
 
     def __init__(self, cfg: DemoConfig, t0: float) -> None:
-        ref = (MOE_REFERENCE_SECONDS if cfg.moe else REFERENCE_SECONDS)[cfg.quick]
-        self.ref = {k: v for k, v in ref.items() if k == "pair" or k in cfg.steps}
+        ref = dict((MOE_REFERENCE_SECONDS if cfg.moe else REFERENCE_SECONDS)[cfg.quick])
+        if cfg.stages:
+            ref = {"pair": ref.pop("pair"), "stages": STAGES_SECONDS[cfg.quick], **ref}
+        self.ref = {k: v for k, v in ref.items() if k in ("pair", "stages") or k in cfg.steps}
         self.t0 = t0
         self.spent_ref = 0.0
         self.spent = 0.0
