@@ -249,6 +249,9 @@ case("analyze", {"--cache-dir": "{file}"}, needle="is a file")
 case("analyze", {"--entropy-normalisations": "log2"}, needle="unknown normalisation")
 case("analyze", {"--base": DROP}, needle="missing --base")
 case("analyze", {"--data": DROP}, needle="missing --data")
+case("analyze", extra=["--router-input", "base"], needle="needs a mixture-of-experts pair")
+case("analyze", extra=["--router-input", "own"], needle="needs a mixture-of-experts pair")
+case("analyze", extra=["--router-input", "sft"], needle="--router-input")
 
 case("probe", extra=["--base", "{base}"], needle="not both")
 case("probe", extra=["--top1-examples", "-1"], needle="--top1-examples must be at least 0")
@@ -451,6 +454,7 @@ case("demo", extra=["--sweep-seeds", "0"], needle="--sweep-seeds must be at leas
 case("demo", extra=["--sweep-masks", "012"], needle="valid groups")
 case("demo", extra=["--seed", "x"], needle="--seed expects an integer")
 case("demo", extra=["--out", "{file}"], needle="is a file")
+case("demo", extra=["--moe", "--family", "olmo2"], needle="--moe trains a Mixtral pair")
 
 CASES = [c for c in CASES if c[3]]  # the one --epochs 0 with --max-steps is valid
 CATALOGUE = [pytest.param(c, id=f"{i:03d}-{c[0]}-{c[3][:28]}") for i, c in enumerate(CASES)]

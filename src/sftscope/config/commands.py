@@ -108,7 +108,7 @@ def entropy_norms(value: tuple[str, ...]) -> str | None:
 class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
     """Everything ``analyze`` needs (``stages``: a checkpoint chain after ``sft``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*", "noise.*")
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*", "noise.*", "routing.*")
 
     limit: int | None = limit_opt(1000)
     n_token: int = opt(100, "Samples (the first of the selection) that also get token-level "
@@ -124,6 +124,11 @@ class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
                                                   "e.g. logN,raw.", check=entropy_norms)
     pooling: str = pooling_opt()
     cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")
+    router_input: str | None = opt(None, "Mixture-of-experts pairs: the stream the routers "
+                                   "read in routing.csv: own (each model's; the default) or "
+                                   "base (the SFT's routers on the base's stream: a router's "
+                                   "own change, without upstream drift).",
+                                   choices=("own", "base"))
     noise_splits: int = opt(20, "Noise floor: every pair metric of the base against itself on "
                             "two disjoint random halves of the data, over this many splits "
                             "(noise.csv: median and 2.5-97.5 % range; the report "
@@ -1023,6 +1028,9 @@ class DemoConfig(Config):
     seed: int = opt(0, "Seed of the corpus, training and analyses.")
     quick: bool = opt(False, "Reduced size (about a minute; what the tests run).")
     family: str = opt("llama", "Architecture of the demo pair.", choices=("llama", "olmo2"))
+    moe: bool = opt(False, "A mixture-of-experts pair instead (Mixtral family, 4 experts, "
+                    "top-2): analyze with routing drift, weights with per-expert rows, probe "
+                    "and the report's MoE figures; swap and the sweep are left out.")
     force: bool = opt(False, "Retrain the pair even if a cached one exists.", volatile=True)
     segments: int = segments_opt(5)
     sweep_masks: str = opt("singles", "Masks of the small sweep: singles, paper, all, or a "
@@ -1038,10 +1046,22 @@ class DemoConfig(Config):
         if bad:
             raise SftscopeError(f"--skip {bad[0]!r}: unknown step; steps are "
                                 f"{', '.join(DEMO_STEPS)}")
+        if self.moe and self.family != "llama":
+            raise SftscopeError(f"--family {self.family} is for the dense demo pair; --moe "
+                                f"trains a Mixtral pair (leave --family out)")
+        if self.moe and self.stages:
+            raise SftscopeError("--stages continues the dense demo pair; it is not combined "
+                                "with --moe yet (run them separately)")
         if self.stages:
             from sftscope.experiments.objectives import trl_version
 
             trl_version()
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The steps that run: all but ``skip`` (and, with ``moe``, swap and the sweep)."""
+        left = ("swap", "sweep") if self.moe else ()
+        return tuple(s for s in DEMO_STEPS if s not in self.skip and s not in left)
 
     @property
     def sizes(self) -> dict[str, int]:

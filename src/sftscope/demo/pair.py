@@ -54,6 +54,7 @@ from sftscope.tasks.base import trim_at_stop
 from sftscope.tasks.gsm8k import extract_flexible, extract_strict
 
 DEMO_FAMILIES = ("llama", "olmo2")
+MOE_DEMO_FAMILY = "mixtral"  # ``sftscope demo --moe``: a mixture of experts, every block sparse
 MANIFEST = "manifest.json"
 
 
@@ -87,6 +88,8 @@ class PairConfig:
     max_number: int = 50
     eval_items: int = 50
     eval_new_tokens: int = 64
+    n_experts: int = 0  # routed experts per block (0: a dense MLP)
+    top_k: int = 0      # experts per token
     threads: int = 0
     """torch threads while building (0: the cores this process may use). Fixed when training
     starts and never adapted to the machine's load, so that one seed gives the same weights
@@ -101,6 +104,13 @@ QUICK = PairConfig(
     sft_steps=120, sft_lr=2e-3, n_pretrain=1_500, n_sft=300, n_test=40, n_train=60,
     n_general=40, eval_items=16, eval_new_tokens=32, threads=1,
 )
+# ``--moe``: 4 experts of width 64, top-2, in every block; an MoE step costs about 2.3x a
+# dense one of the same width, so fewer steps than FULL keep the pair near 3 minutes on two
+# idle cores
+MOE_FULL = dataclasses.replace(FULL, intermediate=64, n_experts=4, top_k=2, base_steps=900,
+                               sft_steps=250, n_pretrain=12_000, n_sft=1_500)
+MOE_QUICK = dataclasses.replace(QUICK, intermediate=32, n_experts=4, top_k=2, base_steps=120,
+                                sft_steps=60)
 
 
 @dataclass
@@ -267,10 +277,11 @@ def _deterministic():
 def _new_model(family: str, vocab_size: int, cfg: PairConfig, seed: int):
     from sftscope.load.tiny import build_tiny_model
 
+    moe = {"n_experts": cfg.n_experts, "top_k": cfg.top_k} if cfg.n_experts else {}
     return build_tiny_model(
         family, vocab_size, seed=seed, n_layers=cfg.n_layers, hidden=cfg.hidden,
         n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, intermediate=cfg.intermediate,
-        max_positions=_max_positions(cfg),
+        max_positions=_max_positions(cfg), **moe,
     )
 
 
@@ -428,18 +439,22 @@ def _pair_from_manifest(out_dir: Path, man: dict[str, Any], cached: bool) -> Dem
 
 def build_demo_pair(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
                     family: str = "llama", force: bool = False,
-                    config: PairConfig | None = None, threads: int | None = None) -> DemoPair:
+                    config: PairConfig | None = None, threads: int | None = None,
+                    moe: bool = False) -> DemoPair:
     """Train (or find cached) the demo Base/SFT pair under ``out_dir``.
 
     Layout: ``base/`` and ``sft/`` (Hugging Face folders, same tokenizer), ``data/`` (the corpus
     as JSONL, see ``demo.corpus.FILES``) and ``manifest.json`` (run record + cache key).
     ``quick`` picks the CI-sized preset (~30 s); ``config`` overrides the preset entirely;
     ``threads`` overrides ``config.threads`` (torch threads while training; not in the cache key).
+    ``moe``: a Mixtral pair (``MOE_FULL`` / ``MOE_QUICK``: 4 experts, top-2, every block).
     """
-    if family not in DEMO_FAMILIES:
+    if moe:
+        family = MOE_DEMO_FAMILY
+    elif family not in DEMO_FAMILIES:
         raise SftscopeError(f"demo family {family!r} is not supported; use one of "
                             f"{', '.join(DEMO_FAMILIES)}")
-    cfg = config or (QUICK if quick else FULL)
+    cfg = config or ((MOE_QUICK if quick else MOE_FULL) if moe else (QUICK if quick else FULL))
     if threads is not None:
         cfg = dataclasses.replace(cfg, threads=threads)
     if cfg.n_layers < 10:

@@ -734,7 +734,8 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     freeze = experts_rec = None
     if full:
         n_train_params = unfreeze_blocks(model, blocks, spec)
-        freeze, experts_rec = select_experts(model, cfg, data.examples, blocks, spec)
+        if cfg.experts is not None:  # an SFT option: the training examples measure loads
+            freeze, experts_rec = select_experts(model, cfg, data.examples, blocks, spec)
         _say(f"full fine-tuning of blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks); "
              f"embeddings, head and the other blocks frozen")
         if freeze is not None and experts_rec is not None:

@@ -215,6 +215,30 @@ def cluster_bootstrap_t(x: np.ndarray, d: np.ndarray, n_boot: int = 1000, level:
     return low, high
 
 
+def cluster_stat_ci(num: ArrayLike | np.ndarray, stat: Callable[[np.ndarray], np.ndarray],
+                    n_boot: int = 1000, level: float = 0.95, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Sample-level (cluster) bootstrap interval of a statistic of per-sample sums.
+
+    ``num``: per-sample sums ``[N, K]``; ``stat(totals [b, K]) -> [b, J]`` the statistic of
+    ``b`` resamples' column totals at once (e.g. the entropy of an expert load). The same
+    resamples as ``cluster_ratio_ci`` for a given ``(N, n_boot, seed)``. NaN when
+    ``n_boot < 1`` or fewer than two samples."""
+    _check_level(level)
+    x = np.asarray(num, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1)
+    width = np.asarray(stat(x.sum(0, keepdims=True))).shape[-1]
+    nan = np.full(width, np.nan)
+    if n_boot < 1 or x.shape[0] < 2:
+        return nan, nan.copy()
+    stats = np.concatenate([np.asarray(stat(w @ x)).reshape(w.shape[0], -1)
+                            for w in _resample_blocks(x.shape[0], n_boot, seed)])
+    tail = (1 - level) / 2 * 100
+    with np.errstate(all="ignore"):
+        low, high = np.nanpercentile(stats, [tail, 100 - tail], axis=0)
+    return low, high
+
+
 def mean_ci(values: ArrayLike, level: float = 0.95, n_boot: int = 2000, seed: int = 0
             ) -> tuple[float, float]:
     """Interval ``(low, high)`` for the mean of ``values`` (NaNs skipped; NaN if < 2): the

@@ -504,3 +504,69 @@ def sweep_rule(rows: Sequence[MaskScore], lower_is_better: bool = False,
                f"{show(by[worst])}, worst edge {show(by[worst_edge])}{rest_txt}{size}{what}")
     return combine([("middle beats full depth", c1), ("an edge mask is the worst", c2)],
                    SWEEP_RULE, numbers, "; ".join(small), "" if has else no_interval(hint))
+
+
+# ----------------------------------------------------------------------------- routing drift
+ROUTING_SEGMENTS = ("bottom", "middle", "top")  # thirds of the sparse blocks by depth
+ROUTING_FACTOR = 1.5    # the largest segment mean JS at least this times every other one
+ROUTING_MIN_BLOCKS = 3  # one sparse block per segment at least
+
+ROUTING_RULE = (f"routing drift concentrates in one depth segment: split the sparse blocks "
+                f"into thirds by depth ({', '.join(ROUTING_SEGMENTS)}); the segment with the "
+                f"largest mean JS divergence exceeds {ROUTING_FACTOR}x each other segment's mean, "
+                f"judged with segment intervals taken as the means of the blocks' interval ends "
+                f"(wider than the mean's own: conservative); overlapping intervals are "
+                f"inconclusive (needs >= {ROUTING_MIN_BLOCKS} sparse blocks)")
+
+
+@dataclass(frozen=True)
+class SegmentMean:
+    """Mean JS of one depth segment of sparse blocks, with a conservative interval."""
+
+    name: str
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def routing_segments(js: Sequence[float], low: Sequence[float] | None = None,
+                     high: Sequence[float] | None = None) -> list[SegmentMean]:
+    """Depth-ordered per-block JS (and interval ends) -> the bottom / middle / top thirds'
+    means (``np.array_split``: the middle and top take the remainder last)."""
+    v = np.asarray(js, dtype=float)
+    lo = np.asarray(low if low is not None else v, dtype=float)
+    hi = np.asarray(high if high is not None else v, dtype=float)
+    lo, hi = np.where(np.isfinite(lo), lo, v), np.where(np.isfinite(hi), hi, v)
+    out = []
+    for name, idx in zip(ROUTING_SEGMENTS, np.array_split(np.arange(len(v)), 3), strict=True):
+        if len(idx):
+            out.append(SegmentMean(name, float(v[idx].mean()), float(lo[idx].mean()),
+                                   float(hi[idx].mean()), len(idx)))
+    return out
+
+
+def routing_rule(js: Sequence[float], low: Sequence[float] | None = None,
+                 high: Sequence[float] | None = None) -> Verdict:
+    """Where routing drift concentrates: ``yes`` names the segment and its factor over the
+    next one; ``no`` when the largest segment is below the factor beyond the intervals."""
+    v = np.asarray(js, dtype=float)
+    if len(v) < ROUTING_MIN_BLOCKS or not np.isfinite(v).all():
+        return Verdict(INCONCLUSIVE, ROUTING_RULE, f"{len(v)} sparse blocks", "too few blocks "
+                       "or a missing value")
+    segs = routing_segments(v, low, high)
+    ranked = sorted(segs, key=lambda s: s.mean, reverse=True)
+    top, second = ranked[0], ranked[1]
+    factor = top.mean / second.mean if second.mean > 0 else math.inf
+    numbers = "; ".join(f"{s.name} {_f(s.mean, 4)} [{_f(s.low, 4)}, {_f(s.high, 4)}] "
+                        f"({s.n} blocks)" for s in segs)
+    numbers += f"; largest: {top.name}, {_f(factor, 3)}x the next ({second.name})"
+    if top.mean <= 0:
+        return Verdict(INCONCLUSIVE, ROUTING_RULE, numbers, "no routing drift at all")
+    claims = [compare(top.mean, ROUTING_FACTOR * s.mean, 0.0, (top.low, top.high),
+                      (ROUTING_FACTOR * s.low, ROUTING_FACTOR * s.high)) for s in ranked[1:]]
+    if all(c == HOLDS for c in claims):
+        return Verdict(YES, ROUTING_RULE, numbers, f"concentrated in the {top.name} segment")
+    if any(c == FAILS for c in claims):
+        return Verdict(NO, ROUTING_RULE, numbers, "spread over depth")
+    return Verdict(INCONCLUSIVE, ROUTING_RULE, numbers, "the intervals overlap")
