@@ -820,6 +820,8 @@ def figure_formats(value: tuple[str, ...]) -> str | None:
 class ReportConfig(Config):
     """Everything ``report`` needs."""
 
+    RUN_FOLDER = False  # --out is the report's file, not a run folder to claim
+
     runs: tuple[str, ...] = opt(help="Run folders written by sftscope commands (analyze, "
                                 "weights, probe, swap, eval, tune, suggest, sweep, demo); "
                                 "several runs are overlaid on relative-depth axes.",

@@ -17,7 +17,7 @@ from typing import Any
 from sftscope.config.commands import DEMO_STEPS, DemoConfig
 from sftscope.io import run_record
 from sftscope.progress import say
-from sftscope.runs import check_out, finish_run
+from sftscope.runs import check_out, finish_run, releasing
 
 STEPS = DEMO_STEPS
 
@@ -34,6 +34,7 @@ class DemoResult:
     patterns: list[dict[str, Any]] = field(default_factory=list)
 
 
+@releasing
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run every step of the demo and write ``out/report.html`` and ``out/run.json``."""
     from sftscope.demo.pair import build_demo_pair

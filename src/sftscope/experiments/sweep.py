@@ -108,7 +108,7 @@ from sftscope.errors import SftscopeError
 from sftscope.io import read_json, run_record, write_json, write_table
 from sftscope.metric_registry import lower_is_better
 from sftscope.parallel import is_main
-from sftscope.runs import check_folder, folder_command
+from sftscope.runs import check_folder, claim, folder_command, releasing
 from sftscope.segments import (
     mask_blocks,
     mask_group,
@@ -425,7 +425,8 @@ def any_progress(out: Path) -> bool:
 
 def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
     """Compare with ``RUN/sweep.json`` (refusing other settings) or create it."""
-    out = check_folder(cfg.out, "sweep")
+    # one process claims the folder; shards (--num-jobs N) share it by design
+    out = claim(cfg.out, "sweep") if cfg.num_jobs == 1 else check_folder(cfg.out, "sweep")
     path = out / "sweep.json"
     new = sweep_settings(cfg)
     if path.is_file():
@@ -949,6 +950,7 @@ def _fmt_s(x: float) -> str:
     return f"{x:.0f} s" if x < 120 else f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.1f} h"
 
 
+@releasing
 def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     """Run this shard's unfinished jobs (``job_fn``, default tune then evaluate), then write
     ``summary.csv``, ``position.csv`` (and the suggest validation) from every finished job."""

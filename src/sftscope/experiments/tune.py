@@ -63,7 +63,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks
 from sftscope.load.runtime import pad_id
 from sftscope.progress import plan, say, stage, staged, trainer_callback
-from sftscope.runs import check_folder
+from sftscope.runs import claim
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
 
 REFERENCE_ALPHA = 128.0
@@ -634,7 +634,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 
     cfg = resolve_config(config)
-    out = check_folder(cfg.out, "tune")
+    out = claim(cfg.out, "tune")
     done = _existing_run(cfg, out)
     if done is not None:
         _say(f"{out} is already finished; returning its recorded result")
