@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -141,3 +142,52 @@ def test_refused_run_leaves_no_folder(model_dir, tmp_path, capsys):
                       str(tmp_path / "nope"), "--out", str(out)], capsys)
     assert code == 2 and "does not exist" in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ Ctrl-C in tune
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sftscope", *args], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_tune_signal_checkpoints_and_the_same_command_resumes_exactly(model_dir, gsm8k_file,
+                                                                       tmp_path, sig):
+    from safetensors.torch import load_file
+
+    common = ["tune", "--model", str(model_dir("llama", n_layers=4)), "--train",
+              f"gsm8k:{gsm8k_file}", "--mask", "01", "--max-steps", "30", "--save-steps", "1000",
+              "--batch-size", "2", "--micro-batch-size", "2", "--rank", "4", "--lr", "5e-3",
+              "--no-eval", "--n-train", "0", "--dropout", "0.1", "--logging-steps", "1"]
+    ref = _run([*common, "--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "run"
+    proc = _start([*common, "--out", str(out)])
+    t0 = time.time()
+    while not (out / "dynamics.csv").exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("training finished before the signal arrived")
+    assert proc.returncode == 130, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines[-1] == "sftscope: interrupted; run the same command again to resume", err
+    assert "Traceback" not in err
+    ckpts = list((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and 0 < int(ckpts[0].name.split("-")[1]) < 30, ckpts
+    again = _run([*common, "--out", str(out)])  # the same command, no --resume
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from {ckpts[0]}" in again.stderr
+    a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = json.loads((tmp_path / "ref" / "run.json").read_text())["result"]
+    rb = json.loads((out / "run.json").read_text())["result"]
+    assert rb["resumed_from"] and rb["steps"] == ra["steps"] == 30
+    assert rb["train_loss"] == ra["train_loss"]
+    assert rb["loss_history"] == ra["loss_history"]

@@ -35,10 +35,12 @@ DeepSpeed ZeRO-3 needs ``zero3_save_16bit_model: true`` for the same reason.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,7 +51,7 @@ from torch import nn
 
 from sftscope.config.commands import EvalConfig, TuneConfig
 from sftscope.config.core import changed, defaults
-from sftscope.errors import SftscopeError
+from sftscope.errors import Interrupted, SftscopeError
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
@@ -442,6 +444,100 @@ def no_final_checkpoint_callback():
     return NoFinalCheckpoint()
 
 
+class StopOnSignal:
+    """Ctrl-C / SIGTERM while training: finish the step, save a checkpoint, stop; the run then
+    raises :class:`Interrupted` and the same command resumes from that checkpoint. A second
+    signal stops at once (the last regular checkpoint stays)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers, while training (only the main thread may set them)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            self.signum = signum
+            _say("[yellow]stopping:[/] saving a checkpoint at the end of this step "
+                 "(signal again to stop at once)")
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def callback(self):
+        """The TrainerCallback that asks for the checkpoint and the stop (placed after
+        ``no_final_checkpoint_callback``: at the last step the model is saved anyway)."""
+        from transformers import TrainerCallback
+
+        stopper = self
+
+        class CheckpointOnSignal(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                if stopper.signum is not None and state.global_step < state.max_steps:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return CheckpointOnSignal()
+
+
+LOSS_FILE = "sftscope-loss.json"
+
+
+class LossSum:
+    """The training loss summed over every step in float64, saved in each checkpoint and taken
+    up again on resume, so a resumed run records the ``train_loss`` of an uninterrupted one
+    (the Trainer's own average covers only the steps since the resume)."""
+
+    def __init__(self, trainer: Any, resumed_from: str | None) -> None:
+        self.total = torch.zeros((), dtype=torch.float64, device=trainer.args.device)
+        self.known = True  # False: resumed from a checkpoint without the sum (an older one)
+        if resumed_from:
+            path = Path(resumed_from) / LOSS_FILE
+            self.known = path.is_file()
+            if self.known:
+                self.total += float(read_json(path)["loss_sum"])
+        step = trainer.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = step(*args, **kwargs)
+            self.total += loss.detach().to(torch.float64)
+            return loss
+
+        trainer.training_step = training_step
+
+    def callback(self):
+        """Writes the sum into each checkpoint the Trainer saves."""
+        from transformers import TrainerCallback
+
+        summed = self
+
+        class SaveLossSum(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir() and is_main_process():
+                    write_json(folder / LOSS_FILE, {"loss_sum": summed.total.item(),
+                                                    "steps": state.global_step})
+
+        return SaveLossSum()
+
+    def mean(self, steps: int) -> float | None:
+        return self.total.item() / steps if steps else None
+
+
 def is_main_process() -> bool:
     """True on the process that writes files and evaluates (rank 0 under accelerate/torchrun)."""
     from sftscope.parallel import is_main
@@ -598,25 +694,45 @@ def _existing_run(cfg: TuneConfig, out: Path) -> TuneResult | None:
             return TuneResult.from_dict(rec["result"])
     started = out / "tune-config.json"
     if started.is_file() and is_main_process():  # rank 0 writes it: other ranks may see it
-        ckpts = checkpoint_steps(out / "checkpoints")
-        if cfg.overwrite or not ckpts:
+        # the checkpoint --resume would take (a partial one, e.g. from a full disk, is not one)
+        last = None if cfg.overwrite else last_good_checkpoint(out / "checkpoints")
+        if last is None:
             if not cfg.overwrite:
-                _say("note: the earlier attempt in this folder saved no checkpoint; starting "
-                     "over")
+                _say("note: the earlier attempt in this folder saved no usable checkpoint; "
+                     "starting over")
             _clear(out)
             return None
         rec = read_json(started)
         diff = _settings_diff(rec.get("config") or {}, cfg)
-        step = ckpts[0].name.split("-")[-1]
+        step = Path(last).name.split("-")[-1]
         if diff:
             raise SftscopeError(f"--out {out} holds an unfinished tune run (checkpoint at step "
                                 f"{step}) made with other settings ({diff}); --overwrite "
                                 f"discards it and starts over, or choose another --out")
-        if not cfg.resume:
+        if not cfg.resume and not rec.get("interrupted"):
             raise SftscopeError(f"--out {out} holds an unfinished tune run (checkpoint at step "
                                 f"{step}); add --resume to continue it, or --overwrite to "
                                 f"start over")
     return None
+
+
+def _mark_interrupted(out: Path, step: int) -> None:
+    """Note in ``tune-config.json`` that Ctrl-C / SIGTERM stopped the run after a checkpoint:
+    the same command (without --resume) then continues it, as the message promised."""
+    path = out / "tune-config.json"
+    if is_main_process() and path.is_file():
+        rec = read_json(path)
+        write_json(path, {**rec, "interrupted": step})
+
+
+def _was_interrupted(out: Path) -> bool:
+    path = out / "tune-config.json"
+    if not path.is_file():
+        return False
+    try:
+        return bool(read_json(path).get("interrupted"))
+    except SftscopeError:
+        return False
 
 
 @staged
@@ -639,6 +755,8 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     if done is not None:
         _say(f"{out} is already finished; returning its recorded result")
         return done
+    if not cfg.resume and _was_interrupted(out):  # stopped by a signal: the same command resumes
+        cfg = replace(cfg, resume=True)
     reporters = _check_reporter(cfg.report_to)
     eval_task = parse_eval_task(cfg.eval_task) if cfg.eval_task else None
     if eval_task is None and cfg.train == "gsm8k":
@@ -737,13 +855,17 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         raise SftscopeError(f"--batch-size {cfg.batch_size} is not a multiple of "
                             f"--micro-batch-size {micro} x {world} processes; change one")
     args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
+    stopper = StopOnSignal()
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
                       data_collator=PadCollator(pad_id(tok)),
                       callbacks=[finite_loss_callback(), trainer_callback("train"),
                                  *([recorder.callback()] if recorder else []),
                                  *([no_final_checkpoint_callback()]
                                    if full and not cfg.keep_checkpoints else []),
-                                 *(callbacks or [])])
+                                 stopper.callback(), *(callbacks or [])])
+    losses = LossSum(trainer, last) if world == 1 else None
+    if losses is not None:
+        trainer.add_callback(losses.callback())
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):  # raw log dicts and tqdm: we report instead
@@ -754,11 +876,14 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     hf_logging.disable_progress_bar()  # the Trainer's checkpoint writes: we report instead
     stage("train")
     try:
-        with timer("train"):
+        with timer("train"), stopper.installed():
             output = trainer.train(resume_from_checkpoint=last)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+        _mark_interrupted(out, int(trainer.state.global_step))
+        raise Interrupted()
     if output.training_loss is not None and not math.isfinite(output.training_loss):
         raise SftscopeError(f"training loss is {output.training_loss} (not finite); nothing was "
                             f"saved: check the model's weights and data, lower --lr, or use "
@@ -813,7 +938,9 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         budget_ratio=n_train_params / full_params, seed=cfg.seed, dtype=dtype,
         n_train=len(data.examples), n_truncated=data.n_truncated, max_length=data.max_length,
         longest_example=data.longest, steps=steps,
-        train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        train_loss=(losses.mean(steps) if losses is not None and losses.known
+                    else float(output.training_loss) if output.training_loss is not None
+                    else None),
         loss_history=history, step_time_s=runtime / steps if steps else None,
         resumed_from=last, timings=timer.seconds, method=cfg.method,
         model_dir=str(model_dir) if model_dir else None,
