@@ -4,6 +4,7 @@ fine-tuning run folder is a model, and the smaller refusals."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -191,3 +192,184 @@ def test_tune_signal_checkpoints_and_the_same_command_resumes_exactly(model_dir,
     assert rb["resumed_from"] and rb["steps"] == ra["steps"] == 30
     assert rb["train_loss"] == ra["train_loss"]
     assert rb["loss_history"] == ra["loss_history"]
+
+
+# ------------------------------------------------------------------ a full disk, every writer
+
+FULL = "the disk is full; free space or choose another --out"
+
+
+def _full_disk(monkeypatch, match: str = "", after: int = 0) -> dict[str, int]:
+    """Every safetensors write whose path holds ``match`` (after ``after`` good ones) leaves a
+    few bytes and fails as a full disk does (OSError ENOSPC, no file name)."""
+    import peft.peft_model  # noqa: F401  (imported now, so that its alias is patched too)
+    import safetensors.torch as st
+    import transformers.modeling_utils  # noqa: F401
+
+    import sftscope.capture.stream  # noqa: F401
+
+    orig = st.save_file
+    seen = {"n": 0}
+
+    def fake(tensors, filename, metadata=None):
+        if match in str(filename):
+            seen["n"] += 1
+            if seen["n"] > after:
+                Path(filename).write_bytes(b"\0" * 16)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(tensors, filename, metadata=metadata)
+
+    for mod in list(sys.modules.values()):
+        for name in ("save_file", "safe_save_file"):
+            try:
+                if getattr(mod, name, None) is orig:
+                    monkeypatch.setattr(mod, name, fake)
+            except Exception:  # lazy modules that fail on attribute access
+                continue
+    return seen
+
+
+def _one_line(err: str, path) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("sftscope: error:")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err
+    assert "Traceback" not in err
+    assert f"cannot write {path}" in lines[0] and f": {FULL}" in lines[0], lines[0]
+    return lines[0]
+
+
+def test_write_errno_reads_every_library():
+    from sftscope.io import disk_error, write_errno
+
+    assert write_errno(OSError(errno.ENOSPC, "x")) == errno.ENOSPC
+    assert write_errno(RuntimeError("I/O error: No space left on device (os error 28)")) == 28
+    assert write_errno(RuntimeError("IoError(Os { code: 122, kind: QuotaExceeded })")) == 122
+    assert write_errno(RuntimeError("Read-only file system")) == errno.EROFS
+    assert write_errno(ValueError("a bug")) is None
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as e:
+        assert write_errno(e) == errno.ENOSPC
+    msg = str(disk_error(OSError(errno.ENOSPC, "No space left on device")))
+    assert "None" not in msg and msg.startswith(f"cannot write to the disk: {FULL}")
+    ro = str(disk_error(OSError(errno.EROFS, "x"), "/a/b"))
+    assert ro.startswith("cannot write /a/b: the file system is read-only; choose another --out")
+
+
+def test_text_write_names_the_file(tmp_path, monkeypatch):
+    from sftscope.errors import SftscopeError
+    from sftscope.io import write_json
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as f.write does: no name
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SftscopeError) as e:
+        write_json(tmp_path / "run.json", {"a": 1})
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'run.json'}: {FULL}")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_analyze_cache_disk_full(model_dir, gsm8k_file, tmp_path, capsys, monkeypatch):
+    base, sft = str(model_dir("llama", seed=0)), str(model_dir("llama", seed=1))
+    _full_disk(monkeypatch)
+    cache = tmp_path / "cache"
+    code, err = _cli(["analyze", "--base", base, "--sft", sft, "--data", f"gsm8k:{gsm8k_file}",
+                      "--limit", "4", "--n-token", "2", "--max-length", "32", "--device", "cpu",
+                      "--cache-dir", str(cache), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2
+    line = _one_line(err, cache)
+    assert ".safetensors" in line
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix == ".safetensors"]
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def _tune_args(model, gsm8k_file, out, *extra: str) -> list[str]:
+    return ["tune", "--model", str(model), "--train", f"gsm8k:{gsm8k_file}", "--mask", "01",
+            "--max-steps", "3", "--batch-size", "2", "--micro-batch-size", "2", "--no-eval",
+            "--n-train", "4", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("what", ["adapter", "merged", "model"])
+def test_tune_outputs_disk_full(what, model_dir, gsm8k_file, tmp_path, capsys, monkeypatch):
+    model = model_dir("llama", n_layers=4)
+    out = tmp_path / "run"
+    extra = {"adapter": ["--rank", "2"], "merged": ["--rank", "2", "--merge"],
+             "model": ["--method", "full"]}[what]
+    _full_disk(monkeypatch, match=f"{os.sep}{what}" + ("" if what == "merged" else os.sep))
+    code, err = _cli(_tune_args(model, gsm8k_file, out, *extra), capsys)
+    assert code == 2
+    line = _one_line(err, out / what)
+    assert not (out / what).exists() and not (out / f"{what}.partial").exists()
+    assert not (out / "run.json").exists()
+    monkeypatch.undo()
+    kept = sorted((out / "checkpoints").glob("checkpoint-*"))
+    if kept:  # the message and the rerun agree on the checkpoint
+        assert f"{kept[-1].name} is kept: rerun with --resume" in line, line
+        code, err = _cli(_tune_args(model, gsm8k_file, out, *extra), capsys)
+        assert code == 2 and f"checkpoint at step {kept[-1].name.split('-')[1]}" in err, err
+        extra = [*extra, "--resume"]
+    else:
+        assert "no checkpoint was kept: the same command starts over" in line, line
+    code, err = _cli(_tune_args(model, gsm8k_file, out, *extra), capsys)
+    assert code == 0, err
+
+
+def test_tune_checkpoint_disk_full_then_resume_agrees(model_dir, gsm8k_file, tmp_path, capsys,
+                                                      monkeypatch):
+    """torch.save (the optimizer) fails at the second checkpoint: the message names it, it is
+    removed, and the rerun's refusal and --resume both take checkpoint 1."""
+    import torch as T
+
+    import sftscope.io as sio
+
+    model = model_dir("llama", n_layers=4)
+    out = tmp_path / "run"
+    args = _tune_args(model, gsm8k_file, out, "--rank", "2", "--save-steps", "1")
+    orig = T.save
+
+    def fake(obj, f, *a, **k):
+        if "checkpoint-2" in str(f):
+            Path(f).write_bytes(b"PK\0")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter "
+                               "failed writing file data/0: file write failed")
+        return orig(obj, f, *a, **k)
+
+    monkeypatch.setattr(T, "save", fake)
+    monkeypatch.setattr(sio, "_free_bytes", lambda path: 0)
+    code, err = _cli(args, capsys)
+    assert code == 2
+    line = _one_line(err, out / "checkpoints" / "checkpoint-2")
+    assert "checkpoint-1 is kept: rerun with --resume" in line, line
+    assert not (out / "checkpoints" / "checkpoint-2").exists()
+    monkeypatch.undo()
+    code, err = _cli(args, capsys)
+    assert code == 2 and "checkpoint at step 1" in err and "--resume" in err, err
+    code, err = _cli([*args, "--resume"], capsys)
+    assert code == 0, err
+    assert "resuming from" in err and "checkpoint-1" in err
+
+
+def test_steer_and_swap_mix_disk_full(model_dir, gsm8k_file, tmp_path, capsys, monkeypatch):
+    base, sft = str(model_dir("llama", seed=0)), str(model_dir("llama", seed=1))
+    _full_disk(monkeypatch, match="steer_vector")
+    out = tmp_path / "steer"
+    code, err = _cli(["steer", "--base", base, "--sft", sft, "--data", f"gsm8k:{gsm8k_file}",
+                      "--layer", "2", "--limit", "4", "--scales", "0,1", "--generate",
+                      "--n-prompts", "2", "--max-new-tokens", "2", "--max-length", "32",
+                      "--device", "cpu", "--out", str(out)], capsys)
+    assert code == 2
+    _one_line(err, out / "steer_vector.safetensors")
+    assert not (out / "steer_vector.safetensors").exists()
+    monkeypatch.undo()
+    _full_disk(monkeypatch, match="mix-")
+    out = tmp_path / "swap"
+    code, err = _cli(["swap", "--base", base, "--sft", sft, "--data", f"gsm8k:{gsm8k_file}",
+                      "--segments", "2", "--limit", "4", "--max-length", "32", "--bootstrap",
+                      "0", "--device", "cpu", "--save-mix", "01:0.5", "--out", str(out)], capsys)
+    assert code == 2
+    line = _one_line(err, out / "mix-01-a0.5")
+    assert "None" not in line
+    assert not list(out.glob("mix-*"))

@@ -21,7 +21,6 @@ Protocol (every command that writes a run folder):
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import glob
 import json
@@ -34,6 +33,7 @@ from typing import Any, TypeVar
 
 from sftscope.config.core import Config, changed
 from sftscope.errors import SftscopeError
+from sftscope.io import DISK_ERRNOS, disk_error  # noqa: F401  (re-exported)
 
 MARKER = ".sftscope-run.json"
 RUN_JSON = "run.json"
@@ -307,16 +307,3 @@ def finish_run(out: str | Path, record: Mapping[str, Any]) -> Path:
     with contextlib.suppress(OSError):
         write_json(out / MARKER, marker)
     return path
-
-
-DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-               errno.EDQUOT: "the disk quota is exceeded"}
-
-
-def disk_error(e: OSError, where: str | Path | None = None) -> SftscopeError:
-    """One line for a failed write: what, where, and what to do."""
-    what = DISK_ERRNOS.get(e.errno or -1, e.strerror or type(e).__name__)
-    path = e.filename or where
-    return SftscopeError(f"cannot write {path}: {what}; free space or choose another --out "
-                         f"(finished work is kept: run the same command again)")

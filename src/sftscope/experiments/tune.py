@@ -51,10 +51,18 @@ from torch import nn
 
 from sftscope.config.commands import EvalConfig, TuneConfig
 from sftscope.config.core import changed, defaults
-from sftscope.errors import Interrupted, SftscopeError
+from sftscope.errors import Interrupted, SftscopeError, WriteError
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
-from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
+from sftscope.io import (
+    Timer,
+    read_json,
+    run_record,
+    stable_hash,
+    write_errno,
+    write_json,
+    writing,
+)
 from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public API)
     META_FILE,
     adapter_folder,
@@ -716,6 +724,36 @@ def _existing_run(cfg: TuneConfig, out: Path) -> TuneResult | None:
     return None
 
 
+@contextlib.contextmanager
+def _checkpoint_writes(trainer: Any, ckpt_dir: Path) -> Iterator[None]:
+    """A checkpoint the Trainer could not write (a full disk) is one line naming it, and is
+    removed: the rerun and its message then agree on the last whole checkpoint."""
+    try:
+        yield
+    except SftscopeError:
+        raise
+    except Exception as e:
+        folder = ckpt_dir / f"checkpoint-{trainer.state.global_step}"
+        if write_errno(e, folder) is None:
+            raise
+        broken = folder.is_dir() and not checkpoint_ok(folder) and is_main_process()
+        with writing(folder, remove=folder if broken else None):
+            raise
+
+
+@contextlib.contextmanager
+def _what_a_rerun_does(ckpt_dir: Path) -> Iterator[None]:
+    """A failed write (a full disk) while training or saving names the checkpoint a rerun
+    with --resume takes, the one the rerun's own refusal names, or says there is none."""
+    try:
+        yield
+    except WriteError as e:
+        last = last_good_checkpoint(ckpt_dir) if is_main_process() else None
+        then = (f"{Path(last).name} is kept: rerun with --resume to continue from it" if last
+                else "no checkpoint was kept: the same command starts over")
+        raise e.with_then(then) from e
+
+
 def _mark_interrupted(out: Path, step: int) -> None:
     """Note in ``tune-config.json`` that Ctrl-C / SIGTERM stopped the run after a checkpoint:
     the same command (without --resume) then continues it, as the message promised."""
@@ -874,56 +912,58 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the Trainer's checkpoint writes: we report instead
-    stage("train")
-    try:
-        with timer("train"), stopper.installed():
-            output = trainer.train(resume_from_checkpoint=last)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
-        _mark_interrupted(out, int(trainer.state.global_step))
-        raise Interrupted()
-    if output.training_loss is not None and not math.isfinite(output.training_loss):
-        raise SftscopeError(f"training loss is {output.training_loss} (not finite); nothing was "
-                            f"saved: check the model's weights and data, lower --lr, or use "
-                            f"--dtype float32")
-    steps = int(trainer.state.global_step)
-    runtime = float(output.metrics.get("train_runtime", 0.0))
-    history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    adapter_dir = model_dir = None
-    meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
-            "method": cfg.method, "mask": cfg.mask,
-            "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
-            "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
-            "full_rank": float(cfg.rank), "seed": cfg.seed}
-    stage("save")
-    with timer("save"):
-        if full:
-            from sftscope.progress import quiet_libraries
+    with _what_a_rerun_does(ckpt_dir):  # a failed write says what the rerun will take
+        stage("train")
+        try:
+            with timer("train"), stopper.installed(), _checkpoint_writes(trainer, ckpt_dir):
+                output = trainer.train(resume_from_checkpoint=last)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+            _mark_interrupted(out, int(trainer.state.global_step))
+            raise Interrupted()
+        if output.training_loss is not None and not math.isfinite(output.training_loss):
+            raise SftscopeError(f"training loss is {output.training_loss} (not finite); "
+                                f"nothing was saved: check the model's weights and data, lower "
+                                f"--lr, or use --dtype float32")
+        steps = int(trainer.state.global_step)
+        runtime = float(output.metrics.get("train_runtime", 0.0))
+        history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+        adapter_dir = model_dir = None
+        meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
+                "method": cfg.method, "mask": cfg.mask,
+                "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
+                "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
+                "full_rank": float(cfg.rank), "seed": cfg.seed}
+        stage("save")
+        with timer("save"):
+            if full:
+                from sftscope.progress import quiet_libraries
 
-            model_dir = out / "model"
-            with quiet_libraries():
-                trainer.save_model(str(model_dir))
-            if is_main_process():
-                tok.save_pretrained(str(model_dir))
-                write_json(model_dir / META_FILE, meta)
-                # the Trainer's pickled arguments do not belong in a model folder
-                (model_dir / "training_args.bin").unlink(missing_ok=True)
-        else:
-            adapter_dir = out / "adapter"
-            trainer.save_model(str(adapter_dir))
-            if is_main_process():
-                write_json(adapter_dir / META_FILE, meta)
-    merged_dir = None
-    if cfg.merge and not full and is_main_process():
-        from sftscope.load.models import save_model
+                model_dir = out / "model"
+                with writing(model_dir, remove=model_dir), quiet_libraries():
+                    trainer.save_model(str(model_dir))
+                    if is_main_process():
+                        tok.save_pretrained(str(model_dir))
+                        write_json(model_dir / META_FILE, meta)
+                        # the Trainer's pickled arguments do not belong in a model folder
+                        (model_dir / "training_args.bin").unlink(missing_ok=True)
+            else:
+                adapter_dir = out / "adapter"
+                with writing(adapter_dir, remove=adapter_dir):
+                    trainer.save_model(str(adapter_dir))
+                    if is_main_process():
+                        write_json(adapter_dir / META_FILE, meta)
+        merged_dir = None
+        if cfg.merge and not full and is_main_process():
+            from sftscope.load.models import save_model
 
-        stage("merge")
-        with timer("merge"):
-            merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
-                dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
-        _say(f"wrote {merged_dir} (the base with the adapter merged in)")
+            stage("merge")
+            with timer("merge"):
+                merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
+                    dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
+            _say(f"wrote {merged_dir} (the base with the adapter merged in)")
     model = trainer.model
     got = names if full else adapted_modules(model)
     if recorder is not None:
