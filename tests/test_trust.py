@@ -373,3 +373,102 @@ def test_steer_and_swap_mix_disk_full(model_dir, gsm8k_file, tmp_path, capsys, m
     line = _one_line(err, out / "mix-01-a0.5")
     assert "None" not in line
     assert not list(out.glob("mix-*"))
+
+
+# ------------------------------------------------------------------ smaller refusals
+
+def test_sweep_collect_refuses_an_option_that_changes_results(model_dir, gsm8k_file, tmp_path):
+    from sftscope.config.commands import SweepConfig
+    from sftscope.errors import SftscopeError
+    from sftscope.experiments.sweep import JobOutput, run_sweep
+
+    def job(j) -> JobOutput:
+        return JobOutput.from_scores({"flexible_extract": [1.0, 0.0, 1.0]},
+                                     trainable_params=10)
+
+    data = f"gsm8k:{gsm8k_file}"
+    out = tmp_path / "sw"
+    run_sweep(SweepConfig(out=str(out), model=str(model_dir("llama")), train=data, task=data,
+                          segments=2, masks="10", seeds=1, bootstrap=50, tune={"lr": 1e-4}),
+              job_fn=job)
+    with pytest.raises(SftscopeError, match=r"--lr 0.001 differs from the sweep's recorded "
+                                            r"0.0001"):
+        run_sweep(SweepConfig(out=str(out), collect=True, bootstrap=50, tune={"lr": 1e-3}))
+    with pytest.raises(SftscopeError, match="--eval-limit 3 differs"):
+        run_sweep(SweepConfig(out=str(out), collect=True, bootstrap=50,
+                              evaluation={"limit": 3}))
+    # the recorded value, or an option that changes nothing, is accepted
+    run_sweep(SweepConfig(out=str(out), collect=True, bootstrap=50,
+                          tune={"lr": 1e-4, "report_to": "none"}))
+    with pytest.raises(SftscopeError, match="--metric 'nope' is not a score of task gsm8k"):
+        run_sweep(SweepConfig(out=str(out), collect=True, bootstrap=50, metric="nope"))
+
+
+def test_sweep_unknown_metric_is_refused_before_any_job(model_dir, gsm8k_file, tmp_path,
+                                                        capsys):
+    data = f"gsm8k:{gsm8k_file}"
+    out = tmp_path / "sw"
+    code, err = _cli(["sweep", "--model", str(model_dir("llama")), "--train", data, "--task",
+                      data, "--segments", "2", "--masks", "10", "--seeds", "1",
+                      "--metric", "flexible_extrakt", "--out", str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "did you mean flexible_extract?" in err
+    assert not (out / "jobs").exists()
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".yaml", "tune:\n  lr: 0.001\n  rank: 4\n  lr: 0.0001\n"),
+    (".json", '{"tune": {"lr": 0.001, "lr": 0.0001}}'),
+])
+def test_config_file_with_a_duplicate_key_is_refused(tmp_path, capsys, suffix, text):
+    cfg = tmp_path / f"c{suffix}"
+    cfg.write_text(text)
+    code, err = _cli(["--config", str(cfg), "tune"], capsys)
+    assert code == 2 and "key 'lr' appears twice" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rescore_honours_skip_bad_records(tmp_path, capsys):
+    f = tmp_path / "comp.jsonl"
+    f.write_text('{"completion": "x"\n'
+                 '{"completion": "so #### 4", "answer": "2 + 2 = 4\\n#### 4"}\n'
+                 '{"answer": "#### 1"}\n'
+                 '{"completion": "#### 5", "answer": "#### 6"}\n')
+    code, err = _cli(["eval", "--rescore", str(f), "--task", "gsm8k"], capsys)
+    assert code == 2 and "line 1: not valid JSON" in err
+    out = tmp_path / "run"
+    code, err = _cli(["eval", "--rescore", str(f), "--task", "gsm8k", "--skip-bad-records",
+                      "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "2 of 4 lines" in err and "skipped as bad" in err
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["result"]["n"] == 2 and any("skipped" in n for n in rec["result"]["notes"])
+
+
+def test_tune_float16_on_cpu_is_refused(model_dir, gsm8k_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: float16 training is possible")
+    code, err = _cli(["tune", "--model", str(model_dir("llama")), "--train",
+                      f"gsm8k:{gsm8k_file}", "--mask", "01", "--dtype", "float16", "--out",
+                      str(tmp_path / "run")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--dtype float16 trains only on a CUDA GPU" in err and "float32" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_leaves_out_a_table_with_text_for_numbers(tmp_path, capsys):
+    import pandas as pd
+
+    run = tmp_path / "w"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"command": "weights", "n_blocks": 2}))
+    pd.DataFrame({"block": [0, 1], "module": ["q", "q"], "metric": ["frobenius"] * 2,
+                  "value": ["0.5", "lots"]}).to_csv(run / "weights.csv", index=False)
+    code, err = _cli(["report", str(run), "--out", str(tmp_path / "r.html")], capsys)
+    assert code == 2, err
+    assert "column value holds 'lots' where a number belongs" in err
+    from sftscope.report.runs import read_table
+
+    pd.DataFrame({"block": [0, 1], "module": ["q", "q"], "metric": ["frobenius"] * 2,
+                  "value": ["0.5", ""]}).to_csv(run / "weights.csv", index=False)
+    df = read_table(run / "weights.csv")
+    assert df["value"].dtype.kind == "f" and df["value"].isna().sum() == 1

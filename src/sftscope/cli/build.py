@@ -268,6 +268,37 @@ def _claim(name: str, cls: type[Config], values: dict[str, Any]) -> str | None:
     return str(claim(str(out), name))
 
 
+class DuplicateKey(SftscopeError):
+    """A config file names one option twice (the parsers would keep the last silently)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(f"key {k!r} appears twice in one object; keep one")
+        out[k] = v
+    return out
+
+
+def _unique_keys_loader() -> type:
+    """A safe YAML loader that refuses a key given twice in one mapping."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN202
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise DuplicateKey(f"key {key!r} appears twice (line "
+                                       f"{key_node.start_mark.line + 1}); keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
+
+
 def load_config_file(path: Path) -> dict[str, dict[str, Any]]:
     """Read a config file into ``{command: {flag: value}}`` (unknown sections are errors)."""
     from sftscope.config.commands import COMMANDS
@@ -283,17 +314,19 @@ def load_config_file(path: Path) -> dict[str, dict[str, Any]]:
         if suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_unique_keys_loader()) or {}
         elif suffix == ".toml":
             import tomllib
 
-            data = tomllib.loads(text)
+            data = tomllib.loads(text)  # refuses a repeated key itself
         elif suffix == ".json":
             import json
 
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
         else:
             raise SftscopeError(f"config file {path}: use .yaml, .toml or .json")
+    except DuplicateKey as e:
+        raise SftscopeError(f"config file {path}: {e}") from e
     except SftscopeError:
         raise
     except Exception as e:  # the parse errors of three libraries
