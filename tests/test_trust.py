@@ -472,3 +472,61 @@ def test_report_leaves_out_a_table_with_text_for_numbers(tmp_path, capsys):
                   "value": ["0.5", ""]}).to_csv(run / "weights.csv", index=False)
     df = read_table(run / "weights.csv")
     assert df["value"].dtype.kind == "f" and df["value"].isna().sum() == 1
+
+
+# ------------------------------------------------------------------ a rank dies under torchrun
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_named_in_one_line_by_rank_0(model_dir, tmp_path):
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far"]
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(words[(i * 3 + k) % 10]
+                                                         for k in range(30))}) + "\n"
+                            for i in range(800)))
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--log-dir", str(logs), "--redirects", "3", "-m", "sftscope", "analyze", "--base",
+         str(model_dir("llama", seed=0)), "--sft", str(model_dir("llama", seed=1)), "--data",
+         str(data), "--limit", "800", "--n-token", "20", "--max-length", "40", "--device",
+         "cpu", "--batch-size", "4", "--cache-dir", str(tmp_path / "c"), "--out", str(out)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / ".sftscope-run.json").exists() and proc.poll() is None \
+            and time.time() - t0 < 120:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    ranks = {_rank_of(c): c for c in _children(proc.pid)}
+    if proc.poll() is not None or 1 not in ranks:
+        proc.communicate()
+        pytest.skip("the launch ended (or rank 1 was not found) before the kill")
+    os.kill(ranks[1], signal.SIGKILL)
+    proc.communicate(timeout=300)
+    err0 = next(logs.rglob("0/stderr.log")).read_text()
+    lines = [ln for ln in err0.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("sftscope: error: process 1 of 2 failed"), err0
+    assert "Traceback" not in err0
+    assert not (out / "run.json").exists()

@@ -60,7 +60,7 @@ def folder_command(out: str | Path) -> str | None:
     return None
 
 
-def _alive(rec: Mapping[str, Any], *, other_hosts: bool = False) -> bool:
+def process_alive(rec: Mapping[str, Any], *, other_hosts: bool = False) -> bool:
     """Whether the process a record names still runs (never this process). Another host's
     process cannot be asked: ``other_hosts`` says what to assume then."""
     pid = rec.get("pid")
@@ -79,6 +79,9 @@ def _alive(rec: Mapping[str, Any], *, other_hosts: bool = False) -> bool:
     except (OSError, IndexError):
         return True
     return state not in ("Z", "X")
+
+
+_alive = process_alive
 
 
 def _writable_dir(path: Path) -> Path:
