@@ -915,7 +915,10 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     with _what_a_rerun_does(ckpt_dir):  # a failed write says what the rerun will take
         stage("train")
         try:
-            with timer("train"), stopper.installed(), _checkpoint_writes(trainer, ckpt_dir):
+            # one process: a signal checkpoints at the step's end; several (DDP/FSDP) would
+            # each see it at another step, so there it stops at once as before
+            stop = stopper.installed() if world == 1 else contextlib.nullcontext()
+            with timer("train"), stop, _checkpoint_writes(trainer, ckpt_dir):
                 output = trainer.train(resume_from_checkpoint=last)
         finally:
             if bars:
