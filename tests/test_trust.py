@@ -152,20 +152,17 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_tune_signal_checkpoints_and_the_same_command_resumes_exactly(model_dir, gsm8k_file,
-                                                                       tmp_path, sig):
-    from safetensors.torch import load_file
+def _tune_signal_args(model, gsm8k_file) -> list[str]:
+    return ["tune", "--model", str(model), "--train", f"gsm8k:{gsm8k_file}", "--mask", "01",
+            "--max-steps", "12", "--save-steps", "1000", "--batch-size", "2",
+            "--micro-batch-size", "2", "--rank", "4", "--lr", "5e-3", "--no-eval", "--n-train",
+            "0", "--dropout", "0.1", "--logging-steps", "1"]
 
-    common = ["tune", "--model", str(model_dir("llama", n_layers=4)), "--train",
-              f"gsm8k:{gsm8k_file}", "--mask", "01", "--max-steps", "30", "--save-steps", "1000",
-              "--batch-size", "2", "--micro-batch-size", "2", "--rank", "4", "--lr", "5e-3",
-              "--no-eval", "--n-train", "0", "--dropout", "0.1", "--logging-steps", "1"]
-    ref = _run([*common, "--out", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "run"
-    proc = _start([*common, "--out", str(out)])
+
+def _interrupt(args: list[str], out: Path, sig: int) -> str:
+    """Start ``args``, send ``sig`` once training has begun (dynamics.csv is written at the
+    first step); the stderr of a run that stopped (skip when it finished first)."""
+    proc = _start(args)
     t0 = time.time()
     while not (out / "dynamics.csv").exists() and proc.poll() is None and time.time() - t0 < 120:
         time.sleep(0.02)
@@ -177,8 +174,21 @@ def test_tune_signal_checkpoints_and_the_same_command_resumes_exactly(model_dir,
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert lines[-1] == "sftscope: interrupted; run the same command again to resume", err
     assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.slow
+def test_tune_ctrl_c_checkpoints_and_the_same_command_resumes_exactly(model_dir, gsm8k_file,
+                                                                      tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    common = _tune_signal_args(model_dir("llama", n_layers=4), gsm8k_file)
+    code, err = _cli([*common, "--out", str(tmp_path / "ref")], capsys)  # (one thread, too)
+    assert code == 0, err
+    out = tmp_path / "run"
+    _interrupt([*common, "--out", str(out)], out, signal.SIGINT)
     ckpts = list((out / "checkpoints").glob("checkpoint-*"))
-    assert len(ckpts) == 1 and 0 < int(ckpts[0].name.split("-")[1]) < 30, ckpts
+    assert len(ckpts) == 1 and 0 < int(ckpts[0].name.split("-")[1]) < 12, ckpts
     again = _run([*common, "--out", str(out)])  # the same command, no --resume
     assert again.returncode == 0, again.stderr
     assert f"resuming from {ckpts[0]}" in again.stderr
@@ -189,9 +199,19 @@ def test_tune_signal_checkpoints_and_the_same_command_resumes_exactly(model_dir,
         assert torch.equal(a[k], b[k]), k
     ra = json.loads((tmp_path / "ref" / "run.json").read_text())["result"]
     rb = json.loads((out / "run.json").read_text())["result"]
-    assert rb["resumed_from"] and rb["steps"] == ra["steps"] == 30
+    assert rb["resumed_from"] and rb["steps"] == ra["steps"] == 12
     assert rb["train_loss"] == ra["train_loss"]
     assert rb["loss_history"] == ra["loss_history"]
+
+
+@pytest.mark.slow
+def test_tune_sigterm_checkpoints_too(model_dir, gsm8k_file, tmp_path):
+    out = tmp_path / "run"
+    args = [*_tune_signal_args(model_dir("llama", n_layers=4), gsm8k_file), "--out", str(out)]
+    _interrupt(args, out, signal.SIGTERM)
+    ckpts = list((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and 0 < int(ckpts[0].name.split("-")[1]) < 12, ckpts
+    assert not (out / ".sftscope-lock").exists()  # released on the way out
 
 
 # ------------------------------------------------------------------ a full disk, every writer
