@@ -7,7 +7,7 @@ Protocol (every command that writes a run folder):
    one folder, exactly one gets it and the other is refused in one line. A lock whose process
    is gone (exited, killed, a zombie) is taken over; ``release`` removes it when the command
    ends, however it ends. Under a launcher rank 0 holds it for every rank.
-1. ``check_out`` (torch-free, writes nothing) runs with the rest of the validation: ``--out``
+1. ``check_out`` (torch-free, writes nothing but the claim) runs with the validation: ``--out``
    must not be a file, must be writable, must not be another command's run folder, must not be
    in use by a live process, and a *finished* run of the same command with other settings is
    replaced only with ``--overwrite`` (the error names the first setting that differs).

@@ -120,16 +120,17 @@ def check_task_data(task: str, data: str | None = None, *, split: str | None = N
                     fewshot_data: str | None = None, text_field: str | None = None,
                     rescore: str | None = None, skip_bad: bool = False) -> None:
     """Cheap checks before any model load: the task exists, its data (and shot data, or the
-    file to re-score: every line, bad ones skipped with ``skip_bad``) is a readable file of a
-    known format with the fields the task needs."""
+    file to re-score; with ``skip_bad`` every line, so that a bad first one is skipped too) is
+    a readable file of a known format with the fields the task needs."""
     t = get_task(task)
     if rescore is not None:
         if t.kind != "generate":
             raise SftscopeError(f"--rescore re-scores generated text; task {t.name} does not "
                                 f"generate")
-        if not skip_bad:  # (its first line is checked with the rest below)
+        if skip_bad:  # a bad first line is skipped too: read them all (at least one is good)
+            read_completions(rescore, t.name, skip_bad=True)
+        else:
             check_source(rescore, need=("completion",))
-        read_completions(rescore, t.name, skip_bad=skip_bad)
         return
     source = task_source(t.name, data)
     if t.has_items:
