@@ -263,6 +263,7 @@ def test_write_errno_reads_every_library():
     assert write_errno(OSError(errno.ENOSPC, "x")) == errno.ENOSPC
     assert write_errno(RuntimeError("I/O error: No space left on device (os error 28)")) == 28
     assert write_errno(RuntimeError("IoError(Os { code: 122, kind: QuotaExceeded })")) == 122
+    assert write_errno(RuntimeError("HTTP status code: 13")) is None
     assert write_errno(RuntimeError("Read-only file system")) == errno.EROFS
     assert write_errno(ValueError("a bug")) is None
     try:

@@ -64,7 +64,7 @@ def write_errno(error: BaseException, path: str | Path | None = None) -> int | N
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             return e.errno
         text = str(e)
-        m = re.search(r"os error (\d+)|code: (\d+)", text)
+        m = re.search(r"os error (\d+)|Os \{ code: (\d+)", text)  # Rust's io::Error
         if m and int(m.group(1) or m.group(2)) in DISK_ERRNOS:
             return int(m.group(1) or m.group(2))
         low = text.lower()
