@@ -77,6 +77,19 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     name = next(k for k in tensors if "layers.1." in k and k.endswith("q_proj.weight"))
     tensors[name][0, 0] = float("nan")
     save_file(tensors, str(nanmodel / "model.safetensors"), metadata={"format": "pt"})
+    import torch
+
+    p["moe"] = model_dir("qwen3_moe")
+    moefused = root / "moefused"  # the same MoE, experts stored fused [E, ...]
+    shutil.copytree(p["moe"], moefused)
+    tensors = load_file(str(moefused / "model.safetensors"))
+    for b in range(4):
+        pre = f"model.layers.{b}.mlp.experts"
+        per = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(pre + ".")]}
+        for fused, projs in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+            tensors[f"{pre}.{fused}"] = torch.stack([torch.cat(
+                [per[f"{pre}.{e}.{r}_proj.weight"] for r in projs]) for e in range(4)])
+    save_file(tensors, str(moefused / "model.safetensors"), metadata={"format": "pt"})
     noweights = root / "noweights"
     noweights.mkdir()
     shutil.copy(base / "config.json", noweights / "config.json")
@@ -125,7 +138,7 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
         "file": "a_file", "nocfg": "nocfg", "bert": "bert", "truncated": "truncated",
         "emptyweights": "emptyweights", "noweights": "noweights", "nanmodel": "nanmodel",
         "emptyadapter": "emptyadapter", "orphan": "orphan", "badgguf": "badmagic.gguf",
-        "truncgguf": "trunc.gguf", "twogguf": "twogguf"}.items()})
+        "truncgguf": "trunc.gguf", "twogguf": "twogguf", "moefused": "moefused"}.items()})
     return {k: str(v) for k, v in p.items()}
 
 
@@ -157,6 +170,8 @@ def good(cmd: str) -> dict[str, Any]:
         "steer": {"--base": "{base}", "--sft": "{sft}", "--data": "gsm8k:{gsm}", "--layer": "2",
                   "--limit": "4", "--scales": "0,1", "--generate": FLAG, "--n-prompts": "2",
                   "--max-new-tokens": "2", "--max-length": "32", **common},
+        "ablate": {"--model": "{base}", "--data": "gsm8k:{gsm}", "--limit": "4",
+                   "--max-length": "32", "--bootstrap": "0", **common},
         "report": {"RUNS": "{finished}", "--out": "{out}/report.html"},
         "demo": {"--quick": FLAG, "--skip": "analyze,weights,probe,swap,sweep,report"},
     }[cmd]
@@ -168,7 +183,7 @@ def good(cmd: str) -> dict[str, Any]:
 MODEL_CMDS = ("analyze", "probe", "swap", "suggest", "eval")
 MODEL_FLAG = {"analyze": "--base", "probe": "--model", "swap": "--base", "suggest": "--base",
               "eval": "--model", "tune": "--model", "weights": "--sft", "sweep": "--model",
-              "steer": "--sft"}
+              "steer": "--sft", "ablate": "--model"}
 DATA_FLAG = {"analyze": "--data", "probe": "--data", "swap": "--data", "suggest": "--data",
              "tune": "--train", "sweep": "--train"}
 
@@ -186,7 +201,8 @@ def case(cmd: str, over: dict[str, Any] | None = None, extra: list[str] | None =
     CASES.append((cmd, over or {}, extra or [], needle))
 
 
-for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "suggest", "steer"):
+for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "suggest", "steer",
+            "ablate"):
     case(cmd, extra=["--batch-sise", "4"], needle="no such option")
     if cmd in ("analyze", "weights", "tune", "sweep", "steer"):
         case(cmd, {"--out": DROP}, needle="missing --out")
@@ -258,10 +274,35 @@ case("analyze", {"--data": DROP}, needle="missing --data")
 case("probe", extra=["--base", "{base}"], needle="not both")
 case("probe", extra=["--top1-examples", "-1"], needle="--top1-examples must be at least 0")
 case("probe", extra=["--tokens", "some"], needle="unknown --tokens")
+case("probe", extra=["--translators", "{root}"], needle="add --lens tuned")
+case("probe", extra=["--lens", "tuned", "--translators", "{file}"], needle="is a file")
+case("probe", extra=["--lens", "tuned", "--lens-train", "{root}/nope.jsonl"],
+     needle="does not exist")
+case("probe", extra=["--lens", "tuned", "--lens-lr", "0"], needle="--lens-lr")
+case("probe", extra=["--shifts-top", "0"], needle="--shifts-top must be at least 1")
 case("probe", {"--model": DROP}, needle="give --model, or both --base and --sft")
 case("probe", {"--model": DROP}, extra=["--base", "{base}"], needle="both --base and --sft")
 
+case("ablate", {"--segments": "9"}, needle="larger than the model's 4 blocks")
+case("ablate", {"--segments": "0"}, needle="--segments must be at least 1")
+case("ablate", {"--mode": "half"}, needle="unknown --mode")
+case("ablate", extra=["--base", "{base}"], needle="not both")
+case("ablate", {"--model": DROP}, extra=["--sft", "{sft}"], needle="both --base and --sft")
+case("ablate", {"--model": DROP}, extra=["--base", "{base}", "--sft", "{gpt2}"],
+     needle="gpt2 model")
+case("ablate", {"--data": "gsm8k:{noanswer}"}, needle="answer")
+case("ablate", {"--batch-size": "0"}, needle="--batch-size must be at least 1")
+
+case("sweep", extra=["--retention", "{root}/nope.jsonl"], needle="does not exist")
+case("sweep", extra=["--retention-limit", "0"], needle="--retention-limit must be at least 1")
 case("swap", {"--segments": "0"}, needle="--segments must be at least 1")
+# mixtures of experts: parts a model lacks, expert layouts that do not pair
+case("swap", {"--parts": "experts"}, needle="--parts experts: llama is not a mixture")
+case("swap", {"--parts": "router"}, needle="--parts router: llama is not a mixture")
+case("swap", {"--parts": "shared_expert", "--base": "{moe}", "--sft": "{moe}"},
+     needle="has no shared expert")
+case("swap", {"--parts": "expert"}, needle="unknown --parts")
+case("weights", {"--base": "{moe}", "--sft": "{moefused}"}, needle="re-save both")
 case("swap", {"--segments": "99"}, needle="larger than the model")
 case("swap", extra=["--masks", "012"], needle="valid groups")
 case("swap", extra=["--masks", "00"], needle="valid groups")

@@ -54,6 +54,7 @@ from sftscope.config.core import changed, defaults
 from sftscope.errors import Interrupted, SftscopeError, WriteError
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
+from sftscope.experiments.packing import choose_packing, packing_collator
 from sftscope.io import (
     Timer,
     read_json,
@@ -894,8 +895,11 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                             f"--micro-batch-size {micro} x {world} processes; change one")
     args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
     stopper = StopOnSignal()
+    packed, packing_why = choose_packing(cfg.packing, model, data.examples, pad_id(tok), micro)
+    _say(f"packing {packing_why}")
+    collator = packing_collator(pad_id(tok)) if packed else PadCollator(pad_id(tok))
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
-                      data_collator=PadCollator(pad_id(tok)),
+                      data_collator=collator,
                       callbacks=[finite_loss_callback(), trainer_callback("train"),
                                  *([recorder.callback()] if recorder else []),
                                  *([no_final_checkpoint_callback()]
@@ -999,6 +1003,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
             full_depth_params=full_params, seed=cfg.seed, processes=world,
             grad_accumulation=args.gradient_accumulation_steps, timings=result.timings,
+            packing={"used": packed, "reason": packing_why},
             result=result, finished=True))
 
     if not is_main_process():
