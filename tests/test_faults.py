@@ -50,6 +50,9 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     (root / "broken.jsonl").write_text('{"question": "a", "answer": "#### 1"}\n{"question":\n')
     (root / "noanswer.jsonl").write_text('{"question": "What is 1 + 1?"}\n')
     (root / "nullq.jsonl").write_text('{"question": null, "answer": "#### 2"}\n')
+    (root / "pref_missing.jsonl").write_text(
+        '{"prompt": "1 + 1 =", "chosen": " 2", "rejected": " 3"}\n'
+        '{"prompt": "2 + 2 =", "chosen": " 4"}\n')
     (root / "data.xlsx").write_text("x")
     (root / "datadir").mkdir()
     mmlu = [{"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"], "answer": 7,
@@ -134,6 +137,7 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     p.update({k: str(root / v) for k, v in {
         "gsm": "gsm8k.jsonl", "text": "text.txt", "empty": "empty.jsonl", "list": "list.jsonl",
         "broken": "broken.jsonl", "noanswer": "noanswer.jsonl", "nullq": "nullq.jsonl",
+        "pref_missing": "pref_missing.jsonl",
         "xlsx": "data.xlsx", "datadir": "datadir", "mmlu_bad": "mmlu_bad.jsonl",
         "file": "a_file", "nocfg": "nocfg", "bert": "bert", "truncated": "truncated",
         "emptyweights": "emptyweights", "noweights": "noweights", "nanmodel": "nanmodel",
@@ -345,6 +349,23 @@ case("tune", extra=["--save-steps", "0"], needle="--save-steps must be at least 
 case("tune", {"--model": "{root}/nope"}, needle="does not exist")
 if not _cuda():
     case("tune", extra=["--dtype", "float16"], needle="--dtype float16 trains only on a CUDA")
+case("tune", {"--train": "preference:{pref_missing}"}, extra=["--objective", "dpo"],
+     needle="line 2: lacks field(s) 'rejected'")
+case("tune", {"--train": "preference"}, extra=["--objective", "dpo"], needle="local-only")
+case("tune", extra=["--objective", "dpo"], needle="preference:FILE")
+case("tune", extra=["--objective", "rlhf"], needle="unknown --objective")
+case("tune", extra=["--objective", "grpo"], needle="needs --reward")
+case("tune", extra=["--objective", "grpo", "--reward", "exact"], needle="python:MODULE")
+case("tune", extra=["--objective", "grpo", "--reward", "python:no_such_mod_xyz:f"],
+     needle="could not be imported")
+case("tune", extra=["--objective", "grpo", "--reward", "gsm8k", "--num-generations", "3"],
+     needle="multiple of --num-generations")
+case("tune", extra=["--objective", "grpo", "--reward", "gsm8k", "--num-generations", "1"],
+     needle="--num-generations must be at least 2")
+case("tune", extra=["--objective", "grpo", "--reward", "gsm8k", "--loss-type", "ppo"],
+     needle="not one of TRL's GRPO losses")
+case("tune", extra=["--reward", "gsm8k"], needle="--reward is an option of --objective grpo")
+case("tune", extra=["--beta", "0.1"], needle="--beta is an option of --objective dpo or grpo")
 
 case("eval", {"--task": "hellaswag"}, needle="unknown --task")
 case("eval", extra=["--shots", "-1"], needle="--shots must be at least 0")
@@ -372,6 +393,7 @@ case("sweep", {"--seeds": "abc"}, needle="--seeds")
 case("sweep", {"--seeds": "0"}, needle="at least 1")
 case("sweep", extra=["--job-index", "2", "--num-jobs", "2"], needle="--job-index")
 case("sweep", extra=["--tune-opt", "rnak=3"], needle="unknown tune option 'rnak'")
+case("sweep", extra=["--objective", "dpo"], needle="preference:FILE")
 case("sweep", extra=["--tune-opt", "warmup_steps=abc"], needle="--warmup-steps expects")
 case("sweep", extra=["--tune-opt", "mask=11"], needle="set for each job")
 case("sweep", extra=["--eval-opt", "shots=x"], needle="--shots expects an integer")

@@ -107,7 +107,9 @@ def test_known_moe_deltas(tmp_path, model_dir, family, layout):
         assert _value(df, 0, "shared_expert") == pytest.approx(sh, rel=1e-12)
         assert _value(df, 0, "mlp") == pytest.approx(sh, rel=1e-12)
     # only norms stay in "other"; the expert column is empty off the expert rows
-    assert df.loc[df["module"] == "other", "value"].eq(0).all()
+    other = df[df["module"] == "other"]
+    assert other.loc[other["metric"] != "unchanged_frac", "value"].eq(0).all()
+    assert other.loc[other["metric"] == "unchanged_frac", "value"].eq(1).all()
     assert df.loc[df["module"] != "expert", "expert"].isna().all()
     assert set(df.loc[df["module"] == "expert", "expert"]) == {0, 1, 2, 3}
     assert df.attrs["experts"] == {"layout": layout, "blocks": [0, 1, 2, 3], "n_experts": 4}

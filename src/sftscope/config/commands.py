@@ -484,6 +484,12 @@ def check_train_dtype(dtype: str | None) -> None:
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 TUNE_METHODS = ("lora", "full")
+OBJECTIVES = ("sft", "dpo", "grpo")
+OBJECTIVE_ONLY = {"beta": ("dpo", "grpo"), "loss_type": ("dpo", "grpo"), "reward": ("grpo",),
+                  "num_generations": ("grpo",), "max_completion_length": ("grpo",)}
+# options with a meaning for some objectives only (refused when changed from the default)
+DEFAULT_ONLY = {"completion_only": ("sft",), "preset": ("sft",), "packing": ("sft",),
+                "max_length": ("sft", "dpo")}
 LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout", "merge")
 
 
@@ -505,6 +511,21 @@ class TuneConfig(OneModel):
     method: str = opt("lora", "lora: segment LoRA at the full-depth budget (RUN/adapter); full: "
                       "train every weight of the selected blocks, everything else frozen "
                       "(RUN/model, a Hugging Face folder).", choices=TUNE_METHODS)
+    objective: str = opt("sft", "sft: next-token loss on the answers; dpo: TRL's DPOTrainer on "
+                         "preference:FILE pairs; grpo: TRL's GRPOTrainer with --reward "
+                         "(needs sftscope[rl]).", choices=OBJECTIVES)
+    beta: float | None = opt(None, "DPO/GRPO: TRL's beta (KL strength to the reference; "
+                             "default TRL's: DPO 0.1, GRPO 0.0).", check=at_least(0))
+    loss_type: str | None = opt(None, "DPO/GRPO: TRL's loss_type (default TRL's: DPO sigmoid, "
+                                "GRPO dapo).")
+    reward: str | None = opt(None, "GRPO reward: gsm8k (1 when the flexible-extract answer "
+                             "equals the gold), mmlu (the letter), or python:MODULE:FUNCTION.")
+    num_generations: int | None = opt(None, "GRPO: completions per prompt (TRL's; default 8); "
+                                      "--batch-size counts completions.", check=at_least(2))
+    max_completion_length: int | None = opt(None, "GRPO: longest completion in tokens (TRL's; "
+                                            "default 512).", check=at_least(1))
+    skip_bad_records: bool = opt(False, "Skip records with missing or empty fields (counted) "
+                                 "instead of refusing the data.")
     mask: str | None = opt(None, "Segments to train, bottom segment first, e.g. 01000 (the "
                            "second fifth); 00111 freezes the bottom 2/5 (the research code's "
                            "frozen-bottom runs). Or use --blocks.")
@@ -624,6 +645,22 @@ class TuneConfig(OneModel):
         check_data_source(self.train, split=self.train_split, text_field=self.text_field)
         if self.eval_task is not None and ":" in self.eval_task:
             check_task_spec(self.eval_task)
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        """Options of one objective only with it; DPO/GRPO's own checks (TRL present, its
+        loss types, the reward) before any model is loaded."""
+        from sftscope.config.core import defaults, flag
+
+        d = defaults(TuneConfig)
+        for name, objectives in {**OBJECTIVE_ONLY, **DEFAULT_ONLY}.items():
+            if getattr(self, name) != d[name] and self.objective not in objectives:
+                raise SftscopeError(f"{flag(name)} is an option of --objective "
+                                    f"{' or '.join(objectives)}; drop it or change --objective")
+        if self.objective != "sft":
+            from sftscope.experiments.objectives import check_objective
+
+            check_objective(self)
 
 
 # ----------------------------------------------------------------------------- suggest
@@ -781,6 +818,10 @@ class SweepConfig(Config):
 
         tune = check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
         check_train_dtype(tune.get("dtype"))
+        if tune.get("objective", "sft") != "sft" and self.model and self.train:
+            # DPO/GRPO's own rules (data kind, reward, TRL) before any job starts
+            TuneConfig(model=self.model, train=self.train, out=self.out,
+                       mask="1" * self.segments, **tune)
         if tune.get("method") == "full":
             from sftscope.config.core import defaults, flag
 
@@ -911,12 +952,18 @@ class DemoConfig(Config):
     sweep_seeds: int = opt(1, "Seeds per mask in the sweep.", check=at_least(1))
     skip: tuple[str, ...] = opt((), "Steps to leave out, comma-separated: "
                                 + ", ".join(DEMO_STEPS) + ".", factory=tuple)
+    stages: bool = opt(False, "Continue the pair through DPO and GRPO (TRL; sftscope[rl]) and "
+                       "analyse the chain base -> SFT -> DPO -> GRPO.")
 
     def check(self) -> None:
         bad = [s for s in self.skip if s not in DEMO_STEPS]
         if bad:
             raise SftscopeError(f"--skip {bad[0]!r}: unknown step; steps are "
                                 f"{', '.join(DEMO_STEPS)}")
+        if self.stages:
+            from sftscope.experiments.objectives import trl_version
+
+            trl_version()
 
     @property
     def sizes(self) -> dict[str, int]:

@@ -33,6 +33,12 @@ the added rows' norm is ``embed_added`` / ``lm_head_added`` (``frobenius``, and 
 number of added rows); they count in the whole-model total but not in ``embed``/``lm_head``.
 Tied embeddings are counted once, under ``embed`` (no ``lm_head`` row).
 
+Update sparsity: ``unchanged_frac`` = the share of the module's entries (weights and biases)
+that are bit-identical in the two checkpoints, compared in their stored dtype (the coarser one
+when the two store different dtypes; ``-0.0`` and ``0.0`` differ, as on disk); shared vocabulary
+rows only; aggregates pool their modules' entries. Measured for checkpoint pairs (and chains),
+not for adapters (a LoRA product changes every entry of its module).
+
 Low-rank metrics (per module with a 2-D weight; the spectrum of the weight's change, without the
 bias): ``sv1..svK`` (largest singular values), ``energy_rank90`` (smallest ``r`` whose top-``r``
 singular values hold 90 % of ``||dW||_F^2``), ``effective_rank`` (Roy-Vetterli on ``sigma``),
@@ -290,6 +296,8 @@ class _Acc:
         self.lowrank: dict[tuple[int | None, str], dict[str, float]] = {}
         self.methods: dict[tuple[int | None, str], str] = {}
         self.added_rows: dict[str, int] = defaultdict(int)
+        self.same: dict[tuple[int | None, str], int] = defaultdict(int)  # bit-identical entries
+        self.count: dict[tuple[int | None, str], int] = defaultdict(int)  # entries compared
         self.expert_d2: dict[tuple[int, int], float] = defaultdict(float)
         self.expert_b2: dict[tuple[int, int], float] = defaultdict(float)
 
@@ -317,13 +325,19 @@ def _table(acc: _Acc, has_base: bool) -> pd.DataFrame:
     blocks = sorted({b for b, _ in keys if b is not None})
 
     def emit(block: int | None, module: str, d2: float, b2: float,
-             expert: int | None = None) -> None:
+             expert: int | None = None,
+             members: Sequence[tuple[int | None, str]] = ()) -> None:
+        members = members or [(block, module)]
         rows.append((block, module, expert, "frobenius", math.sqrt(d2), None))
         if module.endswith("_added"):
             rows.append((block, module, None, "rows", float(acc.added_rows[module]), None))
         elif has_base:
             rows.append((block, module, expert, "relative",
                          math.sqrt(d2) / math.sqrt(b2) if b2 > 0 else math.nan, None))
+        n = sum(acc.count.get(k, 0) for k in members)
+        if n:
+            rows.append((block, module, expert, "unchanged_frac",
+                         sum(acc.same.get(k, 0) for k in members) / n, None))
         method = acc.methods.get((block, module))
         for metric, value in acc.lowrank.get((block, module), {}).items():
             rows.append((block, module, None, metric, value, method))
@@ -338,7 +352,7 @@ def _table(acc: _Acc, has_base: bool) -> pd.DataFrame:
                 if not members:
                     continue
                 emit(b, module, sum(acc.d2[(b, m)] for m in members),
-                     sum(acc.b2[(b, m)] for m in members))
+                     sum(acc.b2[(b, m)] for m in members), members=[(b, m) for m in members])
             elif module in mods:
                 emit(b, module, acc.d2[(b, module)], acc.b2[(b, module)])
             if module == "experts":
@@ -354,7 +368,7 @@ def _table(acc: _Acc, has_base: bool) -> pd.DataFrame:
             tot_d2 += acc.d2[(None, module)]
             tot_b2 += acc.b2[(None, module)]
     if keys:
-        emit(None, "total", tot_d2, tot_b2)
+        emit(None, "total", tot_d2, tot_b2, members=sorted(keys, key=str))
     df = pd.DataFrame(rows, columns=["block", "module", "expert", *COLUMNS[2:]])
     df["block"] = df["block"].astype("Int64")
     df["expert"] = df["expert"].astype("Int64")
@@ -557,6 +571,8 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
         acc.added_rows[f"{it.slot.module}_added"] = max(
             acc.added_rows[f"{it.slot.module}_added"], added.shape[0])
         s = s[: b.shape[0]]
+    if s is not None:
+        _count_unchanged(acc, it, s, b, spec, base.config)
     if it.fused:
         b64 = b.to(torch.float64)
         d64 = (s.to(torch.float64) - b64) if s is not None else None
@@ -590,6 +606,34 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
         acc.add(key, *norms.sq_diff(s, b))
     else:
         acc.add(key, 0.0, norms.sq(b))
+
+
+def _bits(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` seen as integers of the same width: equal bits, equal integers
+    (``-0.0`` differs from ``0.0``, as it does on disk)."""
+    x = x.to(dtype)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return x.view(ints[x.element_size()])
+
+
+def _count_unchanged(acc: _Acc, it: _Item, s: Tensor, b: Tensor, spec: ArchSpec,
+                     config: dict) -> None:
+    """``unchanged_frac``'s counts: entries bit-identical in their stored dtype (the coarser
+    one when the two checkpoints store different dtypes), per module (fused qkv per role)."""
+    if b.is_floating_point() and s.is_floating_point():
+        dtype = b.dtype if dtype_eps(b.dtype) >= dtype_eps(s.dtype) else s.dtype
+        same = _bits(s, dtype) == _bits(b, dtype)
+    else:
+        same = s == b
+    if it.fused:
+        parts = split_fused_qkv(same.to(torch.float64), spec, config)
+        for role in ("q", "k", "v"):
+            acc.same[(it.slot.block, role)] += int(parts[role].sum())
+            acc.count[(it.slot.block, role)] += parts[role].numel()
+        return
+    key = (it.slot.block, it.slot.module)
+    acc.same[key] += int(same.sum())
+    acc.count[key] += same.numel()
 
 
 def _fused_experts(b: Tensor, s: Tensor | None, block: int, acc: _Acc, norms: _Norms) -> None:
