@@ -310,3 +310,37 @@ def test_weight_sentence_and_j_rule_share_the_edge_means():
     for value in (row["bottom"], row["top"]):
         assert f"{value:.3f}" in text and f"{value:.3f}" in v.numbers
     assert v.verdict == R.YES
+
+
+# ----------------------------------------------------------------------------- no intervals
+
+
+def test_a_verdict_without_intervals_says_so():
+    """analyze's default --bootstrap 0 (and probe/swap/sweep with 0) leave no interval: the
+    verdict is computed on exact numbers and its line says that no noise check was possible."""
+    from sftscope.report.patterns import check_cka
+
+    y = _cka(0.3)
+    bare = R.cka_rule(STATES, y, hint="analyze --bootstrap 0")
+    assert bare.verdict == R.YES
+    assert bare.why == "no interval: analyze --bootstrap 0; noise not checked"
+    assert "noise not checked" in bare.text()
+    nan = np.full(len(y), np.nan)
+    assert "no interval" in R.cka_rule(STATES, y, nan, nan).why
+    assert "no interval" not in R.cka_rule(STATES, y, y - 0.001, y + 0.001).why
+    sharp = np.where(STATES > 0.8, 0.6, 0.01)
+    assert "no interval" in R.lens_rule(STATES, sharp).why
+    assert "no interval" not in R.lens_rule(STATES, sharp, sharp - 0.01, sharp + 0.01).why
+    vals = [0.50, 0.53, 0.54, 0.52, 0.49]
+    u = R.inverted_u_rule({i: R.Point(v) for i, v in enumerate(vals)}, 5, hint="swap --bootstrap 0")
+    assert u.verdict == R.YES and "swap --bootstrap 0; noise not checked" in u.why
+    assert "no interval" not in R.inverted_u_rule(_pts(vals), 5).why
+    assert "no interval" in R.all_of([u, u], "r").why  # a yes over several keeps the note
+    rows = [R.MaskScore(m, v, seeds=3, n_items=500) for m, v in PAPER.items()]
+    assert "no interval" in R.sweep_rule(rows).why
+    assert "no interval" not in R.sweep_rule(_sweep(PAPER)).why
+    # the pattern check names the option that switched the intervals off
+    df = pd.DataFrame({"layer": np.arange(len(STATES)), "rel_depth": STATES, "metric": "cka",
+                       "value": y})
+    v = check_cka(df)
+    assert "no interval: analyze --bootstrap 0; noise not checked" in v.why, v

@@ -70,6 +70,15 @@ def _m(name: str, kind: str, direction: str | None = None, log: bool = False, or
 
 
 _ENTRIES: list[MetricSpec] = [
+    # routing.csv (analyze of a mixture-of-experts pair: experiments.routing computes these
+    # from the captured router sums, not a registered analyze function)
+    _m("js_divergence", "pair", order=60, label="router JS divergence (nats)",
+       bounds=(0.0, 0.6931471805599453)),
+    _m("topk_overlap", "pair", order=70, label="top-k overlap", bounds=UNIT),
+    _m("load", "single", order=120, label="expert load (share of top-k slots)", bounds=UNIT,
+       table="routing"),
+    _m("load_entropy", "single", order=130, label="expert load entropy (nats)",
+       bounds=(0.0, None), table="routing"),
     # weights.csv
     _m("relative", "weight", order=10, label="relative change", bounds=(0.0, None),
        table="weights"),

@@ -72,13 +72,29 @@ def plan(n: int) -> None:
     _STAGE.update(i=0, n=max(0, int(n)), name="")
 
 
+_COMMAND_SCOPES: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
+
+
+def command_scope(factory: Callable[[], contextlib.AbstractContextManager[Any]]
+                  ) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """Register a context every ``staged`` command runs inside. ``runs`` (a layer above this
+    one) registers ``claims_scope`` when it is imported, which any claim needs first."""
+    _COMMAND_SCOPES.append(factory)
+    return factory
+
+
 def staged(fn: Callable[..., T]) -> Callable[..., T]:
     """Decorate a command: its ``plan``/``stage`` calls are its own and undone when it returns
-    (a command run inside another, as the demo and sweep do, does not disturb the outer one)."""
+    (a command run inside another, as the demo and sweep do, does not disturb the outer one),
+    and the run folder it claimed (``runs.claim``, via ``command_scope``) is released however
+    it ends."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        with stages(0):
+        with contextlib.ExitStack() as scopes:
+            scopes.enter_context(stages(0))
+            for factory in list(_COMMAND_SCOPES):  # the run folder it claimed is freed
+                scopes.enter_context(factory())
             return fn(*args, **kwargs)
 
     return wrapper

@@ -33,7 +33,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +45,13 @@ from safetensors.torch import load_file, save_file
 from sftscope import __version__
 from sftscope import metrics as M
 from sftscope.capture.engine import HookedBatch, run_hooked
+from sftscope.capture.routing import (
+    RoutingReducer,
+    RoutingTask,
+    WithRouting,
+    moe_routers,
+    router_hooks,
+)
 from sftscope.errors import Interrupted, SftscopeError
 from sftscope.io import atomic_path, stable_hash
 from sftscope.load.arch import get_blocks
@@ -71,6 +78,8 @@ class CaptureConfig:
     curvature_cos_clip: float = 1.0
     entropy_normalisations: tuple[str, ...] = ()
     include_padding: bool = False  # reference preset: research code counted padded positions
+    routing: str = ""  # MoE routing capture: its mode and partner (``capture.routing``), as
+    # text; "" = none
     checkpoint_every: float = 60.0  # seconds between checkpoints (0: after every batch)
     overlap: bool | None = None  # token metrics of batch b in a worker thread during the
     # forward pass of batch b+1; None: where that pays (``pick_schedule``)
@@ -91,6 +100,8 @@ class CaptureConfig:
         for k in self.RUN_ONLY:
             if not (k == "batch_size" and self.include_padding):  # padding depends on batches
                 d.pop(k)
+        if not self.routing:  # captures without routing keep the keys they always had
+            d.pop("routing")
         return d
 
     def metric_options(self) -> M.MetricOptions:
@@ -113,6 +124,8 @@ class CaptureResult:
     n_tokens: torch.Tensor             # [N] real tokens per sample
     info: dict = field(default_factory=dict)
     index: torch.Tensor | None = None  # [N] sample indices of a share (None: all, in order)
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)  # MoE: per-sample routing
+    # sums, sample axis 1 (``capture.routing``); its layout in ``info["routing"]``
 
     @property
     def n_states(self) -> int:
@@ -127,13 +140,15 @@ class CaptureResult:
         out.update({f"token.{k}": v for k, v in self.token.items()})
         if self.index is not None:
             out["index"] = self.index
+        out.update({f"routing.{k}": v for k, v in self.routing.items()})
         return {k: v.contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], info: dict) -> CaptureResult:
         token = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("token.")}
+        routing = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("routing.")}
         return cls(t["pooled_mean"], t["pooled_last"], token, t["n_tokens"], info,
-                   t.get("index"))
+                   t.get("index"), routing)
 
 
 def ids_digest(input_ids: list[list[int]]) -> str:
@@ -537,13 +552,14 @@ def _check_share(indices: list[int], n: int, cfg: CaptureConfig) -> None:
                                     f"shares; cut shares at multiples of {shard_unit(cfg)}")
 
 
-def _resume(red: _Reducer, partial: Path | None, samples: list[int], cfg: CaptureConfig
-            ) -> tuple[list[int], int]:
+def _resume(red: _Reducer, rr: RoutingReducer | None, partial: Path | None,
+            samples: list[int], cfg: CaptureConfig) -> tuple[list[int], int]:
     """The samples still to run after restoring a checkpoint (if one of this capture is
-    there), and how many it held."""
+    there; its routing sums too), and how many it held."""
     resumed = 0
     got = _read(partial) if partial is not None else None
-    if got is not None and got[1].get("n") == len(samples) and red.restore(got[0]):
+    if (got is not None and got[1].get("n") == len(samples)
+            and (rr is None or rr.restore(got[0])) and red.restore(got[0])):
         resumed = int(red.done.sum())
     todo = [i for r, i in enumerate(samples) if not bool(red.done[r])]
     if cfg.include_padding and todo:
@@ -555,9 +571,59 @@ def _resume(red: _Reducer, partial: Path | None, samples: list[int], cfg: Captur
     return todo, resumed
 
 
+def _result(red: _Reducer, rr: RoutingReducer | None, routing: RoutingTask | None,
+            n_tokens: torch.Tensor, index: torch.Tensor | None, label: str,
+            info: dict[str, Any]) -> CaptureResult:
+    """The finished capture of ``red`` (and the routing sums of ``rr``); every sample must be
+    done (a capture with a sample missing is never cached)."""
+    if not bool(red.done.all()):
+        raise AssertionError(f"capture {label}: {int((~red.done).sum())} samples not done")
+    result = CaptureResult(red.pooled_mean, red.pooled_last, red.token, n_tokens,
+                           {**info, "token_metrics": red.schedule,
+                            "compute_dtype": str(red.dtype).removeprefix("torch.")
+                            if red.dtype is not None else None, "cached": False}, index)
+    if rr is not None and routing is not None:
+        result.routing = rr.buf
+        result.info["routing"] = routing.info()
+    return result
+
+
+def _run(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int, red: _Reducer,
+         rr: RoutingReducer | None, todo: list[int], label: str,
+         after_batch: Callable[[HookedBatch], None], checkpoint: Callable[[], None],
+         partial: Path | None) -> None:
+    """The hooked forward passes over ``todo`` (routers hooked too with ``rr``): on SIGINT/
+    SIGTERM the done samples are checkpointed and ``Interrupted`` raised; on NaN/Inf the
+    checkpoint is removed."""
+    try:
+        hooks = (contextlib.nullcontext() if rr is None
+                 else router_hooks(moe_routers(model), rr))
+        with _sigterm_interrupts(), hooks:
+            try:
+                run_hooked(model, tok, cfg.batch_size, pad_id,
+                           red if rr is None else WithRouting(red, rr), indices=todo,
+                           description=f"capture {label}", label=label,
+                           after_batch=after_batch)
+                red.drain()
+            except KeyboardInterrupt:
+                red.discard_current()
+                if rr is not None:
+                    rr.discard_current()
+                checkpoint()
+                raise Interrupted() from None
+            except SftscopeError:  # NaN/Inf: nothing of this capture is kept
+                if partial is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        partial.unlink()
+                raise
+    finally:
+        red.close()
+
+
 def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
             cache_path: Path | None = None, label: str = "model",
-            indices: list[int] | None = None) -> CaptureResult:
+            indices: list[int] | None = None, routing: RoutingTask | None = None
+            ) -> CaptureResult:
     """Run ``model`` over ``tok`` once, reducing every hidden state as it passes.
 
     With ``cache_path``: return the cached result if present; otherwise checkpoint the done
@@ -567,6 +633,8 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
 
     ``indices``: capture only these samples (a share of a data-parallel run, cut with
     ``shard_unit``); the result's rows are those samples in the order given (``index``).
+    ``routing``: also reduce an MoE model's routers (``capture.routing``; its description
+    must be in ``cfg.routing``, which enters the key).
     """
     if cfg.batch_size < 1:
         raise SftscopeError(f"--batch-size must be at least 1, got {cfg.batch_size}")
@@ -586,16 +654,18 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
     red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options(), cfg.include_padding,
                    schedule=pick_schedule(cfg.overlap, device),
                    samples=None if indices is None else samples, device_type=device.type)
+    rr = None if routing is None else RoutingReducer(
+        routing, n, samples=None if indices is None else samples)
     index = None if indices is None else torch.tensor(samples, dtype=torch.long)
     partial = partial_path(cache_path) if cache_path is not None else None
-    todo, resumed = _resume(red, partial, samples, cfg)
+    todo, resumed = _resume(red, rr, partial, samples, cfg)
     t0 = last_ckpt = time.perf_counter()
 
     def checkpoint() -> None:
         if partial is not None:
             red.drain()
-            _save(partial, red.state(n_tokens), {"n": len(samples), "v": FORMAT_VERSION,
-                                                 "done": int(red.done.sum())})
+            _save(partial, {**red.state(n_tokens), **(rr.state() if rr else {})},
+                  {"n": len(samples), "v": FORMAT_VERSION, "done": int(red.done.sum())})
 
     def after_batch(_batch: HookedBatch) -> None:
         nonlocal last_ckpt
@@ -603,31 +673,10 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
             checkpoint()
             last_ckpt = time.perf_counter()
 
-    try:
-        with _sigterm_interrupts():
-            try:
-                run_hooked(model, tok, cfg.batch_size, pad_id, red, indices=todo,
-                           description=f"capture {label}", label=label,
-                           after_batch=after_batch)
-                red.drain()
-            except KeyboardInterrupt:
-                red.discard_current()
-                checkpoint()
-                raise Interrupted() from None
-            except SftscopeError:  # NaN/Inf: nothing of this capture is kept
-                if partial is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        partial.unlink()
-                raise
-    finally:
-        red.close()
-    if not bool(red.done.all()):  # never cache a capture with a sample missing
-        raise AssertionError(f"capture {label}: {int((~red.done).sum())} samples not done")
-    result = CaptureResult(red.pooled_mean, red.pooled_last, red.token, n_tokens,
-                           {"seconds": time.perf_counter() - t0, "resumed_samples": resumed,
-                            "n_samples": len(samples), "token_metrics": red.schedule,
-                            "compute_dtype": str(red.dtype).removeprefix("torch.")
-                            if red.dtype is not None else None, "cached": False}, index)
+    _run(model, tok, cfg, pad_id, red, rr, todo, label, after_batch, checkpoint, partial)
+    result = _result(red, rr, routing, n_tokens, index, label,
+                     {"seconds": time.perf_counter() - t0, "resumed_samples": resumed,
+                      "n_samples": len(samples)})
     if cache_path is not None:
         save_capture(cache_path, result)
         if partial is not None:
@@ -651,6 +700,7 @@ def merge_shards(parts: list[CaptureResult | None], n: int) -> CaptureResult:
     n_tokens = torch.zeros(n, dtype=torch.long)
     token = {k: torch.full_like(v, float("nan")) for k, v in first.token.items()}
     seen = torch.zeros(n, dtype=torch.bool)
+    routing: dict[str, torch.Tensor] = {}
     for p in got:
         idx = p.index if p.index is not None else torch.arange(p.pooled_mean.shape[1])
         if bool(seen[idx].any()):
@@ -662,6 +712,10 @@ def merge_shards(parts: list[CaptureResult | None], n: int) -> CaptureResult:
         cols = idx[idx < token[next(iter(token))].shape[1]] if token else idx[:0]
         for k in token:
             token[k][:, cols] = p.token[k][:, cols]
+        for k, v in p.routing.items():
+            if k not in routing:
+                routing[k] = torch.zeros((v.shape[0], n, *v.shape[2:]), dtype=v.dtype)
+            routing[k][:, idx] = v
     if not bool(seen.all()):
         raise SftscopeError(f"capture shares miss {int((~seen).sum())} of {n} samples")
     info = {"seconds": max(float(p.info.get("seconds", 0.0)) for p in got),
@@ -673,4 +727,6 @@ def merge_shards(parts: list[CaptureResult | None], n: int) -> CaptureResult:
                 "seconds": float(p.info.get("seconds", 0.0)),
                 "cached": bool(p.info.get("cached", False)),
                 "resumed_samples": int(p.info.get("resumed_samples", 0))} for p in parts]}
-    return CaptureResult(mean, last, token, n_tokens, info)
+    if "routing" in first.info:
+        info["routing"] = first.info["routing"]
+    return CaptureResult(mean, last, token, n_tokens, info, routing=routing)

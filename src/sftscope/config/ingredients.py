@@ -177,7 +177,8 @@ def level_opt() -> Any:
 
 
 def bootstrap_opt(default: int = 1000) -> Any:
-    return opt(default, "Bootstrap resamples for the intervals (0 = none).", check=at_least(0),
+    return opt(default, "Bootstrap resamples for the intervals (0 = none; docs/metrics.md "
+               "says which interval each number gets).", check=at_least(0),
                aliases=("n_boot",))
 
 

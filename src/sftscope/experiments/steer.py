@@ -42,7 +42,7 @@ from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
 from sftscope.experiments.tune import parse_eval_task
 from sftscope.io import Timer, atomic_path, run_record, write_table
 from sftscope.load.arch import ArchSpec, arch_for, block_output, get_blocks
-from sftscope.load.data import read_samples
+from sftscope.load.data import pad_batch, read_samples
 from sftscope.load.models import (
     LoadOptions,
     check_pair,
@@ -52,7 +52,7 @@ from sftscope.load.models import (
     load_model,
     pair_tokenizer,
 )
-from sftscope.load.runtime import dtype_name, pad_id, resolve_device, resolve_dtype
+from sftscope.load.runtime import dtype_name, input_device, pad_id, resolve_device, resolve_dtype
 from sftscope.metrics.stats import mean_ci, proportion_ci
 from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
@@ -192,6 +192,34 @@ def _scale_dir(scale: float) -> str:
     return f"{scale:g}".replace("-", "m")
 
 
+def _empty_note(scale: float) -> str:
+    return (f"scale {scale:g}: every completion is empty (the steered model ends at once); its "
+            "scores describe a broken model, not a steered one")
+
+
+def check_scales(model: nn.Module, tokens, pad: int, layer: int, vector: torch.Tensor,
+                 scales: list[float], spec: ArchSpec | None = None, n: int = 4) -> None:
+    """Refuse, before anything is scored, every scale at which the steered model's logits on
+    the first ``n`` samples are not finite or the same for every token at every position (a
+    huge scale overflows the hidden state, a norm layer then zeroes it: the model is broken,
+    not steered, and its empty completions would score as accuracy 0)."""
+    ids, mask = pad_batch([list(t) for t in tokens.input_ids[:n]], pad)
+    dev = input_device(model)
+    bad = []
+    for s in scales:
+        with steering(model, layer, vector, s, spec), torch.no_grad():
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        live = logits[mask.to(dev).bool()].float()
+        flat = bool((live.amax(-1) == live.amin(-1)).all())  # the same score for every token
+        if flat or not bool(torch.isfinite(live).all()):
+            bad.append(s)
+    if bad:
+        raise SftscopeError(
+            f"--scales {','.join(f'{s:g}' for s in bad)}: the steered model gives non-finite "
+            f"or constant logits (scale x vector norm {float(vector.norm()):.3g} overflows "
+            "the hidden state); use smaller scales")
+
+
 @dataclass
 class _SteerPlan:
     """What ``steer`` validated and prepared before any model runs."""
@@ -260,8 +288,9 @@ def _steer_vector(cfg: SteerConfig, p: _SteerPlan, timer: Timer
                             pad, "base")
     vector, vinfo = steering_vector(zb, zs, cfg.direction, cfg.unit)
     vinfo.update(layer=cfg.layer, where=where, pooling=cfg.pooling)
-    save_file({"vector": vector.contiguous()}, str(p.out / "steer_vector.safetensors"),
-              metadata={k: str(v) for k, v in vinfo.items()})
+    with atomic_path(p.out / "steer_vector.safetensors") as tmp:
+        save_file({"vector": vector.contiguous()}, str(tmp),
+                  metadata={k: str(v) for k, v in vinfo.items()})
     say(f"steering vector at hidden state {cfg.layer} ({where}): {cfg.direction}, norm "
         f"{vinfo['norm']:.4g} (base->SFT mean shift {vinfo['mean_shift']:.4g}, "
         f"{vinfo['n_samples']} samples)")
@@ -283,6 +312,9 @@ def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
                           skip_bad_records=cfg.skip_bad_records)
         with timer(f"eval_{_scale_dir(s)}"):
             res = evaluate_model(model, tok, ecfg)
+        if res.n and res.generated_tokens == 0 and res.tokens_per_s is not None:
+            p.notes.append(_empty_note(s))
+            say(f"[yellow]warning:[/] {p.notes[-1]}")
         for sc in res.scores:
             rows.append({"scale": s, "metric": sc.metric, "value": sc.value,
                          "ci_low": sc.ci_low, "ci_high": sc.ci_high, "n": sc.n})
@@ -295,6 +327,9 @@ def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
         got = generate(model, tok, p.prompts, max_new_tokens=cfg.max_new_tokens,
                        batch_size=cfg.batch_size, stops=stops,
                        description=f"generate (scale {s:g})")
+    if not any(g.completion.strip() for g in got):
+        p.notes.append(_empty_note(s))
+        say(f"[yellow]warning:[/] {p.notes[-1]}")
     new = [float(g.new_tokens) for g in got]
     lo, hi = mean_ci(new, cfg.level)
     rows.append({"scale": s, "metric": "new_tokens", "value": sum(new) / len(new),
@@ -325,6 +360,9 @@ def steer(cfg: SteerConfig) -> SteerResult:
     plan(2 + len(p.scales))  # the SFT's and the base's states, then each scale
     vector, vinfo, model = _steer_vector(cfg, p, timer)
     spec = arch_for(model)
+    with timer("check_scales"):
+        check_scales(model, p.prep.tokens, pad_id(p.tokenizer), cfg.layer, vector, p.scales,
+                     spec)
     rows: list[dict[str, Any]] = []
     gens: list[dict[str, Any]] = []
     unsteered: list[str] | None = None

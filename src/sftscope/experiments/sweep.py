@@ -103,7 +103,7 @@ from sftscope.config.commands import (
     SweepConfig,
     TuneConfig,
 )
-from sftscope.config.core import check_fields, defaults
+from sftscope.config.core import changed, check_fields, defaults
 from sftscope.errors import SftscopeError
 from sftscope.experiments.evaluate import evaluate
 from sftscope.experiments.forgetting import (
@@ -122,7 +122,7 @@ from sftscope.metric_registry import lower_is_better
 from sftscope.metrics.stats import paired_ttest, proportion_ci
 from sftscope.parallel import is_main, launch_id
 from sftscope.progress import say
-from sftscope.runs import check_folder, folder_command
+from sftscope.runs import LOCK, check_folder, claim, folder_command, releasing
 from sftscope.segments import (
     block_text,
     mask_blocks,
@@ -132,7 +132,7 @@ from sftscope.segments import (
     parse_mask,
     segment_bounds,
 )
-from sftscope.tasks import all_tasks
+from sftscope.tasks import all_tasks, check_metric
 
 SUMMARY_COLUMNS = ["mask", "seeds", "trainable_params", "metric", "mean", "ci_low", "ci_high",
                    "n_items", "p_value", "delta", "seed_sd", "blocks"]
@@ -422,6 +422,26 @@ def compare_settings(old: dict[str, Any], new: dict[str, Any], where: str) -> No
             f"recorded in {where}/sweep.json")
 
 
+def check_collect_options(cfg: SweepConfig, settings: dict[str, Any]) -> None:
+    """``--collect`` alone gathers the jobs as they were run: a tune or eval option given with
+    it that differs from the recorded one (``--lr``) is refused, never silently ignored."""
+    given = (("", check_fields(TuneConfig, cfg.tune, what="tune", exclude=SWEEP_TUNE_KEYS),
+              settings.get("tune") or {}, TUNE_FREE_KEYS),
+             ("eval-", check_fields(EvalConfig, cfg.evaluation, what="eval",
+                                    exclude=SWEEP_EVAL_KEYS),
+              settings.get("eval_options") or {}, EVAL_FREE_KEYS))
+    for prefix, opts, recorded, free in given:
+        for k, v in opts.items():
+            if k in free:
+                continue
+            old = recorded.get(k, defaults(TuneConfig if not prefix else EvalConfig).get(k))
+            if changed({k: old}, {k: v}):
+                raise SftscopeError(
+                    f"--{prefix}{k.replace('_', '-')} {v} differs from the sweep's recorded "
+                    f"{old!r} ({cfg.out}/sweep.json); --collect gathers the jobs as they were "
+                    f"run: drop the option, or run a sweep with it into another --out")
+
+
 def any_progress(out: Path) -> bool:
     """True when some job of the sweep finished or saved a training checkpoint."""
     jobs = out / "jobs"
@@ -433,7 +453,8 @@ def any_progress(out: Path) -> bool:
 
 def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
     """Compare with ``RUN/sweep.json`` (refusing other settings) or create it."""
-    out = check_folder(cfg.out, "sweep")
+    # one process claims the folder; shards (--num-jobs N) share it by design
+    out = claim(cfg.out, "sweep") if cfg.num_jobs == 1 else check_folder(cfg.out, "sweep")
     path = out / "sweep.json"
     new = sweep_settings(cfg)
     if path.is_file():
@@ -453,7 +474,8 @@ def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
     if cfg.collect:
         raise SftscopeError(f"{out} holds no sweep (no sweep.json); run the sweep first")
     owner = folder_command(out) if out.is_dir() else None
-    if out.is_dir() and any(out.iterdir()) and not (out / "jobs").is_dir() and owner is None:
+    if (out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+            and not (out / "jobs").is_dir() and owner is None):
         raise SftscopeError(f"{out} exists and is not a sweep folder; choose an empty or new "
                             f"--out")
     record = {"settings": new, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -854,9 +876,13 @@ def collect(out: Path, settings: dict[str, Any] | None = None
 # ----------------------------------------------------------------------------- validation
 
 
-def _interior_singles(k: int) -> list[str]:
-    """The one-segment masks of ``k`` segments without the two edge segments (none if k < 3)."""
-    return ["".join("1" if j == i else "0" for j in range(k)) for i in range(1, k - 1)]
+def _interior_masks(k: int, on: int = 1) -> list[str]:
+    """The masks of ``k`` segments with ``on`` segments on, none of them an edge segment (the
+    random baseline of a proposal of that shape; none if ``k - 2 < on``)."""
+    import itertools
+
+    return ["".join("1" if j in pick else "0" for j in range(k))
+            for pick in itertools.combinations(range(1, k - 1), on)] if on > 0 else []
 
 
 def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metric: str,
@@ -867,12 +893,13 @@ def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metri
     Ranks: 1 + the number of swept masks strictly better. Baselines, so that a good rank can be
     told from merely re-checking the paper's prior: ``prior_mask``/``prior_rank``, the one-
     segment mask whose centre is nearest ``suggest.FALLBACK_DEPTH`` (30 %) of depth;
-    ``random_rank``, the expected rank of a uniformly random *interior* one-segment mask (edge
-    segments excluded, as suggest's edge rule does) among the swept ones, i.e. the mean rank of
-    the swept interior one-segment masks (``n_interior`` of them); ``random_as_good``, the
-    share of them that rank as well as the proposal or better (a chance level: 1.0 = any
-    interior mask would have done as well). NaN where the mask was not swept or there is no
-    interior one-segment mask (fewer than 3 segments). ``spearman_singles``: rank correlation,
+    ``random_rank``, the expected rank of a uniformly random *interior* mask of the
+    proposal's shape (as many segments on as the proposal, edge segments excluded, as
+    suggest's edge rule does) among the swept ones, i.e. the mean rank of the swept interior
+    masks of that shape (``n_interior`` of them); ``random_as_good``, the share of them that
+    rank as well as the proposal or better (a chance level: 1.0 = any interior mask would have
+    done as well). NaN where the mask was not swept or no interior mask of its shape was
+    (fewer than 3 segments, or none swept). ``spearman_singles``: rank correlation,
     over the swept one-segment masks, between the method's segment score and the swept score
     (NaN with fewer than 3 such masks).
     """
@@ -895,7 +922,7 @@ def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metri
         rank = rank_of(mask)
         k = len(mask)
         prior = prior_mask(k)
-        interior = [rank_of(m) for m in _interior_singles(k) if m in means]
+        interior = [rank_of(m) for m in _interior_masks(k, mask.count("1")) if m in means]
         random_rank = float(np.mean(interior)) if interior else math.nan
         as_good = (float(np.mean([r <= rank for r in interior])) if interior
                    and math.isfinite(rank) else math.nan)
@@ -996,6 +1023,7 @@ def _write_results(cfg: SweepConfig, settings: dict[str, Any], summary: pd.DataF
     return validation
 
 
+@releasing
 def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     """Run this shard's unfinished jobs (``job_fn``, default tune then evaluate), then write
     ``summary.csv``, ``position.csv`` (and the suggest validation) from every finished job."""
@@ -1011,6 +1039,8 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
         if not path.is_file():
             raise SftscopeError(f"{out} holds no sweep (no sweep.json); run the sweep first")
         settings = read_json(path)["settings"]
+        check_collect_options(cfg, settings)
+        check_metric(cfg.metric, (settings.get("eval") or {}).get("task"))
         masks = expand_masks(cfg.masks, int(settings["segments"]), cfg.baseline)
     jobs = job_list(masks, seeds)
     if cfg.collect:  # the jobs every invocation asked for, not this command's defaults

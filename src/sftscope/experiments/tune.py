@@ -38,10 +38,12 @@ DeepSpeed ZeRO-3 needs ``zero3_save_16bit_model: true`` for the same reason.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,13 +52,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftscope.config.commands import EvalConfig, TuneConfig
+from sftscope.config.commands import EvalConfig, TuneConfig, check_moe_options
 from sftscope.config.core import changed, defaults
-from sftscope.errors import SftscopeError
+from sftscope.errors import Interrupted, SftscopeError, WriteError
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
+from sftscope.experiments.moe_tune import (
+    EXPERT_DROPOUT_NOTE,
+    adapted_parts,
+    lora_dropout,
+    moe_budget_params,
+    moe_lora_targets,
+    select_experts,
+)
 from sftscope.experiments.packing import choose_packing, packing_collator
-from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
+from sftscope.experiments.training import TrainSet, trainable_params
+from sftscope.experiments.training import drop_input_grad_hooks as _drop_input_grad_hooks
+from sftscope.io import (
+    Timer,
+    read_json,
+    run_record,
+    stable_hash,
+    write_errno,
+    write_json,
+    writing,
+)
 from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public API)
     META_FILE,
     adapter_folder,
@@ -64,10 +84,10 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
     load_adapter,
     module_in_out,
 )
-from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks
+from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_experts
 from sftscope.load.runtime import pad_id
 from sftscope.progress import plan, say, stage, staged, trainer_callback
-from sftscope.runs import check_folder
+from sftscope.runs import claim
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
 
 REFERENCE_ALPHA = 128.0
@@ -114,6 +134,9 @@ class TuneResult:
     merged_dir: str | None = None  # --merge: the base with the adapter merged in (HF folder)
     objective: str = "sft"
     trl: dict[str, Any] | None = None  # DPO/GRPO: TRL's version, settings, reference, histories
+    dropout: float | None = None  # the LoRA dropout applied (0 where experts are adapted)
+    router: bool = False  # routers trained (--router)
+    experts: dict[str, Any] | None = None  # --experts: selection, loads, trained experts
 
     @property
     def output_dir(self) -> str:
@@ -210,9 +233,13 @@ def lora_targets(model: nn.Module, blocks: list[int], mlp: bool = False,
         raise SftscopeError(f"{type(model).__name__} has no {kind} projections in the "
                             f"architecture map ({spec.family}); add them to "
                             f"sftscope/load/arch.py")
+    dense_mlp = set(spec.mlp.values())
     names = []
     for b in blocks:
+        sparse = spec.moe is not None and get_experts(model, b, spec) is not None
         for rel in rels:
+            if sparse and rel in dense_mlp:  # an MoE block: its MLP is experts (moe_tune)
+                continue
             path = f"{spec.blocks}.{b}.{rel}"
             try:
                 mod = model.get_submodule(path)
@@ -225,47 +252,57 @@ def lora_targets(model: nn.Module, blocks: list[int], mlp: bool = False,
     return names
 
 
+def full_depth_budget(model: nn.Module, cfg: TuneConfig, spec: ArchSpec, n_blocks: int) -> int:
+    """LoRA parameters of every block at the full-depth rank ``cfg.rank``: the budget a mask
+    is compared with (on a mixture of experts: each routed expert's pair, the shared expert's
+    and the routers' full weights counted too; docs/protocols.md)."""
+    every = list(range(n_blocks))
+    return (lora_param_count(model, lora_targets(model, every, cfg.mlp, spec), cfg.rank)
+            + moe_budget_params(model, moe_lora_targets(model, every, spec, mlp=cfg.mlp,
+                                                        router=cfg.router), cfg.rank))
+
+
+def _parts_summary(names: list[str], spec: ArchSpec) -> str:
+    """The adapted paths relative to their block, each once (``self_attn.q_proj, ...``)."""
+    pat = re.compile(rf"^{re.escape(spec.blocks)}\.\d+\.")
+    return ", ".join(dict.fromkeys(pat.sub("", n) for n in names))
+
+
 def lora_param_count(model: nn.Module, names: list[str], rank: float) -> int:
     """LoRA parameters of rank ``rank`` on the named modules: ``rank * (in + out)`` each."""
     return int(round(sum(rank * sum(module_in_out(model.get_submodule(n))) for n in names)))
 
 
-def adapted_modules(model: nn.Module) -> list[str]:
-    """Names (relative to the base model) of the modules that hold a LoRA layer."""
-    from peft.tuners.lora import LoraLayer
-
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoraLayer):
-            for prefix in ("base_model.model.", "base_model."):
-                if name.startswith(prefix):
-                    name = name[len(prefix):]
-                    break
-            out.append(name)
-    return sorted(out)
-
-
-def trainable_params(model: nn.Module) -> int:
-    """Number of parameters that require a gradient."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+adapted_modules = adapted_parts  # the parts a PEFT model trains (one home: moe_tune)
 
 
 def apply_lora(model: nn.Module, blocks: list[int], *, rank: int, alpha: float,
                dropout: float = 0.05, mlp: bool = False, rslora: bool = False,
-               spec: ArchSpec | None = None):
+               spec: ArchSpec | None = None, router: bool = False):
     """Wrap ``model`` with LoRA on the target modules of ``blocks``; returns the PEFT model.
 
-    Checks by walking the model that exactly the expected modules got adapters, and removes
-    any input-gradient hook PEFT may have added (none is needed; see the module docstring).
+    On a mixture of experts, ``mlp`` adapts the routed and shared experts and ``router``
+    trains the routers (:mod:`sftscope.experiments.moe_tune`); adapting experts needs
+    ``dropout`` 0 (:func:`lora_dropout`). Checks by walking the model that exactly the
+    expected modules got adapters, and removes any input-gradient hook PEFT may have added
+    (none is needed; see the module docstring).
     """
     from peft import LoraConfig, get_peft_model
 
     spec = spec or arch_for(model)
-    expected = lora_targets(model, blocks, mlp, spec)
+    modules = lora_targets(model, blocks, mlp, spec)
+    moe = moe_lora_targets(model, blocks, spec, mlp=mlp, router=router)
+    modules += moe.modules
+    expected = modules + moe.parameters + moe.full
+    # only the paths the selected blocks have: PEFT rewrites a target named like a fused
+    # expert projection (``mlp.gate_proj`` of Qwen3-MoE/OLMoE) into experts of every block
+    prefix = re.compile(rf"^{re.escape(spec.blocks)}\.\d+\.")
+    rels = sorted({prefix.sub("", m) for m in modules})
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_paths(spec, mlp),
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=rels,
         layers_to_transform=sorted(blocks), layers_pattern=spec.blocks.split(".")[-1],
         bias="none", task_type="CAUSAL_LM", use_rslora=rslora, fan_in_fan_out=spec.conv1d,
+        target_parameters=moe.parameters or None, modules_to_save=moe.full or None,
     )
     try:
         with warnings.catch_warnings():  # PEFT reads a deprecated transformers attribute
@@ -275,7 +312,7 @@ def apply_lora(model: nn.Module, blocks: list[int], *, rank: int, alpha: float,
         raise SftscopeError(f"PEFT could not place LoRA on {type(model).__name__}: "
                             f"{str(e).splitlines()[0][:200]}") from e
     _drop_input_grad_hooks(peft_model)
-    got = adapted_modules(peft_model)
+    got = adapted_parts(peft_model)
     if got != sorted(expected):
         extra = sorted(set(got) - set(expected))[:3]
         missing = sorted(set(expected) - set(got))[:3]
@@ -307,15 +344,6 @@ def block_param_count(model: nn.Module, blocks: list[int], spec: ArchSpec | None
     return sum(seen.values())
 
 
-def _drop_input_grad_hooks(model: nn.Module) -> None:
-    """Remove ``enable_input_require_grads`` hooks: they would make every block below the
-    lowest adapted one take part in the backward pass for nothing."""
-    for mod in model.modules():
-        if getattr(mod, "_require_grads_hooks", None) and hasattr(mod,
-                                                                  "disable_input_require_grads"):
-            mod.disable_input_require_grads()
-
-
 def has_input_grad_hook(model: nn.Module) -> bool:
     """True if any sub-model forces its input embeddings to require a gradient."""
     return any(getattr(m, "_require_grads_hooks", None) for m in model.modules())
@@ -332,17 +360,6 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------ data
-
-@dataclass
-class TrainSet:
-    """Tokenized training examples and what truncation did."""
-
-    examples: list[dict[str, list[int]]]
-    max_length: int
-    longest: int
-    n_truncated: int
-    n_dropped: int
-
 
 class _ListDataset(torch.utils.data.Dataset):
     def __init__(self, rows: list[dict[str, list[int]]]) -> None:
@@ -446,6 +463,100 @@ def no_final_checkpoint_callback():
                 control.should_save = False
 
     return NoFinalCheckpoint()
+
+
+class StopOnSignal:
+    """Ctrl-C / SIGTERM while training: finish the step, save a checkpoint, stop; the run then
+    raises :class:`Interrupted` and the same command resumes from that checkpoint. A second
+    signal stops at once (the last regular checkpoint stays)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers, while training (only the main thread may set them)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            self.signum = signum
+            _say("[yellow]stopping:[/] saving a checkpoint at the end of this step "
+                 "(signal again to stop at once)")
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def callback(self):
+        """The TrainerCallback that asks for the checkpoint and the stop (placed after
+        ``no_final_checkpoint_callback``: at the last step the model is saved anyway)."""
+        from transformers import TrainerCallback
+
+        stopper = self
+
+        class CheckpointOnSignal(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                if stopper.signum is not None and state.global_step < state.max_steps:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return CheckpointOnSignal()
+
+
+LOSS_FILE = "sftscope-loss.json"
+
+
+class LossSum:
+    """The training loss summed over every step in float64, saved in each checkpoint and taken
+    up again on resume, so a resumed run records the ``train_loss`` of an uninterrupted one
+    (the Trainer's own average covers only the steps since the resume)."""
+
+    def __init__(self, trainer: Any, resumed_from: str | None) -> None:
+        self.total = torch.zeros((), dtype=torch.float64, device=trainer.args.device)
+        self.known = True  # False: resumed from a checkpoint without the sum (an older one)
+        if resumed_from:
+            path = Path(resumed_from) / LOSS_FILE
+            self.known = path.is_file()
+            if self.known:
+                self.total += float(read_json(path)["loss_sum"])
+        step = trainer.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = step(*args, **kwargs)
+            self.total += loss.detach().to(torch.float64)
+            return loss
+
+        trainer.training_step = training_step
+
+    def callback(self):
+        """Writes the sum into each checkpoint the Trainer saves."""
+        from transformers import TrainerCallback
+
+        summed = self
+
+        class SaveLossSum(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir() and is_main_process():
+                    write_json(folder / LOSS_FILE, {"loss_sum": summed.total.item(),
+                                                    "steps": state.global_step})
+
+        return SaveLossSum()
+
+    def mean(self, steps: int) -> float | None:
+        return self.total.item() / steps if steps else None
 
 
 def is_main_process() -> bool:
@@ -604,25 +715,75 @@ def _existing_run(cfg: TuneConfig, out: Path) -> TuneResult | None:
             return TuneResult.from_dict(rec["result"])
     started = out / "tune-config.json"
     if started.is_file() and is_main_process():  # rank 0 writes it: other ranks may see it
-        ckpts = checkpoint_steps(out / "checkpoints")
-        if cfg.overwrite or not ckpts:
+        # the checkpoint --resume would take (a partial one, e.g. from a full disk, is not one)
+        last = None if cfg.overwrite else last_good_checkpoint(out / "checkpoints")
+        if last is None:
             if not cfg.overwrite:
-                _say("note: the earlier attempt in this folder saved no checkpoint; starting "
-                     "over")
+                _say("note: the earlier attempt in this folder saved no usable checkpoint; "
+                     "starting over")
             _clear(out)
             return None
         rec = read_json(started)
         diff = _settings_diff(rec.get("config") or {}, cfg)
-        step = ckpts[0].name.split("-")[-1]
+        step = Path(last).name.split("-")[-1]
         if diff:
             raise SftscopeError(f"--out {out} holds an unfinished tune run (checkpoint at step "
                                 f"{step}) made with other settings ({diff}); --overwrite "
                                 f"discards it and starts over, or choose another --out")
-        if not cfg.resume:
+        if not cfg.resume and not rec.get("interrupted"):
             raise SftscopeError(f"--out {out} holds an unfinished tune run (checkpoint at step "
                                 f"{step}); add --resume to continue it, or --overwrite to "
                                 f"start over")
     return None
+
+
+@contextlib.contextmanager
+def _checkpoint_writes(trainer: Any, ckpt_dir: Path) -> Iterator[None]:
+    """A checkpoint the Trainer could not write (a full disk) is one line naming it, and is
+    removed: the rerun and its message then agree on the last whole checkpoint."""
+    try:
+        yield
+    except SftscopeError:
+        raise
+    except Exception as e:
+        folder = ckpt_dir / f"checkpoint-{trainer.state.global_step}"
+        if write_errno(e, folder) is None:
+            raise
+        broken = folder.is_dir() and not checkpoint_ok(folder) and is_main_process()
+        with writing(folder, remove=folder if broken else None):
+            raise
+
+
+@contextlib.contextmanager
+def _what_a_rerun_does(ckpt_dir: Path) -> Iterator[None]:
+    """A failed write (a full disk) while training or saving names the checkpoint a rerun
+    with --resume takes, the one the rerun's own refusal names, or says there is none."""
+    try:
+        yield
+    except WriteError as e:
+        last = last_good_checkpoint(ckpt_dir) if is_main_process() else None
+        then = (f"{Path(last).name} is kept: rerun with --resume to continue from it" if last
+                else "no checkpoint was kept: the same command starts over")
+        raise e.with_then(then) from e
+
+
+def _mark_interrupted(out: Path, step: int) -> None:
+    """Note in ``tune-config.json`` that Ctrl-C / SIGTERM stopped the run after a checkpoint:
+    the same command (without --resume) then continues it, as the message promised."""
+    path = out / "tune-config.json"
+    if is_main_process() and path.is_file():
+        rec = read_json(path)
+        write_json(path, {**rec, "interrupted": step})
+
+
+def _was_interrupted(out: Path) -> bool:
+    path = out / "tune-config.json"
+    if not path.is_file():
+        return False
+    try:
+        return bool(read_json(path).get("interrupted"))
+    except SftscopeError:
+        return False
 
 
 @staged
@@ -640,11 +801,13 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 
     cfg = resolve_config(config)
-    out = check_folder(cfg.out, "tune")
+    out = claim(cfg.out, "tune")
     done = _existing_run(cfg, out)
     if done is not None:
         _say(f"{out} is already finished; returning its recorded result")
         return done
+    if not cfg.resume and _was_interrupted(out):  # stopped by a signal: the same command resumes
+        cfg = replace(cfg, resume=True)
     reporters = _check_reporter(cfg.report_to)
     eval_task = parse_eval_task(cfg.eval_task) if cfg.eval_task else None
     if eval_task is None and cfg.train == "gsm8k":
@@ -665,9 +828,11 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=cfg.revision)
         model = load_model(cfg.model, LoadOptions(revision=cfg.revision, dtype=dtype))
     spec = arch_for(model)
+    check_moe_options(cfg, model.config)  # a hub model's config is known only now
     n_blocks = len(get_blocks(model, spec))
     blocks = select_blocks(cfg, n_blocks)
     full = cfg.method == "full"
+    dropout = None
     if full:
         rank = alpha = scaling = None
         names = [f"{spec.blocks}.{b}" for b in blocks]
@@ -676,8 +841,9 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         rank = budget_rank(cfg.rank, n_blocks, len(blocks))
         alpha, scaling = lora_alpha(cfg, rank)
         names = lora_targets(model, blocks, cfg.mlp, spec)
-        all_names = lora_targets(model, list(range(n_blocks)), cfg.mlp, spec)
-        full_params = lora_param_count(model, all_names, cfg.rank)
+        full_params = full_depth_budget(model, cfg, spec, n_blocks)
+        dropout = lora_dropout(cfg, moe_lora_targets(model, blocks, spec, mlp=cfg.mlp,
+                                                     router=cfg.router))
         narrow = min(min(module_in_out(model.get_submodule(n))) for n in names)
 
     with timer("tokenize"):
@@ -698,18 +864,29 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         enable_checkpointing(model)
     sel = (f"mask {cfg.mask} of {len(cfg.mask)} segments" if cfg.mask else
            f"blocks {cfg.blocks}")
+    freeze = experts_rec = None
     if full:
         n_train_params = unfreeze_blocks(model, blocks, spec)
+        if cfg.experts is not None:  # an SFT option: the training examples measure loads
+            freeze, experts_rec = select_experts(model, cfg, data.examples, blocks, spec)
         _say(f"full fine-tuning of blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks); "
              f"embeddings, head and the other blocks frozen")
+        if freeze is not None and experts_rec is not None:
+            n_train_params -= freeze.frozen_params
+            _say(f"routed experts trained (--experts {cfg.experts}), per block: "
+                 + "; ".join(f"{b}: {e}" for b, e in experts_rec["trained"].items())
+                 + "; the others stay as they are")
         _say(f"trainable parameters: {n_train_params:,} ({100 * n_train_params / full_params:.1f}"
              f" % of the {full_params:,} in all blocks)")
     else:
-        model = apply_lora(model, blocks, rank=rank, alpha=alpha, dropout=cfg.dropout,
-                           mlp=cfg.mlp, rslora=cfg.rslora, spec=spec)
+        model = apply_lora(model, blocks, rank=rank, alpha=alpha, dropout=dropout,
+                           mlp=cfg.mlp, rslora=cfg.rslora, spec=spec, router=cfg.router)
         n_train_params = trainable_params(model)
+        names = adapted_parts(model)
         _say(f"LoRA on blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks): "
-             f"{', '.join(target_paths(spec, cfg.mlp))} -> {len(names)} modules")
+             f"{_parts_summary(names, spec)} -> {len(names)} modules and parameters")
+        if dropout != cfg.dropout:
+            _say(f"note: {EXPERT_DROPOUT_NOTE}")
         _say(f"rank {rank} (full-depth budget rank {cfg.rank:g} x {n_blocks} blocks), alpha "
              f"{alpha:g}, scale {scaling:.4g}{' (rsLoRA)' if cfg.rslora else ''}")
         _say(f"trainable parameters: {n_train_params:,} (full-depth budget {full_params:,}; "
@@ -719,7 +896,8 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                  f"extra rank adds parameters but no expressiveness")
     every = cfg.logging_steps if cfg.dynamics_every is None else cfg.dynamics_every
     recorder = (DynamicsRecorder(model, spec, n_blocks, every=every, method=cfg.method,
-                                 path=out / DYNAMICS_FILE, write=is_main_process())
+                                 path=out / DYNAMICS_FILE, write=is_main_process(),
+                                 experts=experts_rec["trained"] if experts_rec else None)
                 if every > 0 else None)
 
     micro = min(cfg.micro_batch_size, cfg.batch_size)
@@ -752,11 +930,13 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         raise SftscopeError(f"--batch-size {cfg.batch_size} is not a multiple of "
                             f"--micro-batch-size {micro} x {world} processes; change one")
     args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
+    stopper = StopOnSignal()
     all_callbacks = [finite_loss_callback(), trainer_callback("train"),
+                     *([freeze.callback()] if freeze is not None else []),
                      *([recorder.callback()] if recorder else []),
                      *([no_final_checkpoint_callback()] if full and not cfg.keep_checkpoints
                        else []),
-                     *(callbacks or [])]
+                     stopper.callback(), *(callbacks or [])]
     if sft:
         packed, packing_why = choose_packing(cfg.packing, model, data.examples, pad_id(tok),
                                              micro)
@@ -769,6 +949,9 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         trainer, data = objectives.make_trainer(cfg, model=model, args=args, rows=rows, tok=tok,
                                                 callbacks=all_callbacks)
         _say_data(data)
+    losses = LossSum(trainer, last) if world == 1 else None
+    if losses is not None:
+        trainer.add_callback(losses.callback())
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):  # raw log dicts and tqdm: we report instead
@@ -777,55 +960,66 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the Trainer's checkpoint writes: we report instead
-    stage("train")
-    try:
-        with timer("train"):
-            output = trainer.train(resume_from_checkpoint=last)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    if output.training_loss is not None and not math.isfinite(output.training_loss):
-        raise SftscopeError(f"training loss is {output.training_loss} (not finite); nothing was "
-                            f"saved: check the model's weights and data, lower --lr, or use "
-                            f"--dtype float32")
-    steps = int(trainer.state.global_step)
-    runtime = float(output.metrics.get("train_runtime", 0.0))
-    history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    adapter_dir = model_dir = None
-    meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
-            "method": cfg.method, "mask": cfg.mask,
-            "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
-            "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
-            "full_rank": float(cfg.rank), "seed": cfg.seed, "objective": cfg.objective}
-    stage("save")
-    with timer("save"):
-        if full:
-            from sftscope.load.runtime import quiet_libraries
+    with _what_a_rerun_does(ckpt_dir):  # a failed write says what the rerun will take
+        stage("train")
+        try:
+            # one process: a signal checkpoints at the step's end; several (DDP/FSDP) would
+            # each see it at another step, so there it stops at once as before
+            stop = stopper.installed() if world == 1 else contextlib.nullcontext()
+            with timer("train"), stop, _checkpoint_writes(trainer, ckpt_dir):
+                output = trainer.train(resume_from_checkpoint=last)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+            _mark_interrupted(out, int(trainer.state.global_step))
+            raise Interrupted()
+        if output.training_loss is not None and not math.isfinite(output.training_loss):
+            raise SftscopeError(f"training loss is {output.training_loss} (not finite); "
+                                f"nothing was saved: check the model's weights and data, lower "
+                                f"--lr, or use --dtype float32")
+        steps = int(trainer.state.global_step)
+        runtime = float(output.metrics.get("train_runtime", 0.0))
+        history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+        adapter_dir = model_dir = None
+        meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
+                "method": cfg.method, "mask": cfg.mask,
+                "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
+                "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
+                "experts": experts_rec,
+                "full_rank": float(cfg.rank), "seed": cfg.seed, "objective": cfg.objective}
+        stage("save")
+        with timer("save"):
+            if full:
+                from sftscope.load.runtime import quiet_libraries
 
-            model_dir = out / "model"
-            with quiet_libraries():
-                trainer.save_model(str(model_dir))
-            if is_main_process():
-                tok.save_pretrained(str(model_dir))
-                write_json(model_dir / META_FILE, meta)
-                # the Trainer's pickled arguments do not belong in a model folder
-                (model_dir / "training_args.bin").unlink(missing_ok=True)
-        else:
-            adapter_dir = out / "adapter"
-            trainer.save_model(str(adapter_dir))
-            if is_main_process():
-                write_json(adapter_dir / META_FILE, meta)
-    merged_dir = None
-    if cfg.merge and not full and is_main_process():
-        from sftscope.load.models import save_model
+                model_dir = out / "model"
+                with writing(model_dir, remove=model_dir), quiet_libraries():
+                    trainer.save_model(str(model_dir))
+                    if is_main_process():
+                        tok.save_pretrained(str(model_dir))
+                        write_json(model_dir / META_FILE, meta)
+                        # the Trainer's pickled arguments do not belong in a model folder
+                        (model_dir / "training_args.bin").unlink(missing_ok=True)
+            else:
+                adapter_dir = out / "adapter"
+                with writing(adapter_dir, remove=adapter_dir):
+                    trainer.save_model(str(adapter_dir))
+                    if is_main_process():
+                        write_json(adapter_dir / META_FILE, meta)
+        merged_dir = None
+        if cfg.merge and not full and is_main_process():
+            from sftscope.load.models import save_model
 
-        stage("merge")
-        with timer("merge"):
-            merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
-                dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
-        _say(f"wrote {merged_dir} (the base with the adapter merged in)")
+            stage("merge")
+            with timer("merge"):
+                merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
+                    dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
+            _say(f"wrote {merged_dir} (the base with the adapter merged in)")
     model = trainer.model
-    got = names if full else adapted_modules(model)
+    if freeze is not None:
+        freeze.remove()
+    got = names if full else adapted_parts(model)
     if recorder is not None:
         for note in recorder.notes:
             _say(f"[yellow]note:[/] {note}")
@@ -838,12 +1032,15 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         budget_ratio=n_train_params / full_params, seed=cfg.seed, dtype=dtype,
         n_train=len(data.examples), n_truncated=data.n_truncated, max_length=data.max_length,
         longest_example=data.longest, steps=steps,
-        train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        train_loss=(losses.mean(steps) if losses is not None and losses.known
+                    else float(output.training_loss) if output.training_loss is not None
+                    else None),
         loss_history=history, step_time_s=runtime / steps if steps else None,
         resumed_from=last, timings=timer.seconds, method=cfg.method,
         model_dir=str(model_dir) if model_dir else None,
         dynamics=recorder.info() if recorder is not None else None, merged_dir=merged_dir,
         objective=cfg.objective, trl=None if sft else objectives.record(cfg, trainer),
+        dropout=dropout, router=cfg.router, experts=experts_rec,
     )
 
     def record() -> None:  # training is recorded before the evaluation, which may fail
@@ -854,7 +1051,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             objective=cfg.objective, trl=result.trl, mask=cfg.mask,
             blocks=blocks,
             rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
-            full_depth_params=full_params, seed=cfg.seed, processes=world,
+            full_depth_params=full_params, experts=experts_rec, seed=cfg.seed, processes=world,
             grad_accumulation=args.gradient_accumulation_steps, timings=result.timings,
             packing={"used": packed, "reason": packing_why},
             result=result, finished=True))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sftscope.io import write_text
-from sftscope.load.sources import adapter_base, check_model, source_kind
+from sftscope.load.sources import adapter_base, check_model, expand, source_kind
 
 
 def default_cache_dir() -> Path:
@@ -206,7 +206,7 @@ def fingerprint(spec: str, revision: str | None = None,
         memo.save()
         return {"source": str(f.resolve()), "kind": "gguf", "revision": None, "local": True,
                 "hash": ghash, "hash_scheme": FINGERPRINT_SCHEME, "files": 1, "bytes": total}
-    path = Path(os.path.expanduser(spec))
+    path = Path(expand(spec))
     files = _fingerprint_files(path) if path.is_dir() else [path]
     h, total = _files_hash(files, memo, b"sftscope-model-v2")
     memo.save()

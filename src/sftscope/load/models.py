@@ -33,6 +33,7 @@ from sftscope.load.sources import (
     adapter_base,
     check_model,
     check_pair,
+    expand,
     is_local,
     looks_like_path,
     source_kind,
@@ -148,7 +149,7 @@ def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "
         need_gguf()
         src_path, gguf_file = src.load_path, src.gguf_file
     else:
-        src_path = os.path.expanduser(spec)
+        src_path = expand(spec)
         if not os.path.isdir(src_path):
             if os.path.exists(src_path):
                 raise SftscopeError(f"tokenizer {spec} is a file; give a folder, a .gguf file "

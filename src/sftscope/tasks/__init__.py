@@ -17,6 +17,7 @@ from sftscope.tasks.base import (
 from sftscope.tasks.registry import (
     _REGISTRY,
     all_tasks,
+    check_metric,
     get_task,
     primary_metric_of,
     shots_help,
@@ -26,5 +27,5 @@ from sftscope.tasks.registry import (
 )
 
 __all__ = ["FEWSHOT_SEED", "LETTERS", "_REGISTRY", "AnalysisSample", "HubData", "Task",
-           "all_tasks", "choice_task", "get_task", "primary_metric_of", "shots_help",
-           "task_help", "task_names", "task_spec_help"]
+           "all_tasks", "check_metric", "choice_task", "get_task", "primary_metric_of",
+           "shots_help", "task_help", "task_names", "task_spec_help"]

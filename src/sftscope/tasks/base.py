@@ -90,6 +90,12 @@ class Task:
     shots_skip_item: bool = False  # lm-eval draws n + 1 shots and drops the item, as from the
     # evaluated split, whatever the pool (its sampler does so when the config has no test split)
 
+    def item_metrics(self) -> tuple[str, ...]:
+        """The per-item scores a sweep summarises and ranks by (``item_values``' keys)."""
+        if self.item_values is None:
+            return self.metrics
+        return tuple(self.item_values({}))
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"task {self.name}: kind {self.kind!r} is not one of {KINDS}")

@@ -69,6 +69,19 @@ def primary_metric_of(metrics, task: str | None = None) -> str | None:
     return None
 
 
+def check_metric(metric: str | None, task: str | None, flag: str = "--metric") -> None:
+    """``metric`` must be a per-item score of ``task`` (what a sweep ranks by); an unknown
+    task is left to the task checks."""
+    if metric is None or task not in _discover():
+        return
+    known = _discover()[task].item_metrics()
+    if metric not in known:
+        close = difflib.get_close_matches(str(metric), list(known), n=1, cutoff=0.6)
+        raise SftscopeError(f"{flag} {metric!r} is not a score of task {task}; use one of "
+                            f"{', '.join(known)}" + (f" (did you mean {close[0]}?)"
+                                                     if close else ""))
+
+
 def task_help() -> str:
     """``name (summary), ...`` of every task: the help text of a task option."""
     return "; ".join(f"{t.name} ({t.summary})" for t in all_tasks())
