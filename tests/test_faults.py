@@ -141,6 +141,7 @@ def good(cmd: str) -> dict[str, Any]:
                   "--max-new-tokens": "2", "--max-length": "32", **common},
         "report": {"RUNS": "{finished}", "--out": "{out}/report.html"},
         "demo": {"--quick": FLAG, "--skip": "analyze,weights,probe,swap,sweep,report"},
+        "data": {"RUNS": "gsm8k", "--n-train": "5", "--n-test": "5"},
     }[cmd]
 
 
@@ -374,6 +375,14 @@ case("demo", extra=["--sweep-seeds", "0"], needle="--sweep-seeds must be at leas
 case("demo", extra=["--sweep-masks", "012"], needle="valid groups")
 case("demo", extra=["--seed", "x"], needle="--seed expects an integer")
 case("demo", extra=["--out", "{file}"], needle="is a file")
+
+case("data", {"RUNS": "gsm9k"}, needle="NAME has unknown task set 'gsm9k'")
+case("data", {"--out": DROP}, needle="missing --out")
+case("data", {"--n-test": "2001"}, needle="--n-test must be in [1, 2000]")
+case("data", {"--n-train": "0"}, needle="--n-train must be at least 1")
+case("data", extra=["--max-number", "5"], needle="--max-number must be in [20, 999]")
+case("data", {"--out": "{file}"}, needle="is a file")
+case("data", {"--out": "{other_run}"}, needle="`demo` run folder")
 
 CASES = [c for c in CASES if c[3]]  # the one --epochs 0 with --max-steps is valid
 CATALOGUE = [pytest.param(c, id=f"{i:03d}-{c[0]}-{c[3][:28]}") for i, c in enumerate(CASES)]

@@ -806,6 +806,48 @@ class DemoConfig(Config):
                 "tune_steps": 40, "n_train": 400, "eval_limit": 40, "new_tokens": 48}
 
 
+DATA_SETS = ("gsm8k", "mmlu", "preference")
+
+
+def data_sets(value: tuple[str, ...]) -> str | None:
+    """A check: names of generated task sets."""
+    bad = [v for v in value if v not in (*DATA_SETS, "all")]
+    if bad:
+        from sftscope.config.core import did_you_mean
+
+        return (f"has unknown task set {bad[0]!r}; use {', '.join(DATA_SETS)} or all"
+                + did_you_mean(bad[0], DATA_SETS))
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(Config):
+    """Everything ``data`` needs: which generated task sets, how many items, where."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = tuple(f"{n}/*.jsonl" for n in DATA_SETS)
+
+    names: tuple[str, ...] = opt(help="Task sets to write: gsm8k (train.jsonl, test.jsonl: "
+                                 "question, answer ending in #### N), mmlu (dev.jsonl, "
+                                 "test.jsonl: question, choices, answer, subject), preference "
+                                 "(train.jsonl, test.jsonl: prompt, chosen, rejected), or all.",
+                                 positional=True, check=data_sets, factory=tuple)
+    out: str = out_opt()
+    n_train: int = opt(500, "Train items of gsm8k and preference.", check=at_least(1))
+    n_test: int = opt(200, "Test items of every set (at most 2000).", check=in_range(1, 2000))
+    n_dev: int = opt(5, "Items of mmlu's dev split (its shot pool).", check=at_least(1))
+    seed: int = opt(0, "Seed of the generator (the same seed writes the same files).")
+    max_number: int = opt(99, "Largest number in a problem (results included).",
+                          check=in_range(20, 999))
+    overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
+                          "settings.", volatile=True)
+
+    def sets(self) -> tuple[str, ...]:
+        """The task sets named (all of them for ``all`` or none named), in a fixed order."""
+        if not self.names or "all" in self.names:
+            return DATA_SETS
+        return tuple(n for n in DATA_SETS if n in self.names)
+
+
 FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
@@ -851,7 +893,7 @@ COMMANDS: dict[str, type[Config]] = {
     "analyze": AnalyzeConfig, "weights": WeightsConfig, "probe": ProbeConfig,
     "swap": SwapConfig, "tune": TuneConfig, "eval": EvalConfig, "sweep": SweepConfig,
     "suggest": SuggestConfig, "report": ReportConfig, "demo": DemoConfig,
-    "steer": SteerConfig,
+    "steer": SteerConfig, "data": DataConfig,
 }
 
 

@@ -368,7 +368,8 @@ def check_fields(cls: type, values: Mapping[str, Any], *, what: str = "",
                                     f"{', '.join(m['choices'])}" + did_you_mean(str(v),
                                                                                m["choices"]))
             if m["check"] is not None and (msg := m["check"](v)):
-                raise SftscopeError(f"{flag(name)}{where} {msg}")
+                spelled = name.upper().rstrip("S") if m["positional"] else flag(name)
+                raise SftscopeError(f"{spelled}{where} {msg}")
         out[name] = v
     return out
 
