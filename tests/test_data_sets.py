@@ -71,3 +71,19 @@ def test_held_out_computations():
     train, test = problems(0, 300, 100)
     held = {k for p in test for k in p.keys if k[0] in HELD_OUT_OPS}
     assert held and not any(k in held for p in train for k in p.keys)
+
+
+def test_tune_plan_and_estimate():
+    from sftscope.experiments.tune import Plan, estimate_line, plan_work
+
+    p = plan_work([10, 20, 30, 40, 50], 2, epochs=1.0, max_steps=None)
+    assert (p.steps, p.batch_size, p.mean_tokens, p.tokens) == (3, 2, 30.0, 180)
+    assert plan_work([10] * 5, 2, epochs=2.0, max_steps=None).steps == 6
+    assert plan_work([10] * 5, 32, epochs=1.0, max_steps=50).tokens == 50 * 5 * 10
+    assert "50 steps x 32 examples x 10 tokens" in plan_work([10] * 64, 32, epochs=1.0,
+                                                             max_steps=50).line()
+    line = estimate_line(Plan(50, 32, 10.0, 16000), 3, 1.5, 4)
+    assert "0.50 s per step over steps 2..4" in line and "25 s for 50" in line
+    assert "23 s left" in line
+    assert "2 min for 50 steps (2 min left)" in estimate_line(Plan(50, 32, 10.0, 1), 3, 6.0, 4)
+    assert "1.7 h" in estimate_line(Plan(6000, 32, 10.0, 1), 1, 1.0, 1)
