@@ -9,4 +9,15 @@ __version__ = "0.1.0"
 
 from sftscope.errors import SftscopeError  # noqa: E402
 
-__all__ = ["SftscopeError", "__version__"]
+_API = ("analyze_pair", "capture_states", "register_metric", "unregister_metric", "States")
+
+
+def __getattr__(name: str):  # the Python API imports torch: only when it is used
+    if name in _API:
+        from sftscope import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'sftscope' has no attribute {name!r}")
+
+
+__all__ = ["SftscopeError", "__version__", *_API]

@@ -59,6 +59,7 @@ from sftscope.load.models import (
 )
 from sftscope.load.runtime import dtype_name, model_bytes, release, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
+from sftscope.metrics.custom import user_values
 from sftscope.parallel import Group, empty_like_table, join
 from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
@@ -78,6 +79,30 @@ def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
     return M.get_options(cfg.preset, alpha=cfg.entropy_alpha, normalisation=cfg.normalisation,
                          pooling=cfg.pooling, cka_unbiased=cfg.cka_unbiased,
                          entropy_normalisations=tuple(cfg.entropy_normalisations))
+
+
+def capture_config(cfg: AnalyzeConfig, opts: M.MetricOptions) -> CaptureConfig:
+    """What the capture computes for ``cfg`` (also the Python API's, from its keywords)."""
+    return CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
+                         normalisation=opts.normalisation, ridge=opts.ridge,
+                         sparsity_eps=opts.sparsity_eps, sparsity_group=opts.sparsity_group,
+                         curvature_zero_steps=opts.curvature_zero_steps,
+                         curvature_cos_clip=opts.curvature_cos_clip,
+                         entropy_normalisations=opts.entropy_normalisations,
+                         include_padding=cfg.preset == "reference",
+                         checkpoint_every=cfg.checkpoint_every)
+
+
+def tidy(parts: list[pd.DataFrame], *, reference: bool, n_blocks: int,
+         order: dict[str, int] | None = None) -> pd.DataFrame:
+    """The metrics table from its parts: sorted by model, metric, layer (a chain's models in
+    training order: ``order``), a clean 0..n-1 index; the reference preset keeps j < L."""
+    table = pd.concat(parts, ignore_index=True)
+    if reference:  # the research code kept j = 0..L-1 (no output of the last block)
+        table = table[table.layer < n_blocks]
+    key = (lambda c: c.map(order) if c.name == "model" else c) if order else None
+    table = table.sort_values(["model", "metric", "layer"], kind="stable", key=key)
+    return table.reset_index(drop=True)
 
 
 def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[str]]:
@@ -188,6 +213,8 @@ def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
         for name, v in M.dataset_metrics(z, opts,
                                          compute_dtype=res.info.get("compute_dtype")).items():
             rows.append((j, name, model, float(v), float("nan"), float("nan")))
+        for name, v in user_values(z).items():
+            rows.append((j, name, model, v, float("nan"), float("nan")))
     return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
 
 
@@ -209,12 +236,14 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
             "mean_shift": M.mean_shift(zb, zs),
             "mean_shift_relative": M.mean_shift_relative(zb, zs),
         }
+        user = user_values(zb, zs)
         for name, v in vals.items():
             lo = hi = float("nan")
             if bootstrap and zb.shape[0] > 3:
                 fn = _pair_fn(name, zb, zs, opts)
                 lo, hi = M.bootstrap_ci(fn, n=zb.shape[0], n_boot=bootstrap, seed=seed)
             rows.append((j, name, label, float(v), lo, hi))
+        rows += [(j, name, label, v, float("nan"), float("nan")) for name, v in user.items()]
         for name in rb.token:  # sample-level delta: mean of per-sample differences
             if name not in rs.token:
                 continue
@@ -318,13 +347,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     for n in notes:
         say(f"[yellow]note:[/] {n}")
     reference = cfg.preset == "reference"
-    ccfg = CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
-                         normalisation=opts.normalisation, ridge=opts.ridge,
-                         sparsity_eps=opts.sparsity_eps, sparsity_group=opts.sparsity_group,
-                         curvature_zero_steps=opts.curvature_zero_steps,
-                         curvature_cos_clip=opts.curvature_cos_clip,
-                         entropy_normalisations=opts.entropy_normalisations,
-                         include_padding=reference, checkpoint_every=cfg.checkpoint_every)
+    ccfg = capture_config(cfg, opts)
     pad_id = pad_id_of(tokenizer)
     if par.main:
         start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
@@ -372,15 +395,9 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                      f"reaches sigma_max) and are NaN; run with --dtype float32 for them")
         say(f"[yellow]note:[/] {notes[-1]}")
     with timer("metrics"):
-        table = pd.concat(parts, ignore_index=True)
-        if reference:  # the research code kept j = 0..L-1 (no output of the last block)
-            table = table[table.layer < info.n_blocks]
-        if len(stages) > 1:  # a chain: its members in training order
-            order = model_order([st.label for st in stages], pairs)
-            table = table.sort_values(["model", "metric", "layer"], kind="stable",
-                                      key=lambda c: c.map(order) if c.name == "model" else c)
-        else:
-            table = table.sort_values(["model", "metric", "layer"], kind="stable")
+        order = (model_order([st.label for st in stages], pairs) if len(stages) > 1
+                 else None)  # a chain: its members in training order
+        table = tidy(parts, reference=reference, n_blocks=info.n_blocks, order=order)
         corr = correlation_table(table[~table.model.map(is_pair_label)
                                        | table.metric.isin(["cka", "cosine_similarity",
                                                             "mean_shift"])])
