@@ -110,7 +110,7 @@ def _run(argv, capsys):
     (["tune", "--method", "partial"], "unknown --method 'partial'"),
     (["steer", "--base", "a/b", "--sft", "a/c", "--data", "gsm8k", "--out", "o",
       "--layer", "3"], "needs --task"),
-    (["probe", "--limit", "ten"], "--limit expects an integer"),
+    (["probe", "--limit", "ten"], "--n-samples expects an integer"),
     (["swap", "--head", "middle"], "unknown --head 'middle'"),
     (["analyze", "--base", "a/b", "--sft", "a/c", "--data", "gsm8k"], "missing --out"),
     (["report"], "missing RUNS"),

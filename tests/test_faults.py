@@ -192,7 +192,8 @@ for cmd in ("analyze", "probe", "swap", "eval", "suggest"):
     case(cmd, {"--batch-size": "-1"}, needle="--batch-size must be at least 1")
     case(cmd, {"--batch-size": "four"}, needle="--batch-size expects an integer")
     case(cmd, {"--max-length": "1"}, needle="--max-length must be at least 2")
-    case(cmd, {"--limit": "0"}, needle="--limit must be at least 1")
+    case(cmd, {"--limit": "0"}, needle=("--limit" if cmd == "eval" else "--n-samples")
+         + " must be at least 1")
     case(cmd, {"--device-map": "everywhere"}, needle="is not a device map")
 for cmd in ("analyze", "probe", "swap", "suggest"):
     d = DATA_FLAG[cmd]

@@ -184,7 +184,7 @@ def analyze_pair(base_model, sft_model, tokenizer, texts: list[str],
     (base / sft / pair), value, ci_low, ci_high; sorted as analyze writes it, index 0..n-1.
 
     ``kwargs``: analyze's options by field name (``API_OPTIONS``). The texts are selected as
-    ``--data FILE --limit N --seed S`` selects a file's records (shuffled with ``seed``, the
+    ``--data FILE --n-samples N --seed S`` selects a file's records (shuffled with ``seed``, the
     first ``limit`` kept; ``limit`` None keeps all), so the numbers equal those of ``sftscope
     analyze`` on the same models saved to folders and the texts in a ``--text-field`` file.
     """
