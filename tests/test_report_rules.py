@@ -310,3 +310,38 @@ def test_weight_sentence_and_j_rule_share_the_edge_means():
     for value in (row["bottom"], row["top"]):
         assert f"{value:.3f}" in text and f"{value:.3f}" in v.numbers
     assert v.verdict == R.YES
+
+
+def test_adaptive_precision_near_whole_numbers():
+    from sftscope.report.sections import f
+
+    assert f(0.99952) == "0.99952"          # not "1.000": the digits that show the change
+    assert f(0.9999999) == "0.9999999"
+    assert f(1.0) == "1.000" and f(0.5) == "0.500" and f(0.98765) == "0.988"
+    assert f(2.0004) == "2.0004" and f(-0.99996) == "-0.99996"
+    assert f(1e-5) == "1e-05" and f(float("nan")) == "n/a"
+
+
+def test_headline_names_where_the_change_starts():
+    from sftscope.report.sections import onset_sentence
+
+    layers = np.arange(31)
+    shift = np.where(layers < 13, 0.0, 0.5 * 1.25 ** (layers - 13))
+    text = onset_sentence(layers, shift)
+    top = 0.5 * 1.25 ** 17
+    assert text == (f"unchanged up to j = 12 (mean shift exactly 0); the change starts at "
+                    f"j = 13 (mean shift 0.500) and grows {top / 0.5:.0f}x to the top "
+                    f"({top:.3f} at j = 30)")
+    assert onset_sentence(layers, np.zeros(31)).startswith("the mean shift is exactly 0 at "
+                                                            "every j (0..30)")
+    assert onset_sentence([0, 1, 2], [0.1, 0.2, 0.25]) == (
+        "the change is there from j = 0 (mean shift 0.100) and grows 2.5x to the top "
+        "(0.250 at j = 2)")
+    assert "shrinks to 0.100 at the top" in onset_sentence([0, 1, 2], [0.0, 0.5, 0.1])
+    assert "and is 0.600 at the top" in onset_sentence([0, 1, 2], [0.0, 0.5, 0.6])
+    assert onset_sentence([0, 1], [np.nan, np.nan]) is None
+    # in the report: the headline leads the pair's findings, with near-1 CKA in full digits
+    cka = np.where(layers < 13, 1.0, 1.0 - 4.8e-4 * (layers - 12) / 18)
+    df = pd.concat([_metrics(cka), _metrics(shift).assign(metric="mean_shift")])
+    text = " ".join(pair_findings(N.pair_data(df)))
+    assert text.startswith("Unchanged up to j = 12") and "0.99952 at the top" in text

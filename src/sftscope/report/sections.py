@@ -62,7 +62,14 @@ def f(x: Any, nd: int = 3) -> str:
         return "n/a"
     if x != 0 and (abs(x) >= 1000 or abs(x) < 0.001):
         return f"{x:.{nd}g}"
-    return f"{x:.{nd}f}"
+    text = f"{x:.{nd}f}"
+    whole = round(x)
+    if float(text) == whole and x != whole:  # 0.99952 is not "1.000": digits until it differs
+        d = nd
+        while d < 15 and float(f"{x:.{d}f}") == whole:
+            d += 1
+        text = f"{x:.{d + 1}f}".rstrip("0")
+    return text
 
 
 def _prefix(label: str, many: bool) -> str:
@@ -117,12 +124,45 @@ def trend_phrase(row: Any) -> str:
     return f"is {f(row['last'])}"
 
 
+def onset_sentence(layers: Sequence[int], shift: Sequence[float]) -> str | None:
+    """The headline of a pair: where the mean shift leaves exactly 0 and how it grows to the
+    top (``unchanged up to j = 12 (mean shift exactly 0); the change starts at j = 13 (mean
+    shift 0.497) and grows 15x to the top (7.300 at j = 30)``). None without finite values."""
+    pts = sorted((int(j), float(v)) for j, v in zip(layers, shift) if np.isfinite(v))
+    if not pts:
+        return None
+    moved = [(j, v) for j, v in pts if v != 0]
+    top_j, top_v = pts[-1]
+    if not moved:
+        return (f"the mean shift is exactly 0 at every j (0..{top_j}): no change in the "
+                f"pooled states")
+    j0, v0 = moved[0]
+    same = [j for j, v in pts if j < j0]
+    head = (f"unchanged up to j = {same[-1]} (mean shift exactly 0); the change starts at "
+            f"j = {j0}" if same else f"the change is there from j = {j0}")
+    head += f" (mean shift {f(v0)})"
+    if top_j == j0:
+        return head
+    ratio = top_v / v0
+    if ratio >= 1.5:
+        times = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
+        return head + f" and grows {times}x to the top ({f(top_v)} at j = {top_j})"
+    if ratio <= 1 / 1.5:
+        return head + f" and shrinks to {f(top_v)} at the top (j = {top_j})"
+    return head + f" and is {f(top_v)} at the top (j = {top_j})"
+
+
 def pair_findings(data: FigureData) -> list[str]:
     s = data.summary
     many = _many(s)
     out = []
+    frame = data.frame
     for r, g in s.groupby(RUN, sort=False):
         parts = []
+        ms = frame[(frame[RUN] == r) & (frame["metric"].astype(str) == "mean_shift")]
+        headline = onset_sentence(ms["layer"], ms["value"]) if len(ms) else None
+        if headline:
+            parts.append(headline[:1].upper() + headline[1:])
         rows = {m: row for m, row in zip(g["metric"], g.to_dict("records"))}
         if "cka" in rows:
             c = rows["cka"]
