@@ -131,6 +131,13 @@ def test_inverted_u_rule():
                              5).verdict == R.INCONCLUSIVE
     tie = {i: R.Point(0.5) for i in range(5)}  # exact ties, no interval
     assert R.inverted_u_rule(tie, 5).verdict == R.NO
+    # the case: a middle segment beats the edges but the central one is the worst of
+    # all; the old rule (best middle vs better edge) said yes, an inverted U it is not
+    dip = R.inverted_u_rule(_pts([0.50, 0.56, 0.40, 0.55, 0.49]), 5)
+    assert dip.verdict == R.NO and "worst middle segment 3/5 0.400" in dip.numbers
+    assert "best middle segment 2/5 0.560" in dip.numbers
+    # every middle beats both edges
+    assert R.inverted_u_rule(_pts([0.50, 0.52, 0.58, 0.53, 0.49]), 5).verdict == R.YES
     # loss: lower is better
     loss = _pts([2.0, 1.8, 1.7, 1.9, 2.1])
     assert R.inverted_u_rule(loss, 5, lower_is_better=True).verdict == R.YES
