@@ -117,6 +117,23 @@ def test_lens_rule_profiles():
     assert v.verdict == R.INCONCLUSIVE
 
 
+def test_lens_pattern_compares_sft_with_base():
+    from sftscope.report.patterns import check_lens
+
+    sharp = 0.01 + 0.6 * np.clip((STATES - 0.8) / 0.2, 0, None) ** 1.5
+
+    def probe(base):
+        rows = [pd.DataFrame({"layer": np.arange(L + 1), "model": m, "metric": "accuracy",
+                              "value": y, "n": 500}) for m, y in (("sft", sharp), ("base", base))]
+        return pd.concat(rows, ignore_index=True)
+
+    both = check_lens(probe(sharp))      # the base shows the same pattern
+    assert both.verdict == R.YES and "the base shows it too" in both.why
+    assert "base accuracy:" in both.numbers and "-> yes" in both.numbers
+    alone = check_lens(probe(0.6 * STATES))  # only the fine-tune shows it
+    assert alone.verdict == R.YES and alone.why == "" and "-> no" in alone.numbers
+
+
 # ----------------------------------------------------------------------------- (d) swap
 
 
