@@ -49,17 +49,17 @@ def test_data_sets_deterministic_and_usable(tmp_path):
     from sftscope.demo.tasksets import run_data
     from sftscope.load.items import check_task_data
 
-    a = run_data(DataConfig(names=("gsm8k", "mmlu"), out=str(tmp_path / "a"), n_train=20,
-                            n_test=10, seed=3))
-    b = run_data(DataConfig(names=("gsm8k", "mmlu"), out=str(tmp_path / "b"), n_train=20,
-                            n_test=10, seed=3))
+    a = run_data(DataConfig(names=("gsm8k", "mmlu"), out=str(tmp_path / "a"), train_size=20,
+                            test_size=10, seed=3))
+    b = run_data(DataConfig(names=("gsm8k", "mmlu"), out=str(tmp_path / "b"), train_size=20,
+                            test_size=10, seed=3))
     assert set(a) == {"gsm8k", "mmlu"} and not (tmp_path / "a" / "preference").exists()
     for name in a:
         for f in a[name]:
             assert a[name][f].read_bytes() == b[name][f].read_bytes()
     check_task_data("gsm8k", str(a["gsm8k"]["test.jsonl"]))
     check_task_data("mmlu", str(a["mmlu"]["test.jsonl"]))
-    c = run_data(DataConfig(names=("gsm8k",), out=str(tmp_path / "c"), n_train=20, n_test=10,
+    c = run_data(DataConfig(names=("gsm8k",), out=str(tmp_path / "c"), train_size=20, test_size=10,
                             seed=4))
     assert c["gsm8k"]["test.jsonl"].read_bytes() != a["gsm8k"]["test.jsonl"].read_bytes()
 

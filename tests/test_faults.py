@@ -141,7 +141,7 @@ def good(cmd: str) -> dict[str, Any]:
                   "--max-new-tokens": "2", "--max-length": "32", **common},
         "report": {"RUNS": "{finished}", "--out": "{out}/report.html"},
         "demo": {"--quick": FLAG, "--skip": "analyze,weights,probe,swap,sweep,report"},
-        "data": {"RUNS": "gsm8k", "--n-train": "5", "--n-test": "5"},
+        "data": {"RUNS": "gsm8k", "--train-size": "5", "--test-size": "5"},
     }[cmd]
 
 
@@ -379,8 +379,8 @@ case("demo", extra=["--out", "{file}"], needle="is a file")
 
 case("data", {"RUNS": "gsm9k"}, needle="NAME has unknown task set 'gsm9k'")
 case("data", {"--out": DROP}, needle="missing --out")
-case("data", {"--n-test": "2001"}, needle="--n-test must be in [1, 2000]")
-case("data", {"--n-train": "0"}, needle="--n-train must be at least 1")
+case("data", {"--test-size": "2001"}, needle="--test-size must be in [1, 2000]")
+case("data", {"--train-size": "0"}, needle="--train-size must be at least 1")
 case("data", extra=["--max-number", "5"], needle="--max-number must be in [20, 999]")
 case("data", {"--out": "{file}"}, needle="is a file")
 case("data", {"--out": "{other_run}"}, needle="`demo` run folder")

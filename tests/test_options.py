@@ -44,7 +44,6 @@ EXCEPTIONS = {
     "--train": "required by tune; sweep can take it from sweep.json with --collect",
     "--masks": "swap adds masks to its one-segment hybrids; sweep trains every mask named",
     "--method": "tune's training method and suggest's signal are different choices",
-    "--n-train": "data writes generated items; tune and sweep subsample training data",
     "--overwrite": "tune starts over (a resumable run), the others replace a finished run",
     "--preset": "each command's reference preset reproduces a different part of the "
                 "research code",

@@ -835,9 +835,11 @@ class DataConfig(Config):
                                  "(train.jsonl, test.jsonl: prompt, chosen, rejected), or all.",
                                  positional=True, check=data_sets, factory=tuple)
     out: str = out_opt()
-    n_train: int = opt(500, "Train items of gsm8k and preference.", check=at_least(1))
-    n_test: int = opt(200, "Test items of every set (at most 2000).", check=in_range(1, 2000))
-    n_dev: int = opt(5, "Items of mmlu's dev split (its shot pool).", check=at_least(1))
+    train_size: int = opt(500, "Items of the train files (gsm8k, preference).",
+                          check=at_least(1))
+    test_size: int = opt(200, "Items of every test file (at most 2000).",
+                         check=in_range(1, 2000))
+    dev_size: int = opt(5, "Items of mmlu's dev file (its shot pool).", check=at_least(1))
     seed: int = opt(0, "Seed of the generator (the same seed writes the same files).")
     max_number: int = opt(99, "Largest number in a problem (results included).",
                           check=in_range(20, 999))

@@ -119,8 +119,9 @@ def run_data(cfg) -> dict[str, dict[str, Path]]:  # noqa: ANN001 (DataConfig: co
 
     check_out(cfg.out, "data", cfg, overwrite=cfg.overwrite)
     out = start_run(cfg.out, "data", cfg.OUTPUTS)
-    written = write_task_sets(cfg.sets(), out, seed=cfg.seed, n_train=cfg.n_train,
-                              n_test=cfg.n_test, n_dev=cfg.n_dev, max_number=cfg.max_number)
+    written = write_task_sets(cfg.sets(), out, seed=cfg.seed, n_train=cfg.train_size,
+                              n_test=cfg.test_size, n_dev=cfg.dev_size,
+                              max_number=cfg.max_number)
     counts = {name: {f: items(p) for f, p in files.items()} for name, files in written.items()}
     finish_run(out, run_record("data", cfg.record(), sets=list(written), items=counts))
     return written
