@@ -369,3 +369,48 @@ def test_headline_names_where_the_change_starts():
     df = pd.concat([_metrics(cka), _metrics(shift).assign(metric="mean_shift")])
     text = " ".join(pair_findings(N.pair_data(df)))
     assert text.startswith("Unchanged up to j = 12") and "0.99952 at the top" in text
+
+
+def _swap_table(values, half):
+    rows = [("base", "none", "00000", "base", "accuracy", 0.5, 0.49, 0.51, 100),
+            ("sft", "none", "00000", "sft", "accuracy", 0.6, 0.59, 0.61, 100)]
+    for i, v in enumerate(values):
+        mask = "".join("1" if j == i else "0" for j in range(len(values)))
+        rows.append((f"base<-sft[{mask}]", "sft-into-base", mask, "base", "accuracy", v,
+                     v - half, v + half, 100))
+    return pd.DataFrame(rows, columns=["config", "direction", "mask", "head", "metric",
+                                       "value", "ci_low", "ci_high", "n"])
+
+
+def test_swap_findings_ties_and_overlapping_intervals():
+    from sftscope.report.sections import swap_findings
+
+    tie = " ".join(swap_findings(N.swap_data(_swap_table([0.6, 0.5, 0.5, 0.5, 0.5], 0.001))))
+    assert "4 segments tie for the worst (0.500" in tie and "worst single" not in tie
+    assert "best single segment 1/5 (m10000" in tie or "best single segment 1/5 (10000" in tie
+    assert "overlap" not in tie
+    close = " ".join(swap_findings(N.swap_data(_swap_table([0.52, 0.5, 0.51, 0.5, 0.49], 0.05))))
+    assert "their intervals overlap: no segment is clearly better or worse" in close
+
+
+def test_sweep_findings_ties():
+    from sftscope.report.sections import sweep_findings
+
+    summary = pd.DataFrame({"mask": ["11111", "10000", "01000", "00100", "00001"],
+                            "seeds": "0", "metric": "accuracy",
+                            "mean": [0.4, 0.3, 0.3, 0.3, 0.3], "ci_low": np.nan,
+                            "ci_high": np.nan, "n_items": 200, "p_value": np.nan})
+    text = " ".join(sweep_findings(N.sweep_data(summary)))
+    assert "4 masks tie for the lowest at 0.300" in text and "worst" not in text
+
+
+def test_clip_note_counts_values_and_interval_ends_apart():
+    df = pd.DataFrame({"layer": [0, 1], "model": "pair", "metric": "cka",
+                       "value": [1.0 + 1e-9, 0.9], "ci_low": np.nan, "ci_high": np.nan})
+    _, notes = N.clip_to_range(df)
+    assert notes and notes[0].startswith("1 value(s) of cka") and "interval" not in notes[0]
+
+
+def test_j_shape_numbers_never_print_n_a_ratio():
+    v = R.j_shape_rule(BLOCKS, np.where(BLOCKS > 0.5, 0.1, 0.0))
+    assert "ratio undefined" in v.numbers and "n/a" not in v.numbers

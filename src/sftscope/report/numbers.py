@@ -114,19 +114,21 @@ def clip_to_range(df: pd.DataFrame, table: str | None = None, value: str = "valu
         lo, hi = metric_spec(metric, table).bounds
         if lo is None and hi is None:
             continue
-        n = 0
+        counts = {value: 0, "ends": 0}
         for c in [value, *cols]:
             if c not in df.columns:
                 continue
             v = df.loc[idx, c]
             bad = (v < lo if lo is not None else False) | (v > hi if hi is not None else False)
-            n += int(np.asarray(bad).sum())
+            counts[value if c == value else "ends"] += int(np.asarray(bad).sum())
             df.loc[idx, c] = v.clip(lower=lo, upper=hi)
-        if n:
+        if counts[value] or counts["ends"]:
+            what = " and ".join(
+                t for t in (f"{counts[value]} value(s)" if counts[value] else "",
+                            f"{counts['ends']} interval end(s)" if counts["ends"] else "") if t)
             rng = f"[{_b(lo)}, {_b(hi)}]"
-            notes.append(f"{n} interval end(s) of {metric} fell outside its range {rng} and are "
-                         f"drawn and reported clipped to it (the run's table keeps the computed "
-                         f"values)")
+            notes.append(f"{what} of {metric} fell outside its range {rng} and are drawn and "
+                         f"reported clipped to it (the run's table keeps the computed values)")
     return df, notes
 
 
@@ -624,6 +626,11 @@ def swap_data(swap: pd.DataFrame) -> FigureData:
             continue
         sc = score(metric, g["value"].to_numpy())
         best, worst = g.iloc[int(np.nanargmax(sc))], g.iloc[int(np.nanargmin(sc))]
+        lo = pd.to_numeric(g.get("ci_low", pd.Series(np.nan, index=g.index)), errors="coerce")
+        hi = pd.to_numeric(g.get("ci_high", pd.Series(np.nan, index=g.index)), errors="coerce")
+        b, w = g.index.get_loc(best.name), g.index.get_loc(worst.name)
+        overlap = bool(np.isfinite(lo.iloc[b]) and np.isfinite(hi.iloc[w])
+                       and max(lo.iloc[b], lo.iloc[w]) <= min(hi.iloc[b], hi.iloc[w]))
         host = swap_host(d)
         o = orig[(orig[RUN] == r) & (orig["metric"].astype(str) == metric)
                  & (orig["config"].astype(str) == str(host))]
@@ -633,6 +640,8 @@ def swap_data(swap: pd.DataFrame) -> FigureData:
                      "best_seg": int(best["seg"]), "best_mask": best["mask"],
                      "best": float(best["value"]), "worst_seg": int(worst["seg"]),
                      "worst_mask": worst["mask"], "worst": float(worst["value"]),
+                     "n_best": int(np.sum(sc == np.nanmax(sc))),
+                     "n_worst": int(np.sum(sc == np.nanmin(sc))), "overlap": overlap,
                      "host": host, "host_value": ref})
     return FigureData(pd.concat([swapped, orig]), pd.DataFrame(rows), notes,
                       {"swapped": swapped, "orig": orig})
@@ -756,6 +765,8 @@ def sweep_data(summary: pd.DataFrame) -> FigureData:
         rows.append({RUN: r, "metric": metric, "primary": metric == sweep_primary(
             df[df[RUN] == r]), "best": best, "best_mean": means[best],
             "best_p": pv.get(best, math.nan), "worst": worst, "worst_mean": means[worst],
+            "n_best": sum(v == sc[best] for v in sc.values()),
+            "n_worst": sum(v == sc[worst] for v in sc.values()),
             "full": full, "full_mean": means.get(full, math.nan) if full else math.nan,
             "n_beat": len(beat), "n_masks": len(means), "seeds": seeds, "items": items,
             "all_zero": bool(np.all(vals == 0)), "all_same": bool(np.all(vals == vals[0]))})

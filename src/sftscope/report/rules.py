@@ -265,8 +265,9 @@ def j_shape_rule(depth: Sequence[float], change: Sequence[float]) -> Verdict:
                        f"{len(y)} blocks with a value (needs {J_MIN_BLOCKS})")
     e = edge_means(y)
     numbers = (f"bottom {_f(e.bottom)}, middle {_f(e.middle)}, top {_f(e.top)} "
-               f"({e.n_edge} of {e.n} blocks per edge; ratio {_f(e.ratio, 2)}x)"
-               f"{_dropped(n_all, len(y))}")
+               f"({e.n_edge} of {e.n} blocks per edge; "
+               + (f"ratio {_f(e.ratio, 2)}x)" if np.isfinite(e.ratio) else "ratio undefined)")
+               + _dropped(n_all, len(y)))
     if np.all(y == 0):
         return Verdict(INCONCLUSIVE, J_RULE, numbers,
                        "no block changed at all: are the two checkpoints the same?")

@@ -316,6 +316,25 @@ def corr_findings(data: FigureData) -> list[str]:
 # ----------------------------------------------------------------------------- Fig. 6
 
 
+def _extreme(word: str, n_tied: int, seg: int, k: int, mask: str, value: str) -> str:
+    if n_tied > 1:
+        return f"{n_tied} segments tie for the {word} ({value})"
+    return f"{word} single segment {seg + 1}/{k} ({mask}, {value})"
+
+
+def swap_extremes(row: dict, delta: Callable[[float], str]) -> str:
+    """Best and worst one-segment swap, saying so when several tie, and naming no winner when
+    their intervals overlap."""
+    best = _extreme("best", row.get("n_best", 1), row["best_seg"], row["k"], row["best_mask"],
+                    f"{f(row['best'])}{delta(row['best'])}")
+    worst = _extreme("worst", row.get("n_worst", 1), row["worst_seg"], row["k"],
+                     row["worst_mask"], f"{f(row['worst'])}{delta(row['worst'])}")
+    text = f"{best}, {worst} [{row['metric']}]"
+    if row.get("overlap"):
+        text += " (their intervals overlap: no segment is clearly better or worse)"
+    return text
+
+
 def swap_findings(data: FigureData) -> list[str]:
     s, orig = data.summary, data.extra["orig"]
     runs = N.run_labels(data.frame)
@@ -335,10 +354,7 @@ def swap_findings(data: FigureData) -> list[str]:
                 ref = row["host_value"]
                 return f", {v - ref:+.4f} vs {row['host']}" if np.isfinite(ref) else ""
 
-            parts.append(f"{name}: best single segment {row['best_seg'] + 1}/{row['k']} "
-                         f"({row['best_mask']}, {f(row['best'])}{delta(row['best'])}), worst "
-                         f"{row['worst_seg'] + 1}/{row['k']} ({row['worst_mask']}, "
-                         f"{f(row['worst'])}{delta(row['worst'])}) [{row['metric']}]")
+            parts.append(f"{name}: " + swap_extremes(row, delta))
         if rows:
             metric = rows[0]["metric"]
             o = orig[(orig[RUN] == r) & (orig["metric"].astype(str) == metric)]
@@ -407,8 +423,13 @@ def sweep_findings(data: FigureData) -> list[str]:
                        f"{row['n_masks']} masks scores {f(row['best_mean'])}{size}, so there is "
                        "nothing to compare.")
             continue
-        text = (f"{row['metric']}: best mask {row['best']} {f(row['best_mean'])}, worst "
-                f"{row['worst']} {f(row['worst_mean'])}")
+        best = (f"{row['n_best']} masks tie for the best at {f(row['best_mean'])}"
+                if row.get("n_best", 1) > 1 else
+                f"best mask {row['best']} {f(row['best_mean'])}")
+        worst = (f"{row['n_worst']} masks tie for the lowest at {f(row['worst_mean'])}"
+                 if row.get("n_worst", 1) > 1 else
+                 f"worst {row['worst']} {f(row['worst_mean'])}")
+        text = f"{row['metric']}: {best}, {worst}"
         if row["full"]:
             p = row["best_p"]
             ptxt = (f", p = {f(p)} vs full depth" if np.isfinite(p) and row["best"] != row["full"]
