@@ -414,3 +414,18 @@ def test_clip_note_counts_values_and_interval_ends_apart():
 def test_j_shape_numbers_never_print_n_a_ratio():
     v = R.j_shape_rule(BLOCKS, np.where(BLOCKS > 0.5, 0.1, 0.0))
     assert "ratio undefined" in v.numbers and "n/a" not in v.numbers
+
+
+def test_figures_have_no_offset_tick_labels():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from sftscope.report import plots
+
+    y = 1.0 - np.linspace(0, 5e-5, L + 1)  # CKA a hair below 1: matplotlib's offset case
+    raw = plots.plot_pair_metrics(N.pair_data(_metrics(y)))
+    FigureCanvasAgg(raw).draw()
+    assert raw.axes[0].yaxis.get_major_formatter().get_offset() != ""  # the defect
+    fig = plots.plain_ticks(plots.plot_pair_metrics(N.pair_data(_metrics(y))))
+    FigureCanvasAgg(fig).draw()
+    assert all(ax.yaxis.get_major_formatter().get_offset() == "" for ax in fig.axes)
+    assert fig.axes[0].get_yticklabels()[1].get_text().startswith("0.9999")

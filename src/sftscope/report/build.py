@@ -32,6 +32,7 @@ class Writer:
         self.written: list[Path] = []
 
     def figure(self, fig: Any, stem: str, title: str) -> FigureBlock:
+        plots.plain_ticks(fig)
         buf = BytesIO()
         fig.savefig(buf, format="png", dpi=plots.DPI, facecolor="white")
         png = buf.getvalue()

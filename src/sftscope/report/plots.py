@@ -171,6 +171,20 @@ def _run_handles(runs: Sequence[str], pal: dict[str, str]) -> list:
     return [Line2D([], [], color=pal[r], lw=2.2, label=r) for r in runs]
 
 
+def plain_ticks(fig: Figure) -> Figure:
+    """No offset or scientific-notation corner labels ("1e-5+9.999e-1"): every linear axis
+    shows its tick values in full, so a curve near 1 reads as 0.9995, not as an offset."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            fmt = axis.get_major_formatter()
+            if isinstance(fmt, ScalarFormatter):
+                fmt.set_useOffset(False)
+                fmt.set_scientific(False)
+    return fig
+
+
 def _style_handles(styles: dict[str, str], color: str = "0.3") -> list:
     return [Line2D([], [], color=color, ls=ls, lw=1.6, label=name) for name, ls in styles.items()]
 
