@@ -47,6 +47,7 @@ from sftscope.load import data as D
 from sftscope.load.models import (
     LoadOptions,
     PairInfo,
+    check_adapter_base,
     check_pair,
     check_tokenizers,
     check_vocab,
@@ -288,13 +289,18 @@ def _chain(cfg: AnalyzeConfig) -> list[Stage]:
 
 
 def check_chain(base: str, stages: list[Stage], *, base_revision: str | None,
-                allow_mixed: bool) -> tuple[PairInfo, list[str]]:
-    """Every stage of a chain fits the base (depth, width, vocabulary); returns the first
-    pair's ``PairInfo`` and the notes (a further stage's prefixed with its label)."""
+                allow_mixed: bool, allow_other_base: bool = False,
+                memo_dir: str | None = None) -> tuple[PairInfo, list[str]]:
+    """Every stage of a chain fits the base (depth, width, vocabulary; an adapter stage was
+    trained on this base); returns the first pair's ``PairInfo`` and the notes (a further
+    stage's prefixed with its label). Before any model runs."""
     base_cfg = load_config(base, base_revision)
     infos = [check_pair(base_cfg, load_config(s.spec, s.revision, base=base,
                                               base_revision=base_revision),
                         base, s.spec, allow_mixed=allow_mixed) for s in stages]
+    for s in stages:
+        check_adapter_base(s.spec, base, s.revision, base_revision=base_revision,
+                           allow_other_base=allow_other_base, memo_dir=memo_dir)
     notes = list(infos[0].notes)
     for s, info in zip(stages[1:], infos[1:], strict=True):
         notes += [f"stage {s.label}: {n}" for n in info.notes]
@@ -335,7 +341,9 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         dtype = resolve_dtype(cfg.dtype, device)
         with timer("validate"):
             info, notes = check_chain(cfg.base, stages, base_revision=cfg.base_revision,
-                                      allow_mixed=cfg.allow_mixed_pair)
+                                      allow_mixed=cfg.allow_mixed_pair,
+                                      allow_other_base=cfg.allow_other_base,
+                                      memo_dir=cfg.cache_dir)
             tokenizer, tok_notes = pair_tokenizer(
                 cfg.base, cfg.sft, cfg.tokenizer,
                 revisions={"base": cfg.base_revision, "sft": cfg.sft_revision})

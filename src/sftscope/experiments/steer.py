@@ -188,7 +188,13 @@ def steer(cfg: SteerConfig) -> SteerResult:
     from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
     from sftscope.experiments.tune import parse_eval_task
     from sftscope.load import data as D
-    from sftscope.load.models import check_pair, fingerprint, load_config, pair_tokenizer
+    from sftscope.load.models import (
+        check_adapter_base,
+        check_pair,
+        fingerprint,
+        load_config,
+        pair_tokenizer,
+    )
     from sftscope.load.runtime import dtype_name, pad_id, resolve_device, resolve_dtype
     from sftscope.metrics.stats import mean_ci, proportion_ci
 
@@ -202,6 +208,9 @@ def steer(cfg: SteerConfig) -> SteerResult:
         info = check_pair(load_config(cfg.base, cfg.base_revision),
                           load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
                           allow_mixed=cfg.allow_mixed_pair)
+        check_adapter_base(cfg.sft, cfg.base, cfg.sft_revision,
+                           base_revision=cfg.base_revision,
+                           allow_other_base=cfg.allow_other_base)
         n_blocks = info.n_blocks
         if cfg.layer > n_blocks:
             raise SftscopeError(f"--layer {cfg.layer} is outside the hidden states 0..{n_blocks} "

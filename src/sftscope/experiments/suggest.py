@@ -458,6 +458,7 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     ``suggest.json``, ``suggest.csv`` and ``run.json`` when ``cfg.out`` is set."""
     from sftscope.load import data as D
     from sftscope.load.models import (
+        check_adapter_base,
         check_pair,
         check_tokenizers,
         fingerprint,
@@ -483,6 +484,9 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
                                   base_revision=cfg.base_revision)
             info = check_pair(base_cfg, sft_cfg, cfg.base, cfg.sft,
                               allow_mixed=cfg.allow_mixed_pair)
+            check_adapter_base(cfg.sft, cfg.base, cfg.sft_revision,
+                               base_revision=cfg.base_revision,
+                               allow_other_base=cfg.allow_other_base)
             notes += info.notes
             notes += check_tokenizers(tokenizer, load_tokenizer(
                 cfg.sft, cfg.sft_revision, base=cfg.base, base_revision=cfg.base_revision))

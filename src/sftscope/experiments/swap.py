@@ -45,6 +45,7 @@ from sftscope.io import Timer, atomic_dir, run_record, write_tables
 from sftscope.load.arch import arch_for, get_blocks, get_final_norm, get_head, get_submodule
 from sftscope.load.data import TokenizedSet
 from sftscope.load.models import (
+    check_adapter_base,
     check_pair,
     check_vocab,
     fingerprint,
@@ -480,6 +481,8 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                                    base_revision=base_revision) for k, v in specs.items()}
             info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
                               allow_mixed=cfg.allow_mixed_pair)
+            check_adapter_base(sft, base, sft_revision, base_revision=base_revision,
+                               allow_other_base=cfg.allow_other_base)
             if cfgs["base"].model_type != cfgs["sft"].model_type:
                 raise SftscopeError(f"the pair cannot be swapped: model types "
                                     f"{cfgs['base'].model_type} and "

@@ -89,6 +89,32 @@ def _adapter_base(src: ModelSource, revision: str | None,
     return src.base, rev
 
 
+def check_adapter_base(spec: str, base: str | None = None, revision: str | None = None, *,
+                       base_revision: str | None = None, allow_other_base: bool = False,
+                       memo_dir: str | Path | None = None) -> None:
+    """Before any model runs: an adapter (or tune run) ``spec`` that recorded the fingerprint
+    of the base it was trained on is refused on another base (the one it will be applied to:
+    ``base`` or the one it records). Shapes are checked earlier (torch-free); this catches a
+    base of the same shapes with other weights. ``allow_other_base`` skips it on purpose."""
+    src = resolve_source(spec, base)
+    if src.kind != "adapter" or allow_other_base or src.path is None:
+        return
+    from sftscope.load.sources import adapter_meta
+
+    fp = adapter_meta(Path(src.path)).get("base_fingerprint") or {}
+    theirs = fp.get("hash") if isinstance(fp, dict) else None
+    if not theirs:
+        return
+    b, rev = _adapter_base(src, revision, base_revision)
+    ours = fingerprint(b.spec, rev, memo_dir).get("hash")
+    if ours and ours != theirs:
+        made_for = fp.get("source") or "?"
+        raise SftscopeError(
+            f"adapter {spec} was trained on another base ({made_for}, fingerprint {theirs}) "
+            f"than {b.spec} (fingerprint {ours}); pass the base it was made for, or "
+            f"--allow-other-base if the weights are the same model")
+
+
 def _gguf_error(src: ModelSource, err: Exception) -> SftscopeError:
     from sftscope.load.gguf import supported_by_transformers
 
