@@ -62,7 +62,7 @@ def build_section(spec: FigureSpec, runs: RunSet, w: Writer, colors: dict[str, s
     sec = Section(spec.key, spec.title, spec.intro)
     data = spec.prepare(runs)
     if data is None:
-        sec.absent = spec.absent()
+        sec.absent = spec.absent(runs)
         return sec
     sec.findings = spec.findings(data)
     for stem, caption, plot in spec.figures:

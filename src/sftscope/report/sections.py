@@ -43,9 +43,17 @@ class FigureSpec:
     tables: Callable[[FigureData], list[TableOut]] = lambda d: []
     notes: Callable[[FigureData], list[str]] = field(default=lambda d: d.notes)
 
-    def absent(self) -> str:
-        need = ", ".join(f"{spec_of(t).stem}{'' if '.' in spec_of(t).stem else '.csv'} "
-                         f"(`sftscope {spec_of(t).command}`)" for t in self.reads)
+    def absent(self, runs: Sequence[Run] = ()) -> str:
+        """Why the section is empty: the table it needs is missing (say which command writes
+        it), or present without these rows (never ask for a file the runs have)."""
+        files = [f"{spec_of(t).stem}{'' if '.' in spec_of(t).stem else '.csv'}"
+                 for t in self.reads]
+        have = [f for t, f in zip(self.reads, files)
+                if any(t in getattr(r, "tables", ()) for r in runs)]
+        if have:
+            return f"No {self.what} in these runs: their {', '.join(have)} has none."
+        need = ", ".join(f"{f} (`sftscope {spec_of(t).command}`)"
+                         for t, f in zip(self.reads, files))
         return f"No {self.what} in these runs (needs {need})."
 
 
