@@ -603,6 +603,10 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
         proposals[m] = Proposal(m, _mask(segs, k), _blocks(segs, bounds),
                                 _describe(m, segs, why, bounds, n_blocks, eligible[m], norm))
         sel = table["method"] == m
+        # the score the rule and the reason use (normalised to the best segment), so that the
+        # printed reason and the table cite the same numbers; ``value`` keeps the raw score
+        srow = sel & (table["signal"] == "score")
+        table.loc[srow, "score"] = table.loc[srow, "segment"].map(lambda i, v=norm: float(v[i]))
         table.loc[sel, "eligible"] = table.loc[sel, "segment"].map(lambda i, e=eligible[m]:
                                                                     bool(e[i]))
         table.loc[sel, "chosen"] = table.loc[sel, "segment"].isin(segs)
