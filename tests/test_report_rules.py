@@ -421,11 +421,27 @@ def test_figures_have_no_offset_tick_labels():
 
     from sftscope.report import plots
 
-    y = 1.0 - np.linspace(0, 5e-5, L + 1)  # CKA a hair below 1: matplotlib's offset case
+    y = 0.985 - np.linspace(0, 5e-6, L + 1)  # a tiny range far from 0: matplotlib's offset
     raw = plots.plot_pair_metrics(N.pair_data(_metrics(y)))
     FigureCanvasAgg(raw).draw()
     assert raw.axes[0].yaxis.get_major_formatter().get_offset() != ""  # the defect
     fig = plots.plain_ticks(plots.plot_pair_metrics(N.pair_data(_metrics(y))))
     FigureCanvasAgg(fig).draw()
     assert all(ax.yaxis.get_major_formatter().get_offset() == "" for ax in fig.axes)
-    assert fig.axes[0].get_yticklabels()[1].get_text().startswith("0.9999")
+    assert fig.axes[0].get_yticklabels()[1].get_text().startswith("0.98499")
+
+
+def test_cka_near_one_is_drawn_as_one_minus_cka_on_a_log_axis():
+    from sftscope.report import plots
+
+    layers = np.arange(L + 1)
+    cka = np.where(layers < 8, 1.0, 1.0 - 1e-5 * 1.6 ** (layers - 8))
+    fig = plots.plot_pair_metrics(N.pair_data(_metrics(cka)))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_title().startswith("1 - CKA")
+    (line,) = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == L + 1]
+    np.testing.assert_allclose(line.get_ydata(), 1.0 - cka)
+    assert any("8 point(s) exactly 1" in t.get_text() for t in ax.texts)
+    # far from 1: the plain CKA on a linear axis
+    far = plots.plot_pair_metrics(N.pair_data(_metrics(np.linspace(1.0, 0.7, L + 1))))
+    assert far.axes[0].get_yscale() == "linear" and far.axes[0].get_title() == "CKA"

@@ -229,16 +229,49 @@ def plot_pair_metrics(metrics: pd.DataFrame | FigureData,
     fig, axes = _grid(len(names), title=title)
     for ax, metric in zip(axes, names):
         sub = df[df["metric"].astype(str) == metric]
+        gap = metric in NEAR_ONE_METRICS and near_one(sub["value"])
+        if gap:  # a similarity a hair below 1: its distance from 1, on a log axis
+            sub = one_minus(sub)
         for r in runs:
             g = sub[sub[RUN] == r]
             if len(g):
                 _line(ax, g, pal[r], "-", r)
-        ax.set_title(_nice(metric), fontsize=10)
+        ax.set_title(f"1 - {_nice(metric)} (log: {_nice(metric)} near 1)" if gap
+                     else _nice(metric), fontsize=10)
         _depth_axes(ax, LAYER_AXIS)
-        _maybe_log(ax, sub["value"], metric)
+        if gap:
+            ax.set_yscale("log")
+            zero = sub[sub["value"] == 0]
+            if len(zero):
+                ax.text(0.02, 0.97, f"{len(zero)} point(s) exactly 1 (not drawn on a log axis)",
+                        transform=ax.transAxes, fontsize=7.5, va="top", color="0.35")
+        else:
+            _maybe_log(ax, sub["value"], metric)
         _flat_note(ax, [sub["value"]], _nice(metric))
     _legend(fig, _run_handles(runs, pal))
     return fig
+
+
+NEAR_ONE_METRICS = ("cka", "cosine_similarity")
+NEAR_ONE = 0.99  # every value at least this (and one below 1): plot the distance from 1
+
+
+def near_one(values: pd.Series) -> bool:
+    """True when a similarity is so close to 1 that a linear axis shows a flat line at 1."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(float)
+    v = v[np.isfinite(v)]
+    return bool(len(v)) and bool(v.min() >= NEAR_ONE) and bool((v < 1).any())
+
+
+def one_minus(df: pd.DataFrame) -> pd.DataFrame:
+    """``1 - value`` (intervals swapped: ``1 - ci_high`` is the new low end)."""
+    out = df.copy()
+    out["value"] = 1.0 - pd.to_numeric(out["value"], errors="coerce")
+    if {"ci_low", "ci_high"} <= set(out.columns):
+        lo = pd.to_numeric(out["ci_low"], errors="coerce")
+        hi = pd.to_numeric(out["ci_high"], errors="coerce")
+        out["ci_low"], out["ci_high"] = 1.0 - hi, 1.0 - lo
+    return out
 
 
 def plot_single_metrics(metrics: pd.DataFrame | FigureData,
