@@ -438,3 +438,26 @@ def test_adapter_for_another_base_refused_before_any_model_runs(run, gsm, model_
         with pytest.raises(SftscopeError, match="trained on another base"):
             call()
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("states-*"))
+
+
+def test_weights_and_eval_of_an_adapter_are_labelled_base_plus_adapter(base, run, gsm,
+                                                                      tmp_path):
+    """One run.json model schema (``models``: role -> fingerprint) for weights and eval too;
+    the report labels an adapter's run as base+adapter, never as the bare base."""
+    from sftscope.config.commands import EvalConfig
+    from sftscope.experiments.evaluate import evaluate
+    from sftscope.experiments.weights import run_weights
+    from sftscope.report.runs import run_label
+
+    w = tmp_path / "w"
+    run_weights(WeightsConfig(adapter=str(run / "adapter"), out=str(w), low_rank=False))
+    rec = json.loads((w / "run.json").read_text())
+    assert rec["models"]["sft"]["label"] == "adapter m00100 r4 s3"
+    assert run_label(rec, w) == f"{Path(base).name}+adapter m00100 r4 s3"
+    e = tmp_path / "e"
+    evaluate(EvalConfig(model=str(base), adapter=str(run / "adapter"), task="gsm8k",
+                        data=f"gsm8k:{gsm}", limit=1, shots=0, max_new_tokens=2,
+                        out=str(e), device="cpu"))
+    rec = json.loads((e / "run.json").read_text())
+    assert rec["models"]["model"]["kind"] == "adapter"
+    assert run_label(rec, e) == f"{Path(base).name}+adapter m00100 r4 s3"
