@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from sftscope import metrics as M
 from sftscope.capture.hooks import hidden_state_hooks
 from sftscope.capture.stream import CaptureConfig, capture
 from sftscope.cli import main
@@ -240,3 +242,55 @@ def test_reference_preset_reproduces_research_code(model_dir, gsm8k_file, tmp_pa
     both = default.merge(ref, on=key, suffixes=("_d", "_r"))
     ent = both[(both.metric == "prompt_entropy") & (both.model == "base")]
     assert (ent.value_d - ent.value_r).abs().max() > 1e-6  # padding now enters the metric
+
+
+def test_noise_floor_is_the_base_against_itself_on_disjoint_halves(model_dir, gsm8k_file,
+                                                                   tmp_path):
+    from sftscope.experiments.analyze import noise_table, pair_values
+
+    base, sft = model_dir("llama", seed=0), model_dir("llama", seed=1)
+    cfg = _cfg(base, sft, f"gsm8k:{gsm8k_file}", tmp_path / "run", tmp_path / "c")
+    analyze(cfg)
+    noise = pd.read_csv(tmp_path / "run" / "noise.csv")
+    assert set(noise.metric) == {"cka", "cosine_similarity", "mean_shift",
+                                 "mean_shift_relative"}
+    assert (noise.ci_low <= noise.value).all() and (noise.value <= noise.ci_high).all()
+    assert (noise.splits == 20).all()
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert "noise.csv" in rec["noise_floor"]
+    # one split by hand: the same halves give the same numbers
+
+    class One:  # what noise_table reads of a CaptureResult
+        n_states = 2
+
+        def __init__(self, z):
+            self.z = z
+
+        def pooled(self, _pooling):
+            return self.z
+
+    gen = torch.Generator().manual_seed(0)
+    z = [torch.randn(10, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
+    opts = M.MetricOptions()
+    got = noise_table(One(z), opts, splits=1, seed=5)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(5))
+    want = pair_values(z[1][perm[:5]], z[1][perm[5:10]], opts)
+    row = got[(got.layer == 1) & (got.metric == "cka")].iloc[0]
+    assert row.value == pytest.approx(want["cka"]) == row.ci_low == row.ci_high
+    assert noise_table(One([t[:7] for t in z]), opts, splits=3).empty  # too few samples
+    assert noise_table(One(z), opts, splits=0).empty
+
+
+def test_noise_band_findings_on_a_constructed_table():
+    from sftscope.report import numbers as N
+    from sftscope.report.sections import noise_findings
+
+    rows = [(j, "cka", "pair", v, np.nan, np.nan) for j, v in enumerate([1.0, 0.99, 0.9, 0.7])]
+    df = pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
+    noise = pd.DataFrame([(j, "cka", 0.95, 0.93, 0.97, 20) for j in range(4)],
+                         columns=["layer", "metric", "value", "ci_low", "ci_high", "splits"])
+    lines = noise_findings(N.pair_data(df, noise))
+    assert len(lines) == 1
+    assert "outside the base-vs-base noise band (two disjoint halves of the data) at 4 of 4 " \
+           "layers, first at j = 0; at the top (j = 3) 0.700 against the band [0.930, 0.970]" \
+           in lines[0]

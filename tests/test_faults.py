@@ -139,6 +139,8 @@ def good(cmd: str) -> dict[str, Any]:
         "steer": {"--base": "{base}", "--sft": "{sft}", "--data": "gsm8k:{gsm}", "--layer": "2",
                   "--limit": "4", "--scales": "0,1", "--generate": FLAG, "--n-prompts": "2",
                   "--max-new-tokens": "2", "--max-length": "32", **common},
+        "ablate": {"--model": "{base}", "--data": "gsm8k:{gsm}", "--limit": "4",
+                   "--max-length": "32", "--bootstrap": "0", **common},
         "report": {"RUNS": "{finished}", "--out": "{out}/report.html"},
         "demo": {"--quick": FLAG, "--skip": "analyze,weights,probe,swap,sweep,report"},
         "data": {"RUNS": "gsm8k", "--train-size": "5", "--test-size": "5"},
@@ -151,7 +153,7 @@ def good(cmd: str) -> dict[str, Any]:
 MODEL_CMDS = ("analyze", "probe", "swap", "suggest", "eval")
 MODEL_FLAG = {"analyze": "--base", "probe": "--model", "swap": "--base", "suggest": "--base",
               "eval": "--model", "tune": "--model", "weights": "--sft", "sweep": "--model",
-              "steer": "--sft"}
+              "steer": "--sft", "ablate": "--model"}
 DATA_FLAG = {"analyze": "--data", "probe": "--data", "swap": "--data", "suggest": "--data",
              "tune": "--train", "sweep": "--train"}
 
@@ -163,7 +165,8 @@ def case(cmd: str, over: dict[str, Any] | None = None, extra: list[str] | None =
     CASES.append((cmd, over or {}, extra or [], needle))
 
 
-for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "suggest", "steer"):
+for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "suggest", "steer",
+            "ablate"):
     case(cmd, extra=["--batch-sise", "4"], needle="no such option")
     if cmd in ("analyze", "weights", "tune", "sweep", "steer"):
         case(cmd, {"--out": DROP}, needle="missing --out")
@@ -234,8 +237,24 @@ case("analyze", {"--data": DROP}, needle="missing --data")
 case("probe", extra=["--base", "{base}"], needle="not both")
 case("probe", extra=["--top1-examples", "-1"], needle="--top1-examples must be at least 0")
 case("probe", extra=["--tokens", "some"], needle="unknown --tokens")
+case("probe", extra=["--translators", "{root}"], needle="add --lens tuned")
+case("probe", extra=["--lens", "tuned", "--translators", "{file}"], needle="is a file")
+case("probe", extra=["--lens", "tuned", "--lens-train", "{root}/nope.jsonl"],
+     needle="does not exist")
+case("probe", extra=["--lens", "tuned", "--lens-lr", "0"], needle="--lens-lr")
+case("probe", extra=["--shifts-top", "0"], needle="--shifts-top must be at least 1")
 case("probe", {"--model": DROP}, needle="give --model, or both --base and --sft")
 case("probe", {"--model": DROP}, extra=["--base", "{base}"], needle="both --base and --sft")
+
+case("ablate", {"--segments": "9"}, needle="larger than the model's 4 blocks")
+case("ablate", {"--segments": "0"}, needle="--segments must be at least 1")
+case("ablate", {"--mode": "half"}, needle="unknown --mode")
+case("ablate", extra=["--base", "{base}"], needle="not both")
+case("ablate", {"--model": DROP}, extra=["--sft", "{sft}"], needle="both --base and --sft")
+case("ablate", {"--model": DROP}, extra=["--base", "{base}", "--sft", "{gpt2}"],
+     needle="gpt2 model")
+case("ablate", {"--data": "gsm8k:{noanswer}"}, needle="answer")
+case("ablate", {"--batch-size": "0"}, needle="--batch-size must be at least 1")
 
 case("swap", {"--segments": "0"}, needle="--segments must be at least 1")
 case("swap", {"--segments": "99"}, needle="larger than the model")

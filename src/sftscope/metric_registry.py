@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 KINDS = ("pair", "single", "weight", "accuracy", "agreement", "probability", "loss",
-         "perplexity", "rank", "signal", "unknown")
+         "perplexity", "rank", "signal", "distribution", "unknown")
 HIGHER, LOWER = "higher", "lower"
 UNIT = (0.0, 1.0)
 
@@ -131,6 +131,17 @@ _ENTRIES: list[MetricSpec] = [
        bounds=(0.0, None)),
     _m("answer_rank", "rank", LOWER, log=True, order=80, label="answer rank",
        bounds=(1.0, None)),
+    # probe.csv, a pair's output distributions (experiments/distributions.py; descriptive)
+    _m("kl_pair", "distribution", order=10, label="KL(SFT || base) of the lens",
+       bounds=(0.0, None)),
+    _m("kl_to_final", "distribution", order=20, label="KL(output || lens at j)",
+       bounds=(0.0, None)),
+    _m("shift_unshifted", "distribution", order=30, label="unshifted (base rank 1)",
+       bounds=UNIT),
+    _m("shift_marginal", "distribution", order=31, label="marginal (base rank 2-3)",
+       bounds=UNIT),
+    _m("shift_shifted", "distribution", order=32, label="shifted (base rank > 3)",
+       bounds=UNIT),
     # steer.csv: what steering did to generation (descriptive)
     _m("new_tokens", "generation", order=90, label="new tokens per completion",
        bounds=(0.0, None)),

@@ -66,6 +66,17 @@ def swap(cfg: C.SwapConfig) -> None:
         print(table.to_string(index=False))
 
 
+def ablate(cfg: C.AblateConfig) -> None:
+    from sftscope.experiments.ablate import ablate as run
+
+    table = run(cfg)
+    if cfg.out:
+        _say(f"wrote {Path(cfg.out) / 'ablate.csv'} ({len(table)} rows) and "
+             f"{Path(cfg.out) / 'run.json'}")
+    elif is_main():
+        print(table.to_string(index=False))
+
+
 def tune(cfg: C.TuneConfig) -> None:
     from sftscope.experiments.tune import is_main_process
     from sftscope.experiments.tune import tune as run
@@ -202,6 +213,14 @@ agreement; sample-level bootstrap intervals. Writes probe.csv and run.json."""),
 Module references, no copies; both directions; embeddings stay with the host, final norm and
 head from --head. Every hybrid and both originals are evaluated: token accuracy, loss,
 perplexity, MMLU choice accuracy. Writes swap.csv and run.json."""),
+    "ablate": (C.AblateConfig, ablate, """Which blocks matter, causally: ablate each block
+(or each of --segments K) and score.
+
+One model (--model): each unit in turn passes its input through (--mode zero) or adds its mean
+update over the data instead of its own (--mode mean). A pair (--base/--sft): each unit of the
+SFT is reverted to the base's blocks. Scored as swap scores (token accuracy, loss, perplexity,
+MMLU choice accuracy) with delta_accuracy and delta_loss against the unablated model and paired
+sample-level bootstrap intervals. Writes ablate.csv and run.json."""),
     "tune": (C.TuneConfig, tune, """Segment (Mid-Block) LoRA at the full-depth budget, or full
 fine-tuning of chosen blocks.
 

@@ -107,7 +107,7 @@ def entropy_norms(value: tuple[str, ...]) -> str | None:
 class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
     """Everything ``analyze`` needs (``stages``: a checkpoint chain after ``sft``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*")
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*", "noise.*")
 
     limit: int | None = limit_opt(1000)
     n_token: int = opt(100, "Samples (the first of the selection) that also get token-level "
@@ -124,6 +124,11 @@ class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
                                                   "e.g. logN,raw.", check=entropy_norms)
     pooling: str = pooling_opt()
     cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")
+    noise_splits: int = opt(20, "Noise floor: every pair metric of the base against itself on "
+                            "two disjoint random halves of the data, over this many splits "
+                            "(noise.csv: median and 2.5-97.5 % range; the report "
+                            "draws it as a band behind the base-vs-SFT curve); 0 = none.",
+                            check=at_least(0), metavar="R")
 
 
 # ----------------------------------------------------------------------------- weights
@@ -190,7 +195,7 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
     """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``),
     optionally extended by a checkpoint chain (``stages``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("probe.*", "top1.*")
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("probe.*", "top1.*", "shifts.*")
 
     model: str | None = opt(None, "One model to probe: local folder or hub id (or give "
                             "--base and --sft).")
@@ -212,6 +217,27 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
                              "predicts the answer's first token (else the sample's last "
                              "position), beside the true next token: what each depth would "
                              "say there (0 = none).", check=at_least(0), metavar="N")
+    lens: str = opt("logit", "logit: the logit lens head(final_norm(h_j)); tuned: also the "
+                    "tuned lens (Belrose et al. 2023: a trained affine translator per layer "
+                    "before the logit lens), every lens metric and kl_to_final for both, rows "
+                    "with model 'NAME (tuned lens)'.", choices=("logit", "tuned"))
+    lens_train: str | None = opt(None, "Training texts of the tuned lens (a data source as "
+                                 "--data; default: --data without the texts the probe "
+                                 "scores).")
+    lens_train_limit: int = opt(200, "Training texts of the tuned lens (a seeded subsample).",
+                                check=at_least(1), metavar="N")
+    lens_steps: int = opt(100, "Optimiser steps of the tuned lens (one batch each).",
+                          check=at_least(1))
+    lens_lr: float = opt(1e-3, "Adam learning rate of the tuned lens.", check=positive)
+    translators: str | None = opt(None, "Folder of tuned-lens translators: reused when saved "
+                                  "there for the same model content and lens options, else "
+                                  "trained and saved there.")
+    kl: bool = opt(True, "For a pair: also compare the two models' lens distributions at every "
+                   "depth (kl_pair = KL(P_sft,j || P_base,j), kl_to_final per model, and URIAL's "
+                   "token-shift shares at the output, with shifts.csv). Both models are then "
+                   "resident at once for one extra pass; --no-kl keeps one model at a time.")
+    shifts_top: int = opt(50, "How many of the most often shifted tokens shifts.csv lists.",
+                          check=at_least(1), metavar="N")
     chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
                               check=at_least(1), cli=False, volatile=True)
 
@@ -227,6 +253,13 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
             raise SftscopeError("give --model, or both --base and --sft")
         if self.model is not None:
             check_model(self.model, base=self.base)
+        if self.lens == "logit" and (self.translators or self.lens_train):
+            raise SftscopeError("--translators and --lens-train are options of the tuned lens; "
+                                "add --lens tuned")
+        if self.translators and os.path.isfile(os.path.expanduser(self.translators)):
+            raise SftscopeError(f"--translators {self.translators} is a file; give a folder")
+        if self.lens_train:
+            check_data_source(self.lens_train)
 
 
 def alpha_list(value: tuple[float, ...]) -> str | None:
@@ -310,6 +343,45 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
                                 "--out")
         if len(set(self.mixes())) != len(self.mixes()):
             raise SftscopeError("--save-mix repeats a MASK:ALPHA; give each once")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AblateConfig(PairModels, DataSpec, Runtime, Stats, Output):
+    """Everything ``ablate`` needs: one model (``model``) whose blocks are ablated one unit at
+    a time, or a pair whose SFT gets one unit reverted to the base."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("ablate.*",)
+
+    model: str | None = opt(None, "One model to ablate: local folder or hub id (or give --base "
+                            "and --sft to revert one unit of the SFT to the base).")
+    revision: str | None = revision_opt("model")
+    base: str | None = base_opt(required=False)
+    sft: str | None = sft_opt(required=False)
+    out: str | None = out_opt(required=False)
+    limit: int | None = limit_opt(100)
+    segments: int | None = segments_opt(None)  # unset: every block is a unit of its own
+    mode: str = opt("zero", "One model: zero (the unit passes its input through: its blocks "
+                    "add nothing to the residual stream) or mean (each block adds its mean "
+                    "update over the real tokens of --data instead of its own). A pair: the "
+                    "unit's blocks of the SFT are the base's (revert; --mode is not used).",
+                    choices=("zero", "mean"))
+    chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
+                              check=at_least(1), cli=False, volatile=True)
+
+    def check(self) -> None:
+        from sftscope.load.sources import check_model
+
+        if self.model is not None and (self.base is not None or self.sft is not None):
+            raise SftscopeError("give either --model, or --base and --sft, not both")
+        if self.model is None and (self.base is None or self.sft is None):
+            raise SftscopeError("give --model, or both --base and --sft")
+        if self.model is not None:
+            check_model(self.model)
+
+    @property
+    def pair(self) -> bool:
+        """Revert units of the SFT to the base (else ablate one model)."""
+        return self.model is None
 
 
 # ----------------------------------------------------------------------------- eval
@@ -428,6 +500,12 @@ class TuneConfig(OneModel):
     batch_size: int = opt(32, "Effective batch (micro batch x accumulation x processes).",
                           check=at_least(1))
     micro_batch_size: int = opt(8, "Examples per forward pass per device.", check=at_least(1))
+    packing: str = opt("auto", "Padding-free batches (examples concatenated, position ids per "
+                       "example, attention confined to each; transformers' flattening "
+                       "collator): auto = on when a check at start finds the model computes "
+                       "the same log-probabilities packed as padded and a forward pass holds "
+                       "more than one example; on = refuse a model that fails the check; off "
+                       "= pad.", choices=("auto", "on", "off"))
     warmup_steps: float = opt(0, "Warm-up steps (a value < 1 is a ratio of the steps).",
                               check=at_least(0))
     weight_decay: float = opt(0.0, "AdamW weight decay.", check=at_least(0))
@@ -898,7 +976,7 @@ COMMANDS: dict[str, type[Config]] = {
     "analyze": AnalyzeConfig, "weights": WeightsConfig, "probe": ProbeConfig,
     "swap": SwapConfig, "tune": TuneConfig, "eval": EvalConfig, "sweep": SweepConfig,
     "suggest": SuggestConfig, "report": ReportConfig, "demo": DemoConfig,
-    "steer": SteerConfig, "data": DataConfig,
+    "steer": SteerConfig, "ablate": AblateConfig, "data": DataConfig,
 }
 
 

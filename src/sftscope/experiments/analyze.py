@@ -231,14 +231,8 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
     rows = []
     for j in range(rb.n_states):
         zb, zs = rb.pooled(opts.pooling)[j], rs.pooled(opts.pooling)[j]
-        vals = {
-            "cka": M.cka(zb, zs, unbiased=opts.cka_unbiased),
-            "cosine_similarity": M.cosine_similarity(zb, zs),
-            "mean_shift": M.mean_shift(zb, zs),
-            "mean_shift_relative": M.mean_shift_relative(zb, zs),
-        }
         user = user_values(zb, zs)
-        for name, v in vals.items():
+        for name, v in pair_values(zb, zs, opts).items():
             lo = hi = float("nan")
             if bootstrap and zb.shape[0] > 3:
                 fn = _pair_fn(name, zb, zs, opts)
@@ -261,6 +255,43 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
             rows.append((j, f"delta_{name}", label, float(r[b] - r[a]),
                          float("nan"), float("nan")))
     return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
+
+
+def pair_values(zb: torch.Tensor, zs: torch.Tensor, opts: M.MetricOptions) -> dict[str, float]:
+    """Every pair metric of two pooled matrices ``[N, D]`` whose rows are paired."""
+    return {"cka": float(M.cka(zb, zs, unbiased=opts.cka_unbiased)),
+            "cosine_similarity": float(M.cosine_similarity(zb, zs)),
+            "mean_shift": float(M.mean_shift(zb, zs)),
+            "mean_shift_relative": float(M.mean_shift_relative(zb, zs))}
+
+
+NOISE_COLUMNS = ["layer", "metric", "value", "ci_low", "ci_high", "splits"]
+
+
+def noise_table(rb: CaptureResult, opts: M.MetricOptions, splits: int,
+                seed: int = 0) -> pd.DataFrame:
+    """The noise floor of the pair metrics: the base against itself on two disjoint random
+    halves of the samples (row i of one half paired with row i of the other), over ``splits``
+    seeded splits; per layer and metric the median (``value``) and the 2.5-97.5 % range over
+    the splits (``ci_low``/``ci_high``: a band of what chance alone gives at ``N // 2`` rows,
+    not a confidence interval). Empty with fewer than 8 samples or ``splits`` 0."""
+    cols = NOISE_COLUMNS
+    pooled = rb.pooled(opts.pooling)
+    n = pooled[0].shape[0] if rb.n_states else 0
+    if splits < 1 or n < 8:
+        return pd.DataFrame(columns=cols)
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(n, generator=gen) for _ in range(splits)]
+    half = n // 2
+    rows = []
+    for j in range(rb.n_states):
+        z = pooled[j]
+        vals = [pair_values(z[p[:half]], z[p[half:2 * half]], opts) for p in perms]
+        for name in vals[0]:
+            v = np.array([d[name] for d in vals])
+            rows.append((j, name, float(np.median(v)), float(np.quantile(v, 0.025)),
+                         float(np.quantile(v, 0.975)), splits))
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _pair_fn(name: str, zb: torch.Tensor, zs: torch.Tensor, opts: M.MetricOptions):
@@ -370,6 +401,8 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         with timer("metrics"):
             single_b = single_model_table(rb, opts, BASE, cfg.bootstrap, cfg.seed)
         parts.append(single_b)
+        with timer("noise"):
+            noise = noise_table(rb, opts, cfg.noise_splits, cfg.seed)
     prev: tuple[str, CaptureResult, pd.DataFrame] | None = None
     for st in stages:  # every rank captures every stage (the collectives stay in step)
         stage(f"capture {st.label}")
@@ -409,9 +442,13 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         corr = correlation_table(table[~table.model.map(is_pair_label)
                                        | table.metric.isin(["cka", "cosine_similarity",
                                                             "mean_shift"])])
+    if reference and len(noise):
+        noise = noise[noise.layer < info.n_blocks]
     for fmt in cfg.formats:
         write_table(table, out / f"metrics.{fmt}")
         write_table(corr, out / f"correlation.{fmt}")
+        if len(noise):
+            write_table(noise, out / f"noise.{fmt}")
     n_tok_used = min(cfg.n_token, len(tok))
     skipped = int(torch.isnan(rb.token["curvature"][0, :n_tok_used]).sum()) if n_tok_used else 0
     finish_run(out, run_record(
@@ -424,7 +461,11 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         data={"source": cfg.data, "n_samples": len(tok), "n_token": n_tok_used,
               "n_truncated": tok.n_truncated, "max_length": cfg.max_length,
               "curvature_samples_skipped": skipped},
-        seeds={"data": cfg.seed, "bootstrap": cfg.seed}, notes=notes,
+        seeds={"data": cfg.seed, "bootstrap": cfg.seed, "noise_splits": cfg.seed},
+        noise_floor=(f"noise.csv: the base against itself on two disjoint random halves of "
+                     f"the samples, {cfg.noise_splits} splits; value = median, ci_low/ci_high "
+                     f"= 2.5-97.5 % range over the splits") if len(noise) else None,
+        notes=notes,
         capture=infos, timings=timer.seconds,
         **chain_record(stages, pairs), **par.record(len(tok), shard_unit(ccfg)),
     ))

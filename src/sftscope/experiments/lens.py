@@ -29,7 +29,7 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from torch import nn
 
 from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.capture.hooks import hidden_state_hooks, inner_model
+from sftscope.capture.lens import Lens
 from sftscope.chains import (
     BASE,
     FIRST,
@@ -54,15 +55,26 @@ from sftscope.config.commands import ProbeConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
 from sftscope.experiments.analyze import check_chain, check_chain_tokenizers
-from sftscope.io import Timer, run_record, write_tables
+from sftscope.experiments.distributions import (
+    SHIFT_KINDS,
+    distribution_table,
+    merge_dist_sums,
+    pair_distributions,
+    shifts_table,
+)
+from sftscope.experiments.tuned_lens import (
+    TUNED_SUFFIX,
+    kl_table,
+    kl_to_final_sums,
+    train_translators,
+    training_split,
+    translator_key,
+    translators_for,
+)
+from sftscope.io import Timer, run_record, stable_hash, write_tables
 from sftscope.load import data as D
 from sftscope.load.arch import (
-    apply_softcap,
-    arch_for,
     get_blocks,
-    get_final_norm,
-    get_head,
-    logit_softcap,
 )
 from sftscope.load.models import (
     LoadOptions,
@@ -89,42 +101,6 @@ DEFAULT_CHUNK = 1 << 24  # logits elements per lens chunk (64 MiB in float32)
 
 # ---------------------------------------------------------------------------------------------
 # The lens
-
-
-def _module_device(mod: nn.Module) -> torch.device | None:
-    for p in mod.parameters():
-        return p.device
-    return None
-
-
-class Lens:
-    """``head(final_norm(h))`` (+ soft-capping) of a model, as float32 logits.
-
-    Reads the modules through the architecture map at construction: tied embeddings, other norm
-    names and swapped-in heads are whatever the model holds at that time.
-    """
-
-    def __init__(self, model: nn.Module):
-        spec = arch_for(model)
-        self.norm = get_final_norm(model, spec)
-        self.head = get_head(model, spec)
-        self.cap = logit_softcap(model.config)
-        self.norm_device = _module_device(self.norm)
-        self.head_device = _module_device(self.head)
-        self.vocab = int(getattr(self.head, "out_features", 0) or self.head.weight.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        """Where the logits come out."""
-        return self.head_device or torch.device("cpu")
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        if self.norm_device is not None:
-            h = h.to(self.norm_device)
-        x = self.norm(h)
-        if self.head_device is not None:
-            x = x.to(self.head_device)
-        return apply_softcap(self.head(x).float(), self.cap)
 
 
 def forward_states(model: nn.Module, input_ids: torch.Tensor,
@@ -369,8 +345,10 @@ class _LensReducer:
                  positions: Sequence[Sequence[int]] | None,
                  answers: Sequence[AnswerSlot | None] | None,
                  choices: Sequence[ChoiceSlot | None] | None, record_top1: bool,
-                 ref_top1: dict[int, np.ndarray] | None) -> None:
+                 ref_top1: dict[int, np.ndarray] | None,
+                 transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.sums, self.lens, self.col = sums, lens, col
+        self.transform = transform
         self.rows_per_chunk = rows_per_chunk
         self.positions = positions
         self.answers, self.choices = answers, choices
@@ -463,6 +441,8 @@ class _LensReducer:
         for q, s in enumerate(ctx["starts"]):
             e = min(s + step, ctx["n_rows"])
             rows = h[ub[s:e], ut[s:e]]  # a copy of the states something is scored at
+            if self.transform is not None:  # e.g. the tuned lens's translator of state j
+                rows = self.transform(j, rows)
             if norm_dev is not None:
                 rows = rows.to(norm_dev)
             if self.n_pending + (e - s) > step:
@@ -560,7 +540,8 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
               choices: Sequence[ChoiceSlot | None] | None = None,
               record_top1: bool = False, ref_top1: dict[int, np.ndarray] | None = None,
               chunk_elements: int = DEFAULT_CHUNK, description: str = "lens",
-              indices: Sequence[int] | None = None) -> LensSums:
+              indices: Sequence[int] | None = None,
+              transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> LensSums:
     """Stream ``model`` over ``tok`` and reduce the lens at ``layers`` (default all ``0..L``).
 
     Teacher-forced: position ``t`` predicts token ``t+1``. Next-token accuracy, loss and
@@ -572,7 +553,8 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
     compared with this model's top-1. One forward pass per batch through
     ``capture.engine.run_hooked`` (right padding; a NaN/Inf at a real position stops the pass).
     ``indices``: only these samples (a rank's share); the other rows keep their initial
-    values (``merge_sums`` joins the shares).
+    values (``merge_sums`` joins the shares). ``transform(j, rows)``: applied to the states of
+    layer ``j`` before the lens (the tuned lens's translators).
     """
     n_layers = n_blocks_of(model)
     layers = list(range(n_layers + 1)) if layers is None else [int(j) for j in layers]
@@ -600,7 +582,7 @@ def lens_pass(model: nn.Module, tok: D.TokenizedSet, pad_id: int, *, batch_size:
                     agree=np.zeros((n, n_cols)) if ref_top1 is not None else None,
                     top1={} if record_top1 else None)
     red = _LensReducer(sums, lens, col, rows_per_chunk, positions, answers, choices,
-                       record_top1, ref_top1)
+                       record_top1, ref_top1, transform)
     run_hooked(model, tok, batch_size, pad_id, red, description=description,
                label=description, indices=indices)
     return sums
@@ -758,6 +740,88 @@ def top1_rows(sums: LensSums, model: str, tok: D.TokenizedSet, tokenizer,
     return rows
 
 
+def tuned_lens_pass(model: nn.Module, label: str, tok: D.TokenizedSet, train_tok: D.TokenizedSet,
+               pad_id: int, cfg: ProbeConfig, fingerprint: dict[str, Any], *,
+               positions: Sequence[Sequence[int]] | None, answers: Any, choices: Any,
+               indices: Sequence[int] | None) -> tuple[Any, dict[str, Any]]:
+    """One model's tuned-lens sums (every lens metric) and its KL-to-final sums for both
+    lenses, with what training did."""
+    options = {"steps": cfg.lens_steps, "lr": cfg.lens_lr, "train": cfg.lens_train or cfg.data,
+               "limit": cfg.lens_train_limit, "seed": cfg.seed, "max_length": cfg.max_length,
+               "train_ids": stable_hash(train_tok.input_ids)}
+    key = translator_key(fingerprint, options)
+    tr, info = translators_for(
+        model, cfg.translators, label, key,
+        lambda: train_translators(model, train_tok, pad_id, steps=cfg.lens_steps,
+                                  lr=cfg.lens_lr, batch_size=cfg.batch_size, seed=cfg.seed))
+    sums = lens_pass(model, tok, pad_id, batch_size=cfg.batch_size, positions=positions,
+                     answers=answers, choices=choices, chunk_elements=cfg.chunk_elements,
+                     description=f"tuned lens {label}", indices=indices, transform=tr)
+    kl = kl_to_final_sums(model, tr, tok, pad_id, batch_size=cfg.batch_size,
+                          positions=positions, chunk_elements=cfg.chunk_elements,
+                          indices=indices)
+    return (sums, kl), {**info, "key": key, "options": options}
+
+
+def tuned_phase(specs: dict[str, str], opts: dict[str, LoadOptions], fps: dict[str, Any],
+                tok: D.TokenizedSet, train_tok: D.TokenizedSet, pad_id: int, cfg: ProbeConfig,
+                *, positions: Sequence[Sequence[int]] | None, answers: Any, choices: Any,
+                share: Sequence[int]) -> dict[str, Any]:
+    """:func:`tuned_lens_pass` for every model of a probe run (each loaded for it, released
+    after) on this process's ``share``."""
+    found: dict[str, Any] = {}
+    for k, spec in specs.items() if share else ():
+        stage(f"tuned lens {k}")
+        m = load_model(spec, opts[k])
+        nbytes = model_bytes(m)
+        try:
+            found[k] = tuned_lens_pass(m, k, tok, train_tok, pad_id, cfg, fps[k],
+                                       positions=positions, answers=answers, choices=choices,
+                                       indices=share)
+        finally:
+            del m
+            release(nbytes)
+    return found
+
+
+def tuned_tables(tparts: list[Any], specs: dict[str, str], cfg: ProbeConfig
+                 ) -> tuple[list[pd.DataFrame], dict[str, Any]]:
+    """The tuned lens's rows of every model (every lens metric, kl_to_final of both lenses)
+    from the gathered shares, and what training did per model."""
+    tables, infos = [], {}
+    for k in specs:
+        got = [(i, f[k]) for i, f in tparts if k in f]
+        sums = merge_sums([(i, g[0][0]) for i, g in got])
+        kl = tuple(sum(g[0][1][q] for _, g in got) for q in range(3))
+        tables.append(sums_table(sums, k + TUNED_SUFFIX, level=cfg.level, n_boot=cfg.bootstrap,
+                                 seed=cfg.seed))
+        tables.append(kl_table(kl, k, level=cfg.level, n_boot=cfg.bootstrap, seed=cfg.seed))
+        infos[k] = got[0][1][1]
+    return tables, infos
+
+
+DISTRIBUTIONS_RECORD = (
+    "kl_pair: mean over the scored next-token positions of KL(P_b,j || P_a,j) of the pair's "
+    "lens distributions (natural log; a = base or the earlier stage); kl_to_final: KL(P_L || "
+    "P_j) per model; shift_*: share of scored positions where the base ranks the fine-tune's "
+    "top-1 token 1st, 2nd-3rd or lower (URIAL); sample-level bootstrap intervals")
+
+
+def distribution_tables(dparts: list[Any], pairs: Sequence[Any], tokenizer: Any,
+                        cfg: ProbeConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Probe rows (kl_pair, kl_to_final, shift_*) and shifts.csv of every pair, from the
+    gathered shares ``(indices, {pair: DistSums})`` of each process."""
+    rows, shifts = [], []
+    for p in pairs:
+        merged = merge_dist_sums([(i, d.get(p.model)) for i, d in dparts])
+        rows.append(distribution_table(merged, p.model, p.a, p.b, level=cfg.level,
+                                       n_boot=cfg.bootstrap, seed=cfg.seed))
+        shifts.append(shifts_table(merged, p.model, tokenizer, cfg.shifts_top))
+    table = pd.concat(rows, ignore_index=True)
+    table = table.drop_duplicates(["layer", "model", "metric"]).reset_index(drop=True)
+    return table, pd.concat(shifts, ignore_index=True)
+
+
 def model_label(spec: str, base: str | None = None) -> str:
     """A short name for a model: an adapter's tune run, the folder name or the hub id."""
     return source_label(spec, base)
@@ -880,6 +944,10 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                                         f"format such as gsm8k: or mmlu:, or --tokens all)")
                 positions = answer_positions(answers)
             choices = choices_noted(samples, tok, tokz, chat_template, notes)
+            train_tok = None
+            if cfg.lens == "tuned":
+                train_tok, lens_notes = training_split(cfg, tokz, samples)
+                notes += lens_notes
     for note in notes:
         say(f"[yellow]note:[/] {note}")
     pad_id = pad_id_of(tokz)
@@ -888,7 +956,9 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     if out is not None and par.main:
         start_run(out, "probe", ProbeConfig.OUTPUTS)
     share = par.shard(len(tok), batch_size)  # all samples when alone
-    plan(len(specs) + 1)  # one lens pass per model, then the tables
+    kl, tuned = pair and cfg.kl, cfg.lens == "tuned"
+    # one lens pass per model, each pair's distributions, each model's tuned lens, the tables
+    plan(len(specs) + (len(pairs) if kl else 0) + (len(specs) if tuned else 0) + 1)
 
     shown: list[dict[str, Any]] = []  # top1.csv rows of this rank's share
 
@@ -933,6 +1003,18 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
         return found, n_blocks
 
     found, n_blocks = par.run(passes, "probe")
+    if kl:
+        dist = par.run(lambda: pair_distributions(
+            specs, opts, pairs, tok, pad_id, batch_size=batch_size, positions=positions,
+            chunk_elements=chunk_elements, share=share), "distributions")
+        dparts = par.gather((share, dist))
+    if tuned:
+        fps = {k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
+               for k, v in specs.items()}
+        tuned_found = par.run(lambda: tuned_phase(
+            specs, opts, fps, tok, train_tok, pad_id, cfg, positions=positions,
+            answers=answers, choices=choices, share=share), "tuned lens")
+        tparts = par.gather((share, tuned_found))
     parts = par.gather((share, found, n_blocks, shown))
     if parts is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(PROBE_COLUMNS)
@@ -948,9 +1030,18 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
             t = sums_table(merged[p.model], p.b, level=level, n_boot=n_boot, seed=seed,
                            agreement_label=p.model)
             tables.append(t[t["metric"] == "agreement"])
-    df = pd.concat(tables, ignore_index=True)
-    order = {"accuracy": 0, "loss": 1, "answer_prob": 2, "answer_rank": 3,
-             "choice_accuracy": 4, "agreement": 5}
+    shifts, lens_info = None, None
+    if tuned:
+        extra, lens_info = tuned_tables(tparts, specs, cfg)
+        tables += extra
+    if kl:
+        dist_tables, shifts = distribution_tables(dparts, pairs, tokz, cfg)
+        tables.append(dist_tables)
+    df = pd.concat(tables, ignore_index=True)  # kl_to_final of a pair's models: computed twice
+    df = df.drop_duplicates(["layer", "model", "metric"]).reset_index(drop=True)
+    order = {m: i for i, m in enumerate(("accuracy", "loss", "answer_prob", "answer_rank",
+                                         "choice_accuracy", "agreement", "kl_pair",
+                                         "kl_to_final", *SHIFT_KINDS))}
     ranks = {"metric": order}
     if len(stages) > 1:  # a chain: its members in training order
         ranks["model"] = model_order([st.label for st in stages], pairs)
@@ -969,6 +1060,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
         write_tables(df, out, "probe", cfg.formats)
         if top is not None:
             write_tables(top, out, "top1", cfg.formats)
+        if shifts is not None:
+            write_tables(shifts, out, "shifts", cfg.formats)
         finish_run(out, run_record(
             "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
             models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
@@ -982,6 +1075,7 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
                       "answer_prob and answer_rank; Wilson for choice_accuracy",
             n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
             n_choices=sum(c is not None for c in choices), notes=notes,
+            distributions=DISTRIBUTIONS_RECORD if kl else None, tuned_lens=lens_info,
             **(chain_record(stages, pairs) if pair else {}),
             layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
                         "block b, before the final norm; the lens applies the final norm",

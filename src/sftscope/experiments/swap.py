@@ -293,7 +293,7 @@ def save_mix(base: nn.Module, sft: nn.Module, mask: str, alpha: float, folder: s
 # Tables
 
 
-def _rows(sums: LensSums, config: str, direction: str, mask: str, head: str, level: float,
+def score_rows(sums: LensSums, config: str, direction: str, mask: str, head: str, level: float,
           n_boot: int, seed: int, alpha: float = math.nan) -> list[dict[str, Any]]:
     """Accuracy, loss and perplexity with a sample-level (cluster) bootstrap interval (samples
     resampled with all their tokens: ``metrics.stats.cluster_ratio_ci``); choice accuracy (one
@@ -405,7 +405,7 @@ def swap_table(found: Sequence[SwapSums], level: float = 0.95, n_boot: int = 100
     """The tidy table (``SWAP_COLUMNS``) of ``swap_sums``' results."""
     rows: list[dict[str, Any]] = []
     for f in found:
-        rows += _rows(f.sums, f.config, f.direction, f.mask, f.head, level, n_boot, seed,
+        rows += score_rows(f.sums, f.config, f.direction, f.mask, f.head, level, n_boot, seed,
                       f.alpha)
     return pd.DataFrame(rows, columns=SWAP_COLUMNS)
 

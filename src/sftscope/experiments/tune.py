@@ -52,6 +52,7 @@ from sftscope.config.core import changed, defaults
 from sftscope.errors import SftscopeError
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
+from sftscope.experiments.packing import choose_packing, packing_collator
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public API)
     META_FILE,
@@ -817,8 +818,11 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                      epochs=cfg.epochs, max_steps=cfg.max_steps)
     _say(work.line() + "; a time estimate follows the first steps (none before: it depends "
          "on the machine)")
+    packed, packing_why = choose_packing(cfg.packing, model, data.examples, pad_id(tok), micro)
+    _say(f"packing {packing_why}")
+    collator = packing_collator(pad_id(tok)) if packed else PadCollator(pad_id(tok))
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
-                      data_collator=PadCollator(pad_id(tok)),
+                      data_collator=collator,
                       callbacks=[finite_loss_callback(), trainer_callback("train"),
                                  estimate_callback(work),
                                  *([recorder.callback()] if recorder else []),
@@ -910,6 +914,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
             full_depth_params=full_params, seed=cfg.seed, processes=world,
             grad_accumulation=args.gradient_accumulation_steps, timings=result.timings,
+            packing={"used": packed, "reason": packing_why},
             result=result, finished=True))
 
     if not is_main_process():

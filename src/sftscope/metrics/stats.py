@@ -206,3 +206,39 @@ def correlation_pairs(corr: pd.DataFrame) -> pd.DataFrame:
         for b in cols[i + 1:]
     ]
     return pd.DataFrame(rows, columns=["metric_a", "metric_b", "r"])
+
+
+def spearman_ci(x: ArrayLike, y: ArrayLike, n_boot: int = 1000, level: float = 0.95,
+                seed: int = 0) -> tuple[float, float, float]:
+    """Spearman rank correlation of paired values (ties get average ranks) with a percentile
+    bootstrap interval over the pairs: ``(rho, low, high)``. Resamples in which either side is
+    constant have no correlation and are left out. NaN where fewer than 3 finite pairs or a
+    side is constant; the interval is NaN when ``n_boot < 1``."""
+    from scipy.stats import rankdata
+
+    _check_level(level)
+    a, b = _np(x).astype(np.float64), _np(y).astype(np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    nan = (math.nan, math.nan, math.nan)
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return nan
+
+    def rho(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        ru, rv = rankdata(u, axis=-1), rankdata(v, axis=-1)
+        ru = ru - ru.mean(-1, keepdims=True)
+        rv = rv - rv.mean(-1, keepdims=True)
+        den = np.sqrt((ru * ru).sum(-1) * (rv * rv).sum(-1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (ru * rv).sum(-1) / den
+
+    r = float(rho(a, b))
+    if n_boot < 1:
+        return r, math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
+    boot = rho(a[idx], b[idx])
+    boot = boot[np.isfinite(boot)]
+    if not boot.size:
+        return r, math.nan, math.nan
+    tail = (1 - level) / 2
+    return r, float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))

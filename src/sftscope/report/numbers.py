@@ -23,7 +23,7 @@ import pandas as pd
 from sftscope.chains import BASE, FIRST, PAIR, PAIR_PREFIX, is_pair_label, split_pair_label
 from sftscope.metric_registry import lower_is_better, metric_spec, ordered
 from sftscope.report.rules import LENS_RISE, TOP, edge_means
-from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key
+from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key, segment_bounds
 
 RUN = "run"
 DEFAULT_RUN = "run"
@@ -294,16 +294,40 @@ def single_metric_names(metrics: pd.DataFrame) -> list[str]:
     return ordered(present)[:9]
 
 
-def pair_data(metrics: pd.DataFrame) -> FigureData:
-    """Fig. 1: base-vs-SFT pair metrics by depth, one profile per run and metric."""
+def pair_data(metrics: pd.DataFrame, noise: pd.DataFrame | None = None) -> FigureData:
+    """Fig. 1: base-vs-SFT pair metrics by depth, one profile per run and metric;
+    ``extra["noise"]``: analyze's noise floor (``noise.csv``) of those metrics."""
     names = pair_metric_names(metrics) if len(metrics) else []
     df = with_depth(chain_view(metrics), "layer") if len(metrics) else with_run(metrics)
+    noise = with_depth(noise, "layer") if noise is not None and len(noise) else \
+        pd.DataFrame(columns=[RUN, "layer", "metric", "value", "ci_low", "ci_high", "rel_depth"])
     if "model" in df.columns:
         df = df[df["model"].astype(str) == "pair"]
     df = df[df["metric"].astype(str).isin(names)] if names else df.iloc[0:0]
     df, notes = clip_to_range(df)
     summ = profiles(df, [RUN, "metric"])
-    return FigureData(df, summ, notes + _flat_notes(summ, "metric"), {"names": names})
+    noise = clip_to_range(noise[noise["metric"].astype(str).isin(names)])[0]
+    return FigureData(df, summ, notes + _flat_notes(summ, "metric"),
+                      {"names": names, "noise": noise})
+
+
+def noise_verdicts(pair: pd.DataFrame, noise: pd.DataFrame) -> pd.DataFrame:
+    """Per run and metric, at the top layer: the pair's value and the base-vs-base noise band
+    (``analyze``'s model ``noise``), and how many layers' pair values lie outside the band."""
+    rows = []
+    for (r, m), g in pair.groupby([RUN, "metric"], sort=False):
+        band = noise[(noise[RUN] == r) & (noise["metric"] == m)]
+        if band.empty:
+            continue
+        j = g.merge(band[["layer", "ci_low", "ci_high"]], on="layer", suffixes=("", "_noise"))
+        outside = (j["value"] < j["ci_low_noise"]) | (j["value"] > j["ci_high_noise"])
+        top = j.loc[j["layer"].idxmax()]
+        rows.append({RUN: r, "metric": m, "top_layer": int(top["layer"]), "top": top["value"],
+                     "band_low": top["ci_low_noise"], "band_high": top["ci_high_noise"],
+                     "n_outside": int(outside.sum()), "n_layers": len(j),
+                     "first_outside": int(j.loc[outside, "layer"].min()) if outside.any()
+                     else None})
+    return pd.DataFrame(rows)
 
 
 def single_data(metrics: pd.DataFrame) -> FigureData:
@@ -347,9 +371,16 @@ def probe_kind(metric: str) -> str:
     return "other"
 
 
+def is_distribution(metric: str) -> bool:
+    """A probe metric of the pair's output distributions (Fig. 3b, not Fig. 3)."""
+    return metric_spec(metric, "probe").kind == "distribution"
+
+
 def lens_data(probe: pd.DataFrame) -> FigureData:
-    """Fig. 3: logit-lens metrics by depth; one profile per run, model and metric."""
+    """Fig. 3: logit-lens metrics by depth; one profile per run, model and metric (the pair's
+    distribution metrics are Fig. 3b's)."""
     df = with_depth(chain_view(probe), "layer")
+    df = df[~df["metric"].astype(str).map(is_distribution)]
     if "model" not in df.columns:
         df["model"] = "sft"
     df["model"] = df["model"].astype(str)
@@ -361,6 +392,62 @@ def lens_data(probe: pd.DataFrame) -> FigureData:
         notes.append(f"{row.run}: {row.model} {row.metric} is 0 at every layer, so its curve "
                      f"lies on the x axis")
     return FigureData(df, summ, notes)
+
+
+def kl_profile(g: pd.DataFrame) -> dict[str, Any]:
+    """Where a pair's ``kl_pair`` leaves 0: ``zero_until`` = the last layer j such that KL is
+    exactly 0 at every layer up to j (NaN when it is positive at j = 0), ``first_positive`` =
+    the first layer where it is > 0, the value at the top layer and the largest value."""
+    g = g.sort_values("layer")
+    layers, vals = g["layer"].to_numpy(float), g["value"].to_numpy(float)
+    pos = np.flatnonzero(~(vals == 0))
+    first = layers[pos[0]] if len(pos) else np.nan
+    zero_until = layers[pos[0] - 1] if len(pos) and pos[0] > 0 else (
+        np.nan if len(pos) else layers[-1])
+    k = int(np.nanargmax(vals)) if np.isfinite(vals).any() else 0
+    return {"zero_until": zero_until, "first_positive": first, "top_layer": layers[-1],
+            "top": vals[-1], "max": vals[k], "max_layer": layers[k]}
+
+
+def distribution_data(probe: pd.DataFrame) -> FigureData:
+    """Fig. 3b: a pair's KL by depth, each model's KL to its output, and the token-shift shares
+    at the output. ``summary``: one :func:`kl_profile` row per run and pair; ``extra["shift"]``
+    the shift shares per run and pair (with intervals)."""
+    df = with_depth(chain_view(probe), "layer")
+    df = df[df["metric"].astype(str).map(is_distribution)].copy()
+    if df.empty:
+        return FigureData(df)
+    df["model"] = df["model"].astype(str)
+    df, notes = clip_to_range(df, "probe")
+    kl = df[df["metric"] == "kl_pair"]
+    summ = pd.DataFrame([{RUN: r, "model": m, **kl_profile(g)}
+                         for (r, m), g in kl.groupby([RUN, "model"], sort=False)],
+                        columns=[RUN, "model", "zero_until", "first_positive", "top_layer",
+                                 "top", "max", "max_layer"])
+    shift = df[df["metric"].str.startswith("shift_")]
+    return FigureData(df, summ, notes, extra={"shift": shift, "tuned": tuned_vs_logit(df)})
+
+
+TUNED = " (tuned lens)"
+EARLY = 0.5  # "early layers": hidden states j / L <= EARLY
+
+
+def tuned_vs_logit(df: pd.DataFrame) -> pd.DataFrame:
+    """Per run and model probed with the tuned lens: the mean ``kl_to_final`` over the early
+    states (``j / L <= EARLY``, the output itself excluded) of the logit lens and of the tuned
+    lens."""
+    kl = df[df["metric"] == "kl_to_final"]
+    rows = []
+    for (r, m), g in kl.groupby([RUN, "model"], sort=False):
+        if not m.endswith(TUNED):
+            continue
+        base = kl[(kl[RUN] == r) & (kl["model"] == m[: -len(TUNED)])]
+        early = lambda x: x[(x["rel_depth"] <= EARLY) & (x["rel_depth"] < 1)]  # noqa: E731
+        a, b = early(base)["value"], early(g)["value"]
+        if len(a) and len(b):
+            rows.append({RUN: r, "model": m[: -len(TUNED)], "logit": float(a.mean()),
+                         "tuned": float(b.mean()), "n_states": len(b)})
+    return pd.DataFrame(rows, columns=[RUN, "model", "logit", "tuned", "n_states"])
 
 
 def _flat_notes(summ: pd.DataFrame, what: str) -> list[str]:
@@ -1085,3 +1172,100 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
                      "last": float(g["value"].iloc[-1]),
                      "same": bool(np.nanmax(sc) == np.nanmin(sc))})
     return FigureData(df, pd.DataFrame(rows), notes)
+
+
+# ----------------------------------------------------------------------------- signal vs cause
+
+SIGNAL_LABELS = {
+    "weight_change": "weight change of the block (weights: total, relative)",
+    "cka_drop": "CKA drop across the block (analyze: cka[j=b] - cka[j=b+1])",
+    "mean_shift_rise": "mean-shift rise across the block (analyze)",
+    "kl_rise": "KL(SFT || base) rise across the block (probe)",
+    "swap_effect": "loss change when the block's segment of the SFT is the base's (swap)",
+}
+
+
+def _across(df: pd.DataFrame, metric: str, sign: float, model: str = "pair") -> pd.Series:
+    """Per block ``b``: ``sign * (v[j=b+1] - v[j=b])`` of a per-layer pair metric."""
+    sel = df[(df["metric"].astype(str) == metric) & (df["model"].astype(str) == model)]
+    v = sel.groupby(pd.to_numeric(sel["layer"]))["value"].mean().sort_index()
+    if len(v) < 2:
+        return pd.Series(dtype=float)
+    d = sign * (v.to_numpy(float)[1:] - v.to_numpy(float)[:-1])
+    return pd.Series(d, index=v.index[:-1].astype(int))
+
+
+def _swap_per_block(swap: pd.DataFrame, n_blocks: int) -> pd.Series:
+    """Base-into-SFT swap of each one-segment mask: loss of the hybrid minus the SFT's, given
+    to every block of the segment."""
+    loss = swap[swap["metric"].astype(str) == "loss"]
+    orig = loss[(loss["direction"].astype(str) == "none") & (loss["config"].astype(str) == "sft")]
+    hyb = loss[loss["direction"].astype(str) == "base-into-sft"]
+    if orig.empty or hyb.empty:
+        return pd.Series(dtype=float)
+    ref = float(orig["value"].iloc[0])
+    out: dict[int, float] = {}
+    for mask, v in zip(hyb["mask"].astype(str), hyb["value"], strict=True):
+        if not is_mask(mask) or mask.count("1") != 1:
+            continue
+        lo, hi = segment_bounds(n_blocks, len(mask))[mask.index("1")]
+        out.update({b: float(v) - ref for b in range(lo, hi)})
+    return pd.Series(out, dtype=float).sort_index()
+
+
+def block_signals(tables: dict[str, pd.DataFrame], n_blocks: int) -> pd.DataFrame:
+    """Every analysis signal per block (``signal``, ``block``, ``value``) from the tables at
+    hand (weights, metrics, probe, swap)."""
+    series: dict[str, pd.Series] = {}
+    w = tables.get("weights")
+    if w is not None and not w.empty:
+        tot = w[w["module"].astype(str) == "total"]
+        metric = "relative" if (tot["metric"] == "relative").any() else "frobenius"
+        tot = tot[tot["metric"] == metric]
+        series["weight_change"] = tot.groupby(pd.to_numeric(tot["block"]))["value"].mean()
+    m = tables.get("metrics")
+    if m is not None and not m.empty:
+        series["cka_drop"] = _across(m, "cka", -1.0)
+        series["mean_shift_rise"] = _across(m, "mean_shift", 1.0)
+    p = tables.get("probe")
+    if p is not None and not p.empty:
+        series["kl_rise"] = _across(p, "kl_pair", 1.0)
+    s = tables.get("swap")
+    if s is not None and not s.empty:
+        series["swap_effect"] = _swap_per_block(s, n_blocks)
+    rows = [{"signal": k, "block": int(b), "value": float(v)} for k, ser in series.items()
+            for b, v in ser.items() if 0 <= int(b) < n_blocks and np.isfinite(v)]
+    return pd.DataFrame(rows, columns=["signal", "block", "value"])
+
+
+def block_cause(ablate: pd.DataFrame, n_blocks: int) -> pd.Series:
+    """The causal effect per block: ``delta_loss`` of ablating (reverting) it; a segment's value
+    for each of its blocks."""
+    d = ablate[ablate["metric"].astype(str) == "delta_loss"]
+    out: dict[int, float] = {}
+    for blocks, v in zip(d["blocks"].astype(str), d["value"], strict=True):
+        lo, _, hi = blocks.partition("-")
+        out.update({b: float(v) for b in range(int(lo), int(hi or lo) + 1) if b < n_blocks})
+    return pd.Series(out, dtype=float).sort_index()
+
+
+def signal_cause_data(tables: dict[str, pd.DataFrame], n_blocks: int, mode: str,
+                      n_boot: int = 1000, level: float = 0.95) -> FigureData:
+    """Each signal beside the causal effect per block, and their Spearman correlation over the
+    blocks with a bootstrap interval over blocks (``summary``: signal, rho, ci_low, ci_high,
+    n_blocks)."""
+    from sftscope.metrics.stats import spearman_ci  # torch: the report loads it only here
+
+    cause = block_cause(tables["ablate"], n_blocks)
+    sig = block_signals(tables, n_blocks)
+    frame = pd.concat([sig, pd.DataFrame({"signal": "cause", "block": cause.index,
+                                          "value": cause.to_numpy(float)})],
+                      ignore_index=True)
+    rows = []
+    for name, g in sig.groupby("signal", sort=False):
+        both = g.set_index("block")["value"].to_frame("x").join(cause.rename("y"), how="inner")
+        rho, lo, hi = spearman_ci(both["x"], both["y"], n_boot=n_boot, level=level)
+        rows.append({"signal": name, "rho": rho, "ci_low": lo, "ci_high": hi,
+                     "n_blocks": len(both)})
+    summ = pd.DataFrame(rows, columns=["signal", "rho", "ci_low", "ci_high", "n_blocks"])
+    return FigureData(frame, summ, extra={"mode": mode, "n_blocks": n_blocks})

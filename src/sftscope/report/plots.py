@@ -50,9 +50,10 @@ from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_ke
 __all__ = [
     "DEFAULT_RUN", "DPI", "RUN", "FigureData", "correlation_matrix", "is_mask", "lower_is_better",
     "mask_centre", "mask_sort_key", "mask_str", "pair_metric_names", "palette",
-    "plot_correlation", "plot_dynamics", "plot_grad_heatmap", "plot_interpolation",
-    "plot_inverted_u",
-    "plot_logit_lens", "plot_loss_curves", "plot_seed_spread", "plot_steer",
+    "plot_correlation", "plot_distributions", "plot_dynamics", "plot_grad_heatmap",
+    "plot_interpolation", "plot_inverted_u",
+    "plot_logit_lens", "plot_loss_curves", "plot_seed_spread", "plot_signal_cause",
+    "plot_steer",
     "plot_pair_metrics", "plot_single_metrics", "plot_suggest", "plot_swap", "plot_sweep_bars",
     "plot_weight_change", "plot_weight_heatmap", "run_labels", "single_metric_names",
     "single_position", "split_swap", "swap_host", "swap_is_original", "swap_original_name",
@@ -227,6 +228,7 @@ def plot_pair_metrics(metrics: pd.DataFrame | FigureData,
     pal = _colors(df, colors)
     runs = run_labels(df)
     fig, axes = _grid(len(names), title=title)
+    noise = data.extra.get("noise")
     for ax, metric in zip(axes, names):
         sub = df[df["metric"].astype(str) == metric]
         gap = metric in NEAR_ONE_METRICS and near_one(sub["value"])
@@ -236,6 +238,9 @@ def plot_pair_metrics(metrics: pd.DataFrame | FigureData,
             g = sub[sub[RUN] == r]
             if len(g):
                 _line(ax, g, pal[r], "-", r)
+            if noise is not None and len(noise):
+                band = noise[(noise[RUN] == r) & (noise["metric"] == metric)]
+                _noise_band(ax, one_minus(band) if gap else band)
         ax.set_title(f"1 - {_nice(metric)} (log: {_nice(metric)} near 1)" if gap
                      else _nice(metric), fontsize=10)
         _depth_axes(ax, LAYER_AXIS)
@@ -272,6 +277,16 @@ def one_minus(df: pd.DataFrame) -> pd.DataFrame:
         hi = pd.to_numeric(out["ci_high"], errors="coerce")
         out["ci_low"], out["ci_high"] = 1.0 - hi, 1.0 - lo
     return out
+
+
+def _noise_band(ax, band: pd.DataFrame) -> None:
+    """The base-vs-base noise floor (analyze's model ``noise``) as a grey band."""
+    if band.empty:
+        return
+    band = band.sort_values("rel_depth")
+    ax.fill_between(band["rel_depth"].to_numpy(float), band["ci_low"].to_numpy(float),
+                    band["ci_high"].to_numpy(float), color="0.55", alpha=0.22, lw=0,
+                    label="noise floor (base vs base)")
 
 
 def plot_single_metrics(metrics: pd.DataFrame | FigureData,
@@ -353,6 +368,92 @@ def plot_logit_lens(probe: pd.DataFrame | FigureData,
 
 
 # ----------------------------------------------------------------------------- Fig. 4
+
+
+def plot_distributions(probe: pd.DataFrame | FigureData,
+                       colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 3b: KL(SFT || base) of the lens by depth, each model's KL to its own output by
+    depth, and URIAL's token-shift shares at the output (with intervals)."""
+    title = "Fig. 3b - Output distributions of the pair by depth (x: j / L)"
+    data = _data(probe, N.distribution_data)
+    if data.empty:
+        return _empty(title, "no kl_pair / kl_to_final / shift rows (probe a pair with --kl)")
+    df = data.frame
+    pal = _colors(df, colors)
+    runs = run_labels(df)
+    fig, axes = _grid(3, title=title)
+    styles: dict[str, str] = {}
+    for ax, metric in zip(axes[:2], ("kl_pair", "kl_to_final")):
+        sub = df[df["metric"] == metric]
+        for r in runs:
+            for model, g in sub[sub[RUN] == r].groupby("model", sort=False):
+                ls = MODEL_STYLE.get(model, "-.")
+                styles.setdefault({"base": "base", "sft": "SFT"}.get(model, model), ls)
+                _line(ax, g, pal[r], ls, None)
+        ax.set_title(_nice(metric, "probe"), fontsize=10)
+        _depth_axes(ax, LAYER_AXIS)
+        vals = sub["value"]
+        if (pd.to_numeric(vals, errors="coerce") > 0).any():
+            ax.set_yscale("symlog", linthresh=max(float(vals[vals > 0].min()), 1e-12))
+            ax.set_ylim(bottom=0)  # a KL is never negative
+        _flat_note(ax, [vals], _nice(metric, "probe"))
+    _shift_bars(axes[2], data.extra["shift"], runs, pal)
+    _legend(fig, _run_handles(runs, pal) + _style_handles(styles))
+    return fig
+
+
+def _shift_bars(ax, shift: pd.DataFrame, runs: Sequence[str], pal: dict[str, str]) -> None:
+    """Grouped bars: unshifted / marginal / shifted share per run and pair, with intervals."""
+    kinds = ["shift_unshifted", "shift_marginal", "shift_shifted"]
+    groups = [(r, m) for r in runs for m in dict.fromkeys(shift[shift[RUN] == r]["model"])]
+    width = 0.8 / max(len(groups), 1)
+    for i, (r, m) in enumerate(groups):
+        g = shift[(shift[RUN] == r) & (shift["model"] == m)].set_index("metric").reindex(kinds)
+        y = pd.to_numeric(g["value"], errors="coerce").to_numpy(float)
+        x = np.arange(len(kinds)) + (i - (len(groups) - 1) / 2) * width
+        ax.bar(x, y, width, color=pal[r], yerr=_yerr(g, y), capsize=2)
+    ax.set_xticks(range(len(kinds)), ["unshifted\n(rank 1)", "marginal\n(rank 2-3)",
+                                      "shifted\n(rank > 3)"], fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("token shift at the output (base rank of SFT's top-1)", fontsize=10)
+    ax.grid(alpha=0.25, lw=0.6, axis="y")
+    if not groups:
+        panel_note(ax, "no shift rows")
+
+
+def plot_signal_cause(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 12: each analysis signal's Spearman correlation with the causal effect per block
+    (with its interval), and the signals beside the effect by depth (each scaled to [0, 1])."""
+    del colors
+    title = "Fig. 12 - Which signal predicts the causal effect of a block?"
+    s, df = data.summary, data.frame
+    if s.empty:
+        return _empty(title, "no analysis signal per block beside the ablate run")
+    fig, axes = _grid(2, ncols=2, title=title)
+    pal = palette(list(s["signal"]))
+    y = s["rho"].to_numpy(float)
+    ax = axes[0]
+    ax.barh(range(len(s)), y, color=[pal[k] for k in s["signal"]],
+            xerr=_yerr(s.rename(columns={"rho": "value"}), y), capsize=3)
+    ax.set_yticks(range(len(s)), [k.replace("_", " ") for k in s["signal"]], fontsize=8)
+    ax.axvline(0, color="0.4", lw=0.8)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("Spearman rho with the causal effect (over blocks)", fontsize=8.5)
+    ax = axes[1]
+    n = float(data.extra.get("n_blocks") or 1)
+    for name, g in df.groupby("signal", sort=False):
+        g = g.sort_values("block")
+        v = g["value"].to_numpy(float)
+        span = np.ptp(v) if len(v) else 0.0
+        scaled = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+        ax.plot((g["block"].to_numpy(float) + 0.5) / n, scaled,
+                color="black" if name == "cause" else pal.get(name, "0.5"),
+                lw=2.4 if name == "cause" else 1.3, marker="o", ms=2.5,
+                label="causal effect" if name == "cause" else name.replace("_", " "))
+    _depth_axes(ax, BLOCK_AXIS)
+    ax.set_ylabel("scaled to [0, 1]", fontsize=8.5)
+    ax.legend(fontsize=7.5, frameon=False)
+    return fig
 
 
 def plot_weight_change(weights: pd.DataFrame | FigureData,

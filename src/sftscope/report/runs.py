@@ -40,6 +40,8 @@ class TableSpec:
 TABLES: dict[str, TableSpec] = {
     "metrics": TableSpec("metrics", ("layer", "metric", "model", "value"), "analyze",
                          "layer-wise metrics"),
+    "noise": TableSpec("noise", ("layer", "metric", "value", "ci_low", "ci_high"), "analyze",
+                       "the noise floor of the pair metrics (base vs base)"),
     "correlation": TableSpec("correlation", ("model", "metric_a", "metric_b", "r"), "analyze",
                              "metric correlations"),
     "weights": TableSpec("weights", ("block", "module", "metric", "value"), "weights",
@@ -56,6 +58,8 @@ TABLES: dict[str, TableSpec] = {
     "dynamics": TableSpec("dynamics", ("step", "block", "module", "grad_norm", "update_norm"),
                           "tune", "training dynamics (per-block gradient and update norms)"),
     "steer": TableSpec("steer", ("scale", "metric", "value"), "steer", "steering results"),
+    "ablate": TableSpec("ablate", ("unit", "blocks", "metric", "value"), "ablate",
+                        "ablation results (causal effect per block)"),
 }
 # Tables built from other files of a run folder (run.json, trainer state), not read from CSV.
 DERIVED: dict[str, TableSpec] = {
@@ -67,7 +71,7 @@ DERIVED: dict[str, TableSpec] = {
                              "per-seed scores of a sweep"),
 }
 COMMANDS = ("analyze", "weights", "probe", "swap", "eval", "tune", "sweep", "suggest", "demo",
-            "steer")
+            "steer", "ablate")
 SUFFIXES = (".csv", ".parquet", ".json")
 TEXT_COLUMNS = ("mask", "best_mask", "config", "direction", "head", "model", "metric", "module",
                 "task", "metric_a", "metric_b", "seeds", "method", "signal", "blocks")
@@ -346,7 +350,7 @@ def _record(folder: Path) -> dict[str, Any]:
         raise SftscopeError(
             f"{folder} has no run.json, so it is not an sftscope run folder; give the folder an "
             "sftscope command wrote (--out of analyze, weights, probe, swap, eval, tune, sweep, "
-            "suggest, steer, demo)")
+            "suggest, steer, ablate, demo)")
     record = io.read_json(rj)
     if not isinstance(record, dict) or not record.get("command"):
         raise SftscopeError(f"{rj} has no \"command\" field; it was not written by sftscope")

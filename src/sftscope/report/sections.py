@@ -268,6 +268,76 @@ def lens_tables(data: FigureData) -> list[TableOut]:
              _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
 
 
+def pair_prepare(runs: Sequence[Run]) -> FigureData | None:
+    """Fig. 1's numbers, with the noise floor of the runs that wrote one."""
+    metrics = combined(runs, "metrics")
+    if metrics.empty:
+        return None
+    data = N.pair_data(metrics, combined(runs, "noise"))
+    return None if data.empty else data
+
+
+def noise_findings(data: FigureData) -> list[str]:
+    """Where the pair leaves the base-vs-base noise band (analyze's noise floor)."""
+    noise = data.extra.get("noise")
+    if noise is None or noise.empty:
+        return []
+    v = N.noise_verdicts(data.frame, noise)
+    many = _many(data.frame)
+    out = []
+    for row in v.to_dict("records"):
+        where = ("at no layer" if row["first_outside"] is None else
+                 f"at {row['n_outside']} of {row['n_layers']} layers, first at j = "
+                 f"{row['first_outside']}")
+        out.append(f"{_prefix(row[RUN], many)}{metric_label(row['metric'])} lies outside the "
+                   f"base-vs-base noise band (two disjoint halves of the data) {where}; at the "
+                   f"top (j = {row['top_layer']}) {f(row['top'])} against the band "
+                   f"[{f(row['band_low'])}, {f(row['band_high'])}].")
+    return out
+
+
+# ----------------------------------------------------------------------------- Fig. 3b
+
+
+def distribution_findings(data: FigureData) -> list[str]:
+    """Where KL(SFT || base) leaves 0 and what it reaches; the token-shift shares."""
+    s, shift = data.summary, data.extra.get("shift", pd.DataFrame())
+    many = _many(data.frame)
+    out = []
+    for row in s.to_dict("records"):
+        lead = _prefix(f"{row[RUN]} {row['model']}", many)
+        if not np.isfinite(row["first_positive"]):
+            out.append(f"{lead}KL(SFT || base) of the lens is exactly 0 at every layer "
+                       f"(0..{int(row['top_layer'])}): the two give the same distributions.")
+            continue
+        start = ("positive from j = 0" if not np.isfinite(row["zero_until"]) else
+                 f"exactly 0 up to j = {int(row['zero_until'])} and first positive at j = "
+                 f"{int(row['first_positive'])}")
+        out.append(f"{lead}KL(SFT || base) of the lens is {start}; {f(row['top'])} nats at "
+                   f"the output (j = {int(row['top_layer'])}), largest {f(row['max'])} at j = "
+                   f"{int(row['max_layer'])}.")
+    for (r, m), g in shift.groupby([RUN, "model"], sort=False) if len(shift) else ():
+        v = g.set_index("metric")["value"]
+        out.append(f"{_prefix(f'{r} {m}', many)}At the output the base ranks the SFT's top-1 "
+                   f"token first at {f(100 * v.get('shift_unshifted', np.nan), 1)} % of the "
+                   f"scored positions, 2nd-3rd at {f(100 * v.get('shift_marginal', np.nan), 1)} "
+                   f"% and lower at {f(100 * v.get('shift_shifted', np.nan), 1)} % (URIAL's "
+                   f"unshifted / marginal / shifted).")
+    for row in data.extra.get("tuned", pd.DataFrame()).to_dict("records"):
+        ratio = row["tuned"] / row["logit"] if row["logit"] > 0 else np.nan
+        out.append(f"{_prefix(row[RUN], many)}{row['model']}: over the early states (j / L <= "
+                   f"{N.EARLY}, {row['n_states']} states) the tuned lens's mean KL to the "
+                   f"output is {f(row['tuned'])} nats against the logit lens's "
+                   f"{f(row['logit'])}" + (f" ({f(ratio, 2)}x)." if np.isfinite(ratio)
+                                           else "."))
+    return out
+
+
+def distribution_tables(data: FigureData) -> list[TableOut]:
+    return [("fig3b_distributions", "KL by depth and token shift",
+             _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
+
+
 # ----------------------------------------------------------------------------- Fig. 4
 
 
@@ -727,6 +797,57 @@ def scores_findings(data: FigureData) -> list[str]:
     return ["; ".join(items) + more + "."] if items else []
 
 
+# ----------------------------------------------------------------------------- Fig. 12
+
+CAUSE_TEXT = {"revert": "the loss change when the block of the SFT is reverted to the base's",
+              "zero": "the loss change when the block is zero-ablated",
+              "mean": "the loss change when the block is mean-ablated"}
+
+
+def signal_cause_prepare(runs: Sequence[Run]) -> FigureData | None:
+    """Signals per block from the runs of the ablate run's depth, beside its causal effect."""
+    ab = [r for r in runs if "ablate" in r.tables]
+    if not ab:
+        return None
+    run = ab[0]
+    n = run.n_blocks or int(pd.to_numeric(run.tables["ablate"]["blocks"].astype(str)
+                                          .str.split("-").str[-1], errors="coerce").max() + 1)
+    same = [r for r in runs if r.n_blocks in (None, n)]
+    tables = {k: combined(same, k) for k in ("weights", "metrics", "probe", "swap")}
+    tables["ablate"] = run.tables["ablate"]
+    mode = str(run.record.get("mode", "zero"))
+    data = N.signal_cause_data(tables, n, mode)
+    if len(ab) > 1:
+        data.notes.append(f"{len(ab)} ablate runs: the causal effect is {run.label}'s")
+    skipped = [r.label for r in runs if r.n_blocks not in (None, n)]
+    if skipped:
+        data.notes.append(f"left out (another depth than the ablate run's {n} blocks): "
+                          f"{', '.join(skipped)}")
+    return data
+
+
+def signal_cause_findings(data: FigureData) -> list[str]:
+    s = data.summary
+    if s.empty:
+        return ["No analysis signal per block (weights, analyze, probe --kl, swap) is among "
+                "these runs to compare with the causal effect."]
+    cause = CAUSE_TEXT.get(data.extra.get("mode"), "the ablation's loss change")
+    parts = [f"{r['signal'].replace('_', ' ')} {f(r['rho'], 2)} [{f(r['ci_low'], 2)}, "
+             f"{f(r['ci_high'], 2)}] over {int(r['n_blocks'])} blocks"
+             for r in s.to_dict("records")]
+    out = [f"Spearman rank correlation with the causal effect ({cause}), bootstrap interval "
+           f"over blocks: " + "; ".join(parts) + "."]
+    ok = s[np.isfinite(s["rho"])]
+    if len(ok):
+        best = ok.loc[ok["rho"].idxmax()]
+        sure = np.isfinite(best["ci_low"]) and best["ci_low"] > 0
+        out.append(f"Highest: {best['signal'].replace('_', ' ')} (rho {f(best['rho'], 2)}); "
+                   + ("its interval lies above 0." if sure else
+                      "its interval includes 0, so no signal is shown to rank the blocks as "
+                      "their causal effect does."))
+    return out
+
+
 # ----------------------------------------------------------------------------- the list
 
 
@@ -734,11 +855,12 @@ SPECS: list[FigureSpec] = [
     FigureSpec(
         "similarity", "Base vs SFT similarity by depth (Fig. 1)",
         "Pair metrics on pooled hidden states, x = hidden state j / L; CI bands where the run "
-        "bootstrapped them.", ("metrics",),
-        "pair metrics (CKA, cosine similarity, mean shift)", _or_none(N.pair_data, "metrics"),
+        "bootstrapped them; the grey band is the noise floor, the base against itself on two "
+        "disjoint random halves of the data (analyze --noise-splits).", ("metrics",),
+        "pair metrics (CKA, cosine similarity, mean shift)", pair_prepare,
         (("fig1_pair_metrics", "Fig. 1: CKA, cosine similarity and mean shift by depth",
           plots.plot_pair_metrics),),
-        pair_findings, pair_tables),
+        lambda d: pair_findings(d) + noise_findings(d), pair_tables),
     FigureSpec(
         "single", "Single-model metrics by depth (Fig. 2)",
         "Base (solid) and SFT (dashed) computed separately, x = hidden state j / L.",
@@ -754,6 +876,18 @@ SPECS: list[FigureSpec] = [
         (("fig3_logit_lens", "Fig. 3: logit-lens accuracy, agreement and loss",
           plots.plot_logit_lens),),
         lens_findings, lens_tables),
+    FigureSpec(
+        "distributions", "Output distributions by depth (Fig. 3b)",
+        "For a pair probed with --kl (the default): KL(P_sft,j || P_base,j) of the two lens "
+        "distributions at every hidden state j (natural log, mean over the scored positions), "
+        "each model's KL from its output to its lens at j, and, at the output, the share of "
+        "positions where the base ranks the SFT's top-1 token 1st (unshifted), 2nd-3rd "
+        "(marginal) or lower (shifted), as URIAL defines them; shifts.csv lists the tokens "
+        "shifted to most often.", ("probe",), "pair distributions (probe --kl)",
+        _or_none(N.distribution_data, "probe"),
+        (("fig3b_distributions", "Fig. 3b: KL by depth and token shift",
+          plots.plot_distributions),),
+        distribution_findings, distribution_tables),
     FigureSpec(
         "weights", "Weight change by block (Fig. 4)",
         "Base -> SFT parameter distance per block, x = block (b + 0.5) / L.", ("weights",),
@@ -847,6 +981,19 @@ SPECS: list[FigureSpec] = [
         steer_findings,
         lambda d: [("fig11_steer", "score by steering scale",
                     d.frame.drop(columns=["n_blocks"], errors="ignore"))]),
+    FigureSpec(
+        "signal-cause", "Which signal predicts the cause? (Fig. 12)",
+        "`sftscope ablate`: the causal effect of each block (delta_loss of reverting it to the "
+        "base in the SFT, or of ablating it), beside every analysis signal per block from the "
+        "other runs of the same depth: weight change, CKA drop and mean-shift rise across the "
+        "block, the rise of KL(SFT || base), the swap effect of its segment.", ("ablate",),
+        "ablation results (sftscope ablate)", signal_cause_prepare,
+        (("fig12_signal_cause", "Fig. 12: signals against the causal effect per block",
+          plots.plot_signal_cause),),
+        signal_cause_findings,
+        lambda d: [("fig12_signal_cause", "rank correlation of each signal with the cause",
+                    d.summary),
+                   ("fig12_blocks", "signals and causal effect per block", d.frame)]),
     FigureSpec(
         "eval", "Evaluation scores", "Task scores with confidence intervals.", ("scores",),
         "evaluation scores", _or_none(N.scores_data, "scores"), (),
