@@ -445,3 +445,19 @@ def test_cka_near_one_is_drawn_as_one_minus_cka_on_a_log_axis():
     # far from 1: the plain CKA on a linear axis
     far = plots.plot_pair_metrics(N.pair_data(_metrics(np.linspace(1.0, 0.7, L + 1))))
     assert far.axes[0].get_yscale() == "linear" and far.axes[0].get_title() == "CKA"
+
+
+def test_steer_findings_name_no_winner_when_intervals_overlap():
+    from sftscope.report.sections import steer_findings
+
+    def table(half):
+        v = [0.25, 0.375, 0.25]
+        return pd.DataFrame({"scale": [0.0, 1.0, 2.0], "metric": "accuracy", "value": v,
+                             "ci_low": [x - half for x in v], "ci_high": [x + half for x in v],
+                             "n": 8})
+
+    wide = " ".join(steer_findings(N.steer_data(table(0.3))))  # n = 8: wide intervals
+    assert "no scale is clearly better than the unsteered base (0.250" in wide
+    assert "intervals overlap, n = 8" in wide and "is best at" not in wide
+    narrow = " ".join(steer_findings(N.steer_data(table(0.01))))
+    assert "accuracy is best at scale 1.00 (0.375, +0.1250 vs the unsteered base" in narrow

@@ -1163,7 +1163,9 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
         best = g.iloc[int(np.nanargmax(sc))]
         zero = g[g["scale"] == 0]
         z = float(zero["value"].iloc[0]) if len(zero) else math.nan
+        overlap = bool(len(zero) and best["scale"] != 0 and _overlap(best, zero.iloc[0]))
         rows.append({RUN: r, "metric": metric, "is_score": metric_spec(metric).is_score,
+                     "overlap": overlap, "n": float(best.get("n", math.nan)),
                      "n_scales": len(g), "unsteered": z, "best_scale": float(best["scale"]),
                      "best": float(best["value"]),
                      "delta": float(best["value"]) - z if np.isfinite(z) else math.nan,
@@ -1172,6 +1174,15 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
                      "last": float(g["value"].iloc[-1]),
                      "same": bool(np.nanmax(sc) == np.nanmin(sc))})
     return FigureData(df, pd.DataFrame(rows), notes)
+
+
+def _overlap(a: pd.Series, b: pd.Series) -> bool:
+    """Two rows' intervals overlap (False when either has none)."""
+    lo = [float(x.get("ci_low", math.nan)) for x in (a, b)]
+    hi = [float(x.get("ci_high", math.nan)) for x in (a, b)]
+    if not all(np.isfinite(lo + hi)):
+        return False
+    return max(lo) <= min(hi)
 
 
 # ----------------------------------------------------------------------------- signal vs cause

@@ -760,6 +760,12 @@ def steer_findings(data: FigureData) -> list[str]:
                 parts.append(f"{row['metric']} goes from {f(row['first'])} at scale "
                              f"{f(row['first_scale'], 2)} to {f(row['last'])} at scale "
                              f"{f(row['last_scale'], 2)}")
+            elif row.get("overlap"):
+                n = f", n = {int(row['n'])}" if np.isfinite(row.get("n", np.nan)) else ""
+                parts.append(f"{row['metric']}: no scale is clearly better than the unsteered "
+                             f"base ({f(row['unsteered'])}; the best, scale "
+                             f"{f(row['best_scale'], 2)}, gives {f(row['best'])}, and their "
+                             f"intervals overlap{n})")
             else:
                 delta = (f", {row['delta']:+.4f} vs the unsteered base {f(row['unsteered'])}"
                          if np.isfinite(row["delta"]) else "")
