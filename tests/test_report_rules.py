@@ -461,3 +461,21 @@ def test_steer_findings_name_no_winner_when_intervals_overlap():
     assert "intervals overlap, n = 8" in wide and "is best at" not in wide
     narrow = " ".join(steer_findings(N.steer_data(table(0.01))))
     assert "accuracy is best at scale 1.00 (0.375, +0.1250 vs the unsteered base" in narrow
+
+
+def test_sweep_findings_no_winner_when_the_best_overlaps_the_next():
+    from sftscope.report.sections import sweep_findings
+
+    def summary(half):
+        mean = [0.40, 0.42, 0.30, 0.30]
+        return pd.DataFrame({"mask": ["11111", "01000", "00100", "00001"], "seeds": "0",
+                             "metric": "accuracy", "mean": mean,
+                             "ci_low": [m - half for m in mean],
+                             "ci_high": [m + half for m in mean], "n_items": 8,
+                             "p_value": np.nan})
+
+    wide = " ".join(sweep_findings(N.sweep_data(summary(0.2))))
+    assert "best mask 01000 0.420 (its interval overlaps the next best, 11111: no clear " \
+           "winner)" in wide
+    narrow = " ".join(sweep_findings(N.sweep_data(summary(0.005))))
+    assert "best mask 01000 0.420," in narrow and "no clear winner" not in narrow

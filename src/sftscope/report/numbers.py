@@ -841,6 +841,9 @@ def sweep_data(summary: pd.DataFrame) -> FigureData:
             continue
         sc = {m: float(score(metric, v)) for m, v in means.items()}
         best, worst = max(sc, key=sc.get), min(sc, key=sc.get)
+        rest = [m for m in sc if m != best]
+        second = max(rest, key=sc.get) if rest else None
+        by_mask = g.set_index("mask")
         full = next((m for m in means if is_mask(m) and set(m) == {"1"}), None)
         beat = [m for m in means if full and sc[m] > sc[full]]
         pv = dict(zip(g["mask"], pd.to_numeric(g.get("p_value", pd.Series(dtype=float)),
@@ -852,7 +855,9 @@ def sweep_data(summary: pd.DataFrame) -> FigureData:
         rows.append({RUN: r, "metric": metric, "primary": metric == sweep_primary(
             df[df[RUN] == r]), "best": best, "best_mean": means[best],
             "best_p": pv.get(best, math.nan), "worst": worst, "worst_mean": means[worst],
-            "n_best": sum(v == sc[best] for v in sc.values()),
+            "n_best": sum(v == sc[best] for v in sc.values()), "second": second,
+            "best_overlaps": bool(second is not None and _overlap(by_mask.loc[best],
+                                                                  by_mask.loc[second])),
             "n_worst": sum(v == sc[worst] for v in sc.values()),
             "full": full, "full_mean": means.get(full, math.nan) if full else math.nan,
             "n_beat": len(beat), "n_masks": len(means), "seeds": seeds, "items": items,

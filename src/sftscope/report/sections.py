@@ -507,6 +507,9 @@ def sweep_findings(data: FigureData) -> list[str]:
         worst = (f"{row['n_worst']} masks tie for the lowest at {f(row['worst_mean'])}"
                  if row.get("n_worst", 1) > 1 else
                  f"worst {row['worst']} {f(row['worst_mean'])}")
+        if row.get("best_overlaps") and row.get("n_best", 1) == 1:
+            best += (f" (its interval overlaps the next best, {row['second']}: no clear "
+                     f"winner)")
         text = f"{row['metric']}: {best}, {worst}"
         if row["full"]:
             p = row["best_p"]
