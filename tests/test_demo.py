@@ -55,3 +55,32 @@ def test_demo_bad_skip_is_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "unknown step" in err and len(err.splitlines()) == 1
+
+
+def test_demo_stages_quick_renders_the_chain(tmp_path):
+    """--stages: DPO then GRPO after the SFT model, and analyze, weights (unchanged_frac) and
+    probe over base -> SFT -> DPO -> GRPO, one series per stage in the figures."""
+    pytest.importorskip("trl")
+    out = tmp_path / "demo"
+    res = run_demo(DemoConfig(out=str(out), quick=True, stages=True, skip=("swap", "sweep")))
+    assert set(res.stages["runs"]) == {"dpo", "grpo"}
+    for stage in ("dpo", "grpo"):
+        rec = json.loads((out / "stages" / stage / "run.json").read_text())
+        assert rec["objective"] == stage and rec["method"] == "full"
+        assert rec["trl"]["reference"] == ("a second copy of the starting model"
+                                           if stage == "dpo" else "none (beta 0)")
+    pref = [json.loads(x) for x in (out / "stages" / "preference.jsonl").read_text().split("\n")
+            if x]
+    assert all(p["chosen"] != p["rejected"] and p["chosen"].rpartition("#### ")[0]
+               == p["rejected"].rpartition("#### ")[0] for p in pref)
+    w = pd.read_csv(out / "weights" / "weights.csv")
+    assert {"pair", "pair:base-dpo", "pair:base-grpo", "pair:sft-dpo", "pair:dpo-grpo"} <= set(
+        w["model"])
+    assert "unchanged_frac" in set(w["metric"])
+    for table, name in (("analyze", "metrics.csv"), ("probe", "probe.csv")):
+        assert {"dpo", "grpo"} <= set(pd.read_csv(out / table / name)["model"]), table
+    for fig in ("fig1_pair_metrics", "fig3_logit_lens", "fig4_weight_change"):
+        runs = set(pd.read_csv(out / "figures" / f"{fig}.csv")["run"])
+        assert any("[dpo]" in r for r in runs) and any("[grpo]" in r for r in runs), fig
+    assert "unchanged_frac" in pd.read_csv(out / "figures" / "fig4_weight_change.csv")
+    assert "DPO and GRPO" in (out / "report.html").read_text()

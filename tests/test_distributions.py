@@ -164,3 +164,20 @@ def test_distribution_findings_on_constructed_tables(values, expected):
     assert expected in lines[0]
     assert "first at 50.0 % of the scored positions, 2nd-3rd at 25.0 % and lower at 25.0 %" \
         in lines[1]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_moe_pairs_kl_tuned_lens_and_ablation(model_dir, gsm8k_file, family):
+    """KL by depth, the tuned lens and ablation run on mixture-of-experts models too: a model
+    against itself has KL exactly 0 everywhere; an ablated block's deltas are reported."""
+    from sftscope.experiments.ablate import ablate
+
+    a, b = str(model_dir(family, seed=0)), str(model_dir(family, seed=1))
+    same = probe(base=a, sft=a, data=f"gsm8k:{gsm8k_file}", n=3, n_boot=0)
+    assert (same[same.metric == "kl_pair"].value == 0).all()
+    pair = probe(base=a, sft=b, data=f"gsm8k:{gsm8k_file}", n=3, n_boot=0, lens="tuned",
+                 lens_steps=2, lens_train_limit=3)
+    assert (pair[pair.metric == "kl_pair"].value > 0).any()
+    assert (pair.model == "sft (tuned lens)").any()
+    ab = ablate(model=a, data=f"gsm8k:{gsm8k_file}", n=3, n_boot=0, mode="mean")
+    assert set(ab[ab.metric == "delta_loss"].unit) == {"b0", "b1", "b2", "b3"}

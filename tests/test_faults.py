@@ -48,6 +48,9 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     (root / "broken.jsonl").write_text('{"question": "a", "answer": "#### 1"}\n{"question":\n')
     (root / "noanswer.jsonl").write_text('{"question": "What is 1 + 1?"}\n')
     (root / "nullq.jsonl").write_text('{"question": null, "answer": "#### 2"}\n')
+    (root / "pref_missing.jsonl").write_text(
+        '{"prompt": "1 + 1 =", "chosen": " 2", "rejected": " 3"}\n'
+        '{"prompt": "2 + 2 =", "chosen": " 4"}\n')
     (root / "data.xlsx").write_text("x")
     (root / "datadir").mkdir()
     mmlu = [{"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"], "answer": 7,
@@ -75,6 +78,19 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     name = next(k for k in tensors if "layers.1." in k and k.endswith("q_proj.weight"))
     tensors[name][0, 0] = float("nan")
     save_file(tensors, str(nanmodel / "model.safetensors"), metadata={"format": "pt"})
+    import torch
+
+    p["moe"] = model_dir("qwen3_moe")
+    moefused = root / "moefused"  # the same MoE, experts stored fused [E, ...]
+    shutil.copytree(p["moe"], moefused)
+    tensors = load_file(str(moefused / "model.safetensors"))
+    for b in range(4):
+        pre = f"model.layers.{b}.mlp.experts"
+        per = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(pre + ".")]}
+        for fused, projs in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+            tensors[f"{pre}.{fused}"] = torch.stack([torch.cat(
+                [per[f"{pre}.{e}.{r}_proj.weight"] for r in projs]) for e in range(4)])
+    save_file(tensors, str(moefused / "model.safetensors"), metadata={"format": "pt"})
     noweights = root / "noweights"
     noweights.mkdir()
     shutil.copy(base / "config.json", noweights / "config.json")
@@ -103,11 +119,12 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     p.update({k: str(root / v) for k, v in {
         "gsm": "gsm8k.jsonl", "text": "text.txt", "empty": "empty.jsonl", "list": "list.jsonl",
         "broken": "broken.jsonl", "noanswer": "noanswer.jsonl", "nullq": "nullq.jsonl",
+        "pref_missing": "pref_missing.jsonl",
         "xlsx": "data.xlsx", "datadir": "datadir", "mmlu_bad": "mmlu_bad.jsonl",
         "file": "a_file", "nocfg": "nocfg", "bert": "bert", "truncated": "truncated",
         "emptyweights": "emptyweights", "noweights": "noweights", "nanmodel": "nanmodel",
         "emptyadapter": "emptyadapter", "orphan": "orphan", "badgguf": "badmagic.gguf",
-        "truncgguf": "trunc.gguf", "twogguf": "twogguf"}.items()})
+        "truncgguf": "trunc.gguf", "twogguf": "twogguf", "moefused": "moefused"}.items()})
     return {k: str(v) for k, v in p.items()}
 
 
@@ -256,7 +273,16 @@ case("ablate", {"--model": DROP}, extra=["--base", "{base}", "--sft", "{gpt2}"],
 case("ablate", {"--data": "gsm8k:{noanswer}"}, needle="answer")
 case("ablate", {"--batch-size": "0"}, needle="--batch-size must be at least 1")
 
+case("sweep", extra=["--retention", "{root}/nope.jsonl"], needle="does not exist")
+case("sweep", extra=["--retention-limit", "0"], needle="--retention-limit must be at least 1")
 case("swap", {"--segments": "0"}, needle="--segments must be at least 1")
+# mixtures of experts: parts a model lacks, expert layouts that do not pair
+case("swap", {"--parts": "experts"}, needle="--parts experts: llama is not a mixture")
+case("swap", {"--parts": "router"}, needle="--parts router: llama is not a mixture")
+case("swap", {"--parts": "shared_expert", "--base": "{moe}", "--sft": "{moe}"},
+     needle="has no shared expert")
+case("swap", {"--parts": "expert"}, needle="unknown --parts")
+case("weights", {"--base": "{moe}", "--sft": "{moefused}"}, needle="re-save both")
 case("swap", {"--segments": "99"}, needle="larger than the model")
 case("swap", extra=["--masks", "012"], needle="valid groups")
 case("swap", extra=["--masks", "00"], needle="valid groups")
@@ -297,6 +323,23 @@ case("tune", {"--train": "{empty}"}, needle="is empty")
 case("tune", {"--train": "gsm8k:{noanswer}"}, needle="answer")
 case("tune", extra=["--save-steps", "0"], needle="--save-steps must be at least 1")
 case("tune", {"--model": "{root}/nope"}, needle="does not exist")
+case("tune", {"--train": "preference:{pref_missing}"}, extra=["--objective", "dpo"],
+     needle="line 2: lacks field(s) 'rejected'")
+case("tune", {"--train": "preference"}, extra=["--objective", "dpo"], needle="local-only")
+case("tune", extra=["--objective", "dpo"], needle="preference:FILE")
+case("tune", extra=["--objective", "rlhf"], needle="unknown --objective")
+case("tune", extra=["--objective", "grpo"], needle="needs --reward")
+case("tune", extra=["--objective", "grpo", "--reward", "exact"], needle="python:MODULE")
+case("tune", extra=["--objective", "grpo", "--reward", "python:no_such_mod_xyz:f"],
+     needle="could not be imported")
+case("tune", extra=["--objective", "grpo", "--reward", "gsm8k", "--num-generations", "3"],
+     needle="multiple of --num-generations")
+case("tune", extra=["--objective", "grpo", "--reward", "gsm8k", "--num-generations", "1"],
+     needle="--num-generations must be at least 2")
+case("tune", extra=["--objective", "grpo", "--reward", "gsm8k", "--loss-type", "ppo"],
+     needle="not one of TRL's GRPO losses")
+case("tune", extra=["--reward", "gsm8k"], needle="--reward is an option of --objective grpo")
+case("tune", extra=["--beta", "0.1"], needle="--beta is an option of --objective dpo or grpo")
 
 case("eval", {"--task": "hellaswag"}, needle="unknown --task")
 case("eval", extra=["--shots", "-1"], needle="--shots must be at least 0")
@@ -322,6 +365,7 @@ case("sweep", {"--seeds": "abc"}, needle="--seeds")
 case("sweep", {"--seeds": "0"}, needle="at least 1")
 case("sweep", extra=["--job-index", "2", "--num-jobs", "2"], needle="--job-index")
 case("sweep", extra=["--tune-opt", "rnak=3"], needle="unknown tune option 'rnak'")
+case("sweep", extra=["--objective", "dpo"], needle="preference:FILE")
 case("sweep", extra=["--tune-opt", "warmup_steps=abc"], needle="--warmup-steps expects")
 case("sweep", extra=["--tune-opt", "mask=11"], needle="set for each job")
 case("sweep", extra=["--eval-opt", "shots=x"], needle="--shots expects an integer")

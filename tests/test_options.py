@@ -47,6 +47,8 @@ EXCEPTIONS = {
     "--overwrite": "tune starts over (a resumable run), the others replace a finished run",
     "--preset": "each command's reference preset reproduces a different part of the "
                 "research code",
+    "--stages": "demo's --stages makes the checkpoint chain (DPO, GRPO) that the other "
+                "commands' --stages name and read",
     "--eval-fewshot-data": "sweep passes eval's own option through (same meaning, eval's "
                            "fuller help)",
     "--eval-max-new-tokens": "sweep passes eval's own option through (same meaning, eval's "

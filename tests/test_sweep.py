@@ -499,3 +499,45 @@ def test_validate_suggest_reads_only_the_training_data(tiny, tmp_path, monkeypat
     from sftscope.config.commands import SuggestConfig
 
     assert SuggestConfig.__dataclass_fields__["split"].default == "train"
+
+
+def test_retention_kl_and_forgetting_correlation(tiny, data, tmp_path):
+    """Real jobs with a retention set: each job's KL and loss drop equal a direct computation,
+    and the sweep reports their rank correlation across masks."""
+    import json
+
+    import pandas as pd
+
+    from sftscope.experiments.distributions import output_divergence
+    from sftscope.experiments.forgetting import forgetting_table
+    from sftscope.load import data as D
+    from sftscope.load.models import LoadOptions, load_model, load_tokenizer
+    from sftscope.load.runtime import pad_id
+
+    out = tmp_path / "run"
+    cfg = SweepConfig(
+        out=str(out), model=str(tiny), train=data, task=data, segments=3,
+        masks="100,010,001", seeds=1, baseline=False, retention=data, retention_limit=4,
+        tune={"rank": 4, "max_steps": 3, "batch_size": 2, "micro_batch_size": 2,
+              "n_train": 4, "dtype": "float32", "lr": 5e-2},
+        evaluation={"limit": 2, "shots": 0, "max_new_tokens": 4, "device": "cpu"},
+        bootstrap=100)
+    run_sweep(cfg)
+    table = pd.read_csv(out / "forgetting.csv")
+    assert list(table["mask"]) == ["m001", "m010", "m100"]
+    res = json.loads((out / "jobs" / "010-s0" / "result.json").read_text())
+    ret = res["info"]["retention"]
+    tok = load_tokenizer(str(tiny))
+    prep = D.prepare(data, tok, n=4, seed=0, max_length=512)
+    base = load_model(str(tiny))
+    tuned = load_model(str(out / "jobs" / "010-s0" / "tune" / "adapter"),
+                       LoadOptions(base=str(tiny)))
+    want = output_divergence(base, tuned, prep.tokens, pad_id(tok))
+    assert ret["kl"] == pytest.approx(want["kl"], rel=1e-5) and ret["kl"] > 0
+    assert ret["drop"] == pytest.approx(want["loss_b"] - want["loss_a"], rel=1e-5, abs=1e-7)
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["forgetting"]["n_masks"] == 3
+    made = pd.DataFrame({"mask": ["a", "b", "c", "d"], "seed": 0, "kl": [1, 2, 3, 4],
+                         "drop": [0.1, 0.3, 0.2, 0.4], "loss_base": 1.0, "loss_tuned": 1.0,
+                         "n_tokens": 10})
+    assert forgetting_table(made, n_boot=0)[1]["spearman_kl_drop"] == pytest.approx(0.8)

@@ -18,7 +18,7 @@ from sftscope.tasks.base import Task, encode_pair, pick_shots, trim_at_stop
 
 
 def test_registry_names_and_lookup():
-    assert task_names() == ("gsm8k", "mmlu", "perplexity")
+    assert task_names() == ("gsm8k", "mmlu", "perplexity", "preference")
     assert [t.name for t in all_tasks()] == list(task_names())
     with pytest.raises(SftscopeError, match="did you mean gsm8k"):
         get_task("gsm8")
@@ -37,7 +37,7 @@ def test_primary_metrics_come_from_the_tasks():
     assert not g.lower_is_better and p.lower_is_better
     assert g.metrics == ("strict_match", "flexible_extract", "numeric_match")
     assert PRIMARY == {"gsm8k": "flexible_extract", "mmlu": "accuracy",
-                       "perplexity": "loss_after"}
+                       "perplexity": "loss_after", "preference": "accuracy"}
     assert primary_metric_of(["strict_match", "flexible_extract"]) == "flexible_extract"
     assert _primary_metric(["strict_match", "flexible_extract", "numeric_match"]) == \
         "flexible_extract"

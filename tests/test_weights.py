@@ -375,7 +375,7 @@ def test_cli_writes_table_and_run_record(llama_pair, tmp_path, capsys):
                        str(llama_pair / "sft"), "--out", str(tmp_path / "fast"),
                        "--no-low-rank"], capsys)
     fast = pd.read_csv(tmp_path / "fast" / "weights.csv")
-    assert code == 0 and set(fast["metric"]) == {"frobenius", "relative"}
+    assert code == 0 and set(fast["metric"]) == {"frobenius", "relative", "unchanged_frac"}
 
 
 def _bad_inputs(root: Path, llama_pair: Path) -> dict[str, tuple[list[str], str]]:
@@ -443,3 +443,72 @@ def test_cli_subprocess_no_traceback(tmp_path, llama_pair):
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- update sparsity
+
+def _set_entries(sd: dict[str, torch.Tensor], name: str, n: int) -> None:
+    """Change exactly the first ``n`` entries of ``name`` (each to a different value)."""
+    flat = sd[name].reshape(-1)
+    flat[:n] = flat[:n] + 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unchanged_frac_counts_bit_identical_entries(tmp_path, dtype):
+    model = build_tiny_model("llama", VOCAB, seed=0, **LLAMA).to(dtype)
+    model.save_pretrained(tmp_path / "base")
+    sd = {k: v.clone() for k, v in load_file(tmp_path / "base" / "model.safetensors").items()}
+    q, down = "model.layers.1.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight"
+    _set_entries(sd, q, 100)
+    _set_entries(sd, down, 7)
+    k = "model.layers.0.self_attn.k_proj.weight"
+    sd[k][0, 0] *= -1.0  # the sign bit only
+    sd[k][0, 1] = -0.0 if bool(sd[k][0, 1] == 0) else sd[k][0, 1]  # unchanged unless zero
+    (tmp_path / "sft").mkdir()
+    save_file(sd, tmp_path / "sft" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "sft" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    assert load_file(tmp_path / "sft" / "model.safetensors")[q].dtype == dtype
+    df = weight_change(tmp_path / "base", tmp_path / "sft", low_rank=False)
+    n_q, n_down = sd[q].numel(), sd[down].numel()
+    assert val(df, 1, "q", "unchanged_frac") == pytest.approx(1 - 100 / n_q, abs=1e-12)
+    assert val(df, 2, "down", "unchanged_frac") == pytest.approx(1 - 7 / n_down, abs=1e-12)
+    assert val(df, 1, "k", "unchanged_frac") == 1.0 and val(df, None, "embed",
+                                                            "unchanged_frac") == 1.0
+    assert val(df, 0, "k", "unchanged_frac") == pytest.approx(1 - 1 / sd[k].numel(), abs=1e-12)
+    n_attn1 = sum(sd[f"model.layers.1.self_attn.{r}_proj.weight"].numel() for r in "qkvo")
+    assert val(df, 1, "attn", "unchanged_frac") == pytest.approx(1 - 100 / n_attn1, abs=1e-12)
+    total = sum(v.numel() for v in sd.values())
+    changed = 100 + 7 + 1
+    assert val(df, None, "total", "unchanged_frac") == pytest.approx(1 - changed / total,
+                                                                     abs=1e-12)
+
+
+def test_unchanged_frac_over_a_chain(tmp_path):
+    """base -> sft -> dpo: each pair counts its own bit-identical entries (stages side by side)."""
+    from sftscope.config.commands import WeightsConfig
+
+    model = build_tiny_model("llama", VOCAB, seed=0, **LLAMA).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    sd = {k: v.clone() for k, v in load_file(tmp_path / "base" / "model.safetensors").items()}
+    q, v = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"
+    for name, n, folder in ((q, 5, "sft"), (v, 3, "dpo")):
+        _set_entries(sd, name, n)
+        (tmp_path / folder).mkdir()
+        save_file(sd, tmp_path / folder / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / folder / "config.json").write_text(
+            (tmp_path / "base" / "config.json").read_text())
+    df = run_weights(WeightsConfig(base=str(tmp_path / "base"), sft=str(tmp_path / "sft"),
+                                   stages=(f"dpo={tmp_path / 'dpo'}",), consecutive=True,
+                                   low_rank=False, out=str(tmp_path / "w")))
+    n_q, n_v = sd[q].numel(), sd[v].numel()
+
+    def frac(model: str, block: int, module: str) -> float:
+        return val(df[df["model"] == model], block, module, "unchanged_frac")
+
+    assert frac("pair", 0, "q") == pytest.approx(1 - 5 / n_q) and frac("pair", 1, "v") == 1.0
+    assert frac("pair:base-dpo", 0, "q") == pytest.approx(1 - 5 / n_q)
+    assert frac("pair:base-dpo", 1, "v") == pytest.approx(1 - 3 / n_v)
+    assert frac("pair:sft-dpo", 0, "q") == 1.0
+    assert frac("pair:sft-dpo", 1, "v") == pytest.approx(1 - 3 / n_v)
+    written = pd.read_csv(tmp_path / "w" / "weights.csv")
+    assert "unchanged_frac" in set(written["metric"])

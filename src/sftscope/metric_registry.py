@@ -98,9 +98,13 @@ _ENTRIES: list[MetricSpec] = [
     _m("residual_energy", "weight", order=60, label="residual energy", bounds=UNIT,
        table="weights"),
     _m("rows", "weight", order=70, label="added rows", table="weights"),
+    _m("unchanged_frac", "weight", order=15, label="share of entries unchanged (bit-identical)",
+       bounds=UNIT, table="weights"),
     # probe / swap / eval / sweep scores
     _m("accuracy", "accuracy", HIGHER, order=10, label="accuracy", bounds=UNIT),
     _m("choice_accuracy", "accuracy", HIGHER, order=20, label="choice accuracy", bounds=UNIT),
+    _m("margin", "signal", HIGHER, order=25,
+       label="preference margin (log p chosen - log p rejected)"),
     _m("exact_match_flexible", "accuracy", HIGHER, order=30, label="exact match (flexible)",
        bounds=UNIT),
     _m("exact_match_strict", "accuracy", HIGHER, order=31, label="exact match (strict)",

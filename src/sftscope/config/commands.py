@@ -51,6 +51,7 @@ from sftscope.config.ingredients import (
     train_opt,
 )
 from sftscope.errors import SftscopeError
+from sftscope.load.arch import SWAP_PARTS
 
 MASK_GROUPS = ("singles", "paper", "all")
 
@@ -328,6 +329,21 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
         metavar="MASK:ALPHA,...")
     chunk_elements: int = opt(1 << 24, "Logit elements per lens chunk (memory bound).",
                               check=at_least(1), cli=False, volatile=True)
+    parts: str = opt("all", "Which parameters of a segment's blocks are swapped (and "
+                     "interpolated): all (the whole blocks), attention (the attention module), "
+                     "or on a mixture of experts router, experts (all routed experts) or "
+                     "shared_expert (with its gate).", choices=SWAP_PARTS)
+
+    def _check(self) -> None:
+        """``--parts`` the base model has (runs first: before the data is read)."""
+        if self.parts not in ("all", "attention") and self.base:
+            from sftscope.load.arch import check_part
+            from sftscope.load.sources import check_model
+
+            src = check_model(self.base, "base model")
+            config = src.config or (src.base.config if src.base is not None else {})
+            if config:  # a hub id: checked once its config is fetched
+                check_part(config, self.parts)
 
     def mixes(self) -> list[tuple[str, float]]:
         """``save_mix`` as ``(mask, alpha)`` pairs, in the order given."""
@@ -457,6 +473,12 @@ class EvalConfig(OneModel, Runtime):
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 TUNE_METHODS = ("lora", "full")
+OBJECTIVES = ("sft", "dpo", "grpo")
+OBJECTIVE_ONLY = {"beta": ("dpo", "grpo"), "loss_type": ("dpo", "grpo"), "reward": ("grpo",),
+                  "num_generations": ("grpo",), "max_completion_length": ("grpo",)}
+# options with a meaning for some objectives only (refused when changed from the default)
+DEFAULT_ONLY = {"completion_only": ("sft",), "preset": ("sft",), "packing": ("sft",),
+                "max_length": ("sft", "dpo")}
 LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout", "merge")
 
 
@@ -478,6 +500,21 @@ class TuneConfig(OneModel):
     method: str = opt("lora", "lora: segment LoRA at the full-depth budget (RUN/adapter); full: "
                       "train every weight of the selected blocks, everything else frozen "
                       "(RUN/model, a Hugging Face folder).", choices=TUNE_METHODS)
+    objective: str = opt("sft", "sft: next-token loss on the answers; dpo: TRL's DPOTrainer on "
+                         "preference:FILE pairs; grpo: TRL's GRPOTrainer with --reward "
+                         "(needs sftscope[rl]).", choices=OBJECTIVES)
+    beta: float | None = opt(None, "DPO/GRPO: TRL's beta (KL strength to the reference; "
+                             "default TRL's: DPO 0.1, GRPO 0.0).", check=at_least(0))
+    loss_type: str | None = opt(None, "DPO/GRPO: TRL's loss_type (default TRL's: DPO sigmoid, "
+                                "GRPO dapo).")
+    reward: str | None = opt(None, "GRPO reward: gsm8k (1 when the flexible-extract answer "
+                             "equals the gold), mmlu (the letter), or python:MODULE:FUNCTION.")
+    num_generations: int | None = opt(None, "GRPO: completions per prompt (TRL's; default 8); "
+                                      "--batch-size counts completions.", check=at_least(2))
+    max_completion_length: int | None = opt(None, "GRPO: longest completion in tokens (TRL's; "
+                                            "default 512).", check=at_least(1))
+    skip_bad_records: bool = opt(False, "Skip records with missing or empty fields (counted) "
+                                 "instead of refusing the data.")
     mask: str | None = opt(None, "Segments to train, bottom segment first, e.g. 01000 (the "
                            "second fifth); 00111 freezes the bottom 2/5 (the research code's "
                            "frozen-bottom runs). Or use --blocks.")
@@ -597,6 +634,22 @@ class TuneConfig(OneModel):
         check_data_source(self.train, split=self.train_split, text_field=self.text_field)
         if self.eval_task is not None and ":" in self.eval_task:
             check_task_spec(self.eval_task)
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        """Options of one objective only with it; DPO/GRPO's own checks (TRL present, its
+        loss types, the reward) before any model is loaded."""
+        from sftscope.config.core import defaults, flag
+
+        d = defaults(TuneConfig)
+        for name, objectives in {**OBJECTIVE_ONLY, **DEFAULT_ONLY}.items():
+            if getattr(self, name) != d[name] and self.objective not in objectives:
+                raise SftscopeError(f"{flag(name)} is an option of --objective "
+                                    f"{' or '.join(objectives)}; drop it or change --objective")
+        if self.objective != "sft":
+            from sftscope.experiments.objectives import check_objective
+
+            check_objective(self)
 
 
 # ----------------------------------------------------------------------------- suggest
@@ -702,6 +755,12 @@ class SweepConfig(Config):
                                  "where each proposal ranks among the swept masks.")
     sft: str | None = opt(None, "An SFT model of the same base, for the pair method of "
                           "--validate-suggest.")
+    retention: str | None = opt(None, "Retention texts (a data source): every job also measures "
+                                "KL(tuned || base) at the output and the loss drop there, and "
+                                "the sweep reports their rank correlation across masks "
+                                "(forgetting.csv).")
+    retention_limit: int = opt(100, "Retention texts per job (a seeded subsample).",
+                               check=at_least(1), metavar="N")
     suggest: dict[str, Any] = opt(help="suggest options for --validate-suggest.",
                                   factory=dict, expand="suggest")
     level: float = level_opt()
@@ -717,6 +776,8 @@ class SweepConfig(Config):
     def check(self) -> None:
         from sftscope.load.sources import check_model
 
+        if self.retention:
+            check_data_source(self.retention)
         if self.job_index >= self.num_jobs:
             raise SftscopeError(f"--job-index {self.job_index} must be below --num-jobs "
                                 f"{self.num_jobs}")
@@ -741,6 +802,10 @@ class SweepConfig(Config):
         from sftscope.config.core import check_fields
 
         tune = check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
+        if tune.get("objective", "sft") != "sft" and self.model and self.train:
+            # DPO/GRPO's own rules (data kind, reward, TRL) before any job starts
+            TuneConfig(model=self.model, train=self.train, out=self.out,
+                       mask="1" * self.segments, **tune)
         if tune.get("method") == "full":
             from sftscope.config.core import defaults, flag
 
@@ -871,12 +936,18 @@ class DemoConfig(Config):
     sweep_seeds: int = opt(1, "Seeds per mask in the sweep.", check=at_least(1))
     skip: tuple[str, ...] = opt((), "Steps to leave out, comma-separated: "
                                 + ", ".join(DEMO_STEPS) + ".", factory=tuple)
+    stages: bool = opt(False, "Continue the pair through DPO and GRPO (TRL; sftscope[rl]) and "
+                       "analyse the chain base -> SFT -> DPO -> GRPO.")
 
     def check(self) -> None:
         bad = [s for s in self.skip if s not in DEMO_STEPS]
         if bad:
             raise SftscopeError(f"--skip {bad[0]!r}: unknown step; steps are "
                                 f"{', '.join(DEMO_STEPS)}")
+        if self.stages:
+            from sftscope.experiments.objectives import trl_version
+
+            trl_version()
 
     @property
     def sizes(self) -> dict[str, int]:

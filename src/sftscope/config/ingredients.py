@@ -80,8 +80,8 @@ MODEL_HELP = ("local folder, hub id, .gguf file, or a PEFT adapter folder / tune
               "(applied in memory to --base or to the base it records)")
 DATA_HELP = ("Data: a registered name (gsm8k, mmlu, wikitext, ifeval, humaneval, mt_bench, "
              "toxigen; needs a reachable hub), NAME:FILE for that format on a local file "
-             "(gsm8k:test.jsonl), or a local .jsonl/.csv/.parquet/.txt file (with --text-field "
-             "or --template).")
+             "(gsm8k:test.jsonl; preference:FILE for prompt/chosen/rejected pairs), or a local "
+             ".jsonl/.csv/.parquet/.txt file (with --text-field or --template).")
 
 
 def base_opt(required: bool = True) -> Any:
@@ -116,7 +116,8 @@ def allow_other_base_opt() -> Any:
 
 def train_opt(required: bool = True) -> Any:
     return opt(dataclasses.MISSING if required else None,
-               "Training data: gsm8k (hub), gsm8k:FILE (question/answer fields), or a "
+               "Training data: gsm8k (hub), gsm8k:FILE (question/answer fields), "
+               "preference:FILE (prompt/chosen/rejected; --objective dpo), or a "
                ".jsonl/.csv/.parquet/.txt file of text.", check=non_empty)
 
 

@@ -32,6 +32,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     pair: dict[str, Any] = field(default_factory=dict)
     patterns: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, Any] = field(default_factory=dict)  # --stages: the DPO and GRPO runs
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -57,6 +58,17 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     train = f"gsm8k:{pair.data_files['gsm8k_train']}"
     general = str(pair.data_files["general"])
     cache = out / "cache"
+    chain: tuple[str, ...] = ()
+    if cfg.stages:
+        from sftscope.demo.stages import build_stages, chain_stages
+
+        say(f"[bold]demo: stages[/] DPO then GRPO after the SFT model ({eta.line('stages')})")
+        t = time.perf_counter()
+        res.stages = build_stages(out / "stages", sft, pair.data_files["gsm8k_train"],
+                                  seed=cfg.seed, quick=cfg.quick)
+        res.timings["stages"] = time.perf_counter() - t
+        eta.done("stages", res.timings["stages"])
+        chain = chain_stages(res.stages)
 
     def step(name: str, fn) -> None:
         if name in cfg.skip:
@@ -75,20 +87,21 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         analyze(AnalyzeConfig(base=base, sft=sft, data=test, out=str(run),
                               limit=size["n_pooled"], n_token=size["n_token"],
                               max_length=256, batch_size=16, seed=cfg.seed,
-                              cache_dir=str(cache), overwrite=True))
+                              cache_dir=str(cache), overwrite=True, stages=chain))
         return run
 
     def do_weights(run: Path) -> Path:
         from sftscope.experiments.weights import run_weights
 
-        run_weights(run, base, sft, overwrite=True)
+        run_weights(run, base, sft, overwrite=True, stages=chain, consecutive=bool(chain))
         return run
 
     def do_probe(run: Path) -> Path:
         from sftscope.experiments.lens import probe
 
         probe(data=test, base=base, sft=sft, out=str(run), limit=size["n_probe"],
-              seed=cfg.seed, max_length=256, batch_size=16, bootstrap=200, overwrite=True)
+              seed=cfg.seed, max_length=256, batch_size=16, bootstrap=200, overwrite=True,
+              stages=chain)
         return run
 
     def do_swap(run: Path) -> Path:
@@ -132,7 +145,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         order = [res.runs[k] for k in STEPS if k in res.runs and True]
         res.report = build_report(order, out=out / "report.html",
                                   figures_dir=out / "figures",
-                                  title="sftscope demo: a toy Base/SFT pair trained on this CPU",
+                                  title="sftscope demo: a toy Base/SFT pair trained on this CPU"
+                                  + (", continued through DPO and GRPO" if cfg.stages else ""),
                                   notices=[reduced_notice(cfg)] if cfg.quick else [])
         res.patterns = paper_patterns(order)
         res.timings["report"] = time.perf_counter() - t
@@ -140,7 +154,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     finish_run(out, run_record(
         "demo", cfg.record(), reduced=cfg.quick, sizes=size, seeds={"demo": cfg.seed},
         pair=res.pair,
-        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings,
+        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings, stages=res.stages,
         general_text=general, patterns=res.patterns))
     return res
 
@@ -161,6 +175,7 @@ REFERENCE_SECONDS = {
     True: {"pair": 25.0, "analyze": 0.4, "weights": 0.1, "probe": 0.2, "swap": 0.6,
            "sweep": 8.2, "report": 4.4},
 }
+STAGES_SECONDS = {False: 180.0, True: 30.0}  # --stages (estimates; not measured idle)
 
 
 class Eta:
@@ -168,6 +183,9 @@ class Eta:
 
     def __init__(self, cfg: DemoConfig, t0: float) -> None:
         self.ref = dict(REFERENCE_SECONDS[cfg.quick])
+        if cfg.stages:
+            self.ref = {"pair": self.ref.pop("pair"), "stages": STAGES_SECONDS[cfg.quick],
+                        **self.ref}
         for name in cfg.skip:
             self.ref.pop(name, None)
         self.t0 = t0

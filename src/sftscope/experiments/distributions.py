@@ -275,3 +275,33 @@ def pair_distributions(specs: dict[str, str], opts: dict[str, Any], pairs: Seque
             models.clear()
             release(nbytes)
     return found
+
+
+@torch.inference_mode()
+def output_divergence(model_a: nn.Module, model_b: nn.Module, tok: D.TokenizedSet,
+                      pad_id: int, *, batch_size: int = 8,
+                      description: str = "output KL") -> dict[str, float]:
+    """At the output only, over every pair of real tokens: mean KL(P_b || P_a) and each
+    model's next-token loss (nats), with the number of positions; one forward pass of each
+    model per batch (both resident)."""
+    sums = np.zeros(3)
+    n = 0
+    total = (len(tok) + batch_size - 1) // batch_size
+    for batch in track(batches(tok, batch_size, pad_id), description, total=total):
+        rb, rt = scored_positions(batch.mask, batch.index, None)
+        if not rb.numel():
+            continue
+        target = batch.input_ids[rb, rt + 1]
+        logp = []
+        for m in (model_a, model_b):
+            dev = input_device(m)
+            logits = m(input_ids=batch.input_ids.to(dev),
+                       attention_mask=batch.attention_mask.to(dev), use_cache=False).logits
+            logp.append(torch.log_softmax(logits[rb.to(logits.device), rt.to(logits.device)]
+                                          .float(), -1).cpu())
+        sums += [float(kl_rows(logp[1], logp[0]).sum()),
+                 float(-logp[0].gather(1, target[:, None]).sum()),
+                 float(-logp[1].gather(1, target[:, None]).sum())]
+        n += int(rb.numel())
+    kl, la, lb = (sums / n) if n else (np.nan, np.nan, np.nan)
+    return {"kl": float(kl), "loss_a": float(la), "loss_b": float(lb), "n_tokens": n}

@@ -67,8 +67,10 @@ def locate(name: str, spec: ArchSpec) -> tuple[int, str] | None:
 
 
 def module_role(rel_module: str, spec: ArchSpec) -> str:
-    """The role (q, k, v, o, qkv, MLP roles) of a block-relative module path, else ``other``."""
-    return spec.module_roles().get(rel_module, OTHER)
+    """The role (q, k, v, o, qkv, MLP and MoE roles) of a block-relative module path, else
+    ``other``; PEFT's ``base_layer`` segments are ignored."""
+    rel_module = rel_module.replace(".base_layer", "")
+    return spec.role_of(rel_module) or OTHER
 
 
 def param_role(rel_param: str, spec: ArchSpec) -> str:

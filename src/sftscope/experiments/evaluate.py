@@ -480,7 +480,13 @@ def _run_choice(task: Task, model, tokenizer, cfg: EvalConfig, timer: Timer) -> 
         preds.append({"index": i, **(task.describe(r) if task.describe else {}),
                       "target": gold, "prediction": pred, "correct": pred == gold,
                       "logprobs": dict(zip(labels, lp))})
-    return ([_accuracy(task.name, task.primary, k, len(preds), cfg.level)], preds,
+    scores = [_accuracy(task.name, task.primary, k, len(preds), cfg.level)]
+    if task.item_values is not None:  # a choice task's other metrics: means over its items
+        vals = [task.item_values(p) for p in preds]
+        for m in (m for m in task.metrics if m != task.primary):
+            scores.append(_mean(task.name, m, [math.nan if v.get(m) is None else float(v[m])
+                                               for v in vals], cfg.level))
+    return (scores, preds,
             {"shot_source": items.shot_source, "n_truncated": n_cut, "notes": items.notes})
 
 

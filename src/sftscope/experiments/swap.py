@@ -42,7 +42,15 @@ from sftscope.experiments.lens import (
     prepare_data,
 )
 from sftscope.io import Timer, atomic_dir, run_record, write_tables
-from sftscope.load.arch import arch_for, get_blocks, get_final_norm, get_head, get_submodule
+from sftscope.load.arch import (
+    arch_for,
+    check_part,
+    get_blocks,
+    get_final_norm,
+    get_head,
+    get_submodule,
+    part_paths,
+)
 from sftscope.load.data import TokenizedSet
 from sftscope.load.models import (
     check_adapter_base,
@@ -129,16 +137,33 @@ def _same_devices(a: nn.Module, b: nn.Module, what: str, host: str, donor: str) 
         )
 
 
+def _part_modules(host_block: nn.Module, new_block: nn.Module, paths: Sequence[str]
+                  ) -> list[tuple[str, nn.Module]]:
+    """The donor's modules at ``paths`` of one block, where the host's block has them (a dense
+    block of an MoE model has no router)."""
+    out = []
+    for path in paths:
+        try:
+            host_block.get_submodule(path)
+        except AttributeError:
+            continue
+        out.append((path, get_submodule(new_block, path)))
+    return out
+
+
 @contextlib.contextmanager
 def swapped(host: nn.Module, donor: nn.Module, blocks: Sequence[int], *, head: bool = False,
             names: tuple[str, str] = ("host", "donor"),
-            modules: Mapping[int, nn.Module] | None = None) -> Iterator[nn.Module]:
+            modules: Mapping[int, nn.Module] | None = None,
+            parts: str = "all") -> Iterator[nn.Module]:
     """``host`` with ``donor``'s ``blocks`` (and, with ``head``, its final norm and LM head).
 
     Module references are assigned into the host's ``ModuleList`` (no copies); everything is
     put back on exit, also on errors. Run hybrids with ``use_cache=False`` (blocks keep their
     ``layer_idx``, the same index in both models). ``modules``: put these in at ``blocks``
-    instead of the donor's own (the interpolated copies of ``SegmentMix``).
+    instead of the donor's own (the interpolated copies of ``SegmentMix``). ``parts``
+    (``arch.SWAP_PARTS``): other than ``all``, only those modules of each block are put in
+    (``arch.part_paths``: attention, router, routed experts, shared expert with its gate).
     """
     spec = arch_for(host)
     hb, db = get_blocks(host, spec), get_blocks(donor)
@@ -155,11 +180,20 @@ def swapped(host: nn.Module, donor: nn.Module, blocks: Sequence[int], *, head: b
     if head:
         _same_devices(get_head(host), get_head(donor), "the LM head", *names)
         _same_devices(get_final_norm(host), get_final_norm(donor), "the final norm", *names)
-    saved_blocks = {b: hb[b] for b in blocks}
+    if parts != "all":
+        check_part(host.config, parts)
+    paths = part_paths(spec, parts)
+    saved_blocks = {b: hb[b] for b in blocks} if parts == "all" else {}
+    saved_parts: list[tuple[nn.Module, str, nn.Module]] = []
     saved_mods: dict[str, nn.Module] = {}
     try:
         for b in blocks:
-            hb[b] = new[b]
+            if parts == "all":
+                hb[b] = new[b]
+                continue
+            for path, mod in _part_modules(hb[b], new[b], paths):
+                saved_parts.append((hb[b], path, hb[b].get_submodule(path)))
+                _set_module(hb[b], path, mod)
         if head:
             if spec.final_norm:
                 saved_mods[spec.final_norm] = get_final_norm(host, spec)
@@ -171,6 +205,8 @@ def swapped(host: nn.Module, donor: nn.Module, blocks: Sequence[int], *, head: b
     finally:
         for b, mod in saved_blocks.items():
             hb[b] = mod
+        for block, path, mod in reversed(saved_parts):
+            _set_module(block, path, mod)
         for path, mod in saved_mods.items():
             _set_module(host, path, mod)
 
@@ -263,7 +299,7 @@ def mix_folder(out: str | Path, mask: str, alpha: float) -> Path:
 
 
 def save_mix(base: nn.Module, sft: nn.Module, mask: str, alpha: float, folder: str | Path, *,
-             head: str = "base", tokenizer: Any = None) -> Path:
+             head: str = "base", tokenizer: Any = None, parts: str = "all") -> Path:
     """Write the base with the blocks of ``mask`` interpolated towards the SFT model at
     ``alpha`` (final norm and LM head per ``head``) as a Hugging Face folder that
     ``AutoModelForCausalLM.from_pretrained`` loads (safetensors, config, and the tokenizer when
@@ -281,7 +317,8 @@ def save_mix(base: nn.Module, sft: nn.Module, mask: str, alpha: float, folder: s
     from sftscope.progress import quiet_libraries
 
     with atomic_dir(folder) as tmp, swapped(base, sft, mix.ids, head=head == "sft",
-                                            names=("base", "sft"), modules=modules) as hybrid, \
+                                            names=("base", "sft"), modules=modules,
+                                            parts=parts) as hybrid, \
             quiet_libraries():
         hybrid.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
@@ -358,7 +395,7 @@ def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *
               directions: Sequence[str] = tuple(DIRECTIONS),
               choices: Sequence[ChoiceSlot | None] | None = None, batch_size: int = 8,
               chunk_elements: int = DEFAULT_CHUNK, indices: Sequence[int] | None = None,
-              alphas: Sequence[float] = ()) -> tuple[list[SwapSums], int]:
+              alphas: Sequence[float] = (), parts: str = "all") -> tuple[list[SwapSums], int]:
     """The lens sums (last layer) of both loaded originals and each hybrid (``masks`` x
     ``directions``), over the samples ``indices`` (default all), and the number of blocks.
 
@@ -366,7 +403,8 @@ def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *
     so the effect of the blocks can be told from the effect of the head. With ``alphas``, for
     each mask the base whose blocks there are interpolated towards the SFT model
     (``SegmentMix``; final norm and head per ``head``) at each alpha (direction
-    ``interpolate``). The models are left as they were.
+    ``interpolate``). ``parts``: swap (and interpolate) only those modules of each block
+    (``swapped``). The models are left as they were.
     """
     n_blocks = check_swappable(base, sft)
     models = {"base": base, "sft": sft}
@@ -386,7 +424,7 @@ def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *
         for mask in ([none] if head_from_donor else []) + list(masks):
             config = f"{host_k}<-{donor_k}[{mask}]"
             with swapped(models[host_k], models[donor_k], mask_blocks(mask, n_blocks),
-                         head=head_from_donor, names=(host_k, donor_k)) as hybrid:
+                         head=head_from_donor, names=(host_k, donor_k), parts=parts) as hybrid:
                 found.append(SwapSums(config, direction, mask, head, run(hybrid, config)))
     for mask in masks if alphas else ():
         mix = SegmentMix(base, sft, mask_blocks(mask, n_blocks))  # this mask's blocks only
@@ -394,7 +432,7 @@ def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *
             mix.set(alpha)
             config = mix_config(mask, alpha)
             with swapped(base, sft, mix.ids, head=head == "sft", names=("base", "sft"),
-                         modules=mix.blocks) as hybrid:
+                         modules=mix.blocks, parts=parts) as hybrid:
                 found.append(SwapSums(config, MIX, mask, head, run(hybrid, config), alpha))
         del mix
     return found, n_blocks
@@ -483,6 +521,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                               allow_mixed=cfg.allow_mixed_pair)
             check_adapter_base(sft, base, sft_revision, base_revision=base_revision,
                                allow_other_base=cfg.allow_other_base)
+            check_part(cfgs["base"], cfg.parts)
             if cfgs["base"].model_type != cfgs["sft"].model_type:
                 raise SftscopeError(f"the pair cannot be swapped: model types "
                                     f"{cfgs['base'].model_type} and "
@@ -518,6 +557,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                 shutil.rmtree(old, ignore_errors=True)
     share = par.shard(len(tok), batch_size)  # all samples when alone
     saved: list[str] = []
+    done: dict[str, list[str]] = {}  # what was swapped, from the loaded model
     plan(3 + bool(cfg.mixes()))  # load the pair, score originals and hybrids, (mixes,) table
 
     def evaluate() -> tuple[list[SwapSums] | None, int | None]:
@@ -532,20 +572,22 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                     models[k] = load_model(spec, opts[k])
                     nbytes += model_bytes(models[k])
                     check_vocab(models[k], tok.input_ids, k)
+            done["part_modules"] = [p or "(whole block)" for p in
+                                    part_paths(arch_for(models["base"]), cfg.parts)]
             stage("score originals and hybrids")
             with timer("evaluate"):
                 result = swap_sums(models["base"], models["sft"], tok, pad_id,
                                    segments=segments, masks=mask_list, head=head,
                                    directions=dirs, choices=choices, batch_size=batch_size,
                                    chunk_elements=chunk_elements, indices=share,
-                                   alphas=cfg.alphas)
+                                   alphas=cfg.alphas, parts=cfg.parts)
             if out is not None and par.main and cfg.mixes():
                 stage("save mixes")
                 with timer("save_mix"):
                     for mask, alpha in cfg.mixes():
                         where = save_mix(models["base"], models["sft"], mask, alpha,
                                          mix_folder(out, mask, alpha), head=head,
-                                         tokenizer=tokz)
+                                         tokenizer=tokz, parts=cfg.parts)
                         saved.append(str(where))
                         say(f"wrote {where}")
             return result
@@ -567,7 +609,8 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
         finish_run(out, run_record(
             "swap", cfg.record(), n_blocks=n_blocks, segments=segments,
             segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=mask_list,
-            head=head, embeddings="host (the model receiving the blocks)",
+            head=head, embeddings="host (the model receiving the blocks)", parts=cfg.parts,
+            part_modules=done.get("part_modules", []),
             models={k: fingerprint(v, revs[k], base=bases[k], base_revision=base_revision)
                     for k, v in specs.items()},
             n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),

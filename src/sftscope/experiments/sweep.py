@@ -105,6 +105,12 @@ from sftscope.config.commands import (
 )
 from sftscope.config.core import check_fields, defaults
 from sftscope.errors import SftscopeError
+from sftscope.experiments.forgetting import (
+    correlation_line,
+    forgetting_table,
+    job_retention,
+    retention_scores,
+)
 from sftscope.io import read_json, run_record, write_json, write_table
 from sftscope.metric_registry import lower_is_better
 from sftscope.parallel import is_main
@@ -324,12 +330,16 @@ def sweep_settings(cfg: SweepConfig) -> dict[str, Any]:
     segment_bounds(n_blocks, cfg.segments)  # segments > blocks: a clear error
     task, data = parse_eval(cfg.task)
     fp = fingerprint(cfg.model, topts.get("revision"))
-    return {
+    out = {
         "model": cfg.model, "model_fingerprint": fp, "n_blocks": n_blocks,
         "train": _data_identity(cfg.train),
         "eval": {"task": task, "spec": cfg.task, "data": _data_identity(data)},
         "segments": cfg.segments, "tune": topts, "eval_options": eopts,
     }
+    if cfg.retention:  # only when asked: sweeps made before it keep their settings
+        out["retention"] = {"data": _data_identity(cfg.retention),
+                            "limit": cfg.retention_limit}
+    return out
 
 
 def _model_key(fp: dict[str, Any]) -> Any:
@@ -659,11 +669,18 @@ def tune_and_evaluate(job: Job) -> JobOutput:
     if not eres.predictions_path:
         raise SftscopeError(f"job {job.name}: the evaluation wrote no predictions")
     items = read_predictions(eres.predictions_path, task)
-    return JobOutput(items, trainable_params=tres.trainable_params, info={
-        "rank": tres.rank, "alpha": tres.alpha, "steps": tres.steps,
-        "train_loss": tres.train_loss, "resumed_from": tres.resumed_from,
-        "scores": {sc.metric: sc.value for sc in eres.scores}, "n_eval": eres.n,
-        "method": tres.method, "adapter": tres.adapter_dir, "model_dir": tres.model_dir})
+    info = {"rank": tres.rank, "alpha": tres.alpha, "steps": tres.steps,
+            "train_loss": tres.train_loss, "resumed_from": tres.resumed_from,
+            "scores": {sc.metric: sc.value for sc in eres.scores}, "n_eval": eres.n,
+            "method": tres.method, "adapter": tres.adapter_dir, "model_dir": tres.model_dir}
+    if s.get("retention"):
+        full = tres.method == "full"
+        info["retention"] = retention_scores(
+            s["model"], str(tres.model_dir if full else tres.adapter_dir), adapter=not full,
+            source=s["retention"]["data"]["source"], limit=s["retention"]["limit"],
+            max_length=topts.get("max_length") or 512, batch_size=eopts["batch_size"],
+            revision=topts.get("revision"))
+    return JobOutput(items, trainable_params=tres.trainable_params, info=info)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -1028,11 +1045,19 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
                 validation = _run_validation(cfg, settings, summary, metric)
                 for fmt in cfg.formats:
                     write_table(masks_as_text(validation), out / f"suggest_validation.{fmt}")
+        forgetting = None
+        if settings.get("retention"):
+            table, forgetting = forgetting_table(job_retention(out / "jobs"), cfg.level,
+                                                 cfg.bootstrap, cfg.boot_seed)
+            for fmt in cfg.formats:
+                write_table(masks_as_text(table), out / f"forgetting.{fmt}")
+            say(correlation_line(forgetting))
         write_json(out / "run.json", run_record(
             "sweep", cfg.record(), n_blocks=settings[
                 "n_blocks"], settings=settings, masks=masks, seeds=seeds,
             jobs_done=done_names, jobs_pending=pending, jobs_missing=missing,
             jobs_failed=failed, jobs_unfinished=unfinished, primary_metric=metric,
+            forgetting=forgetting,
             statistics={"ci": "two-way (seeds x items) percentile bootstrap; Wilson for "
                               "constant binary scores", "p_value": "paired t-test of per-item "
                         "differences vs 11111, averaged over shared seeds",

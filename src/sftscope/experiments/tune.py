@@ -25,6 +25,9 @@ or full fine-tuning of those blocks (``method="full"``).
   run with ratio 2/5; ``--blocks 8-31`` gives any other split exactly.
 - Dynamics: ``RUN/dynamics.csv`` (per block and module: gradient norm and the norm of the
   effective weight's change since step 0), see :mod:`sftscope.experiments.dynamics`.
+- Objectives: ``sft`` (this module's completion-only loss) or, through TRL, ``dpo`` and
+  ``grpo`` (:mod:`sftscope.experiments.objectives`: data, TRL's config and trainer, rewards,
+  what run.json keeps of TRL); everything above applies to every objective.
 
 Large models on several GPUs (``accelerate launch -m sftscope tune ...``): the Trainer takes
 DDP, FSDP or DeepSpeed from accelerate's config. Full fine-tuning with FSDP needs
@@ -109,6 +112,8 @@ class TuneResult:
     model_dir: str | None = None
     dynamics: dict[str, Any] | None = None
     merged_dir: str | None = None  # --merge: the base with the adapter merged in (HF folder)
+    objective: str = "sft"
+    trl: dict[str, Any] | None = None  # DPO/GRPO: TRL's version, settings, reference, histories
 
     @property
     def output_dir(self) -> str:
@@ -721,6 +726,13 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     if eval_task is None and cfg.train == "gsm8k":
         eval_task = ("gsm8k", None)  # the hub dataset's test split
     timer = Timer()
+    sft = cfg.objective == "sft"
+    if not sft:  # DPO/GRPO records are read and checked before the model is loaded
+        from sftscope.experiments import objectives
+
+        rows, notes = objectives.train_rows(cfg)
+        for note in notes:
+            _say(f"[yellow]note:[/] {note}")
     dtype = _resolve_dtype(cfg.dtype)
     plan(3 + bool(cfg.merge and cfg.method != "full")
          + bool(cfg.run_eval and eval_task is not None))  # load, train, save(, merge)(, eval)
@@ -745,16 +757,16 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         narrow = min(min(module_in_out(model.get_submodule(n))) for n in names)
 
     with timer("tokenize"):
-        samples = load_samples(cfg.train, text_field=cfg.text_field, n=cfg.n_train or None,
-                               seed=cfg.data_seed, split=cfg.train_split)
-        from sftscope.experiments.evaluate import max_context
+        if sft:
+            samples = load_samples(cfg.train, text_field=cfg.text_field, n=cfg.n_train or None,
+                                   seed=cfg.data_seed, split=cfg.train_split,
+                                   skip_bad=cfg.skip_bad_records)
+            from sftscope.experiments.evaluate import max_context
 
-        data = build_train_set(samples, tok, completion_only=cfg.completion_only,
-                               chat_template=cfg.chat_template, max_length=cfg.max_length,
-                               model_max=max_context(model))
-    _say(f"training data: {len(data.examples)} examples, longest {data.longest} tokens, max "
-         f"length {data.max_length}, {data.n_truncated} truncated, {data.n_dropped} dropped "
-         f"(no completion token left)")
+            data = build_train_set(samples, tok, completion_only=cfg.completion_only,
+                                   chat_template=cfg.chat_template, max_length=cfg.max_length,
+                                   model_max=max_context(model))
+            _say_data(data)
 
     set_seed(cfg.seed)
     model.config.use_cache = False
@@ -795,7 +807,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     last = last_good_checkpoint(ckpt_dir) if cfg.resume else None
     if cfg.resume:
         _say(f"resuming from {last}" if last else "no checkpoint yet: starting from step 0")
-    args = TrainingArguments(
+    common = dict(
         output_dir=str(ckpt_dir), per_device_train_batch_size=micro,
         gradient_accumulation_steps=1, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps else -1, learning_rate=cfg.lr,
@@ -809,26 +821,37 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         ddp_find_unused_parameters=False, activation_checkpointing=False,
         logging_nan_inf_filter=False,  # a NaN loss must show, never be hidden in the average
     )
+    args = (TrainingArguments(**common) if sft else
+            objectives.training_arguments(cfg, common))
     world = max(1, int(args.world_size))  # processes that really train together (DDP, FSDP)
     if cfg.batch_size % (micro * world):
         raise SftscopeError(f"--batch-size {cfg.batch_size} is not a multiple of "
                             f"--micro-batch-size {micro} x {world} processes; change one")
     args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
-    work = plan_work([len(e["input_ids"]) for e in data.examples], cfg.batch_size,
-                     epochs=cfg.epochs, max_steps=cfg.max_steps)
-    _say(work.line() + "; a time estimate follows the first steps (none before: it depends "
-         "on the machine)")
-    packed, packing_why = choose_packing(cfg.packing, model, data.examples, pad_id(tok), micro)
-    _say(f"packing {packing_why}")
-    collator = packing_collator(pad_id(tok)) if packed else PadCollator(pad_id(tok))
-    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
-                      data_collator=collator,
-                      callbacks=[finite_loss_callback(), trainer_callback("train"),
-                                 estimate_callback(work),
-                                 *([recorder.callback()] if recorder else []),
-                                 *([no_final_checkpoint_callback()]
-                                   if full and not cfg.keep_checkpoints else []),
-                                 *(callbacks or [])])
+    work = None
+    if sft:
+        work = plan_work([len(e["input_ids"]) for e in data.examples], cfg.batch_size,
+                         epochs=cfg.epochs, max_steps=cfg.max_steps)
+        _say(work.line() + "; a time estimate follows the first steps (none before: it "
+             "depends on the machine)")
+    all_callbacks = [finite_loss_callback(), trainer_callback("train"),
+                     *([estimate_callback(work)] if work is not None else []),
+                     *([recorder.callback()] if recorder else []),
+                     *([no_final_checkpoint_callback()] if full and not cfg.keep_checkpoints
+                       else []),
+                     *(callbacks or [])]
+    if sft:
+        packed, packing_why = choose_packing(cfg.packing, model, data.examples, pad_id(tok),
+                                             micro)
+        _say(f"packing {packing_why}")
+        collator = packing_collator(pad_id(tok)) if packed else PadCollator(pad_id(tok))
+        trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
+                          data_collator=collator, callbacks=all_callbacks)
+    else:  # TRL pads its own batches
+        packed, packing_why = False, f"off: --objective {cfg.objective} batches are TRL's"
+        trainer, data = objectives.make_trainer(cfg, model=model, args=args, rows=rows, tok=tok,
+                                                callbacks=all_callbacks)
+        _say_data(data)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):  # raw log dicts and tqdm: we report instead
@@ -856,7 +879,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             "method": cfg.method, "mask": cfg.mask,
             "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
             "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
-            "full_rank": float(cfg.rank), "seed": cfg.seed}
+            "full_rank": float(cfg.rank), "seed": cfg.seed, "objective": cfg.objective}
     stage("save")
     with timer("save"):
         if full:
@@ -903,13 +926,15 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         resumed_from=last, timings=timer.seconds, method=cfg.method,
         model_dir=str(model_dir) if model_dir else None,
         dynamics=recorder.info() if recorder is not None else None, merged_dir=merged_dir,
+        objective=cfg.objective, trl=None if sft else objectives.record(cfg, trainer),
     )
 
     def record() -> None:  # training is recorded before the evaluation, which may fail
         result.timings = dict(timer.seconds)
         write_json(out / "run.json", run_record(
             "tune", cfg.record(), config_hash=_config_hash(cfg), model_fingerprint=fingerprint(
-                cfg.model, cfg.revision), n_blocks=n_blocks, method=cfg.method, mask=cfg.mask,
+                cfg.model, cfg.revision), n_blocks=n_blocks, method=cfg.method,
+            objective=cfg.objective, trl=result.trl, mask=cfg.mask,
             blocks=blocks,
             rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
             full_depth_params=full_params, seed=cfg.seed, processes=world,
@@ -938,6 +963,12 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         result.eval = _evaluate_after(model, tok, cfg, eval_task, timer)
         record()
     return result
+
+
+def _say_data(data: TrainSet) -> None:
+    _say(f"training data: {len(data.examples)} examples, longest {data.longest} tokens, max "
+         f"length {data.max_length}, {data.n_truncated} truncated, {data.n_dropped} dropped "
+         f"(no completion token left)")
 
 
 def _evaluate_after(model, tok, cfg: TuneConfig, eval_task: tuple[str, str | None],

@@ -7,14 +7,22 @@ are accumulated in float64. Tensor names map to ``(block, module)`` through the 
 map of the config's ``model_type`` (``sftscope.load.arch``).
 
 Table (tidy, long): ``block`` (0-based; empty for embeddings, final norm, LM head, totals),
-``module``, ``metric``, ``value``.
+``module``, ``metric``, ``value`` (and, for mixture-of-experts checkpoints, ``expert``: the
+routed expert's index on ``expert`` rows, empty elsewhere).
 
-Modules: ``q k v o`` (fused qkv split where the layout is known, else one ``qkv``), MLP
-projections by role (``gate up down fc_in fc_out gate_up``), ``other`` (everything else inside
-the block: norms, MoE routers/experts, unmapped projections), the aggregates ``attn`` (attention
-projections), ``mlp`` (MLP projections) and ``total`` (every tensor of the block); outside the
-blocks ``embed``, ``embed_added``, ``pos_embed``, ``final_norm``, ``lm_head``,
-``lm_head_added``, ``other`` and the whole-model ``total``.
+Modules: ``q k v o`` (fused qkv split where the layout is known, else one ``qkv``; DeepSeek's
+latent attention ``q_a q_b kv_a kv_b``), MLP projections by role (``gate up down fc_in fc_out
+gate_up``), the mixture-of-experts parts of a sparse block (``router``: the gate scoring the
+experts; ``experts``: all routed experts' parameters as one vector; ``expert``: one row per
+routed expert, its gate/up/down parameters as one vector; ``shared_expert``: the shared
+expert's projections *and* its gate, Qwen2-MoE's ``shared_expert_gate``), ``other``
+(everything else inside the block: norms, unmapped tensors), the aggregates ``attn``
+(attention projections), ``mlp`` (all MLP parameters: the dense projections, or router +
+routed experts + shared expert) and ``total`` (every tensor of the block); outside the blocks
+``embed``, ``embed_added``, ``pos_embed``, ``final_norm``, ``lm_head``, ``lm_head_added``,
+``other`` and the whole-model ``total``. Experts are read from either layout, one tensor per
+expert (``save_pretrained``, the hub) or fused ``[E, ...]`` tensors sliced per expert; the
+base and SFT must use the same one.
 
 Metrics: ``frobenius`` = ``sqrt(sum ||W_sft - W_base||_F^2)`` over the module's tensors and
 ``relative`` = that divided by ``sqrt(sum ||W_base||_F^2)``. **Biases are part of their module**:
@@ -24,6 +32,12 @@ vocabulary rows (SFT embedding/head larger than the base's) are compared on the 
 the added rows' norm is ``embed_added`` / ``lm_head_added`` (``frobenius``, and ``rows``, the
 number of added rows); they count in the whole-model total but not in ``embed``/``lm_head``.
 Tied embeddings are counted once, under ``embed`` (no ``lm_head`` row).
+
+Update sparsity: ``unchanged_frac`` = the share of the module's entries (weights and biases)
+that are bit-identical in the two checkpoints, compared in their stored dtype (the coarser one
+when the two store different dtypes; ``-0.0`` and ``0.0`` differ, as on disk); shared vocabulary
+rows only; aggregates pool their modules' entries. Measured for checkpoint pairs (and chains),
+not for adapters (a LoRA product changes every entry of its module).
 
 Low-rank metrics (per module with a 2-D weight; the spectrum of the weight's change, without the
 bias): ``sv1..svK`` (largest singular values), ``energy_rank90`` (smallest ``r`` whose top-``r``
@@ -81,6 +95,7 @@ from sftscope.load.adapters import LoraAdapter, LoraModule, adapter_folder, read
 from sftscope.load.arch import (
     MLP_ROLES,
     ArchSpec,
+    moe_tensor,
     n_layers,
     spec_for_paths,
     split_fused_qkv,
@@ -105,7 +120,11 @@ from sftscope.metrics.lowrank import (
 from sftscope.progress import plan, stage, staged, track
 
 COLUMNS = ["block", "module", "metric", "value", "method"]
-_BLOCK_ORDER = ("q", "k", "v", "qkv", "o", "attn", *MLP_ROLES, "mlp", "other", "total")
+_ATTN = ("q", "k", "v", "qkv", "q_a", "q_b", "kv_a", "kv_b", "o")
+_MOE = ("router", "experts", "shared_expert")
+_BLOCK_ORDER = (*_ATTN, "attn", *MLP_ROLES, *_MOE, "mlp", "other", "total")
+# Parameters of several matrices under one key: no single spectrum.
+_NO_SPECTRUM = ("other", "experts", "shared_expert")
 _TOP_ORDER = ("embed", "embed_added", "pos_embed", "final_norm", "lm_head", "lm_head_added",
               "other", "total")
 _VOCAB_MODULES = ("embed", "lm_head")
@@ -277,6 +296,15 @@ class _Acc:
         self.lowrank: dict[tuple[int | None, str], dict[str, float]] = {}
         self.methods: dict[tuple[int | None, str], str] = {}
         self.added_rows: dict[str, int] = defaultdict(int)
+        self.same: dict[tuple[int | None, str], int] = defaultdict(int)  # bit-identical entries
+        self.count: dict[tuple[int | None, str], int] = defaultdict(int)  # entries compared
+        self.expert_d2: dict[tuple[int, int], float] = defaultdict(float)
+        self.expert_b2: dict[tuple[int, int], float] = defaultdict(float)
+
+    def add_expert(self, block: int, expert: int, d2: float, b2: float) -> None:
+        """One routed expert's share (also added to the block's ``experts`` by the caller)."""
+        self.expert_d2[(block, expert)] += d2
+        self.expert_b2[(block, expert)] += b2
 
     def add(self, key: tuple[int | None, str], d2: float, b2: float) -> None:
         if not (math.isfinite(d2) and math.isfinite(b2)):  # never a NaN row in the table
@@ -290,36 +318,47 @@ class _Acc:
 
 
 def _table(acc: _Acc, has_base: bool) -> pd.DataFrame:
-    """Module rows, then the aggregates, in a stable order."""
-    rows: list[tuple[int | None, str, str, float, str | None]] = []
+    """Module rows, then the aggregates, in a stable order (per-expert rows after
+    ``experts``; the ``expert`` column only for checkpoints with experts)."""
+    rows: list[tuple[int | None, str, int | None, str, float, str | None]] = []
     keys = set(acc.d2) | set(acc.b2)
     blocks = sorted({b for b, _ in keys if b is not None})
 
-    def emit(block: int | None, module: str, d2: float, b2: float) -> None:
-        rows.append((block, module, "frobenius", math.sqrt(d2), None))
+    def emit(block: int | None, module: str, d2: float, b2: float,
+             expert: int | None = None,
+             members: Sequence[tuple[int | None, str]] = ()) -> None:
+        members = members or [(block, module)]
+        rows.append((block, module, expert, "frobenius", math.sqrt(d2), None))
         if module.endswith("_added"):
-            rows.append((block, module, "rows", float(acc.added_rows[module]), None))
+            rows.append((block, module, None, "rows", float(acc.added_rows[module]), None))
         elif has_base:
-            rows.append((block, module, "relative",
+            rows.append((block, module, expert, "relative",
                          math.sqrt(d2) / math.sqrt(b2) if b2 > 0 else math.nan, None))
+        n = sum(acc.count.get(k, 0) for k in members)
+        if n:
+            rows.append((block, module, expert, "unchanged_frac",
+                         sum(acc.same.get(k, 0) for k in members) / n, None))
         method = acc.methods.get((block, module))
         for metric, value in acc.lowrank.get((block, module), {}).items():
-            rows.append((block, module, metric, value, method))
+            rows.append((block, module, None, metric, value, method))
 
     tot_d2 = tot_b2 = 0.0
     for b in blocks:
         mods = {m for bb, m in keys if bb == b}
-        groups = {"attn": ("q", "k", "v", "qkv", "o"), "mlp": MLP_ROLES,
-                  "total": tuple(mods)}
+        groups = {"attn": _ATTN, "mlp": (*MLP_ROLES, *_MOE), "total": tuple(mods)}
         for module in _BLOCK_ORDER:
             if module in groups:
                 members = [m for m in groups[module] if m in mods]
                 if not members:
                     continue
                 emit(b, module, sum(acc.d2[(b, m)] for m in members),
-                     sum(acc.b2[(b, m)] for m in members))
+                     sum(acc.b2[(b, m)] for m in members), members=[(b, m) for m in members])
             elif module in mods:
                 emit(b, module, acc.d2[(b, module)], acc.b2[(b, module)])
+            if module == "experts":
+                for (bb, e) in sorted(acc.expert_d2):
+                    if bb == b:
+                        emit(b, "expert", acc.expert_d2[(b, e)], acc.expert_b2[(b, e)], e)
         tot_d2 += sum(acc.d2[(b, m)] for m in mods)
         tot_b2 += sum(acc.b2[(b, m)] for m in mods)
     top = {m for bb, m in keys if bb is None}
@@ -329,10 +368,11 @@ def _table(acc: _Acc, has_base: bool) -> pd.DataFrame:
             tot_d2 += acc.d2[(None, module)]
             tot_b2 += acc.b2[(None, module)]
     if keys:
-        emit(None, "total", tot_d2, tot_b2)
-    df = pd.DataFrame(rows, columns=COLUMNS)
+        emit(None, "total", tot_d2, tot_b2, members=sorted(keys, key=str))
+    df = pd.DataFrame(rows, columns=["block", "module", "expert", *COLUMNS[2:]])
     df["block"] = df["block"].astype("Int64")
-    return df
+    df["expert"] = df["expert"].astype("Int64")
+    return df if acc.expert_d2 else df.drop(columns="expert")
 
 
 # --------------------------------------------------------------------------- full checkpoints
@@ -347,6 +387,7 @@ class _Item:
     sft: str | None
     fused: bool = False
     vocab: bool = False
+    experts_fused: bool = False  # a fused [E, ...] expert tensor, sliced per expert
 
 
 def _plan(base: Checkpoint, sft: Checkpoint | None, notes: list[str]) -> list[_Item]:
@@ -369,6 +410,7 @@ def _plan(base: Checkpoint, sft: Checkpoint | None, notes: list[str]) -> list[_I
             lst = [n for n in lst if classify(n, spec) is not None]
             if lst:
                 other = "SFT" if which == "base" else "base"
+                _check_expert_layouts(lst, spec, which)
                 raise SftscopeError(
                     f"{len(lst)} tensor(s) are in the {which} checkpoint but not in the {other} "
                     f"one (first: {lst[0]}); the checkpoints are different architectures"
@@ -379,10 +421,14 @@ def _plan(base: Checkpoint, sft: Checkpoint | None, notes: list[str]) -> list[_I
         if slot is None or info.dtype not in FLOAT_DTYPES:
             skipped.append(n)
             continue
+        if slot.module == "shared_expert_gate":  # its gate is part of the shared expert
+            slot = replace(slot, module="shared_expert")
         items.append(_Item(slot, n, n if sft is not None else None,
                            fused=slot.module == "qkv"
                            and fused_split_ok(spec, base.config, info.shape),
-                           vocab=slot.module in _VOCAB_MODULES))
+                           vocab=slot.module in _VOCAB_MODULES,
+                           experts_fused=slot.module == "experts" and slot.expert is None
+                           and len(info.shape) >= 2))
     # The output head: tied heads are the embedding, counted once under ``embed``.
     tied_b = base.tied
     tied_s = sft.tied if sft is not None else tied_b
@@ -423,6 +469,31 @@ def _plan(base: Checkpoint, sft: Checkpoint | None, notes: list[str]) -> list[_I
             )
     items.sort(key=lambda it: (str(base.tensors[it.base].file), base.tensors[it.base].start))
     return items
+
+
+def _check_expert_layouts(names: list[str], spec: ArchSpec, which: str) -> None:
+    """Expert tensors in one checkpoint only: one stores them per expert, the other fused."""
+    moe = next((t for n in names if (t := moe_tensor(spec, n)) and t.role == "experts"), None)
+    if moe is not None:
+        have = "one tensor per expert" if moe.expert is not None else "fused [E, ...] tensors"
+        raise SftscopeError(
+            f"the {which} checkpoint stores block {moe.block}'s experts as {have} and the other "
+            f"checkpoint does not; re-save both with save_pretrained (one tensor per expert) "
+            f"and compare again"
+        )
+
+
+def _experts_record(items: list[_Item], acc: _Acc) -> dict[str, Any] | None:
+    """What was read of a mixture of experts (run.json): the stored layout, the blocks and
+    the number of experts with ``expert`` rows; None for a dense model."""
+    if not acc.expert_d2:
+        return None
+    fused = any(it.experts_fused for it in items)
+    per = any(it.slot.expert is not None for it in items)
+    blocks = sorted({b for b, _ in acc.expert_d2})
+    return {"layout": "fused" if fused and not per else "per_expert" if per and not fused
+            else "adapter" if not items else "mixed",
+            "blocks": blocks, "n_experts": len({e for _, e in acc.expert_d2})}
 
 
 def _n_blocks(ckpt: Checkpoint, items: list[_Item]) -> int:
@@ -500,6 +571,8 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
         acc.added_rows[f"{it.slot.module}_added"] = max(
             acc.added_rows[f"{it.slot.module}_added"], added.shape[0])
         s = s[: b.shape[0]]
+    if s is not None:
+        _count_unchanged(acc, it, s, b, spec, base.config)
     if it.fused:
         b64 = b.to(torch.float64)
         d64 = (s.to(torch.float64) - b64) if s is not None else None
@@ -514,8 +587,16 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
                     and it.slot.param == "weight":
                 spectra.submit(pkey, dp, d2, dtype)
         return
+    if it.experts_fused:
+        _fused_experts(b, s, it.slot.block, acc, norms)
+        return
+    if it.slot.expert is not None:  # one expert's tensor: to ``experts`` and its own row
+        d2, b2 = norms.sq_diff(s, b) if s is not None else (0.0, norms.sq(b))
+        acc.add(key, d2, b2)
+        acc.add_expert(it.slot.block, it.slot.expert, d2, b2)
+        return
     if (spectra is not None and s is not None and b.dim() == 2 and it.slot.param == "weight"
-            and it.slot.module != "other"):
+            and it.slot.module not in _NO_SPECTRUM):
         d = s.to(torch.float64)
         d.sub_(b)
         d2 = _sq64(d)
@@ -525,6 +606,43 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
         acc.add(key, *norms.sq_diff(s, b))
     else:
         acc.add(key, 0.0, norms.sq(b))
+
+
+def _bits(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` seen as integers of the same width: equal bits, equal integers
+    (``-0.0`` differs from ``0.0``, as it does on disk)."""
+    x = x.to(dtype)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return x.view(ints[x.element_size()])
+
+
+def _count_unchanged(acc: _Acc, it: _Item, s: Tensor, b: Tensor, spec: ArchSpec,
+                     config: dict) -> None:
+    """``unchanged_frac``'s counts: entries bit-identical in their stored dtype (the coarser
+    one when the two checkpoints store different dtypes), per module (fused qkv per role)."""
+    if b.is_floating_point() and s.is_floating_point():
+        dtype = b.dtype if dtype_eps(b.dtype) >= dtype_eps(s.dtype) else s.dtype
+        same = _bits(s, dtype) == _bits(b, dtype)
+    else:
+        same = s == b
+    if it.fused:
+        parts = split_fused_qkv(same.to(torch.float64), spec, config)
+        for role in ("q", "k", "v"):
+            acc.same[(it.slot.block, role)] += int(parts[role].sum())
+            acc.count[(it.slot.block, role)] += parts[role].numel()
+        return
+    key = (it.slot.block, it.slot.module)
+    acc.same[key] += int(same.sum())
+    acc.count[key] += same.numel()
+
+
+def _fused_experts(b: Tensor, s: Tensor | None, block: int, acc: _Acc, norms: _Norms) -> None:
+    """A fused expert tensor ``[E, ...]``: each expert's slice (a view) to its own row and to
+    the block's ``experts``."""
+    for e in range(b.shape[0]):
+        d2, b2 = norms.sq_diff(s[e], b[e]) if s is not None else (0.0, norms.sq(b[e]))
+        acc.add((block, "experts"), d2, b2)
+        acc.add_expert(block, e, d2, b2)
 
 
 # --------------------------------------------------------------------------- adapters
@@ -540,6 +658,7 @@ def _adapter_pass(folder: Path, base: Checkpoint | None, acc: _Acc, low_rank: bo
     spec = base.spec if base is not None else spec_for_paths([m.path for m in lora.modules])
     for m in lora.modules:
         m.path = canonical_name(m.path, spec)
+    _refuse_fused_expert_lora(lora, spec)
     config = base.config if base is not None else None
     if lora.other:
         notes.append(f"adapter: {len(lora.other)} non-LoRA tensor(s) (e.g. {lora.other[0]}: "
@@ -560,6 +679,8 @@ def _adapter_pass(folder: Path, base: Checkpoint | None, acc: _Acc, low_rank: bo
                                     f"{b.shape[1]}; the adapter is corrupt")
             mod.rank, mod.alpha, mod.scale = lora.settings(mod.path, r)
             slot = classify(mod.path + ".weight", spec) or Slot(None, "other", "weight")
+            if slot.module == "shared_expert_gate":  # part of the shared expert, as above
+                slot = replace(slot, module="shared_expert")
             if slot.block is not None:
                 blocks.add(slot.block)
             if base is not None:
@@ -584,6 +705,20 @@ def _adapter_pass(folder: Path, base: Checkpoint | None, acc: _Acc, low_rank: bo
     return n_blocks, info
 
 
+def _refuse_fused_expert_lora(lora: LoraAdapter, spec: ArchSpec) -> None:
+    """LoRA on fused expert parameters (peft ``target_parameters``) has factors of its own
+    layout; their change is not measured here: one line, never a wrong number."""
+    for m in lora.modules:
+        slot = classify(m.path + ".weight", spec)
+        if slot is not None and slot.module == "experts" and slot.expert is None:
+            raise SftscopeError(
+                f"the adapter adapts the fused expert parameters of {m.path} (peft "
+                f"target_parameters); weights --adapter does not measure those: merge the "
+                f"adapter into a checkpoint (sftscope.load.models.save_model) and compare it "
+                f"with --sft"
+            )
+
+
 def _adapter_module(lora: LoraAdapter, mod: LoraModule, a: Tensor, parts: dict[str, Tensor],
                     bias_parts: dict[str, Tensor], slot: Slot, acc: _Acc, low_rank: bool,
                     top_k: int, device: str, timer: Timer) -> None:
@@ -597,7 +732,9 @@ def _adapter_module(lora: LoraAdapter, mod: LoraModule, a: Tensor, parts: dict[s
         key = (slot.block, role)
         bias_d2 = scale**2 * _sq64(bias_parts[role]) if role in bias_parts else 0.0
         acc.add(key, d2 + bias_d2, 0.0)
-        if low_rank:
+        if slot.expert is not None:  # one expert's projection (per-expert modules)
+            acc.add_expert(slot.block, slot.expert, d2 + bias_d2, 0.0)
+        if low_rank and role not in _NO_SPECTRUM:
             with timer("low_rank"):
                 sigma = lora_svdvals(bp.to(device), a.to(device), scale).cpu()
                 shape = (bp.shape[0], a.shape[1])
@@ -706,6 +843,7 @@ def weight_change(
         tied=bool(b_ck.tied) if b_ck is not None else None,
         notes=notes, timings=dict(timer.seconds), bytes_read=n_bytes,
         adapter=extra if adapter is not None else None,
+        experts=_experts_record(items, acc),
     )
     return df
 

@@ -13,9 +13,7 @@ Pickle checkpoints are refused, never unpickled.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +33,14 @@ from sftscope.load.sources import (  # noqa: F401  (re-exported: the checkpoint 
 if TYPE_CHECKING:
     from torch import Tensor
 
-from sftscope.load.arch import ArchSpec, fused_qkv_sizes, spec_for_config, spec_from_names
+from sftscope.load.arch import (
+    ArchSpec,
+    block_re,
+    fused_qkv_sizes,
+    moe_tensor,
+    spec_for_config,
+    spec_from_names,
+)
 
 _JUNK_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
 # Legacy checkpoint names that transformers renames at load time: family -> {old: new}.
@@ -181,30 +186,31 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Slot:
-    """What a tensor is: block (None outside the blocks), module role, parameter name."""
+    """What a tensor is: block (None outside the blocks), module role, parameter name, and
+    for one routed expert's tensor (on-disk per-expert layout) the expert's index."""
 
     block: int | None
     module: str
     param: str  # weight, bias, ...
-
-
-@functools.lru_cache(maxsize=64)
-def _block_re(blocks: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(blocks)}\.(\d+)\.(.+)$")
+    expert: int | None = None
 
 
 def classify(name: str, spec: ArchSpec) -> Slot | None:
-    """``(block, module, param)`` of a canonical tensor name; None for non-parameter buffers."""
+    """``(block, module, param[, expert])`` of a canonical tensor name; None for
+    non-parameter buffers. MoE tensors of either layout get their role (``arch.MOE_ROLES``); a
+    per-expert tensor its expert index, a fused one (all experts) none."""
     path, _, param = name.rpartition(".")
     if param in ("inv_freq", "masked_bias"):
         return None
-    m = _block_re(spec.blocks).match(path)
+    m = block_re(spec.blocks).match(path)
     if m:
         sub = m.group(2)
         if spec.conv1d and sub == "attn" and param == "bias":
             return None  # GPT-2's causal-mask buffer in old checkpoints
-        role = spec.module_roles().get(sub, "other")
-        return Slot(int(m.group(1)), role, param)
+        moe = moe_tensor(spec, name)
+        if moe is not None:
+            return Slot(moe.block, moe.role, param, moe.expert)
+        return Slot(int(m.group(1)), spec.role_of(sub) or "other", param)
     if path == spec.embed:
         return Slot(None, "embed", param)
     if path in spec.extra_embeds:

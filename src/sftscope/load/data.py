@@ -3,6 +3,8 @@
 A data source is one of:
 - ``gsm8k`` (a registered name: loaded through ``datasets`` from the hub, where reachable);
 - ``gsm8k:path/to/file.jsonl`` (a registered format on a local file with the same fields);
+- ``preference:path/to/file.jsonl`` (local only: ``prompt``, ``chosen``, ``rejected``, each a
+  text or a list of chat messages; a sample is prompt + chosen, the pair is in its meta);
 - ``path/to/file.jsonl|.csv|.parquet|.txt`` (generic: ``text_field`` or ``template``).
 Every sample keeps its ``prompt`` and ``answer`` when the format knows them, so probing and
 evaluation can find the position right after the prompt. The GSM8K and MMLU formats are the
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftscope.errors import SftscopeError
-from sftscope.tasks import LETTERS, get_task, task_names
+from sftscope.tasks import LETTERS, get_task, preference, task_names
 from sftscope.tasks.base import is_missing, text_problem
 
 if TYPE_CHECKING:
@@ -110,15 +112,25 @@ def _mt_bench(r: dict) -> Sample:
     return Sample(str(turns))
 
 
+def _preference(r: dict) -> Sample:
+    """A preference pair: the sample is prompt + chosen (what analysis of it sees); the pair
+    itself (as given: text or chat messages) is in ``meta["pair"]``."""
+    problem = preference.check(r)
+    if problem:
+        raise BadRecord(problem)
+    s = preference.analysis_sample(r)
+    return Sample(s.text, s.prompt, s.answer, dict(s.meta))
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """Where a registered dataset lives on the hub and how its records become samples.
 
-    ``blank_ok``: blank texts are part of the dataset (WikiText's empty lines); they are
-    dropped and counted instead of refused.
+    ``hub=None``: a local-only format (``NAME:FILE``). ``blank_ok``: blank texts are part of
+    the dataset (WikiText's empty lines); they are dropped and counted instead of refused.
     """
 
-    hub: str
+    hub: str | None
     config: str | None
     split: str
     fields: tuple[str, ...]
@@ -143,6 +155,7 @@ REGISTRY: dict[str, DatasetSpec] = {
     "mt_bench": DatasetSpec("HuggingFaceH4/mt_bench_prompts", None, "train", ("prompt",),
                             _mt_bench),
     "toxigen": DatasetSpec("toxigen/toxigen-data", "annotated", "test", ("text",), _text("text")),
+    "preference": DatasetSpec(None, None, "train", preference.FIELDS, _preference),
 }
 
 
@@ -295,9 +308,17 @@ def load_records(source: str, split: str | None = None, *, skip_bad: bool = Fals
     if path is not None:
         return _read_local(path, split, skip_bad)
     assert spec is not None
+    _need_file(source, spec)
     rows = read_hub(spec, split)
     name = f"{spec.hub} ({split or spec.split} split)"
     return RecordSet(source, rows, [f"{name}, record {i}" for i in range(1, len(rows) + 1)])
+
+
+def _need_file(source: str, spec: DatasetSpec) -> None:
+    """A local-only format named without its file."""
+    if spec.hub is None:
+        raise SftscopeError(f"data {source!r} is a local-only format: give its file as "
+                            f"{source}:FILE (fields {', '.join(spec.fields)})")
 
 
 def read_records(source: str, split: str | None = None) -> list[dict]:
@@ -465,6 +486,8 @@ def check_source(data: str, *, split: str | None = None, text_field: str | None 
         fields_needed += check_template(template)
     spec, path = parse_source(data)
     if path is None:
+        if spec is not None:
+            _need_file(data, spec)
         return
     suffix = _check_file(path)
     if text_field:

@@ -46,6 +46,12 @@ GGUF_ARCHS = {
     "deci": "deci", "lfm2": "lfm2", "gpt-oss": "gpt_oss", "mamba": "mamba",
     "minimax-m2": "minimax_m2",
 }
+# Mixture-of-experts hyper-parameters: config key -> GGUF key (``{arch}.`` prefixed).
+# transformers 5.25 maps the first two only; ``load.models`` passes the expert sizes on.
+MOE_KEYS = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
+            "moe_intermediate_size": "expert_feed_forward_length",
+            "shared_expert_intermediate_size": "expert_shared_feed_forward_length"}
+GGUF_MOE_SIZES = ("moe_intermediate_size", "shared_expert_intermediate_size")
 # Families that are not decoder-only language models.
 GGUF_NOT_CAUSAL = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "t5", "t5encoder",
                    "clip", "roberta", "xlm-roberta", "wavtokenizer-dec", "neo-bert"}
@@ -84,6 +90,7 @@ class GgufInfo:
                                "num_hidden_layers": self.arch_key("block_count"),
                                "hidden_size": self.arch_key("embedding_length"),
                                "vocab_size": vocab}
+        cfg.update({k: self.arch_key(g) for k, g in MOE_KEYS.items()})
         return {k: v for k, v in cfg.items() if v is not None}
 
 

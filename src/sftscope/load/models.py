@@ -19,7 +19,7 @@ from typing import Any
 
 from sftscope.errors import SftscopeError
 from sftscope.io import atomic_dir
-from sftscope.load.gguf import need_gguf
+from sftscope.load.gguf import GGUF_MOE_SIZES, need_gguf
 from sftscope.load.runtime import input_device, resolve_device, resolve_dtype
 from sftscope.load.sources import (
     ModelSource,
@@ -263,6 +263,8 @@ def _from_pretrained(src: ModelSource, opts: LoadOptions):
     if src.kind == "gguf":
         need_gguf()
         kwargs["gguf_file"] = src.gguf_file
+        # transformers' GGUF reader leaves an MoE's expert widths at the config defaults
+        kwargs.update({k: src.config[k] for k in GGUF_MOE_SIZES if k in src.config})
         try:  # dense weights: sftscope hooks, swaps and adapts plain linear layers
             from transformers.utils.quantization_config import GgufConfig
 

@@ -467,9 +467,11 @@ def plot_weight_change(weights: pd.DataFrame | FigureData,
     df = data.frame
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
     names = [m for m in ("relative", "frobenius") if m in metrics] or metrics[:2]
+    names += ["unchanged_frac"] if "unchanged_frac" in metrics else []  # update sparsity
     pal = _colors(df, colors)
     runs = run_labels(df)
-    fig, axes = _grid(len(names), ncols=2, w=5.2, title=title)
+    fig, axes = _grid(len(names), ncols=len(names), w=5.2 if len(names) < 3 else 4.4,
+                      title=title)
     for ax, metric in zip(axes, names):
         sub = df[df["metric"].astype(str) == metric]
         for r in runs:
@@ -478,7 +480,10 @@ def plot_weight_change(weights: pd.DataFrame | FigureData,
                 _line(ax, g, pal[r], "-", r)
         ax.set_title(f"{module}: {_nice(metric, 'weights')}", fontsize=10)
         _depth_axes(ax, BLOCK_AXIS)
-        _flat_note(ax, [sub["value"]], f"{module} {metric} change")
+        if metric == "unchanged_frac":  # a share: the whole range, 0 = every entry changed
+            ax.set_ylim(-0.03, 1.03)
+        else:
+            _flat_note(ax, [sub["value"]], f"{module} {metric} change")
     _legend(fig, _run_handles(runs, pal))
     return fig
 

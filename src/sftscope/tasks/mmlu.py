@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,6 +114,13 @@ def prompt(record: dict, shots: Sequence[dict] = ()) -> str:
     head = HEADER.format(subject=subject) if subject else ""
     parts = "".join(f"{block(s)} {LETTERS[gold_index(s)]}\n\n" for s in shots)
     return head + parts + block(record)
+
+
+def answer_letter(completion: str) -> str | None:
+    """The option letter a generated answer starts with (`` B``, ``(B)``, ``B. ...``), or
+    None: what a generated MMLU answer is scored by (the GRPO reward ``mmlu``)."""
+    m = re.match(r"\s*\(?([A-J])(?![A-Za-z])", completion)
+    return m.group(1) if m else None
 
 
 def shot_key(record: dict) -> str:
