@@ -54,7 +54,7 @@ def main(model_dir: str, method: str) -> None:
     grads = {n: p.grad.full_tensor() for n, p in full.items()}
     weights = {n: p.detach().full_tensor() for n, p in full.items()}
     if dist.get_rank() == 0:
-        got = {(b, m): (g, u) for b, m, g, u in rows}
+        got = {(b, m): (g, u) for b, m, _e, g, u in rows}
         want_g: dict[tuple[int, str], float] = {}
         want_u: dict[tuple[int, str], float] = {}
         for n, g in grads.items():

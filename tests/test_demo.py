@@ -57,6 +57,39 @@ def test_demo_bad_skip_is_one_line(capsys):
     assert "unknown step" in err and len(err.splitlines()) == 1
 
 
+def test_demo_moe_quick(tmp_path):
+    """``demo --moe --quick``: a Mixtral pair trained here, routing drift, per-expert weight
+    rows and the report's MoE figures; swap and the sweep left out."""
+    out = tmp_path / "demo"
+    res = run_demo(DemoConfig(out=str(out), quick=True, moe=True))
+    assert set(res.runs) == {"analyze", "weights", "probe"}
+    cfg = json.loads((out / "pair-moe" / "base" / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 4
+    routing = pd.read_csv(out / "analyze" / "routing.csv")
+    assert {"js_divergence", "topk_overlap", "load", "load_entropy"} == set(routing.metric)
+    assert (routing[routing.metric == "js_divergence"].value > 0).all()
+    weights = pd.read_csv(out / "weights" / "weights.csv")
+    assert {"router", "experts", "expert"} <= set(weights.module)
+    html = (out / "report.html").read_text()
+    assert "Fig. 13" in html and "Router JS divergence is largest" in html
+    assert "mixture-of-experts" in html
+    for stem in ("fig13_routing_drift", "fig13b_expert_load", "fig13c_expert_weights"):
+        assert (out / "figures" / f"{stem}.png").is_file(), stem
+
+
+def test_demo_moe_family_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--moe", "--family", "olmo2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--moe trains a Mixtral pair" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--moe", "--stages"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "not combined with --moe" in err and len(err.splitlines()) == 1
+
+
 def test_demo_stages_quick_renders_the_chain(tmp_path):
     """--stages: DPO then GRPO after the SFT model, and analyze, weights (unchanged_frac) and
     probe over base -> SFT -> DPO -> GRPO, one series per stage in the figures."""

@@ -195,3 +195,26 @@ def test_tiny_pair_is_reproducible_and_force_retrains(tmp_path):
     assert not other.cached and other.key != a.key
     olmo = build_demo_pair(tmp_path / "olmo", config=cfg, family="olmo2")
     assert json.loads((olmo.sft_dir / "config.json").read_text())["model_type"] == "olmo2"
+
+
+def test_pair_is_the_same_whatever_the_machine_load(tmp_path, monkeypatch):
+    """The thread count of training is fixed when it starts, never chosen from the load (a
+    count adapted to the load gave two full demo runs of one commit different SFT weights and
+    verdicts): a busy and an idle machine train byte-identical pairs with the same threads."""
+    import os
+
+    from sftscope.demo.pair import QUICK, build_demo_pair
+
+    cfg = dataclasses.replace(QUICK, n_pretrain=120, n_sft=40, n_test=8, n_train=8,
+                              n_general=8, base_steps=4, sft_steps=3, eval_items=2,
+                              eval_new_tokens=4, threads=0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    pairs = []
+    for name, load in (("idle", 0.0), ("busy", 40.0)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        pairs.append(build_demo_pair(tmp_path / name, config=cfg))
+    man = [json.loads((p.base_dir.parent / "manifest.json").read_text()) for p in pairs]
+    assert man[0]["torch_threads"] == man[1]["torch_threads"] == {"base": 3, "sft": 3}
+    for d in ("base_dir", "sft_dir"):
+        assert file_sha256(getattr(pairs[0], d) / "model.safetensors") == \
+            file_sha256(getattr(pairs[1], d) / "model.safetensors")

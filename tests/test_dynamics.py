@@ -356,7 +356,7 @@ def test_gpt2_roles_fused_qkv(model_dir, method):
     x = torch.randint(5, 300, (2, 9))
     model.train()
     model(input_ids=x, labels=x).loss.backward()
-    rows = {(b, m): (g, u) for b, m, g, u in rec.measure(model)}
+    rows = {(b, m): (g, u) for b, m, _e, g, u in rec.measure(model)}
     mods = {m for _, m in rows}
     want = {"qkv", "o", "fc_in", "fc_out"} | ({"other"} if method == "full" else set())
     assert mods == want

@@ -478,3 +478,25 @@ def test_rescore_refusals(tmp_path):
     empty = _write_lines(tmp_path / "e.jsonl", [])
     with pytest.raises(SftscopeError, match="is empty"):
         E.rescore(E.EvalConfig(task="gsm8k", rescore=str(empty)))
+
+
+def test_truncated_prompts_are_printed_and_in_the_report(model_dir, gsm8k_file, tmp_path,
+                                                         capsys):
+    """A model whose context is shorter than the prompts: eval prints how many prompts were
+    cut (one line), run.json keeps the count, and the report shows it."""
+    from sftscope.cli import main
+    from sftscope.report import build_report
+
+    short = model_dir("llama", max_positions=24)
+    out = tmp_path / "ev"
+    with pytest.raises(SystemExit) as ex:
+        main(["eval", "--model", str(short), "--task", "gsm8k", "--data", str(gsm8k_file),
+              "--max-new-tokens", "8", "--shots", "0", "--out", str(out)])
+    assert ex.value.code == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "were truncated" in x]
+    assert len(lines) == 1 and "8 of 8 prompts" in lines[0], err
+    rec = json.loads((out / "run.json").read_text())
+    assert "8 of 8 prompts" in json.dumps(rec)
+    html = build_report([out], out=tmp_path / "r.html").read_text()
+    assert "8 prompt(s) or text(s) were longer than the limit and were truncated" in html

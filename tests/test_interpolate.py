@@ -252,3 +252,33 @@ def test_report_plots_score_against_alpha(pair, tmp_path):
     assert N.interp_data(plain).empty
     html = build_report([tmp_path / "mix"], out=tmp_path / "r.html").read_text()
     assert "Fig. 6b" in html
+
+
+def test_broken_mix_is_refused_naming_its_alpha(pair, tmp_path, monkeypatch):
+    """A mix whose logits overflow (NaN loss) is refused in one line naming the mix and its
+    alpha, not scored; --save-mix of non-finite mixed weights writes nothing."""
+    import dataclasses
+
+    import sftscope.experiments.swap as S
+
+    base_dir, sft_dir, data, _ = pair
+    real = S.lens_pass
+
+    def broken(model, *a, description="", **kw):
+        sums = real(model, *a, description=description, **kw)
+        if description == mix_config("01", 0.5):
+            return dataclasses.replace(sums, loss=np.full_like(sums.loss, np.nan))
+        return sums
+
+    monkeypatch.setattr(S, "lens_pass", broken)
+    with pytest.raises(SftscopeError, match=r"base<-mix0.5\[01\]: non-finite logits on"):
+        swap(base=str(base_dir), sft=str(sft_dir), data=data, segments=2, masks="01",
+             alphas=(0.0, 0.5), directions="sft-into-base", batch_size=4, bootstrap=0)
+    monkeypatch.setattr(S, "lens_pass", real)
+    base, sft = load_model(str(base_dir)), load_model(str(sft_dir))
+    with torch.no_grad():
+        next(get_blocks(sft)[-1].parameters()).fill_(float("inf"))
+    with pytest.raises(SftscopeError, match="--save-mix 01:0.5: the mixed weights are not "
+                                            "finite"):
+        save_mix(base, sft, "01", 0.5, tmp_path / "mix")
+    assert not (tmp_path / "mix").exists()

@@ -233,3 +233,24 @@ def test_two_processes_write_the_tables_of_one(model_dir, gsm8k_file, tmp_path):
     assert rec["capture"]["base"]["cached"] and rec["capture"]["sft"]["cached"]
     assert rec["world_size"] == 1
     _same(_tables(again, "metrics"), _tables(one / "analyze", "metrics"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router_input", ["own"])  # "base" passes too (~60 s more)
+def test_two_processes_routing_of_one(model_dir, gsm8k_file, tmp_path, router_input):
+    """torchrun, 2 CPU processes: an MoE pair's routing.csv equals one process's (each rank
+    stores and reads its own share of the base's router output; shares merged by sample)."""
+    base, sft = str(model_dir("qwen2_moe", seed=0)), str(model_dir("qwen2_moe", seed=1))
+    common = {"data": f"gsm8k:{gsm8k_file}", "max_length": 48, "batch_size": 3,
+              "device": "cpu"}
+    an = {"base": base, "sft": sft, "n_token": 2, "bootstrap": 20,
+          "router_input": router_input, **common}
+    pr = {"base": base, "sft": sft, "bootstrap": 0, **common}
+    sw = {"base": base, "sft": sft, "segments": 2, "bootstrap": 0, **common}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
+           "SFTSCOPE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = one_and_two(tmp_path, an, pr, sw, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = tmp_path / "one" / "analyze", tmp_path / "two" / "analyze"
+    _same(_tables(two, "routing"), _tables(one, "routing"))
+    assert json.loads((two / "run.json").read_text())["routing"]["router_input"] == router_input

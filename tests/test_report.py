@@ -613,7 +613,7 @@ def test_suggest_validation_shows_baselines(tmp_path):
     # rank 1, 4 and 7
     assert ("combined proposal 00100 ranks 4 of 9 swept masks" in text
             and "the prior-only mask 01000 ranks 1" in text
-            and "a random interior one-segment mask 4.0 on average (of 3)" in text), text
+            and "a random interior mask of its shape 4.0 on average (of 3)" in text), text
     table = pd.read_csv(tmp_path / "figs" / "suggest_validation.csv")
     assert {"prior_mask", "prior_rank", "random_rank", "vs_prior", "vs_random"} <= set(table)
     assert table.set_index("method").loc["combined", "vs_prior"] == 3

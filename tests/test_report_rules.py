@@ -131,7 +131,8 @@ def test_lens_pattern_compares_sft_with_base():
     assert both.verdict == R.YES and "the base shows it too" in both.why
     assert "base accuracy:" in both.numbers and "-> yes" in both.numbers
     alone = check_lens(probe(0.6 * STATES))  # only the fine-tune shows it
-    assert alone.verdict == R.YES and alone.why == "" and "-> no" in alone.numbers
+    assert alone.verdict == R.YES and "base shows it too" not in alone.why
+    assert "-> no" in alone.numbers
 
 
 # ----------------------------------------------------------------------------- (d) swap
@@ -479,3 +480,37 @@ def test_sweep_findings_no_winner_when_the_best_overlaps_the_next():
            "winner)" in wide
     narrow = " ".join(sweep_findings(N.sweep_data(summary(0.005))))
     assert "best mask 01000 0.420," in narrow and "no clear winner" not in narrow
+
+
+# ----------------------------------------------------------------------------- no intervals
+
+
+def test_a_verdict_without_intervals_says_so():
+    """analyze's default --bootstrap 0 (and probe/swap/sweep with 0) leave no interval: the
+    verdict is computed on exact numbers and its line says that no noise check was possible."""
+    from sftscope.report.patterns import check_cka
+
+    y = _cka(0.3)
+    bare = R.cka_rule(STATES, y, hint="analyze --bootstrap 0")
+    assert bare.verdict == R.YES
+    assert bare.why == "no interval: analyze --bootstrap 0; noise not checked"
+    assert "noise not checked" in bare.text()
+    nan = np.full(len(y), np.nan)
+    assert "no interval" in R.cka_rule(STATES, y, nan, nan).why
+    assert "no interval" not in R.cka_rule(STATES, y, y - 0.001, y + 0.001).why
+    sharp = np.where(STATES > 0.8, 0.6, 0.01)
+    assert "no interval" in R.lens_rule(STATES, sharp).why
+    assert "no interval" not in R.lens_rule(STATES, sharp, sharp - 0.01, sharp + 0.01).why
+    vals = [0.50, 0.53, 0.54, 0.52, 0.49]
+    u = R.inverted_u_rule({i: R.Point(v) for i, v in enumerate(vals)}, 5, hint="swap --bootstrap 0")
+    assert u.verdict == R.YES and "swap --bootstrap 0; noise not checked" in u.why
+    assert "no interval" not in R.inverted_u_rule(_pts(vals), 5).why
+    assert "no interval" in R.all_of([u, u], "r").why  # a yes over several keeps the note
+    rows = [R.MaskScore(m, v, seeds=3, n_items=500) for m, v in PAPER.items()]
+    assert "no interval" in R.sweep_rule(rows).why
+    assert "no interval" not in R.sweep_rule(_sweep(PAPER)).why
+    # the pattern check names the option that switched the intervals off
+    df = pd.DataFrame({"layer": np.arange(len(STATES)), "rel_depth": STATES, "metric": "cka",
+                       "value": y})
+    v = check_cka(df)
+    assert "no interval: analyze --bootstrap 0; noise not checked" in v.why, v

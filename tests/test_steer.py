@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -181,3 +182,40 @@ def test_cli_steer_layer_out_of_range_before_loading(pair, texts, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--layer 9 is outside" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_steer_refuses_scales_that_break_the_model(pair, texts, tmp_path, capsys):
+    """--scales 0,1e30 overflows the hidden state: refused in one line naming the scale, exit
+    2, before any scoring (it used to score the broken model's empty completions as 0)."""
+    from sftscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["steer", "--base", str(pair[0]), "--sft", str(pair[1]), "--data", str(texts),
+              "--out", str(tmp_path / "o"), "--layer", "1", "--generate", "--scales", "0,1e30",
+              "--limit", "4", "--n-prompts", "2", "--max-new-tokens", "2"])
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if "error" in x]
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "--scales 1e+30: the steered model gives non-finite or constant logits" in err[0]
+    assert not (tmp_path / "o" / "steer.csv").exists()
+
+
+def test_steer_warns_when_every_completion_is_empty(pair, texts, tmp_path, monkeypatch):
+    """A scale at which the model ends every completion at once gets a warning line and a
+    note in run.json (its scores describe a broken model)."""
+    import sftscope.experiments.evaluate as E
+
+    real = E.generate
+
+    def gen(model, tok, prompts, **kw):
+        got = real(model, tok, prompts, **kw)
+        if "scale 3" in kw.get("description", ""):
+            return [dataclasses.replace(g, completion="", new_tokens=0) for g in got]
+        return got
+
+    monkeypatch.setattr(E, "generate", gen)
+    out = tmp_path / "run"
+    steer(_cfg(pair, texts, out, layer=1, scales="0,3", generate=True, n_prompts=2,
+               max_new_tokens=2, limit=4))
+    notes = json.loads((out / "run.json").read_text())["notes"]
+    assert any(n.startswith("scale 3: every completion is empty") for n in notes), notes
+    assert not any(n.startswith("scale 0:") for n in notes)

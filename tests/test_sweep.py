@@ -236,8 +236,10 @@ def test_validate_suggestions_ranks():
     # baselines: the prior-only mask (segment centre nearest 30 % depth: 01000 of 5) ranks 1;
     # a random interior one-segment mask (01000, 00100, 00010: ranks 1, 2, 4) 7/3 on average
     assert (v["prior_mask"] == "01000").all() and (v["prior_rank"] == 1).all()
-    assert v["random_rank"].to_numpy() == pytest.approx([7 / 3] * 3)
-    assert (v["n_interior"] == 3).all()
+    assert v.loc[["pair", "angular"], "random_rank"].to_numpy() == pytest.approx([7 / 3] * 2)
+    assert (v.loc[["pair", "angular"], "n_interior"] == 3).all()
+    # a two-segment proposal is compared with two-segment masks (none swept here)
+    assert v.loc["gradient", "n_interior"] == 0 and math.isnan(v.loc["gradient", "random_rank"])
     assert v.loc["pair", "random_as_good"] == pytest.approx(1 / 3)
     assert v.loc["angular", "random_as_good"] == pytest.approx(2 / 3)
     assert math.isnan(v.loc["gradient", "random_as_good"])
@@ -499,6 +501,22 @@ def test_validate_suggest_reads_only_the_training_data(tiny, tmp_path, monkeypat
     from sftscope.config.commands import SuggestConfig
 
     assert SuggestConfig.__dataclass_fields__["split"].default == "train"
+
+
+def test_random_baseline_has_the_proposals_shape():
+    """A proposal with two segments on is compared with random interior masks with two
+    segments on (it used to be compared with one-segment masks only)."""
+    masks = ["11111", "10000", "01000", "00100", "00010", "00001", "01100", "01010", "00110"]
+    means = [0.30, 0.20, 0.40, 0.35, 0.30, 0.10, 0.50, 0.45, 0.25]
+    summary = pd.DataFrame({"mask": masks, "metric": "accuracy", "mean": means})
+    v = validate_suggestions(summary, {"two": "01010", "one": "00100"},
+                             "accuracy").set_index("method")
+    # ranks: 01100 1, 01010 2, 01000 3, 00100 4, 00010 and 11111 tie at 5, 00110 7
+    assert v.loc["two", "rank"] == 2 and v.loc["two", "n_interior"] == 3
+    assert v.loc["two", "random_rank"] == pytest.approx((1 + 2 + 7) / 3)
+    assert v.loc["two", "random_as_good"] == pytest.approx(2 / 3)
+    assert v.loc["one", "n_interior"] == 3
+    assert v.loc["one", "random_rank"] == pytest.approx((3 + 4 + 5) / 3)
 
 
 def test_retention_kl_and_forgetting_correlation(tiny, data, tmp_path):

@@ -85,6 +85,14 @@ _ENTRIES: list[MetricSpec] = [
     _m("l2_norm_cv", "single", order=92, label="L2 norm CV (std / mean)", bounds=(0.0, None)),
     _m("sparsity", "single", order=100, label="sparsity", bounds=UNIT),
     _m("curvature", "single", order=110, label="curvature (rad)", bounds=(0.0, None)),
+    # routing.csv (analyze of a mixture-of-experts pair)
+    _m("js_divergence", "pair", order=60, label="router JS divergence (nats)",
+       bounds=(0.0, 0.6931471805599453)),
+    _m("topk_overlap", "pair", order=70, label="top-k overlap", bounds=UNIT),
+    _m("load", "single", order=120, label="expert load (share of top-k slots)", bounds=UNIT,
+       table="routing"),
+    _m("load_entropy", "single", order=130, label="expert load entropy (nats)",
+       bounds=(0.0, None), table="routing"),
     # weights.csv
     _m("relative", "weight", order=10, label="relative change", bounds=(0.0, None),
        table="weights"),

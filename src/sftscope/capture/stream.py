@@ -44,6 +44,13 @@ from safetensors.torch import load_file, save_file
 
 from sftscope import metrics as M
 from sftscope.capture.engine import HookedBatch, run_hooked
+from sftscope.capture.routing import (
+    RoutingReducer,
+    RoutingTask,
+    WithRouting,
+    moe_routers,
+    router_hooks,
+)
 from sftscope.errors import Interrupted, SftscopeError
 from sftscope.io import atomic_path, stable_hash
 from sftscope.load.arch import get_blocks
@@ -70,6 +77,8 @@ class CaptureConfig:
     curvature_cos_clip: float = 1.0
     entropy_normalisations: tuple[str, ...] = ()
     include_padding: bool = False  # reference preset: research code counted padded positions
+    routing: str = ""  # MoE routing capture: its mode and partner (``capture.routing``), as
+    # text; "" = none
     checkpoint_every: float = 60.0  # seconds between checkpoints (0: after every batch)
     overlap: bool | None = None  # token metrics of batch b in a worker thread during the
     # forward pass of batch b+1; None: where that pays (``pick_schedule``)
@@ -90,6 +99,8 @@ class CaptureConfig:
         for k in self.RUN_ONLY:
             if not (k == "batch_size" and self.include_padding):  # padding depends on batches
                 d.pop(k)
+        if not self.routing:  # captures without routing keep the keys they always had
+            d.pop("routing")
         return d
 
     def metric_options(self) -> M.MetricOptions:
@@ -112,6 +123,8 @@ class CaptureResult:
     n_tokens: torch.Tensor             # [N] real tokens per sample
     info: dict = field(default_factory=dict)
     index: torch.Tensor | None = None  # [N] sample indices of a share (None: all, in order)
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)  # MoE: per-sample routing
+    # sums, sample axis 1 (``capture.routing``); its layout in ``info["routing"]``
 
     @property
     def n_states(self) -> int:
@@ -126,13 +139,15 @@ class CaptureResult:
         out.update({f"token.{k}": v for k, v in self.token.items()})
         if self.index is not None:
             out["index"] = self.index
+        out.update({f"routing.{k}": v for k, v in self.routing.items()})
         return {k: v.contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], info: dict) -> CaptureResult:
         token = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("token.")}
+        routing = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("routing.")}
         return cls(t["pooled_mean"], t["pooled_last"], token, t["n_tokens"], info,
-                   t.get("index"))
+                   t.get("index"), routing)
 
 
 def ids_digest(input_ids: list[list[int]]) -> str:
@@ -540,7 +555,8 @@ def _check_share(indices: list[int], n: int, cfg: CaptureConfig) -> None:
 
 def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
             cache_path: Path | None = None, label: str = "model",
-            indices: list[int] | None = None) -> CaptureResult:
+            indices: list[int] | None = None, routing: RoutingTask | None = None
+            ) -> CaptureResult:
     """Run ``model`` over ``tok`` once, reducing every hidden state as it passes.
 
     With ``cache_path``: return the cached result if present; otherwise checkpoint the done
@@ -550,6 +566,8 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
 
     ``indices``: capture only these samples (a share of a data-parallel run, cut with
     ``shard_unit``); the result's rows are those samples in the order given (``index``).
+    ``routing``: also reduce an MoE model's routers (``capture.routing``; its description
+    must be in ``cfg.routing``, which enters the key).
     """
     if cfg.batch_size < 1:
         raise SftscopeError(f"--batch-size must be at least 1, got {cfg.batch_size}")
@@ -569,11 +587,14 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
     red = _Reducer(n_blocks + 1, n, dim, n_token, cfg.metric_options(), cfg.include_padding,
                    schedule=pick_schedule(cfg.overlap, device),
                    samples=None if indices is None else samples, device_type=device.type)
+    rr = None if routing is None else RoutingReducer(
+        routing, n, samples=None if indices is None else samples)
     index = None if indices is None else torch.tensor(samples, dtype=torch.long)
     partial = partial_path(cache_path) if cache_path is not None else None
     resumed = 0
     got = _read(partial) if partial is not None else None
-    if got is not None and got[1].get("n") == len(samples) and red.restore(got[0]):
+    if (got is not None and got[1].get("n") == len(samples)
+            and (rr is None or rr.restore(got[0])) and red.restore(got[0])):
         resumed = int(red.done.sum())
     todo = [i for r, i in enumerate(samples) if not bool(red.done[r])]
     if cfg.include_padding and todo:
@@ -587,8 +608,8 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
     def checkpoint() -> None:
         if partial is not None:
             red.drain()
-            _save(partial, red.state(n_tokens), {"n": len(samples), "v": FORMAT_VERSION,
-                                                 "done": int(red.done.sum())})
+            _save(partial, {**red.state(n_tokens), **(rr.state() if rr else {})},
+                  {"n": len(samples), "v": FORMAT_VERSION, "done": int(red.done.sum())})
 
     def after_batch(_batch: HookedBatch) -> None:
         nonlocal last_ckpt
@@ -597,14 +618,19 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
             last_ckpt = time.perf_counter()
 
     try:
-        with _sigterm_interrupts():
+        hooks = (contextlib.nullcontext() if rr is None
+                 else router_hooks(moe_routers(model), rr))
+        with _sigterm_interrupts(), hooks:
             try:
-                run_hooked(model, tok, cfg.batch_size, pad_id, red, indices=todo,
+                run_hooked(model, tok, cfg.batch_size, pad_id,
+                           red if rr is None else WithRouting(red, rr), indices=todo,
                            description=f"capture {label}", label=label,
                            after_batch=after_batch)
                 red.drain()
             except KeyboardInterrupt:
                 red.discard_current()
+                if rr is not None:
+                    rr.discard_current()
                 checkpoint()
                 raise Interrupted() from None
             except SftscopeError:  # NaN/Inf: nothing of this capture is kept
@@ -621,6 +647,9 @@ def capture(model, tok: TokenizedSet, cfg: CaptureConfig, pad_id: int,
                             "n_samples": len(samples), "token_metrics": red.schedule,
                             "compute_dtype": str(red.dtype).removeprefix("torch.")
                             if red.dtype is not None else None, "cached": False}, index)
+    if rr is not None:
+        result.routing = rr.buf
+        result.info["routing"] = routing.info()  # type: ignore[union-attr]
     if cache_path is not None:
         save_capture(cache_path, result)
         if partial is not None:
@@ -644,6 +673,7 @@ def merge_shards(parts: list[CaptureResult | None], n: int) -> CaptureResult:
     n_tokens = torch.zeros(n, dtype=torch.long)
     token = {k: torch.full_like(v, float("nan")) for k, v in first.token.items()}
     seen = torch.zeros(n, dtype=torch.bool)
+    routing: dict[str, torch.Tensor] = {}
     for p in got:
         idx = p.index if p.index is not None else torch.arange(p.pooled_mean.shape[1])
         if bool(seen[idx].any()):
@@ -655,6 +685,10 @@ def merge_shards(parts: list[CaptureResult | None], n: int) -> CaptureResult:
         cols = idx[idx < token[next(iter(token))].shape[1]] if token else idx[:0]
         for k in token:
             token[k][:, cols] = p.token[k][:, cols]
+        for k, v in p.routing.items():
+            if k not in routing:
+                routing[k] = torch.zeros((v.shape[0], n, *v.shape[2:]), dtype=v.dtype)
+            routing[k][:, idx] = v
     if not bool(seen.all()):
         raise SftscopeError(f"capture shares miss {int((~seen).sum())} of {n} samples")
     info = {"seconds": max(float(p.info.get("seconds", 0.0)) for p in got),
@@ -666,4 +700,6 @@ def merge_shards(parts: list[CaptureResult | None], n: int) -> CaptureResult:
                 "seconds": float(p.info.get("seconds", 0.0)),
                 "cached": bool(p.info.get("cached", False)),
                 "resumed_samples": int(p.info.get("resumed_samples", 0))} for p in parts]}
-    return CaptureResult(mean, last, token, n_tokens, info)
+    if "routing" in first.info:
+        info["routing"] = first.info["routing"]
+    return CaptureResult(mean, last, token, n_tokens, info, routing=routing)

@@ -108,7 +108,7 @@ def entropy_norms(value: tuple[str, ...]) -> str | None:
 class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
     """Everything ``analyze`` needs (``stages``: a checkpoint chain after ``sft``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*", "noise.*")
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*", "noise.*", "routing.*")
 
     limit: int | None = limit_opt(1000)
     n_token: int = opt(100, "Samples (the first of the selection) that also get token-level "
@@ -125,6 +125,11 @@ class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
                                                   "e.g. logN,raw.", check=entropy_norms)
     pooling: str = pooling_opt()
     cka_unbiased: bool = opt(False, "Debiased (unbiased HSIC) CKA.")
+    router_input: str | None = opt(None, "Mixture-of-experts pairs: the stream the routers "
+                                   "read in routing.csv: own (each model's; the default) or "
+                                   "base (the SFT's routers on the base's stream: a router's "
+                                   "own change, without upstream drift).",
+                                   choices=("own", "base"))
     noise_splits: int = opt(20, "Noise floor: every pair metric of the base against itself on "
                             "two disjoint random halves of the data, over this many splits "
                             "(noise.csv: median and 2.5-97.5 % range; the report "
@@ -478,8 +483,87 @@ OBJECTIVE_ONLY = {"beta": ("dpo", "grpo"), "loss_type": ("dpo", "grpo"), "reward
                   "num_generations": ("grpo",), "max_completion_length": ("grpo",)}
 # options with a meaning for some objectives only (refused when changed from the default)
 DEFAULT_ONLY = {"completion_only": ("sft",), "preset": ("sft",), "packing": ("sft",),
-                "max_length": ("sft", "dpo")}
-LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout", "merge")
+                "max_length": ("sft", "dpo"), "experts": ("sft",)}
+LORA_ONLY = ("rank", "alpha_ratio", "alpha", "rslora", "mlp", "dropout", "merge", "router")
+
+
+def parse_experts(value: str) -> tuple[str, int | tuple[int, ...]]:
+    """``--experts``: ``top-load:K`` -> ``("top-load", K)``; ``3,7`` -> ``("list", (3, 7))``."""
+    text = value.strip()
+    if text.startswith("top-load:"):
+        k = text.partition(":")[2].strip()
+        if not k.isdigit() or int(k) < 1:
+            raise SftscopeError(f"--experts {value!r}: top-load:K needs a whole number K >= 1 "
+                                f"(e.g. top-load:2)")
+        return "top-load", int(k)
+    items = [p.strip() for p in text.split(",")]
+    if not text or not all(p.isdigit() for p in items):
+        raise SftscopeError(f"--experts {value!r}: give top-load:K or 0-based expert indices "
+                            f"such as 3,7")
+    if len(set(items)) != len(items):
+        raise SftscopeError(f"--experts {value!r} names an expert twice")
+    return "list", tuple(sorted(int(p) for p in items))
+
+
+def check_moe_flags(model: str | None, opts: Any) -> None:
+    """The mixture-of-experts options of tune (``opts``: TuneConfig fields) against the model
+    folder's config, before anything loads (a hub model is checked once its config loads).
+    Imports torch only when such an option is given."""
+    from sftscope.config.core import defaults
+
+    moe_dropout = opts.mlp and opts.dropout not in (0, defaults(TuneConfig)["dropout"])
+    if not model or not (opts.router or opts.experts is not None or moe_dropout):
+        return
+    from sftscope.load.sources import check_model
+
+    src = check_model(model)
+    if src.config:
+        check_moe_options(opts, src.config)
+
+
+def check_moe_options(cfg: Any, config: Any) -> None:
+    """Refuse ``--router`` / ``--experts`` that cannot apply to this model (its config: a
+    transformers config or a ``config.json`` dict); called before the weights load."""
+    from sftscope.load.arch import moe_info
+
+    info = moe_info(config)
+    mt = (config.get("model_type") if isinstance(config, dict)
+          else getattr(config, "model_type", "")) or "?"
+    for flag, given in (("--experts", cfg.experts is not None), ("--router", cfg.router)):
+        if given and info is None:
+            raise SftscopeError(f"{flag} applies to mixture-of-experts models; {cfg.model} "
+                                f"(model_type {mt}) has no routed experts: drop {flag}")
+    if info is None:
+        return
+    from sftscope.config.core import defaults
+
+    if cfg.mlp and cfg.method == "lora" and cfg.dropout not in (0, defaults(TuneConfig)["dropout"]):
+        raise SftscopeError(f"--dropout {cfg.dropout} with --mlp on a mixture of experts: PEFT's "
+                            f"LoRA on fused expert parameters cannot apply dropout; use "
+                            f"--dropout 0 (or leave it: such runs use 0)")
+    if cfg.experts is None:
+        return
+    kind, val = parse_experts(cfg.experts)
+    n = info.n_experts
+    if kind == "top-load" and int(val) > n:
+        raise SftscopeError(f"--experts {cfg.experts}: K = {val} is larger than the {n} experts "
+                            f"of each block of {cfg.model}; use K <= {n}")
+    if kind == "list" and max(val) >= n:
+        raise SftscopeError(f"--experts {cfg.experts}: expert {max(val)} is out of range; "
+                            f"{cfg.model} has experts 0..{n - 1} per block")
+    if cfg.method != "full":
+        raise SftscopeError(f"--experts {cfg.experts} with LoRA: PEFT adapts a fused expert "
+                            f"parameter for all {n} experts at once and cannot target single "
+                            f"experts; use --method full --experts {cfg.experts}")
+
+
+def experts_spec(value: str) -> str | None:
+    """A check of ``--experts`` (syntax only; the model's expert count is checked later)."""
+    try:
+        parse_experts(value)
+    except SftscopeError as e:
+        return str(e).partition(": ")[2]
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -527,7 +611,16 @@ class TuneConfig(OneModel):
                               "overrides --alpha-ratio).", check=positive)
     rslora: bool = opt(False, "Rank-stabilised scale alpha/sqrt(r), alpha = ratio x sqrt(full "
                        "rank).")
-    mlp: bool = opt(False, "Adapt the MLP projections too (default: attention q, k, v, o).")
+    mlp: bool = opt(False, "Adapt the MLP projections too (default: attention q, k, v, o); on "
+                    "a mixture of experts: the routed experts (every expert's fused weights) "
+                    "and the shared expert.")
+    router: bool = opt(False, "Mixture of experts: train the routers (and Qwen2-MoE's shared-"
+                       "expert gates) of the selected blocks, their full weights.")
+    experts: str | None = opt(None, "Mixture of experts, --method full: train only these "
+                              "routed experts per selected block, top-load:K (the K with the "
+                              "highest routing load on the training data, measured before "
+                              "training) or indices such as 3,7; the others stay bit-identical.",
+                              check=experts_spec)
     dropout: float = opt(0.05, "LoRA dropout.", check=in_range(0, 1, hi_open=True))
     lr: float = opt(1e-4, "Learning rate (AdamW, linear decay); full fine-tuning usually "
                     "wants less (the research code: 2e-5).", check=positive)
@@ -568,7 +661,8 @@ class TuneConfig(OneModel):
     keep_checkpoints: bool = opt(False, "Keep RUN/checkpoints after success.", volatile=True)
     logging_steps: int = opt(10, "Log the loss every N steps.", check=at_least(1),
                              volatile=True)
-    dynamics_every: int | None = opt(None, "Record per-block gradient and update norms in "
+    dynamics_every: int | None = opt(None, "Record per-block gradient (after clipping) and "
+                                     "update norms in "
                                      "RUN/dynamics.csv every N optimizer steps (default: every "
                                      "--logging-steps; 0 = off).", check=at_least(0),
                                      volatile=True)
@@ -632,6 +726,7 @@ class TuneConfig(OneModel):
                 raise SftscopeError(f"{flag(given[0])} is a LoRA option; --method full trains "
                                     f"the blocks' own weights: drop it (or use --method lora)")
         check_data_source(self.train, split=self.train_split, text_field=self.text_field)
+        check_moe_flags(self.model, self)
         if self.eval_task is not None and ":" in self.eval_task:
             check_task_spec(self.eval_task)
         self._check_objective()
@@ -814,6 +909,13 @@ class SweepConfig(Config):
             if given:
                 raise SftscopeError(f"{flag(given[0])} is a LoRA option; --method full trains "
                                     f"the blocks' own weights: drop it (or use --method lora)")
+        if self.model:
+            from types import SimpleNamespace
+
+            from sftscope.config.core import defaults
+
+            check_moe_flags(self.model, SimpleNamespace(**{**defaults(TuneConfig), **tune,
+                                                           "model": self.model}))
         check_fields(EvalConfig, self.evaluation, what="eval", exclude=SWEEP_EVAL_KEYS)
         check_fields(SuggestConfig, self.suggest, what="suggest", exclude=SWEEP_SUGGEST_KEYS)
         # masks must have K characters
@@ -929,6 +1031,9 @@ class DemoConfig(Config):
     seed: int = opt(0, "Seed of the corpus, training and analyses.")
     quick: bool = opt(False, "Reduced size (about a minute; what the tests run).")
     family: str = opt("llama", "Architecture of the demo pair.", choices=("llama", "olmo2"))
+    moe: bool = opt(False, "A mixture-of-experts pair instead (Mixtral family, 4 experts, "
+                    "top-2): analyze with routing drift, weights with per-expert rows, probe "
+                    "and the report's MoE figures; swap and the sweep are left out.")
     force: bool = opt(False, "Retrain the pair even if a cached one exists.", volatile=True)
     segments: int = segments_opt(5)
     sweep_masks: str = opt("singles", "Masks of the small sweep: singles, paper, all, or a "
@@ -944,10 +1049,22 @@ class DemoConfig(Config):
         if bad:
             raise SftscopeError(f"--skip {bad[0]!r}: unknown step; steps are "
                                 f"{', '.join(DEMO_STEPS)}")
+        if self.moe and self.family != "llama":
+            raise SftscopeError(f"--family {self.family} is for the dense demo pair; --moe "
+                                f"trains a Mixtral pair (leave --family out)")
+        if self.moe and self.stages:
+            raise SftscopeError("--stages continues the dense demo pair; it is not combined "
+                                "with --moe yet (run them separately)")
         if self.stages:
             from sftscope.experiments.objectives import trl_version
 
             trl_version()
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The steps that run: all but ``skip`` (and, with ``moe``, swap and the sweep)."""
+        left = ("swap", "sweep") if self.moe else ()
+        return tuple(s for s in DEMO_STEPS if s not in self.skip and s not in left)
 
     @property
     def sizes(self) -> dict[str, int]:

@@ -180,8 +180,9 @@ def level_opt() -> Any:
 
 def bootstrap_opt(default: int = 1000, why: str = "") -> Any:
     """One default (1000) everywhere; a command that needs another says why (``why``)."""
-    return opt(default, "Bootstrap resamples for the intervals (0 = none)."
-               + (f" {why}" if why else ""), check=at_least(0), aliases=("n_boot",))
+    return opt(default, "Bootstrap resamples for the intervals (0 = none; docs/metrics.md "
+               "says which interval each number gets)." + (f" {why}" if why else ""),
+               check=at_least(0), aliases=("n_boot",))
 
 
 def formats_opt() -> Any:

@@ -47,12 +47,14 @@ from sftscope.demo.corpus import (
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.data import pad_batch
+from sftscope.load.runtime import cpu_cores
 from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
 from sftscope.tasks.base import trim_at_stop
 from sftscope.tasks.gsm8k import extract_flexible, extract_strict
 
 DEMO_FAMILIES = ("llama", "olmo2")
+MOE_DEMO_FAMILY = "mixtral"  # ``sftscope demo --moe``: a mixture of experts, every block sparse
 MANIFEST = "manifest.json"
 
 
@@ -86,11 +88,14 @@ class PairConfig:
     max_number: int = 50
     eval_items: int = 50
     eval_new_tokens: int = 64
+    n_experts: int = 0  # routed experts per block (0: a dense MLP)
+    top_k: int = 0      # experts per token
     threads: int = 0
-    """torch threads while building (0: chosen from the machine's load as training goes, see
-    ``load.runtime.ThreadGovernor``). Not part of the cache key. One thread is as fast as two
-    for the quick preset's tiny matrices and far faster on a busy machine, where two OpenMP
-    threads wait on each other at every operation."""
+    """torch threads while building (0: the cores this process may use). Fixed when training
+    starts and never adapted to the machine's load, so that one seed gives the same weights
+    however busy the machine is (a count chosen from the load gave two runs of one commit
+    different checkpoints). Not part of the cache key. One thread is as fast as two for the
+    quick preset's tiny matrices."""
 
 
 FULL = PairConfig()
@@ -99,6 +104,13 @@ QUICK = PairConfig(
     sft_steps=120, sft_lr=2e-3, n_pretrain=1_500, n_sft=300, n_test=40, n_train=60,
     n_general=40, eval_items=16, eval_new_tokens=32, threads=1,
 )
+# ``--moe``: 4 experts of width 64, top-2, in every block; an MoE step costs about 2.3x a
+# dense one of the same width, so fewer steps than FULL keep the pair near 3 minutes on two
+# idle cores
+MOE_FULL = dataclasses.replace(FULL, intermediate=64, n_experts=4, top_k=2, base_steps=900,
+                               sft_steps=250, n_pretrain=12_000, n_sft=1_500)
+MOE_QUICK = dataclasses.replace(QUICK, intermediate=32, n_experts=4, top_k=2, base_steps=120,
+                                sft_steps=60)
 
 
 @dataclass
@@ -218,19 +230,13 @@ def _train(model, dataset: torch.utils.data.Dataset, *, steps: int, lr: float, c
         PrinterCallback,
         ProgressCallback,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
-    from sftscope.load.runtime import ThreadGovernor
     from sftscope.progress import trainer_callback
 
     show = progress_enabled()
-    governor = ThreadGovernor(enabled=cfg.threads == 0)
-
-    class Governor(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-            governor()
+    THREADS[name] = torch.get_num_threads()
 
     args = TrainingArguments(
         output_dir=str(work_dir / f"trainer-{name}"), max_steps=steps,
@@ -242,27 +248,40 @@ def _train(model, dataset: torch.utils.data.Dataset, *, steps: int, lr: float, c
         dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      callbacks=[Governor(), trainer_callback(f"demo pair: {name}")])
+                      callbacks=[trainer_callback(f"demo pair: {name}")])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if show:
         say(f"[bold]demo pair[/]: training {name} ({steps} steps)")
-    trainer.train()
+    with _deterministic():
+        trainer.train()
     model.eval()
-    THREAD_CHANGES[name] = governor.changes
     return [[float(h["step"]), float(h["loss"])] for h in trainer.state.log_history if "loss" in h]
 
 
-THREAD_CHANGES: dict[str, list[tuple[float, int]]] = {}  # (seconds, threads) per training phase
+THREADS: dict[str, int] = {}  # torch threads of each training phase, for the manifest
+
+
+@contextlib.contextmanager
+def _deterministic():
+    """torch's deterministic algorithms while training (warn where an op has none)."""
+    was, warn = (torch.are_deterministic_algorithms_enabled(),
+                 torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
 def _new_model(family: str, vocab_size: int, cfg: PairConfig, seed: int):
     from sftscope.load.tiny import build_tiny_model
 
+    moe = {"n_experts": cfg.n_experts, "top_k": cfg.top_k} if cfg.n_experts else {}
     return build_tiny_model(
         family, vocab_size, seed=seed, n_layers=cfg.n_layers, hidden=cfg.hidden,
         n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, intermediate=cfg.intermediate,
-        max_positions=_max_positions(cfg),
+        max_positions=_max_positions(cfg), **moe,
     )
 
 
@@ -420,18 +439,22 @@ def _pair_from_manifest(out_dir: Path, man: dict[str, Any], cached: bool) -> Dem
 
 def build_demo_pair(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
                     family: str = "llama", force: bool = False,
-                    config: PairConfig | None = None, threads: int | None = None) -> DemoPair:
+                    config: PairConfig | None = None, threads: int | None = None,
+                    moe: bool = False) -> DemoPair:
     """Train (or find cached) the demo Base/SFT pair under ``out_dir``.
 
     Layout: ``base/`` and ``sft/`` (Hugging Face folders, same tokenizer), ``data/`` (the corpus
     as JSONL, see ``demo.corpus.FILES``) and ``manifest.json`` (run record + cache key).
     ``quick`` picks the CI-sized preset (~30 s); ``config`` overrides the preset entirely;
     ``threads`` overrides ``config.threads`` (torch threads while training; not in the cache key).
+    ``moe``: a Mixtral pair (``MOE_FULL`` / ``MOE_QUICK``: 4 experts, top-2, every block).
     """
-    if family not in DEMO_FAMILIES:
+    if moe:
+        family = MOE_DEMO_FAMILY
+    elif family not in DEMO_FAMILIES:
         raise SftscopeError(f"demo family {family!r} is not supported; use one of "
                             f"{', '.join(DEMO_FAMILIES)}")
-    cfg = config or (QUICK if quick else FULL)
+    cfg = config or ((MOE_QUICK if quick else MOE_FULL) if moe else (QUICK if quick else FULL))
     if threads is not None:
         cfg = dataclasses.replace(cfg, threads=threads)
     if cfg.n_layers < 10:
@@ -451,7 +474,7 @@ def build_demo_pair(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (out_dir / MANIFEST).unlink()  # stale from now on; written again when done
-    with _torch_threads(cfg.threads), _hf_bars(progress_enabled()):
+    with _torch_threads(cfg.threads or cpu_cores()), _hf_bars(progress_enabled()):
         return _train_pair(out_dir, seed=seed, family=family, cfg=cfg, quick=quick,
                            settings=settings, key=key)
 
@@ -473,7 +496,8 @@ def _hf_bars(show: bool):
 
 @contextlib.contextmanager
 def _torch_threads(n: int):
-    """Run with ``n`` torch threads (0: unchanged), then restore the previous setting."""
+    """Run with ``n`` torch threads (fixed for the whole run), then restore the previous
+    setting."""
     old = torch.get_num_threads()
     if n > 0:
         torch.set_num_threads(n)
@@ -557,8 +581,7 @@ def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick
                    "prompt_format": format_prompt("{question}"),
                    "eos_token": tok.eos_token, "pad_token": tok.pad_token},
         tokens=tokens, timings={k: round(v, 2) for k, v in timer.seconds.items()},
-        cpu_seconds={k: round(v, 2) for k, v in cpu.items()}, torch_threads=torch.get_num_threads(),
-        thread_changes=dict(THREAD_CHANGES),
+        cpu_seconds={k: round(v, 2) for k, v in cpu.items()}, torch_threads=dict(THREADS),
         metrics={k: round(v, 4) for k, v in metrics.items()},
         loss_history={"base": base_hist, "sft": sft_hist},
         files={k: str(p.relative_to(out_dir)) for k, p in files.items()},

@@ -46,8 +46,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     t0 = time.perf_counter()
     eta = Eta(cfg, t0)
     say(f"[bold]demo: pair[/] ({eta.line('pair')})")
-    pair = build_demo_pair(out / "pair", seed=cfg.seed, quick=cfg.quick, family=cfg.family,
-                           force=cfg.force)
+    pair = build_demo_pair(out / ("pair-moe" if cfg.moe else "pair"), seed=cfg.seed,
+                           quick=cfg.quick, family=cfg.family, force=cfg.force, moe=cfg.moe)
     res.timings["pair" + (" (cached)" if pair.cached else "")] = time.perf_counter() - t0
     eta.done("pair", time.perf_counter() - t0, cached=pair.cached)
     res.pair = {"base": str(pair.base_dir), "sft": str(pair.sft_dir), "cached": pair.cached,
@@ -71,7 +71,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         chain = chain_stages(res.stages)
 
     def step(name: str, fn) -> None:
-        if name in cfg.skip:
+        if name not in cfg.steps:
             return
         say(f"[bold]demo: {name}[/] ({eta.line(name)})")
         t = time.perf_counter()
@@ -138,14 +138,16 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     step("probe", do_probe)
     step("swap", do_swap)
     step("sweep", do_sweep)
-    if "report" not in cfg.skip and res.runs:
+    if "report" in cfg.steps and res.runs:
         from sftscope.report import build_report, paper_patterns
 
         t = time.perf_counter()
         order = [res.runs[k] for k in STEPS if k in res.runs and True]
         res.report = build_report(order, out=out / "report.html",
                                   figures_dir=out / "figures",
-                                  title="sftscope demo: a toy Base/SFT pair trained on this CPU"
+                                  title="sftscope demo: a toy "
+                                  + ("mixture-of-experts " if cfg.moe else "")
+                                  + "Base/SFT pair trained on this CPU"
                                   + (", continued through DPO and GRPO" if cfg.stages else ""),
                                   notices=[reduced_notice(cfg)] if cfg.quick else [])
         res.patterns = paper_patterns(order)
@@ -175,6 +177,11 @@ REFERENCE_SECONDS = {
     True: {"pair": 25.0, "analyze": 0.4, "weights": 0.1, "probe": 0.2, "swap": 0.6,
            "sweep": 8.2, "report": 4.4},
 }
+# --moe: estimates (not yet measured on an idle machine), from a dense/MoE step-time ratio
+MOE_REFERENCE_SECONDS = {
+    False: {"pair": 170.0, "analyze": 6.0, "weights": 0.4, "probe": 2.5, "report": 6.0},
+    True: {"pair": 25.0, "analyze": 1.0, "weights": 0.2, "probe": 0.4, "report": 5.0},
+}
 STAGES_SECONDS = {False: 180.0, True: 30.0}  # --stages (estimates; not measured idle)
 
 
@@ -182,12 +189,10 @@ class Eta:
     """An overall ETA for the demo: reference step times scaled by the observed slowdown."""
 
     def __init__(self, cfg: DemoConfig, t0: float) -> None:
-        self.ref = dict(REFERENCE_SECONDS[cfg.quick])
+        ref = dict((MOE_REFERENCE_SECONDS if cfg.moe else REFERENCE_SECONDS)[cfg.quick])
         if cfg.stages:
-            self.ref = {"pair": self.ref.pop("pair"), "stages": STAGES_SECONDS[cfg.quick],
-                        **self.ref}
-        for name in cfg.skip:
-            self.ref.pop(name, None)
+            ref = {"pair": ref.pop("pair"), "stages": STAGES_SECONDS[cfg.quick], **ref}
+        self.ref = {k: v for k, v in ref.items() if k in ("pair", "stages") or k in cfg.steps}
         self.t0 = t0
         self.spent_ref = 0.0
         self.spent = 0.0

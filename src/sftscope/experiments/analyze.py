@@ -12,7 +12,8 @@ empty table.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pandas as pd
 import torch
 
 from sftscope import metrics as M
+from sftscope.capture.routing import RoutingTask
 from sftscope.capture.stream import (
     CaptureConfig,
     CaptureResult,
@@ -42,6 +44,7 @@ from sftscope.chains import (
     pair_label,
 )
 from sftscope.config.commands import AnalyzeConfig
+from sftscope.experiments import routing as RT
 from sftscope.io import Timer, run_record, write_table
 from sftscope.load import data as D
 from sftscope.load.models import (
@@ -70,6 +73,9 @@ __all__ = ["AnalyzeConfig", "analyze", "correlation_table", "pair_table", "singl
 DATASET_METRICS = ("dataset_entropy", "effective_rank", "effective_rank_norm", "rank_deficiency",
                    "rank_deficiency_frac", "spectral_norm", "condition_number", "l2_norm",
                    "l2_norm_std", "l2_norm_cv")
+
+
+_Routing = tuple[Callable[[str], RoutingTask | None], Callable[[str], bool]]
 
 
 def _is_dataset_metric(name: str) -> bool:
@@ -125,14 +131,17 @@ def _load_settings(cfg: AnalyzeConfig) -> dict:
 
 def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.TokenizedSet,
                    ccfg: CaptureConfig, pad_id: int, label: str, par: Group | None = None,
-                   base: str | None = None) -> tuple[CaptureResult | None, dict]:
+                   base: str | None = None, routing: _Routing | None = None
+                   ) -> tuple[CaptureResult | None, dict, str]:
     """The capture of one model: from the cache when one with the same key exists.
 
     The key holds the model's content fingerprint (an adapter's and its base's), the exact ids
     and text options, the resolved dtype and device type and the capture options, so nothing
     that changes the states can reuse another run's file. ``base``: what an adapter ``spec``
     applies to. With several processes (``par``) each captures its share under a key of its
-    own, and rank 0 receives the merged capture (None elsewhere).
+    own, and rank 0 receives the merged capture (None elsewhere). ``routing``: ``(task, ready)``
+    of an MoE capture (``experiments.routing``): the routing task for the capture's key, and
+    whether a cached capture under that key can serve; also returns the key.
     """
     par = par or Group()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -147,12 +156,16 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
     key = cache_key(fp, tok, ccfg, load=load, data=data, pad_id=pad_id)
     path = cache / f"states-{key}.safetensors"
     hit = load_cached(path) if par.main else None
+    if hit is not None and routing is not None and not routing[1](key):
+        hit = None  # the routing stored beside it is gone: captured again, from scratch
+        path.unlink(missing_ok=True)
     if par.broadcast(hit is not None):
         if hit is None:
-            return None, fp
+            return None, fp, key
         say(f"[dim]{label}: states from cache {path}[/]")
         hit.info["cached"] = True
-        return hit, fp
+        return hit, fp, key
+    task = routing[0](key) if routing is not None else None
 
     def run(indices: list[int] | None, where: Path) -> CaptureResult:
         model = load_model(spec, LoadOptions(revision=revision, dtype=cfg.dtype,
@@ -164,7 +177,7 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
         try:
             check_vocab(model, tok.input_ids, label)
             return capture(model, tok, ccfg, pad_id, cache_path=where, label=label,
-                           indices=indices)
+                           indices=indices, routing=task)
         finally:
             del model
             release(nbytes)
@@ -172,7 +185,7 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
     if not par.active:
         res = run(None, path)
         res.info["load"] = load
-        return res, fp
+        return res, fp, key
     share = par.shard(len(tok), shard_unit(ccfg))
     mine = shard_path(path, par.rank, par.world, share) if share else None
     part = par.run(lambda: run(share, mine) if share else None, f"capture {label}")
@@ -188,9 +201,9 @@ def _capture_model(spec: str, revision: str | None, cfg: AnalyzeConfig, tok: D.T
     if mine is not None:  # the merged capture is cached: this share is not needed again
         mine.unlink(missing_ok=True)
     if not merged:
-        return None, fp
+        return None, fp, key
     merged[0].info["load"] = load
-    return merged[0], fp
+    return merged[0], fp, key
 
 
 def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
@@ -350,6 +363,41 @@ def check_chain_tokenizers(tokenizer, base: str, stages: list[Stage], *,
     return notes
 
 
+def routing_plan(cfg: AnalyzeConfig, shape: tuple | None, stages: list[Stage],
+                 dtype: torch.dtype, par: Group) -> RT.RoutingPlan | None:
+    """The routing measurement of an MoE pair (None for a dense one): its sparse blocks,
+    experts, top-k and, with ``--router-input base``, how each stage's routers are loaded
+    (on the CPU, in the analysis dtype) and identified in the base's key (its content
+    fingerprint, read by rank 0 as every fingerprint is)."""
+    if shape is None:
+        return None
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    plan_ = RT.RoutingPlan(cfg.router_input or "own", *shape, cache=cache)
+    if plan_.router_input == "base":
+        for st in stages:
+            opts = LoadOptions(revision=st.revision, dtype=dtype_name(dtype), device="cpu",
+                               base=cfg.base, base_revision=cfg.base_revision,
+                               allow_other_base=cfg.allow_other_base)
+            fp = par.broadcast(par.run(
+                lambda st=st: fingerprint(st.spec, st.revision, memo_dir=cache, base=cfg.base,
+                                          base_revision=cfg.base_revision)
+                if par.main else None, f"fingerprint of {st.label}"))
+            plan_.partner_ids[st.label] = fp.get("hash") or [fp.get("source"),
+                                                             fp.get("revision")]
+            plan_.load_routers[st.label] = RT.router_loader(st.spec, opts)
+    return plan_
+
+
+def _routing_rows(rplan: RT.RoutingPlan, rb: CaptureResult, rs: CaptureResult, label: str,
+                  cfg: AnalyzeConfig) -> list[tuple]:
+    """``routing.csv`` rows of one stage against the base (its own load, the pair's drift)."""
+    blocks, boot, seed = rplan.blocks, cfg.bootstrap, cfg.seed
+    src, prefix = (rs.routing, "") if rplan.router_input == "own" else (rb.routing, f"{label}.")
+    return (RT.load_rows(src[f"{prefix}count"], blocks, label, boot, seed)
+            + RT.drift_rows(src[f"{prefix}js"], src[f"{prefix}overlap"], rb.n_tokens, blocks,
+                            pair_label(BASE, label), boot, seed))
+
+
 @staged
 def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     """Run the whole analysis and write ``metrics.csv``, ``correlation.csv`` and ``run.json``.
@@ -375,6 +423,14 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                                       allow_mixed=cfg.allow_mixed_pair,
                                       allow_other_base=cfg.allow_other_base,
                                       memo_dir=cfg.cache_dir)
+            shape = RT.check_router_input(cfg.router_input,
+                                          load_config(cfg.base, cfg.base_revision), cfg.base)
+            RT.check_same_routers(shape, {
+                st.label: load_config(st.spec, st.revision, base=cfg.base,
+                                      base_revision=cfg.base_revision) for st in stages})
+            if shape is not None and cfg.consecutive:
+                notes.append("routing.csv compares each stage with the base only; the "
+                             "consecutive pairs have no routing rows")
             tokenizer, tok_notes = pair_tokenizer(
                 cfg.base, cfg.sft, cfg.tokenizer,
                 revisions={"base": cfg.base_revision, "sft": cfg.sft_revision})
@@ -391,10 +447,20 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     if par.main:
         start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
     plan(len(stages) + 2)  # capture the base, each SFT-side stage, then the tables
+    rplan = routing_plan(cfg, shape, stages, dtype, par)
     stage("capture base")
     with timer("capture_base"):
-        rb, fp_b = _capture_model(cfg.base, cfg.base_revision, cfg, tok, ccfg, pad_id, "base",
-                                  par)
+        rb, fp_b, key_b = _capture_model(
+            cfg.base, cfg.base_revision, cfg, tok,
+            ccfg if rplan is None else replace(ccfg, routing=rplan.base_option()), pad_id,
+            "base", par, routing=None if rplan is None else (
+                rplan.base_task, lambda key: rplan.base_ready(key, len(tok))))
+    if rplan is not None:
+        rplan.base_key = key_b
+    routing_rows: list[tuple] = []
+    if rb is not None and rplan is not None:
+        routing_rows += RT.load_rows(rb.routing["count"], rplan.blocks, BASE, cfg.bootstrap,
+                                     cfg.seed)
     fps, infos = {BASE: fp_b}, {BASE: rb.info if rb is not None else None}
     parts: list[pd.DataFrame] = []
     if rb is not None:
@@ -407,11 +473,16 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     for st in stages:  # every rank captures every stage (the collectives stay in step)
         stage(f"capture {st.label}")
         with timer(f"capture_{st.label}"):
-            rs, fps[st.label] = _capture_model(st.spec, st.revision, cfg, tok, ccfg, pad_id,
-                                               st.label, par, base=cfg.base)
+            rs, fps[st.label], _ = _capture_model(
+                st.spec, st.revision, cfg, tok,
+                ccfg if rplan is None else replace(ccfg, routing=rplan.stage_option()), pad_id,
+                st.label, par, base=cfg.base,
+                routing=None if rplan is None else (rplan.stage_task, lambda _k: True))
         if rb is None or rs is None:  # not rank 0: the tables are rank 0's
             continue
         infos[st.label] = rs.info
+        if rplan is not None:
+            routing_rows += _routing_rows(rplan, rb, rs, st.label, cfg)
         with timer("metrics"):
             single_s = single_model_table(rs, opts, st.label, cfg.bootstrap, cfg.seed)
             parts.append(single_s)
@@ -447,6 +518,8 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     for fmt in cfg.formats:
         write_table(table, out / f"metrics.{fmt}")
         write_table(corr, out / f"correlation.{fmt}")
+        if rplan is not None:
+            write_table(RT.frame(routing_rows), out / f"routing.{fmt}")
         if len(noise):
             write_table(noise, out / f"noise.{fmt}")
     n_tok_used = min(cfg.n_token, len(tok))
@@ -467,6 +540,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                      f"= 2.5-97.5 % range over the splits") if len(noise) else None,
         notes=notes,
         capture=infos, timings=timer.seconds,
+        routing=None if rplan is None else rplan.record(),
         **chain_record(stages, pairs), **par.record(len(tok), shard_unit(ccfg)),
     ))
     return table

@@ -216,7 +216,8 @@ def distribution_table(sums: DistSums, pair: str, label_a: str, label_b: str, *,
                        level: float = 0.95, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Tidy probe rows: ``kl_pair`` (model = the pair), ``kl_to_final`` (model = each model)
     per layer, and the three ``shift_*`` shares at the last layer (model = the pair); means over
-    the scored positions with a sample-level (cluster) bootstrap interval."""
+    the scored positions with a sample-level (cluster) interval (``cluster_ratio_ci``: the
+    cluster Wilson interval for the shares, the studentised cluster bootstrap for KL)."""
     n_tok = float(sums.tokens.sum())
     rows: list[dict[str, Any]] = []
     if not n_tok:
@@ -225,7 +226,7 @@ def distribution_table(sums: DistSums, pair: str, label_a: str, label_b: str, *,
 
     def ci(num: np.ndarray, bounds: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
         return cluster_ratio_ci(num, sums.tokens, n_boot=n_boot, level=level, seed=seed,
-                                bounds=bounds)
+                                bounds=bounds, proportion=bounds == (0.0, 1.0))
 
     inf = (0.0, float("inf"))
     for model, metric, arr in ((pair, "kl_pair", sums.kl_pair),

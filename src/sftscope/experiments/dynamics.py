@@ -2,7 +2,10 @@
 
 ``RUN/dynamics.csv`` has one row per recorded step, block and module (``q``, ``k``, ``v``,
 ``o``, ``qkv``, the MLP roles of :mod:`sftscope.load.arch`, and ``other`` for the rest of a
-block's trained weights, such as its norms) with
+block's trained weights, such as its norms) with, in mixture-of-experts blocks, one row per
+routed expert (module ``expert``, its index in the ``expert`` column, empty on other rows; the
+slice ``[e]`` of the fused expert parameters, or expert ``e``'s LoRA pair), ``router``,
+``shared_expert`` and ``shared_expert_gate`` rows, and
 
 - ``grad_norm``: Frobenius norm of the gradient the optimizer applies at that step (after
   ``--max-grad-norm`` clipping, which scales every gradient of a step by the same factor, so
@@ -37,13 +40,16 @@ from torch import nn
 
 from sftscope.load.arch import ArchSpec
 
-DYNAMICS_COLUMNS = ["step", "block", "module", "grad_norm", "update_norm"]
+DYNAMICS_COLUMNS = ["step", "block", "module", "expert", "grad_norm", "update_norm"]
 DYNAMICS_FILE = "dynamics.csv"
 OTHER = "other"
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _PEFT_PREFIXES = ("base_model.model.", "module.")
+EXPERT = "expert"  # one row per routed expert (the ``expert`` column holds its index)
 MODULE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc_in", "fc_out",
-                OTHER)
+                "router", "shared_expert_gate", "shared_expert", EXPERT, OTHER)
+NO_EXPERT = -1  # the expert of a row that is not a routed expert's (empty in the file)
+_MTS = ".modules_to_save.default"  # PEFT's trainable copy of a module (MoE routers)
 
 
 def clean_name(name: str) -> str:
@@ -144,13 +150,16 @@ class DynamicsRecorder:
     """
 
     def __init__(self, model: nn.Module, spec: ArchSpec, n_blocks: int, *, every: int,
-                 method: str, path: str | Path | None, write: bool = True) -> None:
+                 method: str, path: str | Path | None, write: bool = True,
+                 experts: dict[str, list[int]] | None = None) -> None:
         if every < 1:
             raise ValueError("every must be at least 1")
         self.spec, self.n_blocks, self.every, self.method = spec, n_blocks, every, method
         self.path = Path(path) if path is not None else None
         self.write = write
-        self.rows: list[tuple[int, int, str, float, float]] = []
+        self.experts = ({int(b): set(e) for b, e in experts.items()}
+                        if experts is not None else None)  # --experts: the trained ones
+        self.rows: list[tuple[int, int, str, int, float, float]] = []
         self.notes: list[str] = []
         self.disabled = False
         self.since_step = 0
@@ -158,47 +167,57 @@ class DynamicsRecorder:
         self.mode = "single"
         self._collect(model)
         self.w0: dict[str, torch.Tensor] = {}
-        if method == "full" and _rank() == 0:  # DDP: only rank 0 measures (FSDP: see begin)
+        if _rank() == 0:  # DDP: only rank 0 measures (FSDP: see begin)
             params = self._params(model)
             self.w0 = {n: _local(params[n]).detach().clone() for n in self.param_keys}
 
     # -------------------------------------------------------------------- what trains
 
     def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {clean_name(n): p for n, p in model.named_parameters()}
+        return {clean_name(n).replace(_MTS, ""): p for n, p in model.named_parameters()}
 
     def _collect(self, model: nn.Module) -> None:
-        """The trained modules: ``self.keys`` (block, module) rows of every block, and the
-        parameters (full) or LoRA layers (lora) behind the trained ones."""
+        """The trained modules: ``self.keys`` (block, module, expert) rows of every block, and
+        the parameters (full; with LoRA: the modules PEFT trains in full, MoE routers) or LoRA
+        layers (lora) behind the trained ones."""
         spec = self.spec
         self.param_keys: dict[str, tuple[int, str]] = {}
         self.lora_keys: dict[tuple[int, str], list[nn.Module]] = {}
+        self.n_experts = 0
+        trained: set[tuple[int, str, int]] = set()
         if self.method == "lora":
             from peft.tuners.lora import LoraLayer
 
             for name, mod in model.named_modules():
-                if not isinstance(mod, LoraLayer):
-                    continue
-                where = locate(clean_name(name), spec)
+                where = locate(clean_name(name), spec) if isinstance(mod, LoraLayer) else None
                 if where is None:
                     continue
                 key = (where[0], module_role(where[1], spec))
                 self.lora_keys.setdefault(key, []).append(mod)
-            trained = set(self.lora_keys)
-        else:
-            for name, p in self._params(model).items():
-                if not p.requires_grad:
-                    continue
-                where = locate(name, spec)
-                if where is None:
-                    continue
-                self.param_keys[name] = (where[0], param_role(where[1], spec))
-            trained = set(self.param_keys.values())
+                trained |= self._rows_of(*key, int(getattr(mod, "num_experts", 1)))
+        for name, p in self._params(model).items():
+            if not p.requires_grad or (self.method == "lora" and ".lora_" in name):
+                continue
+            where = locate(name, spec)
+            if where is None:
+                continue
+            self.param_keys[name] = key = (where[0], param_role(where[1], spec))
+            trained |= self._rows_of(*key, int(p.shape[0]) if p.dim() else 1)
         self.trained = trained
-        modules = sorted({m for _, m in trained}, key=_order)
-        self.keys = [(b, m) for b in range(self.n_blocks) for m in modules]
+        modules = sorted({m for _, m, _ in trained}, key=_order)
+        self.keys = [(b, m, e) for b in range(self.n_blocks) for m in modules
+                     for e in (range(self.n_experts) if m == EXPERT else (NO_EXPERT,))]
         if not trained:
             self._disable("no trained weight could be placed in a decoder block")
+
+    def _rows_of(self, block: int, role: str, n: int) -> set[tuple[int, str, int]]:
+        """The trained rows of a block's module of ``role``: one per routed expert (``n`` of
+        them; with ``--experts`` only the chosen ones), else one."""
+        if role != "experts":
+            return {(block, role, NO_EXPERT)}
+        self.n_experts = max(self.n_experts, n)
+        keep = self.experts.get(block, set(range(n))) if self.experts is not None else range(n)
+        return {(block, EXPERT, e) for e in keep}
 
     def _disable(self, why: str) -> None:
         if not self.disabled:
@@ -207,9 +226,10 @@ class DynamicsRecorder:
 
     # -------------------------------------------------------------------- measuring
 
-    def measure(self, model: nn.Module) -> list[tuple[int, str, float, float]] | None:
-        """``(block, module, grad_norm, update_norm)`` for every row, or None where this
-        process has nothing to measure (another rank does it)."""
+    def measure(self, model: nn.Module) -> list[tuple[int, str, int, float, float]] | None:
+        """``(block, module, expert, grad_norm, update_norm)`` for every row (expert -1 off
+        the routed experts), or None where this process has nothing to measure (another
+        rank does it)."""
         if self.disabled:
             return None
         if not self.sharded and _rank() != 0:
@@ -218,46 +238,77 @@ class DynamicsRecorder:
         reduce_g: dict[int, list[torch.Tensor]] = {}
         reduce_u: dict[int, list[torch.Tensor]] = {}
         whole_u: dict[int, list[torch.Tensor]] = {}
-        if self.method == "lora":
-            for key, mods in self.lora_keys.items():
-                i = index[key]
-                for mod in mods:
-                    for a in getattr(mod, "active_adapters", None) or list(mod.lora_A):
-                        if a not in mod.lora_A:
-                            continue
-                        wa, wb = mod.lora_A[a].weight, mod.lora_B[a].weight
-                        whole_u.setdefault(i, []).append(
-                            lora_update_sq(_full(wa), _full(wb), mod.scaling[a]))
-                        for w in (wa, wb):
-                            if w.grad is not None:
-                                reduce_g.setdefault(i, []).append(_sq(_local(w.grad)))
+        for (b, role), mods in self.lora_keys.items():
+            for mod in mods:
+                for a in getattr(mod, "active_adapters", None) or list(mod.lora_A):
+                    if a in mod.lora_A:
+                        self._lora_parts(mod, a, b, role, index, reduce_g, whole_u)
+        params = self._params(model)
+        for name, (b, role) in self.param_keys.items():
+            p = params.get(name)
+            if p is None:
+                self._disable(f"parameter {name} is gone from the model")
+                return None
+            loc = _local(p.detach())
+            w0 = self.w0.get(name)
+            if w0 is None:
+                self._disable(f"no step-0 copy of {name}")
+                return None
+            if loc.shape != w0.shape:
+                self._disable(f"{name} changed shape while training (sharded after the "
+                              f"snapshot?)")
+                return None
+            grad = _local(p.grad.detach()) if p.grad is not None else None
+            for i, dw, g in self._slices(b, role, loc.float() - w0.float(), grad, index):
+                reduce_u.setdefault(i, []).append(_sq(dw))
+                if g is not None:
+                    reduce_g.setdefault(i, []).append(_sq(g))
+        return self._rows(reduce_g, reduce_u, whole_u)
+
+    def _slices(self, block: int, role: str, dw: torch.Tensor, grad: torch.Tensor | None,
+                index: dict[tuple[int, str, int], int]):
+        """``(row, update part, gradient part)``: per expert ``[e]`` of a fused expert
+        parameter, else the whole tensor."""
+        if role != "experts":
+            return [(index[(block, role, NO_EXPERT)], dw, grad)]
+        return [(index[(block, EXPERT, e)], dw[e], grad[e] if grad is not None else None)
+                for e in range(dw.shape[0])]
+
+    def _lora_parts(self, mod: nn.Module, a: str, block: int, role: str,
+                    index: dict[tuple[int, str, int], int],
+                    reduce_g: dict[int, list[torch.Tensor]],
+                    whole_u: dict[int, list[torch.Tensor]]) -> None:
+        """One LoRA layer's squared update and gradient norms, per expert for PEFT's wrapper
+        of a fused expert parameter (expert ``e``: rows ``[e*r, (e+1)*r)`` of A, the
+        columns ``e::E`` of B)."""
+        wa, wb = mod.lora_A[a].weight, mod.lora_B[a].weight
+        n = int(getattr(mod, "num_experts", 1))
+        if role != "experts" or n == 1:
+            parts = [(index[(block, role if role != "experts" else EXPERT,
+                             NO_EXPERT if role != "experts" else 0)], slice(None), slice(None))]
         else:
-            params = self._params(model)
-            for name, key in self.param_keys.items():
-                i = index[key]
-                p = params.get(name)
-                if p is None:
-                    self._disable(f"parameter {name} is gone from the model")
-                    return None
-                loc = _local(p.detach())
-                w0 = self.w0[name]
-                if loc.shape != w0.shape:
-                    self._disable(f"{name} changed shape while training (sharded after the "
-                                  f"snapshot?)")
-                    return None
-                reduce_u.setdefault(i, []).append(_sq(loc.float() - w0.float()))
-                if p.grad is not None:
-                    reduce_g.setdefault(i, []).append(_sq(_local(p.grad.detach())))
+            r = wa.shape[0] // n
+            parts = [(index[(block, EXPERT, e)], slice(e * r, (e + 1) * r),
+                      slice(e, None, n)) for e in range(n)]
+        full_a, full_b = _full(wa), _full(wb)
+        for i, ra, cb in parts:
+            whole_u.setdefault(i, []).append(
+                lora_update_sq(full_a[ra], full_b[:, cb], mod.scaling[a]))
+            for w, sl in ((wa, (ra,)), (wb, (slice(None), cb))):
+                if w.grad is not None:
+                    reduce_g.setdefault(i, []).append(_sq(_local(w.grad)[sl]))
+
+    def _rows(self, reduce_g, reduce_u, whole_u) -> list[tuple[int, str, int, float, float]]:
         n = len(self.keys)
         g = self._gather(reduce_g, n, reduce=self.sharded)
         u = self._gather(reduce_u, n, reduce=self.sharded)
         w = self._gather(whole_u, n, reduce=False)
         out = []
-        for i, (b, m) in enumerate(self.keys):
-            trained = (b, m) in self.trained
+        for i, (b, m, e) in enumerate(self.keys):
+            trained = (b, m, e) in self.trained
             grad = math.sqrt(max(g[i], 0.0)) if trained else math.nan
             upd = math.sqrt(max(u[i] + w[i], 0.0)) if trained else 0.0
-            out.append((b, m, grad, upd))
+            out.append((b, m, e, grad, upd))
         return out
 
     def _gather(self, parts: dict[int, list[torch.Tensor]], n: int, reduce: bool) -> list[float]:
@@ -295,7 +346,9 @@ class DynamicsRecorder:
         """The rows so far as a DataFrame (the columns of dynamics.csv)."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows, columns=DYNAMICS_COLUMNS)
+        df = pd.DataFrame(self.rows, columns=DYNAMICS_COLUMNS)
+        df["expert"] = df["expert"].astype("Int64").mask(df["expert"] == NO_EXPERT)
+        return df
 
     def save(self) -> None:
         if self.write and self.path is not None:
@@ -317,7 +370,8 @@ class DynamicsRecorder:
         if list(old.columns) != DYNAMICS_COLUMNS:
             return
         old = old[old["step"] <= step]
-        self.rows = [(int(r.step), int(r.block), str(r.module), float(r.grad_norm),
+        self.rows = [(int(r.step), int(r.block), str(r.module),
+                      NO_EXPERT if r.expert != r.expert else int(r.expert), float(r.grad_norm),
                       float(r.update_norm)) for r in old.itertuples(index=False)]
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -328,7 +382,7 @@ class DynamicsRecorder:
         rows = self.measure(model)
         if rows is None or _rank() != 0:
             return
-        self.rows += [(step, b, m, gr, up) for b, m, gr, up in rows]
+        self.rows += [(step, b, m, e, gr, up) for b, m, e, gr, up in rows]
         self.save()
 
     def begin(self, model: nn.Module, global_step: int) -> None:
@@ -345,7 +399,10 @@ class DynamicsRecorder:
                 self._disable("LoRA factors under FSDP1 are flat shards (use FSDP2, "
                               "fsdp_version: 2, to record them)")
             self._collect(model)
-            if self.method == "full" and not self.disabled:
+            if any(role == "experts" for _, role in self.param_keys.values()):
+                self._disable("per-expert rows of sharded expert weights are not measured "
+                              "(each rank holds some experts' slices); use DDP to record them")
+            if self.param_keys and not self.disabled:
                 params = self._params(model)
                 self.w0 = {n: _local(params[n]).detach().clone() for n in self.param_keys}
                 if global_step > 0:
@@ -362,7 +419,7 @@ class DynamicsRecorder:
         """What run.json records about the dynamics."""
         return {"file": DYNAMICS_FILE if not self.disabled else None, "every": self.every,
                 "rows": len(self.rows), "steps": sorted({r[0] for r in self.rows}),
-                "modules": sorted({m for _, m in self.keys}, key=_order),
+                "modules": sorted({m for _, m, _ in self.keys}, key=_order),
                 "update_since_step": self.since_step, "processes": self.mode,
                 "sharded": self.sharded, "notes": list(self.notes)}
 

@@ -544,6 +544,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, default=str) + "\n")
 
 
+def _cut_note(info: dict[str, Any], n: int) -> list[str]:
+    """The one line that says how many prompts lost tokens (printed, and in run.json)."""
+    k = int(info.get("n_truncated") or 0)
+    if not k:
+        return []
+    return [f"{k} of {n} prompts or texts were longer than the model's context (less "
+            "--max-new-tokens when generating) or --max-length and were truncated"]
+
+
 def _result(cfg: EvalConfig, scores: list[Score], preds: list[dict], info: dict[str, Any],
             timer: Timer) -> EvalResult:
     """The result, with ``scores.csv`` and ``predictions-<task>.jsonl`` written when
@@ -554,7 +563,7 @@ def _result(cfg: EvalConfig, scores: list[Score], preds: list[dict], info: dict[
                      n_truncated=int(info.get("n_truncated", 0)),
                      generated_tokens=int(info.get("generated_tokens", 0)),
                      tokens_per_s=info.get("tokens_per_s"), timings=timer.seconds,
-                     notes=list(info.get("notes") or []),
+                     notes=list(info.get("notes") or []) + _cut_note(info, len(preds)),
                      rescored_from=info.get("rescored_from"))
     if cfg.out is not None:
         out = Path(cfg.out)

@@ -641,9 +641,10 @@ def sums_table(sums: LensSums, model: str, level: float = 0.95, n_boot: int = 10
 
     Token-level ratios (``accuracy``, ``loss``, ``agreement``: sums over the scored tokens of
     all samples over their number, ``n`` = tokens) and per-sample means (``answer_prob``,
-    ``answer_rank``: ``n`` = samples with an answer) get a sample-level (cluster) bootstrap
-    interval: samples are resampled with all their tokens (``metrics.stats.cluster_ratio_ci``,
-    ``n_boot`` resamples, seeded; 0 = no interval). ``choice_accuracy`` (one 0/1 per item,
+    ``answer_rank``: ``n`` = samples with an answer) get a sample-level (cluster) interval
+    (``metrics.stats.cluster_ratio_ci``: Wilson on the effective number of samples for the
+    proportions, the studentised cluster bootstrap with ``n_boot`` resamples, seeded, for
+    loss and rank; ``n_boot`` 0 = no interval). ``choice_accuracy`` (one 0/1 per item,
     items independent) keeps the Wilson interval. Probabilities' intervals stay in [0, 1].
     """
     rows: list[dict[str, Any]] = []
@@ -653,7 +654,8 @@ def sums_table(sums: LensSums, model: str, level: float = 0.95, n_boot: int = 10
     agr_ci = None
 
     def boot(num: np.ndarray, den: np.ndarray, bounds=None) -> tuple[np.ndarray, np.ndarray]:
-        return cluster_ratio_ci(num, den, n_boot=n_boot, level=level, seed=seed, bounds=bounds)
+        return cluster_ratio_ci(num, den, n_boot=n_boot, level=level, seed=seed, bounds=bounds,
+                                proportion=bounds == unit)
 
     if n_tok:
         acc_ci = boot(sums.correct, sums.tokens, unit)

@@ -182,6 +182,37 @@ def _scale_dir(scale: float) -> str:
     return f"{scale:g}".replace("-", "m")
 
 
+def _empty_note(scale: float) -> str:
+    return (f"scale {scale:g}: every completion is empty (the steered model ends at once); its "
+            "scores describe a broken model, not a steered one")
+
+
+def check_scales(model: nn.Module, tokens, pad: int, layer: int, vector: torch.Tensor,
+                 scales: list[float], spec: ArchSpec | None = None, n: int = 4) -> None:
+    """Refuse, before anything is scored, every scale at which the steered model's logits on
+    the first ``n`` samples are not finite or the same for every token at every position (a
+    huge scale overflows the hidden state, a norm layer then zeroes it: the model is broken,
+    not steered, and its empty completions would score as accuracy 0)."""
+    from sftscope.experiments.evaluate import model_device
+    from sftscope.load.data import pad_batch
+
+    ids, mask = pad_batch([list(t) for t in tokens.input_ids[:n]], pad)
+    dev = model_device(model)
+    bad = []
+    for s in scales:
+        with steering(model, layer, vector, s, spec), torch.no_grad():
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        live = logits[mask.to(dev).bool()].float()
+        flat = bool((live.amax(-1) == live.amin(-1)).all())  # the same score for every token
+        if flat or not bool(torch.isfinite(live).all()):
+            bad.append(s)
+    if bad:
+        raise SftscopeError(
+            f"--scales {','.join(f'{s:g}' for s in bad)}: the steered model gives non-finite "
+            f"or constant logits (scale x vector norm {float(vector.norm()):.3g} overflows "
+            "the hidden state); use smaller scales")
+
+
 @staged
 def steer(cfg: SteerConfig) -> SteerResult:
     """Compute the vector, steer the base model at every scale, write the run folder."""
@@ -256,6 +287,8 @@ def steer(cfg: SteerConfig) -> SteerResult:
         f"{vinfo['n_samples']} samples)")
 
     spec = arch_for(model)
+    with timer("check_scales"):
+        check_scales(model, prep.tokens, pad, cfg.layer, vector, scales, spec)
     rows: list[dict[str, Any]] = []
     gens: list[dict[str, Any]] = []
     unsteered: list[str] | None = None
@@ -274,6 +307,9 @@ def steer(cfg: SteerConfig) -> SteerResult:
                                   skip_bad_records=cfg.skip_bad_records)
                 with timer(f"eval_{_scale_dir(s)}"):
                     res = evaluate_model(model, tok, ecfg)
+                if res.n and res.generated_tokens == 0 and res.tokens_per_s is not None:
+                    notes.append(_empty_note(s))
+                    say(f"[yellow]warning:[/] {notes[-1]}")
                 for sc in res.scores:
                     rows.append({"scale": s, "metric": sc.metric, "value": sc.value,
                                  "ci_low": sc.ci_low, "ci_high": sc.ci_high, "n": sc.n})
@@ -287,6 +323,9 @@ def steer(cfg: SteerConfig) -> SteerResult:
                 texts = [g.completion for g in got]
                 if s == 0:
                     unsteered = texts
+                if not any(t.strip() for t in texts):
+                    notes.append(_empty_note(s))
+                    say(f"[yellow]warning:[/] {notes[-1]}")
                 new = [float(g.new_tokens) for g in got]
                 lo, hi = mean_ci(new, cfg.level)
                 rows.append({"scale": s, "metric": "new_tokens", "value": sum(new) / len(new),

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -314,6 +315,10 @@ def save_mix(base: nn.Module, sft: nn.Module, mask: str, alpha: float, folder: s
     mix = SegmentMix(base, sft, mask_blocks(mask, n_blocks))
     mix.set(alpha)
     modules = mix.plain()
+    if not all(bool(torch.isfinite(p).all()) for m in modules.values() for p in m.parameters()
+               if p.is_floating_point()):
+        raise SftscopeError(f"--save-mix {mask}:{alpha:g}: the mixed weights are not finite; "
+                            "nothing was written")
     from sftscope.progress import quiet_libraries
 
     with atomic_dir(folder) as tmp, swapped(base, sft, mix.ids, head=head == "sft",
@@ -332,9 +337,10 @@ def save_mix(base: nn.Module, sft: nn.Module, mask: str, alpha: float, folder: s
 
 def score_rows(sums: LensSums, config: str, direction: str, mask: str, head: str, level: float,
           n_boot: int, seed: int, alpha: float = math.nan) -> list[dict[str, Any]]:
-    """Accuracy, loss and perplexity with a sample-level (cluster) bootstrap interval (samples
-    resampled with all their tokens: ``metrics.stats.cluster_ratio_ci``); choice accuracy (one
-    0/1 per item) with the Wilson interval."""
+    """Accuracy, loss and perplexity with a sample-level (cluster) interval
+    (``metrics.stats.cluster_ratio_ci``: Wilson on the effective number of samples for accuracy,
+    the studentised cluster bootstrap for loss); choice accuracy (one 0/1 per item) with the
+    Wilson interval."""
     rows = []
 
     def add(metric, value, lo, hi, n):
@@ -345,7 +351,7 @@ def score_rows(sums: LensSums, config: str, direction: str, mask: str, head: str
     n_tok = int(sums.tokens.sum())
     if n_tok:
         acc = cluster_ratio_ci(sums.correct[:, 0], sums.tokens, n_boot=n_boot, level=level,
-                               seed=seed, bounds=(0.0, 1.0))
+                               seed=seed, bounds=(0.0, 1.0), proportion=True)
         add("accuracy", sums.correct[:, 0].sum() / n_tok, *acc, n_tok)
         loss = sums.loss[:, 0].sum() / n_tok
         lo, hi = cluster_ratio_ci(sums.loss[:, 0], sums.tokens, n_boot=n_boot, level=level,
@@ -390,6 +396,17 @@ def mix_config(mask: str, alpha: float) -> str:
     return f"base<-mix{alpha:g}[{mask}]"
 
 
+def finite_sums(sums: LensSums, config: str) -> LensSums:
+    """``sums``, refused in one line when a model's loss is not finite (its logits overflowed:
+    a broken hybrid or mix, whose accuracy would read as a result)."""
+    bad = ~np.isfinite(sums.loss).all(axis=1)
+    if bad.any():
+        raise SftscopeError(f"{config}: non-finite logits on {int(bad.sum())} of {bad.size} "
+                            "samples (the model's activations overflow); the swap cannot be "
+                            "scored: check the models or use a wider --dtype")
+    return sums
+
+
 def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *,
               segments: int, masks: Sequence[str], head: str = "base",
               directions: Sequence[str] = tuple(DIRECTIONS),
@@ -412,9 +429,10 @@ def swap_sums(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *
     found: list[SwapSums] = []
 
     def run(model: nn.Module, label: str) -> LensSums:
-        return lens_pass(model, tok, pad_id, batch_size=batch_size, layers=[n_blocks],
-                         choices=choices, chunk_elements=chunk_elements, description=label,
-                         indices=indices)
+        return finite_sums(lens_pass(model, tok, pad_id, batch_size=batch_size,
+                                     layers=[n_blocks], choices=choices,
+                                     chunk_elements=chunk_elements, description=label,
+                                     indices=indices), label)
 
     for k in ("base", "sft"):
         found.append(SwapSums(k, "none", none, k, run(models[k], k)))

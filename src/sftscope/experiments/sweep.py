@@ -872,9 +872,13 @@ def collect(out: Path, settings: dict[str, Any] | None = None
 # ----------------------------------------------------------------------------- validation
 
 
-def _interior_singles(k: int) -> list[str]:
-    """The one-segment masks of ``k`` segments without the two edge segments (none if k < 3)."""
-    return ["".join("1" if j == i else "0" for j in range(k)) for i in range(1, k - 1)]
+def _interior_masks(k: int, on: int = 1) -> list[str]:
+    """The masks of ``k`` segments with ``on`` segments on, none of them an edge segment (the
+    random baseline of a proposal of that shape; none if ``k - 2 < on``)."""
+    import itertools
+
+    return ["".join("1" if j in pick else "0" for j in range(k))
+            for pick in itertools.combinations(range(1, k - 1), on)] if on > 0 else []
 
 
 def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metric: str,
@@ -885,12 +889,13 @@ def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metri
     Ranks: 1 + the number of swept masks strictly better. Baselines, so that a good rank can be
     told from merely re-checking the paper's prior: ``prior_mask``/``prior_rank``, the one-
     segment mask whose centre is nearest ``suggest.FALLBACK_DEPTH`` (30 %) of depth;
-    ``random_rank``, the expected rank of a uniformly random *interior* one-segment mask (edge
-    segments excluded, as suggest's edge rule does) among the swept ones, i.e. the mean rank of
-    the swept interior one-segment masks (``n_interior`` of them); ``random_as_good``, the
-    share of them that rank as well as the proposal or better (a chance level: 1.0 = any
-    interior mask would have done as well). NaN where the mask was not swept or there is no
-    interior one-segment mask (fewer than 3 segments). ``spearman_singles``: rank correlation,
+    ``random_rank``, the expected rank of a uniformly random *interior* mask of the
+    proposal's shape (as many segments on as the proposal, edge segments excluded, as
+    suggest's edge rule does) among the swept ones, i.e. the mean rank of the swept interior
+    masks of that shape (``n_interior`` of them); ``random_as_good``, the share of them that
+    rank as well as the proposal or better (a chance level: 1.0 = any interior mask would have
+    done as well). NaN where the mask was not swept or no interior mask of its shape was
+    (fewer than 3 segments, or none swept). ``spearman_singles``: rank correlation,
     over the swept one-segment masks, between the method's segment score and the swept score
     (NaN with fewer than 3 such masks).
     """
@@ -915,7 +920,7 @@ def validate_suggestions(summary: pd.DataFrame, proposals: dict[str, str], metri
         rank = rank_of(mask)
         k = len(mask)
         prior = prior_mask(k)
-        interior = [rank_of(m) for m in _interior_singles(k) if m in means]
+        interior = [rank_of(m) for m in _interior_masks(k, mask.count("1")) if m in means]
         random_rank = float(np.mean(interior)) if interior else math.nan
         as_good = (float(np.mean([r <= rank for r in interior])) if interior
                    and math.isfinite(rank) else math.nan)

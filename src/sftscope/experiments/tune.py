@@ -50,11 +50,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftscope.config.commands import EvalConfig, TuneConfig
+from sftscope.config.commands import EvalConfig, TuneConfig, check_moe_options
 from sftscope.config.core import changed, defaults
 from sftscope.errors import SftscopeError
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
+from sftscope.experiments.moe_tune import (
+    EXPERT_DROPOUT_NOTE,
+    adapted_parts,
+    lora_dropout,
+    moe_budget_params,
+    moe_lora_targets,
+    select_experts,
+)
 from sftscope.experiments.packing import choose_packing, packing_collator
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public API)
@@ -64,7 +72,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
     load_adapter,
     module_in_out,
 )
-from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks
+from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_experts
 from sftscope.load.runtime import pad_id
 from sftscope.progress import plan, say, stage, staged, trainer_callback
 from sftscope.runs import check_folder
@@ -114,6 +122,9 @@ class TuneResult:
     merged_dir: str | None = None  # --merge: the base with the adapter merged in (HF folder)
     objective: str = "sft"
     trl: dict[str, Any] | None = None  # DPO/GRPO: TRL's version, settings, reference, histories
+    dropout: float | None = None  # the LoRA dropout applied (0 where experts are adapted)
+    router: bool = False  # routers trained (--router)
+    experts: dict[str, Any] | None = None  # --experts: selection, loads, trained experts
 
     @property
     def output_dir(self) -> str:
@@ -210,9 +221,13 @@ def lora_targets(model: nn.Module, blocks: list[int], mlp: bool = False,
         raise SftscopeError(f"{type(model).__name__} has no {kind} projections in the "
                             f"architecture map ({spec.family}); add them to "
                             f"sftscope/load/arch.py")
+    dense_mlp = set(spec.mlp.values())
     names = []
     for b in blocks:
+        sparse = spec.moe is not None and get_experts(model, b, spec) is not None
         for rel in rels:
+            if sparse and rel in dense_mlp:  # an MoE block: its MLP is experts (moe_tune)
+                continue
             path = f"{spec.blocks}.{b}.{rel}"
             try:
                 mod = model.get_submodule(path)
@@ -225,24 +240,28 @@ def lora_targets(model: nn.Module, blocks: list[int], mlp: bool = False,
     return names
 
 
+def full_depth_budget(model: nn.Module, cfg: TuneConfig, spec: ArchSpec, n_blocks: int) -> int:
+    """LoRA parameters of every block at the full-depth rank ``cfg.rank``: the budget a mask
+    is compared with (on a mixture of experts: each routed expert's pair, the shared expert's
+    and the routers' full weights counted too; docs/protocols.md)."""
+    every = list(range(n_blocks))
+    return (lora_param_count(model, lora_targets(model, every, cfg.mlp, spec), cfg.rank)
+            + moe_budget_params(model, moe_lora_targets(model, every, spec, mlp=cfg.mlp,
+                                                        router=cfg.router), cfg.rank))
+
+
+def _parts_summary(names: list[str], spec: ArchSpec) -> str:
+    """The adapted paths relative to their block, each once (``self_attn.q_proj, ...``)."""
+    pat = re.compile(rf"^{re.escape(spec.blocks)}\.\d+\.")
+    return ", ".join(dict.fromkeys(pat.sub("", n) for n in names))
+
+
 def lora_param_count(model: nn.Module, names: list[str], rank: float) -> int:
     """LoRA parameters of rank ``rank`` on the named modules: ``rank * (in + out)`` each."""
     return int(round(sum(rank * sum(module_in_out(model.get_submodule(n))) for n in names)))
 
 
-def adapted_modules(model: nn.Module) -> list[str]:
-    """Names (relative to the base model) of the modules that hold a LoRA layer."""
-    from peft.tuners.lora import LoraLayer
-
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoraLayer):
-            for prefix in ("base_model.model.", "base_model."):
-                if name.startswith(prefix):
-                    name = name[len(prefix):]
-                    break
-            out.append(name)
-    return sorted(out)
+adapted_modules = adapted_parts  # the parts a PEFT model trains (one home: moe_tune)
 
 
 def trainable_params(model: nn.Module) -> int:
@@ -252,20 +271,31 @@ def trainable_params(model: nn.Module) -> int:
 
 def apply_lora(model: nn.Module, blocks: list[int], *, rank: int, alpha: float,
                dropout: float = 0.05, mlp: bool = False, rslora: bool = False,
-               spec: ArchSpec | None = None):
+               spec: ArchSpec | None = None, router: bool = False):
     """Wrap ``model`` with LoRA on the target modules of ``blocks``; returns the PEFT model.
 
-    Checks by walking the model that exactly the expected modules got adapters, and removes
-    any input-gradient hook PEFT may have added (none is needed; see the module docstring).
+    On a mixture of experts, ``mlp`` adapts the routed and shared experts and ``router``
+    trains the routers (:mod:`sftscope.experiments.moe_tune`); adapting experts needs
+    ``dropout`` 0 (:func:`lora_dropout`). Checks by walking the model that exactly the
+    expected modules got adapters, and removes any input-gradient hook PEFT may have added
+    (none is needed; see the module docstring).
     """
     from peft import LoraConfig, get_peft_model
 
     spec = spec or arch_for(model)
-    expected = lora_targets(model, blocks, mlp, spec)
+    modules = lora_targets(model, blocks, mlp, spec)
+    moe = moe_lora_targets(model, blocks, spec, mlp=mlp, router=router)
+    modules += moe.modules
+    expected = modules + moe.parameters + moe.full
+    # only the paths the selected blocks have: PEFT rewrites a target named like a fused
+    # expert projection (``mlp.gate_proj`` of Qwen3-MoE/OLMoE) into experts of every block
+    prefix = re.compile(rf"^{re.escape(spec.blocks)}\.\d+\.")
+    rels = sorted({prefix.sub("", m) for m in modules})
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_paths(spec, mlp),
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=rels,
         layers_to_transform=sorted(blocks), layers_pattern=spec.blocks.split(".")[-1],
         bias="none", task_type="CAUSAL_LM", use_rslora=rslora, fan_in_fan_out=spec.conv1d,
+        target_parameters=moe.parameters or None, modules_to_save=moe.full or None,
     )
     try:
         with warnings.catch_warnings():  # PEFT reads a deprecated transformers attribute
@@ -275,7 +305,7 @@ def apply_lora(model: nn.Module, blocks: list[int], *, rank: int, alpha: float,
         raise SftscopeError(f"PEFT could not place LoRA on {type(model).__name__}: "
                             f"{str(e).splitlines()[0][:200]}") from e
     _drop_input_grad_hooks(peft_model)
-    got = adapted_modules(peft_model)
+    got = adapted_parts(peft_model)
     if got != sorted(expected):
         extra = sorted(set(got) - set(expected))[:3]
         missing = sorted(set(expected) - set(got))[:3]
@@ -741,9 +771,11 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=cfg.revision)
         model = load_model(cfg.model, LoadOptions(revision=cfg.revision, dtype=dtype))
     spec = arch_for(model)
+    check_moe_options(cfg, model.config)  # a hub model's config is known only now
     n_blocks = len(get_blocks(model, spec))
     blocks = select_blocks(cfg, n_blocks)
     full = cfg.method == "full"
+    dropout = None
     if full:
         rank = alpha = scaling = None
         names = [f"{spec.blocks}.{b}" for b in blocks]
@@ -752,8 +784,9 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         rank = budget_rank(cfg.rank, n_blocks, len(blocks))
         alpha, scaling = lora_alpha(cfg, rank)
         names = lora_targets(model, blocks, cfg.mlp, spec)
-        all_names = lora_targets(model, list(range(n_blocks)), cfg.mlp, spec)
-        full_params = lora_param_count(model, all_names, cfg.rank)
+        full_params = full_depth_budget(model, cfg, spec, n_blocks)
+        dropout = lora_dropout(cfg, moe_lora_targets(model, blocks, spec, mlp=cfg.mlp,
+                                                     router=cfg.router))
         narrow = min(min(module_in_out(model.get_submodule(n))) for n in names)
 
     with timer("tokenize"):
@@ -774,18 +807,29 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         enable_checkpointing(model)
     sel = (f"mask {cfg.mask} of {len(cfg.mask)} segments" if cfg.mask else
            f"blocks {cfg.blocks}")
+    freeze = experts_rec = None
     if full:
         n_train_params = unfreeze_blocks(model, blocks, spec)
+        if cfg.experts is not None:  # an SFT option: the training examples measure loads
+            freeze, experts_rec = select_experts(model, cfg, data.examples, blocks, spec)
         _say(f"full fine-tuning of blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks); "
              f"embeddings, head and the other blocks frozen")
+        if freeze is not None and experts_rec is not None:
+            n_train_params -= freeze.frozen_params
+            _say(f"routed experts trained (--experts {cfg.experts}), per block: "
+                 + "; ".join(f"{b}: {e}" for b, e in experts_rec["trained"].items())
+                 + "; the others stay as they are")
         _say(f"trainable parameters: {n_train_params:,} ({100 * n_train_params / full_params:.1f}"
              f" % of the {full_params:,} in all blocks)")
     else:
-        model = apply_lora(model, blocks, rank=rank, alpha=alpha, dropout=cfg.dropout,
-                           mlp=cfg.mlp, rslora=cfg.rslora, spec=spec)
+        model = apply_lora(model, blocks, rank=rank, alpha=alpha, dropout=dropout,
+                           mlp=cfg.mlp, rslora=cfg.rslora, spec=spec, router=cfg.router)
         n_train_params = trainable_params(model)
+        names = adapted_parts(model)
         _say(f"LoRA on blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks): "
-             f"{', '.join(target_paths(spec, cfg.mlp))} -> {len(names)} modules")
+             f"{_parts_summary(names, spec)} -> {len(names)} modules and parameters")
+        if dropout != cfg.dropout:
+            _say(f"note: {EXPERT_DROPOUT_NOTE}")
         _say(f"rank {rank} (full-depth budget rank {cfg.rank:g} x {n_blocks} blocks), alpha "
              f"{alpha:g}, scale {scaling:.4g}{' (rsLoRA)' if cfg.rslora else ''}")
         _say(f"trainable parameters: {n_train_params:,} (full-depth budget {full_params:,}; "
@@ -795,7 +839,8 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                  f"extra rank adds parameters but no expressiveness")
     every = cfg.logging_steps if cfg.dynamics_every is None else cfg.dynamics_every
     recorder = (DynamicsRecorder(model, spec, n_blocks, every=every, method=cfg.method,
-                                 path=out / DYNAMICS_FILE, write=is_main_process())
+                                 path=out / DYNAMICS_FILE, write=is_main_process(),
+                                 experts=experts_rec["trained"] if experts_rec else None)
                 if every > 0 else None)
 
     micro = min(cfg.micro_batch_size, cfg.batch_size)
@@ -836,6 +881,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
              "depends on the machine)")
     all_callbacks = [finite_loss_callback(), trainer_callback("train"),
                      *([estimate_callback(work)] if work is not None else []),
+                     *([freeze.callback()] if freeze is not None else []),
                      *([recorder.callback()] if recorder else []),
                      *([no_final_checkpoint_callback()] if full and not cfg.keep_checkpoints
                        else []),
@@ -879,6 +925,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             "method": cfg.method, "mask": cfg.mask,
             "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
             "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
+            "experts": experts_rec,
             "full_rank": float(cfg.rank), "seed": cfg.seed, "objective": cfg.objective}
     stage("save")
     with timer("save"):
@@ -908,7 +955,9 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                 dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
         _say(f"wrote {merged_dir} (the base with the adapter merged in)")
     model = trainer.model
-    got = names if full else adapted_modules(model)
+    if freeze is not None:
+        freeze.remove()
+    got = names if full else adapted_parts(model)
     if recorder is not None:
         for note in recorder.notes:
             _say(f"[yellow]note:[/] {note}")
@@ -927,6 +976,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         model_dir=str(model_dir) if model_dir else None,
         dynamics=recorder.info() if recorder is not None else None, merged_dir=merged_dir,
         objective=cfg.objective, trl=None if sft else objectives.record(cfg, trainer),
+        dropout=dropout, router=cfg.router, experts=experts_rec,
     )
 
     def record() -> None:  # training is recorded before the evaluation, which may fail
@@ -937,7 +987,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             objective=cfg.objective, trl=result.trl, mask=cfg.mask,
             blocks=blocks,
             rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
-            full_depth_params=full_params, seed=cfg.seed, processes=world,
+            full_depth_params=full_params, experts=experts_rec, seed=cfg.seed, processes=world,
             grad_accumulation=args.gradient_accumulation_steps, timings=result.timings,
             packing={"used": packed, "reason": packing_why},
             result=result, finished=True))

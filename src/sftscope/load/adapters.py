@@ -35,6 +35,7 @@ from sftscope.load.sources import (  # noqa: F401  (re-exported: the adapter rea
     ADAPTER_WEIGHTS,
     adapter_folder,
     adapter_label,
+    fused_targets,
     read_adapter_config,
 )
 
@@ -184,6 +185,14 @@ def module_in_out(mod: nn.Module) -> tuple[int, int]:
     raise SftscopeError(f"{type(mod).__name__} is not a linear layer LoRA can adapt")
 
 
+def fused_in_out(param: Any) -> tuple[int, int]:
+    """``(in, out)`` of a fused expert parameter ``[E, out, in]`` as PEFT adapts it (0, 0 for
+    anything else)."""
+    if not isinstance(param, torch.Tensor) or param.dim() != 3:
+        return 0, 0
+    return int(param.shape[2]), int(param.shape[1])
+
+
 def check_adapter(model: nn.Module, adapter: str | Path, base: str | None = None,
                   revision: str | None = None, allow_other_base: bool = False) -> Path:
     """Refuse an adapter made for another base: compare the target modules and every LoRA
@@ -195,16 +204,25 @@ def check_adapter(model: nn.Module, adapter: str | Path, base: str | None = None
     cfg = read_adapter_config(folder)
     made_for = cfg.get("base_model_name_or_path")
     names = dict(model.named_modules())
+    fused = fused_targets(cfg)
     for key, shape in adapter_shapes(folder).items():
         for tag, dim in ((".lora_A.", 1), (".lora_B.", 0)):
             if tag not in key or not key.endswith(".weight"):
                 continue
-            path = module_path(key)
+            path = module_path(key).replace(".base_layer", "")
             mod = names.get(path)
             if mod is None:
                 raise SftscopeError(
                     f"adapter {adapter} was made for another base ({made_for}): it adapts "
                     f"{path}, which {type(model).__name__} does not have")
+            if path in fused:  # fused expert parameters: one of them has this size
+                sizes = {fused_in_out(getattr(mod, n, None))[1 - dim] for n in fused[path]}
+                if len(shape) != 2 or shape[dim] not in sizes:
+                    raise SftscopeError(
+                        f"adapter {adapter} was made for another base ({made_for}): the "
+                        f"experts {path} have no parameter of {'input' if dim else 'output'} "
+                        f"size {shape[dim] if len(shape) == 2 else shape} in this model")
+                continue
             fin, fout = module_in_out(mod)
             want = fin if dim == 1 else fout
             if len(shape) != 2 or shape[dim] != want:

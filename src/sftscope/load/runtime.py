@@ -102,12 +102,10 @@ def release(nbytes: int = 1 << 30, threshold: int = 1 << 28) -> None:
 
 
 # ----------------------------------------------------------------------------- CPU threads
-# torch's OpenMP threads spin while they wait for each other. When other processes compete for
-# the cores, a spinning thread burns the time slice its partner needs: measured on a busy
-# 2-core machine, a small model's training step took 2.2 s with 2 threads against 0.29 s with
-# 1. ``OMP_WAIT_POLICY=PASSIVE`` (set by the CLI before torch starts) makes waiting threads
-# sleep (0.33 s with 2 threads there), and ``ThreadGovernor`` drops to one thread while the
-# machine is busy and goes back to all cores when it is idle again.
+# torch's OpenMP threads spin while they wait for each other; ``OMP_WAIT_POLICY=PASSIVE`` (set
+# by the CLI before torch starts) makes waiting threads sleep. Training never adapts its thread
+# count to the machine's load: the count is fixed when a run starts, so that the same seed
+# gives the same weights whatever else runs (``demo.pair``).
 
 
 def cpu_cores() -> int:
@@ -118,51 +116,3 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def other_load(own_threads: int) -> float:
-    """Runnable work on the machine besides ours (1-minute load average minus our threads)."""
-    import os
-
-    try:
-        return max(0.0, os.getloadavg()[0] - own_threads)
-    except OSError:
-        return 0.0
-
-
-def threads_for_load(cores: int | None = None, own_threads: int | None = None) -> int:
-    """All cores when the machine is otherwise idle, one thread when others compete."""
-    cores = cores or cpu_cores()
-    own = own_threads if own_threads is not None else torch.get_num_threads()
-    return cores if other_load(own) < 0.5 else 1
-
-
-class ThreadGovernor:
-    """Re-chooses torch's CPU thread count from the machine's load every ``every`` seconds.
-
-    ``changes`` records ``(seconds since start, threads)`` for run records."""
-
-    def __init__(self, every: float = 15.0, enabled: bool = True) -> None:
-        import time
-
-        self.every = every
-        self.enabled = enabled
-        self.t0 = self.last = time.perf_counter()
-        self.changes: list[tuple[float, int]] = []
-        if enabled:
-            self._apply(threads_for_load(own_threads=0))
-
-    def _apply(self, n: int) -> None:
-        import time
-
-        if n != torch.get_num_threads():
-            torch.set_num_threads(n)
-            self.changes.append((round(time.perf_counter() - self.t0, 1), n))
-
-    def __call__(self) -> None:
-        import time
-
-        if not self.enabled or time.perf_counter() - self.last < self.every:
-            return
-        self.last = time.perf_counter()
-        self._apply(threads_for_load())

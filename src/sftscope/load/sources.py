@@ -454,6 +454,16 @@ def _lora_shapes(folder: Path) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in out.items() if v[0] and v[1]}
 
 
+def fused_targets(adapter_config: dict[str, Any]) -> dict[str, list[str]]:
+    """Module path -> the parameters of it that PEFT adapts directly (``target_parameters``:
+    an MoE's fused expert weights, one LoRA pair per expert)."""
+    out: dict[str, list[str]] = {}
+    for t in adapter_config.get("target_parameters") or ():
+        mod, _, name = str(t).rpartition(".")
+        out.setdefault(mod, []).append(name)
+    return out
+
+
 def check_adapter_shapes(folder: Path, spec: str, base: ModelSource) -> None:
     """Refuse an adapter whose LoRA factors do not fit the base's weights (safetensors headers
     only; a GGUF or hub base is checked once loaded)."""
@@ -466,8 +476,12 @@ def check_adapter_shapes(folder: Path, spec: str, base: ModelSource) -> None:
         weights = {n: i.shape for n, i in weight_files(Path(base.path)).items()}
     except SftscopeError:
         return  # pickle-only base: checked once loaded
-    made_for = read_adapter_config(folder).get("base_model_name_or_path")
+    acfg = read_adapter_config(folder)
+    made_for = acfg.get("base_model_name_or_path")
+    fused = fused_targets(acfg)
     for module, (fin, fout) in sorted(shapes.items()):
+        if module.replace(".base_layer", "") in fused:
+            continue  # fused expert parameters (per-expert tensors on disk): checked loaded
         w = weights.get(module + ".weight")
         if w is None:  # another naming of the root: match on the path below it
             tail = module.split(".", 1)[-1] + ".weight"

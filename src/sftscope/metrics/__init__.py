@@ -66,6 +66,7 @@ from sftscope.metrics.spectral import (
 from sftscope.metrics.stats import (
     bootstrap_ci,
     cluster_ratio_ci,
+    cluster_stat_ci,
     correlation_matrix,
     correlation_pairs,
     mean_ci,
@@ -84,6 +85,7 @@ __all__ = [
     "bootstrap_ci",
     "cka",
     "cluster_ratio_ci",
+    "cluster_stat_ci",
     "condition_number",
     "correlation_matrix",
     "correlation_pairs",

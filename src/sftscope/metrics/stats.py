@@ -1,10 +1,12 @@
-"""Robustness statistics: bootstrap intervals (per value and per sample cluster), t and Wilson
-intervals, paired t-test, and the correlation of metrics across layers. Reused by analyze,
-probe, swap, eval and sweep."""
+"""Robustness statistics: bootstrap intervals (per value and per sample cluster), cluster
+Wilson and studentised-bootstrap intervals (the methods chosen by ``bench/bench_coverage.py``),
+Wilson intervals, paired t-test, and the correlation of metrics across layers. Reused by
+analyze, probe, swap, eval, steer and sweep."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -39,11 +41,12 @@ def bootstrap_ci(
     *,
     n: int | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval over samples, reproducible for a given ``seed``.
+    """Bootstrap interval over samples, reproducible for a given ``seed``.
 
-    ``data`` is either per-sample values ``[N]`` (the statistic is their mean, NaNs skipped)
-    or a function ``f(idx) -> float`` evaluated on resampled row indices (``idx`` an int array of
-    length ``n``, with repeats): use it for dataset-level metrics, e.g.
+    ``data`` is either per-sample values ``[N]`` (the statistic is their mean, NaNs skipped;
+    studentised bootstrap, :func:`cluster_bootstrap_t`, as for every mean) or a function
+    ``f(idx) -> float`` evaluated on resampled row indices (``idx`` an int array of length
+    ``n``, with repeats; percentile interval): use it for dataset-level metrics, e.g.
     ``lambda idx: dataset_metrics(Z[idx])["effective_rank"]``. Rank-type metrics are biased by the
     duplicated rows of a resample; read their intervals as spread, not as exact coverage.
     """
@@ -62,8 +65,10 @@ def bootstrap_ci(
         x = x[~np.isnan(x)]
         if x.size == 0:
             return math.nan, math.nan
-        idx = rng.integers(0, x.size, size=(n_boot, x.size))
-        stats = x[idx].mean(axis=1)
+        if x.size == 1:
+            return float(x[0]), float(x[0])
+        lo, hi = cluster_bootstrap_t(x[:, None], np.ones(x.size), n_boot, level, seed)
+        return float(lo[0]), float(hi[0])
     stats = stats[~np.isnan(stats)]
     if stats.size == 0:
         return math.nan, math.nan
@@ -84,58 +89,169 @@ def _resample_blocks(n: int, n_boot: int, seed: int, max_cells: int = 1 << 22):
         yield np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
 
 
-def cluster_ratio_ci(num: ArrayLike | np.ndarray, den: ArrayLike, n_boot: int = 1000,
-                     level: float = 0.95, seed: int = 0,
-                     bounds: tuple[float, float] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Sample-level (cluster) bootstrap interval of the ratio ``sum(num) / sum(den)``.
+def _z(level: float, df: float | None = None) -> float:
+    from scipy import stats as sps
 
-    ``num``: per-sample sums ``[N]`` or ``[N, K]`` (one interval per column, e.g. per layer),
-    ``den``: per-sample counts ``[N]`` (e.g. tokens). Each resample draws ``N`` samples with
-    replacement, *with all their tokens*, and recomputes the ratio over them: tokens of one
-    sample are not independent (a sample is easy or hard as a whole), and a Wilson interval over
-    tokens ignores that and is far too narrow. ``den = 1`` gives the mean over samples. Samples
-    with ``den == 0`` carry nothing and are left out. Percentile interval, ``n_boot`` resamples,
-    reproducible for a given ``seed`` (the same resamples for every column); ``bounds`` clips
-    the interval (a probability stays inside ``[0, 1]``). NaN when ``n_boot < 1`` or fewer than
-    two samples count.
-    """
-    _check_level(level)
+    q = 0.5 + level / 2
+    return float(sps.norm.ppf(q) if df is None else sps.t.ppf(q, df))
+
+
+def wilson(p: np.ndarray | float, n: np.ndarray | float, level: float = 0.95
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a proportion ``p`` observed on ``n`` (possibly effective,
+    non-integer) trials; elementwise, inside [0, 1]."""
+    z = _z(level)
+    p, n = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0), np.asarray(n, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        den = 1 + z * z / n
+        centre = (p + z * z / (2 * n)) / den
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return np.maximum(0.0, centre - half), np.minimum(1.0, centre + half)
+
+
+def kish_n(den: ArrayLike) -> float:
+    """Kish's effective number of samples ``sum(d)^2 / sum(d^2)`` of per-sample weights ``d``
+    (= the number of samples when all weigh the same; smaller when a few long samples carry
+    most of the tokens)."""
+    d = _np(den)
+    sq = float((d * d).sum())
+    return float(d.sum()) ** 2 / sq if sq > 0 else 0.0
+
+
+def _columns(num: ArrayLike | np.ndarray, den: ArrayLike) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per-sample sums ``[N, K]`` and counts ``[N]``, samples with ``den == 0`` left out."""
     x = np.asarray(num, dtype=np.float64)
     one = x.ndim == 1
     x = x.reshape(x.shape[0], -1)
     d = _np(den)
     if d.shape[0] != x.shape[0]:
-        raise SftscopeError(f"cluster bootstrap needs one count per sample, got {d.shape[0]} "
+        raise SftscopeError(f"cluster interval needs one count per sample, got {d.shape[0]} "
                             f"counts for {x.shape[0]} samples")
     keep = d > 0
-    x, d = x[keep], d[keep]
+    return x[keep], d[keep], one
+
+
+def cluster_ratio_ci(num: ArrayLike | np.ndarray, den: ArrayLike, n_boot: int = 1000,
+                     level: float = 0.95, seed: int = 0,
+                     bounds: tuple[float, float] | None = None, *, proportion: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Sample-level (cluster) interval of the ratio ``sum(num) / sum(den)``.
+
+    ``num``: per-sample sums ``[N]`` or ``[N, K]`` (one interval per column, e.g. per layer),
+    ``den``: per-sample counts ``[N]`` (e.g. tokens; ``den = 1`` gives the mean over samples).
+    Tokens of one sample are not independent (a sample is easy or hard as a whole): a Wilson
+    interval over tokens ignores that and is far too narrow. Samples with ``den == 0`` carry
+    nothing and are left out. Two methods, chosen by a coverage simulation
+    (``bench/bench_coverage.py``, docs/metrics.md):
+
+    - ``proportion=True`` (each sample's ``num / den`` lies in [0, 1]: accuracy, agreement,
+      probabilities): :func:`cluster_wilson`, the Wilson interval on Kish's effective number of
+      samples (the design effect at its largest), >= 95 % coverage over the whole grid, also
+      near 0, at 10 samples and with heavy-tailed sample lengths; ``n_boot`` only switches it
+      off (0 = no interval).
+    - otherwise (loss, rank): :func:`cluster_bootstrap_t`, the studentised cluster bootstrap
+      with ``n_boot`` resamples (seeded), the best of the candidates measured.
+
+    ``bounds`` clips the interval. NaN when ``n_boot < 1`` or fewer than two samples count.
+    """
+    _check_level(level)
+    x, d, one = _columns(num, den)
     nan = np.full(x.shape[1], np.nan)
     if n_boot < 1 or x.shape[0] < 2:
         return (nan[0], nan[0]) if one else (nan, nan.copy())
-    stats = np.concatenate([(w @ x) / (w @ d)[:, None]
-                            for w in _resample_blocks(x.shape[0], n_boot, seed)])
-    tail = (1 - level) / 2 * 100
-    with np.errstate(all="ignore"):
-        low, high = np.nanpercentile(stats, [tail, 100 - tail], axis=0)
+    if proportion:
+        low, high = cluster_wilson(x, d, level)
+    else:
+        low, high = cluster_bootstrap_t(x, d, n_boot, level, seed)
     if bounds is not None:
         low, high = np.clip(low, *bounds), np.clip(high, *bounds)
     return (float(low[0]), float(high[0])) if one else (low, high)
 
 
-def mean_ci(values: ArrayLike, level: float = 0.95) -> tuple[float, float]:
-    """Student-t interval ``(low, high)`` for the mean of ``values`` (NaNs skipped; NaN if < 2)."""
+def cluster_wilson(x: np.ndarray, d: np.ndarray, level: float = 0.95
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson interval of ``sum(x) / sum(d)`` per column of ``x [N, K]`` with ``n`` = Kish's
+    effective number of samples of ``d [N]``.
+
+    Why it holds: with each sample's share ``x_i / d_i`` in [0, 1] and samples independent,
+    the ratio's variance is at most ``p (1 - p) sum(d^2) / sum(d)^2 = p (1 - p) / n_kish``
+    (its value when every sample is all right or all wrong), so this is the Wilson interval
+    at the largest possible design effect: valid whatever the correlation of tokens within
+    a sample, and defined at 0 correct tokens, where every resampling method collapses to
+    [0, 0]."""
+    p = x.sum(axis=0) / d.sum()
+    return wilson(p, np.full(p.shape, kish_n(d)), level)
+
+
+def cluster_bootstrap_t(x: np.ndarray, d: np.ndarray, n_boot: int = 1000, level: float = 0.95,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Studentised (bootstrap-t) cluster interval of ``sum(x) / sum(d)`` per column of
+    ``x [N, K]``: samples are resampled with all their tokens; each resample's ratio is
+    standardised by its own linearised standard error, and the interval is
+    ``r - q_hi * se, r - q_lo * se`` with ``q`` the quantiles of those standardised ratios
+    (skewed data give an asymmetric interval, unlike Student-t). Reproducible for a given
+    ``seed``."""
+    n = x.shape[0]
+    r = x.sum(axis=0) / d.sum()
+    se = np.sqrt(((x - d[:, None] * r) ** 2).sum(axis=0) / (n * (n - 1))) / d.mean()
+    xx, xd, dd = x * x, x * d[:, None], d * d
+    ts = []
+    for w in _resample_blocks(n, n_boot, seed):
+        sd = w @ d                                                  # [b]
+        with np.errstate(all="ignore"):
+            st = (w @ x) / sd[:, None]                              # [b, K]
+            ss = w @ xx - 2 * st * (w @ xd) + st * st * (w @ dd)[:, None]
+            se_b = np.sqrt(np.maximum(ss, 0.0) / (n * (n - 1))) / (sd / n)[:, None]
+            ts.append((st - r) / se_b)
+    t = np.concatenate(ts)
+    t[~np.isfinite(t)] = np.nan  # a resample of identical samples has no spread
+    tail = (1 - level) / 2
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        q_lo, q_hi = np.nanquantile(t, [tail, 1 - tail], axis=0)
+    low, high = r - q_hi * se, r - q_lo * se
+    flat = se == 0  # every sample has the same ratio: the interval is that value
+    low, high = np.where(flat, r, low), np.where(flat, r, high)
+    return low, high
+
+
+def cluster_stat_ci(num: ArrayLike | np.ndarray, stat: Callable[[np.ndarray], np.ndarray],
+                    n_boot: int = 1000, level: float = 0.95, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Sample-level (cluster) bootstrap interval of a statistic of per-sample sums.
+
+    ``num``: per-sample sums ``[N, K]``; ``stat(totals [b, K]) -> [b, J]`` the statistic of
+    ``b`` resamples' column totals at once (e.g. the entropy of an expert load). The same
+    resamples as ``cluster_ratio_ci`` for a given ``(N, n_boot, seed)``. NaN when
+    ``n_boot < 1`` or fewer than two samples."""
+    _check_level(level)
+    x = np.asarray(num, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1)
+    width = np.asarray(stat(x.sum(0, keepdims=True))).shape[-1]
+    nan = np.full(width, np.nan)
+    if n_boot < 1 or x.shape[0] < 2:
+        return nan, nan.copy()
+    stats = np.concatenate([np.asarray(stat(w @ x)).reshape(w.shape[0], -1)
+                            for w in _resample_blocks(x.shape[0], n_boot, seed)])
+    tail = (1 - level) / 2 * 100
+    with np.errstate(all="ignore"):
+        low, high = np.nanpercentile(stats, [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def mean_ci(values: ArrayLike, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+            ) -> tuple[float, float]:
+    """Interval ``(low, high)`` for the mean of ``values`` (NaNs skipped; NaN if < 2): the
+    studentised bootstrap (:func:`cluster_bootstrap_t` with one value per sample), which
+    follows skewed values (losses, lengths) where Student-t's symmetric interval misses
+    (measured: ``bench/bench_coverage.py``)."""
     _check_level(level)
     x = _np(values)
     x = x[~np.isnan(x)]
     if x.size < 2:
         return math.nan, math.nan
-    from scipy import stats as sps
-
-    m = float(x.mean())
-    se = float(x.std(ddof=1)) / math.sqrt(x.size)
-    half = float(sps.t.ppf(0.5 + level / 2, df=x.size - 1)) * se
-    return m - half, m + half
+    lo, hi = cluster_bootstrap_t(x[:, None], np.ones(x.size), max(n_boot, 1), level, seed)
+    return float(lo[0]), float(hi[0])
 
 
 def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -148,14 +264,8 @@ def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
         raise SftscopeError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return math.nan, math.nan
-    from scipy import stats as sps
-
-    z = float(sps.norm.ppf(0.5 + level / 2))
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = wilson(k / n, n, level)
+    return float(lo), float(hi)
 
 
 def paired_ttest(a: ArrayLike, b: ArrayLike) -> tuple[float, float]:

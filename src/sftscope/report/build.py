@@ -104,6 +104,35 @@ def chain_labels(run: Any) -> list[str]:
     return [f"{run.label} [{x}]" for x in dict.fromkeys(names)]
 
 
+def _truncated(record: Any) -> int:
+    """The sum of every ``n_truncated`` count in a run record (any depth)."""
+    if isinstance(record, dict):
+        return sum(int(v) if k == "n_truncated" and isinstance(v, (int, float)) else
+                   _truncated(v) for k, v in record.items())
+    if isinstance(record, list):
+        return sum(_truncated(v) for v in record)
+    return 0
+
+
+def truncation_notes(runs: Any) -> list[str]:
+    """One line per run whose prompts or texts were cut (its ``run.json``, and a sweep's
+    ``jobs/*/run.json``): truncation changes what was measured, so the report says it."""
+    out = []
+    for r in runs:
+        n = _truncated(r.record)
+        jobs = sorted(Path(r.path).glob("jobs/*/run.json")) if r.command == "sweep" else []
+        for j in jobs:
+            try:
+                n += _truncated(io.read_json(j))
+            except Exception:  # an unreadable job record is the sweep's business
+                continue
+        if n:
+            where = " (over its jobs)" if jobs else ""
+            out.append(f"{r.label}: {n} prompt(s) or text(s) were longer than the limit and "
+                       f"were truncated{where}; n_truncated in run.json")
+    return out
+
+
 def build_report(runs: Sequence[str | Path] | str | Path, out: str | Path | None = None,
                  formats: str | Sequence[str] = ("png",), figures_dir: str | Path | None = None,
                  title: str | None = None, notices: Sequence[str] = ()) -> Path:
@@ -138,7 +167,7 @@ def build_report(runs: Sequence[str | Path] | str | Path, out: str | Path | None
              "tables": [spec_of(t).stem + ("" if "." in spec_of(t).stem else ".csv")
                         for t in r.tables] + (["suggest.json"] if "suggest" in r.extra else []),
              "path": str(r.path), "record": r.record} for r in loaded]
-    notes = [f"Figures and the CSV behind each are in {figdir}."]
+    notes = [f"Figures and the CSV behind each are in {figdir}.", *truncation_notes(loaded)]
     present = set(_present(loaded))
     missing = [f"{s.stem}.csv" for s in TABLES.values() if f"{s.stem}.csv" not in present]
     if missing:

@@ -22,13 +22,14 @@ import pandas as pd
 
 from sftscope.chains import BASE, FIRST, PAIR, PAIR_PREFIX, is_pair_label, split_pair_label
 from sftscope.metric_registry import lower_is_better, metric_spec, ordered
-from sftscope.report.rules import LENS_RISE, TOP, edge_means
+from sftscope.report.rules import LENS_RISE, TOP, edge_means, routing_rule
 from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key, segment_bounds
 
 RUN = "run"
 DEFAULT_RUN = "run"
 TREND_TOL = 0.02        # a top value within 2 % of the curve's range of the 80 % value: "level"
 AGGREGATE_MODULES = ("attn", "mlp", "total", "other")
+EXPERT_MODULE = "expert"  # weights.csv rows of one routed expert (integer ``expert`` column)
 MIX = "interpolate"    # swap.csv's direction of interpolated rows (swap --alphas)
 ORIGINAL_NAMES = ("original", "originals", "reference", "base", "sft", "none", "unswapped")
 
@@ -485,6 +486,7 @@ def weight_data(weights: pd.DataFrame) -> FigureData:
     (``rules.edge_means``, as the J rule uses them) and the block of the largest change."""
     df = with_depth(chain_view(weights), "block")
     df = numeric(df, ["value"])
+    df = df[df["module"].astype(str) != EXPERT_MODULE]  # one row per expert: the MoE figure
     module = weight_module(df)
     main = df[df["module"].astype(str) == module] if module else df.iloc[0:0]
     metric = weight_metric(main) if len(main) else ""
@@ -1188,6 +1190,71 @@ def _overlap(a: pd.Series, b: pd.Series) -> bool:
     if not all(np.isfinite(lo + hi)):
         return False
     return max(lo) <= min(hi)
+
+
+# ----------------------------------------------------------------------------- MoE routing
+
+DRIFT_METRICS = ("js_divergence", "topk_overlap")
+
+
+def expert_weight_rows(weights: pd.DataFrame) -> pd.DataFrame:
+    """``weights.csv`` rows of single routed experts (module ``expert``, integer ``expert``),
+    in the metric the report shows (``relative`` when present)."""
+    if weights is None or weights.empty or "expert" not in weights.columns:
+        return pd.DataFrame()
+    df = numeric(with_run(chain_view(weights)), ["block", "expert", "value"])
+    df = df[(df["module"].astype(str) == EXPERT_MODULE) & df["block"].notna()
+            & df["expert"].notna()]
+    if df.empty:
+        return df
+    metric = weight_metric(df)
+    return df[df["metric"].astype(str) == metric].copy()
+
+
+def _routing_summary(drift: pd.DataFrame, entropy: pd.DataFrame) -> pd.DataFrame:
+    """Per run and pair: where JS peaks, the top-k overlap's low point, mean entropies and
+    the verdict of ``rules.routing_rule`` on the depth-ordered JS profile."""
+    rows = []
+    for (r, model), g in drift[drift["metric"] == "js_divergence"].groupby([RUN, "model"],
+                                                                           sort=False):
+        g = g.dropna(subset=["value"]).sort_values("block")
+        if g.empty:
+            continue
+        v = routing_rule(g["value"], g.get("ci_low"), g.get("ci_high"))
+        top = g.loc[g["value"].idxmax()]
+        ov = drift[(drift[RUN] == r) & (drift["model"] == model)
+                   & (drift["metric"] == "topk_overlap")].dropna(subset=["value"])
+        low = ov.loc[ov["value"].idxmin()] if len(ov) else None
+        ent = entropy[entropy[RUN] == r].groupby("model")["value"].mean()
+        stage = split_pair_label(str(model))[1] if is_pair_label(str(model)) else FIRST
+        rows.append({RUN: r, "model": model, "n_sparse": len(g), "mean_js": g["value"].mean(),
+                     "max_js": float(top["value"]), "max_block": int(top["block"]),
+                     "max_low": float(top.get("ci_low", math.nan)),
+                     "max_high": float(top.get("ci_high", math.nan)),
+                     "min_overlap": math.nan if low is None else float(low["value"]),
+                     "min_overlap_block": None if low is None else int(low["block"]),
+                     "mean_overlap": ov["value"].mean() if len(ov) else math.nan,
+                     "entropy_base": float(ent.get(BASE, math.nan)),
+                     "entropy_sft": float(ent.get(stage, math.nan)),
+                     "verdict": v.verdict, "verdict_text": v.text()})
+    return pd.DataFrame(rows)
+
+
+def routing_data(routing: pd.DataFrame, weights: pd.DataFrame | None = None) -> FigureData:
+    """The MoE figures: router drift by depth (``frame``: JS and top-k overlap per sparse
+    block with intervals), expert load per model (``extra['load']``: block x expert),
+    per-expert weight change (``extra['experts']``, from a weights run) and ``summary``."""
+    empty = pd.DataFrame(columns=[RUN, "block", "metric", "model", "value"])
+    df = routing if routing is not None and len(routing) else empty
+    df = numeric(with_depth(df, "block"), ["expert", "ci_low", "ci_high"])
+    df, notes = clip_to_range(df, "routing")
+    drift = df[df["metric"].astype(str).isin(DRIFT_METRICS)]
+    load = df[df["metric"].astype(str) == "load"]
+    entropy = df[df["metric"].astype(str) == "load_entropy"]
+    experts = expert_weight_rows(weights) if weights is not None else pd.DataFrame()
+    frame = drift if len(drift) or len(load) or experts.empty else experts
+    return FigureData(frame, _routing_summary(drift, entropy), notes,
+                      {"load": load, "entropy": entropy, "experts": experts})
 
 
 # ----------------------------------------------------------------------------- signal vs cause

@@ -27,7 +27,8 @@ def check_cka(metrics: pd.DataFrame) -> R.Verdict:
     s = d[d["metric"].astype(str) == "cka"].sort_values("rel_depth") if len(d) else d
     if s.empty:
         return R.Verdict(R.INCONCLUSIVE, R.CKA_RULE, "no CKA rows", "no data")
-    return R.cka_rule(s["rel_depth"], _col(s, "value"), _col(s, "ci_low"), _col(s, "ci_high"))
+    return R.cka_rule(s["rel_depth"], _col(s, "value"), _col(s, "ci_low"), _col(s, "ci_high"),
+                      hint="analyze --bootstrap 0")
 
 
 def check_j_shape(weights: pd.DataFrame) -> R.Verdict:
@@ -51,7 +52,7 @@ def _lens_verdict(d: pd.DataFrame, metric: str, model: str | None) -> R.Verdict 
         return None
     s = s.sort_values("rel_depth")
     return R.lens_rule(s["rel_depth"], _col(s, "value"), _col(s, "ci_low"), _col(s, "ci_high"),
-                       _col(s, "n"))
+                       _col(s, "n"), hint="probe --bootstrap 0")
 
 
 def check_lens(probe: pd.DataFrame) -> R.Verdict:
@@ -72,8 +73,8 @@ def check_lens(probe: pd.DataFrame) -> R.Verdict:
         if base is not None:
             numbers += f"; base {acc[0]}: {base.numbers} -> {base.verdict}"
             if v.verdict == R.YES and base.verdict == R.YES:
-                why = ("the base shows it too: a property of the model, not a change made "
-                       "by fine-tuning")
+                why = "; ".join(w for w in (v.why, "the base shows it too: a property of the "
+                                            "model, not a change made by fine-tuning") if w)
         return R.Verdict(v.verdict, v.rule, numbers, why)
     return R.Verdict(R.INCONCLUSIVE, R.LENS_RULE, "no logit-lens accuracy", "no data")
 
@@ -90,7 +91,8 @@ def check_swap(swap: pd.DataFrame) -> R.Verdict:
         pts = {int(s): R.Point(float(v), float(a), float(b))
                for s, v, a, b in zip(g["seg"], _col(g, "value"), lo, hi)}
         name = d + (f", head {h}" if h else "") + f" ({metric})"
-        verdicts.append(R.inverted_u_rule(pts, k, lower_is_better(metric), name))
+        verdicts.append(R.inverted_u_rule(pts, k, lower_is_better(metric), name,
+                                          hint="swap --bootstrap 0"))
     if not verdicts:
         return R.Verdict(R.INCONCLUSIVE, R.SWAP_RULE, "no one-segment swaps", "no data")
     return R.all_of(verdicts, R.SWAP_RULE)
@@ -110,7 +112,8 @@ def check_sweep(summary: pd.DataFrame) -> R.Verdict:
             hi=_num(row.get("ci_high")), p_value=_num(row.get("p_value")),
             seeds=int(seeds) if _finite(seeds) else None,
             n_items=int(float(items)) if _finite(items) else None))
-    return R.sweep_rule(rows, lower_is_better(str(metric)), str(metric))
+    return R.sweep_rule(rows, lower_is_better(str(metric)), str(metric),
+                        hint="sweep --bootstrap 0")
 
 
 def _num(v: Any) -> float:

@@ -1120,3 +1120,106 @@ def plot_interpolation(data: pd.DataFrame | FigureData,
                           label="base / swap row (alpha 0 / 1)"))
     _legend(fig, handles, ncol=min(len(handles), 4))
     return fig
+
+
+# ----------------------------------------------------------------------------- MoE routing
+
+PAIR_STYLES = ("-", "--", "-.", ":")
+
+
+def plot_routing_drift(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
+    """Fig. 13: router drift by depth: JS divergence and top-k overlap per sparse block, one
+    colour per run, one line style per pair (a chain's stages), CI bands where bootstrapped."""
+    title = "Fig. 13 - Router drift Base -> SFT by depth (x: block (b + 0.5) / L)"
+    df = data.frame
+    if df.empty or "metric" not in df.columns or not df["metric"].isin(N.DRIFT_METRICS).any():
+        return _empty(title, "no routing drift rows (routing.csv of an MoE analyze)")
+    pal = _colors(df, colors)
+    runs = run_labels(df)
+    pairs = list(dict.fromkeys(df["model"].astype(str)))
+    styles = {p: PAIR_STYLES[i % len(PAIR_STYLES)] for i, p in enumerate(pairs)}
+    fig, axes = _grid(2, ncols=2, w=5.2, title=title)
+    for ax, metric in zip(axes, N.DRIFT_METRICS):
+        sub = df[df["metric"].astype(str) == metric]
+        for r in runs:
+            for p in pairs:
+                g = sub[(sub[RUN] == r) & (sub["model"].astype(str) == p)]
+                if len(g):
+                    _line(ax, g, pal[r], styles[p], r)
+        ax.set_title(_nice(metric, "routing"), fontsize=10)
+        _depth_axes(ax, BLOCK_AXIS)
+        _flat_note(ax, [sub["value"]], _nice(metric, "routing"))
+    handles = _run_handles(runs, pal) + (_style_handles(styles) if len(pairs) > 1 else [])
+    _legend(fig, handles)
+    return fig
+
+
+def _block_expert(g: pd.DataFrame) -> tuple[np.ndarray, list[int]]:
+    """A block x expert matrix of ``value`` (rows: the blocks present, in order)."""
+    blocks = sorted(int(b) for b in g["block"].unique())
+    n_exp = int(g["expert"].max()) + 1
+    mat = np.full((len(blocks), n_exp), np.nan)
+    for b, e, v in zip(g["block"], g["expert"], pd.to_numeric(g["value"], errors="coerce")):
+        mat[blocks.index(int(b)), int(e)] = float(v)
+    return mat, blocks
+
+
+def _heat(fig: Figure, ax, mat: np.ndarray, blocks: list[int], title: str, label: str,
+          cmap: str = "viridis", centre: bool = False) -> None:
+    vmax = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
+    kw = {"vmin": -vmax, "vmax": vmax} if centre else {}
+    im = ax.imshow(mat, aspect="auto", cmap=cmap, interpolation="nearest", **kw)
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
+    ax.set_ylabel("block", fontsize=8.5)
+    ax.set_xlabel("expert", fontsize=8.5)
+    ax.set_title(title, fontsize=9.5)
+    ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=ax, label=label, fraction=0.05, pad=0.02)
+
+
+def plot_expert_load(data: FigureData) -> Figure:
+    """Fig. 13b: expert load (share of top-k slots) per block and expert, base and SFT side
+    by side with their difference, one row per run and pair."""
+    title = "Fig. 13b - Expert load per block, base vs SFT"
+    load = data.extra.get("load", pd.DataFrame())
+    if load is None or load.empty:
+        return _empty(title, "no expert load rows (routing.csv of an MoE analyze)")
+    groups = list(load.groupby(RUN, sort=False))
+    rows = sum(max(1, g["model"].nunique() - 1) for _, g in groups)
+    fig = Figure(figsize=(13, 2.6 * rows + 0.9), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, 3, squeeze=False)
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    i = 0
+    for r, g in groups:
+        base = g[g["model"].astype(str) == "base"]
+        mb, blocks = _block_expert(base) if len(base) else (None, [])
+        for model in [m for m in dict.fromkeys(g["model"].astype(str)) if m != "base"] or [""]:
+            ax_b, ax_s, ax_d = axes[i]
+            i += 1
+            if mb is not None:
+                _heat(fig, ax_b, mb, blocks, f"{r}: base", "load")
+            s = g[g["model"].astype(str) == model]
+            if len(s):
+                ms, sblocks = _block_expert(s)
+                _heat(fig, ax_s, ms, sblocks, f"{r}: {model}", "load")
+                if mb is not None and ms.shape == mb.shape:
+                    _heat(fig, ax_d, ms - mb, blocks, f"{r}: {model} - base", "load change",
+                          cmap="coolwarm", centre=True)
+    return fig
+
+
+def plot_expert_weights(data: FigureData) -> Figure:
+    """Fig. 13c: weight change of each routed expert (weights.csv rows of module ``expert``),
+    block x expert, one panel per run."""
+    title = "Fig. 13c - Weight change per routed expert"
+    ex = data.extra.get("experts", pd.DataFrame())
+    if ex is None or ex.empty:
+        return _empty(title, "no per-expert rows (weights.csv of an MoE pair)")
+    runs = run_labels(ex)
+    fig, axes = _grid(len(runs), ncols=2, w=5.6, h=3.6, title=title)
+    for ax, r in zip(axes, runs):
+        g = ex[ex[RUN] == r]
+        mat, blocks = _block_expert(g)
+        metric = str(g["metric"].iloc[0])
+        _heat(fig, ax, mat, blocks, r, _nice(metric, "weights"))
+    return fig

@@ -12,7 +12,8 @@ confidence intervals (or p-values) it is judged with them:
 
 A rule's verdict is ``yes`` when every claim holds and the sample minimums are met, ``no`` when
 a claim fails (minimums met), and ``inconclusive`` otherwise. Numbers without intervals are
-taken as exact. Each :class:`Verdict` carries the rule text (with its thresholds), the numbers
+taken as exact, and the verdict then says so ("no interval: analyze --bootstrap 0; noise not
+checked"). Each :class:`Verdict` carries the rule text (with its thresholds), the numbers
 it used and the verdict, so that the report prints all three side by side.
 """
 
@@ -141,20 +142,34 @@ def _ge(a: float, b: float, rel: float = 1e-9) -> bool:
     return bool(a >= b - rel * max(abs(a), abs(b), 1e-300))
 
 
+def no_interval(hint: str = "") -> str:
+    """What a verdict says when it had no interval to judge the noise with (``hint``: how the
+    intervals were switched off, e.g. ``analyze --bootstrap 0``)."""
+    return f"no interval{': ' + hint if hint else ''}; noise not checked"
+
+
+def _has_ci(*cis: tuple | None) -> bool:
+    """Every interval given and finite."""
+    return all(c is not None and all(v is not None and np.isfinite(v) for v in c) for c in cis)
+
+
 def combine(claims: Sequence[tuple[str, str]], rule: str, numbers: str,
-            too_small: str = "") -> Verdict:
+            too_small: str = "", no_ci: str = "") -> Verdict:
     """yes if every claim holds, no if one fails, else inconclusive; ``too_small`` (the unmet
-    minimum) makes it inconclusive whatever the claims say."""
+    minimum) makes it inconclusive whatever the claims say; ``no_ci`` (see
+    :func:`no_interval`) is added to the reason when the numbers had no interval."""
     if too_small:
         return Verdict(INCONCLUSIVE, rule, numbers, f"too small: {too_small}")
     failed = [name for name, c in claims if c == FAILS]
     unclear = [name for name, c in claims if c == UNCLEAR]
     if failed:
-        return Verdict(NO, rule, numbers, "fails: " + ", ".join(failed))
-    if unclear:
-        return Verdict(INCONCLUSIVE, rule, numbers,
-                       "within the noise (intervals overlap or p >= 0.05): " + ", ".join(unclear))
-    return Verdict(YES, rule, numbers)
+        why, verdict = "fails: " + ", ".join(failed), NO
+    elif unclear:
+        why, verdict = ("within the noise (intervals overlap or p >= 0.05): "
+                        + ", ".join(unclear)), INCONCLUSIVE
+    else:
+        why, verdict = "", YES
+    return Verdict(verdict, rule, numbers, "; ".join(w for w in (why, no_ci) if w))
 
 
 def _arrays(*cols: Sequence[float] | None) -> list[np.ndarray | None]:
@@ -184,7 +199,7 @@ CKA_RULE = (f"CKA: min over j/L <= {TOP} >= {CKA_HIGH} AND min over j/L > {TOP} 
 
 
 def cka_rule(depth: Sequence[float], cka: Sequence[float], ci_low: Sequence[float] | None = None,
-             ci_high: Sequence[float] | None = None) -> Verdict:
+             ci_high: Sequence[float] | None = None, hint: str = "") -> Verdict:
     """(a) CKA stays high over the first 80 % of depth and drops in the final 20 %."""
     d, y, lo, hi = _arrays(depth, cka, ci_low, ci_high)
     n_all = len(y)
@@ -215,7 +230,7 @@ def cka_rule(depth: Sequence[float], cka: Sequence[float], ci_low: Sequence[floa
     numbers = (f"min over j/L <= {TOP} {show(ie)}, min above {show(il)}, drop "
                f"{_f(y[ie] - y[il])}{_dropped(n_all, len(y))}")
     return combine([(f"early CKA >= {CKA_HIGH}", c1), (f"drop >= {CKA_DROP}", c2)], CKA_RULE,
-                   numbers)
+                   numbers, no_ci="" if _has_ci(ci(ie), ci(il)) else no_interval(hint))
 
 
 # ----------------------------------------------------------------------------- (b) weights
@@ -292,7 +307,7 @@ LENS_RULE = (f"logit lens: mean accuracy over j/L <= {LENS_RISE} <= {LENS_NEAR_Z
 
 def lens_rule(depth: Sequence[float], accuracy: Sequence[float],
               ci_low: Sequence[float] | None = None, ci_high: Sequence[float] | None = None,
-              n: Sequence[float] | None = None) -> Verdict:
+              n: Sequence[float] | None = None, hint: str = "") -> Verdict:
     """(c) logit-lens accuracy is near 0 for most of the depth and rises in the last ~20 %."""
     d, y, lo, hi, nn = _arrays(depth, accuracy, ci_low, ci_high, n)
     n_all = len(y)
@@ -330,7 +345,8 @@ def lens_rule(depth: Sequence[float], accuracy: Sequence[float],
               ("the rise is beyond the noise", compare(peak, float(y[ie]), 0.0, ci(ip), ci(ie)))]
     if peak <= 0:
         claims = claims[2:]  # 0 everywhere: only the (absent) rise can decide
-    return combine(claims, LENS_RULE, numbers)
+    return combine(claims, LENS_RULE, numbers,
+                   no_ci="" if _has_ci(ci(ip), ci(ie)) else no_interval(hint))
 
 
 # ----------------------------------------------------------------------------- (d) swap
@@ -359,7 +375,7 @@ class Point:
 
 
 def inverted_u_rule(segments: dict[int, Point], k: int, lower_is_better: bool = False,
-                    label: str = "") -> Verdict:
+                    label: str = "", hint: str = "") -> Verdict:
     """(d) one direction of a swap: ``segments`` maps segment index -> score after swapping it."""
     seg = {i: p for i, p in segments.items() if np.isfinite(p.value)}
     name = f"{label}: " if label else ""
@@ -383,7 +399,9 @@ def inverted_u_rule(segments: dict[int, Point], k: int, lower_is_better: bool = 
     numbers = (f"{name}worst middle {show(mid)}"
                + (f" (best middle {show(best)})" if best != mid else "")
                + f", better edge {show(edge)}, other edge {show(k - 1 if edge == 0 else 0)}")
-    return combine([("every middle segment beats both edges", c)], SWAP_RULE, numbers)
+    has = _has_ci((seg[mid].lo, seg[mid].hi), (seg[edge].lo, seg[edge].hi))
+    return combine([("every middle segment beats both edges", c)], SWAP_RULE, numbers,
+                   no_ci="" if has else no_interval(hint))
 
 
 def all_of(verdicts: Sequence[Verdict], rule: str) -> Verdict:
@@ -394,7 +412,7 @@ def all_of(verdicts: Sequence[Verdict], rule: str) -> Verdict:
     numbers = "; ".join(v.numbers for v in verdicts)
     whys = "; ".join(dict.fromkeys(v.why for v in verdicts if v.why))
     if all(v == YES for v in values):
-        return Verdict(YES, rule, numbers)
+        return Verdict(YES, rule, numbers, whys)
     if NO in values:
         return Verdict(NO, rule, numbers, whys)
     return Verdict(INCONCLUSIVE, rule, numbers, whys)
@@ -440,7 +458,7 @@ def is_edge(mask: str) -> bool:
 
 
 def sweep_rule(rows: Sequence[MaskScore], lower_is_better: bool = False,
-               metric: str = "") -> Verdict:
+               metric: str = "", hint: str = "") -> Verdict:
     """(e) a middle mask beats full depth and an edge mask is the worst."""
     rows = [r for r in rows if np.isfinite(r.mean)]
     by = {r.mask: r for r in rows}
@@ -470,11 +488,13 @@ def sweep_rule(rows: Sequence[MaskScore], lower_is_better: bool = False,
     else:
         c1 = compare(b.point().score(lib), f.point().score(lib), 0.0, b.point().ci(lib),
                      f.point().ci(lib))
+    has = np.isfinite(p) or _has_ci(b.point().ci(), f.point().ci())
     if rest:
         lowest_rest = min(rest, key=lambda m: by[m].point().score(lib))
         we, lr = by[worst_edge].point(), by[lowest_rest].point()
         c2 = compare(lr.score(lib), we.score(lib), 0.0, lr.ci(lib), we.ci(lib))
         rest_txt = f", lowest other mask {show(by[lowest_rest])}"
+        has = has and _has_ci(we.ci(), lr.ci())
     else:
         c2, rest_txt = exact(True), ""
     seeds = [r.seeds for r in rows if r.seeds is not None]
@@ -488,4 +508,70 @@ def sweep_rule(rows: Sequence[MaskScore], lower_is_better: bool = False,
     numbers = (f"best middle {show(b)} (p = {_f(p)}) vs full {show(f)}; worst mask "
                f"{show(by[worst])}, worst edge {show(by[worst_edge])}{rest_txt}{size}{what}")
     return combine([("middle beats full depth", c1), ("an edge mask is the worst", c2)],
-                   SWEEP_RULE, numbers, "; ".join(small))
+                   SWEEP_RULE, numbers, "; ".join(small), "" if has else no_interval(hint))
+
+
+# ----------------------------------------------------------------------------- routing drift
+ROUTING_SEGMENTS = ("bottom", "middle", "top")  # thirds of the sparse blocks by depth
+ROUTING_FACTOR = 1.5    # the largest segment mean JS at least this times every other one
+ROUTING_MIN_BLOCKS = 3  # one sparse block per segment at least
+
+ROUTING_RULE = (f"routing drift concentrates in one depth segment: split the sparse blocks "
+                f"into thirds by depth ({', '.join(ROUTING_SEGMENTS)}); the segment with the "
+                f"largest mean JS divergence exceeds {ROUTING_FACTOR}x each other segment's mean, "
+                f"judged with segment intervals taken as the means of the blocks' interval ends "
+                f"(wider than the mean's own: conservative); overlapping intervals are "
+                f"inconclusive (needs >= {ROUTING_MIN_BLOCKS} sparse blocks)")
+
+
+@dataclass(frozen=True)
+class SegmentMean:
+    """Mean JS of one depth segment of sparse blocks, with a conservative interval."""
+
+    name: str
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def routing_segments(js: Sequence[float], low: Sequence[float] | None = None,
+                     high: Sequence[float] | None = None) -> list[SegmentMean]:
+    """Depth-ordered per-block JS (and interval ends) -> the bottom / middle / top thirds'
+    means (``np.array_split``: the middle and top take the remainder last)."""
+    v = np.asarray(js, dtype=float)
+    lo = np.asarray(low if low is not None else v, dtype=float)
+    hi = np.asarray(high if high is not None else v, dtype=float)
+    lo, hi = np.where(np.isfinite(lo), lo, v), np.where(np.isfinite(hi), hi, v)
+    out = []
+    for name, idx in zip(ROUTING_SEGMENTS, np.array_split(np.arange(len(v)), 3), strict=True):
+        if len(idx):
+            out.append(SegmentMean(name, float(v[idx].mean()), float(lo[idx].mean()),
+                                   float(hi[idx].mean()), len(idx)))
+    return out
+
+
+def routing_rule(js: Sequence[float], low: Sequence[float] | None = None,
+                 high: Sequence[float] | None = None) -> Verdict:
+    """Where routing drift concentrates: ``yes`` names the segment and its factor over the
+    next one; ``no`` when the largest segment is below the factor beyond the intervals."""
+    v = np.asarray(js, dtype=float)
+    if len(v) < ROUTING_MIN_BLOCKS or not np.isfinite(v).all():
+        return Verdict(INCONCLUSIVE, ROUTING_RULE, f"{len(v)} sparse blocks", "too few blocks "
+                       "or a missing value")
+    segs = routing_segments(v, low, high)
+    ranked = sorted(segs, key=lambda s: s.mean, reverse=True)
+    top, second = ranked[0], ranked[1]
+    factor = top.mean / second.mean if second.mean > 0 else math.inf
+    numbers = "; ".join(f"{s.name} {_f(s.mean, 4)} [{_f(s.low, 4)}, {_f(s.high, 4)}] "
+                        f"({s.n} blocks)" for s in segs)
+    numbers += f"; largest: {top.name}, {_f(factor, 3)}x the next ({second.name})"
+    if top.mean <= 0:
+        return Verdict(INCONCLUSIVE, ROUTING_RULE, numbers, "no routing drift at all")
+    claims = [compare(top.mean, ROUTING_FACTOR * s.mean, 0.0, (top.low, top.high),
+                      (ROUTING_FACTOR * s.low, ROUTING_FACTOR * s.high)) for s in ranked[1:]]
+    if all(c == HOLDS for c in claims):
+        return Verdict(YES, ROUTING_RULE, numbers, f"concentrated in the {top.name} segment")
+    if any(c == FAILS for c in claims):
+        return Verdict(NO, ROUTING_RULE, numbers, "spread over depth")
+    return Verdict(INCONCLUSIVE, ROUTING_RULE, numbers, "the intervals overlap")

@@ -58,6 +58,8 @@ TABLES: dict[str, TableSpec] = {
     "dynamics": TableSpec("dynamics", ("step", "block", "module", "grad_norm", "update_norm"),
                           "tune", "training dynamics (per-block gradient and update norms)"),
     "steer": TableSpec("steer", ("scale", "metric", "value"), "steer", "steering results"),
+    "routing": TableSpec("routing", ("block", "metric", "model", "value"), "analyze",
+                         "routing drift of a mixture-of-experts pair"),
     "ablate": TableSpec("ablate", ("unit", "blocks", "metric", "value"), "ablate",
                         "ablation results (causal effect per block)"),
 }

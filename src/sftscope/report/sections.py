@@ -570,13 +570,13 @@ def suggest_findings(data: FigureData) -> list[str]:
 
 def _baselines(row: dict[str, Any]) -> str:
     """What a proposal without a signal would rank: the prior-only mask (segment centre
-    nearest 30 % depth) and a random interior one-segment mask (its expected rank)."""
+    nearest 30 % depth) and a random interior mask of its shape (its expected rank)."""
     parts = []
     if np.isfinite(pd.to_numeric(row.get("prior_rank"), errors="coerce")):
         parts.append(f"the prior-only mask {row.get('prior_mask', '')} ranks "
                      f"{f(row['prior_rank'], 0)}")
     if np.isfinite(pd.to_numeric(row.get("random_rank"), errors="coerce")):
-        text = (f"a random interior one-segment mask {f(row['random_rank'], 1)} on average "
+        text = (f"a random interior mask of its shape {f(row['random_rank'], 1)} on average "
                 f"(of {f(row.get('n_interior'), 0)})")
         share = pd.to_numeric(row.get("random_as_good"), errors="coerce")
         if np.isfinite(share):
@@ -594,7 +594,7 @@ def suggest_tables(data: FigureData) -> list[TableOut]:
     val = data.extra.get("validation")
     if val is not None and len(val):
         out.append(("suggest_validation", "proposals ranked among the swept masks, beside the "
-                    "prior-only mask and random interior one-segment masks",
+                    "prior-only mask and random interior masks of its shape",
                     val.drop(columns=["n_blocks"], errors="ignore")))
     return out
 
@@ -806,6 +806,73 @@ def scores_findings(data: FigureData) -> list[str]:
     return ["; ".join(items) + more + "."] if items else []
 
 
+# ----------------------------------------------------------------------------- MoE routing
+
+
+def routing_prepare(runs: Sequence[Run]) -> FigureData | None:
+    routing = combined(runs, "routing")
+    weights = combined(runs, "weights")
+    data = N.routing_data(routing, weights)
+    if data.empty and data.extra["load"].empty and data.extra["experts"].empty:
+        return None
+    return data
+
+
+def _ci(lo: Any, hi: Any) -> str:
+    return f" [{f(lo, 4)}, {f(hi, 4)}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+
+
+def routing_findings(data: FigureData) -> list[str]:
+    """Where the routers moved most, their top-k agreement, load entropies and the verdict
+    of the concentration rule: every number from ``summary``."""
+    s = data.summary
+    out = []
+    many = len(s) > 1
+    for row in s.to_dict("records") if len(s) else []:
+        label = _prefix(f"{row[RUN]}, {row['model']}", many)
+        ov = ""
+        if np.isfinite(row["min_overlap"]):
+            ov = (f"; top-k overlap is lowest at block {row['min_overlap_block']} "
+                  f"({f(row['min_overlap'])}, mean {f(row['mean_overlap'])})")
+        ent = ""
+        if np.isfinite(row["entropy_base"]) and np.isfinite(row["entropy_sft"]):
+            ent = (f"; mean expert-load entropy {f(row['entropy_base'])} (base) vs "
+                   f"{f(row['entropy_sft'])} (SFT) nats")
+        out.append(f"{label}Router JS divergence is largest at block {row['max_block']} "
+                   f"({f(row['max_js'], 4)}{_ci(row['max_low'], row['max_high'])} nats) over "
+                   f"{row['n_sparse']} sparse blocks (mean {f(row['mean_js'], 4)}){ov}{ent}.")
+        out.append(f"{label}Verdict: {row['verdict_text']}.")
+    ex = data.extra.get("experts", pd.DataFrame())
+    for r, g in ex.groupby(RUN, sort=False) if len(ex) else []:
+        g = g.dropna(subset=["value"])
+        if g.empty:
+            continue
+        top = g.loc[g["value"].idxmax()]
+        metric = str(top["metric"])
+        out.append(f"{_prefix(str(r), True)}The routed expert that changed most is expert "
+                   f"{int(top['expert'])} of block {int(top['block'])} ({metric} "
+                   f"{f(top['value'])}); the median over {len(g)} experts is "
+                   f"{f(g['value'].median())}.")
+    return out
+
+
+def routing_tables(data: FigureData) -> list[TableOut]:
+    out = []
+    if not data.frame.empty and "metric" in data.frame.columns:
+        out.append(("fig13_routing_drift", "router drift by sparse block",
+                    data.frame.drop(columns=["n_blocks"], errors="ignore")))
+    if not data.extra["load"].empty:
+        out.append(("fig13b_expert_load", "expert load per block and expert",
+                    data.extra["load"].drop(columns=["n_blocks"], errors="ignore")))
+    if not data.extra["experts"].empty:
+        out.append(("fig13c_expert_weights", "weight change per routed expert",
+                    data.extra["experts"].drop(columns=["n_blocks"], errors="ignore")))
+    if len(data.summary):
+        out.append(("fig13_routing_verdict", "where routing drift concentrates",
+                    data.summary))
+    return out
+
+
 # ----------------------------------------------------------------------------- Fig. 12
 
 CAUSE_TEXT = {"revert": "the loss change when the block of the SFT is reverted to the base's",
@@ -912,8 +979,9 @@ SPECS: list[FigureSpec] = [
         "Recorded while `sftscope tune` trained (RUN/dynamics.csv): the change of each block's "
         "effective weights since step 0 at the last recorded step (LoRA: ||(alpha/r) B A||; "
         "full fine-tuning: ||W_t - W_0||), the gradient norm per block over the recorded "
-        "steps, and, from a weights run, the base -> SFT change beside them. Block norms "
-        "combine the block's modules (square root of the sum of squares).", ("dynamics",),
+        "steps (the gradient the optimizer applied: after clipping), and, from a weights run, "
+        "the base -> SFT change beside them. Block norms combine the block's modules "
+        "(square root of the sum of squares).", ("dynamics",),
         "training dynamics", dynamics_prepare,
         (("fig10_dynamics", "Fig. 10: update and gradient norm by block",
           plots.plot_dynamics),
@@ -970,7 +1038,7 @@ SPECS: list[FigureSpec] = [
         "Per-segment score of each `sftscope suggest` method (higher = a better segment to "
         "tune), the proposed masks and the reason printed for them; where a sweep checked the "
         "proposals, where each ranks, beside the rank of the prior-only mask (segment centre "
-        "nearest 30 % depth) and of a random interior one-segment mask.", ("suggest",),
+        "nearest 30 % depth) and of a random interior mask of its shape.", ("suggest",),
         "mask proposals", suggest_prepare,
         (("fig8_suggest", "Fig. 8: per-segment scores of each suggest method",
           plots.plot_suggest),),
@@ -990,6 +1058,22 @@ SPECS: list[FigureSpec] = [
         steer_findings,
         lambda d: [("fig11_steer", "score by steering scale",
                     d.frame.drop(columns=["n_blocks"], errors="ignore"))]),
+    FigureSpec(
+        "routing", "Mixture of experts: router drift, expert load and expert change (Fig. 13)",
+        "From an MoE pair's routing.csv (`sftscope analyze`): per sparse block the mean over "
+        "real tokens of the Jensen-Shannon divergence between the base's and the SFT's router "
+        "softmax and the overlap of their top-k experts (CI bands: sample-level bootstrap); "
+        "each model's expert load (share of top-k slots) per block and expert; from a weights "
+        "run, the change of each routed expert.", ("routing", "weights"),
+        "mixture-of-experts routing (routing.csv) or per-expert weight change",
+        routing_prepare,
+        (("fig13_routing_drift", "Fig. 13: router JS divergence and top-k overlap by depth",
+          plots.plot_routing_drift),
+         ("fig13b_expert_load", "Fig. 13b: expert load, base vs SFT",
+          lambda d, colors: plots.plot_expert_load(d)),
+         ("fig13c_expert_weights", "Fig. 13c: weight change per routed expert",
+          lambda d, colors: plots.plot_expert_weights(d))),
+        routing_findings, routing_tables),
     FigureSpec(
         "signal-cause", "Which signal predicts the cause? (Fig. 12)",
         "`sftscope ablate`: the causal effect of each block (delta_loss of reverting it to the "

@@ -1,0 +1,92 @@
+"""The report's MoE section: the routing-concentration rule on constructed profiles, and its
+sentences and figures from constructed routing.csv / weights.csv tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sftscope.report import numbers as N
+from sftscope.report import plots
+from sftscope.report import rules as R
+from sftscope.report.sections import routing_findings, routing_tables
+
+
+def test_rule_concentrated_top():
+    js = [0.01, 0.01, 0.01, 0.01, 0.05, 0.05]
+    v = R.routing_rule(js)
+    assert v.verdict == R.YES and "top" in v.why
+    assert "largest: top, 5.000x the next" in v.numbers
+
+
+def test_rule_spread_and_intervals():
+    js = np.array([0.02, 0.02, 0.021, 0.021, 0.022, 0.022])
+    assert R.routing_rule(js).verdict == R.NO  # exact numbers, factor 1.05 < 1.5
+    top = [0.01, 0.01, 0.01, 0.01, 0.03, 0.03]
+    lo = [0.005] * 4 + [0.012] * 2
+    hi = [0.02] * 4 + [0.05] * 2
+    v = R.routing_rule(top, lo, hi)  # 3x, but the intervals overlap
+    assert v.verdict == R.INCONCLUSIVE and "overlap" in v.why
+    narrow = R.routing_rule(top, [0.009] * 4 + [0.029] * 2, [0.011] * 4 + [0.031] * 2)
+    assert narrow.verdict == R.YES
+
+
+def test_rule_minimums():
+    assert R.routing_rule([0.1, 0.2]).verdict == R.INCONCLUSIVE
+    assert R.routing_rule([0.0] * 4).verdict == R.INCONCLUSIVE
+    segs = R.routing_segments([1, 2, 3, 4, 5, 6, 7])
+    assert [s.n for s in segs] == [3, 2, 2] and segs[0].mean == 2.0
+
+
+def _routing_table(js: list[float]) -> pd.DataFrame:
+    rows = []
+    for b, v in enumerate(js):
+        rows.append((b, math.nan, "js_divergence", "pair", v, v * 0.9, v * 1.1))
+        rows.append((b, math.nan, "topk_overlap", "pair", 1 - 5 * v, math.nan, math.nan))
+        for model, ent in (("base", 1.2), ("sft", 1.0)):
+            rows.append((b, math.nan, "load_entropy", model, ent, math.nan, math.nan))
+            for e in range(4):
+                rows.append((b, e, "load", model, 0.25 + (0.1 if e == b % 4 else -0.1 / 3)
+                             * (model == "sft"), math.nan, math.nan))
+    df = pd.DataFrame(rows, columns=["block", "expert", "metric", "model", "value", "ci_low",
+                                     "ci_high"])
+    df.insert(0, "n_blocks", len(js))
+    df.insert(0, "run", "moe")
+    return df
+
+
+def test_findings_from_numbers():
+    js = [0.01, 0.01, 0.012, 0.011, 0.06, 0.05]
+    weights = pd.DataFrame({"run": "moe", "block": [0, 0, 1, 1, 1], "module":
+                            ["attn", "expert", "expert", "expert", "mlp"],
+                            "expert": [np.nan, 0, 0, 1, np.nan],
+                            "metric": "relative", "value": [0.1, 0.02, 0.03, 0.09, 0.2]})
+    data = N.routing_data(_routing_table(js), weights)
+    lines = routing_findings(data)
+    assert lines[0].startswith("Router JS divergence is largest at block 4 (0.0600 "
+                               "[0.0540, 0.0660] nats) over 6 sparse blocks (mean 0.0255)")
+    assert "top-k overlap is lowest at block 4 (0.700, mean 0.873)" in lines[0]
+    assert "mean expert-load entropy 1.200 (base) vs 1.000 (SFT) nats" in lines[0]
+    assert lines[1].startswith("Verdict: routing drift concentrates") and "-> yes" in lines[1]
+    assert "top 0.0550" in lines[1]
+    assert lines[2] == ("[moe] The routed expert that changed most is expert 1 of block 1 "
+                        "(relative 0.090); the median over 3 experts is 0.030.")
+    assert {t[0] for t in routing_tables(data)} == {
+        "fig13_routing_drift", "fig13b_expert_load", "fig13c_expert_weights",
+        "fig13_routing_verdict"}
+    # the module heatmap of Fig. 4b leaves the per-expert rows to this section
+    assert "expert" not in set(N.weight_data(weights).extra["all"]["module"])
+
+
+@pytest.mark.parametrize("plot", [plots.plot_routing_drift,
+                                  lambda d, c=None: plots.plot_expert_load(d),
+                                  lambda d, c=None: plots.plot_expert_weights(d)])
+def test_figures_draw(plot):
+    weights = pd.DataFrame({"run": "moe", "block": [0, 1], "module": "expert", "expert": [0, 1],
+                            "metric": "relative", "value": [0.02, 0.03]})
+    data = N.routing_data(_routing_table([0.01, 0.02, 0.03]), weights)
+    fig = plot(data, None)
+    assert fig.axes
