@@ -9,7 +9,9 @@ attempt never blocks the fix.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,22 @@ def make_inputs(root: Path, model_dir) -> dict[str, str]:
     (root / "cfg_badtype.yaml").write_text("{cmd}:\n  batch_size: 'eight'\n")
     (root / "cfg_section.yaml").write_text("analyse:\n  batch_size: 4\n")
     (root / "cfg_parse.yaml").write_text("{cmd}: [\n")
+    (root / "cfg_dup.yaml").write_text("{cmd}:\n  seed: 1\n  seed: 2\n")
+    # issue 19: a run folder held by a live process (this test's parent), a table with text
+    # where a number belongs, saved completions with a broken line
+    locked = root / "locked"
+    locked.mkdir()
+    (locked / ".sftscope-lock").write_text(json.dumps(
+        {"pid": os.getppid(), "host": socket.gethostname(), "command": "x", "started": "x"}))
+    p["locked"] = str(locked)
+    textnum = root / "textnum"
+    textnum.mkdir()
+    (textnum / "run.json").write_text(json.dumps({"command": "weights", "n_blocks": 2}))
+    (textnum / "weights.csv").write_text("block,module,metric,value\n0,q,frobenius,lots\n")
+    p["textnum"] = str(textnum)
+    (root / "badcomp.jsonl").write_text('{"completion": "#### 4", "answer": "#### 4"}\n'
+                                        '{"completion": \n')
+    p["badcomp"] = str(root / "badcomp.jsonl")
     # a finished analyze run for report cases
     p.update({k: str(root / v) for k, v in {
         "gsm": "gsm8k.jsonl", "text": "text.txt", "empty": "empty.jsonl", "list": "list.jsonl",
@@ -178,6 +196,12 @@ DATA_FLAG = {"analyze": "--data", "probe": "--data", "swap": "--data", "suggest"
 CASES: list[tuple[str, dict[str, Any], list[str], str]] = []
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def case(cmd: str, over: dict[str, Any] | None = None, extra: list[str] | None = None,
          needle: str = "") -> None:
     CASES.append((cmd, over or {}, extra or [], needle))
@@ -192,10 +216,12 @@ for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "sug
     case(cmd, extra=["--config", "{root}/cfg_badkey.yaml"], needle="batch_sise")
     case(cmd, extra=["--config", "{root}/cfg_section.yaml"], needle="unknown section")
     case(cmd, extra=["--config", "{root}/cfg_parse.yaml"], needle="could not be parsed")
+    case(cmd, extra=["--config", "{root}/cfg_dup.yaml"], needle="key 'seed' appears twice")
     case(cmd, {"--out": "{file}"}, needle="is a file")
     case(cmd, {"--out": "{file}/sub"}, needle="is a file")
     case(cmd, {"--out": "/proc/sftscope-out"}, needle="not writable")
     case(cmd, {"--out": "{other_run}"}, needle="`demo` run folder")
+    case(cmd, {"--out": "{locked}"}, needle="is in use by process")
     m = MODEL_FLAG[cmd]
     case(cmd, {m: "{root}/nope"}, needle="does not exist")
     case(cmd, {m: "{nocfg}"}, needle="no config.json")
@@ -327,6 +353,8 @@ case("tune", {"--train": "{empty}"}, needle="is empty")
 case("tune", {"--train": "gsm8k:{noanswer}"}, needle="answer")
 case("tune", extra=["--save-steps", "0"], needle="--save-steps must be at least 1")
 case("tune", {"--model": "{root}/nope"}, needle="does not exist")
+if not _cuda():
+    case("tune", extra=["--dtype", "float16"], needle="--dtype float16 trains only on a CUDA")
 case("tune", {"--train": "preference:{pref_missing}"}, extra=["--objective", "dpo"],
      needle="line 2: lacks field(s) 'rejected'")
 case("tune", {"--train": "preference"}, extra=["--objective", "dpo"], needle="local-only")
@@ -365,6 +393,7 @@ case("eval", extra=["--adapter", "{emptyadapter}"], needle="adapter_config.json"
 case("eval", {"--model": DROP}, extra=["--rescore", "{root}/nope.jsonl"],
      needle="does not exist")
 case("eval", {"--model": DROP}, needle="needs --model")
+case("eval", {"--model": DROP}, extra=["--rescore", "{badcomp}"], needle="line 2: not valid JSON")
 case("eval", extra=["--rescore", "{gsm}"], needle="drop --model")
 case("eval", extra=["--fewshot-data", "{root}/nope.jsonl"], needle="does not exist")
 case("eval", {"--data": "mmlu:{mmlu_bad}"}, needle="mmlu format")
@@ -375,6 +404,7 @@ case("eval", extra=["--level", "0"], needle="--level must be in")
 case("eval", extra=["--num-fewshot", "x"], needle="--shots expects an integer")
 
 case("sweep", {"--masks": "012"}, needle="valid groups")
+case("sweep", extra=["--metric", "nope"], needle="--metric 'nope' is not a score of task gsm8k")
 case("sweep", {"--masks": "00"}, needle="valid groups")
 case("sweep", {"--masks": "010"}, needle="3 characters")
 case("sweep", {"--seeds": "abc"}, needle="--seeds")
@@ -447,6 +477,7 @@ case("report", {"RUNS": DROP}, needle="missing RUNS")
 case("report", {"--out": "{root}"}, needle="is a folder")
 case("report", extra=["--figure-formats", "gif"], needle="unknown format gif")
 case("report", {"RUNS": "{datadir}"}, needle="has no run.json")
+case("report", {"RUNS": "{textnum}"}, needle="where a number belongs")
 case("report", extra=["--tilte", "x"], needle="no such option")
 
 case("demo", extra=["--family", "gpt5"], needle="unknown --family")
@@ -521,7 +552,7 @@ def test_fault(c, paths, finished, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SFTSCOPE_CACHE", str(cache))
     out = str(tmp_path / "run")
     fmt = {**paths, "cache": str(cache), "finished": finished, "cmd": cmd}
-    for name in ("cfg_badkey", "cfg_section", "cfg_parse"):  # sections name this command
+    for name in ("cfg_badkey", "cfg_section", "cfg_parse", "cfg_dup"):  # sections: this cmd
         src = Path(paths["root"]) / f"{name}.yaml"
         dst = tmp_path / f"{name}.yaml"
         dst.write_text(src.read_text().replace("{cmd}", cmd))

@@ -260,6 +260,8 @@ def test_resume_after_kill_matches_uninterrupted(llama10, repetitive_file, tmp_p
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     assert res.loss_history[-2:] == pytest.approx(ref.loss_history[-2:], abs=1e-4)
+    # the loss of every step, not only of those since the resume (issue 19)
+    assert res.train_loss == pytest.approx(ref.train_loss, rel=1e-6)
 
 
 def test_seed_determinism(llama10, repetitive_file, tmp_path):

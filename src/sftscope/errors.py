@@ -16,6 +16,20 @@ def fail(message: str) -> SftscopeError:
     return SftscopeError(message)
 
 
+class WriteError(SftscopeError):
+    """A file could not be written (full disk, quota, read-only): what, where, what to do, and
+    what a rerun does (``then``; a command that knows better, as tune does, replaces it)."""
+
+    def __init__(self, path: str, what: str, todo: str,
+                 then: str = "finished work is kept: run the same command again") -> None:
+        self.path, self.what, self.todo, self.then = path, what, todo, then
+        super().__init__(f"cannot write {path}: {what}; {todo} ({then})")
+
+    def with_then(self, then: str) -> WriteError:
+        """The same failure with another account of what the rerun does."""
+        return WriteError(self.path, self.what, self.todo, then)
+
+
 INTERRUPTED_MESSAGE = "interrupted; run the same command again to resume"
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -15,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, WriteError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,6 +26,93 @@ TRACKED_PACKAGES = (
     "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
     "numpy", "pandas",
 )
+
+
+# ----------------------------------------------------------------------------- write failures
+
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.EFBIG: "the file is too large",
+               errno.EIO: "the write failed (input/output error)"}
+_STRERRORS = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
+              "read-only file system": errno.EROFS, "storagefull": errno.ENOSPC,
+              "quotaexceeded": errno.EDQUOT, "readonlyfilesystem": errno.EROFS}
+# torch.save reports a failed write without its cause (no errno)
+_NO_CAUSE = ("PytorchStreamWriter failed writing", "file write failed")
+
+
+def _free_bytes(path: Path) -> int | None:
+    p = path
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def write_errno(error: BaseException, path: str | Path | None = None) -> int | None:
+    """The errno of a failed write, from whichever library raised it: an ``OSError`` (Python's
+    own writes), safetensors' error text (``... (os error 28)``), torch.save's ``RuntimeError``
+    (no cause given: a full disk when ``path``'s file system has no space left, else EIO).
+    None when ``error`` is not a failed write (a bug, a bad tensor: not to be disguised)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return e.errno
+        text = str(e)
+        m = re.search(r"os error (\d+)|Os \{ code: (\d+)", text)  # Rust's io::Error
+        if m and int(m.group(1) or m.group(2)) in DISK_ERRNOS:
+            return int(m.group(1) or m.group(2))
+        low = text.lower()
+        for words, num in _STRERRORS.items():
+            if words in low or words in low.replace(" ", ""):
+                return num
+        if any(t in text for t in _NO_CAUSE):
+            free = _free_bytes(Path(path)) if path is not None else None
+            return errno.ENOSPC if free is not None and free < (1 << 20) else errno.EIO
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def disk_error(e: BaseException, where: str | Path | None = None, *,
+               num: int | None = None) -> WriteError:
+    """One line for a failed write: the file (the one being written, never a temporary
+    name), what went wrong, and what to do."""
+    num = num if num is not None else (e.errno if isinstance(e, OSError) else None)
+    what = DISK_ERRNOS.get(num or -1) or getattr(e, "strerror", None) or type(e).__name__
+    path = where if where is not None else getattr(e, "filename", None)
+    todo = ("free space or choose another --out" if num in (errno.ENOSPC, errno.EDQUOT)
+            else "choose another --out")
+    return WriteError(str(path) if path is not None else "to the disk", what, todo)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, *, remove: str | Path | None = None) -> Iterator[None]:
+    """Turn a failed write inside into one line naming ``path`` (``disk_error``), whatever
+    library wrote (``open``, safetensors, ``torch.save``, ``save_pretrained``); ``remove`` (a
+    file or folder) is deleted first, so that nothing half-written is left to be trusted."""
+    import shutil
+
+    try:
+        yield
+    except SftscopeError:
+        raise
+    except Exception as e:
+        num = write_errno(e, path)
+        if num is None:
+            raise
+        if remove is not None:
+            r = Path(remove)
+            if r.is_dir():
+                shutil.rmtree(r, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    r.unlink()
+        raise disk_error(e, path, num=num) from e
 
 
 def _file_mode() -> int:
@@ -41,14 +130,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     folder) leaves the previous file, if any, untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, _file_mode())
-        os.replace(tmp_path, path)
+        with writing(path):
+            yield tmp_path
+            os.chmod(tmp_path, _file_mode())
+            os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -65,10 +156,11 @@ def atomic_dir(folder: str | Path) -> Iterator[Path]:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        yield tmp
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with writing(folder):
+            yield tmp
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

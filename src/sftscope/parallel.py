@@ -98,7 +98,52 @@ def _describe(error: BaseException) -> tuple[str, str]:
     return "bug", f"{type(error).__name__}: {error}"
 
 
-_STATE: dict[str, Any] = {"cpu_group": None, "ours": False}
+_STATE: dict[str, Any] = {"cpu_group": None, "ours": False, "peers": []}
+
+
+def failed_peers(wait_s: float = 2.0) -> list[int]:
+    """Ranks of this launch whose process is gone (killed, crashed; zombies included), from
+    the (host, pid) each rank announced at ``join``; waits up to ``wait_s`` for a dying one
+    (its connections close just before it exits). Ranks on other hosts cannot be asked."""
+    import socket
+    import time
+
+    from sftscope.runs import process_alive
+
+    peers = _STATE["peers"]
+    host = socket.gethostname()
+    t0 = time.monotonic()
+    while True:
+        gone = [r for r, (h, pid) in enumerate(peers) if h == host and pid != os.getpid()
+                and not process_alive({"pid": pid, "host": h})]
+        if gone or time.monotonic() - t0 >= wait_s or not peers:
+            return gone
+        time.sleep(0.05)
+
+
+def lost_peer(world: int, wait_s: float = 2.0) -> SftscopeError | None:
+    """One line for rank 0 when another process of the launch died, or None."""
+    gone = failed_peers(wait_s)
+    if not gone:
+        return None
+    return SftscopeError(f"process {gone[0]} of {world} failed (killed, or out of memory: see "
+                         f"its own output); the others stopped: run the same command again to "
+                         f"resume")
+
+
+@contextlib.contextmanager
+def _collective(world: int) -> Iterator[None]:
+    """A collective that fails because a process of the launch died is that one line, not the
+    communication library's traceback."""
+    try:
+        yield
+    except SftscopeError:
+        raise
+    except (RuntimeError, ConnectionError) as e:
+        lost = lost_peer(world)
+        if lost is None:
+            raise
+        raise lost from e
 
 
 def _destroy() -> None:
@@ -107,7 +152,7 @@ def _destroy() -> None:
     if _STATE["ours"] and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-    _STATE.update(cpu_group=None, ours=False)
+    _STATE.update(cpu_group=None, ours=False, peers=[])
 
 
 @dataclass
@@ -159,8 +204,9 @@ class Group:
         import torch.distributed as dist
 
         states: list[Any] = [None] * self.world
-        dist.all_gather_object(states, None if error is None else _describe(error),
-                               group=self._cpu)
+        with _collective(self.world):
+            dist.all_gather_object(states, None if error is None else _describe(error),
+                                   group=self._cpu)
         if error is not None:
             raise error
         for r, state in enumerate(states):
@@ -198,7 +244,8 @@ class Group:
         import torch.distributed as dist
 
         out: list[Any] | None = [None] * self.world if self.main else None
-        dist.gather_object(obj, out, dst=0, group=self._cpu)
+        with _collective(self.world):
+            dist.gather_object(obj, out, dst=0, group=self._cpu)
         return out
 
     def broadcast(self, obj: Any) -> Any:
@@ -208,14 +255,16 @@ class Group:
         import torch.distributed as dist
 
         box = [obj if self.main else None]
-        dist.broadcast_object_list(box, src=0, group=self._cpu)
+        with _collective(self.world):
+            dist.broadcast_object_list(box, src=0, group=self._cpu)
         return box[0]
 
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
 
-            dist.barrier(group=self._cpu)
+            with _collective(self.world):
+                dist.barrier(group=self._cpu)
 
 
 def check_launch(device: str, device_map: str | None, world: int) -> None:
@@ -277,6 +326,13 @@ def join(device: str = "auto", device_map: str | None = None) -> Group:
         raise SftscopeError(f"WORLD_SIZE is {world} but the process group has "
                             f"{dist.get_world_size()} processes; launch with torchrun or "
                             f"accelerate launch")
+    if not _STATE["peers"]:  # who is who, to name a process that dies later
+        import socket
+
+        peers: list[Any] = [None] * world
+        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()),
+                               group=_STATE["cpu_group"])
+        _STATE["peers"] = [tuple(p) for p in peers]
     group = Group(world=world, rank=dist.get_rank(), local_rank=local, backend=backend,
                   _cpu=_STATE["cpu_group"])
     group.device = group.run(lambda: rank_device(device, local), "device set-up")

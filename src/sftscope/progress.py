@@ -74,11 +74,14 @@ def plan(n: int) -> None:
 
 def staged(fn: Callable[..., T]) -> Callable[..., T]:
     """Decorate a command: its ``plan``/``stage`` calls are its own and undone when it returns
-    (a command run inside another, as the demo and sweep do, does not disturb the outer one)."""
+    (a command run inside another, as the demo and sweep do, does not disturb the outer one),
+    and the run folder it claimed (``runs.claim``) is released however it ends."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        with stages(0):
+        from sftscope.runs import claims_scope
+
+        with stages(0), claims_scope():  # the run folder it claimed is free when it returns
             return fn(*args, **kwargs)
 
     return wrapper

@@ -2,7 +2,12 @@
 
 Protocol (every command that writes a run folder):
 
-1. ``check_out`` (torch-free, writes nothing) runs with the rest of the validation: ``--out``
+0. ``claim`` (the CLI, before any validation; the API in ``check_out``) creates the folder and
+   the lock ``.sftscope-lock`` with ``O_EXCL`` (pid, host, start time): of two runs started into
+   one folder, exactly one gets it and the other is refused in one line. A lock whose process
+   is gone (exited, killed, a zombie) is taken over; ``release`` removes it when the command
+   ends, however it ends. Under a launcher rank 0 holds it for every rank.
+1. ``check_out`` (torch-free, writes nothing but the claim) runs with the validation: ``--out``
    must not be a file, must be writable, must not be another command's run folder, must not be
    in use by a live process, and a *finished* run of the same command with other settings is
    replaced only with ``--overwrite`` (the error names the first setting that differs).
@@ -16,21 +21,25 @@ Protocol (every command that writes a run folder):
 from __future__ import annotations
 
 import contextlib
-import errno
+import functools
 import glob
 import json
 import os
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sftscope.config.core import Config, changed
 from sftscope.errors import SftscopeError
+from sftscope.io import DISK_ERRNOS, disk_error  # noqa: F401  (re-exported)
 
 MARKER = ".sftscope-run.json"
 RUN_JSON = "run.json"
+LOCK = ".sftscope-lock"
+T = TypeVar("T")
+_HELD: dict[str, bool] = {}  # folders this process claimed -> whether it created the folder
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -51,10 +60,14 @@ def folder_command(out: str | Path) -> str | None:
     return None
 
 
-def _alive(rec: Mapping[str, Any]) -> bool:
+def process_alive(rec: Mapping[str, Any], *, other_hosts: bool = False) -> bool:
+    """Whether the process a record names still runs (never this process). Another host's
+    process cannot be asked: ``other_hosts`` says what to assume then."""
     pid = rec.get("pid")
-    if not isinstance(pid, int) or rec.get("host") != socket.gethostname() or pid == os.getpid():
+    if not isinstance(pid, int) or pid == os.getpid():
         return False
+    if rec.get("host") != socket.gethostname():
+        return other_hosts
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,6 +79,9 @@ def _alive(rec: Mapping[str, Any]) -> bool:
     except (OSError, IndexError):
         return True
     return state not in ("Z", "X")
+
+
+_alive = process_alive
 
 
 def _writable_dir(path: Path) -> Path:
@@ -111,14 +127,139 @@ def check_folder(out: str | Path, command: str) -> Path:
     if marker and marker.get("status") == "running" and _alive(marker):
         raise SftscopeError(f"--out {out} is in use by process {marker.get('pid')} (started "
                             f"{marker.get('started', '?')}); wait for it or choose another --out")
+    if _key(out) not in _HELD and _is_main():
+        lock = _read(out / LOCK)
+        if lock is not None and _alive(lock, other_hosts=True):
+            raise _in_use(out, lock)
     return out
+
+
+def _key(out: Path) -> str:
+    return os.path.abspath(out)
+
+
+def _is_main() -> bool:
+    from sftscope.parallel import is_main
+
+    return is_main()
+
+
+def _in_use(out: Path, lock: Mapping[str, Any]) -> SftscopeError:
+    where = "" if lock.get("host") == socket.gethostname() else f" on {lock.get('host')}"
+    return SftscopeError(
+        f"--out {out} is in use by process {lock.get('pid')}{where} (`{lock.get('command')}`, "
+        f"started {lock.get('started', '?')}); wait for it or choose another --out"
+        + (f" (if that run is gone, delete {out / LOCK})" if where else ""))
+
+
+def claim(out: str | Path, command: str) -> Path:
+    """Claim the run folder ``out`` for this process (the module docstring's step 0): create
+    it and its lock atomically, take over a lock whose process is gone, refuse a live one.
+    Claiming a folder this process holds already is a no-op; other ranks of a launch claim
+    nothing (rank 0 does, for all of them)."""
+    out = check_folder(out, command)
+    key = _key(out)
+    if key in _HELD or not _is_main():
+        return out
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, out) from e
+    rec = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(5):
+        try:
+            fd = os.open(out / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _take_over(out)
+            continue
+        except OSError as e:
+            raise disk_error(e, out / LOCK) from e
+        try:
+            os.write(fd, json.dumps(rec).encode())
+        finally:
+            os.close(fd)
+        _HELD[key] = created
+        return out
+    raise _in_use(out, _read(out / LOCK) or {})
+
+
+def _take_over(out: Path) -> None:
+    """Remove the lock of a process that is gone; refuse a live one. The stale lock is moved
+    aside first (atomic), so of two runs taking it over, one moves it and the other finds the
+    winner's lock, which it puts back."""
+    lock = out / LOCK
+    rec = _read(lock)
+    if rec is None:  # just created and not yet written, or emptied: give its writer a moment
+        time.sleep(0.2)
+        rec = _read(lock)
+        if rec is None and lock.exists() and time.time() - lock.stat().st_mtime < 5:
+            raise _in_use(out, {"pid": "?", "command": "?"})
+    if rec is not None and _alive(rec, other_hosts=True):
+        raise _in_use(out, rec)
+    aside = out / f"{LOCK}.{os.getpid()}"
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return
+    moved = _read(aside)
+    if moved is not None and moved != rec and _alive(moved, other_hosts=True):
+        with contextlib.suppress(OSError):
+            os.link(aside, lock)  # not ours to take: put it back
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
+        raise _in_use(out, moved)
+    with contextlib.suppress(OSError):
+        os.unlink(aside)
+
+
+@contextlib.contextmanager
+def claims_scope() -> Iterator[None]:
+    """Release, on the way out, every folder claimed inside (a command called from Python, or
+    from another command: the demo's and a sweep's runs); claims held before stay."""
+    before = set(_HELD)
+    try:
+        yield
+    finally:
+        for key in [k for k in _HELD if k not in before]:
+            release(key)
+
+
+def releasing(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a command's Python API: the folders it claims are released when it returns."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        with claims_scope():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def release(out: str | Path | None) -> None:
+    """Give up the claim on ``out`` (if this process holds one): remove the lock, and the
+    folder itself when the claim created it and nothing else was written there."""
+    if out is None:
+        return
+    out = Path(os.path.expanduser(str(out)))
+    created = _HELD.pop(_key(out), None)
+    if created is None:
+        return
+    rec = _read(out / LOCK)
+    if rec is not None and rec.get("pid") == os.getpid():
+        with contextlib.suppress(OSError):
+            os.unlink(out / LOCK)
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only when empty
 
 
 def check_out(out: str | Path, command: str, config: Config, *, overwrite: bool = False) -> None:
     """Refuse an unusable ``--out`` before any work (see the module docstring)."""
     settings = config.result_settings()
     volatile = set(config.record()) - set(settings)
-    out = check_folder(out, command)
+    out = claim(out, command)
     if not out.is_dir():
         return
     owner = folder_command(out)
@@ -169,16 +310,3 @@ def finish_run(out: str | Path, record: Mapping[str, Any]) -> Path:
     with contextlib.suppress(OSError):
         write_json(out / MARKER, marker)
     return path
-
-
-DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-               errno.EDQUOT: "the disk quota is exceeded"}
-
-
-def disk_error(e: OSError, where: str | Path | None = None) -> SftscopeError:
-    """One line for a failed write: what, where, and what to do."""
-    what = DISK_ERRNOS.get(e.errno or -1, e.strerror or type(e).__name__)
-    path = e.filename or where
-    return SftscopeError(f"cannot write {path}: {what}; free space or choose another --out "
-                         f"(finished work is kept: run the same command again)")

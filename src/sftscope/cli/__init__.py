@@ -86,6 +86,17 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _peer_failed() -> None:
+    """Under torchrun, a process that died makes the launcher stop the others: say which one
+    died (one line, exit 2) rather than that this one was interrupted."""
+    from sftscope.parallel import lost_peer, world_size
+
+    if world_size() > 1:
+        lost = lost_peer(world_size(), wait_s=0.5)
+        if lost is not None:
+            _fail(str(lost))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors are one line and exit status 2, never a traceback."""
     import os
@@ -112,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sftscope: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
+        _peer_failed()  # under a launcher, the signal may be the launcher's after a death
         print(f"sftscope: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
     except SftscopeError as e:

@@ -231,13 +231,19 @@ def make_command(name: str, cls: type[Config], runner: Callable[[Any], Any], hel
         if cfg_file is not None:
             section = load_config_file(Path(cfg_file)).get(name, {})
         values = collect(cls, given, section)
-        check_fields(cls, values)  # what was given, before what is missing
-        for f in dataclasses.fields(cls):  # required on the command line, optional in the API
-            if meta(f)["required"] and values.get(f.name) is None:
-                raise SftscopeError(f"missing --{f.name.replace('_', '-')} "
-                                    f"({summary(meta(f)['help'])})")
-        cfg = build(cls, values)
-        return runner(cfg)
+        held = _claim(name, cls, values)
+        try:
+            check_fields(cls, values)  # what was given, before what is missing
+            for f in dataclasses.fields(cls):  # required on the command line, optional in API
+                if meta(f)["required"] and values.get(f.name) is None:
+                    raise SftscopeError(f"missing --{f.name.replace('_', '-')} "
+                                        f"({summary(meta(f)['help'])})")
+            cfg = build(cls, values)
+            return runner(cfg)
+        finally:
+            from sftscope.runs import release
+
+            release(held)
 
     params = params_for(cls)
     params.append(click.Option(["--config", "config"], default=None, metavar="FILE",
@@ -246,6 +252,54 @@ def make_command(name: str, cls: type[Config], runner: Callable[[Any], Any], hel
     return click.Command(name, callback=callback, params=params, help=help,
                          short_help=short_help, context_settings={
                              "help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+
+def _claim(name: str, cls: type[Config], values: dict[str, Any]) -> str | None:
+    """Claim the run folder ``--out`` before the validation starts (``runs.claim``), so that
+    of two runs started into one folder the second is refused at once. Not for a report (its
+    --out is a file) nor for sweep shards, which share one folder by design."""
+    out = values.get("out")
+    if out is None or not getattr(cls, "RUN_FOLDER", True):
+        return None
+    try:
+        if int(values.get("num_jobs") or 1) > 1:
+            return None
+    except (TypeError, ValueError):
+        return None  # the config's own check says what is wrong
+    from sftscope.runs import claim
+
+    return str(claim(str(out), name))
+
+
+class DuplicateKey(SftscopeError):
+    """A config file names one option twice (the parsers would keep the last silently)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(f"key {k!r} appears twice in one object; keep one")
+        out[k] = v
+    return out
+
+
+def _unique_keys_loader() -> type:
+    """A safe YAML loader that refuses a key given twice in one mapping."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN202
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise DuplicateKey(f"key {key!r} appears twice (line "
+                                       f"{key_node.start_mark.line + 1}); keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
 
 
 def load_config_file(path: Path) -> dict[str, dict[str, Any]]:
@@ -263,17 +317,19 @@ def load_config_file(path: Path) -> dict[str, dict[str, Any]]:
         if suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_unique_keys_loader()) or {}
         elif suffix == ".toml":
             import tomllib
 
-            data = tomllib.loads(text)
+            data = tomllib.loads(text)  # refuses a repeated key itself
         elif suffix == ".json":
             import json
 
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
         else:
             raise SftscopeError(f"config file {path}: use .yaml, .toml or .json")
+    except DuplicateKey as e:
+        raise SftscopeError(f"config file {path}: {e}") from e
     except SftscopeError:
         raise
     except Exception as e:  # the parse errors of three libraries

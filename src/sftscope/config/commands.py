@@ -471,10 +471,23 @@ class EvalConfig(OneModel, Runtime):
                 raise SftscopeError(f"--model {self.model} is itself an adapter; give its base "
                                     f"as --model with --adapter, or drop --adapter")
         check_task_data(self.task, self.data, split=self.split, fewshot_data=self.fewshot_data,
-                        text_field=self.text_field, rescore=self.rescore)
+                        text_field=self.text_field, rescore=self.rescore,
+                        skip_bad=self.skip_bad_records)
 
 
 # ----------------------------------------------------------------------------- tune
+
+
+def check_train_dtype(dtype: str | None) -> None:
+    """float16 training is the Trainer's mixed precision, which needs a CUDA GPU: refused on
+    a machine without one (before any model is loaded), with what to use instead."""
+    if dtype not in ("float16", "fp16"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SftscopeError(f"--dtype {dtype} trains only on a CUDA GPU and none is visible; "
+                            f"on the CPU use --dtype float32 (or bfloat16)")
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 TUNE_METHODS = ("lora", "full")
@@ -725,6 +738,7 @@ class TuneConfig(OneModel):
             if given:
                 raise SftscopeError(f"{flag(given[0])} is a LoRA option; --method full trains "
                                     f"the blocks' own weights: drop it (or use --method lora)")
+        check_train_dtype(self.dtype)
         check_data_source(self.train, split=self.train_split, text_field=self.text_field)
         check_moe_flags(self.model, self)
         if self.eval_task is not None and ":" in self.eval_task:
@@ -894,9 +908,14 @@ class SweepConfig(Config):
             check_data_source(self.train)
         if self.task and ":" in self.task:
             check_task_spec(self.task)
+        if self.task and self.metric:  # before any job runs (with --collect alone: run_sweep)
+            from sftscope.tasks import check_metric
+
+            check_metric(self.metric, self.task.partition(":")[0])
         from sftscope.config.core import check_fields
 
         tune = check_fields(TuneConfig, self.tune, what="tune", exclude=SWEEP_TUNE_KEYS)
+        check_train_dtype(tune.get("dtype"))
         if tune.get("objective", "sft") != "sft" and self.model and self.train:
             # DPO/GRPO's own rules (data kind, reward, TRL) before any job starts
             TuneConfig(model=self.model, train=self.train, out=self.out,
@@ -1132,6 +1151,8 @@ def figure_formats(value: tuple[str, ...]) -> str | None:
 @dataclass(frozen=True, kw_only=True)
 class ReportConfig(Config):
     """Everything ``report`` needs."""
+
+    RUN_FOLDER = False  # --out is the report's file, not a run folder to claim
 
     runs: tuple[str, ...] = opt(help="Run folders written by sftscope commands (analyze, "
                                 "weights, probe, swap, eval, tune, suggest, sweep, demo); "

@@ -17,7 +17,7 @@ from typing import Any
 from sftscope.config.commands import DEMO_STEPS, DemoConfig
 from sftscope.io import run_record
 from sftscope.progress import say
-from sftscope.runs import check_out, finish_run
+from sftscope.runs import check_out, finish_run, releasing
 
 STEPS = DEMO_STEPS
 
@@ -35,6 +35,7 @@ class DemoResult:
     stages: dict[str, Any] = field(default_factory=dict)  # --stages: the DPO and GRPO runs
 
 
+@releasing
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run every step of the demo and write ``out/report.html`` and ``out/run.json``."""
     from sftscope.demo.pair import build_demo_pair

@@ -604,13 +604,17 @@ def rescore(config: EvalConfig) -> EvalResult:
     task = get_task(cfg.task)
     timer = Timer()
     with timer("load_data"):
-        comp = read_completions(cfg.rescore, task.name, limit=cfg.limit)
+        comp = read_completions(cfg.rescore, task.name, limit=cfg.limit,
+                                skip_bad=cfg.skip_bad_records)
     if cfg.out is not None:
         start_run(cfg.out, "eval", EvalConfig.OUTPUTS)
     with timer("score"):
         texts = [trim_at_stop(c, task.stops) for c in comp.completions]
         scores, preds = score_completions(task, comp.records, texts, cfg.level, comp.extras)
-    res = _result(cfg, scores, preds, {"rescored_from": comp.path}, timer)
+    res = _result(cfg, scores, preds, {"rescored_from": comp.path, "notes": comp.notes},
+                  timer)
+    for note in res.notes:
+        _say(f"[yellow]note:[/] {note}")
     if cfg.out is not None:
         finish_run(Path(cfg.out), run_record(
             "eval", cfg.record(), model=None, adapter=None, rescored_from=comp.path, result=res,

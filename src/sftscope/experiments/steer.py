@@ -280,8 +280,11 @@ def steer(cfg: SteerConfig) -> SteerResult:
     vinfo.update(layer=cfg.layer, where=where, pooling=cfg.pooling)
     from safetensors.torch import save_file
 
-    save_file({"vector": vector.contiguous()}, str(out / "steer_vector.safetensors"),
-              metadata={k: str(v) for k, v in vinfo.items()})
+    from sftscope.io import atomic_path
+
+    with atomic_path(out / "steer_vector.safetensors") as tmp:
+        save_file({"vector": vector.contiguous()}, str(tmp),
+                  metadata={k: str(v) for k, v in vinfo.items()})
     say(f"steering vector at hidden state {cfg.layer} ({where}): {cfg.direction}, norm "
         f"{vinfo['norm']:.4g} (base->SFT mean shift {vinfo['mean_shift']:.4g}, "
         f"{vinfo['n_samples']} samples)")

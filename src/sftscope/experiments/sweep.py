@@ -103,7 +103,7 @@ from sftscope.config.commands import (
     SweepConfig,
     TuneConfig,
 )
-from sftscope.config.core import check_fields, defaults
+from sftscope.config.core import changed, check_fields, defaults
 from sftscope.errors import SftscopeError
 from sftscope.experiments.forgetting import (
     correlation_line,
@@ -114,7 +114,7 @@ from sftscope.experiments.forgetting import (
 from sftscope.io import read_json, run_record, write_json, write_table
 from sftscope.metric_registry import lower_is_better
 from sftscope.parallel import is_main
-from sftscope.runs import check_folder, folder_command
+from sftscope.runs import LOCK, check_folder, claim, folder_command, releasing
 from sftscope.segments import (
     mask_blocks,
     mask_group,
@@ -123,7 +123,7 @@ from sftscope.segments import (
     parse_mask,
     segment_bounds,
 )
-from sftscope.tasks import all_tasks
+from sftscope.tasks import all_tasks, check_metric
 
 SUMMARY_COLUMNS = ["mask", "seeds", "trainable_params", "metric", "mean", "ci_low", "ci_high",
                    "n_items", "p_value", "delta", "seed_sd", "blocks"]
@@ -424,6 +424,26 @@ def compare_settings(old: dict[str, Any], new: dict[str, Any], where: str) -> No
             f"recorded in {where}/sweep.json")
 
 
+def check_collect_options(cfg: SweepConfig, settings: dict[str, Any]) -> None:
+    """``--collect`` alone gathers the jobs as they were run: a tune or eval option given with
+    it that differs from the recorded one (``--lr``) is refused, never silently ignored."""
+    given = (("", check_fields(TuneConfig, cfg.tune, what="tune", exclude=SWEEP_TUNE_KEYS),
+              settings.get("tune") or {}, TUNE_FREE_KEYS),
+             ("eval-", check_fields(EvalConfig, cfg.evaluation, what="eval",
+                                    exclude=SWEEP_EVAL_KEYS),
+              settings.get("eval_options") or {}, EVAL_FREE_KEYS))
+    for prefix, opts, recorded, free in given:
+        for k, v in opts.items():
+            if k in free:
+                continue
+            old = recorded.get(k, defaults(TuneConfig if not prefix else EvalConfig).get(k))
+            if changed({k: old}, {k: v}):
+                raise SftscopeError(
+                    f"--{prefix}{k.replace('_', '-')} {v} differs from the sweep's recorded "
+                    f"{old!r} ({cfg.out}/sweep.json); --collect gathers the jobs as they were "
+                    f"run: drop the option, or run a sweep with it into another --out")
+
+
 def any_progress(out: Path) -> bool:
     """True when some job of the sweep finished or saved a training checkpoint."""
     jobs = out / "jobs"
@@ -435,7 +455,8 @@ def any_progress(out: Path) -> bool:
 
 def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
     """Compare with ``RUN/sweep.json`` (refusing other settings) or create it."""
-    out = check_folder(cfg.out, "sweep")
+    # one process claims the folder; shards (--num-jobs N) share it by design
+    out = claim(cfg.out, "sweep") if cfg.num_jobs == 1 else check_folder(cfg.out, "sweep")
     path = out / "sweep.json"
     new = sweep_settings(cfg)
     if path.is_file():
@@ -456,7 +477,8 @@ def load_or_write_settings(cfg: SweepConfig) -> dict[str, Any]:
     if cfg.collect:
         raise SftscopeError(f"{out} holds no sweep (no sweep.json); run the sweep first")
     owner = folder_command(out) if out.is_dir() else None
-    if out.is_dir() and any(out.iterdir()) and not (out / "jobs").is_dir() and owner is None:
+    if (out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+            and not (out / "jobs").is_dir() and owner is None):
         raise SftscopeError(f"{out} exists and is not a sweep folder; choose an empty or new "
                             f"--out")
     record = {"settings": new, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -971,6 +993,7 @@ def _fmt_s(x: float) -> str:
     return f"{x:.0f} s" if x < 120 else f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.1f} h"
 
 
+@releasing
 def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
     """Run this shard's unfinished jobs (``job_fn``, default tune then evaluate), then write
     ``summary.csv``, ``position.csv`` (and the suggest validation) from every finished job."""
@@ -988,6 +1011,8 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
         if not path.is_file():
             raise SftscopeError(f"{out} holds no sweep (no sweep.json); run the sweep first")
         settings = read_json(path)["settings"]
+        check_collect_options(cfg, settings)
+        check_metric(cfg.metric, (settings.get("eval") or {}).get("task"))
         masks = expand_masks(cfg.masks, int(settings["segments"]), cfg.baseline)
     jobs = job_list(masks, seeds)
     if cfg.collect:  # the jobs every invocation asked for, not this command's defaults

@@ -38,10 +38,12 @@ DeepSpeed ZeRO-3 needs ``zero3_save_16bit_model: true`` for the same reason.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,7 +54,7 @@ from torch import nn
 
 from sftscope.config.commands import EvalConfig, TuneConfig, check_moe_options
 from sftscope.config.core import changed, defaults
-from sftscope.errors import SftscopeError
+from sftscope.errors import Interrupted, SftscopeError, WriteError
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
 from sftscope.experiments.moe_tune import (
@@ -64,7 +66,15 @@ from sftscope.experiments.moe_tune import (
     select_experts,
 )
 from sftscope.experiments.packing import choose_packing, packing_collator
-from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
+from sftscope.io import (
+    Timer,
+    read_json,
+    run_record,
+    stable_hash,
+    write_errno,
+    write_json,
+    writing,
+)
 from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public API)
     META_FILE,
     adapter_folder,
@@ -75,7 +85,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_experts
 from sftscope.load.runtime import pad_id
 from sftscope.progress import plan, say, stage, staged, trainer_callback
-from sftscope.runs import check_folder
+from sftscope.runs import claim
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
 
 REFERENCE_ALPHA = 128.0
@@ -554,6 +564,100 @@ def no_final_checkpoint_callback():
     return NoFinalCheckpoint()
 
 
+class StopOnSignal:
+    """Ctrl-C / SIGTERM while training: finish the step, save a checkpoint, stop; the run then
+    raises :class:`Interrupted` and the same command resumes from that checkpoint. A second
+    signal stops at once (the last regular checkpoint stays)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers, while training (only the main thread may set them)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            self.signum = signum
+            _say("[yellow]stopping:[/] saving a checkpoint at the end of this step "
+                 "(signal again to stop at once)")
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def callback(self):
+        """The TrainerCallback that asks for the checkpoint and the stop (placed after
+        ``no_final_checkpoint_callback``: at the last step the model is saved anyway)."""
+        from transformers import TrainerCallback
+
+        stopper = self
+
+        class CheckpointOnSignal(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                if stopper.signum is not None and state.global_step < state.max_steps:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return CheckpointOnSignal()
+
+
+LOSS_FILE = "sftscope-loss.json"
+
+
+class LossSum:
+    """The training loss summed over every step in float64, saved in each checkpoint and taken
+    up again on resume, so a resumed run records the ``train_loss`` of an uninterrupted one
+    (the Trainer's own average covers only the steps since the resume)."""
+
+    def __init__(self, trainer: Any, resumed_from: str | None) -> None:
+        self.total = torch.zeros((), dtype=torch.float64, device=trainer.args.device)
+        self.known = True  # False: resumed from a checkpoint without the sum (an older one)
+        if resumed_from:
+            path = Path(resumed_from) / LOSS_FILE
+            self.known = path.is_file()
+            if self.known:
+                self.total += float(read_json(path)["loss_sum"])
+        step = trainer.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = step(*args, **kwargs)
+            self.total += loss.detach().to(torch.float64)
+            return loss
+
+        trainer.training_step = training_step
+
+    def callback(self):
+        """Writes the sum into each checkpoint the Trainer saves."""
+        from transformers import TrainerCallback
+
+        summed = self
+
+        class SaveLossSum(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir() and is_main_process():
+                    write_json(folder / LOSS_FILE, {"loss_sum": summed.total.item(),
+                                                    "steps": state.global_step})
+
+        return SaveLossSum()
+
+    def mean(self, steps: int) -> float | None:
+        return self.total.item() / steps if steps else None
+
+
 def is_main_process() -> bool:
     """True on the process that writes files and evaluates (rank 0 under accelerate/torchrun)."""
     from sftscope.parallel import is_main
@@ -710,25 +814,75 @@ def _existing_run(cfg: TuneConfig, out: Path) -> TuneResult | None:
             return TuneResult.from_dict(rec["result"])
     started = out / "tune-config.json"
     if started.is_file() and is_main_process():  # rank 0 writes it: other ranks may see it
-        ckpts = checkpoint_steps(out / "checkpoints")
-        if cfg.overwrite or not ckpts:
+        # the checkpoint --resume would take (a partial one, e.g. from a full disk, is not one)
+        last = None if cfg.overwrite else last_good_checkpoint(out / "checkpoints")
+        if last is None:
             if not cfg.overwrite:
-                _say("note: the earlier attempt in this folder saved no checkpoint; starting "
-                     "over")
+                _say("note: the earlier attempt in this folder saved no usable checkpoint; "
+                     "starting over")
             _clear(out)
             return None
         rec = read_json(started)
         diff = _settings_diff(rec.get("config") or {}, cfg)
-        step = ckpts[0].name.split("-")[-1]
+        step = Path(last).name.split("-")[-1]
         if diff:
             raise SftscopeError(f"--out {out} holds an unfinished tune run (checkpoint at step "
                                 f"{step}) made with other settings ({diff}); --overwrite "
                                 f"discards it and starts over, or choose another --out")
-        if not cfg.resume:
+        if not cfg.resume and not rec.get("interrupted"):
             raise SftscopeError(f"--out {out} holds an unfinished tune run (checkpoint at step "
                                 f"{step}); add --resume to continue it, or --overwrite to "
                                 f"start over")
     return None
+
+
+@contextlib.contextmanager
+def _checkpoint_writes(trainer: Any, ckpt_dir: Path) -> Iterator[None]:
+    """A checkpoint the Trainer could not write (a full disk) is one line naming it, and is
+    removed: the rerun and its message then agree on the last whole checkpoint."""
+    try:
+        yield
+    except SftscopeError:
+        raise
+    except Exception as e:
+        folder = ckpt_dir / f"checkpoint-{trainer.state.global_step}"
+        if write_errno(e, folder) is None:
+            raise
+        broken = folder.is_dir() and not checkpoint_ok(folder) and is_main_process()
+        with writing(folder, remove=folder if broken else None):
+            raise
+
+
+@contextlib.contextmanager
+def _what_a_rerun_does(ckpt_dir: Path) -> Iterator[None]:
+    """A failed write (a full disk) while training or saving names the checkpoint a rerun
+    with --resume takes, the one the rerun's own refusal names, or says there is none."""
+    try:
+        yield
+    except WriteError as e:
+        last = last_good_checkpoint(ckpt_dir) if is_main_process() else None
+        then = (f"{Path(last).name} is kept: rerun with --resume to continue from it" if last
+                else "no checkpoint was kept: the same command starts over")
+        raise e.with_then(then) from e
+
+
+def _mark_interrupted(out: Path, step: int) -> None:
+    """Note in ``tune-config.json`` that Ctrl-C / SIGTERM stopped the run after a checkpoint:
+    the same command (without --resume) then continues it, as the message promised."""
+    path = out / "tune-config.json"
+    if is_main_process() and path.is_file():
+        rec = read_json(path)
+        write_json(path, {**rec, "interrupted": step})
+
+
+def _was_interrupted(out: Path) -> bool:
+    path = out / "tune-config.json"
+    if not path.is_file():
+        return False
+    try:
+        return bool(read_json(path).get("interrupted"))
+    except SftscopeError:
+        return False
 
 
 @staged
@@ -746,11 +900,13 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
 
     cfg = resolve_config(config)
-    out = check_folder(cfg.out, "tune")
+    out = claim(cfg.out, "tune")
     done = _existing_run(cfg, out)
     if done is not None:
         _say(f"{out} is already finished; returning its recorded result")
         return done
+    if not cfg.resume and _was_interrupted(out):  # stopped by a signal: the same command resumes
+        cfg = replace(cfg, resume=True)
     reporters = _check_reporter(cfg.report_to)
     eval_task = parse_eval_task(cfg.eval_task) if cfg.eval_task else None
     if eval_task is None and cfg.train == "gsm8k":
@@ -879,13 +1035,14 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
                          epochs=cfg.epochs, max_steps=cfg.max_steps)
         _say(work.line() + "; a time estimate follows the first steps (none before: it "
              "depends on the machine)")
+    stopper = StopOnSignal()
     all_callbacks = [finite_loss_callback(), trainer_callback("train"),
                      *([estimate_callback(work)] if work is not None else []),
                      *([freeze.callback()] if freeze is not None else []),
                      *([recorder.callback()] if recorder else []),
                      *([no_final_checkpoint_callback()] if full and not cfg.keep_checkpoints
                        else []),
-                     *(callbacks or [])]
+                     stopper.callback(), *(callbacks or [])]
     if sft:
         packed, packing_why = choose_packing(cfg.packing, model, data.examples, pad_id(tok),
                                              micro)
@@ -898,6 +1055,9 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         trainer, data = objectives.make_trainer(cfg, model=model, args=args, rows=rows, tok=tok,
                                                 callbacks=all_callbacks)
         _say_data(data)
+    losses = LossSum(trainer, last) if world == 1 else None
+    if losses is not None:
+        trainer.add_callback(losses.callback())
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):  # raw log dicts and tqdm: we report instead
@@ -906,54 +1066,62 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the Trainer's checkpoint writes: we report instead
-    stage("train")
-    try:
-        with timer("train"):
-            output = trainer.train(resume_from_checkpoint=last)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    if output.training_loss is not None and not math.isfinite(output.training_loss):
-        raise SftscopeError(f"training loss is {output.training_loss} (not finite); nothing was "
-                            f"saved: check the model's weights and data, lower --lr, or use "
-                            f"--dtype float32")
-    steps = int(trainer.state.global_step)
-    runtime = float(output.metrics.get("train_runtime", 0.0))
-    history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    adapter_dir = model_dir = None
-    meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
-            "method": cfg.method, "mask": cfg.mask,
-            "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
-            "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
-            "experts": experts_rec,
-            "full_rank": float(cfg.rank), "seed": cfg.seed, "objective": cfg.objective}
-    stage("save")
-    with timer("save"):
-        if full:
-            from sftscope.progress import quiet_libraries
+    with _what_a_rerun_does(ckpt_dir):  # a failed write says what the rerun will take
+        stage("train")
+        try:
+            # one process: a signal checkpoints at the step's end; several (DDP/FSDP) would
+            # each see it at another step, so there it stops at once as before
+            stop = stopper.installed() if world == 1 else contextlib.nullcontext()
+            with timer("train"), stop, _checkpoint_writes(trainer, ckpt_dir):
+                output = trainer.train(resume_from_checkpoint=last)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+            _mark_interrupted(out, int(trainer.state.global_step))
+            raise Interrupted()
+        if output.training_loss is not None and not math.isfinite(output.training_loss):
+            raise SftscopeError(f"training loss is {output.training_loss} (not finite); "
+                                f"nothing was saved: check the model's weights and data, lower "
+                                f"--lr, or use --dtype float32")
+        steps = int(trainer.state.global_step)
+        runtime = float(output.metrics.get("train_runtime", 0.0))
+        history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+        adapter_dir = model_dir = None
+        meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
+                "method": cfg.method, "mask": cfg.mask,
+                "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
+                "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
+                "experts": experts_rec,
+                "full_rank": float(cfg.rank), "seed": cfg.seed, "objective": cfg.objective}
+        stage("save")
+        with timer("save"):
+            if full:
+                from sftscope.progress import quiet_libraries
 
-            model_dir = out / "model"
-            with quiet_libraries():
-                trainer.save_model(str(model_dir))
-            if is_main_process():
-                tok.save_pretrained(str(model_dir))
-                write_json(model_dir / META_FILE, meta)
-                # the Trainer's pickled arguments do not belong in a model folder
-                (model_dir / "training_args.bin").unlink(missing_ok=True)
-        else:
-            adapter_dir = out / "adapter"
-            trainer.save_model(str(adapter_dir))
-            if is_main_process():
-                write_json(adapter_dir / META_FILE, meta)
-    merged_dir = None
-    if cfg.merge and not full and is_main_process():
-        from sftscope.load.models import save_model
+                model_dir = out / "model"
+                with writing(model_dir, remove=model_dir), quiet_libraries():
+                    trainer.save_model(str(model_dir))
+                    if is_main_process():
+                        tok.save_pretrained(str(model_dir))
+                        write_json(model_dir / META_FILE, meta)
+                        # the Trainer's pickled arguments do not belong in a model folder
+                        (model_dir / "training_args.bin").unlink(missing_ok=True)
+            else:
+                adapter_dir = out / "adapter"
+                with writing(adapter_dir, remove=adapter_dir):
+                    trainer.save_model(str(adapter_dir))
+                    if is_main_process():
+                        write_json(adapter_dir / META_FILE, meta)
+        merged_dir = None
+        if cfg.merge and not full and is_main_process():
+            from sftscope.load.models import save_model
 
-        stage("merge")
-        with timer("merge"):
-            merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
-                dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
-        _say(f"wrote {merged_dir} (the base with the adapter merged in)")
+            stage("merge")
+            with timer("merge"):
+                merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
+                    dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
+            _say(f"wrote {merged_dir} (the base with the adapter merged in)")
     model = trainer.model
     if freeze is not None:
         freeze.remove()
@@ -970,7 +1138,9 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         budget_ratio=n_train_params / full_params, seed=cfg.seed, dtype=dtype,
         n_train=len(data.examples), n_truncated=data.n_truncated, max_length=data.max_length,
         longest_example=data.longest, steps=steps,
-        train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        train_loss=(losses.mean(steps) if losses is not None and losses.known
+                    else float(output.training_loss) if output.training_loss is not None
+                    else None),
         loss_history=history, step_time_s=runtime / steps if steps else None,
         resumed_from=last, timings=timer.seconds, method=cfg.method,
         model_dir=str(model_dir) if model_dir else None,

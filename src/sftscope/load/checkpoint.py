@@ -23,6 +23,7 @@ from sftscope.errors import SftscopeError
 from sftscope.load.sources import (  # noqa: F401  (re-exported: the checkpoint reading API)
     PICKLE_SUFFIXES,
     TensorInfo,
+    expand,
     looks_like_path,
     pickle_error,
     read_config_json,
@@ -54,7 +55,7 @@ def resolve_source(arg: str | os.PathLike, what: str) -> Path:
     """A local folder for ``arg``: an existing path, else a hub id fetched with
     ``huggingface_hub.snapshot_download`` (config and safetensors files only)."""
     text = str(arg)
-    path = Path(os.path.expanduser(text))
+    path = Path(expand(text))
     if path.exists():
         if not path.is_dir():
             raise SftscopeError(f"{what} {text} is a file; give the model folder that holds it")

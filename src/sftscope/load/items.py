@@ -118,15 +118,19 @@ def _item_tasks() -> list[Task]:
 
 def check_task_data(task: str, data: str | None = None, *, split: str | None = None,
                     fewshot_data: str | None = None, text_field: str | None = None,
-                    rescore: str | None = None) -> None:
+                    rescore: str | None = None, skip_bad: bool = False) -> None:
     """Cheap checks before any model load: the task exists, its data (and shot data, or the
-    file to re-score) is a readable file of a known format with the fields the task needs."""
+    file to re-score; with ``skip_bad`` every line, so that a bad first one is skipped too) is
+    a readable file of a known format with the fields the task needs."""
     t = get_task(task)
     if rescore is not None:
         if t.kind != "generate":
             raise SftscopeError(f"--rescore re-scores generated text; task {t.name} does not "
                                 f"generate")
-        check_source(rescore, need=("completion",))
+        if skip_bad:  # a bad first line is skipped too: read them all (at least one is good)
+            read_completions(rescore, t.name, skip_bad=True)
+        else:
+            check_source(rescore, need=("completion",))
         return
     source = task_source(t.name, data)
     if t.has_items:
@@ -148,48 +152,66 @@ class Completions:
     records: list[dict]
     completions: list[str]
     extras: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
 
 
 _KEEP = ("prompt_tokens", "new_tokens", "truncated")
 
 
-def read_completions(path: str, task: str, *, limit: int | None = None) -> Completions:
+def read_completions(path: str, task: str, *, limit: int | None = None,
+                     skip_bad: bool = False) -> Completions:
     """Lines of a JSONL file, each with ``completion`` (raw generated text) and the task's gold
     fields (GSM8K: ``answer``; a line of eval's own predictions file works, its ``target``
-    standing in for an absent ``answer``). A bad line is refused with its number."""
+    standing in for an absent ``answer``). A bad line is refused with its number, or with
+    ``skip_bad`` skipped and counted in ``notes``."""
     t = get_task(task)
     p = Path(path).expanduser()
     if not p.is_file():
         raise SftscopeError(f"--rescore file {p} does not exist")
     out = Completions(str(p), [], [], [])
+    bad: list[str] = []
     with open(p, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{p}, line {i}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SftscopeError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise SftscopeError(f"{where}: is not a JSON object")
-            comp = obj.get("completion")
-            if not isinstance(comp, str):
-                raise SftscopeError(f"{where}: needs 'completion', the generated text (a string"
-                                    f"{'' if comp is None else ', got ' + type(comp).__name__})")
-            rec = dict(obj)
-            for g in t.gold_fields:
-                if g not in rec and "target" in rec:
-                    rec[g] = rec["target"]
-                problem = text_problem(rec, g) if g in rec else f"lacks field {g!r}"
-                if problem:
-                    raise SftscopeError(f"{where}: {problem}; each line needs "
-                                        f"{', '.join(('completion',) + t.gold_fields)}")
+            rec, problem = _completion_line(line, t)
+            if problem is not None:
+                if not skip_bad:
+                    raise SftscopeError(f"{where}: {problem}")
+                bad.append(f"{where}: {problem.split(';')[0]}")
+                continue
             out.records.append(rec)
-            out.completions.append(comp)
-            out.extras.append({k: obj.get(k) for k in _KEEP})
+            out.completions.append(rec["completion"])
+            out.extras.append({k: rec.get(k) for k in _KEEP})
             if limit and len(out.records) >= limit:
                 break
+    if bad:
+        out.notes.append(f"{len(bad)} of {len(bad) + len(out.records)} lines of {p} were "
+                         f"skipped as bad (first: {bad[0]})")
     if not out.records:
-        raise SftscopeError(f"--rescore file {p} has no line to score")
+        raise SftscopeError(f"--rescore file {p} has no line to score"
+                            + (f" ({len(bad)} bad)" if bad else ""))
     return out
+
+
+def _completion_line(line: str, t: Task) -> tuple[dict, str | None]:
+    """One line of a completions file as a record, or what is wrong with it."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return {}, f"not valid JSON ({e.msg})"
+    if not isinstance(obj, dict):
+        return {}, "is not a JSON object"
+    comp = obj.get("completion")
+    if not isinstance(comp, str):
+        return {}, (f"needs 'completion', the generated text (a string"
+                    f"{'' if comp is None else ', got ' + type(comp).__name__})")
+    rec = dict(obj)
+    for g in t.gold_fields:
+        if g not in rec and "target" in rec:
+            rec[g] = rec["target"]
+        problem = text_problem(rec, g) if g in rec else f"lacks field {g!r}"
+        if problem:
+            return {}, f"{problem}; each line needs {', '.join(('completion',) + t.gold_fields)}"
+    return rec, None

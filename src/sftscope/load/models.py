@@ -26,6 +26,7 @@ from sftscope.load.sources import (
     PairInfo,
     check_model,
     check_pair,
+    expand,
     is_local,
     looks_like_path,
     source_kind,
@@ -186,7 +187,7 @@ def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "
         need_gguf()
         src_path, gguf_file = src.load_path, src.gguf_file
     else:
-        src_path = os.path.expanduser(spec)
+        src_path = expand(spec)
         if not os.path.isdir(src_path):
             if os.path.exists(src_path):
                 raise SftscopeError(f"tokenizer {spec} is a file; give a folder, a .gguf file "
@@ -556,7 +557,7 @@ def fingerprint(spec: str, revision: str | None = None,
         memo.save()
         return {"source": str(f.resolve()), "kind": "gguf", "revision": None, "local": True,
                 "hash": ghash, "hash_scheme": FINGERPRINT_SCHEME, "files": 1, "bytes": total}
-    path = Path(os.path.expanduser(spec))
+    path = Path(expand(spec))
     files = _fingerprint_files(path) if path.is_dir() else [path]
     h, total = _files_hash(files, memo, b"sftscope-model-v2")
     memo.save()

@@ -27,7 +27,15 @@ HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 
 
 def expand(spec: str) -> str:
-    return os.path.expanduser(str(spec))
+    """``~`` expanded; a ``tune --method full`` run folder (no ``config.json`` of its own, the
+    model in ``RUN/model``) stands for its ``model/`` folder."""
+    path = os.path.expanduser(str(spec))
+    model = os.path.join(path, "model")
+    if (os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json"))
+            and os.path.isfile(os.path.join(model, "config.json"))
+            and not os.path.isfile(os.path.join(path, "adapter", "adapter_config.json"))):
+        return model
+    return path
 
 
 def is_local(spec: str) -> bool:

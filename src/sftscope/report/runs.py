@@ -79,6 +79,12 @@ TEXT_COLUMNS = ("mask", "best_mask", "config", "direction", "head", "model", "me
                 "task", "metric_a", "metric_b", "seeds", "method", "signal", "blocks")
 
 
+# Columns that hold numbers in every table that has them (checked when a table is read).
+NUMERIC_COLUMNS = ("layer", "block", "value", "ci_low", "ci_high", "n", "r", "mean", "rank",
+                   "segment", "score", "step", "grad_norm", "update_norm", "scale", "alpha",
+                   "p_value", "n_items", "trainable_params")
+
+
 def spec_of(name: str) -> TableSpec:
     return TABLES.get(name) or DERIVED[name]
 
@@ -161,6 +167,23 @@ def read_table(path: Path, required: Sequence[str] = (), k: int | None = None) -
     for c in MASK_COLUMNS:
         if c in df.columns:
             df[c] = df[c].map(lambda v: mask_from_text(v, k)).astype(object)
+    return _numbers(df, path)
+
+
+def _numbers(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The numeric columns as numbers; a text where a number belongs (an edited or foreign
+    table) refuses the table, so that it is left out with a note, never drawn as if numeric."""
+    for c in NUMERIC_COLUMNS:
+        if c not in df.columns or pd.api.types.is_numeric_dtype(df[c]):
+            continue
+        num = pd.to_numeric(df[c], errors="coerce")
+        text = df[c].map(lambda v: isinstance(v, str) and v.strip() != "")
+        bad = num.isna() & text
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise SftscopeError(f"{path}: column {c} holds {df[c].iloc[i]!r} where a number "
+                                f"belongs (row {i + 1}); re-run the command that wrote it")
+        df[c] = num
     return df
 
 

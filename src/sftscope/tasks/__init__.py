@@ -14,8 +14,8 @@ import pkgutil
 from sftscope.errors import SftscopeError
 from sftscope.tasks.base import FEWSHOT_SEED, LETTERS, AnalysisSample, HubData, Task
 
-__all__ = ["FEWSHOT_SEED", "LETTERS", "AnalysisSample", "HubData", "Task", "all_tasks", "get_task",
-           "primary_metric_of", "task_names"]
+__all__ = ["FEWSHOT_SEED", "LETTERS", "AnalysisSample", "HubData", "Task", "all_tasks",
+           "check_metric", "get_task", "primary_metric_of", "task_names"]
 
 _SKIP = {"base"}
 _REGISTRY: dict[str, Task] = {}
@@ -68,3 +68,16 @@ def primary_metric_of(metrics, task: str | None = None) -> str | None:
         if t.primary in ms:
             return t.primary
     return None
+
+
+def check_metric(metric: str | None, task: str | None, flag: str = "--metric") -> None:
+    """``metric`` must be a per-item score of ``task`` (what a sweep ranks by); an unknown
+    task is left to the task checks."""
+    if metric is None or task not in _discover():
+        return
+    known = _discover()[task].item_metrics()
+    if metric not in known:
+        close = difflib.get_close_matches(str(metric), list(known), n=1, cutoff=0.6)
+        raise SftscopeError(f"{flag} {metric!r} is not a score of task {task}; use one of "
+                            f"{', '.join(known)}" + (f" (did you mean {close[0]}?)"
+                                                     if close else ""))

@@ -81,6 +81,12 @@ class Task:
     describe: Callable[[dict], dict[str, Any]] | None = None
     item_values: Callable[[dict], dict[str, float | None]] | None = None
 
+    def item_metrics(self) -> tuple[str, ...]:
+        """The per-item scores a sweep summarises and ranks by (``item_values``' keys)."""
+        if self.item_values is None:
+            return self.metrics
+        return tuple(self.item_values({}))
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"task {self.name}: kind {self.kind!r} is not one of {KINDS}")
