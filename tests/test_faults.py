@@ -186,6 +186,7 @@ def good(cmd: str) -> dict[str, Any]:
                    "--max-length": "32", "--bootstrap": "0", **common},
         "report": {"RUNS": "{finished}", "--out": "{out}/report.html"},
         "demo": {"--quick": FLAG, "--skip": "analyze,weights,probe,swap,sweep,report"},
+        "data": {"RUNS": "gsm8k", "--train-size": "5", "--test-size": "5"},
     }[cmd]
 
 
@@ -245,7 +246,8 @@ for cmd in ("analyze", "probe", "swap", "eval", "suggest"):
     case(cmd, {"--batch-size": "-1"}, needle="--batch-size must be at least 1")
     case(cmd, {"--batch-size": "four"}, needle="--batch-size expects an integer")
     case(cmd, {"--max-length": "1"}, needle="--max-length must be at least 2")
-    case(cmd, {"--limit": "0"}, needle="--limit must be at least 1")
+    case(cmd, {"--limit": "0"}, needle=("--limit" if cmd == "eval" else "--n-samples")
+         + " must be at least 1")
     case(cmd, {"--device-map": "everywhere"}, needle="is not a device map")
 for cmd in ("analyze", "probe", "swap", "suggest"):
     d = DATA_FLAG[cmd]
@@ -498,6 +500,14 @@ case("demo", extra=["--sweep-masks", "012"], needle="valid groups")
 case("demo", extra=["--seed", "x"], needle="--seed expects an integer")
 case("demo", extra=["--out", "{file}"], needle="is a file")
 case("demo", extra=["--moe", "--family", "olmo2"], needle="--moe trains a Mixtral pair")
+
+case("data", {"RUNS": "gsm9k"}, needle="NAME has unknown task set 'gsm9k'")
+case("data", {"--out": DROP}, needle="missing --out")
+case("data", {"--test-size": "2001"}, needle="--test-size must be in [1, 2000]")
+case("data", {"--train-size": "0"}, needle="--train-size must be at least 1")
+case("data", extra=["--max-number", "5"], needle="--max-number must be in [20, 999]")
+case("data", {"--out": "{file}"}, needle="is a file")
+case("data", {"--out": "{other_run}"}, needle="`demo` run folder")
 
 CASES = [c for c in CASES if c[3]]  # the one --epochs 0 with --max-steps is valid
 CATALOGUE = [pytest.param(c, id=f"{i:03d}-{c[0]}-{c[3][:28]}") for i, c in enumerate(CASES)]

@@ -299,7 +299,7 @@ def test_probe_bad_input_one_line(tmp_path, model_dir, gsm8k_file, capsys, case)
 def test_api_errors(model_dir, gsm8k_file):
     with pytest.raises(SftscopeError, match="--batch-size"):
         probe(model=str(model_dir("llama")), data=f"gsm8k:{gsm8k_file}", batch_size=0)
-    with pytest.raises(SftscopeError, match="--limit"):
+    with pytest.raises(SftscopeError, match="--n-samples"):
         probe(model=str(model_dir("llama")), data=f"gsm8k:{gsm8k_file}", n=0)
 
 

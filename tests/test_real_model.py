@@ -96,18 +96,9 @@ def smollm2() -> dict[str, Path]:
     return {"gguf": gguf, "hf": hf}
 
 
-TEXTS = [("What is 3 plus 4?", "3 + 4 = 7.\n#### 7"),
-         ("Tom has 12 apples and eats 5. How many are left?", "12 - 5 = 7.\n#### 7"),
-         ("A book costs 6 dollars. How much do 3 books cost?", "3 * 6 = 18.\n#### 18"),
-         ("What is half of 20?", "20 / 2 = 10.\n#### 10"),
-         ("Sam walks 2 miles a day. How far in 5 days?", "2 * 5 = 10 miles.\n#### 10"),
-         ("There are 9 birds and 4 fly away. How many stay?", "9 - 4 = 5.\n#### 5"),
-         ("What is 7 times 8?", "7 * 8 = 56.\n#### 56"),
-         ("Ann has 15 pens and gives away 6. How many remain?", "15 - 6 = 9.\n#### 9")]
-
-
 def test_smollm2_adapter_as_sft(smollm2, tmp_path):
     from sftscope.capture.stream import load_cached
+    from sftscope.cli import main
     from sftscope.config.commands import AnalyzeConfig, ProbeConfig, SwapConfig, TuneConfig
     from sftscope.experiments.analyze import analyze
     from sftscope.experiments.lens import probe
@@ -125,9 +116,13 @@ def test_smollm2_adapter_as_sft(smollm2, tmp_path):
     hf = check_model(str(smollm2["hf"]))
     assert hf.kind == "folder" and hf.n_blocks == N_BLOCKS
     base = str(smollm2["hf"])
-    data = tmp_path / "gsm8k.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in TEXTS))
-    src = f"gsm8k:{data}"
+    # the walkthrough's data: `sftscope data`, cut to 8 train and 8 test items
+    with pytest.raises(SystemExit) as e:
+        main(["data", "gsm8k", "--out", str(tmp_path / "data"), "--train-size", "8",
+              "--test-size", "8"])
+    assert e.value.code == 0
+    src = f"gsm8k:{tmp_path / 'data' / 'gsm8k' / 'train.jsonl'}"
+    test = f"gsm8k:{tmp_path / 'data' / 'gsm8k' / 'test.jsonl'}"
 
     t = time.perf_counter()
     res = tune(TuneConfig(model=base, train=src, out=str(tmp_path / "tune"), mask="00100",
@@ -139,7 +134,7 @@ def test_smollm2_adapter_as_sft(smollm2, tmp_path):
     run = str(tmp_path / "tune")
     assert check_model(run).label == "adapter m00100 r2 s0"
 
-    small = dict(data=src, limit=8, max_length=64, batch_size=4, device="cpu")
+    small = dict(data=test, limit=8, max_length=64, batch_size=4, device="cpu")
     t = time.perf_counter()
     cache = tmp_path / "cache"
     table = analyze(AnalyzeConfig(base=base, sft=run, out=str(tmp_path / "an"), n_token=2,
@@ -159,6 +154,14 @@ def test_smollm2_adapter_as_sft(smollm2, tmp_path):
     rec = json.loads((tmp_path / "an" / "run.json").read_text())
     assert rec["models"]["sft"]["label"] == "adapter m00100 r2 s0"
     assert rec["n_blocks"] == N_BLOCKS and rec["hidden_size"] == HIDDEN
+    # the report of the adapter pair names where the change starts
+    from sftscope.report.runs import as_runs
+    from sftscope.report.sections import SPECS
+
+    fig1 = next(sp for sp in SPECS if sp.key == "similarity")
+    findings = " ".join(fig1.findings(fig1.prepare(as_runs([str(tmp_path / "an")]))))
+    assert f"Unchanged up to j = {FIRST} (mean shift exactly 0); the change starts at j = " \
+           f"{FIRST + 1}" in findings, findings
 
     t = time.perf_counter()
     pr = probe(ProbeConfig(base=base, sft=run, bootstrap=0, **small))

@@ -618,3 +618,17 @@ def test_suggest_validation_shows_baselines(tmp_path):
     assert {"prior_mask", "prior_rank", "random_rank", "vs_prior", "vs_random"} <= set(table)
     assert table.set_index("method").loc["combined", "vs_prior"] == 3
     _assert_not_blank(tmp_path / "figs" / "fig8_suggest.png")
+
+
+def test_contents_list_only_sections_with_data_and_hints_name_missing_rows(tmp_path):
+    from sftscope.report import build_report
+
+    run = make_swap(tmp_path / "s", 16)  # a swap run without --alphas
+    html = build_report([run]).read_text(encoding="utf-8")
+    nav = html[html.index("<nav>"):html.index("</nav>")]
+    assert "Layer swapping (Fig. 6)" in nav and "Interpolating" not in nav
+    assert "Logit lens" not in nav and "similarity" not in nav
+    assert 'id="absent"' in html  # the empty sections, after the ones with data
+    # swap.csv is there: the hint does not ask for it, it says what it lacks
+    assert "No interpolated segments (swap --alpha) in these runs: their swap.csv has none" in html
+    assert "needs swap.csv" not in html

@@ -82,7 +82,7 @@ def make_sweep_jobs(folder: Path, seeds=(0, 1, 2), n_blocks: int = 10) -> Path:
 def make_steer(folder: Path) -> Path:
     rows = []
     for s, loss in ((0.0, 2.0), (1.0, 1.9), (4.0, 2.6)):
-        rows.append((s, "loss", loss, loss - 0.1, loss + 0.1, 50))
+        rows.append((s, "loss", loss, loss - 0.04, loss + 0.04, 50))  # apart: a winner
         rows.append((s, "new_tokens", 10 + s, 9 + s, 11 + s, 8))
     pd.DataFrame(rows, columns=["scale", "metric", "value", "ci_low", "ci_high", "n"]).to_csv(
         folder.mkdir(parents=True, exist_ok=True) or folder / "steer.csv", index=False)

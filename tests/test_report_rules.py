@@ -117,6 +117,24 @@ def test_lens_rule_profiles():
     assert v.verdict == R.INCONCLUSIVE
 
 
+def test_lens_pattern_compares_sft_with_base():
+    from sftscope.report.patterns import check_lens
+
+    sharp = 0.01 + 0.6 * np.clip((STATES - 0.8) / 0.2, 0, None) ** 1.5
+
+    def probe(base):
+        rows = [pd.DataFrame({"layer": np.arange(L + 1), "model": m, "metric": "accuracy",
+                              "value": y, "n": 500}) for m, y in (("sft", sharp), ("base", base))]
+        return pd.concat(rows, ignore_index=True)
+
+    both = check_lens(probe(sharp))      # the base shows the same pattern
+    assert both.verdict == R.YES and "the base shows it too" in both.why
+    assert "base accuracy:" in both.numbers and "-> yes" in both.numbers
+    alone = check_lens(probe(0.6 * STATES))  # only the fine-tune shows it
+    assert alone.verdict == R.YES and "base shows it too" not in alone.why
+    assert "-> no" in alone.numbers
+
+
 # ----------------------------------------------------------------------------- (d) swap
 
 
@@ -131,6 +149,13 @@ def test_inverted_u_rule():
                              5).verdict == R.INCONCLUSIVE
     tie = {i: R.Point(0.5) for i in range(5)}  # exact ties, no interval
     assert R.inverted_u_rule(tie, 5).verdict == R.NO
+    # the case: a middle segment beats the edges but the central one is the worst of
+    # all; the old rule (best middle vs better edge) said yes, an inverted U it is not
+    dip = R.inverted_u_rule(_pts([0.50, 0.56, 0.40, 0.55, 0.49]), 5)
+    assert dip.verdict == R.NO and "worst middle segment 3/5 0.400" in dip.numbers
+    assert "best middle segment 2/5 0.560" in dip.numbers
+    # every middle beats both edges
+    assert R.inverted_u_rule(_pts([0.50, 0.52, 0.58, 0.53, 0.49]), 5).verdict == R.YES
     # loss: lower is better
     loss = _pts([2.0, 1.8, 1.7, 1.9, 2.1])
     assert R.inverted_u_rule(loss, 5, lower_is_better=True).verdict == R.YES
@@ -310,6 +335,151 @@ def test_weight_sentence_and_j_rule_share_the_edge_means():
     for value in (row["bottom"], row["top"]):
         assert f"{value:.3f}" in text and f"{value:.3f}" in v.numbers
     assert v.verdict == R.YES
+
+
+def test_adaptive_precision_near_whole_numbers():
+    from sftscope.report.sections import f
+
+    assert f(0.99952) == "0.99952"          # not "1.000": the digits that show the change
+    assert f(0.9999999) == "0.9999999"
+    assert f(1.0) == "1.000" and f(0.5) == "0.500" and f(0.98765) == "0.988"
+    assert f(2.0004) == "2.0004" and f(-0.99996) == "-0.99996"
+    assert f(1e-5) == "1e-05" and f(float("nan")) == "n/a"
+
+
+def test_headline_names_where_the_change_starts():
+    from sftscope.report.sections import onset_sentence
+
+    layers = np.arange(31)
+    shift = np.where(layers < 13, 0.0, 0.5 * 1.25 ** (layers - 13))
+    text = onset_sentence(layers, shift)
+    top = 0.5 * 1.25 ** 17
+    assert text == (f"unchanged up to j = 12 (mean shift exactly 0); the change starts at "
+                    f"j = 13 (mean shift 0.500) and grows {top / 0.5:.0f}x to the top "
+                    f"({top:.3f} at j = 30)")
+    assert onset_sentence(layers, np.zeros(31)).startswith("the mean shift is exactly 0 at "
+                                                            "every j (0..30)")
+    assert onset_sentence([0, 1, 2], [0.1, 0.2, 0.25]) == (
+        "the change is there from j = 0 (mean shift 0.100) and grows 2.5x to the top "
+        "(0.250 at j = 2)")
+    assert "shrinks to 0.100 at the top" in onset_sentence([0, 1, 2], [0.0, 0.5, 0.1])
+    assert "and is 0.600 at the top" in onset_sentence([0, 1, 2], [0.0, 0.5, 0.6])
+    assert onset_sentence([0, 1], [np.nan, np.nan]) is None
+    # in the report: the headline leads the pair's findings, with near-1 CKA in full digits
+    cka = np.where(layers < 13, 1.0, 1.0 - 4.8e-4 * (layers - 12) / 18)
+    df = pd.concat([_metrics(cka), _metrics(shift).assign(metric="mean_shift")])
+    text = " ".join(pair_findings(N.pair_data(df)))
+    assert text.startswith("Unchanged up to j = 12") and "0.99952 at the top" in text
+
+
+def _swap_table(values, half):
+    rows = [("base", "none", "00000", "base", "accuracy", 0.5, 0.49, 0.51, 100),
+            ("sft", "none", "00000", "sft", "accuracy", 0.6, 0.59, 0.61, 100)]
+    for i, v in enumerate(values):
+        mask = "".join("1" if j == i else "0" for j in range(len(values)))
+        rows.append((f"base<-sft[{mask}]", "sft-into-base", mask, "base", "accuracy", v,
+                     v - half, v + half, 100))
+    return pd.DataFrame(rows, columns=["config", "direction", "mask", "head", "metric",
+                                       "value", "ci_low", "ci_high", "n"])
+
+
+def test_swap_findings_ties_and_overlapping_intervals():
+    from sftscope.report.sections import swap_findings
+
+    tie = " ".join(swap_findings(N.swap_data(_swap_table([0.6, 0.5, 0.5, 0.5, 0.5], 0.001))))
+    assert "4 segments tie for the worst (0.500" in tie and "worst single" not in tie
+    assert "best single segment 1/5 (m10000" in tie or "best single segment 1/5 (10000" in tie
+    assert "overlap" not in tie
+    close = " ".join(swap_findings(N.swap_data(_swap_table([0.52, 0.5, 0.51, 0.5, 0.49], 0.05))))
+    assert "their intervals overlap: no segment is clearly better or worse" in close
+
+
+def test_sweep_findings_ties():
+    from sftscope.report.sections import sweep_findings
+
+    summary = pd.DataFrame({"mask": ["11111", "10000", "01000", "00100", "00001"],
+                            "seeds": "0", "metric": "accuracy",
+                            "mean": [0.4, 0.3, 0.3, 0.3, 0.3], "ci_low": np.nan,
+                            "ci_high": np.nan, "n_items": 200, "p_value": np.nan})
+    text = " ".join(sweep_findings(N.sweep_data(summary)))
+    assert "4 masks tie for the lowest at 0.300" in text and "worst" not in text
+
+
+def test_clip_note_counts_values_and_interval_ends_apart():
+    df = pd.DataFrame({"layer": [0, 1], "model": "pair", "metric": "cka",
+                       "value": [1.0 + 1e-9, 0.9], "ci_low": np.nan, "ci_high": np.nan})
+    _, notes = N.clip_to_range(df)
+    assert notes and notes[0].startswith("1 value(s) of cka") and "interval" not in notes[0]
+
+
+def test_j_shape_numbers_never_print_n_a_ratio():
+    v = R.j_shape_rule(BLOCKS, np.where(BLOCKS > 0.5, 0.1, 0.0))
+    assert "ratio undefined" in v.numbers and "n/a" not in v.numbers
+
+
+def test_figures_have_no_offset_tick_labels():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from sftscope.report import plots
+
+    y = 0.985 - np.linspace(0, 5e-6, L + 1)  # a tiny range far from 0: matplotlib's offset
+    raw = plots.plot_pair_metrics(N.pair_data(_metrics(y)))
+    FigureCanvasAgg(raw).draw()
+    assert raw.axes[0].yaxis.get_major_formatter().get_offset() != ""  # the defect
+    fig = plots.plain_ticks(plots.plot_pair_metrics(N.pair_data(_metrics(y))))
+    FigureCanvasAgg(fig).draw()
+    assert all(ax.yaxis.get_major_formatter().get_offset() == "" for ax in fig.axes)
+    assert fig.axes[0].get_yticklabels()[1].get_text().startswith("0.98499")
+
+
+def test_cka_near_one_is_drawn_as_one_minus_cka_on_a_log_axis():
+    from sftscope.report import plots
+
+    layers = np.arange(L + 1)
+    cka = np.where(layers < 8, 1.0, 1.0 - 1e-5 * 1.6 ** (layers - 8))
+    fig = plots.plot_pair_metrics(N.pair_data(_metrics(cka)))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_title().startswith("1 - CKA")
+    (line,) = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == L + 1]
+    np.testing.assert_allclose(line.get_ydata(), 1.0 - cka)
+    assert any("8 point(s) exactly 1" in t.get_text() for t in ax.texts)
+    # far from 1: the plain CKA on a linear axis
+    far = plots.plot_pair_metrics(N.pair_data(_metrics(np.linspace(1.0, 0.7, L + 1))))
+    assert far.axes[0].get_yscale() == "linear" and far.axes[0].get_title() == "CKA"
+
+
+def test_steer_findings_name_no_winner_when_intervals_overlap():
+    from sftscope.report.sections import steer_findings
+
+    def table(half):
+        v = [0.25, 0.375, 0.25]
+        return pd.DataFrame({"scale": [0.0, 1.0, 2.0], "metric": "accuracy", "value": v,
+                             "ci_low": [x - half for x in v], "ci_high": [x + half for x in v],
+                             "n": 8})
+
+    wide = " ".join(steer_findings(N.steer_data(table(0.3))))  # n = 8: wide intervals
+    assert "no scale is clearly better than the unsteered base (0.250" in wide
+    assert "intervals overlap, n = 8" in wide and "is best at" not in wide
+    narrow = " ".join(steer_findings(N.steer_data(table(0.01))))
+    assert "accuracy is best at scale 1.00 (0.375, +0.1250 vs the unsteered base" in narrow
+
+
+def test_sweep_findings_no_winner_when_the_best_overlaps_the_next():
+    from sftscope.report.sections import sweep_findings
+
+    def summary(half):
+        mean = [0.40, 0.42, 0.30, 0.30]
+        return pd.DataFrame({"mask": ["11111", "01000", "00100", "00001"], "seeds": "0",
+                             "metric": "accuracy", "mean": mean,
+                             "ci_low": [m - half for m in mean],
+                             "ci_high": [m + half for m in mean], "n_items": 8,
+                             "p_value": np.nan})
+
+    wide = " ".join(sweep_findings(N.sweep_data(summary(0.2))))
+    assert "best mask 01000 0.420 (its interval overlaps the next best, 11111: no clear " \
+           "winner)" in wide
+    narrow = " ".join(sweep_findings(N.sweep_data(summary(0.005))))
+    assert "best mask 01000 0.420," in narrow and "no clear winner" not in narrow
 
 
 # ----------------------------------------------------------------------------- no intervals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -61,6 +62,9 @@ def test_pair_finds_the_changed_segment(pair, data, tmp_path):
     w = res.scores[(res.scores.method == "pair") & (res.scores.signal == "weight_change")]
     assert (w[w.segment != 2]["value"] == 0).all() and float(w[w.segment == 2]["value"].iloc[0]) > 0
     assert "segment 2" in res.reason and "blocks 4-5" in res.reason
+    # every score the reason cites is the table's (the issue: 0.78 printed, 0.518 in the table)
+    cited = re.findall(r"scores highest \((\d\.\d\d)\)", res.reason)
+    assert cited and cited[0] == f"{float(sc['score'].iloc[2]):.2f}", (res.reason, sc)
     saved = json.loads((tmp_path / "suggest.json").read_text())
     assert saved["mask"] == "00100" and saved["reason"] == res.reason
     assert (tmp_path / "suggest.csv").is_file()

@@ -287,6 +287,7 @@ def test_cli_tune_blocks_then_eval(llama10, gsm8k_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 0, err
     assert "LoRA on blocks 7-9" in err and "trainable parameters" in err
+    assert "planned work: 2 steps x 4 examples x " in err  # printed before training
     rec = json.loads((out / "run.json").read_text())
     assert rec["blocks"] == [7, 8, 9] and rec["rank"] == 10 and rec["mask"] is None
     assert rec["result"]["eval"]["n"] == 2 and rec["result"]["steps"] == 2

@@ -403,3 +403,61 @@ def test_adapter_folder_with_a_config_json(base, run, tmp_path):
     shutil.copytree(run / "adapter", a)
     shutil.copy(Path(base) / "config.json", a / "config.json")
     assert source_kind(str(a)) == "adapter" and check_model(str(a)).kind == "adapter"
+
+
+def test_adapter_for_another_base_refused_before_any_model_runs(run, gsm, model_dir, tmp_path,
+                                                               monkeypatch):
+    """Same shapes, other weights: every pair command refuses in validation, before the base
+    is loaded or probed (the issue: it used to be refused only after the base's capture)."""
+    from sftscope.config.commands import ProbeConfig, SteerConfig, SuggestConfig, SwapConfig
+    from sftscope.experiments import analyze as A
+    from sftscope.experiments import lens, steer, suggest, swap
+    from sftscope.load import models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the pair was checked")
+
+    for mod in (models, A, lens, swap, suggest, steer):
+        if hasattr(mod, "load_model"):
+            monkeypatch.setattr(mod, "load_model", no_load)
+    other = str(model_dir("llama", seed=7, n_layers=N_LAYERS))
+    data = f"gsm8k:{gsm}"
+    small = dict(data=data, limit=4, max_length=32, device="cpu")
+    calls = [
+        lambda: A.analyze(AnalyzeConfig(base=other, sft=str(run), out=str(tmp_path / "a"),
+                                        cache_dir=str(tmp_path / "c"), **small)),
+        lambda: lens.probe(ProbeConfig(base=other, sft=str(run), **small)),
+        lambda: lens.probe(ProbeConfig(model=str(run), base=other, **small)),
+        lambda: swap.swap(SwapConfig(base=other, sft=str(run), segments=2, **small)),
+        lambda: suggest.suggest(SuggestConfig(base=other, sft=str(run), segments=2,
+                                              method="pair", **small)),
+        lambda: steer.steer(SteerConfig(base=other, sft=str(run), layer=1, generate=True,
+                                        out=str(tmp_path / "s"), **small)),
+    ]
+    for call in calls:
+        with pytest.raises(SftscopeError, match="trained on another base"):
+            call()
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("states-*"))
+
+
+def test_weights_and_eval_of_an_adapter_are_labelled_base_plus_adapter(base, run, gsm,
+                                                                      tmp_path):
+    """One run.json model schema (``models``: role -> fingerprint) for weights and eval too;
+    the report labels an adapter's run as base+adapter, never as the bare base."""
+    from sftscope.config.commands import EvalConfig
+    from sftscope.experiments.evaluate import evaluate
+    from sftscope.experiments.weights import run_weights
+    from sftscope.report.runs import run_label
+
+    w = tmp_path / "w"
+    run_weights(WeightsConfig(adapter=str(run / "adapter"), out=str(w), low_rank=False))
+    rec = json.loads((w / "run.json").read_text())
+    assert rec["models"]["sft"]["label"] == "adapter m00100 r4 s3"
+    assert run_label(rec, w) == f"{Path(base).name}+adapter m00100 r4 s3"
+    e = tmp_path / "e"
+    evaluate(EvalConfig(model=str(base), adapter=str(run / "adapter"), task="gsm8k",
+                        data=f"gsm8k:{gsm}", limit=1, shots=0, max_new_tokens=2,
+                        out=str(e), device="cpu"))
+    rec = json.loads((e / "run.json").read_text())
+    assert rec["models"]["model"]["kind"] == "adapter"
+    assert run_label(rec, e) == f"{Path(base).name}+adapter m00100 r4 s3"

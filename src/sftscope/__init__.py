@@ -5,8 +5,18 @@ The package follows the pipeline: ``load`` (models, data, architectures) -> ``ca
 probe, swap, tune, eval, sweep, suggest) -> ``report`` (tables, plots, HTML).
 """
 
-__version__ = "0.1.0"
+from sftscope.errors import SftscopeError
+from sftscope.version import __version__
 
-from sftscope.errors import SftscopeError  # noqa: E402
+_API = ("analyze_pair", "capture_states", "register_metric", "unregister_metric", "States")
 
-__all__ = ["SftscopeError", "__version__"]
+
+def __getattr__(name: str):  # the Python API imports torch: only when it is used
+    if name in _API:
+        from sftscope import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'sftscope' has no attribute {name!r}")
+
+
+__all__ = ["SftscopeError", "__version__", *_API]

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftscope import __version__
 from sftscope.errors import SftscopeError, WriteError
+from sftscope.version import __version__
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sftscope import __version__
 from sftscope import metrics as M
 from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.capture.routing import (
@@ -57,6 +56,7 @@ from sftscope.io import atomic_path, stable_hash
 from sftscope.load.arch import get_blocks
 from sftscope.load.data import TokenizedSet
 from sftscope.load.runtime import input_device
+from sftscope.version import __version__
 
 FORMAT_VERSION = 2
 CPU_STACK_BYTES = 512 << 20  # CPU: most a batch's token rows at all states may take

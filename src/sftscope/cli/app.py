@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from sftscope import __version__
 from sftscope.errors import SftscopeError
+from sftscope.version import __version__
 
 INTERRUPTED = "interrupted; run the same command again to resume"
 

@@ -28,7 +28,8 @@ from sftscope.errors import SftscopeError
 
 EXPAND_PREFIX = {"tune": "", "eval": "eval-", "suggest": None}
 # old pass-through flag names of `sweep` kept as aliases of the eval-prefixed ones
-EXPAND_ALIASES = {"eval": {"limit": ("limit",), "shots": ("shots",),
+EXPAND_ALIASES = {"eval": {"limit": ("limit",),
+                           "shots": ("shots", "num-fewshot", "eval-num-fewshot"),
                            "max_new_tokens": ("max-new-tokens",),
                            "fewshot_data": ("fewshot-data",)}}
 
@@ -77,7 +78,9 @@ def _decls(name: str, aliases: tuple[str, ...], kind: str, dest: str) -> list[st
 def _option(f: dataclasses.Field, kind: str, dest: str, *, name: str | None = None,
             aliases: tuple[str, ...] | None = None, help_prefix: str = "") -> click.Option:
     m = meta(f)
-    decls = _decls(name or f.name, m["aliases"] if aliases is None else aliases, kind, dest)
+    if aliases is None:
+        aliases = m["aliases"] + ((f.name,) if m["flag"] and name is None else ())
+    decls = _decls(name or m["flag"] or f.name, aliases, kind, dest)
     metavar = m["metavar"] or {"int": "N", "float": "X", "tuple": "A,B", "int|str": "N"}.get(
         kind, "TEXT")
     if m["choices"]:

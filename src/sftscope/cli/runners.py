@@ -175,6 +175,16 @@ def demo(cfg: C.DemoConfig) -> None:
         _say(f"report: {res.report}")
 
 
+def data(cfg: C.DataConfig) -> None:
+    from sftscope.demo.tasksets import items, run_data
+
+    for name, files in run_data(cfg).items():
+        for path in files.values():
+            _say(f"wrote {path} ({items(path)} items)" + (f"; use it as {name}:{path}"
+                                                 if name in ("gsm8k", "mmlu") else ""))
+    _say(f"and {Path(cfg.out) / 'run.json'}")
+
+
 # name -> (config class, runner, help)
 COMMANDS: dict[str, tuple[type, Any, str]] = {
     "analyze": (C.AnalyzeConfig, analyze, """Every layer-wise metric of a Base/SFT pair.
@@ -267,4 +277,12 @@ paper's patterns, each verdict with its rule and numbers; needs no network."""),
 Trains a small Base model on a generated corpus and fine-tunes a copy (the SFT model), both
 saved as ordinary Hugging Face folders, then runs analyze, weights, probe, swap and a mask sweep
 on the pair and writes one HTML report. A second run reuses the pair and finished work."""),
+    "data": (C.DataConfig, data, """Write generated task sets offline (no hub needed).
+
+NAME... (default all): word problems from the demo generator in three formats: gsm8k
+(train.jsonl, test.jsonl), mmlu (dev.jsonl, test.jsonl), preference (train.jsonl,
+test.jsonl: prompt, chosen, rejected), each in OUT/NAME/. Test questions appear in no train
+record, and no addition or subtraction a test problem needs appears in one. Use them as
+--train gsm8k:OUT/gsm8k/train.jsonl, --data gsm8k:OUT/gsm8k/test.jsonl,
+--task mmlu:OUT/mmlu/test.jsonl."""),
 }

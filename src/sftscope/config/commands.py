@@ -108,7 +108,8 @@ class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
     limit: int | None = limit_opt(1000)
     n_token: int = opt(100, "Samples (the first of the selection) that also get token-level "
                        "metrics: prompt entropy, sparsity, curvature.", check=at_least(0))
-    bootstrap: int = bootstrap_opt(0)
+    bootstrap: int = bootstrap_opt(0, "analyze: 0 by default, as an interval of every metric "
+                                   "at every layer costs more than the capture itself.")
     preset: str = preset_opt()
     entropy_alpha: float = opt(1.0, "Order alpha of the matrix entropy (1 = von Neumann).",
                                check=at_least(0))
@@ -437,8 +438,9 @@ class EvalConfig(OneModel, Runtime):
     fewshot_seed: int = opt(1234, "Seed of the shot draws (lm-eval: 1234).")
     limit: int | None = opt(None, "Evaluate the first N items only.", check=at_least(1))
     max_new_tokens: int = max_new_tokens_opt(256)
-    batch_size: int = batch_size_opt(16)
-    max_length: int = max_length_opt(1024)
+    batch_size: int = batch_size_opt()
+    max_length: int = max_length_opt(1024, "eval: 1024 by default, as few-shot prompts and "
+                                     "their completions need the room.")
     text_field: str | None = text_field_opt()
     chat_template: bool = chat_template_opt()
     level: float = level_opt()
@@ -644,7 +646,8 @@ class TuneConfig(OneModel):
                               check=at_least(0))
     weight_decay: float = opt(0.0, "AdamW weight decay.", check=at_least(0))
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.", check=positive)
-    max_length: int | None = max_length_opt(None)
+    max_length: int | None = max_length_opt(None, "tune: the longest example by default (capped "
+                                            "at the model's context), so none is cut.")
     completion_only: bool = opt(True, "Loss on the answer only (prompt tokens masked); "
                                 "--no-completion-only trains on all text.")
     chat_template: bool = chat_template_opt()
@@ -769,8 +772,8 @@ class SuggestConfig(PairModels, DataSpec, Runtime):
     overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
                           "settings.", volatile=True)
     limit: int | None = limit_opt(64)
-    max_length: int = max_length_opt(256)
-    batch_size: int = batch_size_opt(4)
+    max_length: int = max_length_opt()
+    batch_size: int = batch_size_opt()
     segments: int = segments_opt(5)
     method: str = opt("auto", "auto (= combined), pair, angular, gradient or combined (rank "
                       "average of the available methods).", choices=SUGGEST_METHODS)
@@ -794,7 +797,7 @@ class SuggestConfig(PairModels, DataSpec, Runtime):
             raise SftscopeError(f"--max-active must be between 1 and --segments "
                                 f"({self.segments}), got {self.max_active}")
         if self.limit is not None and self.limit < 2:
-            raise SftscopeError(f"--limit must be at least 2 for the hidden-state signals, "
+            raise SftscopeError(f"--n-samples must be at least 2 for the hidden-state signals, "
                                 f"got {self.limit}")
 
 
@@ -826,7 +829,7 @@ class SweepConfig(Config):
                             "--collect).")
     train: str | None = train_opt(required=False)
     task: str | None = opt(None, f"Evaluation: {task_spec_help()}.", check=task_spec,
-                           aliases=("eval",))
+                           aliases=("eval", "tasks"))
     segments: int = segments_opt(5)
     masks: str = opt("paper", "Mask groups or masks, comma-separated: singles (one segment "
                      "each + full depth), paper (the paper's masks for K = 3, 5, 10), all "
@@ -862,7 +865,7 @@ class SweepConfig(Config):
     suggest: dict[str, Any] = opt(help="suggest options for --validate-suggest.",
                                   factory=dict, expand="suggest")
     level: float = level_opt()
-    bootstrap: int = bootstrap_opt(2000)
+    bootstrap: int = bootstrap_opt()
     boot_seed: int = opt(0, "Seed of the bootstrap.")
     formats: tuple[str, ...] = formats_opt()
 
@@ -981,7 +984,7 @@ class SteerConfig(PairModels, DataSpec, Runtime, Output):
                       "comma-separated (0 = the unsteered base).", check=scale_list,
                       numbers_as_text=True)
     task: str | None = opt(None, f"Score each scale on a task: {task_spec_help()}.",
-                           check=task_spec)
+                           check=task_spec, aliases=("tasks",))
     generate: bool = opt(False, "Generate greedy completions on prompts at each scale "
                          "(steer.jsonl).")
     prompts: str | None = opt(None, "Prompts for --generate: a data source whose samples' "
@@ -1012,7 +1015,7 @@ class SteerConfig(PairModels, DataSpec, Runtime, Output):
                     raise SftscopeError(f"{flag(name)} applies to --task; give --task or "
                                         f"drop it")
         if self.direction == "pc1" and self.limit is not None and self.limit < 2:
-            raise SftscopeError(f"--direction pc1 needs at least 2 samples, got --limit "
+            raise SftscopeError(f"--direction pc1 needs at least 2 samples, got --n-samples "
                                 f"{self.limit}")
         n = check_model(self.base, "base model").n_blocks
         if n is not None and self.layer > n:
@@ -1083,6 +1086,50 @@ class DemoConfig(Config):
                 "tune_steps": 40, "n_train": 400, "eval_limit": 40, "new_tokens": 48}
 
 
+DATA_SETS = ("gsm8k", "mmlu", "preference")
+
+
+def data_sets(value: tuple[str, ...]) -> str | None:
+    """A check: names of generated task sets."""
+    bad = [v for v in value if v not in (*DATA_SETS, "all")]
+    if bad:
+        from sftscope.config.core import did_you_mean
+
+        return (f"has unknown task set {bad[0]!r}; use {', '.join(DATA_SETS)} or all"
+                + did_you_mean(bad[0], DATA_SETS))
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(Config):
+    """Everything ``data`` needs: which generated task sets, how many items, where."""
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = tuple(f"{n}/*.jsonl" for n in DATA_SETS)
+
+    names: tuple[str, ...] = opt(help="Task sets to write: gsm8k (train.jsonl, test.jsonl: "
+                                 "question, answer ending in #### N), mmlu (dev.jsonl, "
+                                 "test.jsonl: question, choices, answer, subject), preference "
+                                 "(train.jsonl, test.jsonl: prompt, chosen, rejected), or all.",
+                                 positional=True, check=data_sets, factory=tuple)
+    out: str = out_opt()
+    train_size: int = opt(500, "Items of the train files (gsm8k, preference).",
+                          check=at_least(1))
+    test_size: int = opt(200, "Items of every test file (at most 2000).",
+                         check=in_range(1, 2000))
+    dev_size: int = opt(5, "Items of mmlu's dev file (its shot pool).", check=at_least(1))
+    seed: int = opt(0, "Seed of the generator (the same seed writes the same files).")
+    max_number: int = opt(99, "Largest number in a problem (results included).",
+                          check=in_range(20, 999))
+    overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
+                          "settings.", volatile=True)
+
+    def sets(self) -> tuple[str, ...]:
+        """The task sets named (all of them for ``all`` or none named), in a fixed order."""
+        if not self.names or "all" in self.names:
+            return DATA_SETS
+        return tuple(n for n in DATA_SETS if n in self.names)
+
+
 FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
@@ -1130,7 +1177,7 @@ COMMANDS: dict[str, type[Config]] = {
     "analyze": AnalyzeConfig, "weights": WeightsConfig, "probe": ProbeConfig,
     "swap": SwapConfig, "tune": TuneConfig, "eval": EvalConfig, "sweep": SweepConfig,
     "suggest": SuggestConfig, "report": ReportConfig, "demo": DemoConfig,
-    "steer": SteerConfig, "ablate": AblateConfig,
+    "steer": SteerConfig, "ablate": AblateConfig, "data": DataConfig,
 }
 
 

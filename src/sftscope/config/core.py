@@ -33,7 +33,7 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, check: Check | No
         positional: bool = False, volatile: bool = False, numbers_as_text: bool = False,
         cli: bool = True, required: bool = False, factory: Callable[[], Any] | None = None,
         metavar: str | None = None, expand: str | None = None,
-        envvar: str | None = None) -> Any:
+        envvar: str | None = None, flag: str | None = None) -> Any:
     """Declare a config field.
 
     ``help`` is the flag's help text. ``check(value)`` returns an error message (or None) for a
@@ -44,13 +44,15 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, check: Check | No
     ``cli=False`` keeps a field out of the command line (API-only); ``required`` makes the flag
     required on the command line although the API accepts the default. ``expand`` (for a dict
     field) names the config class whose fields become this command's pass-through flags.
+    ``flag``: the command-line name when it differs from the field's (the field's own name is
+    then accepted as an alias, and messages use the flag).
     """
     if choices is not None and not callable(choices):
         choices = tuple(choices)
     meta = {"help": help, "check": check, "choices": choices,
             "aliases": tuple(aliases), "positional": positional, "volatile": volatile,
             "numbers_as_text": numbers_as_text, "cli": cli, "required": required,
-            "metavar": metavar, "expand": expand, "envvar": envvar}
+            "metavar": metavar, "expand": expand, "envvar": envvar, "flag": flag}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={_META: meta})
     return dataclasses.field(default=default, metadata={_META: meta})
@@ -65,7 +67,8 @@ def meta(f: dataclasses.Field) -> dict[str, Any]:
     return m or {"help": "", "check": None, "choices": None, "aliases": (),
                                     "positional": False, "volatile": False,
                                     "numbers_as_text": False, "cli": True, "required": False,
-                                    "metavar": None, "expand": None, "envvar": None}
+                                    "metavar": None, "expand": None, "envvar": None,
+                                    "flag": None}
 
 
 def flag(name: str) -> str:
@@ -307,7 +310,8 @@ def field_names(cls: type) -> dict[str, str]:
     """Every accepted name (field names and aliases, ``-`` or ``_``) -> the field name."""
     names: dict[str, str] = {}
     for f in dataclasses.fields(cls):
-        for n in (f.name, *meta(f)["aliases"]):
+        m = meta(f)
+        for n in (f.name, *m["aliases"], *([m["flag"]] if m["flag"] else [])):
             names[n.replace("-", "_")] = f.name
     return names
 
@@ -361,14 +365,16 @@ def check_fields(cls: type, values: Mapping[str, Any], *, what: str = "",
             raise SftscopeError(f"{what + ' ' if what else ''}option {key!r} is set for each "
                                 f"job by the sweep itself")
         m = meta(by_name[name])
-        v = coerce(name, value, hints[name], m["numbers_as_text"])
+        v = coerce(m["flag"] or name, value, hints[name], m["numbers_as_text"])
         if v is not None:
             if m["choices"] and v not in m["choices"]:
                 raise SftscopeError(f"unknown {flag(name)} {v!r}{where}; use one of "
                                     f"{', '.join(m['choices'])}" + did_you_mean(str(v),
                                                                                m["choices"]))
             if m["check"] is not None and (msg := m["check"](v)):
-                raise SftscopeError(f"{flag(name)}{where} {msg}")
+                spelled = (name.upper().rstrip("S") if m["positional"]
+                           else flag(m["flag"] or name))
+                raise SftscopeError(f"{spelled}{where} {msg}")
         out[name] = v
     return out
 

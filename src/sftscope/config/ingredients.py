@@ -130,17 +130,22 @@ def allow_mixed_opt() -> Any:
 
 
 def limit_opt(default: int | None) -> Any:
-    """The sample count of every command (lm-eval's name; the old names are aliases)."""
-    return opt(default, "Number of samples: a seeded subsample of the data (all when unset).",
-               check=at_least(1), aliases=("n", "n_pooled", "n_samples"))
+    """The sample count of the commands that draw samples: ``--n-samples`` on the command line,
+    a seeded subsample. ``--limit`` stays accepted (its old spelling here); everywhere else
+    ``--limit`` is lm-eval's "the first N items" (eval, --eval-limit)."""
+    return opt(default, "Number of samples: a seeded subsample of the data (all when unset; "
+               "--limit, the old spelling, is accepted).", check=at_least(1),
+               aliases=("n", "n_pooled"), flag="n_samples")
 
 
-def max_length_opt(default: int | None = 512) -> Any:
-    return opt(default, "Longest text in tokens (longer texts are truncated and counted).",
-               check=at_least(2))
+def max_length_opt(default: int | None = 512, why: str = "") -> Any:
+    """One default (512) everywhere; a command that needs another says why (``why``)."""
+    return opt(default, "Longest text in tokens (longer texts are truncated and counted)."
+               + (f" {why}" if why else ""), check=at_least(2))
 
 
 def batch_size_opt(default: int = 8) -> Any:
+    """Texts per forward pass: memory and speed only, never a number (hence one default)."""
     return opt(default, "Texts per forward pass.", check=at_least(1), volatile=True)
 
 
@@ -176,10 +181,11 @@ def level_opt() -> Any:
                check=in_range(0, 1, lo_open=True, hi_open=True))
 
 
-def bootstrap_opt(default: int = 1000) -> Any:
+def bootstrap_opt(default: int = 1000, why: str = "") -> Any:
+    """One default (1000) everywhere; a command that needs another says why (``why``)."""
     return opt(default, "Bootstrap resamples for the intervals (0 = none; docs/metrics.md "
-               "says which interval each number gets).", check=at_least(0),
-               aliases=("n_boot",))
+               "says which interval each number gets)." + (f" {why}" if why else ""),
+               check=at_least(0), aliases=("n_boot",))
 
 
 def formats_opt() -> Any:
@@ -198,7 +204,8 @@ def eval_limit_opt() -> Any:
 
 
 def eval_shots_opt() -> Any:
-    return opt(None, f"Few-shot examples (default: {shots_help()}).", check=at_least(0))
+    return opt(None, f"Few-shot examples (default: {shots_help()}).", check=at_least(0),
+               aliases=("eval_num_fewshot",))
 
 
 def eval_fewshot_opt() -> Any:

@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from sftscope import __version__
 from sftscope.demo.corpus import (
     FILES,
     Corpus,
@@ -52,6 +51,7 @@ from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
 from sftscope.tasks.base import trim_at_stop
 from sftscope.tasks.gsm8k import extract_flexible, extract_strict
+from sftscope.version import __version__
 
 DEMO_FAMILIES = ("llama", "olmo2")
 MOE_DEMO_FAMILY = "mixtral"  # ``sftscope demo --moe``: a mixture of experts, every block sparse

@@ -50,6 +50,7 @@ from sftscope.load import data as D
 from sftscope.load.models import (
     LoadOptions,
     PairInfo,
+    check_adapter_base,
     check_pair,
     check_tokenizers,
     check_vocab,
@@ -63,6 +64,7 @@ from sftscope.load.models import (
 from sftscope.load.runtime import dtype_name, model_bytes, release, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metric_registry import MetricFunction, metric_functions
+from sftscope.metrics.custom import user_values
 from sftscope.parallel import Group, empty_like_table, join
 from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
@@ -76,6 +78,30 @@ def _options(cfg: AnalyzeConfig) -> M.MetricOptions:
     return M.get_options(cfg.preset, alpha=cfg.entropy_alpha, normalisation=cfg.normalisation,
                          pooling=cfg.pooling, cka_unbiased=cfg.cka_unbiased,
                          entropy_normalisations=tuple(cfg.entropy_normalisations))
+
+
+def capture_config(cfg: AnalyzeConfig, opts: M.MetricOptions) -> CaptureConfig:
+    """What the capture computes for ``cfg`` (also the Python API's, from its keywords)."""
+    return CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
+                         normalisation=opts.normalisation, ridge=opts.ridge,
+                         sparsity_eps=opts.sparsity_eps, sparsity_group=opts.sparsity_group,
+                         curvature_zero_steps=opts.curvature_zero_steps,
+                         curvature_cos_clip=opts.curvature_cos_clip,
+                         entropy_normalisations=opts.entropy_normalisations,
+                         include_padding=cfg.preset == "reference",
+                         checkpoint_every=cfg.checkpoint_every)
+
+
+def tidy(parts: list[pd.DataFrame], *, reference: bool, n_blocks: int,
+         order: dict[str, int] | None = None) -> pd.DataFrame:
+    """The metrics table from its parts: sorted by model, metric, layer (a chain's models in
+    training order: ``order``), a clean 0..n-1 index; the reference preset keeps j < L."""
+    table = pd.concat(parts, ignore_index=True)
+    if reference:  # the research code kept j = 0..L-1 (no output of the last block)
+        table = table[table.layer < n_blocks]
+    key = (lambda c: c.map(order) if c.name == "model" else c) if order else None
+    table = table.sort_values(["model", "metric", "layer"], kind="stable", key=key)
+    return table.reset_index(drop=True)
 
 
 def prepare_data(cfg: AnalyzeConfig, tokenizer) -> tuple[D.TokenizedSet, list[str]]:
@@ -192,6 +218,8 @@ def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
         for name, v in M.dataset_metrics(z, opts,
                                          compute_dtype=res.info.get("compute_dtype")).items():
             rows.append((j, name, model, float(v), float("nan"), float("nan")))
+        for name, v in user_values(z).items():
+            rows.append((j, name, model, v, float("nan"), float("nan")))
     return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
 
 
@@ -207,6 +235,7 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
     rows = []
     for j in range(rb.n_states):
         zb, zs = rb.pooled(opts.pooling)[j], rs.pooled(opts.pooling)[j]
+        user = user_values(zb, zs)
         for metric in metric_functions("pair"):
             for name, v in metric.compute(M.PooledPair(zb, zs, opts)).items():
                 lo = hi = float("nan")
@@ -214,6 +243,7 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
                     fn = _pair_fn(metric, name, zb, zs, opts)
                     lo, hi = M.bootstrap_ci(fn, n=zb.shape[0], n_boot=bootstrap, seed=seed)
                 rows.append((j, name, label, float(v), lo, hi))
+        rows += [(j, name, label, v, float("nan"), float("nan")) for name, v in user.items()]
         for name in rb.token:  # sample-level delta: mean of per-sample differences
             if name not in rs.token:
                 continue
@@ -295,13 +325,18 @@ def _chain(cfg: AnalyzeConfig) -> list[Stage]:
 
 
 def check_chain(base: str, stages: list[Stage], *, base_revision: str | None,
-                allow_mixed: bool) -> tuple[PairInfo, list[str]]:
-    """Every stage of a chain fits the base (depth, width, vocabulary); returns the first
-    pair's ``PairInfo`` and the notes (a further stage's prefixed with its label)."""
+                allow_mixed: bool, allow_other_base: bool = False,
+                memo_dir: str | None = None) -> tuple[PairInfo, list[str]]:
+    """Every stage of a chain fits the base (depth, width, vocabulary; an adapter stage was
+    trained on this base); returns the first pair's ``PairInfo`` and the notes (a further
+    stage's prefixed with its label). Before any model runs."""
     base_cfg = load_config(base, base_revision)
     infos = [check_pair(base_cfg, load_config(s.spec, s.revision, base=base,
                                               base_revision=base_revision),
                         base, s.spec, allow_mixed=allow_mixed) for s in stages]
+    for s in stages:
+        check_adapter_base(s.spec, base, s.revision, base_revision=base_revision,
+                           allow_other_base=allow_other_base, memo_dir=memo_dir)
     notes = list(infos[0].notes)
     for s, info in zip(stages[1:], infos[1:], strict=True):
         notes += [f"stage {s.label}: {n}" for n in info.notes]
@@ -377,7 +412,9 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         dtype = resolve_dtype(cfg.dtype, device)
         with timer("validate"):
             info, notes = check_chain(cfg.base, stages, base_revision=cfg.base_revision,
-                                      allow_mixed=cfg.allow_mixed_pair)
+                                      allow_mixed=cfg.allow_mixed_pair,
+                                      allow_other_base=cfg.allow_other_base,
+                                      memo_dir=cfg.cache_dir)
             shape = RT.check_router_input(cfg.router_input,
                                           load_config(cfg.base, cfg.base_revision), cfg.base)
             RT.check_same_routers(shape, {
@@ -397,13 +434,7 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     for n in notes:
         say(f"[yellow]note:[/] {n}")
     reference = cfg.preset == "reference"
-    ccfg = CaptureConfig(batch_size=cfg.batch_size, n_token=cfg.n_token, alpha=opts.alpha,
-                         normalisation=opts.normalisation, ridge=opts.ridge,
-                         sparsity_eps=opts.sparsity_eps, sparsity_group=opts.sparsity_group,
-                         curvature_zero_steps=opts.curvature_zero_steps,
-                         curvature_cos_clip=opts.curvature_cos_clip,
-                         entropy_normalisations=opts.entropy_normalisations,
-                         include_padding=reference, checkpoint_every=cfg.checkpoint_every)
+    ccfg = capture_config(cfg, opts)
     pad_id = pad_id_of(tokenizer)
     if par.main:
         start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
@@ -468,15 +499,9 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
                      f"reaches sigma_max) and are NaN; run with --dtype float32 for them")
         say(f"[yellow]note:[/] {notes[-1]}")
     with timer("metrics"):
-        table = pd.concat(parts, ignore_index=True)
-        if reference:  # the research code kept j = 0..L-1 (no output of the last block)
-            table = table[table.layer < info.n_blocks]
-        if len(stages) > 1:  # a chain: its members in training order
-            order = model_order([st.label for st in stages], pairs)
-            table = table.sort_values(["model", "metric", "layer"], kind="stable",
-                                      key=lambda c: c.map(order) if c.name == "model" else c)
-        else:
-            table = table.sort_values(["model", "metric", "layer"], kind="stable")
+        order = (model_order([st.label for st in stages], pairs) if len(stages) > 1
+                 else None)  # a chain: its members in training order
+        table = tidy(parts, reference=reference, n_blocks=info.n_blocks, order=order)
         corr = correlation_table(table[~table.model.map(is_pair_label)
                                        | table.metric.isin(["cka", "cosine_similarity",
                                                             "mean_shift"])])

@@ -673,6 +673,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     if cfg.out is not None:
         finish_run(Path(cfg.out), run_record(
             "eval", cfg.record(), model=fingerprint(cfg.model, cfg.revision), adapter=cfg.adapter,
+            models={"model": fingerprint(cfg.adapter, base=cfg.model) if cfg.adapter
+                    else fingerprint(cfg.model, cfg.revision)},
             n_blocks=_n_blocks(model), device=device, dtype=dtype, result=res,
             timings=timer.seconds, finished=True))
     return res

@@ -79,6 +79,7 @@ from sftscope.load.arch import (
 )
 from sftscope.load.models import (
     LoadOptions,
+    check_adapter_base,
     check_vocab,
     input_device,
     load_config,
@@ -924,9 +925,12 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
             notes: list[str] = []
             if not pair:  # the one model's config (a pair's: checked with the chain)
                 load_config(model, revision=revision, base=base, base_revision=base_revision)
+                check_adapter_base(model, base, revision, base_revision=base_revision,
+                                   allow_other_base=cfg.allow_other_base)
             if pair:
                 _, chain_notes = check_chain(base, stages, base_revision=base_revision,
-                                             allow_mixed=cfg.allow_mixed_pair)
+                                             allow_mixed=cfg.allow_mixed_pair,
+                                             allow_other_base=cfg.allow_other_base)
                 notes += chain_notes
                 tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
                                                  revisions=revs, chat_template=chat_template)

@@ -45,6 +45,7 @@ from sftscope.load.arch import ArchSpec, arch_for, block_output, get_blocks
 from sftscope.load.data import pad_batch, read_samples
 from sftscope.load.models import (
     LoadOptions,
+    check_adapter_base,
     check_pair,
     check_vocab,
     fingerprint,
@@ -245,6 +246,9 @@ def _steer_plan(cfg: SteerConfig, timer: Timer) -> _SteerPlan:
         info = check_pair(load_config(cfg.base, cfg.base_revision),
                           load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
                           allow_mixed=cfg.allow_mixed_pair)
+        check_adapter_base(cfg.sft, cfg.base, cfg.sft_revision,
+                           base_revision=cfg.base_revision,
+                           allow_other_base=cfg.allow_other_base)
         n_blocks = info.n_blocks
         if cfg.layer > n_blocks:
             raise SftscopeError(f"--layer {cfg.layer} is outside the hidden states 0..{n_blocks} "

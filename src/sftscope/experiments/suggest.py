@@ -79,6 +79,7 @@ from sftscope.load.arch import arch_for, get_blocks, n_layers
 from sftscope.load.data import iter_batches
 from sftscope.load.models import (
     LoadOptions,
+    check_adapter_base,
     check_pair,
     check_tokenizers,
     fingerprint,
@@ -475,6 +476,9 @@ def _suggest_plan(cfg: SuggestConfig, timer: Timer) -> _SuggestPlan:
                                   base_revision=cfg.base_revision)
             info = check_pair(base_cfg, sft_cfg, cfg.base, cfg.sft,
                               allow_mixed=cfg.allow_mixed_pair)
+            check_adapter_base(cfg.sft, cfg.base, cfg.sft_revision,
+                               base_revision=cfg.base_revision,
+                               allow_other_base=cfg.allow_other_base)
             notes += info.notes
             notes += check_tokenizers(tokenizer, load_tokenizer(
                 cfg.sft, cfg.sft_revision, base=cfg.base, base_revision=cfg.base_revision))
@@ -596,6 +600,10 @@ def _propose(cfg: SuggestConfig, p: _SuggestPlan, tables: list[pd.DataFrame],
         proposals[m] = Proposal(m, _mask(segs, k), _blocks(segs, bounds),
                                 _describe(m, segs, why, bounds, n_blocks, eligible[m], norm))
         sel = table["method"] == m
+        # the score the rule and the reason use (normalised to the best segment), so that the
+        # printed reason and the table cite the same numbers; ``value`` keeps the raw score
+        srow = sel & (table["signal"] == "score")
+        table.loc[srow, "score"] = table.loc[srow, "segment"].map(lambda i, v=norm: float(v[i]))
         table.loc[sel, "eligible"] = table.loc[sel, "segment"].map(lambda i, e=eligible[m]:
                                                                     bool(e[i]))
         table.loc[sel, "chosen"] = table.loc[sel, "segment"].isin(segs)

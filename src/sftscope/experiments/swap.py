@@ -55,6 +55,7 @@ from sftscope.load.arch import (
 )
 from sftscope.load.data import TokenizedSet
 from sftscope.load.models import (
+    check_adapter_base,
     check_pair,
     check_vocab,
     load_config,
@@ -533,6 +534,8 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
                                    base_revision=base_revision) for k, v in specs.items()}
             info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
                               allow_mixed=cfg.allow_mixed_pair)
+            check_adapter_base(sft, base, sft_revision, base_revision=base_revision,
+                               allow_other_base=cfg.allow_other_base)
             check_part(cfgs["base"], cfg.parts)
             if cfgs["base"].model_type != cfgs["sft"].model_type:
                 raise SftscopeError(f"the pair cannot be swapped: model types "

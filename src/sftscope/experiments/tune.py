@@ -433,6 +433,82 @@ def build_train_set(samples, tokenizer, *, completion_only: bool = True,
     return TrainSet(examples, limit, longest, n_cut, n_drop)
 
 
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The work a tune run will do: optimizer steps x examples per step x tokens each."""
+
+    steps: int
+    batch_size: int
+    mean_tokens: float
+    tokens: int
+
+    def line(self) -> str:
+        """The plan in one sentence (printed before training starts)."""
+        return (f"planned work: {self.steps:,} steps x {self.batch_size} examples x "
+                f"{self.mean_tokens:.0f} tokens (mean) = about {self.tokens:,} tokens through "
+                f"forward and backward passes")
+
+
+def plan_work(lengths: list[int], batch_size: int, *, epochs: float,
+              max_steps: int | None) -> Plan:
+    """Steps as the Trainer counts them (``max_steps``, else ``ceil(n / batch) x epochs``,
+    at least one) and the tokens they process (mean example length x batch x steps)."""
+    n = len(lengths)
+    per_epoch = max(1, math.ceil(n / batch_size))
+    steps = int(max_steps) if max_steps else max(1, math.ceil(per_epoch * epochs))
+    mean = sum(lengths) / n if n else 0.0
+    return Plan(steps, batch_size, mean, round(steps * min(batch_size, n) * mean))
+
+
+def estimate_line(plan: Plan, measured: int, seconds: float, at_step: int) -> str:
+    """The time estimate from ``measured`` steps that took ``seconds``, ending at ``at_step``:
+    seconds per step x the steps of the plan (and of what is left)."""
+    per = seconds / max(measured, 1)
+    left = per * max(plan.steps - at_step, 0)
+    return (f"measured {per:.2f} s per step over steps {at_step - measured + 1}..{at_step}: "
+            f"about {_duration(per * plan.steps)} for {plan.steps:,} steps "
+            f"({_duration(left)} left)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_callback(plan: Plan, after: int = 3):
+    """A TrainerCallback that times steps 2..after+1 (the first step pays one-off costs) and
+    prints one estimate of the whole run from them."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Estimate(TrainerCallback):
+        def __init__(self) -> None:
+            self.start: tuple[int, float] | None = None
+            self.done = False
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.done or not state.is_world_process_zero:
+                return
+            if self.start is None:
+                self.start = (state.global_step, time.perf_counter())
+                return
+            n = state.global_step - self.start[0]
+            if n >= after or state.global_step >= plan.steps:
+                self.done = True
+                if state.global_step < plan.steps:
+                    _say(estimate_line(plan, n, time.perf_counter() - self.start[1],
+                                       state.global_step))
+
+    return Estimate()
+
+
 # ------------------------------------------------------------------ the run
 
 def finite_loss_callback():
@@ -930,8 +1006,15 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         raise SftscopeError(f"--batch-size {cfg.batch_size} is not a multiple of "
                             f"--micro-batch-size {micro} x {world} processes; change one")
     args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
+    work = None
+    if sft:
+        work = plan_work([len(e["input_ids"]) for e in data.examples], cfg.batch_size,
+                         epochs=cfg.epochs, max_steps=cfg.max_steps)
+        _say(work.line() + "; a time estimate follows the first steps (none before: it "
+             "depends on the machine)")
     stopper = StopOnSignal()
     all_callbacks = [finite_loss_callback(), trainer_callback("train"),
+                     *([estimate_callback(work)] if work is not None else []),
                      *([freeze.callback()] if freeze is not None else []),
                      *([recorder.callback()] if recorder else []),
                      *([no_final_checkpoint_callback()] if full and not cfg.keep_checkpoints

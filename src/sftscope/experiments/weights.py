@@ -908,5 +908,22 @@ def run_weights(
     timings = {**attrs.pop("timings", {}), **timer.seconds}
     finish_run(cfg.out, io.run_record(
         "weights", cfg.record(), n_blocks=attrs.pop("n_blocks", 0), timings=timings,
-        **attrs, **chain))
+        models=run_models(base=cfg.base, sft=cfg.sft or cfg.adapter), **attrs, **chain))
     return table
+
+
+def run_models(**specs: str | None) -> dict[str, Any]:
+    """run.json's ``models`` (the schema every command writes): role -> fingerprint, an
+    adapter's with its label and its base's (``base``: what an adapter applies to)."""
+    from sftscope.load.models import fingerprint
+
+    base = specs.get("base") or specs.get("model")
+    out: dict[str, Any] = {}
+    for role, spec in specs.items():
+        if spec is None:
+            continue
+        try:
+            out[role] = fingerprint(spec, base=base if spec != base else None)
+        except SftscopeError as e:  # an adapter whose base is gone: still say what it is
+            out[role] = {"source": spec, "error": str(e)}
+    return out

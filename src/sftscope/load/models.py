@@ -31,6 +31,7 @@ from sftscope.load.sources import (
     ModelSource,
     PairInfo,
     adapter_base,
+    adapter_meta,
     check_model,
     check_pair,
     expand,
@@ -39,7 +40,8 @@ from sftscope.load.sources import (
     source_kind,
 )
 
-__all__ = ["LoadOptions", "ModelSource", "PairInfo", "check_pair", "check_source",
+__all__ = ["LoadOptions", "ModelSource", "PairInfo", "check_adapter_base", "check_pair",
+           "check_source",
            "input_device", "load_config", "load_model", "load_tokenizer", "pair_tokenizer",
            "check_vocab", "check_tokenizers", "fingerprint", "is_local", "resolve_dtype",
            "resolve_source", "save_model", "source_label"]
@@ -80,6 +82,30 @@ def source_label(spec: str, base: str | None = None) -> str:
         return resolve_source(spec, base).label or "adapter"
     p = Path(spec).expanduser()
     return p.name if p.name and p.exists() else spec
+
+
+def check_adapter_base(spec: str, base: str | None = None, revision: str | None = None, *,
+                       base_revision: str | None = None, allow_other_base: bool = False,
+                       memo_dir: str | Path | None = None) -> None:
+    """Before any model runs: an adapter (or tune run) ``spec`` that recorded the fingerprint
+    of the base it was trained on is refused on another base (the one it will be applied to:
+    ``base`` or the one it records). Shapes are checked earlier (torch-free); this catches a
+    base of the same shapes with other weights. ``allow_other_base`` skips it on purpose."""
+    src = resolve_source(spec, base)
+    if src.kind != "adapter" or allow_other_base or src.path is None:
+        return
+    fp = adapter_meta(Path(src.path)).get("base_fingerprint") or {}
+    theirs = fp.get("hash") if isinstance(fp, dict) else None
+    if not theirs:
+        return
+    b, rev = adapter_base(src, revision, base_revision)
+    ours = fingerprint(b.spec, rev, memo_dir).get("hash")
+    if ours and ours != theirs:
+        made_for = fp.get("source") or "?"
+        raise SftscopeError(
+            f"adapter {spec} was trained on another base ({made_for}, fingerprint {theirs}) "
+            f"than {b.spec} (fingerprint {ours}); pass the base it was made for, or "
+            f"--allow-other-base if the weights are the same model")
 
 
 def _gguf_error(src: ModelSource, err: Exception) -> SftscopeError:

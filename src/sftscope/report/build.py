@@ -32,6 +32,7 @@ class Writer:
         self.written: list[Path] = []
 
     def figure(self, fig: Any, stem: str, title: str) -> FigureBlock:
+        plots.plain_ticks(fig)
         buf = BytesIO()
         fig.savefig(buf, format="png", dpi=plots.DPI, facecolor="white")
         png = buf.getvalue()
@@ -61,7 +62,7 @@ def build_section(spec: FigureSpec, runs: RunSet, w: Writer, colors: dict[str, s
     sec = Section(spec.key, spec.title, spec.intro)
     data = spec.prepare(runs)
     if data is None:
-        sec.absent = spec.absent()
+        sec.absent = spec.absent(runs)
         return sec
     sec.findings = spec.findings(data)
     for stem, caption, plot in spec.figures:

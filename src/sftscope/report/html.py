@@ -212,6 +212,8 @@ def render_page(title: str, runs: list[dict[str, Any]], patterns: list[dict[str,
                 notices: list[str] | None = None, skipped: list[str] | None = None) -> str:
     """The whole report as one HTML string; ``notices`` (e.g. a reduced demo) open the page,
     ``skipped`` lists the folders and tables that could not be used."""
+    empty = [s for s in sections if s.absent]
+    sections = [s for s in sections if not s.absent]  # the contents list what is there
     nav = "\n".join(f'<a href="#{esc(s.key)}">{i}. {esc(s.title)}</a>'
                     for i, s in enumerate(sections, 1))
     nav += '\n<a href="#patterns">Patterns of the paper</a><a href="#config">Run configuration</a>'
@@ -237,6 +239,10 @@ def render_page(title: str, runs: list[dict[str, Any]], patterns: list[dict[str,
                 "is below the stated minimum (rules in sftscope.report.rules).</p>"
                 + patterns_table(patterns))
     body += [section_html(s, i) for i, s in enumerate(sections, 1)]
+    if empty:
+        body.append('<h2 id="absent">Not in these runs</h2>' + "".join(
+            f'<p class="absent" id="{esc(s.key)}">{esc(s.title)}: {esc(s.absent)}</p>'
+            for s in empty))
     body.append('<h2 id="config">Run configuration</h2>' + config_html(runs))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

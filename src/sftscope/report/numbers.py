@@ -117,19 +117,21 @@ def clip_to_range(df: pd.DataFrame, table: str | None = None, value: str = "valu
         lo, hi = metric_spec(metric, table).bounds
         if lo is None and hi is None:
             continue
-        n = 0
+        counts = {value: 0, "ends": 0}
         for c in [value, *cols]:
             if c not in df.columns:
                 continue
             v = df.loc[idx, c]
             bad = (v < lo if lo is not None else False) | (v > hi if hi is not None else False)
-            n += int(np.asarray(bad).sum())
+            counts[value if c == value else "ends"] += int(np.asarray(bad).sum())
             df.loc[idx, c] = v.clip(lower=lo, upper=hi)
-        if n:
+        if counts[value] or counts["ends"]:
+            what = " and ".join(
+                t for t in (f"{counts[value]} value(s)" if counts[value] else "",
+                            f"{counts['ends']} interval end(s)" if counts["ends"] else "") if t)
             rng = f"[{_b(lo)}, {_b(hi)}]"
-            notes.append(f"{n} interval end(s) of {metric} fell outside its range {rng} and are "
-                         f"drawn and reported clipped to it (the run's table keeps the computed "
-                         f"values)")
+            notes.append(f"{what} of {metric} fell outside its range {rng} and are drawn and "
+                         f"reported clipped to it (the run's table keeps the computed values)")
     return df, notes
 
 
@@ -713,6 +715,11 @@ def swap_data(swap: pd.DataFrame) -> FigureData:
             continue
         sc = score(metric, g["value"].to_numpy())
         best, worst = g.iloc[int(np.nanargmax(sc))], g.iloc[int(np.nanargmin(sc))]
+        lo = pd.to_numeric(g.get("ci_low", pd.Series(np.nan, index=g.index)), errors="coerce")
+        hi = pd.to_numeric(g.get("ci_high", pd.Series(np.nan, index=g.index)), errors="coerce")
+        b, w = g.index.get_loc(best.name), g.index.get_loc(worst.name)
+        overlap = bool(np.isfinite(lo.iloc[b]) and np.isfinite(hi.iloc[w])
+                       and max(lo.iloc[b], lo.iloc[w]) <= min(hi.iloc[b], hi.iloc[w]))
         host = swap_host(d)
         o = orig[(orig[RUN] == r) & (orig["metric"].astype(str) == metric)
                  & (orig["config"].astype(str) == str(host))]
@@ -722,6 +729,8 @@ def swap_data(swap: pd.DataFrame) -> FigureData:
                      "best_seg": int(best["seg"]), "best_mask": best["mask"],
                      "best": float(best["value"]), "worst_seg": int(worst["seg"]),
                      "worst_mask": worst["mask"], "worst": float(worst["value"]),
+                     "n_best": int(np.sum(sc == np.nanmax(sc))),
+                     "n_worst": int(np.sum(sc == np.nanmin(sc))), "overlap": overlap,
                      "host": host, "host_value": ref})
     return FigureData(pd.concat([swapped, orig]), pd.DataFrame(rows), notes,
                       {"swapped": swapped, "orig": orig})
@@ -834,6 +843,9 @@ def sweep_data(summary: pd.DataFrame) -> FigureData:
             continue
         sc = {m: float(score(metric, v)) for m, v in means.items()}
         best, worst = max(sc, key=sc.get), min(sc, key=sc.get)
+        rest = [m for m in sc if m != best]
+        second = max(rest, key=sc.get) if rest else None
+        by_mask = g.set_index("mask")
         full = next((m for m in means if is_mask(m) and set(m) == {"1"}), None)
         beat = [m for m in means if full and sc[m] > sc[full]]
         pv = dict(zip(g["mask"], pd.to_numeric(g.get("p_value", pd.Series(dtype=float)),
@@ -845,6 +857,10 @@ def sweep_data(summary: pd.DataFrame) -> FigureData:
         rows.append({RUN: r, "metric": metric, "primary": metric == sweep_primary(
             df[df[RUN] == r]), "best": best, "best_mean": means[best],
             "best_p": pv.get(best, math.nan), "worst": worst, "worst_mean": means[worst],
+            "n_best": sum(v == sc[best] for v in sc.values()), "second": second,
+            "best_overlaps": bool(second is not None and _overlap(by_mask.loc[best],
+                                                                  by_mask.loc[second])),
+            "n_worst": sum(v == sc[worst] for v in sc.values()),
             "full": full, "full_mean": means.get(full, math.nan) if full else math.nan,
             "n_beat": len(beat), "n_masks": len(means), "seeds": seeds, "items": items,
             "all_zero": bool(np.all(vals == 0)), "all_same": bool(np.all(vals == vals[0]))})
@@ -1154,7 +1170,9 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
         best = g.iloc[int(np.nanargmax(sc))]
         zero = g[g["scale"] == 0]
         z = float(zero["value"].iloc[0]) if len(zero) else math.nan
+        overlap = bool(len(zero) and best["scale"] != 0 and _overlap(best, zero.iloc[0]))
         rows.append({RUN: r, "metric": metric, "is_score": metric_spec(metric).is_score,
+                     "overlap": overlap, "n": float(best.get("n", math.nan)),
                      "n_scales": len(g), "unsteered": z, "best_scale": float(best["scale"]),
                      "best": float(best["value"]),
                      "delta": float(best["value"]) - z if np.isfinite(z) else math.nan,
@@ -1163,6 +1181,15 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
                      "last": float(g["value"].iloc[-1]),
                      "same": bool(np.nanmax(sc) == np.nanmin(sc))})
     return FigureData(df, pd.DataFrame(rows), notes)
+
+
+def _overlap(a: pd.Series, b: pd.Series) -> bool:
+    """Two rows' intervals overlap (False when either has none)."""
+    lo = [float(x.get("ci_low", math.nan)) for x in (a, b)]
+    hi = [float(x.get("ci_high", math.nan)) for x in (a, b)]
+    if not all(np.isfinite(lo + hi)):
+        return False
+    return max(lo) <= min(hi)
 
 
 # ----------------------------------------------------------------------------- MoE routing

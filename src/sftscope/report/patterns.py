@@ -44,23 +44,38 @@ def check_j_shape(weights: pd.DataFrame) -> R.Verdict:
                      f"{v.numbers}", v.why)
 
 
+def _lens_verdict(d: pd.DataFrame, metric: str, model: str | None) -> R.Verdict | None:
+    s = d[d["metric"] == metric]
+    if model is not None:
+        s = s[s["model"] == model]
+    if not len(s):
+        return None
+    s = s.sort_values("rel_depth")
+    return R.lens_rule(s["rel_depth"], _col(s, "value"), _col(s, "ci_low"), _col(s, "ci_high"),
+                       _col(s, "n"), hint="probe --bootstrap 0")
+
+
 def check_lens(probe: pd.DataFrame) -> R.Verdict:
     """(c) on one run's ``probe`` table: the first accuracy metric of the SFT model (else the
-    base model, else any; a chain's first pair)."""
+    base model, else any; a chain's first pair). Where the base is in the table too, it is
+    judged by the same rule: a pattern the base shows as well is the model's, not the
+    fine-tune's, and the verdict says so."""
     d = N.lens_data(N.first_pair(probe)).frame
     acc = [m for m in dict.fromkeys(d["metric"]) if N.probe_kind(m) == "accuracy"]
     if not acc:
         return R.Verdict(R.INCONCLUSIVE, R.LENS_RULE, "no logit-lens accuracy", "no data")
     for model in ("sft", "base", None):
-        s = d[d["metric"] == acc[0]]
-        if model is not None:
-            s = s[s["model"] == model]
-        if len(s):
-            s = s.sort_values("rel_depth")
-            v = R.lens_rule(s["rel_depth"], _col(s, "value"), _col(s, "ci_low"),
-                            _col(s, "ci_high"), _col(s, "n"), hint="probe --bootstrap 0")
-            return R.Verdict(v.verdict, v.rule, f"{model or 'model'} {acc[0]}: {v.numbers}",
-                             v.why)
+        v = _lens_verdict(d, acc[0], model)
+        if v is None:
+            continue
+        numbers, why = f"{model or 'model'} {acc[0]}: {v.numbers}", v.why
+        base = _lens_verdict(d, acc[0], "base") if model == "sft" else None
+        if base is not None:
+            numbers += f"; base {acc[0]}: {base.numbers} -> {base.verdict}"
+            if v.verdict == R.YES and base.verdict == R.YES:
+                why = "; ".join(w for w in (v.why, "the base shows it too: a property of the "
+                                            "model, not a change made by fine-tuning") if w)
+        return R.Verdict(v.verdict, v.rule, numbers, why)
     return R.Verdict(R.INCONCLUSIVE, R.LENS_RULE, "no logit-lens accuracy", "no data")
 
 

@@ -172,6 +172,20 @@ def _run_handles(runs: Sequence[str], pal: dict[str, str]) -> list:
     return [Line2D([], [], color=pal[r], lw=2.2, label=r) for r in runs]
 
 
+def plain_ticks(fig: Figure) -> Figure:
+    """No offset or scientific-notation corner labels ("1e-5+9.999e-1"): every linear axis
+    shows its tick values in full, so a curve near 1 reads as 0.9995, not as an offset."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            fmt = axis.get_major_formatter()
+            if isinstance(fmt, ScalarFormatter):
+                fmt.set_useOffset(False)
+                fmt.set_scientific(False)
+    return fig
+
+
 def _style_handles(styles: dict[str, str], color: str = "0.3") -> list:
     return [Line2D([], [], color=color, ls=ls, lw=1.6, label=name) for name, ls in styles.items()]
 
@@ -217,18 +231,52 @@ def plot_pair_metrics(metrics: pd.DataFrame | FigureData,
     noise = data.extra.get("noise")
     for ax, metric in zip(axes, names):
         sub = df[df["metric"].astype(str) == metric]
+        gap = metric in NEAR_ONE_METRICS and near_one(sub["value"])
+        if gap:  # a similarity a hair below 1: its distance from 1, on a log axis
+            sub = one_minus(sub)
         for r in runs:
             g = sub[sub[RUN] == r]
             if len(g):
                 _line(ax, g, pal[r], "-", r)
             if noise is not None and len(noise):
-                _noise_band(ax, noise[(noise[RUN] == r) & (noise["metric"] == metric)])
-        ax.set_title(_nice(metric), fontsize=10)
+                band = noise[(noise[RUN] == r) & (noise["metric"] == metric)]
+                _noise_band(ax, one_minus(band) if gap else band)
+        ax.set_title(f"1 - {_nice(metric)} (log: {_nice(metric)} near 1)" if gap
+                     else _nice(metric), fontsize=10)
         _depth_axes(ax, LAYER_AXIS)
-        _maybe_log(ax, sub["value"], metric)
+        if gap:
+            ax.set_yscale("log")
+            zero = sub[sub["value"] == 0]
+            if len(zero):
+                ax.text(0.02, 0.97, f"{len(zero)} point(s) exactly 1 (not drawn on a log axis)",
+                        transform=ax.transAxes, fontsize=7.5, va="top", color="0.35")
+        else:
+            _maybe_log(ax, sub["value"], metric)
         _flat_note(ax, [sub["value"]], _nice(metric))
     _legend(fig, _run_handles(runs, pal))
     return fig
+
+
+NEAR_ONE_METRICS = ("cka", "cosine_similarity")
+NEAR_ONE = 0.99  # every value at least this (and one below 1): plot the distance from 1
+
+
+def near_one(values: pd.Series) -> bool:
+    """True when a similarity is so close to 1 that a linear axis shows a flat line at 1."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(float)
+    v = v[np.isfinite(v)]
+    return bool(len(v)) and bool(v.min() >= NEAR_ONE) and bool((v < 1).any())
+
+
+def one_minus(df: pd.DataFrame) -> pd.DataFrame:
+    """``1 - value`` (intervals swapped: ``1 - ci_high`` is the new low end)."""
+    out = df.copy()
+    out["value"] = 1.0 - pd.to_numeric(out["value"], errors="coerce")
+    if {"ci_low", "ci_high"} <= set(out.columns):
+        lo = pd.to_numeric(out["ci_low"], errors="coerce")
+        hi = pd.to_numeric(out["ci_high"], errors="coerce")
+        out["ci_low"], out["ci_high"] = 1.0 - hi, 1.0 - lo
+    return out
 
 
 def _noise_band(ax, band: pd.DataFrame) -> None:

@@ -280,8 +280,9 @@ def j_shape_rule(depth: Sequence[float], change: Sequence[float]) -> Verdict:
                        f"{len(y)} blocks with a value (needs {J_MIN_BLOCKS})")
     e = edge_means(y)
     numbers = (f"bottom {_f(e.bottom)}, middle {_f(e.middle)}, top {_f(e.top)} "
-               f"({e.n_edge} of {e.n} blocks per edge; ratio {_f(e.ratio, 2)}x)"
-               f"{_dropped(n_all, len(y))}")
+               f"({e.n_edge} of {e.n} blocks per edge; "
+               + (f"ratio {_f(e.ratio, 2)}x)" if np.isfinite(e.ratio) else "ratio undefined)")
+               + _dropped(n_all, len(y)))
     if np.all(y == 0):
         return Verdict(INCONCLUSIVE, J_RULE, numbers,
                        "no block changed at all: are the two checkpoints the same?")
@@ -350,9 +351,10 @@ def lens_rule(depth: Sequence[float], accuracy: Sequence[float],
 
 # ----------------------------------------------------------------------------- (d) swap
 
-SWAP_RULE = ("swap inverted U: in each direction the best middle one-segment swap scores "
-             "better than the better of the two edge swaps (segments 1 and K), beyond the CIs "
-             f"(needs K >= {SWAP_MIN_SEGMENTS} one-segment swaps including both edges)")
+SWAP_RULE = ("swap inverted U: in each direction every middle one-segment swap (segments "
+             "2..K-1) scores better than both edge swaps (segments 1 and K): the worst middle "
+             "beats the better edge, beyond the CIs (needs K >= "
+             f"{SWAP_MIN_SEGMENTS} one-segment swaps including both edges)")
 
 
 @dataclass(frozen=True)
@@ -383,7 +385,9 @@ def inverted_u_rule(segments: dict[int, Point], k: int, lower_is_better: bool = 
                        f"needs K >= {SWAP_MIN_SEGMENTS} with both edges and a middle segment")
     lib = lower_is_better
     edge = max((0, k - 1), key=lambda i: seg[i].score(lib))
-    mid = max((i for i in seg if 0 < i < k - 1), key=lambda i: seg[i].score(lib))
+    middles = [i for i in seg if 0 < i < k - 1]
+    mid = min(middles, key=lambda i: seg[i].score(lib))  # the middle must beat BOTH edges
+    best = max(middles, key=lambda i: seg[i].score(lib))
     c = compare(seg[mid].score(lib), seg[edge].score(lib), 0.0, seg[mid].ci(lib),
                 seg[edge].ci(lib))
 
@@ -392,10 +396,11 @@ def inverted_u_rule(segments: dict[int, Point], k: int, lower_is_better: bool = 
         ci = f" [{_f(p.lo)}, {_f(p.hi)}]" if np.isfinite(p.lo) else ""
         return f"segment {i + 1}/{k} {_f(p.value)}{ci}"
 
-    numbers = (f"{name}best middle {show(mid)}, better edge {show(edge)}, other edge "
-               f"{show(k - 1 if edge == 0 else 0)}")
+    numbers = (f"{name}worst middle {show(mid)}"
+               + (f" (best middle {show(best)})" if best != mid else "")
+               + f", better edge {show(edge)}, other edge {show(k - 1 if edge == 0 else 0)}")
     has = _has_ci((seg[mid].lo, seg[mid].hi), (seg[edge].lo, seg[edge].hi))
-    return combine([("middle beats edges", c)], SWAP_RULE, numbers,
+    return combine([("every middle segment beats both edges", c)], SWAP_RULE, numbers,
                    no_ci="" if has else no_interval(hint))
 
 

@@ -318,8 +318,11 @@ def run_label(record: dict[str, Any], folder: Path) -> str:
         return f"{labels.get('base') or _short(base)} chain"
     if base and labels.get("sft"):
         return f"{labels.get('base') or _short(base)} vs sft={labels['sft']}"
-    if len(labels) == 1 and not sft:  # one model (probe --model ADAPTER)
-        return next(iter(labels.values()))
+    if len(labels) == 1 and not sft:  # one model with an adapter: base+adapter, not the base
+        (role, label), = labels.items()
+        fp = (record.get("models") or {}).get(role) or {}
+        on = fp.get("base") if isinstance(fp.get("base"), dict) else {}
+        return f"{_short(on['source'])}+{label}" if on.get("source") else label
     if base and sft:
         b, s = _short(base), _short(sft)
         if s == b:

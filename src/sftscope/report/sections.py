@@ -43,9 +43,17 @@ class FigureSpec:
     tables: Callable[[FigureData], list[TableOut]] = lambda d: []
     notes: Callable[[FigureData], list[str]] = field(default=lambda d: d.notes)
 
-    def absent(self) -> str:
-        need = ", ".join(f"{spec_of(t).stem}{'' if '.' in spec_of(t).stem else '.csv'} "
-                         f"(`sftscope {spec_of(t).command}`)" for t in self.reads)
+    def absent(self, runs: Sequence[Run] = ()) -> str:
+        """Why the section is empty: the table it needs is missing (say which command writes
+        it), or present without these rows (never ask for a file the runs have)."""
+        files = [f"{spec_of(t).stem}{'' if '.' in spec_of(t).stem else '.csv'}"
+                 for t in self.reads]
+        have = [f for t, f in zip(self.reads, files)
+                if any(t in getattr(r, "tables", ()) for r in runs)]
+        if have:
+            return f"No {self.what} in these runs: their {', '.join(have)} has none."
+        need = ", ".join(f"{f} (`sftscope {spec_of(t).command}`)"
+                         for t, f in zip(self.reads, files))
         return f"No {self.what} in these runs (needs {need})."
 
 
@@ -62,7 +70,14 @@ def f(x: Any, nd: int = 3) -> str:
         return "n/a"
     if x != 0 and (abs(x) >= 1000 or abs(x) < 0.001):
         return f"{x:.{nd}g}"
-    return f"{x:.{nd}f}"
+    text = f"{x:.{nd}f}"
+    whole = round(x)
+    if float(text) == whole and x != whole:  # 0.99952 is not "1.000": digits until it differs
+        d = nd
+        while d < 15 and float(f"{x:.{d}f}") == whole:
+            d += 1
+        text = f"{x:.{d + 1}f}".rstrip("0")
+    return text
 
 
 def _prefix(label: str, many: bool) -> str:
@@ -117,12 +132,45 @@ def trend_phrase(row: Any) -> str:
     return f"is {f(row['last'])}"
 
 
+def onset_sentence(layers: Sequence[int], shift: Sequence[float]) -> str | None:
+    """The headline of a pair: where the mean shift leaves exactly 0 and how it grows to the
+    top (``unchanged up to j = 12 (mean shift exactly 0); the change starts at j = 13 (mean
+    shift 0.497) and grows 15x to the top (7.300 at j = 30)``). None without finite values."""
+    pts = sorted((int(j), float(v)) for j, v in zip(layers, shift) if np.isfinite(v))
+    if not pts:
+        return None
+    moved = [(j, v) for j, v in pts if v != 0]
+    top_j, top_v = pts[-1]
+    if not moved:
+        return (f"the mean shift is exactly 0 at every j (0..{top_j}): no change in the "
+                f"pooled states")
+    j0, v0 = moved[0]
+    same = [j for j, v in pts if j < j0]
+    head = (f"unchanged up to j = {same[-1]} (mean shift exactly 0); the change starts at "
+            f"j = {j0}" if same else f"the change is there from j = {j0}")
+    head += f" (mean shift {f(v0)})"
+    if top_j == j0:
+        return head
+    ratio = top_v / v0
+    if ratio >= 1.5:
+        times = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
+        return head + f" and grows {times}x to the top ({f(top_v)} at j = {top_j})"
+    if ratio <= 1 / 1.5:
+        return head + f" and shrinks to {f(top_v)} at the top (j = {top_j})"
+    return head + f" and is {f(top_v)} at the top (j = {top_j})"
+
+
 def pair_findings(data: FigureData) -> list[str]:
     s = data.summary
     many = _many(s)
     out = []
+    frame = data.frame
     for r, g in s.groupby(RUN, sort=False):
         parts = []
+        ms = frame[(frame[RUN] == r) & (frame["metric"].astype(str) == "mean_shift")]
+        headline = onset_sentence(ms["layer"], ms["value"]) if len(ms) else None
+        if headline:
+            parts.append(headline[:1].upper() + headline[1:])
         rows = {m: row for m, row in zip(g["metric"], g.to_dict("records"))}
         if "cka" in rows:
             c = rows["cka"]
@@ -346,6 +394,25 @@ def corr_findings(data: FigureData) -> list[str]:
 # ----------------------------------------------------------------------------- Fig. 6
 
 
+def _extreme(word: str, n_tied: int, seg: int, k: int, mask: str, value: str) -> str:
+    if n_tied > 1:
+        return f"{n_tied} segments tie for the {word} ({value})"
+    return f"{word} single segment {seg + 1}/{k} ({mask}, {value})"
+
+
+def swap_extremes(row: dict, delta: Callable[[float], str]) -> str:
+    """Best and worst one-segment swap, saying so when several tie, and naming no winner when
+    their intervals overlap."""
+    best = _extreme("best", row.get("n_best", 1), row["best_seg"], row["k"], row["best_mask"],
+                    f"{f(row['best'])}{delta(row['best'])}")
+    worst = _extreme("worst", row.get("n_worst", 1), row["worst_seg"], row["k"],
+                     row["worst_mask"], f"{f(row['worst'])}{delta(row['worst'])}")
+    text = f"{best}, {worst} [{row['metric']}]"
+    if row.get("overlap"):
+        text += " (their intervals overlap: no segment is clearly better or worse)"
+    return text
+
+
 def swap_findings(data: FigureData) -> list[str]:
     s, orig = data.summary, data.extra["orig"]
     runs = N.run_labels(data.frame)
@@ -365,10 +432,7 @@ def swap_findings(data: FigureData) -> list[str]:
                 ref = row["host_value"]
                 return f", {v - ref:+.4f} vs {row['host']}" if np.isfinite(ref) else ""
 
-            parts.append(f"{name}: best single segment {row['best_seg'] + 1}/{row['k']} "
-                         f"({row['best_mask']}, {f(row['best'])}{delta(row['best'])}), worst "
-                         f"{row['worst_seg'] + 1}/{row['k']} ({row['worst_mask']}, "
-                         f"{f(row['worst'])}{delta(row['worst'])}) [{row['metric']}]")
+            parts.append(f"{name}: " + swap_extremes(row, delta))
         if rows:
             metric = rows[0]["metric"]
             o = orig[(orig[RUN] == r) & (orig["metric"].astype(str) == metric)]
@@ -437,8 +501,16 @@ def sweep_findings(data: FigureData) -> list[str]:
                        f"{row['n_masks']} masks scores {f(row['best_mean'])}{size}, so there is "
                        "nothing to compare.")
             continue
-        text = (f"{row['metric']}: best mask {row['best']} {f(row['best_mean'])}, worst "
-                f"{row['worst']} {f(row['worst_mean'])}")
+        best = (f"{row['n_best']} masks tie for the best at {f(row['best_mean'])}"
+                if row.get("n_best", 1) > 1 else
+                f"best mask {row['best']} {f(row['best_mean'])}")
+        worst = (f"{row['n_worst']} masks tie for the lowest at {f(row['worst_mean'])}"
+                 if row.get("n_worst", 1) > 1 else
+                 f"worst {row['worst']} {f(row['worst_mean'])}")
+        if row.get("best_overlaps") and row.get("n_best", 1) == 1:
+            best += (f" (its interval overlaps the next best, {row['second']}: no clear "
+                     f"winner)")
+        text = f"{row['metric']}: {best}, {worst}"
         if row["full"]:
             p = row["best_p"]
             ptxt = (f", p = {f(p)} vs full depth" if np.isfinite(p) and row["best"] != row["full"]
@@ -691,6 +763,12 @@ def steer_findings(data: FigureData) -> list[str]:
                 parts.append(f"{row['metric']} goes from {f(row['first'])} at scale "
                              f"{f(row['first_scale'], 2)} to {f(row['last'])} at scale "
                              f"{f(row['last_scale'], 2)}")
+            elif row.get("overlap"):
+                n = f", n = {int(row['n'])}" if np.isfinite(row.get("n", np.nan)) else ""
+                parts.append(f"{row['metric']}: no scale is clearly better than the unsteered "
+                             f"base ({f(row['unsteered'])}; the best, scale "
+                             f"{f(row['best_scale'], 2)}, gives {f(row['best'])}, and their "
+                             f"intervals overlap{n})")
             else:
                 delta = (f", {row['delta']:+.4f} vs the unsteered base {f(row['unsteered'])}"
                          if np.isfinite(row["delta"]) else "")
