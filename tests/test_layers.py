@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "capture": 4,
     "experiments": 5,
     "report": 6,
-    "demo": 7, "cli": 7,
+    "demo": 7, "cli": 7, "api": 7,
 }
 
 

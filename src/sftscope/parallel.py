@@ -108,7 +108,7 @@ def failed_peers(wait_s: float = 2.0) -> list[int]:
     import socket
     import time
 
-    from sftscope.runs import process_alive
+    from sftscope.process import process_alive
 
     peers = _STATE["peers"]
     host = socket.gethostname()

@@ -16,6 +16,10 @@ Kept free of torch: they must come before torch is imported.
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter codes
 
@@ -39,3 +43,24 @@ def setup_process(malloc: bool = True) -> bool:
     wait policy only); returns whether malloc was tuned. Call before torch is imported."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return tune_malloc() if malloc else False
+
+
+def process_alive(rec: Mapping[str, Any], *, other_hosts: bool = False) -> bool:
+    """Whether the process a record names still runs (never this process). Another host's
+    process cannot be asked: ``other_hosts`` says what to assume then."""
+    pid = rec.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    if rec.get("host") != socket.gethostname():
+        return other_hosts
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process its parent has not reaped yet (a zombie) is not running
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")

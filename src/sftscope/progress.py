@@ -72,16 +72,24 @@ def plan(n: int) -> None:
     _STAGE.update(i=0, n=max(0, int(n)), name="")
 
 
+# Context managers every staged command runs inside, registered by the layers above that need
+# one (``runs`` registers its ``claims_scope``: a command's run folder is released however it
+# ends); progress itself knows none of them.
+COMMAND_SCOPES: list[Callable[[], contextlib.AbstractContextManager]] = []
+
+
 def staged(fn: Callable[..., T]) -> Callable[..., T]:
     """Decorate a command: its ``plan``/``stage`` calls are its own and undone when it returns
     (a command run inside another, as the demo and sweep do, does not disturb the outer one),
-    and the run folder it claimed (``runs.claim``) is released however it ends."""
+    and it runs inside every registered ``COMMAND_SCOPES`` (the run folder it claimed is
+    released however it ends)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        from sftscope.runs import claims_scope
-
-        with stages(0), claims_scope():  # the run folder it claimed is free when it returns
+        with contextlib.ExitStack() as scopes:
+            scopes.enter_context(stages(0))
+            for scope in COMMAND_SCOPES:
+                scopes.enter_context(scope())
             return fn(*args, **kwargs)
 
     return wrapper

@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 from sftscope.config.core import Config, changed
 from sftscope.errors import SftscopeError
 from sftscope.io import DISK_ERRNOS, disk_error  # noqa: F401  (re-exported)
+from sftscope.process import process_alive
+from sftscope.progress import COMMAND_SCOPES
 
 MARKER = ".sftscope-run.json"
 RUN_JSON = "run.json"
@@ -60,25 +62,6 @@ def folder_command(out: str | Path) -> str | None:
     return None
 
 
-def process_alive(rec: Mapping[str, Any], *, other_hosts: bool = False) -> bool:
-    """Whether the process a record names still runs (never this process). Another host's
-    process cannot be asked: ``other_hosts`` says what to assume then."""
-    pid = rec.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    if rec.get("host") != socket.gethostname():
-        return other_hosts
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed process its parent has not reaped yet (a zombie) is not running
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 _alive = process_alive
@@ -224,6 +207,9 @@ def claims_scope() -> Iterator[None]:
     finally:
         for key in [k for k in _HELD if k not in before]:
             release(key)
+
+
+COMMAND_SCOPES.append(claims_scope)  # every staged command releases the folders it claimed
 
 
 def releasing(fn: Callable[..., T]) -> Callable[..., T]:

@@ -756,7 +756,7 @@ class TuneConfig(OneModel):
                 raise SftscopeError(f"{flag(name)} is an option of --objective "
                                     f"{' or '.join(objectives)}; drop it or change --objective")
         if self.objective != "sft":
-            from sftscope.experiments.objectives import check_objective
+            from sftscope.config.objectives import check_objective
 
             check_objective(self)
 
@@ -1075,7 +1075,7 @@ class DemoConfig(Config):
             raise SftscopeError("--stages continues the dense demo pair; it is not combined "
                                 "with --moe yet (run them separately)")
         if self.stages:
-            from sftscope.experiments.objectives import trl_version
+            from sftscope.config.objectives import trl_version
 
             trl_version()
 
