@@ -24,14 +24,6 @@ from sftscope.load.tiny import MOE_FAMILIES
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     rows = [{"question": f"Tom has {a} apples and buys {b} more. How many now?",

@@ -16,14 +16,6 @@ from sftscope.load.arch import get_blocks
 pytest.importorskip("trl")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def llama10(model_dir):
     return model_dir("llama", n_layers=10)

@@ -55,26 +55,25 @@ def probe(cfg: C.ProbeConfig) -> None:
             print(top.to_string(index=False))
 
 
+def _wrote_or_print(out: str | None, name: str, table) -> None:
+    """Name the table and run.json written to ``out``, or print the table without one."""
+    if out:
+        _say(f"wrote {Path(out) / f'{name}.csv'} ({len(table)} rows) and "
+             f"{Path(out) / 'run.json'}")
+    elif is_main():
+        print(table.to_string(index=False))
+
+
 def swap(cfg: C.SwapConfig) -> None:
     from sftscope.experiments.swap import swap as run
 
-    table = run(cfg)
-    if cfg.out:
-        _say(f"wrote {Path(cfg.out) / 'swap.csv'} ({len(table)} rows) and "
-             f"{Path(cfg.out) / 'run.json'}")
-    elif is_main():
-        print(table.to_string(index=False))
+    _wrote_or_print(cfg.out, "swap", run(cfg))
 
 
 def ablate(cfg: C.AblateConfig) -> None:
     from sftscope.experiments.ablate import ablate as run
 
-    table = run(cfg)
-    if cfg.out:
-        _say(f"wrote {Path(cfg.out) / 'ablate.csv'} ({len(table)} rows) and "
-             f"{Path(cfg.out) / 'run.json'}")
-    elif is_main():
-        print(table.to_string(index=False))
+    _wrote_or_print(cfg.out, "ablate", run(cfg))
 
 
 def tune(cfg: C.TuneConfig) -> None:
