@@ -71,6 +71,8 @@ def test_registered_metric_appears(pair):
     want = torch.linalg.svdvals(st.mean).select(-1, 0)
     assert top.to_numpy() == pytest.approx(want.double().numpy(), rel=1e-5)
     assert (t[t.metric == "rms_gap"].model == "pair").all()
+    # one declaration with the built-ins: a delta row per layer, the report's spec
+    assert len(t[(t.metric == "delta_top_sv") & (t.model == "pair")]) == st.mean.shape[0]
     assert len(t[t.metric == "rms_gap"]) == st.mean.shape[0]
     assert "top_sv" not in set(sftscope.analyze_pair(mb, ms, tok, TEXTS[:4], n_token=0).metric)
 

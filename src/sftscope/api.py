@@ -26,7 +26,8 @@ import torch
 
 from sftscope.errors import SftscopeError
 from sftscope.load.runtime import pad_id
-from sftscope.metrics.custom import register_metric, unregister_metric
+from sftscope import metrics as _metrics  # noqa: F401  (the built-ins first: their names are taken)
+from sftscope.metric_registry import register_metric, unregister_metric
 
 # analyze options that mean something for models already in memory; the rest (paths, output,
 # devices, caching, data sources) belong to the command

@@ -16,7 +16,9 @@ A metric that analyze computes is declared once, on its function, with
 the function at its level (``token``: per sample from a padded batch; ``dataset``: from one
 layer's pooled matrix; ``pair``: from the base and SFT pooled matrices). The capture, analyze's
 tables and ``delta_`` rows and the report's panels are built from these declarations; the
-functions themselves live in :mod:`sftscope.metrics` (importing it registers them).
+functions themselves live in :mod:`sftscope.metrics` (importing it registers them). A user's
+metric (``sftscope.register_metric(name, fn)``, ``fn`` of the pooled states) is the same
+declaration at the ``dataset`` (or, ``pair=True``, ``pair``) level.
 Scores of other commands (accuracy, loss, weights, suggest signals) are the entries below.
 
 Pure Python: no torch, so the CLI can import it cheaply.
@@ -28,6 +30,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
+
+from sftscope.errors import SftscopeError
 
 KINDS = ("pair", "single", "weight", "accuracy", "agreement", "probability", "loss",
          "perplexity", "rank", "signal", "distribution", "unknown")
@@ -183,12 +187,14 @@ class MetricFunction:
 
     ``token``: ``fn(batch) -> [B]`` per-sample values of a padded batch (``metrics.TokenBatch``);
     ``dataset``: ``fn(layer) -> float`` of one layer's pooled matrix (``metrics.PooledLayer``);
-    ``pair``: ``fn(zb, zs, opts) -> float`` of the base and SFT pooled matrices."""
+    ``pair``: ``fn(zb, zs, opts) -> float`` of the base and SFT pooled matrices.
+    ``user``: registered by a user's call (a name a later call may replace)."""
 
     name: str
     level: str
     fn: Callable[..., Any]
     variants: Callable[[Any], Iterable[str]] | None = None
+    user: bool = False
 
     def names(self, opts: Any) -> tuple[str, ...]:
         """Every name this function returns under ``opts``: its own, then its variants."""
@@ -203,27 +209,76 @@ class MetricFunction:
 FUNCTIONS: dict[str, dict[str, MetricFunction]] = {level: {} for level in LEVELS}
 
 
-def register_metric(name: str, *, level: str, kind: str = "single", direction: str | None = None,
-                    log: bool = False, order: int = 1000, label: str = "",
-                    bounds: tuple[float | None, float | None] = (None, None),
-                    variants: Callable[[Any], Iterable[str]] | None = None
-                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: declare the function below as the metric ``name`` at ``level`` with its
-    display spec. Analyze computes it, writes its rows (and ``delta_`` rows), and the report
-    draws it; nothing else needs editing."""
+def register_metric(name: str, fn: Callable[..., Any] | None = None, *, pair: bool = False,
+                    level: str | None = None, kind: str | None = None,
+                    direction: str | None = None, log: bool = False, order: int = 1000,
+                    label: str = "", bounds: tuple[float | None, float | None] = (None, None),
+                    variants: Callable[[Any], Iterable[str]] | None = None) -> Any:
+    """Declare the metric ``name``: analyze computes it, writes its rows (and ``delta_`` rows),
+    :func:`sftscope.analyze_pair` adds them, and the report draws it; nothing else needs editing.
+
+    Two forms of the one declaration:
+
+    - ``@register_metric(name, level=...)`` on a function of ``metrics.TokenBatch`` /
+      ``PooledLayer`` / ``PooledPair`` (the built-in metrics, in :mod:`sftscope.metrics`);
+      returns the function.
+    - ``register_metric(name, fn)`` (the public ``sftscope.register_metric``): ``fn(z)`` of one
+      layer's pooled states ``[N, D]`` (a ``dataset`` metric, rows ``model`` base / sft), or
+      with ``pair=True`` ``fn(zb, zs)`` of both models' states (a ``pair`` metric); its name
+      must not be a built-in one, a failure is an error naming it; returns the declaration.
+
+    ``kind`` defaults to ``pair`` at the pair level, else ``single``; ``direction``:
+    ``higher`` / ``lower`` for a score with a better direction."""
+    if fn is not None and level is None:
+        return _register_user(name, fn, pair=pair, label=label, direction=direction)
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
 
-    def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
-        register(MetricSpec(name, kind, direction, log, order, label, bounds))
-        FUNCTIONS[level][name] = MetricFunction(name, level, fn, variants)
-        return fn
+    def declare(f: Callable[..., Any]) -> Callable[..., Any]:
+        _declare(MetricFunction(name, level, f, variants),
+                 MetricSpec(name, kind or ("pair" if level == "pair" else "single"), direction,
+                            log, order, label, bounds))
+        return f
 
-    return declare
+    return declare if fn is None else declare(fn)
+
+
+def _declare(metric: MetricFunction, spec: MetricSpec) -> MetricFunction:
+    register(spec)
+    FUNCTIONS[metric.level][metric.name] = metric
+    return metric
+
+
+def _register_user(name: str, fn: Callable[..., Any], *, pair: bool, label: str,
+                   direction: str | None) -> MetricFunction:
+    """A user's metric on pooled states, checked and declared at the ``dataset`` or ``pair``
+    level like a built-in one."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SftscopeError(f"name {name!r}: give a metric name of letters, digits and _")
+    if not callable(fn):
+        raise SftscopeError(f"fn for metric {name!r} is not callable; give a function of "
+                            f"{'(zb, zs)' if pair else '(z)'} returning a float")
+    if direction not in (None, HIGHER, LOWER):
+        raise SftscopeError(f"direction {direction!r}: use None, 'higher' or 'lower'")
+    users = {f.name for funcs in FUNCTIONS.values() for f in funcs.values() if f.user}
+    if (None, name) in REGISTRY and name not in users:
+        raise SftscopeError(f"name {name!r} is a built-in metric; choose another name")
+    unregister_metric(name)  # a replaced user metric may change level
+
+    def value(x: Any) -> float:
+        try:
+            return float(fn(x.zb, x.zs) if pair else fn(x.z))
+        except Exception as e:  # the user's code: say whose it is
+            raise SftscopeError(f"registered metric {name!r} failed: "
+                                f"{type(e).__name__}: {e}") from e
+
+    level = "pair" if pair else "dataset"
+    return _declare(MetricFunction(name, level, value, user=True),
+                    MetricSpec(name, "pair" if pair else "single", direction, label=label))
 
 
 def unregister_metric(name: str) -> None:
-    """Remove a metric declared with :func:`register_metric` (tests, plugins)."""
+    """Remove a metric declared with :func:`register_metric` (its name leaves the catalogue)."""
     for funcs in FUNCTIONS.values():
         funcs.pop(name, None)
     REGISTRY.pop((None, name), None)

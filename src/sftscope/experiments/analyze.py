@@ -64,7 +64,6 @@ from sftscope.load.models import (
 from sftscope.load.runtime import dtype_name, model_bytes, release, resolve_device, resolve_dtype
 from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metric_registry import MetricFunction, metric_functions
-from sftscope.metrics.custom import user_values
 from sftscope.parallel import Group, empty_like_table, join
 from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
@@ -218,8 +217,6 @@ def single_model_table(res: CaptureResult, opts: M.MetricOptions, model: str,
         for name, v in M.dataset_metrics(z, opts,
                                          compute_dtype=res.info.get("compute_dtype")).items():
             rows.append((j, name, model, float(v), float("nan"), float("nan")))
-        for name, v in user_values(z).items():
-            rows.append((j, name, model, v, float("nan"), float("nan")))
     return pd.DataFrame(rows, columns=["layer", "metric", "model", "value", "ci_low", "ci_high"])
 
 
@@ -235,7 +232,6 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
     rows = []
     for j in range(rb.n_states):
         zb, zs = rb.pooled(opts.pooling)[j], rs.pooled(opts.pooling)[j]
-        user = user_values(zb, zs)
         for metric in metric_functions("pair"):
             for name, v in metric.compute(M.PooledPair(zb, zs, opts)).items():
                 lo = hi = float("nan")
@@ -243,7 +239,6 @@ def pair_table(rb: CaptureResult, rs: CaptureResult, opts: M.MetricOptions,
                     fn = _pair_fn(metric, name, zb, zs, opts)
                     lo, hi = M.bootstrap_ci(fn, n=zb.shape[0], n_boot=bootstrap, seed=seed)
                 rows.append((j, name, label, float(v), lo, hi))
-        rows += [(j, name, label, v, float("nan"), float("nan")) for name, v in user.items()]
         for name in rb.token:  # sample-level delta: mean of per-sample differences
             if name not in rs.token:
                 continue
