@@ -24,9 +24,9 @@ from typing import Any
 import pandas as pd
 import torch
 
+from sftscope import metrics as _metrics  # noqa: F401  (the built-ins first: their names are taken)
 from sftscope.errors import SftscopeError
 from sftscope.load.runtime import pad_id
-from sftscope import metrics as _metrics  # noqa: F401  (the built-ins first: their names are taken)
 from sftscope.metric_registry import register_metric, unregister_metric
 
 # analyze options that mean something for models already in memory; the rest (paths, output,
