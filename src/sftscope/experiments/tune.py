@@ -85,6 +85,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
     module_in_out,
 )
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_experts
+from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer, save_model
 from sftscope.load.runtime import pad_id
 from sftscope.progress import plan, say, stage, staged, trainer_callback
 from sftscope.runs import claim
@@ -862,6 +863,64 @@ def _was_interrupted(out: Path) -> bool:
         return False
 
 
+@dataclass
+class TunePlan:
+    """What a tune run will do, settled before training: the model and tokenizer loaded, the
+    blocks, the equal-budget rank and scale (LoRA) or the blocks' parameters (full), the data."""
+
+    cfg: TuneConfig
+    out: Path
+    timer: Timer
+    reporters: list[str]
+    eval_task: tuple[str, str | None] | None
+    dtype: str
+    rows: Any = None  # DPO/GRPO: the records TRL trains on (SFT: ``data``)
+    tok: Any = None
+    model: Any = None
+    spec: ArchSpec | None = None
+    n_blocks: int = 0
+    blocks: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    full_params: int = 0
+    rank: int | None = None
+    alpha: float | None = None
+    scaling: float | None = None
+    dropout: float | None = None
+    narrow: int = 0
+    data: TrainSet | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.cfg.method == "full"
+
+    @property
+    def sft(self) -> bool:
+        return self.cfg.objective == "sft"
+
+
+@dataclass
+class Training:
+    """What training set up and produced: the Trainer and how it ran (processes, checkpoint
+    resumed from, packing), the trained parameters, and the hooks that watched it."""
+
+    n_train_params: int
+    freeze: Any = None
+    experts_rec: dict[str, Any] | None = None
+    recorder: DynamicsRecorder | None = None
+    losses: LossSum | None = None
+    trainer: Any = None
+    args: Any = None
+    world: int = 1
+    last: str | None = None
+    packed: bool = False
+    packing_why: str = ""
+    stopper: StopOnSignal | None = None
+    output: Any = None
+    adapter_dir: Path | None = None
+    model_dir: Path | None = None
+    merged_dir: str | None = None
+
+
 @staged
 def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     """Train segment LoRA (``RUN/adapter``) or fine-tune the selected blocks in full
@@ -871,11 +930,6 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
     continues from its last Trainer checkpoint and a finished run is returned as recorded.
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
-
-    from sftscope.load.data import load_samples
-    from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer
-
     cfg = resolve_config(config)
     out = claim(cfg.out, "tune")
     done = _existing_run(cfg, out)
@@ -884,161 +938,94 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         return done
     if not cfg.resume and _was_interrupted(out):  # stopped by a signal: the same command resumes
         cfg = replace(cfg, resume=True)
+    p = plan_tune(cfg, out)
+    run = train(p, callbacks)
+    return record_tune(p, run)
+
+
+# ------------------------------------------------------------------ plan
+
+def plan_tune(cfg: TuneConfig, out: Path) -> TunePlan:
+    """Check the settings, load the model and tokenizer, and settle blocks, budget and data."""
     reporters = _check_reporter(cfg.report_to)
     eval_task = parse_eval_task(cfg.eval_task) if cfg.eval_task else None
     if eval_task is None and cfg.train == "gsm8k":
         eval_task = ("gsm8k", None)  # the hub dataset's test split
-    timer = Timer()
-    sft = cfg.objective == "sft"
-    if not sft:  # DPO/GRPO records are read and checked before the model is loaded
+    p = TunePlan(cfg, out, Timer(), reporters, eval_task, dtype="")
+    if not p.sft:  # DPO/GRPO records are read and checked before the model is loaded
         from sftscope.experiments import objectives
 
-        rows, notes = objectives.train_rows(cfg)
+        p.rows, notes = objectives.train_rows(cfg)
         for note in notes:
             _say(f"[yellow]note:[/] {note}")
-    dtype = _resolve_dtype(cfg.dtype)
+    p.dtype = _resolve_dtype(cfg.dtype)
     plan(3 + bool(cfg.merge and cfg.method != "full")
          + bool(cfg.run_eval and eval_task is not None))  # load, train, save(, merge)(, eval)
     stage("load model")
-    with timer("load_model"):
-        tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=cfg.revision)
-        model = load_model(cfg.model, LoadOptions(revision=cfg.revision, dtype=dtype))
-    spec = arch_for(model)
-    check_moe_options(cfg, model.config)  # a hub model's config is known only now
-    n_blocks = len(get_blocks(model, spec))
-    blocks = select_blocks(cfg, n_blocks)
-    full = cfg.method == "full"
-    dropout = None
-    if full:
-        rank = alpha = scaling = None
-        names = [f"{spec.blocks}.{b}" for b in blocks]
-        full_params = block_param_count(model, list(range(n_blocks)), spec)
-    else:
-        rank = budget_rank(cfg.rank, n_blocks, len(blocks))
-        alpha, scaling = lora_alpha(cfg, rank)
-        names = lora_targets(model, blocks, cfg.mlp, spec)
-        full_params = full_depth_budget(model, cfg, spec, n_blocks)
-        dropout = lora_dropout(cfg, moe_lora_targets(model, blocks, spec, mlp=cfg.mlp,
-                                                     router=cfg.router))
-        narrow = min(min(module_in_out(model.get_submodule(n))) for n in names)
+    with p.timer("load_model"):
+        p.tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=cfg.revision)
+        p.model = load_model(cfg.model, LoadOptions(revision=cfg.revision, dtype=p.dtype))
+    p.spec = arch_for(p.model)
+    check_moe_options(cfg, p.model.config)  # a hub model's config is known only now
+    _plan_budget(p)
+    with p.timer("tokenize"):
+        if p.sft:
+            p.data = _train_data(cfg, p.tok, p.model)
+            _say_data(p.data)
+    return p
 
-    with timer("tokenize"):
-        if sft:
-            samples = load_samples(cfg.train, text_field=cfg.text_field, n=cfg.n_train or None,
-                                   seed=cfg.data_seed, split=cfg.train_split,
-                                   skip_bad=cfg.skip_bad_records)
-            from sftscope.experiments.evaluate import max_context
 
-            data = build_train_set(samples, tok, completion_only=cfg.completion_only,
-                                   chat_template=cfg.chat_template, max_length=cfg.max_length,
-                                   model_max=max_context(model))
-            _say_data(data)
+def _plan_budget(p: TunePlan) -> None:
+    """The adapted blocks, and the equal-budget rank, scale and dropout (LoRA) or the blocks'
+    parameters (full)."""
+    cfg, model, spec = p.cfg, p.model, p.spec
+    p.n_blocks = len(get_blocks(model, spec))
+    p.blocks = select_blocks(cfg, p.n_blocks)
+    if p.full:
+        p.names = [f"{spec.blocks}.{b}" for b in p.blocks]
+        p.full_params = block_param_count(model, list(range(p.n_blocks)), spec)
+        return
+    p.rank = budget_rank(cfg.rank, p.n_blocks, len(p.blocks))
+    p.alpha, p.scaling = lora_alpha(cfg, p.rank)
+    p.names = lora_targets(model, p.blocks, cfg.mlp, spec)
+    p.full_params = full_depth_budget(model, cfg, spec, p.n_blocks)
+    p.dropout = lora_dropout(cfg, moe_lora_targets(model, p.blocks, spec, mlp=cfg.mlp,
+                                                   router=cfg.router))
+    p.narrow = min(min(module_in_out(model.get_submodule(n))) for n in p.names)
 
+
+def _train_data(cfg: TuneConfig, tok: Any, model: nn.Module) -> TrainSet:
+    """The SFT examples: loaded, tokenized, masked to their completions, cut to length."""
+    from sftscope.experiments.evaluate import max_context
+    from sftscope.load.data import load_samples
+
+    samples = load_samples(cfg.train, text_field=cfg.text_field, n=cfg.n_train or None,
+                           seed=cfg.data_seed, split=cfg.train_split,
+                           skip_bad=cfg.skip_bad_records)
+    return build_train_set(samples, tok, completion_only=cfg.completion_only,
+                           chat_template=cfg.chat_template, max_length=cfg.max_length,
+                           model_max=max_context(model))
+
+
+# ------------------------------------------------------------------ train
+
+def train(p: TunePlan, callbacks: list | None = None) -> Training:
+    """Adapt (or unfreeze) the blocks, build the Trainer, train, and save what was trained."""
+    from transformers import set_seed
+
+    cfg = p.cfg
     set_seed(cfg.seed)
-    model.config.use_cache = False
+    p.model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    sel = (f"mask {cfg.mask} of {len(cfg.mask)} segments" if cfg.mask else
-           f"blocks {cfg.blocks}")
-    freeze = experts_rec = None
-    if full:
-        n_train_params = unfreeze_blocks(model, blocks, spec)
-        if cfg.experts is not None:  # an SFT option: the training examples measure loads
-            freeze, experts_rec = select_experts(model, cfg, data.examples, blocks, spec)
-        _say(f"full fine-tuning of blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks); "
-             f"embeddings, head and the other blocks frozen")
-        if freeze is not None and experts_rec is not None:
-            n_train_params -= freeze.frozen_params
-            _say(f"routed experts trained (--experts {cfg.experts}), per block: "
-                 + "; ".join(f"{b}: {e}" for b, e in experts_rec["trained"].items())
-                 + "; the others stay as they are")
-        _say(f"trainable parameters: {n_train_params:,} ({100 * n_train_params / full_params:.1f}"
-             f" % of the {full_params:,} in all blocks)")
-    else:
-        model = apply_lora(model, blocks, rank=rank, alpha=alpha, dropout=dropout,
-                           mlp=cfg.mlp, rslora=cfg.rslora, spec=spec, router=cfg.router)
-        n_train_params = trainable_params(model)
-        names = adapted_parts(model)
-        _say(f"LoRA on blocks {_block_ranges(blocks)} ({sel}, {n_blocks} blocks): "
-             f"{_parts_summary(names, spec)} -> {len(names)} modules and parameters")
-        if dropout != cfg.dropout:
-            _say(f"note: {EXPERT_DROPOUT_NOTE}")
-        _say(f"rank {rank} (full-depth budget rank {cfg.rank:g} x {n_blocks} blocks), alpha "
-             f"{alpha:g}, scale {scaling:.4g}{' (rsLoRA)' if cfg.rslora else ''}")
-        _say(f"trainable parameters: {n_train_params:,} (full-depth budget {full_params:,}; "
-             f"{100 * n_train_params / full_params:.1f} %)")
-        if rank > narrow:
-            _say(f"note: rank {rank} exceeds the narrowest adapted projection ({narrow}); the "
-                 f"extra rank adds parameters but no expressiveness")
+        enable_checkpointing(p.model)
+    p.model, n_train_params, freeze, experts_rec = _adapt(p)
     every = cfg.logging_steps if cfg.dynamics_every is None else cfg.dynamics_every
-    recorder = (DynamicsRecorder(model, spec, n_blocks, every=every, method=cfg.method,
-                                 path=out / DYNAMICS_FILE, write=is_main_process(),
+    recorder = (DynamicsRecorder(p.model, p.spec, p.n_blocks, every=every, method=cfg.method,
+                                 path=p.out / DYNAMICS_FILE, write=is_main_process(),
                                  experts=experts_rec["trained"] if experts_rec else None)
                 if every > 0 else None)
-
-    micro = min(cfg.micro_batch_size, cfg.batch_size)
-    ckpt_dir = out / "checkpoints"
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        write_json(out / "tune-config.json", {"command": "tune", "config": cfg.record(),
-                                              "config_hash": _config_hash(cfg)})
-    last = last_good_checkpoint(ckpt_dir) if cfg.resume else None
-    if cfg.resume:
-        _say(f"resuming from {last}" if last else "no checkpoint yet: starting from step 0")
-    common = dict(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=micro,
-        gradient_accumulation_steps=1, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps else -1, learning_rate=cfg.lr,
-        lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps, optim="adamw_torch",
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        bf16=dtype == "bfloat16", fp16=dtype == "float16", logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        report_to=reporters, disable_tqdm=True, seed=cfg.seed,
-        data_seed=cfg.seed, remove_unused_columns=False, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False, activation_checkpointing=False,
-        logging_nan_inf_filter=False,  # a NaN loss must show, never be hidden in the average
-    )
-    args = (TrainingArguments(**common) if sft else
-            objectives.training_arguments(cfg, common))
-    world = max(1, int(args.world_size))  # processes that really train together (DDP, FSDP)
-    if cfg.batch_size % (micro * world):
-        raise SftscopeError(f"--batch-size {cfg.batch_size} is not a multiple of "
-                            f"--micro-batch-size {micro} x {world} processes; change one")
-    args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
-    work = None
-    if sft:
-        work = plan_work([len(e["input_ids"]) for e in data.examples], cfg.batch_size,
-                         epochs=cfg.epochs, max_steps=cfg.max_steps)
-        _say(work.line() + "; a time estimate follows the first steps (none before: it "
-             "depends on the machine)")
-    stopper = StopOnSignal()
-    all_callbacks = [finite_loss_callback(), trainer_callback("train"),
-                     *([estimate_callback(work)] if work is not None else []),
-                     *([freeze.callback()] if freeze is not None else []),
-                     *([recorder.callback()] if recorder else []),
-                     *([no_final_checkpoint_callback()] if full and not cfg.keep_checkpoints
-                       else []),
-                     stopper.callback(), *(callbacks or [])]
-    if sft:
-        packed, packing_why = choose_packing(cfg.packing, model, data.examples, pad_id(tok),
-                                             micro)
-        _say(f"packing {packing_why}")
-        collator = packing_collator(pad_id(tok)) if packed else PadCollator(pad_id(tok))
-        trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(data.examples),
-                          data_collator=collator, callbacks=all_callbacks)
-    else:  # TRL pads its own batches
-        packed, packing_why = False, f"off: --objective {cfg.objective} batches are TRL's"
-        trainer, data = objectives.make_trainer(cfg, model=model, args=args, rows=rows, tok=tok,
-                                                callbacks=all_callbacks)
-        _say_data(data)
-    losses = LossSum(trainer, last) if world == 1 else None
-    if losses is not None:
-        trainer.add_callback(losses.callback())
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for cb in (PrinterCallback, ProgressCallback):  # raw log dicts and tqdm: we report instead
-        trainer.remove_callback(cb)
+    run = _make_trainer(p, Training(n_train_params, freeze, experts_rec, recorder), callbacks)
+    ckpt_dir = p.out / "checkpoints"
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -1048,117 +1035,277 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         try:
             # one process: a signal checkpoints at the step's end; several (DDP/FSDP) would
             # each see it at another step, so there it stops at once as before
-            stop = stopper.installed() if world == 1 else contextlib.nullcontext()
-            with timer("train"), stop, _checkpoint_writes(trainer, ckpt_dir):
-                output = trainer.train(resume_from_checkpoint=last)
+            stop = run.stopper.installed() if run.world == 1 else contextlib.nullcontext()
+            with p.timer("train"), stop, _checkpoint_writes(run.trainer, ckpt_dir):
+                run.output = run.trainer.train(resume_from_checkpoint=run.last)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
-            _mark_interrupted(out, int(trainer.state.global_step))
-            raise Interrupted()
-        if output.training_loss is not None and not math.isfinite(output.training_loss):
-            raise SftscopeError(f"training loss is {output.training_loss} (not finite); "
-                                f"nothing was saved: check the model's weights and data, lower "
-                                f"--lr, or use --dtype float32")
-        steps = int(trainer.state.global_step)
-        runtime = float(output.metrics.get("train_runtime", 0.0))
-        history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
-        adapter_dir = model_dir = None
-        meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
-                "method": cfg.method, "mask": cfg.mask,
-                "segments": len(cfg.mask) if cfg.mask else None, "blocks": blocks, "rank": rank,
-                "alpha": alpha, "rslora": cfg.rslora if not full else None, "modules": names,
-                "experts": experts_rec,
-                "full_rank": float(cfg.rank), "seed": cfg.seed, "objective": cfg.objective}
-        stage("save")
-        with timer("save"):
-            if full:
-                from sftscope.load.runtime import quiet_libraries
+        _check_finished(p, run)
+        _save(p, run)
+    return run
 
-                model_dir = out / "model"
-                with writing(model_dir, remove=model_dir), quiet_libraries():
-                    trainer.save_model(str(model_dir))
-                    if is_main_process():
-                        tok.save_pretrained(str(model_dir))
-                        write_json(model_dir / META_FILE, meta)
-                        # the Trainer's pickled arguments do not belong in a model folder
-                        (model_dir / "training_args.bin").unlink(missing_ok=True)
-            else:
-                adapter_dir = out / "adapter"
-                with writing(adapter_dir, remove=adapter_dir):
-                    trainer.save_model(str(adapter_dir))
-                    if is_main_process():
-                        write_json(adapter_dir / META_FILE, meta)
-        merged_dir = None
-        if cfg.merge and not full and is_main_process():
-            from sftscope.load.models import save_model
 
-            stage("merge")
-            with timer("merge"):
-                merged_dir = str(save_model(str(adapter_dir), out / "merged", LoadOptions(
-                    dtype=dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
-            _say(f"wrote {merged_dir} (the base with the adapter merged in)")
-    model = trainer.model
-    if freeze is not None:
-        freeze.remove()
-    got = names if full else adapted_parts(model)
-    if recorder is not None:
-        for note in recorder.notes:
-            _say(f"[yellow]note:[/] {note}")
-    result = TuneResult(
-        out=str(out), adapter_dir=str(adapter_dir) if adapter_dir else None, model=cfg.model,
-        mask=cfg.mask, segments=len(cfg.mask) if cfg.mask else None, blocks=blocks,
-        n_blocks=n_blocks, full_rank=None if full else float(cfg.rank), rank=rank, alpha=alpha,
-        scaling=scaling, rslora=cfg.rslora and not full, mlp=cfg.mlp or full, modules=got,
-        trainable_params=n_train_params, full_depth_params=full_params,
-        budget_ratio=n_train_params / full_params, seed=cfg.seed, dtype=dtype,
-        n_train=len(data.examples), n_truncated=data.n_truncated, max_length=data.max_length,
-        longest_example=data.longest, steps=steps,
+def _adapt(p: TunePlan) -> tuple[nn.Module, int, Any, dict[str, Any] | None]:
+    """The model with its selected blocks trainable (full) or LoRA on them; the trainable
+    parameters, and with ``--experts`` the expert freeze and its record."""
+    cfg, model, blocks, spec = p.cfg, p.model, p.blocks, p.spec
+    sel = (f"mask {cfg.mask} of {len(cfg.mask)} segments" if cfg.mask else
+           f"blocks {cfg.blocks}")
+    where = f"blocks {_block_ranges(blocks)} ({sel}, {p.n_blocks} blocks)"
+    freeze = experts_rec = None
+    if p.full:
+        n_train_params = unfreeze_blocks(model, blocks, spec)
+        if cfg.experts is not None:  # an SFT option: the training examples measure loads
+            freeze, experts_rec = select_experts(model, cfg, p.data.examples, blocks, spec)
+        _say(f"full fine-tuning of {where}; embeddings, head and the other blocks frozen")
+        if freeze is not None and experts_rec is not None:
+            n_train_params -= freeze.frozen_params
+            _say(f"routed experts trained (--experts {cfg.experts}), per block: "
+                 + "; ".join(f"{b}: {e}" for b, e in experts_rec["trained"].items())
+                 + "; the others stay as they are")
+        _say(f"trainable parameters: {n_train_params:,} "
+             f"({100 * n_train_params / p.full_params:.1f} % of the {p.full_params:,} in all "
+             f"blocks)")
+        return model, n_train_params, freeze, experts_rec
+    model = apply_lora(model, blocks, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
+                       mlp=cfg.mlp, rslora=cfg.rslora, spec=spec, router=cfg.router)
+    n_train_params = trainable_params(model)
+    names = adapted_parts(model)
+    _say(f"LoRA on {where}: {_parts_summary(names, spec)} -> {len(names)} modules and "
+         f"parameters")
+    if p.dropout != cfg.dropout:
+        _say(f"note: {EXPERT_DROPOUT_NOTE}")
+    _say(f"rank {p.rank} (full-depth budget rank {cfg.rank:g} x {p.n_blocks} blocks), alpha "
+         f"{p.alpha:g}, scale {p.scaling:.4g}{' (rsLoRA)' if cfg.rslora else ''}")
+    _say(f"trainable parameters: {n_train_params:,} (full-depth budget {p.full_params:,}; "
+         f"{100 * n_train_params / p.full_params:.1f} %)")
+    if p.rank > p.narrow:
+        _say(f"note: rank {p.rank} exceeds the narrowest adapted projection ({p.narrow}); the "
+             f"extra rank adds parameters but no expressiveness")
+    return model, n_train_params, freeze, experts_rec
+
+
+def _training_arguments(p: TunePlan, micro: int, ckpt_dir: Path) -> Any:
+    """The Trainer's arguments (TRL's config for DPO/GRPO), gradient accumulation set from
+    the batch size, the micro-batch and the processes that train together."""
+    from transformers import TrainingArguments
+
+    cfg = p.cfg
+    common = dict(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=1, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps else -1, learning_rate=cfg.lr,
+        lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps, optim="adamw_torch",
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        bf16=p.dtype == "bfloat16", fp16=p.dtype == "float16", logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        report_to=p.reporters, disable_tqdm=True, seed=cfg.seed,
+        data_seed=cfg.seed, remove_unused_columns=False, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False, activation_checkpointing=False,
+        logging_nan_inf_filter=False,  # a NaN loss must show, never be hidden in the average
+    )
+    if p.sft:
+        return TrainingArguments(**common)
+    from sftscope.experiments import objectives
+
+    return objectives.training_arguments(cfg, common)
+
+
+def _make_trainer(p: TunePlan, run: Training, callbacks: list | None) -> Training:
+    """The Trainer with its callbacks (loss checks, progress, estimates, expert freeze,
+    dynamics, signals), the collator (packed or padded) and the checkpoint to resume."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    cfg, out = p.cfg, p.out
+    micro = min(cfg.micro_batch_size, cfg.batch_size)
+    ckpt_dir = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        write_json(out / "tune-config.json", {"command": "tune", "config": cfg.record(),
+                                              "config_hash": _config_hash(cfg)})
+    run.last = last_good_checkpoint(ckpt_dir) if cfg.resume else None
+    if cfg.resume:
+        _say(f"resuming from {run.last}" if run.last else "no checkpoint yet: starting from "
+             "step 0")
+    run.args = args = _training_arguments(p, micro, ckpt_dir)
+    run.world = world = max(1, int(args.world_size))  # processes that really train together
+    if cfg.batch_size % (micro * world):
+        raise SftscopeError(f"--batch-size {cfg.batch_size} is not a multiple of "
+                            f"--micro-batch-size {micro} x {world} processes; change one")
+    args.gradient_accumulation_steps = cfg.batch_size // (micro * world)
+    work = None
+    if p.sft:
+        work = plan_work([len(e["input_ids"]) for e in p.data.examples], cfg.batch_size,
+                         epochs=cfg.epochs, max_steps=cfg.max_steps)
+        _say(work.line() + "; a time estimate follows the first steps (none before: it "
+             "depends on the machine)")
+    run.stopper = StopOnSignal()
+    every = [finite_loss_callback(), trainer_callback("train"),
+             *([estimate_callback(work)] if work is not None else []),
+             *([run.freeze.callback()] if run.freeze is not None else []),
+             *([run.recorder.callback()] if run.recorder else []),
+             *([no_final_checkpoint_callback()] if p.full and not cfg.keep_checkpoints
+               else []),
+             run.stopper.callback(), *(callbacks or [])]
+    if p.sft:
+        run.packed, run.packing_why = choose_packing(cfg.packing, p.model, p.data.examples,
+                                                     pad_id(p.tok), micro)
+        _say(f"packing {run.packing_why}")
+        collator = packing_collator(pad_id(p.tok)) if run.packed else PadCollator(pad_id(p.tok))
+        run.trainer = Trainer(model=p.model, args=args,
+                              train_dataset=_ListDataset(p.data.examples),
+                              data_collator=collator, callbacks=every)
+    else:  # TRL pads its own batches
+        from sftscope.experiments import objectives
+
+        run.packed, run.packing_why = False, f"off: --objective {cfg.objective} batches are TRL's"
+        run.trainer, p.data = objectives.make_trainer(cfg, model=p.model, args=args,
+                                                      rows=p.rows, tok=p.tok, callbacks=every)
+        _say_data(p.data)
+    run.losses = LossSum(run.trainer, run.last) if world == 1 else None
+    if run.losses is not None:
+        run.trainer.add_callback(run.losses.callback())
+    for cb in (PrinterCallback, ProgressCallback):  # raw log dicts and tqdm: we report instead
+        run.trainer.remove_callback(cb)
+    return run
+
+
+def _check_finished(p: TunePlan, run: Training) -> None:
+    """A signal that stopped training early marks the run interrupted; a non-finite loss
+    saves nothing."""
+    state, output = run.trainer.state, run.output
+    if run.stopper.signum is not None and state.global_step < state.max_steps:
+        _mark_interrupted(p.out, int(state.global_step))
+        raise Interrupted()
+    if output.training_loss is not None and not math.isfinite(output.training_loss):
+        raise SftscopeError(f"training loss is {output.training_loss} (not finite); "
+                            f"nothing was saved: check the model's weights and data, lower "
+                            f"--lr, or use --dtype float32")
+
+
+def _save(p: TunePlan, run: Training) -> None:
+    """``RUN/adapter`` (LoRA) or ``RUN/model`` (full) with its meta file; ``--merge``: the base
+    with the adapter merged in, ``RUN/merged``."""
+    cfg, out, trainer = p.cfg, p.out, run.trainer
+    meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
+            "method": cfg.method, "mask": cfg.mask,
+            "segments": len(cfg.mask) if cfg.mask else None, "blocks": p.blocks,
+            "rank": p.rank, "alpha": p.alpha, "rslora": cfg.rslora if not p.full else None,
+            "modules": p.names, "experts": run.experts_rec,
+            "full_rank": float(cfg.rank), "seed": cfg.seed, "objective": cfg.objective}
+    stage("save")
+    with p.timer("save"):
+        if p.full:
+            from sftscope.load.runtime import quiet_libraries
+
+            run.model_dir = model_dir = out / "model"
+            with writing(model_dir, remove=model_dir), quiet_libraries():
+                trainer.save_model(str(model_dir))
+                if is_main_process():
+                    p.tok.save_pretrained(str(model_dir))
+                    write_json(model_dir / META_FILE, meta)
+                    # the Trainer's pickled arguments do not belong in a model folder
+                    (model_dir / "training_args.bin").unlink(missing_ok=True)
+        else:
+            run.adapter_dir = adapter_dir = out / "adapter"
+            with writing(adapter_dir, remove=adapter_dir):
+                trainer.save_model(str(adapter_dir))
+                if is_main_process():
+                    write_json(adapter_dir / META_FILE, meta)
+    if cfg.merge and not p.full and is_main_process():
+        stage("merge")
+        with p.timer("merge"):
+            run.merged_dir = str(save_model(str(run.adapter_dir), out / "merged", LoadOptions(
+                dtype=p.dtype, device="cpu", base=cfg.model, base_revision=cfg.revision)))
+        _say(f"wrote {run.merged_dir} (the base with the adapter merged in)")
+
+
+# ------------------------------------------------------------------ record
+
+def _tune_result(p: TunePlan, run: Training, got: list[str]) -> TuneResult:
+    """The run's result from its plan and training (``got``: the modules trained)."""
+    from sftscope.experiments import objectives
+
+    cfg, trainer, output = p.cfg, run.trainer, run.output
+    steps = int(trainer.state.global_step)
+    runtime = float(output.metrics.get("train_runtime", 0.0))
+    history = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    losses = run.losses
+    return TuneResult(
+        out=str(p.out), adapter_dir=str(run.adapter_dir) if run.adapter_dir else None,
+        model=cfg.model, mask=cfg.mask, segments=len(cfg.mask) if cfg.mask else None,
+        blocks=p.blocks, n_blocks=p.n_blocks, full_rank=None if p.full else float(cfg.rank),
+        rank=p.rank, alpha=p.alpha, scaling=p.scaling, rslora=cfg.rslora and not p.full,
+        mlp=cfg.mlp or p.full, modules=got, trainable_params=run.n_train_params,
+        full_depth_params=p.full_params, budget_ratio=run.n_train_params / p.full_params,
+        seed=cfg.seed, dtype=p.dtype, n_train=len(p.data.examples),
+        n_truncated=p.data.n_truncated, max_length=p.data.max_length,
+        longest_example=p.data.longest, steps=steps,
         train_loss=(losses.mean(steps) if losses is not None and losses.known
                     else float(output.training_loss) if output.training_loss is not None
                     else None),
         loss_history=history, step_time_s=runtime / steps if steps else None,
-        resumed_from=last, timings=timer.seconds, method=cfg.method,
-        model_dir=str(model_dir) if model_dir else None,
-        dynamics=recorder.info() if recorder is not None else None, merged_dir=merged_dir,
-        objective=cfg.objective, trl=None if sft else objectives.record(cfg, trainer),
-        dropout=dropout, router=cfg.router, experts=experts_rec,
+        resumed_from=run.last, timings=p.timer.seconds, method=cfg.method,
+        model_dir=str(run.model_dir) if run.model_dir else None,
+        dynamics=run.recorder.info() if run.recorder is not None else None,
+        merged_dir=run.merged_dir, objective=cfg.objective,
+        trl=None if p.sft else objectives.record(cfg, trainer), dropout=p.dropout,
+        router=cfg.router, experts=run.experts_rec,
     )
 
-    def record() -> None:  # training is recorded before the evaluation, which may fail
-        result.timings = dict(timer.seconds)
-        write_json(out / "run.json", run_record(
-            "tune", cfg.record(), config_hash=_config_hash(cfg), model_fingerprint=fingerprint(
-                cfg.model, cfg.revision), n_blocks=n_blocks, method=cfg.method,
-            objective=cfg.objective, trl=result.trl, mask=cfg.mask,
-            blocks=blocks,
-            rank=rank, alpha=alpha, modules=got, trainable_params=n_train_params,
-            full_depth_params=full_params, experts=experts_rec, seed=cfg.seed, processes=world,
-            grad_accumulation=args.gradient_accumulation_steps, timings=result.timings,
-            packing={"used": packed, "reason": packing_why},
-            result=result, finished=True))
 
+def _write_record(p: TunePlan, run: Training, result: TuneResult, got: list[str]) -> None:
+    """``RUN/run.json``: the settings, budget, processes, timings and result."""
+    cfg = p.cfg
+    result.timings = dict(p.timer.seconds)
+    write_json(p.out / "run.json", run_record(
+        "tune", cfg.record(), config_hash=_config_hash(cfg), model_fingerprint=fingerprint(
+            cfg.model, cfg.revision), n_blocks=p.n_blocks, method=cfg.method,
+        objective=cfg.objective, trl=result.trl, mask=cfg.mask,
+        blocks=p.blocks,
+        rank=p.rank, alpha=p.alpha, modules=got, trainable_params=run.n_train_params,
+        full_depth_params=p.full_params, experts=run.experts_rec, seed=cfg.seed,
+        processes=run.world, grad_accumulation=run.args.gradient_accumulation_steps,
+        timings=result.timings, packing={"used": run.packed, "reason": run.packing_why},
+        result=result, finished=True))
+
+
+def record_tune(p: TunePlan, run: Training) -> TuneResult:
+    """The result, recorded in run.json before the evaluation (which may fail), the
+    checkpoints removed unless kept, then the evaluation and the record again."""
+    cfg, out = p.cfg, p.out
+    model = run.trainer.model
+    if run.freeze is not None:
+        run.freeze.remove()
+    got = p.names if p.full else adapted_parts(model)
+    if run.recorder is not None:
+        for note in run.recorder.notes:
+            _say(f"[yellow]note:[/] {note}")
+    result = _tune_result(p, run, got)
     if not is_main_process():
         return result
-    record()
+    _write_record(p, run, result, got)
     (out / "tune-config.json").unlink(missing_ok=True)
     if not cfg.keep_checkpoints:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if not cfg.run_eval:
         return result
-    if eval_task is None:
+    world, trainer = run.world, run.trainer
+    if p.eval_task is None:
         _say("no --eval-task given: skipping evaluation")
     elif world > 1 and (getattr(trainer, "is_fsdp_enabled", False)
                         or getattr(trainer, "is_deepspeed_enabled", False)):
-        how = (f"--model {model_dir}" if full else f"--model {cfg.model} --adapter "
-               f"{adapter_dir}")
+        how = (f"--model {run.model_dir}" if p.full else f"--model {cfg.model} --adapter "
+               f"{run.adapter_dir}")
         _say(f"evaluation skipped: the model is sharded over {world} processes; run "
              f"`sftscope eval {how}`")
     else:
         stage("evaluate")
-        result.eval = _evaluate_after(model, tok, cfg, eval_task, timer)
-        record()
+        result.eval = _evaluate_after(model, p.tok, cfg, p.eval_task, p.timer)
+        _write_record(p, run, result, got)
     return result
 
 
