@@ -13,7 +13,7 @@ empty table.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from sftscope.chains import (
 )
 from sftscope.config.commands import AnalyzeConfig
 from sftscope.experiments import routing as RT
+from sftscope.experiments.context import Models, RunContext
 from sftscope.io import Timer, run_record, write_table
 from sftscope.load import data as D
 from sftscope.load.models import (
@@ -62,11 +63,10 @@ from sftscope.load.models import (
     pair_tokenizer,
 )
 from sftscope.load.runtime import dtype_name, model_bytes, release, resolve_device, resolve_dtype
-from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metric_registry import MetricFunction, metric_functions
 from sftscope.parallel import Group, empty_like_table, join
 from sftscope.progress import plan, say, stage, staged
-from sftscope.runs import check_out, finish_run, start_run
+from sftscope.runs import check_out
 
 __all__ = ["AnalyzeConfig", "analyze", "correlation_table", "pair_table", "single_model_table"]
 
@@ -385,6 +385,38 @@ def _routing_rows(rplan: RT.RoutingPlan, rb: CaptureResult, rs: CaptureResult, l
                             pair_label(BASE, label), boot, seed))
 
 
+@dataclass
+class AnalyzePlan:
+    """What analyze validated and prepared before any model runs: the run's context (tokenizer,
+    data, notes, folder), the chain's stages and pairs, the pair's shape, device and dtype, the
+    metric and capture options, the routing measurement of an MoE pair."""
+
+    ctx: RunContext
+    stages: list[Stage]
+    pairs: list
+    info: PairInfo
+    device: str
+    dtype: torch.dtype
+    opts: M.MetricOptions
+    ccfg: CaptureConfig
+    par: Group
+    timer: Timer
+    rplan: RT.RoutingPlan | None = None
+
+
+@dataclass
+class Captured:
+    """What the captures gave rank 0: the base's capture, every model's fingerprint and capture
+    info, the table parts, the noise floor and the routing rows."""
+
+    rb: CaptureResult
+    fps: dict[str, dict]
+    infos: dict[str, dict | None]
+    parts: list[pd.DataFrame]
+    noise: pd.DataFrame
+    routing_rows: list[tuple]
+
+
 @staged
 def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     """Run the whole analysis and write ``metrics.csv``, ``correlation.csv`` and ``run.json``.
@@ -395,126 +427,147 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
     (``pair``, ``pair:base-LABEL``) and with ``consecutive`` against the stage before it
     (``pair:PREV-LABEL``); each pair's numbers are those of a separate two-model run.
     """
+    p = plan_analyze(cfg)
+    found = run_analyze(cfg, p)
+    if found is None or not p.par.main:  # not rank 0: the tables are rank 0's
+        return empty_like_table(["layer", "metric", "model", "value", "ci_low", "ci_high"])
+    return record_analyze(cfg, p, found)
+
+
+def plan_analyze(cfg: AnalyzeConfig) -> AnalyzePlan:
+    """Validate the chain, the routers, the tokenizers and the data on every rank (all pass or
+    all fail alike), say the notes and start the run folder."""
     timer = Timer()
     out = Path(cfg.out)
     opts = _options(cfg)
     par = join(cfg.device, cfg.device_map)
     stages = _chain(cfg)
     pairs = chain_pairs([s.label for s in stages], cfg.consecutive)
+    ctx = RunContext("analyze", out, Models.pair(cfg.base, cfg.sft, cfg.base_revision,
+                                                 cfg.sft_revision))
     with par.together("validation"):  # every rank validates; all pass or all fail alike
         check_out(out, "analyze", cfg, overwrite=cfg.overwrite)
         device = par.device or resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         with timer("validate"):
-            info, notes = check_chain(cfg.base, stages, base_revision=cfg.base_revision,
-                                      allow_mixed=cfg.allow_mixed_pair,
-                                      allow_other_base=cfg.allow_other_base,
-                                      memo_dir=cfg.cache_dir)
+            info, ctx.notes = check_chain(cfg.base, stages, base_revision=cfg.base_revision,
+                                          allow_mixed=cfg.allow_mixed_pair,
+                                          allow_other_base=cfg.allow_other_base,
+                                          memo_dir=cfg.cache_dir)
             shape = RT.check_router_input(cfg.router_input,
                                           load_config(cfg.base, cfg.base_revision), cfg.base)
             RT.check_same_routers(shape, {
                 st.label: load_config(st.spec, st.revision, base=cfg.base,
                                       base_revision=cfg.base_revision) for st in stages})
             if shape is not None and cfg.consecutive:
-                notes.append("routing.csv compares each stage with the base only; the "
-                             "consecutive pairs have no routing rows")
-            tokenizer, tok_notes = pair_tokenizer(
+                ctx.notes.append("routing.csv compares each stage with the base only; the "
+                                 "consecutive pairs have no routing rows")
+            ctx.tokenizer, tok_notes = pair_tokenizer(
                 cfg.base, cfg.sft, cfg.tokenizer,
                 revisions={"base": cfg.base_revision, "sft": cfg.sft_revision})
-            notes += tok_notes + check_chain_tokenizers(tokenizer, cfg.base, stages,
-                                                        base_revision=cfg.base_revision)
+            ctx.notes += tok_notes + check_chain_tokenizers(ctx.tokenizer, cfg.base, stages,
+                                                            base_revision=cfg.base_revision)
         with timer("data"):
-            tok, data_notes = prepare_data(cfg, tokenizer)
-        notes += data_notes
-    for n in notes:
-        say(f"[yellow]note:[/] {n}")
-    reference = cfg.preset == "reference"
-    ccfg = capture_config(cfg, opts)
-    pad_id = pad_id_of(tokenizer)
-    if par.main:
-        start_run(out, "analyze", AnalyzeConfig.OUTPUTS)
+            ctx.tokens, data_notes = prepare_data(cfg, ctx.tokenizer)
+        ctx.notes += data_notes
+    ctx.say_notes()
+    p = AnalyzePlan(ctx, stages, pairs, info, device, dtype, opts, capture_config(cfg, opts),
+                    par, timer)
+    ctx.start(AnalyzeConfig.OUTPUTS, main=par.main)
     plan(len(stages) + 2)  # capture the base, each SFT-side stage, then the tables
-    rplan = routing_plan(cfg, shape, stages, dtype, par)
+    p.rplan = routing_plan(cfg, shape, stages, dtype, par)
+    return p
+
+
+def run_analyze(cfg: AnalyzeConfig, p: AnalyzePlan) -> Captured | None:
+    """Capture the base, then each stage (every rank captures every stage, so the collectives
+    stay in step), and build rank 0's table parts as each stage arrives (None elsewhere)."""
+    tok, rplan, timer, opts = p.ctx.tokens, p.rplan, p.timer, p.opts
     stage("capture base")
     with timer("capture_base"):
         rb, fp_b, key_b = _capture_model(
             cfg.base, cfg.base_revision, cfg, tok,
-            ccfg if rplan is None else replace(ccfg, routing=rplan.base_option()), pad_id,
-            "base", par, routing=None if rplan is None else (
+            p.ccfg if rplan is None else replace(p.ccfg, routing=rplan.base_option()),
+            p.ctx.pad_id, "base", p.par, routing=None if rplan is None else (
                 rplan.base_task, lambda key: rplan.base_ready(key, len(tok))))
     if rplan is not None:
         rplan.base_key = key_b
-    routing_rows: list[tuple] = []
+    found = Captured(rb, {BASE: fp_b}, {BASE: rb.info if rb is not None else None}, [],
+                     pd.DataFrame(columns=NOISE_COLUMNS), [])
     if rb is not None and rplan is not None:
-        routing_rows += RT.load_rows(rb.routing["count"], rplan.blocks, BASE, cfg.bootstrap,
-                                     cfg.seed)
-    fps, infos = {BASE: fp_b}, {BASE: rb.info if rb is not None else None}
-    parts: list[pd.DataFrame] = []
+        found.routing_rows += RT.load_rows(rb.routing["count"], rplan.blocks, BASE,
+                                           cfg.bootstrap, cfg.seed)
     if rb is not None:
         with timer("metrics"):
             single_b = single_model_table(rb, opts, BASE, cfg.bootstrap, cfg.seed)
-        parts.append(single_b)
+        found.parts.append(single_b)
         with timer("noise"):
-            noise = noise_table(rb, opts, cfg.noise_splits, cfg.seed)
+            found.noise = noise_table(rb, opts, cfg.noise_splits, cfg.seed)
     prev: tuple[str, CaptureResult, pd.DataFrame] | None = None
-    for st in stages:  # every rank captures every stage (the collectives stay in step)
+    for st in p.stages:  # every rank captures every stage (the collectives stay in step)
         stage(f"capture {st.label}")
         with timer(f"capture_{st.label}"):
-            rs, fps[st.label], _ = _capture_model(
+            rs, found.fps[st.label], _ = _capture_model(
                 st.spec, st.revision, cfg, tok,
-                ccfg if rplan is None else replace(ccfg, routing=rplan.stage_option()), pad_id,
-                st.label, par, base=cfg.base,
+                p.ccfg if rplan is None else replace(p.ccfg, routing=rplan.stage_option()),
+                p.ctx.pad_id, st.label, p.par, base=cfg.base,
                 routing=None if rplan is None else (rplan.stage_task, lambda _k: True))
         if rb is None or rs is None:  # not rank 0: the tables are rank 0's
             continue
-        infos[st.label] = rs.info
+        found.infos[st.label] = rs.info
         if rplan is not None:
-            routing_rows += _routing_rows(rplan, rb, rs, st.label, cfg)
+            found.routing_rows += _routing_rows(rplan, rb, rs, st.label, cfg)
         with timer("metrics"):
             single_s = single_model_table(rs, opts, st.label, cfg.bootstrap, cfg.seed)
-            parts.append(single_s)
-            parts.append(pair_table(rb, rs, opts, pd.concat([single_b, single_s]),
-                                    cfg.bootstrap, cfg.seed, models=(BASE, st.label),
-                                    label=pair_label(BASE, st.label)))
+            found.parts.append(single_s)
+            found.parts.append(pair_table(rb, rs, opts, pd.concat([single_b, single_s]),
+                                          cfg.bootstrap, cfg.seed, models=(BASE, st.label),
+                                          label=pair_label(BASE, st.label)))
             if cfg.consecutive and prev is not None:
                 label_p, rp, single_p = prev
-                parts.append(pair_table(rp, rs, opts, pd.concat([single_p, single_s]),
-                                        cfg.bootstrap, cfg.seed, models=(label_p, st.label),
-                                        label=pair_label(label_p, st.label)))
+                found.parts.append(pair_table(rp, rs, opts, pd.concat([single_p, single_s]),
+                                              cfg.bootstrap, cfg.seed,
+                                              models=(label_p, st.label),
+                                              label=pair_label(label_p, st.label)))
         prev = (st.label, rs, single_s)  # the stage before: kept while the next one runs
-    prev = None
-    if rb is None or not par.main:
-        return empty_like_table(["layer", "metric", "model", "value", "ci_low", "ci_high"])
+    return found if rb is not None else None
+
+
+def record_analyze(cfg: AnalyzeConfig, p: AnalyzePlan, found: Captured) -> pd.DataFrame:
+    """The tables (metrics, correlation, routing, noise) and run.json; returns the metrics."""
     stage("metrics and tables")
-    low = {str(i.get("compute_dtype")) for i in infos.values() if i} & {
+    ctx, out, info, tok, rplan = p.ctx, Path(cfg.out), p.info, p.ctx.tokens, p.rplan
+    reference = cfg.preset == "reference"
+    low = {str(i.get("compute_dtype")) for i in found.infos.values() if i} & {
         "bfloat16", "float16", "torch.bfloat16", "torch.float16"}
     if low:
-        notes.append(f"states were computed in {', '.join(sorted(low))}: rank_deficiency and "
-                     f"condition_number are undefined at that precision (its rounding noise "
-                     f"reaches sigma_max) and are NaN; run with --dtype float32 for them")
-        say(f"[yellow]note:[/] {notes[-1]}")
-    with timer("metrics"):
-        order = (model_order([st.label for st in stages], pairs) if len(stages) > 1
+        ctx.note(f"states were computed in {', '.join(sorted(low))}: rank_deficiency and "
+                 f"condition_number are undefined at that precision (its rounding noise "
+                 f"reaches sigma_max) and are NaN; run with --dtype float32 for them")
+    with p.timer("metrics"):
+        order = (model_order([st.label for st in p.stages], p.pairs) if len(p.stages) > 1
                  else None)  # a chain: its members in training order
-        table = tidy(parts, reference=reference, n_blocks=info.n_blocks, order=order)
+        table = tidy(found.parts, reference=reference, n_blocks=info.n_blocks, order=order)
         corr = correlation_table(table[~table.model.map(is_pair_label)
                                        | table.metric.isin(["cka", "cosine_similarity",
                                                             "mean_shift"])])
+    noise = found.noise
     if reference and len(noise):
         noise = noise[noise.layer < info.n_blocks]
     for fmt in cfg.formats:
         write_table(table, out / f"metrics.{fmt}")
         write_table(corr, out / f"correlation.{fmt}")
         if rplan is not None:
-            write_table(RT.frame(routing_rows), out / f"routing.{fmt}")
+            write_table(RT.frame(found.routing_rows), out / f"routing.{fmt}")
         if len(noise):
             write_table(noise, out / f"noise.{fmt}")
     n_tok_used = min(cfg.n_token, len(tok))
-    skipped = int(torch.isnan(rb.token["curvature"][0, :n_tok_used]).sum()) if n_tok_used else 0
-    finish_run(out, run_record(
-        "analyze", cfg.record(), resolved={"device": device, "dtype": str(dtype)},
+    curv = found.rb.token["curvature"]
+    skipped = int(torch.isnan(curv[0, :n_tok_used]).sum()) if n_tok_used else 0
+    ctx.finish(run_record(
+        "analyze", cfg.record(), resolved={"device": p.device, "dtype": str(p.dtype)},
         n_blocks=info.n_blocks, hidden_size=info.hidden_size, model_type=info.model_type,
-        models=fps, metric_options=asdict(opts),
+        models=found.fps, metric_options=asdict(p.opts),
         layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b (before final norm)"
         + ("; reference preset: j = 0..L-1 only, padding counted in token metrics"
            if reference else ""),
@@ -525,9 +578,9 @@ def analyze(cfg: AnalyzeConfig) -> pd.DataFrame:
         noise_floor=(f"noise.csv: the base against itself on two disjoint random halves of "
                      f"the samples, {cfg.noise_splits} splits; value = median, ci_low/ci_high "
                      f"= 2.5-97.5 % range over the splits") if len(noise) else None,
-        notes=notes,
-        capture=infos, timings=timer.seconds,
+        notes=ctx.notes,
+        capture=found.infos, timings=p.timer.seconds,
         routing=None if rplan is None else rplan.record(),
-        **chain_record(stages, pairs), **par.record(len(tok), shard_unit(ccfg)),
+        **chain_record(p.stages, p.pairs), **p.par.record(len(tok), shard_unit(p.ccfg)),
     ))
     return table

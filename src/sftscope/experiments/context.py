@@ -1,15 +1,26 @@
-"""What model-running commands share about their models: which models (specs, revisions, the
-base an adapter applies to), how each loads, and their content identity for run.json (probe,
-swap).
+"""What model-running commands share about a run: which models (specs, revisions, the base an
+adapter applies to), how each loads and their content identity for run.json (:class:`Models`);
+and the run's set-up around them (:class:`RunContext`): the tokenizer and its pad id, the
+prepared data, the notes gathered on the way, and the run folder started and finished.
+
+A command reads as plan -> run -> record: its plan fills a ``RunContext`` (validation,
+tokenizer, data, notes), its run loads the models with ``load_options`` and feeds them
+``tokens`` with ``pad_id``, and its record finishes the folder with the notes and
+``fingerprints``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from sftscope.load.data import TokenizedSet
 from sftscope.load.identity import fingerprint
 from sftscope.load.models import LoadOptions
+from sftscope.load.runtime import pad_id
+from sftscope.progress import say
+from sftscope.runs import finish_run, start_run
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,11 @@ class Models:
         return cls({"base": base, "sft": sft}, {"base": base_revision, "sft": sft_revision},
                    {"base": None, "sft": base})
 
+    @classmethod
+    def single(cls, spec: str, revision: str | None, label: str = "model") -> Models:
+        """One model under ``label``."""
+        return cls({label: spec}, {label: revision}, {label: None})
+
     def load_options(self, cfg: Any, *, device: str) -> dict[str, LoadOptions]:
         """How each model loads (``cfg``: dtype, device map, base revision and
         ``allow_other_base``; ``device``: the resolved device)."""
@@ -40,3 +56,49 @@ class Models:
         """Each model's content identity, for run.json."""
         return {k: fingerprint(v, self.revs[k], base=self.bases[k], base_revision=base_revision)
                 for k, v in self.specs.items()}
+
+
+@dataclass
+class RunContext:
+    """One run's set-up for a pair or a model: the models, the tokenizer the data is tokenized
+    with, the tokenized data, the notes (validation, tokenizer, data: said once, recorded in
+    run.json) and the run folder (``out``; None when the command writes none)."""
+
+    command: str
+    out: Path | None
+    models: Models
+    tokenizer: Any = None
+    tokens: TokenizedSet | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pad_id(self) -> int:
+        """The id batches are padded with (the tokenizer's pad, else its end of sequence)."""
+        return pad_id(self.tokenizer)
+
+    def say_notes(self) -> None:
+        """Say every note gathered so far (once, after validation)."""
+        for note in self.notes:
+            say(f"[yellow]note:[/] {note}")
+
+    def note(self, text: str) -> None:
+        """A note found while running: recorded, and said at once."""
+        self.notes.append(text)
+        say(f"[yellow]note:[/] {text}")
+
+    def start(self, outputs: tuple[str, ...] | list[str], *, main: bool = True) -> None:
+        """Start the run folder (clear this command's previous outputs, mark it running);
+        nothing without a folder or off the main process."""
+        if self.out is not None and main:
+            start_run(self.out, self.command, outputs)
+
+    def finish(self, record: dict[str, Any]) -> None:
+        """Write run.json last and mark the folder finished."""
+        if self.out is not None:
+            finish_run(self.out, record)
+
+    def load_options(self, cfg: Any, *, device: str) -> dict[str, LoadOptions]:
+        return self.models.load_options(cfg, device=device)
+
+    def fingerprints(self, base_revision: str | None) -> dict[str, dict]:
+        return self.models.fingerprints(base_revision)
