@@ -55,6 +55,7 @@ from torch import nn
 from sftscope.config.commands import EvalConfig, TuneConfig, check_moe_options
 from sftscope.config.core import changed, defaults
 from sftscope.errors import Interrupted, SftscopeError, WriteError
+from sftscope.experiments.context import Models, RunContext
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
 from sftscope.experiments.moe_tune import (
@@ -86,7 +87,6 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
 )
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_experts
 from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer, save_model
-from sftscope.load.runtime import pad_id
 from sftscope.progress import plan, say, stage, staged, trainer_callback
 from sftscope.runs import claim
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
@@ -863,6 +863,22 @@ def _was_interrupted(out: Path) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Budget:
+    """The adapted blocks and their budget: the modules adapted (LoRA) or the blocks (full),
+    and the full-depth budget in parameters."""
+
+    n_blocks: int
+    blocks: list[int]
+    names: list[str]
+    full_params: int
+    rank: int | None  # LoRA: the equal-budget rank, alpha, scale and dropout (full: None)
+    alpha: float | None
+    scaling: float | None
+    dropout: float | None
+    narrow: int  # LoRA: the narrowest adapted projection's width (full: 0)
+
+
 @dataclass
 class TunePlan:
     """What a tune run will do, settled before training: the model and tokenizer loaded, the
@@ -870,23 +886,15 @@ class TunePlan:
 
     cfg: TuneConfig
     out: Path
+    ctx: RunContext  # the model, its tokenizer and pad id
     timer: Timer
     reporters: list[str]
     eval_task: tuple[str, str | None] | None
     dtype: str
     rows: Any = None  # DPO/GRPO: the records TRL trains on (SFT: ``data``)
-    tok: Any = None
     model: Any = None
     spec: ArchSpec | None = None
-    n_blocks: int = 0
-    blocks: list[int] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    full_params: int = 0
-    rank: int | None = None
-    alpha: float | None = None
-    scaling: float | None = None
-    dropout: float | None = None
-    narrow: int = 0
+    budget: Budget | None = None
     data: TrainSet | None = None
 
     @property
@@ -951,7 +959,8 @@ def plan_tune(cfg: TuneConfig, out: Path) -> TunePlan:
     eval_task = parse_eval_task(cfg.eval_task) if cfg.eval_task else None
     if eval_task is None and cfg.train == "gsm8k":
         eval_task = ("gsm8k", None)  # the hub dataset's test split
-    p = TunePlan(cfg, out, Timer(), reporters, eval_task, dtype="")
+    ctx = RunContext("tune", out, Models.single(cfg.model, cfg.revision))
+    p = TunePlan(cfg, out, ctx, Timer(), reporters, eval_task, dtype="")
     if not p.sft:  # DPO/GRPO records are read and checked before the model is loaded
         from sftscope.experiments import objectives
 
@@ -963,35 +972,35 @@ def plan_tune(cfg: TuneConfig, out: Path) -> TunePlan:
          + bool(cfg.run_eval and eval_task is not None))  # load, train, save(, merge)(, eval)
     stage("load model")
     with p.timer("load_model"):
-        p.tok = load_tokenizer(cfg.tokenizer or cfg.model, revision=cfg.revision)
+        ctx.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, revision=cfg.revision)
         p.model = load_model(cfg.model, LoadOptions(revision=cfg.revision, dtype=p.dtype))
     p.spec = arch_for(p.model)
     check_moe_options(cfg, p.model.config)  # a hub model's config is known only now
-    _plan_budget(p)
+    p.budget = plan_budget(cfg, p.model, p.spec)
     with p.timer("tokenize"):
         if p.sft:
-            p.data = _train_data(cfg, p.tok, p.model)
+            p.data = _train_data(cfg, ctx.tokenizer, p.model)
             _say_data(p.data)
     return p
 
 
-def _plan_budget(p: TunePlan) -> None:
+def plan_budget(cfg: TuneConfig, model: nn.Module, spec: ArchSpec) -> Budget:
     """The adapted blocks, and the equal-budget rank, scale and dropout (LoRA) or the blocks'
     parameters (full)."""
-    cfg, model, spec = p.cfg, p.model, p.spec
-    p.n_blocks = len(get_blocks(model, spec))
-    p.blocks = select_blocks(cfg, p.n_blocks)
-    if p.full:
-        p.names = [f"{spec.blocks}.{b}" for b in p.blocks]
-        p.full_params = block_param_count(model, list(range(p.n_blocks)), spec)
-        return
-    p.rank = budget_rank(cfg.rank, p.n_blocks, len(p.blocks))
-    p.alpha, p.scaling = lora_alpha(cfg, p.rank)
-    p.names = lora_targets(model, p.blocks, cfg.mlp, spec)
-    p.full_params = full_depth_budget(model, cfg, spec, p.n_blocks)
-    p.dropout = lora_dropout(cfg, moe_lora_targets(model, p.blocks, spec, mlp=cfg.mlp,
-                                                   router=cfg.router))
-    p.narrow = min(min(module_in_out(model.get_submodule(n))) for n in p.names)
+    n_blocks = len(get_blocks(model, spec))
+    blocks = select_blocks(cfg, n_blocks)
+    if cfg.method == "full":
+        return Budget(n_blocks, blocks, [f"{spec.blocks}.{b}" for b in blocks],
+                      block_param_count(model, list(range(n_blocks)), spec), None, None, None,
+                      None, 0)
+    rank = budget_rank(cfg.rank, n_blocks, len(blocks))
+    alpha, scaling = lora_alpha(cfg, rank)
+    names = lora_targets(model, blocks, cfg.mlp, spec)
+    dropout = lora_dropout(cfg, moe_lora_targets(model, blocks, spec, mlp=cfg.mlp,
+                                                 router=cfg.router))
+    narrow = min(min(module_in_out(model.get_submodule(n))) for n in names)
+    return Budget(n_blocks, blocks, names, full_depth_budget(model, cfg, spec, n_blocks), rank,
+                  alpha, scaling, dropout, narrow)
 
 
 def _train_data(cfg: TuneConfig, tok: Any, model: nn.Module) -> TrainSet:
@@ -1020,7 +1029,7 @@ def train(p: TunePlan, callbacks: list | None = None) -> Training:
         enable_checkpointing(p.model)
     p.model, n_train_params, freeze, experts_rec = _adapt(p)
     every = cfg.logging_steps if cfg.dynamics_every is None else cfg.dynamics_every
-    recorder = (DynamicsRecorder(p.model, p.spec, p.n_blocks, every=every, method=cfg.method,
+    recorder = (DynamicsRecorder(p.model, p.spec, p.budget.n_blocks, every=every, method=cfg.method,
                                  path=p.out / DYNAMICS_FILE, write=is_main_process(),
                                  experts=experts_rec["trained"] if experts_rec else None)
                 if every > 0 else None)
@@ -1049,10 +1058,11 @@ def train(p: TunePlan, callbacks: list | None = None) -> Training:
 def _adapt(p: TunePlan) -> tuple[nn.Module, int, Any, dict[str, Any] | None]:
     """The model with its selected blocks trainable (full) or LoRA on them; the trainable
     parameters, and with ``--experts`` the expert freeze and its record."""
-    cfg, model, blocks, spec = p.cfg, p.model, p.blocks, p.spec
+    b = p.budget  # the blocks and their budget
+    cfg, model, blocks, spec = p.cfg, p.model, b.blocks, p.spec
     sel = (f"mask {cfg.mask} of {len(cfg.mask)} segments" if cfg.mask else
            f"blocks {cfg.blocks}")
-    where = f"blocks {_block_ranges(blocks)} ({sel}, {p.n_blocks} blocks)"
+    where = f"blocks {_block_ranges(blocks)} ({sel}, {b.n_blocks} blocks)"
     freeze = experts_rec = None
     if p.full:
         n_train_params = unfreeze_blocks(model, blocks, spec)
@@ -1062,26 +1072,26 @@ def _adapt(p: TunePlan) -> tuple[nn.Module, int, Any, dict[str, Any] | None]:
         if freeze is not None and experts_rec is not None:
             n_train_params -= freeze.frozen_params
             _say(f"routed experts trained (--experts {cfg.experts}), per block: "
-                 + "; ".join(f"{b}: {e}" for b, e in experts_rec["trained"].items())
+                 + "; ".join(f"{blk}: {e}" for blk, e in experts_rec["trained"].items())
                  + "; the others stay as they are")
         _say(f"trainable parameters: {n_train_params:,} "
-             f"({100 * n_train_params / p.full_params:.1f} % of the {p.full_params:,} in all "
+             f"({100 * n_train_params / b.full_params:.1f} % of the {b.full_params:,} in all "
              f"blocks)")
         return model, n_train_params, freeze, experts_rec
-    model = apply_lora(model, blocks, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
+    model = apply_lora(model, blocks, rank=b.rank, alpha=b.alpha, dropout=b.dropout,
                        mlp=cfg.mlp, rslora=cfg.rslora, spec=spec, router=cfg.router)
     n_train_params = trainable_params(model)
     names = adapted_parts(model)
     _say(f"LoRA on {where}: {_parts_summary(names, spec)} -> {len(names)} modules and "
          f"parameters")
-    if p.dropout != cfg.dropout:
+    if b.dropout != cfg.dropout:
         _say(f"note: {EXPERT_DROPOUT_NOTE}")
-    _say(f"rank {p.rank} (full-depth budget rank {cfg.rank:g} x {p.n_blocks} blocks), alpha "
-         f"{p.alpha:g}, scale {p.scaling:.4g}{' (rsLoRA)' if cfg.rslora else ''}")
-    _say(f"trainable parameters: {n_train_params:,} (full-depth budget {p.full_params:,}; "
-         f"{100 * n_train_params / p.full_params:.1f} %)")
-    if p.rank > p.narrow:
-        _say(f"note: rank {p.rank} exceeds the narrowest adapted projection ({p.narrow}); the "
+    _say(f"rank {b.rank} (full-depth budget rank {cfg.rank:g} x {b.n_blocks} blocks), alpha "
+         f"{b.alpha:g}, scale {b.scaling:.4g}{' (rsLoRA)' if cfg.rslora else ''}")
+    _say(f"trainable parameters: {n_train_params:,} (full-depth budget {b.full_params:,}; "
+         f"{100 * n_train_params / b.full_params:.1f} %)")
+    if b.rank > b.narrow:
+        _say(f"note: rank {b.rank} exceeds the narrowest adapted projection ({b.narrow}); the "
              f"extra rank adds parameters but no expressiveness")
     return model, n_train_params, freeze, experts_rec
 
@@ -1152,9 +1162,10 @@ def _make_trainer(p: TunePlan, run: Training, callbacks: list | None) -> Trainin
              run.stopper.callback(), *(callbacks or [])]
     if p.sft:
         run.packed, run.packing_why = choose_packing(cfg.packing, p.model, p.data.examples,
-                                                     pad_id(p.tok), micro)
+                                                     p.ctx.pad_id, micro)
         _say(f"packing {run.packing_why}")
-        collator = packing_collator(pad_id(p.tok)) if run.packed else PadCollator(pad_id(p.tok))
+        pad = p.ctx.pad_id
+        collator = packing_collator(pad) if run.packed else PadCollator(pad)
         run.trainer = Trainer(model=p.model, args=args,
                               train_dataset=_ListDataset(p.data.examples),
                               data_collator=collator, callbacks=every)
@@ -1163,7 +1174,8 @@ def _make_trainer(p: TunePlan, run: Training, callbacks: list | None) -> Trainin
 
         run.packed, run.packing_why = False, f"off: --objective {cfg.objective} batches are TRL's"
         run.trainer, p.data = objectives.make_trainer(cfg, model=p.model, args=args,
-                                                      rows=p.rows, tok=p.tok, callbacks=every)
+                                                      rows=p.rows, tok=p.ctx.tokenizer,
+                                                      callbacks=every)
         _say_data(p.data)
     run.losses = LossSum(run.trainer, run.last) if world == 1 else None
     if run.losses is not None:
@@ -1189,12 +1201,13 @@ def _check_finished(p: TunePlan, run: Training) -> None:
 def _save(p: TunePlan, run: Training) -> None:
     """``RUN/adapter`` (LoRA) or ``RUN/model`` (full) with its meta file; ``--merge``: the base
     with the adapter merged in, ``RUN/merged``."""
+    b = p.budget  # the blocks and their budget
     cfg, out, trainer = p.cfg, p.out, run.trainer
     meta = {"base": cfg.model, "base_fingerprint": fingerprint(cfg.model, cfg.revision),
             "method": cfg.method, "mask": cfg.mask,
-            "segments": len(cfg.mask) if cfg.mask else None, "blocks": p.blocks,
-            "rank": p.rank, "alpha": p.alpha, "rslora": cfg.rslora if not p.full else None,
-            "modules": p.names, "experts": run.experts_rec,
+            "segments": len(cfg.mask) if cfg.mask else None, "blocks": b.blocks,
+            "rank": b.rank, "alpha": b.alpha, "rslora": cfg.rslora if not p.full else None,
+            "modules": b.names, "experts": run.experts_rec,
             "full_rank": float(cfg.rank), "seed": cfg.seed, "objective": cfg.objective}
     stage("save")
     with p.timer("save"):
@@ -1205,7 +1218,7 @@ def _save(p: TunePlan, run: Training) -> None:
             with writing(model_dir, remove=model_dir), quiet_libraries():
                 trainer.save_model(str(model_dir))
                 if is_main_process():
-                    p.tok.save_pretrained(str(model_dir))
+                    p.ctx.tokenizer.save_pretrained(str(model_dir))
                     write_json(model_dir / META_FILE, meta)
                     # the Trainer's pickled arguments do not belong in a model folder
                     (model_dir / "training_args.bin").unlink(missing_ok=True)
@@ -1227,6 +1240,7 @@ def _save(p: TunePlan, run: Training) -> None:
 
 def _tune_result(p: TunePlan, run: Training, got: list[str]) -> TuneResult:
     """The run's result from its plan and training (``got``: the modules trained)."""
+    b = p.budget  # the blocks and their budget
     from sftscope.experiments import objectives
 
     cfg, trainer, output = p.cfg, run.trainer, run.output
@@ -1237,10 +1251,10 @@ def _tune_result(p: TunePlan, run: Training, got: list[str]) -> TuneResult:
     return TuneResult(
         out=str(p.out), adapter_dir=str(run.adapter_dir) if run.adapter_dir else None,
         model=cfg.model, mask=cfg.mask, segments=len(cfg.mask) if cfg.mask else None,
-        blocks=p.blocks, n_blocks=p.n_blocks, full_rank=None if p.full else float(cfg.rank),
-        rank=p.rank, alpha=p.alpha, scaling=p.scaling, rslora=cfg.rslora and not p.full,
+        blocks=b.blocks, n_blocks=b.n_blocks, full_rank=None if p.full else float(cfg.rank),
+        rank=b.rank, alpha=b.alpha, scaling=b.scaling, rslora=cfg.rslora and not p.full,
         mlp=cfg.mlp or p.full, modules=got, trainable_params=run.n_train_params,
-        full_depth_params=p.full_params, budget_ratio=run.n_train_params / p.full_params,
+        full_depth_params=b.full_params, budget_ratio=run.n_train_params / b.full_params,
         seed=cfg.seed, dtype=p.dtype, n_train=len(p.data.examples),
         n_truncated=p.data.n_truncated, max_length=p.data.max_length,
         longest_example=p.data.longest, steps=steps,
@@ -1252,22 +1266,23 @@ def _tune_result(p: TunePlan, run: Training, got: list[str]) -> TuneResult:
         model_dir=str(run.model_dir) if run.model_dir else None,
         dynamics=run.recorder.info() if run.recorder is not None else None,
         merged_dir=run.merged_dir, objective=cfg.objective,
-        trl=None if p.sft else objectives.record(cfg, trainer), dropout=p.dropout,
+        trl=None if p.sft else objectives.record(cfg, trainer), dropout=b.dropout,
         router=cfg.router, experts=run.experts_rec,
     )
 
 
 def _write_record(p: TunePlan, run: Training, result: TuneResult, got: list[str]) -> None:
     """``RUN/run.json``: the settings, budget, processes, timings and result."""
+    b = p.budget  # the blocks and their budget
     cfg = p.cfg
     result.timings = dict(p.timer.seconds)
     write_json(p.out / "run.json", run_record(
         "tune", cfg.record(), config_hash=_config_hash(cfg), model_fingerprint=fingerprint(
-            cfg.model, cfg.revision), n_blocks=p.n_blocks, method=cfg.method,
+            cfg.model, cfg.revision), n_blocks=b.n_blocks, method=cfg.method,
         objective=cfg.objective, trl=result.trl, mask=cfg.mask,
-        blocks=p.blocks,
-        rank=p.rank, alpha=p.alpha, modules=got, trainable_params=run.n_train_params,
-        full_depth_params=p.full_params, experts=run.experts_rec, seed=cfg.seed,
+        blocks=b.blocks,
+        rank=b.rank, alpha=b.alpha, modules=got, trainable_params=run.n_train_params,
+        full_depth_params=b.full_params, experts=run.experts_rec, seed=cfg.seed,
         processes=run.world, grad_accumulation=run.args.gradient_accumulation_steps,
         timings=result.timings, packing={"used": run.packed, "reason": run.packing_why},
         result=result, finished=True))
@@ -1280,7 +1295,7 @@ def record_tune(p: TunePlan, run: Training) -> TuneResult:
     model = run.trainer.model
     if run.freeze is not None:
         run.freeze.remove()
-    got = p.names if p.full else adapted_parts(model)
+    got = p.budget.names if p.full else adapted_parts(model)
     if run.recorder is not None:
         for note in run.recorder.notes:
             _say(f"[yellow]note:[/] {note}")
@@ -1304,7 +1319,7 @@ def record_tune(p: TunePlan, run: Training) -> TuneResult:
              f"`sftscope eval {how}`")
     else:
         stage("evaluate")
-        result.eval = _evaluate_after(model, p.tok, cfg, p.eval_task, p.timer)
+        result.eval = _evaluate_after(model, p.ctx.tokenizer, cfg, p.eval_task, p.timer)
         _write_record(p, run, result, got)
     return result
 
