@@ -34,7 +34,7 @@ from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.config.commands import AblateConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
-from sftscope.experiments.context import Models
+from sftscope.experiments.context import Models, RunContext
 from sftscope.experiments.lens import (
     LensSums,
     choices_noted,
@@ -48,13 +48,12 @@ from sftscope.experiments.swap import check_swappable, score_rows, swapped
 from sftscope.io import Timer, run_record, write_tables
 from sftscope.load.arch import get_blocks, n_layers
 from sftscope.load.data import TokenizedSet
-from sftscope.load.models import check_pair, check_vocab, fingerprint, load_config, load_model
+from sftscope.load.models import check_pair, check_vocab, load_config, load_model
 from sftscope.load.runtime import model_bytes, release, resolve_device
-from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import cluster_ratio_ci
 from sftscope.parallel import empty_like_table, join
-from sftscope.progress import plan, say, stage, staged
-from sftscope.runs import check_out, finish_run, start_run
+from sftscope.progress import plan, stage, staged
+from sftscope.runs import check_out
 from sftscope.segments import segment_bounds
 
 ABLATE_COLUMNS = ["unit", "blocks", "mode", "metric", "value", "ci_low", "ci_high", "n"]
@@ -238,13 +237,8 @@ def merge_unit_sums(parts: Sequence[tuple[Sequence[int], UnitSums | None]]) -> U
 
 
 class _Plan(NamedTuple):
-    specs: dict[str, str]
-    revs: dict[str, str | None]
-    bases: dict[str, str | None]
-    tokenizer: Any
-    tok: TokenizedSet
+    ctx: RunContext  # the models, tokenizer, data, notes and run folder
     choices: list[Any]
-    notes: list[str]
     n_blocks: int
     units: list[Unit]
     mode: str
@@ -253,32 +247,34 @@ class _Plan(NamedTuple):
 def plan_ablate(cfg: AblateConfig) -> _Plan:
     """Validate everything before any model loads: sources, pair, units, data."""
     if cfg.pair:
-        specs = {"base": cfg.base, "sft": cfg.sft}
-        revs = {"base": cfg.base_revision, "sft": cfg.sft_revision}
-        bases = {"base": None, "sft": cfg.base}
-        cfgs = {k: load_config(v, revision=revs[k], base=bases[k],
-                               base_revision=cfg.base_revision) for k, v in specs.items()}
+        models = Models.pair(cfg.base, cfg.sft, cfg.base_revision, cfg.sft_revision)
+        cfgs = {k: load_config(v, revision=models.revs[k], base=models.bases[k],
+                               base_revision=cfg.base_revision) for k, v in models.specs.items()}
         info = check_pair(cfgs["base"], cfgs["sft"], cfg.base, cfg.sft,
                           allow_mixed=cfg.allow_mixed_pair)
         n_blocks, notes, default = info.n_blocks, list(info.notes), "sft"
     else:
-        specs, revs, bases = {"model": cfg.model}, {"model": cfg.revision}, {"model": None}
+        models = Models.single(cfg.model, cfg.revision)
         conf = load_config(cfg.model, revision=cfg.revision)
         n_blocks, notes, default = n_layers(conf), [], "model"
     if cfg.segments is not None and cfg.segments > n_blocks:
         raise SftscopeError(f"--segments {cfg.segments} is larger than the model's {n_blocks} "
                             f"blocks")
-    tokz = pick_tokenizer(cfg.tokenizer, default, specs, revs, bases, cfg.base_revision)
-    samples, tok, data_notes = prepare_data(
-        cfg.data, tokz, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
+    ctx = RunContext("ablate", Path(cfg.out) if cfg.out is not None else None, models,
+                     notes=notes)
+    ctx.tokenizer = pick_tokenizer(cfg.tokenizer, default, models.specs, models.revs,
+                                   models.bases, cfg.base_revision)
+    samples, ctx.tokens, data_notes = prepare_data(
+        cfg.data, ctx.tokenizer, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
         chat_template=cfg.chat_template, text_field=cfg.text_field, template=cfg.template,
         split=cfg.split, skip_bad=cfg.skip_bad_records)
-    notes += data_notes
+    ctx.notes += data_notes
     choices: list[Any] = [None] * len(samples)
     if any(s.meta.get("letter") for s in samples):
-        choices = choices_noted(samples, tok, tokz, cfg.chat_template, notes)
-    return _Plan(specs, revs, bases, tokz, tok, choices, notes, n_blocks,
-                 units_of(n_blocks, cfg.segments), "revert" if cfg.pair else cfg.mode)
+        choices = choices_noted(samples, ctx.tokens, ctx.tokenizer, cfg.chat_template,
+                                ctx.notes)
+    return _Plan(ctx, choices, n_blocks, units_of(n_blocks, cfg.segments),
+                 "revert" if cfg.pair else cfg.mode)
 
 
 def _run_units(cfg: AblateConfig, p: _Plan, device: str, share: list[int],
@@ -286,26 +282,26 @@ def _run_units(cfg: AblateConfig, p: _Plan, device: str, share: list[int],
     """Load the model(s) and score every unit on this process's ``share``."""
     if not share:
         return None
-    opts = Models(p.specs, p.revs, p.bases).load_options(cfg, device=device)
+    ctx = p.ctx
+    opts = ctx.load_options(cfg, device=device)
     models: dict[str, nn.Module] = {}
     nbytes = 0
-    pad_id = pad_id_of(p.tokenizer)
     try:
         stage("load")
         with timer("load"):
-            for k, spec in p.specs.items():
+            for k, spec in ctx.models.specs.items():
                 models[k] = load_model(spec, opts[k])
                 nbytes += model_bytes(models[k])
-                check_vocab(models[k], p.tok.input_ids, k)
+                check_vocab(models[k], ctx.tokens.input_ids, k)
         host = models.get("sft", models.get("model"))
         means = None
         if p.mode == "mean":
             stage("mean updates")
             with timer("means"):
-                means = mean_updates(host, p.tok, pad_id, cfg.batch_size)
+                means = mean_updates(host, ctx.tokens, ctx.pad_id, cfg.batch_size)
         stage("score units")
         with timer("score"):
-            return ablate_sums(host, p.tok, pad_id, p.units, mode=p.mode,
+            return ablate_sums(host, ctx.tokens, ctx.pad_id, p.units, mode=p.mode,
                                donor=models.get("base"), choices=p.choices,
                                batch_size=cfg.batch_size, chunk_elements=cfg.chunk_elements,
                                indices=share, means=means)
@@ -328,11 +324,9 @@ def ablate(config: AblateConfig | None = None, /, **options: Any) -> pd.DataFram
         device = par.device or resolve_device(cfg.device)
         with timer("validate"):
             p = plan_ablate(cfg)
-    for note in p.notes:
-        say(f"[yellow]note:[/] {note}")
-    if cfg.out is not None and par.main:
-        start_run(cfg.out, "ablate", AblateConfig.OUTPUTS)
-    share = par.shard(len(p.tok), cfg.batch_size)
+    p.ctx.say_notes()
+    p.ctx.start(AblateConfig.OUTPUTS, main=par.main)
+    share = par.shard(len(p.ctx.tokens), cfg.batch_size)
     plan(3 + (p.mode == "mean") + len(p.units))
     found = par.run(lambda: _run_units(cfg, p, device, share, timer), "ablate")
     parts = par.gather((share, found))
@@ -346,9 +340,9 @@ def ablate(config: AblateConfig | None = None, /, **options: Any) -> pd.DataFram
 
 
 def _record(cfg: AblateConfig, p: _Plan, df: pd.DataFrame, timer: Timer, par: Any) -> None:
-    out = Path(cfg.out)
-    write_tables(df, out, "ablate", cfg.formats)
-    finish_run(out, run_record(
+    ctx = p.ctx
+    write_tables(df, ctx.out, "ablate", cfg.formats)
+    ctx.finish(run_record(
         "ablate", cfg.record(), n_blocks=p.n_blocks, mode=p.mode,
         units=[{"unit": u.label, "blocks": list(u.blocks)} for u in p.units],
         ablation={"zero": "each block of the unit passes its input through",
@@ -356,10 +350,10 @@ def _record(cfg: AblateConfig, p: _Plan, df: pd.DataFrame, timer: Timer, par: An
                           "of the data instead of its own",
                   "revert": "the unit's blocks of the SFT are the base's (SFT embeddings, "
                             "final norm and head)"}[p.mode],
-        models={k: fingerprint(v, p.revs[k], base=p.bases[k],
-                               base_revision=cfg.base_revision) for k, v in p.specs.items()},
-        n_samples=len(p.tok), n_truncated=p.tok.n_truncated,
+        models=ctx.fingerprints(cfg.base_revision),
+        n_samples=len(ctx.tokens), n_truncated=ctx.tokens.n_truncated,
         intervals="sample-level (cluster) bootstrap for accuracy, loss and the paired deltas; "
                   "Wilson for choice_accuracy",
-        notes=p.notes, timings=timer.seconds, **par.record(len(p.tok), cfg.batch_size)))
+        notes=ctx.notes, timings=timer.seconds,
+        **par.record(len(ctx.tokens), cfg.batch_size)))
 

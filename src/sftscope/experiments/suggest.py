@@ -72,6 +72,7 @@ from sftscope import metrics as M
 from sftscope.capture.engine import run_hooked
 from sftscope.config.commands import SuggestConfig
 from sftscope.errors import SftscopeError
+from sftscope.experiments.context import Models, RunContext
 from sftscope.experiments.weights import weight_change
 from sftscope.io import Timer, run_record, write_json, write_table
 from sftscope.load import data as D
@@ -89,10 +90,9 @@ from sftscope.load.models import (
     load_tokenizer,
 )
 from sftscope.load.runtime import model_bytes, release
-from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.load.sources import source_kind
-from sftscope.progress import plan, say, stage, staged, track
-from sftscope.runs import check_out, finish_run, start_run
+from sftscope.progress import plan, stage, staged, track
+from sftscope.runs import check_out
 from sftscope.segments import block_text, segment_bounds
 
 METHODS = ("pair", "angular", "gradient", "combined")
@@ -453,8 +453,7 @@ class _SuggestPlan:
     bounds: list[tuple[int, int]]
     tok_states: Any
     tok_grad: Any
-    pad_id: int
-    notes: list[str]
+    ctx: RunContext  # the models, tokenizer, data, notes and run folder
 
 
 def _suggest_plan(cfg: SuggestConfig, timer: Timer) -> _SuggestPlan:
@@ -462,15 +461,18 @@ def _suggest_plan(cfg: SuggestConfig, timer: Timer) -> _SuggestPlan:
     method needs."""
     if cfg.out is not None:
         check_out(cfg.out, "suggest", cfg, overwrite=cfg.overwrite)
-    notes: list[str] = []
     want = methods_to_run(cfg)
+    ctx = RunContext("suggest", Path(cfg.out) if cfg.out is not None else None,
+                     Models.pair(cfg.base, cfg.sft, cfg.base_revision, cfg.sft_revision)
+                     if "pair" in want else Models.single(cfg.base, cfg.base_revision, "base"))
+    notes = ctx.notes
     n_samples = cfg.limit if cfg.limit is not None else 64
     with timer("validate"):
         base_cfg = load_config(cfg.base, cfg.base_revision)
         n_blocks = n_layers(base_cfg)
         if n_blocks is None:
             raise SftscopeError(f"{cfg.base}: the config names no number of blocks")
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.base, cfg.base_revision)
+        ctx.tokenizer = tokenizer = load_tokenizer(cfg.tokenizer or cfg.base, cfg.base_revision)
         if "pair" in want:
             sft_cfg = load_config(cfg.sft, cfg.sft_revision, base=cfg.base,
                                   base_revision=cfg.base_revision)
@@ -485,7 +487,8 @@ def _suggest_plan(cfg: SuggestConfig, timer: Timer) -> _SuggestPlan:
     with timer("data"):
         n_need = max(n_samples if ("pair" in want or "angular" in want) else 0,
                      cfg.grad_samples if "gradient" in want else 0)
-        _, tok, data_notes = cfg.prepare(tokenizer, n=n_need or None)
+        _, ctx.tokens, data_notes = cfg.prepare(tokenizer, n=n_need or None)
+        tok = ctx.tokens
         notes += data_notes
         tok_states = D.TokenizedSet(tok.input_ids[:n_samples],
                                     tok.prompt_lengths[:n_samples], 0, tok.max_length)
@@ -495,7 +498,7 @@ def _suggest_plan(cfg: SuggestConfig, timer: Timer) -> _SuggestPlan:
             notes.append("the data has no prompt/answer fields: the gradient method uses the "
                          "loss on every token")
     return _SuggestPlan(want, n_blocks, segment_bounds(n_blocks, cfg.segments), tok_states,
-                        tok_grad, pad_id_of(tokenizer), notes)
+                        tok_grad, ctx)
 
 
 def _base_signals(cfg: SuggestConfig, p: _SuggestPlan, timer: Timer,
@@ -508,7 +511,7 @@ def _base_signals(cfg: SuggestConfig, p: _SuggestPlan, timer: Timer,
         try:
             pooled_b = None
             if "pair" in want or "angular" in want:
-                pooled_b, ang = hidden_profile(model, p.tok_states, cfg.batch_size, p.pad_id,
+                pooled_b, ang = hidden_profile(model, p.tok_states, cfg.batch_size, p.ctx.pad_id,
                                                angular="angular" in want, label="base")
             if "angular" in want:
                 score = _per_segment(ang, bounds)
@@ -516,12 +519,12 @@ def _base_signals(cfg: SuggestConfig, p: _SuggestPlan, timer: Timer,
                 tables.append(segment_table("angular", {"angular_distance": score},
                                             _normalise(score), bounds, n_blocks))
             if "gradient" in want:
-                gnorm, n_loss = gradient_profile(model, p.tok_grad, cfg.batch_size, p.pad_id)
+                gnorm, n_loss = gradient_profile(model, p.tok_grad, cfg.batch_size, p.ctx.pad_id)
                 score = _per_segment(gnorm, bounds)
                 scores["gradient"] = score
                 tables.append(segment_table("gradient", {"grad_norm": score},
                                             _normalise(score), bounds, n_blocks))
-                p.notes.append(f"gradient: {len(p.tok_grad)} texts, {n_loss} loss tokens")
+                p.ctx.notes.append(f"gradient: {len(p.tok_grad)} texts, {n_loss} loss tokens")
         finally:
             _free(model)
     return pooled_b
@@ -532,7 +535,7 @@ def _weight_signal(cfg: SuggestConfig, p: _SuggestPlan, timer: Timer) -> np.ndar
     kinds = (source_kind(cfg.base), source_kind(cfg.sft))
     stage("weight change")
     if "gguf" in kinds or kinds[0] == "adapter":
-        p.notes.append("weights: no weight_change signal (it reads safetensors checkpoints "
+        p.ctx.notes.append("weights: no weight_change signal (it reads safetensors checkpoints "
                        "and adapters of one; a side is a GGUF or the base an adapter)")
         return None
     with timer("weights"):
@@ -545,7 +548,7 @@ def _weight_signal(cfg: SuggestConfig, p: _SuggestPlan, timer: Timer) -> np.ndar
         for b, v in zip(pd.to_numeric(w["block"]).astype(int), w["value"]):
             if 0 <= b < p.n_blocks:
                 per_block[b] = float(v)
-        p.notes.extend(f"weights: {n}" for n in wdf.attrs.get("notes", []))
+        p.ctx.notes.extend(f"weights: {n}" for n in wdf.attrs.get("notes", []))
     return per_block
 
 
@@ -560,7 +563,7 @@ def _pair_signals(cfg: SuggestConfig, p: _SuggestPlan, pooled_b, timer: Timer,
             raise SftscopeError(f"the data uses token ids the SFT model ({rows} embedding "
                                 f"rows) lacks; use the base tokenizer")
         try:
-            pooled_s, _ = hidden_profile(model, p.tok_states, cfg.batch_size, p.pad_id,
+            pooled_s, _ = hidden_profile(model, p.tok_states, cfg.batch_size, p.ctx.pad_id,
                                          angular=False, label="sft")
         finally:
             _free(model)
@@ -630,9 +633,8 @@ def suggest(cfg: SuggestConfig) -> Suggestion:
     others = [f"{q.method} {q.mask}" for m, q in proposals.items() if m != chosen]
     reason = best.reason + (f" (other methods: {', '.join(others)})" if others else "")
     result = Suggestion(mask=best.mask, method=chosen, scores=table, reason=reason,
-                        proposals=proposals, n_blocks=p.n_blocks, notes=p.notes)
-    for n in p.notes:
-        say(f"[yellow]note:[/] {n}")
+                        proposals=proposals, n_blocks=p.n_blocks, notes=p.ctx.notes)
+    p.ctx.say_notes()
     if cfg.out is not None:
         _suggest_record(cfg, p, result, timer)
     return result
@@ -646,7 +648,7 @@ def _suggest_record(cfg: SuggestConfig, p: _SuggestPlan, result: Suggestion,
     if "pair" in p.want:
         models_fp["sft"] = fingerprint(cfg.sft, cfg.sft_revision, base=cfg.base,
                                        base_revision=cfg.base_revision)
-    start_run(out, "suggest", SuggestConfig.OUTPUTS)
+    p.ctx.start(SuggestConfig.OUTPUTS)
     for fmt in cfg.formats:
         write_table(result.scores, out / f"suggest.{fmt}")
     write_json(out / "suggest.json", {
@@ -656,11 +658,11 @@ def _suggest_record(cfg: SuggestConfig, p: _SuggestPlan, result: Suggestion,
         "rule": {"edges": cfg.edges, "edge_factor": cfg.edge_factor, "pick": cfg.pick,
                  "max_active": cfg.max_active, "extend": cfg.extend},
     })
-    finish_run(out, run_record(
+    p.ctx.finish(run_record(
         "suggest", cfg.record(), n_blocks=p.n_blocks,
         models=models_fp, data={"source": cfg.data, "n_states": len(p.tok_states),
                                 "n_gradient": len(p.tok_grad)},
-        suggestion={"mask": best.mask, "method": result.method}, notes=p.notes,
+        suggestion={"mask": best.mask, "method": result.method}, notes=p.ctx.notes,
         timings=timer.seconds, seeds={"data": cfg.seed}))
 
 
