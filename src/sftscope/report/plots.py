@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,6 +93,11 @@ def _colors(df: pd.DataFrame, colors: dict[str, str] | None) -> dict[str, str]:
     if colors:
         pal.update({k: v for k, v in colors.items() if k in pal})
     return pal
+
+
+def _runs(df: pd.DataFrame, colors: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    """The runs of a figure's frame, in order, and their colours."""
+    return run_labels(df), _colors(df, colors)
 
 
 def _data(table: pd.DataFrame | FigureData, make: Callable[[pd.DataFrame], FigureData]
@@ -190,6 +196,27 @@ def _style_handles(styles: dict[str, str], color: str = "0.3") -> list:
     return [Line2D([], [], color=color, ls=ls, lw=1.6, label=name) for name, ls in styles.items()]
 
 
+def _run_rows(n_runs: int, height: float, title: str) -> tuple[Figure, Any]:
+    """A figure of one full-width panel per run, stacked (the heatmaps)."""
+    fig = Figure(figsize=(10, height), dpi=DPI, layout="constrained")
+    axes = fig.subplots(n_runs, 1, squeeze=False).ravel()
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    return fig, axes
+
+
+def _block_heatmap(fig: Figure, ax: Any, mat: np.ndarray, run: str, n_blocks: int, label: str,
+                   norm: Any = None) -> None:
+    """One run's heatmap: a row of ``mat`` per module or step (y), its blocks over relative
+    depth (x), with a colorbar named ``label``."""
+    im = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest", norm=norm,
+                   extent=(0, 1, mat.shape[0] - 0.5, -0.5))
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(BLOCK_AXIS + f"  ({n_blocks} blocks)", fontsize=8.5)
+    ax.set_title(run, fontsize=10)
+    ax.tick_params(labelsize=8)
+    fig.colorbar(im, ax=ax, label=label, fraction=0.04, pad=0.01)
+
+
 def _empty(title: str, message: str) -> Figure:
     fig = Figure(figsize=(6, 2), dpi=DPI)
     fig.suptitle(title, fontsize=11)
@@ -225,8 +252,7 @@ def plot_pair_metrics(metrics: pd.DataFrame | FigureData,
     if not names or data.empty:
         return _empty(title, "no pair metrics (model = pair) in this table")
     df = data.frame
-    pal = _colors(df, colors)
-    runs = run_labels(df)
+    runs, pal = _runs(df, colors)
     fig, axes = _grid(len(names), title=title)
     noise = data.extra.get("noise")
     for ax, metric in zip(axes, names):
@@ -298,8 +324,7 @@ def plot_single_metrics(metrics: pd.DataFrame | FigureData,
     if not names or data.empty:
         return _empty(title, "no single-model metrics (model = base/sft) in this table")
     df = data.frame
-    pal = _colors(df, colors)
-    runs = run_labels(df)
+    runs, pal = _runs(df, colors)
     fig, axes = _grid(len(names), ncols=3 if len(names) <= 9 else 4, title=title)
     for ax, metric in zip(axes, names, strict=True):
         sub = df[df["metric"].astype(str) == metric]
@@ -324,8 +349,7 @@ def plot_logit_lens(probe: pd.DataFrame | FigureData,
     if data.empty:
         return _empty(title, "empty probe table")
     df = data.frame
-    pal = _colors(df, colors)
-    runs = run_labels(df)
+    runs, pal = _runs(df, colors)
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
     kind = {m: N.probe_kind(m) for m in metrics}
     acc = [m for m in metrics if kind[m] == "accuracy"]
@@ -379,8 +403,7 @@ def plot_distributions(probe: pd.DataFrame | FigureData,
     if data.empty:
         return _empty(title, "no kl_pair / kl_to_final / shift rows (probe a pair with --kl)")
     df = data.frame
-    pal = _colors(df, colors)
-    runs = run_labels(df)
+    runs, pal = _runs(df, colors)
     fig, axes = _grid(3, title=title)
     styles: dict[str, str] = {}
     for ax, metric in zip(axes[:2], ("kl_pair", "kl_to_final")):
@@ -468,8 +491,7 @@ def plot_weight_change(weights: pd.DataFrame | FigureData,
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
     names = [m for m in ("relative", "frobenius") if m in metrics] or metrics[:2]
     names += ["unchanged_frac"] if "unchanged_frac" in metrics else []  # update sparsity
-    pal = _colors(df, colors)
-    runs = run_labels(df)
+    runs, pal = _runs(df, colors)
     fig, axes = _grid(len(names), ncols=len(names), w=5.2 if len(names) < 3 else 4.4,
                       title=title)
     for ax, metric in zip(axes, names):
@@ -500,10 +522,8 @@ def plot_weight_heatmap(weights: pd.DataFrame | FigureData, metric: str | None =
     df = df[df["metric"].astype(str) == metric]
     runs = run_labels(df)
     mods_all = list(dict.fromkeys(df["module"].astype(str)))
-    fig = Figure(figsize=(10, 0.4 * len(mods_all) * len(runs) + 1.4 * len(runs) + 0.8), dpi=DPI,
-                 layout="constrained")
-    axes = fig.subplots(len(runs), 1, squeeze=False).ravel()
-    fig.suptitle(f"{title}; metric: {metric}", fontsize=12, fontweight="bold")
+    fig, axes = _run_rows(len(runs), 0.4 * len(mods_all) * len(runs) + 1.4 * len(runs) + 0.8,
+                          f"{title}; metric: {metric}")
     for ax, r in zip(axes, runs):
         g = df[df[RUN] == r]
         mods = list(dict.fromkeys(g["module"].astype(str)))
@@ -517,14 +537,8 @@ def plot_weight_heatmap(weights: pd.DataFrame | FigureData, metric: str | None =
             b = int(row.block)
             if b < nb:
                 mat[mods.index(str(row.module)), b] = float(row.value)
-        im = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest",
-                       extent=(0, 1, len(mods) - 0.5, -0.5))
+        _block_heatmap(fig, ax, mat, r, nb, metric)
         ax.set_yticks(range(len(mods)), mods, fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel(BLOCK_AXIS + f"  ({nb} blocks)", fontsize=8.5)
-        ax.set_title(r, fontsize=10)
-        ax.tick_params(labelsize=8)
-        fig.colorbar(im, ax=ax, label=metric, fraction=0.04, pad=0.01)
         if np.all(np.nan_to_num(mat) == 0):
             panel_note(ax, f"every module's {metric} change is 0 or missing")
     return fig
@@ -686,8 +700,7 @@ def plot_sweep_bars(summary: pd.DataFrame | FigureData,
     df = data.frame
     if df.empty:
         return _empty(title, "empty sweep summary")
-    pal = _colors(df, colors)
-    runs = run_labels(df)
+    runs, pal = _runs(df, colors)
     metrics = N.sweep_metrics(df)
     masks = sorted(dict.fromkeys(df["mask"]), key=mask_sort_key)
     w = max(6.5, 0.55 * len(masks) * max(1, len(runs)) + 2)
@@ -784,8 +797,7 @@ def plot_inverted_u(summary: pd.DataFrame | FigureData,
     single = df[df["pos"].notna()]
     if single.empty:
         return _empty(title, "no one-segment masks in this sweep")
-    pal = _colors(df, colors)
-    runs = run_labels(df)
+    runs, pal = _runs(df, colors)
     metrics = [m for m in N.sweep_metrics(df, limit=99) if m in set(single["metric"])][:3]
     fig, axes = _grid(len(metrics), ncols=3, w=5.0, h=3.5, title=title)
     for ax, metric in zip(axes, metrics):
@@ -882,8 +894,7 @@ def plot_loss_curves(data: FigureData, colors: dict[str, str] | None = None) -> 
     df = data.frame
     if df.empty:
         return _empty(title, "no logged training loss")
-    pal = _colors(df, colors)
-    runs = run_labels(df)
+    runs, pal = _runs(df, colors)
     fig, axes = _grid(1, ncols=1, w=7.5, h=3.6, title=title)
     ax = axes[0]
     summ = data.summary.set_index(RUN) if len(data.summary) else pd.DataFrame()
@@ -965,9 +976,7 @@ def plot_grad_heatmap(data: FigureData) -> Figure:
     if steps is None or steps.empty:
         return _empty(title, "no recorded dynamics (dynamics.csv)")
     runs = run_labels(steps)
-    fig = Figure(figsize=(10, 2.6 * len(runs) + 0.8), dpi=DPI, layout="constrained")
-    axes = fig.subplots(len(runs), 1, squeeze=False).ravel()
-    fig.suptitle(title, fontsize=12, fontweight="bold")
+    fig, axes = _run_rows(len(runs), 2.6 * len(runs) + 0.8, title)
     for ax, r in zip(axes, runs):
         g = steps[steps[RUN] == r]
         nb = int(g["block"].max()) + 1
@@ -979,18 +988,12 @@ def plot_grad_heatmap(data: FigureData) -> Figure:
             mat[order.index(row.step), int(row.block)] = float(row.grad_norm)
         pos = mat[np.isfinite(mat) & (mat > 0)]
         norm = LogNorm(pos.min(), pos.max()) if len(pos) and pos.max() > 100 * pos.min() else None
-        im = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest", norm=norm,
-                       extent=(0, 1, len(order) - 0.5, -0.5))
+        _block_heatmap(fig, ax, mat, r, nb, "gradient norm", norm=norm)
         ticks = list(range(len(order)))
         if len(ticks) > 12:
             ticks = ticks[:: math.ceil(len(ticks) / 12)]
         ax.set_yticks(ticks, [str(int(order[i])) for i in ticks], fontsize=8)
         ax.set_ylabel("optimizer step", fontsize=8.5)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel(BLOCK_AXIS + f"  ({nb} blocks)", fontsize=8.5)
-        ax.set_title(r, fontsize=10)
-        ax.tick_params(labelsize=8)
-        fig.colorbar(im, ax=ax, label="gradient norm", fraction=0.04, pad=0.01)
         if not len(pos):
             panel_note(ax, "no block has a non-zero gradient")
     return fig
@@ -1005,8 +1008,7 @@ def plot_seed_spread(data: FigureData, colors: dict[str, str] | None = None) -> 
     df = data.frame
     if df.empty:
         return _empty(title, "no mask with two or more seeds")
-    runs = run_labels(df)
-    pal = _colors(df, colors)
+    runs, pal = _runs(df, colors)
     fig, axes = _grid(len(runs), ncols=1, w=max(6.0, 0.55 * df["mask"].nunique() + 2),
                       h=3.4, title=title)
     for ax, r in zip(axes, runs):
@@ -1042,8 +1044,7 @@ def plot_steer(data: FigureData, colors: dict[str, str] | None = None) -> Figure
     if df.empty:
         return _empty(title, "no steering results (steer.csv)")
     metrics = list(dict.fromkeys(df["metric"].astype(str)))[:6]
-    runs = run_labels(df)
-    pal = _colors(df, colors)
+    runs, pal = _runs(df, colors)
     fig, axes = _grid(len(metrics), ncols=3, w=4.4, h=3.2, title=title)
     for ax, metric in zip(axes, metrics):
         for r in runs:
@@ -1134,8 +1135,7 @@ def plot_routing_drift(data: FigureData, colors: dict[str, str] | None = None) -
     df = data.frame
     if df.empty or "metric" not in df.columns or not df["metric"].isin(N.DRIFT_METRICS).any():
         return _empty(title, "no routing drift rows (routing.csv of an MoE analyze)")
-    pal = _colors(df, colors)
-    runs = run_labels(df)
+    runs, pal = _runs(df, colors)
     pairs = list(dict.fromkeys(df["model"].astype(str)))
     styles = {p: PAIR_STYLES[i % len(PAIR_STYLES)] for i, p in enumerate(pairs)}
     fig, axes = _grid(2, ncols=2, w=5.2, title=title)

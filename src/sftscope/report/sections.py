@@ -104,6 +104,17 @@ def _wide(df: pd.DataFrame, index: list[str], column: str) -> pd.DataFrame:
     return wide.reset_index().sort_values(index, kind="stable").reset_index(drop=True)
 
 
+def _by_layer(name: str, title: str, *, per_model: bool = False
+              ) -> Callable[[FigureData], list[TableOut]]:
+    """A figure's one table: its metrics as columns, a row per run, (model,) and layer j."""
+    index = [RUN, *(["model"] if per_model else []), "layer", "rel_depth"]
+
+    def tables(data: FigureData) -> list[TableOut]:
+        return [(name, title, _wide(data.frame, index, "metric"))]
+
+    return tables
+
+
 def _combined(name: str) -> Callable[[Sequence[Run]], pd.DataFrame]:
     return lambda runs: combined(runs, name)
 
@@ -196,9 +207,7 @@ def pair_findings(data: FigureData) -> list[str]:
     return out
 
 
-def pair_tables(data: FigureData) -> list[TableOut]:
-    return [("fig1_pair_metrics", "pair metrics by layer j",
-             _wide(data.frame, [RUN, "layer", "rel_depth"], "metric"))]
+pair_tables = _by_layer("fig1_pair_metrics", "pair metrics by layer j")
 
 
 # ----------------------------------------------------------------------------- Fig. 2
@@ -226,9 +235,7 @@ def single_findings(data: FigureData) -> list[str]:
     return out
 
 
-def single_tables(data: FigureData) -> list[TableOut]:
-    return [("fig2_single_metrics", "single-model metrics by layer j",
-             _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
+single_tables = _by_layer("fig2_single_metrics", "single-model metrics by layer j", per_model=True)
 
 
 # ----------------------------------------------------------------------------- Fig. 3
@@ -263,9 +270,7 @@ def lens_findings(data: FigureData) -> list[str]:
     return out
 
 
-def lens_tables(data: FigureData) -> list[TableOut]:
-    return [("fig3_logit_lens", "logit lens by layer j",
-             _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
+lens_tables = _by_layer("fig3_logit_lens", "logit lens by layer j", per_model=True)
 
 
 def pair_prepare(runs: Sequence[Run]) -> FigureData | None:
@@ -333,9 +338,8 @@ def distribution_findings(data: FigureData) -> list[str]:
     return out
 
 
-def distribution_tables(data: FigureData) -> list[TableOut]:
-    return [("fig3b_distributions", "KL by depth and token shift",
-             _wide(data.frame, [RUN, "model", "layer", "rel_depth"], "metric"))]
+distribution_tables = _by_layer("fig3b_distributions", "KL by depth and token shift",
+                                per_model=True)
 
 
 # ----------------------------------------------------------------------------- Fig. 4
