@@ -117,7 +117,8 @@ def _shared_with_tune() -> set[str]:
 def params_for(cls: type[Config]) -> list[click.Parameter]:
     """The click parameters of a config class (generated; see the module docstring)."""
     hints = _hints(cls)
-    own = set(cls.__dict__.get("__annotations__", {}))
+    # the command's own options first (and an ingredient's that stand for the command's)
+    own = set(cls.__dict__.get("__annotations__", {})) | set(getattr(cls, "COMMAND_OPTIONS", ()))
     fields = [f for f in dataclasses.fields(cls) if meta(f)["cli"]]
     required = [f for f in fields if _default_text(f) == "required" or meta(f)["required"]]
     rest = [f for f in fields if f not in required]

@@ -16,6 +16,7 @@ from sftscope.config.ingredients import (
     Cache,
     Chain,
     DataSpec,
+    ModelOrPair,
     OneModel,
     Output,
     PairModels,
@@ -24,7 +25,6 @@ from sftscope.config.ingredients import (
     adapter_opt,
     allow_mixed_opt,
     allow_other_base_opt,
-    base_opt,
     batch_size_opt,
     bootstrap_opt,
     chat_template_opt,
@@ -43,7 +43,6 @@ from sftscope.config.ingredients import (
     out_opt,
     pooling_opt,
     preset_opt,
-    revision_opt,
     segments_opt,
     sft_opt,
     split_opt,
@@ -192,7 +191,7 @@ class WeightsConfig(Output, Chain):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
+class ProbeConfig(ModelOrPair, Chain, DataSpec, Runtime, Stats, Output):
     """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``),
     optionally extended by a checkpoint chain (``stages``)."""
 
@@ -200,9 +199,6 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
 
     model: str | None = opt(None, "One model to probe: local folder or hub id (or give "
                             "--base and --sft).")
-    revision: str | None = revision_opt("model")
-    base: str | None = base_opt(required=False)
-    sft: str | None = sft_opt(required=False)
     out: str | None = out_opt(required=False)
     limit: int | None = limit_opt(100)
     tokens: str = opt("all", "Next tokens that accuracy, loss and agreement count: all (every "
@@ -243,17 +239,7 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
                               check=at_least(1), cli=False, volatile=True)
 
     def check(self) -> None:
-        from sftscope.load.sources import check_model, source_kind
-
-        adapter = self.model is not None and source_kind(self.model) == "adapter"
-        if self.model is not None and (self.sft is not None
-                                       or (self.base is not None and not adapter)):
-            raise SftscopeError("give either --model, or --base and --sft, not both (--base "
-                                "goes with --model only when --model is an adapter)")
-        if self.model is None and (self.base is None or self.sft is None):
-            raise SftscopeError("give --model, or both --base and --sft")
-        if self.model is not None:
-            check_model(self.model, base=self.base)
+        self.check_model_or_pair(adapter_base=True)
         if self.lens == "logit" and (self.translators or self.lens_train):
             raise SftscopeError("--translators and --lens-train are options of the tuned lens; "
                                 "add --lens tuned")
@@ -362,7 +348,7 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AblateConfig(PairModels, DataSpec, Runtime, Stats, Output):
+class AblateConfig(ModelOrPair, DataSpec, Runtime, Stats, Output):
     """Everything ``ablate`` needs: one model (``model``) whose blocks are ablated one unit at
     a time, or a pair whose SFT gets one unit reverted to the base."""
 
@@ -370,9 +356,6 @@ class AblateConfig(PairModels, DataSpec, Runtime, Stats, Output):
 
     model: str | None = opt(None, "One model to ablate: local folder or hub id (or give --base "
                             "and --sft to revert one unit of the SFT to the base).")
-    revision: str | None = revision_opt("model")
-    base: str | None = base_opt(required=False)
-    sft: str | None = sft_opt(required=False)
     out: str | None = out_opt(required=False)
     limit: int | None = limit_opt(100)
     segments: int | None = segments_opt(None)  # unset: every block is a unit of its own
@@ -385,14 +368,7 @@ class AblateConfig(PairModels, DataSpec, Runtime, Stats, Output):
                               check=at_least(1), cli=False, volatile=True)
 
     def check(self) -> None:
-        from sftscope.load.sources import check_model
-
-        if self.model is not None and (self.base is not None or self.sft is not None):
-            raise SftscopeError("give either --model, or --base and --sft, not both")
-        if self.model is None and (self.base is None or self.sft is None):
-            raise SftscopeError("give --model, or both --base and --sft")
-        if self.model is not None:
-            check_model(self.model)
+        self.check_model_or_pair()
 
     @property
     def pair(self) -> bool:
