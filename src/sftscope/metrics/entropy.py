@@ -8,7 +8,7 @@ Everything spectral runs in float64. Token-level functions take padded batches
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
@@ -168,22 +168,23 @@ class TokenBatch:
         return to_f64(self.h)
 
 
+def _in_f64(op: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``op`` of ``x`` in float64, on the CPU when the device's kernel fails."""
+    x = to_f64(x)
+    try:
+        return op(x)
+    except RuntimeError:
+        return op(x.cpu()).to(x.device)
+
+
 def eigvalsh(k: Tensor) -> Tensor:
     """Eigenvalues (ascending) of symmetric ``k`` in float64; CPU fallback if the device fails."""
-    k = to_f64(k)
-    try:
-        return torch.linalg.eigvalsh(k)
-    except RuntimeError:
-        return torch.linalg.eigvalsh(k.cpu()).to(k.device)
+    return _in_f64(torch.linalg.eigvalsh, k)
 
 
 def svdvals(z: Tensor) -> Tensor:
     """Singular values (descending) of ``z`` in float64; CPU fallback if the device fails."""
-    z = to_f64(z)
-    try:
-        return torch.linalg.svdvals(z)
-    except RuntimeError:
-        return torch.linalg.svdvals(z.cpu()).to(z.device)
+    return _in_f64(torch.linalg.svdvals, z)
 
 
 def unit_rows(x: Tensor) -> Tensor:
