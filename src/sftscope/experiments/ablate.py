@@ -54,7 +54,7 @@ from sftscope.metrics.stats import cluster_ratio_ci
 from sftscope.parallel import empty_like_table, join
 from sftscope.progress import plan, stage, staged
 from sftscope.runs import check_out
-from sftscope.segments import segment_bounds
+from sftscope.segments import block_text, segment_bounds
 
 ABLATE_COLUMNS = ["unit", "blocks", "mode", "metric", "value", "ci_low", "ci_high", "n"]
 ORIGINAL = "none"
@@ -73,11 +73,6 @@ def units_of(n_blocks: int, segments: int | None) -> list[Unit]:
         return [Unit(f"b{b}", (b,)) for b in range(n_blocks)]
     return [Unit(f"s{i}", tuple(range(lo, hi)))
             for i, (lo, hi) in enumerate(segment_bounds(n_blocks, segments))]
-
-
-def block_text(blocks: Sequence[int]) -> str:
-    """``3`` or ``2-4``: the blocks of a unit (contiguous)."""
-    return str(blocks[0]) if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_e
 from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer, save_model
 from sftscope.progress import plan, say, stage, staged, trainer_callback
 from sftscope.runs import claim
-from sftscope.segments import mask_blocks, parse_blocks, parse_mask
+from sftscope.segments import block_text, mask_blocks, parse_blocks, parse_mask
 
 REFERENCE_ALPHA = 128.0
 REFERENCE_MAX_LENGTH = 128
@@ -671,15 +671,6 @@ def parse_eval_task(spec: str, flag: str = "--eval-task") -> tuple[str, str | No
     return name, spec if sep else None
 
 
-def _block_ranges(blocks: list[int]) -> str:
-    parts, start = [], blocks[0]
-    for a, b in zip(blocks, blocks[1:] + [None]):
-        if b != a + 1:
-            parts.append(f"{start}-{a}" if a != start else f"{start}")
-            start = b
-    return ",".join(parts)
-
-
 def _check_reporter(name: str) -> list[str]:
     if name == "none":
         return []
@@ -1062,7 +1053,7 @@ def _adapt(p: TunePlan) -> tuple[nn.Module, int, Any, dict[str, Any] | None]:
     cfg, model, blocks, spec = p.cfg, p.model, b.blocks, p.spec
     sel = (f"mask {cfg.mask} of {len(cfg.mask)} segments" if cfg.mask else
            f"blocks {cfg.blocks}")
-    where = f"blocks {_block_ranges(blocks)} ({sel}, {b.n_blocks} blocks)"
+    where = f"blocks {block_text(blocks)} ({sel}, {b.n_blocks} blocks)"
     freeze = experts_rec = None
     if p.full:
         n_train_params = unfreeze_blocks(model, blocks, spec)
