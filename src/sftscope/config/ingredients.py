@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from sftscope.config.core import Config, at_least, in_range, non_empty, opt
 from sftscope.errors import SftscopeError
-from sftscope.load.data import Prepared, dataset_names, prepare
+from sftscope.load.data import SETS, Prepared, dataset_names, prepare
 from sftscope.tasks import shots_help
 
 # ----------------------------------------------------------------------------- value checks
@@ -120,7 +120,9 @@ def allow_other_base_opt() -> Any:
 def train_opt(required: bool = True) -> Any:
     return opt(dataclasses.MISSING if required else None,
                "Training data: gsm8k (hub), gsm8k:FILE (question/answer fields), "
-               "preference:FILE (prompt/chosen/rejected; --objective dpo), or a "
+               "preference:FILE (prompt/chosen/rejected; --objective dpo) or a preference "
+               f"set on the hub ({', '.join(f'preference:{n}' for n in SETS['preference'])}), "
+               "or a "
                ".jsonl/.csv/.parquet/.txt file of text.", check=non_empty)
 
 
