@@ -83,6 +83,11 @@ def test_hh_rlhf_splits_the_shared_dialogue_off_as_the_prompt(hub):
     assert hub[0] == ("Anthropic/hh-rlhf", None, "train", None)
     load_records("preference:hh-rlhf", "test")
     assert hub[-1][2] == "test"
+    recs = load_records("preference:hh-rlhf@abc123", "test")
+    assert hub[-1] == ("Anthropic/hh-rlhf", None, "test", "abc123")
+    assert recs.where[0] == "Anthropic/hh-rlhf@abc123 (test split), record 1"
+    with pytest.raises(SftscopeError, match="name a hub revision after '@'"):
+        load_records("preference:hh-rlhf@")
 
 
 def test_ultrafeedback_messages_and_its_split_names(hub):

@@ -6,7 +6,8 @@ A data source is one of:
 - ``preference:path/to/file.jsonl`` (``prompt``, ``chosen``, ``rejected``, each a text or a
   list of chat messages; a sample is prompt + chosen, the pair is in its meta);
 - ``preference:hh-rlhf`` (a registered hub set of a local-only format, ``SETS``: its rows are
-  converted into that format's records, a row that cannot be is refused or skipped);
+  converted into that format's records, a row that cannot be is refused or skipped;
+  ``preference:hh-rlhf@REVISION`` reads a hub revision: branch, tag or commit);
 - ``path/to/file.jsonl|.csv|.parquet|.txt`` (generic: ``text_field`` or ``template``).
 Every sample keeps its ``prompt`` and ``answer`` when the format knows them, so probing and
 evaluation can find the position right after the prompt. The GSM8K and MMLU formats are the
@@ -31,7 +32,7 @@ import random
 import re
 import string
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -338,8 +339,13 @@ def spec_of(name: str) -> DatasetSpec | None:
 def parse_source(source: str) -> tuple[DatasetSpec | None, Path | None]:
     """Split a data source into (registered format, local path)."""
     name, _, rest = source.partition(":")
-    if rest in SETS.get(name, {}):
-        return SETS[name][rest], None
+    set_name, at, revision = rest.partition("@")
+    if set_name in SETS.get(name, {}):
+        if at and not revision:
+            raise SftscopeError(f"data {source!r}: name a hub revision after '@' (branch, tag "
+                                f"or commit), or drop the '@'")
+        spec = SETS[name][set_name]
+        return (replace(spec, revision=revision) if revision else spec), None
     spec = spec_of(name)
     if spec is not None:
         return spec, (Path(rest).expanduser() if rest else None)
@@ -356,7 +362,8 @@ def load_records(source: str, split: str | None = None, *, skip_bad: bool = Fals
     assert spec is not None
     _need_file(source, spec)
     rows = read_hub(spec, split, source)
-    name = f"{spec.hub} ({spec.hub_split(split)} split)"
+    at = f"@{spec.revision}" if spec.revision else ""
+    name = f"{spec.hub}{at} ({spec.hub_split(split)} split)"
     out = RecordSet(source, rows, [f"{name}, record {i}" for i in range(1, len(rows) + 1)])
     return out if spec.convert is None else _converted(out, spec.convert, skip_bad)
 
