@@ -259,14 +259,15 @@ Signals computed without training: pair (where an SFT model changed the base, pe
 angular (how much each base block turns the hidden state), gradient (task-loss gradient of the
 attention projections), combined (rank average). Edge segments are proposed only on an
 overwhelming signal. Check a proposal with `sftscope sweep ... --validate-suggest`."""),
-    "steer": (C.SteerConfig, steer, """Steer the base model along the base->SFT shift of one layer.
+    "steer": (C.SteerConfig, steer, """Steer the base model along the base->SFT shift at --layers.
 
-The vector at hidden state --layer j (0 = embeddings, j = b+1 = output of block b) is the mean
-over --data of SFT minus base pooled states (--direction mean) or the top principal component
-of the per-sample differences (pc1). Each --scales value s adds s times it to the base
-model's residual stream there (s = 0 is the unsteered base, exactly), then scores --task
-and/or generates on prompts (--generate). Writes steer.csv, steer.jsonl, the vector and
-run.json."""),
+The vector at each hidden state j of --layers (2, or a list such as 6-11,14; 0 = embeddings,
+j = b+1 = output of block b) is the mean over --data of SFT minus base pooled states
+(--direction mean) or the top principal component of the per-sample differences (pc1). Each
+--scales value s adds s times each layer's vector to the base model's residual stream there,
+all layers in one forward pass (s = 0 is the unsteered base, exactly), then scores --task
+and/or generates on prompts (--generate). Writes steer.csv, steer_items.csv (every item's
+score per scale, for paired comparisons), steer.jsonl, the vectors and run.json."""),
     "report": (C.ReportConfig, report, """One self-contained HTML report of run folders.
 
 The paper's figures for whatever the runs hold, with tables, findings and a checklist of the

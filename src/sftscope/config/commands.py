@@ -961,17 +961,31 @@ def scale_list(value: str) -> str | None:
     return None
 
 
+def state_list(value: str) -> str | None:
+    """A check: hidden states in the block-list syntax (``2``, ``6-11,14``)."""
+    from sftscope.segments import parse_states
+
+    try:
+        parse_states(value)
+    except SftscopeError:
+        return f"must list hidden states such as 2 or 6-11,14 (0 = embeddings), got {value!r}"
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class SteerConfig(PairModels, DataSpec, Runtime, Output):
-    """Everything ``steer`` needs: the base->SFT vector at hidden state ``layer`` (from
-    ``data``), added ``scale`` times to the base model's residual stream, scored per scale on
-    ``task`` and/or by generating on prompts (``generate``)."""
+    """Everything ``steer`` needs: the base->SFT vector at each hidden state of ``layers``
+    (from ``data``), added ``scale`` times to the base model's residual stream, scored per
+    scale on ``task`` and/or by generating on prompts (``generate``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("steer.*", "steer_vector.safetensors")
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("steer.*", "steer_items.csv",
+                                          "steer_vector.safetensors")
 
-    layer: int = opt(help="Hidden state j where the vector is taken and added: j = b + 1 is "
-                     "the output of block b, 0 the embeddings (the input of block 0).",
-                     check=at_least(0))
+    layers: str = opt(help="Hidden states j where the vectors are taken and added, one or a "
+                      "list such as 2 or 6-11,14 (each layer's own vector, all in one forward "
+                      "pass): j = b + 1 is the output of block b, 0 the embeddings (the input "
+                      "of block 0).", check=state_list, aliases=("layer",),
+                      numbers_as_text=True)
     limit: int | None = limit_opt(200)
     direction: str = opt("mean", "mean: mean over samples of SFT minus base pooled states; "
                          "pc1: top principal component of the per-sample differences "
@@ -1001,6 +1015,16 @@ class SteerConfig(PairModels, DataSpec, Runtime, Output):
         """The scales as numbers, in the order given."""
         return [float(p) for p in self.scales.split(",") if p.strip()]
 
+    def layer_values(self, n_blocks: int | None = None) -> list[int]:
+        """The hidden states to steer, sorted; with ``n_blocks`` each checked against the base
+        model's ``0..n_blocks``."""
+        from sftscope.segments import parse_states
+
+        try:
+            return parse_states(self.layers, n_blocks)
+        except SftscopeError as e:
+            raise SftscopeError(f"--layers {self.layers}: {e}") from None
+
     def check(self) -> None:
         from sftscope.load.sources import check_model
 
@@ -1018,10 +1042,8 @@ class SteerConfig(PairModels, DataSpec, Runtime, Output):
             raise SftscopeError(f"--direction pc1 needs at least 2 samples, got --n-samples "
                                 f"{self.limit}")
         n = check_model(self.base, "base model").n_blocks
-        if n is not None and self.layer > n:
-            raise SftscopeError(f"--layer {self.layer} is outside the base model's hidden "
-                                f"states 0..{n} ({n} blocks; j = b + 1 is the output of "
-                                f"block b)")
+        if n is not None:
+            self.layer_values(n)
         if self.task is not None and ":" in self.task:
             check_task_spec(self.task)
         if self.prompts is not None:
