@@ -194,6 +194,8 @@ def test_steer_two_layers_run(pair, texts, tmp_path):
     rec = json.loads((out / "run.json").read_text())
     assert rec["layers"] == [1, 3] and rec["layers_text"] == "1,3"
     assert rec["config"]["layers"] == "1,3"
+    t = pd.read_csv(out / "steer.csv", dtype={"layers": str})
+    assert set(t["layers"]) == {"1,3"}
     saved = load_file(str(out / "steer_vector.safetensors"))
     assert sorted(saved) == ["layer_1", "layer_3"]
     items = pd.read_csv(out / "steer_items.csv").pivot(index="item", columns="scale",

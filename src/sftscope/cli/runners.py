@@ -137,8 +137,10 @@ def suggest(cfg: C.SuggestConfig) -> None:
 
 def steer(cfg: C.SteerConfig) -> None:
     from sftscope.experiments.steer import steer as run
+    from sftscope.segments import block_text
 
     res = run(cfg)
+    _say(f"steered hidden state(s) {block_text(res.layers)}")
     for r in res.table.itertuples(index=False):
         _say(f"  scale {r.scale:g}  {r.metric} {r.value:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}] "
              f"(n={r.n})")

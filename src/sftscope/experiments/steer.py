@@ -18,11 +18,11 @@ position (prompt and generated tokens). Each ``v_j`` is the shift the SFT model 
 (measured without steering), so with several layers the shifts added below ``j`` also travel
 up to ``j``. ``s = 0`` registers no hook, so it *is* the unsteered base. Per scale: the task
 score through the evaluator (``--task``) and/or greedy completions (``--generate``). Files:
-``steer.csv`` (scale, metric, value, ci_low, ci_high, n), ``steer_items.csv`` (scale, metric,
-item, value: every item's score, the same items at every scale, so that the report compares
-scales with paired tests), ``steer.jsonl`` (completions), ``steer_vector.safetensors`` (one
-tensor ``layer_<j>`` per layer), ``scales/<s>/`` (the evaluator's scores and predictions per
-scale) and ``run.json``.
+``steer.csv`` (layers as ``6-11,14``, scale, metric, value, ci_low, ci_high, n),
+``steer_items.csv`` (scale, metric, item, value: every item's score, the same items at every
+scale, so that the report compares scales with paired tests), ``steer.jsonl`` (completions),
+``steer_vector.safetensors`` (one tensor ``layer_<j>`` per layer), ``scales/<s>/`` (the
+evaluator's scores and predictions per scale) and ``run.json``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from sftscope.tasks import get_task
 __all__ = ["ITEM_COLUMNS", "STEER_COLUMNS", "SteerConfig", "SteerResult", "steer", "steering",
            "steering_vector"]
 
-STEER_COLUMNS = ["scale", "metric", "value", "ci_low", "ci_high", "n"]
+STEER_COLUMNS = ["layers", "scale", "metric", "value", "ci_low", "ci_high", "n"]
 ITEM_COLUMNS = ["scale", "metric", "item", "value"]
 
 
@@ -429,7 +429,8 @@ def steer(cfg: SteerConfig) -> SteerResult:
             unsteered = texts
     if cfg.generate and unsteered is not None:  # how many completions steering changed
         rows += _same_as_unsteered(cfg, p.scales, gens, unsteered)
-    table = pd.DataFrame(rows, columns=STEER_COLUMNS).sort_values("scale", kind="stable")
+    table = pd.DataFrame(rows).assign(layers=block_text(p.layers))[STEER_COLUMNS].sort_values(
+        "scale", kind="stable")
     item_table = pd.DataFrame(items, columns=ITEM_COLUMNS).sort_values(
         ["scale", "metric", "item"], kind="stable").reset_index(drop=True)
     result = _steer_record(cfg, p, table.reset_index(drop=True), item_table, gens, infos,

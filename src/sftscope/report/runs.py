@@ -76,7 +76,7 @@ COMMANDS = ("analyze", "weights", "probe", "swap", "eval", "tune", "sweep", "sug
             "steer", "ablate")
 SUFFIXES = (".csv", ".parquet", ".json")
 TEXT_COLUMNS = ("mask", "best_mask", "config", "direction", "head", "model", "metric", "module",
-                "task", "metric_a", "metric_b", "seeds", "method", "signal", "blocks")
+                "task", "metric_a", "metric_b", "seeds", "method", "signal", "blocks", "layers")
 
 
 # Columns that hold numbers in every table that has them (checked when a table is read).
