@@ -25,7 +25,7 @@ def pytest_configure(config) -> None:
 # without CUDA.
 UNIT = {"test_metrics.py", "test_cli.py", "test_layers.py", "test_tasks.py", "test_data.py",
         "test_report_rules.py", "test_registry_masks.py", "test_lm_eval_diff.py",
-        "test_intervals.py"}
+        "test_intervals.py", "test_paired.py"}
 E2E = {"test_demo.py", "test_demo_pair.py", "test_faults.py", "test_real_model.py"}
 
 

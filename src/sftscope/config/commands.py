@@ -305,7 +305,7 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
     """Everything ``swap`` needs (``alphas``: interpolation of each segment between base and
     SFT; ``save_mix``: such mixes written as model folders)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("swap.*",)
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("swap.*", "swap_items.*")
 
     out: str | None = out_opt(required=False)
     limit: int | None = limit_opt(100)

@@ -23,6 +23,7 @@ import pandas as pd
 import sftscope.metrics  # noqa: F401  (registers every computed metric's display spec)
 from sftscope.chains import BASE, FIRST, PAIR, PAIR_PREFIX, is_pair_label, split_pair_label
 from sftscope.metric_registry import lower_is_better, metric_spec, ordered
+from sftscope.metrics.paired import PairedDiff, paired_difference
 from sftscope.report.rules import LENS_RISE, TOP, edge_means, routing_rule
 from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key, segment_bounds
 from sftscope.tasks import primary_metric_of
@@ -704,9 +705,56 @@ def swap_singles(swapped: pd.DataFrame) -> dict[tuple[str, str, str, str], pd.Da
     return out
 
 
-def swap_data(swap: pd.DataFrame) -> FigureData:
+# swap.csv metric -> (swap_items.csv column, per token?): accuracy and loss are token ratios
+# (per-item sums over its tokens), the choice accuracy one 0/1 per item; perplexity is
+# compared on its loss (exp is monotone)
+SWAP_ITEM_COLUMNS = {"accuracy": ("correct", True), "loss": ("loss", True),
+                     "perplexity": ("loss", True), "choice_accuracy": ("choice_correct", False)}
+
+
+def swap_paired(items: pd.DataFrame | None, run: str, config_a: str, config_b: str,
+                metric: str) -> PairedDiff | None:
+    """Paired difference ``a - b`` of two evaluated models of one swap run on the same items
+    (``swap_items.csv``): per-token metrics as the difference of their token ratios (each
+    item weighted by its tokens), the choice accuracy by Newcombe's paired interval. None
+    when the run has no per-item scores for both (an older run) or the metric has none."""
+    col = SWAP_ITEM_COLUMNS.get(str(metric))
+    if items is None or items.empty or col is None or col[0] not in items.columns:
+        return None
+    it = with_run(items)
+    it = it[it[RUN] == str(run)]
+    a = it[it["config"].astype(str) == str(config_a)]
+    b = it[it["config"].astype(str) == str(config_b)]
+    if a.empty or b.empty:
+        return None
+    m = a.merge(b, on="item", suffixes=("_a", "_b"))
+    num = pd.to_numeric
+    if col[1]:
+        w = num(m["tokens_a"], errors="coerce").to_numpy(float)
+        with np.errstate(all="ignore"):
+            va = num(m[f"{col[0]}_a"], errors="coerce").to_numpy(float) / w
+            vb = num(m[f"{col[0]}_b"], errors="coerce").to_numpy(float) / w
+        return paired_difference(va, vb, kind="mean", weights=np.where(w > 0, w, np.nan))
+    va = num(m[f"{col[0]}_a"], errors="coerce").to_numpy(float)
+    vb = num(m[f"{col[0]}_b"], errors="coerce").to_numpy(float)
+    return paired_difference(va, vb, kind="binary")
+
+
+def paired_text(d: PairedDiff | None, metric: str) -> str:
+    """``paired difference +0.031 [0.012, 0.050] over n = 200 items`` (the loss for a
+    perplexity, which is compared on its loss); empty without a paired test."""
+    if d is None or not np.isfinite(d.mean):
+        return ""
+    on = " (on the loss)" if str(metric) == "perplexity" else ""
+    ci = f" [{d.low:+.4g}, {d.high:+.4g}]" if np.isfinite(d.low) else " (no interval)"
+    return f"paired difference{on} {d.mean:+.4g}{ci} over n = {d.n} items"
+
+
+def swap_data(swap: pd.DataFrame, items: pd.DataFrame | None = None) -> FigureData:
     """Fig. 6: swapped and original rows; ``summary`` per run / direction / head: the best and
-    worst one-segment swap of the primary metric and the host's unswapped value."""
+    worst one-segment swap of the primary metric and the host's unswapped value, and, with the
+    run's per-item scores (``items``, swap_items.csv), the paired test of best against worst
+    (``paired``: best - worst on the same items)."""
     df, notes = clip_to_range(with_run(swap))
     swapped, orig = split_swap(df)
     rows = []
@@ -731,7 +779,8 @@ def swap_data(swap: pd.DataFrame) -> FigureData:
                      "worst_mask": worst["mask"], "worst": float(worst["value"]),
                      "n_best": int(np.sum(sc == np.nanmax(sc))),
                      "n_worst": int(np.sum(sc == np.nanmin(sc))), "overlap": overlap,
-                     "host": host, "host_value": ref})
+                     "host": host, "host_value": ref,
+                     "paired": swap_paired(items, r, best["config"], worst["config"], metric)})
     return FigureData(pd.concat([swapped, orig]), pd.DataFrame(rows), notes,
                       {"swapped": swapped, "orig": orig})
 

@@ -71,6 +71,8 @@ DERIVED: dict[str, TableSpec] = {
                             "training loss curves"),
     "seed_scores": TableSpec("jobs/*/result.json", ("mask", "seed", "metric", "value"), "sweep",
                              "per-seed scores of a sweep"),
+    "swap_items": TableSpec("swap_items", ("config", "item", "tokens"), "swap",
+                            "per-item swap scores (the paired tests of Fig. 6 and pattern d)"),
 }
 COMMANDS = ("analyze", "weights", "probe", "swap", "eval", "tune", "sweep", "suggest", "demo",
             "steer", "ablate")
@@ -390,6 +392,13 @@ def load_run(path: str | Path) -> Run:
             errors.append(str(e))
     if run.command == "tune" or (folder / "adapter").is_dir():
         run.tables.update(_tune_tables(folder, record))
+    items = find_table(folder, DERIVED["swap_items"].stem) if run.command == "swap" else None
+    if items is not None:
+        try:
+            run.tables["swap_items"] = read_table(items, DERIVED["swap_items"].required,
+                                                  run.segments)
+        except SftscopeError as e:
+            errors.append(str(e))
     if run.command == "sweep" and (folder / "jobs").is_dir():
         seeds = _seed_scores(folder, run.segments)
         if seeds is not None:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from sftscope.metric_registry import label as metric_label
+from sftscope.metrics.paired import PairedDiff
 from sftscope.report import numbers as N
 from sftscope.report import plots
 from sftscope.report.numbers import RUN, FigureData
@@ -401,16 +402,42 @@ def _extreme(word: str, n_tied: int, seg: int, k: int, mask: str, value: str) ->
 
 
 def swap_extremes(row: dict, delta: Callable[[float], str]) -> str:
-    """Best and worst one-segment swap, saying so when several tie, and naming no winner when
-    their intervals overlap."""
-    best = _extreme("best", row.get("n_best", 1), row["best_seg"], row["k"], row["best_mask"],
-                    f"{f(row['best'])}{delta(row['best'])}")
-    worst = _extreme("worst", row.get("n_worst", 1), row["worst_seg"], row["k"],
-                     row["worst_mask"], f"{f(row['worst'])}{delta(row['worst'])}")
-    text = f"{best}, {worst} [{row['metric']}]"
-    if row.get("overlap"):
-        text += " (their intervals overlap: no segment is clearly better or worse)"
-    return text
+    """Best and worst one-segment swap, saying so when several tie. A winner is named only when
+    the paired test on the same items (``row['paired']``, best - worst) excludes 0, or, for a
+    run without per-item scores, when the two intervals do not overlap; otherwise the sentence
+    gives the range and says the difference is not significant at this n."""
+    paired = row.get("paired")
+    paired = paired if isinstance(paired, PairedDiff) else None
+    undecided = (not paired.significant) if paired is not None else bool(row.get("overlap"))
+    if not undecided:
+        best = _extreme("best", row.get("n_best", 1), row["best_seg"], row["k"],
+                        row["best_mask"], f"{f(row['best'])}{delta(row['best'])}")
+        worst = _extreme("worst", row.get("n_worst", 1), row["worst_seg"], row["k"],
+                         row["worst_mask"], f"{f(row['worst'])}{delta(row['worst'])}")
+        text = f"{best}, {worst} [{row['metric']}]"
+        return text + (f" ({N.paired_text(paired, row['metric'])})" if paired else "")
+
+    def where(key: str) -> str:
+        n = row.get(f"n_{key}", 1)
+        seg = f"{n} tied segments" if n > 1 else f"segment {row[f'{key}_seg'] + 1}/{row['k']}"
+        return f"{f(row[key])}{delta(row[key])} ({seg})"
+
+    ends = sorted(("best", "worst"), key=lambda k: row[k])
+    text = (f"single-segment swaps range from {where(ends[0])} to {where(ends[1])} "
+            f"[{row['metric']}]")
+    if paired is None:
+        return text + " (their intervals overlap: no segment is clearly better or worse)"
+    return (text + f"; the {N.paired_text(paired, row['metric'])} is not significant at "
+            "this n: no segment is clearly better or worse")
+
+
+def swap_prepare(runs: Sequence[Run]) -> FigureData | None:
+    """Fig. 6's numbers from the runs' swap tables and their per-item scores (paired tests)."""
+    df = combined(runs, "swap")
+    if df.empty:
+        return None
+    data = N.swap_data(df, combined(runs, "swap_items"))
+    return None if data.empty else data
 
 
 def swap_findings(data: FigureData) -> list[str]:
@@ -1001,7 +1028,7 @@ SPECS: list[FigureSpec] = [
         "swap", "Layer swapping (Fig. 6)",
         "Blocks of one segment replaced by the other model's (both directions); horizontal "
         "lines are the unswapped models.", ("swap",), "swap results",
-        _or_none(N.swap_data, "swap"),
+        swap_prepare,
         (("fig6_swap", "Fig. 6: score after swapping segments", plots.plot_swap),),
         swap_findings, swap_tables),
     FigureSpec(
