@@ -218,6 +218,15 @@ def test_steer_two_layers_run(pair, texts, tmp_path):
         h.remove()
     assert items[2.0].tolist() == pytest.approx(by_hand, rel=1e-5)
     assert items[2.0].tolist() != items[0.0].tolist()
+    # the report reads the per-item scores: its finding is a paired test on the same texts
+    from sftscope.report.runs import load_run
+    from sftscope.report.sections import steer_findings, steer_prepare
+
+    run = load_run(out)
+    assert "steer_items" in run.tables
+    text = " ".join(steer_findings(steer_prepare([run])))
+    assert "At hidden states j = 1,3 (one pass) of 4" in text, text
+    assert "paired difference" in text and "over n = 5 items" in text, text
 
 
 def test_steer_vector_is_the_mean_shift_of_analyze(pair, texts, tmp_path):

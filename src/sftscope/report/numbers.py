@@ -1203,9 +1203,45 @@ def seed_data(seed_scores: pd.DataFrame, primary: dict[str, str] | None = None) 
 # ----------------------------------------------------------------------------- steering
 
 
-def steer_data(steer: pd.DataFrame) -> FigureData:
+def steer_paired(items: pd.DataFrame | None, run: str, metric: str
+                 ) -> dict[float, PairedDiff]:
+    """Per scale ``s != 0``: the paired difference ``score(s) - score(0)`` of one steer run on
+    the same items (``steer_items.csv``; Newcombe's interval for 0/1 scores, the bootstrap-t
+    of the per-item differences otherwise). Empty when the run has no per-item scores for the
+    metric at scale 0 (an older run)."""
+    if items is None or items.empty:
+        return {}
+    it = numeric(with_run(items), ["scale", "item", "value"])
+    it = it[(it[RUN] == str(run)) & (it["metric"].astype(str) == str(metric))]
+    zero = it[it["scale"] == 0].set_index("item")["value"]
+    if zero.empty:
+        return {}
+    out = {}
+    for s, g in it[it["scale"] != 0].groupby("scale"):
+        m = g.set_index("item")["value"].to_frame("a").join(zero.rename("b"), how="inner")
+        out[float(s)] = paired_difference(m["a"].to_numpy(float), m["b"].to_numpy(float))
+    return out
+
+
+def _steer_verdict(metric: str, paired: dict[float, PairedDiff], values: dict[float, float]
+                   ) -> dict[str, Any]:
+    """From the paired tests of every scale against scale 0: the scales significantly better
+    and worse than the unsteered base, and the winner (the best value among the better
+    ones; None when no scale is better beyond its paired interval)."""
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    better = [s for s, d in paired.items() if d.significant and sign * d.mean > 0]
+    worse = [s for s, d in paired.items() if d.significant and sign * d.mean < 0]
+    winner = max(better, key=lambda s: sign * values.get(s, math.nan)) if better else None
+    return {"better": sorted(better), "worse": sorted(worse), "winner": winner,
+            "winner_value": values.get(winner, math.nan) if winner is not None else math.nan}
+
+
+def steer_data(steer: pd.DataFrame, items: pd.DataFrame | None = None) -> FigureData:
     """Steering: score by scale per run and metric; ``summary`` the unsteered value (scale 0),
-    the best scale (by the metric's better direction) and its change from scale 0."""
+    the best scale (by the metric's better direction) and its change from scale 0. With the
+    runs' per-item scores (``items``, steer_items.csv) every scale is compared with scale 0 on
+    the same items (``paired``: scale -> PairedDiff; ``winner``, ``better``, ``worse``: see
+    :func:`_steer_verdict`)."""
     df = numeric(with_run(steer), ["scale", "value", "ci_low", "ci_high", "n"])
     df["metric"] = df["metric"].astype(str)
     df = df.dropna(subset=["scale"])
@@ -1220,6 +1256,7 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
         zero = g[g["scale"] == 0]
         z = float(zero["value"].iloc[0]) if len(zero) else math.nan
         overlap = bool(len(zero) and best["scale"] != 0 and _overlap(best, zero.iloc[0]))
+        paired = steer_paired(items, str(r), metric) if metric_spec(metric).is_score else {}
         rows.append({RUN: r, "metric": metric, "is_score": metric_spec(metric).is_score,
                      "overlap": overlap, "n": float(best.get("n", math.nan)),
                      "n_scales": len(g), "unsteered": z, "best_scale": float(best["scale"]),
@@ -1228,7 +1265,9 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
                      "first_scale": float(g["scale"].iloc[0]),
                      "first": float(g["value"].iloc[0]), "last_scale": float(g["scale"].iloc[-1]),
                      "last": float(g["value"].iloc[-1]),
-                     "same": bool(np.nanmax(sc) == np.nanmin(sc))})
+                     "same": bool(np.nanmax(sc) == np.nanmin(sc)), "paired": paired,
+                     **_steer_verdict(metric, paired, dict(zip(g["scale"].astype(float),
+                                                               g["value"].astype(float))))})
     return FigureData(df, pd.DataFrame(rows), notes)
 
 

@@ -73,7 +73,11 @@ DERIVED: dict[str, TableSpec] = {
                              "per-seed scores of a sweep"),
     "swap_items": TableSpec("swap_items", ("config", "item", "tokens"), "swap",
                             "per-item swap scores (the paired tests of Fig. 6 and pattern d)"),
+    "steer_items": TableSpec("steer_items", ("scale", "metric", "item", "value"), "steer",
+                             "per-item steering scores (the paired tests of Fig. 11)"),
 }
+# A command's per-item table (read for the paired tests of its findings).
+ITEM_TABLES = {"swap": "swap_items", "steer": "steer_items"}
 COMMANDS = ("analyze", "weights", "probe", "swap", "eval", "tune", "sweep", "suggest", "demo",
             "steer", "ablate")
 SUFFIXES = (".csv", ".parquet", ".json")
@@ -392,11 +396,12 @@ def load_run(path: str | Path) -> Run:
             errors.append(str(e))
     if run.command == "tune" or (folder / "adapter").is_dir():
         run.tables.update(_tune_tables(folder, record))
-    items = find_table(folder, DERIVED["swap_items"].stem) if run.command == "swap" else None
-    if items is not None:
+    item_table = ITEM_TABLES.get(run.command)
+    items = find_table(folder, DERIVED[item_table].stem) if item_table else None
+    if item_table and items is not None:
         try:
-            run.tables["swap_items"] = read_table(items, DERIVED["swap_items"].required,
-                                                  run.segments)
+            run.tables[item_table] = read_table(items, DERIVED[item_table].required,
+                                                run.segments)
         except SftscopeError as e:
             errors.append(str(e))
     if run.command == "sweep" and (folder / "jobs").is_dir():

@@ -24,6 +24,7 @@ from sftscope.report import plots
 from sftscope.report.numbers import RUN, FigureData
 from sftscope.report.rules import LENS_RISE, TOP
 from sftscope.report.runs import Run, combined, spec_of
+from sftscope.segments import block_text
 
 Plot = Callable[[FigureData, dict[str, str]], Any]
 TableOut = tuple[str, str, pd.DataFrame]
@@ -767,14 +768,78 @@ def steer_prepare(runs: Sequence[Run]) -> FigureData | None:
     df = combined(runs, "steer")
     if df.empty:
         return None
-    data = N.steer_data(df)
+    data = N.steer_data(df, combined(runs, "steer_items"))
     if data.empty:
         return None
-    data.extra["vectors"] = {r.label: {**(r.record.get("vector") or {}),
-                                       "layer": r.record.get("layer"),
-                                       "n_blocks": r.n_blocks}
+    data.extra["vectors"] = {r.label: steer_vectors(r.record, r.n_blocks)
                              for r in runs if "steer" in r.tables}
     return data
+
+
+def steer_vectors(record: dict[str, Any], n_blocks: int | None) -> dict[str, Any]:
+    """Where a steer run added its vectors: ``layers`` (block-list text), ``direction`` and
+    ``norms`` (one per layer), from run.json (``vectors`` and ``layers``, or an older run's
+    single ``vector`` and ``layer``)."""
+    vecs = record.get("vectors") or ([record["vector"]] if record.get("vector") else [])
+    layers = record.get("layers")
+    if layers is None and record.get("layer") is not None:
+        layers = [record["layer"]]
+    return {"layers": block_text(layers) if layers else None, "n_layers": len(layers or []),
+            "direction": next((v.get("direction") for v in vecs if v.get("direction")), None),
+            "norms": [v.get("norm") for v in vecs], "n_blocks": n_blocks}
+
+
+def steer_metric_text(row: dict) -> str:
+    """One metric's steering finding. A score names a better scale only when its paired test
+    against scale 0 on the same items excludes 0 (``row['winner']``); otherwise it says no
+    scale is distinguishable from the unsteered base at that n. A run without per-item scores
+    falls back to the two intervals (a winner only when they do not overlap)."""
+    metric = row["metric"]
+    if row["same"]:
+        return f"{metric} is {f(row['best'])} at every scale"
+    if not row["is_score"]:
+        return (f"{metric} goes from {f(row['first'])} at scale {f(row['first_scale'], 2)} to "
+                f"{f(row['last'])} at scale {f(row['last_scale'], 2)}")
+    paired = row.get("paired") or {}
+    if paired:
+        return _steer_paired_text(row, paired)
+    if row.get("overlap"):
+        n = f", n = {int(row['n'])}" if np.isfinite(row.get("n", np.nan)) else ""
+        return (f"{metric}: no scale is clearly better than the unsteered base "
+                f"({f(row['unsteered'])}; the best, scale {f(row['best_scale'], 2)}, gives "
+                f"{f(row['best'])}, and their intervals overlap{n}; no per-item scores for a "
+                "paired test)")
+    delta = (f", {row['delta']:+.4f} vs the unsteered base {f(row['unsteered'])}"
+             if np.isfinite(row["delta"]) else "")
+    return (f"{metric} is best at scale {f(row['best_scale'], 2)} ({f(row['best'])}{delta}; "
+            "intervals apart, no per-item scores for a paired test)")
+
+
+def _scales(scales: Sequence[float]) -> str:
+    return ("scale " if len(scales) == 1 else "scales ") + ", ".join(f(s, 2) for s in scales)
+
+
+def _steer_paired_text(row: dict, paired: dict[float, PairedDiff]) -> str:
+    """The paired wording of :func:`steer_metric_text`."""
+    metric, win, u = row["metric"], row.get("winner"), f(row["unsteered"])
+    worse = row.get("worse") or []
+    tail = f"; {_scales(worse)} significantly worse (paired)" if worse else ""
+    if win is not None:
+        others = [s for s in row.get("better") or [] if s != win]
+        also = f"; {_scales(others)} also better (paired)" if others else ""
+        return (f"{metric} is best at scale {f(win, 2)} ({f(row['winner_value'])} against the "
+                f"unsteered base {u}; {N.paired_text(paired[win], metric)}){also}{tail}")
+    near = max(paired, key=lambda s: float(N.score(metric, paired[s].mean)))
+    n = max(d.n for d in paired.values())
+    text = f"{N.paired_text(paired[near], metric)}"
+    if not worse:
+        return (f"{metric}: no scale is distinguishable from the unsteered base ({u}) at "
+                f"n = {n} (the best, scale {f(near, 2)}: {text}, not significant)")
+    if set(worse) == set(paired):
+        return (f"{metric}: every scale is significantly worse than the unsteered base ({u}; "
+                f"the least bad, scale {f(near, 2)}: {text})")
+    return (f"{metric}: no scale beats the unsteered base ({u}) at n = {n} (the best, scale "
+            f"{f(near, 2)}: {text}, not significant){tail}")
 
 
 def steer_findings(data: FigureData) -> list[str]:
@@ -782,33 +847,19 @@ def steer_findings(data: FigureData) -> list[str]:
     vectors = data.extra.get("vectors", {})
     out = []
     for r, g in s.groupby(RUN, sort=False) if len(s) else []:
-        parts = []
-        for row in g.to_dict("records"):
-            if row["same"]:
-                parts.append(f"{row['metric']} is {f(row['best'])} at every scale")
-            elif not row["is_score"]:
-                parts.append(f"{row['metric']} goes from {f(row['first'])} at scale "
-                             f"{f(row['first_scale'], 2)} to {f(row['last'])} at scale "
-                             f"{f(row['last_scale'], 2)}")
-            elif row.get("overlap"):
-                n = f", n = {int(row['n'])}" if np.isfinite(row.get("n", np.nan)) else ""
-                parts.append(f"{row['metric']}: no scale is clearly better than the unsteered "
-                             f"base ({f(row['unsteered'])}; the best, scale "
-                             f"{f(row['best_scale'], 2)}, gives {f(row['best'])}, and their "
-                             f"intervals overlap{n})")
-            else:
-                delta = (f", {row['delta']:+.4f} vs the unsteered base {f(row['unsteered'])}"
-                         if np.isfinite(row["delta"]) else "")
-                parts.append(f"{row['metric']} is best at scale {f(row['best_scale'], 2)} "
-                             f"({f(row['best'])}{delta})")
+        parts = [steer_metric_text(row) for row in g.to_dict("records")]
         v = vectors.get(str(r)) or {}
         where = ""
-        if v.get("layer") is not None:
-            where = f"At hidden state j = {v['layer']}"
+        if v.get("layers") is not None:
+            where = (f"At hidden state j = {v['layers']}" if v.get("n_layers", 1) == 1 else
+                     f"At hidden states j = {v['layers']} (one pass)")
             if v.get("n_blocks"):
                 where += f" of {v['n_blocks']}"
+            norms = [x for x in v.get("norms") or [] if x is not None]
             if v.get("direction"):
-                where += f" ({v['direction']} vector, norm {f(v.get('norm'))})"
+                norm = (f", norm {f(norms[0])}" if len(norms) == 1 else
+                        f", norms {f(min(norms))}-{f(max(norms))}" if norms else "")
+                where += f" ({v['direction']} vector{'s' if len(norms) > 1 else ''}{norm})"
             where += ": "
         if parts:
             out.append(_prefix(str(r), True) + where + "; ".join(parts) + ".")
