@@ -830,7 +830,44 @@ def scores_findings(data: FigureData) -> list[str]:
         items.append(f"{_prefix(d[RUN], many)}{d['task']} {metric_label(d['metric'])}: "
                      f"{f(d['value'])}{ci}{n}")
     more = f" (+{len(df) - 8} more in the table)" if len(df) > 8 else ""
-    return ["; ".join(items) + more + "."] if items else []
+    out = ["; ".join(items) + more + "."] if items else []
+    s = data.summary
+    return out + [comparison_sentence(row) for row in (s.to_dict("records") if len(s) else [])]
+
+
+def _n_text(row: dict) -> str:
+    ns = [int(v) for v in (row.get("n_a"), row.get("n_b")) if pd.notna(v)]
+    if not ns:
+        return "at this n"
+    return f"at n = {ns[0]}" if len(set(ns)) == 1 else f"at n = {ns[0]} and {ns[1]}"
+
+
+def comparison_sentence(row: dict) -> str:
+    """One task's best run against another: a winner only when the paired test on the items
+    both scored excludes 0 (or, without per-item predictions, when the intervals do not
+    overlap); otherwise "not distinguishable at n = N"."""
+    what = f"{row['task']} {metric_label(row['metric'])}"
+    a, b = f"{row['a']} ({f(row['value_a'])})", f"{row['b']} ({f(row['value_b'])})"
+    paired = row.get("paired")
+    if isinstance(paired, PairedDiff):
+        test = N.paired_text(paired, row["metric"]).replace(" items", " shared items")
+        if paired.significant:
+            return f"{what}: {a} is better than {b}, {test}."
+        return f"{what}: {a} and {b} are not distinguishable at n = {paired.n} ({test})."
+    if row.get("overlap"):
+        return (f"{what}: {a} and {b} are not distinguishable {_n_text(row)} (their intervals "
+                "overlap or are missing; no per-item predictions shared for a paired test).")
+    return (f"{what}: {a} is better than {b} (their intervals do not overlap; no per-item "
+            "predictions shared for a paired test).")
+
+
+def scores_prepare(runs: Sequence[Run]) -> FigureData | None:
+    """The eval scores and, for paired comparisons, the runs' per-item predictions."""
+    df = combined(runs, "scores")
+    if df.empty:
+        return None
+    data = N.scores_data(df, combined(runs, "predictions"))
+    return None if data.empty else data
 
 
 # ----------------------------------------------------------------------------- MoE routing
@@ -1116,7 +1153,7 @@ SPECS: list[FigureSpec] = [
                    ("fig12_blocks", "signals and causal effect per block", d.frame)]),
     FigureSpec(
         "eval", "Evaluation scores", "Task scores with confidence intervals.", ("scores",),
-        "evaluation scores", _or_none(N.scores_data, "scores"), (),
+        "evaluation scores", scores_prepare, (),
         scores_findings,
         lambda d: [("eval_scores", "evaluation scores",
                     d.frame.drop(columns=["n_blocks"], errors="ignore"))]),
