@@ -705,7 +705,7 @@ def test_eval_predictions_are_read_and_paired(tmp_path):
     import json
 
     from sftscope.report.runs import load_runs
-    from sftscope.report.sections import scores_findings, scores_prepare
+    from sftscope.report.sections import SPECS, scores_findings
 
     for run, vals in {"base": [1] * 10 + [0] * 30, "sft": [1] * 30 + [0] * 10}.items():
         d = tmp_path / run
@@ -722,5 +722,6 @@ def test_eval_predictions_are_read_and_paired(tmp_path):
             for i, v in enumerate(vals)))
     runs = load_runs([tmp_path / "base", tmp_path / "sft"])
     assert all(len(r.tables["predictions"]) == 40 for r in runs)
-    text = " ".join(scores_findings(scores_prepare(runs)))
+    prepare = next(sp.prepare for sp in SPECS if sp.key == "eval")
+    text = " ".join(scores_findings(prepare(runs)))
     assert "is better than" in text and "over n = 40 shared items" in text

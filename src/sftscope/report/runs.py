@@ -424,7 +424,7 @@ def load_run(path: str | Path) -> Run:
                                                   run.segments)
         except SftscopeError as e:
             errors.append(str(e))
-    if run.command == "eval":
+    if "scores" in run.tables:  # eval, or tune's evaluation: its per-item predictions
         preds = _eval_predictions(folder)
         if preds is not None:
             run.tables["predictions"] = preds

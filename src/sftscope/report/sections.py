@@ -109,13 +109,15 @@ def _combined(name: str) -> Callable[[Sequence[Run]], pd.DataFrame]:
     return lambda runs: combined(runs, name)
 
 
-def _or_none(make: Callable[[pd.DataFrame], FigureData], name: str
+def _or_none(make: Callable[..., FigureData], name: str, items: str | None = None
              ) -> Callable[[Sequence[Run]], FigureData | None]:
+    """The figure's numbers from the runs' ``name`` tables (and, with ``items``, their per-item
+    table for paired tests), or None when no run has the table."""
     def prepare(runs: Sequence[Run]) -> FigureData | None:
         df = combined(runs, name)
         if df.empty:
             return None
-        data = make(df)
+        data = make(df, combined(runs, items)) if items else make(df)
         return None if data.empty else data
     return prepare
 
@@ -429,15 +431,6 @@ def swap_extremes(row: dict, delta: Callable[[float], str]) -> str:
         return text + " (their intervals overlap: no segment is clearly better or worse)"
     return (text + f"; the {N.paired_text(paired, row['metric'])} is not significant at "
             "this n: no segment is clearly better or worse")
-
-
-def swap_prepare(runs: Sequence[Run]) -> FigureData | None:
-    """Fig. 6's numbers from the runs' swap tables and their per-item scores (paired tests)."""
-    df = combined(runs, "swap")
-    if df.empty:
-        return None
-    data = N.swap_data(df, combined(runs, "swap_items"))
-    return None if data.empty else data
 
 
 def swap_findings(data: FigureData) -> list[str]:
@@ -861,15 +854,6 @@ def comparison_sentence(row: dict) -> str:
             "predictions shared for a paired test).")
 
 
-def scores_prepare(runs: Sequence[Run]) -> FigureData | None:
-    """The eval scores and, for paired comparisons, the runs' per-item predictions."""
-    df = combined(runs, "scores")
-    if df.empty:
-        return None
-    data = N.scores_data(df, combined(runs, "predictions"))
-    return None if data.empty else data
-
-
 # ----------------------------------------------------------------------------- MoE routing
 
 
@@ -1065,7 +1049,7 @@ SPECS: list[FigureSpec] = [
         "swap", "Layer swapping (Fig. 6)",
         "Blocks of one segment replaced by the other model's (both directions); horizontal "
         "lines are the unswapped models.", ("swap",), "swap results",
-        swap_prepare,
+        _or_none(N.swap_data, "swap", "swap_items"),
         (("fig6_swap", "Fig. 6: score after swapping segments", plots.plot_swap),),
         swap_findings, swap_tables),
     FigureSpec(
@@ -1153,7 +1137,7 @@ SPECS: list[FigureSpec] = [
                    ("fig12_blocks", "signals and causal effect per block", d.frame)]),
     FigureSpec(
         "eval", "Evaluation scores", "Task scores with confidence intervals.", ("scores",),
-        "evaluation scores", scores_prepare, (),
+        "evaluation scores", _or_none(N.scores_data, "scores", "predictions"), (),
         scores_findings,
         lambda d: [("eval_scores", "evaluation scores",
                     d.frame.drop(columns=["n_blocks"], errors="ignore"))]),
