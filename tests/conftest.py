@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("SFTSCOPE_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# commands run without --out write to a new folder under $SFTSCOPE_RUNS: never the checkout
+os.environ.setdefault("SFTSCOPE_RUNS", tempfile.mkdtemp(prefix="sftscope-runs-"))
 
 
 def pytest_configure(config) -> None:

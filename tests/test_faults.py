@@ -217,8 +217,8 @@ def case(cmd: str, over: dict[str, Any] | None = None, extra: list[str] | None =
 for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "suggest", "steer",
             "ablate"):
     case(cmd, extra=["--batch-sise", "4"], needle="no such option")
-    if cmd in ("analyze", "weights", "tune", "sweep", "steer"):
-        case(cmd, {"--out": DROP}, needle="missing --out")
+    if cmd == "sweep":  # --out is optional everywhere, but shards must name their one folder
+        case(cmd, {"--out": DROP}, extra=["--num-jobs", "2"], needle="--out must name it")
     case(cmd, extra=["--config", "{root}/missing.yaml"], needle="does not exist")
     case(cmd, extra=["--config", "{root}/cfg_badkey.yaml"], needle="batch_sise")
     case(cmd, extra=["--config", "{root}/cfg_section.yaml"], needle="unknown section")
@@ -503,7 +503,6 @@ case("demo", extra=["--out", "{file}"], needle="is a file")
 case("demo", extra=["--moe", "--family", "olmo2"], needle="--moe trains a Mixtral pair")
 
 case("data", {"RUNS": "gsm9k"}, needle="NAME has unknown task set 'gsm9k'")
-case("data", {"--out": DROP}, needle="missing --out")
 case("data", {"--test-size": "2001"}, needle="--test-size must be in [1, 2000]")
 case("data", {"--train-size": "0"}, needle="--train-size must be at least 1")
 case("data", extra=["--max-number", "5"], needle="--max-number must be in [20, 999]")

@@ -67,5 +67,7 @@ def test_bad_input_is_one_clear_error():
         paired_difference([1], [0], kind="t")
     with pytest.raises(SftscopeError, match="0/1"):
         paired_difference([0.5], [1], kind="binary")
+    with pytest.raises(SftscopeError, match="mean kind only"):
+        paired_difference([1], [0], kind="binary", weights=[2])
     with pytest.raises(SftscopeError, match="level"):
         paired_difference([1], [0], level=95)

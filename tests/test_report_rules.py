@@ -642,3 +642,86 @@ def test_swap_items_are_read_from_the_run_folder(tmp_path):
     assert len(run.tables["swap_items"]) == 5 * len(BASE_ITEMS)
     d = next(p for p in paper_patterns([tmp_path]) if p["pattern"].startswith("(d)"))
     assert d["verdict"] == R.YES and "6 of 6 middle-edge pairs" in d["numbers"]
+
+
+# ----------------------------------------------------------------------------- eval comparisons
+
+
+def _eval_runs(correct, task="mmlu", metric="accuracy", questions=None):
+    """scores (Wilson intervals) and predictions of eval runs ``run -> [0/1 per item]``."""
+    from sftscope.metrics.stats import proportion_ci
+
+    scores, preds = [], []
+    for run, vals in correct.items():
+        k, n = int(sum(vals)), len(vals)
+        scores.append((run, task, metric, k / n, *proportion_ci(k, n), n))
+        qs = questions[run] if questions else [f"q{i}" for i in range(n)]
+        preds += [(run, task, json_key(i, q), float(v)) for i, (q, v) in enumerate(zip(qs, vals))]
+    s = pd.DataFrame(scores, columns=["run", "task", "metric", "value", "ci_low", "ci_high", "n"])
+    p = pd.DataFrame(preds, columns=["run", "task", "item", "correct"])
+    return s, p
+
+
+def json_key(i, q):
+    import json
+
+    return json.dumps([i, q])
+
+
+def test_eval_findings_name_no_winner_at_n8_with_overlapping_intervals():
+    from sftscope.report.sections import scores_findings
+
+    runs = {"sft": [1, 1, 0, 1, 0, 1, 1, 0], "base": [1, 0, 0, 1, 0, 1, 0, 0]}
+    scores, preds = _eval_runs(runs)
+    text = " ".join(scores_findings(N.scores_data(scores)))  # no per-item predictions
+    assert ("mmlu accuracy: sft (0.625) and base (0.375) are not distinguishable at n = 8 "
+            "(their intervals overlap") in text
+    assert "better" not in text
+    paired = " ".join(scores_findings(N.scores_data(scores, preds)))
+    assert ("sft (0.625) and base (0.375) are not distinguishable at n = 8 (paired difference "
+            "+0.25 [") in paired and "over n = 8 shared items" in paired
+    tie = " ".join(scores_findings(N.scores_data(*_eval_runs({"a": [1, 0] * 4,
+                                                              "b": [0, 1] * 4}))))
+    assert "a (0.500) and b (0.500) are not distinguishable at n = 8" in tie
+
+
+def test_eval_findings_name_a_winner_on_a_paired_test():
+    from sftscope.report.sections import scores_findings
+
+    sft = [1] * 30 + [0] * 10
+    base = [1] * 10 + [0] * 30  # right only where the sft is right as well
+    scores, preds = _eval_runs({"base": base, "sft": sft})
+    text = " ".join(scores_findings(N.scores_data(scores, preds)))
+    assert "mmlu accuracy: sft (0.750) is better than base (0.250), paired difference +0.5 [" \
+        in text and "over n = 40 shared items" in text
+    # other items (other questions at the same positions): no pairing, the intervals decide
+    qs = {"base": [f"b{i}" for i in range(40)], "sft": [f"s{i}" for i in range(40)]}
+    scores, preds = _eval_runs({"base": base, "sft": sft}, questions=qs)
+    text = " ".join(scores_findings(N.scores_data(scores, preds)))
+    assert "sft (0.750) is better than base (0.250) (their intervals do not overlap" in text
+
+
+def test_eval_predictions_are_read_and_paired(tmp_path):
+    import json
+
+    from sftscope.report.runs import load_runs
+    from sftscope.report.sections import SPECS, scores_findings
+
+    for run, vals in {"base": [1] * 10 + [0] * 30, "sft": [1] * 30 + [0] * 10}.items():
+        d = tmp_path / run
+        d.mkdir()
+        (d / "run.json").write_text(json.dumps({"command": "eval", "config": {
+            "model": f"org/{run}", "task": "mmlu"}}))
+        k = sum(vals)
+        pd.DataFrame([("mmlu", "accuracy", k / 40, 0.0, 1.0, 40)],
+                     columns=["task", "metric", "value", "ci_low", "ci_high", "n"]).to_csv(
+            d / "scores.csv", index=False)
+        (d / "predictions-mmlu.jsonl").write_text("".join(
+            json.dumps({"index": i, "question": f"q{i}", "subject": "x", "target": "A",
+                        "prediction": "A" if v else "B", "correct": bool(v)}) + "\n"
+            for i, v in enumerate(vals)))
+    runs = load_runs([tmp_path / "base", tmp_path / "sft"])
+    assert all(len(r.tables["predictions"]) == 40 for r in runs)
+    prepare = next(sp.prepare for sp in SPECS if sp.key == "eval")
+    text = " ".join(scores_findings(prepare(runs)))
+    assert "is better than" in text and "over n = 40 shared items" in text

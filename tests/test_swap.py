@@ -160,13 +160,18 @@ def _cli(args, capsys):
     return e.value.code, capsys.readouterr()
 
 
-def test_swap_cli_end_to_end(pair, tmp_path, capsys):
+def test_swap_cli_end_to_end(pair, tmp_path, capsys, monkeypatch):
+    """Without --out the run goes to a new folder sftscope-runs/swap-TIME (here under
+    $SFTSCOPE_RUNS), as for every command, and the command says where."""
     base_dir, sft_dir, mmlu, _ = pair
-    out = tmp_path / "run"
+    monkeypatch.setenv("SFTSCOPE_RUNS", str(tmp_path))
     code, cap = _cli(["swap", "--base", str(base_dir), "--sft", str(sft_dir), "--data",
-                      f"mmlu:{mmlu}", "--out", str(out), "--segments", "4", "--masks", "0110",
+                      f"mmlu:{mmlu}", "--segments", "4", "--masks", "0110",
                       "--directions", "sft-into-base", "--bootstrap", "10"], capsys)
     assert code == 0, cap.err
+    out, = tmp_path.glob("swap-*")
+    assert f"wrote {out / 'swap.csv'}" in cap.out + cap.err
+    assert (out / "swap_items.csv").is_file() and (out / "run.json").is_file()
     df = masks_from_text(pd.read_csv(out / "swap.csv"))
     assert list(df.columns) == SWAP_COLUMNS
     assert set(df["mask"]) == {"0000", "1000", "0100", "0010", "0001", "0110"}

@@ -12,12 +12,6 @@ from typing import Any
 from sftscope.config import commands as C
 
 
-def is_main() -> bool:
-    from sftscope.parallel import is_main as main_rank
-
-    return main_rank()
-
-
 def _say(msg: str) -> None:
     from sftscope.progress import say
 
@@ -45,35 +39,27 @@ def probe(cfg: C.ProbeConfig) -> None:
 
     table = run(cfg)
     top = table.attrs.get("top1")
-    if cfg.out:
-        _say(f"wrote {Path(cfg.out) / 'probe.csv'} ({len(table)} rows)"
-             + (f", {Path(cfg.out) / 'top1.csv'}" if top is not None else "")
-             + f" and {Path(cfg.out) / 'run.json'}")
-    elif is_main():
-        print(table.to_string(index=False))
-        if top is not None:
-            print(top.to_string(index=False))
+    _say(f"wrote {Path(cfg.out) / 'probe.csv'} ({len(table)} rows)"
+         + (f", {Path(cfg.out) / 'top1.csv'}" if top is not None else "")
+         + f" and {Path(cfg.out) / 'run.json'}")
 
 
-def _wrote_or_print(out: str | None, name: str, table) -> None:
-    """Name the table and run.json written to ``out``, or print the table without one."""
-    if out:
-        _say(f"wrote {Path(out) / f'{name}.csv'} ({len(table)} rows) and "
-             f"{Path(out) / 'run.json'}")
-    elif is_main():
-        print(table.to_string(index=False))
+def _wrote(out: str, name: str, table) -> None:
+    """Name the table and run.json written to ``out`` (on the command line there is always a
+    run folder: ``--out`` or its default)."""
+    _say(f"wrote {Path(out) / f'{name}.csv'} ({len(table)} rows) and {Path(out) / 'run.json'}")
 
 
 def swap(cfg: C.SwapConfig) -> None:
     from sftscope.experiments.swap import swap as run
 
-    _wrote_or_print(cfg.out, "swap", run(cfg))
+    _wrote(cfg.out, "swap", run(cfg))
 
 
 def ablate(cfg: C.AblateConfig) -> None:
     from sftscope.experiments.ablate import ablate as run
 
-    _wrote_or_print(cfg.out, "ablate", run(cfg))
+    _wrote(cfg.out, "ablate", run(cfg))
 
 
 def tune(cfg: C.TuneConfig) -> None:
@@ -94,9 +80,8 @@ def evaluate(cfg: C.EvalConfig) -> None:
 
     res = run(cfg)
     print(format_scores(res))
-    if cfg.out:
-        _say(f"wrote {Path(cfg.out) / 'scores.csv'}, {res.predictions_path} and "
-             f"{Path(cfg.out) / 'run.json'}")
+    _say(f"wrote {Path(cfg.out) / 'scores.csv'}, {res.predictions_path} and "
+         f"{Path(cfg.out) / 'run.json'}")
 
 
 def sweep(cfg: C.SweepConfig) -> None:
@@ -130,9 +115,8 @@ def suggest(cfg: C.SuggestConfig) -> None:
         _say(f"  {m.method:9s} {m.mask}  segment scores (bottom first): {prof}")
     _say(f"[bold]suggested mask {res.mask}[/] ({res.method})")
     _say(f"reason: {res.reason}")
-    if cfg.out:
-        _say(f"wrote {Path(cfg.out) / 'suggest.json'}, {Path(cfg.out) / 'suggest.csv'} and "
-             f"{Path(cfg.out) / 'run.json'}")
+    _say(f"wrote {Path(cfg.out) / 'suggest.json'}, {Path(cfg.out) / 'suggest.csv'} and "
+         f"{Path(cfg.out) / 'run.json'}")
 
 
 def steer(cfg: C.SteerConfig) -> None:

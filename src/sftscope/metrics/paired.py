@@ -112,6 +112,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, kind: str = "au
     if kind == "auto":
         kind = "binary" if weights is None and _is_binary(x, y) else "mean"
     if kind == "binary":
+        if weights is not None:
+            raise SftscopeError("weights apply to the mean kind only (a 0/1 item weighs one)")
         if not _is_binary(x, y) and n:
             raise SftscopeError("a binary paired comparison needs 0/1 values on both sides")
         if not n:

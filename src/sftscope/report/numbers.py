@@ -1036,10 +1036,70 @@ def tune_data(runs: Sequence[Any]) -> FigureData:
     return FigureData(frame, summ, notes)
 
 
-def scores_data(scores: pd.DataFrame) -> FigureData:
-    """Evaluation scores with intervals clipped to each metric's range."""
+# eval's metric -> its per-item column in predictions-<task>.jsonl where the names differ
+# (a perplexity is compared on its loss: exp is monotone)
+EVAL_ITEM_COLUMNS = {"accuracy": "correct", "accuracy_norm": "correct_norm",
+                     "loss": "loss_after", "ppl": "loss_after", "ppl_before": "loss_before",
+                     "ppl_after": "loss_after"}
+
+
+def eval_paired(predictions: pd.DataFrame | None, task: str, metric: str, run_a: str,
+                run_b: str) -> PairedDiff | None:
+    """Paired difference ``a - b`` of two eval runs' per-item results on the items both
+    scored (same task, matched by item identity, not by position only); None where either run
+    has no per-item column for the metric or they share no item."""
+    if predictions is None or predictions.empty:
+        return None
+    col = metric if metric in predictions.columns else EVAL_ITEM_COLUMNS.get(metric)
+    if col is None or col not in predictions.columns:
+        return None
+    p = with_run(predictions)
+    p = p[p["task"].astype(str) == str(task)]
+    a, b = (p[p[RUN] == r][["item", col]].dropna() for r in (run_a, run_b))
+    m = a.merge(b, on="item", suffixes=("_a", "_b"))
+    if m.empty:
+        return None
+    return paired_difference(m[f"{col}_a"].to_numpy(float), m[f"{col}_b"].to_numpy(float))
+
+
+def _interval(row: pd.Series) -> tuple[float, float]:
+    lo, hi = (pd.to_numeric(row.get(c), errors="coerce") for c in ("ci_low", "ci_high"))
+    return float(lo), float(hi)
+
+
+def eval_comparisons(df: pd.DataFrame, predictions: pd.DataFrame | None) -> pd.DataFrame:
+    """Per task, its primary metric compared across the runs that scored it: the best run
+    against each other one, by the paired test on shared items (``paired``) where both runs
+    wrote per-item predictions, else by their intervals (``overlap``: True when they overlap
+    or one is missing, so no winner can be named)."""
+    rows = []
+    for task, g in df.groupby(df["task"].astype(str), sort=False):
+        metric = primary_metric(g["metric"])
+        g = g[g["metric"].astype(str) == str(metric)].drop_duplicates(RUN)
+        if g[RUN].nunique() < 2:
+            continue
+        sc = score(str(metric), pd.to_numeric(g["value"], errors="coerce").to_numpy())
+        if np.isnan(sc).all():
+            continue
+        g = g.iloc[np.argsort(-np.nan_to_num(sc, nan=-np.inf), kind="stable")]
+        best = g.iloc[0]
+        for _, other in g.iloc[1:].iterrows():
+            (alo, ahi), (blo, bhi) = _interval(best), _interval(other)
+            ok = all(np.isfinite([alo, ahi, blo, bhi]))
+            rows.append({"task": task, "metric": metric, "a": best[RUN], "b": other[RUN],
+                         "value_a": float(best["value"]), "value_b": float(other["value"]),
+                         "n_a": best.get("n"), "n_b": other.get("n"),
+                         "overlap": not ok or max(alo, blo) <= min(ahi, bhi),
+                         "paired": eval_paired(predictions, task, str(metric), best[RUN],
+                                               other[RUN])})
+    return pd.DataFrame(rows)
+
+
+def scores_data(scores: pd.DataFrame, predictions: pd.DataFrame | None = None) -> FigureData:
+    """Evaluation scores with intervals clipped to each metric's range; ``summary``: the
+    comparisons of runs that scored the same task (``eval_comparisons``)."""
     df, notes = clip_to_range(with_run(scores))
-    return FigureData(df, df, notes)
+    return FigureData(df, eval_comparisons(df, predictions), notes)
 
 
 # ----------------------------------------------------------------------------- dynamics

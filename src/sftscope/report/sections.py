@@ -110,13 +110,15 @@ def _combined(name: str) -> Callable[[Sequence[Run]], pd.DataFrame]:
     return lambda runs: combined(runs, name)
 
 
-def _or_none(make: Callable[[pd.DataFrame], FigureData], name: str
+def _or_none(make: Callable[..., FigureData], name: str, items: str | None = None
              ) -> Callable[[Sequence[Run]], FigureData | None]:
+    """The figure's numbers from the runs' ``name`` tables (and, with ``items``, their per-item
+    table for paired tests), or None when no run has the table."""
     def prepare(runs: Sequence[Run]) -> FigureData | None:
         df = combined(runs, name)
         if df.empty:
             return None
-        data = make(df)
+        data = make(df, combined(runs, items)) if items else make(df)
         return None if data.empty else data
     return prepare
 
@@ -430,15 +432,6 @@ def swap_extremes(row: dict, delta: Callable[[float], str]) -> str:
         return text + " (their intervals overlap: no segment is clearly better or worse)"
     return (text + f"; the {N.paired_text(paired, row['metric'])} is not significant at "
             "this n: no segment is clearly better or worse")
-
-
-def swap_prepare(runs: Sequence[Run]) -> FigureData | None:
-    """Fig. 6's numbers from the runs' swap tables and their per-item scores (paired tests)."""
-    df = combined(runs, "swap")
-    if df.empty:
-        return None
-    data = N.swap_data(df, combined(runs, "swap_items"))
-    return None if data.empty else data
 
 
 def swap_findings(data: FigureData) -> list[str]:
@@ -765,11 +758,10 @@ def seeds_findings(data: FigureData) -> list[str]:
 
 
 def steer_prepare(runs: Sequence[Run]) -> FigureData | None:
-    df = combined(runs, "steer")
-    if df.empty:
-        return None
-    data = N.steer_data(df, combined(runs, "steer_items"))
-    if data.empty:
+    """Fig. 11's numbers (paired tests from the runs' steer_items) and where each run's vectors
+    were added."""
+    data = _or_none(N.steer_data, "steer", "steer_items")(runs)
+    if data is None:
         return None
     data.extra["vectors"] = {r.label: steer_vectors(r.record, r.n_blocks)
                              for r in runs if "steer" in r.tables}
@@ -881,7 +873,35 @@ def scores_findings(data: FigureData) -> list[str]:
         items.append(f"{_prefix(d[RUN], many)}{d['task']} {metric_label(d['metric'])}: "
                      f"{f(d['value'])}{ci}{n}")
     more = f" (+{len(df) - 8} more in the table)" if len(df) > 8 else ""
-    return ["; ".join(items) + more + "."] if items else []
+    out = ["; ".join(items) + more + "."] if items else []
+    s = data.summary
+    return out + [comparison_sentence(row) for row in (s.to_dict("records") if len(s) else [])]
+
+
+def _n_text(row: dict) -> str:
+    ns = [int(v) for v in (row.get("n_a"), row.get("n_b")) if pd.notna(v)]
+    if not ns:
+        return "at this n"
+    return f"at n = {ns[0]}" if len(set(ns)) == 1 else f"at n = {ns[0]} and {ns[1]}"
+
+
+def comparison_sentence(row: dict) -> str:
+    """One task's best run against another: a winner only when the paired test on the items
+    both scored excludes 0 (or, without per-item predictions, when the intervals do not
+    overlap); otherwise "not distinguishable at n = N"."""
+    what = f"{row['task']} {metric_label(row['metric'])}"
+    a, b = f"{row['a']} ({f(row['value_a'])})", f"{row['b']} ({f(row['value_b'])})"
+    paired = row.get("paired")
+    if isinstance(paired, PairedDiff):
+        test = N.paired_text(paired, row["metric"]).replace(" items", " shared items")
+        if paired.significant:
+            return f"{what}: {a} is better than {b}, {test}."
+        return f"{what}: {a} and {b} are not distinguishable at n = {paired.n} ({test})."
+    if row.get("overlap"):
+        return (f"{what}: {a} and {b} are not distinguishable {_n_text(row)} (their intervals "
+                "overlap or are missing; no per-item predictions shared for a paired test).")
+    return (f"{what}: {a} is better than {b} (their intervals do not overlap; no per-item "
+            "predictions shared for a paired test).")
 
 
 # ----------------------------------------------------------------------------- MoE routing
@@ -1079,7 +1099,7 @@ SPECS: list[FigureSpec] = [
         "swap", "Layer swapping (Fig. 6)",
         "Blocks of one segment replaced by the other model's (both directions); horizontal "
         "lines are the unswapped models.", ("swap",), "swap results",
-        swap_prepare,
+        _or_none(N.swap_data, "swap", "swap_items"),
         (("fig6_swap", "Fig. 6: score after swapping segments", plots.plot_swap),),
         swap_findings, swap_tables),
     FigureSpec(
@@ -1167,7 +1187,7 @@ SPECS: list[FigureSpec] = [
                    ("fig12_blocks", "signals and causal effect per block", d.frame)]),
     FigureSpec(
         "eval", "Evaluation scores", "Task scores with confidence intervals.", ("scores",),
-        "evaluation scores", _or_none(N.scores_data, "scores"), (),
+        "evaluation scores", _or_none(N.scores_data, "scores", "predictions"), (),
         scores_findings,
         lambda d: [("eval_scores", "evaluation scores",
                     d.frame.drop(columns=["n_blocks"], errors="ignore"))]),
