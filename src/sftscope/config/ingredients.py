@@ -195,10 +195,17 @@ def formats_opt() -> Any:
                check=table_formats, aliases=("format",), volatile=True)
 
 
-def out_opt(required: bool = True) -> Any:
-    return opt(dataclasses.MISSING if required else None,
-               "Run folder (created; run.json is written last and marks a finished run)"
-               + ("." if required else "; without it nothing is written."), check=non_empty)
+OUT_HELP = ("Where the results go: the run folder (created; run.json is written last and "
+            "marks a finished run); demo and sweep: a folder of runs; report: its HTML file. "
+            "Optional: without it, a new folder sftscope-runs/COMMAND-YYYYMMDD-HHMMSS (UTC; "
+            "$SFTSCOPE_RUNS instead of sftscope-runs when set); report: report.html in the "
+            "first RUN.")
+
+
+def out_opt() -> Any:
+    """``--out``: one help text and one default (none: :func:`config.core.default_out`) in
+    every command."""
+    return opt(None, OUT_HELP, check=non_empty)
 
 
 def eval_limit_opt() -> Any:
@@ -393,7 +400,7 @@ class Output(Config):
 
     OUTPUTS: ClassVar[tuple[str, ...]] = ()  # file patterns a rerun replaces (set per command)
 
-    out: str = out_opt()
+    out: str | None = out_opt()
     formats: tuple[str, ...] = formats_opt()
     overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
                           "settings.", volatile=True)
