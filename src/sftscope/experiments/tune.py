@@ -87,6 +87,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
 )
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_experts
 from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer, save_model
+from sftscope.parallel import cpu_launch
 from sftscope.progress import plan, say, stage, staged, trainer_callback
 from sftscope.runs import claim
 from sftscope.segments import block_text, mask_blocks, parse_blocks, parse_mask
@@ -1106,6 +1107,7 @@ def _training_arguments(p: TunePlan, micro: int, ckpt_dir: Path) -> Any:
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False, activation_checkpointing=False,
         logging_nan_inf_filter=False,  # a NaN loss must show, never be hidden in the average
+        use_cpu=cpu_launch(),  # torchrun/accelerate on CPU: DDP over gloo, not N lone runs
     )
     if p.sft:
         return TrainingArguments(**common)
