@@ -48,8 +48,8 @@ from sftscope.experiments.swap import check_swappable, score_rows, swapped
 from sftscope.io import Timer, run_record, write_tables
 from sftscope.load.arch import get_blocks, n_layers
 from sftscope.load.data import TokenizedSet
-from sftscope.load.models import check_pair, check_vocab, load_config, load_model
-from sftscope.load.runtime import model_bytes, release, resolve_device
+from sftscope.load.models import check_pair, load_config
+from sftscope.load.runtime import resolve_device
 from sftscope.metrics.stats import cluster_ratio_ci
 from sftscope.parallel import empty_like_table, join
 from sftscope.progress import plan, stage, staged
@@ -279,15 +279,8 @@ def _run_units(cfg: AblateConfig, p: _Plan, device: str, share: list[int],
         return None
     ctx = p.ctx
     opts = ctx.load_options(cfg, device=device)
-    models: dict[str, nn.Module] = {}
-    nbytes = 0
-    try:
-        stage("load")
-        with timer("load"):
-            for k, spec in ctx.models.specs.items():
-                models[k] = load_model(spec, opts[k])
-                nbytes += model_bytes(models[k])
-                check_vocab(models[k], ctx.tokens.input_ids, k)
+    stage("load")
+    with ctx.models.loaded(opts, ctx.tokens, timer) as models:
         host = models.get("sft", models.get("model"))
         means = None
         if p.mode == "mean":
@@ -300,9 +293,6 @@ def _run_units(cfg: AblateConfig, p: _Plan, device: str, share: list[int],
                                donor=models.get("base"), choices=p.choices,
                                batch_size=cfg.batch_size, chunk_elements=cfg.chunk_elements,
                                indices=share, means=means)
-    finally:
-        models.clear()
-        release(nbytes)
 
 
 @staged

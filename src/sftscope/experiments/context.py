@@ -11,14 +11,19 @@ tokenizer, data, notes), its run loads the models with ``load_options`` and feed
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from sftscope.io import Timer
 from sftscope.load.data import TokenizedSet
 from sftscope.load.identity import fingerprint
-from sftscope.load.models import LoadOptions
-from sftscope.load.runtime import pad_id
+from sftscope.load.models import LoadOptions, check_vocab, load_model
+from sftscope.load.runtime import model_bytes, pad_id, release
 from sftscope.progress import say
 from sftscope.runs import finish_run, start_run
 
@@ -56,6 +61,24 @@ class Models:
         """Each model's content identity, for run.json."""
         return {k: fingerprint(v, self.revs[k], base=self.bases[k], base_revision=base_revision)
                 for k, v in self.specs.items()}
+
+    @contextlib.contextmanager
+    def loaded(self, opts: dict[str, LoadOptions], tokens: TokenizedSet,
+               timer: Timer) -> Iterator[dict[str, nn.Module]]:
+        """Every model loaded with its options (timed as ``load``), its vocabulary checked
+        against ``tokens``; all released on leaving, after an error too."""
+        models: dict[str, nn.Module] = {}
+        nbytes = 0
+        try:
+            with timer("load"):
+                for k, spec in self.specs.items():
+                    models[k] = load_model(spec, opts[k])
+                    nbytes += model_bytes(models[k])
+                    check_vocab(models[k], tokens.input_ids, k)
+            yield models
+        finally:
+            models.clear()
+            release(nbytes)
 
 
 @dataclass

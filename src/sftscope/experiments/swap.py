@@ -57,13 +57,11 @@ from sftscope.load.data import TokenizedSet
 from sftscope.load.models import (
     check_adapter_base,
     check_pair,
-    check_vocab,
     load_config,
-    load_model,
     pair_tokenizer,
 )
-from sftscope.load.runtime import model_bytes, release, resolve_device
 from sftscope.load.runtime import pad_id as pad_id_of
+from sftscope.load.runtime import resolve_device
 from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
 from sftscope.parallel import empty_like_table, join
 from sftscope.progress import plan, say, stage, staged
@@ -575,16 +573,9 @@ def run_swap(cfg: SwapConfig, sp: SwapPlan, share: Sequence[int], device: str, t
     and, with ``save``, write the ``--save-mix`` folders (their paths in ``done['saved']``)."""
     if not share:
         return None, None
-    models: dict[str, nn.Module] = {}
-    nbytes = 0
     opts = sp.pair.load_options(cfg, device=device)
-    try:
-        stage("load base and sft")
-        with timer("load"):
-            for k, spec in sp.pair.specs.items():
-                models[k] = load_model(spec, opts[k])
-                nbytes += model_bytes(models[k])
-                check_vocab(models[k], sp.tok.input_ids, k)
+    stage("load base and sft")
+    with sp.pair.loaded(opts, sp.tok, timer) as models:
         done["part_modules"] = [p or "(whole block)" for p in
                                 part_paths(arch_for(models["base"]), cfg.parts)]
         stage("score originals and hybrids")
@@ -606,9 +597,6 @@ def run_swap(cfg: SwapConfig, sp: SwapPlan, share: Sequence[int], device: str, t
                     done.setdefault("saved", []).append(str(where))
                     say(f"wrote {where}")
         return result
-    finally:
-        models.clear()
-        release(nbytes)
 
 
 def record_swap(cfg: SwapConfig, sp: SwapPlan, df: pd.DataFrame, items: pd.DataFrame,
