@@ -16,11 +16,6 @@ from sftscope.load.arch import get_blocks
 pytest.importorskip("trl")
 
 
-@pytest.fixture(scope="module")
-def llama10(model_dir):
-    return model_dir("llama", n_layers=10)
-
-
 PAIRS = [{"prompt": f"What is {a} plus {a}? Answer:", "chosen": f" {2 * a}",
           "rejected": f" {2 * a + 1}"} for a in range(1, 9)]
 
