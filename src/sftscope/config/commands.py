@@ -195,6 +195,24 @@ class WeightsConfig(Output, Chain):
 # ----------------------------------------------------------------------------- probe, swap
 
 
+def check_one_or_pair(model: str | None, base: str | None, sft: str | None, *,
+                      adapter_base: bool = False) -> None:
+    """``--model`` (one model) or ``--base`` and ``--sft`` (a pair), never both: the check of
+    the commands that take either (probe, ablate). ``adapter_base``: ``--base`` may go with a
+    ``--model`` that is an adapter (the model it applies to)."""
+    from sftscope.load.sources import check_model, source_kind
+
+    adapter = adapter_base and model is not None and source_kind(model) == "adapter"
+    if model is not None and (sft is not None or (base is not None and not adapter)):
+        raise SftscopeError("give either --model, or --base and --sft, not both" + (
+            " (--base goes with --model only when --model is an adapter)" if adapter_base
+            else ""))
+    if model is None and (base is None or sft is None):
+        raise SftscopeError("give --model, or both --base and --sft")
+    if model is not None:
+        check_model(model, base=base)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
     """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``),
@@ -246,17 +264,7 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
                               check=at_least(1), cli=False, volatile=True)
 
     def check(self) -> None:
-        from sftscope.load.sources import check_model, source_kind
-
-        adapter = self.model is not None and source_kind(self.model) == "adapter"
-        if self.model is not None and (self.sft is not None
-                                       or (self.base is not None and not adapter)):
-            raise SftscopeError("give either --model, or --base and --sft, not both (--base "
-                                "goes with --model only when --model is an adapter)")
-        if self.model is None and (self.base is None or self.sft is None):
-            raise SftscopeError("give --model, or both --base and --sft")
-        if self.model is not None:
-            check_model(self.model, base=self.base)
+        check_one_or_pair(self.model, self.base, self.sft, adapter_base=True)
         if self.lens == "logit" and (self.translators or self.lens_train):
             raise SftscopeError("--translators and --lens-train are options of the tuned lens; "
                                 "add --lens tuned")
@@ -386,14 +394,7 @@ class AblateConfig(PairModels, DataSpec, Runtime, Stats, Output):
                               check=at_least(1), cli=False, volatile=True)
 
     def check(self) -> None:
-        from sftscope.load.sources import check_model
-
-        if self.model is not None and (self.base is not None or self.sft is not None):
-            raise SftscopeError("give either --model, or --base and --sft, not both")
-        if self.model is None and (self.base is None or self.sft is None):
-            raise SftscopeError("give --model, or both --base and --sft")
-        if self.model is not None:
-            check_model(self.model)
+        check_one_or_pair(self.model, self.base, self.sft)
 
     @property
     def pair(self) -> bool:
