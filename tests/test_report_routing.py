@@ -34,6 +34,35 @@ def test_rule_spread_and_intervals():
     assert narrow.verdict == R.YES
 
 
+def test_rule_without_intervals_says_so():
+    """--bootstrap 0: the numbers are taken as exact and the verdict says it had no
+    interval, as every other verdict does; with intervals no such note."""
+    js = [0.01, 0.01, 0.01, 0.01, 0.05, 0.05]
+    for lo, hi in ((None, None), ([math.nan] * 6, [math.nan] * 6)):
+        v = R.routing_rule(js, lo, hi, hint="analyze --bootstrap 0")
+        assert v.verdict == R.YES
+        assert v.why == ("concentrated in the top segment; no interval: analyze --bootstrap 0; "
+                         "noise not checked")
+        assert "[" not in v.numbers  # no made-up [x, x] interval
+    v = R.routing_rule(js, [x * 0.99 for x in js], [x * 1.01 for x in js])
+    assert v.why == "concentrated in the top segment" and "top 0.0500 [0.0495, 0.0505]" in \
+        v.numbers
+    flat = R.routing_rule([0.02] * 6)
+    assert flat.verdict == R.NO and flat.why == "spread over depth; no interval; noise not checked"
+
+
+def test_findings_without_intervals():
+    js = [0.01, 0.01, 0.012, 0.011, 0.06, 0.05]
+    table = _routing_table(js)
+    table[["ci_low", "ci_high"]] = math.nan
+    lines = routing_findings(N.routing_data(table))
+    assert lines[1].startswith("Verdict: routing drift concentrates")
+    assert lines[1].endswith("-> yes (concentrated in the top segment; no interval: analyze "
+                             "--bootstrap 0; noise not checked).")
+    with_ci = routing_findings(N.routing_data(_routing_table(js)))
+    assert "no interval" not in with_ci[1]
+
+
 def test_rule_minimums():
     assert R.routing_rule([0.1, 0.2]).verdict == R.INCONCLUSIVE
     assert R.routing_rule([0.0] * 4).verdict == R.INCONCLUSIVE

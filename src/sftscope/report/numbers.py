@@ -1368,7 +1368,8 @@ def _routing_summary(drift: pd.DataFrame, entropy: pd.DataFrame) -> pd.DataFrame
         g = g.dropna(subset=["value"]).sort_values("block")
         if g.empty:
             continue
-        v = routing_rule(g["value"], g.get("ci_low"), g.get("ci_high"))
+        v = routing_rule(g["value"], g.get("ci_low"), g.get("ci_high"),
+                         hint="analyze --bootstrap 0")
         top = g.loc[g["value"].idxmax()]
         ov = drift[(drift[RUN] == r) & (drift["model"] == model)
                    & (drift["metric"] == "topk_overlap")].dropna(subset=["value"])
