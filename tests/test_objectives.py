@@ -362,3 +362,80 @@ def test_chat_records_need_a_chat_template(llama10, pref_file, tmp_path):
     with pytest.raises(SftscopeError, match="no chat template"):
         OB.make_trainer(cfg, model=None, args=None, rows=rows,
                         tok=SimpleNamespace(chat_template=None), callbacks=[])
+
+
+# ------------------------------------------------------------------ several processes
+
+def _adapted_blocks(adapter) -> set[int]:
+    keys = _weights(adapter).keys()
+    return {int(k.split(".")[k.split(".").index("layers") + 1]) for k in keys}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+def test_two_processes_train_together(llama10, pref_file, gsm_file, tmp_path, objective):
+    """torchrun, 2 CPU processes (no ACCELERATE_USE_CPU: tune tells the Trainer itself): one
+    DDP run, rank 0 writes, run.json records the objective and 2 processes, only the masked
+    blocks are adapted."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch.distributed.run")  # torchrun (absent from some torch builds)
+    out = tmp_path / objective
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", SFTSCOPE_NO_PROGRESS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(TU.__file__).parents[2]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    args = (["--train", f"preference:{pref_file}", "--mask", "01100", "--batch-size", "4",
+             "--micro-batch-size", "2"] if objective == "dpo" else
+            ["--train", f"gsm8k:{gsm_file}", "--mask", "00110", "--reward", "gsm8k",
+             "--num-generations", "4", "--max-completion-length", "4", "--batch-size", "8",
+             "--micro-batch-size", "4"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "sftscope", "tune", "--model", str(llama10), "--out", str(out),
+           "--objective", objective, "--max-steps", "2", "--n-train", "0", "--no-eval",
+           "--rank", "4", "--dtype", "float32", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["objective"] == objective and rec["processes"] == 2
+    assert rec["grad_accumulation"] == 1 and rec["result"]["steps"] == 2
+    assert rec["trl"]["trainer"] == f"{objective.upper()}Trainer"
+    want = {2, 3, 4, 5} if objective == "dpo" else {4, 5, 6, 7}
+    assert _adapted_blocks(out / "adapter") == want
+    acfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert acfg["layers_to_transform"] == sorted(want)
+
+
+# ------------------------------------------------------------------ GRPO sweeps
+
+@pytest.mark.slow
+def test_grpo_sweep_scores_the_task_against_full_depth(llama10, gsm_file, tmp_path):
+    """sweep --objective grpo: masks x seeds scored by the task, each mask paired with 11111."""
+    from sftscope.config.commands import SweepConfig
+    from sftscope.experiments.sweep import run_sweep
+
+    res = run_sweep(SweepConfig(
+        model=str(llama10), train=f"gsm8k:{gsm_file}", task=f"gsm8k:{gsm_file}",
+        segments=5, masks="00110", seeds="1", out=str(tmp_path / "sw"), bootstrap=20,
+        evaluation={"limit": 4, "shots": 0, "max_new_tokens": 4},
+        tune={"objective": "grpo", "reward": "gsm8k", "num_generations": 4,
+              "max_completion_length": 4, "max_steps": 2, "n_train": 0, "batch_size": 8,
+              "micro_batch_size": 8, "rank": 2}))
+    s = res.summary
+    assert set(s["mask"]) == {"11111", "00110"}
+    assert {"strict_match", "flexible_extract"} <= set(s["metric"])
+    assert (s["n_items"] == 4).all() and (s["seeds"] == 1).all()
+    base = s[s["mask"] == "11111"]
+    assert base["p_value"].isna().all() and base["delta"].isna().all()
+    row = s[(s["mask"] == "00110") & (s["metric"] == "flexible_extract")].iloc[0]
+    assert 0.0 <= row["p_value"] <= 1.0 and row["delta"] == pytest.approx(
+        row["mean"] - base[base["metric"] == "flexible_extract"]["mean"].iloc[0])
+    sw = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert sw["settings"]["tune"]["objective"] == "grpo"
+    for job, blocks in (("11111-s0", list(range(10))), ("00110-s0", [4, 5, 6, 7])):
+        rec = json.loads((tmp_path / "sw" / "jobs" / job / "tune" / "run.json").read_text())
+        assert rec["objective"] == "grpo" and rec["trl"]["reward"] == "gsm8k"
+        assert rec["blocks"] == blocks

@@ -526,8 +526,7 @@ def _launch(args: list[str], logs: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "--log-dir", str(logs), "--redirects", "3", "-m", "sftscope", *args],
-        env={**ENV, "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _kill_rank_1(proc: subprocess.Popen, ready: Path, wait: float = 0.5) -> None:

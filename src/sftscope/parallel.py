@@ -61,6 +61,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def cpu_launch() -> bool:
+    """Several processes launched on a machine without CUDA: the Trainer must be told
+    (``use_cpu``), or it runs DDP-less and every process trains alone on the whole batch."""
+    import torch
+
+    return world_size() > 1 and not torch.cuda.is_available()
+
+
 def launch_id() -> str:
     """Names this launch (the same on every rank of it): the launcher's run id and rendezvous
     address; empty without a launcher."""

@@ -20,12 +20,16 @@ it used and the verdict, so that the report prints all three side by side.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sftscope.segments import is_mask
+
+if TYPE_CHECKING:  # the rules take numbers; the paired tests are made by their callers
+    from sftscope.metrics.paired import PairedDiff
 
 YES, NO, INCONCLUSIVE = "yes", "no", "inconclusive"
 HOLDS, FAILS, UNCLEAR = "holds", "fails", "unclear"
@@ -352,8 +356,9 @@ def lens_rule(depth: Sequence[float], accuracy: Sequence[float],
 # ----------------------------------------------------------------------------- (d) swap
 
 SWAP_RULE = ("swap inverted U: in each direction every middle one-segment swap (segments "
-             "2..K-1) scores better than both edge swaps (segments 1 and K): the worst middle "
-             "beats the better edge, beyond the CIs (needs K >= "
+             "2..K-1) scores better than both edge swaps (segments 1 and K), judged by the "
+             "paired interval of the per-item differences (same items, swap_items.csv; "
+             "without it, beyond the CIs: the worst middle beats the better edge) (needs K >= "
              f"{SWAP_MIN_SEGMENTS} one-segment swaps including both edges)")
 
 
@@ -375,8 +380,12 @@ class Point:
 
 
 def inverted_u_rule(segments: dict[int, Point], k: int, lower_is_better: bool = False,
-                    label: str = "", hint: str = "") -> Verdict:
-    """(d) one direction of a swap: ``segments`` maps segment index -> score after swapping it."""
+                    label: str = "", hint: str = "",
+                    paired: Mapping[tuple[int, int], PairedDiff] | None = None) -> Verdict:
+    """(d) one direction of a swap: ``segments`` maps segment index -> score after swapping it.
+    ``paired[(m, e)]``: the paired difference middle ``m`` - edge ``e`` on the same items
+    (``metrics.paired``); given, it decides the claim (every middle beats both edges), not
+    the overlap of the two independent intervals."""
     seg = {i: p for i, p in segments.items() if np.isfinite(p.value)}
     name = f"{label}: " if label else ""
     if k < SWAP_MIN_SEGMENTS or not {0, k - 1} <= set(seg) or not any(
@@ -399,9 +408,37 @@ def inverted_u_rule(segments: dict[int, Point], k: int, lower_is_better: bool = 
     numbers = (f"{name}worst middle {show(mid)}"
                + (f" (best middle {show(best)})" if best != mid else "")
                + f", better edge {show(edge)}, other edge {show(k - 1 if edge == 0 else 0)}")
+    if paired:
+        c, text = paired_claim(paired, middles, (0, k - 1), lib, (mid, edge))
+        return combine([("every middle segment beats both edges", c)], SWAP_RULE,
+                       f"{numbers}; {text}")
     has = _has_ci((seg[mid].lo, seg[mid].hi), (seg[edge].lo, seg[edge].hi))
     return combine([("every middle segment beats both edges", c)], SWAP_RULE, numbers,
                    no_ci="" if has else no_interval(hint))
+
+
+def paired_claim(paired: Mapping[tuple[int, int], PairedDiff], wins: Sequence[int],
+                 losses: Sequence[int], lower_is_better: bool, show: tuple[int, int]
+                 ) -> tuple[str, str]:
+    """Claim "every ``wins`` item beats every ``losses`` item" from the paired differences
+    ``paired[(w, l)]`` (``w - l`` on the same items): holds when every interval excludes 0 on
+    the winning side, fails when one excludes it on the other, else unclear (a pair without a
+    test is unclear). Also the text: the ``show`` pair's difference and the count."""
+    keys = [(w, j) for w in wins for j in losses]
+    sign = -1.0 if lower_is_better else 1.0
+    states = []
+    for key in keys:
+        d = paired.get(key)
+        if d is None or not d.significant:
+            states.append(UNCLEAR)
+        else:
+            states.append(HOLDS if sign * d.mean > 0 else FAILS)
+    state = FAILS if FAILS in states else HOLDS if all(x == HOLDS for x in states) else UNCLEAR
+    d = paired.get(show)
+    shown = (f"paired worst middle - better edge {d.mean:+.4g} [{d.low:+.4g}, {d.high:+.4g}] "
+             f"over n = {d.n} items, " if d is not None else "")
+    return state, (f"{shown}{states.count(HOLDS)} of {len(keys)} middle-edge pairs "
+                   "significantly in favour of the middle")
 
 
 def all_of(verdicts: Sequence[Verdict], rule: str) -> Verdict:
