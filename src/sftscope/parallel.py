@@ -181,6 +181,43 @@ def _collective(world: int) -> Iterator[None]:
         raise lost from e
 
 
+def _announce(world: int, group: Any = None) -> None:
+    """Every rank's (host, pid), gathered once over the started process group, so that a
+    process that dies later can be named (``failed_peers``)."""
+    if _STATE["peers"]:
+        return
+    import socket
+
+    import torch.distributed as dist
+
+    peers: list[Any] = [None] * world
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=group)
+    _STATE["peers"] = [tuple(p) for p in peers]
+
+
+@contextlib.contextmanager
+def watched(world: int) -> Iterator[None]:
+    """Around collectives sftscope does not run itself (the Trainer's DDP/FSDP in ``tune``):
+    a rank that dies in them is one line on rank 0, ``process R of W failed ...``, not the
+    communication library's traceback (nor "interrupted", when the launcher stops the
+    survivors first). Needs the process group started (``TrainingArguments`` starts it);
+    alone, nothing to do.
+
+    A dead peer is noticed at once on gloo and nccl alike (its connections close); a peer
+    that hangs without dying is the process group's timeout to catch (the Trainer's
+    ``ddp_timeout``, 30 minutes by default)."""
+    if world <= 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with _collective(world):
+            _announce(world)
+    with _collective(world):
+        yield
+
+
 def _destroy() -> None:
     import torch.distributed as dist
 
@@ -362,13 +399,7 @@ def join(device: str = "auto", device_map: str | None = None) -> Group:
         raise SftscopeError(f"WORLD_SIZE is {world} but the process group has "
                             f"{dist.get_world_size()} processes; launch with torchrun or "
                             f"accelerate launch")
-    if not _STATE["peers"]:  # who is who, to name a process that dies later
-        import socket
-
-        peers: list[Any] = [None] * world
-        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()),
-                               group=_STATE["cpu_group"])
-        _STATE["peers"] = [tuple(p) for p in peers]
+    _announce(world, _STATE["cpu_group"])  # who is who, to name a process that dies later
     group = Group(world=world, rank=dist.get_rank(), local_rank=local, backend=backend,
                   _cpu=_STATE["cpu_group"])
     group.device = group.run(lambda: rank_device(device, local), "device set-up")

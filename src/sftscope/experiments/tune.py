@@ -86,7 +86,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
 )
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_experts
 from sftscope.load.runtime import pad_id
-from sftscope.parallel import cpu_launch
+from sftscope.parallel import cpu_launch, watched
 from sftscope.progress import plan, say, stage, staged, trainer_callback
 from sftscope.runs import claim
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
@@ -1051,7 +1051,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             # one process: a signal checkpoints at the step's end; several (DDP/FSDP) would
             # each see it at another step, so there it stops at once as before
             stop = stopper.installed() if world == 1 else contextlib.nullcontext()
-            with timer("train"), stop, _checkpoint_writes(trainer, ckpt_dir):
+            with timer("train"), stop, _checkpoint_writes(trainer, ckpt_dir), watched(world):
                 output = trainer.train(resume_from_checkpoint=last)
         finally:
             if bars:
