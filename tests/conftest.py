@@ -65,6 +65,12 @@ def model_dir(tmp_path_factory, tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def llama10(model_dir) -> Path:
+    """A saved tiny llama of 10 blocks (tune, objectives and dynamics tests)."""
+    return model_dir("llama", n_layers=10)
+
+
 @pytest.fixture()
 def gsm8k_file(tmp_path) -> Path:
     """A small local file in GSM8K's fields."""

@@ -194,6 +194,24 @@ class WeightsConfig(Output, Chain):
 # ----------------------------------------------------------------------------- probe, swap
 
 
+def check_one_or_pair(model: str | None, base: str | None, sft: str | None, *,
+                      adapter_base: bool = False) -> None:
+    """``--model`` (one model) or ``--base`` and ``--sft`` (a pair), never both: the check of
+    the commands that take either (probe, ablate). ``adapter_base``: ``--base`` may go with a
+    ``--model`` that is an adapter (the model it applies to)."""
+    from sftscope.load.sources import check_model, source_kind
+
+    adapter = adapter_base and model is not None and source_kind(model) == "adapter"
+    if model is not None and (sft is not None or (base is not None and not adapter)):
+        raise SftscopeError("give either --model, or --base and --sft, not both" + (
+            " (--base goes with --model only when --model is an adapter)" if adapter_base
+            else ""))
+    if model is None and (base is None or sft is None):
+        raise SftscopeError("give --model, or both --base and --sft")
+    if model is not None:
+        check_model(model, base=base)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProbeConfig(ModelOrPair, Chain, DataSpec, Runtime, Stats, Output):
     """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``),
@@ -242,7 +260,7 @@ class ProbeConfig(ModelOrPair, Chain, DataSpec, Runtime, Stats, Output):
                               check=at_least(1), cli=False, volatile=True)
 
     def check(self) -> None:
-        self.check_model_or_pair(adapter_base=True)
+        check_one_or_pair(self.model, self.base, self.sft, adapter_base=True)
         if self.lens == "logit" and (self.translators or self.lens_train):
             raise SftscopeError("--translators and --lens-train are options of the tuned lens; "
                                 "add --lens tuned")
@@ -369,7 +387,7 @@ class AblateConfig(ModelOrPair, DataSpec, Runtime, Stats, Output):
                               check=at_least(1), cli=False, volatile=True)
 
     def check(self) -> None:
-        self.check_model_or_pair()
+        check_one_or_pair(self.model, self.base, self.sft)
 
     @property
     def pair(self) -> bool:

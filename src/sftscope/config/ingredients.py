@@ -294,7 +294,8 @@ class PairModels(Config):
 @dataclass(frozen=True, kw_only=True)
 class ModelOrPair(PairModels):
     """One model (``model``) or a Base/SFT pair (``base`` and ``sft``): commands that run
-    either (probe, ablate). A command re-declares ``model`` with its own help."""
+    either (probe, ablate; their check is ``commands.check_one_or_pair``). A command
+    re-declares ``model`` with its own help."""
 
     COMMAND_OPTIONS: ClassVar[tuple[str, ...]] = ("model", "revision", "base", "sft")  # help
 
@@ -303,23 +304,6 @@ class ModelOrPair(PairModels):
     revision: str | None = revision_opt("model")
     base: str | None = base_opt(required=False)
     sft: str | None = sft_opt(required=False)
-
-    def check_model_or_pair(self, *, adapter_base: bool = False) -> None:
-        """Exactly one model, or both of a pair (``adapter_base``: ``--base`` may go with an
-        adapter ``--model``, as the base it applies to)."""
-        from sftscope.load.sources import check_model, source_kind
-
-        adapter = (adapter_base and self.model is not None
-                   and source_kind(self.model) == "adapter")
-        if self.model is not None and (self.sft is not None
-                                       or (self.base is not None and not adapter)):
-            raise SftscopeError("give either --model, or --base and --sft, not both"
-                                + (" (--base goes with --model only when --model is an "
-                                   "adapter)" if adapter_base else ""))
-        if self.model is None and (self.base is None or self.sft is None):
-            raise SftscopeError("give --model, or both --base and --sft")
-        if self.model is not None:
-            check_model(self.model, **({"base": self.base} if adapter_base else {}))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -87,7 +87,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
 )
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_experts
 from sftscope.load.models import LoadOptions, fingerprint, load_model, load_tokenizer, save_model
-from sftscope.parallel import cpu_launch
+from sftscope.parallel import cpu_launch, watched
 from sftscope.progress import plan, say, stage, staged, trainer_callback
 from sftscope.runs import claim
 from sftscope.segments import block_text, mask_blocks, parse_blocks, parse_mask
@@ -1037,7 +1037,8 @@ def train(p: TunePlan, callbacks: list | None = None) -> Training:
             # one process: a signal checkpoints at the step's end; several (DDP/FSDP) would
             # each see it at another step, so there it stops at once as before
             stop = run.stopper.installed() if run.world == 1 else contextlib.nullcontext()
-            with p.timer("train"), stop, _checkpoint_writes(run.trainer, ckpt_dir):
+            with (p.timer("train"), stop, _checkpoint_writes(run.trainer, ckpt_dir),
+                  watched(run.world)):
                 run.output = run.trainer.train(resume_from_checkpoint=run.last)
         finally:
             if bars:

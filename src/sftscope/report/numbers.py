@@ -484,6 +484,40 @@ def weight_metric(df: pd.DataFrame) -> str:
     return metrics[0] if metrics else ""
 
 
+def _sum_sq(values: pd.Series) -> float:
+    """``sqrt(sum of squares)`` of the finite values; NaN when there is none."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(float)
+    v = v[np.isfinite(v)]
+    return float(np.sqrt(np.square(v).sum())) if len(v) else math.nan
+
+
+EXPERTS_AS_ONE = ("per block, a sparse block's routed experts together as one module, "
+                  "'experts'")  # the granularity of the module comparison on an MoE
+
+
+def module_extremes(rows: pd.DataFrame, value: str, *, changed_only: bool) -> dict[str, Any]:
+    """The module kinds that changed most and least on average over the blocks, compared
+    like for like: one number per block and kind, a block's routed experts (``expert`` rows,
+    one per expert) folded into one ``experts`` module (``sqrt`` of the sum of squares: the
+    norm of all their parameters as one vector, as weights.csv's ``experts`` row) and the
+    shared expert's gate into ``shared_expert``. ``changed_only``: a kind's mean counts only
+    the blocks where it changed (> 0). Empty when fewer than two kinds; ``module_scope``
+    names the granularity where routed experts are among the kinds (else ``''``)."""
+    if rows.empty:
+        return {}
+    kind = rows["module"].astype(str).replace({EXPERT_MODULE: "experts",
+                                                "shared_expert_gate": "shared_expert"})
+    per_block = rows.assign(module=kind).groupby(["block", "module"])[value].agg(_sum_sq)
+    if changed_only:
+        per_block = per_block[per_block > 0]
+    means = per_block.groupby(level="module").mean()
+    if len(means) < 2:
+        return {}
+    return {"most_module": means.idxmax(), "most_value": float(means.max()),
+            "least_module": means.idxmin(), "least_value": float(means.min()),
+            "module_scope": EXPERTS_AS_ONE if "experts" in means.index else ""}
+
+
 def weight_data(weights: pd.DataFrame) -> FigureData:
     """Fig. 4: weight change per block; ``summary`` per run: the bottom / middle / top means
     (``rules.edge_means``, as the J rule uses them) and the block of the largest change."""
@@ -507,10 +541,7 @@ def weight_data(weights: pd.DataFrame) -> FigureData:
                "least_module": None, "least_value": math.nan}
         per_mod = df[(df[RUN] == r) & (df["metric"].astype(str) == metric)
                      & ~df["module"].astype(str).isin(AGGREGATE_MODULES)]
-        if per_mod["module"].nunique() > 1:
-            means = per_mod.groupby(per_mod["module"].astype(str))["value"].mean()
-            row.update(most_module=means.idxmax(), most_value=float(means.max()),
-                       least_module=means.idxmin(), least_value=float(means.min()))
+        row.update(module_extremes(per_mod, "value", changed_only=False))
         if (g["value"] == 0).all():
             notes.append(f"{r}: every block's {module} {metric} change is 0, so the curve lies "
                          "on the x axis (are the two checkpoints the same?)")
@@ -1105,13 +1136,6 @@ def scores_data(scores: pd.DataFrame, predictions: pd.DataFrame | None = None) -
 # ----------------------------------------------------------------------------- dynamics
 
 
-def _sum_sq(values: pd.Series) -> float:
-    """``sqrt(sum of squares)`` of the finite values; NaN when there is none."""
-    v = pd.to_numeric(values, errors="coerce").to_numpy(float)
-    v = v[np.isfinite(v)]
-    return float(np.sqrt(np.square(v).sum())) if len(v) else math.nan
-
-
 def dynamics_blocks(dynamics: pd.DataFrame) -> pd.DataFrame:
     """Block totals of ``dynamics.csv`` per run and step: the modules' norms combined
     (``sqrt`` of the sum of squares, the Frobenius norm of all of a block's recorded weights);
@@ -1179,12 +1203,8 @@ def dynamics_data(dynamics: pd.DataFrame, weights: pd.DataFrame | None = None) -
         row["grad_ratio"] = (row["grad_high"] / row["grad_low"]
                              if np.isfinite(row["grad_low"]) and row["grad_low"] > 0
                              else math.nan)
-        m = mods[(mods[RUN] == r) & (mods["step"] == row["last_step"])
-                 & (mods["update_norm"] > 0)]
-        if m["module"].nunique() > 1:
-            means = m.groupby(m["module"].astype(str))["update_norm"].mean()
-            row.update(most_module=means.idxmax(), most_value=float(means.max()),
-                       least_module=means.idxmin(), least_value=float(means.min()))
+        m = mods[(mods[RUN] == r) & (mods["step"] == row["last_step"])]
+        row.update(module_extremes(m, "update_norm", changed_only=True))
         if n_steps == 1:
             notes.append(f"{r}: one recorded step only (step {row['last_step']}): the gradient "
                          "heatmap is a single row; record more with --dynamics-every")
@@ -1368,7 +1388,8 @@ def _routing_summary(drift: pd.DataFrame, entropy: pd.DataFrame) -> pd.DataFrame
         g = g.dropna(subset=["value"]).sort_values("block")
         if g.empty:
             continue
-        v = routing_rule(g["value"], g.get("ci_low"), g.get("ci_high"))
+        v = routing_rule(g["value"], g.get("ci_low"), g.get("ci_high"),
+                         hint="analyze --bootstrap 0")
         top = g.loc[g["value"].idxmax()]
         ov = drift[(drift[RUN] == r) & (drift["model"] == model)
                    & (drift["metric"] == "topk_overlap")].dropna(subset=["value"])

@@ -589,26 +589,36 @@ def routing_segments(js: Sequence[float], low: Sequence[float] | None = None,
 
 
 def routing_rule(js: Sequence[float], low: Sequence[float] | None = None,
-                 high: Sequence[float] | None = None) -> Verdict:
+                 high: Sequence[float] | None = None, hint: str = "") -> Verdict:
     """Where routing drift concentrates: ``yes`` names the segment and its factor over the
-    next one; ``no`` when the largest segment is below the factor beyond the intervals."""
+    next one; ``no`` when the largest segment is below the factor beyond the intervals.
+    Without every block's interval (``hint``: how they were switched off) the numbers are
+    taken as exact and the reason says so (:func:`no_interval`)."""
     v = np.asarray(js, dtype=float)
     if len(v) < ROUTING_MIN_BLOCKS or not np.isfinite(v).all():
         return Verdict(INCONCLUSIVE, ROUTING_RULE, f"{len(v)} sparse blocks", "too few blocks "
                        "or a missing value")
+    has = all(c is not None and len(c) == len(v) and np.isfinite(np.asarray(c, float)).all()
+              for c in (low, high))
+    no_ci = "" if has else no_interval(hint)
     segs = routing_segments(v, low, high)
     ranked = sorted(segs, key=lambda s: s.mean, reverse=True)
     top, second = ranked[0], ranked[1]
     factor = top.mean / second.mean if second.mean > 0 else math.inf
-    numbers = "; ".join(f"{s.name} {_f(s.mean, 4)} [{_f(s.low, 4)}, {_f(s.high, 4)}] "
-                        f"({s.n} blocks)" for s in segs)
+    numbers = "; ".join(f"{s.name} {_f(s.mean, 4)}"
+                        + (f" [{_f(s.low, 4)}, {_f(s.high, 4)}]" if has else "")
+                        + f" ({s.n} blocks)" for s in segs)
     numbers += f"; largest: {top.name}, {_f(factor, 3)}x the next ({second.name})"
+
+    def verdict(outcome: str, why: str) -> Verdict:
+        return Verdict(outcome, ROUTING_RULE, numbers, "; ".join(w for w in (why, no_ci) if w))
+
     if top.mean <= 0:
-        return Verdict(INCONCLUSIVE, ROUTING_RULE, numbers, "no routing drift at all")
+        return verdict(INCONCLUSIVE, "no routing drift at all")
     claims = [compare(top.mean, ROUTING_FACTOR * s.mean, 0.0, (top.low, top.high),
                       (ROUTING_FACTOR * s.low, ROUTING_FACTOR * s.high)) for s in ranked[1:]]
     if all(c == HOLDS for c in claims):
-        return Verdict(YES, ROUTING_RULE, numbers, f"concentrated in the {top.name} segment")
+        return verdict(YES, f"concentrated in the {top.name} segment")
     if any(c == FAILS for c in claims):
-        return Verdict(NO, ROUTING_RULE, numbers, "spread over depth")
-    return Verdict(INCONCLUSIVE, ROUTING_RULE, numbers, "the intervals overlap")
+        return verdict(NO, "spread over depth")
+    return verdict(INCONCLUSIVE, "the intervals overlap")

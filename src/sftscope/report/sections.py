@@ -349,6 +349,12 @@ distribution_tables = _by_layer("fig3b_distributions", "KL by depth and token sh
 # ----------------------------------------------------------------------------- Fig. 4
 
 
+def _scope(row: dict) -> str:
+    """The granularity of a module comparison when it is not plain (routed experts as one)."""
+    scope = row.get("module_scope")
+    return f" ({scope})" if isinstance(scope, str) and scope else ""
+
+
 def weight_findings(data: FigureData) -> list[str]:
     s = data.summary
     many = _many(s)
@@ -359,8 +365,8 @@ def weight_findings(data: FigureData) -> list[str]:
                 f"mean {f(row['bottom'])} over the bottom {row['n_edge']} of {row['n_blocks']} "
                 f"blocks, {f(row['middle'])} in the middle, {f(row['top'])} over the top "
                 f"{row['n_edge']}")
-        if row.get("most_module"):
-            text += (f"; of the modules, {row['most_module']} changes most on average "
+        if isinstance(row.get("most_module"), str):
+            text += (f"; of the modules{_scope(row)}, {row['most_module']} changes most on average "
                      f"({f(row['most_value'])}) and {row['least_module']} least "
                      f"({f(row['least_value'])})")
         out.append(_prefix(row[RUN], many) + text + ".")
@@ -700,8 +706,8 @@ def dynamics_findings(data: FigureData) -> list[str]:
                      f"{f(row['grad_high'])} at block {row['last_trained']} and "
                      f"{f(row['grad_low'])} at block {row['first_trained']} "
                      f"({f(row['grad_ratio'], 2)}x)")
-        if row.get("most_module"):
-            text += (f"; of the modules, {row['most_module']} changed most on average "
+        if isinstance(row.get("most_module"), str):
+            text += (f"; of the modules{_scope(row)}, {row['most_module']} changed most on average "
                      f"({f(row['most_value'])}) and {row['least_module']} least "
                      f"({f(row['least_value'])})")
         out.append(_prefix(row[RUN], many) + text + ".")
