@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import functools
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -78,13 +79,11 @@ def lone_launch() -> bool:
 @functools.cache
 def note_lone_launch() -> None:
     """One line (once a process) when ``lone_launch``: the run goes on as one process."""
-    if lone_launch():
-        from sftscope.progress import say
-
-        say("note: accelerate launch started 1 process (without mpirun its --cpu / MULTI_CPU "
-            "launcher starts one); for N processes on CPU use accelerate launch --multi_gpu "
-            "--num_processes N (torchrun, gloo) or torchrun --nproc_per_node N; going on as one "
-            "process")
+    if lone_launch():  # one process, so no rank test; progress sits above this module
+        print("note: accelerate launch started 1 process (without mpirun its --cpu / MULTI_CPU "
+              "launcher starts one); for N processes on CPU use accelerate launch --multi_gpu "
+              "--num_processes N (torchrun, gloo) or torchrun --nproc_per_node N; going on as "
+              "one process", file=sys.stderr, flush=True)
 
 
 def cpu_launch() -> bool:
