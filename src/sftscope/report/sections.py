@@ -277,13 +277,8 @@ def lens_findings(data: FigureData) -> list[str]:
 lens_tables = _by_layer("fig3_logit_lens", "logit lens by layer j", per_model=True)
 
 
-def pair_prepare(runs: Sequence[Run]) -> FigureData | None:
-    """Fig. 1's numbers, with the noise floor of the runs that wrote one."""
-    metrics = combined(runs, "metrics")
-    if metrics.empty:
-        return None
-    data = N.pair_data(metrics, combined(runs, "noise"))
-    return None if data.empty else data
+# Fig. 1's numbers, with the noise floor of the runs that wrote one.
+pair_prepare = _or_none(N.pair_data, "metrics", "noise")
 
 
 def noise_findings(data: FigureData) -> list[str]:
@@ -355,6 +350,16 @@ def _scope(row: dict) -> str:
     return f" ({scope})" if isinstance(scope, str) and scope else ""
 
 
+def _module_clause(row: dict, verb: str) -> str:
+    """``; of the modules, X <verb> most ... and Y least`` where the row compared modules, else
+    nothing: one wording for the weight-change and the training-dynamics findings."""
+    if not isinstance(row.get("most_module"), str):
+        return ""
+    return (f"; of the modules{_scope(row)}, {row['most_module']} {verb} most on average "
+            f"({f(row['most_value'])}) and {row['least_module']} least "
+            f"({f(row['least_value'])})")
+
+
 def weight_findings(data: FigureData) -> list[str]:
     s = data.summary
     many = _many(s)
@@ -365,10 +370,7 @@ def weight_findings(data: FigureData) -> list[str]:
                 f"mean {f(row['bottom'])} over the bottom {row['n_edge']} of {row['n_blocks']} "
                 f"blocks, {f(row['middle'])} in the middle, {f(row['top'])} over the top "
                 f"{row['n_edge']}")
-        if isinstance(row.get("most_module"), str):
-            text += (f"; of the modules{_scope(row)}, {row['most_module']} changes most on average "
-                     f"({f(row['most_value'])}) and {row['least_module']} least "
-                     f"({f(row['least_value'])})")
+        text += _module_clause(row, "changes")
         out.append(_prefix(row[RUN], many) + text + ".")
     return out
 
@@ -676,12 +678,8 @@ def tune_tables(data: FigureData) -> list[TableOut]:
 # ----------------------------------------------------------------------------- Fig. 10
 
 
-def dynamics_prepare(runs: Sequence[Run]) -> FigureData | None:
-    dyn = combined(runs, "dynamics")
-    if dyn.empty:
-        return None
-    data = N.dynamics_data(dyn, combined(runs, "weights"))
-    return None if data.empty else data
+# Fig. 10's numbers, with the weight change of the runs that wrote one.
+dynamics_prepare = _or_none(N.dynamics_data, "dynamics", "weights")
 
 
 def dynamics_findings(data: FigureData) -> list[str]:
@@ -706,10 +704,7 @@ def dynamics_findings(data: FigureData) -> list[str]:
                      f"{f(row['grad_high'])} at block {row['last_trained']} and "
                      f"{f(row['grad_low'])} at block {row['first_trained']} "
                      f"({f(row['grad_ratio'], 2)}x)")
-        if isinstance(row.get("most_module"), str):
-            text += (f"; of the modules{_scope(row)}, {row['most_module']} changed most on average "
-                     f"({f(row['most_value'])}) and {row['least_module']} least "
-                     f"({f(row['least_value'])})")
+        text += _module_clause(row, "changed")
         out.append(_prefix(row[RUN], many) + text + ".")
     w = data.extra.get("weights")
     if w is not None and len(w.summary):
