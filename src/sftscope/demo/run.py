@@ -9,7 +9,9 @@ captures, finished sweep jobs).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,9 +35,18 @@ class DemoResult:
     report: Path | None
     runs: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (all threads) per step
     pair: dict[str, Any] = field(default_factory=dict)
     patterns: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, Any] = field(default_factory=dict)  # --stages: the DPO and GRPO runs
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Record the wall and the CPU seconds (this process, all threads) of step ``name``."""
+        t, c = time.perf_counter(), time.process_time()
+        yield
+        self.timings[name] = time.perf_counter() - t
+        self.cpu[name] = time.process_time() - c
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     check_out(out, "demo", cfg, overwrite=True)
     res = DemoResult(out=out, report=None)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     eta = Eta(cfg, t0)
     pair = _build_pair(cfg, res, eta)
     chain = _build_stages(cfg, res, eta, str(pair.sft_dir), pair.data_files["gsm8k_train"])
@@ -73,17 +84,18 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         if name not in cfg.steps:
             continue
         say(f"[bold]demo: {name}[/] ({eta.line(name)})")
-        t = time.perf_counter()
-        res.runs[name] = Path(fn(inputs, out / name))
-        res.timings[name] = time.perf_counter() - t
+        with res.timed(name):
+            res.runs[name] = Path(fn(inputs, out / name))
         eta.done(name, res.timings[name])
     if "report" in cfg.steps and res.runs:
         _report(cfg, res)
     res.timings["total"] = time.perf_counter() - t0
+    res.cpu["total"] = time.process_time() - c0
     finish_run(out, run_record(
         "demo", cfg.record(), reduced=cfg.quick, sizes=cfg.sizes, seeds={"demo": cfg.seed},
         pair=res.pair,
-        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings, stages=res.stages,
+        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings, cpu_seconds=res.cpu,
+        stages=res.stages,
         general_text=str(pair.data_files["general"]), patterns=res.patterns))
     return res
 
@@ -93,11 +105,14 @@ def _build_pair(cfg: DemoConfig, res: DemoResult, eta: Eta) -> DemoPair:
     from sftscope.demo.pair import build_demo_pair
 
     say(f"[bold]demo: pair[/] ({eta.line('pair')})")
-    t = time.perf_counter()
-    pair = build_demo_pair(Path(cfg.out) / ("pair-moe" if cfg.moe else "pair"), seed=cfg.seed,
-                           quick=cfg.quick, family=cfg.family, force=cfg.force, moe=cfg.moe)
-    res.timings["pair" + (" (cached)" if pair.cached else "")] = time.perf_counter() - t
-    eta.done("pair", time.perf_counter() - t, cached=pair.cached)
+    with res.timed("pair"):
+        pair = build_demo_pair(Path(cfg.out) / ("pair-moe" if cfg.moe else "pair"),
+                               seed=cfg.seed, quick=cfg.quick, family=cfg.family,
+                               force=cfg.force, moe=cfg.moe)
+    eta.done("pair", res.timings["pair"], cached=pair.cached)
+    if pair.cached:
+        res.timings["pair (cached)"] = res.timings.pop("pair")
+        res.cpu["pair (cached)"] = res.cpu.pop("pair")
     res.pair = {"base": str(pair.base_dir), "sft": str(pair.sft_dir), "cached": pair.cached,
                 "n_blocks": pair.n_blocks, "n_params": pair.n_params, "metrics": pair.metrics,
                 "timings": pair.timings}
@@ -112,10 +127,9 @@ def _build_stages(cfg: DemoConfig, res: DemoResult, eta: Eta, sft: str,
     from sftscope.demo.stages import build_stages, chain_stages
 
     say(f"[bold]demo: stages[/] DPO then GRPO after the SFT model ({eta.line('stages')})")
-    t = time.perf_counter()
-    res.stages = build_stages(Path(cfg.out) / "stages", sft, train, seed=cfg.seed,
-                              quick=cfg.quick)
-    res.timings["stages"] = time.perf_counter() - t
+    with res.timed("stages"):
+        res.stages = build_stages(Path(cfg.out) / "stages", sft, train, seed=cfg.seed,
+                                  quick=cfg.quick)
     eta.done("stages", res.timings["stages"])
     return chain_stages(res.stages)
 
@@ -188,17 +202,16 @@ def _report(cfg: DemoConfig, res: DemoResult) -> None:
     """One report over every step's run folder; the paper's patterns go into ``res``."""
     from sftscope.report import build_report, paper_patterns
 
-    t = time.perf_counter()
-    order = [res.runs[k] for k in STEPS if k in res.runs]
-    res.report = build_report(order, out=res.out / "report.html",
-                              figures_dir=res.out / "figures",
-                              title="sftscope demo: a toy "
-                              + ("mixture-of-experts " if cfg.moe else "")
-                              + "Base/SFT pair trained on this CPU"
-                              + (", continued through DPO and GRPO" if cfg.stages else ""),
-                              notices=[reduced_notice(cfg)] if cfg.quick else [])
-    res.patterns = paper_patterns(order)
-    res.timings["report"] = time.perf_counter() - t
+    with res.timed("report"):
+        order = [res.runs[k] for k in STEPS if k in res.runs]
+        res.report = build_report(order, out=res.out / "report.html",
+                                  figures_dir=res.out / "figures",
+                                  title="sftscope demo: a toy "
+                                  + ("mixture-of-experts " if cfg.moe else "")
+                                  + "Base/SFT pair trained on this CPU"
+                                  + (", continued through DPO and GRPO" if cfg.stages else ""),
+                                  notices=[reduced_notice(cfg)] if cfg.quick else [])
+        res.patterns = paper_patterns(order)
 
 
 def reduced_notice(cfg: DemoConfig) -> str:
@@ -256,8 +269,9 @@ class Eta:
 
 
 def time_summary(res: DemoResult) -> str:
-    """Where the time went, one line per step."""
+    """Where the time went, one line per step: wall seconds, share, CPU seconds (all threads)."""
     total = res.timings.get("total", 0.0) or 1.0
-    lines = [f"  {k:<16} {v:7.1f} s  {100 * v / total:5.1f} %"
+    lines = [f"  {k:<16} {v:7.1f} s  {100 * v / total:5.1f} %  cpu {res.cpu.get(k, 0.0):7.1f} s"
              for k, v in res.timings.items() if k != "total"]
-    return "\n".join(lines + [f"  {'total':<16} {total:7.1f} s"])
+    return "\n".join(lines + [f"  {'total':<16} {total:7.1f} s          "
+                              f"cpu {res.cpu.get('total', 0.0):7.1f} s"])
