@@ -803,6 +803,26 @@ def _check_adapter_shape(base: Checkpoint, mod: LoraModule, slot: Slot, a: Tenso
 # --------------------------------------------------------------------------- API
 
 
+def _check_request(base: object, sft: object, adapter: object, *, low_rank: bool, top_k: int,
+                   device: str, max_rank: int) -> None:
+    """``weight_change``'s arguments, refused in one line each before anything is read."""
+    if (sft is None) == (adapter is None):
+        raise SftscopeError("give exactly one of --sft (a fine-tuned checkpoint) or --adapter "
+                            "(a LoRA folder)")
+    if sft is not None and base is None:
+        raise SftscopeError("--sft needs --base: the change is measured against the base")
+    if top_k < 1:
+        raise SftscopeError(f"--top-k must be at least 1, got {top_k}")
+    if max_rank < top_k:
+        raise SftscopeError(f"--max-rank ({max_rank}) must be at least --top-k ({top_k})")
+    if low_rank:
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, ValueError) as e:
+            raise SftscopeError(f"--device {device!r} is not available here ({e}); "
+                                f"use cpu") from e
+
+
 def weight_change(
     base: str | os.PathLike | None,
     sft: str | os.PathLike | None = None,
@@ -825,21 +845,8 @@ def weight_change(
     ``n_blocks``, ``model_type``, ``mode``, ``notes``, ``timings`` and ``bytes_read`` for the
     run record.
     """
-    if (sft is None) == (adapter is None):
-        raise SftscopeError("give exactly one of --sft (a fine-tuned checkpoint) or --adapter "
-                            "(a LoRA folder)")
-    if sft is not None and base is None:
-        raise SftscopeError("--sft needs --base: the change is measured against the base")
-    if top_k < 1:
-        raise SftscopeError(f"--top-k must be at least 1, got {top_k}")
-    if max_rank < top_k:
-        raise SftscopeError(f"--max-rank ({max_rank}) must be at least --top-k ({top_k})")
-    if low_rank:
-        try:
-            torch.empty(1, device=device)
-        except (RuntimeError, ValueError) as e:
-            raise SftscopeError(f"--device {device!r} is not available here ({e}); "
-                                f"use cpu") from e
+    _check_request(base, sft, adapter, low_rank=low_rank, top_k=top_k, device=device,
+                   max_rank=max_rank)
     timer = Timer()
     notes: list[str] = []
     acc = _Acc()
