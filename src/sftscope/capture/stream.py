@@ -448,10 +448,16 @@ class _Reducer:
 
     def _submit(self, states: list[torch.Tensor], ms: torch.Tensor) -> list[Future]:
         """One task per token row: its metrics at the hidden states ``states`` (``[b, T, D]``
-        each, in order)."""
+        each, in order). The longest rows are submitted first (their cost grows as the cube
+        of their length), so no long one is left for one worker at the end while the others
+        idle; the futures stay in row order."""
         assert self.pool is not None
-        return [self.pool.submit(_sample_metrics, [h[r] for h in states], ms[r], self.opts)
-                for r in range(ms.shape[0])]
+        futures: dict[int, Future] = {}
+        lengths = ms.sum(1).tolist()
+        for r in sorted(range(ms.shape[0]), key=lambda r: -lengths[r]):
+            futures[r] = self.pool.submit(_sample_metrics, [h[r] for h in states], ms[r],
+                                          self.opts)
+        return [futures[r] for r in range(ms.shape[0])]
 
     def __call__(self, j: int, h: torch.Tensor) -> None:
         self.dtype = h.dtype
