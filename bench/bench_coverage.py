@@ -16,8 +16,16 @@ The grid: ``p`` 0.01 ... 0.5, samples 10 ... 1000, the three length laws, ``rho`
 Candidates (each with the same ``B`` resamples of samples, drawn once per sample count):
 ``pct`` percentile cluster bootstrap, ``bca`` BCa cluster bootstrap (jackknife acceleration),
 ``boot_t`` studentised cluster bootstrap, ``t`` Student-t on the linearised ratio,
-``wilson_n`` Wilson with n = samples, ``wilson_kish`` Wilson with n = Kish's effective
-number of samples, ``wilson_deff`` Wilson with n_eff = p(1-p) / var (linearised cluster
+``t_df`` Student-t on Satterthwaite's effective degrees of freedom of the linearised
+variance, ``t_jack_df`` the same with the jackknife standard error, ``boot_t_df`` the
+bootstrap-t with each quantile at least ``t_df``'s, ``boot_t_jdf`` that with the larger of
+the linearised and jackknife standard errors, ``boot_t_jdf_wK`` that with tail probabilities
+shrunk by ``sqrt(n / K)`` below K samples (``boot_t_jdf_w100`` is
+``sftscope.metrics.stats.cluster_bootstrap_t``, the interval of losses and means),
+``boot_t_log`` the bootstrap-t of ``log(ratio)`` (positive data), ``hall`` Student-t with
+Hall's skewness transform, ``wilson_n`` Wilson with n = samples, ``wilson_kish`` Wilson with
+n = Kish's effective number of samples, ``wilson_deff`` Wilson with n_eff = p(1-p) / var
+(linearised cluster
 variance, the design effect) floored at Kish's n, ``wilson_deff_t`` the same with a Student-t
 quantile (df = samples - 1). Prints, per method, the coverage (share of simulations whose
 interval holds the true value) and the mean width, cell by cell, then each method's minimum
@@ -82,6 +90,25 @@ def _lin(x: np.ndarray, d: np.ndarray):
     return r, se, kish
 
 
+def eff_df(resid: np.ndarray) -> np.ndarray:
+    """Satterthwaite's effective degrees of freedom of the linearised variance
+    ``sum(e^2)``: ``(n - 1) (sum e^2)^2 / (n sum e^4)``, n - 1 when every residual weighs the
+    same, near 1 when one long or extreme sample carries the variance."""
+    n = resid.shape[1]
+    e2 = resid ** 2
+    with np.errstate(all="ignore"):
+        f = (e2.sum(1) ** 2) / (n * (e2 ** 2).sum(1))
+    return np.maximum(np.nan_to_num(f, nan=1.0) * (n - 1), 1.0)
+
+
+def jack_se(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Jackknife standard error of the ratio (larger than the linearised one where one sample
+    moves the ratio)."""
+    n = x.shape[1]
+    jack = (x.sum(1, keepdims=True) - x) / (d.sum(1, keepdims=True) - d)
+    return np.sqrt((n - 1) / n * ((jack - jack.mean(1, keepdims=True)) ** 2).sum(1))
+
+
 def wilson(p, n, z):
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
@@ -109,8 +136,13 @@ def analytic(x, d, level):
             v = (np.cbrt(1 + 3 * a3 * (y - b)) - 1) / a3
         return np.where(np.abs(a3) > 1e-12, v, y - b)
 
+    df = eff_df(resid)
+    tq = sps.t.ppf(0.5 + level / 2, df)
+    jse = jack_se(x, d)
     return {
         "t": (r - t * se, r + t * se),
+        "t_df": (r - tq * se, r + tq * se),
+        "t_jack_df": (r - tq * jse, r + tq * jse),
         "hall": (r - ginv(t) * se, r - ginv(-t) * se),
         "wilson_n": wilson(np.clip(r, 0, 1), np.full_like(r, n), z),
         "wilson_kish": wilson(np.clip(r, 0, 1), kish, z),
@@ -156,6 +188,23 @@ def boot(x, d, w, level):
     with np.errstate(all="ignore"):
         ta = np.nanquantile(np.abs(tstar), level, axis=1)
     out["boot_t_sym"] = (r - ta * se, r + ta * se)
+    tdf = sps.t.ppf(0.5 + level / 2, eff_df(x - r[:, None] * d))
+    out["boot_t_df"] = (r - np.maximum(tq[0], tdf) * se, r - np.minimum(tq[1], -tdf) * se)
+    jse = np.maximum(jack_se(x, d), se)
+    out["boot_t_jdf"] = (r - np.maximum(tq[0], tdf) * jse, r - np.minimum(tq[1], -tdf) * jse)
+    for k in (50, 100, 200):
+        tl = tail * min(1.0, math.sqrt(n / k))  # smaller tails below k texts
+        with np.errstate(all="ignore"):
+            wq = np.nanquantile(tstar, [1 - tl, tl], axis=1)
+        wdf = sps.t.ppf(1 - tl, eff_df(x - r[:, None] * d))
+        out[f"boot_t_jdf_w{k}"] = (r - np.maximum(wq[0], wdf) * jse,
+                                 r - np.minimum(wq[1], -wdf) * jse)
+    with np.errstate(all="ignore"):  # bootstrap-t of log(ratio): positive data only
+        lt = (np.log(st) - np.log(r)[:, None]) / (se_b / st)
+        lt = np.where(np.isfinite(lt), lt, np.nan)
+        lq = np.nanquantile(lt, [1 - tail, tail], axis=1)
+        lse = se / r
+        out["boot_t_log"] = (r * np.exp(-lq[0] * lse), r * np.exp(-lq[1] * lse))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("SFTSCOPE_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# commands run without --out write to a new folder under $SFTSCOPE_RUNS: never the checkout
+os.environ.setdefault("SFTSCOPE_RUNS", tempfile.mkdtemp(prefix="sftscope-runs-"))
 
 
 def pytest_configure(config) -> None:
@@ -25,7 +28,7 @@ def pytest_configure(config) -> None:
 # without CUDA.
 UNIT = {"test_metrics.py", "test_cli.py", "test_layers.py", "test_tasks.py", "test_data.py",
         "test_report_rules.py", "test_registry_masks.py", "test_lm_eval_diff.py",
-        "test_intervals.py"}
+        "test_intervals.py", "test_paired.py"}
 E2E = {"test_demo.py", "test_demo_pair.py", "test_faults.py", "test_real_model.py"}
 
 
@@ -60,6 +63,12 @@ def model_dir(tmp_path_factory, tokenizer):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def llama10(model_dir) -> Path:
+    """A saved tiny llama of 10 blocks (tune, objectives and dynamics tests)."""
+    return model_dir("llama", n_layers=10)
 
 
 @pytest.fixture()

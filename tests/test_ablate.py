@@ -171,3 +171,23 @@ def test_report_shows_signal_against_cause(model_dir, gsm8k_file, tmp_path):
     assert "Which signal predicts the cause? (Fig. 12)" in html
     assert "weight change" in html and "over 4 blocks" in html
     assert (tmp_path / "figures" / "fig12_signal_cause.png").is_file()
+
+
+def test_one_model_or_pair_check_shared_with_probe(model_dir):
+    """ablate and probe take --model or --base and --sft through one check, with their own
+    exact messages (probe alone lets --base go with an adapter --model)."""
+    from sftscope.config.commands import AblateConfig, ProbeConfig
+    from sftscope.errors import SftscopeError
+
+    m = str(model_dir("llama"))
+    both = "give either --model, or --base and --sft, not both"
+    for cls, extra in ((AblateConfig, ""),
+                       (ProbeConfig, " (--base goes with --model only when --model is an "
+                                     "adapter)")):
+        with pytest.raises(SftscopeError) as e:
+            cls(model=m, base=m, data="gsm8k")
+        assert str(e.value) == both + extra
+        with pytest.raises(SftscopeError) as e:
+            cls(sft=m, data="gsm8k")
+        assert str(e.value) == "give --model, or both --base and --sft"
+        assert cls(model=m, data="gsm8k").model == m

@@ -98,7 +98,7 @@ def _run(argv, capsys):
       "--layer", "3"], "needs --task"),
     (["probe", "--limit", "ten"], "--n-samples expects an integer"),
     (["swap", "--head", "middle"], "unknown --head 'middle'"),
-    (["analyze", "--base", "a/b", "--sft", "a/c", "--data", "gsm8k"], "missing --out"),
+    (["sweep", "--num-jobs", "2"], "--out must name it"),  # shards share one named folder
     (["report"], "missing RUNS"),
 ])
 def test_usage_errors_are_one_line_exit_2(argv, needle, capsys):

@@ -27,11 +27,6 @@ ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_pro
 
 
 @pytest.fixture(scope="module")
-def llama10(model_dir):
-    return model_dir("llama", n_layers=10)
-
-
-@pytest.fixture(scope="module")
 def train_file(tmp_path_factory):
     rows = [{"question": f"What is {a} plus {a}?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a}"}
             for a in (1, 2, 3, 4)] * 4

@@ -179,7 +179,7 @@ def good(cmd: str) -> dict[str, Any]:
                   "--eval-shots": "0", "--eval-max-new-tokens": "2", "--bootstrap": "20"},
         "suggest": {"--base": "{base}", "--data": "gsm8k:{gsm}", "--segments": "2",
                     "--method": "angular", "--limit": "4", "--max-length": "32", **common},
-        "steer": {"--base": "{base}", "--sft": "{sft}", "--data": "gsm8k:{gsm}", "--layer": "2",
+        "steer": {"--base": "{base}", "--sft": "{sft}", "--data": "gsm8k:{gsm}", "--layers": "2",
                   "--limit": "4", "--scales": "0,1", "--generate": FLAG, "--n-prompts": "2",
                   "--max-new-tokens": "2", "--max-length": "32", **common},
         "ablate": {"--model": "{base}", "--data": "gsm8k:{gsm}", "--limit": "4",
@@ -217,8 +217,8 @@ def case(cmd: str, over: dict[str, Any] | None = None, extra: list[str] | None =
 for cmd in ("analyze", "weights", "probe", "swap", "tune", "eval", "sweep", "suggest", "steer",
             "ablate"):
     case(cmd, extra=["--batch-sise", "4"], needle="no such option")
-    if cmd in ("analyze", "weights", "tune", "sweep", "steer"):
-        case(cmd, {"--out": DROP}, needle="missing --out")
+    if cmd == "sweep":  # --out is optional everywhere, but shards must name their one folder
+        case(cmd, {"--out": DROP}, extra=["--num-jobs", "2"], needle="--out must name it")
     case(cmd, extra=["--config", "{root}/missing.yaml"], needle="does not exist")
     case(cmd, extra=["--config", "{root}/cfg_badkey.yaml"], needle="batch_sise")
     case(cmd, extra=["--config", "{root}/cfg_section.yaml"], needle="unknown section")
@@ -464,10 +464,11 @@ case("analyze", {"--sft": "{badgguf}"}, needle="not a GGUF file")
 case("swap", {"--sft": "{twogguf}"}, needle="holds 2 GGUF files")
 case("suggest", {"--base": "{truncgguf}"}, needle="truncated")
 
-case("steer", {"--layer": "-1"}, needle="--layer must be at least 0")
-case("steer", {"--layer": "99"}, needle="hidden state")
-case("steer", {"--layer": "two"}, needle="--layer expects an integer")
-case("steer", {"--layer": DROP}, needle="missing --layer")
+case("steer", {"--layers": "-1"}, needle="--layers must list hidden states")
+case("steer", {"--layers": "99"}, needle="hidden state")
+case("steer", {"--layers": "1,99"}, needle="--layers 1,99: hidden state 99 is outside")
+case("steer", {"--layers": "two"}, needle="--layers must list hidden states")
+case("steer", {"--layers": DROP}, needle="missing --layers")
 case("steer", {"--scales": "0,x"}, needle="--scales")
 case("steer", {"--scales": "0,nan"}, needle="--scales")
 case("steer", {"--scales": "0,1e30"}, needle="--scales 1e+30: the steered model gives non-finite")
@@ -502,7 +503,6 @@ case("demo", extra=["--out", "{file}"], needle="is a file")
 case("demo", extra=["--moe", "--family", "olmo2"], needle="--moe trains a Mixtral pair")
 
 case("data", {"RUNS": "gsm9k"}, needle="NAME has unknown task set 'gsm9k'")
-case("data", {"--out": DROP}, needle="missing --out")
 case("data", {"--test-size": "2001"}, needle="--test-size must be in [1, 2000]")
 case("data", {"--train-size": "0"}, needle="--train-size must be at least 1")
 case("data", extra=["--max-number", "5"], needle="--max-number must be in [20, 999]")

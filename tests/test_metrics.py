@@ -564,9 +564,9 @@ def test_bootstrap_ci():
 
 def test_mean_and_proportion_ci():
     x = np.array([1.0, 2.0, 4.0, 7.0, 3.0])
-    low, high = mean_ci(x, 0.9)  # studentised bootstrap: asymmetric for skewed values
+    low, high = mean_ci(x, 0.9)  # 5 samples: wider than Student-t (small-sample widening)
     ref = sps.t.interval(0.9, df=4, loc=x.mean(), scale=sps.sem(x))
-    assert low < x.mean() < high and high - low == pytest.approx(ref[1] - ref[0], rel=0.5)
+    assert low < ref[0] < x.mean() < ref[1] < high
     assert all(math.isnan(v) for v in mean_ci([1.0]))
     # Wilson 95 % for 5/10, and the edges stay in [0, 1]
     assert proportion_ci(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)

@@ -16,11 +16,6 @@ from sftscope.load.arch import get_blocks
 pytest.importorskip("trl")
 
 
-@pytest.fixture(scope="module")
-def llama10(model_dir):
-    return model_dir("llama", n_layers=10)
-
-
 PAIRS = [{"prompt": f"What is {a} plus {a}? Answer:", "chosen": f" {2 * a}",
           "rejected": f" {2 * a + 1}"} for a in range(1, 9)]
 
@@ -362,3 +357,110 @@ def test_chat_records_need_a_chat_template(llama10, pref_file, tmp_path):
     with pytest.raises(SftscopeError, match="no chat template"):
         OB.make_trainer(cfg, model=None, args=None, rows=rows,
                         tok=SimpleNamespace(chat_template=None), callbacks=[])
+
+
+# ------------------------------------------------------------------ several processes
+
+def _adapted_blocks(adapter) -> set[int]:
+    keys = _weights(adapter).keys()
+    return {int(k.split(".")[k.split(".").index("layers") + 1]) for k in keys}
+
+
+_LAUNCHED = {  # objective -> (tune arguments, the blocks its mask adapts)
+    "sft": (["--mask", "10000", "--batch-size", "4", "--micro-batch-size", "2"], {0, 1}),
+    "dpo": (["--mask", "01100", "--batch-size", "4", "--micro-batch-size", "2"], {2, 3, 4, 5}),
+    "grpo": (["--mask", "00110", "--reward", "gsm8k", "--num-generations", "4",
+              "--max-completion-length", "4", "--batch-size", "8", "--micro-batch-size", "4"],
+             {4, 5, 6, 7}),
+}
+
+
+def _launch_tune(launcher: list[str], objective: str, model, data, out) -> dict:
+    """``launcher ... -m sftscope tune`` with 2 CPU processes (ACCELERATE_USE_CPU unset: tune
+    tells the Trainer itself); checks one DDP run: rank 0 wrote run.json with the objective
+    and 2 processes, only the masked blocks are adapted. Returns run.json."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", SFTSCOPE_NO_PROGRESS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(TU.__file__).parents[2]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    args, want = _LAUNCHED[objective]
+    train = f"preference:{data}" if objective == "dpo" else f"gsm8k:{data}"
+    cmd = [*launcher, "-m", "sftscope", "tune", "--model", str(model), "--out", str(out),
+           "--objective", objective, "--train", train, "--max-steps", "2", "--n-train", "0",
+           "--no-eval", "--rank", "4", "--dtype", "float32", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["objective"] == objective and rec["processes"] == 2
+    assert rec["grad_accumulation"] == 1 and rec["result"]["steps"] == 2
+    assert _adapted_blocks(out / "adapter") == want
+    acfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert acfg["layers_to_transform"] == sorted(want)
+    return rec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+def test_two_processes_train_together(llama10, pref_file, gsm_file, tmp_path, objective):
+    """torchrun, 2 CPU processes: one DDP run (see ``_launch_tune``); run.json names TRL's
+    trainer."""
+    import sys
+
+    pytest.importorskip("torch.distributed.run")  # torchrun (absent from some torch builds)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2"]
+    data = pref_file if objective == "dpo" else gsm_file
+    rec = _launch_tune(launcher, objective, llama10, data, tmp_path / objective)
+    assert rec["trl"]["trainer"] == f"{objective.upper()}Trainer"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["sft", "dpo", "grpo"])
+def test_accelerate_launch_on_cpu(llama10, pref_file, gsm_file, tmp_path, objective):
+    """The command docs/cluster.md gives for CPU: ``accelerate launch --multi_gpu
+    --num_processes 2`` (accelerate's torchrun path; its ``--cpu``/MULTI_CPU launcher starts
+    one process without mpirun) trains one DDP run over gloo."""
+    import sys
+
+    pytest.importorskip("accelerate.commands.launch")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", "0"]
+    data = pref_file if objective == "dpo" else gsm_file
+    _launch_tune(launcher, objective, llama10, data, tmp_path / objective)
+
+
+# ------------------------------------------------------------------ GRPO sweeps
+
+@pytest.mark.slow
+def test_grpo_sweep_scores_the_task_against_full_depth(llama10, gsm_file, tmp_path):
+    """sweep --objective grpo: masks x seeds scored by the task, each mask paired with 11111."""
+    from sftscope.config.commands import SweepConfig
+    from sftscope.experiments.sweep import run_sweep
+
+    res = run_sweep(SweepConfig(
+        model=str(llama10), train=f"gsm8k:{gsm_file}", task=f"gsm8k:{gsm_file}",
+        segments=5, masks="00110", seeds="1", out=str(tmp_path / "sw"), bootstrap=20,
+        evaluation={"limit": 4, "shots": 0, "max_new_tokens": 4},
+        tune={"objective": "grpo", "reward": "gsm8k", "num_generations": 4,
+              "max_completion_length": 4, "max_steps": 2, "n_train": 0, "batch_size": 8,
+              "micro_batch_size": 8, "rank": 2}))
+    s = res.summary
+    assert set(s["mask"]) == {"11111", "00110"}
+    assert {"strict_match", "flexible_extract"} <= set(s["metric"])
+    assert (s["n_items"] == 4).all() and (s["seeds"] == 1).all()
+    base = s[s["mask"] == "11111"]
+    assert base["p_value"].isna().all() and base["delta"].isna().all()
+    row = s[(s["mask"] == "00110") & (s["metric"] == "flexible_extract")].iloc[0]
+    assert 0.0 <= row["p_value"] <= 1.0 and row["delta"] == pytest.approx(
+        row["mean"] - base[base["metric"] == "flexible_extract"]["mean"].iloc[0])
+    sw = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert sw["settings"]["tune"]["objective"] == "grpo"
+    for job, blocks in (("11111-s0", list(range(10))), ("00110-s0", [4, 5, 6, 7])):
+        rec = json.loads((tmp_path / "sw" / "jobs" / job / "tune" / "run.json").read_text())
+        assert rec["objective"] == "grpo" and rec["trl"]["reward"] == "gsm8k"
+        assert rec["blocks"] == blocks

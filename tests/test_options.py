@@ -7,9 +7,11 @@ import re
 from collections import defaultdict
 
 import click
+import pytest
 
 from sftscope.cli.build import params_for
 from sftscope.config.commands import COMMANDS
+from sftscope.errors import SftscopeError
 
 # option -> why its commands may differ (help text or default)
 EXCEPTIONS = {
@@ -20,9 +22,6 @@ EXCEPTIONS = {
     "--model": "what the model is used for differs (tuned, probed, evaluated, swept); probe "
                "and eval do not take adapters as --model the way tune does",
     "--data": "eval's data are a task's items (in the task's fields), the others' any text",
-    "--out": "report writes one HTML file, demo and sweep a folder of runs; probe, swap, eval "
-             "and suggest print their table when --out is not given (a quick look), the "
-             "commands whose results are files (analyze, weights, tune, steer, data) require it",
     "--n-samples": "the samples each measurement needs differ: analyze's pooled metrics (CKA, "
                    "effective rank) 1000, probe and swap 100 (a lens or hybrid per segment), "
                    "suggest 64, steer 200",
@@ -116,3 +115,33 @@ def test_one_default_for_forward_batches():
                     for cmd, p in opts[flag].items()}
         common = {m.group(1) for m in defaults.values() if m}
         assert len(common - {"32", "1024", "0"}) == 1, (flag, defaults)
+
+
+def test_out_is_optional_everywhere_with_one_default(tmp_path, monkeypatch):
+    """--out: one help text in every command, never required; without it a command writes to
+    a new folder sftscope-runs/COMMAND-TIME (report: report.html in the first RUN)."""
+    from sftscope.config.core import default_out, resolve_out
+    from sftscope.config.ingredients import OUT_HELP
+
+    by_cmd = _options()["--out"]
+    assert set(by_cmd) == {c for c in COMMANDS if "out" in _fields(c)}
+    for cmd, p in by_cmd.items():
+        assert not p.required and p.help == OUT_HELP, (cmd, p.help)
+    monkeypatch.setenv("SFTSCOPE_RUNS", str(tmp_path))
+    first = default_out("swap")
+    assert first.startswith(str(tmp_path / "swap-")) and len(first.rsplit("-", 2)[-2]) == 8
+    (tmp_path / first).mkdir()
+    assert default_out("swap") == first + "-2"  # a taken name is never reused
+    values = {"out": None, "num_jobs": 2}
+    with pytest.raises(SftscopeError, match="--num-jobs 2: the processes share one folder"):
+        resolve_out("sweep", values)
+    # commands whose results are only files get the folder from Python too
+    cfg = COMMANDS["data"](names=("gsm8k",))
+    assert cfg.out.startswith(str(tmp_path / "data-"))
+    assert COMMANDS["swap"](base="b", sft="s", data="gsm8k").out is None  # returns its table
+
+
+def _fields(cmd):
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(COMMANDS[cmd])}

@@ -72,6 +72,51 @@ def test_group_alone_is_transparent():
     assert rec["world_size"] == 1 and rec["samples_per_rank"] == [10]
 
 
+def test_lone_accelerate_launch_is_noted_once(monkeypatch, capsys):
+    """accelerate's one-process launch asked for several (what its --cpu launcher exports)
+    gives one note, once; torchrun's ranks, mpirun's and a plain run give none."""
+    from sftscope import parallel as P
+
+    for k in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "WORLD_SIZE", *P._MPI_SIZES):
+        monkeypatch.delenv(k, raising=False)
+    assert not P.lone_launch()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert not P.lone_launch()  # --cpu, one process asked: no MASTER_ADDR
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert P.lone_launch()
+    P.note_lone_launch.cache_clear()
+    P.join("cpu")
+    P.join("cpu")
+    err = capsys.readouterr().err
+    assert err.count("accelerate launch started 1 process") == 1 and "--multi_gpu" in err
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert not P.lone_launch()  # under mpirun
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not P.lone_launch()
+    P.note_lone_launch.cache_clear()
+
+
+def test_accelerate_cpu_launcher_starts_one_process(tmp_path):
+    """The real launcher: ``accelerate launch --cpu --num_processes 2`` runs the script once,
+    and sftscope sees a lone launch."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("accelerate.commands.launch")
+    script = tmp_path / "probe.py"
+    script.write_text("from sftscope.parallel import lone_launch, world_size\n"
+                      "print('LONE', lone_launch(), world_size())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "MASTER_ADDR")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]),
+               HF_HOME=str(tmp_path / "hf"))  # no user accelerate config
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu",
+                        "--num_processes", "2", str(script)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("LONE") == 1 and "LONE True 1" in p.stdout
+
+
 # ----------------------------------------------------------------------------- exact merges
 
 

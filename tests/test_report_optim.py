@@ -173,7 +173,8 @@ def test_report_sections_dynamics_seeds_steer(tmp_path):
            "best in 3 of the 3 seeds every mask has" in text
     assert "the most seed-sensitive mask is 10000" in text
     assert "At hidden state j = 6 of 10 (mean vector, norm 3.500): loss is best at scale " \
-           "1.00 (1.900, -0.1000 vs the unsteered base 2.000)" in text
+           "1.00 (1.900, -0.1000 vs the unsteered base 2.000; intervals apart, no per-item " \
+           "scores for a paired test)" in text
     assert "new_tokens goes from 10.000 at scale 0.00 to 14.000 at scale 4.00" in text
     assert "[tiny-base (full)] full fine-tuning, mask 01110" in text
     assert "of all blocks' parameters" in text

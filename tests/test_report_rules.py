@@ -514,3 +514,214 @@ def test_a_verdict_without_intervals_says_so():
                        "value": y})
     v = check_cka(df)
     assert "no interval: analyze --bootstrap 0; noise not checked" in v.why, v
+
+
+# ----------------------------------------------------------------------------- paired swap tests
+
+
+def _paired_swap(per_item, metric="accuracy", half=0.2, tokens=10):
+    """A swap table and its per-item table (swap_items.csv) for one direction: ``per_item[s]``
+    holds each item's score after swapping segment ``s`` (correct tokens of ``tokens``, or the
+    choice 0/1 for ``choice_accuracy``); the table's intervals are +-``half`` (wide: they
+    overlap, so only a paired test can tell the segments apart)."""
+    k = len(per_item)
+    rows, items = [], []
+    for s, vals in enumerate(per_item):
+        mask = "".join("1" if j == s else "0" for j in range(k))
+        config = f"base<-sft[{mask}]"
+        vals = np.asarray(vals, float)
+        value = vals.mean() / (tokens if metric == "accuracy" else 1)
+        rows.append((config, "sft-into-base", mask, "base", metric, value, value - half,
+                     value + half, len(vals)))
+        for i, v in enumerate(vals):
+            token = metric == "accuracy"
+            items.append((config, "sft-into-base", mask, "base", np.nan, i,
+                          tokens if token else 1, v if token else 0.0, 1.0,
+                          np.nan if token else v))
+    swap = pd.DataFrame(rows, columns=["config", "direction", "mask", "head", "metric", "value",
+                                       "ci_low", "ci_high", "n"])
+    table = pd.DataFrame(items, columns=["config", "direction", "mask", "head", "alpha", "item",
+                                         "tokens", "correct", "loss", "choice_correct"])
+    return swap, table
+
+
+BASE_ITEMS = np.array([1, 9, 3, 7, 5, 2, 8, 4, 6, 5, 3, 7, 2, 8, 6, 4])  # correct of 10 tokens
+
+
+def test_swap_findings_name_a_winner_only_on_a_paired_test():
+    from sftscope.report.sections import swap_findings
+
+    # every item gains 2 tokens under segment 3 and loses 1 under segment 1: the intervals of
+    # the table (+-0.2) overlap, the paired difference on the same items does not include 0
+    shifts = [-1, 0, 2, 0, 0]
+    swap, items = _paired_swap([BASE_ITEMS + d for d in shifts])
+    text = " ".join(swap_findings(N.swap_data(swap, items)))
+    assert "best single segment 3/5" in text and "worst single segment 1/5" in text
+    assert "paired difference +0.3 [+0.3, +0.3] over n = 16 items" in text
+    assert "not significant" not in text and "overlap" not in text
+    # without the per-item scores the overlapping intervals name no winner
+    old = " ".join(swap_findings(N.swap_data(swap)))
+    assert "their intervals overlap: no segment is clearly better or worse" in old
+    assert "best single" not in old
+
+
+def test_swap_findings_at_small_n_say_not_significant():
+    from sftscope.report.sections import swap_findings
+
+    # choice accuracy on 8 items: segment 1 gets two more items right than segment 2
+    seg = [[1, 1, 0, 1, 0, 1, 1, 0], [1, 0, 0, 1, 0, 1, 0, 0], [1, 1, 0, 1, 0, 1, 0, 0]]
+    swap, items = _paired_swap(seg, metric="choice_accuracy", half=0.01)
+    text = " ".join(swap_findings(N.swap_data(swap, items)))
+    assert "single-segment swaps range from 0.375" in text and "to 0.625" in text
+    assert "(segment 2/3)" in text and "(segment 1/3)" in text
+    assert "paired difference +0.25 [" in text and "over n = 8 items" in text
+    assert "is not significant at this n: no segment is clearly better or worse" in text
+    assert "best single" not in text and "worst single" not in text
+    # ties: three segments tie for the worst, all items equal: no test needed to say "same"
+    tie = [BASE_ITEMS + 1, BASE_ITEMS, BASE_ITEMS, BASE_ITEMS]
+    swap, items = _paired_swap(tie)
+    text = " ".join(swap_findings(N.swap_data(swap, items)))
+    assert "3 segments tie for the worst" in text and "best single segment 1/4" in text
+    swap, items = _paired_swap([BASE_ITEMS] * 4)
+    assert "every single-segment swap gives the same" in " ".join(
+        swap_findings(N.swap_data(swap, items)))
+
+
+def test_inverted_u_verdict_uses_the_paired_test():
+    from sftscope.report.patterns import check_swap
+
+    # middles beat both edges on every item: yes, although the table's intervals overlap
+    swap, items = _paired_swap([BASE_ITEMS + d for d in (0, 2, 1, 2, -1)])
+    v = check_swap(swap, items)
+    assert v.verdict == R.YES, v
+    assert "6 of 6 middle-edge pairs significantly in favour of the middle" in v.numbers
+    assert "paired worst middle - better edge +0.1" in v.numbers
+    assert check_swap(swap).verdict == R.INCONCLUSIVE  # no items: overlapping intervals
+    # the issue's demo: the central segment is the worst of all (sft-into-base): no
+    swap, items = _paired_swap([BASE_ITEMS + d for d in (0, 2, -2, 2, 0)])
+    assert check_swap(swap, items).verdict == R.NO
+    # a middle ahead of the edges on only a few of 8 items: not beyond the noise
+    few = [[1, 0, 0, 1, 0, 1, 0, 0], [1, 1, 0, 1, 0, 1, 1, 0], [1, 0, 0, 1, 0, 1, 0, 0]]
+    swap, items = _paired_swap(few, metric="choice_accuracy", half=0.001)
+    assert check_swap(swap).verdict == R.YES  # narrow independent intervals alone said yes
+    small = check_swap(swap, items)
+    assert small.verdict == R.INCONCLUSIVE and "over n = 8 items" in small.numbers
+
+
+def test_inverted_u_rule_paired_states():
+    from sftscope.metrics.paired import PairedDiff
+
+    pts = _pts([0.50, 0.53, 0.54, 0.52, 0.49])
+    win, lose, tie = (PairedDiff(0.03, 0.01, 0.05, 100, "x"), PairedDiff(-0.03, -0.05, -0.01,
+                      100, "x"), PairedDiff(0.03, -0.01, 0.07, 100, "x"))
+    keys = [(m, e) for m in (1, 2, 3) for e in (0, 4)]
+    assert R.inverted_u_rule(pts, 5, paired={k: win for k in keys}).verdict == R.YES
+    assert R.inverted_u_rule(pts, 5, paired={**{k: win for k in keys}, (2, 4): tie}
+                             ).verdict == R.INCONCLUSIVE
+    assert R.inverted_u_rule(pts, 5, paired={**{k: win for k in keys}, (1, 0): lose}
+                             ).verdict == R.NO
+    # loss: the middle must be lower (a negative difference)
+    loss = _pts([2.0, 1.8, 1.7, 1.9, 2.1])
+    assert R.inverted_u_rule(loss, 5, lower_is_better=True,
+                             paired={k: lose for k in keys}).verdict == R.YES
+
+
+def test_swap_items_are_read_from_the_run_folder(tmp_path):
+    import json
+
+    from sftscope.report.patterns import paper_patterns
+    from sftscope.report.runs import load_runs
+    from sftscope.segments import masks_as_text
+
+    swap, items = _paired_swap([BASE_ITEMS + d for d in (0, 2, 1, 2, -1)])
+    (tmp_path / "run.json").write_text(json.dumps({"command": "swap", "n_blocks": 10,
+                                                   "config": {"segments": 5}}))
+    masks_as_text(swap).to_csv(tmp_path / "swap.csv", index=False)
+    masks_as_text(items).to_csv(tmp_path / "swap_items.csv", index=False)
+    run, = load_runs([tmp_path])
+    assert len(run.tables["swap_items"]) == 5 * len(BASE_ITEMS)
+    d = next(p for p in paper_patterns([tmp_path]) if p["pattern"].startswith("(d)"))
+    assert d["verdict"] == R.YES and "6 of 6 middle-edge pairs" in d["numbers"]
+
+
+# ----------------------------------------------------------------------------- eval comparisons
+
+
+def _eval_runs(correct, task="mmlu", metric="accuracy", questions=None):
+    """scores (Wilson intervals) and predictions of eval runs ``run -> [0/1 per item]``."""
+    from sftscope.metrics.stats import proportion_ci
+
+    scores, preds = [], []
+    for run, vals in correct.items():
+        k, n = int(sum(vals)), len(vals)
+        scores.append((run, task, metric, k / n, *proportion_ci(k, n), n))
+        qs = questions[run] if questions else [f"q{i}" for i in range(n)]
+        preds += [(run, task, json_key(i, q), float(v)) for i, (q, v) in enumerate(zip(qs, vals))]
+    s = pd.DataFrame(scores, columns=["run", "task", "metric", "value", "ci_low", "ci_high", "n"])
+    p = pd.DataFrame(preds, columns=["run", "task", "item", "correct"])
+    return s, p
+
+
+def json_key(i, q):
+    import json
+
+    return json.dumps([i, q])
+
+
+def test_eval_findings_name_no_winner_at_n8_with_overlapping_intervals():
+    from sftscope.report.sections import scores_findings
+
+    runs = {"sft": [1, 1, 0, 1, 0, 1, 1, 0], "base": [1, 0, 0, 1, 0, 1, 0, 0]}
+    scores, preds = _eval_runs(runs)
+    text = " ".join(scores_findings(N.scores_data(scores)))  # no per-item predictions
+    assert ("mmlu accuracy: sft (0.625) and base (0.375) are not distinguishable at n = 8 "
+            "(their intervals overlap") in text
+    assert "better" not in text
+    paired = " ".join(scores_findings(N.scores_data(scores, preds)))
+    assert ("sft (0.625) and base (0.375) are not distinguishable at n = 8 (paired difference "
+            "+0.25 [") in paired and "over n = 8 shared items" in paired
+    tie = " ".join(scores_findings(N.scores_data(*_eval_runs({"a": [1, 0] * 4,
+                                                              "b": [0, 1] * 4}))))
+    assert "a (0.500) and b (0.500) are not distinguishable at n = 8" in tie
+
+
+def test_eval_findings_name_a_winner_on_a_paired_test():
+    from sftscope.report.sections import scores_findings
+
+    sft = [1] * 30 + [0] * 10
+    base = [1] * 10 + [0] * 30  # right only where the sft is right as well
+    scores, preds = _eval_runs({"base": base, "sft": sft})
+    text = " ".join(scores_findings(N.scores_data(scores, preds)))
+    assert "mmlu accuracy: sft (0.750) is better than base (0.250), paired difference +0.5 [" \
+        in text and "over n = 40 shared items" in text
+    # other items (other questions at the same positions): no pairing, the intervals decide
+    qs = {"base": [f"b{i}" for i in range(40)], "sft": [f"s{i}" for i in range(40)]}
+    scores, preds = _eval_runs({"base": base, "sft": sft}, questions=qs)
+    text = " ".join(scores_findings(N.scores_data(scores, preds)))
+    assert "sft (0.750) is better than base (0.250) (their intervals do not overlap" in text
+
+
+def test_eval_predictions_are_read_and_paired(tmp_path):
+    import json
+
+    from sftscope.report.runs import load_runs
+    from sftscope.report.sections import SPECS, scores_findings
+
+    for run, vals in {"base": [1] * 10 + [0] * 30, "sft": [1] * 30 + [0] * 10}.items():
+        d = tmp_path / run
+        d.mkdir()
+        (d / "run.json").write_text(json.dumps({"command": "eval", "config": {
+            "model": f"org/{run}", "task": "mmlu"}}))
+        k = sum(vals)
+        pd.DataFrame([("mmlu", "accuracy", k / 40, 0.0, 1.0, 40)],
+                     columns=["task", "metric", "value", "ci_low", "ci_high", "n"]).to_csv(
+            d / "scores.csv", index=False)
+        (d / "predictions-mmlu.jsonl").write_text("".join(
+            json.dumps({"index": i, "question": f"q{i}", "subject": "x", "target": "A",
+                        "prediction": "A" if v else "B", "correct": bool(v)}) + "\n"
+            for i, v in enumerate(vals)))
+    runs = load_runs([tmp_path / "base", tmp_path / "sft"])
+    assert all(len(r.tables["predictions"]) == 40 for r in runs)
+    prepare = next(sp.prepare for sp in SPECS if sp.key == "eval")
+    text = " ".join(scores_findings(prepare(runs)))
+    assert "is better than" in text and "over n = 40 shared items" in text

@@ -51,6 +51,22 @@ def test_overlap_and_load():
     assert R.load_entropy(np.array([1.0, 0, 0])) == 0.0
 
 
+def test_router_selection_and_slot_counts():
+    """One home for reading a router's output and counting slots (capture and tune)."""
+    logits = torch.tensor([[0.1, 2.0, 1.0, -1.0], [3.0, 0.0, 0.5, 0.2], [0.0, 0.1, 0.2, 0.3]])
+    idx = torch.tensor([[1, 2], [0, 2], [3, 2]])
+    for out in (logits, (logits,), (logits, torch.ones(3, 2), idx)):
+        got_logits, sel = R.router_selection(out, 2)
+        assert torch.equal(got_logits, logits) and sel.tolist() == idx.tolist()
+    # a router's own choice is taken as it is (not re-derived from its logits)
+    own = torch.tensor([[0, 3], [1, 2], [0, 1]])
+    assert R.router_selection((logits, None, own), 2)[1].tolist() == own.tolist()
+    assert R.slot_counts(idx, 4).tolist() == torch.bincount(idx.reshape(-1), minlength=4
+                                                            ).tolist() == [1, 1, 3, 1]
+    per_row = R.slot_counts(idx, 4, torch.tensor([0, 1, 1]), 2)
+    assert per_row.tolist() == [[0, 1, 1, 0], [1, 0, 2, 1]]
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -31,7 +31,7 @@ def texts(tmp_path):
 
 def _cfg(pair, data, out, **kw):
     base, sft = pair
-    kw.setdefault("layer", 2)
+    kw.setdefault("layers", "2")
     kw.setdefault("device", "cpu")
     return SteerConfig(base=str(base), sft=str(sft), data=str(data), out=str(out), **kw)
 
@@ -77,20 +77,64 @@ def test_hook_adds_the_vector_where_asked(pair):
         plain = dict(seen)
         v = torch.randn(model.config.hidden_size)
         for layer in (0, 2):
-            with steering(model, layer, v, 3.0):
+            with steering(model, {layer: v}, 3.0):
                 model(input_ids=x)
             # the input of block `layer` (hidden state j = layer) moved by exactly 3 v
             torch.testing.assert_close(seen[layer] - plain[layer], (3.0 * v).expand_as(
                 plain[layer]), atol=1e-5, rtol=0)
             for b in range(layer):  # nothing below changes
                 torch.testing.assert_close(seen[b], plain[b], atol=0, rtol=0)
-        with steering(model, 2, v, 0.0):
+        with steering(model, {2: v}, 0.0):
             model(input_ids=x)
         for b in range(4):
             assert torch.equal(seen[b], plain[b])
     for h in handles:
         h.remove()
     assert not any(blocks[b]._forward_hooks for b in range(4))
+
+
+def _manual_hooks(model, vectors, scale):
+    """Hand-made hooks adding ``scale * v_j`` to hidden state j (the input of block 0 for
+    j = 0, else the output of block j - 1): the reference the steering context must equal."""
+    blocks = get_blocks(model)
+    handles = []
+    for j, v in vectors.items():
+        if j == 0:
+            handles.append(blocks[0].register_forward_pre_hook(
+                lambda m, args, kw, v=v: ((args[0] + scale * v, *args[1:]), kw) if args else
+                (args, {**kw, "hidden_states": kw["hidden_states"] + scale * v}),
+                with_kwargs=True))
+        else:
+            handles.append(blocks[j - 1].register_forward_hook(
+                lambda m, a, out, v=v: (out[0] + scale * v, *out[1:])
+                if isinstance(out, tuple) else out + scale * v))
+    return handles
+
+
+@pytest.mark.parametrize("layers", [(1, 3), (0, 1), (0, 2, 4)])
+def test_several_layers_equal_their_hooks_by_hand(pair, layers):
+    """Steering several layers at once is each layer's vector added at its layer in one
+    forward pass (equal to hooks made by hand); at scale 0 it is the plain model."""
+    model = load_model(str(pair[0]))
+    x = torch.randint(5, 300, (2, 7))
+    g = torch.Generator().manual_seed(1)
+    vectors = {j: torch.randn(model.config.hidden_size, generator=g) for j in layers}
+    with torch.no_grad():
+        plain = model(input_ids=x).logits
+        with steering(model, vectors, 0.0):
+            torch.testing.assert_close(model(input_ids=x).logits, plain, atol=0, rtol=0)
+        with steering(model, vectors, 1.5):
+            steered = model(input_ids=x).logits
+        handles = _manual_hooks(model, vectors, 1.5)
+        by_hand = model(input_ids=x).logits
+        for h in handles:
+            h.remove()
+        one = {layers[0]: vectors[layers[0]]}
+        with steering(model, one, 1.5):
+            first_only = model(input_ids=x).logits
+    torch.testing.assert_close(steered, by_hand, atol=1e-5, rtol=0)
+    assert not torch.allclose(steered, first_only)  # every layer's hook acted
+    assert not any(b._forward_hooks or b._forward_pre_hooks for b in get_blocks(model))
 
 
 # ------------------------------------------------------------------ the command
@@ -115,16 +159,74 @@ def test_steer_perplexity_scale_zero_is_the_base(pair, texts, tmp_path):
     assert loss[8.0] != loss[0.0] and loss[1.0] != loss[0.0]
     assert (t["n"] == 6).all()
     rec = json.loads((out / "run.json").read_text())
-    assert rec["command"] == "steer" and rec["finished"] and rec["layer"] == 2
-    assert rec["n_blocks"] == 4 and rec["vector"]["direction"] == "mean"
-    assert rec["vector"]["norm"] == pytest.approx(rec["vector"]["mean_shift"])
-    assert res.vector["n_samples"] == 10
+    assert rec["command"] == "steer" and rec["finished"] and rec["layers"] == [2]
+    [vec] = rec["vectors"]
+    assert rec["n_blocks"] == 4 and vec["direction"] == "mean" and vec["layer"] == 2
+    assert vec["norm"] == pytest.approx(vec["mean_shift"])
+    assert res.vectors[0]["n_samples"] == 10
     from safetensors.torch import load_file
 
-    v = load_file(str(out / "steer_vector.safetensors"))["vector"]
+    v = load_file(str(out / "steer_vector.safetensors"))["layer_2"]
     assert v.shape == (load_model(str(pair[0])).config.hidden_size,)
-    assert float(v.norm()) == pytest.approx(res.vector["norm"], rel=1e-5)
+    assert float(v.norm()) == pytest.approx(res.vectors[0]["norm"], rel=1e-5)
     assert (out / "scales" / "8" / "predictions-perplexity.jsonl").is_file()
+    # every item's loss at every scale, the same items: their mean is the table's loss
+    items = pd.read_csv(out / "steer_items.csv")
+    assert list(items.columns) == ["scale", "metric", "item", "value"]
+    assert set(items["metric"]) == {"loss"}
+    per = items.groupby("scale")["value"]
+    assert (per.count() == 6).all()
+    for s, m in per.mean().items():
+        assert m == pytest.approx(loss[s], rel=1e-9)
+
+
+def test_steer_two_layers_run(pair, texts, tmp_path):
+    """``--layers 1,3``: each layer's vector (saved per layer) added at its layer; scale 0 is
+    the unsteered base, scale 2 every item's loss as with both hooks made by hand."""
+    from safetensors.torch import load_file
+
+    from sftscope.experiments.evaluate import evaluate_model
+
+    out = tmp_path / "run"
+    res = steer(_cfg(pair, texts, out, layers="1,3", scales="0,2", task=f"perplexity:{texts}",
+                     eval_limit=5, limit=10))
+    assert res.layers == [1, 3] and [v["layer"] for v in res.vectors] == [1, 3]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["layers"] == [1, 3] and rec["layers_text"] == "1,3"
+    assert rec["config"]["layers"] == "1,3"
+    t = pd.read_csv(out / "steer.csv", dtype={"layers": str})
+    assert set(t["layers"]) == {"1,3"}
+    saved = load_file(str(out / "steer_vector.safetensors"))
+    assert sorted(saved) == ["layer_1", "layer_3"]
+    items = pd.read_csv(out / "steer_items.csv").pivot(index="item", columns="scale",
+                                                       values="value")
+    model = load_model(str(pair[0]))
+    tok = load_tokenizer(str(pair[0]))
+
+    def losses(folder):
+        ecfg = EvalConfig(model=str(pair[0]), task="perplexity", data=str(texts), limit=5,
+                          batch_size=8, out=str(tmp_path / folder))
+        evaluate_model(model, tok, ecfg)
+        rows = [json.loads(x) for x in (tmp_path / folder / "predictions-perplexity.jsonl")
+                .read_text().splitlines()]
+        return [r["loss_after"] for r in rows]
+
+    assert items[0.0].tolist() == losses("plain")
+    handles = _manual_hooks(model, {1: saved["layer_1"], 3: saved["layer_3"]}, 2.0)
+    by_hand = losses("by_hand")
+    for h in handles:
+        h.remove()
+    assert items[2.0].tolist() == pytest.approx(by_hand, rel=1e-5)
+    assert items[2.0].tolist() != items[0.0].tolist()
+    # the report reads the per-item scores: its finding is a paired test on the same texts
+    from sftscope.report.runs import load_run
+    from sftscope.report.sections import steer_findings, steer_prepare
+
+    run = load_run(out)
+    assert "steer_items" in run.tables
+    text = " ".join(steer_findings(steer_prepare([run])))
+    assert "At hidden states j = 1,3 (one pass) of 4" in text, text
+    assert "paired difference" in text and "over n = 5 items" in text, text
 
 
 def test_steer_vector_is_the_mean_shift_of_analyze(pair, texts, tmp_path):
@@ -135,14 +237,14 @@ def test_steer_vector_is_the_mean_shift_of_analyze(pair, texts, tmp_path):
                                   out=str(tmp_path / "a"), limit=10, n_token=0, device="cpu",
                                   cache_dir=str(tmp_path / "cache")))
     ms = table[(table.metric == "mean_shift") & (table.layer == 3)]["value"].iloc[0]
-    res = steer(_cfg(pair, texts, tmp_path / "s", layer=3, limit=10, scales="0",
+    res = steer(_cfg(pair, texts, tmp_path / "s", layers="3", limit=10, scales="0",
                      task=f"perplexity:{texts}", eval_limit=2))
-    assert res.vector["mean_shift"] == pytest.approx(ms, rel=1e-5)
+    assert res.vectors[0]["mean_shift"] == pytest.approx(ms, rel=1e-5)
 
 
 def test_steer_generate_writes_completions(pair, texts, tmp_path):
     out = tmp_path / "run"
-    steer(_cfg(pair, texts, out, layer=0, scales="0,50", generate=True, n_prompts=3,
+    steer(_cfg(pair, texts, out, layers="0", scales="0,50", generate=True, n_prompts=3,
                max_new_tokens=4, direction="pc1", limit=8))
     lines = [json.loads(x) for x in (out / "steer.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and {x["scale"] for x in lines} == {0.0, 50.0}
@@ -156,9 +258,16 @@ def test_steer_generate_writes_completions(pair, texts, tmp_path):
 def test_steer_config_refuses_bad_input(pair, texts, tmp_path):
     with pytest.raises(SftscopeError, match="needs --task .* or --generate"):
         _cfg(pair, texts, tmp_path / "o")
-    with pytest.raises(SftscopeError, match="--layer 5 is outside the base model's hidden "
+    with pytest.raises(SftscopeError, match="--layers 5: hidden state 5 is outside the hidden "
                                             "states 0..4"):
-        _cfg(pair, texts, tmp_path / "o", layer=5, generate=True)
+        _cfg(pair, texts, tmp_path / "o", layers="5", generate=True)
+    with pytest.raises(SftscopeError, match="--layers 1,3-5: hidden state 5 is outside"):
+        _cfg(pair, texts, tmp_path / "o", layers="1,3-5", generate=True)
+    for bad in ("x", "3-1", "1,,2", "", "-1"):
+        with pytest.raises(SftscopeError, match="--layers must list hidden states"):
+            _cfg(pair, texts, tmp_path / "o", layers=bad, generate=True)
+    assert _cfg(pair, texts, tmp_path / "o", layers="3, 0-1", generate=True
+                ).layer_values(4) == [0, 1, 3]
     with pytest.raises(SftscopeError, match="--scales has 'x'"):
         _cfg(pair, texts, tmp_path / "o", scales="0,x", generate=True)
     with pytest.raises(SftscopeError, match="repeats"):
@@ -180,7 +289,21 @@ def test_cli_steer_layer_out_of_range_before_loading(pair, texts, tmp_path, caps
         main(["steer", "--base", str(pair[0]), "--sft", str(pair[1]), "--data", str(texts),
               "--out", str(tmp_path / "o"), "--layer", "9", "--generate"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "--layer 9 is outside" in err[0]
+    assert e.value.code == 2 and len(err) == 1 and "--layers 9: hidden state 9 is outside" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bad, needle", [("1,9", "--layers 1,9: hidden state 9 is outside"),
+                                         ("2-x", "--layers must list hidden states"),
+                                         ("3-1", "--layers must list hidden states")])
+def test_cli_steer_bad_layer_list_is_one_line(pair, texts, tmp_path, capsys, bad, needle):
+    from sftscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["steer", "--base", str(pair[0]), "--sft", str(pair[1]), "--data", str(texts),
+              "--out", str(tmp_path / "o"), "--layers", bad, "--generate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
 
 
@@ -216,7 +339,7 @@ def test_steer_warns_when_every_completion_is_empty(pair, texts, tmp_path, monke
     monkeypatch.setattr(E, "generate", gen)
     monkeypatch.setattr(S, "generate", gen)  # steer imports it at module level
     out = tmp_path / "run"
-    steer(_cfg(pair, texts, out, layer=1, scales="0,3", generate=True, n_prompts=2,
+    steer(_cfg(pair, texts, out, layers="1", scales="0,3", generate=True, n_prompts=2,
                max_new_tokens=2, limit=4))
     notes = json.loads((out / "run.json").read_text())["notes"]
     assert any(n.startswith("scale 3: every completion is empty") for n in notes), notes

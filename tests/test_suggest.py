@@ -21,12 +21,12 @@ PERTURBED = (4, 5)  # blocks of segment 2 of 5 over 10 blocks: [0,2) [2,4) [4,6)
 
 
 @pytest.fixture(scope="module")
-def pair(model_dir, tokenizer, tmp_path_factory):
+def pair(llama10, tokenizer, tmp_path_factory):
     """A 10-block tiny llama and an 'SFT' that differs only in the blocks of segment 2."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    base = model_dir("llama", n_layers=10)
+    base = llama10
     model = AutoModelForCausalLM.from_pretrained(base)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

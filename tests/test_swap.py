@@ -12,7 +12,13 @@ import torch
 
 from sftscope.cli import main
 from sftscope.errors import SftscopeError
-from sftscope.experiments.swap import SWAP_COLUMNS, check_swappable, swap, swapped
+from sftscope.experiments.swap import (
+    ITEM_COLUMNS,
+    SWAP_COLUMNS,
+    check_swappable,
+    swap,
+    swapped,
+)
 from sftscope.load.arch import get_blocks, get_final_norm, get_head
 from sftscope.load.models import load_model
 from sftscope.load.tiny import build_tiny_model
@@ -122,6 +128,16 @@ def test_swap_table(pair, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "swap" and run["n_blocks"] == 4 and run["head"] == "sft"
     assert run["segment_blocks"] == [[0, 1], [2, 3]]
+    # per-item scores: every evaluated model on the same items; their sums are the table's
+    items = masks_from_text(pd.read_csv(out / "swap_items.csv"))
+    assert list(items.columns) == ITEM_COLUMNS
+    assert list(dict.fromkeys(items.config)) == configs
+    assert (items.groupby("config")["item"].apply(list) == [list(range(6))] * 9).all()
+    for config, g in items.groupby("config"):
+        v = vals(config)["value"]
+        np.testing.assert_allclose(g["correct"].sum() / g["tokens"].sum(), v["accuracy"])
+        np.testing.assert_allclose(g["loss"].sum() / g["tokens"].sum(), v["loss"])
+        np.testing.assert_allclose(g["choice_correct"].mean(), v["choice_accuracy"])
 
 
 def test_swap_one_direction_head_base_is_the_original(pair):
@@ -144,13 +160,18 @@ def _cli(args, capsys):
     return e.value.code, capsys.readouterr()
 
 
-def test_swap_cli_end_to_end(pair, tmp_path, capsys):
+def test_swap_cli_end_to_end(pair, tmp_path, capsys, monkeypatch):
+    """Without --out the run goes to a new folder sftscope-runs/swap-TIME (here under
+    $SFTSCOPE_RUNS), as for every command, and the command says where."""
     base_dir, sft_dir, mmlu, _ = pair
-    out = tmp_path / "run"
+    monkeypatch.setenv("SFTSCOPE_RUNS", str(tmp_path))
     code, cap = _cli(["swap", "--base", str(base_dir), "--sft", str(sft_dir), "--data",
-                      f"mmlu:{mmlu}", "--out", str(out), "--segments", "4", "--masks", "0110",
+                      f"mmlu:{mmlu}", "--segments", "4", "--masks", "0110",
                       "--directions", "sft-into-base", "--bootstrap", "10"], capsys)
     assert code == 0, cap.err
+    out, = tmp_path.glob("swap-*")
+    assert f"wrote {out / 'swap.csv'}" in cap.out + cap.err
+    assert (out / "swap_items.csv").is_file() and (out / "run.json").is_file()
     df = masks_from_text(pd.read_csv(out / "swap.csv"))
     assert list(df.columns) == SWAP_COLUMNS
     assert set(df["mask"]) == {"0000", "1000", "0100", "0010", "0001", "0110"}

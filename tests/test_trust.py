@@ -520,7 +520,40 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
+def _launch(args: list[str], logs: Path) -> subprocess.Popen:
+    """``sftscope ARGS`` under torchrun, 2 CPU processes (the Trainer's DDP over gloo), each
+    rank's output in ``logs``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--log-dir", str(logs), "--redirects", "3", "-m", "sftscope", *args],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_rank_1(proc: subprocess.Popen, ready: Path, wait: float = 0.5) -> None:
+    """SIGKILL rank 1 ``wait`` s after ``ready`` exists (skip when the launch ended first)."""
+    t0 = time.time()
+    while not ready.exists() and proc.poll() is None and time.time() - t0 < 180:
+        time.sleep(0.05)
+    time.sleep(wait)
+    ranks = {_rank_of(c): c for c in _children(proc.pid)}
+    if proc.poll() is not None or 1 not in ranks:
+        proc.communicate()
+        pytest.skip("the launch ended (or rank 1 was not found) before the kill")
+    os.kill(ranks[1], signal.SIGKILL)
+    proc.communicate(timeout=300)
+
+
+def _named_in_one_line(logs: Path, out: Path) -> None:
+    """Rank 0's last line names the dead rank; no traceback; nothing looks finished."""
+    err0 = next(logs.rglob("0/stderr.log")).read_text()
+    lines = [ln for ln in err0.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("sftscope: error: process 1 of 2 failed"), err0
+    assert "Traceback" not in err0
+    assert not (out / "run.json").exists()
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_a_killed_rank_is_named_in_one_line_by_rank_0(model_dir, tmp_path):
     words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far"]
     data = tmp_path / "texts.jsonl"
@@ -528,26 +561,28 @@ def test_a_killed_rank_is_named_in_one_line_by_rank_0(model_dir, tmp_path):
                                                          for k in range(30))}) + "\n"
                             for i in range(800)))
     out, logs = tmp_path / "run", tmp_path / "logs"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "--log-dir", str(logs), "--redirects", "3", "-m", "sftscope", "analyze", "--base",
-         str(model_dir("llama", seed=0)), "--sft", str(model_dir("llama", seed=1)), "--data",
-         str(data), "--limit", "800", "--n-token", "20", "--max-length", "40", "--device",
-         "cpu", "--batch-size", "4", "--cache-dir", str(tmp_path / "c"), "--out", str(out)],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not (out / ".sftscope-run.json").exists() and proc.poll() is None \
-            and time.time() - t0 < 120:
-        time.sleep(0.05)
-    time.sleep(1.0)
-    ranks = {_rank_of(c): c for c in _children(proc.pid)}
-    if proc.poll() is not None or 1 not in ranks:
-        proc.communicate()
-        pytest.skip("the launch ended (or rank 1 was not found) before the kill")
-    os.kill(ranks[1], signal.SIGKILL)
-    proc.communicate(timeout=300)
-    err0 = next(logs.rglob("0/stderr.log")).read_text()
-    lines = [ln for ln in err0.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("sftscope: error: process 1 of 2 failed"), err0
-    assert "Traceback" not in err0
-    assert not (out / "run.json").exists()
+    proc = _launch(["analyze", "--base", str(model_dir("llama", seed=0)), "--sft",
+                    str(model_dir("llama", seed=1)), "--data", str(data), "--limit", "800",
+                    "--n-token", "20", "--max-length", "40", "--device", "cpu", "--batch-size",
+                    "4", "--cache-dir", str(tmp_path / "c"), "--out", str(out)], logs)
+    _kill_rank_1(proc, out / ".sftscope-run.json", wait=1.0)
+    _named_in_one_line(logs, out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_a_rank_killed_in_tunes_collectives_is_named_in_one_line(model_dir, gsm8k_file,
+                                                                  tmp_path):
+    """tune under torchrun (DDP, gloo): rank 1 killed while training; rank 0 names it in one
+    line, exit status != 0, no traceback (the Trainer's broken collective, or the launcher's
+    SIGTERM to the survivor, whichever comes first)."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    args = ["tune", "--model", str(model_dir("llama", n_layers=4)), "--train",
+            f"gsm8k:{gsm8k_file}", "--mask", "01", "--max-steps", "100000", "--save-steps",
+            "100000", "--batch-size", "2", "--micro-batch-size", "1", "--rank", "4",
+            "--no-eval", "--n-train", "0", "--logging-steps", "1",
+            "--out", str(out)]
+    proc = _launch(args, logs)
+    _kill_rank_1(proc, out / "dynamics.csv")  # written at the first step
+    assert proc.returncode != 0
+    _named_in_one_line(logs, out)

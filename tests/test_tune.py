@@ -23,11 +23,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def llama10(model_dir):
-    return model_dir("llama", n_layers=10)
-
-
 def _cfg(model, train, out, **kw):
     base = dict(rank=4, batch_size=4, micro_batch_size=4, max_steps=6, lr=5e-3, logging_steps=1,
                 save_steps=100, run_eval=False, n_train=None, dropout=0.0)

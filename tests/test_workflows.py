@@ -431,7 +431,7 @@ def test_adapter_for_another_base_refused_before_any_model_runs(run, gsm, model_
         lambda: swap.swap(SwapConfig(base=other, sft=str(run), segments=2, **small)),
         lambda: suggest.suggest(SuggestConfig(base=other, sft=str(run), segments=2,
                                               method="pair", **small)),
-        lambda: steer.steer(SteerConfig(base=other, sft=str(run), layer=1, generate=True,
+        lambda: steer.steer(SteerConfig(base=other, sft=str(run), layers="1", generate=True,
                                         out=str(tmp_path / "s"), **small)),
     ]
     for call in calls:

@@ -11,7 +11,8 @@ The launchers set ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and 
 ``join`` starts ``torch.distributed`` from them (nccl when the ranks run on GPUs, each on its
 ``LOCAL_RANK`` device; gloo on CPU). Results are gathered as CPU objects over a gloo group
 either way. Without a launcher (``WORLD_SIZE`` unset or 1) nothing changes: one process, no
-process group.
+process group. On CPU, ``accelerate launch --multi_gpu`` (its torchrun path) starts the
+processes; its ``--cpu``/MULTI_CPU launch starts one without mpirun (``lone_launch`` notes it).
 
 Failures: every step that may fail on one rank only (validation, a model load, a capture)
 ends in an exchange of status (``Group.together``): when one rank failed, every rank raises the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,6 +61,39 @@ def local_rank() -> int:
 def is_main() -> bool:
     """True on the process that prints and writes (rank 0, or the only process)."""
     return rank() == 0
+
+
+_MPI_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def lone_launch() -> bool:
+    """``accelerate launch`` was asked for several processes but started one: its simple
+    launcher (``--cpu``, a MULTI_CPU config, more processes than GPUs) runs the command once,
+    exporting ``ACCELERATE_USE_CPU`` and, when more processes were asked, ``MASTER_ADDR``;
+    only mpirun (``--mpirun_hostfile``) would start the others."""
+    return ("ACCELERATE_USE_CPU" in os.environ and bool(os.environ.get("MASTER_ADDR"))
+            and world_size() <= 1 and max(_env_int(n, 1) for n in _MPI_SIZES) <= 1)
+
+
+@functools.cache
+def note_lone_launch() -> None:
+    """One line (once a process) when ``lone_launch``: the run goes on as one process."""
+    if lone_launch():
+        from sftscope.progress import say
+
+        say("note: accelerate launch started 1 process (without mpirun its --cpu / MULTI_CPU "
+            "launcher starts one); for N processes on CPU use accelerate launch --multi_gpu "
+            "--num_processes N (torchrun, gloo) or torchrun --nproc_per_node N; going on as one "
+            "process")
+
+
+def cpu_launch() -> bool:
+    """Several processes launched on a machine without CUDA: the Trainer must be told
+    (``use_cpu``), or it runs DDP-less and every process trains alone on the whole batch."""
+    import torch
+
+    note_lone_launch()
+    return world_size() > 1 and not torch.cuda.is_available()
 
 
 def launch_id() -> str:
@@ -144,6 +179,43 @@ def _collective(world: int) -> Iterator[None]:
         if lost is None:
             raise
         raise lost from e
+
+
+def _announce(world: int, group: Any = None) -> None:
+    """Every rank's (host, pid), gathered once over the started process group, so that a
+    process that dies later can be named (``failed_peers``)."""
+    if _STATE["peers"]:
+        return
+    import socket
+
+    import torch.distributed as dist
+
+    peers: list[Any] = [None] * world
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=group)
+    _STATE["peers"] = [tuple(p) for p in peers]
+
+
+@contextlib.contextmanager
+def watched(world: int) -> Iterator[None]:
+    """Around collectives sftscope does not run itself (the Trainer's DDP/FSDP in ``tune``):
+    a rank that dies in them is one line on rank 0, ``process R of W failed ...``, not the
+    communication library's traceback (nor "interrupted", when the launcher stops the
+    survivors first). Needs the process group started (``TrainingArguments`` starts it);
+    alone, nothing to do.
+
+    A dead peer is noticed at once on gloo and nccl alike (its connections close); a peer
+    that hangs without dying is the process group's timeout to catch (the Trainer's
+    ``ddp_timeout``, 30 minutes by default)."""
+    if world <= 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with _collective(world):
+            _announce(world)
+    with _collective(world):
+        yield
 
 
 def _destroy() -> None:
@@ -305,6 +377,7 @@ def join(device: str = "auto", device_map: str | None = None) -> Group:
     fail together when one cannot run)."""
     world = world_size()
     if world <= 1:
+        note_lone_launch()
         return Group()
     import torch
     import torch.distributed as dist
@@ -326,13 +399,7 @@ def join(device: str = "auto", device_map: str | None = None) -> Group:
         raise SftscopeError(f"WORLD_SIZE is {world} but the process group has "
                             f"{dist.get_world_size()} processes; launch with torchrun or "
                             f"accelerate launch")
-    if not _STATE["peers"]:  # who is who, to name a process that dies later
-        import socket
-
-        peers: list[Any] = [None] * world
-        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()),
-                               group=_STATE["cpu_group"])
-        _STATE["peers"] = [tuple(p) for p in peers]
+    _announce(world, _STATE["cpu_group"])  # who is who, to name a process that dies later
     group = Group(world=world, rank=dist.get_rank(), local_rank=local, backend=backend,
                   _cpu=_STATE["cpu_group"])
     group.device = group.run(lambda: rank_device(device, local), "device set-up")

@@ -90,6 +90,20 @@ def parse_blocks(spec: str, n_blocks: int) -> list[int]:
     return sorted(blocks)
 
 
+def parse_states(spec: str, n_blocks: int | None = None) -> list[int]:
+    """Hidden states ``j`` named by a list in the block-list syntax (``2``, ``0-2,4``), sorted;
+    with ``n_blocks`` each must be one of the model's ``0..n_blocks`` (``j = b + 1`` is the
+    output of block ``b``, 0 the embeddings)."""
+    states: set[int] = set()
+    for lo, hi in parse_blocks_syntax(spec):
+        if n_blocks is not None and hi > n_blocks:
+            raise SftscopeError(
+                f"hidden state {hi} is outside the hidden states 0..{n_blocks} ({n_blocks} "
+                f"blocks; j = b + 1 is the output of block b)")
+        states.update(range(lo, hi + 1))
+    return sorted(states)
+
+
 def block_text(blocks: list[int], empty: str = "") -> str:
     """Blocks as ranges, e.g. ``[6, 7, 8, 9, 10, 11, 14]`` -> ``6-11,14`` (sorted; ``empty``
     when there is none): the one way logs, tables and reports write a block list."""

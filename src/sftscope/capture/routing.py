@@ -72,21 +72,6 @@ def router_copies(model: nn.Module) -> dict[int, nn.Module]:
     return {b: copy.deepcopy(r).to("cpu").eval() for b, r in moe_routers(model).items()}
 
 
-def split_router_output(out: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits ``[n, E]`` and selected experts ``[n, k]`` from a router's output: the
-    routers of transformers return ``(logits, scores, indices)``; a bare logits tensor is
-    read as softmax-then-top-k routing."""
-    if isinstance(out, tuple | list):
-        logits = out[0]
-        sel = out[2] if len(out) > 2 and torch.is_tensor(out[2]) else None
-    else:
-        logits, sel = out, None
-    logits = logits.reshape(-1, logits.shape[-1])
-    if sel is None or sel.shape[-1] != k or sel.dtype.is_floating_point:
-        sel = torch.topk(logits.float(), k, dim=-1).indices
-    return logits, sel.reshape(-1, k)
-
-
 @contextlib.contextmanager
 def router_hooks(routers: dict[int, nn.Module], fn) -> Iterator[None]:
     """Call ``fn(i, router_input, router_output)`` for the ``i``-th sparse block's router
@@ -246,19 +231,11 @@ class RoutingReducer:
             self._dev[device] = (mask.to(device), rows[mask].to(device))
         return self._dev[device]
 
-    def _counts(self, rows: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        hot = torch.zeros(sel.shape[0], self.task.n_experts, dtype=torch.int64,
-                          device=sel.device)
-        hot.scatter_(1, sel.long(), 1)  # the k selected experts are distinct
-        out = torch.zeros(len(self.batch), self.task.n_experts, dtype=torch.int64,
-                          device=sel.device)
-        return out.index_add_(0, rows, hot)
-
     def _sum(self, rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.zeros(len(self.batch), dtype=v.dtype, device=v.device).index_add_(0, rows, v)
 
     def _real(self, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, sel = split_router_output(out, self.task.top_k)
+        logits, sel = R.router_selection(out, self.task.top_k)
         flat, _ = self._where(logits.device)
         if logits.shape[0] != flat.shape[0]:
             raise SftscopeError(f"a router returned {logits.shape[0]} rows for a batch of "
@@ -275,7 +252,7 @@ class RoutingReducer:
     def __call__(self, i: int, x: torch.Tensor, out: Any) -> None:
         p, sel = self._real(out)
         _, rows = self._where(p.device)
-        self._cur["count"][i] = self._counts(rows, sel)
+        self._cur["count"][i] = R.slot_counts(sel, self.task.n_experts, rows, len(self.batch))
         if self.task.mode == "record":
             self._keep[i] = (p, sel)
         elif self.task.mode == "compare":
@@ -286,7 +263,8 @@ class RoutingReducer:
         else:
             for label in self.task.partners:
                 q, qsel = self._real(self._partner(label, i, x)(x))
-                self._cur[f"{label}.count"][i] = self._counts(rows, qsel)
+                self._cur[f"{label}.count"][i] = R.slot_counts(qsel, self.task.n_experts, rows,
+                                                                len(self.batch))
                 self._cur[f"{label}.js"][i] = self._sum(rows, R.js_divergence(p, q))
                 self._cur[f"{label}.overlap"][i] = self._sum(rows, R.topk_overlap(sel, qsel))
 

@@ -79,8 +79,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    from sftscope.parallel import is_main
+    from sftscope.parallel import is_main, world_size
 
+    if world_size() > 1:  # the launcher stops the others after a failure: no traceback of
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # its SIGTERM while this one exits
     if is_main():  # under a launcher every rank fails the same way; one of them says so
         print(f"sftscope: error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd = e.ctx.command_path if e.ctx is not None else "sftscope"
         msg = " ".join(e.format_message().split())
         _fail(f"{msg[:1].lower() + msg[1:]}; see '{cmd} --help'")
-    except click.exceptions.Abort:
+    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt inside a command
+        _peer_failed()
         print(f"sftscope: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:

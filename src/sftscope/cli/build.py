@@ -22,6 +22,7 @@ from sftscope.config.core import (
     field_names,
     kind_of,
     meta,
+    resolve_out,
     summary,
 )
 from sftscope.errors import SftscopeError
@@ -231,6 +232,8 @@ def make_command(name: str, cls: type[Config], runner: Callable[[Any], Any], hel
         if cfg_file is not None:
             section = load_config_file(Path(cfg_file)).get(name, {})
         values = collect(cls, given, section)
+        if "out" in field_names(cls) and getattr(cls, "RUN_FOLDER", True):
+            resolve_out(name, values)  # --out: optional everywhere, one default folder
         held = _claim(name, cls, values)
         try:
             check_fields(cls, values)  # what was given, before what is missing

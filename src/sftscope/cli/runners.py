@@ -12,12 +12,6 @@ from typing import Any
 from sftscope.config import commands as C
 
 
-def is_main() -> bool:
-    from sftscope.parallel import is_main as main_rank
-
-    return main_rank()
-
-
 def _say(msg: str) -> None:
     from sftscope.progress import say
 
@@ -45,35 +39,27 @@ def probe(cfg: C.ProbeConfig) -> None:
 
     table = run(cfg)
     top = table.attrs.get("top1")
-    if cfg.out:
-        _say(f"wrote {Path(cfg.out) / 'probe.csv'} ({len(table)} rows)"
-             + (f", {Path(cfg.out) / 'top1.csv'}" if top is not None else "")
-             + f" and {Path(cfg.out) / 'run.json'}")
-    elif is_main():
-        print(table.to_string(index=False))
-        if top is not None:
-            print(top.to_string(index=False))
+    _say(f"wrote {Path(cfg.out) / 'probe.csv'} ({len(table)} rows)"
+         + (f", {Path(cfg.out) / 'top1.csv'}" if top is not None else "")
+         + f" and {Path(cfg.out) / 'run.json'}")
 
 
-def _wrote_or_print(out: str | None, name: str, table) -> None:
-    """Name the table and run.json written to ``out``, or print the table without one."""
-    if out:
-        _say(f"wrote {Path(out) / f'{name}.csv'} ({len(table)} rows) and "
-             f"{Path(out) / 'run.json'}")
-    elif is_main():
-        print(table.to_string(index=False))
+def _wrote(out: str, name: str, table) -> None:
+    """Name the table and run.json written to ``out`` (on the command line there is always a
+    run folder: ``--out`` or its default)."""
+    _say(f"wrote {Path(out) / f'{name}.csv'} ({len(table)} rows) and {Path(out) / 'run.json'}")
 
 
 def swap(cfg: C.SwapConfig) -> None:
     from sftscope.experiments.swap import swap as run
 
-    _wrote_or_print(cfg.out, "swap", run(cfg))
+    _wrote(cfg.out, "swap", run(cfg))
 
 
 def ablate(cfg: C.AblateConfig) -> None:
     from sftscope.experiments.ablate import ablate as run
 
-    _wrote_or_print(cfg.out, "ablate", run(cfg))
+    _wrote(cfg.out, "ablate", run(cfg))
 
 
 def tune(cfg: C.TuneConfig) -> None:
@@ -94,9 +80,8 @@ def evaluate(cfg: C.EvalConfig) -> None:
 
     res = run(cfg)
     print(format_scores(res))
-    if cfg.out:
-        _say(f"wrote {Path(cfg.out) / 'scores.csv'}, {res.predictions_path} and "
-             f"{Path(cfg.out) / 'run.json'}")
+    _say(f"wrote {Path(cfg.out) / 'scores.csv'}, {res.predictions_path} and "
+         f"{Path(cfg.out) / 'run.json'}")
 
 
 def sweep(cfg: C.SweepConfig) -> None:
@@ -130,15 +115,16 @@ def suggest(cfg: C.SuggestConfig) -> None:
         _say(f"  {m.method:9s} {m.mask}  segment scores (bottom first): {prof}")
     _say(f"[bold]suggested mask {res.mask}[/] ({res.method})")
     _say(f"reason: {res.reason}")
-    if cfg.out:
-        _say(f"wrote {Path(cfg.out) / 'suggest.json'}, {Path(cfg.out) / 'suggest.csv'} and "
-             f"{Path(cfg.out) / 'run.json'}")
+    _say(f"wrote {Path(cfg.out) / 'suggest.json'}, {Path(cfg.out) / 'suggest.csv'} and "
+         f"{Path(cfg.out) / 'run.json'}")
 
 
 def steer(cfg: C.SteerConfig) -> None:
     from sftscope.experiments.steer import steer as run
+    from sftscope.segments import block_text
 
     res = run(cfg)
+    _say(f"steered hidden state(s) {block_text(res.layers)}")
     for r in res.table.itertuples(index=False):
         _say(f"  scale {r.scale:g}  {r.metric} {r.value:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}] "
              f"(n={r.n})")
@@ -259,14 +245,15 @@ Signals computed without training: pair (where an SFT model changed the base, pe
 angular (how much each base block turns the hidden state), gradient (task-loss gradient of the
 attention projections), combined (rank average). Edge segments are proposed only on an
 overwhelming signal. Check a proposal with `sftscope sweep ... --validate-suggest`."""),
-    "steer": (C.SteerConfig, steer, """Steer the base model along the base->SFT shift of one layer.
+    "steer": (C.SteerConfig, steer, """Steer the base model along the base->SFT shift at --layers.
 
-The vector at hidden state --layer j (0 = embeddings, j = b+1 = output of block b) is the mean
-over --data of SFT minus base pooled states (--direction mean) or the top principal component
-of the per-sample differences (pc1). Each --scales value s adds s times it to the base
-model's residual stream there (s = 0 is the unsteered base, exactly), then scores --task
-and/or generates on prompts (--generate). Writes steer.csv, steer.jsonl, the vector and
-run.json."""),
+The vector at each hidden state j of --layers (2, or a list such as 6-11,14; 0 = embeddings,
+j = b+1 = output of block b) is the mean over --data of SFT minus base pooled states
+(--direction mean) or the top principal component of the per-sample differences (pc1). Each
+--scales value s adds s times each layer's vector to the base model's residual stream there,
+all layers in one forward pass (s = 0 is the unsteered base, exactly), then scores --task
+and/or generates on prompts (--generate). Writes steer.csv, steer_items.csv (every item's
+score per scale, for paired comparisons), steer.jsonl, the vectors and run.json."""),
     "report": (C.ReportConfig, report, """One self-contained HTML report of run folders.
 
 The paper's figures for whatever the runs hold, with tables, findings and a checklist of the

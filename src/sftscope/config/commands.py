@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sftscope.config.core import Config, at_least, in_range, non_empty, opt, positive
+from sftscope.config.core import Config, at_least, in_range, opt, positive
 from sftscope.config.ingredients import (
     PRESETS,
     Cache,
@@ -103,6 +103,8 @@ def entropy_norms(value: tuple[str, ...]) -> str | None:
 class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
     """Everything ``analyze`` needs (``stages``: a checkpoint chain after ``sft``)."""
 
+    DEFAULT_OUT = True  # results are files only: a default run folder
+
     OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics.*", "correlation.*", "noise.*", "routing.*")
 
     limit: int | None = limit_opt(1000)
@@ -138,6 +140,8 @@ class AnalyzeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output, Cache):
 @dataclass(frozen=True, kw_only=True)
 class WeightsConfig(Output, Chain):
     """Everything ``weights`` needs (``stages``: a checkpoint chain after ``sft``)."""
+
+    DEFAULT_OUT = True  # results are files only: a default run folder
 
     OUTPUTS: ClassVar[tuple[str, ...]] = ("weights.*",)
 
@@ -191,6 +195,24 @@ class WeightsConfig(Output, Chain):
 # ----------------------------------------------------------------------------- probe, swap
 
 
+def check_one_or_pair(model: str | None, base: str | None, sft: str | None, *,
+                      adapter_base: bool = False) -> None:
+    """``--model`` (one model) or ``--base`` and ``--sft`` (a pair), never both: the check of
+    the commands that take either (probe, ablate). ``adapter_base``: ``--base`` may go with a
+    ``--model`` that is an adapter (the model it applies to)."""
+    from sftscope.load.sources import check_model, source_kind
+
+    adapter = adapter_base and model is not None and source_kind(model) == "adapter"
+    if model is not None and (sft is not None or (base is not None and not adapter)):
+        raise SftscopeError("give either --model, or --base and --sft, not both" + (
+            " (--base goes with --model only when --model is an adapter)" if adapter_base
+            else ""))
+    if model is None and (base is None or sft is None):
+        raise SftscopeError("give --model, or both --base and --sft")
+    if model is not None:
+        check_model(model, base=base)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
     """Everything ``probe`` needs: one model (``model``) or a pair (``base`` and ``sft``),
@@ -203,7 +225,6 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
     revision: str | None = revision_opt("model")
     base: str | None = base_opt(required=False)
     sft: str | None = sft_opt(required=False)
-    out: str | None = out_opt(required=False)
     limit: int | None = limit_opt(100)
     tokens: str = opt("all", "Next tokens that accuracy, loss and agreement count: all (every "
                       "real token, the paper's curve) or answer (only the answers' tokens: the "
@@ -243,17 +264,7 @@ class ProbeConfig(PairModels, Chain, DataSpec, Runtime, Stats, Output):
                               check=at_least(1), cli=False, volatile=True)
 
     def check(self) -> None:
-        from sftscope.load.sources import check_model, source_kind
-
-        adapter = self.model is not None and source_kind(self.model) == "adapter"
-        if self.model is not None and (self.sft is not None
-                                       or (self.base is not None and not adapter)):
-            raise SftscopeError("give either --model, or --base and --sft, not both (--base "
-                                "goes with --model only when --model is an adapter)")
-        if self.model is None and (self.base is None or self.sft is None):
-            raise SftscopeError("give --model, or both --base and --sft")
-        if self.model is not None:
-            check_model(self.model, base=self.base)
+        check_one_or_pair(self.model, self.base, self.sft, adapter_base=True)
         if self.lens == "logit" and (self.translators or self.lens_train):
             raise SftscopeError("--translators and --lens-train are options of the tuned lens; "
                                 "add --lens tuned")
@@ -305,9 +316,8 @@ class SwapConfig(PairModels, DataSpec, Runtime, Stats, Output):
     """Everything ``swap`` needs (``alphas``: interpolation of each segment between base and
     SFT; ``save_mix``: such mixes written as model folders)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("swap.*",)
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("swap.*", "swap_items.*")
 
-    out: str | None = out_opt(required=False)
     limit: int | None = limit_opt(100)
     segments: int = segments_opt(5)
     masks: str | None = opt(None, "Extra masks besides the K one-segment masks: 01000,00110 "
@@ -373,7 +383,6 @@ class AblateConfig(PairModels, DataSpec, Runtime, Stats, Output):
     revision: str | None = revision_opt("model")
     base: str | None = base_opt(required=False)
     sft: str | None = sft_opt(required=False)
-    out: str | None = out_opt(required=False)
     limit: int | None = limit_opt(100)
     segments: int | None = segments_opt(None)  # unset: every block is a unit of its own
     mode: str = opt("zero", "One model: zero (the unit passes its input through: its blocks "
@@ -385,14 +394,7 @@ class AblateConfig(PairModels, DataSpec, Runtime, Stats, Output):
                               check=at_least(1), cli=False, volatile=True)
 
     def check(self) -> None:
-        from sftscope.load.sources import check_model
-
-        if self.model is not None and (self.base is not None or self.sft is not None):
-            raise SftscopeError("give either --model, or --base and --sft, not both")
-        if self.model is None and (self.base is None or self.sft is None):
-            raise SftscopeError("give --model, or both --base and --sft")
-        if self.model is not None:
-            check_model(self.model)
+        check_one_or_pair(self.model, self.base, self.sft)
 
     @property
     def pair(self) -> bool:
@@ -424,7 +426,7 @@ class EvalConfig(OneModel, Runtime):
     data: str | None = opt(None, "Items: the hub dataset (default), NAME:FILE or a local FILE "
                            "in the task's fields; perplexity: any text source (default "
                            "wikitext).")
-    out: str | None = out_opt(required=False)
+    out: str | None = out_opt()
     formats: tuple[str, ...] = formats_opt()
     overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
                           "settings.", volatile=True)
@@ -585,8 +587,10 @@ class TuneConfig(OneModel):
     128, loss on the whole text, and 0-shot / 64-token / 100-item evaluation.
     """
 
+    DEFAULT_OUT = True  # results are files only: a default run folder
+
     train: str = train_opt()
-    out: str = out_opt()
+    out: str | None = out_opt()
     method: str = opt("lora", "lora: segment LoRA at the full-depth budget (RUN/adapter); full: "
                       "train every weight of the selected blocks, everything else frozen "
                       "(RUN/model, a Hugging Face folder).", choices=TUNE_METHODS)
@@ -767,7 +771,7 @@ class SuggestConfig(PairModels, DataSpec, Runtime):
     sft: str | None = sft_opt(required=False)
     split: str | None = opt("train", "Split of a hub dataset: the training split by default, "
                             "so no evaluation item is seen.")
-    out: str | None = out_opt(required=False)
+    out: str | None = out_opt()
     formats: tuple[str, ...] = formats_opt()
     overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
                           "settings.", volatile=True)
@@ -823,8 +827,9 @@ class SweepConfig(Config):
     ``collect`` (taken from ``sweep.json``).
     """
 
-    out: str = opt(help="Sweep folder: sweep.json, jobs/MASK-sSEED/, summary.csv, "
-                   "position.csv, run.json.", check=non_empty)
+    DEFAULT_OUT = True  # results are files only: a default run folder
+
+    out: str | None = out_opt()  # sweep.json, jobs/MASK-sSEED/, summary.csv, position.csv
     model: str | None = opt(None, "Base model to tune: local folder or hub id (optional with "
                             "--collect).")
     train: str | None = train_opt(required=False)
@@ -961,17 +966,33 @@ def scale_list(value: str) -> str | None:
     return None
 
 
+def state_list(value: str) -> str | None:
+    """A check: hidden states in the block-list syntax (``2``, ``6-11,14``)."""
+    from sftscope.segments import parse_states
+
+    try:
+        parse_states(value)
+    except SftscopeError:
+        return f"must list hidden states such as 2 or 6-11,14 (0 = embeddings), got {value!r}"
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class SteerConfig(PairModels, DataSpec, Runtime, Output):
-    """Everything ``steer`` needs: the base->SFT vector at hidden state ``layer`` (from
-    ``data``), added ``scale`` times to the base model's residual stream, scored per scale on
-    ``task`` and/or by generating on prompts (``generate``)."""
+    """Everything ``steer`` needs: the base->SFT vector at each hidden state of ``layers``
+    (from ``data``), added ``scale`` times to the base model's residual stream, scored per
+    scale on ``task`` and/or by generating on prompts (``generate``)."""
 
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("steer.*", "steer_vector.safetensors")
+    DEFAULT_OUT = True  # results are files only: a default run folder
 
-    layer: int = opt(help="Hidden state j where the vector is taken and added: j = b + 1 is "
-                     "the output of block b, 0 the embeddings (the input of block 0).",
-                     check=at_least(0))
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("steer.*", "steer_items.csv",
+                                          "steer_vector.safetensors")
+
+    layers: str = opt(help="Hidden states j where the vectors are taken and added, one or a "
+                      "list such as 2 or 6-11,14 (each layer's own vector, all in one forward "
+                      "pass): j = b + 1 is the output of block b, 0 the embeddings (the input "
+                      "of block 0).", check=state_list, aliases=("layer",),
+                      numbers_as_text=True)
     limit: int | None = limit_opt(200)
     direction: str = opt("mean", "mean: mean over samples of SFT minus base pooled states; "
                          "pc1: top principal component of the per-sample differences "
@@ -1001,6 +1022,16 @@ class SteerConfig(PairModels, DataSpec, Runtime, Output):
         """The scales as numbers, in the order given."""
         return [float(p) for p in self.scales.split(",") if p.strip()]
 
+    def layer_values(self, n_blocks: int | None = None) -> list[int]:
+        """The hidden states to steer, sorted; with ``n_blocks`` each checked against the base
+        model's ``0..n_blocks``."""
+        from sftscope.segments import parse_states
+
+        try:
+            return parse_states(self.layers, n_blocks)
+        except SftscopeError as e:
+            raise SftscopeError(f"--layers {self.layers}: {e}") from None
+
     def check(self) -> None:
         from sftscope.load.sources import check_model
 
@@ -1018,10 +1049,8 @@ class SteerConfig(PairModels, DataSpec, Runtime, Output):
             raise SftscopeError(f"--direction pc1 needs at least 2 samples, got --n-samples "
                                 f"{self.limit}")
         n = check_model(self.base, "base model").n_blocks
-        if n is not None and self.layer > n:
-            raise SftscopeError(f"--layer {self.layer} is outside the base model's hidden "
-                                f"states 0..{n} ({n} blocks; j = b + 1 is the output of "
-                                f"block b)")
+        if n is not None:
+            self.layer_values(n)
         if self.task is not None and ":" in self.task:
             check_task_spec(self.task)
         if self.prompts is not None:
@@ -1037,8 +1066,9 @@ DEMO_STEPS = ("analyze", "weights", "probe", "swap", "sweep", "report")
 class DemoConfig(Config):
     """Size and scope of the demo; ``quick`` is the reduced size the tests run."""
 
-    out: str = opt("sftscope-demo", "Folder for the pair, every run and report.html.",
-                   check=non_empty)
+    DEFAULT_OUT = True  # results are files only: a default run folder
+
+    out: str | None = out_opt()  # the pair, every run and report.html
     seed: int = opt(0, "Seed of the corpus, training and analyses.")
     quick: bool = opt(False, "Reduced size (about a minute; what the tests run).")
     family: str = opt("llama", "Architecture of the demo pair.", choices=("llama", "olmo2"))
@@ -1104,6 +1134,8 @@ def data_sets(value: tuple[str, ...]) -> str | None:
 class DataConfig(Config):
     """Everything ``data`` needs: which generated task sets, how many items, where."""
 
+    DEFAULT_OUT = True  # results are files only: a default run folder
+
     OUTPUTS: ClassVar[tuple[str, ...]] = tuple(f"{n}/*.jsonl" for n in DATA_SETS)
 
     names: tuple[str, ...] = opt(help="Task sets to write: gsm8k (train.jsonl, test.jsonl: "
@@ -1111,7 +1143,7 @@ class DataConfig(Config):
                                  "test.jsonl: question, choices, answer, subject), preference "
                                  "(train.jsonl, test.jsonl: prompt, chosen, rejected), or all.",
                                  positional=True, check=data_sets, factory=tuple)
-    out: str = out_opt()
+    out: str | None = out_opt()
     train_size: int = opt(500, "Items of the train files (gsm8k, preference).",
                           check=at_least(1))
     test_size: int = opt(200, "Items of every test file (at most 2000).",
@@ -1150,7 +1182,7 @@ class ReportConfig(Config):
                                 "weights, probe, swap, eval, tune, suggest, sweep, demo); "
                                 "several runs are overlaid on relative-depth axes.",
                                 positional=True)
-    out: str | None = opt(None, "HTML file to write (default: report.html in the first RUN).")
+    out: str | None = out_opt()
     figure_formats: tuple[str, ...] = opt(("png",), "Figure files to write, comma-separated: "
                                           "png, pdf, svg (the HTML always embeds PNG).",
                                           check=figure_formats, aliases=("formats",))

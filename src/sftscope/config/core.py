@@ -261,14 +261,60 @@ def non_empty(v: Any) -> str | None:
     return None if str(v).strip() else "must not be empty"
 
 
+# ----------------------------------------------------------------------------- run folders
+
+RUNS_ENV = "SFTSCOPE_RUNS"  # the parent of default run folders (default: sftscope-runs)
+
+
+def default_out(command: str) -> str:
+    """The run folder a command writes to when ``--out`` is not given:
+    ``sftscope-runs/COMMAND-YYYYMMDD-HHMMSS`` (UTC; ``-2``, ``-3``, ... when taken), under
+    ``$SFTSCOPE_RUNS`` when set. One rule for every command (report: see its --out)."""
+    import time
+    from pathlib import Path
+
+    parent = Path(os.environ.get(RUNS_ENV) or "sftscope-runs")
+    stem = f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    path, i = parent / stem, 1
+    while path.exists():
+        i += 1
+        path = parent / f"{stem}-{i}"
+    return str(path)
+
+
+def resolve_out(command: str, values: dict[str, Any]) -> None:
+    """Fill ``values['out']`` with :func:`default_out` when it is not given; refused in one line
+    where processes must share one folder (``--num-jobs`` above 1)."""
+    if values.get("out") is not None:
+        return
+    try:
+        shards = int(values.get("num_jobs") or 1)
+    except (TypeError, ValueError):
+        shards = 1  # the option's own check says what is wrong
+    if shards > 1:
+        raise SftscopeError(f"--num-jobs {shards}: the processes share one folder, so --out "
+                            "must name it")
+    values["out"] = default_out(command)
+
+
 # ----------------------------------------------------------------------------- the base class
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """Base of every command config: coerces and checks its fields on construction."""
+    """Base of every command config: coerces and checks its fields on construction.
+
+    ``DEFAULT_OUT``: a command whose results are files only (no table returned) gets the
+    default run folder (:func:`default_out`) when ``out`` is None, in Python as on the command
+    line; the others write nothing from Python without ``out``."""
+
+    DEFAULT_OUT: typing.ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        if self.DEFAULT_OUT and getattr(self, "out", "") is None:
+            values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+            resolve_out(type(self).__name__.removesuffix("Config").lower(), values)
+            object.__setattr__(self, "out", values["out"])
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
             m = meta(f)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from sftscope.config.core import Config, at_least, in_range, non_empty, opt
 from sftscope.errors import SftscopeError
-from sftscope.load.data import Prepared, dataset_names, prepare
+from sftscope.load.data import SETS, Prepared, dataset_names, prepare
 from sftscope.tasks import shots_help
 
 # ----------------------------------------------------------------------------- value checks
@@ -120,7 +120,9 @@ def allow_other_base_opt() -> Any:
 def train_opt(required: bool = True) -> Any:
     return opt(dataclasses.MISSING if required else None,
                "Training data: gsm8k (hub), gsm8k:FILE (question/answer fields), "
-               "preference:FILE (prompt/chosen/rejected; --objective dpo), or a "
+               "preference:FILE (prompt/chosen/rejected; --objective dpo) or a preference "
+               f"set on the hub ({', '.join(f'preference:{n}' for n in SETS['preference'])}), "
+               "or a "
                ".jsonl/.csv/.parquet/.txt file of text.", check=non_empty)
 
 
@@ -193,10 +195,17 @@ def formats_opt() -> Any:
                check=table_formats, aliases=("format",), volatile=True)
 
 
-def out_opt(required: bool = True) -> Any:
-    return opt(dataclasses.MISSING if required else None,
-               "Run folder (created; run.json is written last and marks a finished run)"
-               + ("." if required else "; without it nothing is written."), check=non_empty)
+OUT_HELP = ("Where the results go: the run folder (created; run.json is written last and "
+            "marks a finished run); demo and sweep: a folder of runs; report: its HTML file. "
+            "Optional: without it, a new folder sftscope-runs/COMMAND-YYYYMMDD-HHMMSS (UTC; "
+            "$SFTSCOPE_RUNS instead of sftscope-runs when set); report: report.html in the "
+            "first RUN.")
+
+
+def out_opt() -> Any:
+    """``--out``: one help text and one default (none: :func:`config.core.default_out`) in
+    every command."""
+    return opt(None, OUT_HELP, check=non_empty)
 
 
 def eval_limit_opt() -> Any:
@@ -391,7 +400,7 @@ class Output(Config):
 
     OUTPUTS: ClassVar[tuple[str, ...]] = ()  # file patterns a rerun replaces (set per command)
 
-    out: str = out_opt()
+    out: str | None = out_opt()
     formats: tuple[str, ...] = formats_opt()
     overwrite: bool = opt(False, "Replace a finished run in --out that was made with other "
                           "settings.", volatile=True)

@@ -78,8 +78,12 @@ def check_objective(cfg) -> None:
                                 f"{cfg.objective.upper()} losses ({', '.join(allowed)})")
     preference = cfg.train.partition(":")[0] == "preference"
     if cfg.objective == "dpo" and not preference:
-        raise SftscopeError("--objective dpo trains on preference pairs: give --train "
-                            "preference:FILE (fields prompt, chosen, rejected)")
+        from sftscope.load.data import SETS
+
+        sets = ", ".join(f"preference:{n}" for n in SETS["preference"])
+        raise SftscopeError(f"--objective dpo trains on preference pairs: give --train "
+                            f"preference:FILE (fields prompt, chosen, rejected) or a hub set "
+                            f"({sets})")
     if cfg.objective == "grpo":
         if cfg.reward is None:
             raise SftscopeError("--objective grpo needs --reward gsm8k, mmlu or "

@@ -490,17 +490,27 @@ class _LensReducer:
             off += n
         self.pending, self.n_pending = [], 0
 
+    def _targets(self, kind: str, q: int, s: int, logits: torch.Tensor) -> tuple[Any, ...] | None:
+        """Chunk ``q``'s scored rows of one kind (``t``: tokens, ``a``: answers): their
+        range ``lo, hi``, lens rows ``r`` (relative to lens row ``s``), targets ``t``, the
+        index they add into (sample ``tb`` or answer slot ``aslot``) and the targets' logits;
+        None when the chunk has none."""
+        lo, hi = self.ctx[f"{kind}cut"][q]
+        if hi <= lo:
+            return None
+        names = {"t": ("trow", "targets", "tb"), "a": ("arow", "atarget", "aslot")}[kind]
+        r, t, index = (self._on(name, self.lens.device)[lo:hi] for name in names)
+        r = r - s
+        return lo, hi, r, t, index, logits[r, t]
+
     def _score(self, c: int, q: int, s: int, logits: torch.Tensor) -> None:
         """Reduce the lens logits of chunk ``q`` (lens rows ``s..``) of layer column ``c``."""
         ctx, on, out_dev = self.ctx, self._on, self.lens.device
         lse = logits.logsumexp(-1)
         top1 = logits.argmax(-1)
-        lo, hi = ctx["tcut"][q]
-        if hi > lo:
-            r = on("trow", out_dev)[lo:hi] - s
-            t = on("targets", out_dev)[lo:hi]
-            rs = on("tb", out_dev)[lo:hi]
-            tl = logits[r, t]
+        got = self._targets("t", q, s, logits)
+        if got is not None:
+            lo, hi, r, t, rs, tl = got
             ctx["loss"][c].index_add_(0, rs, lse[r] - tl)
             hit = top1[r]
             ctx["correct"][c].index_add_(0, rs, (hit == t).float())
@@ -509,12 +519,9 @@ class _LensReducer:
             if "ref" in ctx:
                 ref = on("ref", out_dev)[c, lo:hi]
                 ctx["agree"][c].index_add_(0, rs, (hit == ref).float())
-        lo, hi = ctx["acut"][q]
-        if hi > lo:
-            r = on("arow", out_dev)[lo:hi] - s
-            t = on("atarget", out_dev)[lo:hi]
-            k = on("aslot", out_dev)[lo:hi]
-            tl = logits[r, t]
+        got = self._targets("a", q, s, logits)
+        if got is not None:
+            lo, hi, r, t, k, tl = got
             ctx["alogp"][c].index_add_(0, k, tl - lse[r])
             first = on("afirst", out_dev)[lo:hi]
             if bool(first.any()):
@@ -879,6 +886,295 @@ def pick_tokenizer(choice: str | None, default: str, specs: dict[str, str],
 # The experiment
 
 
+@dataclass
+class ProbePlan:
+    """What ``probe`` validated and prepared before any model runs: the models (``specs``,
+    ``revs``, ``bases``; a pair's chain ``stages`` and ``pairs``), the tokenizer and data with
+    their answers, choices and scored positions, and this process's ``share``."""
+
+    cfg: ProbeConfig
+    par: Any
+    timer: Timer
+    stages: list[Stage]
+    pairs: list[Any]
+    specs: dict[str, str]
+    revs: dict[str, str | None]
+    bases: dict[str, str | None]
+    tokz: Any = None
+    samples: list[D.Sample] = field(default_factory=list)
+    tok: Any = None
+    answers: list[Any] = field(default_factory=list)
+    choices: list[Any] = field(default_factory=list)
+    positions: list[list[int]] | None = None
+    train_tok: Any = None
+    notes: list[str] = field(default_factory=list)
+    share: list[int] = field(default_factory=list)
+    models: Any = None
+    opts: dict[str, LoadOptions] = field(default_factory=dict)
+    pad_id: int = 0
+
+    @property
+    def pair(self) -> bool:
+        return self.cfg.model is None
+
+    @property
+    def kl(self) -> bool:
+        return self.pair and self.cfg.kl
+
+    @property
+    def tuned(self) -> bool:
+        return self.cfg.lens == "tuned"
+
+
+def _probe_models(cfg: ProbeConfig, par: Any, timer: Timer) -> ProbePlan:
+    """The plan's models: the base then each SFT-side stage of a pair (an adapter applies to
+    ``--base``), or the one model."""
+    if cfg.model is None:
+        stages = [Stage(FIRST, cfg.sft, cfg.sft_revision), *cfg.chain()]
+        pairs = chain_pairs([st.label for st in stages], cfg.consecutive)
+        specs = {BASE: cfg.base, **{st.label: st.spec for st in stages}}
+        revs = {BASE: cfg.base_revision, **{st.label: st.revision for st in stages}}
+        bases = {BASE: None, **{st.label: cfg.base for st in stages}}
+        return ProbePlan(cfg, par, timer, stages, pairs, specs, revs, bases)
+    label = model_label(cfg.model, cfg.base)
+    return ProbePlan(cfg, par, timer, [], [], {label: cfg.model}, {label: cfg.revision},
+                     {label: cfg.base})
+
+
+def _probe_tokenizer(p: ProbePlan) -> None:
+    """Check the model (or the pair's chain) and pick the tokenizer (``p.tokz``)."""
+    cfg = p.cfg
+    if not p.pair:  # the one model's config (a pair's: checked with the chain)
+        load_config(cfg.model, revision=cfg.revision, base=cfg.base,
+                    base_revision=cfg.base_revision)
+        check_adapter_base(cfg.model, cfg.base, cfg.revision, base_revision=cfg.base_revision,
+                           allow_other_base=cfg.allow_other_base)
+        p.tokz = pick_tokenizer(cfg.tokenizer, next(iter(p.specs)), p.specs, p.revs, p.bases,
+                                cfg.base_revision)
+        return
+    _, chain_notes = check_chain(cfg.base, p.stages, base_revision=cfg.base_revision,
+                                 allow_mixed=cfg.allow_mixed_pair,
+                                 allow_other_base=cfg.allow_other_base)
+    p.tokz, tok_notes = pair_tokenizer(p.specs["base"], p.specs["sft"], cfg.tokenizer,
+                                       revisions=p.revs, chat_template=cfg.chat_template)
+    p.notes += chain_notes + tok_notes + check_chain_tokenizers(
+        p.tokz, cfg.base, p.stages, base_revision=cfg.base_revision)
+
+
+def _probe_data(p: ProbePlan) -> None:
+    """The data, its answers (with a note on those lost), scored positions, choices and the
+    tuned lens's training split."""
+    cfg = p.cfg
+    p.samples, p.tok, data_notes = prepare_data(
+        cfg.data, p.tokz, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
+        chat_template=cfg.chat_template, text_field=cfg.text_field, template=cfg.template,
+        split=cfg.split, skip_bad=cfg.skip_bad_records)
+    p.notes += data_notes
+    p.answers = answer_slots(p.samples, p.tok, p.tokz, cfg.chat_template)
+    n_lost = sum(a is None and has_answer(s) for s, a in zip(p.samples, p.answers, strict=True))
+    if n_lost:
+        p.notes.append(f"{n_lost} of {len(p.samples)} answers are not a clean run of their "
+                       f"sample's tokens (cut off by --max-length, or merged by the tokenizer "
+                       f"with the text around them): no answer_prob/answer_rank for them")
+    if cfg.tokens == "answer":
+        if not any(a is not None for a in p.answers):
+            raise SftscopeError(f"--tokens answer scores the answers' tokens, but no sample of "
+                                f"{cfg.data} has an answer to score (use a task format such as "
+                                f"gsm8k: or mmlu:, or --tokens all)")
+        p.positions = answer_positions(p.answers)
+    p.choices = choices_noted(p.samples, p.tok, p.tokz, cfg.chat_template, p.notes)
+    if p.tuned:
+        p.train_tok, lens_notes = training_split(cfg, p.tokz, p.samples)
+        p.notes += lens_notes
+
+
+def plan_probe(cfg: ProbeConfig) -> ProbePlan:
+    """Validate everything (every rank alike: all pass or all fail), prepare the data, open
+    the run folder and announce the stages."""
+    p = _probe_models(cfg, join(cfg.device, cfg.device_map), Timer())
+    with p.par.together("validation"):
+        if cfg.out is not None:
+            check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
+        device = p.par.device or resolve_device(cfg.device)
+        with p.timer("validate"):
+            _probe_tokenizer(p)
+            _probe_data(p)
+    for note in p.notes:
+        say(f"[yellow]note:[/] {note}")
+    p.pad_id = pad_id_of(p.tokz)
+    p.models = Models(p.specs, p.revs, p.bases)
+    p.opts = p.models.load_options(cfg, device=device)
+    if cfg.out is not None and p.par.main:
+        start_run(cfg.out, "probe", ProbeConfig.OUTPUTS)
+    p.share = p.par.shard(len(p.tok), cfg.batch_size)  # all samples when alone
+    # one lens pass per model, each pair's distributions, each model's tuned lens, the tables
+    plan(len(p.specs) + (len(p.pairs) if p.kl else 0) + (len(p.specs) if p.tuned else 0) + 1)
+    return p
+
+
+def _lens_passes(p: ProbePlan, shown: list[dict[str, Any]]
+                 ) -> tuple[dict[str, LensSums], int | None]:
+    """This process's logit-lens sums of every model (loaded one after the other) and, for a
+    chain's consecutive pairs, their agreement; ``shown`` gets the top1.csv rows."""
+    cfg, pair = p.cfg, p.pair
+    found: dict[str, LensSums] = {}
+    ref_top1 = None
+    prev: tuple[str, dict[int, np.ndarray]] | None = None
+    n_blocks = None
+    for k, spec in p.specs.items() if p.share else ():
+        stage(f"probe {k}")
+        with p.timer(f"load_{k}"):
+            m = load_model(spec, p.opts[k])
+        nbytes = model_bytes(m)
+        try:
+            check_vocab(m, p.tok.input_ids, k)
+            n_blocks = n_blocks_of(m)
+            with p.timer(f"pass_{k}"):
+                sums = lens_pass(m, p.tok, p.pad_id, batch_size=cfg.batch_size,
+                                 positions=p.positions, answers=p.answers, choices=p.choices,
+                                 record_top1=(pair and (k == BASE or cfg.consecutive))
+                                 or cfg.top1_examples > 0,
+                                 ref_top1=ref_top1, chunk_elements=cfg.chunk_elements,
+                                 description=f"probe {k}", indices=p.share)
+        finally:
+            del m
+            release(nbytes)
+        if cfg.top1_examples:
+            shown.extend(top1_rows(sums, k, p.tok, p.tokz, p.positions, p.answers,
+                                   cfg.top1_examples))
+        if pair and k == BASE:
+            ref_top1 = sums.top1
+        elif pair and cfg.consecutive:  # agreement with the stage before, from the ids
+            if prev is not None:
+                agree = agreement_counts(sums.top1, prev[1], len(p.tok), len(sums.layers))
+                found[pair_label(prev[0], k)] = dataclasses.replace(sums, agree=agree,
+                                                                    top1=None)
+            prev = (k, sums.top1)
+        found[k] = sums
+    for sums in found.values():
+        sums.top1 = None  # agreement is counted; the ids need not travel
+    return found, n_blocks
+
+
+@dataclass
+class ProbeParts:
+    """What every process computed, gathered on rank 0: the lens passes ``(share, found,
+    n_blocks, top1 rows)``, the pairs' distributions and the tuned lens."""
+
+    parts: list[Any]
+    dparts: list[Any] | None
+    tparts: list[Any] | None
+
+
+def run_probe(p: ProbePlan) -> ProbeParts | None:
+    """Every model's lens pass, each pair's distributions and each model's tuned lens on this
+    process's share; the gathered parts on rank 0, None elsewhere."""
+    cfg, par = p.cfg, p.par
+    shown: list[dict[str, Any]] = []  # top1.csv rows of this rank's share
+    found, n_blocks = par.run(lambda: _lens_passes(p, shown), "probe")
+    dparts = tparts = None
+    if p.kl:
+        dist = par.run(lambda: pair_distributions(
+            p.specs, p.opts, p.pairs, p.tok, p.pad_id, batch_size=cfg.batch_size,
+            positions=p.positions, chunk_elements=cfg.chunk_elements, share=p.share),
+            "distributions")
+        dparts = par.gather((p.share, dist))
+    if p.tuned:
+        fps = p.models.fingerprints(cfg.base_revision)
+        tuned_found = par.run(lambda: tuned_phase(
+            p.specs, p.opts, fps, p.tok, p.train_tok, p.pad_id, cfg, positions=p.positions,
+            answers=p.answers, choices=p.choices, share=p.share), "tuned lens")
+        tparts = par.gather((p.share, tuned_found))
+    parts = par.gather((p.share, found, n_blocks, shown))
+    return None if parts is None else ProbeParts(parts, dparts, tparts)
+
+
+def _sorted_probe(df: pd.DataFrame, p: ProbePlan) -> pd.DataFrame:
+    """One row per (layer, model, metric), in the metrics' order (a chain's members in
+    training order)."""
+    df = df.drop_duplicates(["layer", "model", "metric"]).reset_index(drop=True)
+    order = {m: i for i, m in enumerate(("accuracy", "loss", "answer_prob", "answer_rank",
+                                         "choice_accuracy", "agreement", "kl_pair",
+                                         "kl_to_final", *SHIFT_KINDS))}
+    ranks = {"metric": order}
+    if len(p.stages) > 1:  # a chain: its members in training order
+        ranks["model"] = model_order([st.label for st in p.stages], p.pairs)
+    return df.sort_values(["layer", "model", "metric"],
+                          key=lambda s: s.map(ranks[s.name]) if s.name in ranks else s,
+                          kind="stable").reset_index(drop=True)
+
+
+def probe_tables(p: ProbePlan, got: ProbeParts
+                 ) -> tuple[pd.DataFrame, dict[str, LensSums], pd.DataFrame | None, Any]:
+    """probe.csv's table from the gathered parts (``attrs["top1"]``: top1.csv's rows), the
+    merged sums, shifts.csv's table and what the tuned lens's training did."""
+    cfg, pair, parts = p.cfg, p.pair, got.parts
+    kw = {"level": cfg.level, "n_boot": cfg.bootstrap, "seed": cfg.seed}
+    keys = list(p.specs) + [q.model for q in p.pairs if q.a != BASE]
+    merged = {k: merge_sums([(i, f.get(k)) for i, f, _, _ in parts]) for k in keys}
+    tables = [sums_table(merged[k], k, agreement_label=pair_label(BASE, k) if pair else "pair",
+                         **kw) for k in p.specs]
+    for q in p.pairs:  # consecutive pairs: their agreement rows only
+        if q.a != BASE:
+            t = sums_table(merged[q.model], q.b, agreement_label=q.model, **kw)
+            tables.append(t[t["metric"] == "agreement"])
+    shifts, lens_info = None, None
+    if got.tparts is not None:
+        extra, lens_info = tuned_tables(got.tparts, p.specs, cfg)
+        tables += extra
+    if got.dparts is not None:
+        dist_tables, shifts = distribution_tables(got.dparts, p.pairs, p.tokz, cfg)
+        tables.append(dist_tables)
+    # kl_to_final of a pair's models is computed twice: one row each
+    df = _sorted_probe(pd.concat(tables, ignore_index=True), p)
+    if cfg.top1_examples:  # also in df.attrs["top1"] (a notebook, or no --out)
+        rank = {k: r for r, k in enumerate(p.specs)}
+        top = pd.DataFrame([row for *_, rows in parts for row in rows], columns=TOP1_COLUMNS)
+        df.attrs["top1"] = top.sort_values(
+            ["sample", "model", "layer"], key=lambda c: c.map(rank) if c.name == "model" else c,
+            kind="stable").reset_index(drop=True)
+    return df, merged, shifts, lens_info
+
+
+def record_probe(p: ProbePlan, got: ProbeParts) -> pd.DataFrame:
+    """The tables, written with run.json when ``out`` is set."""
+    stage("tables")
+    cfg = p.cfg
+    n_blocks = next(b for _, _, b, _ in got.parts if b is not None)
+    df, merged, shifts, lens_info = probe_tables(p, got)
+    if cfg.out is None:
+        return df
+    out = Path(cfg.out)
+    write_tables(df, out, "probe", cfg.formats)
+    if "top1" in df.attrs:
+        write_tables(df.attrs["top1"], out, "top1", cfg.formats)
+    if shifts is not None:
+        write_tables(shifts, out, "shifts", cfg.formats)
+    tok, answers = p.tok, p.answers
+    finish_run(out, run_record(
+        "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
+        models=p.models.fingerprints(cfg.base_revision),
+        n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
+        n_scored_tokens=int(next(iter(merged.values())).tokens.sum()), scored_tokens=cfg.tokens,
+        answer=PROBE_ANSWER_RECORD, intervals=PROBE_INTERVALS_RECORD,
+        n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
+        n_choices=sum(c is not None for c in p.choices), notes=p.notes,
+        distributions=DISTRIBUTIONS_RECORD if p.kl else None, tuned_lens=lens_info,
+        **(chain_record(p.stages, p.pairs) if p.pair else {}),
+        layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
+                    "block b, before the final norm; the lens applies the final norm",
+        timings=p.timer.seconds, **p.par.record(len(tok), cfg.batch_size)))
+    return df
+
+
+PROBE_ANSWER_RECORD = (
+    "choice tasks: the gold option after the prompt (MMLU: its letter); GSM8K-style: the final "
+    "answer after ####, given the prompt and the reasoning up to '#### ' (answer_prob: all its "
+    "tokens, answer_rank: its first); free text: its first content token")
+PROBE_INTERVALS_RECORD = ("sample-level (cluster) bootstrap for accuracy, loss, agreement, "
+                          "answer_prob and answer_rank; Wilson for choice_accuracy")
+
+
 @staged
 def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     """Logit-lens probe of one model (``model``) or of a pair (``base`` and ``sft``).
@@ -897,203 +1193,8 @@ def probe(config: ProbeConfig | None = None, /, **options: Any) -> pd.DataFrame:
     depth predicts for the first N samples).
     """
     cfg = config if config is not None else build(ProbeConfig, options)
-    par = join(cfg.device, cfg.device_map)
-    data, model, base, sft, out = cfg.data, cfg.model, cfg.base, cfg.sft, cfg.out
-    tokenizer, max_length, batch_size, n, seed = (cfg.tokenizer, cfg.max_length, cfg.batch_size,
-                                                  cfg.limit, cfg.seed)
-    device, chat_template = cfg.device, cfg.chat_template
-    text_field, template, split, level, n_boot = (cfg.text_field, cfg.template, cfg.split,
-                                                  cfg.level, cfg.bootstrap)
-    chunk_elements, revision = cfg.chunk_elements, cfg.revision
-    base_revision, sft_revision = cfg.base_revision, cfg.sft_revision
-    timer = Timer()
-    pair = model is None
-    stages = [Stage(FIRST, sft, sft_revision), *cfg.chain()] if pair else []
-    pairs = chain_pairs([st.label for st in stages], cfg.consecutive) if pair else []
-    if pair:  # the base, then each SFT-side stage (an adapter applies to --base)
-        specs = {BASE: base, **{st.label: st.spec for st in stages}}
-        revs = {BASE: base_revision, **{st.label: st.revision for st in stages}}
-        bases = {BASE: None, **{st.label: base for st in stages}}
-    else:
-        label = model_label(model, base)
-        specs, revs, bases = {label: model}, {label: revision}, {label: base}
-    with par.together("validation"):  # every rank validates; all pass or all fail alike
-        if cfg.out is not None:
-            check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
-        device = par.device or resolve_device(device)
-        with timer("validate"):
-            notes: list[str] = []
-            if not pair:  # the one model's config (a pair's: checked with the chain)
-                load_config(model, revision=revision, base=base, base_revision=base_revision)
-                check_adapter_base(model, base, revision, base_revision=base_revision,
-                                   allow_other_base=cfg.allow_other_base)
-            if pair:
-                _, chain_notes = check_chain(base, stages, base_revision=base_revision,
-                                             allow_mixed=cfg.allow_mixed_pair,
-                                             allow_other_base=cfg.allow_other_base)
-                notes += chain_notes
-                tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
-                                                 revisions=revs, chat_template=chat_template)
-                notes += tok_notes + check_chain_tokenizers(tokz, base, stages,
-                                                            base_revision=base_revision)
-            else:
-                tokz = pick_tokenizer(tokenizer, next(iter(specs)), specs, revs, bases,
-                                      base_revision)
-            samples, tok, data_notes = prepare_data(
-                data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
-                text_field=text_field, template=template, split=split,
-                skip_bad=cfg.skip_bad_records)
-            notes += data_notes
-            answers = answer_slots(samples, tok, tokz, chat_template)
-            n_lost = sum(a is None and has_answer(s)
-                         for s, a in zip(samples, answers, strict=True))
-            if n_lost:
-                notes.append(f"{n_lost} of {len(samples)} answers are not a clean run of their "
-                             f"sample's tokens (cut off by --max-length, or merged by the "
-                             f"tokenizer with the text around them): no answer_prob/answer_rank "
-                             f"for them")
-            positions = None
-            if cfg.tokens == "answer":
-                if not any(a is not None for a in answers):
-                    raise SftscopeError(f"--tokens answer scores the answers' tokens, but no "
-                                        f"sample of {data} has an answer to score (use a task "
-                                        f"format such as gsm8k: or mmlu:, or --tokens all)")
-                positions = answer_positions(answers)
-            choices = choices_noted(samples, tok, tokz, chat_template, notes)
-            train_tok = None
-            if cfg.lens == "tuned":
-                train_tok, lens_notes = training_split(cfg, tokz, samples)
-                notes += lens_notes
-    for note in notes:
-        say(f"[yellow]note:[/] {note}")
-    pad_id = pad_id_of(tokz)
-    models = Models(specs, revs, bases)
-    opts = models.load_options(cfg, device=device)
-    if out is not None and par.main:
-        start_run(out, "probe", ProbeConfig.OUTPUTS)
-    share = par.shard(len(tok), batch_size)  # all samples when alone
-    kl, tuned = pair and cfg.kl, cfg.lens == "tuned"
-    # one lens pass per model, each pair's distributions, each model's tuned lens, the tables
-    plan(len(specs) + (len(pairs) if kl else 0) + (len(specs) if tuned else 0) + 1)
-
-    shown: list[dict[str, Any]] = []  # top1.csv rows of this rank's share
-
-    def passes() -> tuple[dict[str, LensSums], int | None]:
-        found: dict[str, LensSums] = {}
-        ref_top1 = None
-        prev: tuple[str, dict[int, np.ndarray]] | None = None
-        n_blocks = None
-        for k, spec in specs.items() if share else ():
-            stage(f"probe {k}")
-            with timer(f"load_{k}"):
-                m = load_model(spec, opts[k])
-            nbytes = model_bytes(m)
-            try:
-                check_vocab(m, tok.input_ids, k)
-                n_blocks = n_blocks_of(m)
-                with timer(f"pass_{k}"):
-                    sums = lens_pass(m, tok, pad_id, batch_size=batch_size,
-                                     positions=positions, answers=answers,
-                                     choices=choices,
-                                     record_top1=(pair and (k == BASE or cfg.consecutive))
-                                     or cfg.top1_examples > 0,
-                                     ref_top1=ref_top1, chunk_elements=chunk_elements,
-                                     description=f"probe {k}", indices=share)
-            finally:
-                del m
-                release(nbytes)
-            if cfg.top1_examples:
-                shown.extend(top1_rows(sums, k, tok, tokz, positions, answers,
-                                       cfg.top1_examples))
-            if pair and k == BASE:
-                ref_top1 = sums.top1
-            elif pair and cfg.consecutive:  # agreement with the stage before, from the ids
-                if prev is not None:
-                    agree = agreement_counts(sums.top1, prev[1], len(tok), len(sums.layers))
-                    found[pair_label(prev[0], k)] = dataclasses.replace(sums, agree=agree,
-                                                                        top1=None)
-                prev = (k, sums.top1)
-            found[k] = sums
-        for sums in found.values():
-            sums.top1 = None  # agreement is counted; the ids need not travel
-        return found, n_blocks
-
-    found, n_blocks = par.run(passes, "probe")
-    if kl:
-        dist = par.run(lambda: pair_distributions(
-            specs, opts, pairs, tok, pad_id, batch_size=batch_size, positions=positions,
-            chunk_elements=chunk_elements, share=share), "distributions")
-        dparts = par.gather((share, dist))
-    if tuned:
-        fps = models.fingerprints(base_revision)
-        tuned_found = par.run(lambda: tuned_phase(
-            specs, opts, fps, tok, train_tok, pad_id, cfg, positions=positions,
-            answers=answers, choices=choices, share=share), "tuned lens")
-        tparts = par.gather((share, tuned_found))
-    parts = par.gather((share, found, n_blocks, shown))
-    if parts is None:  # not rank 0: the tables are rank 0's
+    p = plan_probe(cfg)
+    got = run_probe(p)
+    if got is None:  # not rank 0: the tables are rank 0's
         return empty_like_table(PROBE_COLUMNS)
-    stage("tables")
-    n_blocks = next(b for _, _, b, _ in parts if b is not None)
-    keys = list(specs) + [p.model for p in pairs if p.a != BASE]
-    merged = {k: merge_sums([(i, f.get(k)) for i, f, _, _ in parts]) for k in keys}
-    tables = [sums_table(merged[k], k, level=level, n_boot=n_boot, seed=seed,
-                         agreement_label=pair_label(BASE, k) if pair else "pair")
-              for k in specs]
-    for p in pairs:  # consecutive pairs: their agreement rows only
-        if p.a != BASE:
-            t = sums_table(merged[p.model], p.b, level=level, n_boot=n_boot, seed=seed,
-                           agreement_label=p.model)
-            tables.append(t[t["metric"] == "agreement"])
-    shifts, lens_info = None, None
-    if tuned:
-        extra, lens_info = tuned_tables(tparts, specs, cfg)
-        tables += extra
-    if kl:
-        dist_tables, shifts = distribution_tables(dparts, pairs, tokz, cfg)
-        tables.append(dist_tables)
-    df = pd.concat(tables, ignore_index=True)  # kl_to_final of a pair's models: computed twice
-    df = df.drop_duplicates(["layer", "model", "metric"]).reset_index(drop=True)
-    order = {m: i for i, m in enumerate(("accuracy", "loss", "answer_prob", "answer_rank",
-                                         "choice_accuracy", "agreement", "kl_pair",
-                                         "kl_to_final", *SHIFT_KINDS))}
-    ranks = {"metric": order}
-    if len(stages) > 1:  # a chain: its members in training order
-        ranks["model"] = model_order([st.label for st in stages], pairs)
-    df = df.sort_values(["layer", "model", "metric"],
-                        key=lambda s: s.map(ranks[s.name]) if s.name in ranks else s,
-                        kind="stable").reset_index(drop=True)
-    top = None
-    if cfg.top1_examples:  # also in df.attrs["top1"] (a notebook, or no --out)
-        rank = {k: r for r, k in enumerate(specs)}
-        top = pd.DataFrame([row for *_, rows in parts for row in rows], columns=TOP1_COLUMNS)
-        top = top.sort_values(["sample", "model", "layer"], key=lambda c: c.map(rank)
-                              if c.name == "model" else c, kind="stable").reset_index(drop=True)
-        df.attrs["top1"] = top
-    if out is not None:
-        out = Path(out)
-        write_tables(df, out, "probe", cfg.formats)
-        if top is not None:
-            write_tables(top, out, "top1", cfg.formats)
-        if shifts is not None:
-            write_tables(shifts, out, "shifts", cfg.formats)
-        finish_run(out, run_record(
-            "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
-            models=models.fingerprints(base_revision),
-            n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
-            n_scored_tokens=int(next(iter(merged.values())).tokens.sum()), scored_tokens=cfg.tokens,
-            answer="choice tasks: the gold option after the prompt (MMLU: its letter); "
-                   "GSM8K-style: the final answer after ####, given the prompt and the "
-                   "reasoning up to '#### ' (answer_prob: all its tokens, answer_rank: its "
-                   "first); free text: its first content token",
-            intervals="sample-level (cluster) bootstrap for accuracy, loss, agreement, "
-                      "answer_prob and answer_rank; Wilson for choice_accuracy",
-            n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
-            n_choices=sum(c is not None for c in choices), notes=notes,
-            distributions=DISTRIBUTIONS_RECORD if kl else None, tuned_lens=lens_info,
-            **(chain_record(stages, pairs) if pair else {}),
-            layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "
-                        "block b, before the final norm; the lens applies the final norm",
-            timings=timer.seconds, **par.record(len(tok), batch_size)))
-    return df
-
+    return record_probe(p, got)

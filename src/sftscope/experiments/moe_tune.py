@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +39,7 @@ from sftscope.load.arch import (
     get_shared_expert_gate,
     moe_info,
 )
+from sftscope.metrics import routing as R
 
 EXPERT_DROPOUT_NOTE = ("LoRA dropout 0: PEFT's LoRA on fused expert parameters cannot apply "
                        "dropout")
@@ -174,10 +176,8 @@ def routing_loads(model: nn.Module, examples: list[dict[str, list[int]]], blocks
         counts[b] = torch.zeros(info.n_experts, dtype=torch.float64)
 
         def hook(_mod, _inp, output, b=b):  # noqa: ANN001
-            idx = router_choice(output, info.top_k).reshape(-1, info.top_k).cpu()
-            keep = state["mask"].reshape(-1)
-            counts[b] += torch.bincount(idx[keep].reshape(-1),
-                                        minlength=info.n_experts).double()
+            sel = R.router_selection(output, info.top_k)[1].cpu()
+            counts[b] += R.slot_counts(sel[state["mask"].reshape(-1)], info.n_experts).double()
         hooks.append(get_router(model, b, spec).register_forward_hook(hook))
     dev = next(model.parameters()).device
     was = model.training
@@ -192,19 +192,8 @@ def routing_loads(model: nn.Module, examples: list[dict[str, list[int]]], blocks
         for h in hooks:
             h.remove()
         model.train(was)
-    return {b: (c / c.sum()).tolist() if c.sum() > 0 else c.tolist() for b, c in counts.items()}
-
-
-def router_choice(output: Any, top_k: int) -> torch.Tensor:
-    """The experts a router chose per token (``[tokens, top_k]``) from its forward output:
-    transformers 5 routers return ``(logits, top-k weights, top-k indices)``; a router that
-    returns logits only is read by top-k of them."""
-    if isinstance(output, (tuple, list)):
-        for t in reversed(output):
-            if isinstance(t, torch.Tensor) and not t.is_floating_point():
-                return t
-        output = output[0]
-    return output.topk(top_k, dim=-1).indices
+    # no slot counted (no real token): every load 0, as the counts are
+    return {b: np.nan_to_num(R.load_shares(c.numpy())).tolist() for b, c in counts.items()}
 
 
 def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

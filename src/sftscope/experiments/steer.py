@@ -1,8 +1,8 @@
-"""``sftscope steer``: add the base->SFT shift of one hidden state to the base model.
+"""``sftscope steer``: add the base->SFT shift of one or more hidden states to the base model.
 
-The vector ``v`` at hidden state ``j`` comes from the pooled states (token mean, or last token)
-of ``--data`` under both models, captured with the analysis engine (SFT first, then base:
-never both models in memory):
+The vector ``v`` at each hidden state ``j`` of ``--layers`` comes from the pooled states
+(token mean, or last token) of ``--data`` under both models, captured with the analysis engine
+(SFT first, then base: never both models in memory):
 
 - ``mean``: ``mean_n (z_sft,n - z_base,n)``, whose norm is the pair's ``mean_shift`` at ``j``.
 - ``pc1``: the top principal direction ``u`` of the per-sample differences ``d_n`` (centred, as
@@ -11,13 +11,18 @@ never both models in memory):
   SFT model made.
 
 ``--unit`` sets ``||v|| = 1`` (the research code's convention). At each ``--scales`` value
-``s`` the base model runs with ``s * v`` added to the residual stream at ``j``: a forward hook on
-the output of block ``j - 1`` (``j = 0``: a pre-hook on block 0's input, the embeddings as the
-model feeds them), at every position (prompt and generated tokens). ``s = 0`` registers no
-hook, so it *is* the unsteered base. Per scale: the task score through the evaluator
-(``--task``) and/or greedy completions (``--generate``). Files: ``steer.csv`` (scale, metric,
-value, ci_low, ci_high, n), ``steer.jsonl`` (completions), ``steer_vector.safetensors``,
-``scales/<s>/`` (the evaluator's scores and predictions per scale) and ``run.json``.
+``s`` the base model runs with ``s * v_j`` added to the residual stream at every ``j`` of
+``--layers``, all in the same forward pass: a forward hook on the output of block ``j - 1``
+(``j = 0``: a pre-hook on block 0's input, the embeddings as the model feeds them), at every
+position (prompt and generated tokens). Each ``v_j`` is the shift the SFT model made at ``j``
+(measured without steering), so with several layers the shifts added below ``j`` also travel
+up to ``j``. ``s = 0`` registers no hook, so it *is* the unsteered base. Per scale: the task
+score through the evaluator (``--task``) and/or greedy completions (``--generate``). Files:
+``steer.csv`` (layers as ``6-11,14``, scale, metric, value, ci_low, ci_high, n),
+``steer_items.csv`` (scale, metric, item, value: every item's score, the same items at every
+scale, so that the report compares scales with paired tests), ``steer.jsonl`` (completions),
+``steer_vector.safetensors`` (one tensor ``layer_<j>`` per layer), ``scales/<s>/`` (the
+evaluator's scores and predictions per scale) and ``run.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import gc
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,22 +62,27 @@ from sftscope.load.runtime import dtype_name, input_device, pad_id, resolve_devi
 from sftscope.metrics.stats import mean_ci, proportion_ci
 from sftscope.progress import plan, say, stage, staged
 from sftscope.runs import check_out, finish_run, start_run
+from sftscope.segments import block_text
+from sftscope.tasks import get_task
 
-__all__ = ["STEER_COLUMNS", "SteerConfig", "SteerResult", "steer", "steering",
+__all__ = ["ITEM_COLUMNS", "STEER_COLUMNS", "SteerConfig", "SteerResult", "steer", "steering",
            "steering_vector"]
 
-STEER_COLUMNS = ["scale", "metric", "value", "ci_low", "ci_high", "n"]
+STEER_COLUMNS = ["layers", "scale", "metric", "value", "ci_low", "ci_high", "n"]
+ITEM_COLUMNS = ["scale", "metric", "item", "value"]
 
 
 @dataclass
 class SteerResult:
-    """The table written to ``steer.csv``, the vector's description and where files went."""
+    """The table written to ``steer.csv``, the per-item scores (``steer_items.csv``), each
+    layer's vector's description and where files went."""
 
     out: str
-    layer: int
+    layers: list[int]
     n_blocks: int
     table: pd.DataFrame
-    vector: dict[str, Any]
+    vectors: list[dict[str, Any]]
+    items: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ITEM_COLUMNS))
     completions_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -121,44 +131,59 @@ def steering_vector(zb: torch.Tensor, zs: torch.Tensor, direction: str = "mean",
     return v.float(), info
 
 
-@contextmanager
-def steering(model: nn.Module, layer: int, vector: torch.Tensor, scale: float,
-             spec: ArchSpec | None = None) -> Iterator[None]:
-    """Add ``scale * vector`` to hidden state ``layer`` of ``model`` inside the block (every
-    position); ``scale == 0`` adds no hook at all."""
-    if scale == 0:
-        yield
-        return
-    blocks = get_blocks(model, spec or arch_for(model))
-    if not 0 <= layer <= len(blocks):
-        raise SftscopeError(f"--layer {layer} is outside 0..{len(blocks)}")
-    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-    shift_f32 = vector.float() * float(scale)
-
-    def shift(h: torch.Tensor) -> torch.Tensor:
-        key = (h.device, h.dtype)
-        if key not in cache:
-            cache[key] = shift_f32.to(device=h.device, dtype=h.dtype)
-        return h + cache[key]
-
+def _hook(blocks: Any, layer: int, shift: Any) -> Any:
+    """Register the hook that applies ``shift`` to hidden state ``layer``; its handle."""
     if layer == 0:
         def pre(_mod, args, kwargs):  # noqa: ANN001
             if args:
                 return (shift(args[0]), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": shift(kwargs["hidden_states"])}
 
-        handle = blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
-    else:
-        def post(_mod, _args, output):  # noqa: ANN001
-            if isinstance(output, (tuple, list)):
-                return (shift(block_output(output)), *output[1:])
-            return shift(output)
+        return blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
 
-        handle = blocks[layer - 1].register_forward_hook(post)
+    def post(_mod, _args, output):  # noqa: ANN001
+        if isinstance(output, (tuple, list)):
+            return (shift(block_output(output)), *output[1:])
+        return shift(output)
+
+    return blocks[layer - 1].register_forward_hook(post)
+
+
+@contextmanager
+def steering(model: nn.Module, vectors: Mapping[int, torch.Tensor], scale: float,
+             spec: ArchSpec | None = None) -> Iterator[None]:
+    """Add ``scale * vectors[j]`` to hidden state ``j`` of ``model`` for every ``j`` in
+    ``vectors``, inside the blocks (every position), all in one forward pass; ``scale == 0``
+    adds no hook at all."""
+    if scale == 0:
+        yield
+        return
+    blocks = get_blocks(model, spec or arch_for(model))
+    bad = [j for j in vectors if not 0 <= j <= len(blocks)]
+    if bad:
+        raise SftscopeError(f"--layers {block_text(bad)} is outside 0..{len(blocks)}")
+    # each layer's shift in each device and dtype it meets, made once
+    cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def shifter(layer: int) -> Any:
+        shift_f32 = vectors[layer].float() * float(scale)
+
+        def shift(h: torch.Tensor) -> torch.Tensor:
+            key = (layer, h.device, h.dtype)
+            if key not in cache:
+                cache[key] = shift_f32.to(device=h.device, dtype=h.dtype)
+            return h + cache[key]
+
+        return shift
+
+    handles = []
     try:
+        for j in sorted(vectors):
+            handles.append(_hook(blocks, j, shifter(j)))
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------ the run
@@ -171,15 +196,17 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _pooled(spec: str, revision: str | None, cfg: SteerConfig, tok, dtype: str, device: str,
-            pad: int, label: str) -> tuple[torch.Tensor, Any]:
-    """Pooled states of hidden state ``cfg.layer`` for every sample, and the loaded model."""
+def _pooled(spec: str, revision: str | None, cfg: SteerConfig, layers: list[int], tok,
+            dtype: str, device: str, pad: int, label: str) -> tuple[dict[int, torch.Tensor], Any]:
+    """Pooled states of each hidden state of ``layers`` for every sample, and the loaded
+    model."""
     model = load_model(spec, LoadOptions(revision=revision, dtype=dtype, device=device,
                                          device_map=cfg.device_map))
     check_vocab(model, tok.input_ids, label)
     res = capture(model, tok, CaptureConfig(batch_size=cfg.batch_size, n_token=0), pad,
                   label=label)
-    return res.pooled(cfg.pooling)[cfg.layer].clone(), model
+    pooled = res.pooled(cfg.pooling)
+    return {j: pooled[j].clone() for j in layers}, model
 
 
 def _prompts(cfg: SteerConfig) -> list[str]:
@@ -198,7 +225,7 @@ def _empty_note(scale: float) -> str:
             "scores describe a broken model, not a steered one")
 
 
-def check_scales(model: nn.Module, tokens, pad: int, layer: int, vector: torch.Tensor,
+def check_scales(model: nn.Module, tokens, pad: int, vectors: Mapping[int, torch.Tensor],
                  scales: list[float], spec: ArchSpec | None = None, n: int = 4) -> None:
     """Refuse, before anything is scored, every scale at which the steered model's logits on
     the first ``n`` samples are not finite or the same for every token at every position (a
@@ -208,17 +235,18 @@ def check_scales(model: nn.Module, tokens, pad: int, layer: int, vector: torch.T
     dev = input_device(model)
     bad = []
     for s in scales:
-        with steering(model, layer, vector, s, spec), torch.no_grad():
+        with steering(model, vectors, s, spec), torch.no_grad():
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
         live = logits[mask.to(dev).bool()].float()
         flat = bool((live.amax(-1) == live.amin(-1)).all())  # the same score for every token
         if flat or not bool(torch.isfinite(live).all()):
             bad.append(s)
     if bad:
+        norm = max(float(v.norm()) for v in vectors.values())
         raise SftscopeError(
             f"--scales {','.join(f'{s:g}' for s in bad)}: the steered model gives non-finite "
-            f"or constant logits (scale x vector norm {float(vector.norm()):.3g} overflows "
-            "the hidden state); use smaller scales")
+            f"or constant logits (scale x vector norm {norm:.3g} overflows the hidden state); "
+            "use smaller scales")
 
 
 @dataclass
@@ -229,6 +257,7 @@ class _SteerPlan:
     device: str
     dtype: str
     scales: list[float]
+    layers: list[int]
     n_blocks: int
     task: tuple[str, str | None] | None
     tokenizer: Any
@@ -250,10 +279,7 @@ def _steer_plan(cfg: SteerConfig, timer: Timer) -> _SteerPlan:
                            base_revision=cfg.base_revision,
                            allow_other_base=cfg.allow_other_base)
         n_blocks = info.n_blocks
-        if cfg.layer > n_blocks:
-            raise SftscopeError(f"--layer {cfg.layer} is outside the hidden states 0..{n_blocks} "
-                                f"of {cfg.base} ({n_blocks} blocks; j = b + 1 is the output of "
-                                f"block b)")
+        layers = cfg.layer_values(n_blocks)
         task = parse_eval_task(cfg.task, flag="--task") if cfg.task else None
         tok, notes = pair_tokenizer(cfg.base, cfg.sft, cfg.tokenizer,
                                     revisions={"base": cfg.base_revision,
@@ -269,42 +295,63 @@ def _steer_plan(cfg: SteerConfig, timer: Timer) -> _SteerPlan:
     start_run(out, "steer", SteerConfig.OUTPUTS)
     shutil.rmtree(out / "scales", ignore_errors=True)
     return _SteerPlan(out, device, dtype_name(resolve_dtype(cfg.dtype, device)),
-                      cfg.scale_values(), n_blocks, task, tok, prep, prompts, notes)
+                      cfg.scale_values(), layers, n_blocks, task, tok, prep, prompts, notes)
+
+
+def _where(layer: int) -> str:
+    return "embeddings" if layer == 0 else f"output of block {layer - 1}"
 
 
 def _steer_vector(cfg: SteerConfig, p: _SteerPlan, timer: Timer
-                  ) -> tuple[torch.Tensor, dict[str, Any], Any]:
-    """The SFT's then the base's pooled states (never both models in memory), the vector
-    (saved), and the base model it steers."""
+                  ) -> tuple[dict[int, torch.Tensor], list[dict[str, Any]], Any]:
+    """The SFT's then the base's pooled states (never both models in memory), each layer's
+    vector (saved, one tensor ``layer_<j>`` each), and the base model they steer."""
     from safetensors.torch import save_file
 
     pad = pad_id(p.tokenizer)
-    where = "embeddings" if cfg.layer == 0 else f"output of block {cfg.layer - 1}"
     stage("capture sft")
     with timer("capture_sft"):
-        zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, p.prep.tokens, p.dtype,
-                                p.device, pad, "sft")
+        zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, p.layers, p.prep.tokens,
+                                p.dtype, p.device, pad, "sft")
         del sft_model  # never both models in memory
         _free_memory()
     stage("capture base")
     with timer("capture_base"):
-        zb, model = _pooled(cfg.base, cfg.base_revision, cfg, p.prep.tokens, p.dtype, p.device,
-                            pad, "base")
-    vector, vinfo = steering_vector(zb, zs, cfg.direction, cfg.unit)
-    vinfo.update(layer=cfg.layer, where=where, pooling=cfg.pooling)
+        zb, model = _pooled(cfg.base, cfg.base_revision, cfg, p.layers, p.prep.tokens, p.dtype,
+                            p.device, pad, "base")
+    vectors: dict[int, torch.Tensor] = {}
+    infos: list[dict[str, Any]] = []
+    for j in p.layers:
+        vectors[j], vinfo = steering_vector(zb[j], zs[j], cfg.direction, cfg.unit)
+        vinfo.update(layer=j, where=_where(j), pooling=cfg.pooling)
+        infos.append(vinfo)
+        say(f"steering vector at hidden state {j} ({_where(j)}): {cfg.direction}, norm "
+            f"{vinfo['norm']:.4g} (base->SFT mean shift {vinfo['mean_shift']:.4g}, "
+            f"{vinfo['n_samples']} samples)")
     with atomic_path(p.out / "steer_vector.safetensors") as tmp:
-        save_file({"vector": vector.contiguous()}, str(tmp),
-                  metadata={k: str(v) for k, v in vinfo.items()})
-    say(f"steering vector at hidden state {cfg.layer} ({where}): {cfg.direction}, norm "
-        f"{vinfo['norm']:.4g} (base->SFT mean shift {vinfo['mean_shift']:.4g}, "
-        f"{vinfo['n_samples']} samples)")
-    return vector, vinfo, model
+        save_file({f"layer_{j}": v.contiguous() for j, v in vectors.items()}, str(tmp),
+                  metadata={f"layer_{x['layer']}.{k}": str(v) for x in infos
+                            for k, v in x.items()})
+    return vectors, infos, model
+
+
+def _task_items(path: str, task: str, kind: str, s: float) -> list[dict[str, Any]]:
+    """Every item's scores of one scale from the evaluator's predictions file, under the
+    names of ``steer.csv``'s metrics (a loss task scores the plain base: ``loss``)."""
+    from sftscope.experiments.sweep import read_predictions
+
+    df = read_predictions(path, task)
+    if kind == "loss":  # no adapter: the item's loss is its loss_after (= loss_before)
+        df = df[df["metric"] == "loss_after"].assign(metric="loss")
+    return [{"scale": s, "metric": m, "item": int(i), "value": float(v)}
+            for i, m, v in df[["item", "metric", "value"]].itertuples(index=False)]
 
 
 def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
-                 rows: list[dict[str, Any]], gens: list[dict[str, Any]]) -> list[str] | None:
-    """The task's scores and the completions' rows of one scale (the model already steered);
-    returns the completions."""
+                 rows: list[dict[str, Any]], gens: list[dict[str, Any]],
+                 items: list[dict[str, Any]]) -> list[str] | None:
+    """The task's scores, every item's scores and the completions' rows of one scale (the
+    model already steered); returns the completions."""
     tok = p.tokenizer
     if p.task is not None:
         name, data = p.task
@@ -322,6 +369,8 @@ def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
         for sc in res.scores:
             rows.append({"scale": s, "metric": sc.metric, "value": sc.value,
                          "ci_low": sc.ci_low, "ci_high": sc.ci_high, "n": sc.n})
+        if res.predictions_path:
+            items += _task_items(res.predictions_path, res.task, get_task(res.task).kind, s)
         say(f"scale {s:g}: " + ", ".join(f"{sc.metric} {sc.value:.4f}"
                                          for sc in res.scores[:3]))
     if not cfg.generate:
@@ -338,6 +387,8 @@ def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
     lo, hi = mean_ci(new, cfg.level)
     rows.append({"scale": s, "metric": "new_tokens", "value": sum(new) / len(new),
                  "ci_low": lo, "ci_high": hi, "n": len(new)})
+    items += [{"scale": s, "metric": "new_tokens", "item": i, "value": x}
+              for i, x in enumerate(new)]
     gens += [{"scale": s, "index": i, "prompt": q, "completion": g.completion,
               "new_tokens": g.new_tokens} for i, (q, g) in enumerate(zip(p.prompts, got))]
     return [g.completion for g in got]
@@ -358,54 +409,61 @@ def _same_as_unsteered(cfg: SteerConfig, scales: list[float], gens: list[dict[st
 
 @staged
 def steer(cfg: SteerConfig) -> SteerResult:
-    """Compute the vector, steer the base model at every scale, write the run folder."""
+    """Compute the vectors, steer the base model at every scale, write the run folder."""
     timer = Timer()
     p = _steer_plan(cfg, timer)
     plan(2 + len(p.scales))  # the SFT's and the base's states, then each scale
-    vector, vinfo, model = _steer_vector(cfg, p, timer)
+    vectors, infos, model = _steer_vector(cfg, p, timer)
     spec = arch_for(model)
     with timer("check_scales"):
-        check_scales(model, p.prep.tokens, pad_id(p.tokenizer), cfg.layer, vector, p.scales,
-                     spec)
+        check_scales(model, p.prep.tokens, pad_id(p.tokenizer), vectors, p.scales, spec)
     rows: list[dict[str, Any]] = []
     gens: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
     unsteered: list[str] | None = None
     for s in p.scales:
         stage(f"scale {s:g}")
-        with steering(model, cfg.layer, vector, s, spec):
-            texts = _score_scale(cfg, p, model, s, timer, rows, gens)
+        with steering(model, vectors, s, spec):
+            texts = _score_scale(cfg, p, model, s, timer, rows, gens, items)
         if s == 0 and texts is not None:
             unsteered = texts
     if cfg.generate and unsteered is not None:  # how many completions steering changed
         rows += _same_as_unsteered(cfg, p.scales, gens, unsteered)
-    table = pd.DataFrame(rows, columns=STEER_COLUMNS).sort_values("scale", kind="stable")
-    result = _steer_record(cfg, p, table.reset_index(drop=True), gens, vinfo, timer)
+    table = pd.DataFrame(rows).assign(layers=block_text(p.layers))[STEER_COLUMNS].sort_values(
+        "scale", kind="stable")
+    item_table = pd.DataFrame(items, columns=ITEM_COLUMNS).sort_values(
+        ["scale", "metric", "item"], kind="stable").reset_index(drop=True)
+    result = _steer_record(cfg, p, table.reset_index(drop=True), item_table, gens, infos,
+                           timer)
     del model
     _free_memory()
     return result
 
 
-def _steer_record(cfg: SteerConfig, p: _SteerPlan, table: pd.DataFrame,
-                  gens: list[dict[str, Any]], vinfo: dict[str, Any], timer: Timer
+def _steer_record(cfg: SteerConfig, p: _SteerPlan, table: pd.DataFrame, items: pd.DataFrame,
+                  gens: list[dict[str, Any]], infos: list[dict[str, Any]], timer: Timer
                   ) -> SteerResult:
-    """Write steer.csv, steer.jsonl and run.json."""
+    """Write steer.csv, steer_items.csv, steer.jsonl and run.json."""
     import json
 
     out = p.out
     for fmt in cfg.formats:
         write_table(table, out / f"steer.{fmt}")
+    write_table(items, out / "steer_items.csv")
     comp_path = None
     if cfg.generate:
         comp_path = out / "steer.jsonl"
         with atomic_path(comp_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for g in gens:
                 f.write(json.dumps(g) + "\n")
-    result = SteerResult(out=str(out), layer=cfg.layer, n_blocks=p.n_blocks, table=table,
-                         vector=vinfo, completions_path=str(comp_path) if comp_path else None,
+    result = SteerResult(out=str(out), layers=p.layers, n_blocks=p.n_blocks, table=table,
+                         vectors=infos, items=items,
+                         completions_path=str(comp_path) if comp_path else None,
                          timings=timer.seconds)
     finish_run(out, run_record(
-        "steer", cfg.record(), n_blocks=p.n_blocks, layer=cfg.layer, vector=vinfo,
-        scales=p.scales, task=p.task[0] if p.task else None,
+        "steer", cfg.record(), n_blocks=p.n_blocks, layers=p.layers,
+        layers_text=block_text(p.layers), vectors=infos, scales=p.scales,
+        task=p.task[0] if p.task else None,
         models={"base": fingerprint(cfg.base, cfg.base_revision),
                 "sft": fingerprint(cfg.sft, cfg.sft_revision)},
         resolved={"device": p.device, "dtype": p.dtype},

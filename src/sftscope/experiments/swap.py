@@ -466,6 +466,30 @@ def swap_table(found: Sequence[SwapSums], level: float = 0.95, n_boot: int = 100
     return pd.DataFrame(rows, columns=SWAP_COLUMNS)
 
 
+ITEMS = "swap_items"  # the per-item table's file stem
+ITEM_COLUMNS = ["config", "direction", "mask", "head", "alpha", "item", "tokens", "correct",
+                "loss", "choice_correct"]
+
+
+def item_table(found: Sequence[SwapSums]) -> pd.DataFrame:
+    """Per sample (``item``, its index in the data) and evaluated model: scored tokens, correct
+    top-1 count, summed loss (nats) and the choice 0/1 (NaN: no choice slot). The same items
+    under every hybrid, so the report compares hybrids with paired tests
+    (``metrics.paired``) instead of overlapping intervals."""
+    frames = []
+    for f in found:
+        s = f.sums
+        n = len(s.tokens)
+        choice = s.choice_correct[:, 0] if s.choice_correct.size else np.full(n, np.nan)
+        frames.append(pd.DataFrame({
+            "config": f.config, "direction": f.direction, "mask": f.mask, "head": f.head,
+            "alpha": float(f.alpha), "item": np.arange(n), "tokens": s.tokens.astype(np.int64),
+            "correct": s.correct[:, 0], "loss": s.loss[:, 0], "choice_correct": choice}))
+    if not frames:
+        return pd.DataFrame(columns=ITEM_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[ITEM_COLUMNS]
+
+
 def evaluate_swaps(base: nn.Module, sft: nn.Module, tok: TokenizedSet, pad_id: int, *,
                    segments: int, masks: Sequence[str], head: str = "base",
                    directions: Sequence[str] = tuple(DIRECTIONS),
@@ -496,6 +520,130 @@ def merge_swap_sums(parts: Sequence[tuple[Sequence[int], list[SwapSums] | None]]
 # The experiment
 
 
+class SwapPlan(NamedTuple):
+    """What validation found, before any model runs: the pair, the masks, the tokenized data
+    and its choice slots, and the notes to print."""
+
+    pair: Models
+    info: Any  # load.models.check_pair's result (n_blocks, notes)
+    masks: list[str]
+    tokenizer: Any
+    tok: TokenizedSet
+    choices: list[ChoiceSlot | None]
+    notes: list[str]
+
+
+def plan_swap(cfg: SwapConfig) -> SwapPlan:
+    """Every check of the pair, the masks and the data, before any model is loaded (so a
+    mistake costs one line, not a probe of the whole base)."""
+    pair = Models.pair(cfg.base, cfg.sft, cfg.base_revision, cfg.sft_revision)
+    specs, revs = pair.specs, pair.revs
+    cfgs = {k: load_config(v, revision=revs[k], base=pair.bases[k],
+                           base_revision=cfg.base_revision) for k, v in specs.items()}
+    info = check_pair(cfgs["base"], cfgs["sft"], cfg.base, cfg.sft,
+                      allow_mixed=cfg.allow_mixed_pair)
+    check_adapter_base(cfg.sft, cfg.base, cfg.sft_revision, base_revision=cfg.base_revision,
+                       allow_other_base=cfg.allow_other_base)
+    check_part(cfgs["base"], cfg.parts)
+    if cfgs["base"].model_type != cfgs["sft"].model_type:
+        raise SftscopeError(f"the pair cannot be swapped: model types "
+                            f"{cfgs['base'].model_type} and {cfgs['sft'].model_type} differ")
+    if cfg.save_mix and cfg.head == "sft" and getattr(cfgs["base"], "tie_word_embeddings",
+                                                      False):
+        raise SftscopeError("--save-mix with --head sft: the base ties its LM head to its "
+                            "input embeddings, so a saved folder cannot hold the base's "
+                            "embeddings and the SFT's head; use --head base")
+    mask_list = swap_masks(cfg.segments, info.n_blocks, cfg.masks)
+    tokz, notes = pair_tokenizer(specs["base"], specs["sft"], cfg.tokenizer, revisions=revs,
+                                 chat_template=cfg.chat_template)
+    notes = list(info.notes) + list(notes)
+    samples, tok, data_notes = prepare_data(
+        cfg.data, tokz, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
+        chat_template=cfg.chat_template, text_field=cfg.text_field, template=cfg.template,
+        split=cfg.split, skip_bad=cfg.skip_bad_records)
+    notes += data_notes
+    choices: list[ChoiceSlot | None] = [None] * len(samples)
+    if any(is_choice(s) for s in samples):
+        choices = choices_noted(samples, tok, tokz, cfg.chat_template, notes)
+    return SwapPlan(pair, info, mask_list, tokz, tok, choices, notes)
+
+
+def run_swap(cfg: SwapConfig, sp: SwapPlan, share: Sequence[int], device: str, timer: Timer,
+             *, save: bool, done: dict[str, list[str]]
+             ) -> tuple[list[SwapSums] | None, int | None]:
+    """Load the pair, score originals and hybrids over the samples ``share`` (``swap_sums``),
+    and, with ``save``, write the ``--save-mix`` folders (their paths in ``done['saved']``)."""
+    if not share:
+        return None, None
+    models: dict[str, nn.Module] = {}
+    nbytes = 0
+    opts = sp.pair.load_options(cfg, device=device)
+    try:
+        stage("load base and sft")
+        with timer("load"):
+            for k, spec in sp.pair.specs.items():
+                models[k] = load_model(spec, opts[k])
+                nbytes += model_bytes(models[k])
+                check_vocab(models[k], sp.tok.input_ids, k)
+        done["part_modules"] = [p or "(whole block)" for p in
+                                part_paths(arch_for(models["base"]), cfg.parts)]
+        stage("score originals and hybrids")
+        with timer("evaluate"):
+            result = swap_sums(
+                models["base"], models["sft"], sp.tok, pad_id_of(sp.tokenizer),
+                segments=cfg.segments, masks=sp.masks, head=cfg.head,
+                directions=list(DIRECTIONS) if cfg.directions == "both" else [cfg.directions],
+                choices=sp.choices, batch_size=cfg.batch_size,
+                chunk_elements=cfg.chunk_elements, indices=share, alphas=cfg.alphas,
+                parts=cfg.parts)
+        if save and cfg.mixes():
+            stage("save mixes")
+            with timer("save_mix"):
+                for mask, alpha in cfg.mixes():
+                    where = save_mix(models["base"], models["sft"], mask, alpha,
+                                     mix_folder(cfg.out, mask, alpha), head=cfg.head,
+                                     tokenizer=sp.tokenizer, parts=cfg.parts)
+                    done.setdefault("saved", []).append(str(where))
+                    say(f"wrote {where}")
+        return result
+    finally:
+        models.clear()
+        release(nbytes)
+
+
+def record_swap(cfg: SwapConfig, sp: SwapPlan, df: pd.DataFrame, items: pd.DataFrame,
+                n_blocks: int, timer: Timer, done: dict[str, list[str]],
+                parallel: dict[str, Any]) -> None:
+    """Write ``swap.csv``, the per-item ``swap_items.csv`` and ``run.json`` into ``cfg.out``."""
+    out, tok = Path(cfg.out), sp.tok
+    bounds = segment_bounds(n_blocks, cfg.segments)
+    write_tables(masks_as_text(df), out, "swap", cfg.formats)  # masks as m0100: text
+    write_tables(masks_as_text(items), out, ITEMS, cfg.formats)
+    finish_run(out, run_record(
+        "swap", cfg.record(), n_blocks=n_blocks, segments=cfg.segments,
+        segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=sp.masks,
+        head=cfg.head, embeddings="host (the model receiving the blocks)", parts=cfg.parts,
+        part_modules=done.get("part_modules", []),
+        models=sp.pair.fingerprints(cfg.base_revision),
+        n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
+        n_truncated=tok.n_truncated, n_choice_items=sum(c is not None for c in sp.choices),
+        alphas=list(cfg.alphas),
+        interpolation="per mask: the base with that mask's blocks (1-alpha) x base + "
+                      "alpha x SFT (LoRA adapter: alpha x its scale), final norm and head "
+                      "per --head; direction interpolate, alpha column (NaN on swap rows)",
+        item_scores=f"{ITEMS}: per sample and evaluated model its tokens, correct top-1 "
+                    "count, summed loss and choice 0/1, for paired tests across hybrids",
+        mixes_saved=done.get("saved", []), notes=sp.notes, timings=timer.seconds,
+        **parallel))
+
+
+def clear_mixes(out: str | Path) -> None:
+    """Remove a previous run's ``mix-*`` model folders (and unfinished ones)."""
+    for old in Path(out).glob("mix-*"):
+        if old.is_dir() and ((old / "config.json").is_file() or old.name.endswith(".partial")):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @staged
 def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     """Evaluate both originals and every block-swapped hybrid; return the tidy table.
@@ -508,131 +656,36 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     direction ``interpolate``, config ``base<-mixALPHA[MASK]`` and the ``alpha`` column; the
     ``alpha`` of swap and original rows is NaN). ``save_mix``: ``MASK:ALPHA`` mixes written
     to ``out/mix-MASK-aALPHA`` (``save_mix``). Columns: ``SWAP_COLUMNS``. With ``out``: writes
-    ``swap.csv`` and ``run.json`` there.
+    ``swap.csv``, ``swap_items.csv`` (per-item scores, ``ITEM_COLUMNS``) and ``run.json``.
     """
     cfg = config if config is not None else build(SwapConfig, options)
     par = join(cfg.device, cfg.device_map)
-    base, sft, data, out, segments, masks = (cfg.base, cfg.sft, cfg.data, cfg.out, cfg.segments,
-                                             cfg.masks)
-    head, directions, tokenizer, max_length = cfg.head, cfg.directions, cfg.tokenizer, \
-        cfg.max_length
-    batch_size, n, seed, device = cfg.batch_size, cfg.limit, cfg.seed, cfg.device
-    chat_template, text_field, template = cfg.chat_template, cfg.text_field, cfg.template
-    split, level, n_boot, chunk_elements = cfg.split, cfg.level, cfg.bootstrap, \
-        cfg.chunk_elements
-    base_revision, sft_revision = cfg.base_revision, cfg.sft_revision
     timer = Timer()
-    dirs = list(DIRECTIONS) if directions == "both" else [directions]
     with par.together("validation"):  # every rank validates; all pass or all fail alike
         if cfg.out is not None:
             check_out(cfg.out, "swap", cfg, overwrite=cfg.overwrite)
-        device = par.device or resolve_device(device)
-        pair = Models.pair(base, sft, base_revision, sft_revision)
-        specs, revs, bases = pair.specs, pair.revs, pair.bases
+        device = par.device or resolve_device(cfg.device)
         with timer("validate"):
-            cfgs = {k: load_config(v, revision=revs[k], base=bases[k],
-                                   base_revision=base_revision) for k, v in specs.items()}
-            info = check_pair(cfgs["base"], cfgs["sft"], base, sft,
-                              allow_mixed=cfg.allow_mixed_pair)
-            check_adapter_base(sft, base, sft_revision, base_revision=base_revision,
-                               allow_other_base=cfg.allow_other_base)
-            check_part(cfgs["base"], cfg.parts)
-            if cfgs["base"].model_type != cfgs["sft"].model_type:
-                raise SftscopeError(f"the pair cannot be swapped: model types "
-                                    f"{cfgs['base'].model_type} and "
-                                    f"{cfgs['sft'].model_type} differ")
-            if cfg.save_mix and head == "sft" and getattr(cfgs["base"], "tie_word_embeddings",
-                                                          False):
-                raise SftscopeError("--save-mix with --head sft: the base ties its LM head to "
-                                    "its input embeddings, so a saved folder cannot hold the "
-                                    "base's embeddings and the SFT's head; use --head base")
-            mask_list = swap_masks(segments, info.n_blocks, masks)
-            notes = list(info.notes)
-            tokz, tok_notes = pair_tokenizer(specs["base"], specs["sft"], tokenizer,
-                                             revisions=revs, chat_template=chat_template)
-            notes += tok_notes
-            samples, tok, data_notes = prepare_data(
-                data, tokz, n=n, seed=seed, max_length=max_length, chat_template=chat_template,
-                text_field=text_field, template=template, split=split,
-                skip_bad=cfg.skip_bad_records)
-            notes += data_notes
-            choices: list[ChoiceSlot | None] = [None] * len(samples)
-            if any(is_choice(s) for s in samples):
-                choices = choices_noted(samples, tok, tokz, chat_template, notes)
-    for note in notes:
+            sp = plan_swap(cfg)
+    for note in sp.notes:
         say(f"[yellow]note:[/] {note}")
-    pad_id = pad_id_of(tokz)
-    opts = pair.load_options(cfg, device=device)
-    if out is not None and par.main:
-        start_run(out, "swap", SwapConfig.OUTPUTS)
-        for old in Path(out).glob("mix-*"):  # a previous run's mixes
-            if old.is_dir() and ((old / "config.json").is_file()
-                                 or old.name.endswith(".partial")):
-                shutil.rmtree(old, ignore_errors=True)
-    share = par.shard(len(tok), batch_size)  # all samples when alone
-    saved: list[str] = []
-    done: dict[str, list[str]] = {}  # what was swapped, from the loaded model
+    if cfg.out is not None and par.main:
+        start_run(cfg.out, "swap", SwapConfig.OUTPUTS)
+        clear_mixes(cfg.out)
+    share = par.shard(len(sp.tok), cfg.batch_size)  # all samples when alone
+    done: dict[str, list[str]] = {}  # what was swapped and saved, from the loaded model
     plan(3 + bool(cfg.mixes()))  # load the pair, score originals and hybrids, (mixes,) table
-
-    def evaluate() -> tuple[list[SwapSums] | None, int | None]:
-        if not share:
-            return None, None
-        models: dict[str, nn.Module] = {}
-        nbytes = 0
-        try:
-            stage("load base and sft")
-            with timer("load"):
-                for k, spec in specs.items():
-                    models[k] = load_model(spec, opts[k])
-                    nbytes += model_bytes(models[k])
-                    check_vocab(models[k], tok.input_ids, k)
-            done["part_modules"] = [p or "(whole block)" for p in
-                                    part_paths(arch_for(models["base"]), cfg.parts)]
-            stage("score originals and hybrids")
-            with timer("evaluate"):
-                result = swap_sums(models["base"], models["sft"], tok, pad_id,
-                                   segments=segments, masks=mask_list, head=head,
-                                   directions=dirs, choices=choices, batch_size=batch_size,
-                                   chunk_elements=chunk_elements, indices=share,
-                                   alphas=cfg.alphas, parts=cfg.parts)
-            if out is not None and par.main and cfg.mixes():
-                stage("save mixes")
-                with timer("save_mix"):
-                    for mask, alpha in cfg.mixes():
-                        where = save_mix(models["base"], models["sft"], mask, alpha,
-                                         mix_folder(out, mask, alpha), head=head,
-                                         tokenizer=tokz, parts=cfg.parts)
-                        saved.append(str(where))
-                        say(f"wrote {where}")
-            return result
-        finally:
-            models.clear()
-            release(nbytes)
-
-    found, n_blocks = par.run(evaluate, "swap")
+    found, n_blocks = par.run(
+        lambda: run_swap(cfg, sp, share, device, timer, save=cfg.out is not None and par.main,
+                         done=done), "swap")
     parts = par.gather((share, found, n_blocks))
     if parts is None:  # not rank 0: the table is rank 0's
         return empty_like_table(SWAP_COLUMNS)
     stage("table")
     n_blocks = next(b for _, _, b in parts if b is not None)
-    df = swap_table(merge_swap_sums([(i, f) for i, f, _ in parts]), level, n_boot, seed)
-    if out is not None:
-        out = Path(out)
-        bounds = segment_bounds(n_blocks, segments)
-        write_tables(masks_as_text(df), out, "swap", cfg.formats)  # masks as m0100: text
-        finish_run(out, run_record(
-            "swap", cfg.record(), n_blocks=n_blocks, segments=segments,
-            segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=mask_list,
-            head=head, embeddings="host (the model receiving the blocks)", parts=cfg.parts,
-            part_modules=done.get("part_modules", []),
-            models=pair.fingerprints(base_revision),
-            n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
-            n_truncated=tok.n_truncated, n_choice_items=sum(c is not None for c in choices),
-            alphas=list(cfg.alphas),
-            interpolation="per mask: the base with that mask's blocks (1-alpha) x base + "
-                          "alpha x SFT (LoRA adapter: alpha x its scale), final norm and head "
-                          "per --head; direction interpolate, alpha column (NaN on swap rows)",
-            mixes_saved=saved,
-            notes=notes, timings=timer.seconds, **par.record(len(tok), batch_size)))
+    merged = merge_swap_sums([(i, f) for i, f, _ in parts])
+    df = swap_table(merged, cfg.level, cfg.bootstrap, cfg.seed)
+    if cfg.out is not None:
+        record_swap(cfg, sp, df, item_table(merged), n_blocks, timer, done,
+                    par.record(len(sp.tok), cfg.batch_size))
     return df
-

@@ -86,6 +86,7 @@ from sftscope.load.adapters import (  # noqa: F401  (re-exported: tune's public 
 )
 from sftscope.load.arch import ATTN_ROLES, ArchSpec, arch_for, get_blocks, get_experts
 from sftscope.load.runtime import pad_id
+from sftscope.parallel import cpu_launch, watched
 from sftscope.progress import plan, say, stage, staged, trainer_callback
 from sftscope.runs import claim
 from sftscope.segments import mask_blocks, parse_blocks, parse_mask
@@ -998,6 +999,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False, activation_checkpointing=False,
         logging_nan_inf_filter=False,  # a NaN loss must show, never be hidden in the average
+        use_cpu=cpu_launch(),  # torchrun/accelerate on CPU: DDP over gloo, not N lone runs
     )
     args = (TrainingArguments(**common) if sft else
             objectives.training_arguments(cfg, common))
@@ -1049,7 +1051,7 @@ def tune(config: TuneConfig, *, callbacks: list | None = None) -> TuneResult:
             # one process: a signal checkpoints at the step's end; several (DDP/FSDP) would
             # each see it at another step, so there it stops at once as before
             stop = stopper.installed() if world == 1 else contextlib.nullcontext()
-            with timer("train"), stop, _checkpoint_writes(trainer, ckpt_dir):
+            with timer("train"), stop, _checkpoint_writes(trainer, ckpt_dir), watched(world):
                 output = trainer.train(resume_from_checkpoint=last)
         finally:
             if bars:

@@ -3,8 +3,11 @@
 A data source is one of:
 - ``gsm8k`` (a registered name: loaded through ``datasets`` from the hub, where reachable);
 - ``gsm8k:path/to/file.jsonl`` (a registered format on a local file with the same fields);
-- ``preference:path/to/file.jsonl`` (local only: ``prompt``, ``chosen``, ``rejected``, each a
-  text or a list of chat messages; a sample is prompt + chosen, the pair is in its meta);
+- ``preference:path/to/file.jsonl`` (``prompt``, ``chosen``, ``rejected``, each a text or a
+  list of chat messages; a sample is prompt + chosen, the pair is in its meta);
+- ``preference:hh-rlhf`` (a registered hub set of a local-only format, ``SETS``: its rows are
+  converted into that format's records, a row that cannot be is refused or skipped;
+  ``preference:hh-rlhf@REVISION`` reads a hub revision: branch, tag or commit);
 - ``path/to/file.jsonl|.csv|.parquet|.txt`` (generic: ``text_field`` or ``template``).
 Every sample keeps its ``prompt`` and ``answer`` when the format knows them, so probing and
 evaluation can find the position right after the prompt. The GSM8K and MMLU formats are the
@@ -29,7 +32,7 @@ import random
 import re
 import string
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +43,7 @@ from sftscope.tasks.base import is_missing, text_problem
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LETTERS", "REGISTRY", "Batch", "DatasetSpec", "Prepared", "RecordSet", "Sample",
+__all__ = ["LETTERS", "REGISTRY", "SETS", "Batch", "DatasetSpec", "Prepared", "RecordSet", "Sample",
            "TokenizedSet", "chat_prompt", "check_source", "check_template", "dataset_names",
            "iter_batches", "load_records", "load_samples", "pad_batch", "parse_source", "prepare",
            "read_records", "read_samples", "render", "spec_of", "tokenize"]
@@ -128,6 +131,9 @@ class DatasetSpec:
 
     ``hub=None``: a local-only format (``NAME:FILE``). ``blank_ok``: blank texts are part of
     the dataset (WikiText's empty lines); they are dropped and counted instead of refused.
+    ``convert``: turns a hub row into a record of the format (``ValueError``: it cannot).
+    ``splits``: the hub's names for the usual split names (``train`` -> ``train_prefs``).
+    ``revision``: the hub revision read (None: the default branch).
     """
 
     hub: str | None
@@ -136,6 +142,13 @@ class DatasetSpec:
     fields: tuple[str, ...]
     format: Formatter
     blank_ok: bool = False
+    convert: Callable[[dict], dict] | None = None
+    splits: tuple[tuple[str, str], ...] = ()
+    revision: str | None = None
+
+    def hub_split(self, split: str | None) -> str:
+        """The hub's name of ``split`` (the default split when None)."""
+        return dict(self.splits).get(split or self.split, split or self.split)
 
 
 def _task_spec(name: str) -> DatasetSpec:
@@ -154,6 +167,24 @@ REGISTRY: dict[str, DatasetSpec] = {  # text datasets; every task with hub data 
                             _mt_bench),
     "toxigen": DatasetSpec("toxigen/toxigen-data", "annotated", "test", ("text",), _text("text")),
     "preference": DatasetSpec(None, None, "train", preference.FIELDS, _preference),
+}
+
+
+def _preference_set(hub: str, split: str, convert: Callable[[dict], dict],
+                    splits: tuple[tuple[str, str], ...] = ()) -> DatasetSpec:
+    return DatasetSpec(hub, None, split, preference.FIELDS, _preference, convert=convert,
+                       splits=splits)
+
+
+SETS: dict[str, dict[str, DatasetSpec]] = {  # FORMAT:NAME, hub sets of a local-only format
+    "preference": {
+        "hh-rlhf": _preference_set("Anthropic/hh-rlhf", "train", preference.from_dialogues),
+        "ultrafeedback": _preference_set(
+            "HuggingFaceH4/ultrafeedback_binarized", "train_prefs",
+            preference.from_conversations, (("train", "train_prefs"), ("test", "test_prefs"))),
+        "orca-dpo": _preference_set("argilla/distilabel-intel-orca-dpo-pairs", "train",
+                                    preference.from_instruction),
+    },
 }
 
 
@@ -265,16 +296,24 @@ def read_local(path: Path, split: str | None = None) -> list[dict]:
     return _read_local(Path(path), split, False).records
 
 
-def read_hub(spec: DatasetSpec, split: str | None = None) -> list[dict]:
-    """Records of a registered dataset, through ``datasets`` (needs a reachable hub)."""
+def read_hub(spec: DatasetSpec, split: str | None = None, source: str | None = None
+             ) -> list[dict]:
+    """Rows of a registered dataset, through ``datasets`` (needs a reachable hub)."""
+    name = source or spec.hub
+    from sftscope.load.runtime import quiet_libraries
+
     try:
         import datasets
 
-        ds = datasets.load_dataset(spec.hub, spec.config, split=split or spec.split)
+        with quiet_libraries():
+            ds = datasets.load_dataset(spec.hub, spec.config, split=spec.hub_split(split),
+                                       revision=spec.revision)
     except Exception as e:  # offline, missing, or gated
+        fmt = (source or "NAME").partition(":")[0]
         raise SftscopeError(
-            f"could not load {spec.hub} from the hub ({type(e).__name__}); offline, pass a "
-            f"local file with the same fields ({', '.join(spec.fields)}) as NAME:PATH"
+            f"could not load {name} ({spec.hub}) from the hub ({type(e).__name__}); offline, "
+            f"give a local file of {fmt} records (fields {', '.join(spec.fields)}) as "
+            f"{fmt}:FILE"
         ) from e
     return [dict(r) for r in ds]
 
@@ -283,7 +322,8 @@ def dataset_names() -> list[str]:
     """Every registered hub dataset name: the tasks with hub data and ``REGISTRY``'s (local-only
     formats such as ``preference`` left out)."""
     tasks = [n for n in task_names() if get_task(n).hub is not None]
-    return [*tasks, *(n for n, spec in REGISTRY.items() if n not in tasks and spec.hub)]
+    return [*tasks, *(n for n, spec in REGISTRY.items() if n not in tasks and spec.hub),
+            *(f"{fmt}:{n}" for fmt, sets in SETS.items() for n in sets)]
 
 
 def spec_of(name: str) -> DatasetSpec | None:
@@ -299,6 +339,13 @@ def spec_of(name: str) -> DatasetSpec | None:
 def parse_source(source: str) -> tuple[DatasetSpec | None, Path | None]:
     """Split a data source into (registered format, local path)."""
     name, _, rest = source.partition(":")
+    set_name, at, revision = rest.partition("@")
+    if set_name in SETS.get(name, {}):
+        if at and not revision:
+            raise SftscopeError(f"data {source!r}: name a hub revision after '@' (branch, tag "
+                                f"or commit), or drop the '@'")
+        spec = SETS[name][set_name]
+        return (replace(spec, revision=revision) if revision else spec), None
     spec = spec_of(name)
     if spec is not None:
         return spec, (Path(rest).expanduser() if rest else None)
@@ -314,16 +361,36 @@ def load_records(source: str, split: str | None = None, *, skip_bad: bool = Fals
         return _read_local(path, split, skip_bad)
     assert spec is not None
     _need_file(source, spec)
-    rows = read_hub(spec, split)
-    name = f"{spec.hub} ({split or spec.split} split)"
-    return RecordSet(source, rows, [f"{name}, record {i}" for i in range(1, len(rows) + 1)])
+    rows = read_hub(spec, split, source)
+    at = f"@{spec.revision}" if spec.revision else ""
+    name = f"{spec.hub}{at} ({spec.hub_split(split)} split)"
+    out = RecordSet(source, rows, [f"{name}, record {i}" for i in range(1, len(rows) + 1)])
+    return out if spec.convert is None else _converted(out, spec.convert, skip_bad)
+
+
+def _converted(recs: RecordSet, convert: Callable[[dict], dict], skip_bad: bool) -> RecordSet:
+    """A hub set's rows as records of its format; a row that cannot be converted is refused
+    with its record number, or skipped and listed."""
+    out = RecordSet(recs.source, [], [], list(recs.skipped))
+    for r, where in zip(recs.records, recs.where):
+        try:
+            out.records.append(convert(r))
+            out.where.append(where)
+        except ValueError as e:
+            if not skip_bad:
+                raise SftscopeError(f"{where}: {e}; skip bad records to leave such rows "
+                                    f"out") from e
+            out.skipped.append(f"{where}: {e}")
+    return out
 
 
 def _need_file(source: str, spec: DatasetSpec) -> None:
     """A local-only format named without its file."""
     if spec.hub is None:
+        sets = ", ".join(f"{source}:{n}" for n in SETS.get(source, {}))
         raise SftscopeError(f"data {source!r} is a local-only format: give its file as "
-                            f"{source}:FILE (fields {', '.join(spec.fields)})")
+                            f"{source}:FILE (fields {', '.join(spec.fields)})"
+                            + (f" or a registered hub set ({sets})" if sets else ""))
 
 
 def read_records(source: str, split: str | None = None) -> list[dict]:

@@ -153,10 +153,14 @@ def quiet_libraries() -> Iterator[None]:
         pass
     try:
         import huggingface_hub.utils as hub_utils
+        from huggingface_hub.utils import logging as hub_logging
 
         if not hub_utils.are_progress_bars_disabled():
             hub_utils.disable_progress_bars()
             undo.append(hub_utils.enable_progress_bars)
+        hub_level = hub_logging.get_verbosity()  # its retry warnings: the error says it all
+        hub_logging.set_verbosity_error()
+        undo.append(lambda: hub_logging.set_verbosity(hub_level))
     except (ImportError, AttributeError):
         pass
     try:

@@ -6,6 +6,8 @@
 - ``lowrank``: the one effective rank, numerical rank at a given precision, exact/randomized
   and LoRA singular values, low-rank metrics of weight changes.
 - ``stats``: bootstrap / t / Wilson intervals, paired t-test, correlation across layers.
+- ``paired``: ``paired_difference``, the one comparison of two conditions on the same items
+  (a finding names a winner only when its interval excludes 0).
 
 Batched ``*_batch`` functions take padded ``H [B, T, D]`` plus a real-token mask ``[B, T]``
 and are what the streaming capture calls; padding never changes their results.

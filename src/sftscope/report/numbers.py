@@ -23,6 +23,7 @@ import pandas as pd
 import sftscope.metrics  # noqa: F401  (registers every computed metric's display spec)
 from sftscope.chains import BASE, FIRST, PAIR, PAIR_PREFIX, is_pair_label, split_pair_label
 from sftscope.metric_registry import lower_is_better, metric_spec, ordered
+from sftscope.metrics.paired import PairedDiff, paired_difference
 from sftscope.report.rules import LENS_RISE, TOP, edge_means, routing_rule
 from sftscope.segments import is_mask, mask_centre, mask_from_text, mask_sort_key, segment_bounds
 from sftscope.tasks import primary_metric_of
@@ -483,6 +484,40 @@ def weight_metric(df: pd.DataFrame) -> str:
     return metrics[0] if metrics else ""
 
 
+def _sum_sq(values: pd.Series) -> float:
+    """``sqrt(sum of squares)`` of the finite values; NaN when there is none."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(float)
+    v = v[np.isfinite(v)]
+    return float(np.sqrt(np.square(v).sum())) if len(v) else math.nan
+
+
+EXPERTS_AS_ONE = ("per block, a sparse block's routed experts together as one module, "
+                  "'experts'")  # the granularity of the module comparison on an MoE
+
+
+def module_extremes(rows: pd.DataFrame, value: str, *, changed_only: bool) -> dict[str, Any]:
+    """The module kinds that changed most and least on average over the blocks, compared
+    like for like: one number per block and kind, a block's routed experts (``expert`` rows,
+    one per expert) folded into one ``experts`` module (``sqrt`` of the sum of squares: the
+    norm of all their parameters as one vector, as weights.csv's ``experts`` row) and the
+    shared expert's gate into ``shared_expert``. ``changed_only``: a kind's mean counts only
+    the blocks where it changed (> 0). Empty when fewer than two kinds; ``module_scope``
+    names the granularity where routed experts are among the kinds (else ``''``)."""
+    if rows.empty:
+        return {}
+    kind = rows["module"].astype(str).replace({EXPERT_MODULE: "experts",
+                                                "shared_expert_gate": "shared_expert"})
+    per_block = rows.assign(module=kind).groupby(["block", "module"])[value].agg(_sum_sq)
+    if changed_only:
+        per_block = per_block[per_block > 0]
+    means = per_block.groupby(level="module").mean()
+    if len(means) < 2:
+        return {}
+    return {"most_module": means.idxmax(), "most_value": float(means.max()),
+            "least_module": means.idxmin(), "least_value": float(means.min()),
+            "module_scope": EXPERTS_AS_ONE if "experts" in means.index else ""}
+
+
 def weight_data(weights: pd.DataFrame) -> FigureData:
     """Fig. 4: weight change per block; ``summary`` per run: the bottom / middle / top means
     (``rules.edge_means``, as the J rule uses them) and the block of the largest change."""
@@ -506,10 +541,7 @@ def weight_data(weights: pd.DataFrame) -> FigureData:
                "least_module": None, "least_value": math.nan}
         per_mod = df[(df[RUN] == r) & (df["metric"].astype(str) == metric)
                      & ~df["module"].astype(str).isin(AGGREGATE_MODULES)]
-        if per_mod["module"].nunique() > 1:
-            means = per_mod.groupby(per_mod["module"].astype(str))["value"].mean()
-            row.update(most_module=means.idxmax(), most_value=float(means.max()),
-                       least_module=means.idxmin(), least_value=float(means.min()))
+        row.update(module_extremes(per_mod, "value", changed_only=False))
         if (g["value"] == 0).all():
             notes.append(f"{r}: every block's {module} {metric} change is 0, so the curve lies "
                          "on the x axis (are the two checkpoints the same?)")
@@ -704,9 +736,56 @@ def swap_singles(swapped: pd.DataFrame) -> dict[tuple[str, str, str, str], pd.Da
     return out
 
 
-def swap_data(swap: pd.DataFrame) -> FigureData:
+# swap.csv metric -> (swap_items.csv column, per token?): accuracy and loss are token ratios
+# (per-item sums over its tokens), the choice accuracy one 0/1 per item; perplexity is
+# compared on its loss (exp is monotone)
+SWAP_ITEM_COLUMNS = {"accuracy": ("correct", True), "loss": ("loss", True),
+                     "perplexity": ("loss", True), "choice_accuracy": ("choice_correct", False)}
+
+
+def swap_paired(items: pd.DataFrame | None, run: str, config_a: str, config_b: str,
+                metric: str) -> PairedDiff | None:
+    """Paired difference ``a - b`` of two evaluated models of one swap run on the same items
+    (``swap_items.csv``): per-token metrics as the difference of their token ratios (each
+    item weighted by its tokens), the choice accuracy by Newcombe's paired interval. None
+    when the run has no per-item scores for both (an older run) or the metric has none."""
+    col = SWAP_ITEM_COLUMNS.get(str(metric))
+    if items is None or items.empty or col is None or col[0] not in items.columns:
+        return None
+    it = with_run(items)
+    it = it[it[RUN] == str(run)]
+    a = it[it["config"].astype(str) == str(config_a)]
+    b = it[it["config"].astype(str) == str(config_b)]
+    if a.empty or b.empty:
+        return None
+    m = a.merge(b, on="item", suffixes=("_a", "_b"))
+    num = pd.to_numeric
+    if col[1]:
+        w = num(m["tokens_a"], errors="coerce").to_numpy(float)
+        with np.errstate(all="ignore"):
+            va = num(m[f"{col[0]}_a"], errors="coerce").to_numpy(float) / w
+            vb = num(m[f"{col[0]}_b"], errors="coerce").to_numpy(float) / w
+        return paired_difference(va, vb, kind="mean", weights=np.where(w > 0, w, np.nan))
+    va = num(m[f"{col[0]}_a"], errors="coerce").to_numpy(float)
+    vb = num(m[f"{col[0]}_b"], errors="coerce").to_numpy(float)
+    return paired_difference(va, vb, kind="binary")
+
+
+def paired_text(d: PairedDiff | None, metric: str) -> str:
+    """``paired difference +0.031 [0.012, 0.050] over n = 200 items`` (the loss for a
+    perplexity, which is compared on its loss); empty without a paired test."""
+    if d is None or not np.isfinite(d.mean):
+        return ""
+    on = " (on the loss)" if str(metric) == "perplexity" else ""
+    ci = f" [{d.low:+.4g}, {d.high:+.4g}]" if np.isfinite(d.low) else " (no interval)"
+    return f"paired difference{on} {d.mean:+.4g}{ci} over n = {d.n} items"
+
+
+def swap_data(swap: pd.DataFrame, items: pd.DataFrame | None = None) -> FigureData:
     """Fig. 6: swapped and original rows; ``summary`` per run / direction / head: the best and
-    worst one-segment swap of the primary metric and the host's unswapped value."""
+    worst one-segment swap of the primary metric and the host's unswapped value, and, with the
+    run's per-item scores (``items``, swap_items.csv), the paired test of best against worst
+    (``paired``: best - worst on the same items)."""
     df, notes = clip_to_range(with_run(swap))
     swapped, orig = split_swap(df)
     rows = []
@@ -731,7 +810,8 @@ def swap_data(swap: pd.DataFrame) -> FigureData:
                      "worst_mask": worst["mask"], "worst": float(worst["value"]),
                      "n_best": int(np.sum(sc == np.nanmax(sc))),
                      "n_worst": int(np.sum(sc == np.nanmin(sc))), "overlap": overlap,
-                     "host": host, "host_value": ref})
+                     "host": host, "host_value": ref,
+                     "paired": swap_paired(items, r, best["config"], worst["config"], metric)})
     return FigureData(pd.concat([swapped, orig]), pd.DataFrame(rows), notes,
                       {"swapped": swapped, "orig": orig})
 
@@ -987,20 +1067,73 @@ def tune_data(runs: Sequence[Any]) -> FigureData:
     return FigureData(frame, summ, notes)
 
 
-def scores_data(scores: pd.DataFrame) -> FigureData:
-    """Evaluation scores with intervals clipped to each metric's range."""
+# eval's metric -> its per-item column in predictions-<task>.jsonl where the names differ
+# (a perplexity is compared on its loss: exp is monotone)
+EVAL_ITEM_COLUMNS = {"accuracy": "correct", "accuracy_norm": "correct_norm",
+                     "loss": "loss_after", "ppl": "loss_after", "ppl_before": "loss_before",
+                     "ppl_after": "loss_after"}
+
+
+def eval_paired(predictions: pd.DataFrame | None, task: str, metric: str, run_a: str,
+                run_b: str) -> PairedDiff | None:
+    """Paired difference ``a - b`` of two eval runs' per-item results on the items both
+    scored (same task, matched by item identity, not by position only); None where either run
+    has no per-item column for the metric or they share no item."""
+    if predictions is None or predictions.empty:
+        return None
+    col = metric if metric in predictions.columns else EVAL_ITEM_COLUMNS.get(metric)
+    if col is None or col not in predictions.columns:
+        return None
+    p = with_run(predictions)
+    p = p[p["task"].astype(str) == str(task)]
+    a, b = (p[p[RUN] == r][["item", col]].dropna() for r in (run_a, run_b))
+    m = a.merge(b, on="item", suffixes=("_a", "_b"))
+    if m.empty:
+        return None
+    return paired_difference(m[f"{col}_a"].to_numpy(float), m[f"{col}_b"].to_numpy(float))
+
+
+def _interval(row: pd.Series) -> tuple[float, float]:
+    lo, hi = (pd.to_numeric(row.get(c), errors="coerce") for c in ("ci_low", "ci_high"))
+    return float(lo), float(hi)
+
+
+def eval_comparisons(df: pd.DataFrame, predictions: pd.DataFrame | None) -> pd.DataFrame:
+    """Per task, its primary metric compared across the runs that scored it: the best run
+    against each other one, by the paired test on shared items (``paired``) where both runs
+    wrote per-item predictions, else by their intervals (``overlap``: True when they overlap
+    or one is missing, so no winner can be named)."""
+    rows = []
+    for task, g in df.groupby(df["task"].astype(str), sort=False):
+        metric = primary_metric(g["metric"])
+        g = g[g["metric"].astype(str) == str(metric)].drop_duplicates(RUN)
+        if g[RUN].nunique() < 2:
+            continue
+        sc = score(str(metric), pd.to_numeric(g["value"], errors="coerce").to_numpy())
+        if np.isnan(sc).all():
+            continue
+        g = g.iloc[np.argsort(-np.nan_to_num(sc, nan=-np.inf), kind="stable")]
+        best = g.iloc[0]
+        for _, other in g.iloc[1:].iterrows():
+            (alo, ahi), (blo, bhi) = _interval(best), _interval(other)
+            ok = all(np.isfinite([alo, ahi, blo, bhi]))
+            rows.append({"task": task, "metric": metric, "a": best[RUN], "b": other[RUN],
+                         "value_a": float(best["value"]), "value_b": float(other["value"]),
+                         "n_a": best.get("n"), "n_b": other.get("n"),
+                         "overlap": not ok or max(alo, blo) <= min(ahi, bhi),
+                         "paired": eval_paired(predictions, task, str(metric), best[RUN],
+                                               other[RUN])})
+    return pd.DataFrame(rows)
+
+
+def scores_data(scores: pd.DataFrame, predictions: pd.DataFrame | None = None) -> FigureData:
+    """Evaluation scores with intervals clipped to each metric's range; ``summary``: the
+    comparisons of runs that scored the same task (``eval_comparisons``)."""
     df, notes = clip_to_range(with_run(scores))
-    return FigureData(df, df, notes)
+    return FigureData(df, eval_comparisons(df, predictions), notes)
 
 
 # ----------------------------------------------------------------------------- dynamics
-
-
-def _sum_sq(values: pd.Series) -> float:
-    """``sqrt(sum of squares)`` of the finite values; NaN when there is none."""
-    v = pd.to_numeric(values, errors="coerce").to_numpy(float)
-    v = v[np.isfinite(v)]
-    return float(np.sqrt(np.square(v).sum())) if len(v) else math.nan
 
 
 def dynamics_blocks(dynamics: pd.DataFrame) -> pd.DataFrame:
@@ -1070,12 +1203,8 @@ def dynamics_data(dynamics: pd.DataFrame, weights: pd.DataFrame | None = None) -
         row["grad_ratio"] = (row["grad_high"] / row["grad_low"]
                              if np.isfinite(row["grad_low"]) and row["grad_low"] > 0
                              else math.nan)
-        m = mods[(mods[RUN] == r) & (mods["step"] == row["last_step"])
-                 & (mods["update_norm"] > 0)]
-        if m["module"].nunique() > 1:
-            means = m.groupby(m["module"].astype(str))["update_norm"].mean()
-            row.update(most_module=means.idxmax(), most_value=float(means.max()),
-                       least_module=means.idxmin(), least_value=float(means.min()))
+        m = mods[(mods[RUN] == r) & (mods["step"] == row["last_step"])]
+        row.update(module_extremes(m, "update_norm", changed_only=True))
         if n_steps == 1:
             notes.append(f"{r}: one recorded step only (step {row['last_step']}): the gradient "
                          "heatmap is a single row; record more with --dynamics-every")
@@ -1154,9 +1283,45 @@ def seed_data(seed_scores: pd.DataFrame, primary: dict[str, str] | None = None) 
 # ----------------------------------------------------------------------------- steering
 
 
-def steer_data(steer: pd.DataFrame) -> FigureData:
+def steer_paired(items: pd.DataFrame | None, run: str, metric: str
+                 ) -> dict[float, PairedDiff]:
+    """Per scale ``s != 0``: the paired difference ``score(s) - score(0)`` of one steer run on
+    the same items (``steer_items.csv``; Newcombe's interval for 0/1 scores, the bootstrap-t
+    of the per-item differences otherwise). Empty when the run has no per-item scores for the
+    metric at scale 0 (an older run)."""
+    if items is None or items.empty:
+        return {}
+    it = numeric(with_run(items), ["scale", "item", "value"])
+    it = it[(it[RUN] == str(run)) & (it["metric"].astype(str) == str(metric))]
+    zero = it[it["scale"] == 0].set_index("item")["value"]
+    if zero.empty:
+        return {}
+    out = {}
+    for s, g in it[it["scale"] != 0].groupby("scale"):
+        m = g.set_index("item")["value"].to_frame("a").join(zero.rename("b"), how="inner")
+        out[float(s)] = paired_difference(m["a"].to_numpy(float), m["b"].to_numpy(float))
+    return out
+
+
+def _steer_verdict(metric: str, paired: dict[float, PairedDiff], values: dict[float, float]
+                   ) -> dict[str, Any]:
+    """From the paired tests of every scale against scale 0: the scales significantly better
+    and worse than the unsteered base, and the winner (the best value among the better
+    ones; None when no scale is better beyond its paired interval)."""
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    better = [s for s, d in paired.items() if d.significant and sign * d.mean > 0]
+    worse = [s for s, d in paired.items() if d.significant and sign * d.mean < 0]
+    winner = max(better, key=lambda s: sign * values.get(s, math.nan)) if better else None
+    return {"better": sorted(better), "worse": sorted(worse), "winner": winner,
+            "winner_value": values.get(winner, math.nan) if winner is not None else math.nan}
+
+
+def steer_data(steer: pd.DataFrame, items: pd.DataFrame | None = None) -> FigureData:
     """Steering: score by scale per run and metric; ``summary`` the unsteered value (scale 0),
-    the best scale (by the metric's better direction) and its change from scale 0."""
+    the best scale (by the metric's better direction) and its change from scale 0. With the
+    runs' per-item scores (``items``, steer_items.csv) every scale is compared with scale 0 on
+    the same items (``paired``: scale -> PairedDiff; ``winner``, ``better``, ``worse``: see
+    :func:`_steer_verdict`)."""
     df = numeric(with_run(steer), ["scale", "value", "ci_low", "ci_high", "n"])
     df["metric"] = df["metric"].astype(str)
     df = df.dropna(subset=["scale"])
@@ -1171,6 +1336,7 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
         zero = g[g["scale"] == 0]
         z = float(zero["value"].iloc[0]) if len(zero) else math.nan
         overlap = bool(len(zero) and best["scale"] != 0 and _overlap(best, zero.iloc[0]))
+        paired = steer_paired(items, str(r), metric) if metric_spec(metric).is_score else {}
         rows.append({RUN: r, "metric": metric, "is_score": metric_spec(metric).is_score,
                      "overlap": overlap, "n": float(best.get("n", math.nan)),
                      "n_scales": len(g), "unsteered": z, "best_scale": float(best["scale"]),
@@ -1179,7 +1345,9 @@ def steer_data(steer: pd.DataFrame) -> FigureData:
                      "first_scale": float(g["scale"].iloc[0]),
                      "first": float(g["value"].iloc[0]), "last_scale": float(g["scale"].iloc[-1]),
                      "last": float(g["value"].iloc[-1]),
-                     "same": bool(np.nanmax(sc) == np.nanmin(sc))})
+                     "same": bool(np.nanmax(sc) == np.nanmin(sc)), "paired": paired,
+                     **_steer_verdict(metric, paired, dict(zip(g["scale"].astype(float),
+                                                               g["value"].astype(float))))})
     return FigureData(df, pd.DataFrame(rows), notes)
 
 
@@ -1220,7 +1388,8 @@ def _routing_summary(drift: pd.DataFrame, entropy: pd.DataFrame) -> pd.DataFrame
         g = g.dropna(subset=["value"]).sort_values("block")
         if g.empty:
             continue
-        v = routing_rule(g["value"], g.get("ci_low"), g.get("ci_high"))
+        v = routing_rule(g["value"], g.get("ci_low"), g.get("ci_high"),
+                         hint="analyze --bootstrap 0")
         top = g.loc[g["value"].idxmax()]
         ov = drift[(drift[RUN] == r) & (drift["model"] == model)
                    & (drift["metric"] == "topk_overlap")].dropna(subset=["value"])

@@ -79,20 +79,26 @@ def check_lens(probe: pd.DataFrame) -> R.Verdict:
     return R.Verdict(R.INCONCLUSIVE, R.LENS_RULE, "no logit-lens accuracy", "no data")
 
 
-def check_swap(swap: pd.DataFrame) -> R.Verdict:
-    """(d) on one run's ``swap`` table: every direction (and head) must show it."""
+def check_swap(swap: pd.DataFrame, items: pd.DataFrame | None = None) -> R.Verdict:
+    """(d) on one run's ``swap`` table: every direction (and head) must show it. With the run's
+    per-item scores (``items``, swap_items.csv) each middle segment is compared with each edge
+    by a paired test on the same items (``numbers.swap_paired``)."""
     swapped, _ = N.split_swap(N.clip_to_range(N.with_run(swap))[0])
     verdicts = []
-    for (_r, d, h, metric), g in N.swap_singles(swapped).items():
+    for (r, d, h, metric), g in N.swap_singles(swapped).items():
         k = int(g["mask"].str.len().iloc[0])
         nan = np.full(len(g), np.nan)
         lo = _col(g, "ci_low") if "ci_low" in g.columns else nan
         hi = _col(g, "ci_high") if "ci_high" in g.columns else nan
         pts = {int(s): R.Point(float(v), float(a), float(b))
                for s, v, a, b in zip(g["seg"], _col(g, "value"), lo, hi)}
+        config = dict(zip(g["seg"].astype(int), g["config"].astype(str)))
+        paired = {(m, e): N.swap_paired(items, r, config[m], config[e], metric)
+                  for m in config if 0 < m < k - 1 for e in (0, k - 1) if e in config}
+        paired = {key: v for key, v in paired.items() if v is not None}
         name = d + (f", head {h}" if h else "") + f" ({metric})"
         verdicts.append(R.inverted_u_rule(pts, k, lower_is_better(metric), name,
-                                          hint="swap --bootstrap 0"))
+                                          hint="swap --bootstrap 0", paired=paired or None))
     if not verdicts:
         return R.Verdict(R.INCONCLUSIVE, R.SWAP_RULE, "no one-segment swaps", "no data")
     return R.all_of(verdicts, R.SWAP_RULE)
@@ -134,7 +140,8 @@ class PatternSpec:
     pattern: str
     table: str
     rule: str
-    check: Callable[[pd.DataFrame], R.Verdict]
+    check: Callable[..., R.Verdict]
+    items: str | None = None  # a run's per-item table, passed to ``check`` for paired tests
 
 
 PATTERNS: list[PatternSpec] = [
@@ -145,7 +152,7 @@ PATTERNS: list[PatternSpec] = [
     PatternSpec("(c) logit-lens accuracy is near 0 for most of the depth and rises sharply in "
                 "the last ~20 %", "probe", R.LENS_RULE, check_lens),
     PatternSpec("(d) swapping shows an inverted U: swapping edge segments hurts more than "
-                "middle ones", "swap", R.SWAP_RULE, check_swap),
+                "middle ones", "swap", R.SWAP_RULE, check_swap, items="swap_items"),
     PatternSpec("(e) segment LoRA sweep: a middle mask beats full depth (11111), edge masks are "
                 "worst", "summary", R.SWEEP_RULE, check_sweep),
 ]
@@ -164,7 +171,8 @@ def paper_patterns(runs: Iterable[Run | str | Path] | str | Path) -> list[dict[s
             if r.tables.get(spec.table) is None or r.tables[spec.table].empty:
                 continue
             df = combined([r], spec.table)
-            results.append((r.label, spec.check(df)))
+            extra = (combined([r], spec.items),) if spec.items else ()
+            results.append((r.label, spec.check(df, *extra)))
         many = len(results) > 1
         if not results:
             t = spec_of(spec.table)

@@ -20,12 +20,16 @@ it used and the verdict, so that the report prints all three side by side.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sftscope.segments import is_mask
+
+if TYPE_CHECKING:  # the rules take numbers; the paired tests are made by their callers
+    from sftscope.metrics.paired import PairedDiff
 
 YES, NO, INCONCLUSIVE = "yes", "no", "inconclusive"
 HOLDS, FAILS, UNCLEAR = "holds", "fails", "unclear"
@@ -352,8 +356,9 @@ def lens_rule(depth: Sequence[float], accuracy: Sequence[float],
 # ----------------------------------------------------------------------------- (d) swap
 
 SWAP_RULE = ("swap inverted U: in each direction every middle one-segment swap (segments "
-             "2..K-1) scores better than both edge swaps (segments 1 and K): the worst middle "
-             "beats the better edge, beyond the CIs (needs K >= "
+             "2..K-1) scores better than both edge swaps (segments 1 and K), judged by the "
+             "paired interval of the per-item differences (same items, swap_items.csv; "
+             "without it, beyond the CIs: the worst middle beats the better edge) (needs K >= "
              f"{SWAP_MIN_SEGMENTS} one-segment swaps including both edges)")
 
 
@@ -375,8 +380,12 @@ class Point:
 
 
 def inverted_u_rule(segments: dict[int, Point], k: int, lower_is_better: bool = False,
-                    label: str = "", hint: str = "") -> Verdict:
-    """(d) one direction of a swap: ``segments`` maps segment index -> score after swapping it."""
+                    label: str = "", hint: str = "",
+                    paired: Mapping[tuple[int, int], PairedDiff] | None = None) -> Verdict:
+    """(d) one direction of a swap: ``segments`` maps segment index -> score after swapping it.
+    ``paired[(m, e)]``: the paired difference middle ``m`` - edge ``e`` on the same items
+    (``metrics.paired``); given, it decides the claim (every middle beats both edges), not
+    the overlap of the two independent intervals."""
     seg = {i: p for i, p in segments.items() if np.isfinite(p.value)}
     name = f"{label}: " if label else ""
     if k < SWAP_MIN_SEGMENTS or not {0, k - 1} <= set(seg) or not any(
@@ -399,9 +408,37 @@ def inverted_u_rule(segments: dict[int, Point], k: int, lower_is_better: bool = 
     numbers = (f"{name}worst middle {show(mid)}"
                + (f" (best middle {show(best)})" if best != mid else "")
                + f", better edge {show(edge)}, other edge {show(k - 1 if edge == 0 else 0)}")
+    if paired:
+        c, text = paired_claim(paired, middles, (0, k - 1), lib, (mid, edge))
+        return combine([("every middle segment beats both edges", c)], SWAP_RULE,
+                       f"{numbers}; {text}")
     has = _has_ci((seg[mid].lo, seg[mid].hi), (seg[edge].lo, seg[edge].hi))
     return combine([("every middle segment beats both edges", c)], SWAP_RULE, numbers,
                    no_ci="" if has else no_interval(hint))
+
+
+def paired_claim(paired: Mapping[tuple[int, int], PairedDiff], wins: Sequence[int],
+                 losses: Sequence[int], lower_is_better: bool, show: tuple[int, int]
+                 ) -> tuple[str, str]:
+    """Claim "every ``wins`` item beats every ``losses`` item" from the paired differences
+    ``paired[(w, l)]`` (``w - l`` on the same items): holds when every interval excludes 0 on
+    the winning side, fails when one excludes it on the other, else unclear (a pair without a
+    test is unclear). Also the text: the ``show`` pair's difference and the count."""
+    keys = [(w, j) for w in wins for j in losses]
+    sign = -1.0 if lower_is_better else 1.0
+    states = []
+    for key in keys:
+        d = paired.get(key)
+        if d is None or not d.significant:
+            states.append(UNCLEAR)
+        else:
+            states.append(HOLDS if sign * d.mean > 0 else FAILS)
+    state = FAILS if FAILS in states else HOLDS if all(x == HOLDS for x in states) else UNCLEAR
+    d = paired.get(show)
+    shown = (f"paired worst middle - better edge {d.mean:+.4g} [{d.low:+.4g}, {d.high:+.4g}] "
+             f"over n = {d.n} items, " if d is not None else "")
+    return state, (f"{shown}{states.count(HOLDS)} of {len(keys)} middle-edge pairs "
+                   "significantly in favour of the middle")
 
 
 def all_of(verdicts: Sequence[Verdict], rule: str) -> Verdict:
@@ -552,26 +589,36 @@ def routing_segments(js: Sequence[float], low: Sequence[float] | None = None,
 
 
 def routing_rule(js: Sequence[float], low: Sequence[float] | None = None,
-                 high: Sequence[float] | None = None) -> Verdict:
+                 high: Sequence[float] | None = None, hint: str = "") -> Verdict:
     """Where routing drift concentrates: ``yes`` names the segment and its factor over the
-    next one; ``no`` when the largest segment is below the factor beyond the intervals."""
+    next one; ``no`` when the largest segment is below the factor beyond the intervals.
+    Without every block's interval (``hint``: how they were switched off) the numbers are
+    taken as exact and the reason says so (:func:`no_interval`)."""
     v = np.asarray(js, dtype=float)
     if len(v) < ROUTING_MIN_BLOCKS or not np.isfinite(v).all():
         return Verdict(INCONCLUSIVE, ROUTING_RULE, f"{len(v)} sparse blocks", "too few blocks "
                        "or a missing value")
+    has = all(c is not None and len(c) == len(v) and np.isfinite(np.asarray(c, float)).all()
+              for c in (low, high))
+    no_ci = "" if has else no_interval(hint)
     segs = routing_segments(v, low, high)
     ranked = sorted(segs, key=lambda s: s.mean, reverse=True)
     top, second = ranked[0], ranked[1]
     factor = top.mean / second.mean if second.mean > 0 else math.inf
-    numbers = "; ".join(f"{s.name} {_f(s.mean, 4)} [{_f(s.low, 4)}, {_f(s.high, 4)}] "
-                        f"({s.n} blocks)" for s in segs)
+    numbers = "; ".join(f"{s.name} {_f(s.mean, 4)}"
+                        + (f" [{_f(s.low, 4)}, {_f(s.high, 4)}]" if has else "")
+                        + f" ({s.n} blocks)" for s in segs)
     numbers += f"; largest: {top.name}, {_f(factor, 3)}x the next ({second.name})"
+
+    def verdict(outcome: str, why: str) -> Verdict:
+        return Verdict(outcome, ROUTING_RULE, numbers, "; ".join(w for w in (why, no_ci) if w))
+
     if top.mean <= 0:
-        return Verdict(INCONCLUSIVE, ROUTING_RULE, numbers, "no routing drift at all")
+        return verdict(INCONCLUSIVE, "no routing drift at all")
     claims = [compare(top.mean, ROUTING_FACTOR * s.mean, 0.0, (top.low, top.high),
                       (ROUTING_FACTOR * s.low, ROUTING_FACTOR * s.high)) for s in ranked[1:]]
     if all(c == HOLDS for c in claims):
-        return Verdict(YES, ROUTING_RULE, numbers, f"concentrated in the {top.name} segment")
+        return verdict(YES, f"concentrated in the {top.name} segment")
     if any(c == FAILS for c in claims):
-        return Verdict(NO, ROUTING_RULE, numbers, "spread over depth")
-    return Verdict(INCONCLUSIVE, ROUTING_RULE, numbers, "the intervals overlap")
+        return verdict(NO, "spread over depth")
+    return verdict(INCONCLUSIVE, "the intervals overlap")

@@ -71,12 +71,23 @@ DERIVED: dict[str, TableSpec] = {
                             "training loss curves"),
     "seed_scores": TableSpec("jobs/*/result.json", ("mask", "seed", "metric", "value"), "sweep",
                              "per-seed scores of a sweep"),
+    "swap_items": TableSpec("swap_items", ("config", "item", "tokens"), "swap",
+                            "per-item swap scores (the paired tests of Fig. 6 and pattern d)"),
+    "steer_items": TableSpec("steer_items", ("scale", "metric", "item", "value"), "steer",
+                             "per-item steering scores (the paired tests of Fig. 11)"),
+    "predictions": TableSpec("predictions-*.jsonl", ("task", "item"), "eval",
+                             "per-item eval results (paired comparisons of eval runs)"),
 }
+# predictions-<task>.jsonl fields that tell an item apart (with its index): runs compared item
+# by item must have scored the same items, not only the same positions
+ITEM_KEYS = ("id", "question", "text", "target", "subject", "ind", "activity_label")
+# A command's per-item table (read for the paired tests of its findings).
+ITEM_TABLES = {"swap": "swap_items", "steer": "steer_items"}
 COMMANDS = ("analyze", "weights", "probe", "swap", "eval", "tune", "sweep", "suggest", "demo",
             "steer", "ablate")
 SUFFIXES = (".csv", ".parquet", ".json")
 TEXT_COLUMNS = ("mask", "best_mask", "config", "direction", "head", "model", "metric", "module",
-                "task", "metric_a", "metric_b", "seeds", "method", "signal", "blocks")
+                "task", "metric_a", "metric_b", "seeds", "method", "signal", "blocks", "layers")
 
 
 # Columns that hold numbers in every table that has them (checked when a table is read).
@@ -247,6 +258,26 @@ def _seed_scores(folder: Path, k: int | None) -> pd.DataFrame | None:
     return df
 
 
+def _eval_predictions(folder: Path) -> pd.DataFrame | None:
+    """Per item of each ``predictions-<task>.jsonl``: the task, an identity ``item`` (index
+    and the fields that name the item) and every number or boolean (as 0/1), for paired
+    comparisons of eval runs. An unreadable file is left out (the scores still stand)."""
+    rows = []
+    for p in sorted(folder.glob("predictions-*.jsonl")):
+        task = p.stem[len("predictions-"):]
+        try:
+            lines = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()
+                     if x.strip()]
+        except (OSError, ValueError):
+            continue
+        for r in (x for x in lines if isinstance(x, dict)):
+            key = json.dumps([r.get("index"), *(str(r.get(k)) for k in ITEM_KEYS if k in r)])
+            rows.append({"task": task, "item": key, **{
+                k: float(v) for k, v in r.items()
+                if isinstance(v, (bool, int, float)) and k not in ("index", "task", "item")}})
+    return pd.DataFrame(rows) if rows else None
+
+
 def _trainer_state_curve(folder: Path) -> pd.DataFrame | None:
     """The loss log of the latest ``trainer_state.json`` in the folder (kept checkpoints)."""
     best: tuple[int, list] | None = None
@@ -390,6 +421,18 @@ def load_run(path: str | Path) -> Run:
             errors.append(str(e))
     if run.command == "tune" or (folder / "adapter").is_dir():
         run.tables.update(_tune_tables(folder, record))
+    item_table = ITEM_TABLES.get(run.command)
+    items = find_table(folder, DERIVED[item_table].stem) if item_table else None
+    if item_table and items is not None:
+        try:
+            run.tables[item_table] = read_table(items, DERIVED[item_table].required,
+                                                run.segments)
+        except SftscopeError as e:
+            errors.append(str(e))
+    if "scores" in run.tables:  # eval, or tune's evaluation: its per-item predictions
+        preds = _eval_predictions(folder)
+        if preds is not None:
+            run.tables["predictions"] = preds
     if run.command == "sweep" and (folder / "jobs").is_dir():
         seeds = _seed_scores(folder, run.segments)
         if seeds is not None:

@@ -18,11 +18,13 @@ import numpy as np
 import pandas as pd
 
 from sftscope.metric_registry import label as metric_label
+from sftscope.metrics.paired import PairedDiff
 from sftscope.report import numbers as N
 from sftscope.report import plots
 from sftscope.report.numbers import RUN, FigureData
 from sftscope.report.rules import LENS_RISE, TOP
 from sftscope.report.runs import Run, combined, spec_of
+from sftscope.segments import block_text
 
 Plot = Callable[[FigureData, dict[str, str]], Any]
 TableOut = tuple[str, str, pd.DataFrame]
@@ -108,13 +110,15 @@ def _combined(name: str) -> Callable[[Sequence[Run]], pd.DataFrame]:
     return lambda runs: combined(runs, name)
 
 
-def _or_none(make: Callable[[pd.DataFrame], FigureData], name: str
+def _or_none(make: Callable[..., FigureData], name: str, items: str | None = None
              ) -> Callable[[Sequence[Run]], FigureData | None]:
+    """The figure's numbers from the runs' ``name`` tables (and, with ``items``, their per-item
+    table for paired tests), or None when no run has the table."""
     def prepare(runs: Sequence[Run]) -> FigureData | None:
         df = combined(runs, name)
         if df.empty:
             return None
-        data = make(df)
+        data = make(df, combined(runs, items)) if items else make(df)
         return None if data.empty else data
     return prepare
 
@@ -341,6 +345,12 @@ def distribution_tables(data: FigureData) -> list[TableOut]:
 # ----------------------------------------------------------------------------- Fig. 4
 
 
+def _scope(row: dict) -> str:
+    """The granularity of a module comparison when it is not plain (routed experts as one)."""
+    scope = row.get("module_scope")
+    return f" ({scope})" if isinstance(scope, str) and scope else ""
+
+
 def weight_findings(data: FigureData) -> list[str]:
     s = data.summary
     many = _many(s)
@@ -351,8 +361,8 @@ def weight_findings(data: FigureData) -> list[str]:
                 f"mean {f(row['bottom'])} over the bottom {row['n_edge']} of {row['n_blocks']} "
                 f"blocks, {f(row['middle'])} in the middle, {f(row['top'])} over the top "
                 f"{row['n_edge']}")
-        if row.get("most_module"):
-            text += (f"; of the modules, {row['most_module']} changes most on average "
+        if isinstance(row.get("most_module"), str):
+            text += (f"; of the modules{_scope(row)}, {row['most_module']} changes most on average "
                      f"({f(row['most_value'])}) and {row['least_module']} least "
                      f"({f(row['least_value'])})")
         out.append(_prefix(row[RUN], many) + text + ".")
@@ -401,16 +411,33 @@ def _extreme(word: str, n_tied: int, seg: int, k: int, mask: str, value: str) ->
 
 
 def swap_extremes(row: dict, delta: Callable[[float], str]) -> str:
-    """Best and worst one-segment swap, saying so when several tie, and naming no winner when
-    their intervals overlap."""
-    best = _extreme("best", row.get("n_best", 1), row["best_seg"], row["k"], row["best_mask"],
-                    f"{f(row['best'])}{delta(row['best'])}")
-    worst = _extreme("worst", row.get("n_worst", 1), row["worst_seg"], row["k"],
-                     row["worst_mask"], f"{f(row['worst'])}{delta(row['worst'])}")
-    text = f"{best}, {worst} [{row['metric']}]"
-    if row.get("overlap"):
-        text += " (their intervals overlap: no segment is clearly better or worse)"
-    return text
+    """Best and worst one-segment swap, saying so when several tie. A winner is named only when
+    the paired test on the same items (``row['paired']``, best - worst) excludes 0, or, for a
+    run without per-item scores, when the two intervals do not overlap; otherwise the sentence
+    gives the range and says the difference is not significant at this n."""
+    paired = row.get("paired")
+    paired = paired if isinstance(paired, PairedDiff) else None
+    undecided = (not paired.significant) if paired is not None else bool(row.get("overlap"))
+    if not undecided:
+        best = _extreme("best", row.get("n_best", 1), row["best_seg"], row["k"],
+                        row["best_mask"], f"{f(row['best'])}{delta(row['best'])}")
+        worst = _extreme("worst", row.get("n_worst", 1), row["worst_seg"], row["k"],
+                         row["worst_mask"], f"{f(row['worst'])}{delta(row['worst'])}")
+        text = f"{best}, {worst} [{row['metric']}]"
+        return text + (f" ({N.paired_text(paired, row['metric'])})" if paired else "")
+
+    def where(key: str) -> str:
+        n = row.get(f"n_{key}", 1)
+        seg = f"{n} tied segments" if n > 1 else f"segment {row[f'{key}_seg'] + 1}/{row['k']}"
+        return f"{f(row[key])}{delta(row[key])} ({seg})"
+
+    ends = sorted(("best", "worst"), key=lambda k: row[k])
+    text = (f"single-segment swaps range from {where(ends[0])} to {where(ends[1])} "
+            f"[{row['metric']}]")
+    if paired is None:
+        return text + " (their intervals overlap: no segment is clearly better or worse)"
+    return (text + f"; the {N.paired_text(paired, row['metric'])} is not significant at "
+            "this n: no segment is clearly better or worse")
 
 
 def swap_findings(data: FigureData) -> list[str]:
@@ -675,8 +702,8 @@ def dynamics_findings(data: FigureData) -> list[str]:
                      f"{f(row['grad_high'])} at block {row['last_trained']} and "
                      f"{f(row['grad_low'])} at block {row['first_trained']} "
                      f"({f(row['grad_ratio'], 2)}x)")
-        if row.get("most_module"):
-            text += (f"; of the modules, {row['most_module']} changed most on average "
+        if isinstance(row.get("most_module"), str):
+            text += (f"; of the modules{_scope(row)}, {row['most_module']} changed most on average "
                      f"({f(row['most_value'])}) and {row['least_module']} least "
                      f"({f(row['least_value'])})")
         out.append(_prefix(row[RUN], many) + text + ".")
@@ -737,17 +764,80 @@ def seeds_findings(data: FigureData) -> list[str]:
 
 
 def steer_prepare(runs: Sequence[Run]) -> FigureData | None:
-    df = combined(runs, "steer")
-    if df.empty:
+    """Fig. 11's numbers (paired tests from the runs' steer_items) and where each run's vectors
+    were added."""
+    data = _or_none(N.steer_data, "steer", "steer_items")(runs)
+    if data is None:
         return None
-    data = N.steer_data(df)
-    if data.empty:
-        return None
-    data.extra["vectors"] = {r.label: {**(r.record.get("vector") or {}),
-                                       "layer": r.record.get("layer"),
-                                       "n_blocks": r.n_blocks}
+    data.extra["vectors"] = {r.label: steer_vectors(r.record, r.n_blocks)
                              for r in runs if "steer" in r.tables}
     return data
+
+
+def steer_vectors(record: dict[str, Any], n_blocks: int | None) -> dict[str, Any]:
+    """Where a steer run added its vectors: ``layers`` (block-list text), ``direction`` and
+    ``norms`` (one per layer), from run.json (``vectors`` and ``layers``, or an older run's
+    single ``vector`` and ``layer``)."""
+    vecs = record.get("vectors") or ([record["vector"]] if record.get("vector") else [])
+    layers = record.get("layers")
+    if layers is None and record.get("layer") is not None:
+        layers = [record["layer"]]
+    return {"layers": block_text(layers) if layers else None, "n_layers": len(layers or []),
+            "direction": next((v.get("direction") for v in vecs if v.get("direction")), None),
+            "norms": [v.get("norm") for v in vecs], "n_blocks": n_blocks}
+
+
+def steer_metric_text(row: dict) -> str:
+    """One metric's steering finding. A score names a better scale only when its paired test
+    against scale 0 on the same items excludes 0 (``row['winner']``); otherwise it says no
+    scale is distinguishable from the unsteered base at that n. A run without per-item scores
+    falls back to the two intervals (a winner only when they do not overlap)."""
+    metric = row["metric"]
+    if row["same"]:
+        return f"{metric} is {f(row['best'])} at every scale"
+    if not row["is_score"]:
+        return (f"{metric} goes from {f(row['first'])} at scale {f(row['first_scale'], 2)} to "
+                f"{f(row['last'])} at scale {f(row['last_scale'], 2)}")
+    paired = row.get("paired") or {}
+    if paired:
+        return _steer_paired_text(row, paired)
+    if row.get("overlap"):
+        n = f", n = {int(row['n'])}" if np.isfinite(row.get("n", np.nan)) else ""
+        return (f"{metric}: no scale is clearly better than the unsteered base "
+                f"({f(row['unsteered'])}; the best, scale {f(row['best_scale'], 2)}, gives "
+                f"{f(row['best'])}, and their intervals overlap{n}; no per-item scores for a "
+                "paired test)")
+    delta = (f", {row['delta']:+.4f} vs the unsteered base {f(row['unsteered'])}"
+             if np.isfinite(row["delta"]) else "")
+    return (f"{metric} is best at scale {f(row['best_scale'], 2)} ({f(row['best'])}{delta}; "
+            "intervals apart, no per-item scores for a paired test)")
+
+
+def _scales(scales: Sequence[float]) -> str:
+    return ("scale " if len(scales) == 1 else "scales ") + ", ".join(f(s, 2) for s in scales)
+
+
+def _steer_paired_text(row: dict, paired: dict[float, PairedDiff]) -> str:
+    """The paired wording of :func:`steer_metric_text`."""
+    metric, win, u = row["metric"], row.get("winner"), f(row["unsteered"])
+    worse = row.get("worse") or []
+    tail = f"; {_scales(worse)} significantly worse (paired)" if worse else ""
+    if win is not None:
+        others = [s for s in row.get("better") or [] if s != win]
+        also = f"; {_scales(others)} also better (paired)" if others else ""
+        return (f"{metric} is best at scale {f(win, 2)} ({f(row['winner_value'])} against the "
+                f"unsteered base {u}; {N.paired_text(paired[win], metric)}){also}{tail}")
+    near = max(paired, key=lambda s: float(N.score(metric, paired[s].mean)))
+    n = max(d.n for d in paired.values())
+    text = f"{N.paired_text(paired[near], metric)}"
+    if not worse:
+        return (f"{metric}: no scale is distinguishable from the unsteered base ({u}) at "
+                f"n = {n} (the best, scale {f(near, 2)}: {text}, not significant)")
+    if set(worse) == set(paired):
+        return (f"{metric}: every scale is significantly worse than the unsteered base ({u}; "
+                f"the least bad, scale {f(near, 2)}: {text})")
+    return (f"{metric}: no scale beats the unsteered base ({u}) at n = {n} (the best, scale "
+            f"{f(near, 2)}: {text}, not significant){tail}")
 
 
 def steer_findings(data: FigureData) -> list[str]:
@@ -755,33 +845,19 @@ def steer_findings(data: FigureData) -> list[str]:
     vectors = data.extra.get("vectors", {})
     out = []
     for r, g in s.groupby(RUN, sort=False) if len(s) else []:
-        parts = []
-        for row in g.to_dict("records"):
-            if row["same"]:
-                parts.append(f"{row['metric']} is {f(row['best'])} at every scale")
-            elif not row["is_score"]:
-                parts.append(f"{row['metric']} goes from {f(row['first'])} at scale "
-                             f"{f(row['first_scale'], 2)} to {f(row['last'])} at scale "
-                             f"{f(row['last_scale'], 2)}")
-            elif row.get("overlap"):
-                n = f", n = {int(row['n'])}" if np.isfinite(row.get("n", np.nan)) else ""
-                parts.append(f"{row['metric']}: no scale is clearly better than the unsteered "
-                             f"base ({f(row['unsteered'])}; the best, scale "
-                             f"{f(row['best_scale'], 2)}, gives {f(row['best'])}, and their "
-                             f"intervals overlap{n})")
-            else:
-                delta = (f", {row['delta']:+.4f} vs the unsteered base {f(row['unsteered'])}"
-                         if np.isfinite(row["delta"]) else "")
-                parts.append(f"{row['metric']} is best at scale {f(row['best_scale'], 2)} "
-                             f"({f(row['best'])}{delta})")
+        parts = [steer_metric_text(row) for row in g.to_dict("records")]
         v = vectors.get(str(r)) or {}
         where = ""
-        if v.get("layer") is not None:
-            where = f"At hidden state j = {v['layer']}"
+        if v.get("layers") is not None:
+            where = (f"At hidden state j = {v['layers']}" if v.get("n_layers", 1) == 1 else
+                     f"At hidden states j = {v['layers']} (one pass)")
             if v.get("n_blocks"):
                 where += f" of {v['n_blocks']}"
+            norms = [x for x in v.get("norms") or [] if x is not None]
             if v.get("direction"):
-                where += f" ({v['direction']} vector, norm {f(v.get('norm'))})"
+                norm = (f", norm {f(norms[0])}" if len(norms) == 1 else
+                        f", norms {f(min(norms))}-{f(max(norms))}" if norms else "")
+                where += f" ({v['direction']} vector{'s' if len(norms) > 1 else ''}{norm})"
             where += ": "
         if parts:
             out.append(_prefix(str(r), True) + where + "; ".join(parts) + ".")
@@ -803,7 +879,35 @@ def scores_findings(data: FigureData) -> list[str]:
         items.append(f"{_prefix(d[RUN], many)}{d['task']} {metric_label(d['metric'])}: "
                      f"{f(d['value'])}{ci}{n}")
     more = f" (+{len(df) - 8} more in the table)" if len(df) > 8 else ""
-    return ["; ".join(items) + more + "."] if items else []
+    out = ["; ".join(items) + more + "."] if items else []
+    s = data.summary
+    return out + [comparison_sentence(row) for row in (s.to_dict("records") if len(s) else [])]
+
+
+def _n_text(row: dict) -> str:
+    ns = [int(v) for v in (row.get("n_a"), row.get("n_b")) if pd.notna(v)]
+    if not ns:
+        return "at this n"
+    return f"at n = {ns[0]}" if len(set(ns)) == 1 else f"at n = {ns[0]} and {ns[1]}"
+
+
+def comparison_sentence(row: dict) -> str:
+    """One task's best run against another: a winner only when the paired test on the items
+    both scored excludes 0 (or, without per-item predictions, when the intervals do not
+    overlap); otherwise "not distinguishable at n = N"."""
+    what = f"{row['task']} {metric_label(row['metric'])}"
+    a, b = f"{row['a']} ({f(row['value_a'])})", f"{row['b']} ({f(row['value_b'])})"
+    paired = row.get("paired")
+    if isinstance(paired, PairedDiff):
+        test = N.paired_text(paired, row["metric"]).replace(" items", " shared items")
+        if paired.significant:
+            return f"{what}: {a} is better than {b}, {test}."
+        return f"{what}: {a} and {b} are not distinguishable at n = {paired.n} ({test})."
+    if row.get("overlap"):
+        return (f"{what}: {a} and {b} are not distinguishable {_n_text(row)} (their intervals "
+                "overlap or are missing; no per-item predictions shared for a paired test).")
+    return (f"{what}: {a} is better than {b} (their intervals do not overlap; no per-item "
+            "predictions shared for a paired test).")
 
 
 # ----------------------------------------------------------------------------- MoE routing
@@ -1001,7 +1105,7 @@ SPECS: list[FigureSpec] = [
         "swap", "Layer swapping (Fig. 6)",
         "Blocks of one segment replaced by the other model's (both directions); horizontal "
         "lines are the unswapped models.", ("swap",), "swap results",
-        _or_none(N.swap_data, "swap"),
+        _or_none(N.swap_data, "swap", "swap_items"),
         (("fig6_swap", "Fig. 6: score after swapping segments", plots.plot_swap),),
         swap_findings, swap_tables),
     FigureSpec(
@@ -1089,7 +1193,7 @@ SPECS: list[FigureSpec] = [
                    ("fig12_blocks", "signals and causal effect per block", d.frame)]),
     FigureSpec(
         "eval", "Evaluation scores", "Task scores with confidence intervals.", ("scores",),
-        "evaluation scores", _or_none(N.scores_data, "scores"), (),
+        "evaluation scores", _or_none(N.scores_data, "scores", "predictions"), (),
         scores_findings,
         lambda d: [("eval_scores", "evaluation scores",
                     d.frame.drop(columns=["n_blocks"], errors="ignore"))]),

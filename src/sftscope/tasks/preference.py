@@ -6,10 +6,15 @@ dpo``) gives them to TRL as they are. Evaluated as a choice task: the summed log
 ``chosen`` and of ``rejected`` after the prompt (tokenised in context, as every choice task);
 ``accuracy`` = chosen is the more likely, ``margin`` = log p(chosen) - log p(rejected) (the
 quantity DPO raises). Messages are scored as their contents joined by newlines.
+
+Registered hub sets (``preference:hh-rlhf`` and the others of ``load.data.SETS``) keep their
+own fields; the converters below turn one of their rows into such a record (a row they cannot
+convert raises ``ValueError`` with the reason, refused or skipped with its record number).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +22,7 @@ from sftscope.tasks.base import AnalysisSample, Task, text_problem
 
 FIELDS = ("prompt", "chosen", "rejected")
 LABELS = ["chosen", "rejected"]
+ASSISTANT = "\n\nAssistant:"  # the turn marker of Anthropic's HH-RLHF dialogues
 
 
 def messages(value: Any) -> list[dict] | None:
@@ -60,6 +66,57 @@ def plain(value: Any) -> str:
 def pair(r: dict) -> dict[str, Any]:
     """The record's three fields as given (texts, or lists of message objects)."""
     return {k: (messages(r[k]) if messages(r[k]) is not None else str(r[k])) for k in FIELDS}
+
+
+# ------------------------------------------------------------------ hub rows -> records
+
+def _need_texts(r: dict, keys: Sequence[str]) -> None:
+    for k in keys:
+        if k not in r:
+            raise ValueError(f"lacks field {k!r} (it has: {', '.join(map(str, r))})")
+        problem = text_problem(r, k)
+        if problem:
+            raise ValueError(problem)
+
+
+def from_dialogues(r: dict) -> dict[str, Any]:
+    """HH-RLHF: ``chosen`` and ``rejected`` are whole dialogues (``\\n\\nHuman: ...
+    \\n\\nAssistant: ...``) sharing every turn before the last reply. The prompt is their
+    shared text up to and including its last ``\\n\\nAssistant:``; the answers, the rest."""
+    _need_texts(r, LABELS)
+    chosen, rejected = str(r["chosen"]), str(r["rejected"])
+    cut = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
+    if cut < 0:
+        raise ValueError("chosen and rejected share no dialogue up to an Assistant turn, so "
+                         "no prompt can be split off")
+    cut += len(ASSISTANT)
+    return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+
+
+def from_conversations(r: dict) -> dict[str, Any]:
+    """UltraFeedback (binarized): ``chosen`` and ``rejected`` are whole conversations (chat
+    messages). The prompt is the turns they share before their last one; the answers, the
+    turns after (at least the last)."""
+    chosen, rejected = messages(r.get("chosen")), messages(r.get("rejected"))
+    if not chosen or not rejected:
+        raise ValueError("fields 'chosen' and 'rejected' must both be non-empty lists of chat "
+                         "messages")
+    n, limit = 0, min(len(chosen), len(rejected)) - 1
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise ValueError("chosen and rejected share no turn before their replies, so no "
+                         "prompt can be split off")
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def from_instruction(r: dict) -> dict[str, Any]:
+    """Orca DPO pairs: ``input`` is the prompt (after the ``system`` text and a blank line when
+    there is one); ``chosen`` and ``rejected`` are the answers as given."""
+    _need_texts(r, ("input", *LABELS))
+    system = r.get("system")
+    head = f"{system}\n\n" if isinstance(system, str) and system.strip() else ""
+    return {"prompt": head + str(r["input"]), "chosen": r["chosen"], "rejected": r["rejected"]}
 
 
 def prompt(record: dict, shots: Sequence[dict] = ()) -> str:
