@@ -240,6 +240,19 @@ def _yerr(g: pd.DataFrame, y: np.ndarray) -> np.ndarray | None:
     return np.vstack([lo, hi])
 
 
+def _run_curve(ax: Any, frame: pd.DataFrame, run: str, metric: str, x: str, value: str,
+               color: str) -> bool:
+    """One run's ``metric`` (column ``value``) against ``x``: markers on a line with the rows'
+    CI bars; False where the run has no such rows. One style for the sweep and steer curves."""
+    g = frame[(frame[RUN] == run) & (frame["metric"] == metric)].sort_values(x)
+    if g.empty:
+        return False
+    y = pd.to_numeric(g[value], errors="coerce").to_numpy(float)
+    ax.errorbar(g[x].to_numpy(float), y, yerr=_yerr(g, y), color=color, marker="o", ms=4,
+                capsize=3, lw=1.6)
+    return True
+
+
 # ----------------------------------------------------------------------------- Fig. 1-3
 
 
@@ -802,12 +815,8 @@ def plot_inverted_u(summary: pd.DataFrame | FigureData,
     fig, axes = _grid(len(metrics), ncols=3, w=5.0, h=3.5, title=title)
     for ax, metric in zip(axes, metrics):
         for r in runs:
-            g = single[(single[RUN] == r) & (single["metric"] == metric)].sort_values("pos")
-            if g.empty:
+            if not _run_curve(ax, single, r, metric, "pos", "mean", pal[r]):
                 continue
-            y = pd.to_numeric(g["mean"], errors="coerce").to_numpy(float)
-            ax.errorbar(g["pos"].to_numpy(float), y, yerr=_yerr(g, y), color=pal[r], marker="o",
-                        ms=4, capsize=3, lw=1.6)
             full = df[(df[RUN] == r) & (df["metric"] == metric)
                       & df["mask"].map(lambda m: is_mask(m) and set(m) == {"1"})]
             if len(full):
@@ -1048,12 +1057,7 @@ def plot_steer(data: FigureData, colors: dict[str, str] | None = None) -> Figure
     fig, axes = _grid(len(metrics), ncols=3, w=4.4, h=3.2, title=title)
     for ax, metric in zip(axes, metrics):
         for r in runs:
-            g = df[(df[RUN] == r) & (df["metric"] == metric)].sort_values("scale")
-            if g.empty:
-                continue
-            y = g["value"].to_numpy(float)
-            ax.errorbar(g["scale"].to_numpy(float), y, yerr=_yerr(g, y), color=pal[r],
-                        marker="o", ms=4, capsize=3, lw=1.6)
+            _run_curve(ax, df, r, metric, "scale", "value", pal[r])
         ax.axvline(0, color="0.55", ls=":", lw=0.9)
         ax.set_title(_nice(metric), fontsize=10)
         ax.set_xlabel("scale of the added vector (0 = unsteered base)", fontsize=8.5)
