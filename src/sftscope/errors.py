@@ -16,6 +16,13 @@ def fail(message: str) -> SftscopeError:
     return SftscopeError(message)
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (at most ``limit`` characters), or
+    its type's name when the message is empty: error lines quote library exceptions with it."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
 class WriteError(SftscopeError):
     """A file could not be written (full disk, quota, read-only): what, where, what to do, and
     what a rerun does (``then``; a command that knows better, as tune does, replaces it)."""

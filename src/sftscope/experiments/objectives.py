@@ -39,7 +39,7 @@ from sftscope.config.objectives import (  # noqa: F401  (rewards, loss types: re
     trl_classes,
     trl_version,
 )
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, first_line
 
 # TRL's settings recorded in run.json (beside everything tune records)
 SETTINGS = {
@@ -108,7 +108,7 @@ def training_arguments(cfg, common: dict[str, Any]):
         return conf(**{**common, **given})
     except ValueError as e:
         raise SftscopeError(f"TRL refused the {cfg.objective.upper()} settings: "
-                            f"{str(e).splitlines()[0][:200]}") from e
+                            f"{first_line(e, 200)}") from e
 
 
 def make_trainer(cfg, *, model, args, rows: list[dict], tok, callbacks: list):
@@ -136,7 +136,7 @@ def make_trainer(cfg, *, model, args, rows: list[dict], tok, callbacks: list):
                                   processing_class=tok, callbacks=callbacks, **kwargs)
     except ValueError as e:
         raise SftscopeError(f"TRL's {trainer_cls.__name__} refused the run: "
-                            f"{str(e).splitlines()[0][:200]}") from e
+                            f"{first_line(e, 200)}") from e
     _reference_is_disabled_adapter(trainer.model)
     drop_input_grad_hooks(trainer.model)
     _no_input_gradients(trainer.model)

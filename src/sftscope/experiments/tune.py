@@ -54,7 +54,7 @@ from torch import nn
 
 from sftscope.config.commands import EvalConfig, TuneConfig, check_moe_options
 from sftscope.config.core import changed, defaults
-from sftscope.errors import Interrupted, SftscopeError, WriteError
+from sftscope.errors import Interrupted, SftscopeError, WriteError, first_line
 from sftscope.experiments.context import Models, RunContext
 from sftscope.experiments.dynamics import DYNAMICS_FILE, DynamicsRecorder
 from sftscope.experiments.evaluate import EvalResult
@@ -312,7 +312,7 @@ def apply_lora(model: nn.Module, blocks: list[int], *, rank: int, alpha: float,
             peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise SftscopeError(f"PEFT could not place LoRA on {type(model).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}") from e
+                            f"{first_line(e, 200)}") from e
     _drop_input_grad_hooks(peft_model)
     got = adapted_parts(peft_model)
     if got != sorted(expected):

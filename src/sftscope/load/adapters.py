@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, first_line
 from sftscope.io import read_json
 from sftscope.load.checkpoint import (
     PICKLE_SUFFIXES,
@@ -255,6 +255,6 @@ def load_adapter(model: nn.Module, adapter: str | Path, base: str | None = None,
             peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError, OSError, AttributeError) as e:
         raise SftscopeError(f"adapter {adapter} does not fit this base model: "
-                            f"{str(e).splitlines()[0][:200]}") from e
+                            f"{first_line(e, 200)}") from e
     peft_model.eval()
     return peft_model

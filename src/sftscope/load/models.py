@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, first_line
 from sftscope.io import atomic_dir
 from sftscope.load.adapters import load_adapter
 from sftscope.load.gguf import GGUF_MOE_SIZES, need_gguf, supported_by_transformers
@@ -119,13 +119,13 @@ def _gguf_error(src: ModelSource, err: Exception) -> SftscopeError:
             f"{transformers.__version__} cannot read (it reads {', '.join(names)}); convert the "
             f"model to a Hugging Face folder another way, or upgrade transformers")
     return SftscopeError(f"{src.spec}: the GGUF file could not be loaded "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+                         f"({type(err).__name__}: {first_line(err, 200)})")
 
 
 def _hub_error(spec: str, err: Exception) -> SftscopeError:
     return SftscopeError(
         f"could not load {spec!r}: not a local folder, and the hub did not provide it "
-        f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); pass a local folder "
+        f"({type(err).__name__}: {first_line(err, 160)}); pass a local folder "
         f"or check the id/revision and your network"
     )
 
@@ -192,7 +192,7 @@ def load_tokenizer(spec: str, revision: str | None = None, padding_side: str = "
     except (OSError, ValueError, KeyError) as e:
         if is_local(spec):
             raise SftscopeError(
-                f"{spec} has no usable tokenizer ({str(e).splitlines()[0][:160]}); "
+                f"{spec} has no usable tokenizer ({first_line(e, 160)}); "
                 f"save one with tokenizer.save_pretrained or pass --tokenizer"
             ) from e
         raise _hub_error(spec, e) from e
@@ -268,7 +268,7 @@ def _from_pretrained(src: ModelSource, opts: LoadOptions):
             raise _gguf_error(src, e) from e
         if src.kind == "folder":
             raise SftscopeError(f"{src.spec}: the model could not be loaded "
-                                f"({str(e).splitlines()[0][:200]})") from e
+                                f"({first_line(e, 200)})") from e
         raise _hub_error(src.spec, e) from e
     if src.kind == "gguf":  # dequantised: a plain model from here on (trainable, savable)
         model.hf_quantizer = None

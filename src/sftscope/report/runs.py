@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from sftscope import io
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, first_line
 from sftscope.segments import MASK_COLUMNS, block_text, mask_from_text
 
 RUN = "run"
@@ -167,7 +167,7 @@ def read_table(path: Path, required: Sequence[str] = (), k: int | None = None) -
         else:
             df = pd.read_json(path, orient="records", dtype={c: str for c in TEXT_COLUMNS})
     except Exception as e:  # pandas raises many types for corrupt files
-        raise SftscopeError(f"{path} could not be read ({str(e).splitlines()[0] if str(e) else e})"
+        raise SftscopeError(f"{path} could not be read ({first_line(e)})"
                             "; re-run the command that wrote it") from e
     missing = [c for c in required if c not in df.columns]
     if missing:
