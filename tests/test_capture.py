@@ -449,3 +449,32 @@ def test_capture_matches_a_model_loaded_from_disk(model_dir, tokenizer):
     res = capture(model, tok, CaptureConfig(batch_size=4, n_token=0), tokenizer.pad_token_id)
     for j, v in seen.items():
         assert torch.equal(res.pooled_mean[j], v)
+
+
+def test_default_schedule_is_measured_and_recorded(tiny, monkeypatch):
+    """On CPU the default times both schedules on the first token batches, keeps the faster
+    (recorded with its rates) and gives the inline numbers bit for bit, whichever it keeps."""
+    model, tok, pad = tiny
+    cfg = CaptureConfig(batch_size=1, n_token=8)
+    inline = capture(model, tok, replace(cfg, overlap=False), pad)
+    assert inline.info["token_metrics"] == "inline" and "schedule_probe" not in inline.info
+    auto = capture(model, tok, cfg, pad)
+    _same(inline, auto)
+    probe = auto.info["schedule_probe"]
+    assert probe["steps"] == len(S.ScheduleProbe.PLAN) and probe["choice"] in ("inline",
+                                                                             "overlap")
+    assert auto.info["token_metrics"] == probe["choice"]
+    rates = probe["us_per_token"]
+    assert rates[probe["choice"]] == min(rates.values())
+    # each way, whichever is faster is kept
+    for slow in ("inline", "overlap"):
+        p = S.ScheduleProbe()
+        for step in p.PLAN:
+            p.start(10)
+            if step == slow:
+                p._timing = (step, p._timing[1] - 1.0, 10)  # type: ignore[index]
+            p.finish()
+        assert p.choice == ("overlap" if slow == "inline" else "inline")
+    few = capture(model, tok, replace(cfg, n_token=3), pad)  # too few token batches to decide
+    assert few.info["token_metrics"] == "auto" and few.info["schedule_probe"]["choice"] is None
+    _same(capture(model, tok, replace(cfg, n_token=3, overlap=False), pad), few)

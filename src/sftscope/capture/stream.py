@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -269,28 +268,71 @@ def _sample_metrics(states: list[torch.Tensor], real: torch.Tensor, opts: M.Metr
         return M.token_metrics_batch(x, torch.ones(x.shape[:2], dtype=torch.bool), opts)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def pick_schedule(overlap: bool | None, device: torch.device) -> str:
-    """``overlap`` (workers compute batch b's token metrics during batch b+1's forward pass)
-    or ``inline`` (they compute them after batch b's forward pass, which waits for them).
+    """``overlap`` (workers compute batch b's token metrics during batch b+1's forward pass),
+    ``inline`` (they compute them after batch b's forward pass, which waits for them) or
+    ``auto`` (CPU: time both on the first batches and keep the faster, ``ScheduleProbe``).
 
-    ``overlap=None`` (auto): overlap on an accelerator, and on CPU when the cores this process
-    may use leave the workers as many cores as the forward pass uses
-    (``torch.get_num_threads()``). When the forward already keeps the cores busy, workers
-    only compete with it and the metrics run inline, on every core the forward uses. Either
-    way the numbers are the same, bit for bit (bench/README.md has the measured ratios).
+    ``overlap=None`` (auto): overlap on an accelerator (its metrics thread only queues
+    kernels), measured on CPU: which one pays there depends on how busy the cores are, which
+    no core count tells. Either way the numbers are the same, bit for bit (bench/README.md has
+    the measured ratios).
     """
     if overlap is not None:
         return "overlap" if overlap else "inline"
-    if device.type != "cpu" or 2 * torch.get_num_threads() <= _cores():
-        return "overlap"
-    return "inline"
+    return "overlap" if device.type != "cpu" else "auto"
+
+
+class ScheduleProbe:
+    """Times the first token batches of a CPU capture each way and keeps the faster schedule.
+
+    ``PLAN`` runs token batch k inline, lets the next one start the overlap (its metrics left
+    pending) and the one after overlapped (its forward pass while the previous batch's metrics
+    run, then waiting for them), twice: each timed step runs one forward pass and one batch's
+    metrics. An inline step starts with nothing pending. The rate is seconds per token of the
+    forward batch, summed over the steps of each schedule; ``choice`` is set after the plan."""
+
+    PLAN: tuple[str | None, ...] = ("inline", None, "overlap", "inline", None, "overlap")
+
+    def __init__(self) -> None:
+        self.k = 0
+        self.seconds = {"inline": 0.0, "overlap": 0.0}
+        self.tokens = {"inline": 0, "overlap": 0}
+        self.choice: str | None = None
+        self._timing: tuple[str, float, int] | None = None
+
+    def mode(self) -> str:
+        """The schedule the current token batch runs."""
+        return self.choice or self.PLAN[self.k] or "overlap"
+
+    def start(self, tokens: int) -> None:
+        """A token batch starts (its forward pass follows)."""
+        step = self.PLAN[self.k] if self.choice is None else None
+        self._timing = None if step is None else (step, time.perf_counter(), tokens)
+
+    def finish(self) -> None:
+        """That batch's timed step is over: count it, and decide after the last one."""
+        if self.choice is not None:
+            return
+        if self._timing is not None:
+            step, t0, tokens = self._timing
+            self.seconds[step] += time.perf_counter() - t0
+            self.tokens[step] += tokens
+        self.k += 1
+        if self.k == len(self.PLAN):
+            rate = self.rates()
+            self.choice = "overlap" if rate["overlap"] < rate["inline"] else "inline"
+
+    def rates(self) -> dict[str, float]:
+        """Seconds per token of each schedule's timed steps (NaN before any)."""
+        return {k: self.seconds[k] / self.tokens[k] if self.tokens[k] else math.nan
+                for k in self.seconds}
+
+    def info(self) -> dict[str, Any]:
+        """What run.json records: the choice (None: too few token batches to decide) and the
+        rates it was made from (microseconds per token)."""
+        return {"choice": self.choice, "steps": self.k,
+                "us_per_token": {k: round(v * 1e6, 3) for k, v in self.rates().items()}}
 
 
 def sample_pool(workers: int) -> ThreadPoolExecutor:
@@ -348,9 +390,12 @@ class _Reducer:
         self.n_token = n_token
         self.opts = opts
         self.include_padding = include_padding
-        self.schedule = schedule
-        self.n_states = n_states
         self.per_sample = device_type == "cpu"
+        if schedule == "auto" and not self.per_sample:
+            schedule = "overlap"
+        self.probe = ScheduleProbe() if schedule == "auto" and n_token > 0 else None
+        self._schedule = "inline" if schedule == "auto" and n_token == 0 else schedule
+        self.n_states = n_states
         self.pool: ThreadPoolExecutor | None = None
         self.workers = torch.get_num_threads()
         if n_token > 0 and self.per_sample:
@@ -359,6 +404,17 @@ class _Reducer:
             self.pool = metrics_thread()
         self._current: dict[int, tuple] = {}
         self._pending: list[tuple[list[int], list[int], Any]] = []
+
+    @property
+    def schedule(self) -> str:
+        """The schedule the current batch runs (the probe's choice once it has made it)."""
+        return self._schedule if self.probe is None else self.probe.mode()
+
+    def schedule_info(self) -> dict[str, Any]:
+        """What run.json records of the schedule: the one kept, and how it was chosen."""
+        if self.probe is None:
+            return {"token_metrics": self._schedule}
+        return {"token_metrics": self.probe.choice or "auto", "schedule_probe": self.probe.info()}
 
     def row(self, index: list[int]) -> torch.Tensor:
         """Buffer rows of the samples ``index``."""
@@ -377,6 +433,10 @@ class _Reducer:
         self._tok_mask: torch.Tensor | None = None
         self._whole: bool | None = None  # CPU: whether all states of the batch are held
         self._current = {}
+        if self.probe is not None and self.tok_rows:
+            if self.probe.mode() == "inline":  # an inline step starts with nothing pending
+                self.drain()
+            self.probe.start(int(batch.attention_mask.sum()))
 
     def _holds_whole_batch(self, hs: torch.Tensor) -> bool:
         """CPU: whether a batch's token rows at every hidden state (and each worker's float64
@@ -388,10 +448,16 @@ class _Reducer:
 
     def _submit(self, states: list[torch.Tensor], ms: torch.Tensor) -> list[Future]:
         """One task per token row: its metrics at the hidden states ``states`` (``[b, T, D]``
-        each, in order)."""
+        each, in order). The longest rows are submitted first (their cost grows as the cube
+        of their length), so no long one is left for one worker at the end while the others
+        idle; the futures stay in row order."""
         assert self.pool is not None
-        return [self.pool.submit(_sample_metrics, [h[r] for h in states], ms[r], self.opts)
-                for r in range(ms.shape[0])]
+        futures: dict[int, Future] = {}
+        lengths = ms.sum(1).tolist()
+        for r in sorted(range(ms.shape[0]), key=lambda r: -lengths[r]):
+            futures[r] = self.pool.submit(_sample_metrics, [h[r] for h in states], ms[r],
+                                          self.opts)
+        return [futures[r] for r in range(ms.shape[0])]
 
     def __call__(self, j: int, h: torch.Tensor) -> None:
         self.dtype = h.dtype
@@ -448,6 +514,8 @@ class _Reducer:
         self._pending.append((batch.index, self.tok_rows, work))
         while len(self._pending) > (1 if self.schedule == "overlap" else 0):
             self._collect(self._pending.pop(0))
+        if self.probe is not None and self.tok_rows:
+            self.probe.finish()
 
     def _collect(self, item: tuple[list[int], list[int], Any]) -> None:
         index, tok_rows, work = item
@@ -579,7 +647,7 @@ def _result(red: _Reducer, rr: RoutingReducer | None, routing: RoutingTask | Non
     if not bool(red.done.all()):
         raise AssertionError(f"capture {label}: {int((~red.done).sum())} samples not done")
     result = CaptureResult(red.pooled_mean, red.pooled_last, red.token, n_tokens,
-                           {**info, "token_metrics": red.schedule,
+                           {**info, **red.schedule_info(),
                             "compute_dtype": str(red.dtype).removeprefix("torch.")
                             if red.dtype is not None else None, "cached": False}, index)
     if rr is not None and routing is not None:

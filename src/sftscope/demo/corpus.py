@@ -23,6 +23,7 @@ Splits (what each is for):
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +143,21 @@ PROBLEM_MIX = {"add": 0.28, "sub": 0.24, "mul": 0.14, "half": 0.10, "add_sub": 0
 """Shares of the word-problem kinds (one step: add, sub, mul, half; two steps: the rest)."""
 
 
+_ONE_STEP = {
+    "+": (("{n} has {a} {it}. {P} buys {b} more {it}. How many {it} does {n} have now?",
+           "{n} has {a} + {b} = {c} {it} now."),
+          ("{n} picked {a} {it} in the morning and {b} {it} in the afternoon. "
+           "How many {it} did {n} pick in all?",
+           "{n} picked {a} + {b} = {c} {it} in all.")),
+    "-": (("{n} had {a} {it}. {P} gave {b} {it} to {m}. How many {it} does {n} have left?",
+           "{n} has {a} - {b} = {c} {it} left."),
+          ("There are {a} {it} in a {box}. {n} takes out {b} of them. "
+           "How many {it} are still in the {box}?",
+           "There are {a} - {b} = {c} {it} still in the {box}.")),
+}
+"""The two phrasings (question, solution line) of each one-step word problem."""
+
+
 class _Writer:
     """Draws problems and text from one random stream, numbers in ``1..top``, and never writes
     an addition or subtraction in ``held_out``."""
@@ -174,37 +190,27 @@ class _Writer:
 
     # problems --------------------------------------------------------------------------
     def p_add(self) -> Problem:
-        rng = self.rng
-        n, p, _ = self.who()
-        it = rng.choice(_ITEMS)
-        a, b = self.add_pair()
-        c = a + b
-        if rng.random() < 0.5:
-            q = (f"{n} has {a} {it}. {p.capitalize()} buys {b} more {it}. "
-                 f"How many {it} does {n} have now?")
-            s = (f"{n} has {a} + {b} = {c} {it} now.",)
-        else:
-            q = (f"{n} picked {a} {it} in the morning and {b} {it} in the afternoon. "
-                 f"How many {it} did {n} pick in all?")
-            s = (f"{n} picked {a} + {b} = {c} {it} in all.",)
-        return Problem(q, s, c, (("+", a, b),))
+        return self._one_step("+", self.add_pair)
 
     def p_sub(self) -> Problem:
+        return self._one_step("-", self.sub_pair)
+
+    def _one_step(self, op: str, draw: Callable[[], tuple[int, int]]) -> Problem:
+        """A one-step addition or subtraction in one of two phrasings (``_ONE_STEP``).
+
+        Draws in a fixed order (names, item, numbers, phrasing, container only where the
+        phrasing has one), so one seed always writes the same problems.
+        """
         rng = self.rng
         n, p, m = self.who()
         it = rng.choice(_ITEMS)
-        a, b = self.sub_pair()
-        c = a - b
-        if rng.random() < 0.5:
-            q = (f"{n} had {a} {it}. {p.capitalize()} gave {b} {it} to {m}. "
-                 f"How many {it} does {n} have left?")
-            s = (f"{n} has {a} - {b} = {c} {it} left.",)
-        else:
-            box = rng.choice(_CONTAINERS)
-            q = (f"There are {a} {it} in a {box}. {n} takes out {b} of them. "
-                 f"How many {it} are still in the {box}?")
-            s = (f"There are {a} - {b} = {c} {it} still in the {box}.",)
-        return Problem(q, s, c, (("-", a, b),))
+        a, b = draw()
+        c = a + b if op == "+" else a - b
+        q, s = _ONE_STEP[op][0 if rng.random() < 0.5 else 1]
+        box = rng.choice(_CONTAINERS) if "{box}" in q else ""
+        fields = {"n": n, "P": p.capitalize(), "m": m, "it": it, "a": a, "b": b, "c": c,
+                  "box": box}
+        return Problem(q.format(**fields), (s.format(**fields),), c, ((op, a, b),))
 
     def p_mul(self) -> Problem:
         rng = self.rng
@@ -393,6 +399,32 @@ _QA = {"+": "What is {a} plus {b}?", "-": "What is {a} minus {b}?", "*": "What i
 # ----------------------------------------------------------------------------- corpus
 
 
+class ProblemSource:
+    """Word-problem splits of one seed: the test split first, then any other split, with no
+    question repeated across splits and no test addition or subtraction in another split.
+
+    ``prefix`` names the seed's random streams (one per split, ``PREFIX/NAME``), so a split's
+    records do not depend on the sizes of the others.
+    """
+
+    def __init__(self, prefix: str, max_number: int, n_test: int) -> None:
+        if n_test > 2000:
+            raise SftscopeError(f"n_test={n_test} is too many for the demo's small problems; "
+                                "use at most 2000")
+        self.prefix, self.max_number = prefix, max_number
+        self.seen: set[str] = set()
+        self.test = _Writer(self.stream("test"), max_number).problems(n_test, self.seen)
+        self.held_out = {k for pr in self.test for k in pr.keys if k[0] in HELD_OUT_OPS}
+
+    def stream(self, name: str) -> random.Random:
+        """The random stream of split ``name``."""
+        return random.Random(f"{self.prefix}/{name}")
+
+    def problems(self, name: str, n: int) -> list[Problem]:
+        """``n`` problems of split ``name``: new questions, no held-out computation."""
+        return _Writer(self.stream(name), self.max_number, self.held_out).problems(n, self.seen)
+
+
 def make_corpus(seed: int = 0, n_pretrain: int = 20_000, n_sft: int = 2_000, n_test: int = 200,
                 n_train: int = 500, n_general: int = 200, max_number: int = 99) -> Corpus:
     """Generate every split, deterministically from ``seed`` (see the module docstring).
@@ -406,27 +438,17 @@ def make_corpus(seed: int = 0, n_pretrain: int = 20_000, n_sft: int = 2_000, n_t
                     ("n_train", n_train), ("n_general", n_general)]:
         if n < 0:
             raise SftscopeError(f"{name} must be >= 0, got {n}")
-    if n_test > 2000:
-        raise SftscopeError(f"n_test={n_test} is too many for the demo's small problems; use "
-                            "at most 2000")
     if not 20 <= max_number <= 999:
         raise SftscopeError(f"max_number must be in 20..999, got {max_number}")
-
-    def stream(name: str) -> random.Random:
-        return random.Random(f"sftscope-demo/{seed}/{name}")
-
-    seen: set[str] = set()
-    test = _Writer(stream("test"), max_number).problems(n_test, seen)
-    held_out = {k for pr in test for k in pr.keys if k[0] in HELD_OUT_OPS}
-    sft = _Writer(stream("sft"), max_number, held_out).problems(n_sft, seen)
-    train = _Writer(stream("gsm8k_train"), max_number, held_out).problems(n_train, seen)
-    w = _Writer(stream("pretrain"), max_number, held_out)
+    src = ProblemSource(f"sftscope-demo/{seed}", max_number, n_test)
+    sft, train = src.problems("sft", n_sft), src.problems("gsm8k_train", n_train)
+    w = _Writer(src.stream("pretrain"), max_number, src.held_out)
     pretrain = [w.document() for _ in range(n_pretrain)]
-    w = _Writer(stream("general"), max_number)
+    w = _Writer(src.stream("general"), max_number)
     general = [{"text": w.prose((5, 9))} for _ in range(n_general)]
     return Corpus(
         seed=seed, pretrain=pretrain, sft=[p.record() for p in sft],
-        gsm8k_train=[p.record() for p in train], gsm8k_test=[p.record() for p in test],
+        gsm8k_train=[p.record() for p in train], gsm8k_test=[p.record() for p in src.test],
         general=general,
     )
 

@@ -494,23 +494,45 @@ def _hf_bars(show: bool):
             hf_logging.enable_progress_bar()
 
 
-def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick: bool,
-                settings: dict[str, Any], key: str) -> DemoPair:
-    from transformers import AutoModelForCausalLM
+class _Phases:
+    """Wall and CPU seconds of each build phase (a phase may be entered more than once)."""
 
-    from sftscope.load.tiny import train_tokenizer
-
-    timer = Timer()
-    cpu: dict[str, float] = {}
+    def __init__(self) -> None:
+        self.timer = Timer()
+        self.cpu: dict[str, float] = {}
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     @contextlib.contextmanager
-    def phase(name: str):
+    def __call__(self, name: str):
         c0 = time.process_time()
-        with timer(name):
+        with self.timer(name):
             yield
-        cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
 
-    t_all, c_all = time.perf_counter(), time.process_time()
+    def close(self) -> None:
+        """Record the totals."""
+        self.timer.seconds["total"] = time.perf_counter() - self.t0
+        self.cpu["total"] = time.process_time() - self.c0
+
+
+@dataclass
+class _Data:
+    """The pair's corpus, tokenizer and training blocks."""
+
+    corpus: Corpus
+    files: dict[str, Path]
+    tok: Any
+    pre_ids: list[list[int]]
+    base_blocks: torch.Tensor
+    sft_set: _Blocks
+    n_sft_blocks: int
+    n_mix: int
+
+
+def _prepare(out_dir: Path, seed: int, cfg: PairConfig, phase: _Phases) -> _Data:
+    """Write the corpus, train the tokenizer and cut the base and SFT training blocks."""
+    from sftscope.load.tiny import train_tokenizer
+
     with phase("corpus"):
         corpus = make_corpus(seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft,
                              n_test=cfg.n_test, n_train=cfg.n_train, n_general=cfg.n_general,
@@ -529,58 +551,76 @@ def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick
         mix = base_blocks[torch.randperm(len(base_blocks),
                                          generator=torch.Generator().manual_seed(seed))[:n_mix]]
         sft_set = _Blocks(torch.cat([sft_ids, mix]), torch.cat([sft_lab, mix]))
+    return _Data(corpus=corpus, files=files, tok=tok, pre_ids=pre_ids, base_blocks=base_blocks,
+                 sft_set=sft_set, n_sft_blocks=int(len(sft_ids)), n_mix=int(n_mix))
+
+
+def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick: bool,
+                settings: dict[str, Any], key: str) -> DemoPair:
+    """Build the pair (data, base, SFT, held-out evaluation) and write its manifest."""
+    from transformers import AutoModelForCausalLM
+
+    phase = _Phases()
+    data = _prepare(out_dir, seed, cfg, phase)
+    tok = data.tok
     work = Path(tempfile.mkdtemp(prefix=".train.", dir=out_dir))
     try:
         random.seed(seed)
         model = _new_model(family, len(tok), cfg, seed)
         n_params = sum(p.numel() for p in model.parameters())
         with phase("base"):
-            base_hist = _train(model, _Blocks(base_blocks, base_blocks), steps=cfg.base_steps,
-                               lr=cfg.base_lr, cfg=cfg, seed=seed, work_dir=work, name="base")
+            base_hist = _train(model, _Blocks(data.base_blocks, data.base_blocks),
+                               steps=cfg.base_steps, lr=cfg.base_lr, cfg=cfg, seed=seed,
+                               work_dir=work, name="base")
         with phase("save"):
             _save(model, tok, out_dir / "base")
         base = AutoModelForCausalLM.from_pretrained(out_dir / "base")
         sft = AutoModelForCausalLM.from_pretrained(out_dir / "base")
         with phase("sft"):
-            sft_hist = _train(sft, sft_set, steps=cfg.sft_steps, lr=cfg.sft_lr, cfg=cfg,
+            sft_hist = _train(sft, data.sft_set, steps=cfg.sft_steps, lr=cfg.sft_lr, cfg=cfg,
                               seed=seed, work_dir=work, name="sft")
         with phase("save"):
             _save(sft, tok, out_dir / "sft")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     with phase("eval"):
-        metrics = evaluate_pair(base, sft, tok, corpus, cfg)
-    timer.seconds["total"] = time.perf_counter() - t_all
-    cpu["total"] = time.process_time() - c_all
-    step_tokens = cfg.batch_size * cfg.seq_len
-    tokens = {
-        "base_trained": cfg.base_steps * step_tokens,
-        "sft_trained": cfg.sft_steps * step_tokens,
-        "pretrain_corpus": sum(len(d) + 1 for d in pre_ids),
-        "sft_blocks": int(len(sft_ids)), "sft_mix_blocks": int(n_mix),
-    }
-    for name in ("base", "sft"):
-        tokens[f"{name}_tokens_per_s"] = round(tokens[f"{name}_trained"]
-                                               / max(timer.seconds[name], 1e-9))
+        metrics = evaluate_pair(base, sft, tok, data.corpus, cfg)
+    phase.close()
     man = run_record(
         "demo_pair", settings, key=key, quick=quick, n_blocks=cfg.n_layers, n_params=n_params,
         tokenizer={"vocab_size": len(tok), "kind": "byte-level BPE, digits split",
                    "prompt_format": format_prompt("{question}"),
                    "eos_token": tok.eos_token, "pad_token": tok.pad_token},
-        tokens=tokens, timings={k: round(v, 2) for k, v in timer.seconds.items()},
-        cpu_seconds={k: round(v, 2) for k, v in cpu.items()}, torch_threads=dict(THREADS),
+        tokens=_token_counts(cfg, data, phase.timer.seconds),
+        timings={k: round(v, 2) for k, v in phase.timer.seconds.items()},
+        cpu_seconds={k: round(v, 2) for k, v in phase.cpu.items()}, torch_threads=dict(THREADS),
         metrics={k: round(v, 4) for k, v in metrics.items()},
         loss_history={"base": base_hist, "sft": sft_hist},
-        files={k: str(p.relative_to(out_dir)) for k, p in files.items()},
+        files={k: str(p.relative_to(out_dir)) for k, p in data.files.items()},
     )
     write_json(out_dir / MANIFEST, man)
     if progress_enabled():
         m = metrics
         say(f"[bold]demo pair[/]: base/ and sft/ saved in {out_dir} "
-            f"({timer.seconds['total']:.0f} s; answer format base {m.get('format_base', 0):.0%} "
-            f"-> sft {m.get('format_sft', 0):.0%}, accuracy "
+            f"({phase.timer.seconds['total']:.0f} s; answer format base "
+            f"{m.get('format_base', 0):.0%} -> sft {m.get('format_sft', 0):.0%}, accuracy "
             f"{m.get('flex_acc_base', 0):.0%} -> {m.get('strict_acc_sft', 0):.0%})")
     return _pair_from_manifest(out_dir, read_json(out_dir / MANIFEST), cached=False)
+
+
+def _token_counts(cfg: PairConfig, data: _Data, seconds: dict[str, float]) -> dict[str, int]:
+    """Tokens trained in each phase and per second, and the sizes of the training data."""
+    step_tokens = cfg.batch_size * cfg.seq_len
+    tokens = {
+        "base_trained": cfg.base_steps * step_tokens,
+        "sft_trained": cfg.sft_steps * step_tokens,
+        "pretrain_corpus": sum(len(d) + 1 for d in data.pre_ids),
+        "sft_blocks": data.n_sft_blocks, "sft_mix_blocks": data.n_mix,
+    }
+    for name in ("base", "sft"):
+        tokens[f"{name}_tokens_per_s"] = round(tokens[f"{name}_trained"]
+                                               / max(seconds[name], 1e-9))
+    return tokens
 
 
 def _mix_blocks(sft_labels: torch.Tensor, cfg: PairConfig) -> int:

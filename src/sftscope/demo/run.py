@@ -9,15 +9,20 @@ captures, finished sweep jobs).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftscope.config.commands import DEMO_STEPS, DemoConfig
 from sftscope.io import run_record
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, releasing
+
+if TYPE_CHECKING:
+    from sftscope.demo.pair import DemoPair
 
 STEPS = DEMO_STEPS
 
@@ -30,136 +35,183 @@ class DemoResult:
     report: Path | None
     runs: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (all threads) per step
     pair: dict[str, Any] = field(default_factory=dict)
     patterns: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, Any] = field(default_factory=dict)  # --stages: the DPO and GRPO runs
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Record the wall and the CPU seconds (this process, all threads) of step ``name``."""
+        t, c = time.perf_counter(), time.process_time()
+        yield
+        self.timings[name] = time.perf_counter() - t
+        self.cpu[name] = time.process_time() - c
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What every analysis step of the demo reads: the pair, its data and the sizes."""
+
+    cfg: DemoConfig
+    base: str
+    sft: str
+    test: str
+    train: str
+    cache: Path
+    chain: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> dict[str, int]:
+        return self.cfg.sizes
 
 
 @releasing
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run every step of the demo and write ``out/report.html`` and ``out/run.json``."""
-    from sftscope.demo.pair import build_demo_pair
-
     out = Path(cfg.out)
     check_out(out, "demo", cfg, overwrite=True)
     res = DemoResult(out=out, report=None)
-    size = cfg.sizes
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     eta = Eta(cfg, t0)
+    pair = _build_pair(cfg, res, eta)
+    chain = _build_stages(cfg, res, eta, str(pair.sft_dir), pair.data_files["gsm8k_train"])
+    inputs = _Inputs(cfg=cfg, base=str(pair.base_dir), sft=str(pair.sft_dir),
+                     test=f"gsm8k:{pair.data_files['gsm8k_test']}",
+                     train=f"gsm8k:{pair.data_files['gsm8k_train']}", cache=out / "cache",
+                     chain=chain)
+    for name, fn in STEP_RUNNERS.items():
+        if name not in cfg.steps:
+            continue
+        say(f"[bold]demo: {name}[/] ({eta.line(name)})")
+        with res.timed(name):
+            res.runs[name] = Path(fn(inputs, out / name))
+        eta.done(name, res.timings[name])
+    if "report" in cfg.steps and res.runs:
+        _report(cfg, res)
+    res.timings["total"] = time.perf_counter() - t0
+    res.cpu["total"] = time.process_time() - c0
+    finish_run(out, run_record(
+        "demo", cfg.record(), reduced=cfg.quick, sizes=cfg.sizes, seeds={"demo": cfg.seed},
+        pair=res.pair,
+        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings, cpu_seconds=res.cpu,
+        stages=res.stages,
+        general_text=str(pair.data_files["general"]), patterns=res.patterns))
+    return res
+
+
+def _build_pair(cfg: DemoConfig, res: DemoResult, eta: Eta) -> DemoPair:
+    """Train (or find cached) the pair; its folders, sizes and timings go into ``res``."""
+    from sftscope.demo.pair import build_demo_pair
+
     say(f"[bold]demo: pair[/] ({eta.line('pair')})")
-    pair = build_demo_pair(out / ("pair-moe" if cfg.moe else "pair"), seed=cfg.seed,
-                           quick=cfg.quick, family=cfg.family, force=cfg.force, moe=cfg.moe)
-    res.timings["pair" + (" (cached)" if pair.cached else "")] = time.perf_counter() - t0
-    eta.done("pair", time.perf_counter() - t0, cached=pair.cached)
+    with res.timed("pair"):
+        pair = build_demo_pair(Path(cfg.out) / ("pair-moe" if cfg.moe else "pair"),
+                               seed=cfg.seed, quick=cfg.quick, family=cfg.family,
+                               force=cfg.force, moe=cfg.moe)
+    eta.done("pair", res.timings["pair"], cached=pair.cached)
+    if pair.cached:
+        res.timings["pair (cached)"] = res.timings.pop("pair")
+        res.cpu["pair (cached)"] = res.cpu.pop("pair")
     res.pair = {"base": str(pair.base_dir), "sft": str(pair.sft_dir), "cached": pair.cached,
                 "n_blocks": pair.n_blocks, "n_params": pair.n_params, "metrics": pair.metrics,
                 "timings": pair.timings}
-    base, sft = str(pair.base_dir), str(pair.sft_dir)
-    test = f"gsm8k:{pair.data_files['gsm8k_test']}"
-    train = f"gsm8k:{pair.data_files['gsm8k_train']}"
-    general = str(pair.data_files["general"])
-    cache = out / "cache"
-    chain: tuple[str, ...] = ()
-    if cfg.stages:
-        from sftscope.demo.stages import build_stages, chain_stages
+    return pair
 
-        say(f"[bold]demo: stages[/] DPO then GRPO after the SFT model ({eta.line('stages')})")
-        t = time.perf_counter()
-        res.stages = build_stages(out / "stages", sft, pair.data_files["gsm8k_train"],
-                                  seed=cfg.seed, quick=cfg.quick)
-        res.timings["stages"] = time.perf_counter() - t
-        eta.done("stages", res.timings["stages"])
-        chain = chain_stages(res.stages)
 
-    def step(name: str, fn) -> None:
-        if name not in cfg.steps:
-            return
-        say(f"[bold]demo: {name}[/] ({eta.line(name)})")
-        t = time.perf_counter()
-        path = fn(out / name)
-        res.timings[name] = time.perf_counter() - t
-        eta.done(name, res.timings[name])
-        if path is not None:
-            res.runs[name] = Path(path)
+def _build_stages(cfg: DemoConfig, res: DemoResult, eta: Eta, sft: str,
+                  train: Path) -> tuple[str, ...]:
+    """``--stages``: DPO then GRPO after the SFT model; the chain of models to analyse."""
+    if not cfg.stages:
+        return ()
+    from sftscope.demo.stages import build_stages, chain_stages
 
-    def do_analyze(run: Path) -> Path:
-        from sftscope.experiments.analyze import AnalyzeConfig, analyze
+    say(f"[bold]demo: stages[/] DPO then GRPO after the SFT model ({eta.line('stages')})")
+    with res.timed("stages"):
+        res.stages = build_stages(Path(cfg.out) / "stages", sft, train, seed=cfg.seed,
+                                  quick=cfg.quick)
+    eta.done("stages", res.timings["stages"])
+    return chain_stages(res.stages)
 
-        analyze(AnalyzeConfig(base=base, sft=sft, data=test, out=str(run),
-                              limit=size["n_pooled"], n_token=size["n_token"],
-                              max_length=256, batch_size=16, seed=cfg.seed,
-                              cache_dir=str(cache), overwrite=True, stages=chain))
-        return run
 
-    def do_weights(run: Path) -> Path:
-        from sftscope.experiments.weights import run_weights
+def _analyze(inp: _Inputs, run: Path) -> Path:
+    from sftscope.experiments.analyze import AnalyzeConfig, analyze
 
-        run_weights(run, base, sft, overwrite=True, stages=chain, consecutive=bool(chain))
-        return run
+    analyze(AnalyzeConfig(base=inp.base, sft=inp.sft, data=inp.test, out=str(run),
+                          limit=inp.size["n_pooled"], n_token=inp.size["n_token"],
+                          max_length=256, batch_size=16, seed=inp.cfg.seed,
+                          cache_dir=str(inp.cache), overwrite=True, stages=inp.chain))
+    return run
 
-    def do_probe(run: Path) -> Path:
-        from sftscope.experiments.lens import probe
 
-        probe(data=test, base=base, sft=sft, out=str(run), limit=size["n_probe"],
-              seed=cfg.seed, max_length=256, batch_size=16, bootstrap=200, overwrite=True,
-              stages=chain)
-        return run
+def _weights(inp: _Inputs, run: Path) -> Path:
+    from sftscope.experiments.weights import run_weights
 
-    def do_swap(run: Path) -> Path:
-        from sftscope.experiments.swap import swap
+    run_weights(run, inp.base, inp.sft, overwrite=True, stages=inp.chain,
+                consecutive=bool(inp.chain))
+    return run
 
-        swap(base=base, sft=sft, data=test, out=str(run), segments=cfg.segments,
-             limit=size["n_swap"], seed=cfg.seed, max_length=256, batch_size=16,
-             bootstrap=200, overwrite=True)
-        return run
 
-    def do_sweep(run: Path) -> Path:
-        from sftscope.experiments.sweep import SweepConfig, run_sweep
+def _probe(inp: _Inputs, run: Path) -> Path:
+    from sftscope.experiments.lens import probe
 
-        run_sweep(SweepConfig(
-            out=str(run), model=base, train=train, task=test, segments=cfg.segments,
-            masks=cfg.sweep_masks, seeds=cfg.sweep_seeds, sft=sft,
-            validate_suggest=True,
-            tune={"rank": 8, "lr": 2e-3, "max_steps": size["tune_steps"], "batch_size": 16,
-                  "micro_batch_size": 16, "n_train": size["n_train"], "save_steps": 1000},
-            evaluation={"limit": size["eval_limit"], "shots": 0,
-                        "max_new_tokens": size["new_tokens"], "batch_size": 16},
-            suggest={"limit": min(64, size["n_pooled"])},
-        ))
-        suggestion = run / "suggest" / "suggest.json"
-        if suggestion.is_file():
-            from sftscope.io import read_json
+    probe(data=inp.test, base=inp.base, sft=inp.sft, out=str(run), limit=inp.size["n_probe"],
+          seed=inp.cfg.seed, max_length=256, batch_size=16, bootstrap=200, overwrite=True,
+          stages=inp.chain)
+    return run
 
-            rec = read_json(suggestion)
-            say(f"suggested mask {rec.get('mask')} ({rec.get('method')}): {rec.get('reason')}")
-        return run
 
-    step("analyze", do_analyze)
-    step("weights", do_weights)
-    step("probe", do_probe)
-    step("swap", do_swap)
-    step("sweep", do_sweep)
-    if "report" in cfg.steps and res.runs:
-        from sftscope.report import build_report, paper_patterns
+def _swap(inp: _Inputs, run: Path) -> Path:
+    from sftscope.experiments.swap import swap
 
-        t = time.perf_counter()
-        order = [res.runs[k] for k in STEPS if k in res.runs and True]
-        res.report = build_report(order, out=out / "report.html",
-                                  figures_dir=out / "figures",
+    swap(base=inp.base, sft=inp.sft, data=inp.test, out=str(run), segments=inp.cfg.segments,
+         limit=inp.size["n_swap"], seed=inp.cfg.seed, max_length=256, batch_size=16,
+         bootstrap=200, overwrite=True)
+    return run
+
+
+def _sweep(inp: _Inputs, run: Path) -> Path:
+    from sftscope.experiments.sweep import SweepConfig, run_sweep
+
+    cfg, size = inp.cfg, inp.size
+    run_sweep(SweepConfig(
+        out=str(run), model=inp.base, train=inp.train, task=inp.test, segments=cfg.segments,
+        masks=cfg.sweep_masks, seeds=cfg.sweep_seeds, sft=inp.sft,
+        validate_suggest=True,
+        tune={"rank": 8, "lr": 2e-3, "max_steps": size["tune_steps"], "batch_size": 16,
+              "micro_batch_size": 16, "n_train": size["n_train"], "save_steps": 1000},
+        evaluation={"limit": size["eval_limit"], "shots": 0,
+                    "max_new_tokens": size["new_tokens"], "batch_size": 16},
+        suggest={"limit": min(64, size["n_pooled"])},
+    ))
+    suggestion = run / "suggest" / "suggest.json"
+    if suggestion.is_file():
+        from sftscope.io import read_json
+
+        rec = read_json(suggestion)
+        say(f"suggested mask {rec.get('mask')} ({rec.get('method')}): {rec.get('reason')}")
+    return run
+
+
+STEP_RUNNERS = {"analyze": _analyze, "weights": _weights, "probe": _probe, "swap": _swap,
+                "sweep": _sweep}
+"""The analysis steps in the order they run (``report`` reads their run folders)."""
+
+
+def _report(cfg: DemoConfig, res: DemoResult) -> None:
+    """One report over every step's run folder; the paper's patterns go into ``res``."""
+    from sftscope.report import build_report, paper_patterns
+
+    with res.timed("report"):
+        order = [res.runs[k] for k in STEPS if k in res.runs]
+        res.report = build_report(order, out=res.out / "report.html",
+                                  figures_dir=res.out / "figures",
                                   title="sftscope demo: a toy "
                                   + ("mixture-of-experts " if cfg.moe else "")
                                   + "Base/SFT pair trained on this CPU"
                                   + (", continued through DPO and GRPO" if cfg.stages else ""),
                                   notices=[reduced_notice(cfg)] if cfg.quick else [])
         res.patterns = paper_patterns(order)
-        res.timings["report"] = time.perf_counter() - t
-    res.timings["total"] = time.perf_counter() - t0
-    finish_run(out, run_record(
-        "demo", cfg.record(), reduced=cfg.quick, sizes=size, seeds={"demo": cfg.seed},
-        pair=res.pair,
-        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings, stages=res.stages,
-        general_text=general, patterns=res.patterns))
-    return res
 
 
 def reduced_notice(cfg: DemoConfig) -> str:
@@ -217,8 +269,9 @@ class Eta:
 
 
 def time_summary(res: DemoResult) -> str:
-    """Where the time went, one line per step."""
+    """Where the time went, one line per step: wall seconds, share, CPU seconds (all threads)."""
     total = res.timings.get("total", 0.0) or 1.0
-    lines = [f"  {k:<16} {v:7.1f} s  {100 * v / total:5.1f} %"
+    lines = [f"  {k:<16} {v:7.1f} s  {100 * v / total:5.1f} %  cpu {res.cpu.get(k, 0.0):7.1f} s"
              for k, v in res.timings.items() if k != "total"]
-    return "\n".join(lines + [f"  {'total':<16} {total:7.1f} s"])
+    return "\n".join(lines + [f"  {'total':<16} {total:7.1f} s          "
+                              f"cpu {res.cpu.get('total', 0.0):7.1f} s"])

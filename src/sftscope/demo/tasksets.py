@@ -21,7 +21,7 @@ import json
 import random
 from pathlib import Path
 
-from sftscope.demo.corpus import HELD_OUT_OPS, Problem, _Writer, format_prompt
+from sftscope.demo.corpus import Problem, ProblemSource, format_prompt
 from sftscope.errors import SftscopeError
 from sftscope.io import write_text
 
@@ -34,18 +34,8 @@ FILES = {"gsm8k": ("train.jsonl", "test.jsonl"), "mmlu": ("dev.jsonl", "test.jso
 def problems(seed: int, n_train: int, n_test: int,
              max_number: int = 99) -> tuple[list[Problem], list[Problem]]:
     """``(train, test)`` word problems: distinct questions, test computations held out."""
-    if n_test > 2000:
-        raise SftscopeError(f"n_test={n_test} is too many for the demo's small problems; use "
-                            "at most 2000")
-
-    def stream(name: str) -> random.Random:
-        return random.Random(f"sftscope-data/{seed}/{name}")
-
-    seen: set[str] = set()
-    test = _Writer(stream("test"), max_number).problems(n_test, seen)
-    held_out = {k for pr in test for k in pr.keys if k[0] in HELD_OUT_OPS}
-    train = _Writer(stream("train"), max_number, held_out).problems(n_train, seen)
-    return train, test
+    src = ProblemSource(f"sftscope-data/{seed}", max_number, n_test)
+    return src.problems("train", n_train), src.test
 
 
 def mmlu_record(pr: Problem, rng: random.Random) -> dict[str, object]:

@@ -139,12 +139,16 @@ class _Norms:
     two reusable float64 buffers (2 MiB each, cache-resident) per worker. A large tensor is cut
     into chunk-aligned contiguous parts, one per worker thread (torch ops release the GIL and
     each runs single-threaded, so no OpenMP barrier can stall); part sums are added in a fixed
-    order, so results are deterministic for a given worker count."""
+    order, so results are deterministic for a given worker count. ``sq_diff`` counts the
+    bit-identical entries in the same pass, while the chunk is in cache, as the zeros of the
+    XOR of the bits (a full-size comparison's bool tensor cost 6x the whole norm: measured
+    5.0 ns per entry against 0.7)."""
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = max(1, workers)
         self.bufs = [(torch.empty(_CHUNK, dtype=torch.float64),
                       torch.empty(_CHUNK, dtype=torch.float64)) for _ in range(self.workers)]
+        self.raw = [torch.empty(_CHUNK * 8, dtype=torch.uint8) for _ in range(self.workers)]
         self.pool = ThreadPoolExecutor(self.workers - 1) if self.workers > 1 else None
 
     def close(self) -> None:
@@ -162,25 +166,52 @@ class _Norms:
         futures = [self.pool.submit(fn, j, lo, hi) for j, (lo, hi) in enumerate(parts) if j]
         return [fn(0, *parts[0])] + [f.result() for f in futures]
 
-    def sq_diff(self, s: Tensor, b: Tensor) -> tuple[float, float]:
-        """``(||s - b||^2, ||b||^2)``."""
+    def sq_diff(self, s: Tensor, b: Tensor,
+                bits: torch.dtype | None = None) -> tuple[float, float, int]:
+        """``(||s - b||^2, ||b||^2, same)``: ``same`` the entries equal in the view ``bits``
+        of both (``_bit_view``; 0 without it)."""
         s, b = s.reshape(-1), b.reshape(-1)
+        sv, bv = (s.view(bits), b.view(bits)) if bits is not None else (s, b)
 
-        def part(j: int, lo: int, hi: int) -> tuple[float, float]:
+        def part(j: int, lo: int, hi: int) -> tuple[float, float, int]:
             ba, bb = self.bufs[j]
             d2 = b2 = 0.0
+            same = 0
             for i in range(lo, hi, _CHUNK):
                 m = min(_CHUNK, hi - i)
+                if bits is not None:
+                    same += self._same(j, sv[i:i + m], bv[i:i + m])
                 xa, xb = ba[:m], bb[:m]
                 xa.copy_(s[i:i + m])
                 xb.copy_(b[i:i + m])
                 b2 += float(torch.dot(xb, xb))
                 xa.sub_(xb)
                 d2 += float(torch.dot(xa, xa))
-            return d2, b2
+            return d2, b2, same
 
         res = self._map(part, s.numel())
-        return math.fsum(r[0] for r in res), math.fsum(r[1] for r in res)
+        return (math.fsum(r[0] for r in res), math.fsum(r[1] for r in res),
+                sum(r[2] for r in res))
+
+    def _same(self, j: int, s: Tensor, b: Tensor) -> int:
+        """Entries of the chunks ``s`` and ``b`` (integer or bool views) with equal bits, in
+        worker ``j``'s buffer."""
+        m = s.numel()
+        x = self.raw[j][:m * s.element_size()].view(s.dtype)
+        return m - int(torch.count_nonzero(torch.bitwise_xor(s, b, out=x)))
+
+    def count_same(self, s: Tensor, b: Tensor, bits: torch.dtype) -> int:
+        """Entries of ``s`` and ``b`` equal in their views ``bits``, chunk by chunk."""
+        sv, bv = s.reshape(-1).view(bits), b.reshape(-1).view(bits)
+
+        def part(j: int, lo: int, hi: int) -> int:
+            same = 0
+            for i in range(lo, hi, _CHUNK):
+                m = min(_CHUNK, hi - i)
+                same += self._same(j, sv[i:i + m], bv[i:i + m])
+            return same
+
+        return sum(self._map(part, sv.numel()))
 
     def sq(self, x: Tensor) -> float:
         """``||x||^2``."""
@@ -555,8 +586,13 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
         acc.added_rows[f"{it.slot.module}_added"] = max(
             acc.added_rows[f"{it.slot.module}_added"], added.shape[0])
         s = s[: b.shape[0]]
-    if s is not None:
-        _count_unchanged(acc, it, s, b, spec, base.config)
+    spectrum = (spectra is not None and s is not None and b.dim() == 2
+                and it.slot.param == "weight" and it.slot.module not in _NO_SPECTRUM)
+    # bit-identical entries: counted in the norm's own pass where there is one over the pair
+    bits = _bit_view(s, b) if s is not None else None
+    in_pass = bits is not None and not (it.fused or it.experts_fused or spectrum)
+    if s is not None and not in_pass:
+        _count_unchanged(acc, it, s, b, spec, base.config, norms)
     if it.fused:
         b64 = b.to(torch.float64)
         d64 = (s.to(torch.float64) - b64) if s is not None else None
@@ -575,35 +611,56 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
         _fused_experts(b, s, it.slot.block, acc, norms)
         return
     if it.slot.expert is not None:  # one expert's tensor: to ``experts`` and its own row
-        d2, b2 = norms.sq_diff(s, b) if s is not None else (0.0, norms.sq(b))
+        d2, b2, same = norms.sq_diff(s, b, bits) if s is not None else (0.0, norms.sq(b), 0)
         acc.add(key, d2, b2)
         acc.add_expert(it.slot.block, it.slot.expert, d2, b2)
-        return
-    if (spectra is not None and s is not None and b.dim() == 2 and it.slot.param == "weight"
-            and it.slot.module not in _NO_SPECTRUM):
+    elif spectrum:
+        assert spectra is not None and s is not None
         d = s.to(torch.float64)
         d.sub_(b)
         d2 = _sq64(d)
         acc.add(key, d2, norms.sq(b))
         spectra.submit(key, d, d2, dtype)
     elif s is not None:
-        acc.add(key, *norms.sq_diff(s, b))
+        d2, b2, same = norms.sq_diff(s, b, bits)
+        acc.add(key, d2, b2)
     else:
         acc.add(key, 0.0, norms.sq(b))
+    if in_pass:
+        assert s is not None
+        acc.same[key] += same
+        acc.count[key] += s.numel()
+
+
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _bits(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x`` in ``dtype`` seen as integers of the same width: equal bits, equal integers
     (``-0.0`` differs from ``0.0``, as it does on disk)."""
     x = x.to(dtype)
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return x.view(ints[x.element_size()])
+    return x.view(_INTS[x.element_size()])
+
+
+def _bit_view(s: Tensor, b: Tensor) -> torch.dtype | None:
+    """The dtype both are viewed as to compare them entry by entry, when they are stored in
+    the same dtype: integers of the same width for floats (what ``_bits`` compares), the dtype
+    itself otherwise. None when the dtypes differ (``_count_unchanged`` converts then)."""
+    if s.dtype != b.dtype:
+        return None
+    return _INTS[b.element_size()] if b.is_floating_point() else b.dtype
 
 
 def _count_unchanged(acc: _Acc, it: _Item, s: Tensor, b: Tensor, spec: ArchSpec,
-                     config: dict) -> None:
+                     config: dict, norms: _Norms) -> None:
     """``unchanged_frac``'s counts: entries bit-identical in their stored dtype (the coarser
     one when the two checkpoints store different dtypes), per module (fused qkv per role)."""
+    bits = _bit_view(s, b)
+    if bits is not None and not it.fused:  # chunk by chunk: no full-size bool tensor
+        key = (it.slot.block, it.slot.module)
+        acc.same[key] += norms.count_same(s, b, bits)
+        acc.count[key] += s.numel()
+        return
     if b.is_floating_point() and s.is_floating_point():
         dtype = b.dtype if dtype_eps(b.dtype) >= dtype_eps(s.dtype) else s.dtype
         same = _bits(s, dtype) == _bits(b, dtype)
@@ -624,7 +681,7 @@ def _fused_experts(b: Tensor, s: Tensor | None, block: int, acc: _Acc, norms: _N
     """A fused expert tensor ``[E, ...]``: each expert's slice (a view) to its own row and to
     the block's ``experts``."""
     for e in range(b.shape[0]):
-        d2, b2 = norms.sq_diff(s[e], b[e]) if s is not None else (0.0, norms.sq(b[e]))
+        d2, b2 = norms.sq_diff(s[e], b[e])[:2] if s is not None else (0.0, norms.sq(b[e]))
         acc.add((block, "experts"), d2, b2)
         acc.add_expert(block, e, d2, b2)
 
@@ -746,6 +803,26 @@ def _check_adapter_shape(base: Checkpoint, mod: LoraModule, slot: Slot, a: Tenso
 # --------------------------------------------------------------------------- API
 
 
+def _check_request(base: object, sft: object, adapter: object, *, low_rank: bool, top_k: int,
+                   device: str, max_rank: int) -> None:
+    """``weight_change``'s arguments, refused in one line each before anything is read."""
+    if (sft is None) == (adapter is None):
+        raise SftscopeError("give exactly one of --sft (a fine-tuned checkpoint) or --adapter "
+                            "(a LoRA folder)")
+    if sft is not None and base is None:
+        raise SftscopeError("--sft needs --base: the change is measured against the base")
+    if top_k < 1:
+        raise SftscopeError(f"--top-k must be at least 1, got {top_k}")
+    if max_rank < top_k:
+        raise SftscopeError(f"--max-rank ({max_rank}) must be at least --top-k ({top_k})")
+    if low_rank:
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, ValueError) as e:
+            raise SftscopeError(f"--device {device!r} is not available here ({e}); "
+                                f"use cpu") from e
+
+
 def weight_change(
     base: str | os.PathLike | None,
     sft: str | os.PathLike | None = None,
@@ -768,21 +845,8 @@ def weight_change(
     ``n_blocks``, ``model_type``, ``mode``, ``notes``, ``timings`` and ``bytes_read`` for the
     run record.
     """
-    if (sft is None) == (adapter is None):
-        raise SftscopeError("give exactly one of --sft (a fine-tuned checkpoint) or --adapter "
-                            "(a LoRA folder)")
-    if sft is not None and base is None:
-        raise SftscopeError("--sft needs --base: the change is measured against the base")
-    if top_k < 1:
-        raise SftscopeError(f"--top-k must be at least 1, got {top_k}")
-    if max_rank < top_k:
-        raise SftscopeError(f"--max-rank ({max_rank}) must be at least --top-k ({top_k})")
-    if low_rank:
-        try:
-            torch.empty(1, device=device)
-        except (RuntimeError, ValueError) as e:
-            raise SftscopeError(f"--device {device!r} is not available here ({e}); "
-                                f"use cpu") from e
+    _check_request(base, sft, adapter, low_rank=low_rank, top_k=top_k, device=device,
+                   max_rank=max_rank)
     timer = Timer()
     notes: list[str] = []
     acc = _Acc()
