@@ -55,7 +55,7 @@ from sftscope.config.commands import ProbeConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
 from sftscope.experiments.analyze import check_chain, check_chain_tokenizers
-from sftscope.experiments.context import Models
+from sftscope.experiments.context import Models, RunContext
 from sftscope.experiments.distributions import (
     SHIFT_KINDS,
     distribution_table,
@@ -89,11 +89,10 @@ from sftscope.load.models import (
     source_label,
 )
 from sftscope.load.runtime import model_bytes, release, resolve_device
-from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
 from sftscope.parallel import empty_like_table, join
-from sftscope.progress import plan, say, stage, staged
-from sftscope.runs import check_out, finish_run, start_run
+from sftscope.progress import plan, stage, staged
+from sftscope.runs import check_out
 
 PROBE_COLUMNS = ["layer", "model", "metric", "value", "ci_low", "ci_high", "n"]
 DEFAULT_CHUNK = 1 << 24  # logits elements per lens chunk (64 MiB in float32)
@@ -888,30 +887,24 @@ def pick_tokenizer(choice: str | None, default: str, specs: dict[str, str],
 
 @dataclass
 class ProbePlan:
-    """What ``probe`` validated and prepared before any model runs: the models (``specs``,
-    ``revs``, ``bases``; a pair's chain ``stages`` and ``pairs``), the tokenizer and data with
-    their answers, choices and scored positions, and this process's ``share``."""
+    """What ``probe`` validated and prepared before any model runs: the run context (the
+    models, tokenizer, tokenized data, notes and run folder; a pair's chain ``stages`` and
+    ``pairs``), the samples with their answers, choices and scored positions, and this
+    process's ``share``."""
 
     cfg: ProbeConfig
     par: Any
     timer: Timer
     stages: list[Stage]
     pairs: list[Any]
-    specs: dict[str, str]
-    revs: dict[str, str | None]
-    bases: dict[str, str | None]
-    tokz: Any = None
+    ctx: RunContext
     samples: list[D.Sample] = field(default_factory=list)
-    tok: Any = None
     answers: list[Any] = field(default_factory=list)
     choices: list[Any] = field(default_factory=list)
     positions: list[list[int]] | None = None
     train_tok: Any = None
-    notes: list[str] = field(default_factory=list)
     share: list[int] = field(default_factory=list)
-    models: Any = None
     opts: dict[str, LoadOptions] = field(default_factory=dict)
-    pad_id: int = 0
 
     @property
     def pair(self) -> bool:
@@ -928,52 +921,55 @@ class ProbePlan:
 
 def _probe_models(cfg: ProbeConfig, par: Any, timer: Timer) -> ProbePlan:
     """The plan's models: the base then each SFT-side stage of a pair (an adapter applies to
-    ``--base``), or the one model."""
+    ``--base``), or the one model, in the plan's run context."""
+    out = Path(cfg.out) if cfg.out is not None else None
     if cfg.model is None:
         stages = [Stage(FIRST, cfg.sft, cfg.sft_revision), *cfg.chain()]
         pairs = chain_pairs([st.label for st in stages], cfg.consecutive)
         specs = {BASE: cfg.base, **{st.label: st.spec for st in stages}}
         revs = {BASE: cfg.base_revision, **{st.label: st.revision for st in stages}}
         bases = {BASE: None, **{st.label: cfg.base for st in stages}}
-        return ProbePlan(cfg, par, timer, stages, pairs, specs, revs, bases)
+        return ProbePlan(cfg, par, timer, stages, pairs,
+                         RunContext("probe", out, Models(specs, revs, bases)))
     label = model_label(cfg.model, cfg.base)
-    return ProbePlan(cfg, par, timer, [], [], {label: cfg.model}, {label: cfg.revision},
-                     {label: cfg.base})
+    models = Models({label: cfg.model}, {label: cfg.revision}, {label: cfg.base})
+    return ProbePlan(cfg, par, timer, [], [], RunContext("probe", out, models))
 
 
 def _probe_tokenizer(p: ProbePlan) -> None:
-    """Check the model (or the pair's chain) and pick the tokenizer (``p.tokz``)."""
-    cfg = p.cfg
+    """Check the model (or the pair's chain) and pick the tokenizer (``p.ctx.tokenizer``)."""
+    cfg, ctx, models = p.cfg, p.ctx, p.ctx.models
     if not p.pair:  # the one model's config (a pair's: checked with the chain)
         load_config(cfg.model, revision=cfg.revision, base=cfg.base,
                     base_revision=cfg.base_revision)
         check_adapter_base(cfg.model, cfg.base, cfg.revision, base_revision=cfg.base_revision,
                            allow_other_base=cfg.allow_other_base)
-        p.tokz = pick_tokenizer(cfg.tokenizer, next(iter(p.specs)), p.specs, p.revs, p.bases,
-                                cfg.base_revision)
+        ctx.tokenizer = pick_tokenizer(cfg.tokenizer, next(iter(models.specs)), models.specs,
+                                       models.revs, models.bases, cfg.base_revision)
         return
     _, chain_notes = check_chain(cfg.base, p.stages, base_revision=cfg.base_revision,
                                  allow_mixed=cfg.allow_mixed_pair,
                                  allow_other_base=cfg.allow_other_base)
-    p.tokz, tok_notes = pair_tokenizer(p.specs["base"], p.specs["sft"], cfg.tokenizer,
-                                       revisions=p.revs, chat_template=cfg.chat_template)
-    p.notes += chain_notes + tok_notes + check_chain_tokenizers(
-        p.tokz, cfg.base, p.stages, base_revision=cfg.base_revision)
+    ctx.tokenizer, tok_notes = pair_tokenizer(models.specs["base"], models.specs["sft"],
+                                              cfg.tokenizer, revisions=models.revs,
+                                              chat_template=cfg.chat_template)
+    ctx.notes += chain_notes + tok_notes + check_chain_tokenizers(
+        ctx.tokenizer, cfg.base, p.stages, base_revision=cfg.base_revision)
 
 
 def _probe_data(p: ProbePlan) -> None:
     """The data, its answers (with a note on those lost), scored positions, choices and the
     tuned lens's training split."""
-    cfg = p.cfg
-    p.samples, p.tok, data_notes = prepare_data(
-        cfg.data, p.tokz, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
+    cfg, ctx = p.cfg, p.ctx
+    p.samples, ctx.tokens, data_notes = prepare_data(
+        cfg.data, ctx.tokenizer, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
         chat_template=cfg.chat_template, text_field=cfg.text_field, template=cfg.template,
         split=cfg.split, skip_bad=cfg.skip_bad_records)
-    p.notes += data_notes
-    p.answers = answer_slots(p.samples, p.tok, p.tokz, cfg.chat_template)
+    ctx.notes += data_notes
+    p.answers = answer_slots(p.samples, ctx.tokens, ctx.tokenizer, cfg.chat_template)
     n_lost = sum(a is None and has_answer(s) for s, a in zip(p.samples, p.answers, strict=True))
     if n_lost:
-        p.notes.append(f"{n_lost} of {len(p.samples)} answers are not a clean run of their "
+        ctx.notes.append(f"{n_lost} of {len(p.samples)} answers are not a clean run of their "
                        f"sample's tokens (cut off by --max-length, or merged by the tokenizer "
                        f"with the text around them): no answer_prob/answer_rank for them")
     if cfg.tokens == "answer":
@@ -982,10 +978,11 @@ def _probe_data(p: ProbePlan) -> None:
                                 f"{cfg.data} has an answer to score (use a task format such as "
                                 f"gsm8k: or mmlu:, or --tokens all)")
         p.positions = answer_positions(p.answers)
-    p.choices = choices_noted(p.samples, p.tok, p.tokz, cfg.chat_template, p.notes)
+    p.choices = choices_noted(p.samples, ctx.tokens, ctx.tokenizer, cfg.chat_template,
+                              ctx.notes)
     if p.tuned:
-        p.train_tok, lens_notes = training_split(cfg, p.tokz, p.samples)
-        p.notes += lens_notes
+        p.train_tok, lens_notes = training_split(cfg, ctx.tokenizer, p.samples)
+        ctx.notes += lens_notes
 
 
 def plan_probe(cfg: ProbeConfig) -> ProbePlan:
@@ -999,16 +996,13 @@ def plan_probe(cfg: ProbeConfig) -> ProbePlan:
         with p.timer("validate"):
             _probe_tokenizer(p)
             _probe_data(p)
-    for note in p.notes:
-        say(f"[yellow]note:[/] {note}")
-    p.pad_id = pad_id_of(p.tokz)
-    p.models = Models(p.specs, p.revs, p.bases)
-    p.opts = p.models.load_options(cfg, device=device)
-    if cfg.out is not None and p.par.main:
-        start_run(cfg.out, "probe", ProbeConfig.OUTPUTS)
-    p.share = p.par.shard(len(p.tok), cfg.batch_size)  # all samples when alone
+    p.ctx.say_notes()
+    p.opts = p.ctx.load_options(cfg, device=device)
+    p.ctx.start(ProbeConfig.OUTPUTS, main=p.par.main)
+    p.share = p.par.shard(len(p.ctx.tokens), cfg.batch_size)  # all samples when alone
     # one lens pass per model, each pair's distributions, each model's tuned lens, the tables
-    plan(len(p.specs) + (len(p.pairs) if p.kl else 0) + (len(p.specs) if p.tuned else 0) + 1)
+    n_models = len(p.ctx.models.specs)
+    plan(n_models + (len(p.pairs) if p.kl else 0) + (n_models if p.tuned else 0) + 1)
     return p
 
 
@@ -1016,21 +1010,21 @@ def _lens_passes(p: ProbePlan, shown: list[dict[str, Any]]
                  ) -> tuple[dict[str, LensSums], int | None]:
     """This process's logit-lens sums of every model (loaded one after the other) and, for a
     chain's consecutive pairs, their agreement; ``shown`` gets the top1.csv rows."""
-    cfg, pair = p.cfg, p.pair
+    cfg, pair, ctx = p.cfg, p.pair, p.ctx
     found: dict[str, LensSums] = {}
     ref_top1 = None
     prev: tuple[str, dict[int, np.ndarray]] | None = None
     n_blocks = None
-    for k, spec in p.specs.items() if p.share else ():
+    for k, spec in ctx.models.specs.items() if p.share else ():
         stage(f"probe {k}")
         with p.timer(f"load_{k}"):
             m = load_model(spec, p.opts[k])
         nbytes = model_bytes(m)
         try:
-            check_vocab(m, p.tok.input_ids, k)
+            check_vocab(m, ctx.tokens.input_ids, k)
             n_blocks = n_blocks_of(m)
             with p.timer(f"pass_{k}"):
-                sums = lens_pass(m, p.tok, p.pad_id, batch_size=cfg.batch_size,
+                sums = lens_pass(m, ctx.tokens, ctx.pad_id, batch_size=cfg.batch_size,
                                  positions=p.positions, answers=p.answers, choices=p.choices,
                                  record_top1=(pair and (k == BASE or cfg.consecutive))
                                  or cfg.top1_examples > 0,
@@ -1040,13 +1034,13 @@ def _lens_passes(p: ProbePlan, shown: list[dict[str, Any]]
             del m
             release(nbytes)
         if cfg.top1_examples:
-            shown.extend(top1_rows(sums, k, p.tok, p.tokz, p.positions, p.answers,
+            shown.extend(top1_rows(sums, k, ctx.tokens, ctx.tokenizer, p.positions, p.answers,
                                    cfg.top1_examples))
         if pair and k == BASE:
             ref_top1 = sums.top1
         elif pair and cfg.consecutive:  # agreement with the stage before, from the ids
             if prev is not None:
-                agree = agreement_counts(sums.top1, prev[1], len(p.tok), len(sums.layers))
+                agree = agreement_counts(sums.top1, prev[1], len(ctx.tokens), len(sums.layers))
                 found[pair_label(prev[0], k)] = dataclasses.replace(sums, agree=agree,
                                                                     top1=None)
             prev = (k, sums.top1)
@@ -1069,21 +1063,23 @@ class ProbeParts:
 def run_probe(p: ProbePlan) -> ProbeParts | None:
     """Every model's lens pass, each pair's distributions and each model's tuned lens on this
     process's share; the gathered parts on rank 0, None elsewhere."""
-    cfg, par = p.cfg, p.par
+    cfg, par, ctx = p.cfg, p.par, p.ctx
     shown: list[dict[str, Any]] = []  # top1.csv rows of this rank's share
     found, n_blocks = par.run(lambda: _lens_passes(p, shown), "probe")
     dparts = tparts = None
     if p.kl:
         dist = par.run(lambda: pair_distributions(
-            p.specs, p.opts, p.pairs, p.tok, p.pad_id, batch_size=cfg.batch_size,
+            ctx.models.specs, p.opts, p.pairs, ctx.tokens, ctx.pad_id,
+            batch_size=cfg.batch_size,
             positions=p.positions, chunk_elements=cfg.chunk_elements, share=p.share),
             "distributions")
         dparts = par.gather((p.share, dist))
     if p.tuned:
-        fps = p.models.fingerprints(cfg.base_revision)
+        fps = ctx.fingerprints(cfg.base_revision)
         tuned_found = par.run(lambda: tuned_phase(
-            p.specs, p.opts, fps, p.tok, p.train_tok, p.pad_id, cfg, positions=p.positions,
-            answers=p.answers, choices=p.choices, share=p.share), "tuned lens")
+            ctx.models.specs, p.opts, fps, ctx.tokens, p.train_tok, ctx.pad_id, cfg,
+            positions=p.positions, answers=p.answers, choices=p.choices, share=p.share),
+            "tuned lens")
         tparts = par.gather((p.share, tuned_found))
     parts = par.gather((p.share, found, n_blocks, shown))
     return None if parts is None else ProbeParts(parts, dparts, tparts)
@@ -1108,27 +1104,27 @@ def probe_tables(p: ProbePlan, got: ProbeParts
                  ) -> tuple[pd.DataFrame, dict[str, LensSums], pd.DataFrame | None, Any]:
     """probe.csv's table from the gathered parts (``attrs["top1"]``: top1.csv's rows), the
     merged sums, shifts.csv's table and what the tuned lens's training did."""
-    cfg, pair, parts = p.cfg, p.pair, got.parts
+    cfg, pair, parts, specs = p.cfg, p.pair, got.parts, p.ctx.models.specs
     kw = {"level": cfg.level, "n_boot": cfg.bootstrap, "seed": cfg.seed}
-    keys = list(p.specs) + [q.model for q in p.pairs if q.a != BASE]
+    keys = list(specs) + [q.model for q in p.pairs if q.a != BASE]
     merged = {k: merge_sums([(i, f.get(k)) for i, f, _, _ in parts]) for k in keys}
     tables = [sums_table(merged[k], k, agreement_label=pair_label(BASE, k) if pair else "pair",
-                         **kw) for k in p.specs]
+                         **kw) for k in specs]
     for q in p.pairs:  # consecutive pairs: their agreement rows only
         if q.a != BASE:
             t = sums_table(merged[q.model], q.b, agreement_label=q.model, **kw)
             tables.append(t[t["metric"] == "agreement"])
     shifts, lens_info = None, None
     if got.tparts is not None:
-        extra, lens_info = tuned_tables(got.tparts, p.specs, cfg)
+        extra, lens_info = tuned_tables(got.tparts, specs, cfg)
         tables += extra
     if got.dparts is not None:
-        dist_tables, shifts = distribution_tables(got.dparts, p.pairs, p.tokz, cfg)
+        dist_tables, shifts = distribution_tables(got.dparts, p.pairs, p.ctx.tokenizer, cfg)
         tables.append(dist_tables)
     # kl_to_final of a pair's models is computed twice: one row each
     df = _sorted_probe(pd.concat(tables, ignore_index=True), p)
     if cfg.top1_examples:  # also in df.attrs["top1"] (a notebook, or no --out)
-        rank = {k: r for r, k in enumerate(p.specs)}
+        rank = {k: r for r, k in enumerate(specs)}
         top = pd.DataFrame([row for *_, rows in parts for row in rows], columns=TOP1_COLUMNS)
         df.attrs["top1"] = top.sort_values(
             ["sample", "model", "layer"], key=lambda c: c.map(rank) if c.name == "model" else c,
@@ -1142,23 +1138,24 @@ def record_probe(p: ProbePlan, got: ProbeParts) -> pd.DataFrame:
     cfg = p.cfg
     n_blocks = next(b for _, _, b, _ in got.parts if b is not None)
     df, merged, shifts, lens_info = probe_tables(p, got)
-    if cfg.out is None:
+    ctx = p.ctx
+    if ctx.out is None:
         return df
-    out = Path(cfg.out)
+    out = ctx.out
     write_tables(df, out, "probe", cfg.formats)
     if "top1" in df.attrs:
         write_tables(df.attrs["top1"], out, "top1", cfg.formats)
     if shifts is not None:
         write_tables(shifts, out, "shifts", cfg.formats)
-    tok, answers = p.tok, p.answers
-    finish_run(out, run_record(
+    tok, answers = ctx.tokens, p.answers
+    ctx.finish(run_record(
         "probe", cfg.record(), n_blocks=n_blocks, n_states=(n_blocks or 0) + 1,
-        models=p.models.fingerprints(cfg.base_revision),
+        models=ctx.fingerprints(cfg.base_revision),
         n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
         n_scored_tokens=int(next(iter(merged.values())).tokens.sum()), scored_tokens=cfg.tokens,
         answer=PROBE_ANSWER_RECORD, intervals=PROBE_INTERVALS_RECORD,
         n_truncated=tok.n_truncated, n_answers=sum(a is not None for a in answers),
-        n_choices=sum(c is not None for c in p.choices), notes=p.notes,
+        n_choices=sum(c is not None for c in p.choices), notes=ctx.notes,
         distributions=DISTRIBUTIONS_RECORD if p.kl else None, tuned_lens=lens_info,
         **(chain_record(p.stages, p.pairs) if p.pair else {}),
         layer_index="hidden state j: 0 = embeddings (input of block 0), j = b+1 = after "

@@ -43,6 +43,7 @@ from torch import nn
 from sftscope.capture.stream import CaptureConfig, capture
 from sftscope.config.commands import EvalConfig, SteerConfig
 from sftscope.errors import SftscopeError
+from sftscope.experiments.context import Models, RunContext
 from sftscope.experiments.evaluate import eos_text, evaluate_model, generate
 from sftscope.experiments.tune import parse_eval_task
 from sftscope.io import Timer, atomic_path, run_record, write_table
@@ -58,10 +59,10 @@ from sftscope.load.models import (
     load_model,
     pair_tokenizer,
 )
-from sftscope.load.runtime import dtype_name, input_device, pad_id, resolve_device, resolve_dtype
+from sftscope.load.runtime import dtype_name, input_device, resolve_device, resolve_dtype
 from sftscope.metrics.stats import mean_ci, proportion_ci
 from sftscope.progress import plan, say, stage, staged
-from sftscope.runs import check_out, finish_run, start_run
+from sftscope.runs import check_out
 from sftscope.segments import block_text
 from sftscope.tasks import get_task
 
@@ -251,19 +252,24 @@ def check_scales(model: nn.Module, tokens, pad: int, vectors: Mapping[int, torch
 
 @dataclass
 class _SteerPlan:
-    """What ``steer`` validated and prepared before any model runs."""
+    """What ``steer`` validated and prepared before any model runs: the run context (the
+    pair, tokenizer, tokenized data, notes and run folder), the resolved device and dtype, the
+    scales, layers, task and prompts."""
 
-    out: Path
+    ctx: RunContext
     device: str
     dtype: str
     scales: list[float]
     layers: list[int]
     n_blocks: int
     task: tuple[str, str | None] | None
-    tokenizer: Any
-    prep: Any
     prompts: list[str]
-    notes: list[str]
+
+    @property
+    def out(self) -> Path:
+        """The run folder (steer always writes one)."""
+        assert self.ctx.out is not None
+        return self.ctx.out
 
 
 def _steer_plan(cfg: SteerConfig, timer: Timer) -> _SteerPlan:
@@ -281,21 +287,22 @@ def _steer_plan(cfg: SteerConfig, timer: Timer) -> _SteerPlan:
         n_blocks = info.n_blocks
         layers = cfg.layer_values(n_blocks)
         task = parse_eval_task(cfg.task, flag="--task") if cfg.task else None
-        tok, notes = pair_tokenizer(cfg.base, cfg.sft, cfg.tokenizer,
-                                    revisions={"base": cfg.base_revision,
-                                               "sft": cfg.sft_revision},
-                                    chat_template=cfg.chat_template)
-        notes = list(info.notes) + notes
+        ctx = RunContext("steer", out, Models.pair(cfg.base, cfg.sft, cfg.base_revision,
+                                                   cfg.sft_revision), notes=list(info.notes))
+        ctx.tokenizer, tok_notes = pair_tokenizer(cfg.base, cfg.sft, cfg.tokenizer,
+                                                  revisions=ctx.models.revs,
+                                                  chat_template=cfg.chat_template)
+        ctx.notes += tok_notes
     with timer("data"):
-        prep = cfg.prepare(tok)
-        notes += prep.notes
+        prep = cfg.prepare(ctx.tokenizer)
+        ctx.tokens = prep.tokens
+        ctx.notes += prep.notes
         prompts = _prompts(cfg) if cfg.generate else []
-    for n in notes:
-        say(f"[yellow]note:[/] {n}")
-    start_run(out, "steer", SteerConfig.OUTPUTS)
+    ctx.say_notes()
+    ctx.start(SteerConfig.OUTPUTS)
     shutil.rmtree(out / "scales", ignore_errors=True)
-    return _SteerPlan(out, device, dtype_name(resolve_dtype(cfg.dtype, device)),
-                      cfg.scale_values(), layers, n_blocks, task, tok, prep, prompts, notes)
+    return _SteerPlan(ctx, device, dtype_name(resolve_dtype(cfg.dtype, device)),
+                      cfg.scale_values(), layers, n_blocks, task, prompts)
 
 
 def _where(layer: int) -> str:
@@ -308,16 +315,16 @@ def _steer_vector(cfg: SteerConfig, p: _SteerPlan, timer: Timer
     vector (saved, one tensor ``layer_<j>`` each), and the base model they steer."""
     from safetensors.torch import save_file
 
-    pad = pad_id(p.tokenizer)
+    pad, tokens = p.ctx.pad_id, p.ctx.tokens
     stage("capture sft")
     with timer("capture_sft"):
-        zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, p.layers, p.prep.tokens,
+        zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, p.layers, tokens,
                                 p.dtype, p.device, pad, "sft")
         del sft_model  # never both models in memory
         _free_memory()
     stage("capture base")
     with timer("capture_base"):
-        zb, model = _pooled(cfg.base, cfg.base_revision, cfg, p.layers, p.prep.tokens, p.dtype,
+        zb, model = _pooled(cfg.base, cfg.base_revision, cfg, p.layers, tokens, p.dtype,
                             p.device, pad, "base")
     vectors: dict[int, torch.Tensor] = {}
     infos: list[dict[str, Any]] = []
@@ -352,7 +359,7 @@ def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
                  items: list[dict[str, Any]]) -> list[str] | None:
     """The task's scores, every item's scores and the completions' rows of one scale (the
     model already steered); returns the completions."""
-    tok = p.tokenizer
+    tok = p.ctx.tokenizer
     if p.task is not None:
         name, data = p.task
         ecfg = EvalConfig(model=cfg.base, revision=cfg.base_revision, task=name, data=data,
@@ -364,8 +371,8 @@ def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
         with timer(f"eval_{_scale_dir(s)}"):
             res = evaluate_model(model, tok, ecfg)
         if res.n and res.generated_tokens == 0 and res.tokens_per_s is not None:
-            p.notes.append(_empty_note(s))
-            say(f"[yellow]warning:[/] {p.notes[-1]}")
+            p.ctx.notes.append(_empty_note(s))
+            say(f"[yellow]warning:[/] {p.ctx.notes[-1]}")
         for sc in res.scores:
             rows.append({"scale": s, "metric": sc.metric, "value": sc.value,
                          "ci_low": sc.ci_low, "ci_high": sc.ci_high, "n": sc.n})
@@ -381,8 +388,8 @@ def _score_scale(cfg: SteerConfig, p: _SteerPlan, model, s: float, timer: Timer,
                        batch_size=cfg.batch_size, stops=stops,
                        description=f"generate (scale {s:g})")
     if not any(g.completion.strip() for g in got):
-        p.notes.append(_empty_note(s))
-        say(f"[yellow]warning:[/] {p.notes[-1]}")
+        p.ctx.notes.append(_empty_note(s))
+        say(f"[yellow]warning:[/] {p.ctx.notes[-1]}")
     new = [float(g.new_tokens) for g in got]
     lo, hi = mean_ci(new, cfg.level)
     rows.append({"scale": s, "metric": "new_tokens", "value": sum(new) / len(new),
@@ -416,7 +423,7 @@ def steer(cfg: SteerConfig) -> SteerResult:
     vectors, infos, model = _steer_vector(cfg, p, timer)
     spec = arch_for(model)
     with timer("check_scales"):
-        check_scales(model, p.prep.tokens, pad_id(p.tokenizer), vectors, p.scales, spec)
+        check_scales(model, p.ctx.tokens, p.ctx.pad_id, vectors, p.scales, spec)
     rows: list[dict[str, Any]] = []
     gens: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
@@ -460,7 +467,7 @@ def _steer_record(cfg: SteerConfig, p: _SteerPlan, table: pd.DataFrame, items: p
                          vectors=infos, items=items,
                          completions_path=str(comp_path) if comp_path else None,
                          timings=timer.seconds)
-    finish_run(out, run_record(
+    p.ctx.finish(run_record(
         "steer", cfg.record(), n_blocks=p.n_blocks, layers=p.layers,
         layers_text=block_text(p.layers), vectors=infos, scales=p.scales,
         task=p.task[0] if p.task else None,
@@ -468,7 +475,7 @@ def _steer_record(cfg: SteerConfig, p: _SteerPlan, table: pd.DataFrame, items: p
                 "sft": fingerprint(cfg.sft, cfg.sft_revision)},
         resolved={"device": p.device, "dtype": p.dtype},
         layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b",
-        data={"source": cfg.data, "n_samples": len(p.prep.tokens),
-              "n_truncated": p.prep.tokens.n_truncated, "n_prompts": len(p.prompts)},
-        notes=p.notes, timings=timer.seconds, finished=True))
+        data={"source": cfg.data, "n_samples": len(p.ctx.tokens),
+              "n_truncated": p.ctx.tokens.n_truncated, "n_prompts": len(p.prompts)},
+        notes=p.ctx.notes, timings=timer.seconds, finished=True))
     return result

@@ -32,7 +32,7 @@ from torch import nn
 from sftscope.config.commands import SwapConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
-from sftscope.experiments.context import Models
+from sftscope.experiments.context import Models, RunContext
 from sftscope.experiments.lens import (
     DEFAULT_CHUNK,
     ChoiceSlot,
@@ -60,12 +60,11 @@ from sftscope.load.models import (
     load_config,
     pair_tokenizer,
 )
-from sftscope.load.runtime import pad_id as pad_id_of
 from sftscope.load.runtime import resolve_device
 from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
 from sftscope.parallel import empty_like_table, join
 from sftscope.progress import plan, say, stage, staged
-from sftscope.runs import check_out, finish_run, start_run
+from sftscope.runs import check_out
 from sftscope.segments import mask_blocks, mask_group, masks_as_text, parse_mask, segment_bounds
 
 SWAP_COLUMNS = ["config", "direction", "mask", "head", "metric", "value", "ci_low", "ci_high",
@@ -519,16 +518,13 @@ def merge_swap_sums(parts: Sequence[tuple[Sequence[int], list[SwapSums] | None]]
 
 
 class SwapPlan(NamedTuple):
-    """What validation found, before any model runs: the pair, the masks, the tokenized data
-    and its choice slots, and the notes to print."""
+    """What validation found, before any model runs: the run context (the pair, tokenizer,
+    tokenized data, notes and run folder), the masks and the data's choice slots."""
 
-    pair: Models
+    ctx: RunContext
     info: Any  # load.models.check_pair's result (n_blocks, notes)
     masks: list[str]
-    tokenizer: Any
-    tok: TokenizedSet
     choices: list[ChoiceSlot | None]
-    notes: list[str]
 
 
 def plan_swap(cfg: SwapConfig) -> SwapPlan:
@@ -552,18 +548,21 @@ def plan_swap(cfg: SwapConfig) -> SwapPlan:
                             "input embeddings, so a saved folder cannot hold the base's "
                             "embeddings and the SFT's head; use --head base")
     mask_list = swap_masks(cfg.segments, info.n_blocks, cfg.masks)
-    tokz, notes = pair_tokenizer(specs["base"], specs["sft"], cfg.tokenizer, revisions=revs,
-                                 chat_template=cfg.chat_template)
-    notes = list(info.notes) + list(notes)
-    samples, tok, data_notes = prepare_data(
-        cfg.data, tokz, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
+    ctx = RunContext("swap", Path(cfg.out) if cfg.out is not None else None, pair,
+                     notes=list(info.notes))
+    ctx.tokenizer, tok_notes = pair_tokenizer(specs["base"], specs["sft"], cfg.tokenizer,
+                                              revisions=revs, chat_template=cfg.chat_template)
+    ctx.notes += tok_notes
+    samples, ctx.tokens, data_notes = prepare_data(
+        cfg.data, ctx.tokenizer, n=cfg.limit, seed=cfg.seed, max_length=cfg.max_length,
         chat_template=cfg.chat_template, text_field=cfg.text_field, template=cfg.template,
         split=cfg.split, skip_bad=cfg.skip_bad_records)
-    notes += data_notes
+    ctx.notes += data_notes
     choices: list[ChoiceSlot | None] = [None] * len(samples)
     if any(is_choice(s) for s in samples):
-        choices = choices_noted(samples, tok, tokz, cfg.chat_template, notes)
-    return SwapPlan(pair, info, mask_list, tokz, tok, choices, notes)
+        choices = choices_noted(samples, ctx.tokens, ctx.tokenizer, cfg.chat_template,
+                                ctx.notes)
+    return SwapPlan(ctx, info, mask_list, choices)
 
 
 def run_swap(cfg: SwapConfig, sp: SwapPlan, share: Sequence[int], device: str, timer: Timer,
@@ -573,15 +572,16 @@ def run_swap(cfg: SwapConfig, sp: SwapPlan, share: Sequence[int], device: str, t
     and, with ``save``, write the ``--save-mix`` folders (their paths in ``done['saved']``)."""
     if not share:
         return None, None
-    opts = sp.pair.load_options(cfg, device=device)
+    ctx = sp.ctx
+    opts = ctx.load_options(cfg, device=device)
     stage("load base and sft")
-    with sp.pair.loaded(opts, sp.tok, timer) as models:
+    with ctx.models.loaded(opts, ctx.tokens, timer) as models:
         done["part_modules"] = [p or "(whole block)" for p in
                                 part_paths(arch_for(models["base"]), cfg.parts)]
         stage("score originals and hybrids")
         with timer("evaluate"):
             result = swap_sums(
-                models["base"], models["sft"], sp.tok, pad_id_of(sp.tokenizer),
+                models["base"], models["sft"], ctx.tokens, ctx.pad_id,
                 segments=cfg.segments, masks=sp.masks, head=cfg.head,
                 directions=list(DIRECTIONS) if cfg.directions == "both" else [cfg.directions],
                 choices=sp.choices, batch_size=cfg.batch_size,
@@ -593,7 +593,7 @@ def run_swap(cfg: SwapConfig, sp: SwapPlan, share: Sequence[int], device: str, t
                 for mask, alpha in cfg.mixes():
                     where = save_mix(models["base"], models["sft"], mask, alpha,
                                      mix_folder(cfg.out, mask, alpha), head=cfg.head,
-                                     tokenizer=sp.tokenizer, parts=cfg.parts)
+                                     tokenizer=ctx.tokenizer, parts=cfg.parts)
                     done.setdefault("saved", []).append(str(where))
                     say(f"wrote {where}")
         return result
@@ -603,16 +603,16 @@ def record_swap(cfg: SwapConfig, sp: SwapPlan, df: pd.DataFrame, items: pd.DataF
                 n_blocks: int, timer: Timer, done: dict[str, list[str]],
                 parallel: dict[str, Any]) -> None:
     """Write ``swap.csv``, the per-item ``swap_items.csv`` and ``run.json`` into ``cfg.out``."""
-    out, tok = Path(cfg.out), sp.tok
+    ctx, tok = sp.ctx, sp.ctx.tokens
     bounds = segment_bounds(n_blocks, cfg.segments)
-    write_tables(masks_as_text(df), out, "swap", cfg.formats)  # masks as m0100: text
-    write_tables(masks_as_text(items), out, ITEMS, cfg.formats)
-    finish_run(out, run_record(
+    write_tables(masks_as_text(df), ctx.out, "swap", cfg.formats)  # masks as m0100: text
+    write_tables(masks_as_text(items), ctx.out, ITEMS, cfg.formats)
+    ctx.finish(run_record(
         "swap", cfg.record(), n_blocks=n_blocks, segments=cfg.segments,
         segment_blocks=[list(range(lo, hi)) for lo, hi in bounds], masks=sp.masks,
         head=cfg.head, embeddings="host (the model receiving the blocks)", parts=cfg.parts,
         part_modules=done.get("part_modules", []),
-        models=sp.pair.fingerprints(cfg.base_revision),
+        models=ctx.fingerprints(cfg.base_revision),
         n_samples=len(tok), n_tokens=int(sum(max(len(i) - 1, 0) for i in tok.input_ids)),
         n_truncated=tok.n_truncated, n_choice_items=sum(c is not None for c in sp.choices),
         alphas=list(cfg.alphas),
@@ -621,7 +621,7 @@ def record_swap(cfg: SwapConfig, sp: SwapPlan, df: pd.DataFrame, items: pd.DataF
                       "per --head; direction interpolate, alpha column (NaN on swap rows)",
         item_scores=f"{ITEMS}: per sample and evaluated model its tokens, correct top-1 "
                     "count, summed loss and choice 0/1, for paired tests across hybrids",
-        mixes_saved=done.get("saved", []), notes=sp.notes, timings=timer.seconds,
+        mixes_saved=done.get("saved", []), notes=ctx.notes, timings=timer.seconds,
         **parallel))
 
 
@@ -655,12 +655,11 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
         device = par.device or resolve_device(cfg.device)
         with timer("validate"):
             sp = plan_swap(cfg)
-    for note in sp.notes:
-        say(f"[yellow]note:[/] {note}")
+    sp.ctx.say_notes()
+    sp.ctx.start(SwapConfig.OUTPUTS, main=par.main)
     if cfg.out is not None and par.main:
-        start_run(cfg.out, "swap", SwapConfig.OUTPUTS)
         clear_mixes(cfg.out)
-    share = par.shard(len(sp.tok), cfg.batch_size)  # all samples when alone
+    share = par.shard(len(sp.ctx.tokens), cfg.batch_size)  # all samples when alone
     done: dict[str, list[str]] = {}  # what was swapped and saved, from the loaded model
     plan(3 + bool(cfg.mixes()))  # load the pair, score originals and hybrids, (mixes,) table
     found, n_blocks = par.run(
@@ -675,5 +674,5 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     df = swap_table(merged, cfg.level, cfg.bootstrap, cfg.seed)
     if cfg.out is not None:
         record_swap(cfg, sp, df, item_table(merged), n_blocks, timer, done,
-                    par.record(len(sp.tok), cfg.batch_size))
+                    par.record(len(sp.ctx.tokens), cfg.batch_size))
     return df
