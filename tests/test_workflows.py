@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sftscope
 from sftscope.config.commands import (
     AnalyzeConfig,
     EvalConfig,
@@ -226,13 +227,17 @@ def test_probe_swap_suggest_with_adapter(base, run, gsm):
 
 
 def test_models_load_through_one_place(base, run):
-    """Every command's loader is load.models.load_model (adapter and GGUF aware)."""
-    import sftscope.experiments.analyze as an
-    import sftscope.experiments.lens as le
-    import sftscope.experiments.swap as sw
+    """Every command loads models with load.models.load_model (adapter and GGUF aware): no
+    command module calls from_pretrained itself (the demo builds its own pair: it may)."""
+    src = Path(sftscope.__file__).parent
+    for path in sorted((src / "experiments").glob("*.py")):
+        code = "\n".join(line for line in path.read_text().splitlines()
+                          if not line.lstrip().startswith(("#", "``", "\"\"\"")))
+        assert ".from_pretrained(" not in code, f"{path.name} loads a model itself"
+    import sftscope.experiments.context as cx
     import sftscope.load.models as lm
 
-    assert an.load_model is lm.load_model is le.load_model is sw.load_model
+    assert cx.load_model is lm.load_model
     tok = load_tokenizer(str(run))
     assert tok.convert_ids_to_tokens([5, 6]) == load_tokenizer(str(base)).convert_ids_to_tokens(
         [5, 6])
