@@ -242,6 +242,31 @@ def test_steer_vector_is_the_mean_shift_of_analyze(pair, texts, tmp_path):
     assert res.vectors[0]["mean_shift"] == pytest.approx(ms, rel=1e-5)
 
 
+def test_steer_adapter_sft_applies_to_the_given_base(pair, texts, tmp_path):
+    """An adapter SFT is loaded onto ``--base`` (as in analyze and swap), not onto the base
+    its config records: with a recorded base that is gone, steer still runs, its vector is the
+    mean shift of base+adapter over the base, and run.json names the base it applied to."""
+    import json as _json
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(pair[0])), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                 init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    cfg_path = adapter / "adapter_config.json"
+    acfg = _json.loads(cfg_path.read_text())
+    acfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    cfg_path.write_text(_json.dumps(acfg))
+    res = steer(SteerConfig(base=str(pair[0]), sft=str(adapter), data=str(texts),
+                            out=str(tmp_path / "s"), layers="3", limit=10, scales="0",
+                            task=f"perplexity:{texts}", eval_limit=2, device="cpu"))
+    assert res.vectors[0]["norm"] > 0
+    record = _json.loads((tmp_path / "s" / "run.json").read_text())
+    assert str(pair[0]) in _json.dumps(record["models"]["sft"])
+
+
 def test_steer_generate_writes_completions(pair, texts, tmp_path):
     out = tmp_path / "run"
     steer(_cfg(pair, texts, out, layers="0", scales="0,50", generate=True, n_prompts=3,

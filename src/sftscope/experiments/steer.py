@@ -32,7 +32,7 @@ import math
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ from sftscope.load.models import (
     check_adapter_base,
     check_pair,
     check_vocab,
-    fingerprint,
     load_config,
     load_model,
     pair_tokenizer,
@@ -197,12 +196,11 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _pooled(spec: str, revision: str | None, cfg: SteerConfig, layers: list[int], tok,
-            dtype: str, device: str, pad: int, label: str) -> tuple[dict[int, torch.Tensor], Any]:
+def _pooled(spec: str, opts: LoadOptions, cfg: SteerConfig, layers: list[int], tok,
+            pad: int, label: str) -> tuple[dict[int, torch.Tensor], Any]:
     """Pooled states of each hidden state of ``layers`` for every sample, and the loaded
-    model."""
-    model = load_model(spec, LoadOptions(revision=revision, dtype=dtype, device=device,
-                                         device_map=cfg.device_map))
+    model (``opts``: the pair's load options, so an adapter SFT applies to ``--base``)."""
+    model = load_model(spec, opts)
     check_vocab(model, tok.input_ids, label)
     res = capture(model, tok, CaptureConfig(batch_size=cfg.batch_size, n_token=0), pad,
                   label=label)
@@ -279,7 +277,8 @@ def _steer_plan(cfg: SteerConfig, timer: Timer) -> _SteerPlan:
     device = resolve_device(cfg.device)
     with timer("validate"):
         info = check_pair(load_config(cfg.base, cfg.base_revision),
-                          load_config(cfg.sft, cfg.sft_revision), cfg.base, cfg.sft,
+                          load_config(cfg.sft, cfg.sft_revision, base=cfg.base,
+                                      base_revision=cfg.base_revision), cfg.base, cfg.sft,
                           allow_mixed=cfg.allow_mixed_pair)
         check_adapter_base(cfg.sft, cfg.base, cfg.sft_revision,
                            base_revision=cfg.base_revision,
@@ -316,16 +315,16 @@ def _steer_vector(cfg: SteerConfig, p: _SteerPlan, timer: Timer
     from safetensors.torch import save_file
 
     pad, tokens = p.ctx.pad_id, p.ctx.tokens
+    opts = {k: replace(o, dtype=p.dtype)
+            for k, o in p.ctx.load_options(cfg, device=p.device).items()}
     stage("capture sft")
     with timer("capture_sft"):
-        zs, sft_model = _pooled(cfg.sft, cfg.sft_revision, cfg, p.layers, tokens,
-                                p.dtype, p.device, pad, "sft")
+        zs, sft_model = _pooled(cfg.sft, opts["sft"], cfg, p.layers, tokens, pad, "sft")
         del sft_model  # never both models in memory
         _free_memory()
     stage("capture base")
     with timer("capture_base"):
-        zb, model = _pooled(cfg.base, cfg.base_revision, cfg, p.layers, tokens, p.dtype,
-                            p.device, pad, "base")
+        zb, model = _pooled(cfg.base, opts["base"], cfg, p.layers, tokens, pad, "base")
     vectors: dict[int, torch.Tensor] = {}
     infos: list[dict[str, Any]] = []
     for j in p.layers:
@@ -471,8 +470,7 @@ def _steer_record(cfg: SteerConfig, p: _SteerPlan, table: pd.DataFrame, items: p
         "steer", cfg.record(), n_blocks=p.n_blocks, layers=p.layers,
         layers_text=block_text(p.layers), vectors=infos, scales=p.scales,
         task=p.task[0] if p.task else None,
-        models={"base": fingerprint(cfg.base, cfg.base_revision),
-                "sft": fingerprint(cfg.sft, cfg.sft_revision)},
+        models=p.ctx.fingerprints(cfg.base_revision),
         resolved={"device": p.device, "dtype": p.dtype},
         layer_index="hidden state j: 0 = embeddings, j = b+1 = after block b",
         data={"source": cfg.data, "n_samples": len(p.ctx.tokens),
