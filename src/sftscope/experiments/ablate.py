@@ -34,7 +34,7 @@ from sftscope.capture.engine import HookedBatch, run_hooked
 from sftscope.config.commands import AblateConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
-from sftscope.experiments.context import Models, RunContext
+from sftscope.experiments.context import Models, RunContext, open_sharded
 from sftscope.experiments.lens import (
     LensSums,
     choices_noted,
@@ -49,11 +49,9 @@ from sftscope.io import Timer, run_record, write_tables
 from sftscope.load.arch import get_blocks, n_layers
 from sftscope.load.data import TokenizedSet
 from sftscope.load.models import check_pair, load_config
-from sftscope.load.runtime import resolve_device
 from sftscope.metrics.stats import cluster_ratio_ci
-from sftscope.parallel import empty_like_table, join
+from sftscope.parallel import empty_like_table
 from sftscope.progress import plan, stage, staged
-from sftscope.runs import check_out
 from sftscope.segments import block_text, segment_bounds
 
 ABLATE_COLUMNS = ["unit", "blocks", "mode", "metric", "value", "ci_low", "ci_high", "n"]
@@ -301,16 +299,7 @@ def ablate(config: AblateConfig | None = None, /, **options: Any) -> pd.DataFram
     score it; returns the tidy table (``ABLATE_COLUMNS``). With ``out``: ``ablate.csv`` and
     ``run.json``."""
     cfg = config if config is not None else build(AblateConfig, options)
-    par = join(cfg.device, cfg.device_map)
-    timer = Timer()
-    with par.together("validation"):
-        if cfg.out is not None:
-            check_out(cfg.out, "ablate", cfg, overwrite=cfg.overwrite)
-        device = par.device or resolve_device(cfg.device)
-        with timer("validate"):
-            p = plan_ablate(cfg)
-    p.ctx.say_notes()
-    p.ctx.start(AblateConfig.OUTPUTS, main=par.main)
+    p, par, timer, device = open_sharded(cfg, "ablate", plan_ablate)
     share = par.shard(len(p.ctx.tokens), cfg.batch_size)
     plan(3 + (p.mode == "mean") + len(p.units))
     found = par.run(lambda: _run_units(cfg, p, device, share, timer), "ablate")

@@ -12,7 +12,7 @@ tokenizer, data, notes), its run loads the models with ``load_options`` and feed
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,10 @@ from sftscope.io import Timer
 from sftscope.load.data import TokenizedSet
 from sftscope.load.identity import fingerprint
 from sftscope.load.models import LoadOptions, check_vocab, load_model
-from sftscope.load.runtime import model_bytes, pad_id, release
+from sftscope.load.runtime import model_bytes, pad_id, release, resolve_device
+from sftscope.parallel import join
 from sftscope.progress import say
-from sftscope.runs import finish_run, start_run
+from sftscope.runs import check_out, finish_run, start_run
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,29 @@ class RunContext:
 
     def fingerprints(self, base_revision: str | None) -> dict[str, dict]:
         return self.models.fingerprints(base_revision)
+
+
+@contextlib.contextmanager
+def validating(par: Any, cfg: Any, command: str, timer: Timer) -> Iterator[str]:
+    """Every rank validates alike (all pass or all fail, ``par.together``): the run folder is
+    checked first, then the body plans under the ``validate`` timer. Yields the device."""
+    with par.together("validation"):
+        if cfg.out is not None:
+            check_out(cfg.out, command, cfg, overwrite=cfg.overwrite)
+        device = par.device or resolve_device(cfg.device)
+        with timer("validate"):
+            yield device
+
+
+def open_sharded(cfg: Any, command: str, plan_fn: Callable[[Any], Any]
+                 ) -> tuple[Any, Any, Timer, str]:
+    """The opening of a command whose samples are shared among processes (swap, ablate):
+    validate and plan on every rank alike, say the notes, open the run folder. Returns the
+    plan (with its ``ctx``), the process group, the timer and the device."""
+    par = join(cfg.device, cfg.device_map)
+    timer = Timer()
+    with validating(par, cfg, command, timer) as device:
+        p = plan_fn(cfg)
+    p.ctx.say_notes()
+    p.ctx.start(type(cfg).OUTPUTS, main=par.main)
+    return p, par, timer, device

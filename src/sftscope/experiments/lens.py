@@ -55,7 +55,7 @@ from sftscope.config.commands import ProbeConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
 from sftscope.experiments.analyze import check_chain, check_chain_tokenizers
-from sftscope.experiments.context import Models, RunContext
+from sftscope.experiments.context import Models, RunContext, validating
 from sftscope.experiments.distributions import (
     SHIFT_KINDS,
     distribution_table,
@@ -88,11 +88,10 @@ from sftscope.load.models import (
     pair_tokenizer,
     source_label,
 )
-from sftscope.load.runtime import model_bytes, release, resolve_device
+from sftscope.load.runtime import model_bytes, release
 from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
 from sftscope.parallel import empty_like_table, join
 from sftscope.progress import plan, stage, staged
-from sftscope.runs import check_out
 
 PROBE_COLUMNS = ["layer", "model", "metric", "value", "ci_low", "ci_high", "n"]
 DEFAULT_CHUNK = 1 << 24  # logits elements per lens chunk (64 MiB in float32)
@@ -989,13 +988,9 @@ def plan_probe(cfg: ProbeConfig) -> ProbePlan:
     """Validate everything (every rank alike: all pass or all fail), prepare the data, open
     the run folder and announce the stages."""
     p = _probe_models(cfg, join(cfg.device, cfg.device_map), Timer())
-    with p.par.together("validation"):
-        if cfg.out is not None:
-            check_out(cfg.out, "probe", cfg, overwrite=cfg.overwrite)
-        device = p.par.device or resolve_device(cfg.device)
-        with p.timer("validate"):
-            _probe_tokenizer(p)
-            _probe_data(p)
+    with validating(p.par, cfg, "probe", p.timer) as device:
+        _probe_tokenizer(p)
+        _probe_data(p)
     p.ctx.say_notes()
     p.opts = p.ctx.load_options(cfg, device=device)
     p.ctx.start(ProbeConfig.OUTPUTS, main=p.par.main)

@@ -32,7 +32,7 @@ from torch import nn
 from sftscope.config.commands import SwapConfig
 from sftscope.config.core import build
 from sftscope.errors import SftscopeError
-from sftscope.experiments.context import Models, RunContext
+from sftscope.experiments.context import Models, RunContext, open_sharded
 from sftscope.experiments.lens import (
     DEFAULT_CHUNK,
     ChoiceSlot,
@@ -60,11 +60,9 @@ from sftscope.load.models import (
     load_config,
     pair_tokenizer,
 )
-from sftscope.load.runtime import resolve_device
 from sftscope.metrics.stats import cluster_ratio_ci, proportion_ci
-from sftscope.parallel import empty_like_table, join
+from sftscope.parallel import empty_like_table
 from sftscope.progress import plan, say, stage, staged
-from sftscope.runs import check_out
 from sftscope.segments import mask_blocks, mask_group, masks_as_text, parse_mask, segment_bounds
 
 SWAP_COLUMNS = ["config", "direction", "mask", "head", "metric", "value", "ci_low", "ci_high",
@@ -647,16 +645,7 @@ def swap(config: SwapConfig | None = None, /, **options: Any) -> pd.DataFrame:
     ``swap.csv``, ``swap_items.csv`` (per-item scores, ``ITEM_COLUMNS``) and ``run.json``.
     """
     cfg = config if config is not None else build(SwapConfig, options)
-    par = join(cfg.device, cfg.device_map)
-    timer = Timer()
-    with par.together("validation"):  # every rank validates; all pass or all fail alike
-        if cfg.out is not None:
-            check_out(cfg.out, "swap", cfg, overwrite=cfg.overwrite)
-        device = par.device or resolve_device(cfg.device)
-        with timer("validate"):
-            sp = plan_swap(cfg)
-    sp.ctx.say_notes()
-    sp.ctx.start(SwapConfig.OUTPUTS, main=par.main)
+    sp, par, timer, device = open_sharded(cfg, "swap", plan_swap)
     if cfg.out is not None and par.main:
         clear_mixes(cfg.out)
     share = par.shard(len(sp.ctx.tokens), cfg.batch_size)  # all samples when alone
