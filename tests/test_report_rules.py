@@ -129,10 +129,12 @@ def test_lens_pattern_compares_sft_with_base():
 
     both = check_lens(probe(sharp))      # the base shows the same pattern
     assert both.verdict == R.YES and "the base shows it too" in both.why
-    assert "base accuracy:" in both.numbers and "-> yes" in both.numbers
+    assert "base accuracy:" in both.numbers and "the base alone: yes" in both.numbers
+    # one arrow, the verdict's: the base's own verdict is not a second "-> no" (demo text)
+    assert both.text().count(" -> ") == 1
     alone = check_lens(probe(0.6 * STATES))  # only the fine-tune shows it
     assert alone.verdict == R.YES and "base shows it too" not in alone.why
-    assert "-> no" in alone.numbers
+    assert "the base alone: no" in alone.numbers and alone.text().count(" -> ") == 1
 
 
 # ----------------------------------------------------------------------------- (d) swap

@@ -71,7 +71,7 @@ def check_lens(probe: pd.DataFrame) -> R.Verdict:
         numbers, why = f"{model or 'model'} {acc[0]}: {v.numbers}", v.why
         base = _lens_verdict(d, acc[0], "base") if model == "sft" else None
         if base is not None:
-            numbers += f"; base {acc[0]}: {base.numbers} -> {base.verdict}"
+            numbers += f"; base {acc[0]}: {base.numbers}, the base alone: {base.verdict}"
             if v.verdict == R.YES and base.verdict == R.YES:
                 why = "; ".join(w for w in (v.why, "the base shows it too: a property of the "
                                             "model, not a change made by fine-tuning") if w)
