@@ -727,3 +727,16 @@ def test_eval_predictions_are_read_and_paired(tmp_path):
     prepare = next(sp.prepare for sp in SPECS if sp.key == "eval")
     text = " ".join(scores_findings(prepare(runs)))
     assert "is better than" in text and "over n = 40 shared items" in text
+
+
+def test_several_verdicts_say_whose_reason_is_whose():
+    """(d) over two directions: the reason names each direction and its own conclusion (the
+    demo printed two reasons side by side without saying which direction failed)."""
+    no = R.Verdict(R.NO, "rule", "sft-into-base: 1", "fails: middle beats edges")
+    maybe = R.Verdict(R.INCONCLUSIVE, "rule", "base-into-sft: 2", "within the noise")
+    v = R.all_of([no, maybe], "rule", ["sft-into-base", "base-into-sft"])
+    assert v.verdict == R.NO
+    assert v.why == ("sft-into-base: no, fails: middle beats edges; "
+                     "base-into-sft: inconclusive, within the noise")
+    assert R.all_of([no], "rule", ["sft-into-base"]).why == "fails: middle beats edges"
+    assert R.all_of([no, maybe], "rule").why == "fails: middle beats edges; within the noise"

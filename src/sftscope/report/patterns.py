@@ -84,7 +84,7 @@ def check_swap(swap: pd.DataFrame, items: pd.DataFrame | None = None) -> R.Verdi
     per-item scores (``items``, swap_items.csv) each middle segment is compared with each edge
     by a paired test on the same items (``numbers.swap_paired``)."""
     swapped, _ = N.split_swap(N.clip_to_range(N.with_run(swap))[0])
-    verdicts = []
+    verdicts, names = [], []
     for (r, d, h, metric), g in N.swap_singles(swapped).items():
         k = int(g["mask"].str.len().iloc[0])
         nan = np.full(len(g), np.nan)
@@ -97,11 +97,12 @@ def check_swap(swap: pd.DataFrame, items: pd.DataFrame | None = None) -> R.Verdi
                   for m in config if 0 < m < k - 1 for e in (0, k - 1) if e in config}
         paired = {key: v for key, v in paired.items() if v is not None}
         name = d + (f", head {h}" if h else "") + f" ({metric})"
+        names.append(name)
         verdicts.append(R.inverted_u_rule(pts, k, lower_is_better(metric), name,
                                           hint="swap --bootstrap 0", paired=paired or None))
     if not verdicts:
         return R.Verdict(R.INCONCLUSIVE, R.SWAP_RULE, "no one-segment swaps", "no data")
-    return R.all_of(verdicts, R.SWAP_RULE)
+    return R.all_of(verdicts, R.SWAP_RULE, names)
 
 
 def check_sweep(summary: pd.DataFrame) -> R.Verdict:

@@ -441,13 +441,20 @@ def paired_claim(paired: Mapping[tuple[int, int], PairedDiff], wins: Sequence[in
                    "significantly in favour of the middle")
 
 
-def all_of(verdicts: Sequence[Verdict], rule: str) -> Verdict:
-    """One verdict from several (runs, directions): yes if all yes, no if any no."""
+def all_of(verdicts: Sequence[Verdict], rule: str,
+           names: Sequence[str] | None = None) -> Verdict:
+    """One verdict from several (runs, directions): yes if all yes, no if any no. With
+    ``names`` (one per verdict) and more than one verdict, each reason says whose it is and
+    what that one concluded, so a reader sees which direction failed."""
     if not verdicts:
         return Verdict(INCONCLUSIVE, rule, "no data", "no data")
     values = [v.verdict for v in verdicts]
     numbers = "; ".join(v.numbers for v in verdicts)
-    whys = "; ".join(dict.fromkeys(v.why for v in verdicts if v.why))
+    if names is not None and len(verdicts) > 1:
+        whys = "; ".join(f"{n}: {v.verdict}" + (f", {v.why}" if v.why else "")
+                         for n, v in zip(names, verdicts))
+    else:
+        whys = "; ".join(dict.fromkeys(v.why for v in verdicts if v.why))
     if all(v == YES for v in values):
         return Verdict(YES, rule, numbers, whys)
     if NO in values:
