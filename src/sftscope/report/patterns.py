@@ -182,7 +182,7 @@ def paper_patterns(runs: Iterable[Run | str | Path] | str | Path) -> list[dict[s
             evidence = none
         else:
             verdicts = [x for _, x in results]
-            v = R.all_of(verdicts, spec.rule)
+            v = R.all_of(verdicts, spec.rule, [lab for lab, _ in results])
             evidence = "; ".join(
                 (f"[{lab}] " if many else "") + f"{x.numbers} -> {x.verdict}"
                 + (f" ({x.why})" if x.why else "") for lab, x in results)
