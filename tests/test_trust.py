@@ -106,6 +106,24 @@ def test_second_run_into_one_folder_is_refused_at_once(model_dir, tmp_path):
     assert (out / "run.json").is_file()
 
 
+def test_a_released_claim_removes_the_folders_it_created(tmp_path):
+    """A run that fails before writing anything leaves no empty folders: neither its run folder
+    nor parents the claim made (sftscope-runs/ of a default --out); folders that existed, or
+    hold something, stay."""
+    from sftscope.runs import claim, release
+
+    out = tmp_path / "sftscope-runs" / "probe-20261207-000000"
+    claim(out, "probe")
+    assert out.is_dir()
+    release(out)
+    assert not (tmp_path / "sftscope-runs").exists() and tmp_path.is_dir()
+    (tmp_path / "sftscope-runs").mkdir()
+    (tmp_path / "sftscope-runs" / "keep.txt").write_text("x")
+    claim(out, "probe")
+    release(out)
+    assert not out.exists() and (tmp_path / "sftscope-runs" / "keep.txt").is_file()
+
+
 def test_lock_of_a_dead_or_zombie_process_is_taken_over(tmp_path):
     from sftscope.errors import SftscopeError
     from sftscope.runs import LOCK, claim, release

@@ -41,7 +41,9 @@ MARKER = ".sftscope-run.json"
 RUN_JSON = "run.json"
 LOCK = ".sftscope-lock"
 T = TypeVar("T")
-_HELD: dict[str, bool] = {}  # folders this process claimed -> whether it created the folder
+# folders this process claimed -> the folders the claim created (the run folder, and parents
+# such as sftscope-runs/ that did not exist), innermost first; empty when it existed
+_HELD: dict[str, list[Path]] = {}
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -142,7 +144,7 @@ def claim(out: str | Path, command: str) -> Path:
     key = _key(out)
     if key in _HELD or not _is_main():
         return out
-    created = not out.exists()
+    created = [d for d in (out, *out.parents) if not d.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -232,9 +234,11 @@ def release(out: str | Path | None) -> None:
     if rec is not None and rec.get("pid") == os.getpid():
         with contextlib.suppress(OSError):
             os.unlink(out / LOCK)
-    if created:
-        with contextlib.suppress(OSError):
-            out.rmdir()  # only when empty
+    for folder in created:  # innermost first; stops at the first that is not empty
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def check_out(out: str | Path, command: str, config: Config, *, overwrite: bool = False) -> None:
