@@ -71,6 +71,23 @@ def llama10(model_dir) -> Path:
     return model_dir("llama", n_layers=10)
 
 
+@pytest.fixture(scope="session")
+def kill_at_step():
+    """``kill_at_step(n)``: a Trainer callback that raises KeyboardInterrupt at the end of step
+    ``n`` (a run killed mid-way, for the resume tests)."""
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == self.step:
+                raise KeyboardInterrupt
+
+    return Kill
+
+
 @pytest.fixture()
 def gsm8k_file(tmp_path) -> Path:
     """A small local file in GSM8K's fields."""

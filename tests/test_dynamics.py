@@ -138,22 +138,15 @@ def test_dynamics_off_and_default(llama10, train_file, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_dynamics_resume_keeps_earlier_rows(llama10, train_file, tmp_path, method):
+def test_dynamics_resume_keeps_earlier_rows(llama10, train_file, tmp_path, method, kill_at_step):
     """A killed run resumed from its checkpoint: the rows up to the checkpoint are kept, and
     the update is still measured from step 0 (the base weights, not the checkpoint's)."""
-    from transformers import TrainerCallback
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise KeyboardInterrupt
-
     kw = dict(mask="00110", max_steps=5, save_steps=2, dynamics_every=1, method=method)
     if method == "full":
         kw["lr"] = 1e-3
     ref = TU.tune(_cfg(llama10, train_file, tmp_path / "a", **kw))
     with pytest.raises(KeyboardInterrupt):
-        TU.tune(_cfg(llama10, train_file, tmp_path / "b", **kw), callbacks=[Kill()])
+        TU.tune(_cfg(llama10, train_file, tmp_path / "b", **kw), callbacks=[kill_at_step(3)])
     first = pd.read_csv(tmp_path / "b" / "dynamics.csv")
     assert sorted(first["step"].unique()) == [1, 2, 3]
     TU.tune(_cfg(llama10, train_file, tmp_path / "b", resume=True, **kw))

@@ -18,15 +18,6 @@ from sftscope.tasks import gsm8k as G
 from sftscope.tasks import mmlu as M
 from sftscope.tasks.base import trim_at_stop
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ extraction
 
 # lm-eval-exact: ``72.0`` is not ``72`` and ``-3`` needs its sign; the old Decimal matching

@@ -323,20 +323,14 @@ def test_sft_only_options_refused_with_other_objectives(llama10, pref_file, gsm_
 
 
 @pytest.mark.slow
-def test_dpo_resume_after_kill_matches_uninterrupted(llama10, pref_file, tmp_path):
+def test_dpo_resume_after_kill_matches_uninterrupted(llama10, pref_file, tmp_path, kill_at_step):
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise KeyboardInterrupt
 
     kw = dict(mask="00110", objective="dpo", max_steps=5, save_steps=2)
     train = f"preference:{pref_file}"
     ref = TU.tune(_cfg(llama10, train, tmp_path / "a", **kw))
     with pytest.raises(KeyboardInterrupt):
-        TU.tune(_cfg(llama10, train, tmp_path / "b", **kw), callbacks=[Kill()])
+        TU.tune(_cfg(llama10, train, tmp_path / "b", **kw), callbacks=[kill_at_step(3)])
     assert (tmp_path / "b" / "checkpoints" / "checkpoint-2").is_dir()
     res = TU.tune(_cfg(llama10, train, tmp_path / "b", resume=True, **kw))
     assert res.resumed_from.endswith("checkpoint-2") and res.steps == 5

@@ -49,22 +49,16 @@ def test_full_disk_is_one_line_and_leaves_no_finished_folder(model_dir, gsm8k_fi
     assert (tmp_path / "run" / "run.json").exists()
 
 
-def test_truncated_last_checkpoint_falls_back_to_the_previous(model_dir, gsm8k_file, tmp_path):
-    from transformers import TrainerCallback
-
+def test_truncated_last_checkpoint_falls_back_to_the_previous(model_dir, gsm8k_file, tmp_path,
+                                                               kill_at_step):
     from sftscope.config.commands import TuneConfig
     from sftscope.experiments import tune as TU
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 5:
-                raise KeyboardInterrupt
 
     kw = dict(model=str(model_dir("llama", n_layers=4)), train=f"gsm8k:{gsm8k_file}",
               out=str(tmp_path / "run"), mask="01", max_steps=6, save_steps=2, batch_size=2,
               micro_batch_size=2, rank=2, run_eval=False, n_train=0, dropout=0.0)
     with pytest.raises(KeyboardInterrupt):
-        TU.tune(TuneConfig(**kw), callbacks=[Kill()])
+        TU.tune(TuneConfig(**kw), callbacks=[kill_at_step(5)])
     ckpts = TU.checkpoint_steps(tmp_path / "run" / "checkpoints")
     assert [c.name for c in ckpts[:2]] == ["checkpoint-4", "checkpoint-2"]
     victim = next(ckpts[0].glob("*.safetensors"))  # killed while saving: cut off

@@ -21,14 +21,6 @@ from sftscope.cli import main
 from sftscope.experiments import tune as TU
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as e:
         main(argv)

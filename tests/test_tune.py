@@ -14,15 +14,6 @@ from sftscope.load.arch import ArchSpec, arch_for, get_blocks
 from sftscope.load.models import load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(model, train, out, **kw):
     base = dict(rank=4, batch_size=4, micro_batch_size=4, max_steps=6, lr=5e-3, logging_steps=1,
                 save_steps=100, run_eval=False, n_train=None, dropout=0.0)
@@ -228,19 +219,12 @@ def test_completion_only_labels(tokenizer):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted(llama10, repetitive_file, tmp_path):
-    from transformers import TrainerCallback
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise KeyboardInterrupt
-
+def test_resume_after_kill_matches_uninterrupted(llama10, repetitive_file, tmp_path, kill_at_step):
     train = f"gsm8k:{repetitive_file}"
     kw = dict(mask="00110", max_steps=6, save_steps=2, dropout=0.05)
     ref = TU.tune(_cfg(llama10, train, tmp_path / "a", **kw))
     with pytest.raises(KeyboardInterrupt):
-        TU.tune(_cfg(llama10, train, tmp_path / "b", **kw), callbacks=[Kill()])
+        TU.tune(_cfg(llama10, train, tmp_path / "b", **kw), callbacks=[kill_at_step(3)])
     assert (tmp_path / "b" / "checkpoints" / "checkpoint-2").is_dir()
     with pytest.raises(SftscopeError, match="unfinished"):
         TU.tune(_cfg(llama10, train, tmp_path / "b", **kw))
