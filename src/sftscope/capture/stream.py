@@ -29,11 +29,13 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,8 @@ from sftscope.version import __version__
 
 FORMAT_VERSION = 2
 CPU_STACK_BYTES = 512 << 20  # CPU: most a batch's token rows at all states may take
+LAG_BYTES = 256 << 20  # CPU, overlapped: most the token rows of batches waiting for their
+# metrics may take beyond the last batch (the background workers may lag that far behind)
 
 
 @dataclass(frozen=True)
@@ -290,9 +294,13 @@ class ScheduleProbe:
     pending) and the one after overlapped (its forward pass while the previous batch's metrics
     run, then waiting for them), twice: each timed step runs one forward pass and one batch's
     metrics. An inline step starts with nothing pending. The rate is seconds per token of the
-    forward batch, summed over the steps of each schedule; ``choice`` is set after the plan."""
+    forward batch, summed over the steps of each schedule; ``choice`` is set after the plan:
+    inline only where it is faster by more than ``MARGIN``. Overlap is kept within it since the
+    probe times it at its least: one batch behind, where after the probe its background
+    workers may fall several behind and use more of the forward passes' idle moments."""
 
     PLAN: tuple[str | None, ...] = ("inline", None, "overlap", "inline", None, "overlap")
+    MARGIN = 0.03
 
     def __init__(self) -> None:
         self.k = 0
@@ -321,7 +329,8 @@ class ScheduleProbe:
         self.k += 1
         if self.k == len(self.PLAN):
             rate = self.rates()
-            self.choice = "overlap" if rate["overlap"] < rate["inline"] else "inline"
+            faster = rate["inline"] < rate["overlap"] * (1.0 - self.MARGIN)
+            self.choice = "inline" if faster else "overlap"
 
     def rates(self) -> dict[str, float]:
         """Seconds per token of each schedule's timed steps (NaN before any)."""
@@ -335,17 +344,68 @@ class ScheduleProbe:
                 "us_per_token": {k: round(v * 1e6, 3) for k, v in self.rates().items()}}
 
 
-def sample_pool(workers: int) -> ThreadPoolExecutor:
+def sample_pool(workers: int, background: bool = False) -> ThreadPoolExecutor:
     """The CPU schedule's workers: ``workers`` threads, each computing whole samples with one
-    intra-op thread (so a sample's numbers never depend on how many workers there are)."""
+    intra-op thread (so a sample's numbers never depend on how many workers there are).
+    ``background``: threads at the lowest priority (nice 19, Linux; elsewhere as they are),
+    which yield to the forward pass's threads: the overlapped schedule's, so its metrics take
+    the forward pass's idle moments rather than its cores. (Nice 19, not ``SCHED_IDLE``: a
+    busy machine still gives them a little time, so a task it started ends soon.)"""
     return ThreadPoolExecutor(max(1, workers), thread_name_prefix="sftscope-metrics",
-                              initializer=_pin_threads, initargs=(1,))
+                              initializer=_pin_threads, initargs=(1, background))
 
 
-def _pin_threads(threads: int) -> None:
+def _pin_threads(threads: int, background: bool = False) -> None:
     torch.set_num_threads(threads)
     torch.get_num_threads()  # torch's per-thread set-up runs lazily on the first parallel op
     # and copies the process-wide count then: force it now, while that count is ``threads``
+    if background and sys.platform.startswith("linux"):  # there a thread id names the thread
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class _Job:
+    """One task of the CPU schedule (a sample's token metrics). With ``rescue``, it is queued
+    to the background workers (idle priority) and taken over by the foreground ones
+    (``rescue``) once its result is wanted before they have finished it: a queued task moves,
+    a running one runs again (the same code with one intra-op thread: the same numbers, bit for
+    bit, whichever run ends first). So a busy machine, which leaves the background workers no
+    cycles, costs what the inline schedule costs, not a wait on them."""
+
+    def __init__(self, pool: ThreadPoolExecutor, size: int, fn: Callable[..., Any], *args: Any,
+                 rescue: ThreadPoolExecutor | None = None) -> None:
+        self.size = size  # its cost rank: hurried longest first
+        self._call = (fn, args)
+        self._rescue = rescue
+        self._runs = [pool.submit(fn, *args)]
+
+    def hurry(self) -> None:
+        """Its result is wanted now: the foreground workers take it unless it is done."""
+        if self._rescue is None or self._runs[0].done():
+            return
+        if self._runs[0].cancel():  # still queued: only the foreground run is left
+            self._runs = []
+        fn, args = self._call
+        self._runs.append(self._rescue.submit(fn, *args))
+        self._rescue = None
+
+    def done(self) -> bool:
+        return any(run.done() for run in self._runs)
+
+    def result(self) -> Any:
+        """The first finished run's result (hurried first)."""
+        self.hurry()
+        done, _ = wait(self._runs, return_when=FIRST_COMPLETED)
+        out = next(iter(done)).result()
+        for run in self._runs:  # a run still queued is not needed any more
+            run.cancel()
+        return out
+
+
+def hurry(jobs: list[_Job]) -> None:
+    """Hand every unfinished job of ``jobs`` to the foreground workers, longest first."""
+    for job in sorted(jobs, key=lambda j: -j.size):
+        job.hurry()
 
 
 def metrics_thread() -> ThreadPoolExecutor:
@@ -365,7 +425,8 @@ class _Reducer:
     """Receives hidden states from the hooks and reduces them on their device.
 
     Pooled vectors are written when a batch's forward pass ends; its token metrics when they
-    are ready (at most one batch behind). On CPU, worker threads compute them sample by sample
+    are ready (inline: before the next batch; overlapped: at most one batch behind, on CPU as
+    far behind as ``LAG_BYTES`` allows). On CPU, worker threads compute them sample by sample
     over every hidden state at once (``_sample_metrics``) once the batch's forward pass has
     ended; on an accelerator, hidden state by hidden state (``_token_metrics``), in one worker
     thread (overlap) or in the main thread. ``done[r]`` is set once everything of the sample
@@ -397,13 +458,16 @@ class _Reducer:
         self._schedule = "inline" if schedule == "auto" and n_token == 0 else schedule
         self.n_states = n_states
         self.pool: ThreadPoolExecutor | None = None
+        self.background: ThreadPoolExecutor | None = None  # CPU, overlapped: idle priority
         self.workers = torch.get_num_threads()
         if n_token > 0 and self.per_sample:
             self.pool = sample_pool(self.workers)
+            if schedule in ("overlap", "auto"):
+                self.background = sample_pool(self.workers, background=True)
         elif n_token > 0 and schedule == "overlap":
             self.pool = metrics_thread()
         self._current: dict[int, tuple] = {}
-        self._pending: list[tuple[list[int], list[int], Any]] = []
+        self._pending: list[tuple[list[int], list[int], Any, int]] = []
 
     @property
     def schedule(self) -> str:
@@ -433,6 +497,7 @@ class _Reducer:
         self._tok_mask: torch.Tensor | None = None
         self._whole: bool | None = None  # CPU: whether all states of the batch are held
         self._current = {}
+        self._held = 0  # bytes of token rows this batch hands to the metrics
         if self.probe is not None and self.tok_rows:
             if self.probe.mode() == "inline":  # an inline step starts with nothing pending
                 self.drain()
@@ -446,18 +511,22 @@ class _Reducer:
         stack = self.n_states * hs.shape[1] * hs.shape[2] * 8 * self.workers
         return max(rows, stack) <= CPU_STACK_BYTES
 
-    def _submit(self, states: list[torch.Tensor], ms: torch.Tensor) -> list[Future]:
-        """One task per token row: its metrics at the hidden states ``states`` (``[b, T, D]``
-        each, in order). The longest rows are submitted first (their cost grows as the cube
-        of their length), so no long one is left for one worker at the end while the others
-        idle; the futures stay in row order."""
+    def _submit(self, states: list[torch.Tensor], ms: torch.Tensor) -> list[_Job]:
+        """One job per token row: its metrics at the hidden states ``states`` (``[b, T, D]``
+        each, in order). Overlapped, the jobs go to the background workers first (``_Job``).
+        The longest rows are submitted first (their cost grows as the cube of their length),
+        so no long one is left for one worker at the end while the others idle; the jobs stay
+        in row order."""
         assert self.pool is not None
-        futures: dict[int, Future] = {}
+        background = self.schedule == "overlap" and self.background is not None
+        jobs: dict[int, _Job] = {}
         lengths = ms.sum(1).tolist()
         for r in sorted(range(ms.shape[0]), key=lambda r: -lengths[r]):
-            futures[r] = self.pool.submit(_sample_metrics, [h[r] for h in states], ms[r],
-                                          self.opts)
-        return [futures[r] for r in range(ms.shape[0])]
+            rows = [h[r] for h in states]
+            jobs[r] = (_Job(self.background, lengths[r], _sample_metrics, rows, ms[r], self.opts,
+                            rescue=self.pool) if background and self.background is not None
+                       else _Job(self.pool, lengths[r], _sample_metrics, rows, ms[r], self.opts))
+        return [jobs[r] for r in range(ms.shape[0])]
 
     def __call__(self, j: int, h: torch.Tensor) -> None:
         self.dtype = h.dtype
@@ -469,6 +538,7 @@ class _Reducer:
                 self._rows[h.device] = torch.tensor(self.tok_rows, device=h.device)
             rows = self._rows[h.device]
             hs = h.index_select(0, rows)  # a copy: the model may reuse h
+            self._held += hs.numel() * hs.element_size()
             ms = self.batch.mask_on(h.device).index_select(0, rows)
             if self.include_padding:
                 ms = torch.ones_like(ms)
@@ -481,7 +551,8 @@ class _Reducer:
                 else:
                     tok = self._submit([hs], ms)
                     if self.schedule == "inline":
-                        wait(tok)
+                        for job in tok:
+                            job.result()
             elif self.pool is not None:
                 tok = self.pool.submit(_token_metrics, hs, ms, self.opts)
             else:
@@ -511,14 +582,33 @@ class _Reducer:
             else:  # one chunk per state, submitted as it passed
                 chunks = [([j], toks[j][0]) for j in js]
             work = (chunks, {j: toks[j][1] for j in js})
-        self._pending.append((batch.index, self.tok_rows, work))
-        while len(self._pending) > (1 if self.schedule == "overlap" else 0):
+        self._pending.append((batch.index, self.tok_rows, work, self._held))
+        while self._pending and self._due():
             self._collect(self._pending.pop(0))
         if self.probe is not None and self.tok_rows:
             self.probe.finish()
 
-    def _collect(self, item: tuple[list[int], list[int], Any]) -> None:
-        index, tok_rows, work = item
+    def _due(self) -> bool:
+        """Whether the oldest pending batch's metrics are written now: inline at once;
+        overlapped once they are ready, or once a later batch has ended while the probe
+        times the schedules, on an accelerator, or when the pending batches hold more than
+        ``LAG_BYTES``: on CPU the background workers may use the idle moments of several
+        forward passes (a wait then hands their rest to the foreground workers)."""
+        if self.schedule != "overlap":
+            return True
+        work = self._pending[0][2]
+        if isinstance(work, tuple):
+            ready = all(job.done() for _, jobs in work[0] for job in jobs)
+        else:
+            ready = all(not isinstance(t, Future) or t.done() for t, _ in work.values())
+        if ready or len(self._pending) == 1:
+            return ready
+        probing = self.probe is not None and self.probe.choice is None
+        return (self.background is None or probing
+                or sum(item[3] for item in self._pending[:-1]) > LAG_BYTES)
+
+    def _collect(self, item: tuple[list[int], list[int], Any, int]) -> None:
+        index, tok_rows, work, _ = item
         if tok_rows:
             tok_idx = torch.tensor([index[r] for r in tok_rows])
             # grouped sparsity (one threshold per group) is written when its group completes
@@ -526,10 +616,11 @@ class _Reducer:
             grouped_by_layer: dict[int, Any]
             if isinstance(work, tuple):  # CPU: per chunk of states, one result per sample
                 chunks, grouped_by_layer = work
-                for js, futures in chunks:
+                hurry([job for _, jobs in chunks for job in jobs])
+                for js, jobs in chunks:
                     layers = torch.tensor(js)
-                    for col, fut in zip(tok_idx.tolist(), futures, strict=True):
-                        for name, val in fut.result().items():
+                    for col, job in zip(tok_idx.tolist(), jobs, strict=True):
+                        for name, val in job.result().items():
                             if name != skip:
                                 self.token[name][layers, col] = val.to(torch.float64)
             else:  # accelerator: one result per layer, every sample
@@ -557,7 +648,10 @@ class _Reducer:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        if self.background is not None:  # what it still runs is done by the foreground too:
+            # no wait on idle-priority threads a busy machine may leave no cycles
+            self.background.shutdown(wait=False, cancel_futures=True)
+        self.pool = self.background = None
 
     def state(self, n_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """The checkpoint: buffers and the done mask; samples of a half-seen sparsity group
