@@ -7,9 +7,11 @@ first ``n_token`` samples, per-sample token-level metrics (prompt entropy, spars
 Token metrics (float64 eigendecompositions: the costly part) run in worker threads (torch
 releases the GIL in its kernels). On CPU, each worker takes whole samples, all hidden states of
 one at once and with one intra-op thread; on an accelerator, one worker takes one hidden state
-of the batch at a time. Where cores are free (or on an accelerator), the workers compute batch
-b's metrics while batch b+1 runs forward (``overlap``); otherwise the forward pass waits for
-them (``inline``), and they use the cores it leaves. The numbers are the same either way, bit
+of the batch at a time. Either the workers compute batch b's metrics while later batches run
+forward (``overlap``; on CPU in background threads at the lowest priority, which take only the
+moments the forward pass leaves its cores idle, and whatever they have not finished when it is
+wanted goes to foreground workers), or the forward pass waits for them (``inline``). The
+default measures which is faster (``ScheduleProbe``). The numbers are the same either way, bit
 for bit.
 
 Results are cached as safetensors keyed by model content, exact token ids, load settings and
