@@ -88,6 +88,7 @@ def main() -> None:
     real_pick = S.pick_schedule
     default = real_pick(None, torch.device("cpu"))
     kept: list[str] = []
+    shares: dict[str, list[str]] = {"overlap": [], "auto": []}  # background workers' share
 
     def full(schedule: str) -> float:
         S.pick_schedule = lambda *_a: schedule  # type: ignore[assignment]
@@ -96,8 +97,11 @@ def main() -> None:
             results[schedule] = capture(model, tok, CaptureConfig(batch_size=a.batch,
                                                                   n_token=a.n_token), 0)
             seconds = time.perf_counter() - t0
+            info = results[schedule].info
             if schedule == "auto":
-                kept.append(str(results[schedule].info.get("token_metrics")))
+                kept.append(str(info.get("token_metrics")))
+            if schedule in shares:
+                shares[schedule].append(f"{info.get('background_share', 0.0):.2f}")
             return seconds
         finally:
             S.pick_schedule = real_pick
@@ -143,6 +147,8 @@ def main() -> None:
     print(f"default here: {labels[default]}, kept {', '.join(kept[1:])} ({os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads) -> {med[default] / med['bare']:.3f}x, paired "
           f"{paired[default]:.3f}x (target <= 1.10x)")
+    print(f"share of the overlapped samples' metrics the background workers computed: overlap "
+          f"{', '.join(shares['overlap'][1:])}; auto {', '.join(shares['auto'][1:])}")
     print(f"pooled buffers    {pooled_mb:7.1f} MiB (mean + last, [L+1, N, D] float32)")
     print(f"peak RSS          {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:7.0f} "
           f"MiB")

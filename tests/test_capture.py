@@ -394,9 +394,12 @@ def test_overlap_without_background_cycles_gives_identical_numbers(tiny, monkeyp
 
     monkeypatch.setattr(S, "sample_pool", pool)
     try:
-        _same(capture(model, tok, replace(cfg, overlap=True), pad), inline)
+        starved = capture(model, tok, replace(cfg, overlap=True), pad)
     finally:
         blocked.set()
+    _same(starved, inline)
+    assert starved.info["background_share"] == 0.0  # run.json: the foreground did them all
+    assert "background_share" not in inline.info
     monkeypatch.setattr(S, "sample_pool", real)
     monkeypatch.setattr(S, "LAG_BYTES", 0)
     _same(capture(model, tok, replace(cfg, overlap=True), pad), inline)

@@ -382,6 +382,8 @@ class _Job:
         self._call = (fn, args)
         self._rescue = rescue
         self._runs = [pool.submit(fn, *args)]
+        self._background = self._runs[0] if rescue is not None else None
+        self.in_background: bool | None = None  # with rescue, once read: which run it took
 
     def hurry(self) -> None:
         """Its result is wanted now: the foreground workers take it unless it is done."""
@@ -400,7 +402,10 @@ class _Job:
         """The first finished run's result (hurried first)."""
         self.hurry()
         done, _ = wait(self._runs, return_when=FIRST_COMPLETED)
-        out = next(iter(done)).result()
+        first = next(iter(done))
+        out = first.result()
+        if self._background is not None:
+            self.in_background = first is self._background
         for run in self._runs:  # a run still queued is not needed any more
             run.cancel()
         return out
@@ -471,6 +476,7 @@ class _Reducer:
         elif n_token > 0 and schedule == "overlap":
             self.pool = metrics_thread()
         self._current: dict[int, tuple] = {}
+        self.background_jobs = {True: 0, False: 0}  # overlapped CPU jobs by who ran them
         self._pending: list[tuple[list[int], list[int], Any, int]] = []
 
     @property
@@ -479,10 +485,16 @@ class _Reducer:
         return self._schedule if self.probe is None else self.probe.mode()
 
     def schedule_info(self) -> dict[str, Any]:
-        """What run.json records of the schedule: the one kept, and how it was chosen."""
-        if self.probe is None:
-            return {"token_metrics": self._schedule}
-        return {"token_metrics": self.probe.choice or "auto", "schedule_probe": self.probe.info()}
+        """What run.json records of the schedule: the one kept, how it was chosen, and the
+        share of the overlapped samples' metrics the background workers computed (the rest
+        the foreground workers took over while the forward pass waited)."""
+        out: dict[str, Any] = ({"token_metrics": self._schedule} if self.probe is None else
+                               {"token_metrics": self.probe.choice or "auto",
+                                "schedule_probe": self.probe.info()})
+        total = sum(self.background_jobs.values())
+        if total:  # how much of the overlapped work the background workers did themselves
+            out["background_share"] = round(self.background_jobs[True] / total, 3)
+        return out
 
     def row(self, index: list[int]) -> torch.Tensor:
         """Buffer rows of the samples ``index``."""
@@ -624,7 +636,10 @@ class _Reducer:
                 for js, jobs in chunks:
                     layers = torch.tensor(js)
                     for col, job in zip(tok_idx.tolist(), jobs, strict=True):
-                        for name, val in job.result().items():
+                        vals = job.result()
+                        if job.in_background is not None:
+                            self.background_jobs[job.in_background] += 1
+                        for name, val in vals.items():
                             if name != skip:
                                 self.token[name][layers, col] = val.to(torch.float64)
             else:  # accelerator: one result per layer, every sample
