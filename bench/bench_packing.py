@@ -77,6 +77,26 @@ def step_clock():
     return Clock()
 
 
+def report(times: dict[str, list[list[tuple[float, float]]]], whole: dict[str, list[float]],
+           args: argparse.Namespace, load0: tuple[float, float, float]) -> None:
+    """Median step times, paired speed-ups (CPU and wall) and the whole calls' CPU seconds."""
+    for i, what in ((1, "CPU"), (0, "wall")):
+        med = {m: statistics.median(s[i] for r in times[m] for s in r) for m in times}
+        print(f"{what:4s} s/step padded {med['off']:.3f}, packed {med['on']:.3f}, packed in "
+              f"masked rows {med['rows']:.3f}")
+        for mode in ("on", "rows"):
+            ratios = [sum(s[i] for s in a) / sum(s[i] for s in b)
+                      for a, b in zip(times["off"], times[mode], strict=True)]
+            print(f"     paired speed-up padded / {mode}: {statistics.median(ratios):.2f}x "
+                  f"(repeats: {', '.join(f'{r:.2f}' for r in ratios)})")
+    calls = {m: statistics.median(v) for m, v in whole.items()}
+    print(f"whole tune call (load, tokenize, check, train, save), CPU s: padded "
+          f"{calls['off']:.1f}, packed {calls['on']:.1f} ({calls['off'] / calls['on']:.2f}x)")
+    print(f"({args.repeats} repeats of {args.steps} steps, first {args.skip} left out, "
+          f"{args.batch} examples per step, llama {args.layers}x{args.hidden}; load average "
+          f"{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -110,10 +130,13 @@ def main() -> None:
                             save_steps=10 ** 6, run_eval=False, n_train=None,
                             packing="on" if mode == "rows" else mode)
         TU.PerExampleAttention = (rows_only if mode == "rows" else per_example)
+        start = time.process_time()
         try:
             res = TU.tune(cfg, callbacks=[clock])
         finally:
             TU.PerExampleAttention = per_example
+        if k >= 0:
+            whole[mode].append(time.process_time() - start)
         if k < 0:
             print(f"{mode}: {res.n_train} examples, longest {res.longest_example} tokens, "
                   f"{res.n_truncated} truncated")
@@ -128,21 +151,11 @@ def main() -> None:
     for mode in modes:  # warm-up
         run(mode, -1, args.skip + 2)
     times: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in modes}
+    whole: dict[str, list[float]] = {m: [] for m in modes}  # CPU s of each tune call
     for k in range(args.repeats):
         for mode in modes if k % 2 == 0 else modes[::-1]:
             times[mode].append(run(mode, k, args.steps))
-    for i, what in ((1, "CPU"), (0, "wall")):
-        med = {m: statistics.median(s[i] for r in times[m] for s in r) for m in times}
-        print(f"{what:4s} s/step padded {med['off']:.3f}, packed {med['on']:.3f}, packed in "
-              f"masked rows {med['rows']:.3f}")
-        for mode in ("on", "rows"):
-            ratios = [sum(s[i] for s in a) / sum(s[i] for s in b)
-                      for a, b in zip(times["off"], times[mode], strict=True)]
-            print(f"     paired speed-up padded / {mode}: {statistics.median(ratios):.2f}x "
-                  f"(repeats: {', '.join(f'{r:.2f}' for r in ratios)})")
-    print(f"({args.repeats} repeats of {args.steps} steps, first {args.skip} left out, "
-          f"{args.batch} examples per step, llama {args.layers}x{args.hidden}; load average "
-          f"{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after)")
+    report(times, whole, args, load0)
 
 
 if __name__ == "__main__":
