@@ -57,11 +57,10 @@ def test_packed_loss_equals_padded_loss(model_dir, family):
     assert model.config._attn_implementation == "sdpa"  # as loaded, after
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "olmo2", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "olmo2", "qwen2", "mistral"])
 def test_tune_chooses_per_example_attention_where_it_runs(model_dir, family):
     """The layout follows what the check saw: one row per micro-batch where attention ran per
-    example, else rows of the longest example (gpt2's attention is never told the
-    positions)."""
+    example, else (a sliding-window model) rows of the longest example."""
     model = load_model(str(model_dir(family)))
     with PerExampleAttention(model) as attention:
         packer, why = choose_packing("auto", model, _examples(), 0, micro_batch=4,
@@ -69,6 +68,7 @@ def test_tune_chooses_per_example_attention_where_it_runs(model_dir, family):
         assert packer is not None and why.startswith("on:"), why
         assert packer.one_row is attention.active
         assert ("attention per example" in why) is attention.active
+        assert attention.active is (family != "mistral")  # a sliding window: masked rows
     assert model.config._attn_implementation == "sdpa"
 
 
