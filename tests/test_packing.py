@@ -124,3 +124,20 @@ def test_rows_first_fit_decreasing_and_layout():
                                          {"input_ids": [3], "labels": [3]}])
     assert one["input_ids"].tolist() == [[1, 2, 3]] and one["position_ids"].tolist() == [
         [0, 1, 0]]
+
+
+def test_per_example_sdpa_matches_a_block_diagonal_mask():
+    from sftscope.experiments.packing import per_example_sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 7, 4, generator=gen) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 0]])
+    seg = (pos != torch.cat([pos[:, :1] - 1, pos[:, :-1]], 1) + 1).cumsum(1)
+    same = seg[:, :, None] == seg[:, None, :]
+    mask = (same & torch.ones(7, 7, dtype=torch.bool).tril())[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    module = torch.nn.Module()
+    got, _ = per_example_sdpa(module, q, k, v, None, position_ids=pos)
+    assert torch.allclose(got, want.transpose(1, 2), atol=1e-6)
+    masked, _ = per_example_sdpa(module, q, k, v, mask, position_ids=pos)  # a mask: plain sdpa
+    assert torch.allclose(masked, want.transpose(1, 2), atol=1e-6)

@@ -114,14 +114,16 @@ def per_example_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     is computed. Any other call (a mask, a cache, no position ids) is plain ``sdpa``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    n = query.shape[2]
-    kwargs.pop("is_causal", None)
-    if (attention_mask is not None or position_ids is None or key.shape[2] != n or n < 2
+    n, causal = query.shape[2], kwargs.pop("is_causal", None)
+    if (attention_mask is not None or position_ids is None or position_ids.dim() != 2
+            or key.shape[2] != n or n < 2 or causal is False
             or not getattr(module, "is_causal", True)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      is_causal=causal, **kwargs)
     cuts = _segments(position_ids.expand(query.shape[0], -1))
     if all(len(c) == 2 for c in cuts):  # one example per row: plain causal attention
-        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=causal,
+                                      **kwargs)
     _per_example_calls[0] += 1
     rows = [torch.cat([sdpa_attention_forward(module, query[r:r + 1, :, a:b],
                                               key[r:r + 1, :, a:b], value[r:r + 1, :, a:b],
