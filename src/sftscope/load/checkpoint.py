@@ -33,6 +33,8 @@ from sftscope.load.sources import (  # noqa: F401  (re-exported: the checkpoint 
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from torch import Tensor
 
 from sftscope.load.arch import (
@@ -174,32 +176,39 @@ class Checkpoint:
 
     def _fd(self, file: Path) -> int:
         """A read-only descriptor of one of the checkpoint's files, opened once."""
-        with self._fds_lock:
-            fd = self._fds.get(file)
-            if fd is None:
-                fd = self._fds[file] = os.open(file, os.O_RDONLY)
-            return fd
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._fds_lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
 
-    def read_into(self, name: str, offset: int, out: memoryview) -> None:
-        """Bytes ``offset ..`` of one tensor's stored data into the writable buffer ``out``
-        (``pread``: no mapping and no allocation, so a caller streams a tensor of any size
-        through one small buffer; the GIL is released while the kernel copies)."""
+    def reader(self, name: str) -> Callable[[int, memoryview], None]:
+        """``read(offset, out)``: bytes ``offset ..`` of one tensor's stored data into the
+        writable buffer ``out`` (``pread``: no mapping and no allocation, so a caller streams
+        a tensor of any size through one small buffer; the GIL is released while the kernel
+        copies; threads may share it)."""
         info = self.tensors[name]
-        pos, end = info.start + offset, info.start + offset + len(out)
-        if offset < 0 or end > info.end:
-            raise ValueError(f"bytes {offset}..{offset + len(out)} are outside {info.raw}")
-        try:
-            fd = self._fd(info.file)
+        fd = self._fd(info.file)
+
+        def read(offset: int, out: memoryview) -> None:
+            pos, n = info.start + offset, len(out)
+            if offset < 0 or pos + n > info.end:
+                raise ValueError(f"bytes {offset}..{offset + n} are outside {info.raw}")
             done = 0
-            while done < len(out):
-                k = os.preadv(fd, [out[done:]], pos + done)
-                if k <= 0:
-                    raise OSError(f"the file ends at byte {pos + done}")
+            while done < n:
+                try:
+                    k = os.preadv(fd, [out[done:]], pos + done)
+                    if k <= 0:
+                        raise OSError(f"the file ends at byte {pos + done}")
+                except OSError as e:
+                    raise SftscopeError(
+                        f"could not read {info.raw} from {info.file} ({e}); the file is "
+                        f"truncated or unreadable: re-download or re-save it") from e
                 done += k
-        except OSError as e:
-            raise SftscopeError(
-                f"could not read {info.raw} from {info.file} ({e}); the file is truncated or "
-                f"unreadable: re-download or re-save it") from e
+
+        return read
 
     def close(self) -> None:
         """Close the file descriptors opened for read-ahead."""
