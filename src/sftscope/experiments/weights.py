@@ -184,9 +184,11 @@ class _Norms:
             self.pool.shutdown()
 
     def _parts(self, n: int) -> list[tuple[int, int]]:
+        """One contiguous part per worker, of equal size (to ``_FLAG_RUN`` entries: a split
+        at chunk boundaries left one worker a whole chunk more, e.g. 6 against 5)."""
         if self.pool is None or n < 2 * _CHUNK:
             return [(0, n)]
-        per = math.ceil(math.ceil(n / _CHUNK) / self.workers) * _CHUNK
+        per = math.ceil(n / self.workers / _FLAG_RUN) * _FLAG_RUN
         return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
 
     def _map(self, fn: Any, n: int) -> list[Any]:
