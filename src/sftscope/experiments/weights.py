@@ -159,7 +159,7 @@ class _Chunk(NamedTuple):
 
 class _Norms:
     """Squared norms without full-size copies: chunk by chunk through small reusable buffers
-    per worker (cache-resident). A large tensor is cut into chunk-aligned contiguous parts, one
+    per worker (cache-resident). A large tensor is cut into contiguous parts of equal size, one
     per worker thread (torch ops release the GIL and each runs single-threaded, so no OpenMP
     barrier can stall); part sums are added in a fixed order, so results are deterministic for
     a given worker count. ``sq_diff`` counts the bit-identical entries in the same pass, while
@@ -237,7 +237,7 @@ class _Norms:
         how); ``unchanged``: every entry of it is bit-identical."""
         if c.s.dtype == c.b.dtype and c.s.dtype in _NARROW:
             # Views are made once for whole chunks: a view or a slice costs 2-5 us of Python,
-            # as much as this whole block's arithmetic on 20,000 entries.
+            # the arithmetic below on a whole chunk about 130 us.
             x, x0, x1, runs = self.rows[j]
             if m < _CHUNK:
                 k = -(-m // _ROW) * _ROW
@@ -303,8 +303,8 @@ class _Norms:
 
     def _same(self, j: int, s: Tensor, b: Tensor, m: int) -> int:
         """Entries of the chunks ``s`` and ``b`` (``m`` entries, integer or bool views) with
-        equal bits, in worker ``j``'s buffers (XOR, nonzero to bool, summed as words: 0.33 ns
-        per entry, against 0.44 with ``count_nonzero``)."""
+        equal bits, in worker ``j``'s buffers (XOR, nonzero to bool, the bools summed as int64
+        words: 0.32 ns per entry, against 0.35-0.44 with a byte-wise sum or ``count_nonzero``)."""
         k = -(-m // _FLAG_RUN) * _FLAG_RUN
         if m == k == self.flags[j].numel():  # a whole chunk: the views made once
             flags, words = self.flags[j], self.words[j]
