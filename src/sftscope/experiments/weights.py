@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
@@ -769,7 +770,7 @@ def _streamable(base: Checkpoint, sft: Checkpoint, it: _Item, spectra: _Spectra 
     files chunk by chunk (``_Norms.sq_diff_stored``) instead of as two tensors."""
     b, s = base.tensors[it.base], sft.tensors[it.sft]
     if it.fused or it.experts_fused or b.shape != s.shape or b.dtype != s.dtype \
-            or b.dtype not in _STORED:
+            or b.dtype not in _STORED or sys.byteorder != "little":  # safetensors' order
         return False
     if spectra is not None and len(b.shape) == 2 and it.slot.param == "weight" \
             and it.slot.module not in _NO_SPECTRUM:
