@@ -718,8 +718,7 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
         acc.added_rows[f"{it.slot.module}_added"] = max(
             acc.added_rows[f"{it.slot.module}_added"], added.shape[0])
         s = s[: b.shape[0]]
-    spectrum = (spectra is not None and s is not None and b.dim() == 2
-                and it.slot.param == "weight" and it.slot.module not in _NO_SPECTRUM)
+    spectrum = s is not None and _spectrum(it, b.dim(), spectra)
     # bit-identical entries: counted in the norm's own pass where there is one over the pair
     bits = _bit_view(s, b) if s is not None else None
     in_pass = bits is not None and not (it.fused or it.experts_fused or spectrum)
@@ -772,11 +771,16 @@ def _streamable(base: Checkpoint, sft: Checkpoint, it: _Item, spectra: _Spectra 
     if it.fused or it.experts_fused or b.shape != s.shape or b.dtype != s.dtype \
             or b.dtype not in _STORED or sys.byteorder != "little":  # safetensors' order
         return False
-    if spectra is not None and len(b.shape) == 2 and it.slot.param == "weight" \
-            and it.slot.module not in _NO_SPECTRUM:
+    if _spectrum(it, len(b.shape), spectra):
         return False  # the low-rank metrics need the whole change
     n = math.prod(b.shape) * _STORED[b.dtype].itemsize
     return b.end - b.start == n and s.end - s.start == n
+
+
+def _spectrum(it: _Item, ndim: int, spectra: _Spectra | None) -> bool:
+    """Whether a pair's change gets low-rank metrics: one 2-D weight, when they are asked."""
+    return (spectra is not None and ndim == 2 and it.slot.param == "weight"
+            and it.slot.module not in _NO_SPECTRUM)
 
 
 _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
