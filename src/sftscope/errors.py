@@ -23,6 +23,11 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return (lines[0] if lines else type(err).__name__)[:limit]
 
 
+def quoted(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of an exception, for quoting a library's error inside one line."""
+    return f"{type(err).__name__}: {first_line(err, limit)}"
+
+
 class WriteError(SftscopeError):
     """A file could not be written (full disk, quota, read-only): what, where, what to do, and
     what a rerun does (``then``; a command that knows better, as tune does, replaces it)."""

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, quoted
 
 KINDS = ("pair", "single", "weight", "accuracy", "agreement", "probability", "loss",
          "perplexity", "rank", "signal", "distribution", "unknown")
@@ -270,7 +270,7 @@ def _register_user(name: str, fn: Callable[..., Any], *, pair: bool, label: str,
             return float(fn(x.zb, x.zs) if pair else fn(x.z))
         except Exception as e:  # the user's code: say whose it is
             raise SftscopeError(f"registered metric {name!r} failed: "
-                                f"{type(e).__name__}: {e}") from e
+                                f"{quoted(e)}") from e
 
     level = "pair" if pair else "dataset"
     return _declare(MetricFunction(name, level, value, user=True),

@@ -634,8 +634,9 @@ class TuneConfig(OneModel):
                           check=at_least(1))
     micro_batch_size: int = opt(8, "Examples per forward pass per device.", check=at_least(1))
     packing: str = opt("auto", "Padding-free batches (examples concatenated, position ids per "
-                       "example, attention confined to each; transformers' flattening "
-                       "collator): auto = on when a check at start finds the model computes "
+                       "example, attention confined to each: computed per example on sdpa "
+                       "models, one row per micro-batch; by a mask otherwise, rows of the "
+                       "longest example): auto = on when a check at start finds the model computes "
                        "the same log-probabilities packed as padded and a forward pass holds "
                        "more than one example; on = refuse a model that fails the check; off "
                        "= pad.", choices=("auto", "on", "off"))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sftscope.errors import SftscopeError, first_line
+from sftscope.errors import SftscopeError, quoted
 
 TRL_MIN = "1.16"
 RL_EXTRA = "pip install 'sftscope[rl]'"
@@ -141,7 +141,7 @@ def reward_function(spec: str) -> Callable[..., list[float]]:
         mod = importlib.import_module(module)
     except Exception as e:  # the user's module: any import error is theirs to fix
         raise SftscopeError(f"--reward {spec!r}: module {module!r} could not be imported "
-                            f"({type(e).__name__}: {first_line(e, 120)})") from e
+                            f"({quoted(e, 120)})") from e
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise SftscopeError(f"--reward {spec!r}: {module} has no function {name!r}")

@@ -26,6 +26,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sftscope.errors import SftscopeError
 from sftscope.io import write_text
@@ -158,6 +159,35 @@ _ONE_STEP = {
 """The two phrasings (question, solution line) of each one-step word problem."""
 
 
+_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mul": ("{n} buys {a} {boxes} of {it}. Each {box} has {b} {it}. How many {it} does {n} buy?",
+            ("{n} buys {a} * {b} = {c} {it}.",)),
+    "half": ("{n} has {a} {it} and gives half of them to {m}. How many {it} does {n} give to "
+             "{m}?",
+             ("{n} gives {a} / 2 = {c} {it} to {m}.",)),
+    "add_sub": ("{n} has {a} {it}. {P} buys {b} more {it} and then gives {d} {it} to {m}. How "
+                "many {it} does {n} have now?",
+                ("After buying, {n} has {a} + {b} = {s1} {it}.",
+                 "After giving some away, {n} has {s1} - {d} = {c} {it}.")),
+    "mul_add": ("{n} already has {d} {it}. {P} buys {a} {boxes} with {b} {it} in each. How many "
+                "{it} does {n} have now?",
+                ("{n} buys {a} * {b} = {s1} {it}.", "Now {n} has {d} + {s1} = {c} {it}.")),
+}
+"""The question and solution lines of each multi-step or fixed-phrasing word problem."""
+
+
+def _written(kind: str, answer: int, keys: tuple[Key, ...], **fields: Any) -> Problem:
+    """The problem ``kind`` of ``_TEMPLATES`` with its drawn ``fields`` filled in (``P``: the
+    pronoun ``p`` capitalised, ``boxes``: the plural of ``box``, ``c``: the answer)."""
+    fields["c"] = answer
+    if "p" in fields:
+        fields["P"] = fields["p"].capitalize()
+    if "box" in fields:
+        fields["boxes"] = _PLURAL.get(fields["box"], fields["box"] + "s")
+    q, steps = _TEMPLATES[kind]
+    return Problem(q.format(**fields), tuple(s.format(**fields) for s in steps), answer, keys)
+
+
 class _Writer:
     """Draws problems and text from one random stream, numbers in ``1..top``, and never writes
     an addition or subtraction in ``held_out``."""
@@ -217,21 +247,13 @@ class _Writer:
         n, _, _ = self.who()
         it, box = rng.choice(_ITEMS), rng.choice(_CONTAINERS)
         a, b = self.mul_pair()
-        c = a * b
-        q = (f"{n} buys {a} {_PLURAL.get(box, box + 's')} of {it}. Each {box} has {b} {it}. "
-             f"How many {it} does {n} buy?")
-        s = (f"{n} buys {a} * {b} = {c} {it}.",)
-        return Problem(q, s, c, (("*", a, b),))
+        return _written("mul", a * b, (("*", a, b),), n=n, it=it, box=box, a=a, b=b)
 
     def p_half(self) -> Problem:
         n, _, m = self.who()
         it = self.rng.choice(_ITEMS)
         a = 2 * self.rng.randint(1, self.top // 2)
-        c = a // 2
-        q = (f"{n} has {a} {it} and gives half of them to {m}. "
-             f"How many {it} does {n} give to {m}?")
-        s = (f"{n} gives {a} / 2 = {c} {it} to {m}.",)
-        return Problem(q, s, c, (("/", a, 2),))
+        return _written("half", a // 2, (("/", a, 2),), n=n, m=m, it=it, a=a)
 
     def p_add_sub(self) -> Problem:
         n, p, m = self.who()
@@ -239,12 +261,8 @@ class _Writer:
         a, b = self.add_pair()
         s1 = a + b
         d = self.rng.randint(1, s1 - 1)
-        c = s1 - d
-        q = (f"{n} has {a} {it}. {p.capitalize()} buys {b} more {it} and then gives {d} {it} "
-             f"to {m}. How many {it} does {n} have now?")
-        s = (f"After buying, {n} has {a} + {b} = {s1} {it}.",
-             f"After giving some away, {n} has {s1} - {d} = {c} {it}.")
-        return Problem(q, s, c, (("+", a, b), ("-", s1, d)))
+        return _written("add_sub", s1 - d, (("+", a, b), ("-", s1, d)),
+                        n=n, p=p, m=m, it=it, a=a, b=b, s1=s1, d=d)
 
     def p_mul_add(self) -> Problem:
         rng = self.rng
@@ -253,13 +271,8 @@ class _Writer:
         a, b = self.mul_pair(self.top - 2)
         s1 = a * b
         d = rng.randint(1, self.top - s1)
-        c = s1 + d
-        boxes = _PLURAL.get(box, box + "s")
-        q = (f"{n} already has {d} {it}. {p.capitalize()} buys {a} {boxes} with {b} {it} in "
-             f"each. How many {it} does {n} have now?")
-        s = (f"{n} buys {a} * {b} = {s1} {it}.",
-             f"Now {n} has {d} + {s1} = {c} {it}.")
-        return Problem(q, s, c, (("*", a, b), ("+", d, s1)))
+        return _written("mul_add", s1 + d, (("*", a, b), ("+", d, s1)),
+                        n=n, p=p, it=it, box=box, a=a, b=b, s1=s1, d=d)
 
     def problem(self) -> Problem:
         """One word problem of a random kind, none using a held-out computation."""

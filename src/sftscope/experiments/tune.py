@@ -66,7 +66,7 @@ from sftscope.experiments.moe_tune import (
     moe_lora_targets,
     select_experts,
 )
-from sftscope.experiments.packing import choose_packing, packing_collator
+from sftscope.experiments.packing import PerExampleAttention, choose_packing
 from sftscope.experiments.training import TrainSet, trainable_params
 from sftscope.experiments.training import drop_input_grad_hooks as _drop_input_grad_hooks
 from sftscope.io import (
@@ -1025,21 +1025,24 @@ def train(p: TunePlan, callbacks: list | None = None) -> Training:
                                  path=p.out / DYNAMICS_FILE, write=is_main_process(),
                                  experts=experts_rec["trained"] if experts_rec else None)
                 if every > 0 else None)
-    run = _make_trainer(p, Training(n_train_params, freeze, experts_rec, recorder), callbacks)
     ckpt_dir = p.out / "checkpoints"
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the Trainer's checkpoint writes: we report instead
     with _what_a_rerun_does(ckpt_dir):  # a failed write says what the rerun will take
-        stage("train")
         try:
-            # one process: a signal checkpoints at the step's end; several (DDP/FSDP) would
-            # each see it at another step, so there it stops at once as before
-            stop = run.stopper.installed() if run.world == 1 else contextlib.nullcontext()
-            with (p.timer("train"), stop, _checkpoint_writes(run.trainer, ckpt_dir),
-                  watched(run.world)):
-                run.output = run.trainer.train(resume_from_checkpoint=run.last)
+            # packed batches attend per example while training (the model is as loaded after)
+            with PerExampleAttention(p.model, p.sft and cfg.packing != "off") as attention:
+                run = _make_trainer(p, Training(n_train_params, freeze, experts_rec, recorder),
+                                    callbacks, attention)
+                stage("train")
+                # one process: a signal checkpoints at the step's end; several (DDP/FSDP)
+                # would each see it at another step, so there it stops at once as before
+                stop = run.stopper.installed() if run.world == 1 else contextlib.nullcontext()
+                with (p.timer("train"), stop, _checkpoint_writes(run.trainer, ckpt_dir),
+                      watched(run.world)):
+                    run.output = run.trainer.train(resume_from_checkpoint=run.last)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -1117,9 +1120,11 @@ def _training_arguments(p: TunePlan, micro: int, ckpt_dir: Path) -> Any:
     return objectives.training_arguments(cfg, common)
 
 
-def _make_trainer(p: TunePlan, run: Training, callbacks: list | None) -> Training:
+def _make_trainer(p: TunePlan, run: Training, callbacks: list | None,
+                  attention: PerExampleAttention | None = None) -> Training:
     """The Trainer with its callbacks (loss checks, progress, estimates, expert freeze,
-    dynamics, signals), the collator (packed or padded) and the checkpoint to resume."""
+    dynamics, signals), the collator (packed, through ``attention`` where it is active, or
+    padded) and the checkpoint to resume."""
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -1155,14 +1160,14 @@ def _make_trainer(p: TunePlan, run: Training, callbacks: list | None) -> Trainin
                else []),
              run.stopper.callback(), *(callbacks or [])]
     if p.sft:
-        run.packed, run.packing_why = choose_packing(cfg.packing, p.model, p.data.examples,
-                                                     p.ctx.pad_id, micro)
+        packer, run.packing_why = choose_packing(cfg.packing, p.model, p.data.examples,
+                                                 p.ctx.pad_id, micro, attention)
+        run.packed = packer is not None
         _say(f"packing {run.packing_why}")
-        pad = p.ctx.pad_id
-        collator = packing_collator(pad) if run.packed else PadCollator(pad)
         run.trainer = Trainer(model=p.model, args=args,
                               train_dataset=_ListDataset(p.data.examples),
-                              data_collator=collator, callbacks=every)
+                              data_collator=packer or PadCollator(p.ctx.pad_id),
+                              callbacks=every)
     else:  # TRL pads its own batches
         from sftscope.experiments import objectives
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, quoted
 from sftscope.tasks import LETTERS, get_task, preference, task_names
 from sftscope.tasks.base import is_missing, text_problem
 
@@ -277,7 +277,7 @@ def _read_local(path: Path, split: str | None, skip_bad: bool) -> RecordSet:
     except SftscopeError:
         raise
     except Exception as e:  # pandas/pyarrow/unicode errors
-        raise SftscopeError(f"{path} could not be read ({type(e).__name__}: {e})") from e
+        raise SftscopeError(f"{path} could not be read ({quoted(e)})") from e
     out = RecordSet(str(path), [], [])
     for r, w in zip(rows, where):
         if isinstance(r, dict):
@@ -460,7 +460,7 @@ def _template_fn(template: str) -> Formatter:
         try:
             text = template.format(**r)
         except (KeyError, IndexError, AttributeError, ValueError, TypeError) as e:
-            raise BadRecord(f"--template cannot format it ({type(e).__name__}: {e})") from e
+            raise BadRecord(f"--template cannot format it ({quoted(e)})") from e
         if not text.strip():
             raise BadRecord("--template gives an empty text")
         return Sample(text)
@@ -611,7 +611,7 @@ def _first_fields(path: Path, suffix: str, split: str | None) -> list[str] | Non
     except SftscopeError:
         raise
     except Exception as e:
-        raise SftscopeError(f"{path} could not be read ({type(e).__name__}: {e})") from e
+        raise SftscopeError(f"{path} could not be read ({quoted(e)})") from e
 
 
 # ------------------------------------------------------------------ chat and tokens

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftscope.errors import SftscopeError, first_line
+from sftscope.errors import SftscopeError, first_line, quoted
 from sftscope.io import atomic_dir
 from sftscope.load.adapters import load_adapter
 from sftscope.load.gguf import GGUF_MOE_SIZES, need_gguf, supported_by_transformers
@@ -118,16 +118,13 @@ def _gguf_error(src: ModelSource, err: Exception) -> SftscopeError:
             f"{src.spec} is a GGUF of a {arch} model, which transformers "
             f"{transformers.__version__} cannot read (it reads {', '.join(names)}); convert the "
             f"model to a Hugging Face folder another way, or upgrade transformers")
-    return SftscopeError(f"{src.spec}: the GGUF file could not be loaded "
-                         f"({type(err).__name__}: {first_line(err, 200)})")
+    return SftscopeError(f"{src.spec}: the GGUF file could not be loaded ({quoted(err)})")
 
 
 def _hub_error(spec: str, err: Exception) -> SftscopeError:
-    return SftscopeError(
-        f"could not load {spec!r}: not a local folder, and the hub did not provide it "
-        f"({type(err).__name__}: {first_line(err, 160)}); pass a local folder "
-        f"or check the id/revision and your network"
-    )
+    return SftscopeError(f"could not load {spec!r}: not a local folder, and the hub did not "
+                         f"provide it ({quoted(err, 160)}); pass a local folder or check the "
+                         f"id/revision and your network")
 
 
 def load_config(spec: str, revision: str | None = None, trust_remote_code: bool = False, *,

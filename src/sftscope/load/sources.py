@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, quoted
 from sftscope.load.gguf import GGUF_SUFFIX, check_gguf, gguf_files
 from sftscope.segments import mask_text
 
@@ -60,7 +60,7 @@ def _json_object(path: Path, missing: str, repair: str) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SftscopeError(f"{path} could not be read ({type(e).__name__}: {e}); "
+        raise SftscopeError(f"{path} could not be read ({quoted(e)}); "
                             f"{repair}") from e
     if not isinstance(cfg, dict):
         raise SftscopeError(f"{path} is not a JSON object; {repair}")

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from sftscope import io
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, quoted
 from sftscope.report import numbers as N
 from sftscope.report import plots
 from sftscope.report.html import FigureBlock, Section, TableBlock, render_page
@@ -157,7 +157,7 @@ def build_report(runs: Sequence[str | Path] | str | Path, out: str | Path | None
         try:
             sections.append(build_section(spec, loaded, writer, colors))
         except Exception as e:  # one broken section must not cost the whole report
-            msg = f"section {spec.title!r} could not be drawn ({type(e).__name__}: {e})"
+            msg = f"section {spec.title!r} could not be drawn ({quoted(e)})"
             warn(msg)
             sections.append(Section(spec.key, spec.title, spec.intro, absent=msg))
     patterns = paper_patterns(loaded)

@@ -18,6 +18,7 @@ with pyplot: nothing to close, no global backend switch, safe in threads and not
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -105,8 +106,17 @@ def _data(table: pd.DataFrame | FigureData, make: Callable[[pd.DataFrame], Figur
     return table if isinstance(table, FigureData) else make(table)
 
 
-def _grid(n: int, ncols: int = 3, w: float = 4.4, h: float = 3.3,
-          title: str = "") -> tuple[Figure, list]:
+def _named(table: pd.DataFrame | FigureData, make: Callable[[pd.DataFrame], FigureData],
+           why: str) -> tuple[FigureData, list[str]]:
+    """A figure's data and its metrics, one panel each (none: nothing to draw, for ``why``)."""
+    data = _data(table, make)
+    names = data.extra.get("names") or []
+    if not names or data.empty:
+        raise _Nothing(why)
+    return data, names
+
+
+def _grid(n: int, ncols: int = 3, w: float = 4.4, h: float = 3.3) -> tuple[Figure, list]:
     ncols = max(1, min(ncols, n))
     nrows = max(1, math.ceil(n / ncols))
     width = max(w * ncols, 9.0 if n == 1 else 0.0)  # room for the title and legend
@@ -114,8 +124,6 @@ def _grid(n: int, ncols: int = 3, w: float = 4.4, h: float = 3.3,
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
-    if title:
-        fig.suptitle(title, fontsize=12, fontweight="bold")
     return fig, axes[:n]
 
 
@@ -196,12 +204,10 @@ def _style_handles(styles: dict[str, str], color: str = "0.3") -> list:
     return [Line2D([], [], color=color, ls=ls, lw=1.6, label=name) for name, ls in styles.items()]
 
 
-def _run_rows(n_runs: int, height: float, title: str) -> tuple[Figure, Any]:
+def _run_rows(n_runs: int, height: float) -> tuple[Figure, Any]:
     """A figure of one full-width panel per run, stacked (the heatmaps)."""
     fig = Figure(figsize=(10, height), dpi=DPI, layout="constrained")
-    axes = fig.subplots(n_runs, 1, squeeze=False).ravel()
-    fig.suptitle(title, fontsize=12, fontweight="bold")
-    return fig, axes
+    return fig, fig.subplots(n_runs, 1, squeeze=False).ravel()
 
 
 def _block_heatmap(fig: Figure, ax: Any, mat: np.ndarray, run: str, n_blocks: int, label: str,
@@ -222,6 +228,38 @@ def _empty(title: str, message: str) -> Figure:
     fig.suptitle(title, fontsize=11)
     fig.text(0.5, 0.45, message, ha="center", va="center", fontsize=10, color="0.35")
     return fig
+
+
+class _Nothing(Exception):
+    """Raised by a figure function with nothing to draw; its message says why."""
+
+
+def _frame(data: FigureData, why: str) -> pd.DataFrame:
+    """The figure's rows; none: nothing to draw, for the reason ``why``."""
+    if data.frame.empty:
+        raise _Nothing(why)
+    return data.frame
+
+
+def _figure(title: str) -> Callable[[Callable[..., Figure]], Callable[..., Figure]]:
+    """Declare a figure's title: the decorated function draws the panels, and this sets the
+    title (a suptitle the function set itself is appended to it) or, when the function raises
+    ``_Nothing``, returns the titled figure that says why nothing is drawn."""
+
+    def wrap(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+        @functools.wraps(draw)
+        def plot(*args: Any, **kwargs: Any) -> Figure:
+            try:
+                fig = draw(*args, **kwargs)
+            except _Nothing as why:
+                return _empty(title, str(why))
+            own = fig.get_suptitle()
+            fig.suptitle(f"{title}; {own}" if own else title, fontsize=12, fontweight="bold")
+            return fig
+
+        return plot
+
+    return wrap
 
 
 def _nice(metric: str, table: str | None = None) -> str:
@@ -256,17 +294,14 @@ def _run_curve(ax: Any, frame: pd.DataFrame, run: str, metric: str, x: str, valu
 # ----------------------------------------------------------------------------- Fig. 1-3
 
 
+@_figure("Fig. 1 - Base vs SFT representations by depth (x: hidden state j / L)")
 def plot_pair_metrics(metrics: pd.DataFrame | FigureData,
                       colors: dict[str, str] | None = None) -> Figure:
     """Fig. 1: base-vs-SFT similarity (CKA, cosine, mean shift) by depth, CI bands if given."""
-    title = "Fig. 1 - Base vs SFT representations by depth (x: hidden state j / L)"
-    data = _data(metrics, N.pair_data)
-    names = data.extra.get("names") or []
-    if not names or data.empty:
-        return _empty(title, "no pair metrics (model = pair) in this table")
+    data, names = _named(metrics, N.pair_data, "no pair metrics (model = pair) in this table")
     df = data.frame
     runs, pal = _runs(df, colors)
-    fig, axes = _grid(len(names), title=title)
+    fig, axes = _grid(len(names))
     noise = data.extra.get("noise")
     for ax, metric in zip(axes, names):
         sub = df[df["metric"].astype(str) == metric]
@@ -328,17 +363,15 @@ def _noise_band(ax, band: pd.DataFrame) -> None:
                     label="noise floor (base vs base)")
 
 
+@_figure("Fig. 2 - Single-model metrics by depth, base (solid) vs SFT (dashed), x: j / L")
 def plot_single_metrics(metrics: pd.DataFrame | FigureData,
                         colors: dict[str, str] | None = None) -> Figure:
     """Fig. 2: single-model metrics by depth, base solid and SFT dashed, one panel each."""
-    title = "Fig. 2 - Single-model metrics by depth, base (solid) vs SFT (dashed), x: j / L"
-    data = _data(metrics, N.single_data)
-    names = data.extra.get("names") or []
-    if not names or data.empty:
-        return _empty(title, "no single-model metrics (model = base/sft) in this table")
+    data, names = _named(metrics, N.single_data,
+                         "no single-model metrics (model = base/sft) in this table")
     df = data.frame
     runs, pal = _runs(df, colors)
-    fig, axes = _grid(len(names), ncols=3 if len(names) <= 9 else 4, title=title)
+    fig, axes = _grid(len(names), ncols=3 if len(names) <= 9 else 4)
     for ax, metric in zip(axes, names, strict=True):
         sub = df[df["metric"].astype(str) == metric]
         for r in runs:
@@ -354,13 +387,13 @@ def plot_single_metrics(metrics: pd.DataFrame | FigureData,
     return fig
 
 
+@_figure("Fig. 3 - Logit lens: next-token prediction from each hidden state (x: j / L)")
 def plot_logit_lens(probe: pd.DataFrame | FigureData,
                     colors: dict[str, str] | None = None) -> Figure:
     """Fig. 3: logit-lens next-token accuracy (base, SFT, agreement) and loss by depth."""
-    title = "Fig. 3 - Logit lens: next-token prediction from each hidden state (x: j / L)"
     data = _data(probe, N.lens_data)
     if data.empty:
-        return _empty(title, "empty probe table")
+        raise _Nothing("empty probe table")
     df = data.frame
     runs, pal = _runs(df, colors)
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
@@ -377,7 +410,7 @@ def plot_logit_lens(probe: pd.DataFrame | FigureData,
         panels += [(m, [m]) for m in agree]
     panels += [(m, [m]) for m in loss + other]
     panels = panels[:6]
-    fig, axes = _grid(len(panels), title=title)
+    fig, axes = _grid(len(panels))
     styles_used: dict[str, str] = {}
     for ax, (name, members) in zip(axes, panels):
         vals = []
@@ -407,17 +440,17 @@ def plot_logit_lens(probe: pd.DataFrame | FigureData,
 # ----------------------------------------------------------------------------- Fig. 4
 
 
+@_figure("Fig. 3b - Output distributions of the pair by depth (x: j / L)")
 def plot_distributions(probe: pd.DataFrame | FigureData,
                        colors: dict[str, str] | None = None) -> Figure:
     """Fig. 3b: KL(SFT || base) of the lens by depth, each model's KL to its own output by
     depth, and URIAL's token-shift shares at the output (with intervals)."""
-    title = "Fig. 3b - Output distributions of the pair by depth (x: j / L)"
     data = _data(probe, N.distribution_data)
     if data.empty:
-        return _empty(title, "no kl_pair / kl_to_final / shift rows (probe a pair with --kl)")
+        raise _Nothing("no kl_pair / kl_to_final / shift rows (probe a pair with --kl)")
     df = data.frame
     runs, pal = _runs(df, colors)
-    fig, axes = _grid(3, title=title)
+    fig, axes = _grid(3)
     styles: dict[str, str] = {}
     for ax, metric in zip(axes[:2], ("kl_pair", "kl_to_final")):
         sub = df[df["metric"] == metric]
@@ -457,15 +490,15 @@ def _shift_bars(ax, shift: pd.DataFrame, runs: Sequence[str], pal: dict[str, str
         panel_note(ax, "no shift rows")
 
 
+@_figure("Fig. 12 - Which signal predicts the causal effect of a block?")
 def plot_signal_cause(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
     """Fig. 12: each analysis signal's Spearman correlation with the causal effect per block
     (with its interval), and the signals beside the effect by depth (each scaled to [0, 1])."""
     del colors
-    title = "Fig. 12 - Which signal predicts the causal effect of a block?"
     s, df = data.summary, data.frame
     if s.empty:
-        return _empty(title, "no analysis signal per block beside the ablate run")
-    fig, axes = _grid(2, ncols=2, title=title)
+        raise _Nothing("no analysis signal per block beside the ablate run")
+    fig, axes = _grid(2, ncols=2)
     pal = palette(list(s["signal"]))
     y = s["rho"].to_numpy(float)
     ax = axes[0]
@@ -492,21 +525,20 @@ def plot_signal_cause(data: FigureData, colors: dict[str, str] | None = None) ->
     return fig
 
 
+@_figure("Fig. 4 - Weight change Base -> SFT by block (x: block (b + 0.5) / L)")
 def plot_weight_change(weights: pd.DataFrame | FigureData,
                        colors: dict[str, str] | None = None) -> Figure:
     """Fig. 4: attention weight change by block, relative and Frobenius, one line per run."""
-    title = "Fig. 4 - Weight change Base -> SFT by block (x: block (b + 0.5) / L)"
     data = _data(weights, N.weight_data)
     module = data.extra.get("module")
     if module is None or data.empty:
-        return _empty(title, "no per-block rows in weights table")
+        raise _Nothing("no per-block rows in weights table")
     df = data.frame
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
     names = [m for m in ("relative", "frobenius") if m in metrics] or metrics[:2]
     names += ["unchanged_frac"] if "unchanged_frac" in metrics else []  # update sparsity
     runs, pal = _runs(df, colors)
-    fig, axes = _grid(len(names), ncols=len(names), w=5.2 if len(names) < 3 else 4.4,
-                      title=title)
+    fig, axes = _grid(len(names), ncols=len(names), w=5.2 if len(names) < 3 else 4.4)
     for ax, metric in zip(axes, names):
         sub = df[df["metric"].astype(str) == metric]
         for r in runs:
@@ -523,20 +555,20 @@ def plot_weight_change(weights: pd.DataFrame | FigureData,
     return fig
 
 
+@_figure("Fig. 4b - Weight change per module (x: block (b + 0.5) / L)")
 def plot_weight_heatmap(weights: pd.DataFrame | FigureData, metric: str | None = None) -> Figure:
     """Fig. 4b: per-module weight change, one heatmap (module x block) per run."""
-    title = "Fig. 4b - Weight change per module (x: block (b + 0.5) / L)"
     df = weights.extra["all"] if isinstance(weights, FigureData) else with_depth(weights,
                                                                                  "block")
     if df.empty:
-        return _empty(title, "no per-block rows in weights table")
+        raise _Nothing("no per-block rows in weights table")
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
     metric = metric or ("relative" if "relative" in metrics else metrics[0])
     df = df[df["metric"].astype(str) == metric]
     runs = run_labels(df)
     mods_all = list(dict.fromkeys(df["module"].astype(str)))
-    fig, axes = _run_rows(len(runs), 0.4 * len(mods_all) * len(runs) + 1.4 * len(runs) + 0.8,
-                          f"{title}; metric: {metric}")
+    fig, axes = _run_rows(len(runs), 0.4 * len(mods_all) * len(runs) + 1.4 * len(runs) + 0.8)
+    fig.suptitle(f"metric: {metric}")
     for ax, r in zip(axes, runs):
         g = df[df[RUN] == r]
         mods = list(dict.fromkeys(g["module"].astype(str)))
@@ -579,14 +611,14 @@ MODEL_ORDER = ("base", "sft", "pair")
 MAX_HEATMAPS = 6  # heatmaps per run in Fig. 5
 
 
+@_figure("Fig. 5 - Correlation of metrics across layers (Pearson r)")
 def plot_correlation(corr: pd.DataFrame | FigureData) -> Figure:
     """Fig. 5: Pearson correlation across layers between metrics; one row per run, one
     annotated heatmap per model (base, SFT, pair)."""
-    title = "Fig. 5 - Correlation of metrics across layers (Pearson r)"
     if isinstance(corr, FigureData):
         corr = corr.frame
     if corr.empty:
-        return _empty(title, "empty correlation table")
+        raise _Nothing("empty correlation table")
     df = N.with_run(corr)
     if "model" not in df.columns:
         df["model"] = "all"
@@ -606,7 +638,6 @@ def plot_correlation(corr: pd.DataFrame | FigureData) -> Figure:
                  layout="constrained")
     axes = fig.subplots(len(runs), len(models), squeeze=False,
                         gridspec_kw={"width_ratios": widths})
-    fig.suptitle(title, fontsize=12, fontweight="bold")
     im = None
     for i, r in enumerate(runs):
         for k, m in enumerate(models):
@@ -636,6 +667,7 @@ def plot_correlation(corr: pd.DataFrame | FigureData) -> Figure:
 # ----------------------------------------------------------------------------- Fig. 6
 
 
+@_figure("Fig. 6 - Layer swapping: score after swapping one segment of blocks")
 def plot_swap(swap: pd.DataFrame | FigureData, colors: dict[str, str] | None = None) -> Figure:
     """Fig. 6: metric after swapping one segment of blocks, both directions, with CIs.
 
@@ -643,11 +675,10 @@ def plot_swap(swap: pd.DataFrame | FigureData, colors: dict[str, str] | None = N
     markers at the mean centre of their segments, annotated with the mask. The unswapped
     models are horizontal reference lines in the run's colour (base dotted, SFT dash-dot).
     """
-    title = "Fig. 6 - Layer swapping: score after swapping one segment of blocks"
     data = _data(swap, N.swap_data)
     swapped, orig = data.extra["swapped"], data.extra["orig"]
     if swapped.empty:
-        return _empty(title, "no swapped configurations in this table")
+        raise _Nothing("no swapped configurations in this table")
     both = pd.concat([swapped, orig])
     pal = _colors(both, colors)
     runs = [r for r in run_labels(both) if r in pal]
@@ -655,7 +686,7 @@ def plot_swap(swap: pd.DataFrame | FigureData, colors: dict[str, str] | None = N
     dstyle = {d: DIRECTION_STYLES[i % len(DIRECTION_STYLES)] for i, d in enumerate(directions)}
     ostyle = {"base": (0, (1, 1.5)), "sft": "-."}
     panels = swap_panels(swapped)
-    fig, axes = _grid(len(panels), ncols=2, w=5.4, h=3.6, title=title)
+    fig, axes = _grid(len(panels), ncols=2, w=5.4, h=3.6)
     orig_names: dict[str, object] = {}
     for ax, (metric, head) in zip(axes, panels):
         sub = swapped[swapped["metric"].astype(str) == metric]
@@ -704,22 +735,19 @@ def plot_swap(swap: pd.DataFrame | FigureData, colors: dict[str, str] | None = N
 # ----------------------------------------------------------------------------- Fig. 7
 
 
+@_figure("Fig. 7 - Segment LoRA sweep: score by mask (bottom segment first)")
 def plot_sweep_bars(summary: pd.DataFrame | FigureData,
                     colors: dict[str, str] | None = None) -> Figure:
     """Fig. 7: score per LoRA mask with CIs; full depth highlighted, p-values annotated; a
     panel whose scores are all 0 (or all equal) says so instead of showing empty bars."""
-    title = "Fig. 7 - Segment LoRA sweep: score by mask (bottom segment first)"
     data = _data(summary, N.sweep_data)
-    df = data.frame
-    if df.empty:
-        return _empty(title, "empty sweep summary")
+    df = _frame(data, "empty sweep summary")
     runs, pal = _runs(df, colors)
     metrics = N.sweep_metrics(df)
     masks = sorted(dict.fromkeys(df["mask"]), key=mask_sort_key)
     w = max(6.5, 0.55 * len(masks) * max(1, len(runs)) + 2)
     fig = Figure(figsize=(min(w, 16), 3.8 * len(metrics) + 0.9), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(metrics), 1, squeeze=False).ravel()
-    fig.suptitle(title, fontsize=12, fontweight="bold")
     width = 0.8 / max(1, len(runs))
     summ = data.summary
     for ax, metric in zip(axes, metrics):
@@ -798,21 +826,21 @@ def _p_text(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
 
 
+@_figure("Fig. 7b - Score by trained segment position (one-segment masks)")
 def plot_inverted_u(summary: pd.DataFrame | FigureData,
                     colors: dict[str, str] | None = None) -> Figure:
     """Fig. 7b: score by position of a one-segment mask; full depth as a dashed line."""
-    title = "Fig. 7b - Score by trained segment position (one-segment masks)"
     data = _data(summary, N.sweep_data)
     df = data.frame.copy()
     if df.empty:
-        return _empty(title, "empty sweep summary")
+        raise _Nothing("empty sweep summary")
     df["pos"] = df["mask"].map(single_position)
     single = df[df["pos"].notna()]
     if single.empty:
-        return _empty(title, "no one-segment masks in this sweep")
+        raise _Nothing("no one-segment masks in this sweep")
     runs, pal = _runs(df, colors)
     metrics = [m for m in N.sweep_metrics(df, limit=99) if m in set(single["metric"])][:3]
-    fig, axes = _grid(len(metrics), ncols=3, w=5.0, h=3.5, title=title)
+    fig, axes = _grid(len(metrics), ncols=3, w=5.0, h=3.5)
     for ax, metric in zip(axes, metrics):
         for r in runs:
             if not _run_curve(ax, single, r, metric, "pos", "mean", pal[r]):
@@ -833,17 +861,17 @@ def plot_inverted_u(summary: pd.DataFrame | FigureData,
 # ----------------------------------------------------------------------------- Fig. 8-9
 
 
+@_figure("Fig. 8 - Training-free mask proposal: per-segment score of each method")
 def plot_suggest(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
     """Fig. 8: each suggest method's per-segment score (higher = a better segment to tune) by
     segment depth; the segments its proposal trains are filled, ineligible ones crossed."""
-    title = "Fig. 8 - Training-free mask proposal: per-segment score of each method"
     df = data.frame
     if df.empty or "signal" not in df.columns:
-        return _empty(title, "no per-segment scores (suggest.csv)")
+        raise _Nothing("no per-segment scores (suggest.csv)")
     sc = df[df["signal"].astype(str) == "score"]
     runs = run_labels(sc)
     methods = list(dict.fromkeys(sc["method"].astype(str)))
-    fig, axes = _grid(len(runs), ncols=2, w=5.4, h=3.4, title=title)
+    fig, axes = _grid(len(runs), ncols=2, w=5.4, h=3.4)
     mcol = palette(methods)
     for ax, r in zip(axes, runs):
         g = sc[sc[RUN] == r]
@@ -897,14 +925,12 @@ def _validation_lines(val: pd.DataFrame | None, most: int = 6) -> list[str]:
     return out
 
 
+@_figure("Fig. 9 - Segment LoRA training loss")
 def plot_loss_curves(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
     """Fig. 9: training loss by step of each tune run (one line per run)."""
-    title = "Fig. 9 - Segment LoRA training loss"
-    df = data.frame
-    if df.empty:
-        return _empty(title, "no logged training loss")
+    df = _frame(data, "no logged training loss")
     runs, pal = _runs(df, colors)
-    fig, axes = _grid(1, ncols=1, w=7.5, h=3.6, title=title)
+    fig, axes = _grid(1, ncols=1, w=7.5, h=3.6)
     ax = axes[0]
     summ = data.summary.set_index(RUN) if len(data.summary) else pd.DataFrame()
     for r in runs:
@@ -926,14 +952,12 @@ def plot_loss_curves(data: FigureData, colors: dict[str, str] | None = None) -> 
 # ----------------------------------------------------------------------------- Fig. 10
 
 
+@_figure("Fig. 10 - Training dynamics by depth (x: block (b + 0.5) / L)")
 def plot_dynamics(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
     """Fig. 10: the update of each block at the last recorded step, the gradient norm by block
     (mean over the recorded steps), and, when a weights run is in the report, the base-vs-SFT
     weight change by block beside them."""
-    title = "Fig. 10 - Training dynamics by depth (x: block (b + 0.5) / L)"
-    df = data.frame
-    if df.empty:
-        return _empty(title, "no recorded dynamics (dynamics.csv)")
+    df = _frame(data, "no recorded dynamics (dynamics.csv)")
     weights = data.extra.get("weights")
     grad = data.extra["grad"]
     runs = run_labels(df)
@@ -941,7 +965,7 @@ def plot_dynamics(data: FigureData, colors: dict[str, str] | None = None) -> Fig
     pal = _colors(pd.concat([df[[RUN]], weights.frame[[RUN]]]) if weights is not None
                   else df, colors)
     n = 3 if weights is not None else 2
-    fig, axes = _grid(n, ncols=n, w=4.6, h=3.4, title=title)
+    fig, axes = _grid(n, ncols=n, w=4.6, h=3.4)
     ax = axes[0]
     for r in runs:
         g = df[df[RUN] == r]
@@ -975,17 +999,17 @@ def plot_dynamics(data: FigureData, colors: dict[str, str] | None = None) -> Fig
     return fig
 
 
+@_figure("Fig. 10b - Gradient norm by block and step")
 def plot_grad_heatmap(data: FigureData) -> Figure:
     """Fig. 10b: gradient norm of every block (x) at every recorded step (y), one heatmap per
     run; blank cells are blocks that do not train."""
     from matplotlib.colors import LogNorm
 
-    title = "Fig. 10b - Gradient norm by block and step"
     steps = data.extra.get("steps")
     if steps is None or steps.empty:
-        return _empty(title, "no recorded dynamics (dynamics.csv)")
+        raise _Nothing("no recorded dynamics (dynamics.csv)")
     runs = run_labels(steps)
-    fig, axes = _run_rows(len(runs), 2.6 * len(runs) + 0.8, title)
+    fig, axes = _run_rows(len(runs), 2.6 * len(runs) + 0.8)
     for ax, r in zip(axes, runs):
         g = steps[steps[RUN] == r]
         nb = int(g["block"].max()) + 1
@@ -1011,15 +1035,13 @@ def plot_grad_heatmap(data: FigureData) -> Figure:
 # ----------------------------------------------------------------------------- Fig. 7c
 
 
+@_figure("Fig. 7c - Seed robustness: each seed's score per mask")
 def plot_seed_spread(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
     """Fig. 7c: every seed's score per mask (dots), the mean (bar) and the range (line)."""
-    title = "Fig. 7c - Seed robustness: each seed's score per mask"
-    df = data.frame
-    if df.empty:
-        return _empty(title, "no mask with two or more seeds")
+    df = _frame(data, "no mask with two or more seeds")
     runs, pal = _runs(df, colors)
     fig, axes = _grid(len(runs), ncols=1, w=max(6.0, 0.55 * df["mask"].nunique() + 2),
-                      h=3.4, title=title)
+                      h=3.4)
     for ax, r in zip(axes, runs):
         g = df[df[RUN] == r]
         masks = [m for m in data.extra["order"] if m in set(g["mask"])]
@@ -1046,15 +1068,13 @@ def plot_seed_spread(data: FigureData, colors: dict[str, str] | None = None) -> 
 # ----------------------------------------------------------------------------- steering
 
 
+@_figure("Steering the base model along the base -> SFT shift")
 def plot_steer(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
     """Steering: each metric against the scale of the added base->SFT vector (0 = the base)."""
-    title = "Steering the base model along the base -> SFT shift"
-    df = data.frame
-    if df.empty:
-        return _empty(title, "no steering results (steer.csv)")
+    df = _frame(data, "no steering results (steer.csv)")
     metrics = list(dict.fromkeys(df["metric"].astype(str)))[:6]
     runs, pal = _runs(df, colors)
-    fig, axes = _grid(len(metrics), ncols=3, w=4.4, h=3.2, title=title)
+    fig, axes = _grid(len(metrics), ncols=3, w=4.4, h=3.2)
     for ax, metric in zip(axes, metrics):
         for r in runs:
             _run_curve(ax, df, r, metric, "scale", "value", pal[r])
@@ -1070,17 +1090,17 @@ def plot_steer(data: FigureData, colors: dict[str, str] | None = None) -> Figure
 # ----------------------------------------------------------------------------- Fig. 6b
 
 
+@_figure("Fig. 6b - Interpolating each segment from base (alpha 0) to SFT (alpha 1)")
 def plot_interpolation(data: pd.DataFrame | FigureData,
                        colors: dict[str, str] | None = None) -> Figure:
     """Fig. 6b: score against alpha per interpolated mask (``swap --alphas``): the base with
     that mask's blocks ``(1 - alpha) base + alpha SFT``; one colour per mask, one line style
     per run (and head); hollow markers where the swap table's base / swap rows stand in for
     alpha 0 / 1."""
-    title = "Fig. 6b - Interpolating each segment from base (alpha 0) to SFT (alpha 1)"
     data = _data(data, N.interp_data)
     df = data.frame
     if data.empty:
-        return _empty(title, "no interpolated rows (swap --alphas)")
+        raise _Nothing("no interpolated rows (swap --alphas)")
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
     primary = N.primary_metric(metrics)
     metrics = ([primary] if primary else []) + [m for m in metrics if m != primary]
@@ -1089,7 +1109,7 @@ def plot_interpolation(data: pd.DataFrame | FigureData,
     pal = palette(masks)
     groups = list(dict.fromkeys(zip(df[RUN], df["head"], strict=True)))
     styles = {g: DIRECTION_STYLES[i % len(DIRECTION_STYLES)] for i, g in enumerate(groups)}
-    fig, axes = _grid(len(metrics), ncols=2, w=5.0, h=3.4, title=title)
+    fig, axes = _grid(len(metrics), ncols=2, w=5.0, h=3.4)
     for ax, metric in zip(axes, metrics):
         sub = df[df["metric"].astype(str) == metric]
         for (r, h), ls in styles.items():
@@ -1132,17 +1152,17 @@ def plot_interpolation(data: pd.DataFrame | FigureData,
 PAIR_STYLES = ("-", "--", "-.", ":")
 
 
+@_figure("Fig. 13 - Router drift Base -> SFT by depth (x: block (b + 0.5) / L)")
 def plot_routing_drift(data: FigureData, colors: dict[str, str] | None = None) -> Figure:
     """Fig. 13: router drift by depth: JS divergence and top-k overlap per sparse block, one
     colour per run, one line style per pair (a chain's stages), CI bands where bootstrapped."""
-    title = "Fig. 13 - Router drift Base -> SFT by depth (x: block (b + 0.5) / L)"
     df = data.frame
     if df.empty or "metric" not in df.columns or not df["metric"].isin(N.DRIFT_METRICS).any():
-        return _empty(title, "no routing drift rows (routing.csv of an MoE analyze)")
+        raise _Nothing("no routing drift rows (routing.csv of an MoE analyze)")
     runs, pal = _runs(df, colors)
     pairs = list(dict.fromkeys(df["model"].astype(str)))
     styles = {p: PAIR_STYLES[i % len(PAIR_STYLES)] for i, p in enumerate(pairs)}
-    fig, axes = _grid(2, ncols=2, w=5.2, title=title)
+    fig, axes = _grid(2, ncols=2, w=5.2)
     for ax, metric in zip(axes, N.DRIFT_METRICS):
         sub = df[df["metric"].astype(str) == metric]
         for r in runs:
@@ -1181,18 +1201,17 @@ def _heat(fig: Figure, ax, mat: np.ndarray, blocks: list[int], title: str, label
     fig.colorbar(im, ax=ax, label=label, fraction=0.05, pad=0.02)
 
 
+@_figure("Fig. 13b - Expert load per block, base vs SFT")
 def plot_expert_load(data: FigureData) -> Figure:
     """Fig. 13b: expert load (share of top-k slots) per block and expert, base and SFT side
     by side with their difference, one row per run and pair."""
-    title = "Fig. 13b - Expert load per block, base vs SFT"
     load = data.extra.get("load", pd.DataFrame())
     if load is None or load.empty:
-        return _empty(title, "no expert load rows (routing.csv of an MoE analyze)")
+        raise _Nothing("no expert load rows (routing.csv of an MoE analyze)")
     groups = list(load.groupby(RUN, sort=False))
     rows = sum(max(1, g["model"].nunique() - 1) for _, g in groups)
     fig = Figure(figsize=(13, 2.6 * rows + 0.9), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, 3, squeeze=False)
-    fig.suptitle(title, fontsize=12, fontweight="bold")
     i = 0
     for r, g in groups:
         base = g[g["model"].astype(str) == "base"]
@@ -1212,15 +1231,15 @@ def plot_expert_load(data: FigureData) -> Figure:
     return fig
 
 
+@_figure("Fig. 13c - Weight change per routed expert")
 def plot_expert_weights(data: FigureData) -> Figure:
     """Fig. 13c: weight change of each routed expert (weights.csv rows of module ``expert``),
     block x expert, one panel per run."""
-    title = "Fig. 13c - Weight change per routed expert"
     ex = data.extra.get("experts", pd.DataFrame())
     if ex is None or ex.empty:
-        return _empty(title, "no per-expert rows (weights.csv of an MoE pair)")
+        raise _Nothing("no per-expert rows (weights.csv of an MoE pair)")
     runs = run_labels(ex)
-    fig, axes = _grid(len(runs), ncols=2, w=5.6, h=3.6, title=title)
+    fig, axes = _grid(len(runs), ncols=2, w=5.6, h=3.6)
     for ax, r in zip(axes, runs):
         g = ex[ex[RUN] == r]
         mat, blocks = _block_expert(g)

@@ -286,18 +286,19 @@ def noise_findings(data: FigureData) -> list[str]:
     noise = data.extra.get("noise")
     if noise is None or noise.empty:
         return []
-    v = N.noise_verdicts(data.frame, noise)
     many = _many(data.frame)
-    out = []
-    for row in v.to_dict("records"):
-        where = ("at no layer" if row["first_outside"] is None else
-                 f"at {row['n_outside']} of {row['n_layers']} layers, first at j = "
-                 f"{row['first_outside']}")
-        out.append(f"{_prefix(row[RUN], many)}{metric_label(row['metric'])} lies outside the "
-                   f"base-vs-base noise band (two disjoint halves of the data) {where}; at the "
-                   f"top (j = {row['top_layer']}) {f(row['top'])} against the band "
-                   f"[{f(row['band_low'])}, {f(row['band_high'])}].")
-    return out
+    return [_NOISE_SENTENCE.format(
+        lead=_prefix(row[RUN], many), metric=metric_label(row["metric"]),
+        where=("at no layer" if row["first_outside"] is None else
+               f"at {row['n_outside']} of {row['n_layers']} layers, first at j = "
+               f"{row['first_outside']}"),
+        top_layer=row["top_layer"], top=f(row["top"]), low=f(row["band_low"]),
+        high=f(row["band_high"])) for row in N.noise_verdicts(data.frame, noise).to_dict("records")]
+
+
+_NOISE_SENTENCE = ("{lead}{metric} lies outside the base-vs-base noise band (two disjoint halves "
+                   "of the data) {where}; at the top (j = {top_layer}) {top} against the band "
+                   "[{low}, {high}].")
 
 
 # ----------------------------------------------------------------------------- Fig. 3b

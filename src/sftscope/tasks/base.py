@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, quoted
 
 LETTERS = "ABCDEFGHIJ"
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
@@ -274,7 +274,7 @@ def _problem_of(fields: Sequence[str], *calls: Doc) -> Callable[[dict], str | No
         except ValueError as e:
             return str(e)
         except (KeyError, TypeError, IndexError, AttributeError) as e:
-            return f"cannot be read as this task's record ({type(e).__name__}: {e})"
+            return f"cannot be read as this task's record ({quoted(e)})"
         return None
     return check
 
