@@ -70,6 +70,29 @@ def test_checkpoint_canonical_names_and_slots(tmp_path):
         ck.close()
 
 
+def test_checkpoint_reader_reads_stored_bytes_and_fails_in_one_line(tmp_path):
+    """``Checkpoint.reader``: any byte range of a tensor's stored data, as ``get`` sees it; a
+    file cut short after its header was checked is one clear error, not a short buffer."""
+    model = build_tiny_model("llama", VOCAB, seed=0, n_layers=1, hidden=32, n_heads=4)
+    model.save_pretrained(tmp_path / "m")
+    ck = Checkpoint(tmp_path / "m")
+    name = "model.layers.0.mlp.up_proj.weight"
+    try:
+        want = ck.get(name).reshape(-1).view(torch.uint8)
+        out = torch.empty(400, dtype=torch.uint8)
+        ck.reader(name)(100, memoryview(out.numpy()))
+        assert torch.equal(out, want[100:500])
+        info = ck.tensors[name]
+        with pytest.raises(ValueError):
+            ck.reader(name)(info.end - info.start - 10, memoryview(out.numpy()))
+        with open(info.file, "r+b") as f:
+            f.truncate(info.start + 200)
+        with pytest.raises(SftscopeError, match="truncated"):
+            ck.reader(name)(100, memoryview(out.numpy()))
+    finally:
+        ck.close()
+
+
 def test_adapter_reading(tmp_path):
     folder = tmp_path / "a"
     folder.mkdir()

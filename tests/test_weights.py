@@ -512,3 +512,54 @@ def test_unchanged_frac_over_a_chain(tmp_path):
     assert frac("pair:sft-dpo", 1, "v") == pytest.approx(1 - 3 / n_v)
     written = pd.read_csv(tmp_path / "w" / "weights.csv")
     assert "unchanged_frac" in set(written["metric"])
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_norms_against_float64(tmp_path, monkeypatch, dtype):
+    """bf16/fp16 pairs are summed in float32 runs (``_Norms``): every frobenius and relative
+    value within the documented bound of float64 sums of the same stored values, and exactly
+    where the float32 sums would overflow or underflow (summed again in float64). Small chunks
+    and two workers, so that tails, parts and several chunks per tensor are exercised."""
+    from sftscope.experiments import weights
+
+    monkeypatch.setattr(weights, "_CHUNK", 512)
+    monkeypatch.setattr(weights, "_ROW", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    model = build_tiny_model("llama", VOCAB, seed=0, **LLAMA).to(dtype)
+    model.save_pretrained(tmp_path / "base")
+    b_sd = load_file(tmp_path / "base" / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    s_sd = {k: (v.double() * (1 + 0.01 * torch.randn(v.shape, generator=g, dtype=torch.float64))
+                ).to(dtype) for k, v in b_sd.items()}
+    bf16 = dtype == torch.bfloat16
+    big = 1e30 if bf16 else 1e3  # bf16: squares past float32's range; fp16: near its own top
+    tiny = 1e-30 if bf16 else 1e-6  # bf16: squares below float32's range; fp16: subnormals
+    for name, scale in (("model.layers.0.self_attn.q_proj.weight", big),
+                        ("model.layers.0.self_attn.k_proj.weight", tiny)):
+        b_sd[name] = (b_sd[name].double() * 40 * scale).to(dtype)
+        s_sd[name] = (b_sd[name].double() * 1.5).to(dtype)
+    v = "model.layers.1.self_attn.v_proj.weight"
+    b_sd[v] = torch.zeros_like(b_sd[v])
+    s_sd[v] = b_sd[v].clone()
+    s_sd[v].view(-1)[-1] = 1e-30 if bf16 else 6e-8  # one tiny change
+    for folder, sd in (("base", b_sd), ("sft", s_sd)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        save_file(sd, tmp_path / folder / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "sft" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    df = weight_change(tmp_path / "base", tmp_path / "sft", low_rank=False)
+    bound = 64 * 2.0**-24  # (_ROW - 1) roundings of a run's float32 sum, plus one per entry
+    for block, (module, path) in [(b, r) for b in range(3) for r in ROLES.items()]:
+        name = f"model.layers.{block}.{path}.weight"
+        bs, ss = b_sd[name].double(), s_sd[name].double()
+        d2, b2 = float(((ss - bs) ** 2).sum()), float((bs**2).sum())
+        exact = bf16 and block == 0 and module in "qk" or name == v  # summed in float64
+        got = val(df, block, module) ** 2
+        assert got == pytest.approx(d2, rel=1e-12 if exact else bound, abs=0), name
+        assert abs(got / d2 - 1) < (1e-12 if exact else 1e-6), name  # typical: about 1e-8
+        if b2 > 0:
+            assert val(df, block, module, "relative") ** 2 == pytest.approx(
+                d2 / b2, rel=1e-12 if exact else 2 * bound), name
+    assert val(df, 1, "v") > 0  # a single tiny change is not lost to underflow

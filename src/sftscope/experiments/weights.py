@@ -1,10 +1,14 @@
 """Weight change between a Base and an SFT checkpoint, or of a LoRA adapter (METRICS.md).
 
-Both checkpoints are read tensor by tensor with ``safetensors.safe_open`` (one tensor pair in
-memory at a time, sharded checkpoints through ``model.safetensors.index.json``); nothing loads a
-whole model, so peak memory stays at a few tensors whatever the model's size. Sums of squares
-are accumulated in float64. Tensor names map to ``(block, module)`` through the architecture
-map of the config's ``model_type`` (``sftscope.load.arch``).
+Both checkpoints are read tensor by tensor (sharded checkpoints through
+``model.safetensors.index.json``): a pair stored alike whose change is only norms and counts is
+streamed from the files chunk by chunk (``Checkpoint.reader``), every other pair is read with
+``safetensors.safe_open`` (one pair in memory at a time); nothing loads a whole model, so peak
+memory stays at a few tensors whatever the model's size. Sums of squares are float64 sums;
+bfloat16 and float16 pairs are squared and summed in float32 runs of 256 first (exact squares,
+at most 1.5e-5 and typically 1e-8 relative; ``_Norms`` says why). Tensor names map to
+``(block, module)`` through the architecture map of the config's ``model_type``
+(``sftscope.load.arch``).
 
 Table (tidy, long): ``block`` (0-based; empty for embeddings, final norm, LM head, totals),
 ``module``, ``metric``, ``value`` (and, for mixture-of-experts checkpoints, ``expert``: the
@@ -62,8 +66,9 @@ Checkpoint reading lives in ``load.checkpoint``, adapter reading in ``load.adapt
 spectrum numerics in ``metrics.lowrank``; this module streams, accumulates and tabulates.
 
 Speed: every torch op runs single-threaded (OpenMP barriers stall whenever cores are shared);
-the cores are used by worker threads instead (norm chunks of large tensors, SVD jobs), and the
-kernel is asked (``posix_fadvise``) to read the next tensors while the current pair is computed.
+the cores are used by worker threads instead (each reads and computes its own chunks of a large
+tensor; SVD jobs), and the kernel is asked (``posix_fadvise``) to read the next tensors while
+the current pair is computed.
 
 A LoRA adapter's change is ``||s B A||_F`` with ``s = alpha / r`` (``alpha / sqrt(r)`` with
 rsLoRA; per-module ``rank_pattern``/``alpha_pattern``), from ``||BA||^2 = tr((B^T B)(A A^T))``,
@@ -74,13 +79,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -127,28 +133,66 @@ _NO_SPECTRUM = ("other", "experts", "shared_expert")
 _TOP_ORDER = ("embed", "embed_added", "pos_embed", "final_norm", "lm_head", "lm_head_added",
               "other", "total")
 _VOCAB_MODULES = ("embed", "lm_head")
-_CHUNK = 1 << 18  # elements per float64 chunk: two 2 MiB buffers stay in cache
+_CHUNK = 1 << 18  # entries per chunk: each worker's buffers stay in cache
+_ROW = 256  # float32 squares are summed in runs of this many, the runs' sums in float64
+_FLAG_RUN = 1024  # bool flags are counted as sums of 128 int64 words (``_Norms._same``)
+_TINY = 2.0**-60  # float32 chunk sums below this are summed again in float64 (underflow)
+_NARROW = (torch.bfloat16, torch.float16)  # dtypes whose squares float32 holds exactly
+# stored dtypes read straight from the files (``_Norms.sq_diff_stored``)
+_STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+           "F64": torch.float64}
 _PREFETCH = 64 << 20  # bytes of upcoming tensors the kernel is asked to read ahead
 
 
 # --------------------------------------------------------------------------- numerics
 
 
+class _Chunk(NamedTuple):
+    """Entries ``i .. i + m`` of ``s`` and ``b``: as stored, as one ``[2, m]`` tensor where
+    they are its rows (one conversion copies both; else None), and seen as integers."""
+
+    s: Tensor
+    b: Tensor
+    both: Tensor | None
+    s_bits: Tensor
+    b_bits: Tensor
+
+
 class _Norms:
-    """Squared norms accumulated in float64 without full-size copies: chunk by chunk through
-    two reusable float64 buffers (2 MiB each, cache-resident) per worker. A large tensor is cut
-    into chunk-aligned contiguous parts, one per worker thread (torch ops release the GIL and
-    each runs single-threaded, so no OpenMP barrier can stall); part sums are added in a fixed
-    order, so results are deterministic for a given worker count. ``sq_diff`` counts the
-    bit-identical entries in the same pass, while the chunk is in cache, as the zeros of the
-    XOR of the bits (a full-size comparison's bool tensor cost 6x the whole norm: measured
-    5.0 ns per entry against 0.7)."""
+    """Squared norms without full-size copies: chunk by chunk through small reusable buffers
+    per worker (cache-resident). A large tensor is cut into contiguous parts of equal size, one
+    per worker thread (torch ops release the GIL and each runs single-threaded, so no OpenMP
+    barrier can stall); part sums are added in a fixed order, so results are deterministic for
+    a given worker count. ``sq_diff`` counts the bit-identical entries in the same pass, while
+    the chunk is in cache, as the zeros of the XOR of the bits (a full-size comparison's bool
+    tensor cost 6x the whole norm: measured 5.0 ns per entry against 0.7).
+
+    Arithmetic (``_pair``): bfloat16 and float16 pairs in float32, every other dtype in
+    float64. Float32 holds a bf16/fp16 value exactly, the difference of two such values exactly
+    unless their exponents are more than 16 (bf16; fp16: 13) apart (then it is rounded once, to
+    2^-24 relative), and the square of a value exactly (8 or 11 significant bits, squared: 16
+    or 22 of float32's 24); the squares are summed in float32 over runs of ``_ROW`` entries and
+    those run sums in float64. So the only rounding beyond one of 2^-24 per entry is in the
+    runs' sums: at most ``(_ROW - 1) * 2^-24`` (1.5e-5) relative, about 1e-8 on real weights
+    (measured; the tests bound it against float64 sums). A chunk whose float32 sums could have
+    overflowed or underflowed (not finite, or below 2^-60 where not every entry is unchanged)
+    is summed again in float64. Everything else (float32, float64 checkpoints) is summed in
+    float64 as before: exact to about 1e-15."""
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = max(1, workers)
-        self.bufs = [(torch.empty(_CHUNK, dtype=torch.float64),
-                      torch.empty(_CHUNK, dtype=torch.float64)) for _ in range(self.workers)]
+        self.wide = [torch.empty(2, _CHUNK, dtype=torch.float64) for _ in range(self.workers)]
+        runs = -(-_CHUNK // _ROW) * _ROW
+        self.narrow = [torch.empty(2, runs, dtype=torch.float32) for _ in range(self.workers)]
+        self.rows = [(x, x[0], x[1], x.view(2, -1, _ROW)) for x in self.narrow]
         self.raw = [torch.empty(_CHUNK * 8, dtype=torch.uint8) for _ in range(self.workers)]
+        flags = -(-_CHUNK // _FLAG_RUN) * _FLAG_RUN
+        self.flags = [torch.empty(flags, dtype=torch.bool) for _ in range(self.workers)]
+        self.words = [f.view(torch.int64).view(-1, _FLAG_RUN // 8) for f in self.flags]
+        self.xor_out: list[dict[torch.dtype, Tensor]] = [{} for _ in range(self.workers)]
+        # read buffers: one [2, _CHUNK] pair of chunks of up to 8-byte entries per worker
+        self.io = [torch.empty(2 * _CHUNK * 8, dtype=torch.uint8) for _ in range(self.workers)]
+        self.io_views = [memoryview(x.numpy()) for x in self.io]
         self.pool = ThreadPoolExecutor(self.workers - 1) if self.workers > 1 else None
 
     def close(self) -> None:
@@ -156,15 +200,69 @@ class _Norms:
             self.pool.shutdown()
 
     def _parts(self, n: int) -> list[tuple[int, int]]:
+        """One contiguous part per worker, of equal size (to ``_FLAG_RUN`` entries: a split
+        at chunk boundaries left one worker a whole chunk more, e.g. 6 against 5)."""
         if self.pool is None or n < 2 * _CHUNK:
             return [(0, n)]
-        per = math.ceil(math.ceil(n / _CHUNK) / self.workers) * _CHUNK
+        per = math.ceil(n / self.workers / _FLAG_RUN) * _FLAG_RUN
         return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
 
     def _map(self, fn: Any, n: int) -> list[Any]:
         parts = self._parts(n)
         futures = [self.pool.submit(fn, j, lo, hi) for j, (lo, hi) in enumerate(parts) if j]
         return [fn(0, *parts[0])] + [f.result() for f in futures]
+
+    def _pairs(self, n: int, chunk: Any, bits: torch.dtype | None) -> tuple[float, float, int]:
+        """``(||s - b||^2, ||b||^2, same)`` over ``n`` entries whose chunks ``chunk(j, i, m)``
+        gives (a ``_Chunk``: entries ``i .. i + m`` of ``s`` and ``b``)."""
+
+        def part(j: int, lo: int, hi: int) -> tuple[float, float, int]:
+            d2 = b2 = 0.0
+            same = 0
+            for i in range(lo, hi, _CHUNK):
+                m = min(_CHUNK, hi - i)
+                c = chunk(j, i, m)
+                k = self._same(j, c.s_bits, c.b_bits, m) if bits is not None else -1
+                same += max(k, 0)
+                dc, bc = self._pair(j, c, m, k == m)
+                d2 += dc
+                b2 += bc
+            return d2, b2, same
+
+        res = self._map(part, n)
+        return (math.fsum(r[0] for r in res), math.fsum(r[1] for r in res),
+                sum(r[2] for r in res))
+
+    def _pair(self, j: int, c: _Chunk, m: int, unchanged: bool) -> tuple[float, float]:
+        """``(||s - b||^2, ||b||^2)`` of one chunk of ``m`` entries (the class docstring says
+        how); ``unchanged``: every entry of it is bit-identical."""
+        if c.s.dtype == c.b.dtype and c.s.dtype in _NARROW:
+            # Views are made once for whole chunks: a view or a slice costs 2-5 us of Python,
+            # the arithmetic below on a whole chunk about 130 us.
+            x, x0, x1, runs = self.rows[j]
+            if m < _CHUNK:
+                k = -(-m // _ROW) * _ROW
+                x = x[:, :k]
+                x0, x1, runs = x[0], x[1], x.view(2, -1, _ROW)
+            if c.both is not None:
+                (x if m == x.shape[1] else x[:, :m]).copy_(c.both)
+            else:
+                x0[:m].copy_(c.s)
+                x1[:m].copy_(c.b)
+            if m < x.shape[1]:
+                x[:, m:].zero_()
+            x0.sub_(x1)
+            x.square_()
+            d2, b2 = torch.sum(runs, dim=2).sum(dim=1, dtype=torch.float64).tolist()
+            if (math.isfinite(d2) and math.isfinite(b2) and b2 >= _TINY
+                    and (d2 >= _TINY or unchanged)):
+                return d2, b2
+        xa, xb = self.wide[j][0, :m], self.wide[j][1, :m]
+        xa.copy_(c.s)
+        xb.copy_(c.b)
+        b2 = float(torch.dot(xb, xb))
+        xa.sub_(xb)
+        return float(torch.dot(xa, xa)), b2
 
     def sq_diff(self, s: Tensor, b: Tensor,
                 bits: torch.dtype | None = None) -> tuple[float, float, int]:
@@ -173,32 +271,57 @@ class _Norms:
         s, b = s.reshape(-1), b.reshape(-1)
         sv, bv = (s.view(bits), b.view(bits)) if bits is not None else (s, b)
 
-        def part(j: int, lo: int, hi: int) -> tuple[float, float, int]:
-            ba, bb = self.bufs[j]
-            d2 = b2 = 0.0
-            same = 0
-            for i in range(lo, hi, _CHUNK):
-                m = min(_CHUNK, hi - i)
-                if bits is not None:
-                    same += self._same(j, sv[i:i + m], bv[i:i + m])
-                xa, xb = ba[:m], bb[:m]
-                xa.copy_(s[i:i + m])
-                xb.copy_(b[i:i + m])
-                b2 += float(torch.dot(xb, xb))
-                xa.sub_(xb)
-                d2 += float(torch.dot(xa, xa))
-            return d2, b2, same
+        def chunk(j: int, i: int, m: int) -> _Chunk:
+            return _Chunk(s[i:i + m], b[i:i + m], None, sv[i:i + m], bv[i:i + m])
 
-        res = self._map(part, s.numel())
-        return (math.fsum(r[0] for r in res), math.fsum(r[1] for r in res),
-                sum(r[2] for r in res))
+        return self._pairs(s.numel(), chunk, bits)
 
-    def _same(self, j: int, s: Tensor, b: Tensor) -> int:
-        """Entries of the chunks ``s`` and ``b`` (integer or bool views) with equal bits, in
-        worker ``j``'s buffer."""
-        m = s.numel()
-        x = self.raw[j][:m * s.element_size()].view(s.dtype)
-        return m - int(torch.count_nonzero(torch.bitwise_xor(s, b, out=x)))
+    def sq_diff_stored(self, base: Checkpoint, b_name: str, sft: Checkpoint,
+                       s_name: str) -> tuple[float, float, int]:
+        """``sq_diff`` of two stored tensors of the same shape and dtype, read chunk by chunk
+        straight from the files into each worker's buffer (``Checkpoint.reader``): no
+        tensor-sized allocation and no mapping, and each chunk is computed while it is still
+        in cache."""
+        info = base.tensors[b_name]
+        dtype = _STORED[info.dtype]
+        size = dtype.itemsize
+        half = _CHUNK * size
+        pairs = [x[:2 * half].view(dtype).view(2, _CHUNK) for x in self.io]
+        whole = [_Chunk(p[0], p[1], p, p[0].view(_INTS[size]), p[1].view(_INTS[size]))
+                 for p in pairs]
+        read_s, read_b = sft.reader(s_name), base.reader(b_name)
+
+        def chunk(j: int, i: int, m: int) -> _Chunk:
+            view = self.io_views[j]
+            read_s(i * size, view[:m * size])
+            read_b(i * size, view[half:half + m * size])
+            if m == _CHUNK:
+                return whole[j]
+            p = pairs[j][:, :m]
+            return _Chunk(p[0], p[1], p, p[0].view(_INTS[size]), p[1].view(_INTS[size]))
+
+        return self._pairs(math.prod(info.shape), chunk, _INTS[size])
+
+    def _same(self, j: int, s: Tensor, b: Tensor, m: int) -> int:
+        """Entries of the chunks ``s`` and ``b`` (``m`` entries, integer or bool views) with
+        equal bits, in worker ``j``'s buffers (XOR, nonzero to bool, the bools summed as int64
+        words: 0.32 ns per entry, against 0.35-0.44 with a byte-wise sum or ``count_nonzero``)."""
+        k = -(-m // _FLAG_RUN) * _FLAG_RUN
+        if m == k == self.flags[j].numel():  # a whole chunk: the views made once
+            flags, words = self.flags[j], self.words[j]
+            x = self.xor_out[j].get(s.dtype)
+            if x is None:
+                x = self.xor_out[j][s.dtype] = self.raw[j][:m * s.element_size()].view(s.dtype)
+        else:
+            flags = self.flags[j][:k]
+            words = flags.view(torch.int64).view(-1, _FLAG_RUN // 8)
+            x = self.raw[j][:m * s.element_size()].view(s.dtype)
+        (flags if k == m else flags[:m]).copy_(torch.bitwise_xor(s, b, out=x))
+        if k > m:
+            flags[m:].zero_()
+        # The flags are bytes 0 or 1, 8 to an int64 word: sums of 128 words carry no byte into
+        # the next, so their bytes add up to the count (a third of a byte-wise sum's time).
+        return m - int(words.sum(dim=1).view(torch.uint8).sum(dtype=torch.int64))
 
     def count_same(self, s: Tensor, b: Tensor, bits: torch.dtype) -> int:
         """Entries of ``s`` and ``b`` equal in their views ``bits``, chunk by chunk."""
@@ -208,17 +331,17 @@ class _Norms:
             same = 0
             for i in range(lo, hi, _CHUNK):
                 m = min(_CHUNK, hi - i)
-                same += self._same(j, sv[i:i + m], bv[i:i + m])
+                same += self._same(j, sv[i:i + m], bv[i:i + m], m)
             return same
 
         return sum(self._map(part, sv.numel()))
 
     def sq(self, x: Tensor) -> float:
-        """``||x||^2``."""
+        """``||x||^2`` (in float64)."""
         x = x.reshape(-1)
 
         def part(j: int, lo: int, hi: int) -> float:
-            ba = self.bufs[j][0]
+            ba = self.wide[j][0]
             out = 0.0
             for i in range(lo, hi, _CHUNK):
                 m = min(_CHUNK, hi - i)
@@ -575,6 +698,15 @@ def _coarser(a: str, b: str | None) -> str:
 def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, norms: _Norms,
               spectra: _Spectra | None, spec: ArchSpec) -> None:
     """Read one tensor pair and add its change to the accumulators (its spectrum is queued)."""
+    if sft is not None and _streamable(base, sft, it, spectra):
+        d2, b2, same = norms.sq_diff_stored(base, it.base, sft, it.sft)
+        key = (it.slot.block, it.slot.module)
+        acc.add(key, d2, b2)
+        if it.slot.expert is not None:  # one expert's tensor: to ``experts`` and its own row
+            acc.add_expert(it.slot.block, it.slot.expert, d2, b2)
+        acc.same[key] += same
+        acc.count[key] += math.prod(base.tensors[it.base].shape)
+        return
     b = base.get(it.base)
     s = sft.get(it.sft) if sft is not None else None
     key = (it.slot.block, it.slot.module)
@@ -586,8 +718,7 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
         acc.added_rows[f"{it.slot.module}_added"] = max(
             acc.added_rows[f"{it.slot.module}_added"], added.shape[0])
         s = s[: b.shape[0]]
-    spectrum = (spectra is not None and s is not None and b.dim() == 2
-                and it.slot.param == "weight" and it.slot.module not in _NO_SPECTRUM)
+    spectrum = s is not None and _spectrum(it, b.dim(), spectra)
     # bit-identical entries: counted in the norm's own pass where there is one over the pair
     bits = _bit_view(s, b) if s is not None else None
     in_pass = bits is not None and not (it.fused or it.experts_fused or spectrum)
@@ -630,6 +761,26 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
         assert s is not None
         acc.same[key] += same
         acc.count[key] += s.numel()
+
+
+def _streamable(base: Checkpoint, sft: Checkpoint, it: _Item, spectra: _Spectra | None) -> bool:
+    """Whether a pair's change is only norms and counts over both whole tensors, stored alike
+    (same shape, same dtype, sizes as the header says): then it is read straight from the
+    files chunk by chunk (``_Norms.sq_diff_stored``) instead of as two tensors."""
+    b, s = base.tensors[it.base], sft.tensors[it.sft]
+    if it.fused or it.experts_fused or b.shape != s.shape or b.dtype != s.dtype \
+            or b.dtype not in _STORED or sys.byteorder != "little":  # safetensors' order
+        return False
+    if _spectrum(it, len(b.shape), spectra):
+        return False  # the low-rank metrics need the whole change
+    n = math.prod(b.shape) * _STORED[b.dtype].itemsize
+    return b.end - b.start == n and s.end - s.start == n
+
+
+def _spectrum(it: _Item, ndim: int, spectra: _Spectra | None) -> bool:
+    """Whether a pair's change gets low-rank metrics: one 2-D weight, when they are asked."""
+    return (spectra is not None and ndim == 2 and it.slot.param == "weight"
+            and it.slot.module not in _NO_SPECTRUM)
 
 
 _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +33,8 @@ from sftscope.load.sources import (  # noqa: F401  (re-exported: the checkpoint 
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from torch import Tensor
 
 from sftscope.load.arch import (
@@ -134,6 +137,7 @@ class Checkpoint:
                                     f"name the same parameter")
             self.tensors[c] = info
         self._fds: dict[Path, int] = {}
+        self._fds_lock = threading.Lock()  # the prefetch thread and the readers open files
 
     @property
     def tied(self) -> bool:
@@ -165,14 +169,46 @@ class Checkpoint:
         returns the tensor's size in bytes."""
         info = self.tensors[name]
         if hasattr(os, "posix_fadvise"):
-            try:
-                fd = self._fds.get(info.file)
-                if fd is None:
-                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-                os.posix_fadvise(fd, info.start, info.end - info.start, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd(info.file), info.start, info.end - info.start,
+                                 os.POSIX_FADV_WILLNEED)
         return info.end - info.start
+
+    def _fd(self, file: Path) -> int:
+        """A read-only descriptor of one of the checkpoint's files, opened once."""
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._fds_lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def reader(self, name: str) -> Callable[[int, memoryview], None]:
+        """``read(offset, out)``: bytes ``offset ..`` of one tensor's stored data into the
+        writable buffer ``out`` (``pread``: no mapping and no allocation, so a caller streams
+        a tensor of any size through one small buffer; the GIL is released while the kernel
+        copies; threads may share it)."""
+        info = self.tensors[name]
+        fd = self._fd(info.file)
+
+        def read(offset: int, out: memoryview) -> None:
+            pos, n = info.start + offset, len(out)
+            if offset < 0 or pos + n > info.end:
+                raise ValueError(f"bytes {offset}..{offset + n} are outside {info.raw}")
+            done = 0
+            while done < n:
+                try:
+                    k = os.preadv(fd, [out[done:]], pos + done)
+                    if k <= 0:
+                        raise OSError(f"the file ends at byte {pos + done}")
+                except OSError as e:
+                    raise SftscopeError(
+                        f"could not read {info.raw} from {info.file} ({e}); the file is "
+                        f"truncated or unreadable: re-download or re-save it") from e
+                done += k
+
+        return read
 
     def close(self) -> None:
         """Close the file descriptors opened for read-ahead."""
