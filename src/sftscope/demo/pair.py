@@ -75,12 +75,6 @@ class PairConfig:
     vocab_size: int = 768
     seq_len: int = 128
     batch_size: int = 8
-    base_seq_len: int = 0
-    """block length of the base phase (0: ``seq_len``), with ``batch_size * seq_len //
-    base_seq_len`` blocks a step: the same tokens a step in shorter blocks cost less attention.
-    The SFT phase keeps ``seq_len`` (its examples are up to ~80 tokens)."""
-    optim: str = "adamw_torch"
-    """the optimizer (a ``transformers`` ``optim`` name)"""
     base_steps: int = 3400
     base_lr: float = 3e-3
     sft_steps: int = 600
@@ -93,12 +87,18 @@ class PairConfig:
     n_train: int = 500
     n_general: int = 200
     max_number: int = 50
-    doc_mix: tuple[tuple[str, float], ...] = tuple(DOC_MIX.items())
-    """shares of the pre-training document kinds (``demo.corpus.DOC_MIX``)"""
     eval_items: int = 50
     eval_new_tokens: int = 64
     n_experts: int = 0  # routed experts per block (0: a dense MLP)
     top_k: int = 0      # experts per token
+    base_seq_len: int = 0
+    """block length of the base phase (0: ``seq_len``), with ``batch_size * seq_len //
+    base_seq_len`` blocks a step: the same tokens a step in shorter blocks cost less attention.
+    The SFT phase keeps ``seq_len`` (its examples are up to ~80 tokens)."""
+    optim: str = "adamw_torch"
+    """the optimizer (a ``transformers`` ``optim`` name)"""
+    doc_mix: tuple[tuple[str, float], ...] = tuple(DOC_MIX.items())
+    """shares of the pre-training document kinds (``demo.corpus.DOC_MIX``)"""
     threads: int = 0
     """torch threads while building (0: the cores this process may use). Fixed when training
     starts and never adapted to the machine's load, so that one seed gives the same weights
