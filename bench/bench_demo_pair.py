@@ -3,6 +3,8 @@
     python bench/bench_demo_pair.py                 # full size (what `sftscope demo` trains)
     python bench/bench_demo_pair.py --quick         # CI size
     python bench/bench_demo_pair.py --set hidden=64 --set base_steps=1500 --items 100
+    python bench/bench_demo_pair.py --set base_seq_len=64 \
+        --set doc_mix=prose:0.08,drill:0.42,words:0.08,story:0.24,qa:0.18
 
 Prints per-phase wall and CPU seconds, training tokens/s, the load average (the machine may be
 shared: CPU seconds move less than wall seconds when it is), held-out losses, and greedy
@@ -23,6 +25,8 @@ from pathlib import Path
 
 
 def _value(text: str):
+    if ":" in text:  # doc_mix: KIND:SHARE,...
+        return tuple((k, float(v)) for k, v in (p.split(":", 1) for p in text.split(",")))
     for cast in (int, float):
         try:
             return cast(text)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sftscope.demo.corpus import (
+    DOC_MIX,
     FILES,
     make_corpus,
     write_corpus,
@@ -81,6 +82,16 @@ def test_max_number_bounds_every_problem():
         assert int(extract_strict(rec["answer"])) <= 30
     with pytest.raises(SftscopeError, match="max_number"):
         make_corpus(max_number=5)
+
+
+def test_doc_mix_sets_the_pretraining_kinds_and_bad_mixes_are_clear_errors():
+    drills = make_corpus(seed=1, doc_mix={"drill": 1.0}, **SIZES).pretrain
+    assert all(EQ.fullmatch(line) for d in drills for line in d.split("\n"))
+    assert make_corpus(seed=1, doc_mix=DOC_MIX, **SIZES) == make_corpus(seed=1, **SIZES)
+    for bad, msg in (({"poems": 1.0}, "unknown pre-training document kind"),
+                     ({"drill": -1.0, "prose": 2.0}, ">= 0"), ({"drill": 0.0}, "not all 0")):
+        with pytest.raises(SftscopeError, match=msg):
+            make_corpus(doc_mix=bad, **SIZES)
 
 
 def test_answer_extraction():
@@ -195,6 +206,10 @@ def test_tiny_pair_is_reproducible_and_force_retrains(tmp_path):
     assert not other.cached and other.key != a.key
     olmo = build_demo_pair(tmp_path / "olmo", config=cfg, family="olmo2")
     assert json.loads((olmo.sft_dir / "config.json").read_text())["model_type"] == "olmo2"
+    # shorter base blocks, the same tokens a step: 8 x 96 -> 16 x 48; the SFT keeps 96
+    short = build_demo_pair(tmp_path / "short", config=dataclasses.replace(cfg, base_seq_len=48))
+    assert short.key != a.key and short.tokens["base_trained"] == 4 * 16 * 48
+    assert short.tokens["sft_trained"] == a.tokens["sft_trained"] == 3 * 8 * 96
 
 
 def test_pair_is_the_same_whatever_the_machine_load(tmp_path, monkeypatch):

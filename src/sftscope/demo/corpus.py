@@ -23,7 +23,7 @@ Splits (what each is for):
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,9 +393,9 @@ class _Writer:
     def doc_prose(self) -> str:
         return self.prose()
 
-    def document(self) -> str:
-        """One pre-training document of a random kind (see ``DOC_MIX``)."""
-        kinds, weights = zip(*DOC_MIX.items())
+    def document(self, mix: Mapping[str, float]) -> str:
+        """One pre-training document of a kind drawn with the weights of ``mix`` (``DOC_MIX``)."""
+        kinds, weights = zip(*mix.items())
         return getattr(self, f"doc_{self.rng.choices(kinds, weights=weights)[0]}")()
 
 
@@ -439,13 +439,15 @@ class ProblemSource:
 
 
 def make_corpus(seed: int = 0, n_pretrain: int = 20_000, n_sft: int = 2_000, n_test: int = 200,
-                n_train: int = 500, n_general: int = 200, max_number: int = 99) -> Corpus:
+                n_train: int = 500, n_general: int = 200, max_number: int = 99,
+                doc_mix: Mapping[str, float] | None = None) -> Corpus:
     """Generate every split, deterministically from ``seed`` (see the module docstring).
 
     ``n_pretrain`` counts documents (about 60 tokens each with the demo tokenizer). Each split
     has its own random stream, so changing one size leaves the other splits' first records
     unchanged. Test computations (``a + b``, ``a - b``) are withheld from all other splits.
-    ``max_number`` bounds every number in a problem or drill (results included).
+    ``max_number`` bounds every number in a problem or drill (results included). ``doc_mix``:
+    shares of the pre-training document kinds (default ``DOC_MIX``).
     """
     for name, n in [("n_pretrain", n_pretrain), ("n_sft", n_sft), ("n_test", n_test),
                     ("n_train", n_train), ("n_general", n_general)]:
@@ -453,10 +455,11 @@ def make_corpus(seed: int = 0, n_pretrain: int = 20_000, n_sft: int = 2_000, n_t
             raise SftscopeError(f"{name} must be >= 0, got {n}")
     if not 20 <= max_number <= 999:
         raise SftscopeError(f"max_number must be in 20..999, got {max_number}")
+    mix = check_doc_mix(DOC_MIX if doc_mix is None else doc_mix)
     src = ProblemSource(f"sftscope-demo/{seed}", max_number, n_test)
     sft, train = src.problems("sft", n_sft), src.problems("gsm8k_train", n_train)
     w = _Writer(src.stream("pretrain"), max_number, src.held_out)
-    pretrain = [w.document() for _ in range(n_pretrain)]
+    pretrain = [w.document(mix) for _ in range(n_pretrain)]
     w = _Writer(src.stream("general"), max_number)
     general = [{"text": w.prose((5, 9))} for _ in range(n_general)]
     return Corpus(
@@ -464,6 +467,18 @@ def make_corpus(seed: int = 0, n_pretrain: int = 20_000, n_sft: int = 2_000, n_t
         gsm8k_train=[p.record() for p in train], gsm8k_test=[p.record() for p in src.test],
         general=general,
     )
+
+
+def check_doc_mix(mix: Mapping[str, float]) -> dict[str, float]:
+    """``mix`` as a dict, or one clear error: kinds of ``DOC_MIX`` only, shares >= 0, some > 0."""
+    mix = dict(mix)
+    unknown = sorted(set(mix) - set(DOC_MIX))
+    if unknown:
+        raise SftscopeError(f"unknown pre-training document kind(s) {', '.join(unknown)}; "
+                            f"use {', '.join(DOC_MIX)}")
+    if any(not v >= 0 for v in mix.values()) or not sum(mix.values()) > 0:
+        raise SftscopeError(f"pre-training document shares must be >= 0 and not all 0, got {mix}")
+    return mix
 
 
 def write_corpus(corpus: Corpus, out_dir: str | Path) -> dict[str, Path]:

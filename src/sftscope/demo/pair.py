@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from sftscope.demo.corpus import (
+    DOC_MIX,
     FILES,
     Corpus,
     format_prompt,
@@ -90,6 +91,14 @@ class PairConfig:
     eval_new_tokens: int = 64
     n_experts: int = 0  # routed experts per block (0: a dense MLP)
     top_k: int = 0      # experts per token
+    base_seq_len: int = 0
+    """block length of the base phase (0: ``seq_len``), with ``batch_size * seq_len //
+    base_seq_len`` blocks a step: the same tokens a step in shorter blocks cost less attention.
+    The SFT phase keeps ``seq_len`` (its examples are up to ~80 tokens)."""
+    optim: str = "adamw_torch"
+    """the optimizer (a ``transformers`` ``optim`` name)"""
+    doc_mix: tuple[tuple[str, float], ...] = tuple(DOC_MIX.items())
+    """shares of the pre-training document kinds (``demo.corpus.DOC_MIX``)"""
     threads: int = 0
     """torch threads while building (0: the cores this process may use). Fixed when training
     starts and never adapted to the machine's load, so that one seed gives the same weights
@@ -224,7 +233,7 @@ def _pack_sft(examples: list[tuple[list[int], list[int]]], pad: int,
 
 
 def _train(model, dataset: torch.utils.data.Dataset, *, steps: int, lr: float, cfg: PairConfig,
-           seed: int, work_dir: Path, name: str) -> list[list[float]]:
+           seed: int, work_dir: Path, name: str, batch_size: int) -> list[list[float]]:
     """Train ``model`` in place with ``transformers.Trainer``; returns ``[[step, loss], ...]``."""
     from transformers import (
         PrinterCallback,
@@ -240,9 +249,9 @@ def _train(model, dataset: torch.utils.data.Dataset, *, steps: int, lr: float, c
 
     args = TrainingArguments(
         output_dir=str(work_dir / f"trainer-{name}"), max_steps=steps,
-        per_device_train_batch_size=cfg.batch_size, learning_rate=lr,
+        per_device_train_batch_size=batch_size, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_steps=max(1, int(cfg.warmup_frac * steps)),
-        weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch",
+        weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, optim=cfg.optim,
         logging_steps=max(1, steps // 10), save_strategy="no", report_to="none",
         disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=True,
         dataloader_num_workers=0,
@@ -283,6 +292,15 @@ def _new_model(family: str, vocab_size: int, cfg: PairConfig, seed: int):
         n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, intermediate=cfg.intermediate,
         max_positions=_max_positions(cfg), **moe,
     )
+
+
+def _base_seq_len(cfg: PairConfig) -> int:
+    return cfg.base_seq_len or cfg.seq_len
+
+
+def _base_batch(cfg: PairConfig) -> int:
+    """Blocks a base step: the tokens of ``batch_size`` blocks of ``seq_len``."""
+    return max(1, cfg.batch_size * cfg.seq_len // _base_seq_len(cfg))
 
 
 def _max_positions(cfg: PairConfig) -> int:
@@ -536,7 +554,7 @@ def _prepare(out_dir: Path, seed: int, cfg: PairConfig, phase: _Phases) -> _Data
     with phase("corpus"):
         corpus = make_corpus(seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft,
                              n_test=cfg.n_test, n_train=cfg.n_train, n_general=cfg.n_general,
-                             max_number=cfg.max_number)
+                             max_number=cfg.max_number, doc_mix=dict(cfg.doc_mix))
         files = write_corpus(corpus, out_dir / "data")
     with phase("tokenizer"):
         sample = corpus.pretrain[:5000] + [f"{format_prompt(r['question'])} {r['answer']}"
@@ -544,12 +562,14 @@ def _prepare(out_dir: Path, seed: int, cfg: PairConfig, phase: _Phases) -> _Data
         tok = train_tokenizer(sample, vocab_size=cfg.vocab_size)
         tok.model_max_length = _max_positions(cfg)
         pre_ids = _encode(tok, corpus.pretrain)
-        base_blocks = _pack_stream(pre_ids, tok.eos_token_id, cfg.seq_len)
+        base_blocks = _pack_stream(pre_ids, tok.eos_token_id, _base_seq_len(cfg))
         sft_ids, sft_lab = _pack_sft(_sft_examples(tok, corpus.sft), tok.pad_token_id,
                                      cfg.seq_len)
         n_mix = _mix_blocks(sft_lab, cfg)
-        mix = base_blocks[torch.randperm(len(base_blocks),
-                                         generator=torch.Generator().manual_seed(seed))[:n_mix]]
+        mix_from = (base_blocks if _base_seq_len(cfg) == cfg.seq_len
+                    else _pack_stream(pre_ids, tok.eos_token_id, cfg.seq_len))
+        mix = mix_from[torch.randperm(len(mix_from),
+                                      generator=torch.Generator().manual_seed(seed))[:n_mix]]
         sft_set = _Blocks(torch.cat([sft_ids, mix]), torch.cat([sft_lab, mix]))
     return _Data(corpus=corpus, files=files, tok=tok, pre_ids=pre_ids, base_blocks=base_blocks,
                  sft_set=sft_set, n_sft_blocks=int(len(sft_ids)), n_mix=int(n_mix))
@@ -571,14 +591,14 @@ def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick
         with phase("base"):
             base_hist = _train(model, _Blocks(data.base_blocks, data.base_blocks),
                                steps=cfg.base_steps, lr=cfg.base_lr, cfg=cfg, seed=seed,
-                               work_dir=work, name="base")
+                               work_dir=work, name="base", batch_size=_base_batch(cfg))
         with phase("save"):
             _save(model, tok, out_dir / "base")
         base = AutoModelForCausalLM.from_pretrained(out_dir / "base")
         sft = AutoModelForCausalLM.from_pretrained(out_dir / "base")
         with phase("sft"):
             sft_hist = _train(sft, data.sft_set, steps=cfg.sft_steps, lr=cfg.sft_lr, cfg=cfg,
-                              seed=seed, work_dir=work, name="sft")
+                              seed=seed, work_dir=work, name="sft", batch_size=cfg.batch_size)
         with phase("save"):
             _save(sft, tok, out_dir / "sft")
     finally:
@@ -610,10 +630,9 @@ def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick
 
 def _token_counts(cfg: PairConfig, data: _Data, seconds: dict[str, float]) -> dict[str, int]:
     """Tokens trained in each phase and per second, and the sizes of the training data."""
-    step_tokens = cfg.batch_size * cfg.seq_len
     tokens = {
-        "base_trained": cfg.base_steps * step_tokens,
-        "sft_trained": cfg.sft_steps * step_tokens,
+        "base_trained": cfg.base_steps * _base_batch(cfg) * _base_seq_len(cfg),
+        "sft_trained": cfg.sft_steps * cfg.batch_size * cfg.seq_len,
         "pretrain_corpus": sum(len(d) + 1 for d in data.pre_ids),
         "sft_blocks": data.n_sft_blocks, "sft_mix_blocks": data.n_mix,
     }
