@@ -99,12 +99,15 @@ class PairConfig:
     """the optimizer (a ``transformers`` ``optim`` name)"""
     doc_mix: tuple[tuple[str, float], ...] = tuple(DOC_MIX.items())
     """shares of the pre-training document kinds (``demo.corpus.DOC_MIX``)"""
-    threads: int = 0
+    threads: int = 1
     """torch threads while building (0: the cores this process may use). Fixed when training
     starts and never adapted to the machine's load, so that one seed gives the same weights
     however busy the machine is (a count chosen from the load gave two runs of one commit
-    different checkpoints). Not part of the cache key. One thread is as fast as two for the
-    quick preset's tiny matrices."""
+    different checkpoints). Not part of the cache key. One thread is faster than two for these
+    tiny matrices: the CLI's OpenMP threads sleep between operations (``process.py``), and a
+    training step is thousands of small ones (idle 2-core box, ``FULL``'s base step in
+    ``transformers.Trainer``: 118 ms on one thread, 164 ms on two; 87 ms on two spinning
+    threads, which a busy machine punishes)."""
 
 
 FULL = PairConfig()
@@ -117,7 +120,7 @@ QUICK = PairConfig(
 # dense one of the same width, so fewer steps than FULL keep the pair near 3 minutes on two
 # idle cores
 MOE_FULL = dataclasses.replace(FULL, intermediate=64, n_experts=4, top_k=2, base_steps=900,
-                               sft_steps=250, n_pretrain=12_000, n_sft=1_500)
+                               sft_steps=250, n_pretrain=12_000, n_sft=1_500, threads=0)
 MOE_QUICK = dataclasses.replace(QUICK, intermediate=32, n_experts=4, top_k=2, base_steps=120,
                                 sft_steps=60)
 

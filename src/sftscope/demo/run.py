@@ -221,12 +221,12 @@ def reduced_notice(cfg: DemoConfig) -> str:
     return notice(cfg.sizes)
 
 
-# Seconds each step took on an idle 2-core machine (`sftscope demo`, 2026-11-30; the README's
-# table); the ETA scales the steps still to come by how much slower than this the steps so far
-# have been.
+# Seconds each step took on an idle 2-core machine (`sftscope demo`, 2026-11-30 and 2026-12-07;
+# the README's table); the ETA scales the steps still to come by how much slower than this the
+# steps so far have been.
 REFERENCE_SECONDS = {
-    False: {"pair": 535.0, "analyze": 2.6, "weights": 0.2, "probe": 1.2, "swap": 4.8,
-            "sweep": 48.0, "report": 4.7},
+    False: {"pair": 510.0, "analyze": 2.6, "weights": 0.2, "probe": 1.2, "swap": 4.8,
+            "sweep": 54.0, "report": 4.7},
     True: {"pair": 25.0, "analyze": 0.4, "weights": 0.1, "probe": 0.2, "swap": 0.6,
            "sweep": 8.2, "report": 4.4},
 }
