@@ -66,9 +66,10 @@ Checkpoint reading lives in ``load.checkpoint``, adapter reading in ``load.adapt
 spectrum numerics in ``metrics.lowrank``; this module streams, accumulates and tabulates.
 
 Speed: every torch op runs single-threaded (OpenMP barriers stall whenever cores are shared);
-the cores are used by worker threads instead (each reads and computes its own chunks of a large
-tensor; SVD jobs), and the kernel is asked (``posix_fadvise``) to read the next tensors while
-the current pair is computed.
+the cores are used by worker threads instead (streamed pairs as a queue of tasks of a few
+chunks, each read and computed by one worker, the next pairs' tasks queued behind the current
+one's so that no worker idles at a tensor's end; SVD jobs), and the kernel is asked
+(``posix_fadvise``) to read the next tensors while the current pair is computed.
 
 A LoRA adapter's change is ``||s B A||_F`` with ``s = alpha / r`` (``alpha / sqrt(r)`` with
 rsLoRA; per-module ``rank_pattern``/``alpha_pattern``), from ``||BA||^2 = tr((B^T B)(A A^T))``,
@@ -77,9 +78,11 @@ never forming ``BA``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
@@ -134,6 +137,8 @@ _TOP_ORDER = ("embed", "embed_added", "pos_embed", "final_norm", "lm_head", "lm_
               "other", "total")
 _VOCAB_MODULES = ("embed", "lm_head")
 _CHUNK = 1 << 18  # entries per chunk: each worker's buffers stay in cache
+_TASK = 4  # chunks per task of a streamed pair (``_Norms.submit_stored``)
+_AHEAD = 3  # tasks per worker queued ahead of the one being computed (``_Streamed``)
 _ROW = 256  # float32 squares are summed in runs of this many, the runs' sums in float64
 _FLAG_RUN = 1024  # bool flags are counted as sums of 128 int64 words (``_Norms._same``)
 _TINY = 2.0**-60  # float32 chunk sums below this are summed again in float64 (underflow)
@@ -160,12 +165,14 @@ class _Chunk(NamedTuple):
 
 class _Norms:
     """Squared norms without full-size copies: chunk by chunk through small reusable buffers
-    per worker (cache-resident). A large tensor is cut into contiguous parts of equal size, one
-    per worker thread (torch ops release the GIL and each runs single-threaded, so no OpenMP
-    barrier can stall); part sums are added in a fixed order, so results are deterministic for
-    a given worker count. ``sq_diff`` counts the bit-identical entries in the same pass, while
-    the chunk is in cache, as the zeros of the XOR of the bits (a full-size comparison's bool
-    tensor cost 6x the whole norm: measured 5.0 ns per entry against 0.7).
+    per worker (cache-resident). A large tensor is cut into contiguous parts, one per worker
+    thread (torch ops release the GIL and each runs single-threaded, so no OpenMP barrier can
+    stall), or, read from the files (``submit_stored``), into tasks of ``_TASK`` chunks that
+    any worker takes; part sums are added exactly (``_total``), so results are deterministic
+    (for a given worker count in memory, for any in the stored case). ``sq_diff`` counts the
+    bit-identical entries in the same pass, while the chunk is in cache, as the zeros of the
+    XOR of the bits (a full-size comparison's bool tensor cost 6x the whole norm: measured
+    5.0 ns per entry against 0.7).
 
     Arithmetic (``_pair``): bfloat16 and float16 pairs in float32, every other dtype in
     float64. Float32 holds a bf16/fp16 value exactly, the difference of two such values exactly
@@ -193,16 +200,24 @@ class _Norms:
         # read buffers: one [2, _CHUNK] pair of chunks of up to 8-byte entries per worker
         self.io = [torch.empty(2 * _CHUNK * 8, dtype=torch.uint8) for _ in range(self.workers)]
         self.io_views = [memoryview(x.numpy()) for x in self.io]
-        self.pool = ThreadPoolExecutor(self.workers - 1) if self.workers > 1 else None
+        self.stored: dict[torch.dtype, tuple[list[Tensor], list[_Chunk]]] = {}
+        # One pool thread per buffer set: ``_map`` names the set of each part; a streamed task
+        # uses its thread's own (``_bind``).
+        self.local = threading.local()
+        self.ids = itertools.count()
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sftscope-norms",
+                                       initializer=self._bind)
+
+    def _bind(self) -> None:
+        self.local.j = next(self.ids)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.pool.shutdown(cancel_futures=True)
 
     def _parts(self, n: int) -> list[tuple[int, int]]:
         """One contiguous part per worker, of equal size (to ``_FLAG_RUN`` entries: a split
         at chunk boundaries left one worker a whole chunk more, e.g. 6 against 5)."""
-        if self.pool is None or n < 2 * _CHUNK:
+        if self.workers == 1 or n < 2 * _CHUNK:
             return [(0, n)]
         per = math.ceil(n / self.workers / _FLAG_RUN) * _FLAG_RUN
         return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
@@ -215,23 +230,22 @@ class _Norms:
     def _pairs(self, n: int, chunk: Any, bits: torch.dtype | None) -> tuple[float, float, int]:
         """``(||s - b||^2, ||b||^2, same)`` over ``n`` entries whose chunks ``chunk(j, i, m)``
         gives (a ``_Chunk``: entries ``i .. i + m`` of ``s`` and ``b``)."""
+        return _total(self._map(lambda j, lo, hi: self._span(j, lo, hi, chunk, bits), n))
 
-        def part(j: int, lo: int, hi: int) -> tuple[float, float, int]:
-            d2 = b2 = 0.0
-            same = 0
-            for i in range(lo, hi, _CHUNK):
-                m = min(_CHUNK, hi - i)
-                c = chunk(j, i, m)
-                k = self._same(j, c.s_bits, c.b_bits, m) if bits is not None else -1
-                same += max(k, 0)
-                dc, bc = self._pair(j, c, m, k == m)
-                d2 += dc
-                b2 += bc
-            return d2, b2, same
-
-        res = self._map(part, n)
-        return (math.fsum(r[0] for r in res), math.fsum(r[1] for r in res),
-                sum(r[2] for r in res))
+    def _span(self, j: int, lo: int, hi: int, chunk: Any,
+              bits: torch.dtype | None) -> tuple[float, float, int]:
+        """``_pairs`` of entries ``lo .. hi`` in worker ``j``'s buffers, chunk by chunk."""
+        d2 = b2 = 0.0
+        same = 0
+        for i in range(lo, hi, _CHUNK):
+            m = min(_CHUNK, hi - i)
+            c = chunk(j, i, m)
+            k = self._same(j, c.s_bits, c.b_bits, m) if bits is not None else -1
+            same += max(k, 0)
+            dc, bc = self._pair(j, c, m, k == m)
+            d2 += dc
+            b2 += bc
+        return d2, b2, same
 
     def _pair(self, j: int, c: _Chunk, m: int, unchanged: bool) -> tuple[float, float]:
         """``(||s - b||^2, ||b||^2)`` of one chunk of ``m`` entries (the class docstring says
@@ -276,19 +290,19 @@ class _Norms:
 
         return self._pairs(s.numel(), chunk, bits)
 
-    def sq_diff_stored(self, base: Checkpoint, b_name: str, sft: Checkpoint,
-                       s_name: str) -> tuple[float, float, int]:
-        """``sq_diff`` of two stored tensors of the same shape and dtype, read chunk by chunk
-        straight from the files into each worker's buffer (``Checkpoint.reader``): no
-        tensor-sized allocation and no mapping, and each chunk is computed while it is still
-        in cache."""
+    def submit_stored(self, base: Checkpoint, b_name: str, sft: Checkpoint,
+                      s_name: str) -> list[Future]:
+        """``sq_diff`` of two stored tensors of the same shape and dtype, as tasks of
+        ``_TASK`` chunks queued on the workers (``_total`` of their results is the pair's):
+        each chunk is read straight from the files into the worker's buffer
+        (``Checkpoint.reader``; no tensor-sized allocation, no mapping) and computed while it
+        is in cache. Tasks of the next pairs run while a pair's last ones finish, and the
+        split does not depend on the worker count."""
         info = base.tensors[b_name]
         dtype = _STORED[info.dtype]
         size = dtype.itemsize
         half = _CHUNK * size
-        pairs = [x[:2 * half].view(dtype).view(2, _CHUNK) for x in self.io]
-        whole = [_Chunk(p[0], p[1], p, p[0].view(_INTS[size]), p[1].view(_INTS[size]))
-                 for p in pairs]
+        pairs, whole = self._stored_views(dtype)
         read_s, read_b = sft.reader(s_name), base.reader(b_name)
 
         def chunk(j: int, i: int, m: int) -> _Chunk:
@@ -300,7 +314,22 @@ class _Norms:
             p = pairs[j][:, :m]
             return _Chunk(p[0], p[1], p, p[0].view(_INTS[size]), p[1].view(_INTS[size]))
 
-        return self._pairs(math.prod(info.shape), chunk, _INTS[size])
+        def task(lo: int, hi: int) -> tuple[float, float, int]:
+            return self._span(self.local.j, lo, hi, chunk, _INTS[size])
+
+        n, step = math.prod(info.shape), _TASK * _CHUNK
+        return [self.pool.submit(task, lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+    def _stored_views(self, dtype: torch.dtype) -> tuple[list[Tensor], list[_Chunk]]:
+        """Per worker, its read buffer as a ``[2, _CHUNK]`` pair of ``dtype`` and that pair as
+        a whole ``_Chunk`` (made once: a view costs microseconds)."""
+        if dtype not in self.stored:
+            bits = _INTS[dtype.itemsize]
+            pairs = [x[:2 * _CHUNK * dtype.itemsize].view(dtype).view(2, _CHUNK)
+                     for x in self.io]
+            self.stored[dtype] = pairs, [_Chunk(p[0], p[1], p, p[0].view(bits),
+                                                p[1].view(bits)) for p in pairs]
+        return self.stored[dtype]
 
     def _same(self, j: int, s: Tensor, b: Tensor, m: int) -> int:
         """Entries of the chunks ``s`` and ``b`` (``m`` entries, integer or bool views) with
@@ -351,6 +380,14 @@ class _Norms:
             return out
 
         return math.fsum(self._map(part, x.numel()))
+
+
+def _total(parts: Any) -> tuple[float, float, int]:
+    """``(d2, b2, same)`` of a tensor from those of its parts (float sums correctly rounded:
+    the same whatever order the parts finished in)."""
+    parts = list(parts)
+    return (math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts),
+            sum(p[2] for p in parts))
 
 
 def _sq64(x: Tensor) -> float:
@@ -673,6 +710,7 @@ def _stream_items(base: Checkpoint, sft: Checkpoint | None, items: list[_Item], 
     nxt = 0  # next item to ask the kernel for
     # posix_fadvise(WILLNEED) blocks while it queues the reads: a thread of its own issues them.
     prefetch = ThreadPoolExecutor(1, thread_name_prefix="sftscope-prefetch")
+    streamed = _Streamed(norms, acc)
     try:
         for i, it in enumerate(track(items, "weights: tensors")):
             # Keep about _PREFETCH bytes of upcoming tensors (at least the next pair) asked
@@ -685,9 +723,54 @@ def _stream_items(base: Checkpoint, sft: Checkpoint | None, items: list[_Item], 
                     ahead += sft.nbytes(items[nxt].sft)
                 nxt += 1
             ahead -= base.nbytes(it.base) + (sft.nbytes(it.sft) if sft is not None else 0)
-            _one_pair(base, sft, it, acc, norms, spectra, spec)
+            if sft is not None and _streamable(base, sft, it, spectra):
+                streamed.submit(base, sft, it)
+            else:
+                streamed.collect(0)  # the in-memory path uses every worker's buffers
+                _one_pair(base, sft, it, acc, norms, spectra, spec)
+        streamed.collect(0)
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
+
+
+class _Streamed:
+    """Streamed pairs (``_Norms.submit_stored``) in flight: each worker has up to ``_AHEAD``
+    tasks queued, so no worker waits at the end of a tensor for the other; results reach the
+    accumulators in submission order (the same sums whatever the timing)."""
+
+    def __init__(self, norms: _Norms, acc: _Acc) -> None:
+        self.norms, self.acc = norms, acc
+        self.pending: deque[tuple[list[Future], _Item, int]] = deque()
+        self.tasks = 0
+
+    def submit(self, base: Checkpoint, sft: Checkpoint, it: _Item) -> None:
+        assert it.sft is not None
+        futures = self.norms.submit_stored(base, it.base, sft, it.sft)
+        self.pending.append((futures, it, math.prod(base.tensors[it.base].shape)))
+        self.tasks += len(futures)
+        self.collect(_AHEAD * self.norms.workers)
+
+    def collect(self, keep: int) -> None:
+        """Add finished pairs (waiting for them) until at most ``keep`` tasks are queued."""
+        while self.pending and self.tasks > keep:
+            futures, it, n = self.pending.popleft()
+            self.tasks -= len(futures)
+            d2, b2, same = _total(f.result() for f in futures)
+            _add_change(self.acc, it.slot, d2, b2, same, n)
+
+
+def _add_change(acc: _Acc, slot: Slot, d2: float, b2: float, same: int = 0,
+                count: int = 0) -> None:
+    """One tensor's ``||s - b||^2`` and ``||b||^2`` to its module (and, for one expert's
+    tensor, to the expert's own row); ``same`` of ``count`` entries bit-identical (none
+    compared when ``count`` is 0)."""
+    key = (slot.block, slot.module)
+    acc.add(key, d2, b2)
+    if slot.expert is not None:  # one expert's tensor: to ``experts`` and its own row
+        acc.add_expert(slot.block, slot.expert, d2, b2)
+    if count:
+        acc.same[key] += same
+        acc.count[key] += count
 
 
 def _coarser(a: str, b: str | None) -> str:
@@ -697,16 +780,8 @@ def _coarser(a: str, b: str | None) -> str:
 
 def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, norms: _Norms,
               spectra: _Spectra | None, spec: ArchSpec) -> None:
-    """Read one tensor pair and add its change to the accumulators (its spectrum is queued)."""
-    if sft is not None and _streamable(base, sft, it, spectra):
-        d2, b2, same = norms.sq_diff_stored(base, it.base, sft, it.sft)
-        key = (it.slot.block, it.slot.module)
-        acc.add(key, d2, b2)
-        if it.slot.expert is not None:  # one expert's tensor: to ``experts`` and its own row
-            acc.add_expert(it.slot.block, it.slot.expert, d2, b2)
-        acc.same[key] += same
-        acc.count[key] += math.prod(base.tensors[it.base].shape)
-        return
+    """Read one tensor pair that is not streamed (``_Streamed``) and add its change to the
+    accumulators (its spectrum is queued)."""
     b = base.get(it.base)
     s = sft.get(it.sft) if sft is not None else None
     key = (it.slot.block, it.slot.module)
@@ -741,26 +816,18 @@ def _one_pair(base: Checkpoint, sft: Checkpoint | None, it: _Item, acc: _Acc, no
     if it.experts_fused:
         _fused_experts(b, s, it.slot.block, acc, norms)
         return
-    if it.slot.expert is not None:  # one expert's tensor: to ``experts`` and its own row
-        d2, b2, same = norms.sq_diff(s, b, bits) if s is not None else (0.0, norms.sq(b), 0)
-        acc.add(key, d2, b2)
-        acc.add_expert(it.slot.block, it.slot.expert, d2, b2)
-    elif spectrum:
+    if spectrum:  # never one expert's tensor (``_NO_SPECTRUM``)
         assert spectra is not None and s is not None
         d = s.to(torch.float64)
         d.sub_(b)
         d2 = _sq64(d)
-        acc.add(key, d2, norms.sq(b))
+        b2, same = norms.sq(b), 0
         spectra.submit(key, d, d2, dtype)
     elif s is not None:
         d2, b2, same = norms.sq_diff(s, b, bits)
-        acc.add(key, d2, b2)
     else:
-        acc.add(key, 0.0, norms.sq(b))
-    if in_pass:
-        assert s is not None
-        acc.same[key] += same
-        acc.count[key] += s.numel()
+        d2, b2, same = 0.0, norms.sq(b), 0
+    _add_change(acc, it.slot, d2, b2, same, s.numel() if in_pass and s is not None else 0)
 
 
 def _streamable(base: Checkpoint, sft: Checkpoint, it: _Item, spectra: _Spectra | None) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from sftscope.errors import SftscopeError
+from sftscope.errors import SftscopeError, quoted
 from sftscope.load.sources import (  # noqa: F401  (re-exported: the checkpoint reading API)
     PICKLE_SUFFIXES,
     TensorInfo,
@@ -204,8 +204,8 @@ class Checkpoint:
                         raise OSError(f"the file ends at byte {pos + done}")
                 except OSError as e:
                     raise SftscopeError(
-                        f"could not read {info.raw} from {info.file} ({e}); the file is "
-                        f"truncated or unreadable: re-download or re-save it") from e
+                        f"could not read {info.raw} from {info.file} ({quoted(e)}); the "
+                        f"file is truncated or unreadable: re-download or re-save it") from e
                 done += k
 
         return read
