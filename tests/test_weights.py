@@ -563,3 +563,39 @@ def test_half_precision_norms_against_float64(tmp_path, monkeypatch, dtype):
             assert val(df, block, module, "relative") ** 2 == pytest.approx(
                 d2 / b2, rel=1e-12 if exact else 2 * bound), name
     assert val(df, 1, "v") > 0  # a single tiny change is not lost to underflow
+
+
+def test_streamed_pairs_the_same_for_any_worker_count(tmp_path, monkeypatch):
+    """Pairs read from the files go to the workers as tasks of ``_TASK`` chunks, several pairs
+    in flight, in-memory pairs (the low-rank path) in between: every norm and count is
+    bit-identical with 1, 2 and 3 workers, and the same as without the low-rank path."""
+    from sftscope.experiments import weights
+
+    monkeypatch.setattr(weights, "_CHUNK", 256)
+    monkeypatch.setattr(weights, "_TASK", 2)
+    monkeypatch.setattr(weights, "_ROW", 64)
+    model = build_tiny_model("llama", VOCAB, seed=0, **LLAMA).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    sd = load_file(tmp_path / "base" / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    for k, v in sd.items():  # half the entries changed: counts as well as norms
+        keep = torch.rand(v.shape, generator=g) < 0.5
+        sd[k] = torch.where(keep, v, (v.double() * 1.01 + 1e-3).to(v.dtype))
+    (tmp_path / "sft").mkdir()
+    save_file(sd, tmp_path / "sft" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "sft" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    tables = {}
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda w=workers: w)
+        df = weight_change(tmp_path / "base", tmp_path / "sft", low_rank=False)
+        assert (df[df.metric == "unchanged_frac"].value.between(0.3, 0.7)).all()
+        tables[workers] = df.reset_index(drop=True)
+    for workers in (2, 3):
+        pd.testing.assert_frame_equal(tables[workers], tables[1], check_exact=True)
+    # with the low-rank path, the 1-D tensors (norms) stream between in-memory matrices
+    mixed = weight_change(tmp_path / "base", tmp_path / "sft", low_rank=True)
+    one_d = mixed[mixed.module.isin(["other", "final_norm"])
+                  & mixed.metric.isin(["frobenius", "relative", "unchanged_frac"])]
+    want = tables[1].merge(one_d, on=["block", "module", "metric"], suffixes=("", "_mixed"))
+    assert len(want) == len(one_d) > 0
+    assert (want.value == want.value_mixed).all()
