@@ -734,9 +734,10 @@ def _stream_items(base: Checkpoint, sft: Checkpoint | None, items: list[_Item], 
 
 
 class _Streamed:
-    """Streamed pairs (``_Norms.submit_stored``) in flight: each worker has up to ``_AHEAD``
-    tasks queued, so no worker waits at the end of a tensor for the other; results reach the
-    accumulators in submission order (the same sums whatever the timing)."""
+    """Streamed pairs (``_Norms.submit_stored``) in flight: the pair waited for has ``_AHEAD``
+    tasks per worker queued behind it, so no worker idles at the end of a tensor (not even of
+    the embedding's 32 tasks); results reach the accumulators in submission order (the same
+    sums whatever the timing)."""
 
     def __init__(self, norms: _Norms, acc: _Acc) -> None:
         self.norms, self.acc = norms, acc
@@ -751,8 +752,8 @@ class _Streamed:
         self.collect(_AHEAD * self.norms.workers)
 
     def collect(self, keep: int) -> None:
-        """Add finished pairs (waiting for them) until at most ``keep`` tasks are queued."""
-        while self.pending and self.tasks > keep:
+        """Add the oldest pairs (waiting for them) while ``keep`` tasks are queued behind."""
+        while self.pending and self.tasks - len(self.pending[0][0]) >= keep:
             futures, it, n = self.pending.popleft()
             self.tasks -= len(futures)
             d2, b2, same = _total(f.result() for f in futures)
