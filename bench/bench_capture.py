@@ -8,9 +8,10 @@ pass (the same inner model, no LM head, the same right-padded batches, no hooks)
 with each schedule of the token metrics (``capture.stream.pick_schedule``): ``overlap`` (the
 background workers, at the lowest priority, compute the metrics of earlier batches during later
 forward passes; what they have not finished when it is wanted goes to the foreground workers),
-``inline`` (the forward pass waits for them) and ``auto``, the default (both timed on the first
-token batches, overlap kept unless inline is clearly faster: ``ScheduleProbe``). The output
-says which one ``auto`` kept in each repeat.
+``inline`` (the forward pass waits for them) and ``auto``, the default (overlap kept where its
+background workers keep up on the first two token batches; otherwise both timed on the next
+ones, overlap kept unless inline is clearly faster: ``ScheduleProbe``). The output says which one ``auto`` kept in
+each repeat and what decided it (``share``: the watch; ``rates``: the timed plan).
 Prints the median of the repeats, each ratio to the bare pass (and that of the fastest runs,
 which a shared machine disturbs least), the process CPU seconds (paired ratio too: what a
 busy machine disturbs less), tokens/s, the load average and peak RSS. The process
@@ -99,7 +100,8 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             info = results[schedule].info
             if schedule == "auto":
-                kept.append(str(info.get("token_metrics")))
+                probe = info.get("schedule_probe") or {}
+                kept.append(f"{info.get('token_metrics')} ({probe.get('kept_by')})")
             if schedule in shares:
                 shares[schedule].append(f"{info.get('background_share', 0.0):.2f}")
             return seconds
