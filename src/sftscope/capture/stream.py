@@ -11,8 +11,9 @@ of the batch at a time. Either the workers compute batch b's metrics while later
 forward (``overlap``; on CPU in background threads at the lowest priority, which take only the
 moments the forward pass leaves its cores idle, and whatever they have not finished when it is
 wanted goes to foreground workers), or the forward pass waits for them (``inline``). The
-default measures which is faster (``ScheduleProbe``). The numbers are the same either way, bit
-for bit.
+default keeps overlap where its background workers keep up on the first batches and otherwise
+measures which is faster (``ScheduleProbe``). The numbers are the same either way, bit for
+bit.
 
 Results are cached as safetensors keyed by model content, exact token ids, load settings and
 options. A checkpoint (``.partial``) records which samples are done, so a capture interrupted
