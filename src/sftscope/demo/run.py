@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sftscope.config.commands import DEMO_STEPS, DemoConfig
 from sftscope.io import run_record
+from sftscope.process import cpu_seconds
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, releasing
 
@@ -43,10 +44,10 @@ class DemoResult:
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
         """Record the wall and the CPU seconds (this process, all threads) of step ``name``."""
-        t, c = time.perf_counter(), time.process_time()
+        t, c = time.perf_counter(), cpu_seconds()
         yield
         self.timings[name] = time.perf_counter() - t
-        self.cpu[name] = time.process_time() - c
+        self.cpu[name] = cpu_seconds() - c
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     check_out(out, "demo", cfg, overwrite=True)
     res = DemoResult(out=out, report=None)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     eta = Eta(cfg, t0)
     pair = _build_pair(cfg, res, eta)
     chain = _build_stages(cfg, res, eta, str(pair.sft_dir), pair.data_files["gsm8k_train"])
@@ -90,7 +91,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     if "report" in cfg.steps and res.runs:
         _report(cfg, res)
     res.timings["total"] = time.perf_counter() - t0
-    res.cpu["total"] = time.process_time() - c0
+    res.cpu["total"] = cpu_seconds() - c0
     finish_run(out, run_record(
         "demo", cfg.record(), reduced=cfg.quick, sizes=cfg.sizes, seeds={"demo": cfg.seed},
         pair=res.pair,
