@@ -635,9 +635,9 @@ class _Reducer:
     def _due(self) -> bool:
         """Whether the oldest pending batch's metrics are written now: inline at once;
         overlapped once they are ready, or once a later batch has ended while the probe
-        times the schedules, on an accelerator, or when the pending batches hold more than
-        ``LAG_BYTES``: on CPU the background workers may use the idle moments of several
-        forward passes (a wait then hands their rest to the foreground workers)."""
+        watches or times the schedules, on an accelerator, or when the pending batches hold
+        more than ``LAG_BYTES``: on CPU the background workers may use the idle moments of
+        several forward passes (a wait then hands their rest to the foreground workers)."""
         if self.schedule != "overlap":
             return True
         work = self._pending[0][2]
