@@ -36,14 +36,14 @@ class DemoResult:
     report: Path | None
     runs: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (all threads) per step
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds a step, workers too
     pair: dict[str, Any] = field(default_factory=dict)
     patterns: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, Any] = field(default_factory=dict)  # --stages: the DPO and GRPO runs
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
-        """Record the wall and the CPU seconds (this process, all threads) of step ``name``."""
+        """Record the wall and the CPU seconds (all threads, ended workers) of step ``name``."""
         t, c = time.perf_counter(), cpu_seconds()
         yield
         self.timings[name] = time.perf_counter() - t
@@ -270,7 +270,8 @@ class Eta:
 
 
 def time_summary(res: DemoResult) -> str:
-    """Where the time went, one line per step: wall seconds, share, CPU seconds (all threads)."""
+    """Where the time went, one line per step: wall seconds, share, CPU seconds (all threads and
+    the training workers)."""
     total = res.timings.get("total", 0.0) or 1.0
     lines = [f"  {k:<16} {v:7.1f} s  {100 * v / total:5.1f} %  cpu {res.cpu.get(k, 0.0):7.1f} s"
              for k, v in res.timings.items() if k != "total"]

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -210,6 +211,8 @@ class Ranks:
         """Until every rank has finished ``job``; a rank's failure becomes one error line."""
         while not all((job / f"done-{r}").exists() for r in range(self.ranks)):
             for r, p in enumerate(self.procs):
+                if p.poll() in (130, -signal.SIGINT):  # Ctrl-C reached the workers too
+                    raise KeyboardInterrupt
                 if (job / f"error-{r}.txt").exists() or p.poll() is not None:
                     raise SftscopeError(f"training the demo's {phase.name} phase failed in "
                                         f"worker process {r}: {_worker_error(job, r, p)}")
