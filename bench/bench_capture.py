@@ -8,9 +8,11 @@ pass (the same inner model, no LM head, the same right-padded batches, no hooks)
 with each schedule of the token metrics (``capture.stream.pick_schedule``): ``overlap`` (the
 background workers, at the lowest priority, compute the metrics of earlier batches during later
 forward passes; what they have not finished when it is wanted goes to the foreground workers),
-``inline`` (the forward pass waits for them) and ``auto``, the default (both timed on the first
-token batches, overlap kept unless inline is clearly faster: ``ScheduleProbe``). The output
-says which one ``auto`` kept in each repeat.
+``inline`` (the forward pass waits for them) and ``auto``, the default (overlap kept where its
+background workers keep up on the first two token batches; otherwise both timed on the next
+ones, overlap kept unless inline is clearly faster: ``ScheduleProbe``). The output says which
+one ``auto`` kept in each repeat and what decided it (``share``: the watch; ``rates``: the
+timed plan). ``--profile-metrics`` adds where the token metrics' CPU goes.
 Prints the median of the repeats, each ratio to the bare pass (and that of the fastest runs,
 which a shared machine disturbs least), the process CPU seconds (paired ratio too: what a
 busy machine disturbs less), tokens/s, the load average and peak RSS. The process
@@ -37,15 +39,82 @@ setup_process(malloc=False)
 import torch  # noqa: E402
 
 import sftscope.capture.stream as S  # noqa: E402
+from sftscope import metrics as M  # noqa: E402
 from sftscope.capture.engine import batches  # noqa: E402
-from sftscope.capture.hooks import inner_model  # noqa: E402
+from sftscope.capture.hooks import hidden_state_hooks, inner_model  # noqa: E402
 from sftscope.capture.stream import CaptureConfig, capture  # noqa: E402
 from sftscope.load.data import TokenizedSet  # noqa: E402
 from sftscope.load.tiny import build_tiny_model  # noqa: E402
+from sftscope.metric_registry import metric_functions  # noqa: E402
 
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _token_rows(model, tok: TokenizedSet, a: argparse.Namespace) -> list[torch.Tensor]:
+    """The token rows the metric workers get: per sample of the first ``n_token``, its real
+    rows at every hidden state, ``[L+1, T_n, D]`` float32."""
+    held: list[torch.Tensor] = []
+    out: list[torch.Tensor] = []
+    with torch.inference_mode(), hidden_state_hooks(model, lambda _j, h: held.append(h)):
+        for b in batches(tok, a.batch, 0, list(range(min(a.n_token, len(tok))))):
+            held.clear()
+            inner_model(model)(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                               use_cache=False)
+            for r, n in enumerate(b.attention_mask.sum(1).tolist()):
+                out.append(torch.stack([h[r, :n] for h in held]))
+    return out
+
+
+def _metric_cpu(rows: list[torch.Tensor], opts: M.MetricOptions) -> None:
+    """Thread CPU seconds of each token metric over ``rows`` (one sample at a time, one
+    intra-op thread: as a metric worker computes them)."""
+    from sftscope.metrics.entropy import TokenBatch
+
+    cpu = {"float64 copy": 0.0, **{f.name: 0.0 for f in metric_functions("token")}}
+    for x in rows:
+        batch = TokenBatch(x, torch.ones(x.shape[:2], dtype=torch.bool), opts)
+        c0 = time.thread_time()
+        batch.h64  # noqa: B018  (made once, shared by the metrics that need it)
+        cpu["float64 copy"] += time.thread_time() - c0
+        for fn in metric_functions("token"):
+            c0 = time.thread_time()
+            fn.compute(batch)
+            cpu[fn.name] += time.thread_time() - c0
+    print(f"token metrics' thread CPU over {len(rows)} samples x {rows[0].shape[0]} states: "
+          f"{sum(cpu.values()):.3f} s = " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()))
+
+
+def _costliest_ops(rows: list[torch.Tensor], opts: M.MetricOptions) -> None:
+    """The token metrics' costliest operators over ``rows``, with one intra-op thread (the
+    profiler runs in the main thread: it is set up there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for x in rows:
+                M.token_metrics_batch(x, torch.ones(x.shape[:2], dtype=torch.bool), opts)
+    finally:
+        torch.set_num_threads(threads)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    print("costliest operators (self CPU share, under the profiler): " + ", ".join(
+        f"{e.key} {e.self_cpu_time_total / total:.0%}" for e in ops))
+
+
+def profile_metrics(model, tok: TokenizedSet, a: argparse.Namespace) -> None:
+    """Where the token metrics' CPU goes, in a metric worker (``capture.stream``)."""
+    rows = _token_rows(model, tok, a)
+    opts = CaptureConfig(batch_size=a.batch, n_token=a.n_token).metric_options()
+    with S.sample_pool(1) as pool:
+        for x in rows[:8]:  # warm-up
+            pool.submit(M.token_metrics_batch, x, torch.ones(x.shape[:2], dtype=torch.bool),
+                        opts).result()
+        pool.submit(_metric_cpu, rows, opts).result()
+    _costliest_ops(rows, opts)
 
 
 def main() -> None:
@@ -62,6 +131,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--check", action="store_true",
                     help="also check every schedule gives the inline numbers, bit for bit")
+    ap.add_argument("--profile-metrics", action="store_true",
+                    help="also say where the token metrics' CPU goes (per metric, per operator)")
     ap.add_argument("--no-tune-malloc", action="store_true",
                     help="leave glibc's malloc as it is (the CLI tunes it: load/runtime.py)")
     a = ap.parse_args()
@@ -99,7 +170,8 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             info = results[schedule].info
             if schedule == "auto":
-                kept.append(str(info.get("token_metrics")))
+                probe = info.get("schedule_probe") or {}
+                kept.append(f"{info.get('token_metrics')} ({probe.get('kept_by')})")
             if schedule in shares:
                 shares[schedule].append(f"{info.get('background_share', 0.0):.2f}")
             return seconds
@@ -152,6 +224,8 @@ def main() -> None:
     print(f"pooled buffers    {pooled_mb:7.1f} MiB (mean + last, [L+1, N, D] float32)")
     print(f"peak RSS          {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:7.0f} "
           f"MiB")
+    if a.profile_metrics:
+        profile_metrics(model, tok, a)
     if a.check:
         x = results["inline"]
         for sch in ("overlap", "auto"):

@@ -421,6 +421,30 @@ def test_probe_keeps_overlap_unless_inline_is_clearly_faster():
     assert choice(0.8, 1.0) == "inline"
 
 
+def test_probe_keeps_overlap_at_once_where_the_background_keeps_up():
+    """After the watch, a background share of at least ``KEEP_SHARE`` keeps overlap with no
+    batch run inline; a lower one (or none collected) goes on to the timed plan."""
+    def run(share: float | None) -> S.ScheduleProbe:
+        p = S.ScheduleProbe()
+        modes = []
+        for _ in p.PLAN:
+            modes.append(p.mode())
+            p.start(10)
+            p.finish(share)
+        p.modes = modes  # type: ignore[attr-defined]
+        return p
+
+    kept = run(S.ScheduleProbe.KEEP_SHARE)
+    assert kept.choice == "overlap" and kept.kept_by == "share" and kept.k == kept.WATCH
+    assert "inline" not in kept.modes  # type: ignore[attr-defined]
+    assert kept.info()["watch_share"] == S.ScheduleProbe.KEEP_SHARE
+    assert all(step is None for step in S.ScheduleProbe.PLAN[:S.ScheduleProbe.WATCH])
+    for share in (0.0, S.ScheduleProbe.KEEP_SHARE - 0.01, None):
+        timed = run(share)
+        assert timed.kept_by == "rates" and timed.k == len(timed.PLAN)
+        assert "inline" in timed.modes  # type: ignore[attr-defined]
+
+
 class _AcceleratorSchedule(S._Reducer):
     """The accelerator schedule (hidden state by hidden state, all samples) run on the CPU."""
 
@@ -535,8 +559,9 @@ def test_capture_matches_a_model_loaded_from_disk(model_dir, tokenizer):
 
 
 def test_default_schedule_is_measured_and_recorded(tiny, monkeypatch):
-    """On CPU the default times both schedules on the first token batches, keeps the faster
-    (recorded with its rates) and gives the inline numbers bit for bit, whichever it keeps."""
+    """On CPU the default keeps overlap where its background workers keep up on the first
+    token batches, otherwise times both schedules there and keeps the faster (recorded with
+    what decided it), and gives the inline numbers bit for bit, whichever it keeps."""
     model, tok, pad = tiny
     cfg = CaptureConfig(batch_size=1, n_token=8)
     inline = capture(model, tok, replace(cfg, overlap=False), pad)
@@ -544,11 +569,16 @@ def test_default_schedule_is_measured_and_recorded(tiny, monkeypatch):
     auto = capture(model, tok, cfg, pad)
     _same(inline, auto)
     probe = auto.info["schedule_probe"]
-    assert probe["steps"] == len(S.ScheduleProbe.PLAN) and probe["choice"] in ("inline",
-                                                                             "overlap")
+    assert probe["choice"] in ("inline", "overlap")
+    # kept after the watch where the background workers kept up, else after the whole plan
+    assert probe["steps"] == (S.ScheduleProbe.WATCH if probe["kept_by"] == "share"
+                              else len(S.ScheduleProbe.PLAN))
     assert auto.info["token_metrics"] == probe["choice"]
     rates = probe["us_per_token"]
-    if probe["choice"] == "inline":  # kept only where clearly faster
+    if probe["kept_by"] == "share":
+        assert probe["choice"] == "overlap"
+        assert probe["watch_share"] >= S.ScheduleProbe.KEEP_SHARE
+    elif probe["choice"] == "inline":  # kept only where clearly faster
         assert rates["inline"] < rates["overlap"] * (1 - S.ScheduleProbe.MARGIN)
     else:
         assert not rates["inline"] < rates["overlap"] * (1 - S.ScheduleProbe.MARGIN)
@@ -561,6 +591,6 @@ def test_default_schedule_is_measured_and_recorded(tiny, monkeypatch):
                 p._timing = (step, p._timing[1] - 1.0, 10)  # type: ignore[index]
             p.finish()
         assert p.choice == ("overlap" if slow == "inline" else "inline")
-    few = capture(model, tok, replace(cfg, n_token=3), pad)  # too few token batches to decide
+    few = capture(model, tok, replace(cfg, n_token=1), pad)  # too few token batches to decide
     assert few.info["token_metrics"] == "auto" and few.info["schedule_probe"]["choice"] is None
-    _same(capture(model, tok, replace(cfg, n_token=3, overlap=False), pad), few)
+    _same(capture(model, tok, replace(cfg, n_token=1, overlap=False), pad), few)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,17 @@ def setup_process(malloc: bool = True) -> bool:
     wait policy only); returns whether malloc was tuned. Call before torch is imported."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return tune_malloc() if malloc else False
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all threads) and of its child processes that have ended
+    (the demo pair's training ranks), so a step's CPU counts the work it handed to them."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: this process only
+        return time.process_time()
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + child.ru_utime + child.ru_stime
 
 
 def process_alive(rec: Mapping[str, Any], *, other_hosts: bool = False) -> bool:

@@ -11,8 +11,9 @@ of the batch at a time. Either the workers compute batch b's metrics while later
 forward (``overlap``; on CPU in background threads at the lowest priority, which take only the
 moments the forward pass leaves its cores idle, and whatever they have not finished when it is
 wanted goes to foreground workers), or the forward pass waits for them (``inline``). The
-default measures which is faster (``ScheduleProbe``). The numbers are the same either way, bit
-for bit.
+default keeps overlap where its background workers keep up on the first batches and otherwise
+measures which is faster (``ScheduleProbe``). The numbers are the same either way, bit for
+bit.
 
 Results are cached as safetensors keyed by model content, exact token ids, load settings and
 options. A checkpoint (``.partial``) records which samples are done, so a capture interrupted
@@ -277,7 +278,8 @@ def _sample_metrics(states: list[torch.Tensor], real: torch.Tensor, opts: M.Metr
 def pick_schedule(overlap: bool | None, device: torch.device) -> str:
     """``overlap`` (workers compute batch b's token metrics during batch b+1's forward pass),
     ``inline`` (they compute them after batch b's forward pass, which waits for them) or
-    ``auto`` (CPU: time both on the first batches and keep the faster, ``ScheduleProbe``).
+    ``auto`` (CPU: overlap where its background workers keep up on the first batches,
+    otherwise both timed there and the faster kept, ``ScheduleProbe``).
 
     ``overlap=None`` (auto): overlap on an accelerator (its metrics thread only queues
     kernels), measured on CPU: which one pays there depends on how busy the cores are, which
@@ -290,20 +292,29 @@ def pick_schedule(overlap: bool | None, device: torch.device) -> str:
 
 
 class ScheduleProbe:
-    """Times the first token batches of a CPU capture each way and keeps the faster schedule.
+    """Picks the schedule of a CPU capture on its first token batches: overlap where the
+    background workers keep up, otherwise the faster of the two, timed.
 
-    ``PLAN`` runs token batch k inline, lets the next one start the overlap (its metrics left
-    pending) and the one after overlapped (its forward pass while the previous batch's metrics
-    run, then waiting for them), twice: each timed step runs one forward pass and one batch's
-    metrics. An inline step starts with nothing pending. The rate is seconds per token of the
-    forward batch, summed over the steps of each schedule; ``choice`` is set after the plan:
-    inline only where it is faster by more than ``MARGIN``. Overlap is kept within it: the
-    probe times it at its least (one batch behind, where after the probe its background
-    workers may fall several behind and use more of the forward passes' idle moments), a busy
-    machine's noise on four steps is larger than the margin, and where the background workers
-    get no cycles overlap costs about what inline costs (bench/README.md)."""
+    ``PLAN`` first runs ``WATCH`` token batches overlapped, each batch's metrics collected one
+    batch behind. Where the background workers computed at least ``KEEP_SHARE`` of those
+    batches' samples themselves, the forward passes' idle moments hold the metrics and
+    overlap is kept at once (``kept_by = "share"``): no batch runs inline, which is what the
+    probe otherwise costs on an idle machine (bench/README.md). Otherwise the plan goes on: a
+    token batch inline, the next one starting the overlap (its metrics left pending) and the
+    one after overlapped (its forward pass while the previous batch's metrics run, then
+    waiting for them), twice: each timed step runs one forward pass and one batch's metrics.
+    An inline step starts with nothing pending. The rate is seconds per token of the forward
+    batch, summed over the steps of each schedule; ``choice`` is set after the plan: inline
+    only where it is faster by more than ``MARGIN``. Overlap is kept within it: the probe
+    times it at its least (one batch behind, where after the probe its background workers may
+    fall several behind and use more of the forward passes' idle moments), a busy machine's
+    noise on four steps is larger than the margin, and where the background workers get no
+    cycles overlap costs about what inline costs (bench/README.md)."""
 
-    PLAN: tuple[str | None, ...] = ("inline", None, "overlap", "inline", None, "overlap")
+    PLAN: tuple[str | None, ...] = (None, None, "inline", None, "overlap", "inline", None,
+                                    "overlap")
+    WATCH = 2  # the first steps, overlapped and untimed, whose background share is looked at
+    KEEP_SHARE = 0.5
     MARGIN = 0.10
 
     def __init__(self) -> None:
@@ -311,6 +322,8 @@ class ScheduleProbe:
         self.seconds = {"inline": 0.0, "overlap": 0.0}
         self.tokens = {"inline": 0, "overlap": 0}
         self.choice: str | None = None
+        self.kept_by: str | None = None  # "share" (the watch) or "rates" (the timed plan)
+        self.share: float | None = None  # the background share seen after the watch
         self._timing: tuple[str, float, int] | None = None
 
     def mode(self) -> str:
@@ -322,8 +335,10 @@ class ScheduleProbe:
         step = self.PLAN[self.k] if self.choice is None else None
         self._timing = None if step is None else (step, time.perf_counter(), tokens)
 
-    def finish(self) -> None:
-        """That batch's timed step is over: count it, and decide after the last one."""
+    def finish(self, share: float | None = None) -> None:
+        """That batch's step is over: count it; decide after the watch from ``share`` (the
+        background workers' share of the overlapped samples collected so far; None: none
+        collected) or after the last step from the rates."""
         if self.choice is not None:
             return
         if self._timing is not None:
@@ -331,10 +346,15 @@ class ScheduleProbe:
             self.seconds[step] += time.perf_counter() - t0
             self.tokens[step] += tokens
         self.k += 1
-        if self.k == len(self.PLAN):
+        if self.k == self.WATCH:
+            self.share = share
+            if share is not None and share >= self.KEEP_SHARE:
+                self.choice, self.kept_by = "overlap", "share"
+        elif self.k == len(self.PLAN):
             rate = self.rates()
             faster = rate["inline"] < rate["overlap"] * (1.0 - self.MARGIN)
             self.choice = "inline" if faster else "overlap"
+            self.kept_by = "rates"
 
     def rates(self) -> dict[str, float]:
         """Seconds per token of each schedule's timed steps (NaN before any)."""
@@ -342,9 +362,11 @@ class ScheduleProbe:
                 for k in self.seconds}
 
     def info(self) -> dict[str, Any]:
-        """What run.json records: the choice (None: too few token batches to decide) and the
-        rates it was made from (microseconds per token)."""
-        return {"choice": self.choice, "steps": self.k,
+        """What run.json records: the choice (None: too few token batches to decide), what
+        made it (the watch's background share or the rates) and both (rates in microseconds
+        per token)."""
+        return {"choice": self.choice, "steps": self.k, "kept_by": self.kept_by,
+                "watch_share": None if self.share is None else round(self.share, 3),
                 "us_per_token": {k: round(v * 1e6, 3) for k, v in self.rates().items()}}
 
 
@@ -491,10 +513,16 @@ class _Reducer:
         out: dict[str, Any] = ({"token_metrics": self._schedule} if self.probe is None else
                                {"token_metrics": self.probe.choice or "auto",
                                 "schedule_probe": self.probe.info()})
-        total = sum(self.background_jobs.values())
-        if total:  # how much of the overlapped work the background workers did themselves
-            out["background_share"] = round(self.background_jobs[True] / total, 3)
+        share = self.background_share()
+        if share is not None:  # how much of the overlapped work the background workers did
+            out["background_share"] = round(share, 3)
         return out
+
+    def background_share(self) -> float | None:
+        """The share of the overlapped samples collected so far whose metrics the background
+        workers computed themselves (None: none collected)."""
+        total = sum(self.background_jobs.values())
+        return self.background_jobs[True] / total if total else None
 
     def row(self, index: list[int]) -> torch.Tensor:
         """Buffer rows of the samples ``index``."""
@@ -602,14 +630,14 @@ class _Reducer:
         while self._pending and self._due():
             self._collect(self._pending.pop(0))
         if self.probe is not None and self.tok_rows:
-            self.probe.finish()
+            self.probe.finish(self.background_share())
 
     def _due(self) -> bool:
         """Whether the oldest pending batch's metrics are written now: inline at once;
         overlapped once they are ready, or once a later batch has ended while the probe
-        times the schedules, on an accelerator, or when the pending batches hold more than
-        ``LAG_BYTES``: on CPU the background workers may use the idle moments of several
-        forward passes (a wait then hands their rest to the foreground workers)."""
+        watches or times the schedules, on an accelerator, or when the pending batches hold
+        more than ``LAG_BYTES``: on CPU the background workers may use the idle moments of
+        several forward passes (a wait then hands their rest to the foreground workers)."""
         if self.schedule != "overlap":
             return True
         work = self._pending[0][2]

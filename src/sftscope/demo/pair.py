@@ -10,7 +10,10 @@ at once; ``force=True`` retrains.
 
 Training goes through ``transformers.Trainer`` (no checkpoints written; progress bars unless
 ``SFTSCOPE_NO_PROGRESS`` is set); it costs ~3 % over a bare loop at the full size, ~15 % at the
-quick size. Fixed seed and fixed step counts make the pair reproducible (byte-identical).
+quick size. ``FULL`` trains data parallel in two worker processes of one thread each
+(``demo.training``: the same batches as one process, gradients summed across the two), started
+while the corpus and tokenizer are made; ``QUICK`` trains in this process. Fixed seed, fixed step
+counts and fixed rank and thread counts make the pair reproducible (byte-identical).
 
 ``FULL``: 10 blocks, hidden 64 (0.71M parameters), 3400 base steps of 8 x 128 tokens, 600 SFT
 steps; ~4 minutes on two idle cores. The base learns two-digit arithmetic partly and answers
@@ -44,10 +47,12 @@ from sftscope.demo.corpus import (
     make_corpus,
     write_corpus,
 )
+from sftscope.demo.training import THREADS, Blocks, Phase, Ranks, train
 from sftscope.errors import SftscopeError
 from sftscope.io import Timer, read_json, run_record, stable_hash, write_json
 from sftscope.load.data import pad_batch
 from sftscope.load.runtime import cpu_cores, torch_threads
+from sftscope.process import cpu_seconds
 from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
 from sftscope.tasks.base import trim_at_stop
@@ -99,22 +104,27 @@ class PairConfig:
     """the optimizer (a ``transformers`` ``optim`` name)"""
     doc_mix: tuple[tuple[str, float], ...] = tuple(DOC_MIX.items())
     """shares of the pre-training document kinds (``demo.corpus.DOC_MIX``)"""
+    ranks: int = 2
+    """processes that train each phase, data parallel (``demo.training``): each step trains on
+    the same examples as one process would, but the gradient sums round differently, so it is
+    part of the cache key. Two ranks of one thread each train ``FULL``'s base step in 81 ms
+    against 111-118 ms for one process of one thread (idle 2-core box)."""
     threads: int = 1
-    """torch threads while building (0: the cores this process may use). Fixed when training
-    starts and never adapted to the machine's load, so that one seed gives the same weights
-    however busy the machine is (a count chosen from the load gave two runs of one commit
-    different checkpoints). Not part of the cache key. One thread is faster than two for these
-    tiny matrices: the CLI's OpenMP threads sleep between operations (``process.py``), and a
-    training step is thousands of small ones (idle 2-core box, ``FULL``'s base step in
-    ``transformers.Trainer``: 118 ms on one thread, 164 ms on two; 87 ms on two spinning
-    threads, which a busy machine punishes)."""
+    """torch threads of each training process (0: the cores this process may use, shared by the
+    ranks). Fixed when training starts and never adapted to the machine's load, so that one
+    seed gives the same weights however busy the machine is (a count chosen from the load gave
+    two runs of one commit different checkpoints). Not part of the cache key. One thread is
+    faster than two for these tiny matrices: the CLI's OpenMP threads sleep between operations
+    (``process.py``), and a training step is thousands of small ones (idle 2-core box,
+    ``FULL``'s base step in ``transformers.Trainer``: 118 ms on one thread, 164 ms on two;
+    87 ms on two spinning threads, which a busy machine punishes)."""
 
 
 FULL = PairConfig()
 QUICK = PairConfig(
     hidden=32, intermediate=64, vocab_size=512, seq_len=96, batch_size=8, base_steps=250,
     sft_steps=120, sft_lr=2e-3, n_pretrain=1_500, n_sft=300, n_test=40, n_train=60,
-    n_general=40, eval_items=16, eval_new_tokens=32, threads=1,
+    n_general=40, eval_items=16, eval_new_tokens=32, threads=1, ranks=1,
 )
 # ``--moe``: 4 experts of width 64, top-2, in every block; an MoE step costs about 2.3x a
 # dense one of the same width, so fewer steps than FULL keep the pair near 3 minutes on two
@@ -157,19 +167,6 @@ class DemoPair:
 
 
 # ----------------------------------------------------------------------------- datasets
-
-
-class _Blocks(torch.utils.data.Dataset):
-    """Fixed-length training blocks: ``input_ids`` and ``labels`` (-100 = no loss)."""
-
-    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
-        self.ids, self.labels = ids, labels
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def _encode(tok, texts: list[str]) -> list[list[int]]:
@@ -235,57 +232,6 @@ def _pack_sft(examples: list[tuple[list[int], list[int]]], pad: int,
 # ----------------------------------------------------------------------------- training
 
 
-def _train(model, dataset: torch.utils.data.Dataset, *, steps: int, lr: float, cfg: PairConfig,
-           seed: int, work_dir: Path, name: str, batch_size: int) -> list[list[float]]:
-    """Train ``model`` in place with ``transformers.Trainer``; returns ``[[step, loss], ...]``."""
-    from transformers import (
-        PrinterCallback,
-        ProgressCallback,
-        Trainer,
-        TrainingArguments,
-    )
-
-    from sftscope.progress import trainer_callback
-
-    show = progress_enabled()
-    THREADS[name] = torch.get_num_threads()
-
-    args = TrainingArguments(
-        output_dir=str(work_dir / f"trainer-{name}"), max_steps=steps,
-        per_device_train_batch_size=batch_size, learning_rate=lr,
-        lr_scheduler_type="cosine", warmup_steps=max(1, int(cfg.warmup_frac * steps)),
-        weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, optim=cfg.optim,
-        logging_steps=max(1, steps // 10), save_strategy="no", report_to="none",
-        disable_tqdm=True, seed=seed, data_seed=seed, use_cpu=True,
-        dataloader_num_workers=0,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      callbacks=[trainer_callback(f"demo pair: {name}")])
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    if show:
-        say(f"[bold]demo pair[/]: training {name} ({steps} steps)")
-    with _deterministic():
-        trainer.train()
-    model.eval()
-    return [[float(h["step"]), float(h["loss"])] for h in trainer.state.log_history if "loss" in h]
-
-
-THREADS: dict[str, int] = {}  # torch threads of each training phase, for the manifest
-
-
-@contextlib.contextmanager
-def _deterministic():
-    """torch's deterministic algorithms while training (warn where an op has none)."""
-    was, warn = (torch.are_deterministic_algorithms_enabled(),
-                 torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn)
-
-
 def _new_model(family: str, vocab_size: int, cfg: PairConfig, seed: int):
     from sftscope.load.tiny import build_tiny_model
 
@@ -295,6 +241,24 @@ def _new_model(family: str, vocab_size: int, cfg: PairConfig, seed: int):
         n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, intermediate=cfg.intermediate,
         max_positions=_max_positions(cfg), **moe,
     )
+
+
+def _training(name: str, cfg: PairConfig, seed: int) -> Phase:
+    """The training settings of the ``base`` or the ``sft`` phase."""
+    base = name == "base"
+    threads = cfg.threads or max(1, cpu_cores() // cfg.ranks)
+    return Phase(name=name, steps=cfg.base_steps if base else cfg.sft_steps,
+                 lr=cfg.base_lr if base else cfg.sft_lr,
+                 batch_size=_base_batch(cfg) if base else cfg.batch_size, seed=seed,
+                 warmup_frac=cfg.warmup_frac, optim=cfg.optim, threads=threads,
+                 ranks=cfg.ranks)
+
+
+def _workers(cfg: PairConfig, seed: int, work: Path):
+    """The training worker processes (``demo.training.Ranks``), or a no-op for one rank."""
+    if cfg.ranks == 1:
+        return contextlib.nullcontext()
+    return Ranks(cfg.ranks, _training("base", cfg, seed).threads, work)
 
 
 def _base_seq_len(cfg: PairConfig) -> int:
@@ -521,19 +485,24 @@ class _Phases:
     def __init__(self) -> None:
         self.timer = Timer()
         self.cpu: dict[str, float] = {}
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.t0, self.c0 = time.perf_counter(), cpu_seconds()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        c0 = time.process_time()
+        c0 = cpu_seconds()
         with self.timer(name):
             yield
-        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
+        self.cpu[name] = self.cpu.get(name, 0.0) + cpu_seconds() - c0
+
+    def add_cpu(self, cpu: dict[str, float]) -> None:
+        """Count CPU seconds spent for a phase in other processes (the training ranks)."""
+        for name, seconds in cpu.items():
+            self.cpu[name] = self.cpu.get(name, 0.0) + seconds
 
     def close(self) -> None:
         """Record the totals."""
         self.timer.seconds["total"] = time.perf_counter() - self.t0
-        self.cpu["total"] = time.process_time() - self.c0
+        self.cpu["total"] = cpu_seconds() - self.c0
 
 
 @dataclass
@@ -545,7 +514,7 @@ class _Data:
     tok: Any
     pre_ids: list[list[int]]
     base_blocks: torch.Tensor
-    sft_set: _Blocks
+    sft_set: Blocks
     n_sft_blocks: int
     n_mix: int
 
@@ -573,7 +542,7 @@ def _prepare(out_dir: Path, seed: int, cfg: PairConfig, phase: _Phases) -> _Data
                     else _pack_stream(pre_ids, tok.eos_token_id, cfg.seq_len))
         mix = mix_from[torch.randperm(len(mix_from),
                                       generator=torch.Generator().manual_seed(seed))[:n_mix]]
-        sft_set = _Blocks(torch.cat([sft_ids, mix]), torch.cat([sft_lab, mix]))
+        sft_set = Blocks(torch.cat([sft_ids, mix]), torch.cat([sft_lab, mix]))
     return _Data(corpus=corpus, files=files, tok=tok, pre_ids=pre_ids, base_blocks=base_blocks,
                  sft_set=sft_set, n_sft_blocks=int(len(sft_ids)), n_mix=int(n_mix))
 
@@ -584,26 +553,26 @@ def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick
     from transformers import AutoModelForCausalLM
 
     phase = _Phases()
-    data = _prepare(out_dir, seed, cfg, phase)
-    tok = data.tok
     work = Path(tempfile.mkdtemp(prefix=".train.", dir=out_dir))
     try:
-        random.seed(seed)
-        model = _new_model(family, len(tok), cfg, seed)
-        n_params = sum(p.numel() for p in model.parameters())
-        with phase("base"):
-            base_hist = _train(model, _Blocks(data.base_blocks, data.base_blocks),
-                               steps=cfg.base_steps, lr=cfg.base_lr, cfg=cfg, seed=seed,
-                               work_dir=work, name="base", batch_size=_base_batch(cfg))
-        with phase("save"):
-            _save(model, tok, out_dir / "base")
-        base = AutoModelForCausalLM.from_pretrained(out_dir / "base")
-        sft = AutoModelForCausalLM.from_pretrained(out_dir / "base")
-        with phase("sft"):
-            sft_hist = _train(sft, data.sft_set, steps=cfg.sft_steps, lr=cfg.sft_lr, cfg=cfg,
-                              seed=seed, work_dir=work, name="sft", batch_size=cfg.batch_size)
-        with phase("save"):
-            _save(sft, tok, out_dir / "sft")
+        with _workers(cfg, seed, work) as ranks:  # they start while the data is prepared
+            data = _prepare(out_dir, seed, cfg, phase)
+            tok = data.tok
+            random.seed(seed)
+            model = _new_model(family, len(tok), cfg, seed)
+            n_params = sum(p.numel() for p in model.parameters())
+            with phase("base"):
+                model, base_hist = train(model, Blocks(data.base_blocks, data.base_blocks),
+                                         _training("base", cfg, seed), work, ranks)
+            with phase("save"):
+                _save(model, tok, out_dir / "base")
+            base = AutoModelForCausalLM.from_pretrained(out_dir / "base")
+            sft = AutoModelForCausalLM.from_pretrained(out_dir / "base")
+            with phase("sft"):
+                sft, sft_hist = train(sft, data.sft_set, _training("sft", cfg, seed), work, ranks)
+            with phase("save"):
+                _save(sft, tok, out_dir / "sft")
+            phase.add_cpu(getattr(ranks, "cpu", {}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     with phase("eval"):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sftscope.config.commands import DEMO_STEPS, DemoConfig
 from sftscope.io import run_record
+from sftscope.process import cpu_seconds
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, releasing
 
@@ -35,18 +36,18 @@ class DemoResult:
     report: Path | None
     runs: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds (all threads) per step
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds a step, workers too
     pair: dict[str, Any] = field(default_factory=dict)
     patterns: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, Any] = field(default_factory=dict)  # --stages: the DPO and GRPO runs
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
-        """Record the wall and the CPU seconds (this process, all threads) of step ``name``."""
-        t, c = time.perf_counter(), time.process_time()
+        """Record the wall and the CPU seconds (all threads, ended workers) of step ``name``."""
+        t, c = time.perf_counter(), cpu_seconds()
         yield
         self.timings[name] = time.perf_counter() - t
-        self.cpu[name] = time.process_time() - c
+        self.cpu[name] = cpu_seconds() - c
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     check_out(out, "demo", cfg, overwrite=True)
     res = DemoResult(out=out, report=None)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     eta = Eta(cfg, t0)
     pair = _build_pair(cfg, res, eta)
     chain = _build_stages(cfg, res, eta, str(pair.sft_dir), pair.data_files["gsm8k_train"])
@@ -90,7 +91,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     if "report" in cfg.steps and res.runs:
         _report(cfg, res)
     res.timings["total"] = time.perf_counter() - t0
-    res.cpu["total"] = time.process_time() - c0
+    res.cpu["total"] = cpu_seconds() - c0
     finish_run(out, run_record(
         "demo", cfg.record(), reduced=cfg.quick, sizes=cfg.sizes, seeds={"demo": cfg.seed},
         pair=res.pair,
@@ -269,7 +270,8 @@ class Eta:
 
 
 def time_summary(res: DemoResult) -> str:
-    """Where the time went, one line per step: wall seconds, share, CPU seconds (all threads)."""
+    """Where the time went, one line per step: wall seconds, share, CPU seconds (all threads and
+    the training workers)."""
     total = res.timings.get("total", 0.0) or 1.0
     lines = [f"  {k:<16} {v:7.1f} s  {100 * v / total:5.1f} %  cpu {res.cpu.get(k, 0.0):7.1f} s"
              for k, v in res.timings.items() if k != "total"]
