@@ -16,7 +16,8 @@ while the corpus and tokenizer are made; ``QUICK`` trains in this process. Fixed
 counts and fixed rank and thread counts make the pair reproducible (byte-identical).
 
 ``FULL``: 10 blocks, hidden 64 (0.71M parameters), 3400 base steps of 8 x 128 tokens, 600 SFT
-steps; ~4 minutes on two idle cores. The base learns two-digit arithmetic partly and answers
+steps; about 7 minutes on two idle cores (431 s on 2026-12-07: base 346 s, SFT 69 s). The base
+learns two-digit arithmetic partly and answers
 ``The answer is 14.``; the SFT writes the worked solution and ``#### N`` (format 0 % -> 100 %,
 held-out accuracy ~10 % -> ~75 % over seeds 0-2). Small batches matter: the same tokens in
 16-sequence batches (half the steps) left seed 1 without arithmetic (30 %). ``QUICK`` (~17 s,
@@ -127,8 +128,8 @@ QUICK = PairConfig(
     n_general=40, eval_items=16, eval_new_tokens=32, threads=1, ranks=1,
 )
 # ``--moe``: 4 experts of width 64, top-2, in every block; an MoE step costs about 2.3x a
-# dense one of the same width, so fewer steps than FULL keep the pair near 3 minutes on two
-# idle cores
+# dense one of the same width, so fewer steps than FULL keep the pair short (143 s on two
+# idle cores, 2026-12-07)
 MOE_FULL = dataclasses.replace(FULL, intermediate=64, n_experts=4, top_k=2, base_steps=900,
                                sft_steps=250, n_pretrain=12_000, n_sft=1_500, threads=0)
 MOE_QUICK = dataclasses.replace(QUICK, intermediate=32, n_experts=4, top_k=2, base_steps=120,

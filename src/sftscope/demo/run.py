@@ -222,21 +222,22 @@ def reduced_notice(cfg: DemoConfig) -> str:
     return notice(cfg.sizes)
 
 
-# Seconds each step took on an idle 2-core machine (`sftscope demo`, 2026-11-30 and 2026-12-07;
-# the README's table); the ETA scales the steps still to come by how much slower than this the
-# steps so far have been.
+# Seconds each step took on an idle 2-core machine (`bench/bench_demo.py`, 2026-12-07 12:36-12:49
+# UTC, the full pair trained by two worker processes; the quick sizes from 2026-11-30 and
+# earlier on 2026-12-07; the README's table); the ETA scales the steps still to come by how
+# much slower than this the steps so far have been.
 REFERENCE_SECONDS = {
-    False: {"pair": 510.0, "analyze": 2.6, "weights": 0.2, "probe": 1.2, "swap": 4.8,
-            "sweep": 54.0, "report": 4.7},
+    False: {"pair": 431.0, "analyze": 4.0, "weights": 0.2, "probe": 4.1, "swap": 6.8,
+            "sweep": 71.0, "report": 7.9},
     True: {"pair": 25.0, "analyze": 0.4, "weights": 0.1, "probe": 0.2, "swap": 0.6,
            "sweep": 8.2, "report": 4.4},
 }
-# --moe: estimates (not yet measured on an idle machine), from a dense/MoE step-time ratio
+# --moe (full: measured the same day; quick: estimates)
 MOE_REFERENCE_SECONDS = {
-    False: {"pair": 170.0, "analyze": 6.0, "weights": 0.4, "probe": 2.5, "report": 6.0},
+    False: {"pair": 143.0, "analyze": 4.1, "weights": 0.2, "probe": 3.9, "report": 6.7},
     True: {"pair": 25.0, "analyze": 1.0, "weights": 0.2, "probe": 0.4, "report": 5.0},
 }
-STAGES_SECONDS = {False: 180.0, True: 30.0}  # --stages (estimates; not measured idle)
+STAGES_SECONDS = {False: 24.0, True: 30.0}  # --stages (full: measured; quick: an estimate)
 
 
 class Eta:
