@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from sftscope.errors import SftscopeError
-from sftscope.io import read_json, write_json
+from sftscope.io import read_json, write_json, write_text
 from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
 
@@ -196,8 +196,9 @@ class Ranks:
         torch.save({"ids": data.ids, "labels": data.labels}, job / "data.pt")
         write_json(job / "phase.json", dataclasses.asdict(phase))
         for p in self.procs:
-            p.stdin.write(f"{job}\n")
-            p.stdin.flush()
+            with contextlib.suppress(BrokenPipeError):  # a worker that died: _wait says so
+                p.stdin.write(f"{job}\n")
+                p.stdin.flush()
         self._wait(job, phase)
         self.cpu[phase.name] = sum(float((job / f"done-{r}").read_text())
                                    for r in range(self.ranks))
@@ -252,7 +253,7 @@ def _serve(pool: Path, parent: int, ranks: int, threads: int, rank: int) -> None
                 model.save_pretrained(job / "out")
                 write_json(job / "history.json", history)
             dist.barrier()
-            (job / f"done-{rank}").write_text(f"{time.process_time() - cpu:.3f}")
+            write_text(job / f"done-{rank}", f"{time.process_time() - cpu:.3f}")  # atomic
     finally:
         dist.destroy_process_group()
 
@@ -290,7 +291,7 @@ def _main(argv: list[str]) -> int:
     except BaseException as e:  # noqa: BLE001  (reported by the parent as one line)
         jobs = sorted(pool.glob("job-*"), key=lambda j: int(j.name.split("-")[1]))
         if jobs:
-            (jobs[-1] / f"error-{rank}.txt").write_text(quoted(e, 300) + "\n")
+            write_text(jobs[-1] / f"error-{rank}.txt", quoted(e, 300) + "\n")
         return 1
     return 0
 
