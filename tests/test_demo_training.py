@@ -140,3 +140,14 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def test_a_pair_whose_sft_batch_does_not_split_is_refused_before_training(tmp_path):
+    """Both phases' batches are checked before anything is written: a base batch that splits
+    over the ranks does not let an SFT batch that does not start the base training."""
+    from sftscope.demo.pair import QUICK, build_demo_pair
+
+    cfg = dataclasses.replace(QUICK, batch_size=6, base_seq_len=QUICK.seq_len // 2, ranks=4)
+    with pytest.raises(SftscopeError, match="sft phase splits a batch of 6 over 4 ranks"):
+        build_demo_pair(tmp_path / "pair", config=cfg)
+    assert not (tmp_path / "pair").exists()

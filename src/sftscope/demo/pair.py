@@ -108,8 +108,8 @@ class PairConfig:
     ranks: int = 2
     """processes that train each phase, data parallel (``demo.training``): each step trains on
     the same examples as one process would, but the gradient sums round differently, so it is
-    part of the cache key. Two ranks of one thread each train ``FULL``'s base step in 81 ms
-    against 111-118 ms for one process of one thread (idle 2-core box)."""
+    part of the cache key. Two ranks of one thread each train ``FULL``'s base step in 102 ms
+    against 125 ms for one process of one thread (idle 2-core box, in the demo)."""
     threads: int = 1
     """torch threads of each training process (0: the cores this process may use, shared by the
     ranks). Fixed when training starts and never adapted to the machine's load, so that one
@@ -446,6 +446,8 @@ def build_demo_pair(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
     if cfg.n_layers < 10:
         raise SftscopeError(f"the demo pair needs >= 10 blocks (five segments), got "
                             f"n_layers={cfg.n_layers}")
+    for name in ("base", "sft"):  # each phase's batch must split over the ranks
+        _training(name, cfg, seed)
     out_dir = Path(out_dir)
     settings = pair_settings(seed, family, cfg)
     key = stable_hash(settings)
@@ -573,7 +575,8 @@ def _train_pair(out_dir: Path, *, seed: int, family: str, cfg: PairConfig, quick
                 sft, sft_hist = train(sft, data.sft_set, _training("sft", cfg, seed), work, ranks)
             with phase("save"):
                 _save(sft, tok, out_dir / "sft")
-            phase.add_cpu(getattr(ranks, "cpu", {}))
+            if ranks is not None:
+                phase.add_cpu(ranks.cpu)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     with phase("eval"):

@@ -3,18 +3,19 @@ parallel over worker processes.
 
 Both paths run ``transformers.Trainer`` with the same arguments. With ``ranks > 1`` the parent
 saves the model as a Hugging Face folder and the dataset as tensors in a work folder, and
-starts ``ranks`` spawned processes of ``threads`` torch threads each. They join a gloo group
+starts ``ranks`` worker processes of ``threads`` torch threads each. They join a gloo group
 through a file in that folder (no network port), and ``Trainer`` takes its DDP path: accelerate
 hands rank ``r`` the batches ``r, r + ranks, ...`` of the one shuffled order, so each step
 trains on the same ``batch_size`` examples as one process would (checked in
-``tests/test_demo_pair.py``). Only float rounding differs: gradients are summed across ranks,
+``tests/test_demo_training.py``). Only float rounding differs: gradients are summed across ranks,
 and ``average_tokens_across_devices`` keeps the loss a mean over the step's labelled tokens.
 Rank 0 writes the trained model and the loss history; the parent loads them.
 
 Why processes: a tiny model's training step is thousands of small operations, and two torch
-threads in one process mostly wait on each other (``FULL``'s base step, idle 2-core box: one
-thread 111-118 ms; two sleeping OpenMP threads 164 ms; two ranks of one thread 81 ms, 77 ms CPU
-each).
+threads in one process mostly wait on each other (``FULL``'s base step in the demo, idle 2-core
+box: one thread 125 ms; two ranks of one thread 102 ms, 93 ms CPU each; two sleeping OpenMP
+threads were slower than one). Each rank still runs the whole optimizer step for every
+parameter, which is why two ranks are not twice as fast.
 
 Failure handling: a worker's error ends the phase with one line naming it; an interrupt in the
 parent stops the workers; a worker whose parent is gone (``kill -9``) stops at its next step.
@@ -39,6 +40,7 @@ import torch
 
 from sftscope.errors import SftscopeError
 from sftscope.io import read_json, write_json, write_text
+from sftscope.load.runtime import torch_threads
 from sftscope.progress import enabled as progress_enabled
 from sftscope.progress import say
 
@@ -93,19 +95,9 @@ def train(model, data: Blocks, phase: Phase, work_dir: Path, ranks: Ranks | None
         if phase.ranks > 1:
             raise SftscopeError(f"the demo's {phase.name} phase asks for {phase.ranks} ranks "
                                 "but no worker processes were started")
-        with _threads(phase.threads):
+        with torch_threads(phase.threads):
             return model, _run_trainer(model, data, phase, work_dir, phase.batch_size)
     return ranks.train(model, data, phase)
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    was = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(was)
 
 
 def _run_trainer(model, data: Blocks, phase: Phase, work_dir: Path, per_rank: int,
