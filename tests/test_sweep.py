@@ -276,6 +276,65 @@ def test_end_to_end_real_jobs(tiny, data, tmp_path):
     assert again.ran == []
 
 
+def _real_cfg(tiny, data, out, **kw) -> SweepConfig:
+    return SweepConfig(
+        out=str(out), model=str(tiny), train=data, task=data, segments=2, masks="10,11",
+        seeds=1, tune={"rank": 4, "max_steps": 2, "batch_size": 2, "micro_batch_size": 2,
+                       "n_train": 4, "dtype": "float32", "save_steps": 1},
+        evaluation={"limit": 2, "shots": 0, "max_new_tokens": 8, "device": "cpu"},
+        bootstrap=100, **kw)
+
+
+@pytest.mark.slow
+def test_local_shards_run_every_job_once_and_match_one_process(tiny, data, tmp_path,
+                                                               monkeypatch):
+    """``run_local_shards``: two ``sftscope sweep`` processes share the jobs (each job run by
+    one of them), then a collect writes the tables; every per-item score equals a run of the
+    same jobs in this process on one thread."""
+    import dataclasses
+    import subprocess
+
+    from sftscope.experiments.sweep import run_local_shards
+    from sftscope.load.runtime import torch_threads
+
+    cfg = _real_cfg(tiny, data, tmp_path / "sharded")
+    run_local_shards(cfg, 2, threads=1)
+    for name in ("10-s0", "11-s0"):
+        state = json.loads((tmp_path / "sharded/jobs" / name / "job.json").read_text())
+        assert state["attempt"] == 1 and "error" not in state
+    assert not (tmp_path / "sharded/summary.csv").exists()  # the shards leave the tables
+    res = run_sweep(dataclasses.replace(cfg, collect=True))
+    assert res.ran == [] and res.pending == [] and res.written
+    assert (tmp_path / "sharded/summary.csv").is_file()
+    monkeypatch.setattr(subprocess, "Popen", None)  # every job done: no process is started
+    run_local_shards(cfg, 2, threads=1)
+    with torch_threads(1):
+        one = run_sweep(_real_cfg(tiny, data, tmp_path / "one"))
+    assert sorted(one.ran) == ["10-s0", "11-s0"]
+    for name in one.ran:
+        a = pd.read_csv(tmp_path / "sharded/jobs" / name / "items.csv")
+        b = pd.read_csv(tmp_path / "one/jobs" / name / "items.csv")
+        pd.testing.assert_frame_equal(a, b)
+    cols = ["mask", "metric", "mean", "n_items"]
+    pd.testing.assert_frame_equal(res.summary[cols], one.summary[cols])
+
+
+def test_local_shards_failure_is_one_error(tiny, data, tmp_path, capfd):
+    """A shard that fails (here: the folder holds a sweep made with another LoRA rank) ends in
+    its own one-line error and the caller's SftscopeError naming the shards."""
+    from sftscope.experiments.sweep import run_local_shards
+
+    out = tmp_path / "run"
+    run_sweep(_cfg(tiny, data, out, masks="10", seeds=1, tune={"rank": 8}), job_fn=FakeJob())
+    cfg = _cfg(tiny, data, out, masks="01", seeds=1, tune={"rank": 16})
+    with pytest.raises(SftscopeError, match=r"sweep shard\(s\) 0, 1 of 2 failed"):
+        run_local_shards(cfg, 2)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.count("error:") >= 2
+    with pytest.raises(SftscopeError, match="processes >= 1"):
+        run_local_shards(cfg, 0)
+
+
 def test_validate_suggest(tiny, data, tmp_path):
     out = tmp_path / "run"
     res = run_sweep(_cfg(tiny, data, out, seeds=1, validate_suggest=True,

@@ -851,6 +851,9 @@ class SweepConfig(Config):
                         "that every shard wrote to) into summary.csv and position.csv, refuse "
                         "jobs made with other settings, and report the missing and failed "
                         "ones.", volatile=True, aliases=("summarize_only",))
+    tables: bool = opt(True, "Write summary.csv and position.csv when no job of the sweep is "
+                       "left pending (a shard that finishes last does); --no-tables leaves them "
+                       "to a later --collect.", volatile=True)
     validate_suggest: bool = opt(False, "Also run suggest (on the training split) and report "
                                  "where each proposal ranks among the swept masks.")
     sft: str | None = opt(None, "An SFT model of the same base, for the pair method of "

@@ -81,9 +81,9 @@ class PairConfig:
     vocab_size: int = 768
     seq_len: int = 128
     batch_size: int = 8
-    base_steps: int = 3400
+    base_steps: int = 2000
     base_lr: float = 3e-3
-    sft_steps: int = 600
+    sft_steps: int = 500
     sft_lr: float = 1e-3
     sft_pretrain_mix: float = 0.25
     warmup_frac: float = 0.05
@@ -92,7 +92,7 @@ class PairConfig:
     n_test: int = 200
     n_train: int = 500
     n_general: int = 200
-    max_number: int = 50
+    max_number: int = 30
     eval_items: int = 50
     eval_new_tokens: int = 64
     n_experts: int = 0  # routed experts per block (0: a dense MLP)
@@ -125,13 +125,14 @@ FULL = PairConfig()
 QUICK = PairConfig(
     hidden=32, intermediate=64, vocab_size=512, seq_len=96, batch_size=8, base_steps=250,
     sft_steps=120, sft_lr=2e-3, n_pretrain=1_500, n_sft=300, n_test=40, n_train=60,
-    n_general=40, eval_items=16, eval_new_tokens=32, threads=1, ranks=1,
+    n_general=40, eval_items=16, eval_new_tokens=32, threads=1, ranks=1, max_number=50,
 )
 # ``--moe``: 4 experts of width 64, top-2, in every block; an MoE step costs about 2.3x a
 # dense one of the same width, so fewer steps than FULL keep the pair short (143 s on two
 # idle cores, 2026-12-07)
 MOE_FULL = dataclasses.replace(FULL, intermediate=64, n_experts=4, top_k=2, base_steps=900,
-                               sft_steps=250, n_pretrain=12_000, n_sft=1_500, threads=0)
+                               sft_steps=250, n_pretrain=12_000, n_sft=1_500, threads=0,
+                               max_number=50)
 MOE_QUICK = dataclasses.replace(QUICK, intermediate=32, n_experts=4, top_k=2, base_steps=120,
                                 sft_steps=60)
 

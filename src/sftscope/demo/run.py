@@ -10,6 +10,7 @@ captures, finished sweep jobs).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sftscope.config.commands import DEMO_STEPS, DemoConfig
 from sftscope.io import run_record
+from sftscope.load.runtime import cpu_cores, torch_threads
 from sftscope.process import cpu_seconds
 from sftscope.progress import say
 from sftscope.runs import check_out, finish_run, releasing
@@ -26,6 +28,16 @@ if TYPE_CHECKING:
     from sftscope.demo.pair import DemoPair
 
 STEPS = DEMO_STEPS
+THREADS = 1
+"""torch threads of the demo's steps after the pair (stages, analyses, sweep, report). The
+demo's models are tiny (0.7M parameters): a second thread costs more in OpenMP hand-offs than
+it saves in matrix work. A cached demo run on the idle 2-core box: 65 s on one thread, 113 s
+on two (sweep 40 s against 83 s, swap 4.9 s against 9.8 s; 2026-12-07). Fixed, not adapted to
+the load, so that one seed gives the same numbers however busy the machine is."""
+SWEEP_SHARDS = 2
+"""processes that share the full demo's sweep jobs (``run_local_shards``, one thread each;
+at most the cores): MEASURED. The quick demo runs its few short jobs in this process, where
+starting two more Python processes would cost more than they save."""
 
 
 @dataclass
@@ -85,7 +97,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         if name not in cfg.steps:
             continue
         say(f"[bold]demo: {name}[/] ({eta.line(name)})")
-        with res.timed(name):
+        with res.timed(name), torch_threads(THREADS):
             res.runs[name] = Path(fn(inputs, out / name))
         eta.done(name, res.timings[name])
     if "report" in cfg.steps and res.runs:
@@ -128,7 +140,7 @@ def _build_stages(cfg: DemoConfig, res: DemoResult, eta: Eta, sft: str,
     from sftscope.demo.stages import build_stages, chain_stages
 
     say(f"[bold]demo: stages[/] DPO then GRPO after the SFT model ({eta.line('stages')})")
-    with res.timed("stages"):
+    with res.timed("stages"), torch_threads(THREADS):
         res.stages = build_stages(Path(cfg.out) / "stages", sft, train, seed=cfg.seed,
                                   quick=cfg.quick)
     eta.done("stages", res.timings["stages"])
@@ -172,10 +184,10 @@ def _swap(inp: _Inputs, run: Path) -> Path:
 
 
 def _sweep(inp: _Inputs, run: Path) -> Path:
-    from sftscope.experiments.sweep import SweepConfig, run_sweep
+    from sftscope.experiments.sweep import SweepConfig, run_local_shards, run_sweep
 
     cfg, size = inp.cfg, inp.size
-    run_sweep(SweepConfig(
+    sweep = SweepConfig(
         out=str(run), model=inp.base, train=inp.train, task=inp.test, segments=cfg.segments,
         masks=cfg.sweep_masks, seeds=cfg.sweep_seeds, sft=inp.sft,
         validate_suggest=True,
@@ -184,7 +196,12 @@ def _sweep(inp: _Inputs, run: Path) -> Path:
         evaluation={"limit": size["eval_limit"], "shots": 0,
                     "max_new_tokens": size["new_tokens"], "batch_size": 16},
         suggest={"limit": min(64, size["n_pooled"])},
-    ))
+    )
+    shards = 1 if cfg.quick else min(SWEEP_SHARDS, cpu_cores())
+    if shards > 1:  # the jobs in one-thread processes; this one then collects
+        run_local_shards(sweep, shards, threads=THREADS)
+        sweep = dataclasses.replace(sweep, collect=True)
+    run_sweep(sweep)
     suggestion = run / "suggest" / "suggest.json"
     if suggestion.is_file():
         from sftscope.io import read_json
@@ -203,7 +220,7 @@ def _report(cfg: DemoConfig, res: DemoResult) -> None:
     """One report over every step's run folder; the paper's patterns go into ``res``."""
     from sftscope.report import build_report, paper_patterns
 
-    with res.timed("report"):
+    with res.timed("report"), torch_threads(THREADS):
         order = [res.runs[k] for k in STEPS if k in res.runs]
         res.report = build_report(order, out=res.out / "report.html",
                                   figures_dir=res.out / "figures",
