@@ -88,7 +88,7 @@ def sweep(cfg: C.SweepConfig) -> None:
     from sftscope.experiments.sweep import run_sweep
 
     res = run_sweep(cfg)
-    if not res.summary.empty:
+    if res.written and not res.summary.empty:  # a shard that leaves them to --collect: silent
         m = res.primary_metric
         sub = res.summary[res.summary["metric"] == m] if m else res.summary
         for r in sub.itertuples(index=False):

@@ -1036,8 +1036,9 @@ def run_local_shards(cfg: SweepConfig, processes: int, threads: int = 1) -> None
     a 0.7M-parameter model) took 40 s as one process of one thread on an idle 2-core box, and
     about half that as two. Each shard prints its own progress and, when it fails, its own
     one-line error; this raises after every shard has ended (finished jobs are kept, a rerun
-    resumes). Ctrl-C reaches the shards too (one process group); on Linux a shard whose caller
-    dies gets SIGTERM and stops (no orphan keeps writing into ``out``)."""
+    resumes). Ctrl-C reaches the shards too (one process group): each saves a checkpoint and
+    stops. On Linux a shard whose caller is killed is killed too (no orphan keeps writing into
+    ``out``; its unfinished job runs again next time)."""
     if processes < 1 or threads < 1:
         raise SftscopeError(f"local sweep shards need processes >= 1 and threads >= 1, got "
                             f"{processes} and {threads}")
@@ -1081,14 +1082,15 @@ def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
 
 
 def _die_with_parent() -> None:
-    """In a shard before it runs (Linux): SIGTERM when its parent dies."""
+    """In a shard before it runs (Linux): SIGKILL when its parent dies (the parent was killed,
+    not interrupted: a quiet end, where a SIGTERM stops in the middle of Python's exit)."""
     import contextlib
     import ctypes
     import signal
 
     # not Linux: an orphan finishes its jobs, which a rerun then skips
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6").prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
 def _say_collect(cfg: SweepConfig, out: Path, pending: list[str]) -> None:
