@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftscope.config.commands import DEMO_STEPS, DemoConfig
+from sftscope.config.commands import DEMO_STEPS, DemoConfig, SweepConfig
 from sftscope.io import run_record
 from sftscope.load.runtime import cpu_cores, torch_threads
 from sftscope.process import cpu_seconds
@@ -35,9 +35,9 @@ it saves in matrix work. A cached demo run on the idle 2-core box: 65 s on one t
 on two (sweep 40 s against 83 s, swap 4.9 s against 9.8 s; 2026-12-07). Fixed, not adapted to
 the load, so that one seed gives the same numbers however busy the machine is."""
 SWEEP_SHARDS = 2
-"""processes that share the full demo's sweep jobs (``run_local_shards``, one thread each;
-at most the cores): MEASURED. The quick demo runs its few short jobs in this process, where
-starting two more Python processes would cost more than they save."""
+"""processes that share the full demo's sweep jobs (``sweep.LocalShards``, one thread each, at
+most the cores), started before analyze. The quick demo runs its few short jobs in this
+process, where starting two more Python processes would cost more than they save."""
 
 
 @dataclass
@@ -73,6 +73,7 @@ class _Inputs:
     train: str
     cache: Path
     chain: tuple[str, ...] = ()
+    shards: Any = None  # the sweep's jobs, started before the other steps (``_start_sweep``)
 
     @property
     def size(self) -> dict[str, int]:
@@ -93,13 +94,15 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                      test=f"gsm8k:{pair.data_files['gsm8k_test']}",
                      train=f"gsm8k:{pair.data_files['gsm8k_train']}", cache=out / "cache",
                      chain=chain)
-    for name, fn in STEP_RUNNERS.items():
-        if name not in cfg.steps:
-            continue
-        say(f"[bold]demo: {name}[/] ({eta.line(name)})")
-        with res.timed(name), torch_threads(THREADS):
-            res.runs[name] = Path(fn(inputs, out / name))
-        eta.done(name, res.timings[name])
+    with _start_sweep(inputs, out / "sweep") as shards:
+        inputs = dataclasses.replace(inputs, shards=shards)
+        for name, fn in STEP_RUNNERS.items():
+            if name not in cfg.steps:
+                continue
+            say(f"[bold]demo: {name}[/] ({eta.line(name)})")
+            with res.timed(name), torch_threads(THREADS):
+                res.runs[name] = Path(fn(inputs, out / name))
+            eta.done(name, res.timings[name])
     if "report" in cfg.steps and res.runs:
         _report(cfg, res)
     res.timings["total"] = time.perf_counter() - t0
@@ -183,11 +186,21 @@ def _swap(inp: _Inputs, run: Path) -> Path:
     return run
 
 
-def _sweep(inp: _Inputs, run: Path) -> Path:
-    from sftscope.experiments.sweep import SweepConfig, run_local_shards, run_sweep
+def _start_sweep(inp: _Inputs, run: Path) -> contextlib.AbstractContextManager[Any]:
+    """The full demo's sweep jobs in ``SWEEP_SHARDS`` one-thread processes, started now: they
+    run beside analyze, weights, probe and swap, which leave the other core idle."""
+    shards = min(SWEEP_SHARDS, cpu_cores())
+    if inp.cfg.quick or "sweep" not in inp.cfg.steps or shards < 2:
+        return contextlib.nullcontext(None)
+    from sftscope.experiments.sweep import LocalShards
 
+    say(f"[bold]demo: sweep[/] started: its jobs run in {shards} processes beside the next steps")
+    return LocalShards(_sweep_config(inp, run), shards, threads=THREADS)
+
+
+def _sweep_config(inp: _Inputs, run: Path) -> SweepConfig:
     cfg, size = inp.cfg, inp.size
-    sweep = SweepConfig(
+    return SweepConfig(
         out=str(run), model=inp.base, train=inp.train, task=inp.test, segments=cfg.segments,
         masks=cfg.sweep_masks, seeds=cfg.sweep_seeds, sft=inp.sft,
         validate_suggest=True,
@@ -197,9 +210,14 @@ def _sweep(inp: _Inputs, run: Path) -> Path:
                     "max_new_tokens": size["new_tokens"], "batch_size": 16},
         suggest={"limit": min(64, size["n_pooled"])},
     )
-    shards = 1 if cfg.quick else min(SWEEP_SHARDS, cpu_cores())
-    if shards > 1:  # the jobs in one-thread processes; this one then collects
-        run_local_shards(sweep, shards, threads=THREADS)
+
+
+def _sweep(inp: _Inputs, run: Path) -> Path:
+    from sftscope.experiments.sweep import run_sweep
+
+    sweep = _sweep_config(inp, run)
+    if inp.shards is not None:  # the jobs ran in the shards: wait for them, then collect
+        inp.shards.wait()
         sweep = dataclasses.replace(sweep, collect=True)
     run_sweep(sweep)
     suggestion = run / "suggest" / "suggest.json"
@@ -239,22 +257,23 @@ def reduced_notice(cfg: DemoConfig) -> str:
     return notice(cfg.sizes)
 
 
-# Seconds each step took on an idle 2-core machine (`bench/bench_demo.py`, 2026-12-07 12:36-12:49
-# UTC, the full pair trained by two worker processes; the quick sizes from 2026-11-30 and
-# earlier on 2026-12-07; the README's table); the ETA scales the steps still to come by how
-# much slower than this the steps so far have been.
+# Seconds each step took on an idle 2-core machine (`bench/bench_demo.py`, 2026-12-07 15:36-15:40
+# UTC, the full pair trained by two worker processes, the sweep's jobs running beside analyze,
+# probe and swap; the quick sizes from 2026-11-30 and earlier on 2026-12-07; the README's
+# table); the ETA scales the steps still to come by how much slower than this the steps so far
+# have been.
 REFERENCE_SECONDS = {
-    False: {"pair": 431.0, "analyze": 4.0, "weights": 0.2, "probe": 4.1, "swap": 6.8,
-            "sweep": 71.0, "report": 7.9},
+    False: {"pair": 198.0, "analyze": 4.0, "weights": 0.3, "probe": 3.9, "swap": 6.4,
+            "sweep": 13.0, "report": 5.7},
     True: {"pair": 25.0, "analyze": 0.4, "weights": 0.1, "probe": 0.2, "swap": 0.6,
            "sweep": 8.2, "report": 4.4},
 }
 # --moe (full: measured the same day; quick: estimates)
 MOE_REFERENCE_SECONDS = {
-    False: {"pair": 143.0, "analyze": 4.1, "weights": 0.2, "probe": 3.9, "report": 6.7},
+    False: {"pair": 117.0, "analyze": 2.5, "weights": 0.2, "probe": 2.8, "report": 5.5},
     True: {"pair": 25.0, "analyze": 1.0, "weights": 0.2, "probe": 0.4, "report": 5.0},
 }
-STAGES_SECONDS = {False: 24.0, True: 30.0}  # --stages (full: measured; quick: an estimate)
+STAGES_SECONDS = {False: 19.0, True: 30.0}  # --stages (full: measured; quick: an estimate)
 
 
 class Eta:

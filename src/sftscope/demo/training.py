@@ -13,9 +13,11 @@ Rank 0 writes the trained model and the loss history; the parent loads them.
 
 Why processes: a tiny model's training step is thousands of small operations, and two torch
 threads in one process mostly wait on each other (``FULL``'s base step in the demo, idle 2-core
-box: one thread 125 ms; two ranks of one thread 102 ms, 93 ms CPU each; two sleeping OpenMP
-threads were slower than one). Each rank still runs the whole optimizer step for every
-parameter, which is why two ranks are not twice as fast.
+box: one thread 125 ms; two ranks of one thread 87-93 ms, 102 ms while DDP still broadcast the
+buffers; two sleeping OpenMP threads were slower than one). Each rank still runs the whole
+optimizer step for every parameter and the gradients are all-reduced every step (a bare loop:
+69 ms a step without the all-reduce, 81 ms with it), which is why two ranks are not twice as
+fast.
 
 Failure handling: a worker's error ends the phase with one line naming it; an interrupt in the
 parent stops the workers; a worker whose parent is gone (``kill -9``) stops at its next step.

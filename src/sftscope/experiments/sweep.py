@@ -85,6 +85,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -1026,45 +1027,71 @@ def _write_results(cfg: SweepConfig, settings: dict[str, Any], summary: pd.DataF
     return validation
 
 
-def run_local_shards(cfg: SweepConfig, processes: int, threads: int = 1) -> None:
-    """Run the sweep's jobs in ``processes`` local ``sftscope sweep --job-index I --num-jobs N``
-    processes of ``threads`` torch threads each, and wait for all of them; then
-    ``run_sweep(dataclasses.replace(cfg, collect=True))`` writes the tables and runs
-    ``--validate-suggest`` (the shards do neither). Nothing starts when every job is done.
+class LocalShards:
+    """The sweep's jobs in ``processes`` local ``sftscope sweep --job-index I --num-jobs N``
+    processes of ``threads`` torch threads each, started at once (none when every job is done);
+    ``wait()`` waits for all of them. Then ``run_sweep(dataclasses.replace(cfg, collect=True))``
+    writes the tables and runs ``--validate-suggest`` (the shards do neither). A context
+    manager: leaving it before ``wait()`` (the caller failed meanwhile) stops the shards.
 
     For a model too small to use the cores from one process: the demo's sweep (six LoRA jobs of
     a 0.7M-parameter model) took 40 s as one process of one thread on an idle 2-core box, and
     about half that as two. Each shard prints its own progress and, when it fails, its own
-    one-line error; this raises after every shard has ended (finished jobs are kept, a rerun
+    one-line error; ``wait`` raises after every shard has ended (finished jobs are kept, a rerun
     resumes). Ctrl-C reaches the shards too (one process group): each saves a checkpoint and
     stops. On Linux a shard whose caller is killed is killed too (no orphan keeps writing into
     ``out``; its unfinished job runs again next time)."""
-    if processes < 1 or threads < 1:
-        raise SftscopeError(f"local sweep shards need processes >= 1 and threads >= 1, got "
-                            f"{processes} and {threads}")
-    masks = expand_masks(cfg.masks, cfg.segments, cfg.baseline)
-    names = [job_name(*j) for j in job_list(masks, parse_seeds(cfg.seeds))]
-    if all(is_done(Path(cfg.out) / "jobs" / n) for n in names):
-        return
-    skip = ("job_index", "num_jobs", "collect")
-    values = {k: v for k, v in cfg.record().items() if k not in skip}
-    values.update(validate_suggest=False, tables=False)  # the caller's collect: once
-    with tempfile.TemporaryDirectory(prefix="sftscope-shards.") as tmp:
-        conf = Path(tmp) / "sweep.json"
+
+    def __init__(self, cfg: SweepConfig, processes: int, threads: int = 1) -> None:
+        if processes < 1 or threads < 1:
+            raise SftscopeError(f"local sweep shards need processes >= 1 and threads >= 1, "
+                                f"got {processes} and {threads}")
+        self.processes, self.procs, self.tmp = processes, [], None
+        masks = expand_masks(cfg.masks, cfg.segments, cfg.baseline)
+        names = [job_name(*j) for j in job_list(masks, parse_seeds(cfg.seeds))]
+        if all(is_done(Path(cfg.out) / "jobs" / n) for n in names):
+            return
+        skip = ("job_index", "num_jobs", "collect")
+        values = {k: v for k, v in cfg.record().items() if k not in skip}
+        values.update(validate_suggest=False, tables=False)  # the caller's collect: once
+        self.tmp = Path(tempfile.mkdtemp(prefix="sftscope-shards."))
+        conf = self.tmp / "sweep.json"
         conf.write_text(json.dumps({"sweep": values}), encoding="utf-8")
         cmd = [sys.executable, "-m", "sftscope", "sweep", "--config", str(conf),
                "--num-jobs", str(processes)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        procs = [subprocess.Popen([*cmd, "--job-index", str(i)], env=env,
-                                  preexec_fn=_die_with_parent) for i in range(processes)]
-        codes = _wait_all(procs)
-    if any(c in (130, -2) for c in codes):
-        raise KeyboardInterrupt
-    failed = [i for i, c in enumerate(codes) if c != 0]
-    if failed:
-        raise SftscopeError(f"sweep shard(s) {', '.join(map(str, failed))} of {processes} "
-                            f"failed (exit status {', '.join(str(codes[i]) for i in failed)}; "
-                            "the reason is printed above); run again to resume")
+        self.procs = [subprocess.Popen([*cmd, "--job-index", str(i)], env=env,
+                                       preexec_fn=_die_with_parent) for i in range(processes)]
+
+    def __enter__(self) -> LocalShards:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()  # a shard's SIGTERM: checkpoint, one line, exit
+        for p in self.procs:
+            p.wait()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Until every shard has ended; one error for the shards that failed."""
+        codes = _wait_all(self.procs)
+        if any(c in (130, -2) for c in codes):
+            raise KeyboardInterrupt
+        failed = [i for i, c in enumerate(codes) if c != 0]
+        if failed:
+            raise SftscopeError(
+                f"sweep shard(s) {', '.join(map(str, failed))} of {self.processes} failed "
+                f"(exit status {', '.join(str(codes[i]) for i in failed)}; the reason is "
+                "printed above); run again to resume")
+
+
+def run_local_shards(cfg: SweepConfig, processes: int, threads: int = 1) -> None:
+    """``LocalShards(cfg, processes, threads)``, waited for: every job of the sweep done."""
+    with LocalShards(cfg, processes, threads) as shards:
+        shards.wait()
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
