@@ -26,6 +26,7 @@ from sftscope.runs import check_out, finish_run, releasing
 
 if TYPE_CHECKING:
     from sftscope.demo.pair import DemoPair
+    from sftscope.experiments.sweep import LocalShards
 
 STEPS = DEMO_STEPS
 THREADS = 1
@@ -73,7 +74,7 @@ class _Inputs:
     train: str
     cache: Path
     chain: tuple[str, ...] = ()
-    shards: Any = None  # the sweep's jobs, started before the other steps (``_start_sweep``)
+    shards: LocalShards | None = None  # the sweep's jobs, started early (``_start_sweep``)
 
     @property
     def size(self) -> dict[str, int]:
@@ -89,6 +90,22 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     t0, c0 = time.perf_counter(), cpu_seconds()
     eta = Eta(cfg, t0)
     pair = _build_pair(cfg, res, eta)
+    with torch_threads(THREADS):  # every step after the pair
+        _after_pair(cfg, res, eta, pair)
+    res.timings["total"] = time.perf_counter() - t0
+    res.cpu["total"] = cpu_seconds() - c0
+    finish_run(out, run_record(
+        "demo", cfg.record(), reduced=cfg.quick, sizes=cfg.sizes, seeds={"demo": cfg.seed},
+        pair=res.pair,
+        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings, cpu_seconds=res.cpu,
+        stages=res.stages,
+        general_text=str(pair.data_files["general"]), patterns=res.patterns))
+    return res
+
+
+def _after_pair(cfg: DemoConfig, res: DemoResult, eta: Eta, pair: DemoPair) -> None:
+    """The stages (``--stages``), the analysis steps and the report, their runs into ``res``."""
+    out = Path(cfg.out)
     chain = _build_stages(cfg, res, eta, str(pair.sft_dir), pair.data_files["gsm8k_train"])
     inputs = _Inputs(cfg=cfg, base=str(pair.base_dir), sft=str(pair.sft_dir),
                      test=f"gsm8k:{pair.data_files['gsm8k_test']}",
@@ -100,20 +117,11 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             if name not in cfg.steps:
                 continue
             say(f"[bold]demo: {name}[/] ({eta.line(name)})")
-            with res.timed(name), torch_threads(THREADS):
+            with res.timed(name):
                 res.runs[name] = Path(fn(inputs, out / name))
             eta.done(name, res.timings[name])
     if "report" in cfg.steps and res.runs:
         _report(cfg, res)
-    res.timings["total"] = time.perf_counter() - t0
-    res.cpu["total"] = cpu_seconds() - c0
-    finish_run(out, run_record(
-        "demo", cfg.record(), reduced=cfg.quick, sizes=cfg.sizes, seeds={"demo": cfg.seed},
-        pair=res.pair,
-        runs={k: str(v) for k, v in res.runs.items()}, timings=res.timings, cpu_seconds=res.cpu,
-        stages=res.stages,
-        general_text=str(pair.data_files["general"]), patterns=res.patterns))
-    return res
 
 
 def _build_pair(cfg: DemoConfig, res: DemoResult, eta: Eta) -> DemoPair:
@@ -143,7 +151,7 @@ def _build_stages(cfg: DemoConfig, res: DemoResult, eta: Eta, sft: str,
     from sftscope.demo.stages import build_stages, chain_stages
 
     say(f"[bold]demo: stages[/] DPO then GRPO after the SFT model ({eta.line('stages')})")
-    with res.timed("stages"), torch_threads(THREADS):
+    with res.timed("stages"):
         res.stages = build_stages(Path(cfg.out) / "stages", sft, train, seed=cfg.seed,
                                   quick=cfg.quick)
     eta.done("stages", res.timings["stages"])
@@ -238,7 +246,7 @@ def _report(cfg: DemoConfig, res: DemoResult) -> None:
     """One report over every step's run folder; the paper's patterns go into ``res``."""
     from sftscope.report import build_report, paper_patterns
 
-    with res.timed("report"), torch_threads(THREADS):
+    with res.timed("report"):
         order = [res.runs[k] for k in STEPS if k in res.runs]
         res.report = build_report(order, out=res.out / "report.html",
                                   figures_dir=res.out / "figures",

@@ -528,6 +528,11 @@ def is_done(job_dir: Path) -> bool:
     return (job_dir / "result.json").is_file()
 
 
+def pending_jobs(out: Path, jobs: Sequence[tuple[str, int]]) -> list[str]:
+    """Names of the jobs (mask, seed) of the sweep in ``out`` that are not done."""
+    return [n for n in (job_name(*j) for j in jobs) if not is_done(out / "jobs" / n)]
+
+
 def _job_state(job_dir: Path) -> dict[str, Any] | None:
     try:
         state = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
@@ -1048,8 +1053,7 @@ class LocalShards:
                                 f"got {processes} and {threads}")
         self.processes, self.procs, self.tmp = processes, [], None
         masks = expand_masks(cfg.masks, cfg.segments, cfg.baseline)
-        names = [job_name(*j) for j in job_list(masks, parse_seeds(cfg.seeds))]
-        if all(is_done(Path(cfg.out) / "jobs" / n) for n in names):
+        if not pending_jobs(Path(cfg.out), job_list(masks, parse_seeds(cfg.seeds))):
             return
         skip = ("job_index", "num_jobs", "collect")
         values = {k: v for k, v in cfg.record().items() if k not in skip}
@@ -1176,8 +1180,7 @@ def run_sweep(cfg: SweepConfig, job_fn: JobFn | None = None) -> SweepResult:
             left = len(todo) - n
             say(f"job {job.name} done in {_fmt_s(el)}: {sc} (n={res['n_items']}); {left} left"
                 + (f", about {_fmt_s(avg * left)}" if left else ""))
-    names_all = [job_name(*j) for j in jobs]
-    pending = [nm for nm in names_all if not is_done(out / "jobs" / nm)]
+    pending = pending_jobs(out, jobs)
     if not is_main():  # another rank of a launched shard: rank 0 writes the tables
         return SweepResult(out=str(out), summary=pd.DataFrame(columns=SUMMARY_COLUMNS),
                            position=pd.DataFrame(columns=POSITION_COLUMNS), validation=None,
